@@ -1,0 +1,5 @@
+"""Model adapters: one model family's facts and glue, registered by ``model_type``."""
+
+from tokenprune.adapters.base import ModelAdapter
+
+__all__ = ["ModelAdapter"]

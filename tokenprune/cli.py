@@ -1,0 +1,173 @@
+"""The ``tokenprune`` command line."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tokenprune import __version__
+from tokenprune.errors import PluginLoadWarning, TokenpruneError
+from tokenprune.pipeline import load_pipeline, pipeline_json_schema
+from tokenprune.plugins import PluginManager, get_plugin_manager
+
+app = typer.Typer(
+    name="tokenprune",
+    help="Reduce the visual tokens of vision-language models, and compare the strategies fairly.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+EXIT_INVALID = 2
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tokenprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Reduce the visual tokens of vision-language models, and compare the strategies fairly."""
+
+
+def _manager() -> PluginManager:
+    # Load failures are reported by the commands themselves, not as raw warnings.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        return get_plugin_manager()
+
+
+def plugins_report(manager: PluginManager) -> dict[str, Any]:
+    """What ``tokenprune plugins --json`` prints: every plugin with its reducers and adapters."""
+    reducers, adapters = manager.reducers, manager.adapters
+    plugins = []
+    for info in manager.plugins:
+        entries = []
+        for name in reducers.provided_by(info.name):
+            cls = reducers.get(name)
+            entries.append(
+                {
+                    "name": name,
+                    "class": f"{cls.__module__}.{cls.__qualname__}",
+                    "summary": (cls.__doc__ or "").strip().split("\n")[0],
+                    "capabilities": cls.capabilities.as_dict(),
+                    "params": cls.Params.model_json_schema(),
+                }
+            )
+        plugins.append(
+            {
+                "name": info.name,
+                "distribution": info.distribution,
+                "version": info.version,
+                "module": info.module,
+                "reducers": entries,
+                "adapters": adapters.provided_by(info.name),
+            }
+        )
+    failures = [
+        {"name": f.name, "distribution": f.distribution, "version": f.version, "error": f.error}
+        for f in manager.failures
+    ]
+    return {"plugins": plugins, "failures": failures}
+
+
+@app.command()
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """List the installed plugins with their reducers (and capabilities) and adapters.
+
+    Plugins named in TOKENPRUNE_DISABLE_PLUGINS (comma-separated) are not loaded.
+    """
+    try:
+        report = plugins_report(_manager())
+    except TokenpruneError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    console = Console()
+    table = Table(title="tokenprune plugins")
+    for column in ("plugin", "distribution", "reducers", "adapters (model_type)"):
+        table.add_column(column)
+    for p in report["plugins"]:
+        dist = f"{p['distribution']} {p['version']}" if p["distribution"] else "(registered directly)"
+        table.add_row(p["name"], dist, ", ".join(r["name"] for r in p["reducers"]) or "-", ", ".join(p["adapters"]) or "-")
+    console.print(table)
+    caps = Table(title="reducers")
+    for column in ("reducer", "insertion points", "attention", "text", "trainable", "fixed count", "merges", "summary"):
+        caps.add_column(column)
+    yes = lambda v: "yes" if v else "-"  # noqa: E731
+    for p in report["plugins"]:
+        for r in p["reducers"]:
+            c = r["capabilities"]
+            caps.add_row(
+                r["name"],
+                ", ".join(c["insertion_points"]),
+                ", ".join(c["attention"]) or "-",
+                yes(c["needs_text"]),
+                yes(c["trainable"]),
+                yes(c["deterministic_count"]),
+                yes(c["merges"]),
+                r["summary"],
+            )
+    console.print(caps)
+    for f in report["failures"]:
+        dist = f"{f['distribution']} {f['version']}" if f["distribution"] else "no distribution"
+        Console(stderr=True).print(f"[red]plugin {f['name']!r} ({dist}) failed to load:[/red] {f['error']}")
+
+
+@app.command()
+def validate(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.", dir_okay=False)],
+) -> None:
+    """Check a pipeline file against the installed reducers (exit 0 if valid, 2 if not)."""
+    try:
+        pipe = load_pipeline(pipeline, registry=_manager().reducers)
+    except (TokenpruneError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    stages = "; ".join(f"{s.reducer} at {s.point} keep {s.keep}" for s in pipe.stages) or "no stages (a no-op)"
+    typer.echo(f"{pipeline}: valid pipeline ({len(pipe.stages)} stage{'s' if len(pipe.stages) != 1 else ''}: {stages})")
+
+
+@app.command()
+def schema(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    core_only: Annotated[
+        bool, typer.Option("--core-only", help="Leave out the installed reducers' parameter schemas.")
+    ] = False,
+) -> None:
+    """Print the JSON schema of pipeline files (with each installed reducer's params)."""
+    registry = None if core_only else _manager().reducers
+    text = json.dumps(pipeline_json_schema(registry), indent=2)
+    if output is None:
+        typer.echo(text)
+    else:
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(output)
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(message, markup=False)
+    raise typer.Exit(EXIT_INVALID)
+
+
+def main() -> None:
+    """Entry point of the ``tokenprune`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

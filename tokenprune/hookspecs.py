@@ -1,0 +1,58 @@
+"""The plugin contract: the hooks a tokenprune plugin may implement.
+
+A plugin is a module (or any object) with functions marked by :data:`tokenprune.hookimpl` whose
+names match the specifications below, exposed through the ``tokenprune`` entry-point group::
+
+    # pyproject.toml of a plugin distribution
+    [project.entry-points.tokenprune]
+    my_reducers = "my_package.plugin"
+
+    # my_package/plugin.py
+    import tokenprune
+
+    @tokenprune.hookimpl
+    def tokenprune_register_reducers(registry):
+        registry.add(MyReducer)
+
+The built-in reducers and adapters are registered through this same group by tokenprune's own
+``pyproject.toml``. An implementation may accept a subset of a hook's arguments (pluggy's rule), so
+hooks can gain arguments without breaking plugins. See https://pluggy.readthedocs.io.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from tokenprune.plugins import AdapterRegistry, ReducerRegistry
+
+PROJECT_NAME = "tokenprune"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def tokenprune_register_reducers(registry: ReducerRegistry) -> None:
+    """Register :class:`~tokenprune.TokenReducer` classes.
+
+    Called once per plugin manager, when its reducer registry is first built.
+
+    :param registry: Call ``registry.add(ReducerClass)`` for each reducer the plugin provides. The
+        reducer's ``name`` is its key in pipelines; a name already registered by another plugin is an
+        error that names both distributions.
+    """
+
+
+@hookspec
+def tokenprune_register_adapters(registry: AdapterRegistry) -> None:
+    """Register :class:`~tokenprune.adapters.ModelAdapter` classes for new model architectures.
+
+    Called once per plugin manager, when its adapter registry is first built.
+
+    :param registry: Call ``registry.add(AdapterClass)``; the adapter is used for every model whose
+        ``config.model_type`` is in ``AdapterClass.model_types``. A ``model_type`` already claimed by
+        another plugin is an error that names both distributions.
+    """

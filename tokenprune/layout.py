@@ -1,0 +1,87 @@
+"""Where each visual token comes from: image, view, row, column, and whether it is a row-end newline.
+
+Adapters describe the visual tokens of their model family with a :class:`TokenLayout`; spatial
+reducers (downsampling, G-Prune's separate graphs, ATP's spatial sampling) and kept-token heatmaps
+read it. All fields are ``(B, N)`` tensors aligned with the visual tokens of one insertion point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Provenance of every visual token of a batch.
+
+    Attributes:
+        image: ``(B, N)`` long. Index of the image within its sample (several images per prompt).
+        view: ``(B, N)`` long. ``0`` for the base (global) view; ``1`` for the high-resolution grid
+            of an anyres model (LLaVA-NeXT), or ``1 + t`` for tile ``t`` where tiles stay separate.
+        row: ``(B, N)`` long. Row of the token in its view's feature grid (``-1`` where unknown).
+        col: ``(B, N)`` long. Column in its view's feature grid; for a newline token, the grid width.
+        newline: ``(B, N)`` bool. True for row-end ``image_newline`` tokens (LLaVA-NeXT).
+
+    Entries at padded positions (see :attr:`tokenprune.ReduceContext.valid`) are meaningless.
+    """
+
+    image: Tensor
+    view: Tensor
+    row: Tensor
+    col: Tensor
+    newline: Tensor
+
+    def __post_init__(self) -> None:
+        shape = self.image.shape
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value.shape != shape or value.dim() != 2:
+                raise ValueError(
+                    f"TokenLayout.{f.name} has shape {tuple(value.shape)}; every field must be (B, N) "
+                    f"like TokenLayout.image {tuple(shape)}"
+                )
+
+    @property
+    def shape(self) -> torch.Size:
+        """``(B, N)``."""
+        return self.image.shape
+
+    def gather(self, indices: Tensor) -> TokenLayout:
+        """The layout of the tokens at ``indices`` (``(B, K)`` long, padding entries ``-1``)."""
+        safe = indices.clamp(min=0)
+        return TokenLayout(**{f.name: getattr(self, f.name).gather(1, safe) for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> TokenLayout:
+        """A copy on ``device``."""
+        return TokenLayout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @classmethod
+    def grid(
+        cls, rows: int, cols: int, *, batch: int = 1, newlines: bool = False, view: int = 0, image: int = 0
+    ) -> TokenLayout:
+        """The raster layout of one ``rows x cols`` feature grid, optionally with a newline per row.
+
+        Returns a layout of ``N = rows * (cols + newlines)`` tokens, repeated ``batch`` times.
+        """
+        width = cols + (1 if newlines else 0)
+        r = torch.arange(rows).repeat_interleave(width)
+        c = torch.arange(width).repeat(rows)
+        nl = c == cols if newlines else torch.zeros_like(c, dtype=torch.bool)
+        expand = lambda t: t.unsqueeze(0).expand(batch, -1).clone()  # noqa: E731
+        return cls(
+            image=expand(torch.full_like(r, image)),
+            view=expand(torch.full_like(r, view)),
+            row=expand(r),
+            col=expand(c),
+            newline=expand(nl),
+        )
+
+    @classmethod
+    def cat(cls, layouts: list[TokenLayout]) -> TokenLayout:
+        """Concatenate layouts along the token axis (e.g. base view then high-res grid)."""
+        if not layouts:
+            raise ValueError("TokenLayout.cat needs at least one layout")
+        return cls(**{f.name: torch.cat([getattr(x, f.name) for x in layouts], 1) for f in fields(cls)})

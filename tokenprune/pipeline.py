@@ -1,0 +1,385 @@
+"""Pipelines: an ordered list of reduction stages, loaded from YAML and validated before a model runs.
+
+.. code-block:: yaml
+
+    name: tome-then-fastv
+    positions: original          # or: compact
+    stages:
+      - at: post_projector
+        reducer: tome
+        keep: 0.5                # a fraction of the visual tokens present at this point
+      - at: {layer: 2}           # between decoder layers 1 and 2
+        reducer: fastv
+        keep: 64                 # or an absolute count
+        params: {source: last}
+
+:func:`load_pipeline` checks the structure (pydantic) and then every stage against the installed
+reducers: the name, its ``params``, and whether it runs at that insertion point. Each problem is
+reported with the stage (index and reducer), the field and, for YAML, the line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from tokenprune.errors import PipelineError
+from tokenprune.reducer import InsertionPoint, TokenReducer
+
+if TYPE_CHECKING:
+    from tokenprune.plugins import ReducerRegistry
+
+PositionPolicy = Literal["original", "compact"]
+
+_AT_HELP = "'post_projector' or {layer: k} with k >= 1 (the stage runs between decoder layers k-1 and k)"
+_KEEP_HELP = "a fraction in (0, 1] such as 0.25 (1.0 keeps all), or a token count >= 1 such as 64"
+
+
+class LayerAt(BaseModel):
+    """Between decoder layers ``layer - 1`` and ``layer``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    layer: int = Field(ge=1, description="Decoder layer whose input is reduced (k >= 1).")
+
+
+class Stage(BaseModel):
+    """One reduction step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    at: Literal["post_projector"] | LayerAt = Field(description=f"Insertion point: {_AT_HELP}.")
+    reducer: str = Field(description="Registry name of the reducer (see `tokenprune plugins`).")
+    keep: float | int = Field(description=f"Tokens kept: {_KEEP_HELP}.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The reducer's parameters.")
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _parse_at(cls, value: Any) -> Any:
+        if isinstance(value, InsertionPoint):
+            return "post_projector" if value.kind == "post_projector" else {"layer": value.layer}
+        if value == "post_projector" or isinstance(value, LayerAt):
+            return value
+        if isinstance(value, Mapping) and set(value) == {"layer"}:
+            k = value["layer"]
+            if isinstance(k, int) and not isinstance(k, bool) and k >= 1:
+                return value
+            raise ValueError(f"layer must be an integer >= 1, got {k!r}; `at` is {_AT_HELP}")
+        raise ValueError(f"`at` is {_AT_HELP}; got {value!r}")
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _parse_keep(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"keep is {_KEEP_HELP}; got {value!r}")
+        if isinstance(value, float) and not (0.0 < value <= 1.0 and math.isfinite(value)):
+            raise ValueError(f"keep {value} is a fraction and must lie in (0, 1]; for a token count write an integer")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"keep {value} is a token count and must be >= 1")
+        return value
+
+    @property
+    def point(self) -> InsertionPoint:
+        """The stage's :class:`~tokenprune.reducer.InsertionPoint`."""
+        if isinstance(self.at, LayerAt):
+            return InsertionPoint("layer", self.at.layer)
+        return InsertionPoint("post_projector")
+
+
+class Pipeline(BaseModel):
+    """An ordered list of stages plus pipeline-wide options. An empty pipeline is a valid no-op."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(default=None, description="A label for reports.")
+    positions: PositionPolicy = Field(
+        default="original",
+        description=(
+            "Position ids of kept tokens: 'original' keeps each token's position from the unpruned "
+            "sequence (as G-Prune's and FastV's code do); 'compact' renumbers the shortened sequence."
+        ),
+    )
+    protect_newlines: bool = Field(
+        default=True,
+        description="Always keep row-end newline tokens (LLaVA-NeXT's image_newline), as G-Prune's code does.",
+    )
+    stages: list[Stage] = Field(default_factory=list, description="Applied in order.")
+
+    def check(self, registry: ReducerRegistry) -> Pipeline:
+        """Validate every stage against the installed reducers; returns ``self``.
+
+        Raises:
+            PipelineError: listing every problem (unknown reducer with the closest name, invalid
+                params, an insertion point the reducer does not support, stages out of order).
+        """
+        problems = _check_against(self, registry, lines={})
+        if problems:
+            raise PipelineError(_format(problems, "pipeline"), problems)
+        return self
+
+    def build_reducers(self, registry: ReducerRegistry) -> list[TokenReducer]:
+        """One reducer instance per stage, with validated params."""
+        return [registry.get(stage.reducer)(stage.params) for stage in self.check(registry).stages]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One defect of a pipeline document."""
+
+    field: str
+    message: str
+    stage: int | None = None
+    reducer: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = []
+        if self.stage is not None:
+            where.append(f"stage {self.stage}" + (f" (reducer {self.reducer!r})" if self.reducer else ""))
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        prefix = ", ".join(where)
+        return f"{prefix}: {self.field}: {self.message}" if prefix else f"{self.field}: {self.message}"
+
+
+def load_pipeline(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Pipeline,
+    *,
+    registry: ReducerRegistry | None = None,
+    check: bool = True,
+) -> Pipeline:
+    """Load and validate a pipeline.
+
+    Args:
+        source: A path to a YAML file, a YAML string, a mapping, or a :class:`Pipeline`.
+        registry: Reducers to validate against; by default those of a fresh
+            :func:`~tokenprune.plugins.get_plugin_manager`.
+        check: Validate the stages against the reducers (False checks the structure only).
+
+    Raises:
+        PipelineError: with every problem found, each naming its stage, field and YAML line.
+        FileNotFoundError: ``source`` names a YAML file that does not exist.
+    """
+    label, data, lines = _read(source)
+    if isinstance(data, Pipeline):
+        pipeline = data
+    else:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise PipelineError(
+                f"{label}: a pipeline must be a mapping with a `stages:` list, got a {_yaml_kind(data)}; "
+                "e.g.\nstages:\n  - {at: post_projector, reducer: random, keep: 0.5}",
+                [Problem("<document>", f"expected a mapping, got a {_yaml_kind(data)}", line=1)],
+            )
+        try:
+            pipeline = Pipeline.model_validate(dict(data))
+        except ValidationError as exc:
+            problems = [_problem_from_error(err, data, lines) for err in exc.errors()]
+            raise PipelineError(_format(problems, label), problems) from None
+    if check:
+        if registry is None:
+            from tokenprune.plugins import get_plugin_manager
+
+            registry = get_plugin_manager().reducers
+        problems = _check_against(pipeline, registry, lines)
+        if problems:
+            raise PipelineError(_format(problems, label), problems)
+    return pipeline
+
+
+def pipeline_json_schema(registry: ReducerRegistry | None = None) -> dict[str, Any]:
+    """The JSON schema of pipeline documents.
+
+    With a registry, each stage is a choice between the installed reducers, and ``params`` carries
+    that reducer's own schema (so editors can complete and check them).
+    """
+    if registry is None or len(registry) == 0:
+        schema = Pipeline.model_json_schema()
+    else:
+        variants = []
+        for name in registry:
+            cls = registry.get(name)
+            variants.append(
+                create_model(
+                    f"Stage_{name}",
+                    __base__=Stage,
+                    __doc__=(cls.__doc__ or f"A {name} stage.").strip().splitlines()[0],
+                    reducer=(Literal[name], Field(description=f"The {name!r} reducer.")),  # type: ignore[valid-type]
+                    params=(cls.Params, Field(default_factory=cls.Params, description=f"Parameters of {name!r}.")),
+                )
+            )
+        stage_union: Any = variants[0]
+        for v in variants[1:]:
+            stage_union = stage_union | v
+        typed = create_model(
+            "Pipeline",
+            __base__=Pipeline,
+            __doc__=Pipeline.__doc__,
+            stages=(list[stage_union], Field(default_factory=list, description="Applied in order.")),
+        )
+        schema = typed.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "tokenprune pipeline"
+    return schema
+
+
+# --- machinery -------------------------------------------------------------------------------------
+
+
+def _read(source: Any) -> tuple[str, Any, dict[tuple[Any, ...], int]]:
+    if isinstance(source, Pipeline):
+        return "<pipeline>", source, {}
+    if isinstance(source, Mapping):
+        return "<mapping>", source, {}
+    if isinstance(source, os.PathLike) or (
+        isinstance(source, str) and "\n" not in source and (source.endswith((".yaml", ".yml")) or os.path.isfile(source))
+    ):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"pipeline file {str(path)!r} does not exist")
+        return str(path), *_parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if isinstance(source, str):
+        return "<yaml string>", *_parse_yaml(source, "<yaml string>")
+    raise TypeError(f"load_pipeline takes a path, a YAML string, a mapping or a Pipeline, not {type(source).__name__}")
+
+
+def _parse_yaml(text: str, label: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise PipelineError(
+            f"{label}: YAML syntax error at {where}: {what}",
+            [Problem("<yaml>", what, line=mark.line + 1 if mark else None)],
+        ) from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{label}: YAML error: {exc}", [Problem("<yaml>", str(exc))]) from None
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is not None:
+        _record_lines(node, (), lines)
+    return data, lines
+
+
+def _record_lines(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = (*path, key.value)
+            _record_lines(value, child, lines)
+            lines[child] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            _record_lines(value, (*path, i), lines)
+
+
+def _line_for(path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
+    for end in range(len(path), -1, -1):
+        if path[:end] in lines:
+            return lines[path[:end]]
+    return None
+
+
+def _problem_from_error(err: Any, data: Mapping[str, Any], lines: dict[tuple[Any, ...], int]) -> Problem:
+    loc = tuple(err["loc"])
+    # Drop pydantic's union-branch tags such as 'literal['post_projector']' / 'LayerAt' / 'float'.
+    clean = tuple(p for p in loc if isinstance(p, int) or not _is_branch_tag(p))
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = f"unknown field; allowed here: {_allowed_fields(clean)}"
+    if "input" in err and err["type"] not in ("extra_forbidden", "missing", "value_error"):
+        message += f" (got {err['input']!r})"
+    stage = reducer = None
+    field = ".".join(str(p) for p in clean) or "<document>"
+    if len(clean) >= 2 and clean[0] == "stages" and isinstance(clean[1], int):
+        stage = clean[1]
+        stages = data.get("stages")
+        if isinstance(stages, list) and stage < len(stages) and isinstance(stages[stage], Mapping):
+            name = stages[stage].get("reducer")
+            reducer = name if isinstance(name, str) else None
+        field = ".".join(str(p) for p in clean[2:]) or "<stage>"
+    return Problem(field, message, stage, reducer, _line_for(clean, lines))
+
+
+def _is_branch_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part.startswith(("literal[", "function-")) or part in {"LayerAt", "float", "int"})
+
+
+def _allowed_fields(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = Pipeline
+    if len(loc) >= 3 and loc[0] == "stages":
+        model = LayerAt if len(loc) >= 4 and loc[2] == "at" else Stage
+    return ", ".join(model.model_fields)
+
+
+def _check_against(
+    pipeline: Pipeline, registry: ReducerRegistry, lines: dict[tuple[Any, ...], int]
+) -> list[Problem]:
+    problems: list[Problem] = []
+    previous: InsertionPoint | None = None
+    for i, stage in enumerate(pipeline.stages):
+        here = ("stages", i)
+
+        def add(field: str, message: str, path: tuple[Any, ...], stage_index: int = i, name: str = stage.reducer) -> None:
+            problems.append(Problem(field, message, stage_index, name, _line_for(path, lines)))
+
+        point = stage.point
+        if previous is not None and point.order < previous.order:
+            add(
+                "at",
+                f"stages must be ordered by insertion point (post_projector first, then layers in increasing "
+                f"order), but {point} comes after {previous}",
+                (*here, "at"),
+            )
+        previous = point if previous is None or point.order > previous.order else previous
+        if stage.reducer not in registry:
+            add("reducer", registry.unknown_message(stage.reducer), (*here, "reducer"))
+            continue
+        cls = registry.get(stage.reducer)
+        if point.kind not in cls.capabilities.insertion_points:
+            supported = ", ".join(sorted(cls.capabilities.insertion_points))
+            add(
+                "at",
+                f"{stage.reducer!r} does not run at {point}; it supports: {supported}",
+                (*here, "at"),
+            )
+        try:
+            params = cls.Params.model_validate(stage.params)
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = tuple(err["loc"])
+                message = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "extra_forbidden":
+                    allowed = ", ".join(cls.Params.model_fields) or "none"
+                    message = f"unknown parameter of {stage.reducer!r}; its parameters are: {allowed}"
+                elif "input" in err and err["type"] != "missing":
+                    message += f" (got {err['input']!r})"
+                add("params." + ".".join(str(p) for p in loc), message, (*here, "params", *loc))
+            continue
+        sources = cls(params).attention_sources()
+        if sources and point.kind == "post_projector":
+            add(
+                "at",
+                f"{stage.reducer!r} reads attention scores ({', '.join(sorted(sources))}), which exist only inside "
+                "the LLM; put it at {layer: k}",
+                (*here, "at"),
+            )
+    return problems
+
+
+def _format(problems: list[Problem], label: str) -> str:
+    head = f"{label}: invalid pipeline ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"
+    return "\n".join([head, *(f"- {p}" for p in problems)])
+
+
+def _yaml_kind(data: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data), type(data).__name__)

@@ -1,0 +1,383 @@
+"""Plugin discovery and the registries of reducers and adapters.
+
+:func:`get_plugin_manager` builds a fresh manager each time it is called (there is no global one):
+it loads every entry point of the ``tokenprune`` group, skipping the names listed in the
+``TOKENPRUNE_DISABLE_PLUGINS`` environment variable (comma-separated), and reports a plugin that
+fails to import with its distribution and error while still loading the others.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Generic, TypeVar
+
+import pluggy
+from pydantic import BaseModel
+
+from tokenprune import hookspecs
+from tokenprune.adapters.base import ModelAdapter
+from tokenprune.errors import PluginError, PluginLoadWarning, UnknownReducerError, UnsupportedModelError
+from tokenprune.reducer import Capabilities, TokenReducer
+
+ENTRY_POINT_GROUP = "tokenprune"
+DISABLE_ENV = "TOKENPRUNE_DISABLE_PLUGINS"
+ADAPTER_DOCS = "docs/extending/adapters.md"
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a plugin came from.
+
+    Attributes:
+        name: The plugin's name: its entry-point name, or the name it was registered under.
+        module: The module (or object) that was registered.
+        distribution: The installed distribution that declared the entry point (None when the
+            plugin was registered directly, as tests do).
+        version: That distribution's version.
+    """
+
+    name: str
+    module: str
+    distribution: str | None = None
+    version: str | None = None
+
+    def describe(self) -> str:
+        """E.g. ``plugin 'random' (distribution tokenprune 0.1.0)``."""
+        if self.distribution is None:
+            return f"plugin {self.name!r} (registered directly, no distribution)"
+        return f"plugin {self.name!r} (distribution {self.distribution} {self.version})"
+
+
+@dataclass(frozen=True)
+class PluginLoadFailure:
+    """A plugin that could not be loaded; the others were."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    error: str
+
+    def describe(self) -> str:
+        dist = f"distribution {self.distribution} {self.version}" if self.distribution else "no distribution"
+        return f"plugin {self.name!r} ({dist}) failed to load: {self.error}"
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Entry(Generic[T]):
+    value: T
+    origin: PluginInfo | None
+
+
+@dataclass
+class _Registry(Generic[T]):
+    """Shared machinery: entries keyed by name, each remembering the plugin that added it."""
+
+    _entries: dict[str, _Entry[T]] = field(default_factory=dict)
+    _current: PluginInfo | None = None
+
+    @contextmanager
+    def _registering_for(self, info: PluginInfo | None) -> Iterator[None]:
+        previous, self._current = self._current, info
+        try:
+            yield
+        finally:
+            self._current = previous
+
+    def _put(self, key: str, value: T, kind: str, exist_ok: bool) -> None:
+        existing = self._entries.get(key)
+        if existing is not None and not exist_ok and existing.value is not value:
+            raise PluginError(
+                f"{kind} {key!r} is registered twice: by {_origin(existing.origin)} ({_qualname(existing.value)}) "
+                f"and by {_origin(self._current)} ({_qualname(value)}). Uninstall or disable one of them "
+                f"({DISABLE_ENV}=<plugin name>)."
+            )
+        self._entries[key] = _Entry(value, self._current)
+
+    def origin(self, key: str) -> PluginInfo | None:
+        """The plugin that registered ``key`` (None if registered outside any plugin)."""
+        return self._entries[key].origin
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+
+class ReducerRegistry(_Registry[type[TokenReducer]]):
+    """Reducer classes by registry name. Filled by the ``tokenprune_register_reducers`` hook."""
+
+    def add(self, reducer: type[TokenReducer], *, exist_ok: bool = False) -> None:
+        """Register a reducer class under ``reducer.name``.
+
+        Raises:
+            PluginError: the class breaks the contract, or another plugin registered the same name
+                (unless ``exist_ok``).
+        """
+        who = _origin(self._current)
+        if not (isinstance(reducer, type) and issubclass(reducer, TokenReducer)):
+            raise PluginError(f"{who} registered {reducer!r}, which is not a subclass of tokenprune.TokenReducer")
+        name = getattr(reducer, "name", None)
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise PluginError(
+                f"{who} registered {_qualname(reducer)} with name {name!r}; a reducer name is lower case "
+                "letters, digits and '_', starting with a letter"
+            )
+        params = reducer.Params
+        if not (isinstance(params, type) and issubclass(params, BaseModel)):
+            raise PluginError(f"{who}: {_qualname(reducer)}.Params must be a pydantic model (a ReducerParams subclass)")
+        if params.model_config.get("extra") != "forbid":
+            raise PluginError(
+                f"{who}: {_qualname(reducer)}.Params must forbid unknown fields; subclass tokenprune.ReducerParams "
+                "or set model_config = ConfigDict(extra='forbid')"
+            )
+        if not isinstance(reducer.capabilities, Capabilities):
+            raise PluginError(f"{who}: {_qualname(reducer)}.capabilities must be a tokenprune.Capabilities")
+        if reducer.__abstractmethods__:
+            missing = ", ".join(sorted(reducer.__abstractmethods__))
+            raise PluginError(f"{who}: {_qualname(reducer)} does not implement {missing}")
+        self._put(name, reducer, "reducer", exist_ok)
+
+    def get(self, name: str) -> type[TokenReducer]:
+        """The reducer class registered as ``name``.
+
+        Raises:
+            UnknownReducerError: listing the installed reducers and the closest name.
+        """
+        try:
+            return self._entries[name].value
+        except KeyError:
+            raise UnknownReducerError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        """``unknown reducer 'x'; did you mean 'y'? Installed: ...``."""
+        installed = ", ".join(self) or "none"
+        close = difflib.get_close_matches(name, list(self), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return (
+            f"unknown reducer {name!r}{hint} Installed reducers: {installed}. "
+            "Install the plugin that provides it, or check `tokenprune plugins`."
+        )
+
+    def describe(self, name: str) -> str:
+        """E.g. ``reducer 'random' (plugin 'random', distribution tokenprune 0.1.0)``."""
+        info = self._entries[name].origin
+        where = "registered outside a plugin" if info is None else info.describe().removeprefix("plugin ")
+        return f"reducer {name!r} ({'plugin ' + where if info else where})"
+
+    def provided_by(self, plugin_name: str) -> list[str]:
+        """Names of the reducers that the plugin ``plugin_name`` registered."""
+        return [k for k in self if (o := self._entries[k].origin) is not None and o.name == plugin_name]
+
+
+class AdapterRegistry(_Registry[type[ModelAdapter]]):
+    """Adapter classes by ``model_type``. Filled by the ``tokenprune_register_adapters`` hook."""
+
+    def add(self, adapter: type[ModelAdapter], *, exist_ok: bool = False) -> None:
+        """Register ``adapter`` for each of its ``model_types``.
+
+        Raises:
+            PluginError: the class is not a ModelAdapter, declares no model type, or a model type is
+                already claimed by another plugin (unless ``exist_ok``).
+        """
+        who = _origin(self._current)
+        if not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
+            raise PluginError(f"{who} registered {adapter!r}, which is not a tokenprune.adapters.ModelAdapter")
+        types = getattr(adapter, "model_types", ())
+        if isinstance(types, str) or not types or not all(isinstance(t, str) and t for t in types):
+            raise PluginError(f"{who}: {_qualname(adapter)}.model_types must be a non-empty tuple of model_type strings")
+        for model_type in types:
+            self._put(model_type, adapter, "adapter for model_type", exist_ok)
+
+    def get(self, model_type: str) -> type[ModelAdapter]:
+        """The adapter for ``model_type``.
+
+        Raises:
+            UnsupportedModelError: listing the supported model types and the docs on adding one.
+        """
+        try:
+            return self._entries[model_type].value
+        except KeyError:
+            supported = ", ".join(self) or "none"
+            raise UnsupportedModelError(
+                f"no adapter supports model_type {model_type!r}. Supported: {supported}. "
+                f"To add an architecture, write an adapter plugin ({ADAPTER_DOCS})."
+            ) from None
+
+    def provided_by(self, plugin_name: str) -> list[str]:
+        """Model types that the plugin ``plugin_name`` registered adapters for."""
+        return [k for k in self if (o := self._entries[k].origin) is not None and o.name == plugin_name]
+
+
+class PluginManager:
+    """The loaded plugins, with typed access to what they register.
+
+    Build it with :func:`get_plugin_manager`. The registries are built on first use from the
+    plugins' hooks, each entry remembering which plugin added it.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, infos: dict[str, PluginInfo], failures: list[PluginLoadFailure]):
+        self.pluggy = pm
+        self._infos = infos
+        self.failures = failures
+        self._reducers: ReducerRegistry | None = None
+        self._adapters: AdapterRegistry | None = None
+
+    def register(self, plugin: object, name: str | None = None) -> str:
+        """Register a plugin object directly (tests, notebooks); returns its name."""
+        registered = self.pluggy.register(plugin, name=name)
+        if registered is None:
+            raise PluginError(f"plugin {name or plugin!r} is blocked ({DISABLE_ENV}) or already registered")
+        self._infos[registered] = PluginInfo(registered, _module_name(plugin))
+        self.pluggy.check_pending()
+        self._reducers = self._adapters = None
+        return registered
+
+    @property
+    def plugins(self) -> list[PluginInfo]:
+        """The loaded plugins, by name."""
+        return [self._infos[name] for name in sorted(self._infos)]
+
+    @property
+    def reducers(self) -> ReducerRegistry:
+        """Every registered reducer class."""
+        if self._reducers is None:
+            registry = ReducerRegistry()
+            self._collect("tokenprune_register_reducers", registry)
+            self._reducers = registry
+        return self._reducers
+
+    @property
+    def adapters(self) -> AdapterRegistry:
+        """Every registered adapter class."""
+        if self._adapters is None:
+            registry = AdapterRegistry()
+            self._collect("tokenprune_register_adapters", registry)
+            self._adapters = registry
+        return self._adapters
+
+    def _collect(self, hook_name: str, registry: _Registry[Any]) -> None:
+        hook = getattr(self.pluggy.hook, hook_name)
+        everyone = self.pluggy.get_plugins()
+        # Call each plugin's implementation on its own, so every entry knows its origin.
+        for impl in reversed(hook.get_hookimpls()):  # pluggy lists them last-registered first
+            caller = self.pluggy.subset_hook_caller(hook_name, remove_plugins=[p for p in everyone if p is not impl.plugin])
+            with registry._registering_for(self._infos.get(impl.plugin_name)):
+                caller(registry=registry)
+
+
+def get_plugin_manager(
+    *,
+    entry_points: bool = True,
+    disabled: Iterable[str] | None = None,
+    plugins: Iterable[object] = (),
+) -> PluginManager:
+    """Build a plugin manager.
+
+    Args:
+        entry_points: Load the ``tokenprune`` entry-point group (the built-ins are there too).
+        disabled: Plugin names not to load; defaults to ``TOKENPRUNE_DISABLE_PLUGINS``.
+        plugins: Extra plugin objects to register directly.
+
+    A plugin that fails to import, or whose hook implementations do not match the specifications,
+    is recorded in :attr:`PluginManager.failures` and reported with a :class:`PluginLoadWarning`;
+    the other plugins still load.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    if disabled is None:
+        disabled = [n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()]
+    for name in disabled:
+        pm.set_blocked(name)
+    infos: dict[str, PluginInfo] = {}
+    failures: list[PluginLoadFailure] = []
+    if entry_points:
+        seen: set[tuple[str, str]] = set()
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if (ep.name, ep.value) in seen or pm.is_blocked(ep.name):
+                continue
+            seen.add((ep.name, ep.value))
+            dist = ep.dist.metadata["Name"] if ep.dist is not None else None
+            version = ep.dist.version if ep.dist is not None else None
+            try:
+                plugin = ep.load()
+                pm.register(plugin, name=ep.name)
+                _check_pending(pm, ep.name)
+            except Exception as exc:  # a broken plugin must not take the others down
+                if pm.has_plugin(ep.name):
+                    pm.unregister(name=ep.name)
+                failure = PluginLoadFailure(ep.name, dist, version, f"{type(exc).__name__}: {exc}")
+                failures.append(failure)
+                warnings.warn(failure.describe(), PluginLoadWarning, stacklevel=2)
+                continue
+            infos[ep.name] = PluginInfo(ep.name, _module_name(plugin), dist, version)
+    manager = PluginManager(pm, infos, failures)
+    for plugin in plugins:
+        manager.register(plugin)
+    return manager
+
+
+def list_reducers(manager: PluginManager | None = None) -> list[str]:
+    """Names of the installed reducers."""
+    return list((manager or get_plugin_manager()).reducers)
+
+
+def list_adapters(manager: PluginManager | None = None) -> list[str]:
+    """Model types that installed adapters support."""
+    return list((manager or get_plugin_manager()).adapters)
+
+
+def _check_pending(pm: pluggy.PluginManager, name: str) -> None:
+    """Catch the two silent plugin mistakes: a misspelt hook, and a hook missing ``@hookimpl``."""
+    plugin = pm.get_plugin(name)
+    implemented = {caller.name for caller in pm.get_hookcallers(plugin) or []}
+    for attr in dir(plugin):
+        if not attr.startswith("tokenprune_") or not callable(getattr(plugin, attr, None)):
+            continue
+        if not hasattr(hookspecs, attr):
+            known = ", ".join(n for n in dir(hookspecs) if n.startswith("tokenprune_"))
+            raise PluginError(f"it defines {attr!r}, which is not a tokenprune hook (known hooks: {known})")
+        if attr not in implemented:
+            raise PluginError(f"its {attr!r} is not marked with @tokenprune.hookimpl, so it would never be called")
+    pm.check_pending()
+
+
+def _module_name(plugin: object) -> str:
+    return getattr(plugin, "__name__", None) or type(plugin).__qualname__
+
+
+def _qualname(obj: object) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"
+
+
+def _origin(info: PluginInfo | None) -> str:
+    return info.describe() if info is not None else "code outside any plugin"
+
+
+__all__ = [
+    "ADAPTER_DOCS",
+    "DISABLE_ENV",
+    "ENTRY_POINT_GROUP",
+    "AdapterRegistry",
+    "PluginInfo",
+    "PluginLoadFailure",
+    "PluginManager",
+    "ReducerRegistry",
+    "get_plugin_manager",
+    "list_adapters",
+    "list_reducers",
+]

@@ -1,0 +1,393 @@
+"""The reducer contract: what a token-reduction method receives and what it must return.
+
+A reducer is a class with a registry ``name`` (the name used in YAML pipelines), a pydantic
+``Params`` model, a :class:`Capabilities` declaration and one method, :meth:`TokenReducer.reduce`.
+Given the visual tokens present at an insertion point, it returns either
+
+* a :class:`Selection`: which tokens survive, per sample (samples may keep different counts), or
+* a :class:`Merge`: which tokens combine into which, so that the engine replaces each group by its
+  size-weighted mean and carries the summed sizes forward to later stages (ToMe).
+
+Most methods only rank tokens. They subclass :class:`ScoringReducer` and write ``score()``; the base
+class turns scores into a top-k selection under the stage's budget, keeping protected tokens.
+
+The core checks every result against this contract (:func:`tokenprune.validation.check_reduction`)
+and raises :class:`tokenprune.errors.ReducerOutputError` naming the plugin and the defect.
+
+Batches are padded: ``tokens`` is ``(B, N, D)`` where ``N`` is the largest visual-token count in
+the batch and ``ctx.valid`` marks the real tokens of each sample. A reducer must give each sample
+the same result whether it runs alone or in a batch (the engine's invariant 5).
+
+Papers implemented as built-in plugins: FastV (https://arxiv.org/abs/2403.06764), G-Prune
+(https://arxiv.org/abs/2501.02268), ToMe (https://arxiv.org/abs/2210.09461), ATP-LLaVA
+(https://arxiv.org/abs/2412.00447).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from tokenprune.errors import ReducerInputError
+from tokenprune.layout import TokenLayout
+
+InsertionKind = Literal["post_projector", "layer"]
+"""``post_projector``: after the multimodal projector, before the LLM. ``layer``: between two
+decoder layers."""
+
+AttentionSource = Literal["last", "text", "visual", "all"]
+"""Which query rows of the attention probe are averaged: the last token's row (FastV's official
+code), the text tokens', the visual tokens', or every token's (FastV's paper)."""
+
+
+@dataclass(frozen=True)
+class InsertionPoint:
+    """Where a stage runs.
+
+    ``InsertionPoint("post_projector")`` runs once on the projected visual features before the LLM.
+    ``InsertionPoint("layer", k)`` runs on the hidden states between decoder layers ``k - 1`` and
+    ``k`` (so ``k >= 1``); the attention probe, if a reducer needs it, comes from layer ``k - 1``.
+    """
+
+    kind: InsertionKind
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "post_projector" and self.layer is not None:
+            raise ValueError("InsertionPoint('post_projector') takes no layer")
+        if self.kind == "layer" and (self.layer is None or self.layer < 1):
+            raise ValueError(f"InsertionPoint('layer', k) needs k >= 1 (got {self.layer})")
+
+    def __str__(self) -> str:
+        return "post_projector" if self.kind == "post_projector" else f"layer {self.layer}"
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Sort key in forward-pass order: post_projector first, then layers by index."""
+        return (0, 0) if self.layer is None else (1, self.layer)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a reducer needs and supports; the pipeline is validated against it before a model runs.
+
+    Attributes:
+        insertion_points: The insertion kinds the reducer can run at.
+        attention: Attention-probe sources the reducer reads by default (empty: none). The engine
+            computes them under the model's sdpa attention, only at the layers that need them.
+            A reducer whose needs depend on its params overrides
+            :meth:`TokenReducer.attention_sources`.
+        needs_text: Reads the text tokens at the insertion point (``ctx.text``).
+        trainable: Carries learned weights (ATP).
+        deterministic_count: Keeps exactly the stage's budget for every input, so the token count
+            is known before the model runs (what serving engines such as vLLM need). Adaptive
+            reducers set it to False and may keep fewer tokens than the budget.
+        merges: May return a :class:`Merge` rather than a :class:`Selection`.
+    """
+
+    insertion_points: frozenset[InsertionKind] = frozenset({"post_projector", "layer"})
+    attention: frozenset[AttentionSource] = frozenset()
+    needs_text: bool = False
+    trainable: bool = False
+    deterministic_count: bool = True
+    merges: bool = False
+
+    @property
+    def needs_attention(self) -> bool:
+        """True when the reducer reads attention scores by default."""
+        return bool(self.attention)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form, as printed by ``tokenprune plugins --json``."""
+        return {
+            "insertion_points": sorted(self.insertion_points),
+            "needs_attention": self.needs_attention,
+            "attention": sorted(self.attention),
+            "needs_text": self.needs_text,
+            "trainable": self.trainable,
+            "deterministic_count": self.deterministic_count,
+            "merges": self.merges,
+        }
+
+
+class ReducerParams(BaseModel):
+    """Base of every reducer's ``Params``: unknown fields are rejected, values are immutable.
+
+    Document each field with ``Field(description=...)``: the description feeds the docs, the
+    pipeline JSON schema and ``tokenprune plugins``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class ReduceContext:
+    """Everything a reducer may read besides the tokens themselves.
+
+    Shapes use ``B`` (batch), ``N`` (visual tokens, padded to the batch maximum), ``T`` (text
+    tokens, padded) and ``D`` (feature size).
+
+    Attributes:
+        at: The insertion point of this stage.
+        budget: ``(B,)`` long. How many tokens each sample keeps, protected tokens included
+            (never more than the sample's valid tokens; at least its protected tokens).
+        valid: ``(B, N)`` bool. Real tokens; False at padding. Each sample's tokens come first
+            (padding only at the end of a row), in the order they have in the sequence.
+        protected: ``(B, N)`` bool. Tokens that must be kept and never merged into others
+            (e.g. LLaVA-NeXT's row-end newline tokens when the pipeline protects them).
+        sizes: ``(B, N)`` float. How many original tokens each token stands for (1 until a
+            :class:`Merge` combined some).
+        layout: Provenance of each token, when the adapter knows it.
+        attention: Source name to ``(B, N)`` float: attention paid to each visual token at layer
+            ``k - 1``, averaged over heads and over the source's query rows. Filled with the sources
+            of :meth:`TokenReducer.attention_sources`; empty otherwise.
+        text: ``(B, T, D)`` text-token features at the insertion point (only if ``needs_text``).
+        text_valid: ``(B, T)`` bool mask of ``text``.
+        stage_index: Index of the stage in its pipeline (for messages and per-stage seeding).
+    """
+
+    at: InsertionPoint
+    budget: Tensor
+    valid: Tensor
+    protected: Tensor
+    sizes: Tensor
+    layout: TokenLayout | None = None
+    attention: Mapping[str, Tensor] = field(default_factory=dict)
+    text: Tensor | None = None
+    text_valid: Tensor | None = None
+    stage_index: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.valid.shape[0])
+
+    @property
+    def num_valid(self) -> Tensor:
+        """``(B,)`` long: real tokens per sample."""
+        return self.valid.sum(1)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The tokens each sample keeps.
+
+    Attributes:
+        indices: ``(B, K)`` long, ``K = counts.max()``. Row ``b`` holds the kept token indices of
+            sample ``b`` in strictly increasing order in its first ``counts[b]`` entries, and ``-1``
+            after them.
+        counts: ``(B,)`` long. Tokens kept per sample.
+    """
+
+    indices: Tensor
+    counts: Tensor
+
+    @classmethod
+    def from_mask(cls, keep: Tensor) -> Selection:
+        """Build from a ``(B, N)`` bool mask of kept tokens."""
+        if keep.dtype != torch.bool or keep.dim() != 2:
+            raise TypeError(f"Selection.from_mask needs a (B, N) bool mask, got {keep.dtype} {tuple(keep.shape)}")
+        b, n = keep.shape
+        counts = keep.sum(1)
+        position = torch.arange(n, device=keep.device).expand(b, n)
+        order = torch.where(keep, position, position + n).sort(dim=1).values
+        k = int(counts.max()) if b else 0
+        indices = order[:, :k]
+        indices = torch.where(indices < n, indices, torch.full_like(indices, -1))
+        return cls(indices=indices, counts=counts)
+
+    @classmethod
+    def from_lists(cls, rows: list[Tensor] | list[list[int]], device: torch.device | str | None = None) -> Selection:
+        """Build from one sequence of kept indices per sample (sorted by this method)."""
+        tensors = [torch.as_tensor(r, dtype=torch.long, device=device).flatten().sort().values for r in rows]
+        counts = torch.tensor([t.numel() for t in tensors], dtype=torch.long, device=device)
+        k = int(counts.max()) if tensors else 0
+        indices = torch.full((len(tensors), k), -1, dtype=torch.long, device=device)
+        for i, t in enumerate(tensors):
+            indices[i, : t.numel()] = t
+        return cls(indices=indices, counts=counts)
+
+    @classmethod
+    def all(cls, valid: Tensor) -> Selection:
+        """Keep every valid token of a ``(B, N)`` validity mask."""
+        return cls.from_mask(valid.bool())
+
+    def to_mask(self, num_tokens: int) -> Tensor:
+        """``(B, N)`` bool mask of the kept tokens."""
+        b = self.indices.shape[0]
+        mask = torch.zeros(b, num_tokens + 1, dtype=torch.bool, device=self.indices.device)
+        mask.scatter_(1, torch.where(self.indices < 0, num_tokens, self.indices), True)
+        return mask[:, :num_tokens]
+
+    def tolist(self) -> list[list[int]]:
+        """Kept indices per sample as plain lists."""
+        return [row[: int(c)].tolist() for row, c in zip(self.indices, self.counts)]
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Which tokens combine, ToMe-style.
+
+    Attributes:
+        destination: ``(B, N)`` long. For every token, the index of the token it is merged into.
+            A token that survives (a *root*) maps to itself; a root's group is every token mapping
+            to it. Groups do not chain: the destination of a token is always a root. Padding
+            entries map to themselves and are ignored.
+
+    The output of a stage holds the roots in increasing index order; each is the size-weighted mean
+    of its group (:meth:`apply`), its size the sum of the group's sizes, its position the root's.
+    """
+
+    destination: Tensor
+
+    @property
+    def roots(self) -> Tensor:
+        """``(B, N)`` bool: tokens that survive."""
+        n = self.destination.shape[1]
+        return self.destination == torch.arange(n, device=self.destination.device)
+
+    def selection(self, valid: Tensor) -> Selection:
+        """The surviving tokens as a :class:`Selection`."""
+        return Selection.from_mask(self.roots & valid)
+
+    def apply(self, x: Tensor, sizes: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Selection]:
+        """Merge ``x`` (``(B, N, D)``) with token ``sizes`` (``(B, N)``).
+
+        Returns ``(merged, merged_sizes, selection)``: ``(B, K, D)`` size-weighted means, ``(B, K)``
+        summed sizes, and the roots as a selection. The mean is computed in float32 and cast back.
+        """
+        b, n, d = x.shape
+        w = (sizes * valid).float()
+        dest = torch.where(valid, self.destination, torch.arange(n, device=x.device).expand(b, n))
+        num = torch.zeros(b, n, d, dtype=torch.float32, device=x.device)
+        num.scatter_add_(1, dest.unsqueeze(-1).expand(b, n, d), x.float() * w.unsqueeze(-1))
+        den = torch.zeros(b, n, dtype=torch.float32, device=x.device).scatter_add_(1, dest, w)
+        sel = self.selection(valid)
+        safe = sel.indices.clamp(min=0)
+        merged_den = den.gather(1, safe)
+        merged = num.gather(1, safe.unsqueeze(-1).expand(-1, -1, d)) / merged_den.clamp(min=1e-12).unsqueeze(-1)
+        pad = sel.indices < 0
+        merged = merged.masked_fill(pad.unsqueeze(-1), 0.0).to(x.dtype)
+        merged_sizes = merged_den.masked_fill(pad, 0.0).to(sizes.dtype)
+        return merged, merged_sizes, sel
+
+
+Reduction = Selection | Merge
+
+
+class TokenReducer(ABC):
+    """Base class of every token-reduction method.
+
+    Subclasses set three class attributes and implement :meth:`reduce`::
+
+        class KeepFirst(TokenReducer):
+            \"\"\"Keep the first tokens (a toy).\"\"\"
+            name = "keep_first"
+            capabilities = Capabilities(insertion_points=frozenset({"post_projector"}))
+
+            def reduce(self, tokens, ctx):
+                n = tokens.shape[1]
+                return Selection.from_mask(torch.arange(n) < ctx.budget[:, None])
+
+    and register the class from a plugin's ``tokenprune_register_reducers`` hook.
+
+    Attributes:
+        name: Registry name, used as ``reducer:`` in pipelines. Lower case, digits and ``_``.
+        Params: A :class:`ReducerParams` subclass; a stage's ``params:`` are validated against it.
+        capabilities: What the reducer needs and supports.
+        params: The validated parameters of this instance.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[ReducerParams]] = ReducerParams
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, params: ReducerParams | Mapping[str, Any] | None = None) -> None:
+        if params is None:
+            params = {}
+        if isinstance(params, ReducerParams):
+            if not isinstance(params, self.Params):
+                raise TypeError(f"{type(self).__name__} needs {self.Params.__name__}, got {type(params).__name__}")
+            self.params = params
+        else:
+            self.params = self.Params.model_validate(dict(params))
+
+    @abstractmethod
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection | Merge:
+        """Decide which visual tokens survive.
+
+        Args:
+            tokens: ``(B, N, D)`` visual tokens at the insertion point: post-projector features, or
+                hidden states at a layer. Padded positions (``~ctx.valid``) hold arbitrary values.
+                Must not be modified in place.
+            ctx: Budget, masks, layout and probe outputs; see :class:`ReduceContext`.
+
+        Returns:
+            A :class:`Selection` keeping at most ``ctx.budget[b]`` tokens of sample ``b`` (exactly
+            that many if ``capabilities.deterministic_count``) and every protected token, or, if
+            ``capabilities.merges``, a :class:`Merge` whose roots obey the same rule.
+        """
+
+    def attention_sources(self) -> frozenset[AttentionSource]:
+        """Attention-probe sources this instance reads; defaults to ``capabilities.attention``."""
+        return self.capabilities.attention
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ScoringReducer(TokenReducer):
+    """A reducer that ranks tokens: keep the ``budget`` highest-scoring tokens of each sample.
+
+    Subclasses implement :meth:`score`. Protected tokens are always kept; ties go to the lower
+    index, so the result is deterministic whenever the scores are.
+    """
+
+    @abstractmethod
+    def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
+        """Importance of every token: ``(B, N)`` float, higher is kept first.
+
+        Scores at padded positions are ignored. NaN scores are an error.
+        """
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
+        scores = self.score(tokens, ctx)
+        b, n = ctx.valid.shape
+        if scores.shape != (b, n):
+            raise ReducerInputError(
+                f"reducer {self.name!r}: score() returned shape {tuple(scores.shape)}, expected (B, N) = {(b, n)}"
+            )
+        return top_k_selection(scores, ctx, reducer_name=self.name)
+
+
+def top_k_selection(scores: Tensor, ctx: ReduceContext, *, reducer_name: str = "?") -> Selection:
+    """Keep, per sample, the protected tokens and then the highest ``scores`` up to ``ctx.budget``.
+
+    Args:
+        scores: ``(B, N)`` float scores; NaN at a valid position raises
+            :class:`~tokenprune.errors.ReducerInputError`.
+        ctx: Provides ``budget``, ``valid`` and ``protected``.
+        reducer_name: Named in error messages.
+    """
+    scores = scores.detach().float()
+    bad = torch.isnan(scores) & ctx.valid
+    if bool(bad.any()):
+        sample = int(bad.any(1).nonzero()[0])
+        raise ReducerInputError(
+            f"reducer {reducer_name!r}: NaN scores for sample {sample} "
+            f"({int(bad[sample].sum())} of {int(ctx.valid[sample].sum())} tokens); check the input features "
+            "for NaN or infinite values"
+        )
+    # Rank protected tokens first, then by score; padding last.
+    ranked = scores.masked_fill(ctx.protected & ctx.valid, float("inf")).masked_fill(~ctx.valid, float("-inf"))
+    order = ranked.argsort(dim=1, descending=True, stable=True)
+    n = scores.shape[1]
+    rank_keep = torch.arange(n, device=scores.device).unsqueeze(0) < ctx.budget.unsqueeze(1)
+    keep = torch.zeros_like(ctx.valid).scatter(1, order, rank_keep) & ctx.valid
+    return Selection.from_mask(keep)

@@ -1,0 +1,294 @@
+"""Contract checks and pytest fixtures for reducer authors.
+
+Installed as a pytest plugin (entry point ``pytest11: tokenprune``), so in any environment where
+tokenprune is installed a plugin's test suite can do::
+
+    from tokenprune.testing import check_reducer
+
+    def test_my_reducer_honours_the_contract():
+        check_reducer(MyReducer)                  # or check_reducer(MyReducer, {"alpha": 0.5})
+
+:func:`check_reducer` runs every check below at each insertion point the reducer declares, on a
+synthetic ragged batch (three samples with different token counts, row-end newline tokens
+protected, attention and text inputs filled in when the reducer reads them):
+
+* results pass the core validator (indices in range, unique, sorted, protected tokens kept, counts
+  within the budget, exactly the budget for ``deterministic_count`` reducers, right dtype/device)
+  for fractional and absolute budgets;
+* keep-all is identity: a budget of every token keeps every token;
+* determinism: the same input gives the same result;
+* a batch gives each sample the same result as running it alone;
+* inputs are not modified in place;
+* bfloat16 tokens work;
+* bad input is rejected clearly: unknown params raise a pydantic ``ValidationError``, and NaN
+  features either raise a ``ValueError`` (e.g. :class:`~tokenprune.errors.ReducerInputError`) or
+  are ignored by a reducer that does not read feature values; never an obscure crash.
+
+Fixtures: ``tokenprune_manager`` (a fresh plugin manager over the installed plugins) and
+``make_reduce_inputs`` (the factory :func:`make_reduce_inputs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import Tensor
+
+from tokenprune.budget import budget_per_sample
+from tokenprune.layout import TokenLayout
+from tokenprune.plugins import PluginManager, get_plugin_manager
+from tokenprune.reducer import InsertionPoint, Merge, ReduceContext, Selection, TokenReducer
+from tokenprune.validation import check_reduction
+
+DEFAULT_GRIDS: tuple[tuple[int, int], ...] = ((3, 4), (2, 3), (4, 4))
+"""Feature grids (rows, cols) of the synthetic samples; with newlines: 15, 8 and 20 tokens."""
+
+
+class ReducerContractError(AssertionError):
+    """A reducer broke the contract; the message names the reducer and the check."""
+
+
+def make_reduce_inputs(
+    *,
+    grids: Sequence[tuple[int, int]] = DEFAULT_GRIDS,
+    dim: int = 16,
+    keep: float | int = 0.5,
+    at: InsertionPoint | None = None,
+    newlines: bool = True,
+    protect_newlines: bool = True,
+    attention_sources: Sequence[str] = ("last", "text", "visual", "all"),
+    text_tokens: int = 5,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> tuple[Tensor, ReduceContext]:
+    """A synthetic padded batch of visual tokens and its :class:`ReduceContext`.
+
+    Sample ``b`` is a ``grids[b]`` feature grid in raster order, each row followed by a newline
+    token when ``newlines``. Features are seeded Gaussian noise; attention maps are softmaxes of
+    seeded logits over each sample's valid tokens.
+
+    Returns:
+        ``(tokens, ctx)``: ``(B, N, D)`` tokens (zero at padding) and the context.
+    """
+    at = at or InsertionPoint("post_projector")
+    gen = torch.Generator().manual_seed(seed)
+    layouts = [TokenLayout.grid(r, c, newlines=newlines) for r, c in grids]
+    counts = [lay.shape[1] for lay in layouts]
+    b, n = len(grids), max(counts)
+    tokens = torch.zeros(b, n, dim)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    fields = {name: torch.full((b, n), -1, dtype=torch.long) for name in ("image", "view", "row", "col")}
+    newline = torch.zeros(b, n, dtype=torch.bool)
+    for i, (lay, count) in enumerate(zip(layouts, counts)):
+        tokens[i, :count] = torch.randn(count, dim, generator=gen)
+        valid[i, :count] = True
+        for name, t in fields.items():
+            t[i, :count] = getattr(lay, name)[0]
+        newline[i, :count] = lay.newline[0]
+    protected = newline & valid if protect_newlines else torch.zeros_like(valid)
+    attention: dict[str, Tensor] = {}
+    for source in attention_sources:
+        logits = torch.randn(b, n, generator=gen).masked_fill(~valid, float("-inf"))
+        attention[source] = logits.softmax(-1)
+    text = torch.randn(b, text_tokens, dim, generator=gen) if text_tokens else None
+    ctx = ReduceContext(
+        at=at,
+        budget=budget_per_sample(keep, valid, protected),
+        valid=valid,
+        protected=protected,
+        sizes=valid.float(),
+        layout=TokenLayout(**fields, newline=newline),
+        attention=attention,
+        text=text,
+        text_valid=torch.ones(b, text_tokens, dtype=torch.bool) if text_tokens else None,
+    )
+    return tokens.to(device=device, dtype=dtype), _context_to(ctx, device)
+
+
+def check_reducer(
+    reducer_cls: type[TokenReducer],
+    params: Mapping[str, Any] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dim: int = 16,
+) -> None:
+    """Run every contract check on ``reducer_cls`` (see the module docstring).
+
+    Raises:
+        ReducerContractError: naming the reducer and the first check that failed.
+    """
+    check_params_reject_unknown(reducer_cls)
+    for kind in sorted(reducer_cls.capabilities.insertion_points):
+        at = InsertionPoint("post_projector") if kind == "post_projector" else InsertionPoint("layer", 2)
+        reducer = reducer_cls(params or {})
+        for keep in (0.5, 0.25, 1, 3, 1.0):
+            check_valid_result(reducer, at=at, keep=keep, device=device, dim=dim)
+        check_keep_all_is_identity(reducer, at=at, device=device, dim=dim)
+        check_deterministic(reducer, at=at, device=device, dim=dim)
+        check_batch_matches_single(reducer, at=at, device=device, dim=dim)
+        check_inputs_unchanged(reducer, at=at, device=device, dim=dim)
+        check_valid_result(reducer, at=at, keep=0.5, device=device, dim=dim, dtype=torch.bfloat16)
+        check_valid_result(reducer, at=at, keep=0.5, device=device, dim=dim, protect_newlines=False)
+        check_nan_input(reducer, at=at, device=device, dim=dim)
+
+
+def check_params_reject_unknown(reducer_cls: type[TokenReducer]) -> None:
+    """``Params`` must reject a field it does not define."""
+    try:
+        reducer_cls({"__not_a_parameter__": 1})
+    except ValidationError:
+        return
+    raise ReducerContractError(f"{reducer_cls.name}: Params accepted an unknown field; subclass tokenprune.ReducerParams")
+
+
+def check_valid_result(reducer: TokenReducer, **kwargs: Any) -> Selection:
+    """The result passes the core validator; returns the kept tokens."""
+    tokens, ctx = _inputs_for(reducer, **kwargs)
+    return _run(reducer, tokens, ctx)
+
+
+def check_keep_all_is_identity(reducer: TokenReducer, **kwargs: Any) -> None:
+    """A budget of every token keeps every token, unmerged."""
+    tokens, ctx = _inputs_for(reducer, keep=1.0, **kwargs)
+    result = reducer.reduce(tokens, ctx)
+    selection = _validate(reducer, result, tokens, ctx)
+    if selection.to_mask(ctx.valid.shape[1]).tolist() != ctx.valid.tolist():
+        raise ReducerContractError(f"{reducer.name}: keep 1.0 did not keep every token ({selection.counts.tolist()})")
+    if isinstance(result, Merge) and not bool((result.roots | ~ctx.valid).all()):
+        raise ReducerContractError(f"{reducer.name}: keep 1.0 merged tokens")
+
+
+def check_deterministic(reducer: TokenReducer, **kwargs: Any) -> None:
+    """The same input gives the same result."""
+    tokens, ctx = _inputs_for(reducer, **kwargs)
+    first, second = (_signature(reducer.reduce(tokens, ctx), ctx) for _ in range(2))
+    if first != second:
+        raise ReducerContractError(f"{reducer.name}: two calls on the same input gave different results")
+
+
+def check_batch_matches_single(reducer: TokenReducer, **kwargs: Any) -> None:
+    """Each sample of a ragged batch gets what it gets alone."""
+    grids = kwargs.pop("grids", DEFAULT_GRIDS)
+    tokens, ctx = _inputs_for(reducer, grids=grids, **kwargs)
+    batched = _signature(reducer.reduce(tokens, ctx), ctx)
+    for i in range(len(grids)):
+        alone_tokens, alone_ctx = _slice(tokens, ctx, i)
+        alone = _signature(reducer.reduce(alone_tokens, alone_ctx), alone_ctx)
+        if alone[0] != batched[i]:
+            raise ReducerContractError(
+                f"{reducer.name}: sample {i} keeps {batched[i]} in a batch but {alone[0]} alone; results must not "
+                "depend on the other samples or on padding"
+            )
+
+
+def check_inputs_unchanged(reducer: TokenReducer, **kwargs: Any) -> None:
+    """``reduce`` must not modify its inputs in place."""
+    tokens, ctx = _inputs_for(reducer, **kwargs)
+    before = (tokens.clone(), ctx.sizes.clone(), {k: v.clone() for k, v in ctx.attention.items()})
+    reducer.reduce(tokens, ctx)
+    changed = not torch.equal(tokens, before[0]) or not torch.equal(ctx.sizes, before[1])
+    changed = changed or any(not torch.equal(ctx.attention[k], v) for k, v in before[2].items())
+    if changed:
+        raise ReducerContractError(f"{reducer.name}: reduce() modified its inputs in place")
+
+
+def check_nan_input(reducer: TokenReducer, **kwargs: Any) -> None:
+    """NaN features raise a ``ValueError`` or are ignored; no other exception escapes."""
+    tokens, ctx = _inputs_for(reducer, **kwargs)
+    tokens = tokens.clone()
+    tokens[0, 0] = float("nan")
+    try:
+        result = reducer.reduce(tokens, ctx)
+    except ValueError:
+        return
+    except Exception as exc:
+        raise ReducerContractError(
+            f"{reducer.name}: NaN features raised {type(exc).__name__}: {exc}; raise tokenprune.ReducerInputError "
+            "(a ValueError) with a clear message instead"
+        ) from exc
+    _validate(reducer, result, tokens, ctx)
+
+
+@pytest.fixture
+def tokenprune_manager() -> PluginManager:
+    """A fresh plugin manager over the installed plugins."""
+    return get_plugin_manager()
+
+
+@pytest.fixture(name="make_reduce_inputs")
+def make_reduce_inputs_fixture() -> Callable[..., tuple[Tensor, ReduceContext]]:
+    """The :func:`make_reduce_inputs` factory."""
+    return make_reduce_inputs
+
+
+# --- machinery -------------------------------------------------------------------------------------
+
+
+def _inputs_for(reducer: TokenReducer, **kwargs: Any) -> tuple[Tensor, ReduceContext]:
+    kwargs.setdefault("attention_sources", tuple(reducer.attention_sources()))
+    kwargs.setdefault("text_tokens", 5 if reducer.capabilities.needs_text else 0)
+    return make_reduce_inputs(**kwargs)
+
+
+def _validate(reducer: TokenReducer, result: object, tokens: Tensor, ctx: ReduceContext) -> Selection:
+    try:
+        return check_reduction(
+            result, tokens, ctx, who=f"reducer {reducer.name!r}", capabilities=reducer.capabilities
+        )
+    except Exception as exc:
+        raise ReducerContractError(str(exc)) from exc
+
+
+def _run(reducer: TokenReducer, tokens: Tensor, ctx: ReduceContext) -> Selection:
+    return _validate(reducer, reducer.reduce(tokens, ctx), tokens, ctx)
+
+
+def _signature(result: Selection | Merge, ctx: ReduceContext) -> list[Any]:
+    """Per sample: the kept indices, and for a merge the destinations of the valid tokens."""
+    if isinstance(result, Merge):
+        dest = result.destination
+        return [dest[i, : int(c)].tolist() for i, c in enumerate(ctx.num_valid)]
+    return result.tolist()
+
+
+def _slice(tokens: Tensor, ctx: ReduceContext, i: int) -> tuple[Tensor, ReduceContext]:
+    n = int(ctx.num_valid[i])
+    cut = lambda t: t[i : i + 1, :n]  # noqa: E731
+    layout = None
+    if ctx.layout is not None:
+        layout = TokenLayout(**{k: cut(getattr(ctx.layout, k)) for k in ("image", "view", "row", "col", "newline")})
+    alone = ReduceContext(
+        at=ctx.at,
+        budget=ctx.budget[i : i + 1],
+        valid=cut(ctx.valid),
+        protected=cut(ctx.protected),
+        sizes=cut(ctx.sizes),
+        layout=layout,
+        # Padding holds zero attention, so cutting it off leaves each distribution unchanged.
+        attention={k: cut(v) for k, v in ctx.attention.items()},
+        text=None if ctx.text is None else ctx.text[i : i + 1],
+        text_valid=None if ctx.text_valid is None else ctx.text_valid[i : i + 1],
+        stage_index=ctx.stage_index,
+    )
+    return cut(tokens), alone
+
+
+def _context_to(ctx: ReduceContext, device: torch.device | str) -> ReduceContext:
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return ReduceContext(
+        at=ctx.at,
+        budget=move(ctx.budget),
+        valid=move(ctx.valid),
+        protected=move(ctx.protected),
+        sizes=move(ctx.sizes),
+        layout=None if ctx.layout is None else ctx.layout.to(device),
+        attention={k: v.to(device) for k, v in ctx.attention.items()},
+        text=move(ctx.text),
+        text_valid=move(ctx.text_valid),
+        stage_index=ctx.stage_index,
+    )
