@@ -345,7 +345,8 @@ def _check_against(
             add("reducer", registry.unknown_message(stage.reducer), (*here, "reducer"))
             continue
         cls = registry.get(stage.reducer)
-        if point.kind not in cls.capabilities.insertion_points:
+        point_supported = point.kind in cls.capabilities.insertion_points
+        if not point_supported:
             supported = ", ".join(sorted(cls.capabilities.insertion_points))
             add(
                 "at",
@@ -366,7 +367,7 @@ def _check_against(
                 add("params." + ".".join(str(p) for p in loc), message, (*here, "params", *loc))
             continue
         sources = cls(params).attention_sources()
-        if sources and point.kind == "post_projector":
+        if sources and point.kind == "post_projector" and point_supported:
             add(
                 "at",
                 f"{stage.reducer!r} reads attention scores ({', '.join(sorted(sources))}), which exist only inside "

@@ -176,8 +176,10 @@ class ReducerRegistry(_Registry[type[TokenReducer]]):
     def describe(self, name: str) -> str:
         """E.g. ``reducer 'random' (plugin 'random', distribution tokenprune 0.1.0)``."""
         info = self._entries[name].origin
-        where = "registered outside a plugin" if info is None else info.describe().removeprefix("plugin ")
-        return f"reducer {name!r} ({'plugin ' + where if info else where})"
+        if info is None:
+            return f"reducer {name!r} (registered outside a plugin)"
+        dist = f"distribution {info.distribution} {info.version}" if info.distribution else "no distribution"
+        return f"reducer {name!r} (plugin {info.name!r}, {dist})"
 
     def provided_by(self, plugin_name: str) -> list[str]:
         """Names of the reducers that the plugin ``plugin_name`` registered."""

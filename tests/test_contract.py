@@ -1,0 +1,77 @@
+"""Every registered reducer passes the contract checks, and the checks catch broken reducers."""
+
+import pytest
+import torch
+
+from tokenprune import Capabilities, ScoringReducer, Selection, TokenReducer
+from tokenprune.plugins import get_plugin_manager
+from tokenprune.testing import ReducerContractError, check_reducer
+
+REGISTRY = get_plugin_manager().reducers
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_registered_reducer_honours_the_contract(name):
+    check_reducer(REGISTRY.get(name))
+
+
+class Norm(ScoringReducer):
+    name = "norm"
+
+    def score(self, tokens, ctx):
+        return tokens.float().norm(dim=-1)
+
+
+def test_a_correct_reducer_passes():
+    check_reducer(Norm)
+
+
+def _broken(name, reduce=None, score=None, **attrs):
+    body = dict(attrs, name=name)
+    if reduce is not None:
+        body["reduce"] = reduce
+    if score is not None:
+        body["score"] = score
+    return type(name.title(), (Norm,), body)
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (_broken("reversed", reduce=lambda self, t, c: Selection(Norm.reduce(self, t, c).indices.flip(1), Norm.reduce(self, t, c).counts)), "not sorted|must be -1|outside"),
+        (_broken("noisy", score=lambda self, t, c: torch.rand(c.valid.shape)), "two calls on the same input gave different results"),
+        (_broken("batchy", score=lambda self, t, c: t.float().norm(dim=-1) - t.float().norm(dim=-1).mean(0, keepdim=True)), "in a batch but"),
+        (_broken("inplace", score=lambda self, t, c: t.mul_(1.0001).float().norm(dim=-1)), "modified its inputs in place"),
+        (_broken("greedy", reduce=lambda self, t, c: Selection.all(c.valid)), "over its budget"),
+        (_broken("crashy", score=lambda self, t, c: t.float().norm(dim=-1) if not t.isnan().any() else t[99]), "NaN features raised IndexError"),
+    ],
+)
+def test_the_checks_catch_broken_reducers(cls, message):
+    with pytest.raises(ReducerContractError, match=message):
+        check_reducer(cls)
+
+
+def test_params_must_reject_unknown_fields():
+    from pydantic import BaseModel, ConfigDict
+
+    class Loose(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+
+    with pytest.raises(ReducerContractError, match="Params accepted an unknown field"):
+        check_reducer(_broken("loose", Params=Loose))
+
+
+def test_adaptive_reducer_may_keep_fewer():
+    class Halving(TokenReducer):
+        name = "halving"
+        capabilities = Capabilities(deterministic_count=False)
+
+        def reduce(self, tokens, ctx):
+            keep = ctx.protected.clone()
+            for b in range(ctx.batch_size):
+                free = (ctx.valid[b] & ~ctx.protected[b]).nonzero().flatten()
+                extra = max(0, int(ctx.budget[b]) - int(keep[b].sum())) // 2
+                keep[b, free[:extra]] = True
+            return Selection.from_mask(keep)
+
+    check_reducer(Halving)
