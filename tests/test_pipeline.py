@@ -236,3 +236,9 @@ def test_json_schema_carries_each_reducers_params(registry):
     assert "A number." in text
     core = pipeline_json_schema()
     assert core["properties"]["stages"]["items"]["$ref"].endswith("/Stage")
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "examples" / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_example_pipelines_are_valid(path):
+    pipe = load_pipeline(path)
+    assert pipe.stages, f"{path.name} has no stages"
