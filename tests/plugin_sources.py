@@ -24,6 +24,8 @@ def tokenprune_register_reducers(registry):
 '''
 
 
-def reducer_plugin_source(name: str, cls: str = "Plugged", points: str = "{'post_projector', 'layer'}", doc: str = "A test reducer.") -> str:
+def reducer_plugin_source(
+    name: str, cls: str = "Plugged", points: str = "{'post_projector', 'layer'}", doc: str = "A test reducer."
+) -> str:
     """Source of a plugin module registering one norm-scoring reducer called ``name``."""
     return REDUCER_PLUGIN.format(name=name, cls=cls, points=points, doc=doc)

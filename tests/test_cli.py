@@ -82,6 +82,8 @@ def test_schema_writes_the_json_schema(tmp_path):
 def test_the_installed_script_runs(env, tmp_path):
     """The console script exists and honours the environment, as a user would run it."""
     script = os.path.join(os.path.dirname(sys.executable), "tokenprune")
-    result = subprocess.run([script, "plugins", "--json"], capture_output=True, text=True, env={**os.environ, **env}, check=True)
+    result = subprocess.run(
+        [script, "plugins", "--json"], capture_output=True, text=True, env={**os.environ, **env}, check=True
+    )
     names = {p["name"] for p in json.loads(result.stdout)["plugins"]}
     assert ("random" in names) == ("TOKENPRUNE_DISABLE_PLUGINS" not in env)

@@ -38,12 +38,34 @@ def _broken(name, reduce=None, score=None, **attrs):
 @pytest.mark.parametrize(
     ("cls", "message"),
     [
-        (_broken("reversed", reduce=lambda self, t, c: Selection(Norm.reduce(self, t, c).indices.flip(1), Norm.reduce(self, t, c).counts)), "not sorted|must be -1|outside"),
-        (_broken("noisy", score=lambda self, t, c: torch.rand(c.valid.shape)), "two calls on the same input gave different results"),
-        (_broken("batchy", score=lambda self, t, c: t.float().norm(dim=-1) - t.float().norm(dim=-1).mean(0, keepdim=True)), "in a batch but"),
-        (_broken("inplace", score=lambda self, t, c: t.mul_(1.0001).float().norm(dim=-1)), "modified its inputs in place"),
+        (
+            _broken(
+                "reversed",
+                reduce=lambda self, t, c: Selection(
+                    Norm.reduce(self, t, c).indices.flip(1), Norm.reduce(self, t, c).counts
+                ),
+            ),
+            "not sorted|must be -1|outside",
+        ),
+        (
+            _broken("noisy", score=lambda self, t, c: torch.rand(c.valid.shape)),
+            "two calls on the same input gave different results",
+        ),
+        (
+            _broken(
+                "batchy", score=lambda self, t, c: t.float().norm(dim=-1) - t.float().norm(dim=-1).mean(0, keepdim=True)
+            ),
+            "in a batch but",
+        ),
+        (
+            _broken("inplace", score=lambda self, t, c: t.mul_(1.0001).float().norm(dim=-1)),
+            "modified its inputs in place",
+        ),
         (_broken("greedy", reduce=lambda self, t, c: Selection.all(c.valid)), "over its budget"),
-        (_broken("crashy", score=lambda self, t, c: t.float().norm(dim=-1) if not t.isnan().any() else t[99]), "NaN features raised IndexError"),
+        (
+            _broken("crashy", score=lambda self, t, c: t.float().norm(dim=-1) if not t.isnan().any() else t[99]),
+            "NaN features raised IndexError",
+        ),
     ],
 )
 def test_the_checks_catch_broken_reducers(cls, message):

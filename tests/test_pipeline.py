@@ -78,7 +78,9 @@ def test_an_empty_stage_list_is_a_valid_no_op(registry):
 
 
 def test_build_reducers_gives_validated_instances(registry):
-    pipe = load_pipeline({"stages": [{"at": {"layer": 3}, "reducer": "attn", "keep": 0.25, "params": {"k": 5}}]}, registry=registry)
+    pipe = load_pipeline(
+        {"stages": [{"at": {"layer": 3}, "reducer": "attn", "keep": 0.25, "params": {"k": 5}}]}, registry=registry
+    )
     (reducer,) = pipe.build_reducers(registry)
     assert isinstance(reducer, LayerOnly) and reducer.params.k == 5
 
@@ -103,7 +105,10 @@ def test_unknown_param_lists_the_reducers_parameters(registry):
         """,
         registry,
     )
-    assert "stage 0 (reducer 'attn'), line 7: params.kk: unknown parameter of 'attn'; its parameters are: k, source" in message
+    assert (
+        "stage 0 (reducer 'attn'), line 7: params.kk: unknown parameter of 'attn'; its parameters are: k, source"
+        in message
+    )
 
 
 def test_wrong_param_type_and_range(registry):
@@ -112,7 +117,10 @@ def test_wrong_param_type_and_range(registry):
         "  - {at: {layer: 3}, reducer: attn, keep: 0.5, params: {k: 0}}\n",
         registry,
     )
-    assert "stage 0 (reducer 'attn'), line 2: params.k: Input should be a valid integer" in message and "(got 'two')" in message
+    assert (
+        "stage 0 (reducer 'attn'), line 2: params.k: Input should be a valid integer" in message
+        and "(got 'two')" in message
+    )
     assert "stage 1 (reducer 'attn'), line 3: params.k: Input should be greater than or equal to 1 (got 0)" in message
     assert len(problems) == 2
 
@@ -137,7 +145,7 @@ def test_keep_of_the_wrong_type(keep, registry):
 
 
 def test_stage_at_an_insertion_point_the_reducer_does_not_declare(registry):
-    message, problems = problems_of("stages:\n  - at: post_projector\n    reducer: attn\n    keep: 0.5\n", registry)
+    message, _problems = problems_of("stages:\n  - at: post_projector\n    reducer: attn\n    keep: 0.5\n", registry)
     assert "stage 0 (reducer 'attn'), line 2: at: 'attn' does not run at post_projector; it supports: layer" in message
 
 
@@ -193,7 +201,9 @@ def test_unknown_top_level_and_stage_fields(registry):
         registry,
     )
     assert "line 1: stage: unknown field; allowed here: name, positions, protect_newlines, stages" in message
-    assert "stage 0 (reducer 'random'), line 4: prams: unknown field; allowed here: at, reducer, keep, params" in message
+    assert (
+        "stage 0 (reducer 'random'), line 4: prams: unknown field; allowed here: at, reducer, keep, params" in message
+    )
     assert len(problems) == 2
 
 
@@ -218,9 +228,11 @@ def test_every_problem_is_reported_at_once(registry):
 
 
 def test_missing_file_and_structure_only_checks(tmp_path, registry):
-    with pytest.raises(FileNotFoundError, match="pipeline file .*missing.yaml' does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"pipeline file .*missing\.yaml' does not exist"):
         load_pipeline(tmp_path / "missing.yaml")
-    unchecked = load_pipeline({"stages": [{"at": "post_projector", "reducer": "not_installed", "keep": 3}]}, check=False)
+    unchecked = load_pipeline(
+        {"stages": [{"at": "post_projector", "reducer": "not_installed", "keep": 3}]}, check=False
+    )
     assert unchecked.stages[0].reducer == "not_installed"
 
 
@@ -239,7 +251,11 @@ def test_json_schema_carries_each_reducers_params(registry):
     assert core["properties"]["stages"]["items"]["$ref"].endswith("/Stage")
 
 
-@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "examples" / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted((__import__("pathlib").Path(__file__).parents[1] / "examples" / "pipelines").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
 def test_shipped_example_pipelines_are_valid(path):
     pipe = load_pipeline(path)
     assert pipe.stages, f"{path.name} has no stages"

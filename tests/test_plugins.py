@@ -1,11 +1,10 @@
 """Discovery through entry points, disabling, broken plugins, name collisions, registry checks."""
 
 import pytest
-import torch
 from plugin_sources import reducer_plugin_source
 
 import tokenprune as tp
-from tokenprune import Capabilities, PluginError, PluginLoadWarning, ReducerParams, ScoringReducer, TokenReducer
+from tokenprune import PluginError, PluginLoadWarning, ReducerParams, ScoringReducer, TokenReducer
 from tokenprune.adapters import ModelAdapter
 from tokenprune.errors import UnknownReducerError, UnsupportedModelError
 from tokenprune.plugins import AdapterRegistry, ReducerRegistry, get_plugin_manager
@@ -32,17 +31,26 @@ def test_disable_env_blocks_a_plugin(monkeypatch):
 
 
 def test_third_party_plugin_is_discovered_with_its_distribution(fake_distribution):
-    fake_distribution("acme-pruners", "acme_norm", reducer_plugin_source("acme_norm"), entry_point="acme", version="0.3")
+    fake_distribution(
+        "acme-pruners", "acme_norm", reducer_plugin_source("acme_norm"), entry_point="acme", version="0.3"
+    )
     manager = get_plugin_manager()
-    assert manager.reducers.describe("acme_norm") == "reducer 'acme_norm' (plugin 'acme', distribution acme-pruners 0.3)"
+    assert (
+        manager.reducers.describe("acme_norm") == "reducer 'acme_norm' (plugin 'acme', distribution acme-pruners 0.3)"
+    )
     assert manager.reducers.provided_by("acme") == ["acme_norm"]
     assert "random" in manager.reducers
 
 
 def test_a_plugin_that_fails_to_import_is_reported_and_the_others_still_load(fake_distribution):
-    fake_distribution("broken-dist", "broken_plugin", "raise ImportError('needs libfoo >= 2')\n", entry_point="broken", version="9.9")
+    fake_distribution(
+        "broken-dist", "broken_plugin", "raise ImportError('needs libfoo >= 2')\n", entry_point="broken", version="9.9"
+    )
     fake_distribution("fine-dist", "fine_plugin", reducer_plugin_source("fine"), entry_point="fine")
-    with pytest.warns(PluginLoadWarning, match=r"plugin 'broken' \(distribution broken-dist 9.9\) failed to load: ImportError: needs libfoo >= 2"):
+    with pytest.warns(
+        PluginLoadWarning,
+        match=r"plugin 'broken' \(distribution broken-dist 9.9\) failed to load: ImportError: needs libfoo >= 2",
+    ):
         manager = get_plugin_manager()
     assert [(f.name, f.distribution, f.error) for f in manager.failures] == [
         ("broken", "broken-dist", "ImportError: needs libfoo >= 2")
@@ -51,10 +59,14 @@ def test_a_plugin_that_fails_to_import_is_reported_and_the_others_still_load(fak
 
 
 def test_two_reducers_with_the_same_name_name_both_distributions(fake_distribution):
-    fake_distribution("first-dist", "first_plugin", reducer_plugin_source("twin", cls="A"), entry_point="first", version="1.0")
-    fake_distribution("second-dist", "second_plugin", reducer_plugin_source("twin", cls="B"), entry_point="second", version="2.0")
+    fake_distribution(
+        "first-dist", "first_plugin", reducer_plugin_source("twin", cls="A"), entry_point="first", version="1.0"
+    )
+    fake_distribution(
+        "second-dist", "second_plugin", reducer_plugin_source("twin", cls="B"), entry_point="second", version="2.0"
+    )
     with pytest.raises(PluginError) as info:
-        get_plugin_manager().reducers
+        _ = get_plugin_manager().reducers
     message = str(info.value)
     assert "reducer 'twin' is registered twice" in message
     assert "distribution first-dist 1.0" in message and "distribution second-dist 2.0" in message
@@ -70,7 +82,9 @@ def test_a_hook_missing_its_marker_is_a_load_failure(fake_distribution):
 
 
 def test_a_misspelt_hook_is_a_load_failure(fake_distribution):
-    source = reducer_plugin_source("typo").replace("def tokenprune_register_reducers", "def tokenprune_register_reducer")
+    source = reducer_plugin_source("typo").replace(
+        "def tokenprune_register_reducers", "def tokenprune_register_reducer"
+    )
     fake_distribution("typo-dist", "typo_plugin", source, entry_point="typo")
     with pytest.warns(PluginLoadWarning, match="'tokenprune_register_reducer', which is not a tokenprune hook"):
         manager = get_plugin_manager()
@@ -108,8 +122,14 @@ class Good(ScoringReducer):
     [
         (int, "not a subclass of tokenprune.TokenReducer"),
         (type("NoName", (Good,), {"name": "Bad-Name"}), "lower case letters, digits and '_'"),
-        (type("Loose", (Good,), {"Params": type("P", (ReducerParams,), {"model_config": {"extra": "allow"}})}), "must forbid unknown fields"),
-        (type("NoCaps", (Good,), {"capabilities": {"insertion_points": ["layer"]}}), "capabilities must be a tokenprune.Capabilities"),
+        (
+            type("Loose", (Good,), {"Params": type("P", (ReducerParams,), {"model_config": {"extra": "allow"}})}),
+            "must forbid unknown fields",
+        ),
+        (
+            type("NoCaps", (Good,), {"capabilities": {"insertion_points": ["layer"]}}),
+            "capabilities must be a tokenprune.Capabilities",
+        ),
         (type("Abstract", (TokenReducer,), {"name": "abstract"}), "does not implement reduce"),
     ],
 )
@@ -121,7 +141,9 @@ def test_registry_rejects_classes_that_break_the_contract(cls, message):
 def test_unknown_reducer_suggests_the_closest_name():
     registry = ReducerRegistry()
     registry.add(Good)
-    with pytest.raises(UnknownReducerError, match=r"unknown reducer 'godo'; did you mean 'good'\? Installed reducers: good"):
+    with pytest.raises(
+        UnknownReducerError, match=r"unknown reducer 'godo'; did you mean 'good'\? Installed reducers: good"
+    ):
         registry.get("godo")
 
 

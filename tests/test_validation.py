@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from plugin_sources import reducer_plugin_source
 
 from tokenprune import Capabilities, Merge, ReducerOutputError, Selection
 from tokenprune.plugins import get_plugin_manager
 from tokenprune.testing import make_reduce_inputs
 from tokenprune.validation import check_reduction
-
-from plugin_sources import reducer_plugin_source
 
 FIXED = Capabilities()
 MERGING = Capabilities(merges=True)
@@ -37,7 +36,7 @@ def _valid_rows(ctx):
 
 
 def test_a_valid_selection_passes():
-    tokens, ctx = _inputs()
+    _tokens, ctx = _inputs()
     rows = _valid_rows(ctx)
     assert _check(Selection.from_lists(rows)).tolist() == rows
 
@@ -45,16 +44,40 @@ def test_a_valid_selection_passes():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda ctx, rows: Selection.from_lists([rows[0], rows[1], [*rows[2][:-1], 25]]), r"sample 2: index 25 is outside \[0, 20\)"),
-        (lambda ctx, rows: Selection(torch.tensor([[3, 1, 4]] * 3), torch.tensor([3, 3, 3])), r"sample 0: indices are not sorted \(\[3, 1, 4\]\)"),
+        (
+            lambda ctx, rows: Selection.from_lists([rows[0], rows[1], [*rows[2][:-1], 25]]),
+            r"sample 2: index 25 is outside \[0, 20\)",
+        ),
+        (
+            lambda ctx, rows: Selection(torch.tensor([[3, 1, 4]] * 3), torch.tensor([3, 3, 3])),
+            r"sample 0: indices are not sorted \(\[3, 1, 4\]\)",
+        ),
         (lambda ctx, rows: Selection(torch.tensor([[1, 1, 4]] * 3), torch.tensor([3, 3, 3])), "indices are not unique"),
-        (lambda ctx, rows: Selection(torch.tensor([[0, 1, 4]] * 3), torch.tensor([3, 3, 2])), r"entries after counts\[2\] = 2 must be -1"),
-        (lambda ctx, rows: Selection.from_lists([list(range(15)), rows[1], rows[2]]), "sample 0 keeps 15 tokens, over its budget of 7"),
+        (
+            lambda ctx, rows: Selection(torch.tensor([[0, 1, 4]] * 3), torch.tensor([3, 3, 2])),
+            r"entries after counts\[2\] = 2 must be -1",
+        ),
+        (
+            lambda ctx, rows: Selection.from_lists([list(range(15)), rows[1], rows[2]]),
+            "sample 0 keeps 15 tokens, over its budget of 7",
+        ),
         (lambda ctx, rows: Selection.from_lists([rows[0][1:], rows[1], rows[2]]), "under its budget of 7"),
-        (lambda ctx, rows: Selection.from_lists([[0, 1, 2, 3, 5, 6, 7], rows[1], rows[2]]), "sample 0: protected token 4 was dropped"),
-        (lambda ctx, rows: Selection(torch.tensor(rows[0])[None].expand(3, -1).int(), torch.tensor([7, 7, 7])), "indices has dtype torch.int32, expected torch.long"),
-        (lambda ctx, rows: Selection.from_lists(rows).indices, "returned Tensor; reduce\\(\\) must return a tokenprune.Selection or tokenprune.Merge"),
-        (lambda ctx, rows: Selection(torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 3])), r"counts has shape \(2,\), expected \(3,\)"),
+        (
+            lambda ctx, rows: Selection.from_lists([[0, 1, 2, 3, 5, 6, 7], rows[1], rows[2]]),
+            "sample 0: protected token 4 was dropped",
+        ),
+        (
+            lambda ctx, rows: Selection(torch.tensor(rows[0])[None].expand(3, -1).int(), torch.tensor([7, 7, 7])),
+            "indices has dtype torch.int32, expected torch.long",
+        ),
+        (
+            lambda ctx, rows: Selection.from_lists(rows).indices,
+            "returned Tensor; reduce\\(\\) must return a tokenprune.Selection or tokenprune.Merge",
+        ),
+        (
+            lambda ctx, rows: Selection(torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 3])),
+            r"counts has shape \(2,\), expected \(3,\)",
+        ),
     ],
 )
 def test_defects_are_named(make, message):
@@ -66,7 +89,7 @@ def test_defects_are_named(make, message):
 
 
 def test_adaptive_reducers_may_keep_fewer_but_never_more():
-    tokens, ctx = _inputs()
+    _tokens, ctx = _inputs()
     rows = _valid_rows(ctx)
     fewer = Selection.from_lists([[i for i in rows[0] if ctx.protected[0, i]], rows[1], rows[2]])
     assert _check(fewer, ADAPTIVE).counts[0] < ctx.budget[0]
@@ -81,13 +104,13 @@ def _merge_all_into_first_unprotected(ctx, *, budget_ok=True):
     for s in range(b):
         free = [i for i in range(int(ctx.num_valid[s])) if not ctx.protected[s, i]]
         roots = free[: int(ctx.budget[s]) - int(ctx.protected[s].sum())]
-        for i in free[len(roots):]:
+        for i in free[len(roots) :]:
             dest[s, i] = roots[-1]
     return dest
 
 
 def test_a_valid_merge_passes_and_a_merge_needs_the_capability():
-    tokens, ctx = _inputs()
+    _tokens, ctx = _inputs()
     merge = Merge(_merge_all_into_first_unprotected(ctx))
     assert _check(merge, MERGING).counts.tolist() == ctx.budget.tolist()
     with pytest.raises(ReducerOutputError, match=r"does not declare Capabilities\(merges=True\)"):
@@ -101,7 +124,10 @@ def test_a_valid_merge_passes_and_a_merge_needs_the_capability():
         (lambda d: d.__setitem__((1, 0), 10), "sample 1: token 0 is merged into padding position 10"),
         (lambda d: d.__setitem__((0, 4), 0), "sample 0: protected token 4 was merged away"),
         (lambda d: d.__setitem__((0, 3), 4), "other tokens were merged into protected token 4"),
-        (lambda d: (d.__setitem__((0, 0), 1), d.__setitem__((0, 1), 2)), "token 0 is merged into token 1, which is itself merged"),
+        (
+            lambda d: (d.__setitem__((0, 0), 1), d.__setitem__((0, 1), 2)),
+            "token 0 is merged into token 1, which is itself merged",
+        ),
     ],
 )
 def test_merge_defects_are_named(edit, message):
@@ -109,11 +135,19 @@ def test_merge_defects_are_named(edit, message):
     dest = torch.arange(ctx.valid.shape[1]).expand(ctx.batch_size, -1).clone()
     edit(dest)
     with pytest.raises(ReducerOutputError, match=message):
-        check_reduction(Merge(dest), tokens, ctx, who="reducer 'x'", capabilities=Capabilities(merges=True, deterministic_count=False))
+        check_reduction(
+            Merge(dest),
+            tokens,
+            ctx,
+            who="reducer 'x'",
+            capabilities=Capabilities(merges=True, deterministic_count=False),
+        )
 
 
 def test_a_plugin_returning_an_invalid_selection_is_named_with_its_distribution(fake_distribution):
-    source = reducer_plugin_source("unsorted", cls="Unsorted") + '''
+    source = (
+        reducer_plugin_source("unsorted", cls="Unsorted")
+        + """
 from tokenprune import Selection
 
 def _reduce(self, tokens, ctx):
@@ -121,13 +155,16 @@ def _reduce(self, tokens, ctx):
     return Selection(torch.tensor([[2, 0]] * b), torch.full((b,), 2))
 
 Unsorted.reduce = _reduce
-'''
+"""
+    )
     fake_distribution("acme-pruners", "acme_unsorted", source, entry_point="acme", version="2.3")
     registry = get_plugin_manager().reducers
     cls = registry.get("unsorted")
     tokens, ctx = make_reduce_inputs(keep=2, newlines=False)
     with pytest.raises(ReducerOutputError) as info:
-        check_reduction(cls().reduce(tokens, ctx), tokens, ctx, who=registry.describe("unsorted"), capabilities=cls.capabilities)
+        check_reduction(
+            cls().reduce(tokens, ctx), tokens, ctx, who=registry.describe("unsorted"), capabilities=cls.capabilities
+        )
     assert str(info.value) == (
         "reducer 'unsorted' (plugin 'acme', distribution acme-pruners 2.3) returned an invalid selection: "
         "sample 0: indices are not sorted ([2, 0]); return them strictly increasing"

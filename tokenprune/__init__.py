@@ -7,6 +7,7 @@
 """
 
 from tokenprune.budget import tokens_to_keep
+from tokenprune.engine import apply
 from tokenprune.errors import (
     PipelineError,
     PluginError,
@@ -55,6 +56,7 @@ __all__ = [
     "UnknownReducerError",
     "UnsupportedModelError",
     "__version__",
+    "apply",
     "get_plugin_manager",
     "hookimpl",
     "list_adapters",

@@ -103,7 +103,9 @@ def plugins(
         table.add_column(column)
     for p in report["plugins"]:
         dist = f"{p['distribution']} {p['version']}" if p["distribution"] else "(registered directly)"
-        table.add_row(p["name"], dist, ", ".join(r["name"] for r in p["reducers"]) or "-", ", ".join(p["adapters"]) or "-")
+        table.add_row(
+            p["name"], dist, ", ".join(r["name"] for r in p["reducers"]) or "-", ", ".join(p["adapters"]) or "-"
+        )
     console.print(table)
     caps = Table(title="reducers")
     for column in ("reducer", "insertion points", "attention", "text", "trainable", "fixed count", "merges", "summary"):

@@ -239,7 +239,9 @@ def _read(source: Any) -> tuple[str, Any, dict[tuple[Any, ...], int]]:
     if isinstance(source, Mapping):
         return "<mapping>", source, {}
     if isinstance(source, os.PathLike) or (
-        isinstance(source, str) and "\n" not in source and (source.endswith((".yaml", ".yml")) or os.path.isfile(source))
+        isinstance(source, str)
+        and "\n" not in source
+        and (source.endswith((".yaml", ".yml")) or os.path.isfile(source))
     ):
         path = Path(source)
         if not path.is_file():
@@ -321,15 +323,15 @@ def _allowed_fields(loc: tuple[Any, ...]) -> str:
     return ", ".join(model.model_fields)
 
 
-def _check_against(
-    pipeline: Pipeline, registry: ReducerRegistry, lines: dict[tuple[Any, ...], int]
-) -> list[Problem]:
+def _check_against(pipeline: Pipeline, registry: ReducerRegistry, lines: dict[tuple[Any, ...], int]) -> list[Problem]:
     problems: list[Problem] = []
     previous: InsertionPoint | None = None
     for i, stage in enumerate(pipeline.stages):
         here = ("stages", i)
 
-        def add(field: str, message: str, path: tuple[Any, ...], stage_index: int = i, name: str = stage.reducer) -> None:
+        def add(
+            field: str, message: str, path: tuple[Any, ...], stage_index: int = i, name: str = stage.reducer
+        ) -> None:
             problems.append(Problem(field, message, stage_index, name, _line_for(path, lines)))
 
         point = stage.point
@@ -383,4 +385,6 @@ def _format(problems: list[Problem], label: str) -> str:
 
 
 def _yaml_kind(data: Any) -> str:
-    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data), type(data).__name__)
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+        type(data), type(data).__name__
+    )

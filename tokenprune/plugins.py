@@ -201,7 +201,9 @@ class AdapterRegistry(_Registry[type[ModelAdapter]]):
             raise PluginError(f"{who} registered {adapter!r}, which is not a tokenprune.adapters.ModelAdapter")
         types = getattr(adapter, "model_types", ())
         if isinstance(types, str) or not types or not all(isinstance(t, str) and t for t in types):
-            raise PluginError(f"{who}: {_qualname(adapter)}.model_types must be a non-empty tuple of model_type strings")
+            raise PluginError(
+                f"{who}: {_qualname(adapter)}.model_types must be a non-empty tuple of model_type strings"
+            )
         for model_type in types:
             self._put(model_type, adapter, "adapter for model_type", exist_ok)
 
@@ -232,7 +234,9 @@ class PluginManager:
     plugins' hooks, each entry remembering which plugin added it.
     """
 
-    def __init__(self, pm: pluggy.PluginManager, infos: dict[str, PluginInfo], failures: list[PluginLoadFailure]):
+    def __init__(
+        self, pm: pluggy.PluginManager, infos: dict[str, PluginInfo], failures: list[PluginLoadFailure]
+    ) -> None:
         self.pluggy = pm
         self._infos = infos
         self.failures = failures
@@ -277,7 +281,9 @@ class PluginManager:
         everyone = self.pluggy.get_plugins()
         # Call each plugin's implementation on its own, so every entry knows its origin.
         for impl in reversed(hook.get_hookimpls()):  # pluggy lists them last-registered first
-            caller = self.pluggy.subset_hook_caller(hook_name, remove_plugins=[p for p in everyone if p is not impl.plugin])
+            caller = self.pluggy.subset_hook_caller(
+                hook_name, remove_plugins=[p for p in everyone if p is not impl.plugin]
+            )
             with registry._registering_for(self._infos.get(impl.plugin_name)):
                 caller(registry=registry)
 

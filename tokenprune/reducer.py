@@ -226,7 +226,7 @@ class Selection:
 
     def tolist(self) -> list[list[int]]:
         """Kept indices per sample as plain lists."""
-        return [row[: int(c)].tolist() for row, c in zip(self.indices, self.counts)]
+        return [row[: int(c)].tolist() for row, c in zip(self.indices, self.counts, strict=True)]
 
 
 @dataclass(frozen=True)

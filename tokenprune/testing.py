@@ -85,7 +85,7 @@ def make_reduce_inputs(
     valid = torch.zeros(b, n, dtype=torch.bool)
     fields = {name: torch.full((b, n), -1, dtype=torch.long) for name in ("image", "view", "row", "col")}
     newline = torch.zeros(b, n, dtype=torch.bool)
-    for i, (lay, count) in enumerate(zip(layouts, counts)):
+    for i, (lay, count) in enumerate(zip(layouts, counts, strict=True)):
         tokens[i, :count] = torch.randn(count, dim, generator=gen)
         valid[i, :count] = True
         for name, t in fields.items():
@@ -145,7 +145,9 @@ def check_params_reject_unknown(reducer_cls: type[TokenReducer]) -> None:
         reducer_cls({"__not_a_parameter__": 1})
     except ValidationError:
         return
-    raise ReducerContractError(f"{reducer_cls.name}: Params accepted an unknown field; subclass tokenprune.ReducerParams")
+    raise ReducerContractError(
+        f"{reducer_cls.name}: Params accepted an unknown field; subclass tokenprune.ReducerParams"
+    )
 
 
 def check_valid_result(reducer: TokenReducer, **kwargs: Any) -> Selection:
@@ -239,9 +241,7 @@ def _inputs_for(reducer: TokenReducer, **kwargs: Any) -> tuple[Tensor, ReduceCon
 
 def _validate(reducer: TokenReducer, result: object, tokens: Tensor, ctx: ReduceContext) -> Selection:
     try:
-        return check_reduction(
-            result, tokens, ctx, who=f"reducer {reducer.name!r}", capabilities=reducer.capabilities
-        )
+        return check_reduction(result, tokens, ctx, who=f"reducer {reducer.name!r}", capabilities=reducer.capabilities)
     except Exception as exc:
         raise ReducerContractError(str(exc)) from exc
 

@@ -68,9 +68,7 @@ def check_reduction(
         if bool(protected_moved.any()):
             s, i = (int(v) for v in protected_moved.nonzero()[0])
             raise fail(f"sample {s}: protected token {i} was merged away")
-        arrivals = torch.zeros(b, n, dtype=torch.long, device=device).scatter_add_(
-            1, valid_dest, ctx.valid.long()
-        )
+        arrivals = torch.zeros(b, n, dtype=torch.long, device=device).scatter_add_(1, valid_dest, ctx.valid.long())
         into_protected = ctx.protected & ctx.valid & (arrivals > 1)
         if bool(into_protected.any()):
             s, i = (int(v) for v in into_protected.nonzero()[0])

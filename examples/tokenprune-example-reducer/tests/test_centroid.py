@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tokenprune_example_reducer import CentroidDistance
 
 from tokenprune import ReducerInputError
 from tokenprune.testing import check_reducer
-from tokenprune_example_reducer import CentroidDistance
 
 
 @pytest.mark.parametrize("params", [{}, {"metric": "l2"}, {"largest": False}])
