@@ -1,0 +1,168 @@
+"""Measured FLOP counts: torch's ``FlopCounterMode`` and fvcore, each fixed where it is known to miss.
+
+* ``torch.utils.flop_counter`` has no formula for the CPU sdpa kernel
+  (``aten._scaled_dot_product_flash_attention_for_cpu``) and counts it as 0; we pass one.
+* fvcore (``FlopCountAnalysis``, built on ``torch.jit.trace``) silently skips
+  ``aten::scaled_dot_product_attention``; we register a handle. It cannot trace the full LLaVA-NeXT
+  forward (``unpad_image`` calls ``round()`` on a traced shape), so we count the language model on
+  its ``inputs_embeds``, and report what fvcore left uncounted. Its warnings are captured.
+
+torch counts FLOPs; fvcore counts MACs (FLOPs = 2 x MACs).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class TorchCount:
+    """FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    Attributes:
+        flops: Total FLOPs.
+        by_module: FLOPs per module path (``"Model.model.vision_tower"``, ...), nested paths included.
+    """
+
+    flops: int
+    by_module: dict[str, int]
+
+    def module_flops(self, suffix: str) -> int:
+        """FLOPs of the first module whose path ends with ``suffix`` (0 if none ran)."""
+        for path, value in self.by_module.items():
+            if path.endswith(suffix):
+                return value
+        return 0
+
+
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def torch_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[TorchCount, Any]:
+    """Run ``fn(*args, **kwargs)`` under ``FlopCounterMode`` (in inference mode); return the count and the output."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        out = fn(*args, **kwargs)
+    by_module = {path: int(sum(ops.values())) for path, ops in counter.get_flop_counts().items() if path != "Global"}
+    return TorchCount(int(counter.get_total_flops()), by_module), out
+
+
+@dataclass(frozen=True)
+class FvcoreCount:
+    """MACs counted by fvcore's ``FlopCountAnalysis``.
+
+    Attributes:
+        macs: Total MACs of the ops fvcore counted (sdpa included through our handle).
+        by_module: MACs per module path.
+        uncounted_ops: Ops fvcore saw but has no formula for, with how often they ran (element-wise
+            ops, norms, softmax; none of them matrix products, so none missing from the total).
+        warnings: What tracing and fvcore printed, captured.
+    """
+
+    macs: int
+    by_module: dict[str, int]
+    uncounted_ops: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    b, h, lq, d = q
+    lk, dv = k[-2], v[-1]
+    return b * h * lq * lk * (d + dv)
+
+
+class _LanguageModelOnEmbeds(nn.Module):
+    """The decoder and LM head of a model, fed ``inputs_embeds`` (what fvcore can trace)."""
+
+    def __init__(self, model: nn.Module, logits_positions: int | None) -> None:
+        super().__init__()
+        self.decoder = model.get_decoder()
+        self.lm_head = model.lm_head
+        self.logits_positions = logits_positions
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        hidden = self.decoder(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        if self.logits_positions is not None:
+            hidden = hidden[:, -self.logits_positions :]
+        return self.lm_head(hidden)
+
+
+def fvcore_macs(
+    model: nn.Module,
+    inputs_embeds: Tensor,
+    *,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    logits_positions: int | None = None,
+) -> FvcoreCount:
+    """Count the language model of ``model`` (its decoder plus LM head) on ``inputs_embeds`` with fvcore.
+
+    Args:
+        model: A transformers causal LM or VLM (``get_decoder()`` and ``lm_head``). Hooks installed on
+            its decoder layers (a tokenprune pipeline) are traced with it.
+        inputs_embeds: ``(B, L, D)`` as the decoder receives them.
+        attention_mask: ``(B, L)`` 2-D mask.
+        position_ids: As the decoder receives them (``(B, L)``, or ``(3|4, B, L)`` for M-RoPE).
+        logits_positions: Last positions whose logits are computed (None: all).
+    """
+    wrapper = _LanguageModelOnEmbeds(model, logits_positions).eval()
+    captured: list[str] = []
+    handler = _ListHandler(captured)
+    fv_logger = logging.getLogger("fvcore")
+    fv_logger.addHandler(handler)
+    previous, fv_logger.propagate = fv_logger.propagate, False
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            from fvcore.nn import FlopCountAnalysis  # imported here: fvcore's import warns too
+
+            analysis = FlopCountAnalysis(wrapper, (inputs_embeds, attention_mask, position_ids))
+            analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            total = int(analysis.total())
+            by_module = {name: int(v) for name, v in analysis.by_module().items()}
+            uncounted = dict(Counter(analysis.unsupported_ops()))
+    finally:
+        fv_logger.removeHandler(handler)
+        fv_logger.propagate = previous
+    captured.extend(str(w.message).splitlines()[0] for w in caught)
+    return FvcoreCount(total, by_module, uncounted, _dedupe(captured))
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage().splitlines()[0])
+
+
+def _dedupe(messages: list[str]) -> list[str]:
+    return list(dict.fromkeys(messages))
+
+
+def flops_to_macs(flops: int) -> int:
+    """MACs from FLOPs (exact: every counted op is a multiply-accumulate)."""
+    return flops // 2
+
+
+__all__: list[str] = ["FvcoreCount", "TorchCount", "flops_to_macs", "fvcore_macs", "torch_flops"]

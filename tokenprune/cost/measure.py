@@ -1,0 +1,115 @@
+"""Latency, peak memory and KV-cache size of a model call.
+
+Latency: warm-up calls, then repeats; median and spread. On a GPU the time comes from CUDA events
+around each call (synchronised), on the CPU from ``time.perf_counter``. Peak memory: on a GPU,
+``torch.cuda.max_memory_allocated`` above the memory held before the call; on Linux CPUs, the peak
+resident set size above the size before the call, with the peak counter reset first through
+``/proc/self/clear_refs`` (elsewhere: not measured, ``None``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call over the measured repeats."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range (max - min below four samples)."""
+        if len(self.samples) < 4:
+            return max(self.samples) - min(self.samples)
+        q = statistics.quantiles(self.samples, n=4)
+        return q[2] - q[0]
+
+
+def time_call(
+    fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, device: torch.device | str | None = None
+) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    cuda = device is not None and torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            samples.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return Timing(tuple(samples))
+
+
+def peak_memory_bytes(fn: Callable[[], Any], *, device: torch.device | str | None = None) -> tuple[int | None, Any]:
+    """Peak memory that ``fn()`` added above what was held before it; returns ``(bytes or None, output)``."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, out
+    if not (_STATUS.exists() and _CLEAR_REFS.exists()):
+        return None, fn()
+    try:
+        _CLEAR_REFS.write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
+    except OSError:
+        return None, fn()
+    before = _status_kib("VmRSS")
+    out = fn()
+    return max(0, _status_kib("VmHWM") - before) * 1024, out
+
+
+def _status_kib(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in {_STATUS}")
+
+
+def kv_cache_bytes(cache: Any) -> list[int]:
+    """Bytes held by each layer's keys and values in a transformers cache (``DynamicCache`` and kin)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(cache).__name__} is not a transformers cache with .layers")
+    sizes = []
+    for layer in layers:
+        total = 0
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        sizes.append(total)
+    return sizes
+
+
+def kv_cache_tokens(cache: Any) -> list[int]:
+    """Sequence length held by each layer's keys (the tokens that layer cached)."""
+    return [int(layer.keys.shape[-2]) if isinstance(getattr(layer, "keys", None), torch.Tensor) else 0 for layer in cache.layers]
