@@ -337,6 +337,17 @@ class TokenReducer(ABC):
         """Attention-probe sources this instance reads; defaults to ``capabilities.attention``."""
         return self.capabilities.attention
 
+    def overhead_macs(self, num_tokens: int, dim: int) -> int:
+        """Multiply-accumulates the reducer itself spends on one sample of ``num_tokens`` tokens of size ``dim``.
+
+        The analytic FLOP count adds it to the model's own, so a method's overhead is never hidden.
+        The default, 0, suits reducers whose work is negligible next to a decoder layer (norms,
+        sorting, random draws); graph and matching methods override it, e.g. G-Prune's similarity
+        graph and propagation cost ``N^2 d + t N^2``. The attention probe is counted by the engine,
+        not here.
+        """
+        return 0
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
         return f"{type(self).__name__}({args})"

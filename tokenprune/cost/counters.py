@@ -78,7 +78,7 @@ class FvcoreCount:
     warnings: list[str] = field(default_factory=list)
 
 
-def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
+def fvcore_sdpa_handle(inputs: list[Any], outputs: list[Any]) -> int:
     from fvcore.nn.jit_handles import get_shape
 
     q, k, v = (get_shape(x) for x in inputs[:3])
@@ -135,7 +135,7 @@ def fvcore_macs(
             from fvcore.nn import FlopCountAnalysis  # imported here: fvcore's import warns too
 
             analysis = FlopCountAnalysis(wrapper, (inputs_embeds, attention_mask, position_ids))
-            analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+            analysis.set_op_handle("aten::scaled_dot_product_attention", fvcore_sdpa_handle)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             total = int(analysis.total())
             by_module = {name: int(v) for name, v in analysis.by_module().items()}

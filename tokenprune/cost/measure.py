@@ -112,4 +112,7 @@ def kv_cache_bytes(cache: Any) -> list[int]:
 
 def kv_cache_tokens(cache: Any) -> list[int]:
     """Sequence length held by each layer's keys (the tokens that layer cached)."""
-    return [int(layer.keys.shape[-2]) if isinstance(getattr(layer, "keys", None), torch.Tensor) else 0 for layer in cache.layers]
+    return [
+        int(layer.keys.shape[-2]) if isinstance(getattr(layer, "keys", None), torch.Tensor) else 0
+        for layer in cache.layers
+    ]

@@ -1,0 +1,291 @@
+"""FLOPs of one prefill of a model, with or without a pipeline, counted three ways side by side.
+
+* **analytic**: :func:`~tokenprune.cost.analytic.language_model_macs` on the tokens each decoder
+  layer saw (recorded by the engine), plus each reducer's declared overhead
+  (:meth:`~tokenprune.TokenReducer.overhead_macs`) and the attention probe's ``QK^T`` rows;
+* **torch**: ``FlopCounterMode`` around the real forward (CPU sdpa formula supplied), by module;
+* **fvcore**: each decoder layer, and the LM head, traced on the exact inputs it received in the
+  real forward. Tracing layer by layer is what makes fvcore usable at all here: it cannot trace the
+  full LLaVA-NeXT forward, and a whole-LM trace would not see the engine's per-layer pruning.
+
+The vision tower and projector run identically with or without a pipeline; torch counts them (the
+``vision`` row), and neither analytic nor fvcore recount them.
+
+All numbers are MACs (multiply-accumulates); FLOPs are twice as many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tokenprune.cost.analytic import DecoderShape, attention_probe_macs, language_model_macs
+from tokenprune.cost.counters import flops_to_macs, fvcore_sdpa_handle, torch_flops
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One decoder layer: tokens it processed (per sample) and its MACs by each counter."""
+
+    index: int
+    tokens: tuple[int, ...]
+    analytic: int
+    torch: int
+    fvcore: int | None
+
+
+@dataclass
+class FlopsReport:
+    """A prefill's MACs, by part and by counter.
+
+    Attributes:
+        layers: One row per decoder layer.
+        lm_head: ``(analytic, torch, fvcore)`` MACs of the LM head.
+        vision: MACs of the vision tower and projector (torch's count).
+        reducers: ``(stage, reducer, analytic MACs)`` declared by each reducer.
+        probe: Analytic MACs of the attention probe (``QK^T`` rows the reducers asked for).
+        fvcore_notes: What fvcore could not count, and its captured warnings.
+        batch: Samples in the batch (the counts cover the whole padded batch).
+    """
+
+    layers: list[LayerRow]
+    lm_head: tuple[int, int, int | None]
+    vision: int
+    reducers: list[tuple[int, str, int]] = field(default_factory=list)
+    probe: int = 0
+    fvcore_notes: list[str] = field(default_factory=list)
+    batch: int = 1
+
+    @property
+    def language_model(self) -> dict[str, int | None]:
+        """Decoder layers + LM head per counter (the model's own work, without overheads)."""
+        fv = [r.fvcore for r in self.layers] + [self.lm_head[2]]
+        return {
+            "analytic": sum(r.analytic for r in self.layers) + self.lm_head[0],
+            "torch": sum(r.torch for r in self.layers) + self.lm_head[1],
+            "fvcore": None if any(v is None for v in fv) else sum(v for v in fv if v is not None),
+        }
+
+    @property
+    def overhead(self) -> int:
+        """Reducers' and probe's MACs (analytic)."""
+        return sum(m for _, _, m in self.reducers) + self.probe
+
+    @property
+    def total(self) -> int:
+        """Analytic total: vision + language model + overheads."""
+        lm = self.language_model["analytic"]
+        return self.vision + int(lm or 0) + self.overhead
+
+    def reduction(self, baseline: FlopsReport) -> float:
+        """Fraction of the baseline's total MACs saved (0.75 = 75% fewer)."""
+        return 1.0 - self.total / baseline.total
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "unit": "MACs (FLOPs = 2 x MACs)",
+            "batch": self.batch,
+            "vision": self.vision,
+            "layers": [r.__dict__ for r in self.layers],
+            "lm_head": dict(zip(("analytic", "torch", "fvcore"), self.lm_head, strict=True)),
+            "language_model": self.language_model,
+            "reducers": [{"stage": s, "reducer": n, "macs": m} for s, n, m in self.reducers],
+            "probe": self.probe,
+            "total": self.total,
+            "fvcore_notes": self.fvcore_notes,
+        }
+
+
+def count_flops(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    pipeline: Any = None,
+    *,
+    use_fvcore: bool = True,
+    plugins: Any = None,
+) -> FlopsReport:
+    """Count one prefill ``model(**inputs)``, under ``pipeline`` if given (applied, then removed).
+
+    Args:
+        model: A supported transformers VLM.
+        inputs: Processor outputs for a batch.
+        pipeline: Anything :func:`tokenprune.apply` takes, or None for the unpruned model.
+        use_fvcore: Also count with fvcore (slower: one trace per layer).
+        plugins: Plugin manager for :func:`tokenprune.apply`.
+    """
+    from tokenprune.engine import apply
+
+    shape = DecoderShape.from_model(model)
+    decoder = model.get_decoder()
+    with contextlib.ExitStack() as stack:
+        run = stack.enter_context(apply(model, pipeline, plugins=plugins)) if pipeline is not None else None
+        recorder = stack.enter_context(_record_layer_inputs(decoder, model.lm_head))
+        count, _ = torch_flops(model, **inputs, use_cache=False)
+        fvcore_layers, fvcore_head, notes = (
+            _fvcore_replay(decoder, model.lm_head, recorder) if use_fvcore else (None, None, [])
+        )
+        prefill = run.stats.last_prefill if run is not None else None
+        reducers = [] if run is None else _reducer_overheads(run, shape)
+        probe = 0 if run is None else _probe_macs(run, shape)
+    widths = [rec["hidden"].shape[1] for rec in recorder.layers]
+    batch = recorder.layers[0]["hidden"].shape[0]
+    per_sample = prefill.layer_tokens if prefill is not None else [[w] * batch for w in widths]
+    head_positions = recorder.head_input.shape[1]
+    analytic = language_model_macs(shape, widths, logits_positions=head_positions, batch=batch)
+    names = {id(m): n for n, m in model.named_modules()}
+    decoder_path, head_path = "." + names[id(decoder)], "." + names[id(model.lm_head)]
+    torch_layers = [flops_to_macs(count.module_flops(f"{decoder_path}.layers.{i}")) for i in range(shape.num_layers)]
+    rows = [
+        LayerRow(
+            i,
+            tuple(per_sample[i]),
+            analytic.layers[i],
+            torch_layers[i],
+            None if fvcore_layers is None else fvcore_layers[i],
+        )
+        for i in range(shape.num_layers)
+    ]
+    torch_head = flops_to_macs(count.module_flops(head_path))
+    lm_torch = flops_to_macs(count.module_flops(decoder_path)) + torch_head
+    vision = flops_to_macs(count.flops) - lm_torch
+    return FlopsReport(rows, (analytic.lm_head, torch_head, fvcore_head), vision, reducers, probe, notes, batch)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.layers: list[dict[str, Any]] = []
+        self.head_input: Tensor = torch.empty(0)
+
+
+@contextlib.contextmanager
+def _record_layer_inputs(decoder: nn.Module, lm_head: nn.Module) -> Iterator[_Recorder]:
+    """Record what every decoder layer and the LM head received, after any pipeline hooks ran."""
+    recorder = _Recorder()
+    handles = []
+
+    def layer_hook(index: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            while len(recorder.layers) <= index:
+                recorder.layers.append({})
+            recorder.layers[index] = {"module": module, "hidden": hidden, "kwargs": dict(kwargs), "args": args[1:]}
+
+        return hook
+
+    def head_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        recorder.head_input = args[0]
+
+    for i, layer in enumerate(decoder.layers):
+        handles.append(layer.register_forward_pre_hook(layer_hook(i), with_kwargs=True))
+    handles.append(lm_head.register_forward_pre_hook(head_hook))
+    try:
+        yield recorder
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Replay(nn.Module):
+    """Calls ``layer.forward`` (bypassing its hooks: the inputs were recorded after them)."""
+
+    def __init__(self, layer: nn.Module, kwargs: dict[str, Any], tensor_keys: list[str]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.constants = {k: v for k, v in kwargs.items() if k not in tensor_keys}
+        self.tensor_keys = tensor_keys
+
+    def forward(self, hidden: Tensor, *tensors: Tensor) -> Tensor:
+        kwargs = dict(self.constants)
+        flat = list(tensors)
+        for key in self.tensor_keys:
+            if key == "position_embeddings":
+                kwargs[key] = (flat.pop(0), flat.pop(0))
+            else:
+                kwargs[key] = flat.pop(0)
+        out = self.layer.forward(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _fvcore_replay(
+    decoder: nn.Module, lm_head: nn.Module, recorder: _Recorder
+) -> tuple[list[int] | None, int | None, list[str]]:
+    import logging
+    import warnings
+
+    notes: list[str] = []
+    results: list[int] = []
+    fv_logger = logging.getLogger("fvcore")
+    previous = fv_logger.level
+    fv_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            from fvcore.nn import FlopCountAnalysis  # imported here: fvcore's import warns too
+
+            uncounted: set[str] = set()
+            for rec in recorder.layers:
+                kwargs = {k: v for k, v in rec["kwargs"].items() if k not in ("past_key_values", "use_cache")}
+                kwargs["use_cache"] = False
+                keys, flat = [], []
+                for k, v in kwargs.items():
+                    if isinstance(v, Tensor):
+                        keys.append(k)
+                        flat.append(v)
+                    elif k == "position_embeddings" and isinstance(v, tuple):
+                        keys.append(k)
+                        flat.extend(v)
+                analysis = FlopCountAnalysis(_Replay(rec["module"], kwargs, keys), (rec["hidden"], *flat))
+                analysis.set_op_handle("aten::scaled_dot_product_attention", fvcore_sdpa_handle)
+                analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+                results.append(int(analysis.total()))
+                uncounted |= set(analysis.unsupported_ops())
+            head = FlopCountAnalysis(lm_head, (recorder.head_input,))
+            head.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            head_macs = int(head.total())
+    except Exception as exc:  # fvcore is best effort: say what failed, keep the other counters
+        fv_logger.setLevel(previous)
+        return None, None, [f"fvcore could not trace a decoder layer: {type(exc).__name__}: {exc}"]
+    fv_logger.setLevel(previous)
+    notes.append(
+        "fvcore traced each decoder layer and the LM head on the inputs they received; "
+        "it counts no element-wise op (" + ", ".join(sorted(uncounted)) + "), as the other counters do not"
+    )
+    notes.extend(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
+    return results, head_macs, notes
+
+
+def _reducer_overheads(run: Any, shape: DecoderShape) -> list[tuple[int, str, int]]:
+    prefill = run.stats.last_prefill
+    if prefill is None:
+        return []
+    out = []
+    reducers = [e.reducer for e in run._entries]
+    for s in prefill.stages:
+        reducer = reducers[s.stage]
+        out.append((s.stage, s.reducer, sum(reducer.overhead_macs(n, shape.hidden) for n in s.entering)))
+    return out
+
+
+def _probe_macs(run: Any, shape: DecoderShape) -> int:
+    """QK^T MACs of the probe rows: 1 row for 'last', text/visual/all rows otherwise, per sample."""
+    prefill = run.stats.last_prefill
+    if prefill is None:
+        return 0
+    total = 0
+    reducers = [e.reducer for e in run._entries]
+    by_index = {s.stage: s for s in prefill.stages}
+    probed: dict[int, set[str]] = {}
+    for i, stage in enumerate(run.pipeline.stages):
+        if stage.point.kind == "layer" and i in by_index:
+            probed.setdefault(int(stage.point.layer) - 1, set()).update(reducers[i].attention_sources())
+    for layer, sources in probed.items():
+        for b, keys in enumerate(prefill.layer_tokens[layer]):
+            visual = next(s.entering[b] for s in prefill.stages if s.at == f"layer {layer + 1}")
+            rows = {"last": 1, "text": keys - visual, "visual": visual, "all": keys}
+            total += sum(attention_probe_macs(shape.q_dims[layer], rows[src], keys) for src in sources)
+    return total
