@@ -11,4 +11,4 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/pip install --quiet -e ".[dev]" -e examples/tokenprune-example-reducer
+.venv/bin/pip install --quiet -e ".[dev]" -e examples/tokenprune-example-reducer -e examples/tokenprune-example-task

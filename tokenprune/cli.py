@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -159,6 +160,67 @@ def schema(
         tmp = output.with_name(output.name + ".tmp")
         tmp.write_text(text + "\n", encoding="utf-8")
         tmp.replace(output)
+
+
+@app.command()
+def compare(
+    config: Annotated[
+        Path | None, typer.Argument(help="Comparison config (YAML). Default: the bundled mini VLM on SynthVQA.")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run folder (overrides the config's).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; print only the summary.")] = False,
+) -> None:
+    """Compare pipelines on tasks: accuracy and fidelity against FLOPs, latency, memory, KV cache.
+
+    Results are appended to OUTPUT/results.jsonl as they come, so an interrupted run resumes where it
+    stopped; OUTPUT also gets summary.csv, summary.json, report.md and pareto.png. Under torchrun or
+    accelerate launch, the examples are sharded over the processes.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tokenprune.bench.config import load_config
+    from tokenprune.bench.runner import compare as run_compare
+
+    try:
+        cfg = load_config(config)
+        if output is not None:
+            cfg = cfg.model_copy(update={"output": output})
+        manager = _manager()
+        if quiet or int(os.environ.get("RANK", "0")) != 0:
+            outcome = run_compare(cfg, plugins=manager)
+        else:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            with Progress(*columns, transient=True) as bar:
+                bars: dict[str, Any] = {}
+
+                def progress(description: str, done: int, total: int) -> None:
+                    if description not in bars:
+                        bars[description] = bar.add_task(description, total=total)
+                    bar.update(bars[description], completed=done, total=total)
+
+                outcome = run_compare(cfg, plugins=manager, progress=progress)
+    except (TokenpruneError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    summary = json.loads((outcome.folder / "summary.json").read_text(encoding="utf-8"))
+    table = Table(title=f"tokenprune compare ({outcome.computed} computed, {outcome.reused} reused)")
+    for column in ("rank", "pipeline", "accuracy", "agreement", "GFLOPs", "reduction", "visual tokens", "prefill ms"):
+        table.add_column(column)
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    for row in summary["pipelines"]:
+        table.add_row(
+            str(row["rank"]),
+            row["pipeline"],
+            pct(row["accuracy"]),
+            pct(row["agreement"]),
+            f"{row['gflops']:.4g}",
+            pct(row["flops_reduction"]),
+            f"{row['visual_tokens']:.1f}",
+            f"{row['prefill_ms']:.2f}",
+        )
+    Console(width=max(120, Console().width)).print(table)
+    typer.echo(f"report: {outcome.folder / 'report.md'}")
 
 
 def _fail(message: str) -> None:

@@ -37,6 +37,13 @@ class UnknownReducerError(TokenpruneError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownTaskError(TokenpruneError, KeyError):
+    """No installed plugin provides an evaluation task of that name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class UnsupportedModelError(TokenpruneError):
     """No installed adapter supports the model's ``model_type``."""
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from tokenprune.plugins import AdapterRegistry, ReducerRegistry
+    from tokenprune.plugins import AdapterRegistry, ReducerRegistry, TaskRegistry
 
 PROJECT_NAME = "tokenprune"
 
@@ -54,5 +54,17 @@ def tokenprune_register_adapters(registry: AdapterRegistry) -> None:
 
     :param registry: Call ``registry.add(AdapterClass)``; the adapter is used for every model whose
         ``config.model_type`` is in ``AdapterClass.model_types``. A ``model_type`` already claimed by
+        another plugin is an error that names both distributions.
+    """
+
+
+@hookspec
+def tokenprune_register_tasks(registry: TaskRegistry) -> None:
+    """Register evaluation tasks for ``tokenprune compare`` (:class:`~tokenprune.bench.tasks.Task` classes).
+
+    Called once per plugin manager, when its task registry is first built.
+
+    :param registry: Call ``registry.add(TaskClass)``; the task is then usable in a comparison
+        config as ``tasks: [{name: <TaskClass.name>, ...params}]``. A name already registered by
         another plugin is an error that names both distributions.
     """

@@ -23,7 +23,13 @@ from pydantic import BaseModel
 
 from tokenprune import hookspecs
 from tokenprune.adapters.base import ModelAdapter
-from tokenprune.errors import PluginError, PluginLoadWarning, UnknownReducerError, UnsupportedModelError
+from tokenprune.errors import (
+    PluginError,
+    PluginLoadWarning,
+    UnknownReducerError,
+    UnknownTaskError,
+    UnsupportedModelError,
+)
 from tokenprune.reducer import Capabilities, TokenReducer
 
 ENTRY_POINT_GROUP = "tokenprune"
@@ -227,6 +233,41 @@ class AdapterRegistry(_Registry[type[ModelAdapter]]):
         return [k for k in self if (o := self._entries[k].origin) is not None and o.name == plugin_name]
 
 
+class TaskRegistry(_Registry[type]):
+    """Evaluation task classes by name. Filled by the ``tokenprune_register_tasks`` hook."""
+
+    def add(self, task: type, *, exist_ok: bool = False) -> None:
+        """Register a :class:`~tokenprune.bench.tasks.Task` class under ``task.name``.
+
+        Raises:
+            PluginError: the class is not a Task, has an invalid name, or the name is taken.
+        """
+        from tokenprune.bench.tasks import Task
+
+        who = _origin(self._current)
+        if not (isinstance(task, type) and issubclass(task, Task)):
+            raise PluginError(f"{who} registered {task!r}, which is not a tokenprune.bench.tasks.Task")
+        name = getattr(task, "name", None)
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise PluginError(f"{who} registered {_qualname(task)} with invalid task name {name!r}")
+        self._put(name, task, "task", exist_ok)
+
+    def get(self, name: str) -> type:
+        """The task class registered as ``name``; unknown names list the installed tasks."""
+        try:
+            return self._entries[name].value
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UnknownTaskError(
+                f"unknown task {name!r}{hint} Installed tasks: {', '.join(self) or 'none'}."
+            ) from None
+
+    def provided_by(self, plugin_name: str) -> list[str]:
+        """Names of the tasks that the plugin ``plugin_name`` registered."""
+        return [k for k in self if (o := self._entries[k].origin) is not None and o.name == plugin_name]
+
+
 class PluginManager:
     """The loaded plugins, with typed access to what they register.
 
@@ -242,6 +283,7 @@ class PluginManager:
         self.failures = failures
         self._reducers: ReducerRegistry | None = None
         self._adapters: AdapterRegistry | None = None
+        self._tasks: TaskRegistry | None = None
 
     def register(self, plugin: object, name: str | None = None) -> str:
         """Register a plugin object directly (tests, notebooks); returns its name."""
@@ -250,7 +292,7 @@ class PluginManager:
             raise PluginError(f"plugin {name or plugin!r} is blocked ({DISABLE_ENV}) or already registered")
         self._infos[registered] = PluginInfo(registered, _module_name(plugin))
         self.pluggy.check_pending()
-        self._reducers = self._adapters = None
+        self._reducers = self._adapters = self._tasks = None
         return registered
 
     @property
@@ -275,6 +317,15 @@ class PluginManager:
             self._collect("tokenprune_register_adapters", registry)
             self._adapters = registry
         return self._adapters
+
+    @property
+    def tasks(self) -> TaskRegistry:
+        """Every registered evaluation task class."""
+        if self._tasks is None:
+            registry = TaskRegistry()
+            self._collect("tokenprune_register_tasks", registry)
+            self._tasks = registry
+        return self._tasks
 
     def _collect(self, hook_name: str, registry: _Registry[Any]) -> None:
         hook = getattr(self.pluggy.hook, hook_name)
@@ -385,6 +436,7 @@ __all__ = [
     "PluginLoadFailure",
     "PluginManager",
     "ReducerRegistry",
+    "TaskRegistry",
     "get_plugin_manager",
     "list_adapters",
     "list_reducers",

@@ -1,0 +1,218 @@
+"""`tokenprune compare` end to end on a tiny (untrained) mini VLM saved to disk and loaded back."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+import tokenprune.bench.runner as runner
+from tokenprune.bench.config import load_config
+from tokenprune.bench.runner import compare
+from tokenprune.bench.store import ResultsStore
+
+PIPELINES = [
+    {"sweep": {"reducers": ["random", "l2norm"], "keep": [0.5, 0.1]}},
+    {
+        "name": "two-stage",
+        "stages": [
+            {"at": "post_projector", "reducer": "random", "keep": 0.5},
+            {"at": {"layer": 1}, "reducer": "random", "keep": 8},
+        ],
+    },
+]
+STABLE = ("pipeline", "n", "accuracy", "vqa_score", "agreement", "gflops", "flops_reduction", "visual_tokens", "kv_mib")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from tokenprune.synth.model import TINY, build_model
+    from tokenprune.synth.processor import build_processor
+
+    path = tmp_path_factory.mktemp("tiny-mini-vlm")
+    build_model(TINY, seed=0).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return path
+
+
+def _config(tiny_model_dir, out, **extra):
+    base = {
+        "model": str(tiny_model_dir),
+        "output": str(out),
+        "batch_size": 4,
+        "tasks": [{"name": "synthvqa", "per_type": 2}],
+        "pipelines": PIPELINES,
+    }
+    return load_config({**base, **extra})
+
+
+def _stable_rows(folder):
+    rows = json.loads((Path(folder) / "summary.json").read_text())["pipelines"]
+    out = {}
+    for r in rows:
+        out[r["pipeline"]] = {k: (round(v, 9) if isinstance(v, float) else v) for k, v in r.items() if k in STABLE}
+    return out
+
+
+def _keys(folder):
+    return [(r["key"], r["task"], r["id"]) for r in ResultsStore(Path(folder)).records()]
+
+
+def test_compare_writes_results_and_reports(tiny_model_dir, tmp_path):
+    outcome = compare(_config(tiny_model_dir, tmp_path / "run"))
+    assert outcome.computed == 6 * 12 and outcome.reused == 0
+    records = list(ResultsStore(tmp_path / "run").records())
+    assert len(records) == 72 and len(set(_keys(tmp_path / "run"))) == 72
+    first = records[0]
+    assert first["pipeline"] == "unpruned" and first["versions"]["torch"] and first["seed"] == 0
+    rows = _stable_rows(tmp_path / "run")
+    assert rows["unpruned"]["flops_reduction"] == 0.0 and rows["unpruned"]["agreement"] == 1.0
+    assert rows["random-10%"]["visual_tokens"] < rows["random-50%"]["visual_tokens"] < rows["unpruned"]["visual_tokens"]
+    assert rows["random-10%"]["flops_reduction"] > rows["random-50%"]["flops_reduction"] > 0
+    two = [r for r in records if r["pipeline"] == "two-stage"]
+    assert all(r["layer_tokens"][1] < r["layer_tokens"][0] for r in two)  # the layer-1 stage shortened layer 1
+    assert all("kl" in r and r["kl"] >= 0 for r in two)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert (
+        "| rank | pipeline |" in report
+        and "| pipeline | background | colour | count | exists | position | text |" in report
+    )
+    assert (tmp_path / "run" / "pareto.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "summary.csv").read_text().splitlines()[0].startswith("rank,pipeline,n,accuracy")
+
+
+def test_interrupted_run_resumes_without_recomputing(tiny_model_dir, tmp_path, monkeypatch):
+    reference = tmp_path / "whole"
+    compare(_config(tiny_model_dir, reference))
+    original = runner._run_batch
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_run_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        compare(_config(tiny_model_dir, tmp_path / "cut"))
+    kept = len(_keys(tmp_path / "cut"))
+    assert kept == 6 * 4  # six finished batches of four
+    monkeypatch.setattr(runner, "_run_batch", original)
+    outcome = compare(_config(tiny_model_dir, tmp_path / "cut"))
+    assert (outcome.reused, outcome.computed) == (kept, 72 - kept)
+    keys = _keys(tmp_path / "cut")
+    assert len(keys) == len(set(keys)) == 72
+    assert _stable_rows(tmp_path / "cut") == _stable_rows(reference)
+
+
+def test_killed_process_resumes_and_a_torn_line_is_dropped(tiny_model_dir, tmp_path):
+    config = tmp_path / "compare.yaml"
+    out = tmp_path / "killed"
+    config.write_text(yaml.safe_dump({**_config(tiny_model_dir, out).model_dump(mode="json"), "output": str(out)}))
+    script = Path(sys.executable).with_name("tokenprune")
+    proc = subprocess.Popen(
+        [str(script), "compare", str(config), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    results = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and results.read_bytes().count(b"\n") >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert results.exists(), proc.stderr.read().decode()[-2000:]
+    with results.open("ab") as f:
+        f.write(b'{"key": "torn", "task"')  # a write cut short by the kill
+    before = len(_keys(out))
+    assert 8 <= before < 72
+    result = subprocess.run([str(script), "compare", str(config), "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{72 - before} computed, {before} reused" in result.stdout
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) == 72
+
+
+def test_a_local_jsonl_task_runs_end_to_end(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (64, 32), colour).save(data / f"{i}.png")
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"q{i}",
+                    "image": f"{i}.png",
+                    "question": "what colour is the background ?",
+                    "answers": [colour],
+                    "group": "colour",
+                }
+            )
+        )
+    (data / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    config = _config(
+        tiny_model_dir,
+        tmp_path / "run",
+        tasks=[{"name": "jsonl", "path": str(data / "questions.jsonl"), "max_new_tokens": 2}],
+    )
+    outcome = compare(config)
+    assert outcome.computed == 3 * 6
+    records = list(ResultsStore(tmp_path / "run").records())
+    assert {r["id"] for r in records} == {"q0", "q1", "q2"} and {r["task"] for r in records} == {"jsonl"}
+    assert all(r["answers"] and "accuracy" in r for r in records)
+
+
+def test_a_third_party_task_plugin_runs(tiny_model_dir, tmp_path):
+    outcome = compare(_config(tiny_model_dir, tmp_path / "run", tasks=[{"name": "solid_colours", "per_colour": 1}]))
+    assert outcome.computed == 4 * 6
+    groups = json.loads((tmp_path / "run" / "summary.json").read_text())["groups"]["unpruned"]
+    assert set(groups) == {"red", "green", "blue", "yellow"}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tiny_model_dir, tmp_path):
+    single = tmp_path / "single"
+    compare(_config(tiny_model_dir, single))
+    config = tmp_path / "compare.yaml"
+    double = tmp_path / "double"
+    config.write_text(
+        yaml.safe_dump({**_config(tiny_model_dir, double).model_dump(mode="json"), "output": str(double)})
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "tokenprune.cli",
+        "compare",
+        str(config),
+        "--quiet",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = {(r["pipeline"], r["id"]): r for r in ResultsStore(single).records()}
+    b = {(r["pipeline"], r["id"]): r for r in ResultsStore(double).records()}
+    assert a.keys() == b.keys() and len(b) == 72
+    for k in a:
+        assert a[k]["prediction"] == b[k]["prediction"] and a[k]["layer_tokens"] == b[k]["layer_tokens"], k
+        assert a[k].get("kl", 0) == pytest.approx(b[k].get("kl", 0), abs=1e-5), k
+    assert _stable_rows(single) == _stable_rows(double)

@@ -1,0 +1,81 @@
+import pytest
+
+import tokenprune as tp
+from tokenprune.bench.config import REFERENCE, load_config, pipeline_key, resolve_pipelines
+from tokenprune.errors import PipelineError, TokenpruneError
+
+
+@pytest.fixture
+def registry():
+    return tp.get_plugin_manager().reducers
+
+
+def test_default_config_is_the_offline_comparison(registry):
+    config = load_config(None)
+    assert config.model == "bundled" and config.tasks == [{"name": "synthvqa"}]
+    names = [n for n, _ in resolve_pipelines(config, registry)]
+    assert names[0] == REFERENCE
+    assert "random-50%" in names and "random-10%" in names
+    assert len(names) == 1 + 3 * sum(
+        r in registry for r in ("random", "downsample", "l2norm", "gprune", "tome", "fastv")
+    )
+
+
+def test_files_inline_and_sweeps_resolve(tmp_path, registry):
+    (tmp_path / "pipes").mkdir()
+    (tmp_path / "pipes" / "half.yaml").write_text("stages:\n  - {at: post_projector, reducer: random, keep: 0.5}\n")
+    path = tmp_path / "compare.yaml"
+    path.write_text(
+        "pipelines:\n"
+        "  - file: pipes/half.yaml\n"
+        "  - name: two\n    stages:\n      - {at: post_projector, reducer: random, keep: 0.5}\n"
+        "      - {at: {layer: 2}, reducer: random, keep: 8}\n"
+        "  - sweep: {reducers: [random], keep: [0.3, 16]}\n"
+    )
+    pipes = dict(resolve_pipelines(load_config(path), registry))
+    assert list(pipes) == [REFERENCE, "half", "two", "random-30%", "random-16tok"]
+    assert len(pipes["two"].stages) == 2 and pipes["random-16tok"].stages[0].keep == 16
+
+
+def test_bad_pipelines_are_named(registry):
+    with pytest.raises(PipelineError, match=r"(?s)pipeline 'bad'.*keep 2.0 is a fraction"):
+        resolve_pipelines(
+            load_config(
+                {"pipelines": [{"name": "bad", "stages": [{"at": "post_projector", "reducer": "random", "keep": 2.0}]}]}
+            ),
+            registry,
+        )
+    with pytest.raises(PipelineError, match="sweep: unknown reducer 'randon'; did you mean 'random'"):
+        resolve_pipelines(load_config({"pipelines": [{"sweep": {"reducers": ["randon"]}}]}), registry)
+    with pytest.raises(PipelineError, match="repeated: x"):
+        resolve_pipelines(
+            load_config({"pipelines": [{"name": "x", "stages": []}, {"name": "x", "stages": []}]}), registry
+        )
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(TokenpruneError, match="batch_size: Input should be greater than or equal to 1"):
+        load_config({"batch_size": 0})
+    with pytest.raises(TokenpruneError, match="either `file: PATH`, `sweep"):
+        load_config({"pipelines": [{"name": "nothing"}]})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_pipeline_key_changes_with_what_results_depend_on(registry):
+    config = load_config({"pipelines": [{"sweep": {"reducers": ["random"], "keep": [0.5]}}]})
+    name, pipe = resolve_pipelines(config, registry)[1]
+    task = {"name": "synthvqa"}
+    key = pipeline_key(name, pipe, config, task)
+    assert key == pipeline_key(name, pipe, config, task)
+    assert key != pipeline_key(name, pipe, config, {"name": "synthvqa", "per_type": 3})
+    assert key != pipeline_key(name, pipe, config.model_copy(update={"dtype": "bfloat16"}), task)
+    changed = resolve_pipelines(
+        load_config(
+            {"pipelines": [{"sweep": {"reducers": ["random"], "keep": [0.5], "params": {"random": {"seed": 3}}}}]}
+        ),
+        registry,
+    )[1][1]
+    assert key != pipeline_key(name, changed, config, task)
+    # the output folder and batch size do not change results
+    assert key == pipeline_key(name, pipe, config.model_copy(update={"batch_size": 3, "output": "elsewhere"}), task)

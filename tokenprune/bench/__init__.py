@@ -1,0 +1,1 @@
+"""The comparison harness behind ``tokenprune compare``: tasks, metrics, results, reports."""

@@ -1,0 +1,217 @@
+"""The comparison config: which model, tasks and pipelines ``tokenprune compare`` runs.
+
+.. code-block:: yaml
+
+    model: bundled                 # the shipped mini VLM; or a local path, or a hub id
+    dtype: float32
+    device: cpu
+    batch_size: 16
+    seed: 0
+    output: runs/compare
+    tasks:
+      - {name: synthvqa, per_type: 50}
+      - {name: jsonl, path: data/questions.jsonl}
+    pipelines:
+      - file: pipelines/fastv.yaml            # a pipeline file (its `name:` or the file stem names it)
+      - name: tome-then-fastv                 # an inline pipeline
+        stages:
+          - {at: post_projector, reducer: tome, keep: 0.5}
+          - {at: {layer: 2}, reducer: fastv, keep: 0.5}
+      - sweep:                                # one pipeline per reducer and budget
+          reducers: [gprune, l2norm, random]
+          keep: [0.5, 0.25, 0.1]
+
+The unpruned model always runs first, as ``unpruned``: it is the reference of the fidelity metrics
+and of the FLOPs reduction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tokenprune.errors import PipelineError, TokenpruneError
+from tokenprune.pipeline import Pipeline, load_pipeline
+from tokenprune.plugins import ReducerRegistry
+
+BUILTIN_REDUCERS = ("random", "downsample", "l2norm", "gprune", "tome", "fastv")
+"""The default sweep, in this order; reducers that are not installed are skipped."""
+
+DEFAULT_KEEP = (0.5, 0.25, 0.1)
+REFERENCE = "unpruned"
+Metric = Literal["accuracy", "vqa_score", "agreement", "kl"]
+
+
+class Sweep(BaseModel):
+    """One single-stage pipeline per reducer and budget.
+
+    ``at: auto`` puts each reducer after the projector when it supports that, else at layer 2
+    (FastV's default).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    reducers: list[str] = Field(default_factory=lambda: list(BUILTIN_REDUCERS))
+    keep: list[float | int] = Field(default_factory=lambda: list(DEFAULT_KEEP))
+    at: Literal["auto", "post_projector"] | dict[str, int] = "auto"
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Params per reducer name.")
+
+
+class PipelineEntry(BaseModel):
+    """A pipeline file, an inline pipeline (``name`` + pipeline fields), or a sweep."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str | None = None
+    file: Path | None = None
+    sweep: Sweep | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PipelineEntry:
+        inline = bool(self.model_extra)
+        kinds = sum([self.file is not None, self.sweep is not None, inline])
+        if kinds != 1:
+            raise ValueError(
+                "a pipelines entry is either `file: PATH`, `sweep: {...}`, or an inline pipeline with `stages:`"
+            )
+        return self
+
+
+class CompareConfig(BaseModel):
+    """Everything a comparison run depends on (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str = Field(default="bundled", description="'bundled', a local path, or a hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    batch_size: int = Field(default=16, ge=1)
+    seed: int = 0
+    output: Path = Path("runs/compare")
+    tasks: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "synthvqa"}])
+    pipelines: list[PipelineEntry] = Field(default_factory=lambda: [PipelineEntry(sweep=Sweep())])
+    metrics: list[Metric] = Field(default_factory=lambda: ["accuracy", "vqa_score", "agreement", "kl"])
+    prompt: str | None = Field(
+        default=None,
+        description="Prompt template with {image} (the placeholders) and {question}; default: the task's prompt.",
+    )
+    max_new_tokens: int | None = Field(default=None, ge=1, description="Override the tasks' answer length.")
+    heatmaps: int = Field(default=3, ge=0, description="Kept-token heatmaps drawn per pipeline (first examples).")
+
+    def digest(self) -> str:
+        """A short hash of the whole config (recorded with every result)."""
+        return _digest(self.model_dump(mode="json"))
+
+
+def load_config(source: str | Path | dict[str, Any] | None) -> CompareConfig:
+    """Read a comparison config from a YAML file, a mapping, or None (the offline default).
+
+    Raises:
+        TokenpruneError: naming the file and every invalid field.
+    """
+    if source is None:
+        return CompareConfig()
+    label = "<mapping>"
+    base = Path.cwd()
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"comparison config {str(path)!r} does not exist")
+        label, base = str(path), path.parent
+        try:
+            source = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise TokenpruneError(f"{label}: YAML error: {exc}") from None
+    if not isinstance(source, dict):
+        raise TokenpruneError(f"{label}: a comparison config must be a mapping")
+    try:
+        config = CompareConfig.model_validate(source)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise TokenpruneError(f"{label}: invalid comparison config: {problems}") from None
+    # Pipeline files are relative to the config's folder.
+    entries = [
+        e.model_copy(update={"file": (base / e.file) if e.file and not e.file.is_absolute() else e.file})
+        for e in config.pipelines
+    ]
+    return config.model_copy(update={"pipelines": entries})
+
+
+def resolve_pipelines(config: CompareConfig, registry: ReducerRegistry) -> list[tuple[str, Pipeline]]:
+    """The named pipelines to run, the unpruned reference first; every one validated.
+
+    Raises:
+        PipelineError: an invalid pipeline (named), or two pipelines with the same name.
+    """
+    out: list[tuple[str, Pipeline]] = [(REFERENCE, Pipeline(name=REFERENCE))]
+    for entry in config.pipelines:
+        if entry.sweep is not None:
+            out += _sweep(entry.sweep, registry)
+        elif entry.file is not None:
+            pipe = load_pipeline(entry.file, registry=registry)
+            out.append((entry.name or pipe.name or entry.file.stem, pipe))
+        else:
+            body = dict(entry.model_extra or {})
+            try:
+                pipe = load_pipeline({"name": entry.name, **body}, registry=registry)
+            except PipelineError as exc:
+                raise PipelineError(f"pipeline {entry.name!r}: {exc}", exc.problems) from None
+            out.append((entry.name or _auto_name(pipe), pipe))
+    names = [n for n, _ in out]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PipelineError(f"pipeline names must be unique; repeated: {', '.join(duplicates)}")
+    return out
+
+
+def pipeline_key(name: str, pipeline: Pipeline, config: CompareConfig, task: dict[str, Any]) -> str:
+    """What a result depends on: model, dtype, device, seed, prompt, task and the pipeline itself.
+
+    Results carry this key; a rerun reuses a result only if its key matches, so changing a
+    pipeline's definition recomputes it while the other pipelines' results are kept.
+    """
+    return _digest(
+        {
+            "pipeline": name,
+            "definition": pipeline.model_dump(mode="json"),
+            "model": config.model,
+            "dtype": config.dtype,
+            "device": config.device,
+            "seed": config.seed,
+            "prompt": config.prompt,
+            "max_new_tokens": config.max_new_tokens,
+            "task": task,
+        }
+    )
+
+
+def _sweep(sweep: Sweep, registry: ReducerRegistry) -> list[tuple[str, Pipeline]]:
+    out = []
+    for name in sweep.reducers:
+        if name not in registry:
+            if name in BUILTIN_REDUCERS:
+                continue  # a default reducer that is not installed (or disabled) is skipped
+            raise PipelineError(f"sweep: {registry.unknown_message(name)}")
+        points = registry.get(name).capabilities.insertion_points
+        if sweep.at == "auto":
+            at: Any = "post_projector" if "post_projector" in points else {"layer": 2}
+        else:
+            at = sweep.at
+        for keep in sweep.keep:
+            label = f"{name}-{round(keep * 100)}%" if isinstance(keep, float) else f"{name}-{keep}tok"
+            stage = {"at": at, "reducer": name, "keep": keep, "params": sweep.params.get(name, {})}
+            try:
+                out.append((label, load_pipeline({"name": label, "stages": [stage]}, registry=registry)))
+            except PipelineError as exc:
+                raise PipelineError(f"sweep pipeline {label!r}: {exc}", exc.problems) from None
+    return out
+
+
+def _auto_name(pipe: Pipeline) -> str:
+    return "+".join(f"{s.reducer}-{s.keep}" for s in pipe.stages) or "empty"
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,391 @@
+"""Run a comparison: every pipeline on every task's examples, results appended as they come.
+
+Single process, or several under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE > 1``): each
+rank takes every ``world``-th example, results are gathered batch by batch and written once by rank
+0, and the summary is written by rank 0. The same command runs either way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+import tokenprune
+from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key, resolve_pipelines
+from tokenprune.bench.metrics import exact_match, kl_divergence, normalize_answer, vqa_score
+from tokenprune.bench.store import ReferenceLogits, ResultsStore
+from tokenprune.bench.tasks import Example, Task
+from tokenprune.cost.analytic import DecoderShape, language_model_macs
+from tokenprune.cost.measure import peak_memory_bytes
+from tokenprune.engine import apply
+from tokenprune.errors import TokenpruneError
+from tokenprune.plugins import PluginManager, get_plugin_manager
+
+Progress = Callable[[str, int, int], None]
+"""``progress(description, done, total)``: called after every batch."""
+
+
+@dataclass
+class RunOutcome:
+    """What a run did."""
+
+    folder: Path
+    computed: int
+    reused: int
+
+
+def compare(
+    config: CompareConfig,
+    *,
+    plugins: PluginManager | None = None,
+    progress: Progress | None = None,
+    model_and_processor: tuple[nn.Module, Any] | None = None,
+) -> RunOutcome:
+    """Run ``config``; append to ``<output>/results.jsonl`` and write the summary files.
+
+    Args:
+        config: The comparison config.
+        plugins: Plugin manager (default: a fresh one).
+        progress: Progress callback (rank 0 only).
+        model_and_processor: An already loaded model and processor (skips loading ``config.model``).
+    """
+    manager = plugins or get_plugin_manager()
+    dist = _Distributed.from_env(config.device)
+    torch.manual_seed(config.seed)
+    model, processor = model_and_processor or load_model(config.model, config.dtype, config.device)
+    pipelines = resolve_pipelines(config, manager.reducers)
+    store, refs = ResultsStore(config.output), ReferenceLogits(config.output)
+    done = dist.broadcast(store.done() if dist.rank == 0 else None)
+    shape = DecoderShape.from_model(model)
+    kv_dims = _kv_dims(model)
+    computed = reused = 0
+    for task_spec in config.tasks:
+        task = _task(task_spec, manager)
+        examples = task.examples()
+        shard = examples[dist.rank :: dist.world]
+        new_tokens = config.max_new_tokens or task.generation_tokens()
+        ref_key = pipeline_key(REFERENCE, pipelines[0][1], config, task_spec)
+        reference = _Reference(refs, ref_key, task.name, store)
+        for name, pipe in pipelines:
+            key = pipeline_key(name, pipe, config, task_spec)
+            todo = [ex for ex in shard if (key, task.name, ex.id) not in done]
+            reused += len(shard) - len(todo)
+            steps = dist.max(math.ceil(len(todo) / config.batch_size))
+            with apply(model, pipe, plugins=manager) as run:
+                for step in range(steps):
+                    batch = todo[step * config.batch_size : (step + 1) * config.batch_size]
+                    records: list[dict[str, Any]] = []
+                    if batch:
+                        records = _run_batch(
+                            model, processor, run, task, batch, config, name, key, reference, shape, kv_dims, new_tokens
+                        )
+                        computed += len(records)
+                    run.stats.clear()
+                    gathered = dist.gather(records)
+                    if dist.rank == 0:
+                        if name == REFERENCE:  # logits first: a result line promises its logits exist
+                            _persist_reference(refs, ref_key, task.name, gathered)
+                        store.append(gathered)
+                        if progress is not None:
+                            progress(f"{task.name} / {name}", step + 1, steps)
+        dist.barrier()
+    if dist.rank == 0:
+        from tokenprune.bench.report import write_reports
+
+        write_reports(config, pipelines, store)
+    return RunOutcome(config.output, dist.sum(computed), dist.sum(reused))
+
+
+def load_model(spec: str, dtype: str, device: str) -> tuple[nn.Module, Any]:
+    """Load a VLM and its processor: ``"bundled"``, a local folder, or a hub id (``from_pretrained``)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if spec == "bundled":
+        from tokenprune.synth import bundled_model_path
+
+        path: str | Path = bundled_model_path()
+    else:
+        path = spec
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as exc:
+        raise TokenpruneError(f"could not load model {spec!r}: {exc}") from exc
+    return model.to(device).eval(), processor
+
+
+# --- one batch -------------------------------------------------------------------------------------
+
+
+def _run_batch(
+    model: nn.Module,
+    processor: Any,
+    run: Any,
+    task: Task,
+    batch: list[Example],
+    config: CompareConfig,
+    name: str,
+    key: str,
+    reference: _Reference,
+    shape: DecoderShape,
+    kv_dims: list[int],
+    new_tokens: int,
+) -> list[dict[str, Any]]:
+    inputs = _encode(processor, task, batch, config.prompt).to(config.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    with _PrefillTimer(model, config.device) as timer, torch.inference_mode():
+        peak, out = peak_memory_bytes(
+            lambda: model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                return_dict_in_generate=True,
+                output_logits=True,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+            device=config.device,
+        )
+    prompt_len = inputs["input_ids"].shape[1]
+    texts = tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
+    first_logits = out.logits[0]
+    prefill = run.stats.last_prefill
+    image_id = _image_token_id(model)
+    visual_in = (inputs["input_ids"] == image_id).sum(1).tolist() if image_id is not None else [0] * len(batch)
+    real = inputs["attention_mask"].sum(1).tolist()
+    bytes_per = torch.finfo(model.dtype).bits // 8
+    records = []
+    for b, ex in enumerate(batch):
+        tokens = [row[b] for row in prefill.layer_tokens] if prefill is not None else [real[b]] * shape.num_layers
+        text_tokens = real[b] - visual_in[b]
+        prediction = texts[b].strip()
+        record: dict[str, Any] = {
+            "key": key,
+            "config": config.digest(),
+            "pipeline": name,
+            "task": task.name,
+            "id": ex.id,
+            "group": ex.group,
+            "question": ex.question,
+            "prediction": prediction,
+            "answers": list(ex.answers),
+            "first_token": int(first_logits[b].argmax()),
+            "layer_tokens": tokens,
+            "visual_tokens": sum(t - text_tokens for t in tokens) / len(tokens),
+            "macs": language_model_macs(shape, tokens, logits_positions=1).total,
+            "kv_bytes": sum(2 * n * d * bytes_per for n, d in zip(tokens, kv_dims, strict=True)),
+            "prefill_seconds": timer.seconds / len(batch),
+            "peak_memory_bytes": peak,
+            "seed": config.seed,
+            "versions": _versions(),
+        }
+        if ex.answers:
+            record["accuracy"] = exact_match(prediction, ex.answers)
+            record["vqa_score"] = vqa_score(prediction, ex.answers)
+        logits = first_logits[b].float().cpu()
+        if name == REFERENCE:
+            reference.remember(ex.id, prediction, logits)
+            record["_logits"] = logits
+        else:
+            ref_prediction, ref_logits = reference.lookup(ex.id)
+            if ref_prediction is not None:
+                record["agreement"] = float(normalize_answer(prediction) == normalize_answer(ref_prediction))
+            if ref_logits is not None:
+                record["kl"] = float(kl_divergence(ref_logits, logits))
+        records.append(record)
+    return records
+
+
+class _Reference:
+    """The unpruned model's answers and first-token logits for one task, for the fidelity metrics.
+
+    Filled during the reference pass (each rank its own examples) and, when resuming, from the
+    results and logits that an earlier run stored.
+    """
+
+    def __init__(self, logits: ReferenceLogits, key: str, task: str, store: ResultsStore) -> None:
+        self._logits, self._key, self._task, self._store = logits, key, task, store
+        self._predictions: dict[str, str] | None = None
+        self._memory: dict[str, Tensor] = {}
+
+    def remember(self, example_id: str, prediction: str, logits: Tensor) -> None:
+        self._stored_predictions()[example_id] = prediction
+        self._memory[example_id] = logits
+
+    def lookup(self, example_id: str) -> tuple[str | None, Tensor | None]:
+        logits = self._memory.get(example_id)
+        if logits is None:
+            logits = self._logits.get(self._key, self._task, example_id)
+        return self._stored_predictions().get(example_id), logits
+
+    def _stored_predictions(self) -> dict[str, str]:
+        if self._predictions is None:
+            self._predictions = {
+                r["id"]: r["prediction"]
+                for r in self._store.records()
+                if r["key"] == self._key and r["task"] == self._task
+            }
+        return self._predictions
+
+
+def _persist_reference(refs: ReferenceLogits, key: str, task: str, records: list[dict[str, Any]]) -> None:
+    with_logits = [r for r in records if "_logits" in r]
+    if with_logits:
+        refs.put(key, task, [r["id"] for r in with_logits], torch.stack([r.pop("_logits") for r in with_logits]))
+
+
+def _encode(processor: Any, task: Task, batch: list[Example], template: str | None) -> Any:
+    image_token = getattr(processor, "image_token", "<image>")
+    texts = []
+    for ex in batch:
+        if template is None:
+            texts.append(task.prompt(ex, image_token))
+        else:
+            texts.append(template.format(image=" ".join([image_token] * len(ex.images)), question=ex.question))
+    images = [im for ex in batch for im in ex.images]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"
+    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+    if images:
+        kwargs["images"] = images
+    return processor(**kwargs)
+
+
+def _image_token_id(model: nn.Module) -> int | None:
+    config = model.config
+    value = getattr(config, "image_token_id", None)
+    return value if value is not None else getattr(config, "image_token_index", None)
+
+
+def _kv_dims(model: nn.Module) -> list[int]:
+    return [int(layer.self_attn.k_proj.out_features) for layer in model.get_decoder().layers]
+
+
+def _task(spec: dict[str, Any], manager: PluginManager) -> Task:
+    if "name" not in spec:
+        raise TokenpruneError(f"a task entry needs a `name`; got {spec}")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return manager.tasks.get(spec["name"])(params)
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "tokenprune": tokenprune.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class _PrefillTimer:
+    """Wall time of the prefill forward of a ``generate`` call (synchronised on a GPU)."""
+
+    def __init__(self, model: nn.Module, device: str) -> None:
+        self.model, self.cuda = model, torch.device(device).type == "cuda"
+        self.seconds = 0.0
+        self._start: float | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _PrefillTimer:
+        self._handles = [
+            self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            self.model.register_forward_hook(self._post),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length() == 0:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self._start = time.perf_counter()
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._start is not None:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+
+# --- several processes -----------------------------------------------------------------------------
+
+
+class _Distributed:
+    """torch.distributed when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on GPU); no-ops otherwise."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    @classmethod
+    def from_env(cls, device: str) -> _Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(0, 1)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def broadcast(self, value: Any) -> Any:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.world == 1:
+            return records
+        import torch.distributed as dist
+
+        for r in records:  # tensors travel as lists
+            if isinstance(r.get("_logits"), Tensor):
+                r["_logits"] = r["_logits"].float().cpu()
+        parts: list[Any] = [None] * self.world if self.rank == 0 else []
+        dist.gather_object(records, parts if self.rank == 0 else None, dst=0)
+        return [r for part in parts for r in part] if self.rank == 0 else []
+
+    def max(self, value: int) -> int:
+        return self._reduce(value, "max")
+
+    def sum(self, value: int) -> int:
+        return self._reduce(value, "sum")
+
+    def _reduce(self, value: int, op: str) -> int:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+__all__ = ["RunOutcome", "compare", "load_model"]
