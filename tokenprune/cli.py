@@ -51,7 +51,7 @@ def _manager() -> PluginManager:
 
 def plugins_report(manager: PluginManager) -> dict[str, Any]:
     """What ``tokenprune plugins --json`` prints: every plugin with its reducers and adapters."""
-    reducers, adapters = manager.reducers, manager.adapters
+    reducers, adapters, tasks = manager.reducers, manager.adapters, manager.tasks
     plugins = []
     for info in manager.plugins:
         entries = []
@@ -74,6 +74,7 @@ def plugins_report(manager: PluginManager) -> dict[str, Any]:
                 "module": info.module,
                 "reducers": entries,
                 "adapters": adapters.provided_by(info.name),
+                "tasks": tasks.provided_by(info.name),
             }
         )
     failures = [
@@ -87,7 +88,7 @@ def plugins_report(manager: PluginManager) -> dict[str, Any]:
 def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
-    """List the installed plugins with their reducers (and capabilities) and adapters.
+    """List the installed plugins with their reducers (and capabilities), adapters and tasks.
 
     Plugins named in TOKENPRUNE_DISABLE_PLUGINS (comma-separated) are not loaded.
     """
