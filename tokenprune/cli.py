@@ -224,6 +224,86 @@ def compare(
     typer.echo(f"report: {outcome.folder / 'report.md'}")
 
 
+@app.command()
+def flops(
+    model: Annotated[str, typer.Option("--model", help="'bundled', a local model folder, or a hub id.")] = "bundled",
+    pipeline: Annotated[
+        Path | None, typer.Option("--pipeline", help="Pipeline YAML (default: none, unpruned).")
+    ] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Image file (default: a SynthVQA scene).")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt text; the image placeholder is added if missing.")] = (
+        "what colour is the background ?"
+    ),
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    no_fvcore: Annotated[bool, typer.Option("--no-fvcore", help="Skip the fvcore counter (faster).")] = False,
+) -> None:
+    """Count the FLOPs of one prefill, unpruned and under a pipeline, with three counters side by side.
+
+    Rows: the vision tower and projector, each decoder layer with the tokens it processed, the
+    reducers' own overhead and the attention probe, the LM head (logits of every position: a
+    plain forward), the total, and the reduction against the unpruned model. Units: MACs
+    (FLOPs = 2 x MACs).
+    """
+    from PIL import Image
+
+    from tokenprune.bench.runner import load_model
+    from tokenprune.cost.flops import count_flops
+
+    try:
+        vlm, processor = load_model(model, dtype, "cpu")
+        if image is None:
+            from tokenprune.synth.questions import heldout_split
+            from tokenprune.synth.scenes import render
+
+            picture = Image.fromarray(render(heldout_split(1)[0].scene)[0])
+        else:
+            picture = Image.open(image).convert("RGB")
+        token = getattr(processor, "image_token", "<image>")
+        text = prompt if token in prompt else f"{token} {prompt}"
+        inputs = processor(images=[picture], text=[text], return_tensors="pt")
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(vlm.dtype)
+        manager = _manager()
+        base = count_flops(vlm, dict(inputs), None, use_fvcore=not no_fvcore, plugins=manager)
+        pruned = (
+            count_flops(vlm, dict(inputs), pipeline, use_fvcore=not no_fvcore, plugins=manager) if pipeline else None
+        )
+    except (TokenpruneError, FileNotFoundError, OSError) as exc:
+        _fail(str(exc))
+    reports = {"unpruned": base} if pruned is None else {"unpruned": base, "pipeline": pruned}
+    if as_json:
+        data = {k: r.as_dict() for k, r in reports.items()}
+        if pruned is not None:
+            data["reduction"] = pruned.reduction(base)
+        typer.echo(json.dumps(data, indent=2))
+        return
+    console = Console(width=max(120, Console().width))
+    for label, report in reports.items():
+        table = Table(title=f"{label}: MACs per prefill (FLOPs = 2 x MACs)")
+        for column in ("part", "tokens", "analytic", "torch", "fvcore"):
+            table.add_column(column, justify="right")
+        n = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
+        table.add_row("vision tower + projector", "", "", n(report.vision), "")
+        for row in report.layers:
+            table.add_row(
+                f"layer {row.index}", ", ".join(map(str, row.tokens)), n(row.analytic), n(row.torch), n(row.fvcore)
+            )
+        for stage, name, macs in report.reducers:
+            table.add_row(f"reducer {name} (stage {stage})", "", n(macs), "", "")
+        if report.probe:
+            table.add_row("attention probe", "", n(report.probe), "(in its layer)", "")
+        table.add_row("lm_head", "", *(n(v) for v in report.lm_head))
+        lm = report.language_model
+        table.add_row("language model", "", n(lm["analytic"]), n(lm["torch"]), n(lm["fvcore"]))
+        table.add_row("total (vision + LM + overheads)", "", n(report.total), "", "")
+        console.print(table)
+        for note in report.fvcore_notes:
+            console.print(f"fvcore: {note}", markup=False)
+    if pruned is not None:
+        console.print(f"reduction against unpruned: {100 * pruned.reduction(base):.1f}% of MACs")
+
+
 def _fail(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(message, markup=False)
     raise typer.Exit(EXIT_INVALID)
