@@ -73,6 +73,27 @@ def test_the_checks_catch_broken_reducers(cls, message):
         check_reducer(cls)
 
 
+def test_undeclared_overhead_is_caught():
+    class Graph(Norm):
+        name = "graph"
+
+        def score(self, tokens, ctx):
+            x = tokens.float()
+            return (x @ x.transpose(1, 2)).sum(-1)  # B x N x N x D MACs, not declared
+
+    with pytest.raises(ReducerContractError, match="overhead_macs\\(\\) declares 0 MACs but reduce\\(\\) performed"):
+        check_reducer(Graph)
+
+    class Declared(Graph):
+        name = "declared"
+
+        def overhead_macs(self, tokens, ctx):
+            b, n, d = tokens.shape
+            return b * n * n * d
+
+    check_reducer(Declared)
+
+
 def test_params_must_reject_unknown_fields():
     from pydantic import BaseModel, ConfigDict
 

@@ -57,3 +57,16 @@ def test_readme_commands_exist():
         assert (ROOT / script).is_file(), script
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "scripts/test.sh" in ci and "bash scripts/test.sh" in readme
+
+
+def test_every_builtin_reducer_has_a_docs_page():
+    from tokenprune.plugins import get_plugin_manager
+
+    registry = get_plugin_manager().reducers
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    builtins = [n for n in registry if (o := registry.origin(n)) is not None and o.distribution == "tokenprune"]
+    assert len(builtins) >= 6
+    for name in builtins:
+        page = DOCS / "reducers" / f"{name}.md"
+        assert page.is_file(), f"no docs page for the built-in reducer {name!r}"
+        assert f"reducers/{name}.md" in nav, f"docs/reducers/{name}.md is not in the mkdocs nav"

@@ -337,14 +337,14 @@ class TokenReducer(ABC):
         """Attention-probe sources this instance reads; defaults to ``capabilities.attention``."""
         return self.capabilities.attention
 
-    def overhead_macs(self, num_tokens: int, dim: int) -> int:
-        """Multiply-accumulates the reducer itself spends on one sample of ``num_tokens`` tokens of size ``dim``.
+    def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
+        """Multiply-accumulates that :meth:`reduce` spends on these inputs (the whole batch).
 
-        The analytic FLOP count adds it to the model's own, so a method's overhead is never hidden.
-        The default, 0, suits reducers whose work is negligible next to a decoder layer (norms,
-        sorting, random draws); graph and matching methods override it, e.g. G-Prune's similarity
-        graph and propagation cost ``N^2 d + t N^2``. The attention probe is counted by the engine,
-        not here.
+        The engine records it with every stage and the analytic FLOP count adds it to the model's
+        own, so a method's overhead is never hidden. Count what the FLOP counters count: matrix
+        products (not norms, sorting, softmax or element-wise work). The default, 0, suits reducers
+        that do no matrix products (norms, random draws, attention already computed by the probe,
+        which the engine counts itself). G-Prune overrides it with ``n^2 D + t n^2`` per graph.
         """
         return 0
 

@@ -21,6 +21,8 @@ protected, attention and text inputs filled in when the reducer reads them):
 * a batch gives each sample the same result as running it alone;
 * inputs are not modified in place;
 * bfloat16 tokens work;
+* the declared :meth:`~tokenprune.TokenReducer.overhead_macs` equals what ``torch.utils.flop_counter``
+  counts while ``reduce`` runs, so the analytic FLOPs include the reducer's own work exactly;
 * bad input is rejected clearly: unknown params raise a pydantic ``ValidationError``, and NaN
   features either raise a ``ValueError`` (e.g. :class:`~tokenprune.errors.ReducerInputError`) or
   are ignored by a reducer that does not read feature values; never an obscure crash.
@@ -137,6 +139,8 @@ def check_reducer(
         check_valid_result(reducer, at=at, keep=0.5, device=device, dim=dim, dtype=torch.bfloat16)
         check_valid_result(reducer, at=at, keep=0.5, device=device, dim=dim, protect_newlines=False)
         check_nan_input(reducer, at=at, device=device, dim=dim)
+        for keep in (0.5, 0.1):
+            check_overhead_is_counted(reducer, at=at, keep=keep, device=device, dim=dim)
 
 
 def check_params_reject_unknown(reducer_cls: type[TokenReducer]) -> None:
@@ -199,6 +203,20 @@ def check_inputs_unchanged(reducer: TokenReducer, **kwargs: Any) -> None:
     changed = changed or any(not torch.equal(ctx.attention[k], v) for k, v in before[2].items())
     if changed:
         raise ReducerContractError(f"{reducer.name}: reduce() modified its inputs in place")
+
+
+def check_overhead_is_counted(reducer: TokenReducer, **kwargs: Any) -> None:
+    """``overhead_macs`` equals the multiply-accumulates torch's FLOP counter sees in ``reduce``."""
+    from tokenprune.cost.counters import flops_to_macs, torch_flops
+
+    tokens, ctx = _inputs_for(reducer, **kwargs)
+    count, _ = torch_flops(reducer.reduce, tokens, ctx)
+    declared = reducer.overhead_macs(tokens, ctx)
+    if declared != flops_to_macs(count.flops):
+        raise ReducerContractError(
+            f"{reducer.name}: overhead_macs() declares {declared:,} MACs but reduce() performed "
+            f"{flops_to_macs(count.flops):,} (torch.utils.flop_counter); make them agree"
+        )
 
 
 def check_nan_input(reducer: TokenReducer, **kwargs: Any) -> None:

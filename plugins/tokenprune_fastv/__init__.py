@@ -1,0 +1,75 @@
+"""The ``fastv`` reducer: after decoder layer ``k - 1``, keep the visual tokens that receive the most attention.
+
+FastV (Chen et al., ECCV 2024, https://arxiv.org/abs/2403.06764; official code
+https://github.com/pkunlp-icler/FastV). Packaged exactly as a third-party plugin: this module is the
+entry point ``fastv`` of the ``tokenprune`` group, and registers its reducer through the hook.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+import tokenprune
+from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, ScoringReducer
+from tokenprune.reducer import AttentionSource
+
+
+class FastV(ScoringReducer):
+    """Rank visual tokens by the attention they receive at layer ``k - 1``; keep the top of them.
+
+    Runs at ``{layer: k}`` only (the paper's default is ``k = 2``, i.e. ``at: {layer: 2}``). The
+    engine's attention probe computes, under the model's sdpa attention, the attention
+    probabilities of layer ``k - 1`` (the layer whose output the stage receives), averaged over
+    heads and over the query rows of ``source``:
+
+    * ``last`` (default, the official code): the last token's row only;
+    * ``all`` (the paper's Eq.): every real token's row (causal: a token is attended only by the
+      tokens after it);
+    * ``text`` / ``visual``: the text tokens' or the visual tokens' rows.
+
+    Cost: ``O(N log N)`` here; the probe adds ``O(H R L)`` at layer ``k - 1`` for ``R`` query rows.
+    """
+
+    name = "fastv"
+    capabilities = Capabilities(insertion_points=frozenset({"layer"}), attention=frozenset({"last"}))
+
+    class Params(ReducerParams):
+        source: Literal["last", "all", "text", "visual"] = Field(
+            default="last",
+            description=(
+                "Whose attention ranks the tokens: 'last' = the last token (official code), 'all' = every token "
+                "(the paper), 'text' or 'visual' = those tokens' rows; averaged over heads."
+            ),
+        )
+
+    def attention_sources(self) -> frozenset[AttentionSource]:
+        """The one probe source this instance reads (``params.source``)."""
+        return frozenset({self.params.source})
+
+    def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
+        """``(B, N)`` head-averaged attention received from the ``source`` rows at layer ``k - 1``."""
+        attention = ctx.attention.get(self.params.source)
+        if attention is None:
+            raise ReducerInputError(
+                f"reducer {self.name!r}: no {self.params.source!r} attention in the context (got "
+                f"{sorted(ctx.attention) or 'none'}); FastV runs at a layer stage through tokenprune.apply, which "
+                "computes the attention of layer k - 1"
+            )
+        if attention.shape != ctx.valid.shape:
+            raise ReducerInputError(
+                f"reducer {self.name!r}: attention has shape {tuple(attention.shape)}, expected (B, N) = "
+                f"{tuple(ctx.valid.shape)}"
+            )
+        scores = attention.detach().float()
+        if not bool((torch.isfinite(scores) | ~ctx.valid).all()):
+            raise ReducerInputError(f"reducer {self.name!r}: the attention scores contain NaN or infinite values")
+        return scores
+
+
+@tokenprune.hookimpl
+def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
+    registry.add(FastV)

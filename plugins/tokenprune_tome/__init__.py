@@ -1,0 +1,130 @@
+"""The ``tome`` reducer: Token Merging by bipartite soft matching, repeated until the budget is met.
+
+ToMe (Bolya et al., ICLR 2023, https://arxiv.org/abs/2210.09461; official code
+https://github.com/facebookresearch/ToMe, ``tome/merge.py``), applied one-shot to the visual tokens
+of a VLM. Packaged exactly as a third-party plugin: this module is the entry point ``tome`` of the
+``tokenprune`` group, and registers its reducer through the hook.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import tokenprune
+from tokenprune import Capabilities, Merge, ReduceContext, ReducerInputError, ReducerParams, Selection, TokenReducer
+
+
+class ToMe(TokenReducer):
+    """Merge similar tokens, in rounds of bipartite soft matching, until each sample has its budget.
+
+    Per sample, the mergeable tokens are the valid, unprotected ones; protected tokens never merge
+    and nothing merges into them. Each token starts with its size from ``ctx.sizes`` (1, or what an
+    earlier merging stage left). One round over the ``t`` current mergeable tokens, in index order:
+
+    1. metric = the size-weighted mean feature of each current token, L2-normalised (features at
+       ``post_projector``, hidden states at a layer; keys are not available at an insertion point);
+    2. set A = even positions, set B = odd positions; each A token finds its most similar B token
+       (cosine; ties to the lower index);
+    3. the ``r = min(t - target, t // 2)`` A tokens with the best matches merge into their B
+       matches (ties to the lower index); sizes and feature sums add up.
+
+    Rounds repeat until ``target = budget - protected`` tokens remain, so the count is exact. The
+    result is a :class:`Merge` whose destinations are always roots (rounds are composed); the engine
+    replaces each group by its size-weighted mean and carries the summed sizes to later stages.
+
+    If a sample's budget leaves no room beyond its protected tokens, its other tokens have nothing
+    to merge into: the whole batch then gets a :class:`Selection` of the roots instead (that sample
+    keeps only its protected tokens; the others keep their roots, not averaged).
+
+    Cost: ``O(t² D / 4)`` per round, with ``t`` halving at most per round (``O(N² D)`` in all);
+    ``O(N²)`` memory.
+    """
+
+    name = "tome"
+    capabilities = Capabilities(insertion_points=frozenset({"post_projector", "layer"}), merges=True)
+    Params = ReducerParams
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge | Selection:
+        """Merge per sample; see the class docstring. ``tokens`` is ``(B, N, D)``."""
+        x = tokens.detach()
+        finite = torch.isfinite(x).all(-1) | ~ctx.valid
+        if not bool(finite.all()):
+            sample, token = (int(v) for v in (~finite).nonzero()[0])
+            raise ReducerInputError(
+                f"reducer {self.name!r}: token {token} of sample {sample} has NaN or infinite features"
+            )
+        b, n = ctx.valid.shape
+        destination = torch.arange(n, device=x.device).expand(b, n).clone()
+        dropped = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+        for s in range(b):
+            count = int(ctx.valid[s].sum())
+            mergeable = (~ctx.protected[s, :count]).nonzero().squeeze(1)
+            target = int(ctx.budget[s]) - (count - int(mergeable.numel()))
+            if target >= mergeable.numel():
+                continue
+            if target <= 0:
+                dropped[s, mergeable] = True
+                continue
+            destination[s, :count] = bipartite_merge(x[s, :count], ctx.sizes[s, :count], mergeable, target)
+        if bool(dropped.any()):
+            roots = destination == torch.arange(n, device=x.device)
+            return Selection.from_mask(roots & ctx.valid & ~dropped)
+        return Merge(destination=destination)
+
+    def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
+        """``|A| · |B| · D`` per matching round (the ``A x B`` similarity product)."""
+        total = 0
+        dim = int(tokens.shape[-1])
+        for s in range(ctx.batch_size):
+            count = int(ctx.valid[s].sum())
+            t = count - int(ctx.protected[s, :count].sum())
+            target = int(ctx.budget[s]) - (count - t)
+            if target <= 0:
+                continue
+            while t > target:
+                total += ((t + 1) // 2) * (t // 2) * dim
+                t -= min(t - target, t // 2)
+        return total
+
+
+def bipartite_merge(x: Tensor, sizes: Tensor, mergeable: Tensor, target: int) -> Tensor:
+    """Destinations after rounds of bipartite soft matching among ``mergeable`` tokens.
+
+    Args:
+        x: ``(n, D)`` features of one sample.
+        sizes: ``(n,)`` initial sizes (weights of the means).
+        mergeable: ``(m,)`` increasing indices of the tokens that may merge.
+        target: How many of them must remain, ``1 <= target <= m``.
+
+    Returns:
+        ``(n,)`` long: each token's root (roots and non-mergeable tokens map to themselves).
+    """
+    n = x.shape[0]
+    sums = x.float() * sizes.float().unsqueeze(-1)  # (n, D) size-weighted feature sums
+    mass = sizes.float().clone()  # (n,)
+    destination = torch.arange(n, device=x.device)
+    alive = mergeable.clone()
+    while alive.numel() > target:
+        t = int(alive.numel())
+        r = min(t - target, t // 2)
+        means = sums[alive] / mass[alive].clamp(min=1e-12).unsqueeze(-1)
+        metric = torch.nn.functional.normalize(means / means.abs().amax(-1, keepdim=True).clamp(min=1e-30), dim=-1)
+        a, b = alive[0::2], alive[1::2]
+        best, match = (metric[0::2] @ metric[1::2].T).max(dim=-1)
+        order = torch.argsort(best, descending=True, stable=True)[:r]
+        src, dst = a[order], b[match[order]]
+        sums.index_add_(0, dst, sums[src])
+        mass.index_add_(0, dst, mass[src])
+        remap = torch.arange(n, device=x.device)
+        remap[src] = dst
+        destination = remap[destination]
+        survives = torch.ones(t, dtype=torch.bool, device=x.device)
+        survives[2 * order] = False
+        alive = alive[survives]
+    return destination
+
+
+@tokenprune.hookimpl
+def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
+    registry.add(ToMe)

@@ -1,0 +1,173 @@
+"""ToMe: hand-computed matchings, an independent loop implementation, conservation under Merge.apply, contract."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from tokenprune_tome import ToMe
+
+from tokenprune import InsertionPoint, Merge, ReduceContext, ReducerInputError, Selection
+from tokenprune.testing import check_reducer, make_reduce_inputs
+from tokenprune.validation import check_reduction
+
+
+def context(n: int, budget: int, *, protected=None, sizes=None) -> ReduceContext:
+    valid = torch.ones(1, n, dtype=torch.bool)
+    return ReduceContext(
+        at=InsertionPoint("post_projector"),
+        budget=torch.tensor([budget]),
+        valid=valid,
+        protected=torch.zeros(1, n, dtype=torch.bool) if protected is None else protected,
+        sizes=valid.float() if sizes is None else sizes,
+    )
+
+
+def reference_destinations(x: list[list[float]], sizes: list[float], protected: list[bool], budget: int) -> list[int]:
+    """Rounds of bipartite soft matching written with plain Python loops."""
+    n = len(x)
+    sums = {i: [sizes[i] * v for v in x[i]] for i in range(n)}
+    mass = {i: sizes[i] for i in range(n)}
+    members = {i: [i] for i in range(n)}
+    alive = [i for i in range(n) if not protected[i]]
+    target = budget - sum(protected)
+    while len(alive) > target:
+        t = len(alive)
+        r = min(t - target, t // 2)
+
+        def unit(i: int) -> list[float]:
+            mean = [v / mass[i] for v in sums[i]]
+            norm = math.sqrt(sum(v * v for v in mean)) or 1.0
+            return [v / norm for v in mean]
+
+        a_set, b_set = alive[0::2], alive[1::2]
+        edges = []
+        for pos, a in enumerate(a_set):
+            best, match = -math.inf, None
+            for b in b_set:
+                sim = sum(p * q for p, q in zip(unit(a), unit(b), strict=True))
+                if sim > best:
+                    best, match = sim, b
+            edges.append((-best, pos, a, match))
+        merged = set()
+        for _, _, a, b in sorted(edges)[:r]:
+            sums[b] = [p + q for p, q in zip(sums[b], sums[a], strict=True)]
+            mass[b] += mass[a]
+            members[b] += members.pop(a)
+            merged.add(a)
+        alive = [i for i in alive if i not in merged]
+    destination = list(range(n))
+    for root, group in members.items():
+        for i in group:
+            destination[i] = root
+    return destination
+
+
+def test_one_round_by_hand():
+    # Two pairs of nearly parallel tokens. A = {0, 2}, B = {1, 3}; 0 matches 1 and 2 matches 3.
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])
+    assert ToMe().reduce(x, context(4, 2)).destination.tolist() == [[1, 1, 3, 3]]
+    # Budget 3: one merge; both edges score 1/sqrt(1.01), the tie goes to the lower A token (0).
+    assert ToMe().reduce(x, context(4, 3)).destination.tolist() == [[1, 1, 2, 3]]
+
+
+def test_rounds_compose_to_roots():
+    x = torch.randn(1, 9, 4, generator=torch.Generator().manual_seed(0))
+    result = ToMe().reduce(x, context(9, 1))
+    dest = result.destination[0]
+    assert len(set(dest.tolist())) == 1  # everything in one group, every destination a root
+    assert bool((dest[dest] == dest).all())
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("budget", [1, 3, 7, 12])
+def test_matches_a_loop_implementation(seed, budget):
+    gen = torch.Generator().manual_seed(seed)
+    n = 17
+    x = torch.randn(1, n, 5, generator=gen)
+    sizes = torch.randint(1, 4, (1, n), generator=gen).float()
+    protected = torch.zeros(1, n, dtype=torch.bool)
+    protected[0, [4, 11]] = True
+    expected = reference_destinations(x[0].tolist(), sizes[0].tolist(), protected[0].tolist(), max(budget, 3))
+    result = ToMe().reduce(x, context(n, max(budget, 3), protected=protected, sizes=sizes))
+    assert result.destination[0].tolist() == expected
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_merge_conserves_total_size_and_weighted_mean(seed):
+    tokens, ctx = make_reduce_inputs(keep=(0.5, 0.3, 0.2)[seed], protect_newlines=seed == 0, seed=seed, dim=8)
+    ctx.sizes = ctx.valid.float() * torch.randint(1, 5, ctx.valid.shape, generator=torch.Generator().manual_seed(seed))
+    result = ToMe().reduce(tokens, ctx)
+    assert isinstance(result, Merge)
+    selection = check_reduction(result, tokens, ctx, who="tome", capabilities=ToMe.capabilities)
+    assert selection.counts.tolist() == ctx.budget.tolist()
+    merged, merged_sizes, _ = result.apply(tokens, ctx.sizes, ctx.valid)
+    torch.testing.assert_close(merged_sizes.sum(1), ctx.sizes.sum(1))
+    weighted_in = (tokens * ctx.sizes.unsqueeze(-1)).sum(1)
+    weighted_out = (merged * merged_sizes.unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(weighted_out, weighted_in, rtol=1e-5, atol=1e-4)
+    # Each root is the size-weighted mean of its group.
+    dest = result.destination
+    for b in range(ctx.batch_size):
+        for j, root in enumerate(selection.tolist()[b]):
+            group = [i for i in range(int(ctx.num_valid[b])) if int(dest[b, i]) == root]
+            w = ctx.sizes[b, group]
+            expected = (tokens[b, group] * w[:, None]).sum(0) / w.sum()
+            torch.testing.assert_close(merged[b, j], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_protected_tokens_never_merge():
+    x = torch.ones(1, 6, 3)  # identical tokens: every pair is a perfect match
+    protected = torch.tensor([[False, True, False, False, True, False]])
+    dest = ToMe().reduce(x, context(6, 3, protected=protected)).destination[0].tolist()
+    assert dest[1] == 1 and dest[4] == 4
+    assert all(d not in (1, 4) for i, d in enumerate(dest) if i not in (1, 4))
+    assert len(set(dest)) == 3
+
+
+def test_no_room_beyond_protected_tokens_gives_a_selection():
+    tokens, ctx = make_reduce_inputs(keep=1)  # budget = the newline tokens only
+    result = ToMe().reduce(tokens, ctx)
+    assert isinstance(result, Selection)
+    assert result.to_mask(ctx.valid.shape[1]).tolist() == ctx.protected.tolist()
+
+
+def test_edge_cases():
+    assert ToMe().reduce(torch.randn(1, 1, 3), context(1, 1)).destination.tolist() == [[0]]
+    x = torch.randn(1, 5, 3)
+    assert ToMe().reduce(x, context(5, 5)).destination.tolist() == [[0, 1, 2, 3, 4]]
+    identical = ToMe().reduce(torch.ones(1, 4, 3), context(4, 2)).destination.tolist()
+    assert identical == [[1, 1, 1, 3]]  # ties: every A token takes the first B token (as torch.max does)
+    zeros = ToMe().reduce(torch.zeros(1, 4, 3), context(4, 1)).destination[0]
+    assert len(set(zeros.tolist())) == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_are_rejected(bad):
+    x = torch.randn(1, 5, 4)
+    x[0, 2, 0] = bad
+    with pytest.raises(ReducerInputError, match=r"'tome'.*token 2 of sample 0"):
+        ToMe().reduce(x, context(5, 2))
+
+
+def test_contract():
+    check_reducer(ToMe)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_budget_property(seed):
+    """Random ragged grids, budgets and protection: valid results with exactly the budget, protected kept."""
+    rng = random.Random(seed)
+    grids = [(rng.randint(1, 5), rng.randint(1, 6)) for _ in range(rng.randint(1, 3))]
+    keep = rng.choice([rng.uniform(0.01, 1.0), rng.randint(1, 40)])
+    at = InsertionPoint("layer", 2) if "post_projector" == "layer" else InsertionPoint("post_projector")
+    tokens, ctx = make_reduce_inputs(
+        grids=grids, keep=keep, at=at, protect_newlines=rng.random() < 0.5, newlines=rng.random() < 0.7, seed=seed
+    )
+    reducer = ToMe()
+    result = reducer.reduce(tokens, ctx)
+    selection = check_reduction(result, tokens, ctx, who="tome", capabilities=reducer.capabilities)
+    assert selection.counts.tolist() == ctx.budget.tolist()
+    assert bool((selection.to_mask(tokens.shape[1]) | ~ctx.protected).all())
