@@ -180,9 +180,7 @@ def main() -> None:
                 with tp.apply(model, pipeline(name, keep, at)) as run:
                     t_pruned = timing(lambda: prefill(model, inputs))
                     last = run.stats.last_prefill
-                    overhead = sum(
-                        e.reducer.overhead_macs(n, size.hidden) for e in run._entries for n in last.stages[0].entering
-                    )
+                    overhead = sum(s.overhead_macs for s in last.stages)
                     macs = vision + lm_macs(shape, [row[0] for row in last.layer_tokens]) + overhead
                     reducer_s = sorted(f.reducer_seconds for f in run.stats.prefills)[len(run.stats.prefills) // 2]
                 speed = base_time.median / t_pruned.median

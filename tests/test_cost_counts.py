@@ -40,9 +40,9 @@ def test_analytic_equals_torch_and_fvcore_unpruned(family):
     fv = fvcore_macs(model, seen["inputs_embeds"], attention_mask=inputs["attention_mask"], position_ids=position_ids)
     assert analytic.total == torch_lm == fv.macs
     # the attention term is really there: without it the count would be lower by 2 * q_dim * n^2 per layer
-    assert analytic.total - sum(length * p for p in shape.linear_macs_per_token) - length * shape.hidden * shape.vocab == sum(
-        2 * q * length * length for q in shape.q_dims
-    )
+    assert analytic.total - sum(
+        length * p for p in shape.linear_macs_per_token
+    ) - length * shape.hidden * shape.vocab == sum(2 * q * length * length for q in shape.q_dims)
     # fvcore saw no matrix product it could not count
     assert not {op for op in fv.uncounted_ops if "matmul" in op or "linear" in op or "attention" in op}
 

@@ -88,3 +88,21 @@ def test_flops_report_serialises():
     data = report.as_dict()
     assert data["unit"].startswith("MACs") and data["total"] == report.total
     assert data["lm_head"]["fvcore"] is None and data["language_model"]["fvcore"] is None
+
+
+def test_reducer_overhead_is_counted_exactly():
+    """G-Prune's graph and ToMe's matching: the declared MACs equal what torch saw outside the layers."""
+    t = tiny_models.llava_next()
+    inputs = t.make_inputs([(56, 84)])
+    pipe = {
+        "stages": [
+            {"at": "post_projector", "reducer": "gprune", "keep": 0.5},
+            {"at": {"layer": 2}, "reducer": "tome", "keep": 0.5},
+        ]
+    }
+    report = count_flops(t.model, inputs, pipe)
+    _assert_counters_agree(report)
+    declared = dict((name, macs) for _, name, macs in report.reducers)
+    assert declared["gprune"] > 0 and declared["tome"] > 0
+    assert report.reducers_torch == sum(declared.values())
+    assert report.total == report.vision + report.language_model["analytic"] + report.overhead

@@ -16,6 +16,7 @@ from tokenprune import __version__
 from tokenprune.errors import PluginLoadWarning, TokenpruneError
 from tokenprune.pipeline import load_pipeline, pipeline_json_schema
 from tokenprune.plugins import PluginManager, get_plugin_manager
+from tokenprune.run_cli import run as run_command
 
 app = typer.Typer(
     name="tokenprune",
@@ -25,6 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 EXIT_INVALID = 2
+app.command("run")(run_command)
 
 
 def _version(value: bool) -> None:
@@ -247,8 +249,8 @@ def flops(
     """
     from PIL import Image
 
-    from tokenprune.bench.runner import load_model
     from tokenprune.cost.flops import count_flops
+    from tokenprune.loading import load_model
 
     try:
         vlm, processor = load_model(model, dtype, "cpu")

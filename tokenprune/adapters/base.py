@@ -2,22 +2,198 @@
 
 An adapter is registered for one or more transformers ``model_type`` values (``config.model_type``
 of the top-level model) through the ``tokenprune_register_adapters`` hook, so a new architecture is
-a plugin like a new reducer. The engine-facing methods (locating the visual tokens, the projector
-and the decoder layers, the token layout, the position scheme) are specified with the engine.
+a plugin like a new reducer. The engine (:mod:`tokenprune.engine`) asks the adapter for:
+
+* the modules it hooks: the multimodal base model (:meth:`ModelAdapter.vlm`, which receives
+  ``input_ids``), the language model (:meth:`ModelAdapter.language_model`, which receives the
+  merged ``inputs_embeds``) and its decoder layers (:meth:`ModelAdapter.decoder_layers`);
+* which sequence positions hold visual tokens (:meth:`ModelAdapter.visual_mask`);
+* the spatial layout of every visual token, from the call to ``get_image_features`` that the model
+  makes (:meth:`ModelAdapter.image_layouts`);
+* how to turn position ids into rotary embeddings (:meth:`ModelAdapter.rotary`), and the position
+  ids the unmodified model would use when a caller passes none during decoding
+  (:meth:`ModelAdapter.decode_positions`).
+
+Everything else (masks, caches, batching) is generic: the engine relies only on the call contract
+that transformers 5 decoder layers share (``hidden_states``, ``attention_mask``,
+``position_embeddings``, ``position_ids`` keyword arguments; a tensor returned).
+
+A minimal adapter for a LLaVA-like model is a few lines::
+
+    class MyAdapter(ModelAdapter):
+        name = "my_vlm"
+        model_types = ("my_vlm",)
+
+        def image_layouts(self, call):
+            return [TokenLayout.grid(24, 24) for _ in range(self.num_images(call))]
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from tokenprune.layout import TokenLayout
+
+
+@dataclass
+class ImageCall:
+    """One call of the model's ``get_image_features``, as recorded by the engine.
+
+    Attributes:
+        args: The call's positional arguments (after ``self``).
+        kwargs: The call's keyword arguments.
+        output: What it returned (a ``BaseModelOutputWithPooling`` in transformers 5, or a tensor).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any
+
+    def arg(self, name: str, index: int, default: Any = None) -> Any:
+        """The argument ``name`` whether passed by keyword or at position ``index``."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if index < len(self.args):
+            return self.args[index]
+        return default
+
+    def features(self) -> list[Tensor]:
+        """Per-image projected features: a list of ``(n_i, D)`` tensors."""
+        out = self.output
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None and isinstance(out, (Tensor, list, tuple)):
+            pooled = out
+        if pooled is None:
+            return []
+        if isinstance(pooled, Tensor):
+            if pooled.dim() == 2:
+                return [pooled]
+            return list(pooled.unbind(0))
+        return [p.reshape(-1, p.shape[-1]) for p in pooled]
 
 
 class ModelAdapter:
-    """Base class of model adapters.
+    """Base class of model adapters; the defaults fit LLaVA-like models of transformers 5.
+
+    One instance serves one model (``self.model``, the top-level ``...ForConditionalGeneration``).
 
     Attributes:
         name: A short name for listings, e.g. ``"llava_next"``.
         model_types: The ``config.model_type`` values this adapter handles.
+        position_scheme: ``"rope"`` (1-D positions) or ``"mrope"`` (Qwen2-VL's 3-D positions).
+        notes: One line shown in ``docs/adapters.md`` and listings (limits, semantics).
     """
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
+    position_scheme: ClassVar[str] = "rope"
+    notes: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # --- modules --------------------------------------------------------------------------------
+
+    def vlm(self) -> nn.Module:
+        """The multimodal base model: receives ``input_ids`` and calls ``get_image_features``."""
+        vlm = getattr(self.model, "model", None)
+        if not isinstance(vlm, nn.Module):
+            raise TypeError(
+                f"{type(self.model).__name__} has no `.model` submodule; pass the top-level "
+                "...ForConditionalGeneration model to tokenprune.apply"
+            )
+        return vlm
+
+    def language_model(self) -> nn.Module:
+        """The text decoder stack: receives ``inputs_embeds`` with the image features merged in."""
+        return self.vlm().language_model
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder layers of :meth:`language_model`, in order."""
+        return self.language_model().layers
+
+    def text_config(self) -> Any:
+        """The language model's config (read for the attention implementation and sliding windows)."""
+        return self.language_model().config
+
+    # --- visual tokens --------------------------------------------------------------------------
+
+    def image_token_id(self) -> int:
+        """The placeholder id that marks a visual token in ``input_ids``."""
+        cfg = self.model.config
+        for attr in ("image_token_id", "image_token_index"):
+            value = getattr(cfg, attr, None)
+            if value is not None:
+                return int(value)
+        raise TypeError(f"{type(self.model).__name__}: the config has no image_token_id / image_token_index")
+
+    def visual_mask(self, input_ids: Tensor) -> Tensor:
+        """``(B, L)`` bool: the visual tokens of ``(B, L)`` ``input_ids``."""
+        return input_ids == self.image_token_id()
+
+    def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
+        """One ``(1, n_i)`` :class:`TokenLayout` per image of the recorded ``get_image_features`` call.
+
+        ``n_i`` must equal the number of feature rows of image ``i`` (its placeholder count). The
+        default lays each image out as a square grid when ``n_i`` is a square, else as one row.
+        """
+        layouts = []
+        for i, feats in enumerate(call.features()):
+            n = int(feats.shape[0])
+            side = math.isqrt(n)
+            if side * side == n:
+                layouts.append(TokenLayout.grid(side, side, image=i))
+            else:
+                layouts.append(TokenLayout.grid(1, n, image=i))
+        return layouts
+
+    # --- positions ------------------------------------------------------------------------------
+
+    def rotary(self, hidden: Tensor, positions: Tensor, layer_index: int) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` for ``positions`` as the model's rotary embedding computes them.
+
+        Args:
+            hidden: ``(B, L, D)`` hidden states (for dtype and device).
+            positions: ``(R, B, L)`` position rows in the engine's normal form (``R = 1`` for 1-D
+                RoPE; 3 or 4 for M-RoPE, see :mod:`tokenprune.positions`).
+            layer_index: The decoder layer the embedding is for (Gemma3 has per-layer-type RoPE).
+        """
+        return self.language_model().rotary_emb(hidden, positions[0])
+
+    def decode_positions(self, kwargs: dict[str, Any], virtual_past: int, query_length: int) -> Tensor:
+        """Position ids the unmodified model would use in a decoding step that was given none.
+
+        Args:
+            kwargs: The keyword arguments of the base model's forward (``attention_mask`` is the
+                caller's, over the unpruned sequence).
+            virtual_past: Tokens before this step in the *unpruned* sequence.
+            query_length: Tokens in this step.
+
+        Returns:
+            Position ids in the form the base model accepts (``(B, q)`` for 1-D RoPE).
+        """
+        batch = _batch_size(kwargs)
+        device = _device(kwargs)
+        pos = torch.arange(virtual_past, virtual_past + query_length, device=device)
+        return pos.unsqueeze(0).expand(batch, -1)
+
+
+def _batch_size(kwargs: dict[str, Any]) -> int:
+    for key in ("input_ids", "inputs_embeds", "attention_mask"):
+        value = kwargs.get(key)
+        if isinstance(value, Tensor):
+            return int(value.shape[0])
+    return 1
+
+
+def _device(kwargs: dict[str, Any]) -> torch.device:
+    for key in ("input_ids", "inputs_embeds", "attention_mask"):
+        value = kwargs.get(key)
+        if isinstance(value, Tensor):
+            return value.device
+    return torch.device("cpu")

@@ -29,6 +29,7 @@ from tokenprune.cost.analytic import DecoderShape, language_model_macs
 from tokenprune.cost.measure import peak_memory_bytes
 from tokenprune.engine import apply
 from tokenprune.errors import TokenpruneError
+from tokenprune.loading import load_model
 from tokenprune.plugins import PluginManager, get_plugin_manager
 
 Progress = Callable[[str, int, int], None]
@@ -104,26 +105,6 @@ def compare(
 
         write_reports(config, pipelines, store)
     return RunOutcome(config.output, dist.sum(computed), dist.sum(reused))
-
-
-def load_model(spec: str, dtype: str, device: str) -> tuple[nn.Module, Any]:
-    """Load a VLM and its processor: ``"bundled"``, a local folder, or a hub id (``from_pretrained``)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    if spec == "bundled":
-        from tokenprune.synth import bundled_model_path
-
-        path: str | Path = bundled_model_path()
-    else:
-        path = spec
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=getattr(torch, dtype), attn_implementation="sdpa"
-        )
-    except (OSError, ValueError) as exc:
-        raise TokenpruneError(f"could not load model {spec!r}: {exc}") from exc
-    return model.to(device).eval(), processor
 
 
 # --- one batch -------------------------------------------------------------------------------------
@@ -388,4 +369,4 @@ class _Distributed:
             dist.barrier()
 
 
-__all__ = ["RunOutcome", "compare", "load_model"]
+__all__ = ["RunOutcome", "compare"]

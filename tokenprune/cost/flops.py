@@ -51,6 +51,8 @@ class FlopsReport:
         probe: Analytic MACs of the attention probe (``QK^T`` rows the reducers asked for).
         fvcore_notes: What fvcore could not count, and its captured warnings.
         batch: Samples in the batch (the counts cover the whole padded batch).
+        reducers_torch: What torch counted inside the decoder but outside its layers: the reducers'
+            own work (it should equal the sum of ``reducers``).
     """
 
     layers: list[LayerRow]
@@ -60,6 +62,7 @@ class FlopsReport:
     probe: int = 0
     fvcore_notes: list[str] = field(default_factory=list)
     batch: int = 1
+    reducers_torch: int = 0
 
     @property
     def language_model(self) -> dict[str, int | None]:
@@ -96,6 +99,7 @@ class FlopsReport:
             "language_model": self.language_model,
             "reducers": [{"stage": s, "reducer": n, "macs": m} for s, n, m in self.reducers],
             "probe": self.probe,
+            "reducers_torch": self.reducers_torch,
             "total": self.total,
             "fvcore_notes": self.fvcore_notes,
         }
@@ -151,9 +155,13 @@ def count_flops(
         for i in range(shape.num_layers)
     ]
     torch_head = flops_to_macs(count.module_flops(head_path))
-    lm_torch = flops_to_macs(count.module_flops(decoder_path)) + torch_head
-    vision = flops_to_macs(count.flops) - lm_torch
-    return FlopsReport(rows, (analytic.lm_head, torch_head, fvcore_head), vision, reducers, probe, notes, batch)
+    decoder_torch = flops_to_macs(count.module_flops(decoder_path))
+    vision = flops_to_macs(count.flops) - decoder_torch - torch_head
+    # What torch counted in the decoder outside its layers: the reducers, run from the engine's hooks.
+    overhead_torch = decoder_torch - sum(torch_layers)
+    return FlopsReport(
+        rows, (analytic.lm_head, torch_head, fvcore_head), vision, reducers, probe, notes, batch, overhead_torch
+    )
 
 
 class _Recorder:
@@ -261,14 +269,7 @@ def _fvcore_replay(
 
 def _reducer_overheads(run: Any, shape: DecoderShape) -> list[tuple[int, str, int]]:
     prefill = run.stats.last_prefill
-    if prefill is None:
-        return []
-    out = []
-    reducers = [e.reducer for e in run._entries]
-    for s in prefill.stages:
-        reducer = reducers[s.stage]
-        out.append((s.stage, s.reducer, sum(reducer.overhead_macs(n, shape.hidden) for n in s.entering)))
-    return out
+    return [] if prefill is None else [(s.stage, s.reducer, s.overhead_macs) for s in prefill.stages]
 
 
 def _probe_macs(run: Any, shape: DecoderShape) -> int:
@@ -277,7 +278,7 @@ def _probe_macs(run: Any, shape: DecoderShape) -> int:
     if prefill is None:
         return 0
     total = 0
-    reducers = [e.reducer for e in run._entries]
+    reducers = run.reducers
     by_index = {s.stage: s for s in prefill.stages}
     probed: dict[int, set[str]] = {}
     for i, stage in enumerate(run.pipeline.stages):

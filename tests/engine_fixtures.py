@@ -1,0 +1,167 @@
+"""Helpers and test reducers for the engine and adapter tests (imported by ``tests/test_engine_*.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+import tokenprune as tp
+from tokenprune import Capabilities, Merge, ReduceContext, ScoringReducer, Selection, TokenReducer
+from tokenprune.reducer import top_k_selection
+
+ADAPTERS = [
+    "llava_next",
+    "llava",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "llava_onevision",
+    "idefics3",
+    "smolvlm",
+    "paligemma",
+    "gemma3",
+]
+
+# Per adapter: a batch of 3 specs with different visual-token counts and one text-only-free layout,
+# and the matching one-by-one specs. Qwen images must be multiples of 28 px.
+BATCH_SPECS: dict[str, list[Any]] = {
+    "llava_next": [(56, 56), (56, 112), (112, 112)],
+    "llava": [(56, 56), [(56, 56), (56, 56)], (56, 56)],
+    "qwen2_vl": [(56, 56), (112, 112), (56, 112)],
+    "qwen2_5_vl": [(56, 56), (112, 112), (56, 112)],
+    "llava_onevision": [(56, 56), (56, 112), (112, 112)],
+    "idefics3": [(56, 56), (56, 112), (112, 112)],
+    "smolvlm": [(56, 56), (56, 112), (112, 112)],
+    "paligemma": [(56, 56), [(56, 56), (56, 56)], (56, 56)],
+    "gemma3": [(56, 56), [(56, 56), (56, 56)], [(56, 56), (56, 56), (56, 56)]],
+}
+
+
+class Recorder:
+    """Collects what the test reducers saw."""
+
+    contexts: ClassVar[list[ReduceContext]] = []
+    tokens: ClassVar[list[Tensor]] = []
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.contexts.clear()
+        cls.tokens.clear()
+
+
+class ProbeRecorder(ScoringReducer):
+    """Keeps the tokens with the most attention from the last token (FastV-like); records ctx."""
+
+    name = "probe_recorder"
+    capabilities = Capabilities(insertion_points=frozenset({"layer"}), attention=frozenset({"last", "text"}))
+
+    def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
+        Recorder.contexts.append(ctx)
+        Recorder.tokens.append(tokens.detach().clone())
+        return ctx.attention["last"]
+
+
+class FirstK(TokenReducer):
+    """Adaptive toy: keeps the first ``budget - h`` tokens, ``h`` in {1, 2} hashed from the
+    sample's own features, so counts vary per sample but not with the batch."""
+
+    name = "first_k"
+    capabilities = Capabilities(deterministic_count=False)
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
+        Recorder.contexts.append(ctx)
+        n = tokens.shape[1]
+        h = 1 + (tokens[:, 0, 0].float().abs() * 1e4).long() % 2
+        want = torch.minimum((ctx.budget - h).clamp(min=1), ctx.num_valid)
+        want = torch.maximum(want, (ctx.protected & ctx.valid).sum(1))
+        scores = -torch.arange(n, dtype=torch.float32).expand(ctx.batch_size, n)
+        return top_k_selection(scores, dataclasses.replace(ctx, budget=want))
+
+
+class MergePairs(TokenReducer):
+    """Merges each odd-indexed valid token into the even token before it (ToMe-like toy)."""
+
+    name = "merge_pairs"
+    capabilities = Capabilities(merges=True, deterministic_count=False)
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
+        Recorder.contexts.append(ctx)
+        Recorder.tokens.append(tokens.detach().clone())
+        b, n = ctx.valid.shape
+        idx = torch.arange(n).expand(b, n)
+        dest = torch.where((idx % 2 == 1) & ~ctx.protected, idx - 1, idx)
+        # A protected even token cannot receive: keep its partner as its own root.
+        dest = torch.where(ctx.protected.gather(1, dest), idx, dest)
+        return Merge(destination=dest)
+
+
+class BadReducer(TokenReducer):
+    """Returns unsorted indices (for error tests)."""
+
+    name = "bad_reducer"
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
+        k = int(ctx.budget.max())
+        idx = torch.arange(k).flip(0).expand(ctx.batch_size, k).clone()
+        return Selection(indices=idx, counts=torch.full((ctx.batch_size,), k))
+
+
+class TestReducers:
+    """A plugin object registering the test reducers."""
+
+    @tp.hookimpl
+    def tokenprune_register_reducers(self, registry: Any) -> None:
+        for cls in (ProbeRecorder, FirstK, MergePairs, BadReducer):
+            registry.add(cls)
+
+
+def manager() -> tp.plugins.PluginManager:
+    """A plugin manager with the built-ins and the test reducers."""
+    return tp.get_plugin_manager(plugins=[TestReducers()])
+
+
+def pipe(*stages: tuple[Any, str, float | int] | tuple[Any, str, float | int, dict[str, Any]], **opts: Any) -> dict:
+    """``pipe(("post_projector", "random", 0.5), ({"layer": 2}, "random", 0.5), positions="compact")``."""
+    out = []
+    for s in stages:
+        at, reducer, keep = s[0], s[1], s[2]
+        params = s[3] if len(s) > 3 else {}
+        out.append({"at": at, "reducer": reducer, "keep": keep, "params": params})
+    return {"stages": out, **opts}
+
+
+def gen_positions(adapter: str, mask: Tensor) -> Tensor | None:
+    """Position ids like ``generate`` builds them (None for M-RoPE models, which compute their own)."""
+    if adapter.startswith("qwen"):
+        return None
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def forward(model: torch.nn.Module, inputs: dict[str, Any], adapter: str, **kw: Any) -> Any:
+    """A plain forward with generate-like positions (so padded and unpadded runs agree)."""
+    extra = {}
+    pos = gen_positions(adapter, inputs["attention_mask"])
+    if pos is not None:
+        extra["position_ids"] = pos
+    with torch.no_grad():
+        return model(**inputs, **extra, **kw)
+
+
+def generate(model: torch.nn.Module, inputs: dict[str, Any], n: int = 4, **kw: Any) -> Any:
+    with torch.no_grad():
+        return model.generate(
+            **inputs,
+            max_new_tokens=n,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
+            suppress_tokens=[4, 5, 6, 7],
+            **kw,
+        )
+
+
+Builder = Callable[[], Any]

@@ -1,0 +1,71 @@
+"""The ``tokenprune run`` function (mounted by ``tokenprune.cli``) on a saved tiny LLaVA-NeXT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tiny_models as tm
+import typer
+from typer.testing import CliRunner
+
+from tokenprune.run_cli import run
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tiny = tm.llava_next()
+    folder = tmp_path_factory.mktemp("tiny-llava-next")
+    tiny.model.save_pretrained(folder)
+    tiny.processor.save_pretrained(folder)
+    tm.image(56, 112).save(folder / "image.png")
+    (folder / "pipe.yaml").write_text(
+        "stages:\n  - {at: post_projector, reducer: random, keep: 0.5}\n  - {at: {layer: 2}, reducer: random, keep: 0.5}\n"
+    )
+    return folder
+
+
+def invoke(*args: str):
+    app = typer.Typer()
+    app.command("run")(run)
+    app.command("other")(lambda: None)  # keep `run` a subcommand, as in tokenprune.cli
+    return CliRunner().invoke(app, ["run", *args])
+
+
+def test_run_prints_answer_counts_and_heatmap(saved, tmp_path):
+    out = tmp_path / "kept.png"
+    result = invoke(
+        "--model",
+        str(saved),
+        "--pipeline",
+        str(saved / "pipe.yaml"),
+        "--image",
+        str(saved / "image.png"),
+        "--prompt",
+        "w10 w11 w12",
+        "--max-new-tokens",
+        "3",
+        "--heatmap",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    assert "answer:" in result.output
+    assert "stage 0 random at post_projector: visual tokens 52 -> 26" in result.output
+    assert "stage 1 random at layer 2: visual tokens 26 -> 13" in result.output
+    assert "tokens per decoder layer:" in result.output
+    assert out.is_file() and out.stat().st_size > 1000
+
+
+def test_run_reports_missing_files(saved):
+    result = invoke(
+        "--model",
+        str(saved),
+        "--pipeline",
+        str(saved / "nope.yaml"),
+        "--image",
+        str(saved / "image.png"),
+        "--prompt",
+        "hi",
+    )
+    assert result.exit_code == 2
+    assert "nope.yaml" in result.output and "does not exist" in result.output

@@ -1,0 +1,512 @@
+"""Tiny random VLMs built from configs, with offline processors, for the engine and adapter tests.
+
+Every builder returns a :class:`Tiny`: the model (eval mode, sdpa attention, fixed seed) and a
+``make_inputs(specs)`` function that builds a left-padded batch the way the model's processor
+would. ``make_inputs(specs, start=i)`` numbers the samples from ``i``,
+so a sample rebuilt alone gets the same text and image as in the batch. A spec is ``None`` for a text-only sample or ``(height, width)`` for one image of that size
+(``[(h, w), (h, w)]`` for several images). Text hidden 64, 4 layers; vision hidden 32, 2 layers;
+image 56, patch 14 (see the research notes, section 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+VOCAB = 256
+IMAGE_TOKEN = 4  # shared id of the image placeholder in every tiny model
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CLIP = dict(
+    model_type="clip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=56,
+    patch_size=14,
+    projection_dim=32,
+)
+SIGLIP = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=56,
+    patch_size=14,
+)
+
+Spec = None | tuple[int, int] | list[tuple[int, int]]
+
+
+@dataclass
+class Tiny:
+    """A tiny model and its input builder."""
+
+    name: str
+    model: torch.nn.Module
+    make_inputs: Callable[..., dict[str, Any]]
+    processor: Any = None
+
+
+def image(h: int, w: int, seed: int = 0) -> Image.Image:
+    """A deterministic random RGB image of ``h x w`` pixels."""
+    rng = np.random.default_rng(seed + 7 * h + w)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _text_ids(i: int, n: int) -> list[int]:
+    """``n`` deterministic ordinary token ids (>= 10) for sample ``i``."""
+    return [10 + (7 * i + 3 * j) % (VOCAB - 20) for j in range(n)]
+
+
+def _images_of(spec: Spec) -> list[tuple[int, int]]:
+    if spec is None:
+        return []
+    if isinstance(spec, list):
+        return spec
+    return [spec]
+
+
+def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into ``(input_ids, attention_mask)``."""
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r) :] = torch.tensor(r)
+        mask[i, n - len(r) :] = 1
+    return ids, mask
+
+
+def _finish(model: torch.nn.Module) -> torch.nn.Module:
+    return model.eval()
+
+
+def _sample_ids(i: int, counts: list[int], prefix: int = 3, suffix: int = 4) -> list[int]:
+    """bos, prefix text, then for each image its placeholder run followed by a text token, then text."""
+    ids = [1, *_text_ids(i, prefix)]
+    for c in counts:
+        ids += [IMAGE_TOKEN] * c + [_text_ids(i + 50, 1)[0]]
+    return ids + _text_ids(i + 100, suffix + i % 2)
+
+
+# --- LLaVA-NeXT (full offline processor: anyres tiles, unpadding, image_newline) ----------------
+
+
+def llava_next(seed: int = 0) -> Tiny:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    torch.manual_seed(seed)
+    cfg = LlavaNextConfig(
+        text_config=dict(model_type="llama", **TEXT),
+        vision_config=CLIP,
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+        vision_feature_layer=-1,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(LlavaNextForConditionalGeneration(cfg))
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE_TOKEN}
+    vocab.update({f"w{i}": i for i in range(10, VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    hf_tok.padding_side = "left"
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_grid_pinpoints=cfg.image_grid_pinpoints
+    )
+    proc = LlavaNextProcessor(
+        image_processor=ip,
+        tokenizer=hf_tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        texts, images = [], []
+        for i, spec in enumerate(specs, start):
+            ims = _images_of(spec)
+            words = " ".join(f"w{t}" for t in _text_ids(i, 3))
+            body = " ".join("<image> w60" for _ in ims)
+            tail = " ".join(f"w{t}" for t in _text_ids(i + 100, 4 + i % 2))
+            texts.append(f"<s> {words} {body} {tail}")
+            images += [image(h, w, seed=i * 10 + j) for j, (h, w) in enumerate(ims)]
+        if not images:
+            out = hf_tok(texts, return_tensors="pt", padding=True)
+            return dict(out)
+        out = proc(images=images, text=texts, return_tensors="pt", padding=True)
+        return dict(out)
+
+    return Tiny("llava_next", model, make_inputs, proc)
+
+
+# --- LLaVA-1.5 --------------------------------------------------------------------------------
+
+
+def llava(seed: int = 0) -> Tiny:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        text_config=dict(model_type="llama", **TEXT),
+        vision_config=CLIP,
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-1,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(LlavaForConditionalGeneration(cfg))
+    per_image = (56 // 14) ** 2
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        rows, pixels = [], []
+        for i, spec in enumerate(specs, start):
+            ims = _images_of(spec)
+            rows.append(_sample_ids(i, [per_image] * len(ims)))
+            for j, _ in enumerate(ims):
+                g = torch.Generator().manual_seed(100 * i + j)
+                pixels.append(torch.randn(3, 56, 56, generator=g))
+        ids, mask = left_pad(rows)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels)
+        return out
+
+    return Tiny("llava", model, make_inputs)
+
+
+# --- Qwen2-VL / Qwen2.5-VL (M-RoPE) -----------------------------------------------------------
+
+
+def _qwen(kind: str, seed: int = 0) -> Tiny:
+    from transformers import Qwen2VLImageProcessorPil
+
+    if kind == "qwen2_vl":
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+    else:
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
+    torch.manual_seed(seed)
+    text = dict(TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    cfg = Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=5,
+        vision_start_token_id=6,
+        vision_end_token_id=7,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(Model(cfg))
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        rows, images = [], []
+        counts_all = []
+        ims_all = []
+        for i, spec in enumerate(specs, start):
+            ims = _images_of(spec)
+            ims_all.append(ims)
+            images += [image(h, w, seed=i * 10 + j) for j, (h, w) in enumerate(ims)]
+        out: dict[str, Any] = {}
+        grids = None
+        if images:
+            pv = ip(images=images, return_tensors="pt")
+            out["pixel_values"] = pv["pixel_values"]
+            out["image_grid_thw"] = grids = pv["image_grid_thw"]
+        k = 0
+        for i, ims in enumerate(ims_all, start):
+            counts = []
+            for _ in ims:
+                t, h, w = grids[k].tolist()
+                counts.append(t * h * w // 4)
+                k += 1
+            counts_all.append(counts)
+            ids = [1, *_text_ids(i, 3)]
+            for c in counts:
+                ids += [6] + [IMAGE_TOKEN] * c + [7]
+            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
+        ids, mask = left_pad(rows)
+        out.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE_TOKEN).int())
+        return out
+
+    return Tiny(kind, model, make_inputs)
+
+
+def qwen2_vl(seed: int = 0) -> Tiny:
+    return _qwen("qwen2_vl", seed)
+
+
+def qwen2_5_vl(seed: int = 0) -> Tiny:
+    return _qwen("qwen2_5_vl", seed)
+
+
+BUILDERS: dict[str, Callable[[], Tiny]] = {
+    "llava_next": llava_next,
+    "llava": llava,
+    "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+}
+
+
+# --- LLaVA-OneVision (anyres, siglip, "full" features) ------------------------------------------
+
+
+def llava_onevision(seed: int = 0) -> Tiny:
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    torch.manual_seed(seed)
+    cfg = LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", **TEXT),
+        vision_config=SIGLIP,
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(LlavaOnevisionForConditionalGeneration(cfg))
+    ip = LlavaOnevisionImageProcessorPil(
+        size={"height": 56, "width": 56},
+        crop_size={"height": 56, "width": 56},
+        image_grid_pinpoints=cfg.image_grid_pinpoints,
+    )
+    return _features_counted("llava_onevision", model, ip, with_sizes=True)
+
+
+def _features_counted(name: str, model: torch.nn.Module, ip: Any, with_sizes: bool) -> Tiny:
+    """Inputs whose placeholder counts come from the model's own ``get_image_features``."""
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        images, owners = [], []
+        for i, spec in enumerate(specs, start):
+            for j, (h, w) in enumerate(_images_of(spec)):
+                images.append(image(h, w, seed=i * 10 + j))
+                owners.append(i)
+        out: dict[str, Any] = {}
+        counts: list[int] = []
+        if images:
+            pv = ip(images=images, return_tensors="pt")
+            out["pixel_values"] = pv["pixel_values"]
+            kw = {"pixel_values": pv["pixel_values"]}
+            if with_sizes:
+                out["image_sizes"] = kw["image_sizes"] = pv["image_sizes"]
+            with torch.no_grad():
+                feats = model.model.get_image_features(**kw).pooler_output
+            counts = [int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats]
+        rows, k = [], 0
+        for i, spec in enumerate(specs, start):
+            n = len(_images_of(spec))
+            rows.append(_sample_ids(i, counts[k : k + n]))
+            k += n
+        ids, mask = left_pad(rows)
+        out.update(input_ids=ids, attention_mask=mask)
+        return out
+
+    return Tiny(name, model, make_inputs)
+
+
+# --- Idefics3 / SmolVLM (crops + global image, pixel shuffle) -----------------------------------
+
+
+def _idefics(kind: str, seed: int = 0) -> Tiny:
+    if kind == "idefics3":
+        from transformers import Idefics3Config as Config
+        from transformers import Idefics3ForConditionalGeneration as Model
+    else:
+        from transformers import SmolVLMConfig as Config
+        from transformers import SmolVLMForConditionalGeneration as Model
+    torch.manual_seed(seed)
+    vision = {k: v for k, v in SIGLIP.items() if k != "model_type"}
+    cfg = Config(
+        text_config=dict(model_type="llama", **TEXT), vision_config=vision, scale_factor=2, image_token_id=IMAGE_TOKEN
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(Model(cfg))
+    per_crop = (56 // 14) ** 2 // 4
+
+    def crops_of(h: int, w: int) -> int:
+        return 1 if (h, w) == (56, 56) else (h // 56) * (w // 56) + 1
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        rows, pixels = [], []
+        for i, spec in enumerate(specs, start):
+            ims = _images_of(spec)
+            ids = [1, *_text_ids(i, 3)]
+            crops = []
+            for j, (h, w) in enumerate(ims):
+                n = crops_of(h, w)
+                g = torch.Generator().manual_seed(100 * i + j)
+                crops += [torch.randn(3, 56, 56, generator=g) for _ in range(n)]
+                for _ in range(n):
+                    ids += [8] + [IMAGE_TOKEN] * per_crop
+                ids += [8]
+            pixels.append(crops)
+            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
+        ids, mask = left_pad(rows)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        most = max(len(c) for c in pixels)
+        if most:
+            pv = torch.zeros(len(pixels), most, 3, 56, 56)
+            for i, crops in enumerate(pixels):
+                for j, c in enumerate(crops):
+                    pv[i, j] = c
+            out["pixel_values"] = pv
+        return out
+
+    return Tiny(kind, model, make_inputs)
+
+
+def idefics3(seed: int = 0) -> Tiny:
+    return _idefics("idefics3", seed)
+
+
+def smolvlm(seed: int = 0) -> Tiny:
+    return _idefics("smolvlm", seed)
+
+
+# --- PaliGemma (image first, prefix-LM) and Gemma3 (sliding layers, bidirectional image) ---------
+
+
+def paligemma(seed: int = 0) -> Tiny:
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = PaliGemmaConfig(
+        text_config=dict(model_type="gemma", **TEXT, head_dim=16),
+        vision_config=dict(SIGLIP, projection_dim=64),
+        image_token_index=IMAGE_TOKEN,
+        projection_dim=64,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(PaliGemmaForConditionalGeneration(cfg))
+    per_image = (56 // 14) ** 2
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        rows, pixels = [], []
+        for i, spec in enumerate(specs, start):
+            ims = _images_of(spec)
+            ids = [IMAGE_TOKEN] * (per_image * len(ims)) + [1, *_text_ids(i, 3 + i % 2)]
+            for j, _ in enumerate(ims):
+                g = torch.Generator().manual_seed(100 * i + j)
+                pixels.append(torch.randn(3, 56, 56, generator=g))
+            rows.append(ids)
+        ids, mask = left_pad(rows)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels)
+        return out
+
+    return Tiny("paligemma", model, make_inputs)
+
+
+def gemma3(seed: int = 0, sliding_window: int = 512) -> Tiny:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(
+        TEXT,
+        model_type="gemma3_text",
+        head_dim=16,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    )
+    cfg = Gemma3Config(
+        text_config=text,
+        vision_config=SIGLIP,
+        mm_tokens_per_image=4,
+        image_token_index=IMAGE_TOKEN,
+        boi_token_index=8,
+        eoi_token_index=9,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(Gemma3ForConditionalGeneration(cfg))
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        rows, pixels = [], []
+        for i, spec in enumerate(specs, start):
+            ims = _images_of(spec)
+            ids = [1, *_text_ids(i, 3)]
+            for j, _ in enumerate(ims):
+                ids += [8] + [IMAGE_TOKEN] * 4 + [9]
+                g = torch.Generator().manual_seed(100 * i + j)
+                pixels.append(torch.randn(3, 56, 56, generator=g))
+            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
+        ids, mask = left_pad(rows)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "token_type_ids": (ids == IMAGE_TOKEN).long()}
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels)
+        return out
+
+    return Tiny("gemma3", model, make_inputs)
+
+
+BUILDERS.update(
+    llava_onevision=llava_onevision,
+    idefics3=idefics3,
+    smolvlm=smolvlm,
+    paligemma=paligemma,
+    gemma3=gemma3,
+)

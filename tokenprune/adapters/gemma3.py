@@ -1,0 +1,29 @@
+"""Gemma3: interleaved sliding-window and full-attention layers; bidirectional attention within an image.
+
+Sliding windows after pruning: the engine slices the mask that the model built for the *unpruned*
+sequence, so during the prefill a sliding layer's window still counts **original positions**
+(a kept token sees the kept tokens that were within ``sliding_window`` tokens of it before
+pruning), not kept tokens. During decoding, a sliding layer's cache is truncated by transformers to
+its last ``sliding_window - 1`` entries of the *pruned* sequence, so the two notions differ once the
+prompt is longer than the window: cached decoding then no longer equals a no-cache recompute
+exactly. Real Gemma3 windows (1k-4k tokens) exceed typical prompts with pruned images; the engine
+is exact while the pruned prompt plus the generated tokens fit in the window.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from tokenprune.adapters.base import ModelAdapter
+
+
+class Gemma3Adapter(ModelAdapter):
+    """Gemma3: a square grid per image (``mm_tokens_per_image``), per-layer-type RoPE."""
+
+    name = "gemma3"
+    model_types = ("gemma3",)
+    notes = "sliding windows count original positions in prefill; exact while prompt + output < window"
+
+    def rotary(self, hidden: Tensor, positions: Tensor, layer_index: int) -> tuple[Tensor, Tensor]:
+        lm = self.language_model()
+        return lm.rotary_emb(hidden, positions[0], lm.config.layer_types[layer_index])

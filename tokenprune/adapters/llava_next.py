@@ -1,0 +1,96 @@
+"""LLaVA-NeXT (LLaVA-1.6): anyres tiles, unpadding and row-end ``image_newline`` tokens.
+
+Each image becomes a base view (the whole image resized to one tile, ``g x g`` tokens, view 0)
+followed by the high-resolution grid (view 1): the tiles stitched into one grid, the padding rows
+or columns that the processor added cropped away (``unpad_image``), and one ``image_newline``
+token at the end of every row. The layout is obtained by running the model's own
+``pack_image_features`` on a tensor of coordinates instead of features, so it matches whatever the
+model does for any image size and grid pinpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
+
+from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.layout import TokenLayout
+
+
+class LlavaNextAdapter(ModelAdapter):
+    """LLaVA-NeXT: base view + unpadded high-resolution grid with newline tokens, per image."""
+
+    name = "llava_next"
+    model_types = ("llava_next",)
+    notes = "anyres tiles, unpadding, image_newline (protected by default), several images per prompt"
+
+    def _tiles(self, call: ImageCall, image_sizes: Tensor) -> list[int]:
+        """Tiles (base view included) of each image, as ``get_image_features`` counts them."""
+        cfg = self.vlm().config
+        return [
+            image_size_to_num_patches(
+                image_size=size, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size
+            )
+            for size in image_sizes
+        ]
+
+    def _pack(self, call: ImageCall, coords: list[Tensor], image_sizes: Tensor) -> list[Tensor]:
+        """Run the model's ``pack_image_features`` on ``(tiles, g*g, 3)`` coordinate tensors."""
+        strategy = call.arg("vision_feature_select_strategy", 3) or self.vlm().config.vision_feature_select_strategy
+        packed, _ = self.vlm().pack_image_features(coords, image_sizes, strategy, image_newline=torch.full((3,), -1.0))
+        return list(packed)
+
+    def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
+        vlm = self.vlm()
+        cfg = vlm.config
+        image_sizes = call.arg("image_sizes", 1)
+        feats = call.features()
+        if image_sizes is None:
+            return super().image_layouts(call)
+        g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        if any(f.shape[0] == 0 for f in feats):
+            return super().image_layouts(call)
+        coords = []
+        for size, tiles in zip(image_sizes, self._tiles(call, image_sizes), strict=False):
+            r = torch.arange(g).repeat_interleave(g)
+            c = torch.arange(g).repeat(g)
+            per_tile = []
+            _, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            for t in range(tiles):
+                if t == 0:
+                    per_tile.append(torch.stack([torch.zeros_like(r), r, c], -1))
+                else:
+                    tr, tc = divmod(t - 1, npw)
+                    per_tile.append(torch.stack([torch.ones_like(r), tr * g + r, tc * g + c], -1))
+            coords.append(torch.stack(per_tile).float())
+        packed = self._pack(call, coords, image_sizes.cpu())
+        layouts = []
+        if len(packed) != len(feats):
+            return super().image_layouts(call)
+        for i, p in enumerate(packed):
+            p = p.round().long()
+            if p.shape[0] != feats[i].shape[0]:
+                return super().image_layouts(call)
+            newline = p[:, 0] < 0
+            view, row, col = p[:, 0].clone(), p[:, 1].clone(), p[:, 2].clone()
+            for j in range(p.shape[0]):  # a newline closes the row of the token before it
+                if newline[j]:
+                    view[j] = view[j - 1] if j else 0
+                    row[j] = row[j - 1] if j else 0
+            for v in (0, 1):
+                sel = (view == v) & ~newline
+                if sel.any():
+                    row[(view == v)] -= row[sel].min()
+                    col[sel] -= col[sel].min()
+                    col[(view == v) & newline] = col[sel].max() + 1
+            layouts.append(
+                TokenLayout(
+                    image=torch.full_like(view, i)[None],
+                    view=view[None],
+                    row=row[None],
+                    col=col[None],
+                    newline=newline[None],
+                )
+            )
+        return layouts

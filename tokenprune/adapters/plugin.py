@@ -1,0 +1,33 @@
+"""Registers tokenprune's built-in adapters (entry point ``adapters`` of the ``tokenprune`` group)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import tokenprune
+from tokenprune.adapters.gemma3 import Gemma3Adapter
+from tokenprune.adapters.idefics3 import Idefics3Adapter
+from tokenprune.adapters.llava import LlavaAdapter
+from tokenprune.adapters.llava_next import LlavaNextAdapter
+from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
+from tokenprune.adapters.paligemma import PaliGemmaAdapter
+from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
+
+if TYPE_CHECKING:
+    from tokenprune.plugins import AdapterRegistry
+
+BUILTIN_ADAPTERS = (
+    LlavaNextAdapter,
+    LlavaAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    Idefics3Adapter,
+    PaliGemmaAdapter,
+    Gemma3Adapter,
+)
+
+
+@tokenprune.hookimpl
+def tokenprune_register_adapters(registry: AdapterRegistry) -> None:
+    for adapter in BUILTIN_ADAPTERS:
+        registry.add(adapter)
