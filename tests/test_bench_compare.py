@@ -86,6 +86,10 @@ def test_compare_writes_results_and_reports(tiny_model_dir, tmp_path):
     )
     assert (tmp_path / "run" / "pareto.png").stat().st_size > 1000
     assert (tmp_path / "run" / "summary.csv").read_text().splitlines()[0].startswith("rank,pipeline,n,accuracy")
+    # kept-token heatmaps: the first 3 examples of every pruning pipeline, none for the unpruned model
+    maps = sorted(p.relative_to(tmp_path / "run" / "heatmaps") for p in (tmp_path / "run" / "heatmaps").rglob("*.png"))
+    assert len(maps) == 5 * 3 and not any(p.parts[0] == "unpruned" for p in maps)
+    assert {p.parts[0] for p in maps} == {"random-50%", "random-10%", "l2norm-50%", "l2norm-10%", "two-stage"}
 
 
 def test_interrupted_run_resumes_without_recomputing(tiny_model_dir, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def compare(
     computed = reused = 0
     for task_spec in config.tasks:
         task = _task(task_spec, manager)
-        examples = task.examples()
+        examples = [replace(ex, meta={**ex.meta, "index": i}) for i, ex in enumerate(task.examples())]
         shard = examples[dist.rank :: dist.world]
         new_tokens = config.max_new_tokens or task.generation_tokens()
         ref_key = pipeline_key(REFERENCE, pipelines[0][1], config, task_spec)
@@ -148,6 +148,8 @@ def _run_batch(
     visual_in = (inputs["input_ids"] == image_id).sum(1).tolist() if image_id is not None else [0] * len(batch)
     real = inputs["attention_mask"].sum(1).tolist()
     bytes_per = torch.finfo(model.dtype).bits // 8
+    if prefill is not None and config.heatmaps:
+        _draw_heatmaps(prefill, batch, config, name, task.name)
     records = []
     for b, ex in enumerate(batch):
         tokens = [row[b] for row in prefill.layer_tokens] if prefill is not None else [real[b]] * shape.num_layers
@@ -220,6 +222,18 @@ class _Reference:
                 if r["key"] == self._key and r["task"] == self._task
             }
         return self._predictions
+
+
+def _draw_heatmaps(prefill: Any, batch: list[Example], config: CompareConfig, name: str, task: str) -> None:
+    """Kept-token heatmaps of the first ``config.heatmaps`` examples (by position in the task) with one image."""
+    from tokenprune.heatmap import draw_heatmap, surviving_tokens
+
+    for b, ex in enumerate(batch):
+        if ex.meta.get("index", 0) >= config.heatmaps or len(ex.images) != 1:
+            continue
+        kept = surviving_tokens(prefill, b)
+        if kept is not None:
+            draw_heatmap(ex.images[0], *kept, config.output / "heatmaps" / name / f"{task}-{ex.id}.png")
 
 
 def _persist_reference(refs: ReferenceLogits, key: str, task: str, records: list[dict[str, Any]]) -> None:
