@@ -37,3 +37,15 @@ def fake_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     yield make
     for module in created:
         sys.modules.pop(module, None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny, untrained mini VLM saved with its processor, to load back with ``from_pretrained``."""
+    from tokenprune.synth.model import TINY, build_model
+    from tokenprune.synth.processor import build_processor
+
+    path = tmp_path_factory.mktemp("tiny-mini-vlm")
+    build_model(TINY, seed=0).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return path

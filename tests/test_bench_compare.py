@@ -31,17 +31,6 @@ PIPELINES = [
 STABLE = ("pipeline", "n", "accuracy", "vqa_score", "agreement", "gflops", "flops_reduction", "visual_tokens", "kv_mib")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from tokenprune.synth.model import TINY, build_model
-    from tokenprune.synth.processor import build_processor
-
-    path = tmp_path_factory.mktemp("tiny-mini-vlm")
-    build_model(TINY, seed=0).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return path
-
-
 def _config(tiny_model_dir, out, **extra):
     base = {
         "model": str(tiny_model_dir),

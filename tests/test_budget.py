@@ -1,7 +1,10 @@
+import random
+
 import pytest
 import torch
 
-from tokenprune.budget import budget_per_sample, tokens_to_keep
+from tokenprune.budget import budget_per_sample, plan_spatial_groups, split_budget, tokens_to_keep
+from tokenprune.testing import make_reduce_inputs
 
 
 @pytest.mark.parametrize(
@@ -32,3 +35,30 @@ def test_budget_counts_protected_and_never_drops_them():
     assert budget_per_sample(0.5, valid, protected).tolist() == [3, 3]
     assert budget_per_sample(2, valid, protected).tolist() == [2, 3]
     assert budget_per_sample(1.0, valid, protected).tolist() == [6, 3]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_budget_split_is_exact_and_proportional(seed):
+    rng = random.Random(seed)
+    sizes = [rng.randint(0, 30) for _ in range(rng.randint(1, 5))]
+    free = rng.randint(0, sum(sizes))
+    quotas = split_budget(free, sizes)
+    assert sum(quotas) == free
+    for q, s in zip(quotas, sizes, strict=True):
+        assert 0 <= q <= s
+        assert abs(q - free * s / max(sum(sizes), 1)) < 1
+
+
+def test_split_budget_worked_example():
+    assert split_budget(5, [6, 3, 3]) == [3, 1, 1]
+    assert split_budget(20, [6, 3]) == [6, 3]  # more than there is: every group keeps all
+
+
+def test_plan_spatial_groups_separates_views_and_keeps_protected_newlines():
+    _, ctx = make_reduce_inputs(grids=[(2, 3)], keep=4)  # 2 rows x (3 + newline), newlines protected
+    always, groups, free = plan_spatial_groups(ctx, 0)
+    assert always.tolist() == [3, 7] and free == 2
+    assert [g.tolist() for g in groups] == [[0, 1, 2, 4, 5, 6]]
+    _tokens, ctx = make_reduce_inputs(grids=[(2, 3)], keep=1.0)
+    always, groups, free = plan_spatial_groups(ctx, 0)
+    assert sorted(always.tolist()) == list(range(8)) and groups == [] and free == 0

@@ -2,22 +2,10 @@
 
 import json
 
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from tokenprune.cli import app
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from tokenprune.synth.model import TINY, build_model
-    from tokenprune.synth.processor import build_processor
-
-    path = tmp_path_factory.mktemp("tiny-mini-vlm")
-    build_model(TINY, seed=0).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return path
 
 
 def test_flops_json_agrees_across_counters_and_reports_the_reduction(tiny_model_dir, tmp_path):

@@ -9,8 +9,7 @@ import torch
 from tokenprune_downsample import Downsample, lattice, sequence_lattice
 
 from tokenprune import InsertionPoint, ReduceContext, TokenLayout
-from tokenprune.testing import check_reducer, make_reduce_inputs
-from tokenprune.validation import check_reduction
+from tokenprune.testing import check_reducer
 
 
 def context(layout: TokenLayout | None, n: int, budget: int, protected=None) -> ReduceContext:
@@ -99,19 +98,3 @@ def test_edge_cases_and_features_not_read():
 def test_contract():
     check_reducer(Downsample)
 
-
-@pytest.mark.parametrize("seed", range(12))
-def test_budget_property(seed):
-    """Random ragged grids, budgets and protection: valid results with exactly the budget, protected kept."""
-    rng = random.Random(seed)
-    grids = [(rng.randint(1, 5), rng.randint(1, 6)) for _ in range(rng.randint(1, 3))]
-    keep = rng.choice([rng.uniform(0.01, 1.0), rng.randint(1, 40)])
-    at = InsertionPoint("layer", 2) if "post_projector" == "layer" else InsertionPoint("post_projector")
-    tokens, ctx = make_reduce_inputs(
-        grids=grids, keep=keep, at=at, protect_newlines=rng.random() < 0.5, newlines=rng.random() < 0.7, seed=seed
-    )
-    reducer = Downsample()
-    result = reducer.reduce(tokens, ctx)
-    selection = check_reduction(result, tokens, ctx, who="downsample", capabilities=reducer.capabilities)
-    assert selection.counts.tolist() == ctx.budget.tolist()
-    assert bool((selection.to_mask(tokens.shape[1]) | ~ctx.protected).all())

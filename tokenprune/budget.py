@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from tokenprune.reducer import ReduceContext
 
 
 def tokens_to_keep(keep: float | int, present: int) -> int:
@@ -37,3 +41,51 @@ def budget_per_sample(keep: float | int, valid: Tensor, protected: Tensor) -> Te
     floor = (protected & valid).sum(1)
     wanted = torch.tensor([tokens_to_keep(keep, int(p)) for p in present], dtype=torch.long, device=valid.device)
     return torch.maximum(wanted, floor)
+
+
+def split_budget(free: int, sizes: list[int]) -> list[int]:
+    """Split ``free`` tokens over groups of ``sizes`` proportionally (largest remainder, ties to the first).
+
+    Spatial reducers use it to give each view of an image its share of a stage's budget.
+
+    >>> split_budget(5, [6, 3, 3])
+    [3, 1, 1]
+    """
+    total = sum(sizes)
+    if total == 0 or free >= total:
+        return list(sizes)
+    quotas = [free * s // total for s in sizes]
+    remainders = [free * s % total for s in sizes]
+    for g in sorted(range(len(sizes)), key=lambda g: (-remainders[g], g))[: free - sum(quotas)]:
+        quotas[g] += 1
+    return quotas
+
+
+def plan_spatial_groups(ctx: ReduceContext, b: int) -> tuple[Tensor, list[Tensor], int]:
+    """For sample ``b``: the indices always kept, the spatial groups (index tensors) and their free budget.
+
+    Groups are the unprotected, non-newline tokens of each ``(image, view)`` of the layout, in layout
+    order, or all unprotected tokens when there is no layout. Kept without condition: the protected
+    tokens, and, when the budget exceeds the grouped tokens, the first unprotected newline tokens that
+    make up the difference (then no group needs to choose, and the group list is empty).
+    """
+    n = int(ctx.valid[b].sum())
+    device = ctx.valid.device
+    protected = ctx.protected[b, :n]
+    if ctx.layout is not None:
+        newline = ctx.layout.newline[b, :n]
+        image, view = ctx.layout.image[b, :n], ctx.layout.view[b, :n]
+    else:
+        newline = torch.zeros(n, dtype=torch.bool, device=device)
+        image = view = torch.zeros(n, dtype=torch.long, device=device)
+    candidate = ~protected & ~newline
+    free = int(ctx.budget[b]) - int(protected.sum())
+    always = protected.nonzero().squeeze(1)
+    members = candidate.nonzero().squeeze(1)
+    if free >= members.numel():
+        fillers = (~protected & newline).nonzero().squeeze(1)[: free - members.numel()]
+        return torch.cat([always, members, fillers]), [], 0
+    key = image[members] * (int(view.max()) + 1 if n else 1) + view[members]
+    _, inverse = torch.unique(key, return_inverse=True)
+    groups = [members[inverse == g] for g in range(int(inverse.max()) + 1)] if members.numel() else []
+    return always, groups, free

@@ -77,6 +77,7 @@ class PluginLoadFailure:
 
 
 T = TypeVar("T")
+R = TypeVar("R", bound="_Registry[Any]")
 
 
 @dataclass
@@ -281,9 +282,7 @@ class PluginManager:
         self.pluggy = pm
         self._infos = infos
         self.failures = failures
-        self._reducers: ReducerRegistry | None = None
-        self._adapters: AdapterRegistry | None = None
-        self._tasks: TaskRegistry | None = None
+        self._registries: dict[str, _Registry[Any]] = {}
 
     def register(self, plugin: object, name: str | None = None) -> str:
         """Register a plugin object directly (tests, notebooks); returns its name."""
@@ -292,7 +291,7 @@ class PluginManager:
             raise PluginError(f"plugin {name or plugin!r} is blocked ({DISABLE_ENV}) or already registered")
         self._infos[registered] = PluginInfo(registered, _module_name(plugin))
         self.pluggy.check_pending()
-        self._reducers = self._adapters = self._tasks = None
+        self._registries.clear()
         return registered
 
     @property
@@ -303,29 +302,24 @@ class PluginManager:
     @property
     def reducers(self) -> ReducerRegistry:
         """Every registered reducer class."""
-        if self._reducers is None:
-            registry = ReducerRegistry()
-            self._collect("tokenprune_register_reducers", registry)
-            self._reducers = registry
-        return self._reducers
+        return self._registry("tokenprune_register_reducers", ReducerRegistry)
 
     @property
     def adapters(self) -> AdapterRegistry:
         """Every registered adapter class."""
-        if self._adapters is None:
-            registry = AdapterRegistry()
-            self._collect("tokenprune_register_adapters", registry)
-            self._adapters = registry
-        return self._adapters
+        return self._registry("tokenprune_register_adapters", AdapterRegistry)
 
     @property
     def tasks(self) -> TaskRegistry:
         """Every registered evaluation task class."""
-        if self._tasks is None:
-            registry = TaskRegistry()
-            self._collect("tokenprune_register_tasks", registry)
-            self._tasks = registry
-        return self._tasks
+        return self._registry("tokenprune_register_tasks", TaskRegistry)
+
+    def _registry(self, hook_name: str, kind: type[R]) -> R:
+        if hook_name not in self._registries:
+            registry = kind()
+            self._collect(hook_name, registry)
+            self._registries[hook_name] = registry
+        return self._registries[hook_name]  # type: ignore[return-value]
 
     def _collect(self, hook_name: str, registry: _Registry[Any]) -> None:
         hook = getattr(self.pluggy.hook, hook_name)

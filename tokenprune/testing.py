@@ -20,6 +20,8 @@ protected, attention and text inputs filled in when the reducer reads them):
 * determinism: the same input gives the same result;
 * a batch gives each sample the same result as running it alone;
 * inputs are not modified in place;
+* random ragged batches (grid shapes, budgets, newline protection on or off) keep exactly the
+  budget (at most, for adaptive reducers) and every protected token;
 * bfloat16 tokens work;
 * the declared :meth:`~tokenprune.TokenReducer.overhead_macs` equals what ``torch.utils.flop_counter``
   counts while ``reduce`` runs, so the analytic FLOPs include the reducer's own work exactly;
@@ -141,6 +143,7 @@ def check_reducer(
         check_nan_input(reducer, at=at, device=device, dim=dim)
         for keep in (0.5, 0.1):
             check_overhead_is_counted(reducer, at=at, keep=keep, device=device, dim=dim)
+        check_random_budgets(reducer, at=at, device=device, dim=dim)
 
 
 def check_params_reject_unknown(reducer_cls: type[TokenReducer]) -> None:
@@ -203,6 +206,30 @@ def check_inputs_unchanged(reducer: TokenReducer, **kwargs: Any) -> None:
     changed = changed or any(not torch.equal(ctx.attention[k], v) for k, v in before[2].items())
     if changed:
         raise ReducerContractError(f"{reducer.name}: reduce() modified its inputs in place")
+
+
+def check_random_budgets(reducer: TokenReducer, *, seeds: Sequence[int] = range(8), **kwargs: Any) -> None:
+    """Random ragged batches: the result is valid, keeps its budget and every protected token."""
+    import random
+
+    for seed in seeds:
+        rng = random.Random(seed)
+        grids = [(rng.randint(1, 5), rng.randint(1, 6)) for _ in range(rng.randint(1, 3))]
+        keep = rng.choice([rng.uniform(0.01, 1.0), rng.randint(1, 40)])
+        tokens, ctx = _inputs_for(
+            reducer,
+            grids=grids,
+            keep=keep,
+            protect_newlines=rng.random() < 0.5,
+            newlines=rng.random() < 0.7,
+            seed=seed,
+            **kwargs,
+        )
+        selection = _run(reducer, tokens, ctx)  # the validator checks budgets and protected tokens
+        if reducer.capabilities.deterministic_count and selection.counts.tolist() != ctx.budget.tolist():
+            raise ReducerContractError(
+                f"{reducer.name}: seed {seed} kept {selection.counts.tolist()} tokens for budgets {ctx.budget.tolist()}"
+            )
 
 
 def check_overhead_is_counted(reducer: TokenReducer, **kwargs: Any) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tokenprune.errors import ReducerOutputError
+from tokenprune.errors import ReducerInputError, ReducerOutputError
 from tokenprune.reducer import Capabilities, Merge, ReduceContext, Selection
 
 
@@ -121,6 +121,19 @@ def check_reduction(
                 "a reducer that keeps fewer must declare Capabilities(deterministic_count=False)"
             )
     return selection
+
+
+def check_finite_tokens(tokens: Tensor, ctx: ReduceContext, reducer_name: str) -> None:
+    """Raise :class:`~tokenprune.errors.ReducerInputError` if a valid token has a NaN or infinite feature.
+
+    For reducers whose arithmetic would turn such a value into a silent wrong ranking; padding is ignored.
+    """
+    finite = torch.isfinite(tokens).all(-1) | ~ctx.valid
+    if not bool(finite.all()):
+        sample, token = (int(v) for v in (~finite).nonzero()[0])
+        raise ReducerInputError(
+            f"reducer {reducer_name!r}: token {token} of sample {sample} has NaN or infinite features"
+        )
 
 
 def _check_tensor(

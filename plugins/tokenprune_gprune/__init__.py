@@ -13,7 +13,9 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, Selection, TokenReducer
+from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer
+from tokenprune.budget import plan_spatial_groups, split_budget
+from tokenprune.validation import check_finite_tokens
 
 
 class GPrune(TokenReducer):
@@ -57,12 +59,12 @@ class GPrune(TokenReducer):
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Select per sample; see the class docstring. ``tokens`` is ``(B, N, D)``."""
         x = tokens.detach()
-        _check_finite(x, ctx, self.name)
+        check_finite_tokens(x, ctx, self.name)
         keep = torch.zeros(ctx.valid.shape, dtype=torch.bool, device=x.device)
         for b in range(ctx.batch_size):
-            always, groups, free = _plan(ctx, b)
+            always, groups, free = plan_spatial_groups(ctx, b)
             keep[b, always] = True
-            for members, quota in zip(groups, _split(free, [int(m.numel()) for m in groups]), strict=True):
+            for members, quota in zip(groups, split_budget(free, [int(m.numel()) for m in groups]), strict=True):
                 if quota == 0:
                     continue
                 scores = gprune_scores(
@@ -77,8 +79,8 @@ class GPrune(TokenReducer):
         total = 0
         dim = int(tokens.shape[-1])
         for b in range(ctx.batch_size):
-            _, groups, free = _plan(ctx, b)
-            for members, quota in zip(groups, _split(free, [int(m.numel()) for m in groups]), strict=True):
+            _, groups, free = plan_spatial_groups(ctx, b)
+            for members, quota in zip(groups, split_budget(free, [int(m.numel()) for m in groups]), strict=True):
                 if quota:
                     n = int(members.numel())
                     total += n * n * dim + self.params.iterations * n * n
@@ -110,61 +112,6 @@ def gprune_scores(x: Tensor, threshold: float, temperature: float, iterations: i
     for _ in range(iterations):
         s = s @ weights
     return s / degree
-
-
-# --- budget planning (the same rules as the downsample reducer's) ------------------------------------
-
-
-def _check_finite(x: Tensor, ctx: ReduceContext, name: str) -> None:
-    finite = torch.isfinite(x).all(-1) | ~ctx.valid
-    if not bool(finite.all()):
-        sample, token = (int(v) for v in (~finite).nonzero()[0])
-        raise ReducerInputError(f"reducer {name!r}: token {token} of sample {sample} has NaN or infinite features")
-
-
-def _plan(ctx: ReduceContext, b: int) -> tuple[Tensor, list[Tensor], int]:
-    """For sample ``b``: the indices always kept, the groups (index tensors) and their free budget.
-
-    Groups are the unprotected, non-newline tokens of each ``(image, view)`` in layout order, or all
-    unprotected tokens without a layout. Kept without condition: the protected tokens, and, when the
-    budget exceeds the group tokens, the first unprotected newline tokens that make up the difference.
-    """
-    n = int(ctx.valid[b].sum())
-    device = ctx.valid.device
-    protected = ctx.protected[b, :n]
-    if ctx.layout is not None:
-        newline = ctx.layout.newline[b, :n]
-        image, view = ctx.layout.image[b, :n], ctx.layout.view[b, :n]
-    else:
-        newline = torch.zeros(n, dtype=torch.bool, device=device)
-        image = view = torch.zeros(n, dtype=torch.long, device=device)
-    candidate = ~protected & ~newline
-    free = int(ctx.budget[b]) - int(protected.sum())
-    always = protected.nonzero().squeeze(1)
-    members = candidate.nonzero().squeeze(1)
-    if free >= members.numel():
-        fillers = (~protected & newline).nonzero().squeeze(1)[: free - members.numel()]
-        return torch.cat([always, members, fillers]), [], 0
-    key = image[members] * (int(view.max()) + 1 if n else 1) + view[members]
-    _, inverse = torch.unique(key, return_inverse=True)
-    groups = [members[inverse == g] for g in range(int(inverse.max()) + 1)] if members.numel() else []
-    return always, groups, free
-
-
-def _split(free: int, sizes: list[int]) -> list[int]:
-    """Split ``free`` tokens over groups of ``sizes`` proportionally (largest remainder, ties to the first).
-
-    >>> _split(5, [6, 3, 3])
-    [3, 1, 1]
-    """
-    total = sum(sizes)
-    if total == 0 or free >= total:
-        return list(sizes)
-    quotas = [free * s // total for s in sizes]
-    remainders = [free * s % total for s in sizes]
-    for g in sorted(range(len(sizes)), key=lambda g: (-remainders[g], g))[: free - sum(quotas)]:
-        quotas[g] += 1
-    return quotas
 
 
 @tokenprune.hookimpl

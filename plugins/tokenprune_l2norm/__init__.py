@@ -12,7 +12,8 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, ScoringReducer
+from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer
+from tokenprune.validation import check_finite_tokens
 
 
 class L2Norm(ScoringReducer):
@@ -40,12 +41,7 @@ class L2Norm(ScoringReducer):
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         """``(B, N)`` float32 norms of the ``(B, N, D)`` tokens, negated when ``largest`` is False."""
         x = tokens.detach().float()
-        finite = torch.isfinite(x).all(-1) | ~ctx.valid
-        if not bool(finite.all()):
-            sample, token = (int(v) for v in (~finite).nonzero()[0])
-            raise ReducerInputError(
-                f"reducer {self.name!r}: token {token} of sample {sample} has NaN or infinite features"
-            )
+        check_finite_tokens(x, ctx, self.name)
         # Scaled by the largest entry, so the squares cannot overflow float32 (features near 1e19 and up).
         scale = x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
         norms = (torch.linalg.vector_norm(x / scale, dim=-1) * scale.squeeze(-1)).masked_fill(~ctx.valid, 0.0)

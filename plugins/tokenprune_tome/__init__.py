@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, Merge, ReduceContext, ReducerInputError, ReducerParams, Selection, TokenReducer
+from tokenprune import Capabilities, Merge, ReduceContext, ReducerParams, Selection, TokenReducer
+from tokenprune.validation import check_finite_tokens
 
 
 class ToMe(TokenReducer):
@@ -48,12 +49,7 @@ class ToMe(TokenReducer):
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge | Selection:
         """Merge per sample; see the class docstring. ``tokens`` is ``(B, N, D)``."""
         x = tokens.detach()
-        finite = torch.isfinite(x).all(-1) | ~ctx.valid
-        if not bool(finite.all()):
-            sample, token = (int(v) for v in (~finite).nonzero()[0])
-            raise ReducerInputError(
-                f"reducer {self.name!r}: token {token} of sample {sample} has NaN or infinite features"
-            )
+        check_finite_tokens(x, ctx, self.name)
         b, n = ctx.valid.shape
         destination = torch.arange(n, device=x.device).expand(b, n).clone()
         dropped = torch.zeros(b, n, dtype=torch.bool, device=x.device)
