@@ -1,0 +1,1 @@
+"""Bridges to other tools. Each module imports its tool, so import only the one you use."""
