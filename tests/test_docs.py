@@ -35,6 +35,12 @@ def test_site_builds_strictly(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text(encoding="utf-8")
     assert "ScoringReducer" in api and "Selection.from_mask" in api.replace("</code><code>", "")
+    # the YAML reference is generated from the pydantic models and the reducers' Params
+    reference = (tmp_path / "site" / "reference" / "pipeline" / "index.html").read_text(encoding="utf-8")
+    from tokenprune.pipeline import Pipeline, Stage
+
+    for field in [*Pipeline.model_fields, *Stage.model_fields, "threshold", "temperature", "iterations"]:
+        assert f"<code>{field}</code>" in reference, field
 
 
 def test_every_hookspec_is_documented():
