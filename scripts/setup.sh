@@ -11,7 +11,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/pip install --quiet -e ".[dev]" -e examples/tokenprune-example-reducer -e examples/tokenprune-example-task
+.venv/bin/pip install --quiet -e ".[dev]" -e examples/tokenprune-example-reducer -e examples/tokenprune-example-task -e examples/tokenprune-example-adapter
 # lmms-eval, for the tests of the lmms-eval bridge: its API modules only need these few packages, and its
 # full dependency list (torchvision among them) would pull a CUDA build of torch onto a CPU machine.
 if ! .venv/bin/python -c "import lmms_eval.api.model" 2>/dev/null; then

@@ -682,6 +682,13 @@ class PruningRun:
         new_hidden = hidden.gather(1, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim)).masked_fill(pad, 0.0)
         return new_hidden, new, True, idx
 
+    def _layout_mismatch(self, sizes: list[int], counts: list[int]) -> str:
+        return (
+            f"adapter {self.adapter.name!r}: image_layouts() describes images of {sizes} tokens, but visual_mask() "
+            f"marks {counts} visual tokens per sample; the layouts must cover exactly the tokens the mask marks "
+            "(check tokenprune.testing_adapters.check_layout_covers_visual_tokens)"
+        )
+
     def _layout(self, visual: Tensor) -> TokenLayout | None:
         call = self._image_call
         if call is None:
@@ -690,7 +697,7 @@ class PruningRun:
         counts = visual.sum(1).tolist()
         sizes = [int(lay.shape[1]) for lay in layouts]
         if sum(sizes) != sum(counts):
-            return None
+            raise TokenpruneError(self._layout_mismatch(sizes, counts))
         batch, length = visual.shape
         device = visual.device
         full = {
@@ -709,7 +716,7 @@ class PruningRun:
                 parts.append(replace(lay, image=torch.full_like(lay.image, len(parts))))
                 got += int(lay.shape[1])
             if got != count:
-                return None
+                raise TokenpruneError(self._layout_mismatch(sizes, counts))
             if not parts:
                 continue
             cat = TokenLayout.cat(parts).to(device)

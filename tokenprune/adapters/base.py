@@ -139,7 +139,9 @@ class ModelAdapter:
     def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
         """One ``(1, n_i)`` :class:`TokenLayout` per image of the recorded ``get_image_features`` call.
 
-        ``n_i`` must equal the number of feature rows of image ``i`` (its placeholder count). The
+        ``n_i`` must equal the number of sequence positions that :meth:`visual_mask` marks for image
+        ``i``: its feature rows, plus any row-break tokens the mask counts as visual (Mistral3's
+        ``[IMG_BREAK]``). The engine refuses layouts that do not cover the marked tokens exactly. The
         default lays each image out as a square grid when ``n_i`` is a square, else as one row.
         """
         layouts = []
