@@ -138,7 +138,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", type=Path, help="update this markdown file between the benchmark markers")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     size = QUICK if args.quick else FULL
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -162,7 +165,8 @@ def main() -> None:
         f"Model: LLM hidden {size.hidden}, {size.layers} layers, FFN {size.ffn}; {visual} visual + {length - visual} "
         f"text tokens. Unpruned prefill: {base_time.median:.3f} s (spread {base_time.spread:.3f} s), "
         f"{2 * base_macs / 1e9:.1f} GFLOPs.",
-        f"Command: `python benchmarks/prefill.py{' --quick' if args.quick else ''} --dtype {args.dtype} --repeats {args.repeats}`",
+        f"Command: `python benchmarks/prefill.py{' --quick' if args.quick else ''} --dtype {args.dtype} "
+        f"--repeats {args.repeats}{f' --threads {args.threads}' if args.threads else ''}`",
         "",
         "| reducer | at | keep | prefill s | speed-up | FLOPs speed-up | realized / FLOPs | reducer % of unpruned |",
         "|---|---|---|---|---|---|---|---|",

@@ -106,3 +106,14 @@ def test_reducer_overhead_is_counted_exactly():
     assert declared["gprune"] > 0 and declared["tome"] > 0
     assert report.reducers_torch == sum(declared.values())
     assert report.total == report.vision + report.language_model["analytic"] + report.overhead
+
+
+@pytest.mark.parametrize("family", sorted(tiny_models.BUILDERS))
+def test_every_adapter_counts_agree_under_a_two_stage_pipeline(family):
+    """count_flops (what `tokenprune flops` prints) works on every supported family, counters agreeing per layer."""
+    t = tiny_models.BUILDERS[family]()
+    inputs = t.make_inputs([(56, 84)])
+    report = count_flops(t.model, inputs, TWO_STAGES)
+    _assert_counters_agree(report)
+    assert report.vision > 0
+    assert report.layers[-1].tokens[0] <= report.layers[0].tokens[0]
