@@ -32,6 +32,8 @@ def test_vqa_score_counts_matching_references():
     assert vqa_score("cat", answers) == pytest.approx(2 / 3)
     assert vqa_score("dog", answers) == 1.0
     assert vqa_score("cow", answers) == 0.0
+    assert vqa_score("cat", ["cat"]) == 1.0 and vqa_score("cat", ["cat", "dog"]) == 0.5
+    assert vqa_score("cat", []) == 0.0
 
 
 def test_kl_divergence_against_a_direct_formula():

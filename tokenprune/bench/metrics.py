@@ -2,7 +2,8 @@
 
 * ``accuracy``: exact match of the normalised prediction with any normalised reference answer.
 * ``vqa_score``: the VQA soft score, ``min(1, matches / 3)`` over the reference answers (the
-  standard VQAv2 / TextVQA metric for ten human answers; with one reference it equals accuracy).
+  VQAv2 / TextVQA metric for ten human answers); with fewer than three references the divisor is
+  their number, so a single reference gives exact match.
 * ``agreement``: the pruned model's normalised answer equals the unpruned model's (no labels needed).
 * ``kl``: ``KL(p_unpruned || p_pruned)`` of the first answer token's next-token distribution, in nats
   (no labels needed).
@@ -43,9 +44,11 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 def vqa_score(prediction: str, answers: Sequence[str]) -> float:
-    """``min(1, #references equal to the prediction / 3)``, after normalisation."""
+    """``min(1, #references equal to the prediction / min(3, #references))``, after normalisation."""
+    if not answers:
+        return 0.0
     p = normalize_answer(prediction)
-    return min(1.0, sum(p == normalize_answer(a) for a in answers) / 3.0)
+    return min(1.0, sum(p == normalize_answer(a) for a in answers) / min(3, len(answers)))
 
 
 def kl_divergence(reference_logits: Tensor, logits: Tensor) -> Tensor:
