@@ -17,6 +17,7 @@ from tokenprune.errors import PluginLoadWarning, TokenpruneError
 from tokenprune.pipeline import load_pipeline, pipeline_json_schema
 from tokenprune.plugins import PluginManager, get_plugin_manager
 from tokenprune.run_cli import run as run_command
+from tokenprune.synth.cli import app as synth_app
 
 app = typer.Typer(
     name="tokenprune",
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 EXIT_INVALID = 2
 app.command("run")(run_command)
+app.add_typer(synth_app, name="synth", help="SynthVQA and the bundled mini VLM: generate, train, evaluate.")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,85 @@
+"""The shipped mini VLM: it loads like a hub model and answers SynthVQA as documented.
+
+CI never retrains; these tests only read the checkpoint inside the package.
+"""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+from typer.testing import CliRunner
+
+from tokenprune.synth import bundled_model_path, load_bundled
+from tokenprune.synth.cli import app
+from tokenprune.synth.evaluate import evaluate
+from tokenprune.synth.processor import prompt
+from tokenprune.synth.questions import FINE_GRAINED_TYPES, QUESTION_TYPES, heldout_split
+from tokenprune.synth.scenes import render
+
+# Floors for the shipped checkpoint on the first SLICE items per type of the held-out split (fp32,
+# deterministic). Measured on this slice: overall 0.767; background, count, text 1.00; exists
+# 0.70; position 0.60; colour 0.30. The full split (200 per type) is in docs/synth.md: overall
+# 0.805. The issue's targets (0.90 overall, 0.75 per type) are NOT met yet: colour, exists and
+# position are below them (see docs/synth-training-log.md).
+SLICE = 20
+MIN_OVERALL = 0.75
+MIN_PER_TYPE = {"background": 0.95, "count": 0.95, "text": 0.95, "exists": 0.6, "position": 0.5, "colour": 0.25}
+MAX_BYTES = 20 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    torch.set_num_threads(2)
+    return load_bundled()
+
+
+def test_checkpoint_is_small_and_complete():
+    path = bundled_model_path()
+    total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    assert total <= MAX_BYTES
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json"):
+        assert (path / name).is_file(), name
+
+
+def test_loads_with_stock_from_pretrained():
+    path = bundled_model_path()
+    model = LlavaNextForConditionalGeneration.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    s = heldout_split(1)[0]
+    inputs = processor(images=Image.fromarray(render(s.scene)[0]), text=prompt(s.qa.question), return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) >= 150
+    out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    assert processor.tokenizer.decode(out[0, -1]) == s.qa.answer
+
+
+def test_accuracy_on_heldout_slice(bundled):
+    model, processor = bundled
+    result = evaluate(model, processor, heldout_split(SLICE))
+    assert result.overall >= MIN_OVERALL, result.table()
+    for qtype in QUESTION_TYPES:
+        assert result.per_type[qtype] >= MIN_PER_TYPE[qtype], result.table()
+
+
+def test_random_ten_percent_hurts_fine_grained_types(bundled):
+    """The benchmark discriminates: a random 10% of the visual tokens costs >= 15 points on
+    text, count and position (measured on 20 per type: see docs/synth.md)."""
+    model, processor = bundled
+    samples = heldout_split(20, FINE_GRAINED_TYPES)
+    full = evaluate(model, processor, samples)
+    pruned = evaluate(model, processor, samples, keep_fraction=0.1, keep_seed=0)
+    for qtype in FINE_GRAINED_TYPES:
+        assert full.per_type[qtype] - pruned.per_type[qtype] >= 0.15, (qtype, full.table(), pruned.table())
+
+
+def test_cli_eval_and_generate(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "--per-type", "2", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["n"] == 12 and set(data["per_type"]) == set(QUESTION_TYPES)
+    res = runner.invoke(app, ["generate", str(tmp_path / "gen"), "--per-type", "1"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 6
+    assert len((tmp_path / "gen" / "samples.jsonl").read_text().splitlines()) == 6

@@ -1,0 +1,196 @@
+"""SynthVQA generator, tokenizer, processor and patch labels."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokenprune.synth.batches import make_batch
+from tokenprune.synth.model import TINY, build_model
+from tokenprune.synth.patch_labels import KIND_CLASSES, patch_labels
+from tokenprune.synth.processor import GRID_PINPOINTS, build_processor, num_image_tokens, prompt
+from tokenprune.synth.questions import (
+    ANSWERS,
+    HELDOUT_BASE,
+    QUESTION_TYPES,
+    ask,
+    heldout_split,
+    rng_for,
+    training_item,
+    validation_split,
+)
+from tokenprune.synth.scenes import IMAGE_SIZES, QUADRANTS, Scene, SceneObject, render
+from tokenprune.synth.tokenizer import IMAGE_TOKEN_ID, build_tokenizer, vocabulary
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+def test_generator_is_deterministic():
+    a, b = heldout_split(4), heldout_split(4)
+    assert a == b
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(render(x.scene)[0], render(y.scene)[0])
+    assert training_item(123) == training_item(123)
+    assert training_item(123) != training_item(124)
+
+
+def test_smaller_split_is_a_prefix_per_type():
+    small, big = heldout_split(3), heldout_split(6)
+    assert small == big[: len(small)]
+
+
+def test_answers_are_balanced_per_type():
+    split = heldout_split(60)
+    for qtype in QUESTION_TYPES:
+        counts = Counter(s.qa.answer for s in split if s.qa.qtype == qtype)
+        assert set(counts) == set(ANSWERS[qtype])
+        assert len(set(counts.values())) == 1, (qtype, counts)
+
+
+def test_answers_are_true_of_the_scene():
+    for s in heldout_split(20):
+        scene, qa = s.scene, s.qa
+        if qa.qtype == "count":
+            assert int(qa.answer) == len(scene.shapes)
+        elif qa.qtype == "text":
+            assert scene.text is not None and scene.text.digit == qa.answer
+        elif qa.qtype == "position":
+            kind = qa.question.split()[-2]
+            assert next(o for o in scene.shapes if o.kind == kind).quadrant == qa.answer
+        elif qa.qtype == "exists":
+            colour, kind = qa.question.split()[3:5]
+            present = any(o.kind == kind and o.colour == colour for o in scene.shapes)
+            assert present == (qa.answer == "yes")
+
+
+def test_exists_negatives_are_mostly_hard():
+    negatives = [s for s in heldout_split(100) if s.qa.qtype == "exists" and s.qa.answer == "no"]
+    hard = 0
+    for s in negatives:
+        colour, kind = s.qa.question.split()[3:5]
+        hard += any(o.kind == kind or o.colour == colour for o in s.scene.shapes)
+    assert hard / len(negatives) >= 0.7
+
+
+def test_heldout_split_is_disjoint_from_training():
+    held = heldout_split(30) + validation_split(30)
+    assert all(s.sample_id >= HELDOUT_BASE for s in held)
+    assert len({s.sample_id for s in held}) == len(held)
+    with pytest.raises(ValueError, match="training ids"):
+        training_item(HELDOUT_BASE)
+    held_images = {render(s.scene)[0].tobytes() for s in held}
+    for i in range(300):
+        assert render(training_item(i)[0])[0].tobytes() not in held_images
+
+
+def test_objects_stay_inside_their_quadrant():
+    for i in range(200):
+        scene, _ = training_item(i)
+        for obj in scene.objects:
+            y, x, h, w = obj.box
+            row, col = divmod(QUADRANTS.index(obj.quadrant), 2)
+            assert row * scene.height // 2 <= y and y + h <= (row + 1) * scene.height // 2
+            assert col * scene.width // 2 <= x and x + w <= (col + 1) * scene.width // 2
+
+
+def test_tokenizer_round_trip():
+    tok = build_tokenizer()
+    vocab = vocabulary()
+    assert tok.convert_tokens_to_ids(vocab) == list(range(len(vocab)))
+    for s in heldout_split(5):
+        text = f"{s.qa.question} {s.qa.answer}"
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES)
+def test_processor_image_tokens(processor, size):
+    """The processor inserts as many <image> ids as the model makes features, and >= 150."""
+    h, w = size
+    assert [h, w] in GRID_PINPOINTS
+    img = Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8))
+    enc = processor(images=img, text=prompt("what is written ?"), return_tensors="pt")
+    n = int((enc["input_ids"] == IMAGE_TOKEN_ID).sum())
+    assert n == num_image_tokens(h, w) >= 150
+    model = build_model(TINY)
+    feats = model.model.get_image_features(pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"])
+    assert feats.pooler_output[0].shape[0] == n
+
+
+def test_image_sizes_give_different_grids(processor):
+    shapes = set()
+    for h, w in IMAGE_SIZES:
+        enc = processor.image_processor(images=Image.new("RGB", (w, h)), return_tensors="pt")
+        shapes.add(tuple(enc["pixel_values"].shape))
+    assert len(shapes) >= 3
+
+
+def test_patch_labels_follow_the_object():
+    obj = SceneObject(kind="square", colour="red", quadrant="bottom-right", box=(40, 40, 12, 12))
+    scene = Scene(height=64, width=64, background="navy", texture="plain", texture_seed=0, objects=(obj,))
+    _img, omap = render(scene)
+    labels = patch_labels(scene, omap)
+    assert labels.shape == (5, 64, 3)
+    square = KIND_CLASSES.index("square")
+    # high-res tile 4 is the bottom-right one; the square covers pixels 41..50 of the image,
+    # i.e. pixels 9..18 of that tile: patches 2..4 in each direction
+    tile = labels[4, :, 0].reshape(8, 8)
+    assert set(zip(*np.nonzero(tile == square), strict=True)) <= {(r, c) for r in range(2, 5) for c in range(2, 5)}
+    assert (tile == square).sum() >= 4
+    assert (labels[1:4, :, 0] == 0).all()
+    base = labels[0, :, 0].reshape(8, 8)
+    assert (base[5:7, 5:7] == square).any() and (base[:4] == 0).all()
+
+
+def test_make_batch_is_deterministic_and_masks_answers(processor):
+    a = make_batch(processor.image_processor, seed=1, step=7, batch_size=3)
+    b = make_batch(processor.image_processor, seed=1, step=7, batch_size=3)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
+    vocab = vocabulary()
+    answers = {w for t in ANSWERS.values() for w in t}
+    supervised = a.labels[a.labels != -100]
+    assert len(supervised) >= 3 * 6
+    # every target is the token that follows in the sequence
+    pos = (a.labels != -100).nonzero()
+    for i, p in pos.tolist():
+        assert a.input_ids[i, p + 1] == a.labels[i, p]
+    assert any(vocab[t] in answers for t in supervised.tolist())
+    assert (a.input_ids == IMAGE_TOKEN_ID).sum(1).unique().numel() == 1
+
+
+def test_ask_rejects_text_question_without_plate():
+    rng = rng_for(0)
+    scene = Scene(height=64, width=64, background="black", texture="plain", texture_seed=0, objects=())
+    with pytest.raises(ValueError, match="text plate"):
+        ask(scene, "text", rng)
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES)
+def test_packed_owners_follow_llava_next_packing(size):
+    """packed_owners agrees with the model's own pack_image_features on (view, row, col) coordinates."""
+    from tokenprune.synth.patch_labels import packed_owners, view_owners
+
+    scene, _ = training_item(11, size=size)
+    _, omap = render(scene)
+    owners = view_owners(scene, omap)  # (n_views, 64)
+    n_views = owners.shape[0]
+    coords = torch.stack(
+        [torch.tensor([v, p // 8, p % 8], dtype=torch.float32) for v in range(n_views) for p in range(64)]
+    ).reshape(n_views, 64, 3)
+    model = build_model(TINY)
+    packed, _ = model.model.pack_image_features(
+        [coords], torch.tensor([size]), "default", image_newline=torch.tensor([-1.0, -1.0, -1.0])
+    )
+    packed = packed[0] if isinstance(packed, (list, tuple)) else packed
+    flat = packed_owners(scene, omap)
+    assert len(flat) == packed.shape[0] == num_image_tokens(*size)
+    for i, (v, r, c) in enumerate(packed.long().tolist()):
+        expected = -1 if v < 0 else owners[v, r * 8 + c]
+        assert flat[i] == expected

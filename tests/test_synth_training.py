@@ -1,0 +1,131 @@
+"""Training loop of the mini VLM on a tiny model built from config (no shipped weights needed)."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+from tokenprune.synth.evaluate import evaluate
+from tokenprune.synth.model import TINY
+from tokenprune.synth.questions import heldout_split
+from tokenprune.synth.train import STATE_FILE, TrainConfig, Trainer, lr_at
+
+CFG = TrainConfig(
+    steps=4,
+    batch_size=2,
+    warmup_steps=1,
+    eval_every=0,
+    checkpoint_every=100,
+    bf16=False,
+    threads=1,
+    size=TINY,
+    curriculum_fraction=0.5,
+)
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
+    trainer = Trainer(dataclasses.replace(CFG, lr=3e-3, steps=100, warmup_steps=1), tmp_path)
+    batch = trainer.batch(0)
+    first = trainer.train_step(batch)
+    for _ in range(14):
+        last = trainer.train_step(batch)
+    assert last["loss"] < 0.8 * first["loss"]
+    assert last["aux"] < 0.8 * first["aux"]
+
+
+def test_same_seed_same_weights(tmp_path):
+    a, b = Trainer(CFG, tmp_path / "a"), Trainer(CFG, tmp_path / "b")
+    a.run(progress=False)
+    b.run(progress=False)
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = Trainer(CFG, tmp_path / "full")
+    full.run(progress=False)
+
+    first = Trainer(CFG, tmp_path / "split")
+    first.run(progress=False, stop_after=2)
+    assert first.step == 2 and (tmp_path / "split" / STATE_FILE).exists()
+    second = Trainer(CFG, tmp_path / "split")
+    second.load_state(tmp_path / "split" / STATE_FILE)
+    assert second.step == 2
+    second.run(progress=False)
+    assert second.step == full.step == CFG.steps
+    for (name, x), y in zip(full.model.state_dict().items(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    assert torch.equal(full.aux.proj.weight, second.aux.proj.weight)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    Trainer(CFG, tmp_path).save_state()
+    other = Trainer(dataclasses.replace(CFG, lr=1.0), tmp_path)
+    with pytest.raises(ValueError, match="lr="):
+        other.load_state(tmp_path / STATE_FILE)
+
+
+def test_lr_schedule_warms_up_and_decays():
+    cfg = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr_fraction=0.1)
+    assert lr_at(0, cfg) < lr_at(99, cfg) == pytest.approx(1e-3)
+    assert lr_at(500, cfg) < 1e-3
+    assert lr_at(1000, cfg) == pytest.approx(1e-4)
+
+
+def test_export_loads_with_from_pretrained(tmp_path):
+    trainer = Trainer(CFG, tmp_path)
+    trainer.run(progress=False)
+    out = tmp_path / "model"
+    assert (out / "model.safetensors").is_file()
+    model = LlavaNextForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert isinstance(processor, LlavaNextProcessor)
+    samples = heldout_split(2)
+    before = evaluate(trainer.model, trainer.processor, samples).predictions
+    after = evaluate(model, processor, samples).predictions
+    assert before == after
+
+
+def test_random_keep_path_matches_unpruned_at_keep_one(tmp_path):
+    """keep_fraction=1 goes through get_image_features + inputs_embeds and must agree exactly."""
+    trainer = Trainer(CFG, tmp_path)
+    samples = heldout_split(3)
+    full = evaluate(trainer.model, trainer.processor, samples).predictions
+    kept = evaluate(trainer.model, trainer.processor, samples, keep_fraction=1.0).predictions
+    assert full == kept
+
+
+def _set_attn(model, impl):
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = impl
+
+
+def test_grounding_loss_is_minus_log_attention_mass_of_eager_head(tmp_path):
+    """The recomputed head-0 attention equals eager attention's, so the loss trains the real head."""
+    trainer = Trainer(CFG, tmp_path)
+    batch = trainer.batch(50)
+    assert batch.ground_rows.numel() > 0
+    trainer.model.eval()
+    _set_attn(trainer.model, "eager")
+    with torch.no_grad():
+        out = trainer.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+            image_sizes=batch.image_sizes,
+            output_attentions=True,
+        )
+        loss = trainer.grounding_loss(batch)
+    attn = out.attentions[CFG.ground_layer][:, 0]  # (B, L, L), head 0
+    expected = torch.stack(
+        [
+            -attn[r, q][t].sum().log()
+            for r, q, t in zip(
+                batch.ground_rows.tolist(), batch.ground_query.tolist(), batch.ground_targets, strict=True
+            )
+        ]
+    ).mean()
+    assert torch.allclose(loss, expected, atol=1e-5)

@@ -1,0 +1,122 @@
+"""Training batches: several supervised question/answer pairs per image, in one sequence.
+
+A training sequence is ``<s> <image>*N q1 a1 q2 a2 ... [describe : caption]``: every applicable
+question about the image in a random order (the held-out evaluation asks one question right after
+the image, which is the first slot here). The loss covers the answer words only. All images of a
+batch have the same size, so no visual token is padding; the batch for a step is a pure function
+of ``(seed, step)``, which makes training resumable exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokenprune.synth.patch_labels import packed_owners, patch_labels
+from tokenprune.synth.processor import num_image_tokens
+from tokenprune.synth.questions import HELDOUT_BASE, MAX_SHAPES, grounding_target, training_item
+from tokenprune.synth.scenes import IMAGE_SIZES, render
+from tokenprune.synth.tokenizer import BOS, IMAGE, PAD, vocabulary
+
+IGNORE = -100
+
+
+@dataclass
+class TrainBatch:
+    """One training batch.
+
+    Attributes:
+        input_ids: (B, L) token ids, right-padded with ``<pad>``.
+        attention_mask: (B, L) 1 on real tokens.
+        labels: (B, L) the id to predict *at* each position (already shifted), ``-100`` elsewhere.
+        pixel_values: (B, n_views, 3, 32, 32) normalised anyres views.
+        image_sizes: (B, 2) (height, width) of the images.
+        patch_labels: (B * n_views, 64, 3) kind / colour / digit class per vision patch.
+        ground_rows: (N,) batch row of each grounded question.
+        ground_query: (N,) position of its last question token (where the answer is predicted).
+        ground_targets: (N, L) True on the visual tokens of the object the question is about.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor
+    image_sizes: torch.Tensor
+    patch_labels: torch.Tensor
+    ground_rows: torch.Tensor
+    ground_query: torch.Tensor
+    ground_targets: torch.Tensor
+
+
+def curriculum_max_shapes(step: int, total_steps: int, ramp_fraction: float) -> int:
+    """Max shapes per scene: 1 at the start, growing by one per ``ramp_fraction / 3`` of training."""
+    if ramp_fraction <= 0:
+        return MAX_SHAPES
+    stage = int(step / max(1.0, total_steps * ramp_fraction / (MAX_SHAPES - 1)))
+    return min(MAX_SHAPES, 1 + stage)
+
+
+def make_batch(
+    image_processor: object,
+    seed: int,
+    step: int,
+    batch_size: int,
+    max_shapes: int = MAX_SHAPES,
+    describe_prob: float = 0.5,
+) -> TrainBatch:
+    """The training batch of ``step`` for ``seed`` (deterministic)."""
+    rng = np.random.default_rng([seed, step, 0xBA7C])
+    size = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
+    ids = rng.integers(0, HELDOUT_BASE, size=batch_size)
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    n_img = num_image_tokens(*size)
+    seqs: list[list[int]] = []
+    tgts: list[list[int]] = []
+    images: list[Image.Image] = []
+    plabels: list[np.ndarray] = []
+    grounds: list[tuple[int, int, np.ndarray]] = []
+    for row, sid in enumerate(ids):
+        scene, qas = training_item(int(sid), max_shapes=max_shapes, describe_prob=describe_prob, size=size)
+        img, omap = render(scene)
+        images.append(Image.fromarray(img))
+        plabels.append(patch_labels(scene, omap))
+        owners = packed_owners(scene, omap)
+        seq = [vocab[BOS]] + [vocab[IMAGE]] * n_img
+        tgt = [IGNORE] * len(seq)
+        for qa in qas:
+            q = [vocab[w] for w in qa.question.split()]
+            a = [vocab[w] for w in qa.answer.split()]
+            target = grounding_target(scene, qa)
+            if target is not None and (owners == target + 1).any():
+                grounds.append((row, len(seq) + len(q) - 1, 1 + np.nonzero(owners == target + 1)[0]))
+            seq += q + a
+            # the token at position p is predicted at position p - 1
+            tgt += [IGNORE] * (len(q) - 1) + a + [IGNORE]
+        seqs.append(seq)
+        tgts.append(tgt[: len(seq)])
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((batch_size, length), vocab[PAD], dtype=torch.long)
+    labels = torch.full((batch_size, length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((batch_size, length), dtype=torch.long)
+    for i, (s, t) in enumerate(zip(seqs, tgts, strict=True)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(s)] = 1
+    pv = image_processor(images=images, return_tensors="pt")  # type: ignore[operator]
+    ground_targets = torch.zeros((len(grounds), length), dtype=torch.bool)
+    for j, (_, _, positions) in enumerate(grounds):
+        ground_targets[j, torch.from_numpy(positions)] = True
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=mask,
+        labels=labels,
+        pixel_values=pv["pixel_values"],
+        image_sizes=pv["image_sizes"],
+        patch_labels=torch.from_numpy(np.concatenate(plabels)),
+        ground_rows=torch.tensor([g[0] for g in grounds], dtype=torch.long),
+        ground_query=torch.tensor([g[1] for g in grounds], dtype=torch.long),
+        ground_targets=ground_targets,
+    )

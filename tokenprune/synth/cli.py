@@ -1,0 +1,133 @@
+"""``tokenprune synth``: train, evaluate and inspect the SynthVQA mini VLM.
+
+Mounted as ``tokenprune synth ...`` by the main CLI; also runs as ``python -m tokenprune.synth.cli``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="SynthVQA and the bundled mini VLM.", no_args_is_help=True)
+
+
+@app.command()
+def train(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory: state.pt, log.jsonl, model/.")],
+    steps: Annotated[int, typer.Option(help="Optimiser steps (fixes the LR schedule).")] = 3000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1.5e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the weights and of the data stream.")] = 0,
+    aux_weight: Annotated[float, typer.Option(help="Weight of the patch-label loss (0 turns it off).")] = 1.0,
+    ground_weight: Annotated[float, typer.Option(help="Weight of the grounding (attention) loss; 0: off.")] = 1.0,
+    ground_layer: Annotated[int, typer.Option(help="LM layer whose head 0 the grounding loss trains.")] = 1,
+    describe_prob: Annotated[float, typer.Option(help="Share of images with a describe target.")] = 0.5,
+    curriculum: Annotated[float, typer.Option(help="Share of steps spent ramping 1 -> 4 shapes.")] = 0.15,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest on a shared CPU).")] = 1,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast.")] = True,
+    eval_every: Annotated[int, typer.Option(help="Validation every N steps (0: never).")] = 250,
+    checkpoint_every: Annotated[int, typer.Option(help="Write state.pt every N steps.")] = 100,
+    resume: Annotated[bool, typer.Option(help="Continue from run_dir/state.pt if present.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    install: Annotated[
+        Path | None, typer.Option(help="Also copy the final model to this directory (e.g. the package's).")
+    ] = None,
+) -> None:
+    """Train the mini VLM from scratch (deterministic for a seed, resumable)."""
+    from tokenprune.synth.train import MODEL_DIR, TrainConfig
+    from tokenprune.synth.train import train as run_training
+
+    cfg = TrainConfig(
+        seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        aux_weight=aux_weight,
+        describe_prob=describe_prob,
+        curriculum_fraction=curriculum,
+        threads=threads,
+        bf16=bf16,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+    )
+    trainer = run_training(cfg, run_dir, resume=resume, progress=progress)
+    if install is not None:
+        trainer.export(install)
+        typer.echo(f"installed {run_dir / MODEL_DIR} -> {install}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model_path: Annotated[
+        Path | None, typer.Argument(help="A saved mini VLM; default: the bundled checkpoint.")
+    ] = None,
+    per_type: Annotated[int, typer.Option(help="Held-out items per question type (200: the full split).")] = 200,
+    keep: Annotated[
+        float | None, typer.Option(help="Keep a random share of the visual tokens (benchmark self-check).")
+    ] = None,
+    keep_seed: Annotated[int, typer.Option(help="Seed of the random selection.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON.")] = None,
+) -> None:
+    """Accuracy per question type on the held-out SynthVQA split."""
+    import torch
+
+    from tokenprune.synth import load_bundled, load_model
+    from tokenprune.synth.evaluate import evaluate
+    from tokenprune.synth.questions import heldout_split
+
+    torch.set_num_threads(threads)
+    model, processor = load_bundled() if model_path is None else load_model(model_path)
+    result = evaluate(model, processor, heldout_split(per_type), keep_fraction=keep, keep_seed=keep_seed)
+    typer.echo(result.table())
+    if json_out is not None:
+        json_out.write_text(
+            json.dumps(
+                {
+                    "per_type": result.per_type,
+                    "overall": result.overall,
+                    "n": result.n,
+                    "keep": keep,
+                    "keep_seed": keep_seed,
+                },
+                indent=2,
+            )
+        )
+
+
+@app.command()
+def generate(
+    out_dir: Annotated[Path, typer.Argument(help="Where to write PNGs and samples.jsonl.")],
+    per_type: Annotated[int, typer.Option(help="Held-out items per question type.")] = 5,
+) -> None:
+    """Dump held-out samples as PNG images plus a JSONL of questions and answers."""
+    from PIL import Image
+
+    from tokenprune.synth.questions import heldout_split
+    from tokenprune.synth.scenes import render
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "samples.jsonl", "w") as f:
+        for s in heldout_split(per_type):
+            name = f"{s.sample_id}.png"
+            Image.fromarray(render(s.scene)[0]).save(out_dir / name)
+            f.write(
+                json.dumps(
+                    {
+                        "id": str(s.sample_id),
+                        "image": name,
+                        "group": s.qa.qtype,
+                        "question": s.qa.question,
+                        "answer": s.qa.answer,
+                    }
+                )
+                + "\n"
+            )
+    typer.echo(f"wrote {per_type * 6} samples to {out_dir}")
+
+
+if __name__ == "__main__":
+    app()

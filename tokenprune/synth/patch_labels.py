@@ -1,0 +1,97 @@
+"""Patch-level labels: what lies under every vision patch of every anyres view.
+
+The renderer knows which object covers each pixel, and SynthVQA image sizes are anyres pinpoints,
+so each patch of each 32x32 view covers a known pixel block of the image: the base view is the
+whole image squeezed to 32x32 (a patch covers an (H/8) x (W/8) block), and the high-res tiles cut
+the image itself (a patch covers a 4x4 block). The training recipe puts a linear auxiliary head on
+the vision tower's output tokens and trains it on these labels; the head is discarded afterwards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tokenprune.synth.processor import PATCH, TILE
+from tokenprune.synth.scenes import BACKGROUND_COLOURS, DIGITS, SHAPE_COLOURS, SHAPE_KINDS, TEXT_KIND, Scene
+
+KIND_CLASSES: tuple[str, ...] = ("background", *SHAPE_KINDS, TEXT_KIND)
+COLOUR_CLASSES: tuple[str, ...] = (*BACKGROUND_COLOURS, *SHAPE_COLOURS)
+DIGIT_CLASSES: tuple[str, ...] = DIGITS
+IGNORE = -100
+#: minimum share of a patch's pixels an object must cover to label the patch with it.
+MIN_COVERAGE = 0.25
+
+
+def _block_owner(omap: np.ndarray, bh: int, bw: int) -> np.ndarray:
+    """For an (H, W) object map cut into bh x bw blocks: (H/bh, W/bw) index of the dominant object.
+
+    An object owns a block when it covers at least ``MIN_COVERAGE`` of it (the most-covering object
+    wins); otherwise the block is background (0).
+    """
+    h, w = omap.shape
+    n_obj = int(omap.max())
+    blocks = omap.reshape(h // bh, bh, w // bw, bw).transpose(0, 2, 1, 3).reshape(h // bh, w // bw, -1)
+    if n_obj == 0:
+        return np.zeros(blocks.shape[:2], dtype=np.int64)
+    counts = np.stack([(blocks == i).sum(-1) for i in range(1, n_obj + 1)], axis=-1)
+    best = counts.argmax(-1)
+    cover = counts.max(-1) / (bh * bw)
+    return np.where(cover >= MIN_COVERAGE, best + 1, 0)
+
+
+def view_owners(scene: Scene, omap: np.ndarray) -> np.ndarray:
+    """Owner object (0 = background, i+1 = ``scene.objects[i]``) of every patch of every view.
+
+    Returns:
+        (n_views, (TILE/PATCH)**2) int64, views in the processor's order: base view first, then
+        the high-res tiles row-major; patches row-major inside a view.
+    """
+    h, w = omap.shape
+    per = TILE // PATCH
+    if h % TILE or w % TILE:
+        raise ValueError(f"image {h}x{w} is not a multiple of the {TILE}px tile; render a pinpoint size")
+    views = [_block_owner(omap, h // per, w // per).reshape(-1)]
+    fine = _block_owner(omap, PATCH, PATCH)
+    for r in range(h // TILE):
+        for c in range(w // TILE):
+            views.append(fine[r * per : (r + 1) * per, c * per : (c + 1) * per].reshape(-1))
+    return np.stack(views)
+
+
+def patch_labels(scene: Scene, omap: np.ndarray) -> np.ndarray:
+    """Kind, colour and digit class of every patch of every view.
+
+    Returns:
+        (n_views, patches_per_view, 3) int64: index into :data:`KIND_CLASSES`,
+        :data:`COLOUR_CLASSES` (background colour on background patches, shape colour on shapes,
+        ``IGNORE`` on the text plate) and :data:`DIGIT_CLASSES` (``IGNORE`` off the plate).
+    """
+    owners = view_owners(scene, omap)
+    table = np.full((len(scene.objects) + 1, 3), IGNORE, dtype=np.int64)
+    table[0] = (0, COLOUR_CLASSES.index(scene.background), IGNORE)
+    for i, obj in enumerate(scene.objects):
+        if obj.kind == TEXT_KIND:
+            table[i + 1] = (KIND_CLASSES.index(TEXT_KIND), IGNORE, DIGIT_CLASSES.index(obj.digit or "0"))
+        else:
+            table[i + 1] = (KIND_CLASSES.index(obj.kind), COLOUR_CLASSES.index(obj.colour), IGNORE)
+    return table[owners]
+
+
+def packed_owners(scene: Scene, omap: np.ndarray) -> np.ndarray:
+    """Owner object of every visual token in LLaVA-NeXT's packed order.
+
+    The packed order (``pack_image_features`` for an unpadded pinpoint-size image) is the 64
+    base-view tokens, then the high-res grid row by row, each row followed by one
+    ``image_newline`` token. Returns a (n_image_tokens,) int64 array: 0 background, ``i + 1``
+    for ``scene.objects[i]``, -1 on newline tokens.
+    """
+    owners = view_owners(scene, omap)
+    per = TILE // PATCH
+    h, w = omap.shape
+    tiles_w = w // TILE
+    grid = np.zeros((h // PATCH, w // PATCH), dtype=np.int64)
+    for t, view in enumerate(owners[1:]):
+        tr, tc = divmod(t, tiles_w)
+        grid[tr * per : (tr + 1) * per, tc * per : (tc + 1) * per] = view.reshape(per, per)
+    with_newlines = np.concatenate([grid, np.full((grid.shape[0], 1), -1, dtype=np.int64)], axis=1)
+    return np.concatenate([owners[0], with_newlines.reshape(-1)])

@@ -1,0 +1,353 @@
+"""Training the mini VLM from scratch on SynthVQA (CPU friendly, deterministic, resumable).
+
+The recipe (docs/synth.md explains why each part is there):
+
+* every supervised answer of several questions per image, plus a dense ``describe`` target;
+* a linear auxiliary head on the vision tower's output tokens, trained on patch-level labels
+  (kind, colour, digit under each patch; :mod:`tokenprune.synth.patch_labels`);
+* a grounding loss: one attention head (head 0 of LM layer ``ground_layer``) is trained to put
+  its attention, at the position where an answer is predicted, on the visual tokens of the object
+  the question names (the generator knows which tokens those are);
+* a curriculum from one shape per scene to four;
+* AdamW with linear warm-up and cosine decay over a fixed number of steps, bf16 autocast.
+
+Resumption: ``state.pt`` in the run directory (written atomically) holds the weights, the
+auxiliary head, the optimiser and the step. Batches depend only on ``(seed, step)``, so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenprune.synth.batches import TrainBatch, curriculum_max_shapes, make_batch
+from tokenprune.synth.model import MiniVLMSize, build_model
+from tokenprune.synth.patch_labels import COLOUR_CLASSES, DIGIT_CLASSES, IGNORE, KIND_CLASSES
+from tokenprune.synth.processor import build_processor
+
+STATE_FILE = "state.pt"
+LOG_FILE = "log.jsonl"
+MODEL_DIR = "model"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run."""
+
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1.5e-3
+    warmup_steps: int = 150
+    min_lr_fraction: float = 0.05
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    aux_weight: float = 1.0
+    ground_weight: float = 1.0
+    ground_layer: int = 1
+    describe_prob: float = 0.5
+    curriculum_fraction: float = 0.15
+    bf16: bool = True
+    threads: int = 1
+    checkpoint_every: int = 100
+    eval_every: int = 250
+    eval_per_type: int = 30
+    size: MiniVLMSize = field(default_factory=MiniVLMSize)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        """The inverse of :meth:`to_json`."""
+        data = dict(data)
+        data["size"] = MiniVLMSize(**data["size"])
+        return cls(**data)
+
+
+class AuxHead(nn.Module):
+    """Linear patch classifier on the vision tower's output tokens (training only)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.sizes = (len(KIND_CLASSES), len(COLOUR_CLASSES), len(DIGIT_CLASSES))
+        self.proj = nn.Linear(hidden, sum(self.sizes))
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the three classifiers.
+
+        Args:
+            tokens: (n_views, 64, hidden) vision tower output (CLS dropped).
+            labels: (n_views, 64, 3) kind / colour / digit classes, ``-100`` to ignore.
+        """
+        logits = self.proj(tokens.float()).split(self.sizes, dim=-1)
+        total = tokens.new_zeros((), dtype=torch.float32)
+        for j, lg in enumerate(logits):
+            y = labels[..., j].reshape(-1)
+            if (y != IGNORE).any():
+                total = total + nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), y, ignore_index=IGNORE)
+        return total
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step``: linear warm-up, then cosine to ``min_lr_fraction * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+class Trainer:
+    """Holds the model, auxiliary head and optimiser of one run; :meth:`run` trains to the end."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.processor = build_processor()
+        self.model = build_model(cfg.size, seed=cfg.seed)
+        torch.manual_seed(cfg.seed + 1)
+        self.aux = AuxHead(cfg.size.vision_hidden)
+        decay, no_decay = [], []
+        for mod in (self.model, self.aux):
+            for p in mod.parameters():
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(0.9, 0.98),
+        )
+        self.step = 0
+        self._vision_tokens: torch.Tensor | None = None
+        self._layer_input: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.model.model.vision_tower.register_forward_hook(self._capture_vision)
+        if cfg.ground_weight > 0:
+            layers = self.model.model.language_model.layers
+            if not 0 <= cfg.ground_layer < len(layers):
+                raise ValueError(f"ground_layer={cfg.ground_layer} is not a layer of the {len(layers)}-layer LM")
+            layers[cfg.ground_layer].register_forward_pre_hook(self._capture_layer_input, with_kwargs=True)
+
+    def _capture_vision(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Keep the vision tower's last hidden states (n_views, 65, hidden) for the auxiliary loss."""
+        self._vision_tokens = output.hidden_states[-1]
+
+    def _capture_layer_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Keep the grounding layer's input hidden states (B, L, d) and RoPE (cos, sin)."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._layer_input = (hidden, kwargs["position_embeddings"])
+
+    def grounding_loss(self, batch: TrainBatch) -> torch.Tensor:
+        """-log of head 0's attention mass on the named object's tokens, averaged over questions.
+
+        Recomputes the attention logits of that head exactly as the layer does (input norm,
+        q/k projections, RoPE, causal softmax over positions up to the query).
+        """
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        if self._layer_input is None:
+            raise RuntimeError("the grounding layer hook did not fire")
+        hidden, (cos, sin) = self._layer_input
+        self._layer_input = None
+        n = batch.ground_rows.numel()
+        if n == 0:
+            return hidden.new_zeros((), dtype=torch.float32)
+        layer = self.model.model.language_model.layers[self.cfg.ground_layer]
+        attn = layer.self_attn
+        hd = attn.head_dim
+        h = layer.input_layernorm(hidden[batch.ground_rows])  # (N, L, d)
+        q = attn.q_proj(h)[..., :hd]  # head 0: (N, L, hd)
+        k = attn.k_proj(h)[..., :hd]
+        if cos.shape[0] == 1:  # positions shared by the batch
+            cos, sin = cos.expand(n, -1, -1), sin.expand(n, -1, -1)
+        else:
+            cos, sin = cos[batch.ground_rows], sin[batch.ground_rows]
+        q, k = apply_rotary_pos_emb(q[:, None], k[:, None], cos, sin)
+        q_at = q[:, 0, :, :].gather(1, batch.ground_query[:, None, None].expand(-1, 1, hd))  # (N, 1, hd)
+        logits = (q_at.float() @ k[:, 0].float().transpose(1, 2))[:, 0] * attn.scaling  # (N, L)
+        pos = torch.arange(logits.shape[1])
+        logits = logits.masked_fill(pos[None, :] > batch.ground_query[:, None], float("-inf"))
+        on_target = logits.masked_fill(~batch.ground_targets, float("-inf")).logsumexp(-1)
+        return (logits.logsumexp(-1) - on_target).mean()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_state(self) -> Path:
+        """Write ``state.pt`` atomically (temp file, then ``os.replace``)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / STATE_FILE
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(
+            {
+                "step": self.step,
+                "config": self.cfg.to_json(),
+                "model": self.model.state_dict(),
+                "aux": self.aux.state_dict(),
+                "optimizer": self.opt.state_dict(),
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+        return path
+
+    def load_state(self, path: str | Path) -> None:
+        """Restore a ``state.pt``; its config must match this run's.
+
+        Only the logging fields and ``steps`` may differ. A different ``steps`` shortens or
+        extends the schedule from the saved step on (the cosine is recomputed for the new total),
+        which is how a run is fitted into the time that is left; the result is then no longer
+        equal to an uninterrupted run with either total, and the run log records the change.
+        """
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = TrainConfig.from_json(state["config"])
+        if saved.steps != self.cfg.steps:
+            self.log(
+                {"event": "steps_changed", "at_step": int(state["step"]), "from": saved.steps, "to": self.cfg.steps}
+            )
+        fixed = ("seed", "batch_size", "lr", "size", "aux_weight", "describe_prob", "ground_weight", "ground_layer")
+        for name in fixed:
+            if getattr(saved, name) != getattr(self.cfg, name):
+                raise ValueError(
+                    f"cannot resume {path}: it was trained with {name}={getattr(saved, name)!r}, "
+                    f"this run has {name}={getattr(self.cfg, name)!r}; use the same settings or a new run dir"
+                )
+        self.model.load_state_dict(state["model"])
+        self.aux.load_state_dict(state["aux"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+    def export(self, out_dir: str | Path) -> Path:
+        """Save the model, tokenizer and processor with ``save_pretrained`` (safetensors)."""
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        self.model.save_pretrained(tmp)
+        self.processor.save_pretrained(tmp)
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+        else:
+            os.replace(tmp, out)
+        return out
+
+    # -- training ----------------------------------------------------------------------------
+    def batch(self, step: int) -> TrainBatch:
+        """The batch of ``step`` (curriculum applied)."""
+        cfg = self.cfg
+        return make_batch(
+            self.processor.image_processor,
+            cfg.seed,
+            step,
+            cfg.batch_size,
+            max_shapes=curriculum_max_shapes(step, cfg.steps, cfg.curriculum_fraction),
+            describe_prob=cfg.describe_prob,
+        )
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimiser step; returns the answer loss and the auxiliary loss."""
+        self.model.train()
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, self.cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            out = self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                pixel_values=batch.pixel_values,
+                image_sizes=batch.image_sizes,
+            )
+        logits = out.logits.float()
+        answer_loss = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE
+        )
+        if self._vision_tokens is None:
+            raise RuntimeError("the vision tower hook did not fire; is this a LlavaNext model?")
+        aux_loss = self.aux.loss(self._vision_tokens[:, 1:], batch.patch_labels)
+        self._vision_tokens = None
+        loss = answer_loss + self.cfg.aux_weight * aux_loss
+        ground_loss = torch.zeros(())
+        if self.cfg.ground_weight > 0:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                ground_loss = self.grounding_loss(batch)
+            loss = loss + self.cfg.ground_weight * ground_loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_([*self.model.parameters(), *self.aux.parameters()], self.cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        return {
+            "loss": float(answer_loss.detach()),
+            "aux": float(aux_loss.detach()),
+            "ground": float(ground_loss.detach()),
+        }
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to the run's log."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / LOG_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def run(self, progress: bool = True, stop_after: int | None = None) -> None:
+        """Train until ``cfg.steps`` (or ``stop_after`` more steps), checkpointing and evaluating."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from tokenprune.synth.evaluate import evaluate
+        from tokenprune.synth.questions import validation_split
+
+        torch.set_num_threads(self.cfg.threads)
+        val = validation_split(self.cfg.eval_per_type) if self.cfg.eval_every > 0 else []
+        end = self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
+        ema: dict[str, float] = {}
+        t0 = time.time()
+        columns = (
+            TextColumn("[bold]synth train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        with Progress(*columns, disable=not progress) as bar:
+            task = bar.add_task("train", total=self.cfg.steps, completed=self.step, info="")
+            while self.step < end:
+                stats = self.train_step(self.batch(self.step))
+                for k, v in stats.items():
+                    ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
+                bar.update(
+                    task,
+                    completed=self.step,
+                    info=f"loss {ema['loss']:.3f} aux {ema['aux']:.3f} ground {ema['ground']:.3f}",
+                )
+                record: dict[str, Any] = {"step": self.step, "wall_s": round(time.time() - t0, 1), **stats}
+                if self.cfg.eval_every > 0 and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps):
+                    res = evaluate(self.model, self.processor, val)
+                    record["val"] = res.per_type
+                    record["val_mean"] = res.overall
+                    bar.console.print(
+                        f"step {self.step}: val {res.overall:.3f} "
+                        + " ".join(f"{t} {a:.2f}" for t, a in res.per_type.items())
+                    )
+                if self.step % 10 == 0 or "val" in record:
+                    self.log(record)
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                    self.save_state()
+        if self.step >= self.cfg.steps:
+            self.export(self.run_dir / MODEL_DIR)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True, progress: bool = True) -> Trainer:
+    """Train (or resume) a run in ``run_dir``; the final model is exported to ``run_dir/model``."""
+    trainer = Trainer(cfg, run_dir)
+    state = Path(run_dir) / STATE_FILE
+    if resume and state.exists():
+        trainer.load_state(state)
+    trainer.run(progress=progress)
+    return trainer
