@@ -87,3 +87,48 @@ def test_the_installed_script_runs(env, tmp_path):
     )
     names = {p["name"] for p in json.loads(result.stdout)["plugins"]}
     assert ("random" in names) == ("TOKENPRUNE_DISABLE_PLUGINS" not in env)
+
+
+def test_plugins_add_commands_through_the_hook(monkeypatch):
+    import typer
+
+    import tokenprune as tp
+    import tokenprune.cli as cli
+
+    fresh = typer.Typer()
+    fresh.command("plugins")(cli.plugins)
+
+    class Plugin:
+        @staticmethod
+        @tp.hookimpl
+        def tokenprune_add_commands(app):
+            @app.command("hello")
+            def hello() -> None:
+                """Say hello."""
+                typer.echo("hello from a plugin")
+
+    monkeypatch.setattr(cli, "app", fresh)
+    monkeypatch.setattr(cli, "_manager", lambda: tp.get_plugin_manager(entry_points=False, plugins=[Plugin()]))
+    result = runner.invoke(cli.get_app(), ["hello"])
+    assert result.exit_code == 0 and "hello from a plugin" in result.stdout
+
+    class Clash:
+        @staticmethod
+        @tp.hookimpl
+        def tokenprune_add_commands(app):
+            app.command("plugins")(lambda: None)
+
+    clashing = typer.Typer()
+    clashing.command("plugins")(cli.plugins)
+    monkeypatch.setattr(cli, "app", clashing)
+    monkeypatch.setattr(cli, "_manager", lambda: tp.get_plugin_manager(entry_points=False, plugins=[Clash()]))
+    with pytest.raises(tp.TokenpruneError, match="adds commands that already exist: plugins"):
+        cli.get_app()
+    assert [c.name for c in clashing.registered_commands] == ["plugins"]  # nothing half-added
+
+
+def test_the_atp_plugin_adds_train_atp():
+    from tokenprune.cli import get_app
+
+    result = runner.invoke(get_app(), ["train-atp", "--help"])
+    assert result.exit_code == 0 and "--target-tokens" in result.stdout

@@ -11,7 +11,7 @@ import pytest
 import typer.main
 
 from tokenprune import hookspecs
-from tokenprune.cli import app
+from tokenprune.cli import get_app
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -52,7 +52,7 @@ def test_every_hookspec_is_documented():
 
 def test_every_cli_command_is_documented():
     cli_doc = (DOCS / "reference" / "cli.md").read_text(encoding="utf-8")
-    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    commands = typer.main.get_command(get_app()).commands  # type: ignore[attr-defined]
     for name in commands:
         assert re.search(rf"`tokenprune {name}\b", cli_doc), f"`tokenprune {name}` is not in docs/reference/cli.md"
 

@@ -313,9 +313,29 @@ def _fail(message: str) -> None:
     raise typer.Exit(EXIT_INVALID)
 
 
+def get_app() -> typer.Typer:
+    """The command line with the installed plugins' commands added (``tokenprune_add_commands``), once."""
+    if not getattr(app, "_tokenprune_plugin_commands", False):
+        builtin = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback is not None}
+        manager = _manager()
+        for impl in manager.pluggy.hook.tokenprune_add_commands.get_hookimpls():
+            before = len(app.registered_commands)
+            impl.function(**{name: app for name in impl.argnames})
+            added = [c.name or (c.callback.__name__ if c.callback else "?") for c in app.registered_commands[before:]]
+            clash = sorted(set(added) & builtin)
+            if clash:
+                del app.registered_commands[before:]
+                raise TokenpruneError(
+                    f"plugin {impl.plugin_name!r} adds commands that already exist: {', '.join(clash)}"
+                )
+            builtin |= set(added)
+        app._tokenprune_plugin_commands = True  # type: ignore[attr-defined]
+    return app
+
+
 def main() -> None:
     """Entry point of the ``tokenprune`` script."""
-    app()
+    get_app()()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    import typer
+
     from tokenprune.plugins import AdapterRegistry, ReducerRegistry, TaskRegistry
 
 PROJECT_NAME = "tokenprune"
@@ -67,4 +69,16 @@ def tokenprune_register_tasks(registry: TaskRegistry) -> None:
     :param registry: Call ``registry.add(TaskClass)``; the task is then usable in a comparison
         config as ``tasks: [{name: <TaskClass.name>, ...params}]``. A name already registered by
         another plugin is an error that names both distributions.
+    """
+
+
+@hookspec
+def tokenprune_add_commands(app: typer.Typer) -> None:
+    """Add sub-commands to the ``tokenprune`` command line.
+
+    Called once when the command line starts (:func:`tokenprune.cli.get_app`), after the built-in
+    commands exist.
+
+    :param app: The root ``typer.Typer``; e.g. ``app.command("train-atp")(train_atp)``. A command
+        name that already exists is an error that names the plugin.
     """

@@ -1,0 +1,189 @@
+"""The ``atp`` reducer: ATP-LLaVA's learned, instance-adaptive pruning, with hard masks at inference.
+
+ATP-LLaVA (Ye, Gan, Ge, Zhang, Tang; CVPR 2025; https://arxiv.org/abs/2412.00447). There is no
+official code; this is the project's reading of the paper, documented in ``docs/reducers/atp.md``.
+The weights come from ``tokenprune train-atp`` (:mod:`tokenprune_atp.train`).
+
+A pipeline runs one stage per ATP module; every stage points at the same weights file, and each
+picks the module trained for its own layer::
+
+    stages:
+      - {at: {layer: 1}, reducer: atp, keep: 1.0, params: {weights: runs/atp/atp.safetensors}}
+      - {at: {layer: 2}, reducer: atp, keep: 1.0, params: {weights: runs/atp/atp.safetensors}}
+      - {at: {layer: 3}, reducer: atp, keep: 1.0, params: {weights: runs/atp/atp.safetensors}}
+
+(:func:`atp_pipeline` writes this for a weights file.) ``keep`` is a cap: ATP keeps what its
+thresholds pass, never more than the stage's budget. Packaged exactly as a third-party plugin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+import typer
+
+import tokenprune
+from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, Selection, TokenReducer
+from tokenprune_atp.model import (
+    ATPConfig,
+    ATPHead,
+    ATPWeights,
+    ATPWeightsError,
+    default_layers,
+    load_atp,
+    pooled_states,
+    redundancy_scores,
+    score_statistics,
+    spatial_scores,
+)
+
+
+class ATP(TokenReducer):
+    """Keep the visual tokens whose redundancy or spatial score clears a per-instance learned threshold.
+
+    At ``{layer: k}``, with the probe's attention of layer ``k - 1``:
+
+    1. ``S_red``: the percentile rank, among the unprotected tokens, of the mean of the attention
+       each token receives from the visual tokens and from the text tokens
+       (:func:`~tokenprune_atp.model.redundancy_scores`);
+    2. ``S_sp``: ``1 - λ / s²`` for the coarsest uniform sampling grid (stride ``s``) the token lies
+       on in its view (:func:`~tokenprune_atp.model.spatial_scores`; 0 without a layout);
+    3. the module's head maps score statistics and the pooled hidden states to ``(θ_r, θ_s)``;
+    4. keep ``(S_red > θ_r) or (S_sp > θ_s)``, plus every protected token. If more than the stage's
+       budget pass, the budget keeps the largest margins ``max(S_red - θ_r, S_sp - θ_s)``.
+
+    The count differs per sample (``deterministic_count=False``); the engine's ragged path runs
+    such batches. Each sample's result depends only on that sample (the head runs per sample).
+    Cost: the head's matrix products (``D·e + (9 + e)·w + 2w`` MACs per sample) plus sorting.
+    """
+
+    name = "atp"
+    capabilities = Capabilities(
+        insertion_points=frozenset({"layer"}),
+        attention=frozenset({"visual", "text"}),
+        trainable=True,
+        deterministic_count=False,
+    )
+
+    class Params(ReducerParams):
+        weights: str = Field(
+            description=(
+                "ATP weights from `tokenprune train-atp`: the atp.safetensors file or its directory. One file holds "
+                "every module; each stage uses the module trained for its layer."
+            )
+        )
+
+    def __init__(self, params: ReducerParams | dict[str, Any] | None = None) -> None:
+        super().__init__(params)
+        self.weights: ATPWeights = load_atp(self.params.weights)
+
+    def _head(self, tokens: Tensor, ctx: ReduceContext) -> ATPHead:
+        cfg = self.weights.config
+        if ctx.at.kind != "layer" or ctx.at.layer is None:
+            raise ReducerInputError(f"reducer {self.name!r} runs between decoder layers only, not at {ctx.at}")
+        if int(tokens.shape[-1]) != cfg.hidden_size:
+            raise ReducerInputError(
+                f"reducer {self.name!r}: the weights {self.params.weights} were trained for hidden size "
+                f"{cfg.hidden_size} ({cfg.num_layers} decoder layers, base model {cfg.base_model!r}), but the tokens "
+                f"at {ctx.at} have size {int(tokens.shape[-1])}"
+            )
+        try:
+            return self.weights.head(int(ctx.at.layer))
+        except ATPWeightsError as exc:
+            raise ReducerInputError(f"reducer {self.name!r}: {exc}") from exc
+
+    def _attention(self, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
+        out = []
+        for source in ("visual", "text"):
+            att = ctx.attention.get(source)
+            if att is None:
+                raise ReducerInputError(
+                    f"reducer {self.name!r}: no {source!r} attention in the context (got "
+                    f"{sorted(ctx.attention) or 'none'}); ATP runs at a layer stage through tokenprune.apply"
+                )
+            if att.shape != ctx.valid.shape:
+                raise ReducerInputError(
+                    f"reducer {self.name!r}: {source!r} attention has shape {tuple(att.shape)}, expected (B, N) = "
+                    f"{tuple(ctx.valid.shape)}"
+                )
+            att = att.detach().float()
+            if not bool((torch.isfinite(att) | ~ctx.valid).all()):
+                raise ReducerInputError(f"reducer {self.name!r}: the {source!r} attention contains NaN or inf")
+            out.append(att.masked_fill(~ctx.valid, 0.0))
+        return out[0], out[1]
+
+    def thresholds(self, tokens: Tensor, ctx: ReduceContext) -> tuple[Tensor, Tensor, Tensor]:
+        """``(S_red, S_sp, θ)``: ``(B, N)``, ``(B, N)`` and ``(B, 2)`` float32 (``θ = (θ_r, θ_s)``)."""
+        head = self._head(tokens, ctx)
+        finite = torch.isfinite(tokens).all(-1) | ~ctx.valid
+        if not bool(finite.all()):
+            sample, token = (int(v) for v in (~finite).nonzero()[0])
+            raise ReducerInputError(
+                f"reducer {self.name!r}: token {token} of sample {sample} has NaN or infinite features"
+            )
+        att_v, att_t = self._attention(ctx)
+        candidates = ctx.valid & ~ctx.protected
+        s_red = redundancy_scores(att_v, att_t, candidates)
+        if ctx.layout is not None:
+            lay = ctx.layout
+            lam = self.weights.config.spatial_lambda
+            s_sp = spatial_scores(lay.row, lay.col, lay.view, lay.image, lay.newline, lam)
+            s_sp = s_sp.masked_fill(~candidates, 0.0)
+        else:
+            s_sp = torch.zeros_like(s_red)
+        stats = score_statistics(att_v, att_t, candidates)
+        pooled = pooled_states(tokens.detach(), candidates)
+        with torch.no_grad():
+            # One sample at a time: a sample's thresholds must not depend on the rest of the batch.
+            theta = torch.cat([head(stats[b : b + 1], pooled[b : b + 1]) for b in range(ctx.batch_size)])
+        return s_red, s_sp, theta
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
+        """Hard ATP masks; see the class docstring. ``tokens`` is ``(B, N, D)``."""
+        s_red, s_sp, theta = self.thresholds(tokens, ctx)
+        margin = torch.maximum(s_red - theta[:, :1], s_sp - theta[:, 1:])
+        candidates = ctx.valid & ~ctx.protected
+        passed = candidates & (margin > 0)
+        protected = ctx.protected & ctx.valid
+        ranked = margin.masked_fill(~passed, float("-inf")).masked_fill(protected, float("inf"))
+        order = ranked.argsort(dim=1, descending=True, stable=True)
+        n = ctx.valid.shape[1]
+        within = torch.arange(n, device=tokens.device).unsqueeze(0) < ctx.budget.unsqueeze(1)
+        keep = torch.zeros_like(ctx.valid).scatter(1, order, within) & (passed | protected)
+        return Selection.from_mask(keep)
+
+    def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
+        """The head's matrix products, one row per sample (scores and statistics are element-wise)."""
+        return self._head(tokens, ctx).macs(ctx.batch_size)
+
+
+def atp_pipeline(weights: str | Path, keep: float | int = 1.0, name: str | None = "atp") -> dict[str, Any]:
+    """A pipeline mapping with one ``atp`` stage per module of ``weights`` (``keep``: each stage's cap)."""
+    config = ATPWeights.load(weights).config
+    return {
+        "name": name,
+        "stages": [
+            {"at": {"layer": k}, "reducer": "atp", "keep": keep, "params": {"weights": str(weights)}}
+            for k in config.layers
+        ],
+    }
+
+
+@tokenprune.hookimpl
+def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
+    registry.add(ATP)
+
+
+@tokenprune.hookimpl
+def tokenprune_add_commands(app: typer.Typer) -> None:
+    from tokenprune_atp.cli import train_atp
+
+    app.command("train-atp")(train_atp)
+
+
+__all__ = ["ATP", "ATPConfig", "ATPWeights", "ATPWeightsError", "atp_pipeline", "default_layers", "load_atp"]
