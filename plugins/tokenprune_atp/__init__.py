@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import typer
 from pydantic import Field
 from torch import Tensor
-
-import typer
 
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, Selection, TokenReducer
