@@ -142,3 +142,17 @@ def test_layout_grid_marks_row_end_newlines_and_gathers():
     assert picked.col.tolist() == [[3, 0], [0, 0]]
     with pytest.raises(ValueError, match="every field must be"):
         TokenLayout(lay.image, lay.view, lay.row[:, :2], lay.col, lay.newline)
+
+
+def test_sequence_layout_places_images_on_visual_columns():
+    from tokenprune.layout import sequence_layout
+
+    visual = torch.tensor([[False, True, True, True, False, False], [True, True, False, False, False, False]])
+    layouts = [TokenLayout.grid(1, 2), TokenLayout.grid(1, 1), TokenLayout.grid(1, 2)]  # sample 0 has two images
+    lay = sequence_layout(layouts, visual)
+    assert lay.image.tolist() == [[-1, 0, 0, 1, -1, -1], [0, 0, -1, -1, -1, -1]]
+    assert lay.col.tolist() == [[-1, 0, 1, 0, -1, -1], [0, 1, -1, -1, -1, -1]]
+    with pytest.raises(ValueError, match="cannot cover"):
+        sequence_layout(layouts[:2], visual)
+    with pytest.raises(ValueError, match="do not split"):
+        sequence_layout([TokenLayout.grid(1, 2), TokenLayout.grid(1, 3)], visual)

@@ -53,7 +53,7 @@ from tokenprune import positions as P
 from tokenprune.adapters.base import ImageCall, ModelAdapter
 from tokenprune.budget import budget_per_sample
 from tokenprune.errors import TokenpruneError
-from tokenprune.layout import TokenLayout
+from tokenprune.layout import TokenLayout, sequence_layout
 from tokenprune.pipeline import Pipeline, Stage, load_pipeline
 from tokenprune.plugins import PluginManager, ReducerRegistry, get_plugin_manager
 from tokenprune.probe import AttentionProbe, ProbeRows
@@ -694,36 +694,12 @@ class PruningRun:
         if call is None:
             return None
         layouts = self.adapter.image_layouts(call)
-        counts = visual.sum(1).tolist()
-        sizes = [int(lay.shape[1]) for lay in layouts]
-        if sum(sizes) != sum(counts):
-            raise TokenpruneError(self._layout_mismatch(sizes, counts))
-        batch, length = visual.shape
-        device = visual.device
-        full = {
-            "image": torch.full((batch, length), -1, dtype=torch.long, device=device),
-            "view": torch.zeros(batch, length, dtype=torch.long, device=device),
-            "row": torch.full((batch, length), -1, dtype=torch.long, device=device),
-            "col": torch.full((batch, length), -1, dtype=torch.long, device=device),
-            "newline": torch.zeros(batch, length, dtype=torch.bool, device=device),
-        }
-        it = iter(layouts)
-        for b, count in enumerate(counts):
-            parts: list[TokenLayout] = []
-            got = 0
-            while got < count:
-                lay = next(it)
-                parts.append(replace(lay, image=torch.full_like(lay.image, len(parts))))
-                got += int(lay.shape[1])
-            if got != count:
-                raise TokenpruneError(self._layout_mismatch(sizes, counts))
-            if not parts:
-                continue
-            cat = TokenLayout.cat(parts).to(device)
-            cols = visual[b].nonzero().squeeze(1)
-            for name, tensor in full.items():
-                tensor[b, cols] = getattr(cat, name)[0].to(tensor.dtype)
-        return TokenLayout(**full)
+        try:
+            return sequence_layout(layouts, visual)
+        except ValueError:
+            raise TokenpruneError(
+                self._layout_mismatch([int(lay.shape[1]) for lay in layouts], visual.sum(1).tolist())
+            ) from None
 
     # --- masks --------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ read it. All fields are ``(B, N)`` tensors aligned with the visual tokens of one
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -85,3 +85,51 @@ class TokenLayout:
         if not layouts:
             raise ValueError("TokenLayout.cat needs at least one layout")
         return cls(**{f.name: torch.cat([getattr(x, f.name) for x in layouts], 1) for f in fields(cls)})
+
+
+def sequence_layout(layouts: list[TokenLayout], visual: Tensor) -> TokenLayout:
+    """Place per-image layouts on the visual columns of a batch.
+
+    Args:
+        layouts: One ``(1, n_i)`` layout per image of the batch, in order (an adapter's
+            ``image_layouts``); a sample's images follow each other, and each is numbered by its
+            position within its sample.
+        visual: ``(B, L)`` bool, the visual columns of the sequence.
+
+    Returns:
+        A ``(B, L)`` layout: the images' provenance at visual columns, ``-1`` (image, row, column)
+        elsewhere.
+
+    Raises:
+        ValueError: the layouts do not cover exactly the visual columns, sample by sample.
+    """
+    counts = visual.sum(1).tolist()
+    sizes = [int(lay.shape[1]) for lay in layouts]
+    if sum(sizes) != sum(counts):
+        raise ValueError(f"layouts of {sizes} tokens cannot cover {counts} visual tokens per sample")
+    batch, length = visual.shape
+    device = visual.device
+    full = {
+        "image": torch.full((batch, length), -1, dtype=torch.long, device=device),
+        "view": torch.zeros(batch, length, dtype=torch.long, device=device),
+        "row": torch.full((batch, length), -1, dtype=torch.long, device=device),
+        "col": torch.full((batch, length), -1, dtype=torch.long, device=device),
+        "newline": torch.zeros(batch, length, dtype=torch.bool, device=device),
+    }
+    it = iter(layouts)
+    for b, count in enumerate(counts):
+        parts: list[TokenLayout] = []
+        got = 0
+        while got < count:
+            lay = next(it)
+            parts.append(replace(lay, image=torch.full_like(lay.image, len(parts))))
+            got += int(lay.shape[1])
+        if got != count:
+            raise ValueError(f"layouts of {sizes} tokens do not split into {counts} visual tokens per sample")
+        if not parts:
+            continue
+        cat = TokenLayout.cat(parts).to(device)
+        cols = visual[b].nonzero().squeeze(1)
+        for name, tensor in full.items():
+            tensor[b, cols] = getattr(cat, name)[0].to(tensor.dtype)
+    return TokenLayout(**full)

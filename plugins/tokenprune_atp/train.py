@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter
-from tokenprune.layout import TokenLayout
+from tokenprune.layout import TokenLayout, sequence_layout
 from tokenprune.plugins import get_plugin_manager
 from tokenprune.probe import AttentionProbe, ProbeRows
 from tokenprune.reducer import Selection
@@ -391,39 +391,13 @@ class SoftATP:
 
 
 def _sequence_layout(adapter: ModelAdapter, call: ImageCall | None, visual: Tensor) -> TokenLayout | None:
-    """``(B, L)`` layout of the visual columns of a batch (the engine's rule: images in order per sample)."""
+    """``(B, L)`` layout of the visual columns of a batch, as the engine builds it (None without one)."""
     if call is None:
         return None
-    layouts = adapter.image_layouts(call)
-    counts = visual.sum(1).tolist()
-    if sum(int(lay.shape[1]) for lay in layouts) != sum(counts):
+    try:
+        return sequence_layout(adapter.image_layouts(call), visual)
+    except ValueError:
         return None
-    batch, length = visual.shape
-    device = visual.device
-    full = {
-        "image": torch.full((batch, length), -1, dtype=torch.long, device=device),
-        "view": torch.zeros(batch, length, dtype=torch.long, device=device),
-        "row": torch.full((batch, length), -1, dtype=torch.long, device=device),
-        "col": torch.full((batch, length), -1, dtype=torch.long, device=device),
-        "newline": torch.zeros(batch, length, dtype=torch.bool, device=device),
-    }
-    it = iter(layouts)
-    for b, count in enumerate(counts):
-        parts: list[TokenLayout] = []
-        got = 0
-        while got < count:
-            lay = next(it)
-            parts.append(replace(lay, image=torch.full_like(lay.image, len(parts))))
-            got += int(lay.shape[1])
-        if got != count:
-            return None
-        if not parts:
-            continue
-        cat = TokenLayout.cat(parts).to(device)
-        cols = visual[b].nonzero().squeeze(1)
-        for name, tensor in full.items():
-            tensor[b, cols] = getattr(cat, name)[0].to(tensor.dtype)
-    return TokenLayout(**full)
 
 
 # --- the loss ------------------------------------------------------------------------------------------
