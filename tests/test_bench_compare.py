@@ -164,6 +164,37 @@ def test_a_local_jsonl_task_runs_end_to_end(tiny_model_dir, tmp_path):
     assert all(r["answers"] and "accuracy" in r for r in records)
 
 
+def test_a_saved_hugging_face_dataset_runs_end_to_end(tiny_model_dir, tmp_path):
+    import datasets
+
+    colours = ["red", "blue", "green", "yellow"]
+    data = datasets.Dataset.from_dict(
+        {
+            "image": [Image.new("RGB", (64, 32), c) for c in colours],
+            "question": ["what colour is the background ?"] * 4,
+            "answers": [[c, c] for c in colours],
+            "qid": [f"d{i}" for i in range(4)],
+        },
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "question": datasets.Value("string"),
+                "answers": datasets.Sequence(datasets.Value("string")),
+                "qid": datasets.Value("string"),
+            }
+        ),
+    )
+    data.save_to_disk(str(tmp_path / "ds"))
+    task = {"name": "hf_disk", "path": str(tmp_path / "ds"), "id_column": "qid", "limit": 3, "max_new_tokens": 1}
+    outcome = compare(_config(tiny_model_dir, tmp_path / "run", tasks=[task]))
+    assert outcome.computed == 3 * 6
+    records = list(ResultsStore(tmp_path / "run").records())
+    assert {r["id"] for r in records} == {"d0", "d1", "d2"} and all(len(r["answers"]) == 2 for r in records)
+    bad = _config(tiny_model_dir, tmp_path / "bad", tasks=[{**task, "id_column": "nope"}])
+    with pytest.raises(Exception, match=r"columns \['nope'\] are not in"):
+        compare(bad)
+
+
 def test_a_third_party_task_plugin_runs(tiny_model_dir, tmp_path):
     outcome = compare(_config(tiny_model_dir, tmp_path / "run", tasks=[{"name": "solid_colours", "per_colour": 1}]))
     assert outcome.computed == 4 * 6

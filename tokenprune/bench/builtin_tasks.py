@@ -110,7 +110,68 @@ class JsonlTask(Task):
         return out
 
 
+class DiskDataset(Task):
+    """A Hugging Face dataset saved with ``datasets.Dataset.save_to_disk`` (needs ``pip install datasets``).
+
+    Columns are named by the params; the image column holds images (the ``Image`` feature: PIL
+    images) or lists of them; the answers column a string or a list of strings.
+    """
+
+    name = "hf_disk"
+
+    class Params(TaskParams):
+        path: Path = Field(description="The folder written by save_to_disk (a Dataset, or a DatasetDict with split).")
+        split: str | None = Field(default=None, description="Split of a saved DatasetDict.")
+        image_column: str = Field(default="image", description="Column of images (or lists of images).")
+        question_column: str = Field(default="question", description="Column of questions.")
+        answers_column: str | None = Field(default="answers", description="Column of answers (None: unlabelled).")
+        id_column: str | None = Field(default=None, description="Column of unique ids (default: row number).")
+        group_column: str | None = Field(default=None, description="Column to break results down by.")
+        limit: int | None = Field(default=None, ge=1, description="Use only the first N rows.")
+        max_new_tokens: int = Field(default=16, ge=1, description="Tokens generated per answer.")
+
+    def generation_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+    def examples(self) -> list[Example]:
+        try:
+            import datasets
+        except ImportError:
+            raise TokenpruneError("the hf_disk task needs the `datasets` package: pip install datasets") from None
+        p = self.params
+        if not p.path.exists():
+            raise TokenpruneError(f"hf_disk task: {p.path} does not exist")
+        data = datasets.load_from_disk(str(p.path))
+        if isinstance(data, datasets.DatasetDict):
+            if p.split is None or p.split not in data:
+                raise TokenpruneError(f"hf_disk task: {p.path} holds splits {sorted(data)}; choose one with `split:`")
+            data = data[p.split]
+        needed = [c for c in (p.image_column, p.question_column, p.answers_column, p.id_column, p.group_column) if c]
+        missing = [c for c in needed if c not in data.column_names]
+        if missing:
+            raise TokenpruneError(f"hf_disk task: columns {missing} are not in {p.path} (columns: {data.column_names})")
+        if p.limit is not None:
+            data = data.select(range(min(p.limit, len(data))))
+        out = []
+        for i, row in enumerate(data):
+            images = row[p.image_column]
+            images = [] if images is None else images if isinstance(images, list) else [images]
+            answers = row[p.answers_column] if p.answers_column else []
+            answers = [answers] if isinstance(answers, str) else [str(a) for a in answers or []]
+            out.append(
+                Example(
+                    id=str(row[p.id_column]) if p.id_column else str(i),
+                    images=[im.convert("RGB") for im in images],
+                    question=row[p.question_column],
+                    answers=answers,
+                    group=str(row[p.group_column]) if p.group_column else "all",
+                )
+            )
+        return out
+
+
 @tokenprune.hookimpl
 def tokenprune_register_tasks(registry: TaskRegistry) -> None:
     registry.add(SynthVQA)
     registry.add(JsonlTask)
+    registry.add(DiskDataset)
