@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -10,8 +9,7 @@ import torch
 from torch import Tensor
 
 import tokenprune as tp
-from tokenprune import Capabilities, Merge, ReduceContext, ScoringReducer, Selection, TokenReducer
-from tokenprune.reducer import top_k_selection
+from tokenprune import Capabilities, Merge, ReduceContext, Selection, TokenReducer, testing_adapters
 
 ADAPTERS = [
     "llava_next",
@@ -52,33 +50,21 @@ class Recorder:
         cls.tokens.clear()
 
 
-class ProbeRecorder(ScoringReducer):
-    """Keeps the tokens with the most attention from the last token (FastV-like); records ctx."""
-
-    name = "probe_recorder"
-    capabilities = Capabilities(insertion_points=frozenset({"layer"}), attention=frozenset({"last", "text"}))
+class ProbeRecorder(testing_adapters.ProbeRecorder):
+    """The adapter checks' FastV-like toy, also recording what it saw in :class:`Recorder`."""
 
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         Recorder.contexts.append(ctx)
         Recorder.tokens.append(tokens.detach().clone())
-        return ctx.attention["last"]
+        return super().score(tokens, ctx)
 
 
-class FirstK(TokenReducer):
-    """Adaptive toy: keeps the first ``budget - h`` tokens, ``h`` in {1, 2} hashed from the
-    sample's own features, so counts vary per sample but not with the batch."""
-
-    name = "first_k"
-    capabilities = Capabilities(deterministic_count=False)
+class FirstK(testing_adapters.FirstK):
+    """The adapter checks' adaptive toy, also recording its contexts in :class:`Recorder`."""
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         Recorder.contexts.append(ctx)
-        n = tokens.shape[1]
-        h = 1 + (tokens[:, 0, 0].float().abs() * 1e4).long() % 2
-        want = torch.minimum((ctx.budget - h).clamp(min=1), ctx.num_valid)
-        want = torch.maximum(want, (ctx.protected & ctx.valid).sum(1))
-        scores = -torch.arange(n, dtype=torch.float32).expand(ctx.batch_size, n)
-        return top_k_selection(scores, dataclasses.replace(ctx, budget=want))
+        return super().reduce(tokens, ctx)
 
 
 class MergePairs(TokenReducer):

@@ -3,7 +3,8 @@ import random
 import pytest
 import torch
 
-from tokenprune.budget import budget_per_sample, plan_spatial_groups, split_budget, tokens_to_keep
+from tokenprune import TokenLayout
+from tokenprune.budget import budget_per_sample, plan_spatial_groups, spatial_quotas, split_budget, tokens_to_keep
 from tokenprune.testing import make_reduce_inputs
 
 
@@ -62,3 +63,16 @@ def test_plan_spatial_groups_separates_views_and_keeps_protected_newlines():
     _tokens, ctx = make_reduce_inputs(grids=[(2, 3)], keep=1.0)
     always, groups, free = plan_spatial_groups(ctx, 0)
     assert sorted(always.tolist()) == list(range(8)) and groups == [] and free == 0
+
+
+def test_spatial_quotas_leave_out_groups_with_nothing_to_choose():
+    lay = TokenLayout.cat([TokenLayout.grid(2, 2, view=0), TokenLayout.grid(1, 6, view=1)])
+    from tokenprune.testing import dense_context
+
+    ctx = dense_context(10, 2, layout=lay)
+    always, chosen = spatial_quotas(ctx, 0)
+    assert always.tolist() == []
+    # 2 tokens over groups of 4 and 6: largest remainder gives 1 and 1
+    assert [(m.tolist(), q) for m, q in chosen] == [([0, 1, 2, 3], 1), ([4, 5, 6, 7, 8, 9], 1)]
+    ctx = dense_context(10, 1, layout=lay)
+    assert [(m.tolist(), q) for m, q in spatial_quotas(ctx, 0)[1]] == [([4, 5, 6, 7, 8, 9], 1)]

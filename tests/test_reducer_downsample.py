@@ -8,20 +8,8 @@ import pytest
 import torch
 from tokenprune_downsample import Downsample, lattice, sequence_lattice
 
-from tokenprune import InsertionPoint, ReduceContext, TokenLayout
-from tokenprune.testing import check_reducer
-
-
-def context(layout: TokenLayout | None, n: int, budget: int, protected=None) -> ReduceContext:
-    valid = torch.ones(1, n, dtype=torch.bool)
-    return ReduceContext(
-        at=InsertionPoint("post_projector"),
-        budget=torch.tensor([budget]),
-        valid=valid,
-        protected=torch.zeros(1, n, dtype=torch.bool) if protected is None else protected,
-        sizes=valid.float(),
-        layout=layout,
-    )
+from tokenprune import TokenLayout
+from tokenprune.testing import check_reducer, dense_context
 
 
 def test_square_lattices_by_hand():
@@ -60,7 +48,9 @@ def test_llava_next_layout_split_and_lattices():
     n = 16 + 36
     protected = layout.newline.clone()
     # 4 newlines + 12 free tokens: 16:32 -> 4 base + 8 high-res.
-    kept = Downsample().reduce(torch.randn(1, n, 3), context(layout, n, 16, protected)).tolist()[0]
+    kept = (
+        Downsample().reduce(torch.randn(1, n, 3), dense_context(n, 16, layout=layout, protected=protected)).tolist()[0]
+    )
     base_kept = [i for i in kept if i < 16]
     assert base_kept == [5, 7, 13, 15]  # (1,1), (1,3), (3,1), (3,3)
     hires_kept = [(int(layout.row[0, i]), int(layout.col[0, i])) for i in kept if i >= 16 and not layout.newline[0, i]]
@@ -72,29 +62,28 @@ def test_llava_next_layout_split_and_lattices():
 
 def test_several_images_each_get_their_share():
     layout = TokenLayout.cat([TokenLayout.grid(2, 2, image=0), TokenLayout.grid(4, 4, image=1)])
-    kept = Downsample().reduce(torch.randn(1, 20, 3), context(layout, 20, 5)).tolist()[0]
+    kept = Downsample().reduce(torch.randn(1, 20, 3), dense_context(20, 5, layout=layout)).tolist()[0]
     assert kept == [3, 4 + 5, 4 + 7, 4 + 13, 4 + 15]  # 1 of 4 (the centre rounds to (1,1)) and 4 of 16
 
 
 def test_fallbacks_to_sequence_order():
     x = torch.randn(1, 10, 3)
-    assert Downsample().reduce(x, context(None, 10, 5)).tolist() == [[1, 3, 5, 7, 9]]
+    assert Downsample().reduce(x, dense_context(10, 5, layout=None)).tolist() == [[1, 3, 5, 7, 9]]
     # An incomplete grid (an earlier stage removed tokens): evenly spaced in sequence order.
     full = TokenLayout.grid(3, 4)
     keep = torch.tensor([0, 1, 2, 4, 5, 7, 8, 9, 11])
     partial = TokenLayout(**{k: getattr(full, k)[:, keep] for k in ("image", "view", "row", "col", "newline")})
-    assert Downsample().reduce(torch.randn(1, 9, 3), context(partial, 9, 3)).tolist() == [[1, 4, 7]]
+    assert Downsample().reduce(torch.randn(1, 9, 3), dense_context(9, 3, layout=partial)).tolist() == [[1, 4, 7]]
 
 
 def test_edge_cases_and_features_not_read():
     layout = TokenLayout.grid(1, 1)
-    assert Downsample().reduce(torch.randn(1, 1, 3), context(layout, 1, 1)).tolist() == [[0]]
+    assert Downsample().reduce(torch.randn(1, 1, 3), dense_context(1, 1, layout=layout)).tolist() == [[0]]
     layout = TokenLayout.grid(3, 3)
-    assert Downsample().reduce(torch.randn(1, 9, 3), context(layout, 9, 9)).tolist() == [list(range(9))]
+    assert Downsample().reduce(torch.randn(1, 9, 3), dense_context(9, 9, layout=layout)).tolist() == [list(range(9))]
     nan = torch.full((1, 9, 3), float("nan"))
-    assert Downsample().reduce(nan, context(layout, 9, 1)).tolist() == [[4]]
+    assert Downsample().reduce(nan, dense_context(9, 1, layout=layout)).tolist() == [[4]]
 
 
 def test_contract():
     check_reducer(Downsample)
-

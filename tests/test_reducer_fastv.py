@@ -8,20 +8,12 @@ from tokenprune_fastv import FastV
 
 import tokenprune as tp
 from tokenprune import InsertionPoint, PipelineError, ReduceContext, ReducerInputError
-from tokenprune.testing import check_reducer, make_reduce_inputs
+from tokenprune.testing import check_reducer, dense_context, make_reduce_inputs
 
 
 def context(attention: dict[str, torch.Tensor], budget: list[int], protected=None) -> ReduceContext:
-    b, n = next(iter(attention.values())).shape
-    valid = torch.ones(b, n, dtype=torch.bool)
-    return ReduceContext(
-        at=InsertionPoint("layer", 2),
-        budget=torch.tensor(budget),
-        valid=valid,
-        protected=torch.zeros(b, n, dtype=torch.bool) if protected is None else protected,
-        sizes=valid.float(),
-        attention=attention,
-    )
+    n = next(iter(attention.values())).shape[1]
+    return dense_context(n, budget, at=InsertionPoint("layer", 2), attention=attention, protected=protected)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -88,4 +80,3 @@ def test_pipeline_rejects_post_projector():
 @pytest.mark.parametrize("params", [{}, {"source": "all"}, {"source": "text"}])
 def test_contract(params):
     check_reducer(FastV, params)
-

@@ -9,20 +9,9 @@ import torch
 from pydantic import ValidationError
 from tokenprune_gprune import GPrune, gprune_scores
 
-from tokenprune import InsertionPoint, ReduceContext, ReducerInputError, TokenLayout
+from tokenprune import ReducerInputError, TokenLayout
 from tokenprune.testing import check_reducer
-
-
-def context(n: int, budget: int, *, protected=None, layout=None) -> ReduceContext:
-    valid = torch.ones(1, n, dtype=torch.bool)
-    return ReduceContext(
-        at=InsertionPoint("post_projector"),
-        budget=torch.tensor([budget]),
-        valid=valid,
-        protected=torch.zeros(1, n, dtype=torch.bool) if protected is None else protected,
-        sizes=valid.float(),
-        layout=layout,
-    )
+from tokenprune.testing import dense_context as context
 
 
 def reference_scores(x: list[list[float]], threshold: float, temperature: float, iterations: int) -> list[float]:
@@ -180,4 +169,3 @@ def test_huge_features_do_not_overflow():
     x = CLUSTERS * 1e30
     scores = gprune_scores(x, threshold=0.5, temperature=0.03, iterations=5)
     torch.testing.assert_close(scores / 1e30, torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0, 2.0, 1.5]))
-

@@ -60,4 +60,3 @@ def test_non_finite_features_are_rejected(bad):
 @pytest.mark.parametrize("params", [{}, {"largest": False}])
 def test_contract(params):
     check_reducer(L2Norm, params)
-

@@ -8,20 +8,10 @@ import pytest
 import torch
 from tokenprune_tome import ToMe
 
-from tokenprune import InsertionPoint, Merge, ReduceContext, ReducerInputError, Selection
+from tokenprune import Merge, ReducerInputError, Selection
 from tokenprune.testing import check_reducer, make_reduce_inputs
+from tokenprune.testing import dense_context as context
 from tokenprune.validation import check_reduction
-
-
-def context(n: int, budget: int, *, protected=None, sizes=None) -> ReduceContext:
-    valid = torch.ones(1, n, dtype=torch.bool)
-    return ReduceContext(
-        at=InsertionPoint("post_projector"),
-        budget=torch.tensor([budget]),
-        valid=valid,
-        protected=torch.zeros(1, n, dtype=torch.bool) if protected is None else protected,
-        sizes=valid.float() if sizes is None else sizes,
-    )
 
 
 def reference_destinations(x: list[list[float]], sizes: list[float], protected: list[bool], budget: int) -> list[int]:
@@ -153,4 +143,3 @@ def test_non_finite_features_are_rejected(bad):
 
 def test_contract():
     check_reducer(ToMe)
-

@@ -89,3 +89,14 @@ def plan_spatial_groups(ctx: ReduceContext, b: int) -> tuple[Tensor, list[Tensor
     _, inverse = torch.unique(key, return_inverse=True)
     groups = [members[inverse == g] for g in range(int(inverse.max()) + 1)] if members.numel() else []
     return always, groups, free
+
+
+def spatial_quotas(ctx: ReduceContext, b: int) -> tuple[Tensor, list[tuple[Tensor, int]]]:
+    """For sample ``b``: the indices always kept, and each spatial group that must choose with its quota.
+
+    :func:`plan_spatial_groups` followed by :func:`split_budget`, leaving out groups whose quota is 0:
+    a spatial reducer keeps ``always`` plus, from each ``(members, quota)``, its ``quota`` best members.
+    """
+    always, groups, free = plan_spatial_groups(ctx, b)
+    quotas = split_budget(free, [int(m.numel()) for m in groups])
+    return always, [(members, quota) for members, quota in zip(groups, quotas, strict=True) if quota]

@@ -115,6 +115,34 @@ def make_reduce_inputs(
     return tokens.to(device=device, dtype=dtype), _context_to(ctx, device)
 
 
+def dense_context(
+    n: int,
+    budget: int | Sequence[int],
+    *,
+    at: InsertionPoint | None = None,
+    protected: Tensor | None = None,
+    sizes: Tensor | None = None,
+    layout: TokenLayout | None = None,
+    attention: Mapping[str, Tensor] | None = None,
+) -> ReduceContext:
+    """A context for a batch without padding: ``len(budget)`` samples (1 for an int) of ``n`` valid tokens.
+
+    For hand-computed reducer tests; ``protected`` defaults to none, ``sizes`` to ones, ``at`` to
+    ``post_projector``.
+    """
+    budgets = [budget] if isinstance(budget, int) else list(budget)
+    valid = torch.ones(len(budgets), n, dtype=torch.bool)
+    return ReduceContext(
+        at=at or InsertionPoint("post_projector"),
+        budget=torch.tensor(budgets),
+        valid=valid,
+        protected=torch.zeros_like(valid) if protected is None else protected,
+        sizes=valid.float() if sizes is None else sizes,
+        layout=layout,
+        attention=dict(attention or {}),
+    )
+
+
 def check_reducer(
     reducer_cls: type[TokenReducer],
     params: Mapping[str, Any] | None = None,

@@ -15,7 +15,7 @@ from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer
-from tokenprune.budget import plan_spatial_groups, split_budget
+from tokenprune.budget import spatial_quotas
 
 
 class Downsample(TokenReducer):
@@ -50,11 +50,9 @@ class Downsample(TokenReducer):
         """Select per sample; ``tokens`` (``(B, N, D)``) are only used for their shape."""
         keep = torch.zeros(ctx.valid.shape, dtype=torch.bool, device=tokens.device)
         for b in range(ctx.batch_size):
-            always, groups, free = plan_spatial_groups(ctx, b)
+            always, chosen = spatial_quotas(ctx, b)
             keep[b, always] = True
-            for members, quota in zip(groups, split_budget(free, [int(m.numel()) for m in groups]), strict=True):
-                if quota == 0:
-                    continue
+            for members, quota in chosen:
                 grid = None
                 if ctx.layout is not None:
                     grid = _grid_positions(ctx.layout.row[b, members], ctx.layout.col[b, members])

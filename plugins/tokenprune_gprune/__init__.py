@@ -14,7 +14,7 @@ from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer
-from tokenprune.budget import plan_spatial_groups, split_budget
+from tokenprune.budget import spatial_quotas
 from tokenprune.validation import check_finite_tokens
 
 
@@ -62,11 +62,9 @@ class GPrune(TokenReducer):
         check_finite_tokens(x, ctx, self.name)
         keep = torch.zeros(ctx.valid.shape, dtype=torch.bool, device=x.device)
         for b in range(ctx.batch_size):
-            always, groups, free = plan_spatial_groups(ctx, b)
+            always, chosen = spatial_quotas(ctx, b)
             keep[b, always] = True
-            for members, quota in zip(groups, split_budget(free, [int(m.numel()) for m in groups]), strict=True):
-                if quota == 0:
-                    continue
+            for members, quota in chosen:
                 scores = gprune_scores(
                     x[b, members], self.params.threshold, self.params.temperature, self.params.iterations
                 )
@@ -79,11 +77,9 @@ class GPrune(TokenReducer):
         total = 0
         dim = int(tokens.shape[-1])
         for b in range(ctx.batch_size):
-            _, groups, free = plan_spatial_groups(ctx, b)
-            for members, quota in zip(groups, split_budget(free, [int(m.numel()) for m in groups]), strict=True):
-                if quota:
-                    n = int(members.numel())
-                    total += n * n * dim + self.params.iterations * n * n
+            for members, _ in spatial_quotas(ctx, b)[1]:
+                n = int(members.numel())
+                total += n * n * dim + self.params.iterations * n * n
         return total
 
 
