@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import pytest
 import tiny_models as tm
@@ -12,7 +13,7 @@ from engine_fixtures import Recorder, forward, generate, manager, pipe
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenprune as tp
-from tokenprune.errors import ReducerOutputError, TokenpruneError, UnsupportedModelError
+from tokenprune.errors import ReducerInputError, ReducerOutputError, TokenpruneError, UnsupportedModelError
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +194,42 @@ def test_layer_out_of_range_is_rejected_cleanly(nxt, plugins):
     with pytest.raises(TokenpruneError, match="4 decoder layers"):
         tp.apply(nxt.model, pipe(({"layer": 4}, "random", 0.5)), plugins=plugins)
     assert hook_count(nxt.model) == before
+
+
+class Picky(tp.TokenReducer):
+    """Keeps the first tokens; refuses to run at layer 3 (as trained weights might)."""
+
+    name = "picky"
+    capabilities = tp.Capabilities(insertion_points=frozenset({"post_projector", "layer"}))
+    bound: ClassVar[list[tuple[torch.nn.Module, tp.InsertionPoint]]] = []
+
+    def bind(self, model: torch.nn.Module, at: tp.InsertionPoint) -> None:
+        type(self).bound.append((model, at))
+        if at == tp.InsertionPoint("layer", 3):
+            raise ReducerInputError("no module was trained for layer 3; use layer 2")
+
+    def reduce(self, tokens: torch.Tensor, ctx: tp.ReduceContext) -> tp.Selection:
+        return tp.Selection.from_mask(torch.arange(tokens.shape[1]) < ctx.budget[:, None])
+
+
+class PickyPlugin:
+    @tp.hookimpl
+    def tokenprune_register_reducers(self, registry: object) -> None:
+        registry.add(Picky)  # type: ignore[attr-defined]
+
+
+def test_bind_sees_each_stage_and_can_refuse_before_any_hook(nxt):
+    plugins = tp.get_plugin_manager(plugins=[PickyPlugin()])
+    Picky.bound.clear()
+    with tp.apply(nxt.model, pipe(("post_projector", "picky", 0.5), ({"layer": 2}, "picky", 0.5)), plugins=plugins):
+        pass
+    assert [(m is nxt.model, str(at)) for m, at in Picky.bound] == [(True, "post_projector"), (True, "layer 2")]
+    before = hook_count(nxt.model)
+    with pytest.raises(ReducerInputError, match=r"stage 1 \('picky' at layer 3\): no module was trained for layer 3"):
+        tp.apply(nxt.model, pipe(("post_projector", "picky", 0.5), ({"layer": 3}, "picky", 0.5)), plugins=plugins)
+    assert hook_count(nxt.model) == before
+    with tp.apply(nxt.model, pipe(("post_projector", "picky", 0.5)), plugins=plugins):  # the model is free again
+        pass
 
 
 def test_failure_midway_removes_everything(nxt, plugins, monkeypatch):

@@ -139,6 +139,29 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
         reducer.reduce(tokens, ctx)
 
 
+def test_apply_refuses_weights_for_another_model_before_installing(tmp_path):
+    """ATP.bind checks the model and the stage's layer when the pipeline is applied, not at the first forward."""
+    from tiny_models import llava_next
+
+    import tokenprune as tp
+
+    model = llava_next().model  # hidden 64, 4 layers
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+    def stage(path, layer):
+        return {"stages": [{"at": {"layer": layer}, "reducer": "atp", "keep": 1.0, "params": {"weights": str(path)}}]}
+
+    _, other = make_weights(tmp_path, hidden=48, num_layers=6, layers=(2, 4), name="other")
+    with pytest.raises(ReducerInputError, match=r"stage 0 \('atp' at layer 2\).*hidden size 48 and 6 decoder layers"):
+        tp.apply(model, stage(other, 2))
+    _, fits = make_weights(tmp_path, hidden=64, num_layers=4, layers=(1, 2), name="fits")
+    with pytest.raises(ReducerInputError, match=r"stage 0 \('atp' at layer 3\).*modules at layers \[1, 2\], not at layer 3"):
+        tp.apply(model, stage(fits, 3))
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
+    with tp.apply(model, stage(fits, 2)) as run:
+        assert [type(r).__name__ for r in run.reducers] == ["ATP"]
+
+
 def test_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(ATPWeightsError, match="no ATP weights"):
         ATP({"weights": str(tmp_path / "missing.safetensors")})

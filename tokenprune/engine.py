@@ -52,7 +52,7 @@ from torch.utils.hooks import RemovableHandle
 from tokenprune import positions as P
 from tokenprune.adapters.base import ImageCall, ModelAdapter
 from tokenprune.budget import budget_per_sample
-from tokenprune.errors import TokenpruneError
+from tokenprune.errors import ReducerInputError, TokenpruneError
 from tokenprune.layout import TokenLayout, sequence_layout
 from tokenprune.pipeline import Pipeline, Stage, load_pipeline
 from tokenprune.plugins import PluginManager, ReducerRegistry, get_plugin_manager
@@ -267,6 +267,11 @@ class PruningRun:
                     f"stage {e.index} ({e.stage.reducer!r}) runs at layer {k}, but this model's language model has "
                     f"{n} decoder layers; use a layer between 1 and {n - 1}"
                 )
+        for e in self._entries:
+            try:
+                e.reducer.bind(self.model, e.stage.point)
+            except ReducerInputError as exc:
+                raise ReducerInputError(f"stage {e.index} ({e.stage.reducer!r} at {e.stage.point}): {exc}") from exc
         impl = getattr(adapter.text_config(), "_attn_implementation", None)
         if self._entries and impl not in ("sdpa", "eager"):
             raise TokenpruneError(

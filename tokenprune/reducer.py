@@ -333,6 +333,21 @@ class TokenReducer(ABC):
             ``capabilities.merges``, a :class:`Merge` whose roots obey the same rule.
         """
 
+    def bind(self, model: torch.nn.Module, at: InsertionPoint) -> None:
+        """Check this instance against the model it is about to run in; the default accepts any.
+
+        :func:`tokenprune.apply` calls it once per stage, after the pipeline and its layers are
+        validated and before any hook is installed, so a reducer can refuse a model it cannot
+        serve while nothing is touched yet: trained weights for another hidden size or depth, a
+        layer without a trained module. Raise :class:`~tokenprune.errors.ReducerInputError` with
+        the reason and the fix; ``apply`` re-raises it naming the stage and installs nothing.
+
+        Args:
+            model: The VLM as passed to ``apply`` (``...ForConditionalGeneration``); its language
+                model's settings are in ``model.config.get_text_config()``.
+            at: This stage's insertion point.
+        """
+
     def attention_sources(self) -> frozenset[AttentionSource]:
         """Attention-probe sources this instance reads; defaults to ``capabilities.attention``."""
         return self.capabilities.attention

@@ -27,7 +27,15 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, Selection, TokenReducer
+from tokenprune import (
+    Capabilities,
+    InsertionPoint,
+    ReduceContext,
+    ReducerInputError,
+    ReducerParams,
+    Selection,
+    TokenReducer,
+)
 from tokenprune_atp.model import (
     ATPConfig,
     ATPHead,
@@ -80,6 +88,25 @@ class ATP(TokenReducer):
     def __init__(self, params: ReducerParams | dict[str, Any] | None = None) -> None:
         super().__init__(params)
         self.weights: ATPWeights = load_atp(self.params.weights)
+
+    def bind(self, model: torch.nn.Module, at: InsertionPoint) -> None:
+        """Refuse, before anything is installed, a model or layer these weights were not trained for."""
+        cfg = self.weights.config
+        text = model.config.get_text_config()
+        hidden, layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
+        if (hidden, layers) != (cfg.hidden_size, cfg.num_layers):
+            raise ReducerInputError(
+                f"reducer {self.name!r}: the weights {self.params.weights} were trained for a language model with "
+                f"hidden size {cfg.hidden_size} and {cfg.num_layers} decoder layers (base model {cfg.base_model!r}), "
+                f"but this model has hidden size {hidden} and {layers} layers; train ATP for it with "
+                "`tokenprune train-atp --model ...`"
+            )
+        if at.kind != "layer" or at.layer is None:
+            raise ReducerInputError(f"reducer {self.name!r} runs between decoder layers only, not at {at}")
+        try:
+            self.weights.head(int(at.layer))
+        except ATPWeightsError as exc:
+            raise ReducerInputError(f"reducer {self.name!r}: {exc}") from exc
 
     def _head(self, tokens: Tensor, ctx: ReduceContext) -> ATPHead:
         cfg = self.weights.config
