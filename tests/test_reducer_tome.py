@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from tokenprune_tome import ToMe
 
-from tokenprune import Merge, ReducerInputError, Selection
+from tokenprune import Merge, ReducerInputError
 from tokenprune.testing import check_reducer, make_reduce_inputs
 from tokenprune.testing import dense_context as context
 from tokenprune.validation import check_reduction
@@ -116,11 +117,40 @@ def test_protected_tokens_never_merge():
     assert len(set(dest)) == 3
 
 
-def test_no_room_beyond_protected_tokens_gives_a_selection():
-    tokens, ctx = make_reduce_inputs(keep=1)  # budget = the newline tokens only
+def test_no_room_beyond_protected_tokens_drops_that_samples_other_tokens_only():
+    tokens, ctx = make_reduce_inputs(keep=0.5)
+    budget = ctx.budget.clone()
+    budget[0] = int(ctx.protected[0].sum())  # sample 0: only its newline tokens fit
+    ctx = dataclasses.replace(ctx, budget=budget)
     result = ToMe().reduce(tokens, ctx)
-    assert isinstance(result, Selection)
-    assert result.to_mask(ctx.valid.shape[1]).tolist() == ctx.protected.tolist()
+    assert isinstance(result, Merge)
+    n0 = int(ctx.num_valid[0])
+    free0 = ctx.valid[0] & ~ctx.protected[0]
+    assert (result.destination[0][free0] == -1).all() and int(free0[:n0].sum()) > 0
+    selection = check_reduction(result, tokens, ctx, who="tome", capabilities=ToMe.capabilities)
+    assert selection.to_mask(ctx.valid.shape[1])[0].tolist() == ctx.protected[0].tolist()
+    merged, sizes, _ = result.apply(tokens, ctx.sizes, ctx.valid)
+    kept0 = ctx.protected[0].nonzero().squeeze(1)
+    torch.testing.assert_close(merged[0, : len(kept0)], tokens[0, kept0])  # the kept tokens are not averaged
+    assert sizes[0, : len(kept0)].tolist() == [1.0] * len(kept0)
+    for s in range(1, ctx.batch_size):  # the other samples merge exactly as they would alone
+        n = int(ctx.num_valid[s])
+        alone = ToMe().reduce(tokens[s : s + 1, :n], _slice(ctx, s, n))
+        assert result.destination[s, :n].tolist() == alone.destination[0].tolist()
+
+
+def _slice(ctx, s, n):
+    return dataclasses.replace(
+        ctx,
+        budget=ctx.budget[s : s + 1],
+        valid=ctx.valid[s : s + 1, :n],
+        protected=ctx.protected[s : s + 1, :n],
+        sizes=ctx.sizes[s : s + 1, :n],
+        layout=None,
+        attention={},
+        text=None,
+        text_valid=None,
+    )
 
 
 def test_edge_cases():

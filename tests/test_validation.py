@@ -12,6 +12,7 @@ from tokenprune.validation import check_reduction
 FIXED = Capabilities()
 MERGING = Capabilities(merges=True)
 ADAPTIVE = Capabilities(deterministic_count=False)
+MERGING_ADAPTIVE = Capabilities(merges=True, deterministic_count=False)
 
 
 def _inputs(keep=0.5):
@@ -128,6 +129,12 @@ def test_a_valid_merge_passes_and_a_merge_needs_the_capability():
             lambda d: (d.__setitem__((0, 0), 1), d.__setitem__((0, 1), 2)),
             "token 0 is merged into token 1, which is itself merged",
         ),
+        (lambda d: d.__setitem__((0, 0), -2), r"token 0 is merged into index -2, outside \[0, 20\) \(-1 drops a token\)"),
+        (lambda d: d.__setitem__((0, 4), -1), "sample 0: protected token 4 was dropped"),
+        (
+            lambda d: (d.__setitem__((0, 1), -1), d.__setitem__((0, 0), 1)),
+            "token 0 is merged into token 1, which is itself merged into another or dropped",
+        ),
     ],
 )
 def test_merge_defects_are_named(edit, message):
@@ -142,6 +149,17 @@ def test_merge_defects_are_named(edit, message):
             who="reducer 'x'",
             capabilities=Capabilities(merges=True, deterministic_count=False),
         )
+
+
+def test_a_merge_may_drop_tokens():
+    """Destination -1 drops a token: it is neither kept nor counted against the budget."""
+    tokens, ctx = _inputs()
+    dest = _merge_all_into_first_unprotected(ctx)
+    for s in range(ctx.batch_size):
+        free = [i for i in range(int(ctx.num_valid[s])) if not ctx.protected[s, i]]
+        dest[s, free] = -1  # keep only the protected tokens
+    selection = _check(Merge(dest), MERGING_ADAPTIVE)
+    assert selection.to_mask(ctx.valid.shape[1]).tolist() == (ctx.protected & ctx.valid).tolist()
 
 
 def test_a_plugin_returning_an_invalid_selection_is_named_with_its_distribution(fake_distribution):

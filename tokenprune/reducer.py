@@ -236,8 +236,9 @@ class Merge:
     Attributes:
         destination: ``(B, N)`` long. For every token, the index of the token it is merged into.
             A token that survives (a *root*) maps to itself; a root's group is every token mapping
-            to it. Groups do not chain: the destination of a token is always a root. Padding
-            entries map to themselves and are ignored.
+            to it. Groups do not chain: the destination of a token is always a root. ``-1`` drops
+            a token: it neither survives nor contributes to any group (for a sample whose budget
+            leaves nothing to merge into). Padding entries are ignored.
 
     The output of a stage holds the roots in increasing index order; each is the size-weighted mean
     of its group (:meth:`apply`), its size the sum of the group's sizes, its position the root's.
@@ -262,8 +263,10 @@ class Merge:
         summed sizes, and the roots as a selection. The mean is computed in float32 and cast back.
         """
         b, n, d = x.shape
-        w = (sizes * valid).float()
-        dest = torch.where(valid, self.destination, torch.arange(n, device=x.device).expand(b, n))
+        dropped = self.destination < 0
+        w = (sizes * (valid & ~dropped)).float()
+        own = torch.arange(n, device=x.device).expand(b, n)
+        dest = torch.where(valid & ~dropped, self.destination, own)  # dropped tokens: weight 0 on themselves
         num = torch.zeros(b, n, d, dtype=torch.float32, device=x.device)
         num.scatter_add_(1, dest.unsqueeze(-1).expand(b, n, d), x.float() * w.unsqueeze(-1))
         den = torch.zeros(b, n, dtype=torch.float32, device=x.device).scatter_add_(1, dest, w)

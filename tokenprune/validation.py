@@ -48,21 +48,31 @@ def check_reduction(
             raise fail("it returned a Merge but does not declare Capabilities(merges=True)")
         dest = result.destination
         _check_tensor(dest, (b, n), device, "destination", fail)
-        valid_dest = torch.where(ctx.valid, dest, torch.arange(n, device=device).expand(b, n))
-        out_of_range = (valid_dest < 0) | (valid_dest >= n)
+        dropped = ctx.valid & (dest == -1)
+        own = torch.arange(n, device=device).expand(b, n)
+        valid_dest = torch.where(ctx.valid, dest, own)
+        out_of_range = ((valid_dest < 0) | (valid_dest >= n)) & ~dropped
         if bool(out_of_range.any()):
             s, i = (int(v) for v in out_of_range.nonzero()[0])
-            raise fail(f"sample {s}: token {i} is merged into index {int(valid_dest[s, i])}, outside [0, {n})")
+            raise fail(
+                f"sample {s}: token {i} is merged into index {int(valid_dest[s, i])}, outside [0, {n}) "
+                "(-1 drops a token)"
+            )
+        protected_dropped = ctx.protected & dropped
+        if bool(protected_dropped.any()):
+            s, i = (int(v) for v in protected_dropped.nonzero()[0])
+            raise fail(f"sample {s}: protected token {i} was dropped")
+        valid_dest = torch.where(dropped, own, valid_dest)  # a dropped token is checked as if it stayed put
         into_padding = ~ctx.valid.gather(1, valid_dest) & ctx.valid
         if bool(into_padding.any()):
             s, i = (int(v) for v in into_padding.nonzero()[0])
             raise fail(f"sample {s}: token {i} is merged into padding position {int(valid_dest[s, i])}")
-        chained = valid_dest.gather(1, valid_dest) != valid_dest
+        chained = ctx.valid & ~dropped & ~result.roots.gather(1, valid_dest)
         if bool(chained.any()):
             s, i = (int(v) for v in chained.nonzero()[0])
             raise fail(
                 f"sample {s}: token {i} is merged into token {int(valid_dest[s, i])}, which is itself merged "
-                "into another; destinations must be roots (tokens that map to themselves)"
+                "into another or dropped; destinations must be roots (tokens that map to themselves)"
             )
         protected_moved = ctx.protected & ctx.valid & ~result.roots
         if bool(protected_moved.any()):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, Merge, ReduceContext, ReducerParams, Selection, TokenReducer
+from tokenprune import Capabilities, Merge, ReduceContext, ReducerParams, TokenReducer
 from tokenprune.validation import check_finite_tokens
 
 
@@ -35,8 +35,7 @@ class ToMe(TokenReducer):
     replaces each group by its size-weighted mean and carries the summed sizes to later stages.
 
     If a sample's budget leaves no room beyond its protected tokens, its other tokens have nothing
-    to merge into: the whole batch then gets a :class:`Selection` of the roots instead (that sample
-    keeps only its protected tokens; the others keep their roots, not averaged).
+    to merge into: they are dropped (destination ``-1``) and the sample keeps its protected tokens.
 
     Cost: ``O(t² D / 4)`` per round, with ``t`` halving at most per round (``O(N² D)`` in all);
     ``O(N²)`` memory.
@@ -46,13 +45,12 @@ class ToMe(TokenReducer):
     capabilities = Capabilities(insertion_points=frozenset({"post_projector", "layer"}), merges=True)
     Params = ReducerParams
 
-    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge | Selection:
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
         """Merge per sample; see the class docstring. ``tokens`` is ``(B, N, D)``."""
         x = tokens.detach()
         check_finite_tokens(x, ctx, self.name)
         b, n = ctx.valid.shape
         destination = torch.arange(n, device=x.device).expand(b, n).clone()
-        dropped = torch.zeros(b, n, dtype=torch.bool, device=x.device)
         for s in range(b):
             count = int(ctx.valid[s].sum())
             mergeable = (~ctx.protected[s, :count]).nonzero().squeeze(1)
@@ -60,12 +58,9 @@ class ToMe(TokenReducer):
             if target >= mergeable.numel():
                 continue
             if target <= 0:
-                dropped[s, mergeable] = True
+                destination[s, mergeable] = -1
                 continue
             destination[s, :count] = bipartite_merge(x[s, :count], ctx.sizes[s, :count], mergeable, target)
-        if bool(dropped.any()):
-            roots = destination == torch.arange(n, device=x.device)
-            return Selection.from_mask(roots & ctx.valid & ~dropped)
         return Merge(destination=destination)
 
     def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
