@@ -254,9 +254,8 @@ def main() -> None:
         token_ratio = [n / m for n, m in zip(tokens, full_tokens, strict=True)]
         if any(abs(a - b) > 1e-12 for a, b in zip(per_layer, token_ratio, strict=True)):
             raise SystemExit(f"KV-cache bytes do not follow the kept tokens: {per_layer} vs {token_ratio}")
-        lines.append(
-            f"| {label} | {sum(got):,} | {sum(got) / sum(full_bytes):.3f} | {', '.join(f'{r:.3f}' for r in token_ratio)} |"
-        )
+        ratios = ", ".join(f"{r:.3f}" for r in token_ratio)
+        lines.append(f"| {label} | {sum(got):,} | {sum(got) / sum(full_bytes):.3f} | {ratios} |")
 
     text = "\n".join(lines)
     print(text)

@@ -44,5 +44,5 @@ def test_kl_divergence_against_a_direct_formula():
     p = [v / sum(p) for v in p]
     q = [math.exp(v) for v in (0.0, 1.0, 0.0)]
     q = [v / sum(q) for v in q]
-    assert got[0].item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q)), rel=1e-5)
+    assert got[0].item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q, strict=True)), rel=1e-5)
     assert got[1].item() == 0.0

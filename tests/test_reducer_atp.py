@@ -155,7 +155,9 @@ def test_apply_refuses_weights_for_another_model_before_installing(tmp_path):
     with pytest.raises(ReducerInputError, match=r"stage 0 \('atp' at layer 2\).*hidden size 48 and 6 decoder layers"):
         tp.apply(model, stage(other, 2))
     _, fits = make_weights(tmp_path, hidden=64, num_layers=4, layers=(1, 2), name="fits")
-    with pytest.raises(ReducerInputError, match=r"stage 0 \('atp' at layer 3\).*modules at layers \[1, 2\], not at layer 3"):
+    with pytest.raises(
+        ReducerInputError, match=r"stage 0 \('atp' at layer 3\).*modules at layers \[1, 2\], not at layer 3"
+    ):
         tp.apply(model, stage(fits, 3))
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
     with tp.apply(model, stage(fits, 2)) as run:

@@ -129,7 +129,10 @@ def test_a_valid_merge_passes_and_a_merge_needs_the_capability():
             lambda d: (d.__setitem__((0, 0), 1), d.__setitem__((0, 1), 2)),
             "token 0 is merged into token 1, which is itself merged",
         ),
-        (lambda d: d.__setitem__((0, 0), -2), r"token 0 is merged into index -2, outside \[0, 20\) \(-1 drops a token\)"),
+        (
+            lambda d: d.__setitem__((0, 0), -2),
+            r"token 0 is merged into index -2, outside \[0, 20\) \(-1 drops a token\)",
+        ),
         (lambda d: d.__setitem__((0, 4), -1), "sample 0: protected token 4 was dropped"),
         (
             lambda d: (d.__setitem__((0, 1), -1), d.__setitem__((0, 0), 1)),
@@ -153,7 +156,7 @@ def test_merge_defects_are_named(edit, message):
 
 def test_a_merge_may_drop_tokens():
     """Destination -1 drops a token: it is neither kept nor counted against the budget."""
-    tokens, ctx = _inputs()
+    _tokens, ctx = _inputs()
     dest = _merge_all_into_first_unprotected(ctx)
     for s in range(ctx.batch_size):
         free = [i for i in range(int(ctx.num_valid[s])) if not ctx.protected[s, i]]

@@ -350,6 +350,7 @@ class TokenReducer(ABC):
                 model's settings are in ``model.config.get_text_config()``.
             at: This stage's insertion point.
         """
+        return None
 
     def attention_sources(self) -> frozenset[AttentionSource]:
         """Attention-probe sources this instance reads; defaults to ``capabilities.attention``."""

@@ -18,7 +18,11 @@ def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     from tokenprune.pipeline import LayerAt, Pipeline, Stage
     from tokenprune.plugins import get_plugin_manager
 
-    parts = [_table("Pipeline (the document)", Pipeline), _table("Stage (`stages[]`)", Stage), _table("`at: {layer: k}`", LayerAt)]
+    parts = [
+        _table("Pipeline (the document)", Pipeline),
+        _table("Stage (`stages[]`)", Stage),
+        _table("`at: {layer: k}`", LayerAt),
+    ]
     registry = get_plugin_manager().reducers
     for name in registry:
         origin = registry.origin(name)
