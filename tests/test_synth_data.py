@@ -21,7 +21,16 @@ from tokenprune.synth.questions import (
     training_item,
     validation_split,
 )
-from tokenprune.synth.scenes import IMAGE_SIZES, QUADRANTS, Scene, SceneObject, render
+from tokenprune.synth.scenes import (
+    IMAGE_SIZES,
+    QUADRANTS,
+    SHAPE_COLOURS,
+    SHAPE_KINDS,
+    SHAPE_TINTS,
+    Scene,
+    SceneObject,
+    render,
+)
 from tokenprune.synth.tokenizer import IMAGE_TOKEN_ID, build_tokenizer, vocabulary
 
 
@@ -86,6 +95,64 @@ def test_heldout_split_is_disjoint_from_training():
     held_images = {render(s.scene)[0].tobytes() for s in held}
     for i in range(300):
         assert render(training_item(i)[0])[0].tobytes() not in held_images
+
+
+def _one_shape(kind: str, box: tuple[int, int, int, int] = (37, 38, 14, 14)) -> tuple[np.ndarray, np.ndarray]:
+    obj = SceneObject(kind=kind, colour="green", quadrant="bottom-right", box=box)
+    scene = Scene(height=64, width=64, background="black", texture="plain", texture_seed=0, objects=(obj,))
+    return render(scene)
+
+
+def test_shapes_are_drawn_in_their_colour_and_fill_pattern():
+    colour = np.array(SHAPE_COLOURS["green"], dtype=np.float32)
+    for kind in SHAPE_KINDS:
+        tint = np.clip((1 - SHAPE_TINTS[kind]) * colour + SHAPE_TINTS[kind] * 255, 0, 255).astype(np.uint8)
+        img, omap = _one_shape(kind)
+        inside = omap == 1
+        is_tint = (img == tint).all(-1) & ~(img == colour.astype(np.uint8)).all(-1)
+        assert ((img == colour.astype(np.uint8)).all(-1) | is_tint)[inside].all(), kind
+        yy, xx = np.nonzero(inside)
+        on = is_tint[yy, xx]
+        if kind == "circle":
+            assert not on.any()
+        elif kind == "square":
+            assert np.array_equal(on, yy % 2 == 1)
+        elif kind == "triangle":
+            assert np.array_equal(on, xx % 2 == 1)
+        else:
+            assert np.array_equal(on, (yy + xx) % 2 == 1)
+
+
+def test_kinds_differ_in_average_tint_so_the_base_view_keeps_them():
+    whiteness = []
+    for kind in SHAPE_KINDS:
+        img, omap = _one_shape(kind)
+        pixels = img[omap == 1].astype(np.float32)
+        whiteness.append(float(pixels.min(-1).mean()))  # the white share lifts the smallest channel
+    assert all(b - a > 15 for a, b in zip(whiteness, whiteness[1:], strict=False)), whiteness
+
+
+def test_every_full_patch_of_a_shape_shows_its_kind():
+    """The design premise: a 4x4 patch fully inside a shape tells the kind by itself.
+
+    The tinted-pixel layouts that full patches of different kinds can show are disjoint, for
+    every placement of the shape relative to the patch grid.
+    """
+    layouts: dict[str, set[bytes]] = {k: set() for k in SHAPE_KINDS}
+    for kind in SHAPE_KINDS:
+        for dy in range(4):
+            for dx in range(4):
+                img, omap = _one_shape(kind, box=(33 + dy, 33 + dx, 14, 14))
+                bright = img.astype(np.int32).sum(-1)
+                for r in range(0, 64, 4):
+                    for c in range(0, 64, 4):
+                        if (omap[r : r + 4, c : c + 4] == 1).all():
+                            block = bright[r : r + 4, c : c + 4]
+                            layouts[kind].add((block > block.min()).tobytes())
+        assert layouts[kind], f"no full patch inside a {kind}"
+    for i, a in enumerate(SHAPE_KINDS):
+        for b in SHAPE_KINDS[i + 1 :]:
+            assert not layouts[a] & layouts[b], (a, b)
 
 
 def test_objects_stay_inside_their_quadrant():

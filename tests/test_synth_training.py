@@ -87,6 +87,18 @@ def test_export_loads_with_from_pretrained(tmp_path):
     assert before == after
 
 
+def test_export_over_a_package_folder_keeps_its_python_files(tmp_path):
+    """Installing into tokenprune/synth/checkpoint must not delete the package's __init__.py."""
+    out = tmp_path / "checkpoint"
+    out.mkdir()
+    (out / "__init__.py").write_text('"""package data"""\n')
+    (out / "stale.bin").write_bytes(b"old weights")
+    Trainer(CFG, tmp_path / "run").export(out)
+    assert (out / "__init__.py").read_text() == '"""package data"""\n'
+    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    assert not out.with_name("checkpoint.old").exists() and not out.with_name("checkpoint.tmp").exists()
+
+
 def test_random_keep_path_matches_unpruned_at_keep_one(tmp_path):
     """keep_fraction=1 goes through get_image_features + inputs_embeds and must agree exactly."""
     trainer = Trainer(CFG, tmp_path)

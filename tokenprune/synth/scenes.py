@@ -5,6 +5,15 @@ coloured shapes (circle, square, triangle, cross) and at most one small white pl
 5x7-pixel digit on it (the "text"). Objects never straddle the image's midlines, so the quadrant
 of an object (its position answer) is unambiguous.
 
+Every shape kind also has its own one-pixel fill pattern (:data:`SHAPE_PATTERNS`: circles solid,
+squares in horizontal stripes, triangles in vertical stripes, crosses in a checkerboard), drawn in
+the shape's colour and a tint of it that is lighter for each kind (:data:`SHAPE_TINTS`). A 4x4
+vision patch inside a plain shape is a flat colour whatever the outline, so its kind is only
+visible from the neighbouring patches; the mini VLM's 3-layer vision tower did not learn that from
+scratch in the CPU budget (docs/synth.md), while the pattern and the tint make the kind visible in
+every patch of the shape, as its colour is. The downscaled base view blurs the patterns but keeps
+the average tint.
+
 Image sizes are exactly LLaVA-NeXT anyres pinpoints (see :data:`IMAGE_SIZES`), so the high-res
 tiles cut the rendered pixels without resampling and every vision patch maps to a known 4x4 pixel
 block; this is what the patch-level auxiliary labels of the training recipe rely on.
@@ -36,6 +45,22 @@ SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 150, 20),
 }
 SHAPE_KINDS: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+#: The fill pattern of each shape kind: pixels where the pattern is on are drawn in the tint.
+SHAPE_PATTERNS: dict[str, str] = {
+    "circle": "solid",
+    "square": "hstripes",
+    "triangle": "vstripes",
+    "cross": "checker",
+}
+#: Share of white mixed into a shape's colour on its pattern pixels, per kind. With the patterns'
+#: 50% duty cycle the kinds also differ in average whiteness (0, 0.2, 0.35, 0.5), which survives the
+#: downscaled base view where the one-pixel patterns do not.
+SHAPE_TINTS: dict[str, float] = {
+    "circle": 0.0,
+    "square": 0.4,
+    "triangle": 0.7,
+    "cross": 1.0,
+}
 TEXTURES: tuple[str, ...] = ("plain", "stripes", "noise", "checker")
 QUADRANTS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
 TEXT_KIND = "text"
@@ -163,6 +188,24 @@ def _shape_mask(kind: str, h: int, w: int) -> np.ndarray:
     raise ValueError(f"unknown shape kind {kind!r}; use one of {SHAPE_KINDS}")
 
 
+def _pattern_mask(pattern: str, top: int, left: int, h: int, w: int) -> np.ndarray:
+    """Boolean (h, w) mask of the tinted pixels of ``pattern`` for a box at (top, left).
+
+    The pattern is anchored to the image grid (not the box), so a patch shows the same phase
+    wherever the shape lies.
+    """
+    yy, xx = np.mgrid[top : top + h, left : left + w]
+    if pattern == "solid":
+        return np.zeros((h, w), dtype=bool)
+    if pattern == "hstripes":
+        return yy % 2 == 1
+    if pattern == "vstripes":
+        return xx % 2 == 1
+    if pattern == "checker":
+        return (yy + xx) % 2 == 1
+    raise ValueError(f"unknown fill pattern {pattern!r}; use one of {sorted(set(SHAPE_PATTERNS.values()))}")
+
+
 def _background(scene: Scene) -> np.ndarray:
     """(H, W, 3) float32 background with the scene's texture."""
     base = np.array(BACKGROUND_COLOURS[scene.background], dtype=np.float32)
@@ -203,6 +246,11 @@ def render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
             omap[y : y + h, x : x + w] = i + 1
         else:
             m = _shape_mask(obj.kind, h, w)
-            img[y : y + h, x : x + w][m] = SHAPE_COLOURS[obj.colour]
+            colour = np.array(SHAPE_COLOURS[obj.colour], dtype=np.float32)
+            box = img[y : y + h, x : x + w]
+            tinted = m & _pattern_mask(SHAPE_PATTERNS[obj.kind], y, x, h, w)
+            box[m & ~tinted] = colour
+            tint = SHAPE_TINTS[obj.kind]
+            box[tinted] = (1 - tint) * colour + tint * 255.0
             omap[y : y + h, x : x + w][m] = i + 1
     return np.clip(img, 0, 255).astype(np.uint8), omap

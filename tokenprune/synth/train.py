@@ -9,7 +9,7 @@ The recipe (docs/synth.md explains why each part is there):
   its attention, at the position where an answer is predicted, on the visual tokens of the object
   the question names (the generator knows which tokens those are);
 * a curriculum from one shape per scene to four;
-* AdamW with linear warm-up and cosine decay over a fixed number of steps, bf16 autocast.
+* AdamW with linear warm-up and cosine decay over a fixed number of steps, fp32 (bf16 autocast optional).
 
 Resumption: ``state.pt`` in the run directory (written atomically) holds the weights, the
 auxiliary head, the optimiser and the step. Batches depend only on ``(seed, step)``, so a run
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ class TrainConfig:
     """Everything that determines a training run."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 1600
     batch_size: int = 16
     lr: float = 1.5e-3
     warmup_steps: int = 150
@@ -56,7 +57,7 @@ class TrainConfig:
     ground_layer: int = 1
     describe_prob: float = 0.5
     curriculum_fraction: float = 0.15
-    bf16: bool = True
+    bf16: bool = False
     threads: int = 1
     checkpoint_every: int = 100
     eval_every: int = 250
@@ -224,18 +225,24 @@ class Trainer:
         self.step = int(state["step"])
 
     def export(self, out_dir: str | Path) -> Path:
-        """Save the model, tokenizer and processor with ``save_pretrained`` (safetensors)."""
+        """Save the model, tokenizer and processor with ``save_pretrained`` (safetensors).
+
+        The new files are written next to ``out_dir`` and swapped in whole, so an interrupted export
+        leaves the old checkpoint intact. Python files of an existing ``out_dir`` (the package's
+        ``__init__.py`` when installing into ``tokenprune/synth/checkpoint``) are carried over; every
+        other old file is replaced.
+        """
         out = Path(out_dir)
         tmp = out.with_name(out.name + ".tmp")
         self.model.save_pretrained(tmp)
         self.processor.save_pretrained(tmp)
         if out.exists():
+            for f in out.glob("*.py"):
+                shutil.copy2(f, tmp / f.name)
             old = out.with_name(out.name + ".old")
             os.replace(out, old)
             os.replace(tmp, out)
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
+            shutil.rmtree(old)
         else:
             os.replace(tmp, out)
         return out
