@@ -1,5 +1,6 @@
 """SynthVQA generator, tokenizer, processor and patch labels."""
 
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -129,7 +130,7 @@ def test_kinds_differ_in_average_tint_so_the_base_view_keeps_them():
         img, omap = _one_shape(kind)
         pixels = img[omap == 1].astype(np.float32)
         whiteness.append(float(pixels.min(-1).mean()))  # the white share lifts the smallest channel
-    assert all(b - a > 15 for a, b in zip(whiteness, whiteness[1:], strict=False)), whiteness
+    assert all(b - a > 15 for a, b in itertools.pairwise(whiteness)), whiteness
 
 
 def test_every_full_patch_of_a_shape_shows_its_kind():
