@@ -50,8 +50,8 @@ def check_reduction(
         _check_tensor(dest, (b, n), device, "destination", fail)
         dropped = ctx.valid & (dest == -1)
         own = torch.arange(n, device=device).expand(b, n)
-        valid_dest = torch.where(ctx.valid, dest, own)
-        out_of_range = ((valid_dest < 0) | (valid_dest >= n)) & ~dropped
+        valid_dest = torch.where(ctx.valid & ~dropped, dest, own)  # a dropped token is checked as if it stayed put
+        out_of_range = (valid_dest < 0) | (valid_dest >= n)
         if bool(out_of_range.any()):
             s, i = (int(v) for v in out_of_range.nonzero()[0])
             raise fail(
@@ -62,7 +62,6 @@ def check_reduction(
         if bool(protected_dropped.any()):
             s, i = (int(v) for v in protected_dropped.nonzero()[0])
             raise fail(f"sample {s}: protected token {i} was dropped")
-        valid_dest = torch.where(dropped, own, valid_dest)  # a dropped token is checked as if it stayed put
         into_padding = ~ctx.valid.gather(1, valid_dest) & ctx.valid
         if bool(into_padding.any()):
             s, i = (int(v) for v in into_padding.nonzero()[0])

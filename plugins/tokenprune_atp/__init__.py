@@ -101,27 +101,26 @@ class ATP(TokenReducer):
                 f"but this model has hidden size {hidden} and {layers} layers; train ATP for it with "
                 "`tokenprune train-atp --model ...`"
             )
+        self._module_at(at)
+
+    def _module_at(self, at: InsertionPoint) -> ATPHead:
+        """The trained module for a stage at ``at``; a clear error off a layer or without one."""
         if at.kind != "layer" or at.layer is None:
             raise ReducerInputError(f"reducer {self.name!r} runs between decoder layers only, not at {at}")
         try:
-            self.weights.head(int(at.layer))
+            return self.weights.head(int(at.layer))
         except ATPWeightsError as exc:
             raise ReducerInputError(f"reducer {self.name!r}: {exc}") from exc
 
     def _head(self, tokens: Tensor, ctx: ReduceContext) -> ATPHead:
         cfg = self.weights.config
-        if ctx.at.kind != "layer" or ctx.at.layer is None:
-            raise ReducerInputError(f"reducer {self.name!r} runs between decoder layers only, not at {ctx.at}")
-        if int(tokens.shape[-1]) != cfg.hidden_size:
+        if ctx.at.kind == "layer" and int(tokens.shape[-1]) != cfg.hidden_size:
             raise ReducerInputError(
                 f"reducer {self.name!r}: the weights {self.params.weights} were trained for hidden size "
                 f"{cfg.hidden_size} ({cfg.num_layers} decoder layers, base model {cfg.base_model!r}), but the tokens "
                 f"at {ctx.at} have size {int(tokens.shape[-1])}"
             )
-        try:
-            return self.weights.head(int(ctx.at.layer))
-        except ATPWeightsError as exc:
-            raise ReducerInputError(f"reducer {self.name!r}: {exc}") from exc
+        return self._module_at(ctx.at)
 
     def _attention(self, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
         out = []
