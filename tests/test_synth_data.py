@@ -10,7 +10,7 @@ from PIL import Image
 
 from tokenprune.synth.batches import make_batch
 from tokenprune.synth.model import TINY, build_model
-from tokenprune.synth.patch_labels import KIND_CLASSES, patch_labels
+from tokenprune.synth.patch_labels import BASE_VIEW_TOKENS, IGNORE, KIND_CLASSES, packed_owners, patch_labels
 from tokenprune.synth.processor import GRID_PINPOINTS, build_processor, num_image_tokens, prompt
 from tokenprune.synth.questions import (
     ANSWERS,
@@ -205,7 +205,7 @@ def test_patch_labels_follow_the_object():
     scene = Scene(height=64, width=64, background="navy", texture="plain", texture_seed=0, objects=(obj,))
     _img, omap = render(scene)
     labels = patch_labels(scene, omap)
-    assert labels.shape == (5, 64, 3)
+    assert labels.shape == (5, 64, 4)
     square = KIND_CLASSES.index("square")
     # high-res tile 4 is the bottom-right one; the square covers pixels 41..50 of the image,
     # i.e. pixels 9..18 of that tile: patches 2..4 in each direction
@@ -215,6 +215,23 @@ def test_patch_labels_follow_the_object():
     assert (labels[1:4, :, 0] == 0).all()
     base = labels[0, :, 0].reshape(8, 8)
     assert (base[5:7, 5:7] == square).any() and (base[:4] == 0).all()
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES)
+def test_quadrant_labels_cover_the_base_view_only(size):
+    scene, _ = training_item(5, size=size)
+    _img, omap = render(scene)
+    labels = patch_labels(scene, omap)
+    quadrant = labels[0, :, 3].reshape(8, 8)
+    assert (quadrant[:4, :4] == QUADRANTS.index("top-left")).all()
+    assert (quadrant[:4, 4:] == QUADRANTS.index("top-right")).all()
+    assert (quadrant[4:, :4] == QUADRANTS.index("bottom-left")).all()
+    assert (quadrant[4:, 4:] == QUADRANTS.index("bottom-right")).all()
+    assert (labels[1:, :, 3] == IGNORE).all()
+    # every shape's base-view patches carry its own quadrant
+    owners = packed_owners(scene, omap)[:BASE_VIEW_TOKENS]
+    for i, obj in enumerate(scene.objects):
+        assert (labels[0, owners == i + 1, 3] == QUADRANTS.index(obj.quadrant)).all()
 
 
 def test_make_batch_is_deterministic_and_masks_answers(processor):
@@ -231,6 +248,26 @@ def test_make_batch_is_deterministic_and_masks_answers(processor):
         assert a.input_ids[i, p + 1] == a.labels[i, p]
     assert any(vocab[t] in answers for t in supervised.tolist())
     assert (a.input_ids == IMAGE_TOKEN_ID).sum(1).unique().numel() == 1
+
+
+def test_position_questions_are_grounded_on_base_view_tokens(processor):
+    """`where is ...` looks at the object's base-view tokens; other questions at all its tokens."""
+    where = vocabulary().index("where")
+    seen = {"position": 0, "other": 0}
+    for step in range(6):
+        batch = make_batch(processor.image_processor, seed=0, step=step, batch_size=4)
+        first_image = int((batch.input_ids[0] == IMAGE_TOKEN_ID).nonzero()[0])
+        for row, query, target in zip(
+            batch.ground_rows.tolist(), batch.ground_query.tolist(), batch.ground_targets, strict=True
+        ):
+            ids = batch.input_ids[row, : query + 1].tolist()
+            positions = target.nonzero()[:, 0] - first_image
+            if where in ids[query - 4 : query + 1]:  # the query sits on the "?" of "where is the X ?"
+                seen["position"] += 1
+                assert (positions < BASE_VIEW_TOKENS).all()
+            elif (positions >= BASE_VIEW_TOKENS).any():
+                seen["other"] += 1
+    assert seen["position"] > 0 and seen["other"] > 0
 
 
 def test_ask_rejects_text_question_without_plate():

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokenprune.synth.patch_labels import packed_owners, patch_labels
+from tokenprune.synth.patch_labels import BASE_VIEW_TOKENS, packed_owners, patch_labels
 from tokenprune.synth.processor import num_image_tokens
 from tokenprune.synth.questions import HELDOUT_BASE, MAX_SHAPES, grounding_target, training_item
 from tokenprune.synth.scenes import IMAGE_SIZES, render
@@ -34,10 +34,11 @@ class TrainBatch:
         labels: (B, L) the id to predict *at* each position (already shifted), ``-100`` elsewhere.
         pixel_values: (B, n_views, 3, 32, 32) normalised anyres views.
         image_sizes: (B, 2) (height, width) of the images.
-        patch_labels: (B * n_views, 64, 3) kind / colour / digit class per vision patch.
+        patch_labels: (B * n_views, 64, 4) kind / colour / digit / quadrant class per vision patch.
         ground_rows: (N,) batch row of each grounded question.
         ground_query: (N,) position of its last question token (where the answer is predicted).
-        ground_targets: (N, L) True on the visual tokens of the object the question is about.
+        ground_targets: (N, L) True on the visual tokens of the object the question is about (for
+            a position question, on its base-view tokens if it owns any).
     """
 
     input_ids: torch.Tensor
@@ -90,8 +91,12 @@ def make_batch(
             q = [vocab[w] for w in qa.question.split()]
             a = [vocab[w] for w in qa.answer.split()]
             target = grounding_target(scene, qa)
-            if target is not None and (owners == target + 1).any():
-                grounds.append((row, len(seq) + len(q) - 1, 1 + np.nonzero(owners == target + 1)[0]))
+            if target is not None:
+                on_object = owners == target + 1
+                if qa.qtype == "position" and on_object[:BASE_VIEW_TOKENS].any():
+                    on_object[BASE_VIEW_TOKENS:] = False  # only base-view tokens know their quadrant
+                if on_object.any():
+                    grounds.append((row, len(seq) + len(q) - 1, 1 + np.nonzero(on_object)[0]))
             seq += q + a
             # the token at position p is predicted at position p - 1
             tgt += [IGNORE] * (len(q) - 1) + a + [IGNORE]

@@ -5,6 +5,9 @@ so each patch of each 32x32 view covers a known pixel block of the image: the ba
 whole image squeezed to 32x32 (a patch covers an (H/8) x (W/8) block), and the high-res tiles cut
 the image itself (a patch covers a 4x4 block). The training recipe puts a linear auxiliary head on
 the vision tower's output tokens and trains it on these labels; the head is discarded afterwards.
+
+Only a base-view patch is labelled with its quadrant of the image: the high-res tiles share CLIP's
+position embeddings, so nothing in a tile patch can tell which tile it came from.
 """
 
 from __future__ import annotations
@@ -12,11 +15,22 @@ from __future__ import annotations
 import numpy as np
 
 from tokenprune.synth.processor import PATCH, TILE
-from tokenprune.synth.scenes import BACKGROUND_COLOURS, DIGITS, SHAPE_COLOURS, SHAPE_KINDS, TEXT_KIND, Scene
+from tokenprune.synth.scenes import (
+    BACKGROUND_COLOURS,
+    DIGITS,
+    QUADRANTS,
+    SHAPE_COLOURS,
+    SHAPE_KINDS,
+    TEXT_KIND,
+    Scene,
+)
 
 KIND_CLASSES: tuple[str, ...] = ("background", *SHAPE_KINDS, TEXT_KIND)
 COLOUR_CLASSES: tuple[str, ...] = (*BACKGROUND_COLOURS, *SHAPE_COLOURS)
 DIGIT_CLASSES: tuple[str, ...] = DIGITS
+QUADRANT_CLASSES: tuple[str, ...] = QUADRANTS
+#: visual tokens of the base view, which come first in LLaVA-NeXT's packed order.
+BASE_VIEW_TOKENS = (TILE // PATCH) ** 2
 IGNORE = -100
 #: minimum share of a patch's pixels an object must cover to label the patch with it.
 MIN_COVERAGE = 0.25
@@ -59,12 +73,14 @@ def view_owners(scene: Scene, omap: np.ndarray) -> np.ndarray:
 
 
 def patch_labels(scene: Scene, omap: np.ndarray) -> np.ndarray:
-    """Kind, colour and digit class of every patch of every view.
+    """Kind, colour, digit and quadrant class of every patch of every view.
 
     Returns:
-        (n_views, patches_per_view, 3) int64: index into :data:`KIND_CLASSES`,
+        (n_views, patches_per_view, 4) int64: index into :data:`KIND_CLASSES`,
         :data:`COLOUR_CLASSES` (background colour on background patches, shape colour on shapes,
-        ``IGNORE`` on the text plate) and :data:`DIGIT_CLASSES` (``IGNORE`` off the plate).
+        ``IGNORE`` on the text plate), :data:`DIGIT_CLASSES` (``IGNORE`` off the plate) and
+        :data:`QUADRANT_CLASSES` (the patch's quadrant of the image on the base view, ``IGNORE``
+        on the high-res tiles).
     """
     owners = view_owners(scene, omap)
     table = np.full((len(scene.objects) + 1, 3), IGNORE, dtype=np.int64)
@@ -74,7 +90,11 @@ def patch_labels(scene: Scene, omap: np.ndarray) -> np.ndarray:
             table[i + 1] = (KIND_CLASSES.index(TEXT_KIND), IGNORE, DIGIT_CLASSES.index(obj.digit or "0"))
         else:
             table[i + 1] = (KIND_CLASSES.index(obj.kind), COLOUR_CLASSES.index(obj.colour), IGNORE)
-    return table[owners]
+    per = TILE // PATCH
+    row, col = np.divmod(np.arange(per * per), per)
+    quadrant = np.full(owners.shape, IGNORE, dtype=np.int64)
+    quadrant[0] = 2 * (row >= per // 2) + (col >= per // 2)  # QUADRANTS order: TL, TR, BL, BR
+    return np.concatenate([table[owners], quadrant[..., None]], axis=-1)
 
 
 def packed_owners(scene: Scene, omap: np.ndarray) -> np.ndarray:

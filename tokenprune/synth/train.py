@@ -3,11 +3,13 @@
 The recipe (docs/synth.md explains why each part is there):
 
 * every supervised answer of several questions per image, plus a dense ``describe`` target;
-* a linear auxiliary head on the vision tower's output tokens, trained on patch-level labels
-  (kind, colour, digit under each patch; :mod:`tokenprune.synth.patch_labels`);
+* linear auxiliary heads trained on patch-level labels (:mod:`tokenprune.synth.patch_labels`):
+  kind, colour and digit under each patch, read from the vision tower's output tokens, and the
+  quadrant of each base-view patch, read from the projector's output;
 * a grounding loss: one attention head (head 0 of LM layer ``ground_layer``) is trained to put
   its attention, at the position where an answer is predicted, on the visual tokens of the object
-  the question names (the generator knows which tokens those are);
+  the question names (the generator knows which tokens those are); for ``where is ...``
+  questions, on the object's base-view tokens only, the ones that know their quadrant;
 * a curriculum from one shape per scene to four;
 * AdamW with linear warm-up and cosine decay over a fixed number of steps, fp32 (bf16 autocast optional).
 
@@ -32,7 +34,7 @@ from torch import nn
 
 from tokenprune.synth.batches import TrainBatch, curriculum_max_shapes, make_batch
 from tokenprune.synth.model import MiniVLMSize, build_model
-from tokenprune.synth.patch_labels import COLOUR_CLASSES, DIGIT_CLASSES, IGNORE, KIND_CLASSES
+from tokenprune.synth.patch_labels import COLOUR_CLASSES, DIGIT_CLASSES, IGNORE, KIND_CLASSES, QUADRANT_CLASSES
 from tokenprune.synth.processor import build_processor
 
 STATE_FILE = "state.pt"
@@ -77,21 +79,29 @@ class TrainConfig:
 
 
 class AuxHead(nn.Module):
-    """Linear patch classifier on the vision tower's output tokens (training only)."""
+    """Linear patch classifiers (training only).
 
-    def __init__(self, hidden: int) -> None:
+    Kind, colour and digit are read from the vision tower's output tokens. The quadrant is read
+    from the projector's output for the base view, the features the LM sees: with the quadrant
+    classifier on the vision tower instead, a linear probe read left/right from an object's
+    base-view tokens at 100% before the projector and at 66% after it (docs/synth-training-log.md).
+    """
+
+    def __init__(self, vision_hidden: int, text_hidden: int) -> None:
         super().__init__()
         self.sizes = (len(KIND_CLASSES), len(COLOUR_CLASSES), len(DIGIT_CLASSES))
-        self.proj = nn.Linear(hidden, sum(self.sizes))
+        self.proj = nn.Linear(vision_hidden, sum(self.sizes))
+        self.quadrant = nn.Linear(text_hidden, len(QUADRANT_CLASSES))
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the three classifiers.
+    def loss(self, tokens: torch.Tensor, projected: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of the cross-entropies of the four classifiers.
 
         Args:
-            tokens: (n_views, 64, hidden) vision tower output (CLS dropped).
-            labels: (n_views, 64, 3) kind / colour / digit classes, ``-100`` to ignore.
+            tokens: (n_views, 64, vision_hidden) vision tower output (CLS dropped).
+            projected: (n_views, 64, text_hidden) the projector's output for the same patches.
+            labels: (n_views, 64, 4) kind / colour / digit / quadrant classes, ``-100`` to ignore.
         """
-        logits = self.proj(tokens.float()).split(self.sizes, dim=-1)
+        logits = [*self.proj(tokens.float()).split(self.sizes, dim=-1), self.quadrant(projected.float())]
         total = tokens.new_zeros((), dtype=torch.float32)
         for j, lg in enumerate(logits):
             y = labels[..., j].reshape(-1)
@@ -117,7 +127,7 @@ class Trainer:
         self.processor = build_processor()
         self.model = build_model(cfg.size, seed=cfg.seed)
         torch.manual_seed(cfg.seed + 1)
-        self.aux = AuxHead(cfg.size.vision_hidden)
+        self.aux = AuxHead(cfg.size.vision_hidden, cfg.size.text_hidden)
         decay, no_decay = [], []
         for mod in (self.model, self.aux):
             for p in mod.parameters():
@@ -129,8 +139,10 @@ class Trainer:
         )
         self.step = 0
         self._vision_tokens: torch.Tensor | None = None
+        self._projected: torch.Tensor | None = None
         self._layer_input: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.model.model.vision_tower.register_forward_hook(self._capture_vision)
+        self.model.model.multi_modal_projector.register_forward_hook(self._capture_projected)
         if cfg.ground_weight > 0:
             layers = self.model.model.language_model.layers
             if not 0 <= cfg.ground_layer < len(layers):
@@ -140,6 +152,10 @@ class Trainer:
     def _capture_vision(self, module: nn.Module, args: Any, output: Any) -> None:
         """Keep the vision tower's last hidden states (n_views, 65, hidden) for the auxiliary loss."""
         self._vision_tokens = output.hidden_states[-1]
+
+    def _capture_projected(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        """Keep the projector's output (n_views, 64, text_hidden) for the quadrant classifier."""
+        self._projected = output
 
     def _capture_layer_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Keep the grounding layer's input hidden states (B, L, d) and RoPE (cos, sin)."""
@@ -276,10 +292,10 @@ class Trainer:
         answer_loss = nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE
         )
-        if self._vision_tokens is None:
-            raise RuntimeError("the vision tower hook did not fire; is this a LlavaNext model?")
-        aux_loss = self.aux.loss(self._vision_tokens[:, 1:], batch.patch_labels)
-        self._vision_tokens = None
+        if self._vision_tokens is None or self._projected is None:
+            raise RuntimeError("the vision tower / projector hooks did not fire; is this a LlavaNext model?")
+        aux_loss = self.aux.loss(self._vision_tokens[:, 1:], self._projected, batch.patch_labels)
+        self._vision_tokens = self._projected = None
         loss = answer_loss + self.cfg.aux_weight * aux_loss
         ground_loss = torch.zeros(())
         if self.cfg.ground_weight > 0:
