@@ -270,6 +270,28 @@ def test_position_questions_are_grounded_on_base_view_tokens(processor):
     assert seen["position"] > 0 and seen["other"] > 0
 
 
+def test_ground_absent_points_no_answers_at_the_bos_token(processor):
+    yes, no = vocabulary().index("yes"), vocabulary().index("no")
+    plain = make_batch(processor.image_processor, seed=0, step=3, batch_size=8)
+    sink = make_batch(processor.image_processor, seed=0, step=3, batch_size=8, ground_absent=True)
+    assert torch.equal(plain.input_ids, sink.input_ids)
+    assert not plain.ground_targets[:, 0].any()
+    on_bos = sink.ground_targets[:, 0]
+    assert on_bos.any()
+    for row, query, target, bos in zip(
+        sink.ground_rows.tolist(), sink.ground_query.tolist(), sink.ground_targets, on_bos.tolist(), strict=True
+    ):
+        # the answer predicted at the query position is "no" exactly when the target is <s> alone
+        answer = int(sink.input_ids[row, query + 1])
+        is_exists = int(sink.input_ids[row, query - 4]) == vocabulary().index("there")  # is there a C K ?
+        assert bos == (is_exists and answer == no)
+        if bos:
+            assert target.sum() == 1
+        elif is_exists:
+            assert answer == yes
+    assert len(sink.ground_rows) == len(plain.ground_rows) + int(on_bos.sum())
+
+
 def test_ask_rejects_text_question_without_plate():
     rng = rng_for(0)
     scene = Scene(height=64, width=64, background="black", texture="plain", texture_seed=0, objects=())

@@ -38,7 +38,8 @@ class TrainBatch:
         ground_rows: (N,) batch row of each grounded question.
         ground_query: (N,) position of its last question token (where the answer is predicted).
         ground_targets: (N, L) True on the visual tokens of the object the question is about (for
-            a position question, on its base-view tokens if it owns any).
+            a position question, on its base-view tokens if it owns any; for an existence question
+            answered "no", on ``<s>`` at position 0).
     """
 
     input_ids: torch.Tensor
@@ -67,8 +68,16 @@ def make_batch(
     batch_size: int,
     max_shapes: int = MAX_SHAPES,
     describe_prob: float = 0.5,
+    ground_absent: bool = False,
 ) -> TrainBatch:
-    """The training batch of ``step`` for ``seed`` (deterministic)."""
+    """The training batch of ``step`` for ``seed`` (deterministic).
+
+    ``ground_absent`` adds a grounding target for ``is there ...`` questions answered "no": the
+    ``<s>`` token at position 0, which every position sees. The head then has somewhere to look
+    when nothing matches both the colour and the kind, and its output tells found from not found.
+    Off by default: in the one run that used it, the head learned this but colour-of-a-named-shape
+    and position stalled near 0.6 (docs/synth-training-log.md, run 6).
+    """
     rng = np.random.default_rng([seed, step, 0xBA7C])
     size = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
     ids = rng.integers(0, HELDOUT_BASE, size=batch_size)
@@ -97,6 +106,8 @@ def make_batch(
                     on_object[BASE_VIEW_TOKENS:] = False  # only base-view tokens know their quadrant
                 if on_object.any():
                     grounds.append((row, len(seq) + len(q) - 1, 1 + np.nonzero(on_object)[0]))
+            elif ground_absent and qa.qtype == "exists":  # answered "no": nothing to find
+                grounds.append((row, len(seq) + len(q) - 1, np.zeros(1, dtype=np.int64)))
             seq += q + a
             # the token at position p is predicted at position p - 1
             tgt += [IGNORE] * (len(q) - 1) + a + [IGNORE]

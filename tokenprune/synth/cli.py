@@ -25,6 +25,9 @@ def train(
     ground_weight: Annotated[float, typer.Option(help="Weight of the grounding (attention) loss; 0: off.")] = 1.0,
     ground_layer: Annotated[int, typer.Option(help="LM layer whose head 0 the grounding loss trains.")] = 1,
     describe_prob: Annotated[float, typer.Option(help="Share of images with a describe target.")] = 0.5,
+    ground_absent: Annotated[
+        bool, typer.Option(help="Ground 'is there ...' questions answered no on <s> (tried: hurt colour/position).")
+    ] = False,
     curriculum: Annotated[float, typer.Option(help="Share of steps spent ramping 1 -> 4 shapes.")] = 0.15,
     threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest on a shared CPU).")] = 1,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (fp32 was faster on the development CPU).")] = False,
@@ -47,6 +50,7 @@ def train(
         lr=lr,
         aux_weight=aux_weight,
         describe_prob=describe_prob,
+        ground_absent=ground_absent,
         curriculum_fraction=curriculum,
         threads=threads,
         bf16=bf16,

@@ -9,7 +9,9 @@ The recipe (docs/synth.md explains why each part is there):
 * a grounding loss: one attention head (head 0 of LM layer ``ground_layer``) is trained to put
   its attention, at the position where an answer is predicted, on the visual tokens of the object
   the question names (the generator knows which tokens those are); for ``where is ...``
-  questions, on the object's base-view tokens only, the ones that know their quadrant;
+  questions, on the object's base-view tokens only, the ones that know their quadrant (optional,
+  off by default: ``ground_absent`` also grounds ``is there ...`` questions answered "no" on the
+  ``<s>`` token; tried once, it slowed colour and position down, docs/synth-training-log.md);
 * a curriculum from one shape per scene to four;
 * AdamW with linear warm-up and cosine decay over a fixed number of steps, fp32 (bf16 autocast optional).
 
@@ -58,6 +60,7 @@ class TrainConfig:
     ground_weight: float = 1.0
     ground_layer: int = 1
     describe_prob: float = 0.5
+    ground_absent: bool = False
     curriculum_fraction: float = 0.15
     bf16: bool = False
     threads: int = 1
@@ -75,6 +78,7 @@ class TrainConfig:
         """The inverse of :meth:`to_json`."""
         data = dict(data)
         data["size"] = MiniVLMSize(**data["size"])
+        data.setdefault("ground_absent", False)  # states written before the option trained without it
         return cls(**data)
 
 
@@ -228,7 +232,10 @@ class Trainer:
             self.log(
                 {"event": "steps_changed", "at_step": int(state["step"]), "from": saved.steps, "to": self.cfg.steps}
             )
-        fixed = ("seed", "batch_size", "lr", "size", "aux_weight", "describe_prob", "ground_weight", "ground_layer")
+        fixed = (
+            *("seed", "batch_size", "lr", "size", "aux_weight", "describe_prob"),
+            *("ground_weight", "ground_layer", "ground_absent"),
+        )
         for name in fixed:
             if getattr(saved, name) != getattr(self.cfg, name):
                 raise ValueError(
@@ -274,6 +281,7 @@ class Trainer:
             cfg.batch_size,
             max_shapes=curriculum_max_shapes(step, cfg.steps, cfg.curriculum_fraction),
             describe_prob=cfg.describe_prob,
+            ground_absent=cfg.ground_absent,
         )
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
