@@ -3,8 +3,8 @@
 The renderer knows which object covers each pixel, and SynthVQA image sizes are anyres pinpoints,
 so each patch of each 32x32 view covers a known pixel block of the image: the base view is the
 whole image squeezed to 32x32 (a patch covers an (H/8) x (W/8) block), and the high-res tiles cut
-the image itself (a patch covers a 4x4 block). The training recipe puts a linear auxiliary head on
-the vision tower's output tokens and trains it on these labels; the head is discarded afterwards.
+the image itself (a patch covers a 4x4 block). The training recipe trains linear auxiliary heads on
+these labels (on the vision tower's and the projector's output tokens) and discards them afterwards.
 
 Only a base-view patch is labelled with its quadrant of the image: the high-res tiles share CLIP's
 position embeddings, so nothing in a tile patch can tell which tile it came from.

@@ -16,7 +16,7 @@ The recipe (docs/synth.md explains why each part is there):
 * AdamW with linear warm-up and cosine decay over a fixed number of steps, fp32 (bf16 autocast optional).
 
 Resumption: ``state.pt`` in the run directory (written atomically) holds the weights, the
-auxiliary head, the optimiser and the step. Batches depend only on ``(seed, step)``, so a run
+auxiliary heads, the optimiser and the step. Batches depend only on ``(seed, step)``, so a run
 resumed from a checkpoint continues exactly as the uninterrupted run would.
 """
 
@@ -123,7 +123,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class Trainer:
-    """Holds the model, auxiliary head and optimiser of one run; :meth:`run` trains to the end."""
+    """Holds the model, auxiliary heads and optimiser of one run; :meth:`run` trains to the end."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
