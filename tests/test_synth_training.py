@@ -141,3 +141,24 @@ def test_grounding_loss_is_minus_log_attention_mass_of_eager_head(tmp_path):
         ]
     ).mean()
     assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_quadrant_classifier_reads_the_projector_output(tmp_path):
+    """The quadrant loss reaches the projector (what the LM sees); kind/colour/digit stay on the tower."""
+    trainer = Trainer(CFG, tmp_path)
+    batch = trainer.batch(0)
+    trainer.model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values,
+        image_sizes=batch.image_sizes,
+    )
+    assert trainer._projected is not None and trainer._vision_tokens is not None
+    quadrant_only = batch.patch_labels.clone()
+    quadrant_only[..., :3] = -100
+    loss = trainer.aux.loss(trainer._vision_tokens[:, 1:], trainer._projected, quadrant_only)
+    loss.backward()
+    projector = trainer.model.model.multi_modal_projector
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
+    assert trainer.aux.quadrant.weight.grad.abs().sum() > 0
+    assert trainer.aux.proj.weight.grad is None
