@@ -113,14 +113,15 @@ class ATP(TokenReducer):
             raise ReducerInputError(f"reducer {self.name!r}: {exc}") from exc
 
     def _head(self, tokens: Tensor, ctx: ReduceContext) -> ATPHead:
+        head = self._module_at(ctx.at)
         cfg = self.weights.config
-        if ctx.at.kind == "layer" and int(tokens.shape[-1]) != cfg.hidden_size:
+        if int(tokens.shape[-1]) != cfg.hidden_size:
             raise ReducerInputError(
                 f"reducer {self.name!r}: the weights {self.params.weights} were trained for hidden size "
                 f"{cfg.hidden_size} ({cfg.num_layers} decoder layers, base model {cfg.base_model!r}), but the tokens "
                 f"at {ctx.at} have size {int(tokens.shape[-1])}"
             )
-        return self._module_at(ctx.at)
+        return head
 
     def _attention(self, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
         out = []

@@ -99,15 +99,16 @@ def make_batch(
         for qa in qas:
             q = [vocab[w] for w in qa.question.split()]
             a = [vocab[w] for w in qa.answer.split()]
+            query = len(seq) + len(q) - 1  # the answer is predicted at the question's last token
             target = grounding_target(scene, qa)
             if target is not None:
                 on_object = owners == target + 1
                 if qa.qtype == "position" and on_object[:BASE_VIEW_TOKENS].any():
                     on_object[BASE_VIEW_TOKENS:] = False  # only base-view tokens know their quadrant
                 if on_object.any():
-                    grounds.append((row, len(seq) + len(q) - 1, 1 + np.nonzero(on_object)[0]))
+                    grounds.append((row, query, 1 + np.nonzero(on_object)[0]))
             elif ground_absent and qa.qtype == "exists":  # answered "no": nothing to find
-                grounds.append((row, len(seq) + len(q) - 1, np.zeros(1, dtype=np.int64)))
+                grounds.append((row, query, np.zeros(1, dtype=np.int64)))
             seq += q + a
             # the token at position p is predicted at position p - 1
             tgt += [IGNORE] * (len(q) - 1) + a + [IGNORE]
