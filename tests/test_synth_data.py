@@ -292,6 +292,40 @@ def test_ground_absent_points_no_answers_at_the_bos_token(processor):
     assert len(sink.ground_rows) == len(plain.ground_rows) + int(on_bos.sum())
 
 
+def test_exists_head_moves_every_existence_question_to_its_own_head(processor):
+    """With exists_head, `is there ...` goes to that head (object if present, else <s>); the rest stay on head 0."""
+    yes, no, there = (vocabulary().index(w) for w in ("yes", "no", "there"))
+    plain = make_batch(processor.image_processor, seed=0, step=3, batch_size=8)
+    split = make_batch(processor.image_processor, seed=0, step=3, batch_size=8, exists_head=2)
+    assert torch.equal(plain.input_ids, split.input_ids)
+    assert (plain.ground_heads == 0).all()
+    answers = {yes: 0, no: 0}
+    for row, head, query, target in zip(
+        split.ground_rows.tolist(),
+        split.ground_heads.tolist(),
+        split.ground_query.tolist(),
+        split.ground_targets,
+        strict=True,
+    ):
+        is_exists = int(split.input_ids[row, query - 4]) == there  # is there a C K ?
+        assert head == (2 if is_exists else 0)
+        if is_exists:
+            answer = int(split.input_ids[row, query + 1])
+            answers[answer] += 1
+            assert bool(target[0]) == (answer == no)  # <s> exactly for "no"
+            assert (target.sum() == 1) == (answer == no)
+    assert answers[yes] > 0 and answers[no] > 0
+    # the other questions keep their head-0 targets, in the same order
+    plain_exists = plain.input_ids[plain.ground_rows, plain.ground_query - 4] == there
+    assert int(plain_exists.sum()) == answers[yes]
+    assert torch.equal(split.ground_targets[split.ground_heads == 0], plain.ground_targets[~plain_exists])
+
+
+def test_exists_head_and_ground_absent_exclude_each_other(processor):
+    with pytest.raises(ValueError, match="choose one"):
+        make_batch(processor.image_processor, seed=0, step=0, batch_size=2, ground_absent=True, exists_head=1)
+
+
 def test_ask_rejects_text_question_without_plate():
     rng = rng_for(0)
     scene = Scene(height=64, width=64, background="black", texture="plain", texture_seed=0, objects=())

@@ -66,6 +66,26 @@ def test_resume_refuses_a_different_config(tmp_path):
         other.load_state(tmp_path / STATE_FILE)
 
 
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"exists_head": 0}, "heads 1..1"),
+        ({"exists_head": 2}, "heads 1..1"),
+        ({"exists_head": 1, "ground_absent": True}, "choose one"),
+    ],
+)
+def test_exists_head_is_validated(tmp_path, changes, match):
+    with pytest.raises(ValueError, match=match):
+        Trainer(dataclasses.replace(CFG, **changes), tmp_path)
+
+
+def test_resume_refuses_a_different_exists_head(tmp_path):
+    Trainer(CFG, tmp_path).save_state()
+    other = Trainer(dataclasses.replace(CFG, exists_head=1), tmp_path)
+    with pytest.raises(ValueError, match="exists_head=None"):
+        other.load_state(tmp_path / STATE_FILE)
+
+
 def test_lr_schedule_warms_up_and_decays():
     cfg = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr_fraction=0.1)
     assert lr_at(0, cfg) < lr_at(99, cfg) == pytest.approx(1e-3)
@@ -115,11 +135,13 @@ def _set_attn(model, impl):
             cfg._attn_implementation = impl
 
 
-def test_grounding_loss_is_minus_log_attention_mass_of_eager_head(tmp_path):
-    """The recomputed head-0 attention equals eager attention's, so the loss trains the real head."""
-    trainer = Trainer(CFG, tmp_path)
+@pytest.mark.parametrize("exists_head", [None, 1])
+def test_grounding_loss_is_minus_log_attention_mass_of_eager_head(tmp_path, exists_head):
+    """The recomputed attention of each question's head equals eager attention's, so the loss trains the real heads."""
+    trainer = Trainer(dataclasses.replace(CFG, exists_head=exists_head), tmp_path)
     batch = trainer.batch(50)
     assert batch.ground_rows.numel() > 0
+    assert (batch.ground_heads == 1).any() == (exists_head == 1)
     trainer.model.eval()
     _set_attn(trainer.model, "eager")
     with torch.no_grad():
@@ -131,12 +153,16 @@ def test_grounding_loss_is_minus_log_attention_mass_of_eager_head(tmp_path):
             output_attentions=True,
         )
         loss = trainer.grounding_loss(batch)
-    attn = out.attentions[CFG.ground_layer][:, 0]  # (B, L, L), head 0
+    attn = out.attentions[CFG.ground_layer]  # (B, heads, L, L)
     expected = torch.stack(
         [
-            -attn[r, q][t].sum().log()
-            for r, q, t in zip(
-                batch.ground_rows.tolist(), batch.ground_query.tolist(), batch.ground_targets, strict=True
+            -attn[r, h, q][t].sum().log()
+            for r, h, q, t in zip(
+                batch.ground_rows.tolist(),
+                batch.ground_heads.tolist(),
+                batch.ground_query.tolist(),
+                batch.ground_targets,
+                strict=True,
             )
         ]
     ).mean()

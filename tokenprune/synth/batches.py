@@ -36,6 +36,8 @@ class TrainBatch:
         image_sizes: (B, 2) (height, width) of the images.
         patch_labels: (B * n_views, 64, 4) kind / colour / digit / quadrant class per vision patch.
         ground_rows: (N,) batch row of each grounded question.
+        ground_heads: (N,) attention head of the grounding layer trained on it (0 unless
+            ``exists_head`` moves ``is there ...`` questions to another head).
         ground_query: (N,) position of its last question token (where the answer is predicted).
         ground_targets: (N, L) True on the visual tokens of the object the question is about (for
             a position question, on its base-view tokens if it owns any; for an existence question
@@ -49,6 +51,7 @@ class TrainBatch:
     image_sizes: torch.Tensor
     patch_labels: torch.Tensor
     ground_rows: torch.Tensor
+    ground_heads: torch.Tensor
     ground_query: torch.Tensor
     ground_targets: torch.Tensor
 
@@ -69,6 +72,7 @@ def make_batch(
     max_shapes: int = MAX_SHAPES,
     describe_prob: float = 0.5,
     ground_absent: bool = False,
+    exists_head: int | None = None,
 ) -> TrainBatch:
     """The training batch of ``step`` for ``seed`` (deterministic).
 
@@ -77,7 +81,13 @@ def make_batch(
     when nothing matches both the colour and the kind, and its output tells found from not found.
     Off by default: in the one run that used it, the head learned this but colour-of-a-named-shape
     and position stalled near 0.6 (docs/synth-training-log.md, run 6).
+
+    ``exists_head`` gives the existence check a head of its own: every ``is there ...`` question
+    is grounded on head ``exists_head`` instead of head 0, on the named object when it is there
+    and on ``<s>`` when it is not. Head 0 keeps finding the objects the other questions name.
     """
+    if ground_absent and exists_head is not None:
+        raise ValueError("ground_absent and exists_head both ground 'no' answers; choose one")
     rng = np.random.default_rng([seed, step, 0xBA7C])
     size = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
     ids = rng.integers(0, HELDOUT_BASE, size=batch_size)
@@ -87,7 +97,7 @@ def make_batch(
     tgts: list[list[int]] = []
     images: list[Image.Image] = []
     plabels: list[np.ndarray] = []
-    grounds: list[tuple[int, int, np.ndarray]] = []
+    grounds: list[tuple[int, int, int, np.ndarray]] = []
     for row, sid in enumerate(ids):
         scene, qas = training_item(int(sid), max_shapes=max_shapes, describe_prob=describe_prob, size=size)
         img, omap = render(scene)
@@ -101,14 +111,15 @@ def make_batch(
             a = [vocab[w] for w in qa.answer.split()]
             query = len(seq) + len(q) - 1  # the answer is predicted at the question's last token
             target = grounding_target(scene, qa)
+            head = exists_head if exists_head is not None and qa.qtype == "exists" else 0
             if target is not None:
                 on_object = owners == target + 1
                 if qa.qtype == "position" and on_object[:BASE_VIEW_TOKENS].any():
                     on_object[BASE_VIEW_TOKENS:] = False  # only base-view tokens know their quadrant
                 if on_object.any():
-                    grounds.append((row, query, 1 + np.nonzero(on_object)[0]))
-            elif ground_absent and qa.qtype == "exists":  # answered "no": nothing to find
-                grounds.append((row, query, np.zeros(1, dtype=np.int64)))
+                    grounds.append((row, head, query, 1 + np.nonzero(on_object)[0]))
+            elif (ground_absent or exists_head is not None) and qa.qtype == "exists":  # "no": nothing to find
+                grounds.append((row, head, query, np.zeros(1, dtype=np.int64)))
             seq += q + a
             # the token at position p is predicted at position p - 1
             tgt += [IGNORE] * (len(q) - 1) + a + [IGNORE]
@@ -124,7 +135,7 @@ def make_batch(
         mask[i, : len(s)] = 1
     pv = image_processor(images=images, return_tensors="pt")  # type: ignore[operator]
     ground_targets = torch.zeros((len(grounds), length), dtype=torch.bool)
-    for j, (_, _, positions) in enumerate(grounds):
+    for j, (*_, positions) in enumerate(grounds):
         ground_targets[j, torch.from_numpy(positions)] = True
     return TrainBatch(
         input_ids=input_ids,
@@ -134,6 +145,7 @@ def make_batch(
         image_sizes=pv["image_sizes"],
         patch_labels=torch.from_numpy(np.concatenate(plabels)),
         ground_rows=torch.tensor([g[0] for g in grounds], dtype=torch.long),
-        ground_query=torch.tensor([g[1] for g in grounds], dtype=torch.long),
+        ground_heads=torch.tensor([g[1] for g in grounds], dtype=torch.long),
+        ground_query=torch.tensor([g[2] for g in grounds], dtype=torch.long),
         ground_targets=ground_targets,
     )

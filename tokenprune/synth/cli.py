@@ -28,6 +28,9 @@ def train(
     ground_absent: Annotated[
         bool, typer.Option(help="Ground 'is there ...' questions answered no on <s> (tried: hurt colour/position).")
     ] = False,
+    exists_head: Annotated[
+        int | None, typer.Option(help="Ground 'is there ...' questions on this head: the object, or <s> if absent.")
+    ] = None,
     curriculum: Annotated[float, typer.Option(help="Share of steps spent ramping 1 -> 4 shapes.")] = 0.15,
     threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest on a shared CPU).")] = 1,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (fp32 was faster on the development CPU).")] = False,
@@ -51,6 +54,7 @@ def train(
         aux_weight=aux_weight,
         describe_prob=describe_prob,
         ground_absent=ground_absent,
+        exists_head=exists_head,
         curriculum_fraction=curriculum,
         threads=threads,
         bf16=bf16,

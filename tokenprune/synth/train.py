@@ -12,6 +12,8 @@ The recipe (docs/synth.md explains why each part is there):
   questions, on the object's base-view tokens only, the ones that know their quadrant (optional,
   off by default: ``ground_absent`` also grounds ``is there ...`` questions answered "no" on the
   ``<s>`` token; tried once, it slowed colour and position down, docs/synth-training-log.md);
+  ``exists_head`` moves every ``is there ...`` question to a head of its own instead, grounded on
+  the named object when it is there and on ``<s>`` when it is not;
 * a curriculum from one shape per scene to four;
 * AdamW with linear warm-up and cosine decay over a fixed number of steps, fp32 (bf16 autocast optional).
 
@@ -61,6 +63,7 @@ class TrainConfig:
     ground_layer: int = 1
     describe_prob: float = 0.5
     ground_absent: bool = False
+    exists_head: int | None = None
     curriculum_fraction: float = 0.15
     bf16: bool = False
     threads: int = 1
@@ -78,7 +81,8 @@ class TrainConfig:
         """The inverse of :meth:`to_json`."""
         data = dict(data)
         data["size"] = MiniVLMSize(**data["size"])
-        data.setdefault("ground_absent", False)  # states written before the option trained without it
+        data.setdefault("ground_absent", False)  # states written before the options trained without them
+        data.setdefault("exists_head", None)
         return cls(**data)
 
 
@@ -151,6 +155,14 @@ class Trainer:
             layers = self.model.model.language_model.layers
             if not 0 <= cfg.ground_layer < len(layers):
                 raise ValueError(f"ground_layer={cfg.ground_layer} is not a layer of the {len(layers)}-layer LM")
+            heads = self.model.config.text_config.num_attention_heads
+            if cfg.exists_head is not None and not 0 < cfg.exists_head < heads:
+                raise ValueError(
+                    f"exists_head={cfg.exists_head} must name one of heads 1..{heads - 1} of the grounding "
+                    "layer (head 0 grounds the other questions)"
+                )
+            if cfg.exists_head is not None and cfg.ground_absent:
+                raise ValueError("ground_absent and exists_head both ground 'no' answers; choose one")
             layers[cfg.ground_layer].register_forward_pre_hook(self._capture_layer_input, with_kwargs=True)
 
     def _capture_vision(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -167,7 +179,9 @@ class Trainer:
         self._layer_input = (hidden, kwargs["position_embeddings"])
 
     def grounding_loss(self, batch: TrainBatch) -> torch.Tensor:
-        """-log of head 0's attention mass on the named object's tokens, averaged over questions.
+        """-log of the grounding head's attention mass on its target tokens, averaged over questions.
+
+        The head is 0, or ``exists_head`` for ``is there ...`` questions when that is set.
 
         Recomputes the attention logits of that head exactly as the layer does (input norm,
         q/k projections, RoPE, causal softmax over positions up to the query).
@@ -185,8 +199,9 @@ class Trainer:
         attn = layer.self_attn
         hd = attn.head_dim
         h = layer.input_layernorm(hidden[batch.ground_rows])  # (N, L, d)
-        q = attn.q_proj(h)[..., :hd]  # head 0: (N, L, hd)
-        k = attn.k_proj(h)[..., :hd]
+        heads = batch.ground_heads[:, None, None, None].expand(-1, h.shape[1], 1, hd)
+        q = attn.q_proj(h).unflatten(-1, (-1, hd)).gather(2, heads)[:, :, 0]  # each question's head: (N, L, hd)
+        k = attn.k_proj(h).unflatten(-1, (-1, hd)).gather(2, heads)[:, :, 0]
         if cos.shape[0] == 1:  # positions shared by the batch
             cos, sin = cos.expand(n, -1, -1), sin.expand(n, -1, -1)
         else:
@@ -234,7 +249,7 @@ class Trainer:
             )
         fixed = (
             *("seed", "batch_size", "lr", "size", "aux_weight", "describe_prob"),
-            *("ground_weight", "ground_layer", "ground_absent"),
+            *("ground_weight", "ground_layer", "ground_absent", "exists_head"),
         )
         for name in fixed:
             if getattr(saved, name) != getattr(self.cfg, name):
@@ -282,6 +297,7 @@ class Trainer:
             max_shapes=curriculum_max_shapes(step, cfg.steps, cfg.curriculum_fraction),
             describe_prob=cfg.describe_prob,
             ground_absent=cfg.ground_absent,
+            exists_head=cfg.exists_head,
         )
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
