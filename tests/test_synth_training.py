@@ -1,6 +1,7 @@
 """Training loop of the mini VLM on a tiny model built from config (no shipped weights needed)."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration, Llava
 from tokenprune.synth.evaluate import evaluate
 from tokenprune.synth.model import TINY
 from tokenprune.synth.questions import heldout_split
-from tokenprune.synth.train import STATE_FILE, TrainConfig, Trainer, lr_at
+from tokenprune.synth.train import LOG_FILE, STATE_FILE, TrainConfig, Trainer, lr_at
 
 CFG = TrainConfig(
     steps=4,
@@ -79,11 +80,30 @@ def test_exists_head_is_validated(tmp_path, changes, match):
         Trainer(dataclasses.replace(CFG, **changes), tmp_path)
 
 
-def test_resume_refuses_a_different_exists_head(tmp_path):
-    Trainer(CFG, tmp_path).save_state()
+def test_resume_refuses_a_changed_recipe_unless_a_new_stage(tmp_path):
+    first = Trainer(CFG, tmp_path)
+    first.run(progress=False, stop_after=2)
     other = Trainer(dataclasses.replace(CFG, exists_head=1), tmp_path)
-    with pytest.raises(ValueError, match="exists_head=None"):
+    with pytest.raises(ValueError, match=r"exists_head=None.*--new-stage"):
         other.load_state(tmp_path / STATE_FILE)
+    assert other.step == 0  # nothing was loaded
+    other.load_state(tmp_path / STATE_FILE, new_stage=True)
+    assert other.step == 2
+    assert torch.equal(other.model.lm_head.weight, first.model.lm_head.weight)
+    events = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert {"event": "stage", "at_step": 2, "changed": {"exists_head": [None, 1]}} in events
+    other.run(progress=False)
+    assert other.step == CFG.steps
+    # the state now carries the second stage's recipe: resuming it again needs no flag
+    Trainer(dataclasses.replace(CFG, exists_head=1), tmp_path).load_state(tmp_path / STATE_FILE)
+
+
+def test_a_new_stage_cannot_change_the_model_or_the_optimiser(tmp_path):
+    Trainer(CFG, tmp_path).save_state()
+    other = Trainer(dataclasses.replace(CFG, lr=1e-4, exists_head=1), tmp_path)
+    with pytest.raises(ValueError, match="lr=") as err:
+        other.load_state(tmp_path / STATE_FILE, new_stage=True)
+    assert "--new-stage" not in str(err.value)
 
 
 def test_lr_schedule_warms_up_and_decays():

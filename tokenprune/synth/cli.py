@@ -37,6 +37,9 @@ def train(
     eval_every: Annotated[int, typer.Option(help="Validation every N steps (0: never).")] = 250,
     checkpoint_every: Annotated[int, typer.Option(help="Write state.pt every N steps.")] = 100,
     resume: Annotated[bool, typer.Option(help="Continue from run_dir/state.pt if present.")] = True,
+    new_stage: Annotated[
+        bool, typer.Option(help="On resume, allow a changed recipe (loss and question options): a new stage.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     install: Annotated[
         Path | None, typer.Option(help="Also copy the final model to this directory (e.g. the package's).")
@@ -61,7 +64,7 @@ def train(
         eval_every=eval_every,
         checkpoint_every=checkpoint_every,
     )
-    trainer = run_training(cfg, run_dir, resume=resume, progress=progress)
+    trainer = run_training(cfg, run_dir, resume=resume, progress=progress, new_stage=new_stage)
     if install is not None:
         trainer.export(install)
         typer.echo(f"installed {run_dir / MODEL_DIR} -> {install}")

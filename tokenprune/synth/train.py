@@ -44,6 +44,10 @@ from tokenprune.synth.processor import build_processor
 STATE_FILE = "state.pt"
 LOG_FILE = "log.jsonl"
 MODEL_DIR = "model"
+#: Config fields a resumed run must share with its state: the model, the data stream, the optimiser.
+FIXED_FIELDS: tuple[str, ...] = ("seed", "batch_size", "lr", "size", "ground_layer")
+#: Recipe fields that may change on resume with ``new_stage`` (a second stage of training).
+STAGE_FIELDS: tuple[str, ...] = ("aux_weight", "describe_prob", "ground_weight", "ground_absent", "exists_head")
 
 
 @dataclass
@@ -233,30 +237,37 @@ class Trainer:
         os.replace(tmp, path)
         return path
 
-    def load_state(self, path: str | Path) -> None:
+    def load_state(self, path: str | Path, new_stage: bool = False) -> None:
         """Restore a ``state.pt``; its config must match this run's.
 
         Only the logging fields and ``steps`` may differ. A different ``steps`` shortens or
         extends the schedule from the saved step on (the cosine is recomputed for the new total),
         which is how a run is fitted into the time that is left; the result is then no longer
         equal to an uninterrupted run with either total, and the run log records the change.
+
+        With ``new_stage`` the fields of :data:`STAGE_FIELDS` (what the losses ask for, not the
+        model or the optimiser) may differ too: training goes on from the saved weights with the
+        new recipe, a second stage of one run. The log records each change as a ``stage`` event.
         """
         state = torch.load(path, map_location="cpu", weights_only=False)
         saved = TrainConfig.from_json(state["config"])
+        at = int(state["step"])
         if saved.steps != self.cfg.steps:
-            self.log(
-                {"event": "steps_changed", "at_step": int(state["step"]), "from": saved.steps, "to": self.cfg.steps}
-            )
-        fixed = (
-            *("seed", "batch_size", "lr", "size", "aux_weight", "describe_prob"),
-            *("ground_weight", "ground_layer", "ground_absent", "exists_head"),
-        )
-        for name in fixed:
-            if getattr(saved, name) != getattr(self.cfg, name):
+            self.log({"event": "steps_changed", "at_step": at, "from": saved.steps, "to": self.cfg.steps})
+        changed = {
+            name: (getattr(saved, name), getattr(self.cfg, name))
+            for name in (*FIXED_FIELDS, *STAGE_FIELDS)
+            if getattr(saved, name) != getattr(self.cfg, name)
+        }
+        for name, (was, now) in changed.items():
+            if name in FIXED_FIELDS or not new_stage:
+                hint = " or start a new stage (--new-stage)" if name in STAGE_FIELDS else ""
                 raise ValueError(
-                    f"cannot resume {path}: it was trained with {name}={getattr(saved, name)!r}, "
-                    f"this run has {name}={getattr(self.cfg, name)!r}; use the same settings or a new run dir"
+                    f"cannot resume {path}: it was trained with {name}={was!r}, this run has {name}={now!r}; "
+                    f"use the same settings{hint} or a new run dir"
                 )
+        if changed:
+            self.log({"event": "stage", "at_step": at, "changed": {k: [v[0], v[1]] for k, v in changed.items()}})
         self.model.load_state_dict(state["model"])
         self.aux.load_state_dict(state["aux"])
         self.opt.load_state_dict(state["optimizer"])
@@ -390,11 +401,16 @@ class Trainer:
             self.export(self.run_dir / MODEL_DIR)
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True, progress: bool = True) -> Trainer:
-    """Train (or resume) a run in ``run_dir``; the final model is exported to ``run_dir/model``."""
+def train(
+    cfg: TrainConfig, run_dir: str | Path, resume: bool = True, progress: bool = True, new_stage: bool = False
+) -> Trainer:
+    """Train (or resume) a run in ``run_dir``; the final model is exported to ``run_dir/model``.
+
+    ``new_stage`` lets a resumed run change the recipe fields (:meth:`Trainer.load_state`).
+    """
     trainer = Trainer(cfg, run_dir)
     state = Path(run_dir) / STATE_FILE
     if resume and state.exists():
-        trainer.load_state(state)
+        trainer.load_state(state, new_stage=new_stage)
     trainer.run(progress=progress)
     return trainer
