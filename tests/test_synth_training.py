@@ -106,6 +106,59 @@ def test_a_new_stage_cannot_change_the_model_or_the_optimiser(tmp_path):
     assert "--new-stage" not in str(err.value)
 
 
+def test_question_classifier_reads_the_query_position_of_the_grounding_layer(tmp_path):
+    """The question loss is computed on the grounding layer's input at each existence question's last token."""
+    trainer = Trainer(dataclasses.replace(CFG, question_weight=1.0), tmp_path)
+    batch = trainer.batch(50)
+    assert batch.question_rows.numel() > 0
+    trainer.model.eval()
+    with torch.no_grad():
+        out = trainer.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+            image_sizes=batch.image_sizes,
+            output_hidden_states=True,
+        )
+        hidden = out.hidden_states[CFG.ground_layer][batch.question_rows, batch.question_query]
+        expected = trainer.aux.question_loss(hidden, batch.question_labels)
+    stats = trainer.train_step(batch)
+    assert stats["question"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_question_loss_trains_and_is_off_by_default(tmp_path):
+    on = Trainer(dataclasses.replace(CFG, question_weight=1.0, lr=3e-3, steps=100), tmp_path / "on")
+    batch = on.batch(50)
+    first = on.train_step(batch)["question"]
+    for _ in range(14):
+        last = on.train_step(batch)["question"]
+    assert last < 0.5 * first
+    off = Trainer(CFG, tmp_path / "off")
+    before = off.aux.question.weight.clone()
+    assert off.train_step(batch)["question"] == 0.0
+    assert torch.equal(off.aux.question.weight, before)
+
+
+def test_state_written_before_the_question_classifier_resumes_exactly(tmp_path):
+    """A state without the question classifier (older runs) resumes every other parameter bit for bit."""
+    full = Trainer(CFG, tmp_path / "full")
+    full.run(progress=False)
+    first = Trainer(CFG, tmp_path / "old")
+    first.run(progress=False, stop_after=2)
+    state = torch.load(tmp_path / "old" / STATE_FILE, weights_only=False)  # rewrite it in the old layout
+    state["aux"] = {k: v for k, v in state["aux"].items() if not k.startswith("question.")}
+    legacy = first._optimizer(skip=tuple(first.aux.question.parameters()))
+    assert all(p not in first.opt.state for p in first.aux.question.parameters())  # weight 0: never stepped
+    legacy.state.update(first.opt.state)
+    state["optimizer"] = legacy.state_dict()
+    torch.save(state, tmp_path / "old" / STATE_FILE)
+    resumed = Trainer(CFG, tmp_path / "old")
+    resumed.load_state(tmp_path / "old" / STATE_FILE)
+    resumed.run(progress=False)
+    for (name, x), y in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
 def test_lr_schedule_warms_up_and_decays():
     cfg = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr_fraction=0.1)
     assert lr_at(0, cfg) < lr_at(99, cfg) == pytest.approx(1e-3)

@@ -18,7 +18,7 @@ from PIL import Image
 from tokenprune.synth.patch_labels import BASE_VIEW_TOKENS, packed_owners, patch_labels
 from tokenprune.synth.processor import num_image_tokens
 from tokenprune.synth.questions import HELDOUT_BASE, MAX_SHAPES, grounding_target, training_item
-from tokenprune.synth.scenes import IMAGE_SIZES, render
+from tokenprune.synth.scenes import IMAGE_SIZES, SHAPE_COLOURS, SHAPE_KINDS, render
 from tokenprune.synth.tokenizer import BOS, IMAGE, PAD, vocabulary
 
 IGNORE = -100
@@ -54,6 +54,9 @@ class TrainBatch:
     ground_heads: torch.Tensor
     ground_query: torch.Tensor
     ground_targets: torch.Tensor
+    question_rows: torch.Tensor
+    question_query: torch.Tensor
+    question_labels: torch.Tensor
 
 
 def curriculum_max_shapes(step: int, total_steps: int, ramp_fraction: float) -> int:
@@ -93,11 +96,13 @@ def make_batch(
     ids = rng.integers(0, HELDOUT_BASE, size=batch_size)
     vocab = {w: i for i, w in enumerate(vocabulary())}
     n_img = num_image_tokens(*size)
+    colour_names = list(SHAPE_COLOURS)
     seqs: list[list[int]] = []
     tgts: list[list[int]] = []
     images: list[Image.Image] = []
     plabels: list[np.ndarray] = []
     grounds: list[tuple[int, int, int, np.ndarray]] = []
+    asks: list[tuple[int, int, int, int]] = []  # (row, query, colour, kind) of existence questions
     for row, sid in enumerate(ids):
         scene, qas = training_item(int(sid), max_shapes=max_shapes, describe_prob=describe_prob, size=size)
         img, omap = render(scene)
@@ -111,6 +116,9 @@ def make_batch(
             a = [vocab[w] for w in qa.answer.split()]
             query = len(seq) + len(q) - 1  # the answer is predicted at the question's last token
             target = grounding_target(scene, qa)
+            if qa.qtype == "exists":  # is there a <colour> <kind> ?
+                words = qa.question.split()
+                asks.append((row, query, colour_names.index(words[3]), SHAPE_KINDS.index(words[4])))
             head = exists_head if exists_head is not None and qa.qtype == "exists" else 0
             if target is not None:
                 on_object = owners == target + 1
@@ -148,4 +156,7 @@ def make_batch(
         ground_heads=torch.tensor([g[1] for g in grounds], dtype=torch.long),
         ground_query=torch.tensor([g[2] for g in grounds], dtype=torch.long),
         ground_targets=ground_targets,
+        question_rows=torch.tensor([a[0] for a in asks], dtype=torch.long),
+        question_query=torch.tensor([a[1] for a in asks], dtype=torch.long),
+        question_labels=torch.tensor([a[2:] for a in asks], dtype=torch.long).reshape(-1, 2),
     )
