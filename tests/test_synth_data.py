@@ -49,6 +49,29 @@ def test_generator_is_deterministic():
     assert training_item(123) != training_item(124)
 
 
+@pytest.mark.parametrize("sample_id", [3, 77, 1234])
+def test_extra_exists_questions_leave_the_rest_of_the_item_alone(sample_id):
+    scene, plain = training_item(sample_id)
+    scene_x, more = training_item(sample_id, extra_exists=3)
+    assert scene_x == scene
+    assert [qa for qa in more if qa not in plain] == [qa for qa in more if qa.qtype == "exists" and qa not in plain]
+    # the plain questions keep their order; three more existence questions were inserted
+    it = iter(more)
+    assert all(qa in it for qa in plain)
+    assert sum(qa.qtype == "exists" for qa in more) == sum(qa.qtype == "exists" for qa in plain) + 3
+    assert more[-1].qtype == "describe" or all(qa.qtype != "describe" for qa in more)
+    present = {(o.colour, o.kind) for o in scene.shapes}
+    for qa in more:
+        if qa.qtype == "exists":
+            colour, kind = qa.question.split()[3:5]
+            assert qa.answer == ("yes" if (colour, kind) in present else "no")
+
+
+def test_extra_exists_rejects_a_negative_number():
+    with pytest.raises(ValueError, match="extra_exists"):
+        training_item(1, extra_exists=-1)
+
+
 def test_smaller_split_is_a_prefix_per_type():
     small, big = heldout_split(3), heldout_split(6)
     assert small == big[: len(small)]
@@ -319,6 +342,21 @@ def test_exists_head_moves_every_existence_question_to_its_own_head(processor):
     plain_exists = plain.input_ids[plain.ground_rows, plain.ground_query - 4] == there
     assert int(plain_exists.sum()) == answers[yes]
     assert torch.equal(split.ground_targets[split.ground_heads == 0], plain.ground_targets[~plain_exists])
+
+
+def test_question_labels_name_the_colour_and_kind_of_each_existence_question(processor):
+    from tokenprune.synth.scenes import SHAPE_COLOURS, SHAPE_KINDS
+
+    words = vocabulary()
+    one = make_batch(processor.image_processor, seed=0, step=4, batch_size=6)
+    four = make_batch(processor.image_processor, seed=0, step=4, batch_size=6, extra_exists=3)
+    assert len(four.question_rows) == len(one.question_rows) + 3 * 6
+    for batch in (one, four):
+        for row, query, (colour, kind) in zip(
+            batch.question_rows.tolist(), batch.question_query.tolist(), batch.question_labels.tolist(), strict=True
+        ):
+            tail = [words[i] for i in batch.input_ids[row, query - 4 : query + 1].tolist()]
+            assert tail == ["there", "a", list(SHAPE_COLOURS)[colour], SHAPE_KINDS[kind], "?"]
 
 
 def test_exists_head_and_ground_absent_exclude_each_other(processor):

@@ -76,6 +76,7 @@ def make_batch(
     describe_prob: float = 0.5,
     ground_absent: bool = False,
     exists_head: int | None = None,
+    extra_exists: int = 0,
 ) -> TrainBatch:
     """The training batch of ``step`` for ``seed`` (deterministic).
 
@@ -88,6 +89,7 @@ def make_batch(
     ``exists_head`` gives the existence check a head of its own: every ``is there ...`` question
     is grounded on head ``exists_head`` instead of head 0, on the named object when it is there
     and on ``<s>`` when it is not. Head 0 keeps finding the objects the other questions name.
+    ``extra_exists`` asks that many more existence questions per image (:func:`training_item`).
     """
     if ground_absent and exists_head is not None:
         raise ValueError("ground_absent and exists_head both ground 'no' answers; choose one")
@@ -104,7 +106,9 @@ def make_batch(
     grounds: list[tuple[int, int, int, np.ndarray]] = []
     asks: list[tuple[int, int, int, int]] = []  # (row, query, colour, kind) of existence questions
     for row, sid in enumerate(ids):
-        scene, qas = training_item(int(sid), max_shapes=max_shapes, describe_prob=describe_prob, size=size)
+        scene, qas = training_item(
+            int(sid), max_shapes=max_shapes, describe_prob=describe_prob, size=size, extra_exists=extra_exists
+        )
         img, omap = render(scene)
         images.append(Image.fromarray(img))
         plabels.append(patch_labels(scene, omap))

@@ -34,6 +34,7 @@ def train(
     question_weight: Annotated[
         float, typer.Option(help="Weight of the question-content loss ('is there <colour> <kind> ?'); 0: off.")
     ] = 0.0,
+    extra_exists: Annotated[int, typer.Option(help="More 'is there ...' questions per training image.")] = 0,
     curriculum: Annotated[float, typer.Option(help="Share of steps spent ramping 1 -> 4 shapes.")] = 0.15,
     threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest on a shared CPU).")] = 1,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (fp32 was faster on the development CPU).")] = False,
@@ -62,6 +63,7 @@ def train(
         ground_absent=ground_absent,
         exists_head=exists_head,
         question_weight=question_weight,
+        extra_exists=extra_exists,
         curriculum_fraction=curriculum,
         threads=threads,
         bf16=bf16,

@@ -50,6 +50,7 @@ HELDOUT_BASE = 1 << 40
 #: ids of the validation split (checkpoint monitoring during training), disjoint from both.
 VALIDATION_BASE = 1 << 41
 _SALT = 0x5EED_5A7
+_EXTRA_SALT = 0xE815
 
 ANSWERS: dict[str, tuple[str, ...]] = {
     "background": tuple(BACKGROUND_COLOURS),
@@ -301,20 +302,30 @@ def training_item(
     max_shapes: int = MAX_SHAPES,
     describe_prob: float = 0.5,
     size: tuple[int, int] | None = None,
+    extra_exists: int = 0,
 ) -> tuple[Scene, list[QA]]:
     """A training scene with every applicable question (types shuffled) and maybe a description.
 
     The evaluated types come once each (``text`` only with a plate), followed by one
     ``name_by_colour`` and one ``name_by_position`` question, in a random order; a ``describe``
-    target is appended with probability ``describe_prob``.
+    target is appended with probability ``describe_prob``. ``extra_exists`` more ``is there ...``
+    questions are inserted at random places before the description; they come from a random
+    stream of their own, so the rest of the item does not depend on ``extra_exists``.
     """
     if not 0 <= sample_id < HELDOUT_BASE:
         raise ValueError(f"training ids lie in [0, {HELDOUT_BASE}), got {sample_id}")
+    if extra_exists < 0:
+        raise ValueError(f"extra_exists is a number of questions, got {extra_exists}")
     rng = rng_for(sample_id)
     scene = sample_scene(rng, max_shapes=max_shapes, size=size)
     types = [t for t in QUESTION_TYPES if t != "text" or scene.text is not None]
     types += ["name_by_colour", "name_by_position"]
     qas = [ask(scene, types[i], rng) for i in rng.permutation(len(types))]
+    if extra_exists:
+        extra = np.random.default_rng([sample_id, _EXTRA_SALT])
+        for _ in range(extra_exists):
+            qa = ask(scene, "exists", extra)
+            qas.insert(int(extra.integers(len(qas) + 1)), qa)
     if rng.random() < describe_prob:
         qas.append(ask(scene, "describe", rng))
     return scene, qas

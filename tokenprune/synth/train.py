@@ -49,7 +49,15 @@ MODEL_DIR = "model"
 FIXED_FIELDS: tuple[str, ...] = ("seed", "batch_size", "lr", "size", "ground_layer")
 #: Recipe fields that may change on resume with ``new_stage`` (a second stage of training).
 STAGE_FIELDS: tuple[str, ...] = (
-    *("aux_weight", "describe_prob", "ground_weight", "ground_absent", "exists_head", "question_weight"),
+    *(
+        "aux_weight",
+        "describe_prob",
+        "ground_weight",
+        "ground_absent",
+        "exists_head",
+        "question_weight",
+        "extra_exists",
+    ),
 )
 
 
@@ -72,6 +80,7 @@ class TrainConfig:
     ground_absent: bool = False
     exists_head: int | None = None
     question_weight: float = 0.0
+    extra_exists: int = 0
     curriculum_fraction: float = 0.15
     bf16: bool = False
     threads: int = 1
@@ -92,6 +101,7 @@ class TrainConfig:
         data.setdefault("ground_absent", False)  # states written before the options trained without them
         data.setdefault("exists_head", None)
         data.setdefault("question_weight", 0.0)
+        data.setdefault("extra_exists", 0)
         return cls(**data)
 
 
@@ -342,6 +352,7 @@ class Trainer:
             describe_prob=cfg.describe_prob,
             ground_absent=cfg.ground_absent,
             exists_head=cfg.exists_head,
+            extra_exists=cfg.extra_exists,
         )
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
