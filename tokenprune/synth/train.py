@@ -13,13 +13,17 @@ The recipe (docs/synth.md explains why each part is there):
   off by default: ``ground_absent`` also grounds ``is there ...`` questions answered "no" on the
   ``<s>`` token; tried once, it slowed colour and position down, docs/synth-training-log.md);
   ``exists_head`` moves every ``is there ...`` question to a head of its own instead, grounded on
-  the named object when it is there and on ``<s>`` when it is not;
+  the named object when it is there and on ``<s>`` when it is not; ``extra_exists`` asks more of them;
+* a question classifier (``question_weight``; 1 in the shipped recipe): a linear head reads the
+  colour and the kind an ``is there <colour> <kind> ?`` question names from the grounding layer's
+  input at its last token, so that the answer position knows both;
 * a curriculum from one shape per scene to four;
 * AdamW with linear warm-up and cosine decay over a fixed number of steps, fp32 (bf16 autocast optional).
 
 Resumption: ``state.pt`` in the run directory (written atomically) holds the weights, the
 auxiliary heads, the optimiser and the step. Batches depend only on ``(seed, step)``, so a run
-resumed from a checkpoint continues exactly as the uninterrupted run would.
+resumed from a checkpoint continues exactly as the uninterrupted run would. ``new_stage`` resumes
+with a changed recipe instead (:data:`STAGE_FIELDS`).
 """
 
 from __future__ import annotations
