@@ -25,6 +25,17 @@ CFG = TrainConfig(
 )
 
 
+def _forward(model, batch, **kwargs):
+    """The model's forward pass on a training batch (what ``Trainer.train_step`` runs)."""
+    return model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values,
+        image_sizes=batch.image_sizes,
+        **kwargs,
+    )
+
+
 def test_training_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
     trainer = Trainer(dataclasses.replace(CFG, lr=3e-3, steps=100, warmup_steps=1), tmp_path)
     batch = trainer.batch(0)
@@ -113,13 +124,7 @@ def test_question_classifier_reads_the_query_position_of_the_grounding_layer(tmp
     assert batch.question_rows.numel() > 0
     trainer.model.eval()
     with torch.no_grad():
-        out = trainer.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            pixel_values=batch.pixel_values,
-            image_sizes=batch.image_sizes,
-            output_hidden_states=True,
-        )
+        out = _forward(trainer.model, batch, output_hidden_states=True)
         hidden = out.hidden_states[CFG.ground_layer][batch.question_rows, batch.question_query]
         expected = trainer.aux.question_loss(hidden, batch.question_labels)
     stats = trainer.train_step(batch)
@@ -218,13 +223,7 @@ def test_grounding_loss_is_minus_log_attention_mass_of_eager_head(tmp_path, exis
     trainer.model.eval()
     _set_attn(trainer.model, "eager")
     with torch.no_grad():
-        out = trainer.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            pixel_values=batch.pixel_values,
-            image_sizes=batch.image_sizes,
-            output_attentions=True,
-        )
+        out = _forward(trainer.model, batch, output_attentions=True)
         loss = trainer.grounding_loss(batch)
     attn = out.attentions[CFG.ground_layer]  # (B, heads, L, L)
     expected = torch.stack(
@@ -246,12 +245,7 @@ def test_quadrant_classifier_reads_the_projector_output(tmp_path):
     """The quadrant loss reaches the projector (what the LM sees); kind/colour/digit stay on the tower."""
     trainer = Trainer(CFG, tmp_path)
     batch = trainer.batch(0)
-    trainer.model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        pixel_values=batch.pixel_values,
-        image_sizes=batch.image_sizes,
-    )
+    _forward(trainer.model, batch)
     assert trainer._projected is not None and trainer._vision_tokens is not None
     quadrant_only = batch.patch_labels.clone()
     quadrant_only[..., :3] = -100
