@@ -111,10 +111,11 @@ def test_resume_refuses_a_changed_recipe_unless_a_new_stage(tmp_path):
 
 def test_a_new_stage_cannot_change_the_model_or_the_optimiser(tmp_path):
     Trainer(CFG, tmp_path).save_state()
-    other = Trainer(dataclasses.replace(CFG, lr=1e-4, exists_head=1), tmp_path)
+    other = Trainer(dataclasses.replace(CFG, lr=1e-4, exists_head=1, steps=CFG.steps + 2), tmp_path)
     with pytest.raises(ValueError, match="lr=") as err:
         other.load_state(tmp_path / STATE_FILE, new_stage=True)
     assert "--new-stage" not in str(err.value)
+    assert not (tmp_path / LOG_FILE).exists()  # a refused resume logs no schedule or stage change
 
 
 def test_question_classifier_reads_the_query_position_of_the_grounding_layer(tmp_path):

@@ -53,15 +53,13 @@ MODEL_DIR = "model"
 FIXED_FIELDS: tuple[str, ...] = ("seed", "batch_size", "lr", "size", "ground_layer")
 #: Recipe fields that may change on resume with ``new_stage`` (a second stage of training).
 STAGE_FIELDS: tuple[str, ...] = (
-    *(
-        "aux_weight",
-        "describe_prob",
-        "ground_weight",
-        "ground_absent",
-        "exists_head",
-        "question_weight",
-        "extra_exists",
-    ),
+    "aux_weight",
+    "describe_prob",
+    "ground_weight",
+    "ground_absent",
+    "exists_head",
+    "question_weight",
+    "extra_exists",
 )
 
 
@@ -291,8 +289,6 @@ class Trainer:
         state = torch.load(path, map_location="cpu", weights_only=False)
         saved = TrainConfig.from_json(state["config"])
         at = int(state["step"])
-        if saved.steps != self.cfg.steps:
-            self.log({"event": "steps_changed", "at_step": at, "from": saved.steps, "to": self.cfg.steps})
         changed = {
             name: (getattr(saved, name), getattr(self.cfg, name))
             for name in (*FIXED_FIELDS, *STAGE_FIELDS)
@@ -305,6 +301,8 @@ class Trainer:
                     f"cannot resume {path}: it was trained with {name}={was!r}, this run has {name}={now!r}; "
                     f"use the same settings{hint} or a new run dir"
                 )
+        if saved.steps != self.cfg.steps:
+            self.log({"event": "steps_changed", "at_step": at, "from": saved.steps, "to": self.cfg.steps})
         if changed:
             self.log({"event": "stage", "at_step": at, "changed": {k: [v[0], v[1]] for k, v in changed.items()}})
         self.model.load_state_dict(state["model"])
