@@ -67,6 +67,21 @@ def curriculum_max_shapes(step: int, total_steps: int, ramp_fraction: float) -> 
     return min(MAX_SHAPES, 1 + stage)
 
 
+def check_exists_grounding(ground_absent: bool, exists_head: int | None, heads: int | None = None) -> None:
+    """Raise ValueError unless the two ways of grounding ``is there ...`` questions fit together.
+
+    ``heads`` (the grounding layer's head count), when given, also bounds ``exists_head``: head 0
+    grounds the other questions, so the existence check needs one of heads ``1..heads-1``.
+    """
+    if ground_absent and exists_head is not None:
+        raise ValueError("ground_absent and exists_head both ground 'no' answers; choose one")
+    if exists_head is not None and heads is not None and not 0 < exists_head < heads:
+        raise ValueError(
+            f"exists_head={exists_head} must name one of heads 1..{heads - 1} of the grounding "
+            "layer (head 0 grounds the other questions)"
+        )
+
+
 def make_batch(
     image_processor: object,
     seed: int,
@@ -91,8 +106,7 @@ def make_batch(
     and on ``<s>`` when it is not. Head 0 keeps finding the objects the other questions name.
     ``extra_exists`` asks that many more existence questions per image (:func:`training_item`).
     """
-    if ground_absent and exists_head is not None:
-        raise ValueError("ground_absent and exists_head both ground 'no' answers; choose one")
+    check_exists_grounding(ground_absent, exists_head)
     rng = np.random.default_rng([seed, step, 0xBA7C])
     size = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
     ids = rng.integers(0, HELDOUT_BASE, size=batch_size)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenprune.synth.batches import TrainBatch, curriculum_max_shapes, make_batch
+from tokenprune.synth.batches import TrainBatch, check_exists_grounding, curriculum_max_shapes, make_batch
 from tokenprune.synth.model import MiniVLMSize, build_model
 from tokenprune.synth.patch_labels import COLOUR_CLASSES, DIGIT_CLASSES, IGNORE, KIND_CLASSES, QUADRANT_CLASSES
 from tokenprune.synth.processor import build_processor
@@ -105,6 +105,9 @@ class TrainConfig:
         data.setdefault("question_weight", 0.0)
         data.setdefault("extra_exists", 0)
         return cls(**data)
+
+    def __post_init__(self) -> None:
+        check_exists_grounding(self.ground_absent, self.exists_head, heads=self.size.text_heads)
 
 
 class AuxHead(nn.Module):
@@ -184,14 +187,6 @@ class Trainer:
             layers = self.model.model.language_model.layers
             if not 0 <= cfg.ground_layer < len(layers):
                 raise ValueError(f"ground_layer={cfg.ground_layer} is not a layer of the {len(layers)}-layer LM")
-            heads = self.model.config.text_config.num_attention_heads
-            if cfg.exists_head is not None and not 0 < cfg.exists_head < heads:
-                raise ValueError(
-                    f"exists_head={cfg.exists_head} must name one of heads 1..{heads - 1} of the grounding "
-                    "layer (head 0 grounds the other questions)"
-                )
-            if cfg.exists_head is not None and cfg.ground_absent:
-                raise ValueError("ground_absent and exists_head both ground 'no' answers; choose one")
             layers[cfg.ground_layer].register_forward_pre_hook(self._capture_layer_input, with_kwargs=True)
 
     def _optimizer(self, skip: tuple[nn.Parameter, ...] = ()) -> torch.optim.AdamW:
