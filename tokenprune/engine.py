@@ -354,7 +354,8 @@ class PruningRun:
         embeds = kw.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
         batch, q = int(ref.shape[0]), int(ref.shape[1])
-        cache = kw.get("past_key_values")
+        # transformers 5.24 renamed the multimodal models' `past_key_values` argument to `cache`.
+        cache = kw.get("cache", kw.get("past_key_values"))
         prefill = cache is None or cache.get_seq_length() == 0
         if prefill:
             self._fs = ForwardStats("prefill", batch)

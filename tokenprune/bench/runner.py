@@ -306,7 +306,7 @@ class _PrefillTimer:
             h.remove()
 
     def _pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None or cache.get_seq_length() == 0:
             if self.cuda:
                 torch.cuda.synchronize()

@@ -237,7 +237,7 @@ def _fvcore_replay(
 
             uncounted: set[str] = set()
             for rec in recorder.layers:
-                kwargs = {k: v for k, v in rec["kwargs"].items() if k not in ("past_key_values", "use_cache")}
+                kwargs = {k: v for k, v in rec["kwargs"].items() if k not in ("cache", "past_key_values", "use_cache")}
                 kwargs["use_cache"] = False
                 keys, flat = [], []
                 for k, v in kwargs.items():
