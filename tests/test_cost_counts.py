@@ -5,7 +5,7 @@ import tiny_models
 import torch
 
 from tokenprune.cost.analytic import DecoderShape, language_model_macs
-from tokenprune.cost.counters import flops_to_macs, fvcore_macs, torch_flops
+from tokenprune.cost.counters import flops_to_macs, fvcore_macs, language_model_flops, torch_flops
 
 FAMILIES = ["llava_next", "llava", "qwen2_vl"]
 
@@ -33,7 +33,8 @@ def test_analytic_equals_torch_and_fvcore_unpruned(family):
     torch_count, seen = _decoder_inputs(model, inputs)
     shape = DecoderShape.from_model(model)
     analytic = language_model_macs(shape, [length] * shape.num_layers, logits_positions=length)
-    torch_lm = flops_to_macs(torch_count.module_flops(".language_model") + torch_count.module_flops(".lm_head"))
+    lm_flops = language_model_flops(torch_count, ".language_model", model.get_decoder())
+    torch_lm = flops_to_macs(lm_flops + torch_count.module_flops(".lm_head"))
     position_ids = seen.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(length)[None]

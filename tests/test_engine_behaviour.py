@@ -235,15 +235,16 @@ def test_bind_sees_each_stage_and_can_refuse_before_any_hook(nxt):
 def test_failure_midway_removes_everything(nxt, plugins, monkeypatch):
     """If installation fails after the probe and some hooks are in place, nothing is left behind."""
     before = hook_count(nxt.model)
-    from tokenprune.engine import PruningRun
+    from tokenprune.engine.hooks import HookSet
 
-    def boom(self, vlm):
+    def boom(self, module, name, after):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(PruningRun, "_wrap_image_features", boom)
+    monkeypatch.setattr(HookSet, "wrap_method", boom)  # the last step of the installation
     with pytest.raises(RuntimeError, match="boom"):
         tp.apply(nxt.model, pipe(({"layer": 2}, "probe_recorder", 0.5)), plugins=plugins)
     assert hook_count(nxt.model) == before
+    assert "get_image_features" not in nxt.model.model.__dict__
     assert nxt.model.config.get_text_config()._attn_implementation == "sdpa"
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

@@ -21,7 +21,6 @@ functions when the last probe is gone.
 
 from __future__ import annotations
 
-import sys
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,10 +28,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from tokenprune.engine import compat
 from tokenprune.errors import TokenpruneError
 
 SUPPORTED = ("sdpa", "eager")
@@ -81,13 +78,14 @@ class AttentionProbe:
         Raises:
             TokenpruneError: the model uses an attention implementation other than sdpa or eager.
         """
+        decoder_layers = list(decoder_layers)
         configs: list[Any] = []
         for cfg in [getattr(language_model, "config", None)] + [
-            getattr(getattr(layer, "self_attn", None), "config", None) for layer in decoder_layers
+            getattr(compat.attention_module(layer), "config", None) for layer in decoder_layers
         ]:
             if cfg is not None and all(cfg is not c for c in configs):
                 configs.append(cfg)
-        impls = {c._attn_implementation for c in configs}
+        impls = {compat.attention_implementation(c) for c in configs}
         if len(impls) != 1 or (impl := next(iter(impls))) not in SUPPORTED:
             raise TokenpruneError(
                 f"the attention probe (needed by a score-based stage) supports the language model's "
@@ -96,22 +94,20 @@ class AttentionProbe:
             )
         name = _NAMES[impl]
         if _USERS.get(name, 0) == 0:
-            AttentionInterface.register(name, _make_attention(impl))
-            AttentionMaskInterface.register(name, sdpa_mask if impl == "sdpa" else eager_mask)
+            compat.register_attention(name, impl, _make_attention(impl))
         _USERS[name] = _USERS.get(name, 0) + 1
         self._name = name
         for i, layer in enumerate(decoder_layers):
-            attn = getattr(layer, "self_attn", None)
+            attn = compat.attention_module(layer)
             if attn is not None and i in self.layers:
                 _TARGETS[attn] = (self, i)
         for cfg in configs:
-            self._configs.append((cfg, cfg._attn_implementation_internal))
-            cfg._attn_implementation_internal = name
+            self._configs.append((cfg, compat.swap_attention_implementation(cfg, name)))
 
     def remove(self) -> None:
         """Restore the configs and unregister the functions when no probe uses them."""
         for cfg, value in self._configs:
-            cfg._attn_implementation_internal = value
+            compat.restore_attention_implementation(cfg, value)
         self._configs.clear()
         for module in [m for m, (p, _) in list(_TARGETS.items()) if p is self]:
             del _TARGETS[module]
@@ -119,8 +115,7 @@ class AttentionProbe:
             _USERS[self._name] -= 1
             if _USERS[self._name] == 0:
                 del _USERS[self._name]
-                ALL_ATTENTION_FUNCTIONS._global_mapping.pop(self._name, None)
-                ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(self._name, None)
+                compat.unregister_attention(self._name)
             self._name = None
 
     def record(self, layer: int, module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: Any) -> None:
@@ -178,6 +173,7 @@ def attention_scores(
             if m.dtype == torch.bool
             else m.float()
         )
+    no_keys = torch.isneginf(bias).all(-1, keepdim=True)  # (B or 1, rows, 1)
     row_masks: dict[str, Tensor] = {}
     valid = rows.valid[:, first:lq].float()
     if "text" in sources:
@@ -191,7 +187,9 @@ def attention_scores(
         logits = query[:, head, first:].float() @ key[:, head].float().transpose(-1, -2) * scaling
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        probs = torch.softmax(logits + bias, dim=-1).nan_to_num(0.0)  # (B, rows, Lk)
+        # A query row with every key masked (a padding row) has no distribution: it contributes 0. NaN
+        # from the activations themselves is kept, so the reducers' finite checks see it.
+        probs = torch.softmax(logits + bias, dim=-1).masked_fill(no_keys, 0.0)  # (B, rows, Lk)
         for s in sources:
             if s == "last":
                 acc[s] += probs[:, -1]
@@ -210,10 +208,7 @@ def _make_attention(impl: str) -> Callable[..., Any]:
             probe, layer = target
             if probe.active and query.shape[2] > 1:
                 probe.record(layer, module, query, key, attention_mask, kwargs)
-        if impl == "sdpa":
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        eager = sys.modules[type(module).__module__].eager_attention_forward
-        return eager(module, query, key, value, attention_mask, **kwargs)
+        return compat.stock_attention(impl, module)(module, query, key, value, attention_mask, **kwargs)
 
     probe_attention.__name__ = f"tokenprune_probe_{impl}"
     return probe_attention

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 import tokenprune
 from tokenprune.adapters.base import ModelAdapter
-from tokenprune.engine import apply
+from tokenprune.engine import apply, compat
 from tokenprune.plugins import PluginManager, get_plugin_manager
 from tokenprune.reducer import Capabilities, ReduceContext, ScoringReducer, Selection, TokenReducer, top_k_selection
 
@@ -217,7 +217,7 @@ def _case(
     layers = len(adapter.decoder_layers())
     if layers < 3:
         raise ValueError(f"the checks prune at layer 2 and probe at layer 1; the model has {layers} decoder layers")
-    impl = adapter.text_config()._attn_implementation
+    impl = compat.attention_implementation(adapter.text_config())
     if impl != "sdpa":
         raise ValueError(f"build the model with attn_implementation='sdpa' (it uses {impl!r})")
     ProbeRecorder.contexts.clear()
@@ -375,9 +375,9 @@ def check_kv_cache_holds_kept_tokens(
         name,
         f"tokens per layer {prefill.layer_tokens}, expected {expected_tokens}",
     )
-    cache = gen.past_key_values
+    cached = [keys for keys, _ in compat.cache_layers(compat.output_cache(gen))]
     for i, width in enumerate([max(per_sample_0)] * 2 + [max(per_sample_2)] * (layers - 2)):
-        got = cache.layers[i].keys.shape[2]
+        got = cached[i].shape[2]
         _expect(got == width + n - 1, name, f"layer {i} caches {got} tokens, expected {width + n - 1}")
 
 
@@ -403,7 +403,7 @@ def check_remove_restores_model(
     inputs = c.padded_batch()
     before = c.forward(inputs).logits
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    impl = model.config.get_text_config()._attn_implementation
+    impl = compat.attention_implementation(model.config.get_text_config())
     hooks_before = _hooks(model)
     pipeline = _pipe(
         ("post_projector", "random", 0.5), ({"layer": 1}, "probe_recorder", 0.5), ({"layer": 2}, "random", 0.5)
@@ -423,7 +423,7 @@ def check_remove_restores_model(
     _expect(state.keys() == new_state.keys(), name, "the state_dict keys changed")
     changed = [k for k in state if not torch.equal(state[k], new_state[k])]
     _expect(not changed, name, f"state_dict tensors changed: {changed[:5]}")
-    now = model.config.get_text_config()._attn_implementation
+    now = compat.attention_implementation(model.config.get_text_config())
     _expect(now == impl, name, f"attention implementation is {now!r}, was {impl!r}")
     _expect(_hooks(model) == hooks_before, name, "hooks were left on the model")
     _expect("get_image_features" not in c.adapter.vlm().__dict__, name, "the get_image_features wrapper was left")
@@ -491,12 +491,11 @@ def check_probe_matches_eager_attention(
     a deep-copied eager model's ``output_attentions`` at layer 1 within :data:`PROBE_TOLERANCE`; and
     the model must still be on sdpa. Arguments as for :func:`check_keep_all_is_identity`.
     """
-    import tokenprune.probe as probe_module
-
     c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
     name = "probe matches eager attention"
     calls: list[int] = []
-    real = probe_module.sdpa_attention_forward
+    sdpa = compat.sdpa_module()
+    real = sdpa.sdpa_attention_forward
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
@@ -504,12 +503,12 @@ def check_probe_matches_eager_attention(
 
     inputs = c.padded_batch()
     ProbeRecorder.contexts.clear()
-    probe_module.sdpa_attention_forward = counting
+    sdpa.sdpa_attention_forward = counting
     try:
         with apply(model, _pipe(({"layer": 2}, "probe_recorder", 0.5)), plugins=c.manager):
             c.forward(inputs)
     finally:
-        probe_module.sdpa_attention_forward = real
+        sdpa.sdpa_attention_forward = real
     n_layers = len(c.adapter.decoder_layers())
     _expect(len(calls) == n_layers, name, f"{len(calls)} of {n_layers} layers attended through stock sdpa")
     _expect(bool(ProbeRecorder.contexts), name, "the probed stage did not run")
@@ -528,7 +527,7 @@ def check_probe_matches_eager_attention(
         text_rows = (valid[b] & ~visual[b]).nonzero().squeeze(1)
         expected_text = att[b][:, text_rows][:, :, cols].mean(0).mean(0)
         torch.testing.assert_close(ctx.attention["text"][b, :n], expected_text, atol=PROBE_TOLERANCE, rtol=0)
-    impl = model.config.get_text_config()._attn_implementation
+    impl = compat.attention_implementation(model.config.get_text_config())
     _expect(impl == "sdpa", name, f"the model was left on {impl!r}")
 
 

@@ -21,13 +21,14 @@ import transformers
 from torch import Tensor, nn
 
 import tokenprune
+from tokenprune.adapters.base import ModelAdapter
 from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key, resolve_pipelines
 from tokenprune.bench.metrics import exact_match, kl_divergence, normalize_answer, vqa_score
 from tokenprune.bench.store import ReferenceLogits, ResultsStore
 from tokenprune.bench.tasks import Example, Task
 from tokenprune.cost.analytic import DecoderShape, language_model_macs
 from tokenprune.cost.measure import peak_memory_bytes
-from tokenprune.engine import apply
+from tokenprune.engine import apply, compat
 from tokenprune.errors import TokenpruneError
 from tokenprune.loading import load_model
 from tokenprune.plugins import PluginManager, get_plugin_manager
@@ -68,7 +69,7 @@ def compare(
     store, refs = ResultsStore(config.output), ReferenceLogits(config.output)
     done = dist.broadcast(store.done() if dist.rank == 0 else None)
     shape = DecoderShape.from_model(model)
-    kv_dims = _kv_dims(model)
+    kv_dims = _kv_dims(manager.adapters.get(model.config.model_type)(model))
     computed = reused = 0
     for task_spec in config.tasks:
         task = _task(task_spec, manager)
@@ -144,8 +145,7 @@ def _run_batch(
     texts = tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
     first_logits = out.logits[0]
     prefill = run.stats.last_prefill
-    image_id = _image_token_id(model)
-    visual_in = (inputs["input_ids"] == image_id).sum(1).tolist() if image_id is not None else [0] * len(batch)
+    visual_in = run.adapter.visual_mask(inputs["input_ids"]).sum(1).tolist()
     real = inputs["attention_mask"].sum(1).tolist()
     bytes_per = torch.finfo(model.dtype).bits // 8
     if prefill is not None and config.heatmaps:
@@ -259,14 +259,9 @@ def _encode(processor: Any, task: Task, batch: list[Example], template: str | No
     return processor(**kwargs)
 
 
-def _image_token_id(model: nn.Module) -> int | None:
-    config = model.config
-    value = getattr(config, "image_token_id", None)
-    return value if value is not None else getattr(config, "image_token_index", None)
-
-
-def _kv_dims(model: nn.Module) -> list[int]:
-    return [int(layer.self_attn.k_proj.out_features) for layer in model.get_decoder().layers]
+def _kv_dims(adapter: ModelAdapter) -> list[int]:
+    """Width of each decoder layer's cached keys (the same for its values)."""
+    return [int(compat.attention_module(layer).k_proj.out_features) for layer in adapter.decoder_layers()]
 
 
 def _task(spec: dict[str, Any], manager: PluginManager) -> Task:
@@ -306,8 +301,7 @@ class _PrefillTimer:
             h.remove()
 
     def _pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is None or cache.get_seq_length() == 0:
+        if compat.cache_length(compat.cache_from_kwargs(kwargs)) == 0:
             if self.cuda:
                 torch.cuda.synchronize()
             self._start = time.perf_counter()

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from tokenprune.engine import compat
+
 
 @dataclass(frozen=True)
 class DecoderShape:
@@ -56,7 +58,7 @@ class DecoderShape:
         per_token, q_dims = [], []
         for i, layer in enumerate(layers):
             linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-            q_proj = getattr(getattr(layer, "self_attn", None), "q_proj", None)
+            q_proj = getattr(compat.attention_module(layer), "q_proj", None)
             if not linears or not isinstance(q_proj, nn.Linear):
                 raise TypeError(f"decoder layer {i} ({type(layer).__name__}) has no self_attn.q_proj linear module")
             per_token.append(sum(m.in_features * m.out_features for m in linears))

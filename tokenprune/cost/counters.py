@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from tokenprune.engine import compat
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,25 @@ class TorchCount:
     flops: int
     by_module: dict[str, int]
 
-    def module_flops(self, suffix: str) -> int:
-        """FLOPs of the first module whose path ends with ``suffix`` (0 if none ran)."""
+    def module_flops(self, suffix: str, *, excluding: Iterable[str] = ()) -> int:
+        """FLOPs of the first module whose path ends with ``suffix`` (0 if none ran).
+
+        ``excluding``: paths of submodules, relative to that module, whose FLOPs are left out.
+        """
         for path, value in self.by_module.items():
             if path.endswith(suffix):
-                return value
+                return value - sum(self.by_module.get(f"{path}.{sub}", 0) for sub in excluding)
         return 0
+
+
+def language_model_flops(count: TorchCount, decoder_suffix: str, decoder: nn.Module) -> int:
+    """What torch counted in the decoder, less its rotary-embedding tables.
+
+    The analytic formula counts the decoder layers; the ``(cos, sin)`` tables are computed once per
+    forward by a matmul in transformers 5.18 (which the counters see) and by an elementwise product
+    from 5.19 on (which they do not), so they are left out on every release.
+    """
+    return count.module_flops(decoder_suffix, excluding=compat.rotary_embedding_names(decoder))
 
 
 def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
@@ -137,8 +152,9 @@ def fvcore_macs(
             analysis = FlopCountAnalysis(wrapper, (inputs_embeds, attention_mask, position_ids))
             analysis.set_op_handle("aten::scaled_dot_product_attention", fvcore_sdpa_handle)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-            total = int(analysis.total())
             by_module = {name: int(v) for name, v in analysis.by_module().items()}
+            rotary = sum(by_module.get(f"decoder.{n}", 0) for n in compat.rotary_embedding_names(wrapper.decoder))
+            total = int(analysis.total()) - rotary
             uncounted = dict(Counter(analysis.unsupported_ops()))
     finally:
         fv_logger.removeHandler(handler)

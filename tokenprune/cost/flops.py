@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.cost.analytic import DecoderShape, attention_probe_macs, language_model_macs
-from tokenprune.cost.counters import flops_to_macs, fvcore_sdpa_handle, torch_flops
+from tokenprune.cost.counters import flops_to_macs, fvcore_sdpa_handle, language_model_flops, torch_flops
+from tokenprune.engine import compat
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,8 @@ def count_flops(
         for i in range(shape.num_layers)
     ]
     torch_head = flops_to_macs(count.module_flops(head_path))
-    decoder_torch = flops_to_macs(count.module_flops(decoder_path))
-    vision = flops_to_macs(count.flops) - decoder_torch - torch_head
+    decoder_torch = flops_to_macs(language_model_flops(count, decoder_path, decoder))
+    vision = flops_to_macs(count.flops - count.module_flops(decoder_path)) - torch_head
     # What torch counted in the decoder outside its layers: the reducers, run from the engine's hooks.
     overhead_torch = decoder_torch - sum(torch_layers)
     return FlopsReport(
@@ -237,7 +238,7 @@ def _fvcore_replay(
 
             uncounted: set[str] = set()
             for rec in recorder.layers:
-                kwargs = {k: v for k, v in rec["kwargs"].items() if k not in ("cache", "past_key_values", "use_cache")}
+                kwargs = {k: v for k, v in rec["kwargs"].items() if k not in (*compat.CACHE_ARGUMENTS, "use_cache")}
                 kwargs["use_cache"] = False
                 keys, flat = [], []
                 for k, v in kwargs.items():

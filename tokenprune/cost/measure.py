@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from tokenprune.engine import compat
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -96,23 +98,9 @@ def _status_kib(field: str) -> int:
 
 def kv_cache_bytes(cache: Any) -> list[int]:
     """Bytes held by each layer's keys and values in a transformers cache (``DynamicCache`` and kin)."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(cache).__name__} is not a transformers cache with .layers")
-    sizes = []
-    for layer in layers:
-        total = 0
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-        sizes.append(total)
-    return sizes
+    return [sum(t.numel() * t.element_size() for t in layer if t is not None) for layer in compat.cache_layers(cache)]
 
 
 def kv_cache_tokens(cache: Any) -> list[int]:
     """Sequence length held by each layer's keys (the tokens that layer cached)."""
-    return [
-        int(layer.keys.shape[-2]) if isinstance(getattr(layer, "keys", None), torch.Tensor) else 0
-        for layer in cache.layers
-    ]
+    return [int(keys.shape[-2]) if keys is not None else 0 for keys, _ in compat.cache_layers(cache)]

@@ -1,0 +1,250 @@
+"""Every assumption tokenprune makes about transformers' internals, in one place.
+
+The engine hooks stock models instead of forking them, so it depends on a few things that
+transformers does not promise to keep: argument names of the models' ``forward``, the cache and
+output classes, the attention and mask function registries, where decoder layers keep their
+attention module. Each assumption lives here as one small function, detected by feature (a
+signature, an attribute) rather than by version number, with the releases it was verified on.
+When a transformers release breaks one, this module is the one file to change (the steps are in
+``docs/engine.md``, "Compatibility").
+
+Verified on transformers 5.18.0 to 5.24.0 (the declared range, :data:`SUPPORTED`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+import transformers
+from packaging.version import Version
+from torch import Tensor, nn
+
+from tokenprune.errors import TokenpruneError
+
+#: The transformers releases tokenprune is tested on: ``(floor, first untested)``. Keep it equal to
+#: the range in ``pyproject.toml`` and to ``scripts/transformers-matrix.txt``'s ends.
+SUPPORTED: tuple[str, str] = ("5.18.0", "5.25.0")
+#: Set to ``1`` to turn the refusal of an unsupported transformers release into a warning.
+OVERRIDE_VARIABLE = "TOKENPRUNE_ALLOW_UNSUPPORTED_TRANSFORMERS"
+
+
+class UnsupportedTransformersError(TokenpruneError):
+    """The installed transformers release is outside the range tokenprune is tested on."""
+
+
+def transformers_version() -> str:
+    """The installed transformers release, e.g. ``"5.24.0"``."""
+    return str(transformers.__version__)
+
+
+def supported_range() -> str:
+    """The declared range as a requirement specifier, e.g. ``">=5.18.0,<5.25.0"``."""
+    floor, ceiling = SUPPORTED
+    return f">={floor},<{ceiling}"
+
+
+def is_supported(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed one) lies in :data:`SUPPORTED`."""
+    floor, ceiling = (Version(v) for v in SUPPORTED)
+    return floor <= Version(version or transformers_version()) < ceiling
+
+
+def check_transformers_version() -> None:
+    """Refuse an installed transformers outside :data:`SUPPORTED` (a warning with the override set).
+
+    Raises:
+        UnsupportedTransformersError: the release is outside the range and
+            ``TOKENPRUNE_ALLOW_UNSUPPORTED_TRANSFORMERS`` is not ``1``.
+    """
+    if is_supported():
+        return
+    message = (
+        f"tokenprune is tested on transformers {supported_range()}, but transformers {transformers_version()} is "
+        f"installed; install a release in that range (pip install 'transformers{supported_range()}'), or set "
+        f"{OVERRIDE_VARIABLE}=1 to run anyway (the engine then checks every prefill and decoding step it cannot "
+        "recognise, but results on an untested release are not guaranteed)"
+    )
+    if os.environ.get(OVERRIDE_VARIABLE, "").strip() == "1":
+        warnings.warn(message, UserWarning, stacklevel=3)
+        return
+    raise UnsupportedTransformersError(message)
+
+
+# --- forward arguments ---------------------------------------------------------------------------
+
+#: Names a model's ``forward`` takes its KV cache under: ``past_key_values`` (5.18 to 5.23), ``cache``
+#: (5.24, which still accepts the old name with a FutureWarning).
+CACHE_ARGUMENTS: tuple[str, ...] = ("cache", "past_key_values")
+
+
+def cache_argument_name(forward: Callable[..., Any]) -> str:
+    """The name under which ``forward`` receives the KV cache, read from its signature.
+
+    Raises:
+        TokenpruneError: the signature has none of :data:`CACHE_ARGUMENTS`.
+    """
+    params = inspect.signature(forward).parameters
+    for name in CACHE_ARGUMENTS:
+        if name in params:
+            return name
+    raise TokenpruneError(
+        f"{getattr(forward, '__qualname__', forward)!r} takes no KV cache argument (looked for "
+        f"{', '.join(CACHE_ARGUMENTS)}) on transformers {transformers_version()}; tokenprune cannot tell prefill "
+        "from decoding on this release (see 'Compatibility' in docs/engine.md)"
+    )
+
+
+def cache_from_kwargs(kwargs: Mapping[str, Any]) -> Any:
+    """The KV cache among a forward call's keyword arguments, under either name (or ``None``)."""
+    for name in CACHE_ARGUMENTS:
+        value = kwargs.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens already in ``cache`` (layer 0's length; ``0`` for ``None``).
+
+    Raises:
+        TokenpruneError: ``cache`` is not a transformers ``Cache`` (no ``get_seq_length``).
+    """
+    if cache is None:
+        return 0
+    length = getattr(cache, "get_seq_length", None)
+    if not callable(length):
+        raise TokenpruneError(
+            f"unrecognised KV cache of type {type(cache).__name__} on transformers {transformers_version()}: "
+            "tokenprune reads transformers Cache objects (DynamicCache, ...) with get_seq_length()"
+        )
+    return int(length())
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model or ``generate`` output carries (``cache`` from 5.24, ``past_key_values`` before)."""
+    for name in CACHE_ARGUMENTS:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def cache_layers(cache: Any) -> list[tuple[Tensor | None, Tensor | None]]:
+    """Each layer's cached ``(keys, values)``, ``(B, H_kv, L, hd)`` each (``None`` where a layer holds none).
+
+    Raises:
+        TypeError: ``cache`` is not a transformers cache with per-layer storage (``.layers``).
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(cache).__name__} is not a transformers cache with .layers")
+    out = []
+    for layer in layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        out.append((keys if isinstance(keys, Tensor) else None, values if isinstance(values, Tensor) else None))
+    return out
+
+
+# --- modules --------------------------------------------------------------------------------------
+
+
+def attention_module(layer: nn.Module) -> nn.Module | None:
+    """The attention module of a decoder layer (``self_attn`` in every supported family)."""
+    attn = getattr(layer, "self_attn", None)
+    return attn if isinstance(attn, nn.Module) else None
+
+
+def rotary_embedding_names(module: nn.Module) -> list[str]:
+    """Paths of the rotary-embedding modules under ``module`` (those with an ``inv_freq`` buffer).
+
+    They compute the ``(cos, sin)`` tables once per forward; transformers 5.18 does it with a matmul
+    that FLOP counters see, later releases with an elementwise product they do not.
+    """
+    return [name for name, sub in module.named_modules() if isinstance(getattr(sub, "inv_freq", None), Tensor)]
+
+
+def image_processor_class(family: str) -> type:
+    """The torchvision-free image processor of a family, e.g. ``"LlavaNext"`` -> ``LlavaNextImageProcessorPil``.
+
+    Raises:
+        TokenpruneError: this transformers release has no such class.
+    """
+    name = f"{family}ImageProcessorPil"
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise TokenpruneError(f"transformers {transformers_version()} has no {name} (needed without torchvision)")
+    return cls
+
+
+# --- attention implementations ------------------------------------------------------------------
+
+
+def attention_implementation(config: Any) -> str | None:
+    """The attention implementation a (text) config selects: ``"sdpa"``, ``"eager"``, ..."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def swap_attention_implementation(config: Any, name: str) -> Any:
+    """Point ``config`` at the registered implementation ``name``; returns the value to restore."""
+    previous = config._attn_implementation_internal
+    config._attn_implementation_internal = name
+    return previous
+
+
+def restore_attention_implementation(config: Any, previous: Any) -> None:
+    """Undo :func:`swap_attention_implementation`."""
+    config._attn_implementation_internal = previous
+
+
+def register_attention(name: str, impl: str, function: Callable[..., Any]) -> None:
+    """Register ``function`` as attention implementation ``name``, with ``impl``'s mask function.
+
+    Without a registered mask function transformers builds no mask for an unknown implementation,
+    and padding would be silently ignored.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask if impl == "sdpa" else eager_mask)
+
+
+def unregister_attention(name: str) -> None:
+    """Remove what :func:`register_attention` registered (transformers has no public way)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
+    ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
+
+
+def registered_attention_names() -> list[str]:
+    """Names in transformers' global attention registry."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return list(ALL_ATTENTION_FUNCTIONS._global_mapping)
+
+
+def sdpa_module() -> ModuleType:
+    """The module that defines transformers' stock ``sdpa_attention_forward`` (read at every call)."""
+    import transformers.integrations.sdpa_attention as module
+
+    return module
+
+
+def stock_attention(impl: str, module: nn.Module) -> Callable[..., Any]:
+    """The function the model would call for ``impl``: transformers' sdpa, or the modeling file's eager one."""
+    if impl == "sdpa":
+        return sdpa_module().sdpa_attention_forward
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise TokenpruneError(
+            f"{type(module).__module__} defines no eager_attention_forward on transformers {transformers_version()}"
+        )
+    return eager

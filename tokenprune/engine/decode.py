@@ -1,0 +1,117 @@
+"""Decoding against a pruned KV cache: the caller's masks and positions mapped onto the kept tokens.
+
+The caller (or ``generate``) keeps describing the *unpruned* sequence: a 2-D mask over every token
+of the prompt plus the tokens decoded so far, positions that continue from the unpruned length.
+These functions translate that to what the pruned cache holds, at the multimodal model's input
+(post_projector stages shortened every layer) and at each decoder layer that a layer stage pruned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokenprune import positions as P
+from tokenprune.adapters.base import ModelAdapter
+from tokenprune.engine.masks import causal_mask
+from tokenprune.engine.sequence import TokenSequence, position_ids_like
+from tokenprune.engine.state import PrefillState
+from tokenprune.errors import TokenpruneError
+
+
+def check_decoding_mask(mask: Any, st: PrefillState) -> None:
+    """Refuse a decoding step's mask that does not describe the unpruned sequence.
+
+    Raises:
+        TokenpruneError: a 2-D or 4-D mask whose key length is not the unpruned length so far, or a
+            mask of another kind.
+    """
+    if mask is None:
+        return
+    expected = st.keys_so_far
+    if not isinstance(mask, Tensor) or mask.dim() not in (2, 4):
+        shape = f" of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else ""
+        raise TokenpruneError(
+            f"decoding step after a pruned prefill: unsupported attention_mask ({type(mask).__name__}{shape}); pass "
+            f"a (batch, {expected}) mask over the unpruned sequence, as generate() does"
+        )
+    if mask.shape[-1] != expected:
+        raise TokenpruneError(
+            f"decoding step after a pruned prefill: attention_mask covers {mask.shape[-1]} tokens, but the unpruned "
+            f"sequence so far has {expected}; pass the mask over the full (unpruned) sequence, as generate() does, "
+            "not over the pruned cache"
+        )
+
+
+def model_decoding_kwargs(kw: dict[str, Any], st: PrefillState, adapter: ModelAdapter, compact: bool) -> dict[str, Any]:
+    """The multimodal model's keyword arguments for a decoding step after post_projector stages.
+
+    The caller's 2-D mask keeps its decoded part and takes the pruned prompt's mask for the rest;
+    positions continue from the unpruned length (``original``) or shift down by the freed positions.
+
+    Raises:
+        TokenpruneError: a 4-D mask (it cannot be mapped onto the pruned cache).
+    """
+    mask = kw.get("attention_mask")
+    batch, q = st.input_mask.shape[0], st.step_length
+    position_ids = kw.get("position_ids")
+    if position_ids is None:
+        position_ids = adapter.decode_positions(kw, st.input_length + st.decoded, q)
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        kw["attention_mask"] = torch.cat([st.lm_mask.to(mask.dtype), mask[:, st.input_length :]], dim=1)
+    elif mask is None:
+        ones = torch.ones(batch, st.decoded + q, dtype=torch.long, device=st.lm_mask.device)
+        kw["attention_mask"] = torch.cat([st.lm_mask.long(), ones], dim=1)
+    else:
+        raise TokenpruneError(
+            "decoding step after a post_projector stage: only 2-D attention masks (or none) can be mapped onto the "
+            "pruned cache; pass a (batch, length) attention_mask"
+        )
+    if compact and st.lm_freed_positions is not None:
+        rows, fmt = P.to_rows(position_ids, batch)
+        position_ids = P.from_rows(rows - st.lm_freed_positions.unsqueeze(-1), fmt)
+    kw["position_ids"] = position_ids
+    return kw
+
+
+def layer_decoding_kwargs(
+    kwargs: dict[str, Any],
+    hidden: Tensor,
+    seg: TokenSequence,
+    st: PrefillState,
+    adapter: ModelAdapter,
+    layer: int,
+    *,
+    compact: bool,
+    boolean: bool,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """A pruned decoder layer's keyword arguments for a decoding step.
+
+    The new tokens attend to every kept token of this layer's cache that is not padding, and to the
+    tokens decoded so far. The model sized its mask from some layer's cache (layer 0, or the first
+    layer of that attention type, which may be pruned), so the mask is rebuilt over this layer's own
+    cache rather than sliced.
+
+    Raises:
+        TokenpruneError: the model's mask fits neither the unpruned nor this layer's cache.
+    """
+    mask = kwargs.get("attention_mask")
+    extra = st.decoded + st.step_length
+    valid = torch.cat([seg.valid, seg.valid.new_ones(seg.valid.shape[0], extra)], 1)
+    if isinstance(mask, Tensor) and mask.shape[-1] not in (st.lm_length + extra, valid.shape[1]):
+        raise TokenpruneError(
+            f"decoding step at layer {layer}: the attention mask covers {mask.shape[-1]} keys, expected "
+            f"{st.lm_length + extra} (unpruned cache plus new tokens) or {valid.shape[1]} (this layer's cache)"
+        )
+    if mask is not None or seg.has_padding_slots or not bool(seg.valid.all()):
+        kwargs["attention_mask"] = causal_mask(valid, q=st.step_length, boolean=boolean, dtype=dtype)
+    if compact and st.step_positions is not None:
+        rows = st.step_positions - (seg.freed_positions - st.lm_freed_positions).unsqueeze(-1)
+        kwargs["position_embeddings"] = adapter.rotary(hidden, rows, layer)
+        position_ids = kwargs.get("position_ids")
+        if isinstance(position_ids, Tensor):
+            kwargs["position_ids"] = position_ids_like(rows, position_ids)
+    return kwargs

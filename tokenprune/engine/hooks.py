@@ -1,0 +1,59 @@
+"""Installing and removing the engine's hooks and instance-attribute wrappers, all or nothing."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class HookSet:
+    """The hooks and attribute wrappers one :class:`~tokenprune.engine.PruningRun` installed.
+
+    :meth:`remove` takes them all away in reverse order, leaving each module exactly as it was
+    (an instance attribute that did not exist before is deleted, not set to a saved value).
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+        self._wrapped: list[tuple[nn.Module, str, Any, bool]] = []
+
+    def pre(self, module: nn.Module, hook: Callable[..., Any]) -> None:
+        """A forward pre-hook that sees (and may replace) the keyword arguments."""
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def post(self, module: nn.Module, hook: Callable[..., Any], *, always: bool = False) -> None:
+        """A forward hook; with ``always`` it also runs when the forward raised (then ``output`` is ``None``)."""
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=True, always_call=always))
+
+    def wrap_method(
+        self, module: nn.Module, name: str, after: Callable[[tuple[Any, ...], dict[str, Any], Any], None]
+    ) -> None:
+        """Shadow ``module.name`` by an instance attribute that calls it, then ``after(args, kwargs, output)``."""
+        original = getattr(module, name)
+        had = name in module.__dict__
+        previous = module.__dict__.get(name)
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            after(args, kwargs, out)
+            return out
+
+        module.__dict__[name] = wrapper
+        self._wrapped.append((module, name, previous, had))
+
+    def remove(self) -> None:
+        """Take everything away; safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, name, previous, had in reversed(self._wrapped):
+            if had:
+                module.__dict__[name] = previous
+            else:
+                module.__dict__.pop(name, None)
+        self._wrapped.clear()

@@ -1,0 +1,98 @@
+"""Where each token of a (possibly pruned) sequence came from, and gathers along the sequence axis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokenprune import positions as P
+from tokenprune.layout import TokenLayout
+from tokenprune.reducer import Selection
+
+
+@dataclass
+class TokenSequence:
+    """The sequence at some point of the language model; per-token fields are ``(B, L)``.
+
+    Attributes:
+        input_column: Column of each token in the caller's ``input_ids`` (``-1``: a padding slot the
+            engine added when samples kept different numbers of tokens).
+        lm_column: Column in the language model's input sequence, i.e. after post_projector stages
+            (``-1``: padding slot). Layer stages slice the model's masks and rotary tables with it.
+        valid: A real token (attended), not padding.
+        visual: A visual token.
+        sizes: How many original tokens each token stands for (merges make it > 1).
+        layout: The spatial layout of the visual tokens (image, tile, row, column, newline), if known.
+        positions: ``(R, B, L)`` position rows (:mod:`tokenprune.positions`).
+        freed_positions: ``(R, B)`` positions given up so far under the ``compact`` policy.
+        has_padding_slots: Some sample has a padding slot the engine added.
+    """
+
+    input_column: Tensor
+    lm_column: Tensor
+    valid: Tensor
+    visual: Tensor
+    sizes: Tensor
+    layout: TokenLayout | None
+    positions: Tensor
+    freed_positions: Tensor
+    has_padding_slots: bool = False
+
+    def gather(self, idx: Tensor) -> TokenSequence:
+        """The tokens at ``(B, L')`` columns ``idx`` (``-1``: a padding slot)."""
+        pad = idx < 0
+        safe = idx.clamp(min=0)
+
+        def pick(t: Tensor, fill: Any) -> Tensor:
+            return t.gather(1, safe).masked_fill(pad, fill)
+
+        return TokenSequence(
+            input_column=pick(self.input_column, -1),
+            lm_column=pick(self.lm_column, -1),
+            valid=pick(self.valid, False),
+            visual=pick(self.visual, False),
+            sizes=pick(self.sizes, 0.0),
+            layout=self.layout.gather(idx) if self.layout is not None else None,
+            positions=P.gather(self.positions, idx),
+            freed_positions=self.freed_positions,
+            has_padding_slots=bool(pad.any()),
+        )
+
+
+def right_aligned_columns(keep: Tensor) -> Tensor:
+    """``(B, L')`` indices of the ``True`` columns of ``(B, L)`` ``keep``, right-aligned, ``-1`` on the left.
+
+    Samples that keep fewer tokens are left-padded, as a tokenizer left-pads a batch.
+    """
+    sel = Selection.from_mask(keep)
+    width = sel.indices.shape[1]
+    shift = width - sel.counts
+    j = torch.arange(width, device=keep.device).expand(keep.shape[0], -1)
+    src = j - shift.unsqueeze(1)
+    return sel.indices.gather(1, src.clamp(min=0)).masked_fill(src < 0, -1)
+
+
+def gather_tokens(t: Tensor, idx: Tensor) -> Tensor:
+    """Gather dim 1 of ``(B or 1, L, ...)`` ``t`` at ``(B, L')`` ``idx`` (``-1`` reads column 0)."""
+    batch = idx.shape[0]
+    t = t.expand(batch, *t.shape[1:])
+    shape = (batch, idx.shape[1], *t.shape[2:])
+    index = idx.clamp(min=0).view(batch, idx.shape[1], *([1] * (t.dim() - 2))).expand(shape)
+    return t.gather(1, index)
+
+
+def gather_position_ids(t: Tensor, idx: Tensor) -> Tensor:
+    """Gather the last (sequence) axis of ``(B, L)`` or ``(R, B, L)`` position ids at ``(B, L')`` ``idx``."""
+    if t.dim() == 2:
+        return t.expand(idx.shape[0], -1).gather(1, idx.clamp(min=0))
+    return t.expand(-1, idx.shape[0], -1).gather(2, idx.clamp(min=0).unsqueeze(0).expand(t.shape[0], -1, -1))
+
+
+def position_ids_like(positions: Tensor, like: Tensor) -> Tensor:
+    """``(R, B, L)`` position rows in the format of ``like`` (``(B, L)`` or ``(R', B, L)``)."""
+    if like.dim() == 2:
+        return positions[0]
+    return positions[-like.shape[0] :]

@@ -1,0 +1,173 @@
+"""Running one pipeline stage: a pure function from the sequence and its hidden states to the kept ones."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from tokenprune import positions as P
+from tokenprune.budget import budget_per_sample
+from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
+from tokenprune.pipeline import Stage
+from tokenprune.reducer import Merge, ReduceContext, Selection, TokenReducer
+from tokenprune.stats import StageStats
+from tokenprune.validation import check_reduction
+
+
+@dataclass
+class StagePlan:
+    """One stage of the applied pipeline, with its reducer built.
+
+    Attributes:
+        index: The stage's index in the pipeline.
+        stage: The validated stage.
+        reducer: Its reducer instance.
+        who: How errors name the reducer's plugin (``'fastv' from tokenprune 0.1.0``).
+    """
+
+    index: int
+    stage: Stage
+    reducer: TokenReducer
+    who: str
+
+
+@dataclass
+class StageOutcome:
+    """What :func:`run_stage` returns.
+
+    Attributes:
+        hidden: ``(B, L', D)`` hidden states of the kept tokens (``L' = L`` if nothing changed).
+        sequence: The kept tokens' :class:`TokenSequence`.
+        changed: Whether any token was dropped or merged.
+        kept_columns: ``(B, L')`` columns of the input that were kept (``-1``: padding slot).
+        stats: The stage's statistics for this forward.
+    """
+
+    hidden: Tensor
+    sequence: TokenSequence
+    changed: bool
+    kept_columns: Tensor
+    stats: StageStats
+
+
+def run_stage(
+    plan: StagePlan,
+    hidden: Tensor,
+    seq: TokenSequence,
+    attention: Mapping[str, Tensor] | None,
+    *,
+    compact_positions: bool,
+    protect_newlines: bool,
+) -> StageOutcome:
+    """Run ``plan``'s reducer on the visual tokens of ``hidden`` (``(B, L, D)``) and keep what it keeps.
+
+    Args:
+        plan: The stage.
+        hidden: The hidden states at the stage's insertion point.
+        seq: Where each column of ``hidden`` came from.
+        attention: Per probe source, ``(B, L)`` attention paid to each column (layer stages that read it).
+        compact_positions: Renumber the kept tokens' positions (the ``compact`` policy).
+        protect_newlines: Layout newline tokens always survive.
+
+    Raises:
+        ReducerOutputError: the reducer returned an invalid selection or merge.
+    """
+    tokens, ctx, vis_idx = _context(plan, hidden, seq, attention, protect_newlines)
+    capabilities = type(plan.reducer).capabilities
+    start = time.perf_counter()
+    result = plan.reducer.reduce(tokens, ctx)
+    selection = check_reduction(result, tokens, ctx, who=plan.who, capabilities=capabilities)
+    merged = merged_sizes = None
+    if isinstance(result, Merge):
+        merged, merged_sizes, selection = result.apply(tokens, ctx.sizes, ctx.valid)
+    stats = StageStats(
+        stage=plan.index,
+        at=str(plan.stage.point),
+        reducer=plan.stage.reducer,
+        entering=ctx.valid.sum(1).tolist(),
+        leaving=selection.counts.tolist(),
+        kept=selection.tolist(),
+        layout=ctx.layout,
+        seconds=time.perf_counter() - start,
+        overhead_macs=plan.reducer.overhead_macs(tokens, ctx),
+    )
+    batch, length, dim = hidden.shape
+    kept_visual = selection.to_mask(int(vis_idx.shape[1])) & ctx.valid
+    sizes = seq.sizes
+    if merged is not None:
+        hidden, sizes = _write_merged(hidden, sizes, vis_idx, selection.indices, merged, merged_sizes)
+    if merged is None and bool((kept_visual == ctx.valid).all()):
+        unchanged = torch.arange(length, device=hidden.device).expand(batch, -1)
+        return StageOutcome(hidden, seq, False, unchanged, stats)
+    keep = _keep_mask(seq, vis_idx, kept_visual, ctx.valid)
+    idx = right_aligned_columns(keep)
+    new = replace(seq, sizes=sizes).gather(idx)
+    if compact_positions:
+        new.positions, freed = P.compact(seq.positions, idx, seq.input_column >= 0)
+        new.freed_positions = seq.freed_positions + freed
+    pad = (idx < 0).unsqueeze(-1)
+    new_hidden = hidden.gather(1, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim)).masked_fill(pad, 0.0)
+    return StageOutcome(new_hidden, new, True, idx, stats)
+
+
+def _context(
+    plan: StagePlan,
+    hidden: Tensor,
+    seq: TokenSequence,
+    attention: Mapping[str, Tensor] | None,
+    protect_newlines: bool,
+) -> tuple[Tensor, ReduceContext, Tensor]:
+    """The visual tokens ``(B, N, D)``, the reducer's context, and their ``(B, N)`` columns (``-1``: none)."""
+    dim = hidden.shape[-1]
+    vis_idx = Selection.from_mask(seq.visual).indices
+    valid = vis_idx >= 0
+    safe = vis_idx.clamp(min=0)
+    tokens = hidden.gather(1, safe.unsqueeze(-1).expand(-1, -1, dim))
+    layout = seq.layout.gather(vis_idx) if seq.layout is not None else None
+    protected = layout.newline & valid if layout is not None and protect_newlines else torch.zeros_like(valid)
+    text = text_valid = None
+    if type(plan.reducer).capabilities.needs_text:
+        text_idx = Selection.from_mask(seq.valid & ~seq.visual).indices
+        text_valid = text_idx >= 0
+        text = hidden.gather(1, text_idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim))
+    ctx = ReduceContext(
+        at=plan.stage.point,
+        budget=budget_per_sample(plan.stage.keep, valid, protected),
+        valid=valid,
+        protected=protected,
+        sizes=seq.sizes.gather(1, safe).masked_fill(~valid, 1.0),
+        layout=layout,
+        attention={s: a.gather(1, safe).masked_fill(~valid, 0.0) for s, a in (attention or {}).items()},
+        text=text,
+        text_valid=text_valid,
+        stage_index=plan.index,
+    )
+    return tokens, ctx, vis_idx
+
+
+def _keep_mask(seq: TokenSequence, vis_idx: Tensor, kept_visual: Tensor, valid_visual: Tensor) -> Tensor:
+    """``(B, L)``: the text tokens and the kept visual tokens of ``seq``."""
+    batch, length = seq.valid.shape
+    cols = torch.where(valid_visual, vis_idx, torch.full_like(vis_idx, length))  # invalid -> a dummy column
+    keep = torch.zeros(batch, length + 1, dtype=torch.bool, device=seq.valid.device)
+    keep[:, :length] = seq.valid & ~seq.visual
+    keep.scatter_(1, cols, kept_visual)
+    return keep[:, :length]
+
+
+def _write_merged(
+    hidden: Tensor, sizes: Tensor, vis_idx: Tensor, roots: Tensor, merged: Tensor, merged_sizes: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Write a merge's ``(B, M, D)`` tokens and sizes into the columns of its ``(B, M)`` root tokens."""
+    batch, length, dim = hidden.shape
+    dummy = torch.full_like(roots, length)
+    root_cols = torch.where(roots >= 0, vis_idx.gather(1, roots.clamp(min=0)), dummy)
+    padded = torch.cat([hidden, hidden.new_zeros(batch, 1, dim)], 1)
+    padded = padded.scatter(1, root_cols.unsqueeze(-1).expand(-1, -1, dim), merged.to(hidden.dtype))
+    padded_sizes = torch.cat([sizes, sizes.new_zeros(batch, 1)], 1)
+    padded_sizes = padded_sizes.scatter(1, root_cols, merged_sizes.to(sizes.dtype))
+    return padded[:, :length], padded_sizes[:, :length]

@@ -1,0 +1,60 @@
+"""Per-forward state: one prefill and the decoding steps that follow it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from tokenprune.engine.sequence import TokenSequence
+
+
+@dataclass
+class PrefillState:
+    """What the engine knows about the current prefill, kept for the decoding steps after it.
+
+    Attributes:
+        visual: ``(B, L)`` visual tokens of the caller's ``input_ids``.
+        input_mask: ``(B, L)`` the caller's 2-D attention mask (all ones if none was given).
+        input_length: ``L``, the caller's prefill length.
+        lm_length: The language model's input length after the post_projector stages.
+        lm_mask: ``(B, lm_length)`` the 2-D mask of that input.
+        lm_pruned: Post_projector stages shortened the language model's input.
+        lm_freed_positions: ``(R, B)`` positions freed there (``compact`` policy).
+        current: The sequence entering the next decoder layer (prefill only).
+        lm_sequence: The sequence at the language model's input.
+        final: The sequence after the last stage (its logits are the model's output).
+        segments: First decoder layer -> the sequence every layer from there on holds.
+        in_prefill: The prefill forward is still running.
+        decoded: Tokens decoded since the prefill (before the current step).
+        step_length: Tokens in the current decoding step.
+        step_positions: ``(R, B, step_length)`` positions of the current step, at the language model.
+        stages_run: Indices of the stages that ran in this prefill.
+    """
+
+    visual: Tensor
+    input_mask: Tensor
+    input_length: int
+    lm_length: int = 0
+    lm_mask: Tensor | None = None
+    lm_pruned: bool = False
+    lm_freed_positions: Tensor | None = None
+    current: TokenSequence | None = None
+    lm_sequence: TokenSequence | None = None
+    final: TokenSequence | None = None
+    segments: dict[int, TokenSequence] = field(default_factory=dict)
+    in_prefill: bool = True
+    decoded: int = 0
+    step_length: int = 0
+    step_positions: Tensor | None = None
+    stages_run: set[int] = field(default_factory=set)
+
+    def segment(self, layer: int) -> TokenSequence | None:
+        """The sequence decoder layer ``layer`` holds, if a layer stage at or before it changed it."""
+        starts = [k for k in self.segments if k <= layer]
+        return self.segments[max(starts)] if starts else None
+
+    @property
+    def keys_so_far(self) -> int:
+        """Keys of the unpruned sequence up to and including the current decoding step."""
+        return self.input_length + self.decoded + self.step_length
