@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Run the engine's version-sensitive tests on every transformers release of the matrix.
+#
+# Usage: bash scripts/test-matrix.sh [VERSION ...]      (default: the versions in scripts/transformers-matrix.txt)
+#
+# Each version gets a small environment of its own, .matrix/transformers-VERSION, that holds only that
+# transformers release and layers the main .venv (torch, tokenprune, everything else) underneath it, so
+# nothing large is installed twice and the wheels come from pip's cache after the first run. The releases
+# of the matrix share their other requirements (huggingface-hub, tokenizers, safetensors), which the
+# main .venv satisfies; a version that needs different ones would need a full environment of its own.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ "$#" -gt 0 ]; then
+  versions=("$@")
+else
+  mapfile -t versions < <(grep -v '^\s*#' scripts/transformers-matrix.txt | sed '/^\s*$/d')
+fi
+base_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+# The tests whose outcome depends on transformers' internals: the adapter invariants, engine behaviour,
+# the attention probe and FLOP counting, and the adapter tutorial's own test.
+tests=(
+  tests/test_engine_invariants.py
+  tests/test_engine_behaviour.py
+  tests/test_compat.py
+  tests/test_cost_counts.py
+  tests/test_reducer_fastv.py
+  examples/tokenprune-example-adapter/tests
+)
+failed=()
+for version in "${versions[@]}"; do
+  env=".matrix/transformers-$version"
+  if [ ! -x "$env/bin/python" ] || ! "$env/bin/python" -c "import transformers, sys; sys.exit(transformers.__version__ != '$version')" 2>/dev/null; then
+    rm -rf "$env"
+    python3 -m venv --without-pip "$env"
+    env_site=$("$env/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    # The main environment's packages (and its editable installs' finders) come after this one's.
+    echo "import site; site.addsitedir('$base_site')" > "$env_site/zz_tokenprune_base.pth"
+    .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --target "$env_site" "transformers==$version"
+  fi
+  echo "=== transformers $version"
+  if ! "$env/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"; then
+    failed+=("$version")
+  fi
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "matrix: failed on transformers ${failed[*]}" >&2
+  exit 1
+fi
+echo "matrix: passed on transformers ${versions[*]}"
