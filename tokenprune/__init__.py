@@ -17,6 +17,7 @@ from tokenprune.errors import (
     TokenpruneError,
     UnknownReducerError,
     UnsupportedModelError,
+    UnsupportedTransformersError,
 )
 from tokenprune.hookspecs import hookimpl
 from tokenprune.layout import TokenLayout
@@ -55,6 +56,7 @@ __all__ = [
     "TokenpruneError",
     "UnknownReducerError",
     "UnsupportedModelError",
+    "UnsupportedTransformersError",
     "__version__",
     "apply",
     "get_plugin_manager",

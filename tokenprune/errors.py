@@ -48,6 +48,14 @@ class UnsupportedModelError(TokenpruneError):
     """No installed adapter supports the model's ``model_type``."""
 
 
+class UnsupportedTransformersError(TokenpruneError):
+    """The installed transformers release is outside the range tokenprune is tested on.
+
+    The message names the installed release, the supported range and the override
+    (``TOKENPRUNE_ALLOW_UNSUPPORTED_TRANSFORMERS=1`` turns the refusal into a warning).
+    """
+
+
 class ReducerOutputError(TokenpruneError):
     """A reducer returned a selection or merge that breaks the contract (names plugin and defect)."""
 

@@ -25,17 +25,13 @@ import transformers
 from packaging.version import Version
 from torch import Tensor, nn
 
-from tokenprune.errors import TokenpruneError
+from tokenprune.errors import TokenpruneError, UnsupportedTransformersError
 
 #: The transformers releases tokenprune is tested on: ``(floor, first untested)``. Keep it equal to
 #: the range in ``pyproject.toml`` and to ``scripts/transformers-matrix.txt``'s ends.
 SUPPORTED: tuple[str, str] = ("5.18.0", "5.25.0")
 #: Set to ``1`` to turn the refusal of an unsupported transformers release into a warning.
 OVERRIDE_VARIABLE = "TOKENPRUNE_ALLOW_UNSUPPORTED_TRANSFORMERS"
-
-
-class UnsupportedTransformersError(TokenpruneError):
-    """The installed transformers release is outside the range tokenprune is tested on."""
 
 
 def transformers_version() -> str:
