@@ -17,13 +17,17 @@ else
   mapfile -t versions < <(grep -v '^\s*#' scripts/transformers-matrix.txt | sed '/^\s*$/d')
 fi
 base_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-# The tests whose outcome depends on transformers' internals: the adapter invariants, engine behaviour,
-# the attention probe and FLOP counting, and the adapter tutorial's own test.
+# The tests whose outcome depends on transformers' internals: the compatibility module, the adapter
+# invariants, engine behaviour and guards, FLOP counting, the reducers end to end (the attention probe
+# among them), and the adapter tutorial's own test.
 tests=(
+  tests/test_compat.py
   tests/test_engine_invariants.py
   tests/test_engine_behaviour.py
-  tests/test_compat.py
+  tests/test_engine_guards.py
   tests/test_cost_counts.py
+  tests/test_cost_flops.py
+  tests/test_reducers_e2e.py
   tests/test_reducer_fastv.py
   examples/tokenprune-example-adapter/tests
 )

@@ -13,6 +13,7 @@ from engine_fixtures import Recorder, forward, generate, manager, pipe
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenprune as tp
+from tokenprune.engine import compat
 from tokenprune.errors import ReducerInputError, ReducerOutputError, TokenpruneError, UnsupportedModelError
 
 
@@ -340,24 +341,30 @@ def test_eager_models_use_additive_masks(nxt, plugins):
         torch.testing.assert_close(out[:, -4 + j], gen.logits[j], atol=1e-5, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("cache_name", ["current", "past_key_values"])
 @pytest.mark.parametrize("name", ["llava_next", "qwen2_vl"])
-def test_manual_decode_loop_without_position_ids(name, plugins):
-    """model(**inputs) then model(next_token, past_key_values=...) with no position_ids, as a user
-    loop does, gives the same logits as generate()."""
+def test_manual_decode_loop_without_position_ids(name, cache_name, plugins):
+    """model(**inputs) then model(next_token, <cache>=...) with no position_ids, as a user loop does,
+    gives the same logits as generate(); under the release's own cache argument and under the name
+    that transformers 5.24 deprecated."""
     tiny = tm.BUILDERS[name]()
+    if cache_name == "current":
+        cache_name = compat.cache_argument_name(tiny.model.forward)
     inputs = tiny.make_inputs([(112, 112)])
     with tp.apply(tiny.model, pipe(("post_projector", "random", 0.5), ({"layer": 2}, "random", 0.5)), plugins=plugins):
         gen = generate(tiny.model, inputs, 3)
         with torch.no_grad():
             out = tiny.model(**inputs, use_cache=True)
-            cache, mask = out.past_key_values, inputs["attention_mask"]
+            cache, mask = compat.output_cache(out), inputs["attention_mask"]
             steps = [out.logits[:, -1]]
             for t in range(2):
                 token = gen.sequences[:, inputs["input_ids"].shape[1] + t][:, None]
                 mask = torch.cat([mask, torch.ones_like(token)], 1)
                 kw = {"mm_token_type_ids": torch.zeros_like(token)} if name.startswith("qwen") else {}
-                out = tiny.model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, **kw)
-                cache = out.past_key_values
+                kw[cache_name] = cache
+                out = tiny.model(input_ids=token, attention_mask=mask, use_cache=True, **kw)
+                cache = compat.output_cache(out)
                 steps.append(out.logits[:, -1])
     for a, b in zip(steps, gen.logits, strict=False):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tokenprune.engine import compat
+
 VOCAB = 256
 IMAGE_TOKEN = 4  # shared id of the image placeholder in every tiny model
 TEXT = dict(
@@ -115,7 +117,6 @@ def llava_next(seed: int = 0) -> Tiny:
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
         LlavaNextProcessor,
         PreTrainedTokenizerFast,
     )
@@ -143,7 +144,7 @@ def llava_next(seed: int = 0) -> Tiny:
         extra_special_tokens={"image_token": "<image>"},
     )
     hf_tok.padding_side = "left"
-    ip = LlavaNextImageProcessorPil(
+    ip = compat.image_processor_class("LlavaNext")(
         size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_grid_pinpoints=cfg.image_grid_pinpoints
     )
     proc = LlavaNextProcessor(
@@ -210,8 +211,6 @@ def llava(seed: int = 0) -> Tiny:
 
 
 def _qwen(kind: str, seed: int = 0) -> Tiny:
-    from transformers import Qwen2VLImageProcessorPil
-
     if kind == "qwen2_vl":
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
@@ -256,7 +255,7 @@ def _qwen(kind: str, seed: int = 0) -> Tiny:
     )
     cfg._attn_implementation = "sdpa"
     model = _finish(Model(cfg))
-    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
+    ip = compat.image_processor_class("Qwen2VL")(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
 
     def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
         rows, images = [], []
@@ -311,11 +310,7 @@ BUILDERS: dict[str, Callable[[], Tiny]] = {
 
 
 def llava_onevision(seed: int = 0) -> Tiny:
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessorPil,
-    )
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = LlavaOnevisionConfig(
@@ -328,7 +323,7 @@ def llava_onevision(seed: int = 0) -> Tiny:
     )
     cfg._attn_implementation = "sdpa"
     model = _finish(LlavaOnevisionForConditionalGeneration(cfg))
-    ip = LlavaOnevisionImageProcessorPil(
+    ip = compat.image_processor_class("LlavaOnevision")(
         size={"height": 56, "width": 56},
         crop_size={"height": 56, "width": 56},
         image_grid_pinpoints=cfg.image_grid_pinpoints,

@@ -8,7 +8,7 @@ signature, an attribute) rather than by version number, with the releases it was
 When a transformers release breaks one, this module is the one file to change (the steps are in
 ``docs/engine.md``, "Compatibility").
 
-Verified on transformers 5.18.0 to 5.24.0 (the declared range, :data:`SUPPORTED`).
+Verified on transformers 5.18.0 to 5.24.0 (the declared range, :data:`SUPPORTED`, less :data:`EXCLUDED`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ from tokenprune.errors import TokenpruneError, UnsupportedTransformersError
 #: The transformers releases tokenprune is tested on: ``(floor, first untested)``. Keep it equal to
 #: the range in ``pyproject.toml`` and to ``scripts/transformers-matrix.txt``'s ends.
 SUPPORTED: tuple[str, str] = ("5.18.0", "5.25.0")
+#: Minors inside :data:`SUPPORTED` that are refused all the same, with the reason.
+EXCLUDED: dict[str, str] = {
+    "5.20": "its stock SmolVLM merge reshapes image features by the vision patch size instead of the "
+    "image's token count (an unpruned generate fails on the test models)",
+}
 #: Set to ``1`` to turn the refusal of an unsupported transformers release into a warning.
 OVERRIDE_VARIABLE = "TOKENPRUNE_ALLOW_UNSUPPORTED_TRANSFORMERS"
 
@@ -40,15 +45,17 @@ def transformers_version() -> str:
 
 
 def supported_range() -> str:
-    """The declared range as a requirement specifier, e.g. ``">=5.18.0,<5.25.0"``."""
+    """The declared range as a requirement specifier, e.g. ``">=5.18.0,!=5.20.*,<5.25.0"``."""
     floor, ceiling = SUPPORTED
-    return f">={floor},<{ceiling}"
+    excluded = "".join(f",!={minor}.*" for minor in EXCLUDED)
+    return f">={floor}{excluded},<{ceiling}"
 
 
 def is_supported(version: str | None = None) -> bool:
-    """Whether ``version`` (default: the installed one) lies in :data:`SUPPORTED`."""
-    floor, ceiling = (Version(v) for v in SUPPORTED)
-    return floor <= Version(version or transformers_version()) < ceiling
+    """Whether ``version`` (default: the installed one) lies in :data:`SUPPORTED` and not in :data:`EXCLUDED`."""
+    v = Version(version or transformers_version())
+    floor, ceiling = (Version(s) for s in SUPPORTED)
+    return floor <= v < ceiling and f"{v.major}.{v.minor}" not in EXCLUDED
 
 
 def check_transformers_version() -> None:
@@ -60,9 +67,12 @@ def check_transformers_version() -> None:
     """
     if is_supported():
         return
+    v = Version(transformers_version())
+    why = EXCLUDED.get(f"{v.major}.{v.minor}")
     message = (
         f"tokenprune is tested on transformers {supported_range()}, but transformers {transformers_version()} is "
-        f"installed; install a release in that range (pip install 'transformers{supported_range()}'), or set "
+        f"installed{f' ({why})' if why else ''}; install a release in that range "
+        f"(pip install 'transformers{supported_range()}'), or set "
         f"{OVERRIDE_VARIABLE}=1 to run anyway (the engine then checks every prefill and decoding step it cannot "
         "recognise, but results on an untested release are not guaranteed)"
     )

@@ -11,8 +11,11 @@ e.g. 64 + 16*16 + 16 = 336 tokens for a 64x64 image (see :func:`num_image_tokens
 
 from __future__ import annotations
 
-from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+from typing import Any
 
+from transformers import LlavaNextProcessor
+
+from tokenprune.engine import compat
 from tokenprune.synth.tokenizer import IMAGE, build_tokenizer
 
 TILE = 32
@@ -28,9 +31,9 @@ def prompt(question: str) -> str:
     return f"{IMAGE} {question}"
 
 
-def build_image_processor() -> LlavaNextImageProcessorPil:
-    """The PIL anyres image processor with 32x32 views and the mini VLM's pinpoints."""
-    return LlavaNextImageProcessorPil(
+def build_image_processor() -> Any:
+    """The PIL anyres image processor (``LlavaNextImageProcessorPil``) with 32x32 views and the mini VLM's pinpoints."""
+    return compat.image_processor_class("LlavaNext")(
         size={"height": TILE, "width": TILE},
         crop_size={"height": TILE, "width": TILE},
         image_grid_pinpoints=GRID_PINPOINTS,

@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+from tokenprune.engine import compat
 
 IMG, IMG_BREAK, IMG_END = 10, 12, 13  # Mistral's ids
 PATCH, MERGE = 14, 2
@@ -20,7 +22,7 @@ SPECS = [(56, 56), (56, 112), (112, 84)]  # three images of different sizes: 2x2
 @dataclass
 class Tiny:
     model: Mistral3ForConditionalGeneration
-    processor: PixtralImageProcessorPil
+    processor: Any  # PixtralImageProcessorPil
 
     def image_tokens(self, height: int, width: int) -> list[int]:
         """The prompt tokens of one processed image (as ``PixtralProcessor`` writes them)."""
@@ -89,7 +91,7 @@ def build_tiny(seed: int = 0) -> Tiny:
         attn_implementation="sdpa",
     )
     model = Mistral3ForConditionalGeneration(cfg).eval()
-    processor = PixtralImageProcessorPil(
+    processor = compat.image_processor_class("Pixtral")(
         size={"longest_edge": 112}, patch_size={"height": PATCH * MERGE, "width": PATCH * MERGE}
     )
     return Tiny(model, processor)
