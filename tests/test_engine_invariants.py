@@ -90,7 +90,7 @@ def test_probe_only_at_needed_layers(tiny, plugins):
     inputs = tiny.make_inputs([specs[0], specs[1], None])
     with tp.apply(tiny.model, pipe(({"layer": 3}, "probe_recorder", 0.5)), plugins=plugins) as run:
         forward(tiny.model, inputs, tiny.name)
-        assert set(run._probe.scores) == {2}
+        assert set(run._forwards.probe.scores) == {2}
         assert tiny.model.config.get_text_config()._attn_implementation.startswith("tokenprune_probe")
 
 

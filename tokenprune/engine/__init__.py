@@ -7,7 +7,8 @@ Users keep calling ``model(**inputs)`` and ``model.generate(**inputs)`` as befor
 
 How it works (details in ``docs/engine.md``), one module each:
 
-* :mod:`~tokenprune.engine.run`: the public handle and the hooks. A forward pass whose cache is
+* :mod:`~tokenprune.engine.run`: the public handle; :mod:`~tokenprune.engine.forward`: the hooks
+  that run the pipeline inside the model's forward. A forward pass whose cache is
   empty (or absent) is a prefill: the pipeline runs. Later cached steps only have their masks and
   positions adjusted to the pruned cache. A stage that should have run on a prefill with visual
   tokens but did not is an error, never an unpruned result.

@@ -1,0 +1,469 @@
+"""The hooks that run a pipeline inside the model's forward: prefill, post_projector and layer stages, decoding.
+
+:class:`ForwardHooks` is the machinery behind :class:`~tokenprune.engine.PruningRun`; it owns the
+hooks (:class:`~tokenprune.engine.hooks.HookSet`), the attention probe and the per-forward state
+(:class:`~tokenprune.engine.state.PrefillState`), and hands every stage to
+:func:`~tokenprune.engine.stage.run_stage`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tokenprune import positions as P
+from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.engine import compat
+from tokenprune.engine.decode import check_decoding_mask, layer_decoding_kwargs, model_decoding_kwargs
+from tokenprune.engine.hooks import HookSet
+from tokenprune.engine.masks import slice_mask
+from tokenprune.engine.sequence import TokenSequence, gather_position_ids, gather_tokens, position_ids_like
+from tokenprune.engine.stage import StageOutcome, StagePlan, run_stage
+from tokenprune.engine.state import PrefillState
+from tokenprune.errors import PipelineError, ReducerInputError, TokenpruneError
+from tokenprune.layout import TokenLayout, sequence_layout
+from tokenprune.pipeline import Pipeline
+from tokenprune.probe import AttentionProbe, ProbeRows
+from tokenprune.stats import ForwardStats, RunStats
+
+
+class ForwardHooks:
+    """The engine's hooks on one model for one pipeline.
+
+    Args:
+        model: The top-level VLM.
+        pipeline: The validated pipeline.
+        adapter: The model family's adapter.
+        plans: One :class:`StagePlan` per stage, in pipeline order.
+        stats: Where each forward's statistics are appended.
+    """
+
+    def __init__(
+        self, model: nn.Module, pipeline: Pipeline, adapter: ModelAdapter, plans: list[StagePlan], stats: RunStats
+    ) -> None:
+        self.model = model
+        self.pipeline = pipeline
+        self.adapter = adapter
+        self.stats = stats
+        self.probe: AttentionProbe | None = None
+        self._plans = plans
+        self._hooks = HookSet()
+        self._state: PrefillState | None = None
+        self._forward: ForwardStats | None = None
+        self._image_call: ImageCall | None = None
+        self._labels: Tensor | None = None
+        self._real_tokens: list[int] = []
+        self._post = [p for p in plans if p.stage.point.kind == "post_projector"]
+        self._layer: dict[int, list[StagePlan]] = {}
+        for p in plans:
+            if p.stage.point.kind == "layer":
+                self._layer.setdefault(int(p.stage.point.layer), []).append(p)  # type: ignore[arg-type]
+        self._compact = pipeline.positions == "compact"
+        self._boolean_masks = True
+
+    def remove(self) -> None:
+        """Take every hook and the probe away; safe to call twice."""
+        self._hooks.remove()
+        if self.probe is not None:
+            self.probe.remove()
+            self.probe = None
+        self._state = None
+
+    # --- installation -------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Check the model against the stages, then install every hook (on failure the caller removes)."""
+        vlm, lm = self.adapter.vlm(), self.adapter.language_model()
+        layers = list(self.adapter.decoder_layers())
+        self._check_layers(len(layers))
+        for p in self._plans:
+            try:
+                p.reducer.bind(self.model, p.stage.point)
+            except ReducerInputError as exc:
+                raise ReducerInputError(f"stage {p.index} ({p.stage.reducer!r} at {p.stage.point}): {exc}") from exc
+        impl = compat.attention_implementation(self.adapter.text_config())
+        if self._plans and impl not in ("sdpa", "eager"):
+            raise TokenpruneError(
+                f"tokenprune supports the 'sdpa' and 'eager' attention implementations, but the language model uses "
+                f"{impl!r}; load the model with attn_implementation='sdpa'"
+            )
+        self._boolean_masks = impl != "eager"
+        compat.cache_argument_name(vlm.forward)  # refuse, at apply time, a release whose cache argument is unknown
+        probed = self._probed_layers()
+        if probed:
+            self.probe = AttentionProbe(layers=probed, rows=self._probe_rows)
+            self.probe.install(lm, layers)
+        hooks = self._hooks
+        hooks.pre(self.model, self._top_pre)
+        hooks.post(self.model, self._top_post, always=True)
+        hooks.pre(vlm, self._vlm_pre)
+        hooks.post(vlm, self._vlm_post)
+        hooks.pre(lm, self._lm_pre)
+        for i, layer in enumerate(layers):
+            hooks.pre(layer, self._layer_pre(i))
+        for k in self._layer:
+            hooks.post(layers[k - 1], self._layer_post(k))
+        if hasattr(vlm, "get_image_features"):
+            hooks.wrap_method(vlm, "get_image_features", self._record_image_call)
+
+    def _check_layers(self, n: int) -> None:
+        for k, plans in self._layer.items():
+            if k >= n:
+                p = plans[0]
+                raise PipelineError(
+                    f"stage {p.index} ({p.stage.reducer!r}) runs at layer {k}, but this model's language model has "
+                    f"{n} decoder layers; use a layer between 1 and {n - 1}"
+                )
+
+    def _probed_layers(self) -> dict[int, frozenset[str]]:
+        probed: dict[int, frozenset[str]] = {}
+        for k, plans in self._layer.items():
+            sources = frozenset().union(*(p.reducer.attention_sources() for p in plans))
+            if sources:
+                probed[k - 1] = sources
+        return probed
+
+    def _record_image_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        self._image_call = ImageCall(args, kwargs, output)
+
+    def _forget_forward(self) -> None:
+        """Drop what one forward left behind (after it raised, the next call starts clean)."""
+        self._state = None
+        self._image_call = None
+        self._labels = None
+        if self.probe is not None:
+            self.probe.active = False
+            self.probe.scores.clear()
+
+    # --- hooks: top model (labels, loss) ------------------------------------------------------
+
+    def _top_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._labels = None
+        kw = _bind(module.forward, args, kwargs)
+        labels = kw.get("labels")
+        if labels is not None and self._plans:
+            self._labels = labels
+            kw["labels"] = None
+            return (), kw
+        return None
+
+    def _top_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        if output is None:  # the forward raised
+            self._forget_forward()
+            return None
+        labels, self._labels = self._labels, None
+        st = self._state
+        if st is not None and st.in_prefill:
+            st.in_prefill = False
+            if self.probe is not None:
+                self.probe.active = False
+        if labels is None or getattr(output, "logits", None) is None:
+            return None
+        final = st.final if st is not None else None
+        if final is not None:
+            labels = labels.gather(1, final.input_column.clamp(min=0)).masked_fill(final.input_column < 0, -100)
+        vocab = self.model.config.get_text_config().vocab_size
+        output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=vocab)
+        return output
+
+    # --- hooks: multimodal base model (phase, decoding masks and positions) ---------------------
+
+    def _vlm_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        kw = _bind(module.forward, args, kwargs)
+        ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        batch, q = int(ref.shape[0]), int(ref.shape[1])
+        if compat.cache_length(compat.cache_from_kwargs(kw)) == 0:
+            self._start_prefill(kw, batch, q)
+            return None
+        self._forward = ForwardStats("decode", batch)
+        self.stats.forwards.append(self._forward)
+        st = self._state
+        if st is None:
+            return None
+        st.in_prefill = False
+        st.step_length = q
+        check_decoding_mask(kw.get("attention_mask"), st)
+        if not st.lm_pruned:
+            return None
+        return (), model_decoding_kwargs(kw, st, self.adapter, self._compact)
+
+    def _start_prefill(self, kw: dict[str, Any], batch: int, q: int) -> None:
+        self._forward = ForwardStats("prefill", batch)
+        self.stats.forwards.append(self._forward)
+        self._state = None
+        mask = kw.get("attention_mask")
+        two_d = isinstance(mask, Tensor) and mask.dim() == 2
+        self._real_tokens = mask.sum(1).tolist() if two_d else [q] * batch
+        input_ids = kw.get("input_ids")
+        if not self._plans:
+            self._image_call = None
+            return
+        if input_ids is None:
+            self._refuse_embeds_only(kw)
+            self._image_call = None
+            return
+        visual = self.adapter.visual_mask(input_ids)
+        if not bool(visual.any()):
+            self._image_call = None
+            return
+        input_mask = mask.bool() if two_d else torch.ones(batch, q, dtype=torch.bool, device=input_ids.device)
+        self._state = PrefillState(visual=visual, input_mask=input_mask, input_length=q)
+        if self.probe is not None:
+            self.probe.active = True
+            self.probe.scores.clear()
+
+    def _refuse_embeds_only(self, kw: dict[str, Any]) -> None:
+        images = [name for name in ("pixel_values", "pixel_values_videos") if kw.get(name) is not None]
+        if images:
+            raise TokenpruneError(
+                f"{self.adapter.name}: the model was called with inputs_embeds and {images[0]} but no input_ids; "
+                "tokenprune finds the visual tokens by their placeholder ids, so this prefill would run unpruned. "
+                "Pass input_ids (as the processor returns them) instead of inputs_embeds"
+            )
+
+    def _vlm_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        st = self._state
+        if st is None:
+            return
+        if st.in_prefill:
+            self._check_every_stage_ran(st)
+        else:
+            st.decoded += st.step_length
+
+    def _check_every_stage_ran(self, st: PrefillState) -> None:
+        missed = [p for p in self._plans if p.index not in st.stages_run]
+        if missed:
+            p = missed[0]
+            raise TokenpruneError(
+                f"stage {p.index} ({p.stage.reducer!r} at {p.stage.point}) did not run on a prefill with visual "
+                f"tokens ({self.model.config.model_type}, transformers {compat.transformers_version()}): the hook it "
+                "needs was not called, so the output would be unpruned. This transformers release may have changed "
+                "how the model calls its language model (see 'Compatibility' in docs/engine.md)"
+            )
+
+    # --- hooks: language model (post_projector stages) ----------------------------------------
+
+    def _lm_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        st = self._state
+        if st is None:
+            return None
+        kw = _bind(module.forward, args, kwargs)
+        hidden = kw.get("inputs_embeds")
+        if hidden is None:
+            raise TokenpruneError(
+                f"{type(module).__name__} was called without inputs_embeds; the {self.adapter.name} adapter expects "
+                "the multimodal model to merge image features before the language model"
+            )
+        batch, length = int(hidden.shape[0]), int(hidden.shape[1])
+        position_ids = kw.get("position_ids")
+        if not st.in_prefill:
+            if position_ids is not None:
+                st.step_positions = P.to_rows(position_ids, batch)[0]
+            else:
+                start = st.lm_length + st.decoded
+                st.step_positions = torch.arange(start, start + length, device=hidden.device)[None, None].expand(
+                    1, batch, -1
+                )
+            return None
+        if length != st.input_length:
+            raise TokenpruneError(
+                f"the language model received {length} tokens but input_ids has {st.input_length}; the "
+                f"{self.adapter.name} adapter cannot locate the visual tokens"
+            )
+        seq, fmt = self._input_sequence(st, hidden, position_ids)
+        self._image_call = None
+        changed = False
+        for plan in self._post:
+            outcome = self._run(plan, hidden, seq, None)
+            hidden, seq, changed = outcome.hidden, outcome.sequence, changed or outcome.changed
+        st.lm_length = int(hidden.shape[1])
+        st.lm_pruned = changed
+        st.lm_freed_positions = seq.freed_positions
+        st.lm_mask = seq.valid.long()
+        if changed:
+            kw["inputs_embeds"] = hidden
+            kw["attention_mask"] = self._pruned_input_mask(kw.get("attention_mask"), seq)
+            kw["position_ids"] = P.from_rows(seq.positions, fmt)
+        lm_columns = torch.arange(st.lm_length, device=hidden.device).expand(batch, -1)
+        st.current = st.final = st.lm_sequence = replace(seq, lm_column=lm_columns, has_padding_slots=False)
+        return ((), kw) if changed else None
+
+    def _input_sequence(
+        self, st: PrefillState, hidden: Tensor, position_ids: Tensor | None
+    ) -> tuple[TokenSequence, P.PositionFormat]:
+        batch, length = int(hidden.shape[0]), int(hidden.shape[1])
+        device = hidden.device
+        if position_ids is None:
+            rows, fmt = torch.arange(length, device=device)[None, None].expand(1, batch, -1), P.PositionFormat(2)
+        else:
+            rows, fmt = P.to_rows(position_ids, batch)
+        columns = torch.arange(length, device=device).expand(batch, -1)
+        seq = TokenSequence(
+            input_column=columns,
+            lm_column=columns,
+            valid=st.input_mask,
+            visual=st.visual,
+            sizes=torch.ones(batch, length, device=device),
+            layout=self._layout(st.visual),
+            positions=rows,
+            freed_positions=torch.zeros(rows.shape[0], batch, dtype=torch.long, device=device),
+        )
+        return seq, fmt
+
+    def _pruned_input_mask(self, mask: Any, seq: TokenSequence) -> Any:
+        if mask is None or (isinstance(mask, Tensor) and mask.dim() == 2):
+            return seq.valid.to(mask.dtype if isinstance(mask, Tensor) else torch.long)
+        if isinstance(mask, dict):
+            return {name: self._slice(m, seq.input_column, seq.input_column, seq.valid) for name, m in mask.items()}
+        return self._slice(mask, seq.input_column, seq.input_column, seq.valid)
+
+    # --- hooks: decoder layers (layer stages) -------------------------------------------------
+
+    def _probe_rows(self, layer: int) -> ProbeRows | None:
+        st = self._state
+        if st is None or st.current is None:
+            return None
+        return ProbeRows(visual=st.current.visual, valid=st.current.valid)
+
+    def _layer_post(self, k: int) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+            st = self._state
+            if st is None or not st.in_prefill or st.current is None:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            seq, attention, changed = st.current, self._probed_attention(k), False
+            for plan in self._layer[k]:
+                outcome = self._run(plan, hidden, seq, attention)
+                hidden, seq = outcome.hidden, outcome.sequence
+                if outcome.changed and attention is not None:
+                    idx = outcome.kept_columns
+                    attention = {
+                        s: a.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0) for s, a in attention.items()
+                    }
+                changed = changed or outcome.changed
+            if not changed:
+                return None
+            st.current = st.final = st.segments[k] = seq
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    def _probed_attention(self, k: int) -> dict[str, Tensor] | None:
+        if self.probe is None or (k - 1) not in self.probe.layers:
+            return None
+        attention = self.probe.scores.get(k - 1)
+        if attention is None:
+            raise TokenpruneError(
+                f"the attention probe recorded nothing at layer {k - 1}; the layer's attention did not go "
+                "through the probe (is the attention implementation overridden elsewhere?)"
+            )
+        return attention
+
+    def _layer_pre(self, i: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            st = self._state
+            seg = st.segment(i) if st is not None else None
+            if self._forward is not None and isinstance(hidden, Tensor):
+                self._record_layer_tokens(st, seg, hidden)
+            if seg is None or st is None:
+                return None
+            if st.in_prefill:
+                return args, self._prefill_layer_kwargs(kwargs, hidden, seg, i)
+            kw = layer_decoding_kwargs(
+                kwargs, hidden, seg, st, self.adapter, i, compact=self._compact, **self._mask_kind()
+            )
+            return args, kw
+
+        return hook
+
+    def _record_layer_tokens(self, st: PrefillState | None, seg: TokenSequence | None, hidden: Tensor) -> None:
+        fs = self._forward
+        if st is not None and st.in_prefill and st.lm_sequence is not None:
+            fs.layer_tokens.append((seg if seg is not None else st.lm_sequence).valid.sum(1).tolist())
+        elif fs.phase == "prefill" and len(self._real_tokens) == int(hidden.shape[0]):
+            fs.layer_tokens.append([int(r) for r in self._real_tokens])  # unchanged: the real tokens
+        else:
+            fs.layer_tokens.append([int(hidden.shape[1])] * int(hidden.shape[0]))
+        fs.layer_width.append(int(hidden.shape[1]))
+
+    def _prefill_layer_kwargs(
+        self, kwargs: dict[str, Any], hidden: Tensor, seg: TokenSequence, i: int
+    ) -> dict[str, Any]:
+        """Slice what the language model computed for the whole sequence down to the layer's kept tokens."""
+        kwargs["attention_mask"] = self._slice(kwargs.get("attention_mask"), seg.lm_column, seg.lm_column, seg.valid)
+        pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+        if self._compact:
+            kwargs["position_embeddings"] = self.adapter.rotary(hidden, seg.positions, i)
+        elif pe is not None:
+            kwargs["position_embeddings"] = tuple(gather_tokens(t, seg.lm_column) for t in pe)
+        if isinstance(pos, Tensor):
+            kwargs["position_ids"] = (
+                position_ids_like(seg.positions, pos) if self._compact else gather_position_ids(pos, seg.lm_column)
+            )
+        return kwargs
+
+    # --- stages -------------------------------------------------------------------------------
+
+    def _run(
+        self, plan: StagePlan, hidden: Tensor, seq: TokenSequence, attention: Mapping[str, Tensor] | None
+    ) -> StageOutcome:
+        outcome = run_stage(
+            plan,
+            hidden,
+            seq,
+            attention,
+            compact_positions=self._compact,
+            protect_newlines=self.pipeline.protect_newlines,
+        )
+        if self._state is not None:
+            self._state.stages_run.add(plan.index)
+        if self._forward is not None:
+            self._forward.stages.append(outcome.stats)
+        return outcome
+
+    def _layout(self, visual: Tensor) -> TokenLayout | None:
+        call = self._image_call
+        if call is None:
+            return None
+        layouts = self.adapter.image_layouts(call)
+        try:
+            return sequence_layout(layouts, visual)
+        except ValueError:
+            sizes, counts = [int(lay.shape[1]) for lay in layouts], visual.sum(1).tolist()
+            raise TokenpruneError(
+                f"adapter {self.adapter.name!r}: image_layouts() describes images of {sizes} tokens, but "
+                f"visual_mask() marks {counts} visual tokens per sample; the layouts must cover exactly the tokens "
+                "the mask marks (check tokenprune.testing_adapters.check_layout_covers_visual_tokens)"
+            ) from None
+
+    # --- masks --------------------------------------------------------------------------------
+
+    def _mask_kind(self) -> dict[str, Any]:
+        lm = self.adapter.language_model()
+        return {"boolean": self._boolean_masks, "dtype": getattr(lm, "dtype", torch.float32)}
+
+    def _slice(self, mask: Any, q_idx: Tensor, k_idx: Tensor, valid: Tensor) -> Any:
+        return slice_mask(mask, q_idx, k_idx, valid, **self._mask_kind())
+
+
+def _bind(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """All arguments of a call as keywords (a ``**kwargs`` catch-all flattened)."""
+    if not args:
+        return dict(kwargs)
+    sig = inspect.signature(fn)
+    bound = sig.bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif sig.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"{fn!r}: positional catch-all arguments are not supported")
+        else:
+            out[name] = value
+    return out
