@@ -20,11 +20,10 @@ fi
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "${pip[@]}" "torch==${TORCH_VERSION:-2.13.0}"
 fi
-"${pip[@]}" -e ".[dev]" -e examples/tokenprune-example-reducer -e examples/tokenprune-example-task \
+"${pip[@]}" -e ".[dev,lmms]" -e examples/tokenprune-example-reducer -e examples/tokenprune-example-task \
   -e examples/tokenprune-example-adapter
-# lmms-eval, for the tests of the lmms-eval bridge: its API modules only need these few packages, and its
-# full dependency list (torchvision among them) would pull a CUDA build of torch onto a CPU machine.
+# lmms-eval itself, last and without its dependencies: their list (torchvision among them) would pull a CUDA
+# build of torch onto a CPU machine; the `lmms` extra above holds what its command line needs.
 if ! "$VENV/bin/python" -c "import lmms_eval.api.model" 2>/dev/null; then
   "${pip[@]}" --no-deps "lmms-eval==0.7.3"
-  "${pip[@]}" pytz loguru jinja2
 fi

@@ -1,34 +1,67 @@
 """An lmms-eval model: any supported transformers VLM with a tokenprune pipeline applied.
 
-Installed with ``pip install "tokenprune[lmms]"``; tokenprune's ``pyproject.toml`` registers it in
-lmms-eval's ``lmms_eval.models`` entry-point group as ``tokenprune``, so a machine with weights and
-datasets runs::
+Installed with ``pip install --no-deps lmms-eval==0.7.3`` and ``pip install "tokenprune[lmms]"``
+(lmms-eval's own requirements pull torchvision, hence a CUDA torch, onto a CPU machine; the extra
+holds what its command line needs); tokenprune's ``pyproject.toml`` registers the model in lmms-eval's
+``lmms_eval.models`` entry-point group as ``tokenprune``, so a machine with weights and datasets runs::
 
     lmms-eval --model tokenprune \\
-        --model_args pretrained=llava-hf/llava-v1.6-mistral-7b-hf,pipeline=fastv.yaml,batch_size=8 \\
+        --model_args pretrained=llava-hf/llava-v1.6-mistral-7b-hf,pipeline=fastv.yaml \\
         --tasks textvqa_val,gqa,pope --batch_size 8
 
 ``model_args``: ``pretrained`` (hub id or folder), ``pipeline`` (a pipeline YAML file; none: the
 unpruned model), ``dtype`` (default ``bfloat16`` on CUDA, ``float32`` otherwise), ``device``,
-``batch_size``, ``prompt`` (a template with ``{image}`` and ``{question}``; default: the
-processor's chat template if it has one, else the image placeholders, a newline, the question).
-Unlike lmms-eval's own LLaVA wrappers, batches larger than one are supported: samples of a batch
-keep different numbers of tokens when the pipeline says so.
+``prompt`` (a template with ``{image}`` and ``{question}``; default: the processor's chat template
+if it has one, else the image placeholders, a newline, the question), ``max_new_tokens`` (when a
+task sets none). The batch size comes from ``--batch_size`` (a number, or ``auto``: start at
+``--max_batch_size``, default 64, and halve on out-of-memory); the same value in ``model_args`` is
+accepted, a different one refused. Unlike lmms-eval's own LLaVA wrappers, batches larger than one are
+supported: samples of a batch keep different numbers of tokens when the pipeline says so. Requests
+are batched only with requests of the same generation settings.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
+from lmms_eval.utils import simple_parse_args_string
+from torch import Tensor
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tokenprune.engine import PruningRun, apply
 from tokenprune.errors import TokenpruneError
 from tokenprune.loading import load_model
 from tokenprune.pipeline import Pipeline, load_pipeline
+
+MODEL_ARGS = ("pretrained", "pipeline", "dtype", "device", "batch_size", "max_batch_size", "prompt", "max_new_tokens")
+AUTO_START = 64  # the first batch size tried by --batch_size auto without --max_batch_size
+
+
+@dataclass
+class Loglikelihood(GenerationResult):
+    """``(loss, is_greedy)`` of one loglikelihood request; unpacks like the tuple lmms-eval expects.
+
+    lmms-eval 0.7.3 turns every model output that is neither a string nor a ``GenerationResult`` into
+    its ``str()`` (``unwrap_generation_output``), so a bare tuple reaches ``loglikelihood`` and
+    ``multiple_choice`` tasks as text. As a ``GenerationResult`` whose ``text`` is the tuple, it
+    reaches them intact.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.text)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.text[index]
+
+    def __len__(self) -> int:
+        return len(self.text)
 
 
 class TokenpruneLMM(lmms):
@@ -41,6 +74,7 @@ class TokenpruneLMM(lmms):
         dtype: str | None = None,
         device: str | None = None,
         batch_size: int | str = 1,
+        max_batch_size: int | str | None = None,
         prompt: str | None = None,
         max_new_tokens: int | str = 64,
         **kwargs: Any,
@@ -48,18 +82,35 @@ class TokenpruneLMM(lmms):
         super().__init__()
         if kwargs:
             raise TokenpruneError(
-                f"tokenprune lmms-eval model: unknown model_args {sorted(kwargs)}; known: pretrained, pipeline, "
-                "dtype, device, batch_size, prompt, max_new_tokens"
+                f"tokenprune lmms-eval model: unknown model_args {sorted(kwargs)}; known: {', '.join(MODEL_ARGS)}"
             )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        self.batch_size_per_gpu, self.auto_batch = _batch_size(batch_size, max_batch_size)
         self.model, self.processor = load_model(pretrained, dtype, device)
         self.device = device
-        self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.prompt = prompt
         self.pipeline = load_pipeline(Path(pipeline)) if pipeline else Pipeline(name="unpruned")
         self.run: PruningRun = apply(self.model, self.pipeline)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> TokenpruneLMM:
+        """``--model_args`` plus the CLI's own settings; one given in both must agree (lmms-eval always passes
+        ``batch_size``, so ``batch_size=8`` in ``model_args`` with ``--batch_size 8`` is fine)."""
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        for key in sorted(set(args) & set(extra)):
+            if str(args[key]) != str(extra[key]) and key == "batch_size" and str(extra[key]) == "1":
+                extra.pop(key)  # lmms-eval's default --batch_size; the model_args value stands
+            elif str(args[key]) != str(extra[key]):
+                raise TokenpruneError(
+                    f"tokenprune lmms-eval model: model_args {key}={args[key]} disagrees with --{key} {extra[key]}; "
+                    f"give it once, with --{key}"
+                )
+            else:
+                extra.pop(key)
+        return cls(**args, **extra)
 
     @property
     def batch_size(self) -> int:
@@ -72,65 +123,80 @@ class TokenpruneLMM(lmms):
     # --- lmms-eval API -------------------------------------------------------------------------
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        """Greedy (or sampled, if ``gen_kwargs`` say so) answers, cut at the ``until`` strings."""
-        answers: list[str] = []
-        for start in range(0, len(requests), self.batch_size_per_gpu):
-            chunk = [r.args for r in requests[start : start + self.batch_size_per_gpu]]
-            texts, images = [], []
-            for context, _, doc_to_visual, doc_id, task, split in chunk:
-                visuals = self._visuals(doc_to_visual, task, split, doc_id)
-                texts.append(self._format(context, len(visuals)))
-                images.extend(visuals)
-            gen = dict(chunk[0][1])
-            until = gen.pop("until", None)
-            until = [until] if isinstance(until, str) else list(until or [])
-            max_new = int(gen.pop("max_new_tokens", self.max_new_tokens))
-            temperature = float(gen.pop("temperature", 0.0) or 0.0)
-            inputs = self._encode(texts, images)
-            with torch.inference_mode():
-                out = self.model.generate(
-                    **inputs,
-                    max_new_tokens=max_new,
-                    do_sample=temperature > 0,
-                    **({"temperature": temperature} if temperature > 0 else {}),
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-            decoded = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for text in decoded:
-                for stop in until:
-                    if stop and stop in text:
-                        text = text[: text.index(stop)]
-                answers.append(text.strip())
-            self.run.stats.clear()
-        return answers
+        """Answers, generated in batches of requests with equal generation settings, cut at the ``until`` strings."""
+        answers: dict[int, str] = {}
+        for settings, indices in _group_by_settings(requests).items():
+            start = 0
+            while start < len(indices):
+                chunk = indices[start : start + self.batch_size_per_gpu]
+                try:
+                    texts = self._generate([requests[i].args for i in chunk], json.loads(settings))
+                except torch.OutOfMemoryError:
+                    if not self.auto_batch or self.batch_size_per_gpu == 1:
+                        raise
+                    self.batch_size_per_gpu //= 2
+                    continue
+                answers.update(zip(chunk, texts, strict=True))
+                start += len(chunk)
+        return [answers[i] for i in range(len(requests))]
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """Sum of the continuation's token log-probabilities, and whether greedy decoding would produce it."""
-        results = []
-        for context, doc_to_target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
-            doc = self.task_dict[task][split][doc_id]
-            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
-            visuals = self._visuals(doc_to_visual, task, split, doc_id)
-            prompt = self._format(context, len(visuals))
-            cont_ids = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-            inputs = self._encode([prompt + continuation], visuals)
-            n = int(cont_ids.numel())
-            if n == 0 or not torch.equal(inputs["input_ids"][0, -n:].cpu(), cont_ids):
-                raise TokenpruneError(
-                    "loglikelihood: the continuation does not tokenize to the end of the prompt; check the prompt "
-                    "template (a continuation should start a new token)"
-                )
-            with torch.inference_mode():
-                logits = self.model(**inputs).logits[0, -n - 1 : -1].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            target = cont_ids.to(logprobs.device)
-            total = float(logprobs.gather(-1, target[:, None]).sum())
-            results.append((total, bool((logprobs.argmax(-1) == target).all())))
-            self.run.stats.clear()
-        return results
+    def loglikelihood(self, requests: list[Instance]) -> list[Loglikelihood]:
+        """Per request: ``(loss, is_greedy)``, as lmms-eval's own models return them.
+
+        ``loss`` is the mean negative log-likelihood of the continuation's tokens (what lmms-eval's LLaVA
+        returns as ``outputs.loss``; its ``multiple_choice`` tasks pick the choice with the *lowest*
+        value), ``is_greedy`` whether greedy decoding would produce the continuation. Context and
+        continuation are encoded separately and joined, as lmms-eval's own models do, so a continuation
+        appended without a space is scored on its own tokens."""
+        return [self._loglikelihood(*r.args) for r in requests]
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("the tokenprune lmms-eval model answers single-round requests only")
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def _generate(self, chunk: Sequence[tuple[Any, ...]], gen: dict[str, Any]) -> list[str]:
+        texts, images = [], []
+        for context, _, doc_to_visual, doc_id, task, split in chunk:
+            visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            texts.append(self._format(context, len(visuals)))
+            images.extend(visuals)
+        until = gen.pop("until", None)
+        until = [until] if isinstance(until, str) else [u for u in (until or []) if u]
+        inputs = self._encode(texts, images)
+        prompt = int(inputs["input_ids"].shape[1])
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                **_generation_kwargs(gen, self.max_new_tokens),
+                stopping_criteria=StoppingCriteriaList([_StopStrings(self.tokenizer, until, prompt)] if until else []),
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        self.run.stats.clear()
+        decoded = self.tokenizer.batch_decode(out[:, prompt:], skip_special_tokens=True)
+        return [_cut(text, until) for text in decoded]
+
+    def _loglikelihood(
+        self, context: str, doc_to_target: Any, doc_to_visual: Any, doc_id: int, task: str, split: str
+    ) -> Loglikelihood:
+        doc = self.task_dict[task][split][doc_id]
+        continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+        visuals = self._visuals(doc_to_visual, task, split, doc_id)
+        inputs = self._encode([self._format(context, len(visuals))], visuals)
+        cont_ids = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if cont_ids.numel() == 0:
+            raise TokenpruneError(
+                f"loglikelihood: task {task!r}, doc {doc_id}: the continuation {continuation!r} is empty"
+            )
+        inputs = _append_tokens(inputs, cont_ids.to(inputs["input_ids"].device))
+        n = int(cont_ids.shape[1])
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits[0, -n - 1 : -1].float()
+        self.run.stats.clear()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        target = cont_ids[0].to(logprobs.device)
+        loss = -float(logprobs.gather(-1, target[:, None]).mean())
+        return Loglikelihood((loss, bool((logprobs.argmax(-1) == target).all())))
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -164,6 +230,85 @@ class TokenpruneLMM(lmms):
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
+
+
+def _batch_size(value: int | str, max_batch_size: int | str | None) -> tuple[int, bool]:
+    """``(batch size, auto)`` from ``--batch_size``: a number, ``auto`` or ``auto:N`` (N: lmms-eval's recompute
+    interval, unused here; the batch only shrinks, on out-of-memory)."""
+    text = str(value).strip()
+    if text.startswith("auto"):
+        return int(max_batch_size) if max_batch_size else AUTO_START, True
+    try:
+        size = int(text)
+    except ValueError:
+        raise TokenpruneError(f"tokenprune lmms-eval model: --batch_size {value!r} is not a number or 'auto'") from None
+    if size < 1:
+        raise TokenpruneError(f"tokenprune lmms-eval model: --batch_size must be at least 1, got {size}")
+    return size, False
+
+
+def _group_by_settings(requests: Sequence[Instance]) -> dict[str, list[int]]:
+    """Request indices by their generation settings (a canonical JSON key), in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, request in enumerate(requests):
+        key = json.dumps(request.args[1] or {}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def _generation_kwargs(gen: dict[str, Any], default_max_new_tokens: int) -> dict[str, Any]:
+    """``generate`` keyword arguments from a task's ``generation_kwargs`` (``until`` taken out).
+
+    Greedy unless ``do_sample`` is set or ``temperature`` is positive; sampling settings are passed only
+    when sampling. Every other key goes to ``generate`` as it is, which refuses the ones it does not know.
+    """
+    gen = {k: v for k, v in gen.items() if v is not None}
+    temperature = float(gen.pop("temperature", 0.0))
+    do_sample = bool(gen.pop("do_sample", temperature > 0))
+    sampling = {k: gen.pop(k) for k in ("top_p", "top_k") if k in gen}
+    out: dict[str, Any] = {"max_new_tokens": int(gen.pop("max_new_tokens", default_max_new_tokens)), **gen}
+    out["do_sample"] = do_sample
+    if do_sample:
+        out.update(sampling, **({"temperature": temperature} if temperature > 0 else {}))
+    return out
+
+
+class _StopStrings(StoppingCriteria):
+    """Stops each row once its decoded answer contains a stop string (any tokenizer: transformers' own
+    ``stop_strings`` needs a vocabulary that spells arbitrary text, which word-level tokenizers lack)."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stops), prompt_length
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stops) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    """``text`` before the first occurrence of any stop string, stripped."""
+    for stop in until:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text.strip()
+
+
+def _append_tokens(inputs: Any, ids: Tensor) -> Any:
+    """Append ``(1, n)`` token ``ids`` to a processor's one-sample output (masks and token-type rows extended)."""
+    length = int(inputs["input_ids"].shape[1])
+    for key in list(inputs.keys()):
+        value = inputs[key]
+        if not isinstance(value, Tensor) or value.dim() != 2 or value.shape != (1, length):
+            continue
+        if key == "input_ids":
+            extra = ids
+        elif key == "attention_mask":
+            extra = torch.ones_like(ids)
+        else:  # token types (mm_token_type_ids, token_type_ids): text
+            extra = torch.zeros_like(ids)
+        inputs[key] = torch.cat([value, extra.to(value.dtype)], dim=1)
+    return inputs
 
 
 def manifest() -> Any:
