@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 from tokenprune_atp import ATP, ATPConfig, ATPWeights, ATPWeightsError, atp_pipeline, default_layers, load_atp
 from tokenprune_atp.model import NUM_STATS, redundancy_scores, spatial_scores
@@ -164,9 +165,54 @@ def test_apply_refuses_weights_for_another_model_before_installing(tmp_path):
         assert [type(r).__name__ for r in run.reducers] == ["ATP"]
 
 
+def test_a_three_stage_pipeline_reads_its_weights_once_per_stage(tmp_path, monkeypatch):
+    """Validation does not build reducers, apply builds each once, and ATP reads its file in bind, once."""
+    from tiny_models import llava_next
+
+    import tokenprune as tp
+
+    _, path = make_weights(tmp_path, hidden=64, num_layers=4, layers=(1, 2, 3))
+    reads = []
+    load = ATPWeights.load.__func__
+
+    def counting(cls, p):
+        reads.append(str(p))
+        return load(cls, p)
+
+    document = atp_pipeline(path)  # reads the file's config to list its layers
+    monkeypatch.setattr(ATPWeights, "load", classmethod(counting))
+    tiny = llava_next()
+    pipeline = tp.load_pipeline(document)
+    assert reads == []  # validating the pipeline reads nothing
+    with tp.apply(tiny.model, pipeline) as run:
+        assert reads == [str(path)] * 3
+        tiny.model(**tiny.make_inputs([(56, 56)]))
+    assert reads == [str(path)] * 3 and len(run.stats.last_prefill.stages) == 3
+
+
+def test_validate_reports_a_missing_weights_path_without_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from tokenprune.cli import app
+
+    missing = tmp_path / "nowhere" / "atp.safetensors"
+    pipeline = tmp_path / "atp.yaml"
+    pipeline.write_text(
+        f"stages:\n  - {{at: {{layer: 2}}, reducer: atp, keep: 0.5, params: {{weights: '{missing}'}}}}\n"
+    )
+    result = CliRunner().invoke(app, ["validate", str(pipeline)])
+    output = result.stdout + (result.stderr or "")
+    assert result.exit_code == 2
+    assert "stage 0 (reducer 'atp')" in output and "params.weights" in output and "no ATP weights" in output
+    assert "Traceback" not in output and result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_bad_files_are_clear_errors(tmp_path):
+    missing = str(tmp_path / "missing.safetensors")
+    with pytest.raises(ValidationError, match="no ATP weights"):  # a params problem, found by validation
+        ATP({"weights": missing})
     with pytest.raises(ATPWeightsError, match="no ATP weights"):
-        ATP({"weights": str(tmp_path / "missing.safetensors")})
+        load_atp(missing)
     other = tmp_path / "other.safetensors"
     save_file({"x": torch.zeros(2)}, str(other))
     with pytest.raises(ATPWeightsError, match="not ATP weights"):

@@ -31,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from tokenprune.errors import PipelineError
-from tokenprune.reducer import InsertionPoint, TokenReducer
+from tokenprune.reducer import InsertionPoint, ReducerParams, TokenReducer
 
 if TYPE_CHECKING:
     from tokenprune.plugins import ReducerRegistry
@@ -368,7 +368,7 @@ def _check_against(pipeline: Pipeline, registry: ReducerRegistry, lines: dict[tu
                     message += f" (got {err['input']!r})"
                 add("params." + ".".join(str(p) for p in loc), message, (*here, "params", *loc))
             continue
-        sources = cls(params).attention_sources()
+        sources = _attention_sources(cls, params)
         if sources and point.kind == "post_projector" and point_supported:
             add(
                 "at",
@@ -377,6 +377,14 @@ def _check_against(pipeline: Pipeline, registry: ReducerRegistry, lines: dict[tu
                 (*here, "at"),
             )
     return problems
+
+
+def _attention_sources(cls: type[TokenReducer], params: ReducerParams) -> frozenset[str]:
+    """What a stage's reducer reads, without building it; a reducer that overrides the instance method
+    ``attention_sources`` instead of ``attention_sources_for`` (the older contract) is built to ask."""
+    if cls.attention_sources is not TokenReducer.attention_sources:
+        return cls(params).attention_sources()
+    return cls.attention_sources_for(params)
 
 
 def _format(problems: list[Problem], label: str) -> str:

@@ -82,7 +82,7 @@ class Capabilities:
         attention: Attention-probe sources the reducer reads by default (empty: none). The engine
             computes them under the model's sdpa attention, only at the layers that need them.
             A reducer whose needs depend on its params overrides
-            :meth:`TokenReducer.attention_sources`.
+            :meth:`TokenReducer.attention_sources_for`.
         needs_text: Reads the text tokens at the insertion point (``ctx.text``).
         trainable: Carries learned weights (ATP).
         deterministic_count: Keeps exactly the stage's budget for every input, so the token count
@@ -352,9 +352,19 @@ class TokenReducer(ABC):
         """
         return None
 
+    @classmethod
+    def attention_sources_for(cls, params: ReducerParams) -> frozenset[AttentionSource]:
+        """Attention-probe sources a reducer with ``params`` reads; defaults to ``capabilities.attention``.
+
+        A classmethod, so pipeline validation answers it without building the reducer (whose
+        constructor may be costly); override it when the sources depend on the params (FastV's
+        ``source``).
+        """
+        return cls.capabilities.attention
+
     def attention_sources(self) -> frozenset[AttentionSource]:
-        """Attention-probe sources this instance reads; defaults to ``capabilities.attention``."""
-        return self.capabilities.attention
+        """Attention-probe sources this instance reads: :meth:`attention_sources_for` of its params."""
+        return type(self).attention_sources_for(self.params)
 
     def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
         """Multiply-accumulates that :meth:`reduce` spends on these inputs (the whole batch).

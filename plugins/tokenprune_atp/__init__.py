@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import typer
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 import tokenprune
@@ -37,6 +37,7 @@ from tokenprune import (
     TokenReducer,
 )
 from tokenprune_atp.model import (
+    WEIGHTS_FILE,
     ATPConfig,
     ATPHead,
     ATPWeights,
@@ -47,6 +48,7 @@ from tokenprune_atp.model import (
     redundancy_scores,
     score_statistics,
     spatial_scores,
+    weights_file,
 )
 
 
@@ -85,12 +87,31 @@ class ATP(TokenReducer):
             )
         )
 
+        @field_validator("weights")
+        @classmethod
+        def _weights_exist(cls, value: str) -> str:
+            """A missing weights path is a pipeline problem, found when the pipeline is validated."""
+            if not weights_file(value).is_file():
+                raise ValueError(
+                    f"no ATP weights at {value} (expected a directory holding {WEIGHTS_FILE}, or the file itself); "
+                    "train them with `tokenprune train-atp`"
+                )
+            return value
+
     def __init__(self, params: ReducerParams | dict[str, Any] | None = None) -> None:
         super().__init__(params)
-        self.weights: ATPWeights = load_atp(self.params.weights)
+        self._weights: ATPWeights | None = None
+
+    @property
+    def weights(self) -> ATPWeights:
+        """The trained modules, read from ``params.weights`` on first use (in :meth:`bind`), once."""
+        if self._weights is None:
+            self._weights = load_atp(self.params.weights)
+        return self._weights
 
     def bind(self, model: torch.nn.Module, at: InsertionPoint) -> None:
-        """Refuse, before anything is installed, a model or layer these weights were not trained for."""
+        """Read the weights, and refuse, before anything is installed, a model or layer they were not trained
+        for."""
         cfg = self.weights.config
         text = model.config.get_text_config()
         hidden, layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)

@@ -30,6 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from tokenprune.errors import TokenpruneError
+
 FORMAT = "tokenprune-atp"
 VERSION = 1
 WEIGHTS_FILE = "atp.safetensors"
@@ -38,8 +40,14 @@ NUM_STATS = 9
 """Length of the statistics vector of :func:`score_statistics`."""
 
 
-class ATPWeightsError(ValueError):
+class ATPWeightsError(TokenpruneError, ValueError):
     """ATP weights are missing, malformed, or do not fit the model they are used with."""
+
+
+def weights_file(path: str | Path) -> Path:
+    """The safetensors file of ATP weights at ``path``: the file itself, or ``atp.safetensors`` in a directory."""
+    p = Path(path)
+    return p / WEIGHTS_FILE if p.is_dir() else p
 
 
 def default_layers(num_layers: int, count: int = 3) -> list[int]:
@@ -193,7 +201,7 @@ class ATPWeights(nn.Module):
             ATPWeightsError: the file is missing, not ATP weights, or its tensors do not match its config.
         """
         p = Path(path)
-        file = p / WEIGHTS_FILE if p.is_dir() else p
+        file = weights_file(p)
         if not file.is_file():
             raise ATPWeightsError(
                 f"no ATP weights at {p} (expected a directory holding {WEIGHTS_FILE}, or the file itself); train "

@@ -46,9 +46,10 @@ class FastV(ScoringReducer):
             ),
         )
 
-    def attention_sources(self) -> frozenset[AttentionSource]:
-        """The one probe source this instance reads (``params.source``)."""
-        return frozenset({self.params.source})
+    @classmethod
+    def attention_sources_for(cls, params: ReducerParams) -> frozenset[AttentionSource]:
+        """The one probe source a FastV stage reads (``params.source``)."""
+        return frozenset({params.source})  # type: ignore[attr-defined]
 
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         """``(B, N)`` head-averaged attention received from the ``source`` rows at layer ``k - 1``."""
