@@ -104,3 +104,19 @@ def test_layout_covers_visual_tokens(tiny, checks):
     """Not an engine invariant: each adapter's layouts align with its visual tokens."""
     args, kw = _args(tiny, checks)
     ta.check_layout_covers_visual_tokens(*args, **kw)
+
+
+def test_the_kit_needs_no_built_in_reducer(monkeypatch):
+    """A third-party adapter author may disable any plugin: the checks bring their own reducers."""
+    monkeypatch.setenv("TOKENPRUNE_DISABLE_PLUGINS", "random,fastv,gprune,tome,l2norm,downsample,atp")
+    checks = ta.adapter_check_manager()
+    assert "random" not in checks.reducers and "check_drop" in checks.reducers
+    tiny = tm.llava_next()
+    ta.check_adapter(tiny.model, tiny.make_inputs, BATCH_SPECS["llava_next"], plugins=checks, suppress_tokens=SUPPRESS)
+
+
+def test_every_built_in_adapter_is_tested():
+    """ADAPTERS (the parametrisation above) covers every model type the built-in adapter plugin registers."""
+    built_in = set(tp.get_plugin_manager().adapters.provided_by("adapters"))
+    assert len(built_in) >= 9
+    assert built_in == set(ADAPTERS) == set(BATCH_SPECS) and built_in <= set(tm.BUILDERS)

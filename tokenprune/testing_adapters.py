@@ -96,6 +96,25 @@ class ProbeRecorder(ScoringReducer):
         return ctx.attention["last"]
 
 
+class SeededDrop(ScoringReducer):
+    """Keeps a seeded pseudo-random subset of each sample's tokens; the checks' own, so they need no plugin.
+
+    Each sample draws exactly its own token count from a generator seeded by the stage index, so a
+    sample keeps the same tokens alone or in a batch (the contract's batch independence).
+    """
+
+    name = "check_drop"
+    capabilities = Capabilities(insertion_points=frozenset({"post_projector", "layer"}))
+
+    def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
+        """``(B, N)`` uniform scores, drawn on the CPU per sample."""
+        scores = torch.zeros(ctx.valid.shape)
+        for row, count in enumerate(ctx.num_valid.tolist()):
+            generator = torch.Generator().manual_seed(1_000_003 * ctx.stage_index)
+            scores[row, :count] = torch.rand(count, generator=generator)
+        return scores.to(tokens.device)
+
+
 class FirstK(TokenReducer):
     """An adaptive toy: keeps the first ``budget - h`` tokens, ``h`` in {1, 2} hashed from the sample's
     own features, so keep counts vary per sample but not with the batch."""
@@ -118,6 +137,7 @@ class _CheckReducers:
 
     @tokenprune.hookimpl
     def tokenprune_register_reducers(self, registry: Any) -> None:
+        registry.add(SeededDrop)
         registry.add(ProbeRecorder)
         registry.add(FirstK)
 
@@ -138,11 +158,11 @@ def _pipe(*stages: tuple[Any, str, float], **options: Any) -> dict[str, Any]:
     return {"stages": [{"at": at, "reducer": r, "keep": keep} for at, r, keep in stages], **options}
 
 
-PRUNE = _pipe(("post_projector", "random", 0.5), ({"layer": 2}, "random", 0.5))
+PRUNE = _pipe(("post_projector", "check_drop", 0.5), ({"layer": 2}, "check_drop", 0.5))
 """Half the visual tokens after the projector, half of the rest at layer 2."""
 
 KEEP_ALL = _pipe(
-    ("post_projector", "random", 1.0), ({"layer": 1}, "probe_recorder", 1.0), ({"layer": 2}, "random", 1.0)
+    ("post_projector", "check_drop", 1.0), ({"layer": 1}, "probe_recorder", 1.0), ({"layer": 2}, "check_drop", 1.0)
 )
 """Three stages that keep every token (one of them runs the attention probe)."""
 
@@ -200,10 +220,7 @@ def _case(
 ) -> _Case:
     manager = plugins if plugins is not None else adapter_check_manager()
     reducers = manager.reducers
-    if not (
-        "random" in reducers
-        and all(cls.name in reducers and reducers.get(cls.name) is cls for cls in (ProbeRecorder, FirstK))
-    ):
+    if not all(cls.name in reducers and reducers.get(cls.name) is cls for cls in (SeededDrop, ProbeRecorder, FirstK)):
         raise ValueError(
             "the plugin manager lacks the checks' test reducers; build it with "
             "tokenprune.testing_adapters.adapter_check_manager(...)"
@@ -276,7 +293,9 @@ def check_keep_all_is_identity(
     for step, (a, b) in enumerate(zip(gen.logits, ref_gen.logits, strict=False)):
         _expect(torch.equal(a, b), name, f"the logits of generated token {step} differ")
     stages = run.stats.last_prefill.stages
-    _expect([s.reducer for s in stages] == ["random", "probe_recorder", "random"], name, "stages did not all run")
+    _expect(
+        [s.reducer for s in stages] == ["check_drop", "probe_recorder", "check_drop"], name, "stages did not all run"
+    )
     _expect(all(s.entering == s.leaving for s in stages), name, "a keep-all stage dropped tokens")
 
 
@@ -406,7 +425,7 @@ def check_remove_restores_model(
     impl = compat.attention_implementation(model.config.get_text_config())
     hooks_before = _hooks(model)
     pipeline = _pipe(
-        ("post_projector", "random", 0.5), ({"layer": 1}, "probe_recorder", 0.5), ({"layer": 2}, "random", 0.5)
+        ("post_projector", "check_drop", 0.5), ({"layer": 1}, "probe_recorder", 0.5), ({"layer": 2}, "check_drop", 0.5)
     )
     run = apply(model, pipeline, plugins=c.manager)
     pruned = c.forward(inputs).logits
@@ -450,7 +469,7 @@ def check_batch_equals_one_by_one(
     c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
     name = "batch equals one by one"
     batch = make_inputs(specs)
-    pipeline = _pipe(("post_projector", "first_k", 0.75), ({"layer": 2}, "random", 0.5))
+    pipeline = _pipe(("post_projector", "first_k", 0.75), ({"layer": 2}, "check_drop", 0.5))
     with apply(model, pipeline, plugins=c.manager) as run:
         gen = c.generate(batch, 3)
         out = c.forward(batch).logits
@@ -612,7 +631,7 @@ def check_layout_covers_visual_tokens(
     c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
     name = "the layout covers the visual tokens"
     for inputs in (make_inputs(specs), c.padded_batch()):
-        with apply(model, _pipe(("post_projector", "random", 1.0)), plugins=c.manager) as run:
+        with apply(model, _pipe(("post_projector", "check_drop", 1.0)), plugins=c.manager) as run:
             c.forward(inputs)
         (stage,) = run.stats.last_prefill.stages
         layout = stage.layout
