@@ -8,6 +8,7 @@ from tokenprune import (
     Merge,
     ReduceContext,
     ReducerInputError,
+    ReducerOutputError,
     ScoringReducer,
     Selection,
     TokenLayout,
@@ -88,7 +89,7 @@ def test_scoring_reducer_rejects_scores_of_wrong_shape():
         def score(self, tokens, ctx):
             return tokens.norm(dim=-1)[:, :1]
 
-    with pytest.raises(ReducerInputError, match=r"score\(\) returned shape \(2, 1\), expected"):
+    with pytest.raises(ReducerOutputError, match=r"score\(\) returned shape \(2, 1\), expected"):
         Bad().reduce(torch.randn(2, 3, 4), _ctx([[1, 1, 1]] * 2, [1, 1]))
 
 

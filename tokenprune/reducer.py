@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from tokenprune.errors import ReducerInputError
+from tokenprune.errors import ReducerInputError, ReducerOutputError
 from tokenprune.layout import TokenLayout
 
 InsertionKind = Literal["post_projector", "layer"]
@@ -400,7 +400,7 @@ class ScoringReducer(TokenReducer):
         scores = self.score(tokens, ctx)
         b, n = ctx.valid.shape
         if scores.shape != (b, n):
-            raise ReducerInputError(
+            raise ReducerOutputError(
                 f"reducer {self.name!r}: score() returned shape {tuple(scores.shape)}, expected (B, N) = {(b, n)}"
             )
         return top_k_selection(scores, ctx, reducer_name=self.name)

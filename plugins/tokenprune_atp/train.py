@@ -430,7 +430,7 @@ def atp_loss(out: SoftForward, labels: Tensor, cfg: ATPTrainConfig) -> tuple[Ten
     return loss, parts
 
 
-# --- the trainer ---------------------------------------------------------------------------------------
+# --- evaluation batches ------------------------------------------------------------------------------
 
 
 def first_question(batch: Any) -> Any:

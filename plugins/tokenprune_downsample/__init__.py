@@ -113,9 +113,6 @@ def _grid_positions(row: Tensor, col: Tensor) -> tuple[int, int, Tensor] | None:
     return rows, cols, position
 
 
-# --- budget planning (the same rules as the gprune reducer's) -----------------------------------------
-
-
 @tokenprune.hookimpl
 def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
     registry.add(Downsample)
