@@ -1,4 +1,5 @@
-"""Decoding against a pruned KV cache: the caller's masks and positions mapped onto the kept tokens.
+"""What pruned layers and decoding steps receive: sliced prefill inputs, and the caller's decoding masks and
+positions mapped onto the pruned KV cache.
 
 The caller (or ``generate``) keeps describing the *unpruned* sequence: a 2-D mask over every token
 of the prompt plus the tokens decoded so far, positions that continue from the unpruned length.
@@ -15,8 +16,8 @@ from torch import Tensor
 
 from tokenprune import positions as P
 from tokenprune.adapters.base import ModelAdapter
-from tokenprune.engine.masks import causal_mask
-from tokenprune.engine.sequence import TokenSequence, position_ids_like
+from tokenprune.engine.masks import causal_mask, slice_mask
+from tokenprune.engine.sequence import TokenSequence, gather_position_ids, gather_tokens, position_ids_like
 from tokenprune.engine.state import PrefillState
 from tokenprune.errors import TokenpruneError
 
@@ -74,6 +75,34 @@ def model_decoding_kwargs(kw: dict[str, Any], st: PrefillState, adapter: ModelAd
         position_ids = P.from_rows(rows - st.lm_freed_positions.unsqueeze(-1), fmt)
     kw["position_ids"] = position_ids
     return kw
+
+
+def prefill_layer_kwargs(
+    kwargs: dict[str, Any],
+    hidden: Tensor,
+    seg: TokenSequence,
+    adapter: ModelAdapter,
+    layer: int,
+    *,
+    compact: bool,
+    boolean: bool,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """A pruned decoder layer's keyword arguments in the prefill: what the language model computed for the
+    whole sequence (4-D mask, rotary tables, position ids), sliced down to the layer's kept tokens; under
+    ``compact`` positions the rotary tables are recomputed for the renumbered positions."""
+    cols = seg.lm_column
+    kwargs["attention_mask"] = slice_mask(
+        kwargs.get("attention_mask"), cols, cols, seg.valid, boolean=boolean, dtype=dtype
+    )
+    pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+    if compact:
+        kwargs["position_embeddings"] = adapter.rotary(hidden, seg.positions, layer)
+    elif pe is not None:
+        kwargs["position_embeddings"] = tuple(gather_tokens(t, cols) for t in pe)
+    if isinstance(pos, Tensor):
+        kwargs["position_ids"] = position_ids_like(seg.positions, pos) if compact else gather_position_ids(pos, cols)
+    return kwargs
 
 
 def layer_decoding_kwargs(

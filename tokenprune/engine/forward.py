@@ -8,7 +8,6 @@ hooks (:class:`~tokenprune.engine.hooks.HookSet`), the attention probe and the p
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -19,14 +18,19 @@ from torch import Tensor, nn
 from tokenprune import positions as P
 from tokenprune.adapters.base import ImageCall, ModelAdapter
 from tokenprune.engine import compat
-from tokenprune.engine.decode import check_decoding_mask, layer_decoding_kwargs, model_decoding_kwargs
-from tokenprune.engine.hooks import HookSet
-from tokenprune.engine.masks import slice_mask
-from tokenprune.engine.sequence import TokenSequence, gather_position_ids, gather_tokens, position_ids_like
+from tokenprune.engine.decode import (
+    check_decoding_mask,
+    layer_decoding_kwargs,
+    model_decoding_kwargs,
+    prefill_layer_kwargs,
+)
+from tokenprune.engine.guards import check_every_stage_ran, check_layers_exist, refuse_embeds_without_ids
+from tokenprune.engine.hooks import HookSet, bind_arguments
+from tokenprune.engine.masks import pruned_input_mask
+from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence
 from tokenprune.engine.stage import StageOutcome, StagePlan, run_stage
 from tokenprune.engine.state import PrefillState
-from tokenprune.errors import PipelineError, ReducerInputError, TokenpruneError
-from tokenprune.layout import TokenLayout, sequence_layout
+from tokenprune.errors import ReducerInputError, TokenpruneError
 from tokenprune.pipeline import Pipeline
 from tokenprune.probe import AttentionProbe, ProbeRows
 from tokenprune.stats import ForwardStats, RunStats
@@ -80,7 +84,7 @@ class ForwardHooks:
         """Check the model against the stages, then install every hook (on failure the caller removes)."""
         vlm, lm = self.adapter.vlm(), self.adapter.language_model()
         layers = list(self.adapter.decoder_layers())
-        self._check_layers(len(layers))
+        check_layers_exist(self._layer, len(layers))
         for p in self._plans:
             try:
                 p.reducer.bind(self.model, p.stage.point)
@@ -111,15 +115,6 @@ class ForwardHooks:
         if hasattr(vlm, "get_image_features"):
             hooks.wrap_method(vlm, "get_image_features", self._record_image_call)
 
-    def _check_layers(self, n: int) -> None:
-        for k, plans in self._layer.items():
-            if k >= n:
-                p = plans[0]
-                raise PipelineError(
-                    f"stage {p.index} ({p.stage.reducer!r}) runs at layer {k}, but this model's language model has "
-                    f"{n} decoder layers; use a layer between 1 and {n - 1}"
-                )
-
     def _probed_layers(self) -> dict[int, frozenset[str]]:
         probed: dict[int, frozenset[str]] = {}
         for k, plans in self._layer.items():
@@ -144,7 +139,7 @@ class ForwardHooks:
 
     def _top_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._labels = None
-        kw = _bind(module.forward, args, kwargs)
+        kw = bind_arguments(module.forward, args, kwargs)
         labels = kw.get("labels")
         if labels is not None and self._plans:
             self._labels = labels
@@ -174,7 +169,7 @@ class ForwardHooks:
     # --- hooks: multimodal base model (phase, decoding masks and positions) ---------------------
 
     def _vlm_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        kw = _bind(module.forward, args, kwargs)
+        kw = bind_arguments(module.forward, args, kwargs)
         ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         batch, q = int(ref.shape[0]), int(ref.shape[1])
         if compat.cache_length(compat.cache_from_kwargs(kw)) == 0:
@@ -204,7 +199,7 @@ class ForwardHooks:
             self._image_call = None
             return
         if input_ids is None:
-            self._refuse_embeds_only(kw)
+            refuse_embeds_without_ids(kw, self.adapter.name)
             self._image_call = None
             return
         visual = self.adapter.visual_mask(input_ids)
@@ -217,34 +212,14 @@ class ForwardHooks:
             self.probe.active = True
             self.probe.scores.clear()
 
-    def _refuse_embeds_only(self, kw: dict[str, Any]) -> None:
-        images = [name for name in ("pixel_values", "pixel_values_videos") if kw.get(name) is not None]
-        if images:
-            raise TokenpruneError(
-                f"{self.adapter.name}: the model was called with inputs_embeds and {images[0]} but no input_ids; "
-                "tokenprune finds the visual tokens by their placeholder ids, so this prefill would run unpruned. "
-                "Pass input_ids (as the processor returns them) instead of inputs_embeds"
-            )
-
     def _vlm_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         st = self._state
         if st is None:
             return
         if st.in_prefill:
-            self._check_every_stage_ran(st)
+            check_every_stage_ran(self._plans, st.stages_run, self.model.config.model_type)
         else:
             st.decoded += st.step_length
-
-    def _check_every_stage_ran(self, st: PrefillState) -> None:
-        missed = [p for p in self._plans if p.index not in st.stages_run]
-        if missed:
-            p = missed[0]
-            raise TokenpruneError(
-                f"stage {p.index} ({p.stage.reducer!r} at {p.stage.point}) did not run on a prefill with visual "
-                f"tokens ({self.model.config.model_type}, transformers {compat.transformers_version()}): the hook it "
-                "needs was not called, so the output would be unpruned. This transformers release may have changed "
-                "how the model calls its language model (see 'Compatibility' in docs/engine.md)"
-            )
 
     # --- hooks: language model (post_projector stages) ----------------------------------------
 
@@ -252,7 +227,7 @@ class ForwardHooks:
         st = self._state
         if st is None:
             return None
-        kw = _bind(module.forward, args, kwargs)
+        kw = bind_arguments(module.forward, args, kwargs)
         hidden = kw.get("inputs_embeds")
         if hidden is None:
             raise TokenpruneError(
@@ -275,7 +250,8 @@ class ForwardHooks:
                 f"the language model received {length} tokens but input_ids has {st.input_length}; the "
                 f"{self.adapter.name} adapter cannot locate the visual tokens"
             )
-        seq, fmt = self._input_sequence(st, hidden, position_ids)
+        layout = image_layout(self.adapter, self._image_call, st.visual) if self._image_call is not None else None
+        seq, fmt = input_sequence(hidden, st.input_mask, st.visual, layout, position_ids)
         self._image_call = None
         changed = False
         for plan in self._post:
@@ -287,40 +263,11 @@ class ForwardHooks:
         st.lm_mask = seq.valid.long()
         if changed:
             kw["inputs_embeds"] = hidden
-            kw["attention_mask"] = self._pruned_input_mask(kw.get("attention_mask"), seq)
+            kw["attention_mask"] = pruned_input_mask(kw.get("attention_mask"), seq, **self._mask_kind())
             kw["position_ids"] = P.from_rows(seq.positions, fmt)
         lm_columns = torch.arange(st.lm_length, device=hidden.device).expand(batch, -1)
         st.current = st.final = st.lm_sequence = replace(seq, lm_column=lm_columns, has_padding_slots=False)
         return ((), kw) if changed else None
-
-    def _input_sequence(
-        self, st: PrefillState, hidden: Tensor, position_ids: Tensor | None
-    ) -> tuple[TokenSequence, P.PositionFormat]:
-        batch, length = int(hidden.shape[0]), int(hidden.shape[1])
-        device = hidden.device
-        if position_ids is None:
-            rows, fmt = torch.arange(length, device=device)[None, None].expand(1, batch, -1), P.PositionFormat(2)
-        else:
-            rows, fmt = P.to_rows(position_ids, batch)
-        columns = torch.arange(length, device=device).expand(batch, -1)
-        seq = TokenSequence(
-            input_column=columns,
-            lm_column=columns,
-            valid=st.input_mask,
-            visual=st.visual,
-            sizes=torch.ones(batch, length, device=device),
-            layout=self._layout(st.visual),
-            positions=rows,
-            freed_positions=torch.zeros(rows.shape[0], batch, dtype=torch.long, device=device),
-        )
-        return seq, fmt
-
-    def _pruned_input_mask(self, mask: Any, seq: TokenSequence) -> Any:
-        if mask is None or (isinstance(mask, Tensor) and mask.dim() == 2):
-            return seq.valid.to(mask.dtype if isinstance(mask, Tensor) else torch.long)
-        if isinstance(mask, dict):
-            return {name: self._slice(m, seq.input_column, seq.input_column, seq.valid) for name, m in mask.items()}
-        return self._slice(mask, seq.input_column, seq.input_column, seq.valid)
 
     # --- hooks: decoder layers (layer stages) -------------------------------------------------
 
@@ -374,7 +321,9 @@ class ForwardHooks:
             if seg is None or st is None:
                 return None
             if st.in_prefill:
-                return args, self._prefill_layer_kwargs(kwargs, hidden, seg, i)
+                return args, prefill_layer_kwargs(
+                    kwargs, hidden, seg, self.adapter, i, compact=self._compact, **self._mask_kind()
+                )
             kw = layer_decoding_kwargs(
                 kwargs, hidden, seg, st, self.adapter, i, compact=self._compact, **self._mask_kind()
             )
@@ -391,22 +340,6 @@ class ForwardHooks:
         else:
             fs.layer_tokens.append([int(hidden.shape[1])] * int(hidden.shape[0]))
         fs.layer_width.append(int(hidden.shape[1]))
-
-    def _prefill_layer_kwargs(
-        self, kwargs: dict[str, Any], hidden: Tensor, seg: TokenSequence, i: int
-    ) -> dict[str, Any]:
-        """Slice what the language model computed for the whole sequence down to the layer's kept tokens."""
-        kwargs["attention_mask"] = self._slice(kwargs.get("attention_mask"), seg.lm_column, seg.lm_column, seg.valid)
-        pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
-        if self._compact:
-            kwargs["position_embeddings"] = self.adapter.rotary(hidden, seg.positions, i)
-        elif pe is not None:
-            kwargs["position_embeddings"] = tuple(gather_tokens(t, seg.lm_column) for t in pe)
-        if isinstance(pos, Tensor):
-            kwargs["position_ids"] = (
-                position_ids_like(seg.positions, pos) if self._compact else gather_position_ids(pos, seg.lm_column)
-            )
-        return kwargs
 
     # --- stages -------------------------------------------------------------------------------
 
@@ -427,43 +360,8 @@ class ForwardHooks:
             self._forward.stages.append(outcome.stats)
         return outcome
 
-    def _layout(self, visual: Tensor) -> TokenLayout | None:
-        call = self._image_call
-        if call is None:
-            return None
-        layouts = self.adapter.image_layouts(call)
-        try:
-            return sequence_layout(layouts, visual)
-        except ValueError:
-            sizes, counts = [int(lay.shape[1]) for lay in layouts], visual.sum(1).tolist()
-            raise TokenpruneError(
-                f"adapter {self.adapter.name!r}: image_layouts() describes images of {sizes} tokens, but "
-                f"visual_mask() marks {counts} visual tokens per sample; the layouts must cover exactly the tokens "
-                "the mask marks (check tokenprune.testing_adapters.check_layout_covers_visual_tokens)"
-            ) from None
-
     # --- masks --------------------------------------------------------------------------------
 
     def _mask_kind(self) -> dict[str, Any]:
         lm = self.adapter.language_model()
         return {"boolean": self._boolean_masks, "dtype": getattr(lm, "dtype", torch.float32)}
-
-    def _slice(self, mask: Any, q_idx: Tensor, k_idx: Tensor, valid: Tensor) -> Any:
-        return slice_mask(mask, q_idx, k_idx, valid, **self._mask_kind())
-
-
-def _bind(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """All arguments of a call as keywords (a ``**kwargs`` catch-all flattened)."""
-    if not args:
-        return dict(kwargs)
-    sig = inspect.signature(fn)
-    bound = sig.bind_partial(*args, **kwargs)
-    out: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(value)
-        elif sig.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
-            raise TypeError(f"{fn!r}: positional catch-all arguments are not supported")
-        else:
-            out[name] = value
-    return out

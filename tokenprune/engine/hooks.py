@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -57,3 +58,25 @@ class HookSet:
             else:
                 module.__dict__.pop(name, None)
         self._wrapped.clear()
+
+
+def bind_arguments(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """All arguments of a call of ``fn`` as keywords (a ``**kwargs`` catch-all flattened), for a pre-hook
+    that returns them as ``((), kwargs)``.
+
+    Raises:
+        TypeError: ``fn`` takes a ``*args`` catch-all (positional arguments could not be named).
+    """
+    if not args:
+        return dict(kwargs)
+    sig = inspect.signature(fn)
+    bound = sig.bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif sig.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"{fn!r}: positional catch-all arguments are not supported")
+        else:
+            out[name] = value
+    return out

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokenprune.engine.sequence import TokenSequence
 from tokenprune.errors import TokenpruneError
 
 
@@ -53,3 +54,17 @@ def causal_mask(key_valid: Tensor, q: int, *, boolean: bool, dtype: torch.dtype)
 
 def _masked_value(m: Tensor) -> Any:
     return False if m.dtype == torch.bool else torch.finfo(m.dtype).min
+
+
+def pruned_input_mask(mask: Any, seq: TokenSequence, *, boolean: bool, dtype: torch.dtype) -> Any:
+    """The language model's input mask after post_projector stages, in the form the caller gave it.
+
+    A 2-D mask (or none) becomes the kept tokens' 2-D mask; a 4-D mask, or a dict of them (one per
+    attention type, Gemma3), is sliced on both axes.
+    """
+    if mask is None or (isinstance(mask, Tensor) and mask.dim() == 2):
+        return seq.valid.to(mask.dtype if isinstance(mask, Tensor) else torch.long)
+    cols = seq.input_column
+    if isinstance(mask, dict):
+        return {name: slice_mask(m, cols, cols, seq.valid, boolean=boolean, dtype=dtype) for name, m in mask.items()}
+    return slice_mask(mask, cols, cols, seq.valid, boolean=boolean, dtype=dtype)

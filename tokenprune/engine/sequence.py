@@ -9,7 +9,9 @@ import torch
 from torch import Tensor
 
 from tokenprune import positions as P
-from tokenprune.layout import TokenLayout
+from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.errors import TokenpruneError
+from tokenprune.layout import TokenLayout, sequence_layout
 from tokenprune.reducer import Selection
 
 
@@ -60,6 +62,56 @@ class TokenSequence:
             freed_positions=self.freed_positions,
             has_padding_slots=bool(pad.any()),
         )
+
+
+def input_sequence(
+    hidden: Tensor, valid: Tensor, visual: Tensor, layout: TokenLayout | None, position_ids: Tensor | None
+) -> tuple[TokenSequence, P.PositionFormat]:
+    """The language model's unpruned input as a :class:`TokenSequence`, and the format of its position ids.
+
+    Args:
+        hidden: ``(B, L, D)`` ``inputs_embeds``.
+        valid: ``(B, L)`` the caller's 2-D mask.
+        visual: ``(B, L)`` visual tokens.
+        layout: The visual tokens' layout, if known.
+        position_ids: As the language model received them (``None``: ``0..L-1``).
+    """
+    batch, length = int(hidden.shape[0]), int(hidden.shape[1])
+    device = hidden.device
+    if position_ids is None:
+        rows, fmt = torch.arange(length, device=device)[None, None].expand(1, batch, -1), P.PositionFormat(2)
+    else:
+        rows, fmt = P.to_rows(position_ids, batch)
+    columns = torch.arange(length, device=device).expand(batch, -1)
+    seq = TokenSequence(
+        input_column=columns,
+        lm_column=columns,
+        valid=valid,
+        visual=visual,
+        sizes=torch.ones(batch, length, device=device),
+        layout=layout,
+        positions=rows,
+        freed_positions=torch.zeros(rows.shape[0], batch, dtype=torch.long, device=device),
+    )
+    return seq, fmt
+
+
+def image_layout(adapter: ModelAdapter, call: ImageCall, visual: Tensor) -> TokenLayout:
+    """The ``(B, L)`` layout of the sequence from the adapter's per-image layouts of ``call``.
+
+    Raises:
+        TokenpruneError: the layouts do not cover exactly the tokens the adapter's visual mask marks.
+    """
+    layouts = adapter.image_layouts(call)
+    try:
+        return sequence_layout(layouts, visual)
+    except ValueError:
+        sizes, counts = [int(lay.shape[1]) for lay in layouts], visual.sum(1).tolist()
+        raise TokenpruneError(
+            f"adapter {adapter.name!r}: image_layouts() describes images of {sizes} tokens, but visual_mask() marks "
+            f"{counts} visual tokens per sample; the layouts must cover exactly the tokens the mask marks "
+            "(check tokenprune.testing_adapters.check_layout_covers_visual_tokens)"
+        ) from None
 
 
 def right_aligned_columns(keep: Tensor) -> Tensor:

@@ -1,0 +1,57 @@
+"""The engine's refusals: what would otherwise run unpruned, or fail deep inside transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from tokenprune.engine import compat
+from tokenprune.engine.stage import StagePlan
+from tokenprune.errors import PipelineError, TokenpruneError
+
+
+def check_layers_exist(layer_plans: Mapping[int, Sequence[StagePlan]], num_layers: int) -> None:
+    """Refuse a ``layer: k`` stage the model has no layer for.
+
+    Raises:
+        PipelineError: naming the stage and the valid range.
+    """
+    for k, plans in layer_plans.items():
+        if k >= num_layers:
+            p = plans[0]
+            raise PipelineError(
+                f"stage {p.index} ({p.stage.reducer!r}) runs at layer {k}, but this model's language model has "
+                f"{num_layers} decoder layers; use a layer between 1 and {num_layers - 1}"
+            )
+
+
+def refuse_embeds_without_ids(kwargs: Mapping[str, Any], adapter_name: str) -> None:
+    """Refuse a prefill given images and ``inputs_embeds`` but no ``input_ids`` (its visual tokens cannot be found).
+
+    Raises:
+        TokenpruneError: saying to pass ``input_ids``.
+    """
+    images = [name for name in ("pixel_values", "pixel_values_videos") if kwargs.get(name) is not None]
+    if images:
+        raise TokenpruneError(
+            f"{adapter_name}: the model was called with inputs_embeds and {images[0]} but no input_ids; "
+            "tokenprune finds the visual tokens by their placeholder ids, so this prefill would run unpruned. "
+            "Pass input_ids (as the processor returns them) instead of inputs_embeds"
+        )
+
+
+def check_every_stage_ran(plans: Sequence[StagePlan], ran: Collection[int], model_type: str) -> None:
+    """After a prefill with visual tokens: every stage ran (else the output would be unpruned).
+
+    Raises:
+        TokenpruneError: naming the first stage that did not run, the model type and the transformers release.
+    """
+    missed = [p for p in plans if p.index not in ran]
+    if missed:
+        p = missed[0]
+        raise TokenpruneError(
+            f"stage {p.index} ({p.stage.reducer!r} at {p.stage.point}) did not run on a prefill with visual "
+            f"tokens ({model_type}, transformers {compat.transformers_version()}): the hook it needs was not called, "
+            "so the output would be unpruned. This transformers release may have changed how the model calls its "
+            "language model (see 'Compatibility' in docs/engine.md)"
+        )
