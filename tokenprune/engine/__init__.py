@@ -29,6 +29,8 @@ How it works (details in ``docs/engine.md``), one module each:
   length (``original``) or shift down by the freed positions (``compact``).
 * :mod:`~tokenprune.engine.state`: what one prefill leaves for the decoding steps after it.
 * :mod:`~tokenprune.engine.hooks`: installing and removing hooks, all or nothing.
+* :mod:`~tokenprune.engine.guards`: the refusals (a stage that did not run, images without
+  ``input_ids``, a layer the model lacks, an attention implementation that cannot be probed).
 * :mod:`~tokenprune.engine.compat`: every assumption about transformers' internals, detected by
   feature, with the releases it was verified on.
 * **Attention probe.** Stages whose reducer reads attention get it from

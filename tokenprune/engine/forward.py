@@ -24,13 +24,19 @@ from tokenprune.engine.decode import (
     model_decoding_kwargs,
     prefill_layer_kwargs,
 )
-from tokenprune.engine.guards import check_every_stage_ran, check_layers_exist, refuse_embeds_without_ids
+from tokenprune.engine.guards import (
+    bind_stages,
+    check_attention_implementation,
+    check_every_stage_ran,
+    check_layers_exist,
+    refuse_embeds_without_ids,
+)
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.masks import pruned_input_mask
 from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence
-from tokenprune.engine.stage import StageOutcome, StagePlan, run_stage
-from tokenprune.engine.state import PrefillState
-from tokenprune.errors import ReducerInputError, TokenpruneError
+from tokenprune.engine.stage import StageOutcome, StagePlan, plans_by_layer, probed_layers, run_stage
+from tokenprune.engine.state import PrefillState, record_layer_tokens
+from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
 from tokenprune.probe import AttentionProbe, ProbeRows
 from tokenprune.stats import ForwardStats, RunStats
@@ -63,10 +69,7 @@ class ForwardHooks:
         self._labels: Tensor | None = None
         self._real_tokens: list[int] = []
         self._post = [p for p in plans if p.stage.point.kind == "post_projector"]
-        self._layer: dict[int, list[StagePlan]] = {}
-        for p in plans:
-            if p.stage.point.kind == "layer":
-                self._layer.setdefault(int(p.stage.point.layer), []).append(p)  # type: ignore[arg-type]
+        self._layer = plans_by_layer(plans)
         self._compact = pipeline.positions == "compact"
         self._boolean_masks = True
 
@@ -85,20 +88,13 @@ class ForwardHooks:
         vlm, lm = self.adapter.vlm(), self.adapter.language_model()
         layers = list(self.adapter.decoder_layers())
         check_layers_exist(self._layer, len(layers))
-        for p in self._plans:
-            try:
-                p.reducer.bind(self.model, p.stage.point)
-            except ReducerInputError as exc:
-                raise ReducerInputError(f"stage {p.index} ({p.stage.reducer!r} at {p.stage.point}): {exc}") from exc
+        bind_stages(self._plans, self.model)
         impl = compat.attention_implementation(self.adapter.text_config())
-        if self._plans and impl not in ("sdpa", "eager"):
-            raise TokenpruneError(
-                f"tokenprune supports the 'sdpa' and 'eager' attention implementations, but the language model uses "
-                f"{impl!r}; load the model with attn_implementation='sdpa'"
-            )
+        if self._plans:
+            check_attention_implementation(impl)
         self._boolean_masks = impl != "eager"
         compat.cache_argument_name(vlm.forward)  # refuse, at apply time, a release whose cache argument is unknown
-        probed = self._probed_layers()
+        probed = probed_layers(self._layer)
         if probed:
             self.probe = AttentionProbe(layers=probed, rows=self._probe_rows)
             self.probe.install(lm, layers)
@@ -114,14 +110,6 @@ class ForwardHooks:
             hooks.post(layers[k - 1], self._layer_post(k))
         if hasattr(vlm, "get_image_features"):
             hooks.wrap_method(vlm, "get_image_features", self._record_image_call)
-
-    def _probed_layers(self) -> dict[int, frozenset[str]]:
-        probed: dict[int, frozenset[str]] = {}
-        for k, plans in self._layer.items():
-            sources = frozenset().union(*(p.reducer.attention_sources() for p in plans))
-            if sources:
-                probed[k - 1] = sources
-        return probed
 
     def _record_image_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         self._image_call = ImageCall(args, kwargs, output)
@@ -317,7 +305,7 @@ class ForwardHooks:
             st = self._state
             seg = st.segment(i) if st is not None else None
             if self._forward is not None and isinstance(hidden, Tensor):
-                self._record_layer_tokens(st, seg, hidden)
+                record_layer_tokens(self._forward, st, seg, hidden, self._real_tokens)
             if seg is None or st is None:
                 return None
             if st.in_prefill:
@@ -330,16 +318,6 @@ class ForwardHooks:
             return args, kw
 
         return hook
-
-    def _record_layer_tokens(self, st: PrefillState | None, seg: TokenSequence | None, hidden: Tensor) -> None:
-        fs = self._forward
-        if st is not None and st.in_prefill and st.lm_sequence is not None:
-            fs.layer_tokens.append((seg if seg is not None else st.lm_sequence).valid.sum(1).tolist())
-        elif fs.phase == "prefill" and len(self._real_tokens) == int(hidden.shape[0]):
-            fs.layer_tokens.append([int(r) for r in self._real_tokens])  # unchanged: the real tokens
-        else:
-            fs.layer_tokens.append([int(hidden.shape[1])] * int(hidden.shape[0]))
-        fs.layer_width.append(int(hidden.shape[1]))
 
     # --- stages -------------------------------------------------------------------------------
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+from torch import nn
+
 from tokenprune.engine import compat
 from tokenprune.engine.stage import StagePlan
-from tokenprune.errors import PipelineError, TokenpruneError
+from tokenprune.errors import PipelineError, ReducerInputError, TokenpruneError
 
 
 def check_layers_exist(layer_plans: Mapping[int, Sequence[StagePlan]], num_layers: int) -> None:
@@ -23,6 +25,32 @@ def check_layers_exist(layer_plans: Mapping[int, Sequence[StagePlan]], num_layer
                 f"stage {p.index} ({p.stage.reducer!r}) runs at layer {k}, but this model's language model has "
                 f"{num_layers} decoder layers; use a layer between 1 and {num_layers - 1}"
             )
+
+
+def bind_stages(plans: Sequence[StagePlan], model: nn.Module) -> None:
+    """Let each stage's reducer check the model (:meth:`~tokenprune.TokenReducer.bind`) before any hook exists.
+
+    Raises:
+        ReducerInputError: the reducer's refusal, prefixed with its stage.
+    """
+    for p in plans:
+        try:
+            p.reducer.bind(model, p.stage.point)
+        except ReducerInputError as exc:
+            raise ReducerInputError(f"stage {p.index} ({p.stage.reducer!r} at {p.stage.point}): {exc}") from exc
+
+
+def check_attention_implementation(impl: str | None) -> None:
+    """Refuse a language model whose attention the engine cannot mask and probe.
+
+    Raises:
+        TokenpruneError: naming the implementation and the fix.
+    """
+    if impl not in ("sdpa", "eager"):
+        raise TokenpruneError(
+            f"tokenprune supports the 'sdpa' and 'eager' attention implementations, but the language model uses "
+            f"{impl!r}; load the model with attn_implementation='sdpa'"
+        )
 
 
 def refuse_embeds_without_ids(kwargs: Mapping[str, Any], adapter_name: str) -> None:

@@ -35,6 +35,25 @@ class StagePlan:
     who: str
 
 
+def plans_by_layer(plans: list[StagePlan]) -> dict[int, list[StagePlan]]:
+    """The ``layer: k`` stages grouped by ``k``, each group in pipeline order."""
+    out: dict[int, list[StagePlan]] = {}
+    for p in plans:
+        if p.stage.point.kind == "layer":
+            out.setdefault(int(p.stage.point.layer), []).append(p)  # type: ignore[arg-type]
+    return out
+
+
+def probed_layers(layer_plans: dict[int, list[StagePlan]]) -> dict[int, frozenset[str]]:
+    """Decoder layer ``k - 1`` -> the attention-probe sources the stages at ``layer: k`` read (only where any)."""
+    probed: dict[int, frozenset[str]] = {}
+    for k, plans in layer_plans.items():
+        sources = frozenset().union(*(p.reducer.attention_sources() for p in plans))
+        if sources:
+            probed[k - 1] = sources
+    return probed
+
+
 @dataclass
 class StageOutcome:
     """What :func:`run_stage` returns.

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from tokenprune.engine.sequence import TokenSequence
+from tokenprune.stats import ForwardStats
 
 
 @dataclass
@@ -58,3 +59,21 @@ class PrefillState:
     def keys_so_far(self) -> int:
         """Keys of the unpruned sequence up to and including the current decoding step."""
         return self.input_length + self.decoded + self.step_length
+
+
+def record_layer_tokens(
+    fs: ForwardStats, st: PrefillState | None, seg: TokenSequence | None, hidden: Tensor, real_tokens: list[int]
+) -> None:
+    """Append the real tokens each sample has at a decoder layer, and the layer's width, to ``fs``.
+
+    In a pruned prefill: the layer's kept tokens; in an unpruned prefill: the caller's real tokens; in a
+    decoding step: the step's tokens.
+    """
+    batch, width = int(hidden.shape[0]), int(hidden.shape[1])
+    if st is not None and st.in_prefill and st.lm_sequence is not None:
+        fs.layer_tokens.append((seg if seg is not None else st.lm_sequence).valid.sum(1).tolist())
+    elif fs.phase == "prefill" and len(real_tokens) == batch:
+        fs.layer_tokens.append([int(r) for r in real_tokens])
+    else:
+        fs.layer_tokens.append([width] * batch)
+    fs.layer_width.append(width)
