@@ -49,3 +49,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_model(TINY, seed=0).save_pretrained(path)
     build_processor().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def nxt():
+    """A tiny LLaVA-NeXT with its input builder (``tests/tiny_models.py``), one per test module."""
+    import tiny_models
+
+    return tiny_models.llava_next()
+
+
+@pytest.fixture(scope="module")
+def plugins():
+    """The installed plugins plus the engine tests' reducers (``tests/engine_fixtures.py``)."""
+    from engine_fixtures import manager
+
+    return manager()

@@ -9,22 +9,12 @@ import pytest
 import tiny_models as tm
 import torch
 import torch.nn.functional as F
-from engine_fixtures import Recorder, forward, generate, manager, pipe
+from engine_fixtures import Recorder, forward, generate, pipe
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenprune as tp
 from tokenprune.engine import compat
 from tokenprune.errors import ReducerInputError, ReducerOutputError, TokenpruneError, UnsupportedModelError
-
-
-@pytest.fixture(scope="module")
-def nxt() -> tm.Tiny:
-    return tm.llava_next()
-
-
-@pytest.fixture(scope="module")
-def plugins() -> tp.plugins.PluginManager:
-    return manager()
 
 
 def hook_count(model: torch.nn.Module) -> int:

@@ -5,22 +5,12 @@ from __future__ import annotations
 import pytest
 import tiny_models as tm
 import torch
-from engine_fixtures import forward, generate, manager, pipe
+from engine_fixtures import forward, generate, pipe
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokenprune as tp
 from tokenprune.engine import compat
 from tokenprune.errors import ReducerInputError, TokenpruneError
-
-
-@pytest.fixture(scope="module")
-def nxt() -> tm.Tiny:
-    return tm.llava_next()
-
-
-@pytest.fixture(scope="module")
-def plugins() -> tp.plugins.PluginManager:
-    return manager()
 
 
 def _bypass_hooks(module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:

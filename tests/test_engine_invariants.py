@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import tiny_models as tm
-from engine_fixtures import ADAPTERS, BATCH_SPECS, forward, manager, pipe
+from engine_fixtures import ADAPTERS, BATCH_SPECS, forward, pipe
 
 import tokenprune as tp
 from tokenprune import testing_adapters as ta
@@ -29,11 +29,6 @@ def tiny(request: pytest.FixtureRequest) -> tm.Tiny:
 @pytest.fixture(scope="module")
 def checks() -> tp.plugins.PluginManager:
     return ta.adapter_check_manager()
-
-
-@pytest.fixture(scope="module")
-def plugins() -> tp.plugins.PluginManager:
-    return manager()
 
 
 def _args(tiny: tm.Tiny, checks: tp.plugins.PluginManager) -> tuple[tuple, dict]:
