@@ -119,7 +119,7 @@ THROUGH_COMPAT = [
     ROOT / "tokenprune" / "probe.py",
     *sorted((ROOT / "tokenprune" / "cost").glob("*.py")),
     ROOT / "tokenprune" / "bench" / "runner.py",
-    ROOT / "tokenprune" / "testing_adapters.py",
+    *sorted((ROOT / "tokenprune" / "testing").glob("*.py")),
 ]
 INTERNALS = ("past_key_values", "_attn_implementation", "_global_mapping", "self_attn", "get_seq_length", "inv_freq")
 

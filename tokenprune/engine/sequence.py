@@ -110,7 +110,7 @@ def image_layout(adapter: ModelAdapter, call: ImageCall, visual: Tensor) -> Toke
         raise TokenpruneError(
             f"adapter {adapter.name!r}: image_layouts() describes images of {sizes} tokens, but visual_mask() marks "
             f"{counts} visual tokens per sample; the layouts must cover exactly the tokens the mask marks "
-            "(check tokenprune.testing_adapters.check_layout_covers_visual_tokens)"
+            "(check tokenprune.testing.adapters.check_layout_covers_visual_tokens)"
         ) from None
 
 

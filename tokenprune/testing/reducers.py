@@ -1,12 +1,4 @@
-"""Contract checks and pytest fixtures for reducer authors.
-
-Installed as a pytest plugin (entry point ``pytest11: tokenprune``), so in any environment where
-tokenprune is installed a plugin's test suite can do::
-
-    from tokenprune.testing import check_reducer
-
-    def test_my_reducer_honours_the_contract():
-        check_reducer(MyReducer)                  # or check_reducer(MyReducer, {"alpha": 0.5})
+"""Contract checks for reducer authors: every built-in reducer passes :func:`check_reducer`.
 
 :func:`check_reducer` runs every check below at each insertion point the reducer declares, on a
 synthetic ragged batch (three samples with different token counts, row-end newline tokens
@@ -28,24 +20,19 @@ protected, attention and text inputs filled in when the reducer reads them):
 * bad input is rejected clearly: unknown params raise a pydantic ``ValidationError``, and NaN
   features either raise a ``ValueError`` (e.g. :class:`~tokenprune.errors.ReducerInputError`) or
   are ignored by a reducer that does not read feature values; never an obscure crash.
-
-Fixtures: ``tokenprune_manager`` (a fresh plugin manager over the installed plugins) and
-``make_reduce_inputs`` (the factory :func:`make_reduce_inputs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import pytest
 import torch
 from pydantic import ValidationError
 from torch import Tensor
 
 from tokenprune.budget import budget_per_sample
 from tokenprune.layout import TokenLayout
-from tokenprune.plugins import PluginManager, get_plugin_manager
 from tokenprune.reducer import InsertionPoint, Merge, ReduceContext, Selection, TokenReducer
 from tokenprune.validation import check_reduction
 
@@ -289,18 +276,6 @@ def check_nan_input(reducer: TokenReducer, **kwargs: Any) -> None:
             "(a ValueError) with a clear message instead"
         ) from exc
     _validate(reducer, result, tokens, ctx)
-
-
-@pytest.fixture
-def tokenprune_manager() -> PluginManager:
-    """A fresh plugin manager over the installed plugins."""
-    return get_plugin_manager()
-
-
-@pytest.fixture(name="make_reduce_inputs")
-def make_reduce_inputs_fixture() -> Callable[..., tuple[Tensor, ReduceContext]]:
-    """The :func:`make_reduce_inputs` factory."""
-    return make_reduce_inputs
 
 
 # --- machinery -------------------------------------------------------------------------------------

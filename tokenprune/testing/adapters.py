@@ -1,0 +1,725 @@
+"""The engine invariants as checks, for adapter authors: test a new adapter as the built-ins are tested.
+
+Every built-in adapter is tested with these functions on a tiny random model
+(``tests/test_engine_invariants.py``); a third-party adapter package runs the same checks on a tiny
+model of its architecture::
+
+    from tokenprune.testing.adapters import check_adapter
+
+    def test_my_adapter_keeps_the_engine_invariants():
+        model = build_tiny_model()                     # sdpa attention, eval mode, >= 3 decoder layers
+        check_adapter(model, make_inputs, [(56, 56), (56, 112), (112, 112)])
+
+The six invariants (each is also a function of its own):
+
+1. :func:`check_keep_all_is_identity`: a keep-all pipeline gives bit-identical logits and
+   generations (batch of 3 with left padding, one sample text-only);
+2. :func:`check_cached_decode_equals_recompute`: cached decoding after a pruned prefill equals a
+   no-cache recompute of the whole sequence (1e-5), with ``original`` and ``compact`` positions;
+3. :func:`check_kv_cache_holds_kept_tokens`: every layer's KV cache holds exactly the tokens the
+   pipeline keeps there;
+4. :func:`check_remove_restores_model`: after ``remove()``, outputs and ``state_dict`` are
+   bit-identical, the attention implementation is restored and no hook is left;
+5. :func:`check_batch_equals_one_by_one`: images of different sizes with per-sample keep counts
+   give each sample the same tokens and logits (1e-5) as when it runs alone;
+6. :func:`check_probe_matches_eager_attention`: the attention probe's scores equal eager attention
+   weights (1e-6) while every layer ran stock sdpa.
+
+:func:`check_adapter` also runs :func:`check_rotary_matches_model`: the adapter's ``rotary`` gives
+the model's own position embeddings (a wrong one would pass the six, see its docstring).
+
+What the checks need from you:
+
+* ``model``: the top-level ``...ForConditionalGeneration`` model in eval mode, built with
+  ``attn_implementation="sdpa"``, with at least 3 decoder layers (the pipelines prune after the
+  projector and at layer 2, and probe at layer 1); tiny random weights are enough.
+* ``make_inputs(specs, start=0)``: builds the model's keyword inputs for a batch, left-padded, with
+  an ``attention_mask``, as the model's processor would. ``specs[j]`` describes sample
+  ``start + j``: ``None`` is a text-only sample, anything else is yours (e.g. ``(height, width)`` of
+  an image). Sample ``i`` must get the same text and image whether built in a batch or alone
+  (``make_inputs([spec], start=i)``).
+* ``specs``: three samples with images, of at least two different visual-token counts (the
+  batch check needs ragged keep counts).
+
+The checks use the plugin manager of :func:`adapter_check_manager`: every installed plugin (so an
+installed adapter package is found through its entry point) plus three test reducers of its own,
+``check_drop``, ``probe_recorder`` and ``first_k`` (so no built-in reducer plugin is needed). Each
+check raises :class:`AdapterCheckError` (an ``AssertionError``) naming the check and what differed,
+or the ``AssertionError`` of ``torch.testing.assert_close`` for a tolerance; arguments the checks
+cannot use (not three specs, fewer than 3 decoder layers, another attention implementation than
+sdpa, a manager without the test reducers) raise ``ValueError``, and a model no adapter claims
+``UnsupportedModelError``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+import tokenprune
+from tokenprune.adapters.base import ModelAdapter
+from tokenprune.engine import apply, compat
+from tokenprune.plugins import PluginManager, get_plugin_manager
+from tokenprune.reducer import Capabilities, ReduceContext, ScoringReducer, Selection, TokenReducer, top_k_selection
+
+MakeInputs = Callable[..., dict[str, Any]]
+"""``make_inputs(specs, start=0) -> dict`` of model inputs (see the module docstring)."""
+
+PRUNE_TOLERANCE = 1e-5
+"""Absolute tolerance of cached == recompute and batch == one by one."""
+
+PROBE_TOLERANCE = 1e-6
+"""Absolute tolerance of probe scores against eager attention weights."""
+
+
+class AdapterCheckError(AssertionError):
+    """An engine invariant failed on an adapter's model; the message names the check."""
+
+
+# --- test reducers ---------------------------------------------------------------------------------
+
+
+class ProbeRecorder(ScoringReducer):
+    """Keeps the tokens with the most attention from the last token (FastV-like) and records ``ctx``."""
+
+    name = "probe_recorder"
+    capabilities = Capabilities(insertion_points=frozenset({"layer"}), attention=frozenset({"last", "text"}))
+    contexts: ClassVar[list[ReduceContext]] = []
+
+    def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
+        """The probe's ``last`` attention; the context is appended to :attr:`contexts`."""
+        ProbeRecorder.contexts.append(ctx)
+        return ctx.attention["last"]
+
+
+class SeededDrop(ScoringReducer):
+    """Keeps a seeded pseudo-random subset of each sample's tokens; the checks' own, so they need no plugin.
+
+    Each sample draws exactly its own token count from a generator seeded by the stage index, so a
+    sample keeps the same tokens alone or in a batch (the contract's batch independence).
+    """
+
+    name = "check_drop"
+    capabilities = Capabilities(insertion_points=frozenset({"post_projector", "layer"}))
+
+    def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
+        """``(B, N)`` uniform scores, drawn on the CPU per sample."""
+        scores = torch.zeros(ctx.valid.shape)
+        for row, count in enumerate(ctx.num_valid.tolist()):
+            generator = torch.Generator().manual_seed(1_000_003 * ctx.stage_index)
+            scores[row, :count] = torch.rand(count, generator=generator)
+        return scores.to(tokens.device)
+
+
+class FirstK(TokenReducer):
+    """An adaptive toy: keeps the first ``budget - h`` tokens, ``h`` in {1, 2} hashed from the sample's
+    own features, so keep counts vary per sample but not with the batch."""
+
+    name = "first_k"
+    capabilities = Capabilities(deterministic_count=False)
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
+        """Keep the first ``budget - h`` valid tokens of each sample (protected ones included)."""
+        n = tokens.shape[1]
+        h = 1 + (tokens[:, 0, 0].float().abs() * 1e4).long() % 2
+        want = torch.minimum((ctx.budget - h).clamp(min=1), ctx.num_valid)
+        want = torch.maximum(want, (ctx.protected & ctx.valid).sum(1))
+        scores = -torch.arange(n, dtype=torch.float32).expand(ctx.batch_size, n)
+        return top_k_selection(scores, dataclasses.replace(ctx, budget=want))
+
+
+class _CheckReducers:
+    """Registers the test reducers."""
+
+    @tokenprune.hookimpl
+    def tokenprune_register_reducers(self, registry: Any) -> None:
+        registry.add(SeededDrop)
+        registry.add(ProbeRecorder)
+        registry.add(FirstK)
+
+
+def adapter_check_manager(*plugins: object) -> PluginManager:
+    """A fresh plugin manager for the checks: installed plugins, ``plugins``, and the test reducers.
+
+    Pass your adapter's plugin module (or any object with a ``tokenprune_register_adapters``
+    implementation) when the package that declares it is not installed.
+    """
+    return get_plugin_manager(plugins=[*plugins, _CheckReducers()])
+
+
+# --- the six invariants ----------------------------------------------------------------------------
+
+
+def _pipe(*stages: tuple[Any, str, float], **options: Any) -> dict[str, Any]:
+    return {"stages": [{"at": at, "reducer": r, "keep": keep} for at, r, keep in stages], **options}
+
+
+PRUNE = _pipe(("post_projector", "check_drop", 0.5), ({"layer": 2}, "check_drop", 0.5))
+"""Half the visual tokens after the projector, half of the rest at layer 2."""
+
+KEEP_ALL = _pipe(
+    ("post_projector", "check_drop", 1.0), ({"layer": 1}, "probe_recorder", 1.0), ({"layer": 2}, "check_drop", 1.0)
+)
+"""Three stages that keep every token (one of them runs the attention probe)."""
+
+
+@dataclasses.dataclass
+class _Case:
+    """What every check derives from its arguments."""
+
+    model: nn.Module
+    make_inputs: MakeInputs
+    specs: Sequence[Any]
+    manager: PluginManager
+    adapter: ModelAdapter
+    generate_kwargs: dict[str, Any]
+
+    def padded_batch(self) -> dict[str, Any]:
+        """A batch of 3 with left padding: two image samples of different sizes and a text-only one."""
+        return self.make_inputs([self.specs[0], self.specs[1], None])
+
+    def visual(self, inputs: Mapping[str, Any]) -> Tensor:
+        return self.adapter.visual_mask(inputs["input_ids"])
+
+    def forward(self, inputs: Mapping[str, Any], model: nn.Module | None = None, **kw: Any) -> Any:
+        """A plain forward with the positions ``generate`` would build (so padded and unpadded runs agree).
+
+        M-RoPE models compute their own positions and get none.
+        """
+        extra: dict[str, Any] = {}
+        if self.adapter.position_scheme != "mrope":
+            mask = inputs["attention_mask"]
+            extra["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        with torch.no_grad():
+            return (model or self.model)(**inputs, **extra, **kw)
+
+    def generate(self, inputs: Mapping[str, Any], n: int = 4) -> Any:
+        """Greedy ``generate`` of ``n`` tokens with per-step logits."""
+        with torch.no_grad():
+            return self.model.generate(
+                **inputs,
+                max_new_tokens=n,
+                do_sample=False,
+                return_dict_in_generate=True,
+                output_logits=True,
+                **self.generate_kwargs,
+            )
+
+
+def _case(
+    model: nn.Module,
+    make_inputs: MakeInputs,
+    specs: Sequence[Any],
+    plugins: PluginManager | None,
+    pad_token_id: int,
+    suppress_tokens: Sequence[int] | None,
+) -> _Case:
+    manager = plugins if plugins is not None else adapter_check_manager()
+    reducers = manager.reducers
+    if not all(cls.name in reducers and reducers.get(cls.name) is cls for cls in (SeededDrop, ProbeRecorder, FirstK)):
+        raise ValueError(
+            "the plugin manager lacks the checks' test reducers; build it with "
+            "tokenprune.testing_adapters.adapter_check_manager(...)"
+        )
+    if len(specs) != 3:
+        raise ValueError(f"specs: expected three image samples, got {len(specs)}")
+    if any(spec is None for spec in specs):
+        raise ValueError("specs: every sample of the batch needs an image (None is text-only)")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    adapter = manager.adapters.get(str(model_type))(model)
+    layers = len(adapter.decoder_layers())
+    if layers < 3:
+        raise ValueError(f"the checks prune at layer 2 and probe at layer 1; the model has {layers} decoder layers")
+    impl = compat.attention_implementation(adapter.text_config())
+    if impl != "sdpa":
+        raise ValueError(f"build the model with attn_implementation='sdpa' (it uses {impl!r})")
+    ProbeRecorder.contexts.clear()
+    case = _Case(model, make_inputs, specs, manager, adapter, {"pad_token_id": pad_token_id})
+    if suppress_tokens is None:  # never generate a token the adapter would read as visual
+        ids = case.padded_batch()["input_ids"]
+        suppress_tokens = sorted({int(t) for t in ids[case.visual({"input_ids": ids})].unique()})
+    case.generate_kwargs["suppress_tokens"] = list(suppress_tokens)
+    return case
+
+
+def _expect(condition: bool, check: str, message: str) -> None:
+    if not condition:
+        raise AdapterCheckError(f"{check}: {message}")
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def check_keep_all_is_identity(
+    model: nn.Module,
+    make_inputs: MakeInputs,
+    specs: Sequence[Any],
+    *,
+    plugins: PluginManager | None = None,
+    pad_token_id: int = 0,
+    suppress_tokens: Sequence[int] | None = None,
+) -> None:
+    """Invariant 1: a keep-all pipeline gives bit-identical logits and generations (batch 3, padding).
+
+    The pipeline has three keep-all stages (``post_projector``, a probed ``layer: 1`` stage and
+    ``layer: 2``); logits, generated ids and every step's logits must be ``torch.equal`` to the
+    unmodified model's, and every stage must report as many tokens leaving as entering.
+
+    Args:
+        model: The model (see the module docstring).
+        make_inputs: ``make_inputs(specs, start=0)``, the batch builder.
+        specs: Three image samples; the batch is ``[specs[0], specs[1], None]``.
+        plugins: A manager from :func:`adapter_check_manager` (default: a fresh one).
+        pad_token_id: Given to ``generate``.
+        suppress_tokens: Ids ``generate`` must not produce (default: every id the adapter marks
+            visual in the batch, so that no generated token is read as an image placeholder).
+    """
+    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    name = "keep-all is identity"
+    inputs = c.padded_batch()
+    _expect(int((inputs["attention_mask"] == 0).sum()) > 0, name, "make_inputs gave a batch without left padding")
+    ref = c.forward(inputs).logits
+    ref_gen = c.generate(inputs)
+    with apply(model, KEEP_ALL, plugins=c.manager) as run:
+        out = c.forward(inputs).logits
+        gen = c.generate(inputs)
+    _expect(torch.equal(out, ref), name, f"logits differ (max {float((out - ref).abs().max()):.3g})")
+    _expect(torch.equal(gen.sequences, ref_gen.sequences), name, "generated ids differ")
+    for step, (a, b) in enumerate(zip(gen.logits, ref_gen.logits, strict=False)):
+        _expect(torch.equal(a, b), name, f"the logits of generated token {step} differ")
+    stages = run.stats.last_prefill.stages
+    _expect(
+        [s.reducer for s in stages] == ["check_drop", "probe_recorder", "check_drop"], name, "stages did not all run"
+    )
+    _expect(all(s.entering == s.leaving for s in stages), name, "a keep-all stage dropped tokens")
+
+
+def check_cached_decode_equals_recompute(
+    model: nn.Module,
+    make_inputs: MakeInputs,
+    specs: Sequence[Any],
+    *,
+    positions: str = "original",
+    generated_token_type_id: int = 0,
+    plugins: PluginManager | None = None,
+    pad_token_id: int = 0,
+    suppress_tokens: Sequence[int] | None = None,
+) -> None:
+    """Invariant 2: cached decoding after a pruned prefill equals a no-cache recompute (1e-5).
+
+    Generates 4 tokens with :data:`PRUNE` (batch 3, padding), then runs one forward without cache
+    on the prompt plus the generated tokens: the pipeline must keep the same tokens, and the logits
+    at the generated positions must match the cached decoding steps within :data:`PRUNE_TOLERANCE`.
+
+    Args:
+        positions: The pipeline's ``positions`` option, ``"original"`` or ``"compact"``.
+        generated_token_type_id: The ``token_type_ids`` value ``generate`` gives new tokens, used to
+            extend ``token_type_ids`` for the recompute: 1 for PaliGemma's causal suffix, 0 for
+            Gemma3's text tokens (``mm_token_type_ids`` are always extended with 0, text).
+
+    The other arguments are as for :func:`check_keep_all_is_identity`.
+    """
+    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    name = f"cached decode equals recompute (positions: {positions})"
+    inputs = c.padded_batch()
+    with apply(model, {**PRUNE, "positions": positions}, plugins=c.manager) as run:
+        gen = c.generate(inputs, 4)
+        kept_cached = [s.kept for s in run.stats.last_prefill.stages]
+        full = dict(inputs)
+        seq = gen.sequences
+        new = seq.shape[1] - inputs["input_ids"].shape[1]
+        full["input_ids"] = seq
+        full["attention_mask"] = torch.cat(
+            [inputs["attention_mask"], torch.ones(seq.shape[0], new, dtype=inputs["attention_mask"].dtype)], 1
+        )
+        if "token_type_ids" in full:
+            fill = torch.full((seq.shape[0], new), generated_token_type_id, dtype=inputs["token_type_ids"].dtype)
+            full["token_type_ids"] = torch.cat([inputs["token_type_ids"], fill], 1)
+        if "mm_token_type_ids" in full:
+            fill = torch.zeros(seq.shape[0], new, dtype=inputs["mm_token_type_ids"].dtype)
+            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], fill], 1)
+        out = c.forward(full, use_cache=False).logits
+        kept_recomputed = [s.kept for s in run.stats.last_prefill.stages]
+    _expect(kept_recomputed == kept_cached, name, "the recompute kept other tokens than the cached prefill")
+    for j in range(new):
+        torch.testing.assert_close(
+            out[:, -new - 1 + j],
+            gen.logits[j],
+            atol=PRUNE_TOLERANCE,
+            rtol=0,
+            msg=lambda m, j=j: f"{name}, step {j}: {m}",
+        )
+
+
+def check_kv_cache_holds_kept_tokens(
+    model: nn.Module,
+    make_inputs: MakeInputs,
+    specs: Sequence[Any],
+    *,
+    plugins: PluginManager | None = None,
+    pad_token_id: int = 0,
+    suppress_tokens: Sequence[int] | None = None,
+) -> None:
+    """Invariant 3: every layer's KV cache holds exactly the tokens the pipeline keeps there.
+
+    With :data:`PRUNE` and 3 generated tokens: layer 2 keeps half of what the projector stage kept
+    (at least 1 per image sample); ``layer_tokens`` counts each sample's text tokens plus its kept
+    visual tokens; the cache of layers 0-1 (2 on) is as wide as the longest sample after the
+    projector stage (after layer 2) plus the 2 decoded tokens. Arguments as for
+    :func:`check_keep_all_is_identity`.
+    """
+    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    name = "KV cache holds the kept tokens"
+    inputs = c.padded_batch()
+    n = 3
+    visual = c.visual(inputs)
+    with apply(model, PRUNE, plugins=c.manager) as run:
+        gen = c.generate(inputs, n)
+    prefill = run.stats.last_prefill
+    post, layer = prefill.stages
+    text = ((inputs["attention_mask"] == 1) & ~visual).sum(1)
+    per_sample_0 = [int(t) + k for t, k in zip(text, post.leaving, strict=False)]
+    per_sample_2 = [int(t) + k for t, k in zip(text, layer.leaving, strict=False)]
+    expected_leaving = [max(1, k // 2) if k else 0 for k in post.leaving]
+    _expect(layer.leaving == expected_leaving, name, f"layer 2 kept {layer.leaving}, expected {expected_leaving}")
+    layers = len(c.adapter.decoder_layers())
+    expected_tokens = [per_sample_0] * 2 + [per_sample_2] * (layers - 2)
+    _expect(
+        prefill.layer_tokens == expected_tokens,
+        name,
+        f"tokens per layer {prefill.layer_tokens}, expected {expected_tokens}",
+    )
+    cached = [keys for keys, _ in compat.cache_layers(compat.output_cache(gen))]
+    for i, width in enumerate([max(per_sample_0)] * 2 + [max(per_sample_2)] * (layers - 2)):
+        got = cached[i].shape[2]
+        _expect(got == width + n - 1, name, f"layer {i} caches {got} tokens, expected {width + n - 1}")
+
+
+def check_remove_restores_model(
+    model: nn.Module,
+    make_inputs: MakeInputs,
+    specs: Sequence[Any],
+    *,
+    plugins: PluginManager | None = None,
+    pad_token_id: int = 0,
+    suppress_tokens: Sequence[int] | None = None,
+) -> None:
+    """Invariant 4: after ``remove()``, outputs and ``state_dict`` are bit-identical and no hook is left.
+
+    A pruning pipeline (projector, probed layer 1, layer 2) must change the output; after
+    ``remove()`` (called twice: it is idempotent) logits and every ``state_dict`` tensor are
+    ``torch.equal`` to before, the language model's attention implementation is restored, the
+    number of module hooks is back to what it was, and the ``get_image_features`` wrapper is gone.
+    Arguments as for :func:`check_keep_all_is_identity`.
+    """
+    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    name = "remove() restores the model"
+    inputs = c.padded_batch()
+    before = c.forward(inputs).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    impl = compat.attention_implementation(model.config.get_text_config())
+    hooks_before = _hooks(model)
+    pipeline = _pipe(
+        ("post_projector", "check_drop", 0.5), ({"layer": 1}, "probe_recorder", 0.5), ({"layer": 2}, "check_drop", 0.5)
+    )
+    run = apply(model, pipeline, plugins=c.manager)
+    pruned = c.forward(inputs).logits
+    _expect(
+        pruned.shape[1] < before.shape[1] or not torch.equal(pruned[:, -1], before[:, -1]),
+        name,
+        "the pruning pipeline changed nothing",
+    )
+    run.remove()
+    run.remove()  # idempotent
+    after = c.forward(inputs).logits
+    _expect(torch.equal(after, before), name, "logits differ after remove()")
+    new_state = model.state_dict()
+    _expect(state.keys() == new_state.keys(), name, "the state_dict keys changed")
+    changed = [k for k in state if not torch.equal(state[k], new_state[k])]
+    _expect(not changed, name, f"state_dict tensors changed: {changed[:5]}")
+    now = compat.attention_implementation(model.config.get_text_config())
+    _expect(now == impl, name, f"attention implementation is {now!r}, was {impl!r}")
+    _expect(_hooks(model) == hooks_before, name, "hooks were left on the model")
+    _expect("get_image_features" not in c.adapter.vlm().__dict__, name, "the get_image_features wrapper was left")
+
+
+def check_batch_equals_one_by_one(
+    model: nn.Module,
+    make_inputs: MakeInputs,
+    specs: Sequence[Any],
+    *,
+    plugins: PluginManager | None = None,
+    pad_token_id: int = 0,
+    suppress_tokens: Sequence[int] | None = None,
+) -> None:
+    """Invariant 5: with ragged keep counts, each sample gets what it gets alone (1e-5).
+
+    The batch is ``specs`` (three images of different sizes); the pipeline is an adaptive reducer
+    (:class:`FirstK`, 75 %) after the projector, then 50 % at layer 2, so samples keep different
+    numbers of tokens at both stages. For each sample, generated ids must be equal, the logits of
+    each generated token and of the prompt's last position within :data:`PRUNE_TOLERANCE`, and the
+    kept indices of both stages equal to a run of the sample alone. Arguments as for
+    :func:`check_keep_all_is_identity`.
+    """
+    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    name = "batch equals one by one"
+    batch = make_inputs(specs)
+    pipeline = _pipe(("post_projector", "first_k", 0.75), ({"layer": 2}, "check_drop", 0.5))
+    with apply(model, pipeline, plugins=c.manager) as run:
+        gen = c.generate(batch, 3)
+        out = c.forward(batch).logits
+        stages = run.stats.last_prefill.stages
+        _expect(
+            len(set(stages[0].leaving)) > 1 and len(set(stages[1].leaving)) > 1,
+            name,
+            f"keep counts are not ragged ({stages[0].leaving}, {stages[1].leaving}); use specs of different sizes",
+        )
+        adaptive = any(k < (b * 3) // 4 for k, b in zip(stages[0].leaving, stages[0].entering, strict=False))
+        _expect(adaptive, name, "the adaptive reducer kept the full budget in every sample")
+        for i, spec in enumerate(specs):
+            alone = make_inputs([spec], start=i)
+            g1 = c.generate(alone, 3)
+            o1 = c.forward(alone).logits
+            _expect(torch.equal(g1.sequences[0, -3:], gen.sequences[i, -3:]), name, f"sample {i}: other tokens")
+            for a, b in zip(g1.logits, gen.logits, strict=False):
+                torch.testing.assert_close(a[0], b[i], atol=PRUNE_TOLERANCE, rtol=0)
+            torch.testing.assert_close(o1[0, -1], out[i, -1], atol=PRUNE_TOLERANCE, rtol=0)
+            alone_stats = run.stats.last_prefill.stages
+            _expect(alone_stats[0].kept[0] == stages[0].kept[i], name, f"sample {i}: other tokens kept after projector")
+            _expect(alone_stats[1].kept[0] == stages[1].kept[i], name, f"sample {i}: other tokens kept at layer 2")
+
+
+def check_probe_matches_eager_attention(
+    model: nn.Module,
+    make_inputs: MakeInputs,
+    specs: Sequence[Any],
+    *,
+    plugins: PluginManager | None = None,
+    pad_token_id: int = 0,
+    suppress_tokens: Sequence[int] | None = None,
+) -> None:
+    """Invariant 6: probe scores equal eager attention weights (1e-6) while the model ran sdpa.
+
+    A ``layer: 2`` stage probes layer 1. Every decoder layer must have called transformers' stock
+    sdpa function; the ``last`` and ``text`` scores the reducer received must equal the head-mean of
+    a deep-copied eager model's ``output_attentions`` at layer 1 within :data:`PROBE_TOLERANCE`; and
+    the model must still be on sdpa. Arguments as for :func:`check_keep_all_is_identity`.
+    """
+    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    name = "probe matches eager attention"
+    calls: list[int] = []
+    sdpa = compat.sdpa_module()
+    real = sdpa.sdpa_attention_forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    inputs = c.padded_batch()
+    ProbeRecorder.contexts.clear()
+    sdpa.sdpa_attention_forward = counting
+    try:
+        with apply(model, _pipe(({"layer": 2}, "probe_recorder", 0.5)), plugins=c.manager):
+            c.forward(inputs)
+    finally:
+        sdpa.sdpa_attention_forward = real
+    n_layers = len(c.adapter.decoder_layers())
+    _expect(len(calls) == n_layers, name, f"{len(calls)} of {n_layers} layers attended through stock sdpa")
+    _expect(bool(ProbeRecorder.contexts), name, "the probed stage did not run")
+    ctx = ProbeRecorder.contexts[-1]
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    out = c.forward(inputs, model=eager, output_attentions=True)
+    att = out.attentions[1].float()  # layer k - 1 = 1: (B, H, L, L)
+    visual = c.visual(inputs)
+    valid = inputs["attention_mask"].bool()
+    for b in range(visual.shape[0]):
+        cols = visual[b].nonzero().squeeze(1)
+        n = cols.numel()
+        expected_last = att[b, :, -1, cols].mean(0)
+        torch.testing.assert_close(ctx.attention["last"][b, :n], expected_last, atol=PROBE_TOLERANCE, rtol=0)
+        text_rows = (valid[b] & ~visual[b]).nonzero().squeeze(1)
+        expected_text = att[b][:, text_rows][:, :, cols].mean(0).mean(0)
+        torch.testing.assert_close(ctx.attention["text"][b, :n], expected_text, atol=PROBE_TOLERANCE, rtol=0)
+    impl = compat.attention_implementation(model.config.get_text_config())
+    _expect(impl == "sdpa", name, f"the model was left on {impl!r}")
+
+
+def check_rotary_matches_model(
+    model: nn.Module,
+    make_inputs: MakeInputs,
+    specs: Sequence[Any],
+    *,
+    plugins: PluginManager | None = None,
+    pad_token_id: int = 0,
+    suppress_tokens: Sequence[int] | None = None,
+) -> None:
+    """The adapter's :meth:`~tokenprune.adapters.ModelAdapter.rotary` reproduces the model's own RoPE.
+
+    Not one of the six invariants, and needed because they cannot see it: ``positions: compact``
+    recomputes the rotary embeddings of pruned layers with ``adapter.rotary`` both in the prefill and
+    in every decoding step, so a wrong ``rotary`` is self-consistent (cached decoding still equals a
+    recompute) while the model attends with wrong positions. Here, in a plain forward of the padded
+    batch (no pipeline), ``adapter.rotary`` applied to the position ids the language model received
+    must give every decoder layer's ``position_embeddings`` bit for bit. Arguments as for
+    :func:`check_keep_all_is_identity`.
+    """
+    from tokenprune.positions import to_rows
+
+    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    name = "rotary matches the model"
+    inputs = c.padded_batch()
+    seen: dict[str, Any] = {"layers": []}
+
+    def lm_pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen["position_ids"] = kwargs.get("position_ids")
+
+    def layer_pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        seen["layers"].append((hidden, kwargs.get("position_embeddings")))
+
+    handles = [c.adapter.language_model().register_forward_pre_hook(lm_pre, with_kwargs=True)]
+    handles += [layer.register_forward_pre_hook(layer_pre, with_kwargs=True) for layer in c.adapter.decoder_layers()]
+    try:
+        c.forward(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    position_ids = seen.get("position_ids")
+    for i, (hidden, embeddings) in enumerate(seen["layers"]):
+        _expect(embeddings is not None, name, f"layer {i} received no position_embeddings")
+        batch, length = int(hidden.shape[0]), int(hidden.shape[1])
+        if position_ids is None:  # as the engine does: the model numbers the tokens 0..L-1
+            rows = torch.arange(length, device=hidden.device)[None, None].expand(1, batch, -1)
+        else:
+            rows = to_rows(position_ids, batch)[0]
+        with torch.no_grad():
+            cos, sin = c.adapter.rotary(hidden, rows, i)
+        _expect(
+            torch.equal(cos, embeddings[0]) and torch.equal(sin, embeddings[1]),
+            name,
+            f"layer {i}: adapter.rotary differs from the model's position_embeddings",
+        )
+
+
+def check_layout_covers_visual_tokens(
+    model: nn.Module,
+    make_inputs: MakeInputs,
+    specs: Sequence[Any],
+    *,
+    plugins: PluginManager | None = None,
+    pad_token_id: int = 0,
+    suppress_tokens: Sequence[int] | None = None,
+) -> None:
+    """The adapter's layouts describe exactly the tokens its ``visual_mask`` marks.
+
+    Not one of the six invariants: when the layouts of :meth:`~tokenprune.adapters.ModelAdapter.image_layouts`
+    count other tokens than :meth:`~tokenprune.adapters.ModelAdapter.visual_mask` marks, the engine
+    cannot align them and runs without a layout (spatial reducers and heatmaps then lose it), which
+    no output shows. Here, for the batch ``specs`` and for the padded batch, a keep-all
+    ``post_projector`` stage must receive a layout with an image, a row and a column for every
+    visual token, as many images per sample as the layout says, and newlines only at row ends
+    (``col`` = the largest column of that row's other tokens + 1). This checks consistency, not
+    meaning: test that the rows and columns are the right ones for your architecture yourself.
+    Arguments as for :func:`check_keep_all_is_identity`.
+    """
+    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    name = "the layout covers the visual tokens"
+    for inputs in (make_inputs(specs), c.padded_batch()):
+        with apply(model, _pipe(("post_projector", "check_drop", 1.0)), plugins=c.manager) as run:
+            c.forward(inputs)
+        (stage,) = run.stats.last_prefill.stages
+        layout = stage.layout
+        _expect(
+            layout is not None,
+            name,
+            "the engine got no layout: image_layouts counted other tokens than visual_mask marks "
+            f"({stage.entering} visual tokens per sample)",
+        )
+        for b, n in enumerate(stage.entering):
+            image, row, col, newline = (getattr(layout, f)[b, :n] for f in ("image", "row", "col", "newline"))
+            _expect(
+                bool((image >= 0).all() and (row >= 0).all() and (col >= 0).all()), name, f"sample {b}: unset entries"
+            )
+            for key in {(int(i), int(v), int(r)) for i, v, r in zip(image, layout.view[b, :n], row, strict=True)}:
+                at = (image == key[0]) & (layout.view[b, :n] == key[1]) & (row == key[2])
+                cells, ends = col[at & ~newline], col[at & newline]
+                if ends.numel():
+                    _expect(
+                        ends.numel() == 1 and bool(cells.numel()) and int(ends[0]) == int(cells.max()) + 1,
+                        name,
+                        f"sample {b}, image {key[0]}, view {key[1]}, row {key[2]}: a newline must close the row",
+                    )
+
+
+def check_adapter(
+    model: nn.Module,
+    make_inputs: MakeInputs,
+    specs: Sequence[Any],
+    *,
+    generated_token_type_id: int = 0,
+    plugins: PluginManager | None = None,
+    pad_token_id: int = 0,
+    suppress_tokens: Sequence[int] | None = None,
+) -> None:
+    """Run the six invariants (invariant 2 with ``original`` and ``compact`` positions), then
+    :func:`check_rotary_matches_model`.
+
+    Args:
+        model: The top-level model, sdpa, eval mode, at least 3 decoder layers.
+        make_inputs: ``make_inputs(specs, start=0)``, the batch builder (see the module docstring).
+        specs: Three image samples with at least two different visual-token counts.
+        generated_token_type_id: See :func:`check_cached_decode_equals_recompute`.
+        plugins: A manager from :func:`adapter_check_manager` (default: a fresh one, which finds
+            installed adapter packages through their entry points).
+        pad_token_id: Given to ``generate``.
+        suppress_tokens: Ids ``generate`` must not produce (default: the ids the adapter marks visual).
+
+    Raises:
+        AdapterCheckError: naming the first check that failed (or ``assert_close``'s
+            ``AssertionError`` for a tolerance).
+        ValueError: arguments the checks cannot use (see the module docstring).
+        UnsupportedModelError: no installed or given adapter claims ``model.config.model_type``.
+    """
+    manager = plugins if plugins is not None else adapter_check_manager()
+    common: dict[str, Any] = {"plugins": manager, "pad_token_id": pad_token_id, "suppress_tokens": suppress_tokens}
+    check_keep_all_is_identity(model, make_inputs, specs, **common)
+    for positions in ("original", "compact"):
+        check_cached_decode_equals_recompute(
+            model, make_inputs, specs, positions=positions, generated_token_type_id=generated_token_type_id, **common
+        )
+    check_kv_cache_holds_kept_tokens(model, make_inputs, specs, **common)
+    check_remove_restores_model(model, make_inputs, specs, **common)
+    check_batch_equals_one_by_one(model, make_inputs, specs, **common)
+    check_probe_matches_eager_attention(model, make_inputs, specs, **common)
+    check_rotary_matches_model(model, make_inputs, specs, **common)
+    check_layout_covers_visual_tokens(model, make_inputs, specs, **common)
+
+
+__all__ = [
+    "KEEP_ALL",
+    "PROBE_TOLERANCE",
+    "PRUNE",
+    "PRUNE_TOLERANCE",
+    "AdapterCheckError",
+    "FirstK",
+    "MakeInputs",
+    "ProbeRecorder",
+    "SeededDrop",
+    "adapter_check_manager",
+    "check_adapter",
+    "check_batch_equals_one_by_one",
+    "check_cached_decode_equals_recompute",
+    "check_keep_all_is_identity",
+    "check_kv_cache_holds_kept_tokens",
+    "check_layout_covers_visual_tokens",
+    "check_probe_matches_eager_attention",
+    "check_remove_restores_model",
+    "check_rotary_matches_model",
+]
