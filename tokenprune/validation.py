@@ -36,87 +36,105 @@ def check_reduction(
     Raises:
         ReducerOutputError: naming ``who`` and the first defect found.
     """
-
-    def fail(defect: str) -> ReducerOutputError:
-        return ReducerOutputError(f"{who} returned an invalid {kind}: {defect}")
-
-    b, n = ctx.valid.shape
-    device = tokens.device
     if isinstance(result, Merge):
-        kind = "merge"
+        fail = _failure(who, "merge")
         if not capabilities.merges:
             raise fail("it returned a Merge but does not declare Capabilities(merges=True)")
-        dest = result.destination
-        _check_tensor(dest, (b, n), device, "destination", fail)
-        dropped = ctx.valid & (dest == -1)
-        own = torch.arange(n, device=device).expand(b, n)
-        valid_dest = torch.where(ctx.valid & ~dropped, dest, own)  # a dropped token is checked as if it stayed put
-        out_of_range = (valid_dest < 0) | (valid_dest >= n)
-        if bool(out_of_range.any()):
-            s, i = (int(v) for v in out_of_range.nonzero()[0])
-            raise fail(
-                f"sample {s}: token {i} is merged into index {int(valid_dest[s, i])}, outside [0, {n}) "
-                "(-1 drops a token)"
-            )
-        protected_dropped = ctx.protected & dropped
-        if bool(protected_dropped.any()):
-            s, i = (int(v) for v in protected_dropped.nonzero()[0])
-            raise fail(f"sample {s}: protected token {i} was dropped")
-        into_padding = ~ctx.valid.gather(1, valid_dest) & ctx.valid
-        if bool(into_padding.any()):
-            s, i = (int(v) for v in into_padding.nonzero()[0])
-            raise fail(f"sample {s}: token {i} is merged into padding position {int(valid_dest[s, i])}")
-        chained = ctx.valid & ~dropped & ~result.roots.gather(1, valid_dest)
-        if bool(chained.any()):
-            s, i = (int(v) for v in chained.nonzero()[0])
-            raise fail(
-                f"sample {s}: token {i} is merged into token {int(valid_dest[s, i])}, which is itself merged "
-                "into another or dropped; destinations must be roots (tokens that map to themselves)"
-            )
-        protected_moved = ctx.protected & ctx.valid & ~result.roots
-        if bool(protected_moved.any()):
-            s, i = (int(v) for v in protected_moved.nonzero()[0])
-            raise fail(f"sample {s}: protected token {i} was merged away")
-        arrivals = torch.zeros(b, n, dtype=torch.long, device=device).scatter_add_(1, valid_dest, ctx.valid.long())
-        into_protected = ctx.protected & ctx.valid & (arrivals > 1)
-        if bool(into_protected.any()):
-            s, i = (int(v) for v in into_protected.nonzero()[0])
-            raise fail(f"sample {s}: other tokens were merged into protected token {i}")
+        _check_merge(result, ctx, tokens.device, fail)
         selection = result.selection(ctx.valid)
     elif isinstance(result, Selection):
-        kind = "selection"
+        fail = _failure(who, "selection")
         selection = result
-        _check_tensor(selection.counts, (b,), device, "counts", fail)
-        if selection.indices.dim() != 2 or selection.indices.shape[0] != b:
-            raise fail(f"indices has shape {tuple(selection.indices.shape)}, expected (B, K) with B = {b}")
-        _check_tensor(selection.indices, tuple(selection.indices.shape), device, "indices", fail)
-        k = selection.indices.shape[1]
-        if bool((selection.counts < 0).any()) or bool((selection.counts > k).any()):
-            raise fail(f"counts {selection.counts.tolist()} do not fit indices with K = {k} columns")
-        n_valid = ctx.valid.sum(1)
-        for s in range(b):
-            c = int(selection.counts[s])
-            row = selection.indices[s, :c]
-            if c and (int(row.min()) < 0 or int(row.max()) >= int(n_valid[s])):
-                bad = row[(row < 0) | (row >= n_valid[s])][0]
-                raise fail(f"sample {s}: index {int(bad)} is outside [0, {int(n_valid[s])}) (its valid tokens)")
-            if c > 1 and not bool((row[1:] > row[:-1]).all()):
-                dup = bool((row[1:] == row[:-1]).any()) or row.unique().numel() < c
-                raise fail(
-                    f"sample {s}: indices are {'not unique' if dup else 'not sorted'} "
-                    f"({_preview(row)}); return them strictly increasing"
-                )
-            if bool((selection.indices[s, c:] != -1).any()):
-                raise fail(f"sample {s}: entries after counts[{s}] = {c} must be -1 (padding)")
-        missing = ctx.protected & ctx.valid & ~selection.to_mask(n)
-        if bool(missing.any()):
-            s, i = (int(v) for v in missing.nonzero()[0])
-            raise fail(f"sample {s}: protected token {i} was dropped")
+        _check_selection(selection, ctx, tokens.device, fail)
     else:
         raise ReducerOutputError(
             f"{who} returned {type(result).__name__}; reduce() must return a tokenprune.Selection or tokenprune.Merge"
         )
+    _check_budget(selection, ctx, capabilities, fail)
+    return selection
 
+
+Fail = Callable[[str], ReducerOutputError]
+
+
+def _failure(who: str, kind: str) -> Fail:
+    def fail(defect: str) -> ReducerOutputError:
+        return ReducerOutputError(f"{who} returned an invalid {kind}: {defect}")
+
+    return fail
+
+
+def _first(mask: Tensor) -> tuple[int, int] | None:
+    """``(sample, token)`` of the first ``True`` of a ``(B, N)`` mask, or ``None``."""
+    if not bool(mask.any()):
+        return None
+    s, i = (int(v) for v in mask.nonzero()[0])
+    return s, i
+
+
+def _check_merge(result: Merge, ctx: ReduceContext, device: torch.device, fail: Fail) -> None:
+    b, n = ctx.valid.shape
+    dest = result.destination
+    _check_tensor(dest, (b, n), device, "destination", fail)
+    dropped = ctx.valid & (dest == -1)
+    own = torch.arange(n, device=device).expand(b, n)
+    valid_dest = torch.where(ctx.valid & ~dropped, dest, own)  # a dropped token is checked as if it stayed put
+    if (at := _first((valid_dest < 0) | (valid_dest >= n))) is not None:
+        s, i = at
+        raise fail(
+            f"sample {s}: token {i} is merged into index {int(valid_dest[s, i])}, outside [0, {n}) (-1 drops a token)"
+        )
+    if (at := _first(ctx.protected & dropped)) is not None:
+        raise fail(f"sample {at[0]}: protected token {at[1]} was dropped")
+    if (at := _first(~ctx.valid.gather(1, valid_dest) & ctx.valid)) is not None:
+        s, i = at
+        raise fail(f"sample {s}: token {i} is merged into padding position {int(valid_dest[s, i])}")
+    if (at := _first(ctx.valid & ~dropped & ~result.roots.gather(1, valid_dest))) is not None:
+        s, i = at
+        raise fail(
+            f"sample {s}: token {i} is merged into token {int(valid_dest[s, i])}, which is itself merged "
+            "into another or dropped; destinations must be roots (tokens that map to themselves)"
+        )
+    if (at := _first(ctx.protected & ctx.valid & ~result.roots)) is not None:
+        raise fail(f"sample {at[0]}: protected token {at[1]} was merged away")
+    arrivals = torch.zeros(b, n, dtype=torch.long, device=device).scatter_add_(1, valid_dest, ctx.valid.long())
+    if (at := _first(ctx.protected & ctx.valid & (arrivals > 1))) is not None:
+        raise fail(f"sample {at[0]}: other tokens were merged into protected token {at[1]}")
+
+
+def _check_selection(selection: Selection, ctx: ReduceContext, device: torch.device, fail: Fail) -> None:
+    b, n = ctx.valid.shape
+    _check_tensor(selection.counts, (b,), device, "counts", fail)
+    if selection.indices.dim() != 2 or selection.indices.shape[0] != b:
+        raise fail(f"indices has shape {tuple(selection.indices.shape)}, expected (B, K) with B = {b}")
+    _check_tensor(selection.indices, tuple(selection.indices.shape), device, "indices", fail)
+    k = selection.indices.shape[1]
+    if bool((selection.counts < 0).any()) or bool((selection.counts > k).any()):
+        raise fail(f"counts {selection.counts.tolist()} do not fit indices with K = {k} columns")
+    n_valid = ctx.valid.sum(1)
+    for s in range(b):
+        _check_row(selection.indices[s], int(selection.counts[s]), int(n_valid[s]), s, fail)
+    if (at := _first(ctx.protected & ctx.valid & ~selection.to_mask(n))) is not None:
+        raise fail(f"sample {at[0]}: protected token {at[1]} was dropped")
+
+
+def _check_row(indices: Tensor, count: int, n_valid: int, s: int, fail: Fail) -> None:
+    """One sample's indices: in range, strictly increasing, ``-1`` after ``count``."""
+    row = indices[:count]
+    if count and (int(row.min()) < 0 or int(row.max()) >= n_valid):
+        bad = row[(row < 0) | (row >= n_valid)][0]
+        raise fail(f"sample {s}: index {int(bad)} is outside [0, {n_valid}) (its valid tokens)")
+    if count > 1 and not bool((row[1:] > row[:-1]).all()):
+        dup = bool((row[1:] == row[:-1]).any()) or row.unique().numel() < count
+        raise fail(
+            f"sample {s}: indices are {'not unique' if dup else 'not sorted'} "
+            f"({_preview(row)}); return them strictly increasing"
+        )
+    if bool((indices[count:] != -1).any()):
+        raise fail(f"sample {s}: entries after counts[{s}] = {count} must be -1 (padding)")
+
+
+def _check_budget(selection: Selection, ctx: ReduceContext, capabilities: Capabilities, fail: Fail) -> None:
     over = selection.counts > ctx.budget
     if bool(over.any()):
         s = int(over.nonzero()[0])
@@ -129,7 +147,6 @@ def check_reduction(
                 f"sample {s} keeps {int(selection.counts[s])} tokens, under its budget of {int(ctx.budget[s])}; "
                 "a reducer that keeps fewer must declare Capabilities(deterministic_count=False)"
             )
-    return selection
 
 
 def check_finite_tokens(tokens: Tensor, ctx: ReduceContext, reducer_name: str) -> None:
