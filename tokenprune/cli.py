@@ -284,28 +284,36 @@ def flops(
         return
     console = Console(width=max(120, Console().width))
     for label, report in reports.items():
-        table = Table(title=f"{label}: MACs per prefill (FLOPs = 2 x MACs)")
-        for column in ("part", "tokens", "analytic", "torch", "fvcore"):
-            table.add_column(column, justify="right")
-        n = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
-        table.add_row("vision tower + projector", "", "", n(report.vision), "")
-        for row in report.layers:
-            table.add_row(
-                f"layer {row.index}", ", ".join(map(str, row.tokens)), n(row.analytic), n(row.torch), n(row.fvcore)
-            )
-        for stage, name, macs in report.reducers:
-            table.add_row(f"reducer {name} (stage {stage})", "", n(macs), "", "")
-        if report.probe:
-            table.add_row("attention probe", "", n(report.probe), "(in its layer)", "")
-        table.add_row("lm_head", "", *(n(v) for v in report.lm_head))
-        lm = report.language_model
-        table.add_row("language model", "", n(lm["analytic"]), n(lm["torch"]), n(lm["fvcore"]))
-        table.add_row("total (vision + LM + overheads)", "", n(report.total), "", "")
-        console.print(table)
+        console.print(_flops_table(label, report))
         for note in report.fvcore_notes:
             console.print(f"fvcore: {note}", markup=False)
     if pruned is not None:
         console.print(f"reduction against unpruned: {100 * pruned.reduction(base):.1f}% of MACs")
+
+
+def _flops_table(label: str, report: Any) -> Table:
+    """One :class:`~tokenprune.cost.flops.FlopsReport` as a table: a row per part, a column per counter."""
+    table = Table(title=f"{label}: MACs per prefill (FLOPs = 2 x MACs)")
+    for column in ("part", "tokens", "analytic", "torch", "fvcore"):
+        table.add_column(column, justify="right")
+
+    def n(v: int | None) -> str:
+        return "-" if v is None else f"{v:,}"
+
+    table.add_row("vision tower + projector", "", "", n(report.vision), "")
+    for row in report.layers:
+        table.add_row(
+            f"layer {row.index}", ", ".join(map(str, row.tokens)), n(row.analytic), n(row.torch), n(row.fvcore)
+        )
+    for stage, name, macs in report.reducers:
+        table.add_row(f"reducer {name} (stage {stage})", "", n(macs), "", "")
+    if report.probe:
+        table.add_row("attention probe", "", n(report.probe), "(in its layer)", "")
+    table.add_row("lm_head", "", *(n(v) for v in report.lm_head))
+    lm = report.language_model
+    table.add_row("language model", "", n(lm["analytic"]), n(lm["torch"]), n(lm["fvcore"]))
+    table.add_row("total (vision + LM + overheads)", "", n(report.total), "", "")
+    return table
 
 
 def _fail(message: str) -> None:
