@@ -125,6 +125,60 @@ def _run_batch(
     kv_dims: list[int],
     new_tokens: int,
 ) -> list[dict[str, Any]]:
+    gen = _generate_batch(model, processor, task, batch, config, new_tokens)
+    prefill = run.stats.last_prefill
+    visual_in = run.adapter.visual_mask(gen.inputs["input_ids"]).sum(1).tolist()
+    real = gen.inputs["attention_mask"].sum(1).tolist()
+    bytes_per = torch.finfo(model.dtype).bits // 8
+    if prefill is not None and config.heatmaps:
+        _draw_heatmaps(prefill, batch, config, name, task.name)
+    records = []
+    for b, ex in enumerate(batch):
+        tokens = [row[b] for row in prefill.layer_tokens] if prefill is not None else [real[b]] * shape.num_layers
+        text_tokens = real[b] - visual_in[b]
+        prediction = gen.texts[b].strip()
+        record: dict[str, Any] = {
+            "key": key,
+            "config": config.digest(),
+            "pipeline": name,
+            "task": task.name,
+            "id": ex.id,
+            "group": ex.group,
+            "question": ex.question,
+            "prediction": prediction,
+            "answers": list(ex.answers),
+            "first_token": int(gen.first_logits[b].argmax()),
+            "layer_tokens": tokens,
+            "visual_tokens": sum(t - text_tokens for t in tokens) / len(tokens),
+            "macs": language_model_macs(shape, tokens, logits_positions=1).total,
+            "kv_bytes": sum(2 * n * d * bytes_per for n, d in zip(tokens, kv_dims, strict=True)),
+            "prefill_seconds": gen.seconds / len(batch),
+            "peak_memory_bytes": gen.peak_memory,
+            "seed": config.seed,
+            "versions": _versions(),
+        }
+        if ex.answers:
+            record["accuracy"] = exact_match(prediction, ex.answers)
+            record["vqa_score"] = vqa_score(prediction, ex.answers)
+        record.update(_fidelity(name, ex.id, prediction, gen.first_logits[b].float().cpu(), reference))
+        records.append(record)
+    return records
+
+
+@dataclass
+class _Generated:
+    """One batch's greedy generation: the inputs, the answers, the first token's logits, prefill time, memory."""
+
+    inputs: Any
+    texts: list[str]
+    first_logits: Tensor
+    seconds: float
+    peak_memory: int
+
+
+def _generate_batch(
+    model: nn.Module, processor: Any, task: Task, batch: list[Example], config: CompareConfig, new_tokens: int
+) -> _Generated:
     inputs = _encode(processor, task, batch, config.prompt).to(config.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -141,55 +195,22 @@ def _run_batch(
             ),
             device=config.device,
         )
-    prompt_len = inputs["input_ids"].shape[1]
-    texts = tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
-    first_logits = out.logits[0]
-    prefill = run.stats.last_prefill
-    visual_in = run.adapter.visual_mask(inputs["input_ids"]).sum(1).tolist()
-    real = inputs["attention_mask"].sum(1).tolist()
-    bytes_per = torch.finfo(model.dtype).bits // 8
-    if prefill is not None and config.heatmaps:
-        _draw_heatmaps(prefill, batch, config, name, task.name)
-    records = []
-    for b, ex in enumerate(batch):
-        tokens = [row[b] for row in prefill.layer_tokens] if prefill is not None else [real[b]] * shape.num_layers
-        text_tokens = real[b] - visual_in[b]
-        prediction = texts[b].strip()
-        record: dict[str, Any] = {
-            "key": key,
-            "config": config.digest(),
-            "pipeline": name,
-            "task": task.name,
-            "id": ex.id,
-            "group": ex.group,
-            "question": ex.question,
-            "prediction": prediction,
-            "answers": list(ex.answers),
-            "first_token": int(first_logits[b].argmax()),
-            "layer_tokens": tokens,
-            "visual_tokens": sum(t - text_tokens for t in tokens) / len(tokens),
-            "macs": language_model_macs(shape, tokens, logits_positions=1).total,
-            "kv_bytes": sum(2 * n * d * bytes_per for n, d in zip(tokens, kv_dims, strict=True)),
-            "prefill_seconds": timer.seconds / len(batch),
-            "peak_memory_bytes": peak,
-            "seed": config.seed,
-            "versions": _versions(),
-        }
-        if ex.answers:
-            record["accuracy"] = exact_match(prediction, ex.answers)
-            record["vqa_score"] = vqa_score(prediction, ex.answers)
-        logits = first_logits[b].float().cpu()
-        if name == REFERENCE:
-            reference.remember(ex.id, prediction, logits)
-            record["_logits"] = logits
-        else:
-            ref_prediction, ref_logits = reference.lookup(ex.id)
-            if ref_prediction is not None:
-                record["agreement"] = float(normalize_answer(prediction) == normalize_answer(ref_prediction))
-            if ref_logits is not None:
-                record["kl"] = float(kl_divergence(ref_logits, logits))
-        records.append(record)
-    return records
+    texts = tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return _Generated(inputs, texts, out.logits[0], timer.seconds, peak)
+
+
+def _fidelity(name: str, example_id: str, prediction: str, logits: Tensor, reference: _Reference) -> dict[str, Any]:
+    """The reference pass remembers its answer and logits; every other pass is compared with them."""
+    if name == REFERENCE:
+        reference.remember(example_id, prediction, logits)
+        return {"_logits": logits}
+    out: dict[str, Any] = {}
+    ref_prediction, ref_logits = reference.lookup(example_id)
+    if ref_prediction is not None:
+        out["agreement"] = float(normalize_answer(prediction) == normalize_answer(ref_prediction))
+    if ref_logits is not None:
+        out["kl"] = float(kl_divergence(ref_logits, logits))
+    return out
 
 
 class _Reference:
