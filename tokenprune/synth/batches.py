@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
 from tokenprune.synth.patch_labels import BASE_VIEW_TOKENS, packed_owners, patch_labels
 from tokenprune.synth.processor import num_image_tokens
@@ -82,6 +83,31 @@ def check_exists_grounding(ground_absent: bool, exists_head: int | None, heads: 
         )
 
 
+def _grounded_positions(qtype: str, target: int | None, owners: np.ndarray, ground_no: bool) -> np.ndarray | None:
+    """Sequence positions a question's answer is grounded on: the named object's tokens (only its
+    base-view tokens for ``where`` questions, when it has some), ``<s>`` (position 0) for an existence
+    question answered "no" when ``ground_no``, else ``None``."""
+    if target is None:
+        return np.zeros(1, dtype=np.int64) if ground_no and qtype == "exists" else None
+    on_object = owners == target + 1
+    if qtype == "position" and on_object[:BASE_VIEW_TOKENS].any():
+        on_object[BASE_VIEW_TOKENS:] = False  # only base-view tokens know their quadrant
+    return 1 + np.nonzero(on_object)[0] if on_object.any() else None
+
+
+def _right_padded(seqs: list[list[int]], tgts: list[list[int]], pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(input_ids, attention_mask, labels)``, each ``(B, L)``, right-padded to the longest row."""
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, (s, t) in enumerate(zip(seqs, tgts, strict=True)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(s)] = 1
+    return input_ids, mask, labels
+
+
 def make_batch(
     image_processor: object,
     seed: int,
@@ -138,27 +164,16 @@ def make_batch(
                 words = qa.question.split()
                 asks.append((row, query, colour_names.index(words[3]), SHAPE_KINDS.index(words[4])))
             head = exists_head if exists_head is not None and qa.qtype == "exists" else 0
-            if target is not None:
-                on_object = owners == target + 1
-                if qa.qtype == "position" and on_object[:BASE_VIEW_TOKENS].any():
-                    on_object[BASE_VIEW_TOKENS:] = False  # only base-view tokens know their quadrant
-                if on_object.any():
-                    grounds.append((row, head, query, 1 + np.nonzero(on_object)[0]))
-            elif (ground_absent or exists_head is not None) and qa.qtype == "exists":  # "no": nothing to find
-                grounds.append((row, head, query, np.zeros(1, dtype=np.int64)))
+            positions = _grounded_positions(qa.qtype, target, owners, ground_absent or exists_head is not None)
+            if positions is not None:
+                grounds.append((row, head, query, positions))
             seq += q + a
             # the token at position p is predicted at position p - 1
             tgt += [IGNORE] * (len(q) - 1) + a + [IGNORE]
         seqs.append(seq)
         tgts.append(tgt[: len(seq)])
-    length = max(len(s) for s in seqs)
-    input_ids = torch.full((batch_size, length), vocab[PAD], dtype=torch.long)
-    labels = torch.full((batch_size, length), IGNORE, dtype=torch.long)
-    mask = torch.zeros((batch_size, length), dtype=torch.long)
-    for i, (s, t) in enumerate(zip(seqs, tgts, strict=True)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        labels[i, : len(t)] = torch.tensor(t)
-        mask[i, : len(s)] = 1
+    input_ids, mask, labels = _right_padded(seqs, tgts, vocab[PAD])
+    length = int(input_ids.shape[1])
     pv = image_processor(images=images, return_tensors="pt")  # type: ignore[operator]
     ground_targets = torch.zeros((len(grounds), length), dtype=torch.bool)
     for j, (*_, positions) in enumerate(grounds):
