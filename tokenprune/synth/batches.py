@@ -95,6 +95,28 @@ def _grounded_positions(qtype: str, target: int | None, owners: np.ndarray, grou
     return 1 + np.nonzero(on_object)[0] if on_object.any() else None
 
 
+def _append_qa(seq: list[int], tgt: list[int], question: str, answer: str, vocab: dict[str, int]) -> None:
+    """Append a question and its answer to a row; the answer's tokens are the targets (the token at
+    position p is predicted at position p - 1)."""
+    q = [vocab[w] for w in question.split()]
+    a = [vocab[w] for w in answer.split()]
+    seq += q + a
+    tgt += [IGNORE] * (len(q) - 1) + a + [IGNORE]
+
+
+def _grounding_tensors(grounds: list[tuple[int, int, int, np.ndarray]], length: int) -> dict[str, Tensor]:
+    """The batch's grounding fields from ``(row, head, query, positions)`` entries."""
+    targets = torch.zeros((len(grounds), length), dtype=torch.bool)
+    for j, (*_, positions) in enumerate(grounds):
+        targets[j, torch.from_numpy(positions)] = True
+    return {
+        "ground_rows": torch.tensor([g[0] for g in grounds], dtype=torch.long),
+        "ground_heads": torch.tensor([g[1] for g in grounds], dtype=torch.long),
+        "ground_query": torch.tensor([g[2] for g in grounds], dtype=torch.long),
+        "ground_targets": targets,
+    }
+
+
 def _right_padded(seqs: list[list[int]], tgts: list[list[int]], pad: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(input_ids, attention_mask, labels)``, each ``(B, L)``, right-padded to the longest row."""
     length = max(len(s) for s in seqs)
@@ -137,8 +159,7 @@ def make_batch(
     size = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
     ids = rng.integers(0, HELDOUT_BASE, size=batch_size)
     vocab = {w: i for i, w in enumerate(vocabulary())}
-    n_img = num_image_tokens(*size)
-    colour_names = list(SHAPE_COLOURS)
+    n_img, colour_names = num_image_tokens(*size), list(SHAPE_COLOURS)
     seqs: list[list[int]] = []
     tgts: list[list[int]] = []
     images: list[Image.Image] = []
@@ -153,31 +174,22 @@ def make_batch(
         images.append(Image.fromarray(img))
         plabels.append(patch_labels(scene, omap))
         owners = packed_owners(scene, omap)
-        seq = [vocab[BOS]] + [vocab[IMAGE]] * n_img
-        tgt = [IGNORE] * len(seq)
+        seq, tgt = [vocab[BOS]] + [vocab[IMAGE]] * n_img, [IGNORE] * (1 + n_img)
         for qa in qas:
-            q = [vocab[w] for w in qa.question.split()]
-            a = [vocab[w] for w in qa.answer.split()]
-            query = len(seq) + len(q) - 1  # the answer is predicted at the question's last token
-            target = grounding_target(scene, qa)
+            query = len(seq) + len(qa.question.split()) - 1  # the answer is predicted at the question's last token
             if qa.qtype == "exists":  # is there a <colour> <kind> ?
                 words = qa.question.split()
                 asks.append((row, query, colour_names.index(words[3]), SHAPE_KINDS.index(words[4])))
             head = exists_head if exists_head is not None and qa.qtype == "exists" else 0
+            target = grounding_target(scene, qa)
             positions = _grounded_positions(qa.qtype, target, owners, ground_absent or exists_head is not None)
             if positions is not None:
                 grounds.append((row, head, query, positions))
-            seq += q + a
-            # the token at position p is predicted at position p - 1
-            tgt += [IGNORE] * (len(q) - 1) + a + [IGNORE]
+            _append_qa(seq, tgt, qa.question, qa.answer, vocab)
         seqs.append(seq)
         tgts.append(tgt[: len(seq)])
     input_ids, mask, labels = _right_padded(seqs, tgts, vocab[PAD])
-    length = int(input_ids.shape[1])
     pv = image_processor(images=images, return_tensors="pt")  # type: ignore[operator]
-    ground_targets = torch.zeros((len(grounds), length), dtype=torch.bool)
-    for j, (*_, positions) in enumerate(grounds):
-        ground_targets[j, torch.from_numpy(positions)] = True
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=mask,
@@ -185,10 +197,7 @@ def make_batch(
         pixel_values=pv["pixel_values"],
         image_sizes=pv["image_sizes"],
         patch_labels=torch.from_numpy(np.concatenate(plabels)),
-        ground_rows=torch.tensor([g[0] for g in grounds], dtype=torch.long),
-        ground_heads=torch.tensor([g[1] for g in grounds], dtype=torch.long),
-        ground_query=torch.tensor([g[2] for g in grounds], dtype=torch.long),
-        ground_targets=ground_targets,
+        **_grounding_tensors(grounds, int(input_ids.shape[1])),
         question_rows=torch.tensor([a[0] for a in asks], dtype=torch.long),
         question_query=torch.tensor([a[1] for a in asks], dtype=torch.long),
         question_labels=torch.tensor([a[2:] for a in asks], dtype=torch.long).reshape(-1, 2),
