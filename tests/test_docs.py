@@ -57,6 +57,20 @@ def test_every_cli_command_is_documented():
         assert re.search(rf"`tokenprune {name}\b", cli_doc), f"`tokenprune {name}` is not in docs/reference/cli.md"
 
 
+def test_every_adapter_check_is_in_the_adapter_tutorial():
+    """The tutorial's table lists each check of check_adapter by name and function, in the tuples' order."""
+    from tokenprune.testing import adapters
+
+    text = (DOCS / "extending" / "adapters.md").read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    names = [row.split("|")[1].strip() for row in rows]
+    checks = [*adapters.INVARIANTS, *adapters.ADAPTER_CHECKS]
+    assert [c.name for c in checks] == [n for n in names if n in {c.name for c in checks}]
+    for check in checks:
+        function = getattr(check.run, "func", check.run).__name__
+        assert f"| {check.name} | `{function}` |" in text, check.name
+
+
 def test_readme_commands_exist():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for script in re.findall(r"bash (scripts/\S+\.sh)", readme):

@@ -4,8 +4,9 @@
 4. remove() restores the model; 5. batch equals one by one (ragged keep counts); 6. the attention
 probe matches eager attention while the model runs sdpa.
 
-The checks themselves live in :mod:`tokenprune.testing_adapters`, so a third-party adapter is
-tested exactly as the built-ins are; this module parametrizes them over the built-in tiny models.
+The checks themselves live in :mod:`tokenprune.testing.adapters`, so a third-party adapter is
+tested exactly as the built-ins are; this module parametrizes its ``INVARIANTS`` and ``ADAPTER_CHECKS``
+(the tuples ``check_adapter`` runs) over the built-in tiny models.
 """
 
 from __future__ import annotations
@@ -31,52 +32,26 @@ def checks() -> tp.plugins.PluginManager:
     return ta.adapter_check_manager()
 
 
-def _args(tiny: tm.Tiny, checks: tp.plugins.PluginManager) -> tuple[tuple, dict]:
-    return (tiny.model, tiny.make_inputs, BATCH_SPECS[tiny.name]), {
-        "plugins": checks,
-        "pad_token_id": 0,
-        "suppress_tokens": SUPPRESS,
-    }
-
-
-def test_keep_all_is_identity(tiny, checks):
-    """Invariant 1: a keep-all pipeline gives bit-identical logits and generations (batch 3, padding)."""
-    args, kw = _args(tiny, checks)
-    ta.check_keep_all_is_identity(*args, **kw)
-
-
-@pytest.mark.parametrize("positions", ["original", "compact"])
-def test_cached_decode_equals_recompute(tiny, checks, positions):
-    """Invariant 2: cached decoding after a pruned prefill equals a no-cache recompute (1e-5)."""
-    args, kw = _args(tiny, checks)
+@pytest.fixture(scope="module")
+def case(tiny: tm.Tiny, checks: tp.plugins.PluginManager) -> ta.AdapterCase:
+    """The adapter case, built once per adapter and shared by every check."""
     # Generated tokens' token_type_ids: PaliGemma's causal suffix (1), Gemma3's text (0).
     fill = 1 if tiny.name == "paligemma" else 0
-    ta.check_cached_decode_equals_recompute(*args, positions=positions, generated_token_type_id=fill, **kw)
+    return ta.adapter_case(
+        tiny.model,
+        tiny.make_inputs,
+        BATCH_SPECS[tiny.name],
+        plugins=checks,
+        pad_token_id=0,
+        suppress_tokens=SUPPRESS,
+        generated_token_type_id=fill,
+    )
 
 
-def test_kv_cache_holds_kept_tokens(tiny, checks):
-    """Invariant 3: every layer's cache holds exactly the tokens the pipeline keeps there."""
-    args, kw = _args(tiny, checks)
-    ta.check_kv_cache_holds_kept_tokens(*args, **kw)
-
-
-def test_remove_restores_model(tiny, checks):
-    """Invariant 4: after remove(), outputs and state_dict are bit-identical and no hook is left."""
-    args, kw = _args(tiny, checks)
-    ta.check_remove_restores_model(*args, **kw)
-
-
-def test_batch_equals_one_by_one(tiny, checks):
-    """Invariant 5: images of different sizes, per-sample keep counts (an adaptive reducer, then a
-    fraction at layer 2); each sample gets the same tokens and logits (1e-5) as when run alone."""
-    args, kw = _args(tiny, checks)
-    ta.check_batch_equals_one_by_one(*args, **kw)
-
-
-def test_probe_matches_eager_attention(tiny, checks):
-    """Invariant 6: probe scores equal eager attention weights (1e-6) while the model ran sdpa."""
-    args, kw = _args(tiny, checks)
-    ta.check_probe_matches_eager_attention(*args, **kw)
+@pytest.mark.parametrize("check", [*ta.INVARIANTS, *ta.ADAPTER_CHECKS], ids=lambda check: check.name)
+def test_check(case, check):
+    """Every check of check_adapter (the engine's invariants, then the adapter's own), from one tuple."""
+    check.run(case)
 
 
 def test_probe_only_at_needed_layers(tiny, plugins):
@@ -87,18 +62,6 @@ def test_probe_only_at_needed_layers(tiny, plugins):
         forward(tiny.model, inputs, tiny.name)
         assert set(run._forwards.probe.scores) == {2}
         assert tiny.model.config.get_text_config()._attn_implementation.startswith("tokenprune_probe")
-
-
-def test_rotary_matches_model(tiny, checks):
-    """Not an engine invariant: each adapter's rotary() gives the model's own position embeddings."""
-    args, kw = _args(tiny, checks)
-    ta.check_rotary_matches_model(*args, **kw)
-
-
-def test_layout_covers_visual_tokens(tiny, checks):
-    """Not an engine invariant: each adapter's layouts align with its visual tokens."""
-    args, kw = _args(tiny, checks)
-    ta.check_layout_covers_visual_tokens(*args, **kw)
 
 
 def test_the_kit_needs_no_built_in_reducer(monkeypatch):

@@ -26,7 +26,11 @@ The six invariants (each is also a function of its own):
    weights (1e-6) while every layer ran stock sdpa.
 
 :func:`check_adapter` also runs :func:`check_rotary_matches_model`: the adapter's ``rotary`` gives
-the model's own position embeddings (a wrong one would pass the six, see its docstring).
+the model's own position embeddings (a wrong one would pass the six, see its docstring), and
+:func:`check_layout_covers_visual_tokens`. It checks its arguments once into an :class:`AdapterCase`
+(:func:`adapter_case`) and runs the tuples :data:`INVARIANTS` and :data:`ADAPTER_CHECKS` on it; each
+entry is a function of the case, and ``check_<function>(model, make_inputs, specs, ...)`` its
+standalone form.
 
 What the checks need from you:
 
@@ -55,6 +59,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -169,8 +175,19 @@ KEEP_ALL = _pipe(
 
 
 @dataclasses.dataclass
-class _Case:
-    """What every check derives from its arguments."""
+class AdapterCase:
+    """One model under test, built once by :func:`adapter_case`; every invariant is a function of it.
+
+    Attributes:
+        model: The top-level model (see the module docstring).
+        make_inputs: ``make_inputs(specs, start=0)``, the batch builder.
+        specs: Three image samples; the padded batch is ``[specs[0], specs[1], None]``.
+        manager: The plugin manager (the checks' test reducers registered).
+        adapter: The adapter that claims the model.
+        generate_kwargs: Given to every ``generate`` (``pad_token_id``, ``suppress_tokens``).
+        generated_token_type_id: The ``token_type_ids`` value ``generate`` gives new tokens (1 for
+            PaliGemma's causal suffix, 0 for Gemma3's text tokens).
+    """
 
     model: nn.Module
     make_inputs: MakeInputs
@@ -178,6 +195,7 @@ class _Case:
     manager: PluginManager
     adapter: ModelAdapter
     generate_kwargs: dict[str, Any]
+    generated_token_type_id: int = 0
 
     def padded_batch(self) -> dict[str, Any]:
         """A batch of 3 with left padding: two image samples of different sizes and a text-only one."""
@@ -211,20 +229,39 @@ class _Case:
             )
 
 
-def _case(
+def adapter_case(
     model: nn.Module,
     make_inputs: MakeInputs,
     specs: Sequence[Any],
-    plugins: PluginManager | None,
-    pad_token_id: int,
-    suppress_tokens: Sequence[int] | None,
-) -> _Case:
+    *,
+    plugins: PluginManager | None = None,
+    pad_token_id: int = 0,
+    suppress_tokens: Sequence[int] | None = None,
+    generated_token_type_id: int = 0,
+) -> AdapterCase:
+    """Check the arguments once and build the :class:`AdapterCase` every invariant runs on.
+
+    Args:
+        model: The top-level model, sdpa, eval mode, at least 3 decoder layers.
+        make_inputs: ``make_inputs(specs, start=0)``, the batch builder (see the module docstring).
+        specs: Three image samples with at least two different visual-token counts.
+        plugins: A manager from :func:`adapter_check_manager` (default: a fresh one, which finds
+            installed adapter packages through their entry points).
+        pad_token_id: Given to ``generate``.
+        suppress_tokens: Ids ``generate`` must not produce (default: every id the adapter marks
+            visual in the batch, so that no generated token is read as an image placeholder).
+        generated_token_type_id: See :attr:`AdapterCase.generated_token_type_id`.
+
+    Raises:
+        ValueError: arguments the checks cannot use (see the module docstring).
+        UnsupportedModelError: no installed or given adapter claims ``model.config.model_type``.
+    """
     manager = plugins if plugins is not None else adapter_check_manager()
     reducers = manager.reducers
     if not all(cls.name in reducers and reducers.get(cls.name) is cls for cls in (SeededDrop, ProbeRecorder, FirstK)):
         raise ValueError(
             "the plugin manager lacks the checks' test reducers; build it with "
-            "tokenprune.testing_adapters.adapter_check_manager(...)"
+            "tokenprune.testing.adapters.adapter_check_manager(...)"
         )
     if len(specs) != 3:
         raise ValueError(f"specs: expected three image samples, got {len(specs)}")
@@ -239,7 +276,9 @@ def _case(
     if impl != "sdpa":
         raise ValueError(f"build the model with attn_implementation='sdpa' (it uses {impl!r})")
     ProbeRecorder.contexts.clear()
-    case = _Case(model, make_inputs, specs, manager, adapter, {"pad_token_id": pad_token_id})
+    case = AdapterCase(
+        model, make_inputs, specs, manager, adapter, {"pad_token_id": pad_token_id}, generated_token_type_id
+    )
     if suppress_tokens is None:  # never generate a token the adapter would read as visual
         ids = case.padded_batch()["input_ids"]
         suppress_tokens = sorted({int(t) for t in ids[case.visual({"input_ids": ids})].unique()})
@@ -256,15 +295,7 @@ def _hooks(model: nn.Module) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
-def check_keep_all_is_identity(
-    model: nn.Module,
-    make_inputs: MakeInputs,
-    specs: Sequence[Any],
-    *,
-    plugins: PluginManager | None = None,
-    pad_token_id: int = 0,
-    suppress_tokens: Sequence[int] | None = None,
-) -> None:
+def keep_all_is_identity(c: AdapterCase) -> None:
     """Invariant 1: a keep-all pipeline gives bit-identical logits and generations (batch 3, padding).
 
     The pipeline has three keep-all stages (``post_projector``, a probed ``layer: 1`` stage and
@@ -272,15 +303,9 @@ def check_keep_all_is_identity(
     unmodified model's, and every stage must report as many tokens leaving as entering.
 
     Args:
-        model: The model (see the module docstring).
-        make_inputs: ``make_inputs(specs, start=0)``, the batch builder.
-        specs: Three image samples; the batch is ``[specs[0], specs[1], None]``.
-        plugins: A manager from :func:`adapter_check_manager` (default: a fresh one).
-        pad_token_id: Given to ``generate``.
-        suppress_tokens: Ids ``generate`` must not produce (default: every id the adapter marks
-            visual in the batch, so that no generated token is read as an image placeholder).
+        c: The case (:func:`adapter_case`).
     """
-    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    model = c.model
     name = "keep-all is identity"
     inputs = c.padded_batch()
     _expect(int((inputs["attention_mask"] == 0).sum()) > 0, name, "make_inputs gave a batch without left padding")
@@ -300,17 +325,7 @@ def check_keep_all_is_identity(
     _expect(all(s.entering == s.leaving for s in stages), name, "a keep-all stage dropped tokens")
 
 
-def check_cached_decode_equals_recompute(
-    model: nn.Module,
-    make_inputs: MakeInputs,
-    specs: Sequence[Any],
-    *,
-    positions: str = "original",
-    generated_token_type_id: int = 0,
-    plugins: PluginManager | None = None,
-    pad_token_id: int = 0,
-    suppress_tokens: Sequence[int] | None = None,
-) -> None:
+def cached_decode_equals_recompute(c: AdapterCase, *, positions: str = "original") -> None:
     """Invariant 2: cached decoding after a pruned prefill equals a no-cache recompute (1e-5).
 
     Generates 4 tokens with :data:`PRUNE` (batch 3, padding), then runs one forward without cache
@@ -318,14 +333,11 @@ def check_cached_decode_equals_recompute(
     at the generated positions must match the cached decoding steps within :data:`PRUNE_TOLERANCE`.
 
     Args:
+        c: The case (:func:`adapter_case`); its ``generated_token_type_id`` extends ``token_type_ids``
+            for the recompute (``mm_token_type_ids`` are always extended with 0, text).
         positions: The pipeline's ``positions`` option, ``"original"`` or ``"compact"``.
-        generated_token_type_id: The ``token_type_ids`` value ``generate`` gives new tokens, used to
-            extend ``token_type_ids`` for the recompute: 1 for PaliGemma's causal suffix, 0 for
-            Gemma3's text tokens (``mm_token_type_ids`` are always extended with 0, text).
-
-    The other arguments are as for :func:`check_keep_all_is_identity`.
     """
-    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    model = c.model
     name = f"cached decode equals recompute (positions: {positions})"
     inputs = c.padded_batch()
     with apply(model, {**PRUNE, "positions": positions}, plugins=c.manager) as run:
@@ -339,7 +351,7 @@ def check_cached_decode_equals_recompute(
             [inputs["attention_mask"], torch.ones(seq.shape[0], new, dtype=inputs["attention_mask"].dtype)], 1
         )
         if "token_type_ids" in full:
-            fill = torch.full((seq.shape[0], new), generated_token_type_id, dtype=inputs["token_type_ids"].dtype)
+            fill = torch.full((seq.shape[0], new), c.generated_token_type_id, dtype=inputs["token_type_ids"].dtype)
             full["token_type_ids"] = torch.cat([inputs["token_type_ids"], fill], 1)
         if "mm_token_type_ids" in full:
             fill = torch.zeros(seq.shape[0], new, dtype=inputs["mm_token_type_ids"].dtype)
@@ -357,24 +369,15 @@ def check_cached_decode_equals_recompute(
         )
 
 
-def check_kv_cache_holds_kept_tokens(
-    model: nn.Module,
-    make_inputs: MakeInputs,
-    specs: Sequence[Any],
-    *,
-    plugins: PluginManager | None = None,
-    pad_token_id: int = 0,
-    suppress_tokens: Sequence[int] | None = None,
-) -> None:
+def kv_cache_holds_kept_tokens(c: AdapterCase) -> None:
     """Invariant 3: every layer's KV cache holds exactly the tokens the pipeline keeps there.
 
     With :data:`PRUNE` and 3 generated tokens: layer 2 keeps half of what the projector stage kept
     (at least 1 per image sample); ``layer_tokens`` counts each sample's text tokens plus its kept
     visual tokens; the cache of layers 0-1 (2 on) is as wide as the longest sample after the
-    projector stage (after layer 2) plus the 2 decoded tokens. Arguments as for
-    :func:`check_keep_all_is_identity`.
+    projector stage (after layer 2) plus the 2 decoded tokens.
     """
-    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    model = c.model
     name = "KV cache holds the kept tokens"
     inputs = c.padded_batch()
     n = 3
@@ -401,24 +404,15 @@ def check_kv_cache_holds_kept_tokens(
         _expect(got == width + n - 1, name, f"layer {i} caches {got} tokens, expected {width + n - 1}")
 
 
-def check_remove_restores_model(
-    model: nn.Module,
-    make_inputs: MakeInputs,
-    specs: Sequence[Any],
-    *,
-    plugins: PluginManager | None = None,
-    pad_token_id: int = 0,
-    suppress_tokens: Sequence[int] | None = None,
-) -> None:
+def remove_restores_model(c: AdapterCase) -> None:
     """Invariant 4: after ``remove()``, outputs and ``state_dict`` are bit-identical and no hook is left.
 
     A pruning pipeline (projector, probed layer 1, layer 2) must change the output; after
     ``remove()`` (called twice: it is idempotent) logits and every ``state_dict`` tensor are
     ``torch.equal`` to before, the language model's attention implementation is restored, the
     number of module hooks is back to what it was, and the ``get_image_features`` wrapper is gone.
-    Arguments as for :func:`check_keep_all_is_identity`.
     """
-    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    model = c.model
     name = "remove() restores the model"
     inputs = c.padded_batch()
     before = c.forward(inputs).logits
@@ -449,25 +443,16 @@ def check_remove_restores_model(
     _expect("get_image_features" not in c.adapter.vlm().__dict__, name, "the get_image_features wrapper was left")
 
 
-def check_batch_equals_one_by_one(
-    model: nn.Module,
-    make_inputs: MakeInputs,
-    specs: Sequence[Any],
-    *,
-    plugins: PluginManager | None = None,
-    pad_token_id: int = 0,
-    suppress_tokens: Sequence[int] | None = None,
-) -> None:
+def batch_equals_one_by_one(c: AdapterCase) -> None:
     """Invariant 5: with ragged keep counts, each sample gets what it gets alone (1e-5).
 
     The batch is ``specs`` (three images of different sizes); the pipeline is an adaptive reducer
     (:class:`FirstK`, 75 %) after the projector, then 50 % at layer 2, so samples keep different
     numbers of tokens at both stages. For each sample, generated ids must be equal, the logits of
     each generated token and of the prompt's last position within :data:`PRUNE_TOLERANCE`, and the
-    kept indices of both stages equal to a run of the sample alone. Arguments as for
-    :func:`check_keep_all_is_identity`.
+    kept indices of both stages equal to a run of the sample alone.
     """
-    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    model, make_inputs, specs = c.model, c.make_inputs, c.specs
     name = "batch equals one by one"
     batch = make_inputs(specs)
     pipeline = _pipe(("post_projector", "first_k", 0.75), ({"layer": 2}, "check_drop", 0.5))
@@ -495,23 +480,15 @@ def check_batch_equals_one_by_one(
             _expect(alone_stats[1].kept[0] == stages[1].kept[i], name, f"sample {i}: other tokens kept at layer 2")
 
 
-def check_probe_matches_eager_attention(
-    model: nn.Module,
-    make_inputs: MakeInputs,
-    specs: Sequence[Any],
-    *,
-    plugins: PluginManager | None = None,
-    pad_token_id: int = 0,
-    suppress_tokens: Sequence[int] | None = None,
-) -> None:
+def probe_matches_eager_attention(c: AdapterCase) -> None:
     """Invariant 6: probe scores equal eager attention weights (1e-6) while the model ran sdpa.
 
     A ``layer: 2`` stage probes layer 1. Every decoder layer must have called transformers' stock
     sdpa function; the ``last`` and ``text`` scores the reducer received must equal the head-mean of
     a deep-copied eager model's ``output_attentions`` at layer 1 within :data:`PROBE_TOLERANCE`; and
-    the model must still be on sdpa. Arguments as for :func:`check_keep_all_is_identity`.
+    the model must still be on sdpa.
     """
-    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    model = c.model
     name = "probe matches eager attention"
     calls: list[int] = []
     sdpa = compat.sdpa_module()
@@ -551,15 +528,7 @@ def check_probe_matches_eager_attention(
     _expect(impl == "sdpa", name, f"the model was left on {impl!r}")
 
 
-def check_rotary_matches_model(
-    model: nn.Module,
-    make_inputs: MakeInputs,
-    specs: Sequence[Any],
-    *,
-    plugins: PluginManager | None = None,
-    pad_token_id: int = 0,
-    suppress_tokens: Sequence[int] | None = None,
-) -> None:
+def rotary_matches_model(c: AdapterCase) -> None:
     """The adapter's :meth:`~tokenprune.adapters.ModelAdapter.rotary` reproduces the model's own RoPE.
 
     Not one of the six invariants, and needed because they cannot see it: ``positions: compact``
@@ -567,12 +536,10 @@ def check_rotary_matches_model(
     in every decoding step, so a wrong ``rotary`` is self-consistent (cached decoding still equals a
     recompute) while the model attends with wrong positions. Here, in a plain forward of the padded
     batch (no pipeline), ``adapter.rotary`` applied to the position ids the language model received
-    must give every decoder layer's ``position_embeddings`` bit for bit. Arguments as for
-    :func:`check_keep_all_is_identity`.
+    must give every decoder layer's ``position_embeddings`` bit for bit.
     """
     from tokenprune.positions import to_rows
 
-    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
     name = "rotary matches the model"
     inputs = c.padded_batch()
     seen: dict[str, Any] = {"layers": []}
@@ -608,15 +575,7 @@ def check_rotary_matches_model(
         )
 
 
-def check_layout_covers_visual_tokens(
-    model: nn.Module,
-    make_inputs: MakeInputs,
-    specs: Sequence[Any],
-    *,
-    plugins: PluginManager | None = None,
-    pad_token_id: int = 0,
-    suppress_tokens: Sequence[int] | None = None,
-) -> None:
+def layout_covers_visual_tokens(c: AdapterCase) -> None:
     """The adapter's layouts describe exactly the tokens its ``visual_mask`` marks.
 
     Not one of the six invariants: when the layouts of :meth:`~tokenprune.adapters.ModelAdapter.image_layouts`
@@ -627,9 +586,8 @@ def check_layout_covers_visual_tokens(
     visual token, as many images per sample as the layout says, and newlines only at row ends
     (``col`` = the largest column of that row's other tokens + 1). This checks consistency, not
     meaning: test that the rows and columns are the right ones for your architecture yourself.
-    Arguments as for :func:`check_keep_all_is_identity`.
     """
-    c = _case(model, make_inputs, specs, plugins, pad_token_id, suppress_tokens)
+    model, make_inputs, specs = c.model, c.make_inputs, c.specs
     name = "the layout covers the visual tokens"
     for inputs in (make_inputs(specs), c.padded_batch()):
         with apply(model, _pipe(("post_projector", "check_drop", 1.0)), plugins=c.manager) as run:
@@ -658,6 +616,39 @@ def check_layout_covers_visual_tokens(
                     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Invariant:
+    """One check of :func:`check_adapter`: a name (in messages, docs and test ids) and a function of the case."""
+
+    name: str
+    run: Callable[[AdapterCase], None]
+
+
+INVARIANTS: tuple[Invariant, ...] = (
+    Invariant("keep-all is identity", keep_all_is_identity),
+    Invariant(
+        "cached decode equals recompute (original positions)",
+        functools.partial(cached_decode_equals_recompute, positions="original"),
+    ),
+    Invariant(
+        "cached decode equals recompute (compact positions)",
+        functools.partial(cached_decode_equals_recompute, positions="compact"),
+    ),
+    Invariant("KV cache holds the kept tokens", kv_cache_holds_kept_tokens),
+    Invariant("remove restores the model", remove_restores_model),
+    Invariant("batch equals one by one", batch_equals_one_by_one),
+    Invariant("probe matches eager attention", probe_matches_eager_attention),
+)
+"""The engine's six invariants (the second with both position policies), in the order :func:`check_adapter`
+runs them."""
+
+ADAPTER_CHECKS: tuple[Invariant, ...] = (
+    Invariant("rotary matches the model", rotary_matches_model),
+    Invariant("layouts cover the visual tokens", layout_covers_visual_tokens),
+)
+"""The adapter's own answers where the invariants cannot see a mistake (see each function)."""
+
+
 def check_adapter(
     model: nn.Module,
     make_inputs: MakeInputs,
@@ -668,18 +659,9 @@ def check_adapter(
     pad_token_id: int = 0,
     suppress_tokens: Sequence[int] | None = None,
 ) -> None:
-    """Run the six invariants (invariant 2 with ``original`` and ``compact`` positions), then
-    :func:`check_rotary_matches_model`.
+    """Build the case once, then run :data:`INVARIANTS` and :data:`ADAPTER_CHECKS` on it.
 
-    Args:
-        model: The top-level model, sdpa, eval mode, at least 3 decoder layers.
-        make_inputs: ``make_inputs(specs, start=0)``, the batch builder (see the module docstring).
-        specs: Three image samples with at least two different visual-token counts.
-        generated_token_type_id: See :func:`check_cached_decode_equals_recompute`.
-        plugins: A manager from :func:`adapter_check_manager` (default: a fresh one, which finds
-            installed adapter packages through their entry points).
-        pad_token_id: Given to ``generate``.
-        suppress_tokens: Ids ``generate`` must not produce (default: the ids the adapter marks visual).
+    Arguments as for :func:`adapter_case`.
 
     Raises:
         AdapterCheckError: naming the first check that failed (or ``assert_close``'s
@@ -687,32 +669,68 @@ def check_adapter(
         ValueError: arguments the checks cannot use (see the module docstring).
         UnsupportedModelError: no installed or given adapter claims ``model.config.model_type``.
     """
-    manager = plugins if plugins is not None else adapter_check_manager()
-    common: dict[str, Any] = {"plugins": manager, "pad_token_id": pad_token_id, "suppress_tokens": suppress_tokens}
-    check_keep_all_is_identity(model, make_inputs, specs, **common)
-    for positions in ("original", "compact"):
-        check_cached_decode_equals_recompute(
-            model, make_inputs, specs, positions=positions, generated_token_type_id=generated_token_type_id, **common
-        )
-    check_kv_cache_holds_kept_tokens(model, make_inputs, specs, **common)
-    check_remove_restores_model(model, make_inputs, specs, **common)
-    check_batch_equals_one_by_one(model, make_inputs, specs, **common)
-    check_probe_matches_eager_attention(model, make_inputs, specs, **common)
-    check_rotary_matches_model(model, make_inputs, specs, **common)
-    check_layout_covers_visual_tokens(model, make_inputs, specs, **common)
+    case = adapter_case(
+        model,
+        make_inputs,
+        specs,
+        plugins=plugins,
+        pad_token_id=pad_token_id,
+        suppress_tokens=suppress_tokens,
+        generated_token_type_id=generated_token_type_id,
+    )
+    for check in (*INVARIANTS, *ADAPTER_CHECKS):
+        check.run(case)
+
+
+def _standalone(invariant: Callable[..., None]) -> Callable[..., None]:
+    """``check_<name>(model, make_inputs, specs, **options)``: ``invariant`` on its own :func:`adapter_case`.
+
+    Keyword options that :func:`adapter_case` takes build the case; the others (``positions``) go to
+    the invariant.
+    """
+    case_options = set(inspect.signature(adapter_case).parameters) - {"model", "make_inputs", "specs"}
+
+    def check(model: nn.Module, make_inputs: MakeInputs, specs: Sequence[Any], **options: Any) -> None:
+        case = adapter_case(model, make_inputs, specs, **{k: v for k, v in options.items() if k in case_options})
+        invariant(case, **{k: v for k, v in options.items() if k not in case_options})
+
+    check.__name__ = check.__qualname__ = f"check_{invariant.__name__}"
+    summary = (invariant.__doc__ or "").strip().splitlines()[0]
+    check.__doc__ = (
+        f"{summary}\n\nThe standalone form of :func:`{invariant.__name__}`: builds the case with "
+        ":func:`adapter_case` (its keyword arguments), then runs the check."
+    )
+    return check
+
+
+check_keep_all_is_identity = _standalone(keep_all_is_identity)
+check_cached_decode_equals_recompute = _standalone(cached_decode_equals_recompute)
+check_kv_cache_holds_kept_tokens = _standalone(kv_cache_holds_kept_tokens)
+check_remove_restores_model = _standalone(remove_restores_model)
+check_batch_equals_one_by_one = _standalone(batch_equals_one_by_one)
+check_probe_matches_eager_attention = _standalone(probe_matches_eager_attention)
+check_rotary_matches_model = _standalone(rotary_matches_model)
+check_layout_covers_visual_tokens = _standalone(layout_covers_visual_tokens)
 
 
 __all__ = [
+    "ADAPTER_CHECKS",
+    "INVARIANTS",
     "KEEP_ALL",
     "PROBE_TOLERANCE",
     "PRUNE",
     "PRUNE_TOLERANCE",
+    "AdapterCase",
     "AdapterCheckError",
     "FirstK",
+    "Invariant",
     "MakeInputs",
     "ProbeRecorder",
     "SeededDrop",
+    "adapter_case",
     "adapter_check_manager",
+    "batch_equals_one_by_one",
+    "cached_decode_equals_recompute",
     "check_adapter",
     "check_batch_equals_one_by_one",
     "check_cached_decode_equals_recompute",
@@ -722,4 +740,10 @@ __all__ = [
     "check_probe_matches_eager_attention",
     "check_remove_restores_model",
     "check_rotary_matches_model",
+    "keep_all_is_identity",
+    "kv_cache_holds_kept_tokens",
+    "layout_covers_visual_tokens",
+    "probe_matches_eager_attention",
+    "remove_restores_model",
+    "rotary_matches_model",
 ]

@@ -19,7 +19,7 @@ DIST = "tokenprune-example-adapter"
 
 
 def test_it_keeps_the_engine_invariants(tiny):
-    """All six invariants, exactly as the built-in adapters are tested."""
+    """Every check of check_adapter, exactly as the built-in adapters are tested."""
     check_adapter(tiny.model, tiny.make_inputs, SPECS)
 
 
