@@ -77,35 +77,7 @@ def model_decoding_kwargs(kw: dict[str, Any], st: PrefillState, adapter: ModelAd
     return kw
 
 
-def prefill_layer_kwargs(
-    kwargs: dict[str, Any],
-    hidden: Tensor,
-    seg: TokenSequence,
-    adapter: ModelAdapter,
-    layer: int,
-    *,
-    compact: bool,
-    boolean: bool,
-    dtype: torch.dtype,
-) -> dict[str, Any]:
-    """A pruned decoder layer's keyword arguments in the prefill: what the language model computed for the
-    whole sequence (4-D mask, rotary tables, position ids), sliced down to the layer's kept tokens; under
-    ``compact`` positions the rotary tables are recomputed for the renumbered positions."""
-    cols = seg.lm_column
-    kwargs["attention_mask"] = slice_mask(
-        kwargs.get("attention_mask"), cols, cols, seg.valid, boolean=boolean, dtype=dtype
-    )
-    pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
-    if compact:
-        kwargs["position_embeddings"] = adapter.rotary(hidden, seg.positions, layer)
-    elif pe is not None:
-        kwargs["position_embeddings"] = tuple(gather_tokens(t, cols) for t in pe)
-    if isinstance(pos, Tensor):
-        kwargs["position_ids"] = position_ids_like(seg.positions, pos) if compact else gather_position_ids(pos, cols)
-    return kwargs
-
-
-def layer_decoding_kwargs(
+def pruned_layer_kwargs(
     kwargs: dict[str, Any],
     hidden: Tensor,
     seg: TokenSequence,
@@ -117,16 +89,35 @@ def layer_decoding_kwargs(
     boolean: bool,
     dtype: torch.dtype,
 ) -> dict[str, Any]:
-    """A pruned decoder layer's keyword arguments for a decoding step.
+    """The keyword arguments of a decoder layer that a layer stage pruned (it holds the tokens of ``seg``).
 
-    The new tokens attend to every kept token of this layer's cache that is not padding, and to the
-    tokens decoded so far. The model sized its mask from some layer's cache (layer 0, or the first
-    layer of that attention type, which may be pruned), so the mask is rebuilt over this layer's own
-    cache rather than sliced.
+    In the prefill: what the language model computed for the whole sequence (4-D mask, rotary tables,
+    position ids), sliced down to the kept tokens; under ``compact`` positions the rotary tables are
+    recomputed for the renumbered positions.
+
+    In a decoding step: the new tokens attend to every kept token of this layer's cache that is not
+    padding, and to the tokens decoded so far. The model sized its mask from some layer's cache
+    (layer 0, or the first layer of that attention type, which may be pruned), so the mask is rebuilt
+    over this layer's own cache rather than sliced.
 
     Raises:
-        TokenpruneError: the model's mask fits neither the unpruned nor this layer's cache.
+        TokenpruneError: in decoding, the model's mask fits neither the unpruned nor this layer's cache.
     """
+    if st.in_prefill:
+        cols = seg.lm_column
+        kwargs["attention_mask"] = slice_mask(
+            kwargs.get("attention_mask"), cols, cols, seg.valid, boolean=boolean, dtype=dtype
+        )
+        pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+        if compact:
+            kwargs["position_embeddings"] = adapter.rotary(hidden, seg.positions, layer)
+        elif pe is not None:
+            kwargs["position_embeddings"] = tuple(gather_tokens(t, cols) for t in pe)
+        if isinstance(pos, Tensor):
+            kwargs["position_ids"] = (
+                position_ids_like(seg.positions, pos) if compact else gather_position_ids(pos, cols)
+            )
+        return kwargs
     mask = kwargs.get("attention_mask")
     extra = st.decoded + st.step_length
     valid = torch.cat([seg.valid, seg.valid.new_ones(seg.valid.shape[0], extra)], 1)

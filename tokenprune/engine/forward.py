@@ -18,12 +18,7 @@ from torch import Tensor, nn
 from tokenprune import positions as P
 from tokenprune.adapters.base import ImageCall, ModelAdapter
 from tokenprune.engine import compat
-from tokenprune.engine.decode import (
-    check_decoding_mask,
-    layer_decoding_kwargs,
-    model_decoding_kwargs,
-    prefill_layer_kwargs,
-)
+from tokenprune.engine.decode import check_decoding_mask, model_decoding_kwargs, pruned_layer_kwargs
 from tokenprune.engine.guards import (
     bind_stages,
     check_attention_implementation,
@@ -308,11 +303,7 @@ class ForwardHooks:
                 record_layer_tokens(self._forward, st, seg, hidden, self._real_tokens)
             if seg is None or st is None:
                 return None
-            if st.in_prefill:
-                return args, prefill_layer_kwargs(
-                    kwargs, hidden, seg, self.adapter, i, compact=self._compact, **self._mask_kind()
-                )
-            kw = layer_decoding_kwargs(
+            kw = pruned_layer_kwargs(
                 kwargs, hidden, seg, st, self.adapter, i, compact=self._compact, **self._mask_kind()
             )
             return args, kw
