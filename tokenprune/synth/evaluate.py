@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -122,16 +123,12 @@ def predict(
     return preds
 
 
-def evaluate(
-    model: torch.nn.Module,
-    processor: object,
-    samples: list[Sample],
-    batch_size: int = 50,
-    keep_fraction: float | None = None,
-    keep_seed: int = 0,
-) -> EvalResult:
-    """Accuracy per question type (exact match of the one-word answer); see :func:`predict`."""
-    preds = predict(model, processor, samples, batch_size, keep_fraction, keep_seed)
+def evaluate(model: torch.nn.Module, processor: object, samples: list[Sample], **options: Any) -> EvalResult:
+    """Accuracy per question type (exact match of the one-word answer) of :func:`predict`'s answers.
+
+    ``options`` go to :func:`predict` (``batch_size``, ``keep_fraction``, ``keep_seed``).
+    """
+    preds = predict(model, processor, samples, **options)
     hits: dict[str, int] = defaultdict(int)
     counts: dict[str, int] = defaultdict(int)
     for s, p in zip(samples, preds, strict=True):
