@@ -149,6 +149,30 @@ def _check_budget(selection: Selection, ctx: ReduceContext, capabilities: Capabi
             )
 
 
+def required_attention(ctx: ReduceContext, source: str, reducer_name: str, hint: str) -> Tensor:
+    """``ctx.attention[source]`` as ``(B, N)`` float32 with padding at 0, for a reducer that reads it.
+
+    Raises:
+        ReducerInputError: the source is missing (``hint`` says how the reducer gets it), has the wrong
+            shape, or holds NaN or infinite values at a valid token.
+    """
+    attention = ctx.attention.get(source)
+    if attention is None:
+        raise ReducerInputError(
+            f"reducer {reducer_name!r}: no {source!r} attention in the context (got "
+            f"{sorted(ctx.attention) or 'none'}); {hint}"
+        )
+    if attention.shape != ctx.valid.shape:
+        raise ReducerInputError(
+            f"reducer {reducer_name!r}: {source!r} attention has shape {tuple(attention.shape)}, expected (B, N) = "
+            f"{tuple(ctx.valid.shape)}"
+        )
+    attention = attention.detach().float()
+    if not bool((torch.isfinite(attention) | ~ctx.valid).all()):
+        raise ReducerInputError(f"reducer {reducer_name!r}: the {source!r} attention contains NaN or infinite values")
+    return attention.masked_fill(~ctx.valid, 0.0)
+
+
 def check_finite_tokens(tokens: Tensor, ctx: ReduceContext, reducer_name: str) -> None:
     """Raise :class:`~tokenprune.errors.ReducerInputError` if a valid token has a NaN or infinite feature.
 

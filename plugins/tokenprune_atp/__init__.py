@@ -36,6 +36,7 @@ from tokenprune import (
     Selection,
     TokenReducer,
 )
+from tokenprune.validation import required_attention
 from tokenprune_atp.model import (
     WEIGHTS_FILE,
     ATPConfig,
@@ -147,21 +148,8 @@ class ATP(TokenReducer):
     def _attention(self, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
         out = []
         for source in ("visual", "text"):
-            att = ctx.attention.get(source)
-            if att is None:
-                raise ReducerInputError(
-                    f"reducer {self.name!r}: no {source!r} attention in the context (got "
-                    f"{sorted(ctx.attention) or 'none'}); ATP runs at a layer stage through tokenprune.apply"
-                )
-            if att.shape != ctx.valid.shape:
-                raise ReducerInputError(
-                    f"reducer {self.name!r}: {source!r} attention has shape {tuple(att.shape)}, expected (B, N) = "
-                    f"{tuple(ctx.valid.shape)}"
-                )
-            att = att.detach().float()
-            if not bool((torch.isfinite(att) | ~ctx.valid).all()):
-                raise ReducerInputError(f"reducer {self.name!r}: the {source!r} attention contains NaN or inf")
-            out.append(att.masked_fill(~ctx.valid, 0.0))
+            hint = "ATP runs at a layer stage through tokenprune.apply"
+            out.append(required_attention(ctx, source, self.name, hint))
         return out[0], out[1]
 
     def thresholds(self, tokens: Tensor, ctx: ReduceContext) -> tuple[Tensor, Tensor, Tensor]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, ScoringReducer
+from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer
 from tokenprune.reducer import AttentionSource
+from tokenprune.validation import required_attention
 
 
 class FastV(ScoringReducer):
@@ -53,22 +53,8 @@ class FastV(ScoringReducer):
 
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         """``(B, N)`` head-averaged attention received from the ``source`` rows at layer ``k - 1``."""
-        attention = ctx.attention.get(self.params.source)
-        if attention is None:
-            raise ReducerInputError(
-                f"reducer {self.name!r}: no {self.params.source!r} attention in the context (got "
-                f"{sorted(ctx.attention) or 'none'}); FastV runs at a layer stage through tokenprune.apply, which "
-                "computes the attention of layer k - 1"
-            )
-        if attention.shape != ctx.valid.shape:
-            raise ReducerInputError(
-                f"reducer {self.name!r}: attention has shape {tuple(attention.shape)}, expected (B, N) = "
-                f"{tuple(ctx.valid.shape)}"
-            )
-        scores = attention.detach().float()
-        if not bool((torch.isfinite(scores) | ~ctx.valid).all()):
-            raise ReducerInputError(f"reducer {self.name!r}: the attention scores contain NaN or infinite values")
-        return scores
+        hint = "FastV runs at a layer stage through tokenprune.apply, which computes the attention of layer k - 1"
+        return required_attention(ctx, self.params.source, self.name, hint)
 
 
 @tokenprune.hookimpl
