@@ -85,13 +85,13 @@ def predict(model: nn.Module, processor: Any, samples: list[Any], batch_size: in
     """
     from PIL import Image
 
-    from tokenprune.synth.evaluate import _groups
+    from tokenprune.synth.evaluate import size_groups
     from tokenprune.synth.processor import prompt
     from tokenprune.synth.scenes import render
 
     tok = processor.tokenizer
     preds = [""] * len(samples)
-    for idx in _groups(samples, batch_size):
+    for idx in size_groups(samples, batch_size):
         encs = [
             processor(
                 images=Image.fromarray(render(samples[i].scene)[0]),
@@ -192,11 +192,11 @@ def main(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """Print the comparison table."""
+    from tokenprune.loading import load_model
     from tokenprune.synth.questions import heldout_split
-    from tokenprune_atp.train import load_vlm
 
     torch.set_num_threads(threads)
-    vlm, processor = load_vlm(model)
+    vlm, processor = load_model(model)
     samples = heldout_split(n_per_type)
     with torch.no_grad():
         results = compare(weights, vlm, processor, samples, batch_size)

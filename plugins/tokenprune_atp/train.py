@@ -36,10 +36,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter
-from tokenprune.layout import TokenLayout, sequence_layout
+from tokenprune.engine.hooks import HookSet
+from tokenprune.engine.sequence import image_layout
+from tokenprune.layout import TokenLayout
+from tokenprune.loading import load_model
 from tokenprune.plugins import get_plugin_manager
 from tokenprune.probe import AttentionProbe, ProbeRows
 from tokenprune.reducer import Selection
@@ -205,33 +207,25 @@ class SoftATP:
         self.num_layers = len(self.layers)
         self._state: _Batch | None = None
         self._call: ImageCall | None = None
-        self._handles: list[RemovableHandle] = []
-        self._patched: tuple[nn.Module, bool, Any] | None = None
+        self._hooks = HookSet()
         self.probe = AttentionProbe(
             layers={k - 1: frozenset({"visual", "text"}) for k in weights.config.layers}, rows=self._rows
         )
         try:
             self.probe.install(self.adapter.language_model(), self.layers)
             for i, layer in enumerate(self.layers):
-                self._handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self._wrap_image_features()
+                self._hooks.pre(layer, self._pre(i))
+            vlm = self.adapter.vlm()
+            if hasattr(vlm, "get_image_features"):
+                self._hooks.wrap_method(vlm, "get_image_features", self._record_image_call)
         except BaseException:
             self.remove()
             raise
 
     def remove(self) -> None:
         """Remove every hook and restore the model; safe to call twice."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self.probe.remove()
-        if self._patched is not None:
-            vlm, had, previous = self._patched
-            if had:
-                vlm.__dict__["get_image_features"] = previous
-            else:
-                vlm.__dict__.pop("get_image_features", None)
-            self._patched = None
 
     def __enter__(self) -> SoftATP:
         return self
@@ -239,20 +233,8 @@ class SoftATP:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def _wrap_image_features(self) -> None:
-        vlm = self.adapter.vlm()
-        original = getattr(vlm, "get_image_features", None)
-        if original is None:
-            return
-        had = "get_image_features" in vlm.__dict__
-        self._patched = (vlm, had, vlm.__dict__.get("get_image_features"))
-
-        def get_image_features(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            self._call = ImageCall(args, kwargs, out)
-            return out
-
-        vlm.__dict__["get_image_features"] = get_image_features
+    def _record_image_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        self._call = ImageCall(args, kwargs, output)
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -330,7 +312,7 @@ class SoftATP:
     def _ensure_layout(self, st: _Batch) -> None:
         if st.spatial is not None:
             return
-        layout = _sequence_layout(self.adapter, self._call, st.visual)
+        layout = image_layout(self.adapter, self._call, st.visual) if self._call is not None else None
         cfg = self.weights.config
         if layout is not None:
             lay = layout.gather(st.cols)
@@ -388,16 +370,6 @@ class SoftATP:
             return args, kwargs
 
         return hook
-
-
-def _sequence_layout(adapter: ModelAdapter, call: ImageCall | None, visual: Tensor) -> TokenLayout | None:
-    """``(B, L)`` layout of the visual columns of a batch, as the engine builds it (None without one)."""
-    if call is None:
-        return None
-    try:
-        return sequence_layout(adapter.image_layouts(call), visual)
-    except ValueError:
-        return None
 
 
 # --- the loss ------------------------------------------------------------------------------------------
@@ -461,30 +433,13 @@ def first_question(batch: Any) -> Any:
 # --- the trainer ---------------------------------------------------------------------------------------
 
 
-def load_vlm(spec: str) -> tuple[nn.Module, Any]:
-    """Load a VLM and its processor: ``bundled`` (the shipped mini VLM), a directory, or a hub id (sdpa)."""
-    if spec == "bundled":
-        from tokenprune.synth import load_bundled
-
-        return load_bundled()
-    config = Path(spec) / "config.json"
-    if config.is_file() and "synth_size" in json.loads(config.read_text()):
-        from tokenprune.synth import load_model
-
-        return load_model(spec)  # a mini VLM: its PIL image processor needs no torchvision
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation="sdpa").eval()
-    return model, AutoProcessor.from_pretrained(spec)
-
-
 class ATPTrainer:
     """One ATP training run: model, heads, optimiser, step; :meth:`run` trains to the end.
 
     Args:
         cfg: The run's settings.
         run_dir: Where ``state.pt``, ``log.jsonl`` and the final ``atp.safetensors`` / ``atp.json`` go.
-        model, processor: An already loaded model (default: :func:`load_vlm` of ``cfg.model``).
+        model, processor: An already loaded model (default: :func:`tokenprune.loading.load_model` of ``cfg.model``).
     """
 
     def __init__(
@@ -493,7 +448,7 @@ class ATPTrainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         if model is None:
-            model, processor = load_vlm(cfg.model)
+            model, processor = load_model(cfg.model)
         self.model = model
         self.processor = processor
         text = model.config.get_text_config()
@@ -733,6 +688,5 @@ __all__ = [
     "SoftForward",
     "atp_loss",
     "first_question",
-    "load_vlm",
     "train_atp",
 ]

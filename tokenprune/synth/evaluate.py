@@ -38,7 +38,7 @@ class EvalResult:
         return "\n".join([*rows, f"{'overall':<12} {self.overall:6.3f}  (n={self.n})"])
 
 
-def _groups(samples: list[Sample], batch_size: int) -> list[list[int]]:
+def size_groups(samples: list[Sample], batch_size: int) -> list[list[int]]:
     """Indices of ``samples`` in batches of one image size each (no padded views)."""
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
@@ -79,7 +79,7 @@ def predict(
     image_token_id = model.config.image_token_index
     gen = torch.Generator().manual_seed(keep_seed)
     preds: list[str] = [""] * len(samples)
-    for idx in _groups(samples, batch_size):
+    for idx in size_groups(samples, batch_size):
         images = [Image.fromarray(render(samples[i].scene)[0]) for i in idx]
         encs = [
             processor(images=im, text=prompt(samples[i].qa.question), return_tensors="pt")  # type: ignore[operator]
