@@ -406,13 +406,18 @@ class ScoringReducer(TokenReducer):
         return top_k_selection(scores, ctx, reducer_name=self.name)
 
 
-def top_k_selection(scores: Tensor, ctx: ReduceContext, *, reducer_name: str = "?") -> Selection:
+def top_k_selection(
+    scores: Tensor, ctx: ReduceContext, *, eligible: Tensor | None = None, reducer_name: str = "?"
+) -> Selection:
     """Keep, per sample, the protected tokens and then the highest ``scores`` up to ``ctx.budget``.
 
     Args:
         scores: ``(B, N)`` float scores; NaN at a valid position raises
             :class:`~tokenprune.errors.ReducerInputError`.
         ctx: Provides ``budget``, ``valid`` and ``protected``.
+        eligible: ``(B, N)`` bool, the tokens that may be kept at all besides the protected ones (an
+            adaptive reducer's threshold, ATP's); ``None``: every valid token. A sample keeps fewer
+            than its budget when fewer are eligible.
         reducer_name: Named in error messages.
     """
     scores = scores.detach().float()
@@ -424,10 +429,12 @@ def top_k_selection(scores: Tensor, ctx: ReduceContext, *, reducer_name: str = "
             f"({int(bad[sample].sum())} of {int(ctx.valid[sample].sum())} tokens); check the input features "
             "for NaN or infinite values"
         )
-    # Rank protected tokens first, then by score; padding last.
-    ranked = scores.masked_fill(ctx.protected & ctx.valid, float("inf")).masked_fill(~ctx.valid, float("-inf"))
+    # Rank protected tokens first, then by score; padding (and ineligible tokens) last.
+    protected = ctx.protected & ctx.valid
+    allowed = ctx.valid if eligible is None else ctx.valid & (eligible | protected)
+    ranked = scores.masked_fill(~allowed, float("-inf")).masked_fill(protected, float("inf"))
     order = ranked.argsort(dim=1, descending=True, stable=True)
     n = scores.shape[1]
     rank_keep = torch.arange(n, device=scores.device).unsqueeze(0) < ctx.budget.unsqueeze(1)
-    keep = torch.zeros_like(ctx.valid).scatter(1, order, rank_keep) & ctx.valid
+    keep = torch.zeros_like(ctx.valid).scatter(1, order, rank_keep) & allowed
     return Selection.from_mask(keep)

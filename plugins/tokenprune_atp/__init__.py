@@ -36,7 +36,8 @@ from tokenprune import (
     Selection,
     TokenReducer,
 )
-from tokenprune.validation import required_attention
+from tokenprune.reducer import top_k_selection
+from tokenprune.validation import check_finite_tokens, required_attention
 from tokenprune_atp.model import (
     WEIGHTS_FILE,
     ATPConfig,
@@ -155,12 +156,7 @@ class ATP(TokenReducer):
     def thresholds(self, tokens: Tensor, ctx: ReduceContext) -> tuple[Tensor, Tensor, Tensor]:
         """``(S_red, S_sp, θ)``: ``(B, N)``, ``(B, N)`` and ``(B, 2)`` float32 (``θ = (θ_r, θ_s)``)."""
         head = self._head(tokens, ctx)
-        finite = torch.isfinite(tokens).all(-1) | ~ctx.valid
-        if not bool(finite.all()):
-            sample, token = (int(v) for v in (~finite).nonzero()[0])
-            raise ReducerInputError(
-                f"reducer {self.name!r}: token {token} of sample {sample} has NaN or infinite features"
-            )
+        check_finite_tokens(tokens, ctx, self.name)
         att_v, att_t = self._attention(ctx)
         candidates = ctx.valid & ~ctx.protected
         s_red = redundancy_scores(att_v, att_t, candidates)
@@ -182,15 +178,8 @@ class ATP(TokenReducer):
         """Hard ATP masks; see the class docstring. ``tokens`` is ``(B, N, D)``."""
         s_red, s_sp, theta = self.thresholds(tokens, ctx)
         margin = torch.maximum(s_red - theta[:, :1], s_sp - theta[:, 1:])
-        candidates = ctx.valid & ~ctx.protected
-        passed = candidates & (margin > 0)
-        protected = ctx.protected & ctx.valid
-        ranked = margin.masked_fill(~passed, float("-inf")).masked_fill(protected, float("inf"))
-        order = ranked.argsort(dim=1, descending=True, stable=True)
-        n = ctx.valid.shape[1]
-        within = torch.arange(n, device=tokens.device).unsqueeze(0) < ctx.budget.unsqueeze(1)
-        keep = torch.zeros_like(ctx.valid).scatter(1, order, within) & (passed | protected)
-        return Selection.from_mask(keep)
+        passed = ctx.valid & ~ctx.protected & (margin > 0)
+        return top_k_selection(margin, ctx, eligible=passed, reducer_name=self.name)
 
     def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
         """The head's matrix products, one row per sample (scores and statistics are element-wise)."""
