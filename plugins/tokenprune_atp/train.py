@@ -26,9 +26,7 @@ atomic resumable checkpoints, and writes ``atp.safetensors`` plus ``atp.json``.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,6 +43,7 @@ from tokenprune.loading import load_model
 from tokenprune.plugins import get_plugin_manager
 from tokenprune.probe import AttentionProbe, ProbeRows
 from tokenprune.reducer import Selection
+from tokenprune.trainloop import append_log, save_atomic, smooth, training_progress
 from tokenprune_atp.model import (
     ATPConfig,
     ATPWeights,
@@ -502,9 +501,6 @@ class ATPTrainer:
     # -- checkpoints -------------------------------------------------------------------------
     def save_state(self) -> Path:
         """Write ``state.pt`` atomically (temporary file, then ``os.replace``)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / STATE_FILE
-        tmp = path.with_name(STATE_FILE + ".tmp")
         state: dict[str, Any] = {
             "step": self.step,
             "config": self.cfg.to_json(),
@@ -515,9 +511,7 @@ class ATPTrainer:
             state["model"] = {
                 k: v for k, v in self.model.state_dict().items() if "language_model" in k or "lm_head" in k
             }
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_atomic(state, self.run_dir / STATE_FILE)
 
     def load_state(self, path: str | Path) -> None:
         """Resume from a ``state.pt``; its settings must match this run's (``steps`` may differ)."""
@@ -538,9 +532,7 @@ class ATPTrainer:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line to ``log.jsonl``."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / LOG_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_log(self.run_dir / LOG_FILE, record)
 
     # -- training ----------------------------------------------------------------------------
     def train_step(self, soft: SoftATP, batch: Any) -> dict[str, float]:
@@ -614,29 +606,21 @@ class ATPTrainer:
 
     def run(self, progress: bool = True, stop_after: int | None = None) -> Path | None:
         """Train to ``cfg.steps`` (or ``stop_after`` more steps); returns the weights file once finished."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         torch.set_num_threads(self.cfg.threads)
         end = self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
         ema: dict[str, float] = {}
         t0 = time.time()
-        columns = (
-            TextColumn("[bold]train-atp"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
-        with SoftATP(self.model, self.weights) as soft, Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task("train", total=self.cfg.steps, completed=self.step, info="")
+        shown = ("loss", "lm", "tokens", "hard_tokens")
+        with (
+            SoftATP(self.model, self.weights) as soft,
+            training_progress("train-atp", self.cfg.steps, self.step, enabled=progress) as bar,
+        ):
             while self.step < end:
                 parts = self.train_step(soft, self.batch(self.step))
-                for k in ("loss", "lm", "tokens", "hard_tokens"):
-                    ema[k] = parts[k] if k not in ema else 0.95 * ema[k] + 0.05 * parts[k]
+                smooth(ema, {k: parts[k] for k in shown}, 0.95)
                 bar.update(
-                    task,
-                    completed=self.step,
-                    info=f"loss {ema['loss']:.3f} lm {ema['lm']:.3f} kept tokens {ema['tokens']:.1f} "
+                    self.step,
+                    f"loss {ema['loss']:.3f} lm {ema['lm']:.3f} kept tokens {ema['tokens']:.1f} "
                     f"(hard {ema['hard_tokens']:.1f}, target {self.cfg.target_tokens:g})",
                 )
                 self.log({"step": self.step, "wall_s": round(time.time() - t0, 2), **parts})
@@ -646,7 +630,7 @@ class ATPTrainer:
                 result = self.calibrate(soft)
                 self.log({"event": "calibration", **result})
                 self.weights.config.train["calibration"] = result
-                bar.console.print(
+                bar.print(
                     f"calibrated: average visual tokens {result['before']:.1f} -> {result['after']:.1f} "
                     f"(target {self.cfg.target_tokens:g}; θ_r logit shift {result['shift']:+.3f})"
                 )

@@ -28,7 +28,6 @@ with a changed recipe instead (:data:`STAGE_FIELDS`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -45,6 +44,7 @@ from tokenprune.synth.model import MiniVLMSize, build_model
 from tokenprune.synth.patch_labels import COLOUR_CLASSES, DIGIT_CLASSES, IGNORE, KIND_CLASSES, QUADRANT_CLASSES
 from tokenprune.synth.processor import build_processor
 from tokenprune.synth.scenes import SHAPE_COLOURS, SHAPE_KINDS
+from tokenprune.trainloop import append_log, save_atomic, smooth, training_progress
 
 STATE_FILE = "state.pt"
 LOG_FILE = "log.jsonl"
@@ -253,21 +253,14 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def save_state(self) -> Path:
         """Write ``state.pt`` atomically (temp file, then ``os.replace``)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / STATE_FILE
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(
-            {
-                "step": self.step,
-                "config": self.cfg.to_json(),
-                "model": self.model.state_dict(),
-                "aux": self.aux.state_dict(),
-                "optimizer": self.opt.state_dict(),
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
-        return path
+        state = {
+            "step": self.step,
+            "config": self.cfg.to_json(),
+            "model": self.model.state_dict(),
+            "aux": self.aux.state_dict(),
+            "optimizer": self.opt.state_dict(),
+        }
+        return save_atomic(state, self.run_dir / STATE_FILE)
 
     def load_state(self, path: str | Path, new_stage: bool = False) -> None:
         """Restore a ``state.pt``; its config must match this run's.
@@ -399,14 +392,10 @@ class Trainer:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line to the run's log."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / LOG_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_log(self.run_dir / LOG_FILE, record)
 
     def run(self, progress: bool = True, stop_after: int | None = None) -> None:
         """Train until ``cfg.steps`` (or ``stop_after`` more steps), checkpointing and evaluating."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         from tokenprune.synth.evaluate import evaluate
         from tokenprune.synth.questions import validation_split
 
@@ -415,30 +404,17 @@ class Trainer:
         end = self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
         ema: dict[str, float] = {}
         t0 = time.time()
-        columns = (
-            TextColumn("[bold]synth train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
-        with Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task("train", total=self.cfg.steps, completed=self.step, info="")
+        with training_progress("synth train", self.cfg.steps, self.step, enabled=progress) as bar:
             while self.step < end:
                 stats = self.train_step(self.batch(self.step))
-                for k, v in stats.items():
-                    ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
-                bar.update(
-                    task,
-                    completed=self.step,
-                    info=" ".join(f"{k} {v:.3f}" for k, v in ema.items()),
-                )
+                smooth(ema, stats, 0.98)
+                bar.update(self.step, " ".join(f"{k} {v:.3f}" for k, v in ema.items()))
                 record: dict[str, Any] = {"step": self.step, "wall_s": round(time.time() - t0, 1), **stats}
                 if self.cfg.eval_every > 0 and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps):
                     res = evaluate(self.model, self.processor, val)
                     record["val"] = res.per_type
                     record["val_mean"] = res.overall
-                    bar.console.print(
+                    bar.print(
                         f"step {self.step}: val {res.overall:.3f} "
                         + " ".join(f"{t} {a:.2f}" for t, a in res.per_type.items())
                     )
