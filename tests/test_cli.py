@@ -132,3 +132,17 @@ def test_the_atp_plugin_adds_train_atp():
 
     result = runner.invoke(get_app(), ["train-atp", "--help"])
     assert result.exit_code == 0 and "--target-tokens" in result.stdout
+
+
+def test_plugins_json_has_adapter_notes_and_the_transformers_range():
+    report = json.loads(runner.invoke(app, ["plugins", "--json"]).stdout)
+    adapters = {p["name"]: p for p in report["plugins"]}["adapters"]
+    assert set(adapters["adapter_notes"]) == set(adapters["adapters"])
+    assert "image_newline" in adapters["adapter_notes"]["llava_next"]
+    from tokenprune.engine import compat
+
+    assert report["transformers"] == {
+        "version": compat.transformers_version(),
+        "supported": compat.supported_range(),
+        "in_range": True,
+    }

@@ -78,6 +78,7 @@ def plugins_report(manager: PluginManager) -> dict[str, Any]:
                 "module": info.module,
                 "reducers": entries,
                 "adapters": adapters.provided_by(info.name),
+                "adapter_notes": {t: adapters.get(t).notes for t in adapters.provided_by(info.name)},
                 "tasks": tasks.provided_by(info.name),
             }
         )
@@ -85,7 +86,14 @@ def plugins_report(manager: PluginManager) -> dict[str, Any]:
         {"name": f.name, "distribution": f.distribution, "version": f.version, "error": f.error}
         for f in manager.failures
     ]
-    return {"plugins": plugins, "failures": failures}
+    from tokenprune.engine import compat
+
+    transformers = {
+        "version": compat.transformers_version(),
+        "supported": compat.supported_range(),
+        "in_range": compat.is_supported(),
+    }
+    return {"plugins": plugins, "failures": failures, "transformers": transformers}
 
 
 @app.command()
