@@ -38,6 +38,7 @@ import tokenprune as tp
 from tokenprune.cost.analytic import DecoderShape, language_model_macs
 from tokenprune.cost.counters import flops_to_macs, torch_flops
 from tokenprune.cost.measure import kv_cache_bytes, time_call
+from tokenprune.engine import compat
 
 IMAGE_TOKEN = 32000 - 1
 BEGIN, END = "<!-- benchmarks:prefill:begin -->", "<!-- benchmarks:prefill:end -->"
@@ -236,7 +237,7 @@ def main() -> None:
         with tp.apply(model, pipe) as run, torch.inference_mode():
             out = model(**inputs, use_cache=True, logits_to_keep=1)
             tokens = [row[0] for row in run.stats.last_prefill.layer_tokens]
-        return kv_cache_bytes(out.past_key_values), tokens
+        return kv_cache_bytes(compat.output_cache(out)), tokens
 
     full_bytes, full_tokens = cache_bytes({"stages": []})
     lines += [

@@ -230,13 +230,6 @@ def unregister_attention(name: str) -> None:
     ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
 
 
-def registered_attention_names() -> list[str]:
-    """Names in transformers' global attention registry."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return list(ALL_ATTENTION_FUNCTIONS._global_mapping)
-
-
 def sdpa_module() -> ModuleType:
     """The module that defines transformers' stock ``sdpa_attention_forward`` (read at every call)."""
     import transformers.integrations.sdpa_attention as module
