@@ -217,6 +217,7 @@ def test_loglikelihood_results_survive_lmms_evals_unwrapping(lmm):
 
     result = lmm.loglikelihood(_requests("loglikelihood", _docs()[:1]))[0]
     unwrapped, _ = unwrap_generation_output(result)
-    assert isinstance(unwrapped, tuple) and unwrapped == tuple(result)
+    assert type(unwrapped) is tuple and unwrapped == result
+    assert isinstance(result, tuple) and result == (result[0], result[1])
     total, greedy = result
     assert isinstance(total, float) and isinstance(greedy, bool)

@@ -23,8 +23,7 @@ are batched only with requests of the same generation settings.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,24 +43,25 @@ MODEL_ARGS = ("pretrained", "pipeline", "dtype", "device", "batch_size", "max_ba
 AUTO_START = 64  # the first batch size tried by --batch_size auto without --max_batch_size
 
 
-@dataclass
-class Loglikelihood(GenerationResult):
-    """``(loss, is_greedy)`` of one loglikelihood request; unpacks like the tuple lmms-eval expects.
+class Loglikelihood(tuple, GenerationResult):
+    """``(loss, is_greedy)`` of one loglikelihood request: a tuple, and also a ``GenerationResult``.
 
     lmms-eval 0.7.3 turns every model output that is neither a string nor a ``GenerationResult`` into
     its ``str()`` (``unwrap_generation_output``), so a bare tuple reaches ``loglikelihood`` and
-    ``multiple_choice`` tasks as text. As a ``GenerationResult`` whose ``text`` is the tuple, it
-    reaches them intact.
+    ``multiple_choice`` tasks as text. As a ``GenerationResult`` whose ``text`` is the plain tuple,
+    it reaches them intact; everywhere else it is the tuple lmms-eval's API documents.
     """
 
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.text)
+    def __new__(cls, loss: float, is_greedy: bool) -> Loglikelihood:
+        return super().__new__(cls, (loss, is_greedy))
 
-    def __getitem__(self, index: int) -> Any:
-        return self.text[index]
+    def __init__(self, loss: float, is_greedy: bool) -> None:
+        """Nothing to set: the values are the tuple's."""
 
-    def __len__(self) -> int:
-        return len(self.text)
+    @property
+    def text(self) -> tuple[float, bool]:  # type: ignore[override]
+        """The plain ``(loss, is_greedy)`` tuple lmms-eval's evaluator unwraps."""
+        return (self[0], self[1])
 
 
 class TokenpruneLMM(lmms):
@@ -196,7 +196,7 @@ class TokenpruneLMM(lmms):
         logprobs = torch.log_softmax(logits, dim=-1)
         target = cont_ids[0].to(logprobs.device)
         loss = -float(logprobs.gather(-1, target[:, None]).mean())
-        return Loglikelihood((loss, bool((logprobs.argmax(-1) == target).all())))
+        return Loglikelihood(loss, bool((logprobs.argmax(-1) == target).all()))
 
     # --- helpers -------------------------------------------------------------------------------
 
