@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import tiny_models as tm
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from tokenprune.run_cli import run
@@ -69,3 +70,21 @@ def test_run_reports_missing_files(saved):
     )
     assert result.exit_code == 2
     assert "nope.yaml" in result.output and "does not exist" in result.output
+
+
+def test_a_missing_local_model_folder_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from tokenprune.cli import app
+
+    missing = tmp_path / "no-such-model"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("stages: []\n")
+    image = tmp_path / "i.png"
+    Image.new("RGB", (32, 32)).save(image)
+    args = ["run", "--model", str(missing), "--pipeline", str(pipeline), "--image", str(image), "--prompt", "hi"]
+    result = CliRunner().invoke(app, args)
+    output = result.stdout + (result.stderr or "")
+    assert result.exit_code == 2
+    assert "no such folder" in output and str(missing) in output.replace("\n", "")
+    assert "Repo id" not in output

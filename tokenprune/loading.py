@@ -33,6 +33,11 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
         path: str | Path = bundled_model_path()
     else:
         path = spec
+        if _looks_local(spec) and not Path(spec).expanduser().is_dir():
+            raise TokenpruneError(
+                f"could not load model {spec!r}: no such folder (a local model is a folder written by "
+                "save_pretrained; 'bundled' is the shipped mini VLM; anything else is read as a hub id)"
+            )
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
@@ -56,3 +61,8 @@ def build_inputs(
                 value = value.to(dtype)
         out[key] = value
     return out
+
+
+def _looks_local(spec: str) -> bool:
+    """A path rather than a hub id: absolute, relative to ``.``/``..``/``~``, or with backslashes."""
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or spec in (".", "..")
