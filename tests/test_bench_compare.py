@@ -240,3 +240,21 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
         assert a[k]["prediction"] == b[k]["prediction"] and a[k]["layer_tokens"] == b[k]["layer_tokens"], k
         assert a[k].get("kl", 0) == pytest.approx(b[k].get("kl", 0), abs=1e-5), k
     assert _stable_rows(single) == _stable_rows(double)
+
+
+def test_output_that_is_not_a_terminal_gets_plain_progress_lines(tiny_model_dir, tmp_path):
+    """Under a pipe or a log file the progress bars would print nothing for minutes: plain lines instead."""
+    from typer.testing import CliRunner
+
+    from tokenprune.cli import app
+
+    config = tmp_path / "compare.yaml"
+    pipelines = [{"name": "half", "stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]}]
+    data = _config(tiny_model_dir, tmp_path / "run", pipelines=pipelines, batch_size=6).model_dump(mode="json")
+    config.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["compare", str(config)])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert lines[0].startswith("[1/2] synthvqa / unpruned: 1/2 batches")
+    assert any(line.startswith("[2/2] synthvqa / half: 2/2 batches") for line in lines)
+    assert all("ETA" in line for line in lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -201,6 +202,8 @@ def compare(
         manager = _manager()
         if quiet or int(os.environ.get("RANK", "0")) != 0:
             outcome = run_compare(cfg, plugins=manager)
+        elif not Console().is_terminal:  # a log file or a pipe: plain lines instead of bars
+            outcome = run_compare(cfg, plugins=manager, progress=_PlainProgress(_pass_count(cfg, manager)))
         else:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
             with Progress(*columns, transient=True) as bar:
@@ -322,6 +325,41 @@ def _flops_table(label: str, report: Any) -> Table:
     table.add_row("language model", "", n(lm["analytic"]), n(lm["torch"]), n(lm["fvcore"]))
     table.add_row("total (vision + LM + overheads)", "", n(report.total), "", "")
     return table
+
+
+class _PlainProgress:
+    """``tokenprune compare``'s progress as plain lines, for output that is not a terminal.
+
+    One line when a pass (a task under a pipeline) starts, then one per tenth of its batches, with the
+    elapsed time and an estimate of what is left of that pass.
+    """
+
+    def __init__(self, passes: int) -> None:
+        self.passes, self.seen = passes, 0
+        self.current: str | None = None
+        self.started = self.reported = 0.0
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if description != self.current:
+            self.current, self.started, self.reported = description, now, -1.0
+            self.seen += 1
+        fraction = done / max(1, total)
+        if fraction < 1 and fraction - self.reported < 0.1:
+            return
+        self.reported = fraction
+        elapsed = now - self.started
+        eta = elapsed / fraction * (1 - fraction) if fraction > 0 else float("nan")
+        typer.echo(
+            f"[{self.seen}/{self.passes}] {description}: {done}/{total} batches, {elapsed:.0f} s, ETA {eta:.0f} s",
+        )
+
+
+def _pass_count(cfg: Any, manager: PluginManager) -> int:
+    """How many passes (task x pipeline, the unpruned reference included) a comparison runs."""
+    from tokenprune.bench.config import resolve_pipelines
+
+    return len(cfg.tasks) * len(resolve_pipelines(cfg, manager.reducers))
 
 
 def _fail(message: str) -> None:
