@@ -146,3 +146,19 @@ def test_plugins_json_has_adapter_notes_and_the_transformers_range():
         "supported": compat.supported_range(),
         "in_range": True,
     }
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_validate_reports_an_empty_file(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "the file is empty" in result.output and "stages: []" in result.output
+
+
+def test_validate_accepts_an_explicit_no_op(tmp_path):
+    path = tmp_path / "noop.yaml"
+    path.write_text("stages: []\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0 and "valid pipeline (0 stages" in result.output

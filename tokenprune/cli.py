@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -149,8 +150,17 @@ def plugins(
 def validate(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.", dir_okay=False)],
 ) -> None:
-    """Check a pipeline file against the installed reducers (exit 0 if valid, 2 if not)."""
+    """Check a pipeline file against the installed reducers (exit 0 if valid, 2 if not).
+
+    An empty file is reported rather than accepted as a no-op (write ``stages: []`` for one on purpose).
+    """
     try:
+        if pipeline.is_file() and _blank_yaml(pipeline.read_text(encoding="utf-8")):
+            _fail(
+                f"{pipeline}: the file is empty (no pipeline in it); a pipeline needs a `stages:` list, e.g.\n"
+                "stages:\n  - {at: post_projector, reducer: random, keep: 0.5}\n"
+                "(write `stages: []` for a pipeline that prunes nothing on purpose)"
+            )
         pipe = load_pipeline(pipeline, registry=_manager().reducers)
     except (TokenpruneError, FileNotFoundError) as exc:
         _fail(str(exc))
@@ -325,6 +335,14 @@ def _flops_table(label: str, report: Any) -> Table:
     table.add_row("language model", "", n(lm["analytic"]), n(lm["torch"]), n(lm["fvcore"]))
     table.add_row("total (vision + LM + overheads)", "", n(report.total), "", "")
     return table
+
+
+def _blank_yaml(text: str) -> bool:
+    """A document with no YAML value at all (empty, whitespace, comments); syntax errors are not blank."""
+    try:
+        return yaml.safe_load(text) is None
+    except yaml.YAMLError:
+        return False
 
 
 class _PlainProgress:
