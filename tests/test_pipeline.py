@@ -219,12 +219,26 @@ def test_every_problem_is_reported_at_once(registry):
         "stages:\n  - {at: post_projector, reducer: nope, keep: 0.5}\n  - {at: {layer: 2}, reducer: attn, keep: 2.0}\n",
         registry,
     )
-    assert [(p.stage, p.field) for p in problems] == [(1, "keep")]  # structure first: reducers checked once it parses
+    # one run reports both: the structural problem and, on the stages that can be checked, the reducers'
+    assert [(p.stage, p.field) for p in problems] == [(0, "reducer"), (1, "keep")]
     _, problems = problems_of(
         "stages:\n  - {at: post_projector, reducer: nope, keep: 0.5}\n  - {at: post_projector, reducer: attn, keep: 2}\n",
         registry,
     )
     assert [(p.stage, p.field) for p in problems] == [(0, "reducer"), (1, "at")]
+
+
+def test_a_malformed_stage_is_still_checked_against_its_reducer(registry):
+    """A bad keep, an unknown parameter and misordered stages: all three in one run (issue 16)."""
+    message, problems = problems_of(
+        "stages:\n  - {at: {layer: 2}, reducer: attn, keep: 2.0, params: {bogus: 1}}\n"
+        "  - {at: post_projector, reducer: anywhere, keep: 0.5}\n",
+        registry,
+    )
+    assert [(p.stage, p.field) for p in problems] == [(0, "keep"), (0, "params.bogus"), (1, "at")]
+    assert "stages must be ordered by insertion point" in message
+    _, problems = problems_of("stages:\n  - {at: nowhere, reducer: nope, keep: 0.5, params: {x: 1}}\n", registry)
+    assert [(p.stage, p.field) for p in problems] == [(0, "at")]  # no insertion point: nothing more to check
 
 
 def test_missing_file_and_structure_only_checks(tmp_path, registry):

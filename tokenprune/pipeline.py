@@ -182,16 +182,23 @@ def load_pipeline(
             pipeline = Pipeline.model_validate(dict(data))
         except ValidationError as exc:
             problems = [_problem_from_error(err, data, lines) for err in exc.errors()]
+            if check:  # every problem in one run: the reducers' checks on what can be checked
+                problems += _check_stages(
+                    _salvaged_stages(data), registry if registry is not None else _installed_reducers(), lines
+                )
+                problems.sort(key=lambda p: (p.stage is not None, p.stage or 0, p.line or 0))
             raise PipelineError(_format(problems, label), problems) from None
     if check:
-        if registry is None:
-            from tokenprune.plugins import get_plugin_manager
-
-            registry = get_plugin_manager().reducers
-        problems = _check_against(pipeline, registry, lines)
+        problems = _check_against(pipeline, registry if registry is not None else _installed_reducers(), lines)
         if problems:
             raise PipelineError(_format(problems, label), problems)
     return pipeline
+
+
+def _installed_reducers() -> ReducerRegistry:
+    from tokenprune.plugins import get_plugin_manager
+
+    return get_plugin_manager().reducers
 
 
 def pipeline_json_schema(registry: ReducerRegistry | None = None) -> dict[str, Any]:
@@ -324,9 +331,40 @@ def _allowed_fields(loc: tuple[Any, ...]) -> str:
 
 
 def _check_against(pipeline: Pipeline, registry: ReducerRegistry, lines: dict[tuple[Any, ...], int]) -> list[Problem]:
+    return _check_stages(list(enumerate(pipeline.stages)), registry, lines)
+
+
+def _salvaged_stages(data: Mapping[str, Any]) -> list[tuple[int, Stage]]:
+    """The stages of a structurally invalid document that can still be checked against the reducers.
+
+    A stage whose ``keep`` or ``params`` is malformed (already reported) is checked with a neutral
+    stand-in for that field, and unknown fields are left out, so its other problems (an unknown
+    reducer or parameter, an unsupported or misordered insertion point) are reported in the same run.
+    A stage whose ``at`` or ``reducer`` is malformed cannot be checked further.
+    """
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return []
+    out = []
+    for i, raw in enumerate(stages):
+        if not isinstance(raw, Mapping):
+            continue
+        known = {k: v for k, v in raw.items() if k in Stage.model_fields}
+        for stand_in in ({}, {"keep": 1.0}, {"keep": 1.0, "params": {}}):
+            try:
+                out.append((i, Stage.model_validate({**known, **stand_in})))
+                break
+            except ValidationError:
+                continue
+    return out
+
+
+def _check_stages(
+    indexed: list[tuple[int, Stage]], registry: ReducerRegistry, lines: dict[tuple[Any, ...], int]
+) -> list[Problem]:
     problems: list[Problem] = []
     previous: InsertionPoint | None = None
-    for i, stage in enumerate(pipeline.stages):
+    for i, stage in indexed:
         here = ("stages", i)
 
         def add(
