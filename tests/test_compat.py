@@ -116,7 +116,6 @@ def test_missing_image_processor_class_names_the_release():
 # Modules that must reach transformers' internals only through tokenprune.engine.compat.
 THROUGH_COMPAT = [
     *sorted((ROOT / "tokenprune" / "engine").glob("*.py")),
-    ROOT / "tokenprune" / "probe.py",
     *sorted((ROOT / "tokenprune" / "cost").glob("*.py")),
     ROOT / "tokenprune" / "bench" / "runner.py",
     *sorted((ROOT / "tokenprune" / "testing").glob("*.py")),

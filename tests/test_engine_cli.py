@@ -10,7 +10,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from tokenprune.run_cli import run
+from tokenprune.cli.run import run
 
 
 @pytest.fixture(scope="module")

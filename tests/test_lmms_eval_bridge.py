@@ -6,9 +6,9 @@ from lmms_eval.api.instance import Instance
 from PIL import Image
 
 import tokenprune as tp
+from tokenprune.adapters.loading import load_model
 from tokenprune.errors import TokenpruneError
 from tokenprune.integrations.lmms_eval import TokenpruneLMM
-from tokenprune.loading import load_model
 
 COLOURS = ["red", "blue", "green", "yellow"]
 PIPELINE = "stages:\n  - {at: post_projector, reducer: random, keep: 0.5}\n"

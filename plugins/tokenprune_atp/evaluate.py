@@ -27,7 +27,7 @@ import typer
 from torch import nn
 
 import tokenprune as tp
-from tokenprune.stats import RunStats
+from tokenprune.engine.stats import RunStats
 
 
 @dataclass
@@ -192,7 +192,7 @@ def main(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """Print the comparison table."""
-    from tokenprune.loading import load_model
+    from tokenprune.adapters.loading import load_model
     from tokenprune.synth.questions import heldout_split
 
     torch.set_num_threads(threads)

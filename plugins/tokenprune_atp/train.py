@@ -5,7 +5,7 @@ sequence keeps its length, and each visual token ``j`` is down-weighted as a *ke
 after the module that (softly) prunes it. :class:`SoftATP` does this inside a stock transformers
 model with hooks only (nothing is patched or subclassed), DynamicViT-style:
 
-* an :class:`~tokenprune.probe.AttentionProbe` records, under sdpa, the attention that the visual
+* an :class:`~tokenprune.engine.probe.AttentionProbe` records, under sdpa, the attention that the visual
   rows and the text rows pay to every key at layer ``k - 1`` of each module ``k`` (exactly the
   ``visual`` and ``text`` sources the inference reducer reads; the rows of tokens that an earlier
   module's mask put below 0.5 are left out, as they are gone at inference);
@@ -36,14 +36,14 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.loading import load_model
 from tokenprune.engine.hooks import HookSet
+from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.sequence import image_layout
 from tokenprune.layout import TokenLayout
-from tokenprune.loading import load_model
 from tokenprune.plugins import get_plugin_manager
-from tokenprune.probe import AttentionProbe, ProbeRows
 from tokenprune.reducer import Selection
-from tokenprune.trainloop import append_log, save_atomic, smooth, training_progress
+from tokenprune.synth.trainloop import append_log, save_atomic, smooth, training_progress
 from tokenprune_atp.model import (
     ATPConfig,
     ATPWeights,
@@ -438,7 +438,8 @@ class ATPTrainer:
     Args:
         cfg: The run's settings.
         run_dir: Where ``state.pt``, ``log.jsonl`` and the final ``atp.safetensors`` / ``atp.json`` go.
-        model, processor: An already loaded model (default: :func:`tokenprune.loading.load_model` of ``cfg.model``).
+        model, processor: An already loaded model (default:
+            :func:`tokenprune.adapters.loading.load_model` of ``cfg.model``).
     """
 
     def __init__(

@@ -162,7 +162,7 @@ class ModelAdapter:
         Args:
             hidden: ``(B, L, D)`` hidden states (for dtype and device).
             positions: ``(R, B, L)`` position rows in the engine's normal form (``R = 1`` for 1-D
-                RoPE; 3 or 4 for M-RoPE, see :mod:`tokenprune.positions`).
+                RoPE; 3 or 4 for M-RoPE, see :mod:`tokenprune.engine.positions`).
             layer_index: The decoder layer the embedding is for (Gemma3 has per-layer-type RoPE).
         """
         return self.language_model().rotary_emb(hidden, positions[0])

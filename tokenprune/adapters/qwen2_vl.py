@@ -5,7 +5,7 @@ between ``<|vision_start|>`` and ``<|vision_end|>`` tokens. Positions are ``(3, 
 height, width) and ``generate`` passes a fourth, text-only row first. The model computes them with
 ``get_rope_index`` on the *unpruned* ``input_ids``; the engine receives them at the language-model
 input and slices them, so kept visual tokens keep their 3-D positions (``original``) or a
-compressed grid (``compact``, see :mod:`tokenprune.positions`). ``get_rope_index`` cannot be run on
+compressed grid (``compact``, see :mod:`tokenprune.engine.positions`). ``get_rope_index`` cannot be run on
 pruned ids (it expects ``t*h*w/m^2`` tokens per image).
 """
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 import tokenprune
 from tokenprune.adapters.base import ModelAdapter
+from tokenprune.adapters.loading import load_model
 from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key, resolve_pipelines
 from tokenprune.bench.metrics import exact_match, kl_divergence, normalize_answer, vqa_score
 from tokenprune.bench.store import ReferenceLogits, ResultsStore
@@ -30,7 +31,6 @@ from tokenprune.cost.analytic import DecoderShape, language_model_macs
 from tokenprune.cost.measure import peak_memory_bytes
 from tokenprune.engine import apply, compat
 from tokenprune.errors import TokenpruneError
-from tokenprune.loading import load_model
 from tokenprune.plugins import PluginManager, get_plugin_manager
 
 Progress = Callable[[str, int, int], None]
@@ -247,7 +247,7 @@ class _Reference:
 
 def _draw_heatmaps(prefill: Any, batch: list[Example], config: CompareConfig, name: str, task: str) -> None:
     """Kept-token heatmaps of the first ``config.heatmaps`` examples (by position in the task) with one image."""
-    from tokenprune.heatmap import draw_heatmap, surviving_tokens
+    from tokenprune.bench.heatmap import draw_heatmap, surviving_tokens
 
     for b, ex in enumerate(batch):
         if ex.meta.get("index", 0) >= config.heatmaps or len(ex.images) != 1:

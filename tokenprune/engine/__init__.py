@@ -34,7 +34,7 @@ How it works (details in ``docs/engine.md``), one module each:
 * :mod:`~tokenprune.engine.compat`: every assumption about transformers' internals, detected by
   feature, with the releases it was verified on.
 * **Attention probe.** Stages whose reducer reads attention get it from
-  :class:`tokenprune.probe.AttentionProbe`, computed under sdpa at layer ``k - 1`` only.
+  :class:`tokenprune.engine.probe.AttentionProbe`, computed under sdpa at layer ``k - 1`` only.
 * **Training.** ``labels`` are taken out of the call and the loss is computed on the logits of the
   kept tokens with the labels of those tokens.
 """

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokenprune import positions as P
 from tokenprune.adapters.base import ModelAdapter
+from tokenprune.engine import positions as P
 from tokenprune.engine.masks import causal_mask, slice_mask
 from tokenprune.engine.sequence import TokenSequence, gather_position_ids, gather_tokens, position_ids_like
 from tokenprune.engine.state import PrefillState

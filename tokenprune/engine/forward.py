@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokenprune import positions as P
 from tokenprune.adapters.base import ImageCall, ModelAdapter
 from tokenprune.engine import compat
+from tokenprune.engine import positions as P
 from tokenprune.engine.decode import check_decoding_mask, model_decoding_kwargs, pruned_layer_kwargs
 from tokenprune.engine.guards import (
     bind_stages,
@@ -28,13 +28,13 @@ from tokenprune.engine.guards import (
 )
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.masks import pruned_input_mask
+from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence
 from tokenprune.engine.stage import StageOutcome, StagePlan, plans_by_layer, probed_layers, run_stage
 from tokenprune.engine.state import PrefillState, record_layer_tokens
+from tokenprune.engine.stats import ForwardStats, RunStats
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
-from tokenprune.probe import AttentionProbe, ProbeRows
-from tokenprune.stats import ForwardStats, RunStats
 
 
 class ForwardHooks:

@@ -16,11 +16,11 @@ from tokenprune.adapters.base import ModelAdapter
 from tokenprune.engine import compat
 from tokenprune.engine.forward import ForwardHooks
 from tokenprune.engine.stage import StagePlan
+from tokenprune.engine.stats import RunStats
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline, load_pipeline
 from tokenprune.plugins import PluginManager, ReducerRegistry, get_plugin_manager
 from tokenprune.reducer import TokenReducer
-from tokenprune.stats import RunStats
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, PruningRun] = weakref.WeakKeyDictionary()
 
@@ -82,7 +82,7 @@ class PruningRun:
         model: The model the pipeline is applied to.
         pipeline: The validated pipeline.
         adapter: The model family's adapter.
-        stats: Per-forward statistics (:class:`tokenprune.stats.RunStats`).
+        stats: Per-forward statistics (:class:`tokenprune.engine.stats.RunStats`).
     """
 
     def __init__(self, model: nn.Module, pipeline: Pipeline, adapter: ModelAdapter, registry: ReducerRegistry) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokenprune import positions as P
 from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.engine import positions as P
 from tokenprune.errors import TokenpruneError
 from tokenprune.layout import TokenLayout, sequence_layout
 from tokenprune.reducer import Selection
@@ -28,7 +28,7 @@ class TokenSequence:
         visual: A visual token.
         sizes: How many original tokens each token stands for (merges make it > 1).
         layout: The spatial layout of the visual tokens (image, tile, row, column, newline), if known.
-        positions: ``(R, B, L)`` position rows (:mod:`tokenprune.positions`).
+        positions: ``(R, B, L)`` position rows (:mod:`tokenprune.engine.positions`).
         freed_positions: ``(R, B)`` positions given up so far under the ``compact`` policy.
         has_padding_slots: Some sample has a padding slot the engine added.
     """

@@ -9,12 +9,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from tokenprune import positions as P
 from tokenprune.budget import budget_per_sample
+from tokenprune.engine import positions as P
 from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
+from tokenprune.engine.stats import StageStats
 from tokenprune.pipeline import Stage
 from tokenprune.reducer import Merge, ReduceContext, Selection, TokenReducer
-from tokenprune.stats import StageStats
 from tokenprune.validation import check_reduction
 
 

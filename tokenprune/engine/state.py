@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from tokenprune.engine.sequence import TokenSequence
-from tokenprune.stats import ForwardStats
+from tokenprune.engine.stats import ForwardStats
 
 
 @dataclass

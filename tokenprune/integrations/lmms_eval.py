@@ -34,9 +34,9 @@ from lmms_eval.utils import simple_parse_args_string
 from torch import Tensor
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from tokenprune.adapters.loading import load_model
 from tokenprune.engine import PruningRun, apply
 from tokenprune.errors import TokenpruneError
-from tokenprune.loading import load_model
 from tokenprune.pipeline import Pipeline, load_pipeline
 
 MODEL_ARGS = ("pretrained", "pipeline", "dtype", "device", "batch_size", "max_batch_size", "prompt", "max_new_tokens")

@@ -44,7 +44,7 @@ from tokenprune.synth.model import MiniVLMSize, build_model
 from tokenprune.synth.patch_labels import COLOUR_CLASSES, DIGIT_CLASSES, IGNORE, KIND_CLASSES, QUADRANT_CLASSES
 from tokenprune.synth.processor import build_processor
 from tokenprune.synth.scenes import SHAPE_COLOURS, SHAPE_KINDS
-from tokenprune.trainloop import append_log, save_atomic, smooth, training_progress
+from tokenprune.synth.trainloop import append_log, save_atomic, smooth, training_progress
 
 STATE_FILE = "state.pt"
 LOG_FILE = "log.jsonl"

@@ -538,7 +538,7 @@ def rotary_matches_model(c: AdapterCase) -> None:
     batch (no pipeline), ``adapter.rotary`` applied to the position ids the language model received
     must give every decoder layer's ``position_embeddings`` bit for bit.
     """
-    from tokenprune.positions import to_rows
+    from tokenprune.engine.positions import to_rows
 
     name = "rotary matches the model"
     inputs = c.padded_batch()

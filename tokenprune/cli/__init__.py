@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 from tokenprune import __version__
+from tokenprune.cli.run import run as run_command
 from tokenprune.errors import PluginLoadWarning, TokenpruneError
 from tokenprune.pipeline import load_pipeline, pipeline_json_schema
 from tokenprune.plugins import PluginManager, get_plugin_manager
-from tokenprune.run_cli import run as run_command
 from tokenprune.synth.cli import app as synth_app
 
 app = typer.Typer(
@@ -272,8 +272,8 @@ def flops(
     """
     from PIL import Image
 
+    from tokenprune.adapters.loading import load_model
     from tokenprune.cost.flops import count_flops
-    from tokenprune.loading import load_model
 
     try:
         vlm, processor = load_model(model, dtype, "cpu")

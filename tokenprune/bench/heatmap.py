@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokenprune.engine.stats import ForwardStats
 from tokenprune.layout import TokenLayout
-from tokenprune.stats import ForwardStats
 
 
 def surviving_tokens(prefill: ForwardStats, sample: int = 0) -> tuple[TokenLayout, Tensor] | None:

@@ -17,10 +17,10 @@ import torch
 import typer
 from PIL import Image
 
+from tokenprune.adapters.loading import build_inputs, load_model
+from tokenprune.bench.heatmap import draw_heatmap, surviving_tokens
+from tokenprune.engine.stats import ForwardStats
 from tokenprune.errors import PluginLoadWarning, TokenpruneError
-from tokenprune.heatmap import draw_heatmap, surviving_tokens
-from tokenprune.loading import build_inputs, load_model
-from tokenprune.stats import ForwardStats
 
 
 def run(

@@ -1,0 +1,5 @@
+"""``python -m tokenprune.cli``: the ``tokenprune`` command (e.g. under ``torchrun``)."""
+
+from tokenprune.cli import main
+
+main()
