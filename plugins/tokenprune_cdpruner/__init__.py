@@ -1,0 +1,1 @@
+"""The ``cdpruner`` reducer (being written; registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""The ``dart`` reducer (being written; registers nothing yet)."""

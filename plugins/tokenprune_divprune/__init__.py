@@ -1,0 +1,1 @@
+"""The ``divprune`` reducer (being written; registers nothing yet)."""

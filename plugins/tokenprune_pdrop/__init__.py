@@ -1,0 +1,1 @@
+"""The ``pdrop`` reducer (being written; registers nothing yet)."""
