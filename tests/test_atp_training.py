@@ -7,7 +7,9 @@ import dataclasses
 import pytest
 import torch
 from tokenprune_atp import ATPConfig, ATPWeights, ATPWeightsError, atp_pipeline, load_atp
-from tokenprune_atp.train import ATPTrainConfig, ATPTrainer, SoftATP, atp_loss, first_question, train_atp
+from tokenprune_atp.data import first_question
+from tokenprune_atp.softmask import SoftATP
+from tokenprune_atp.trainer import ATPTrainConfig, ATPTrainer, atp_loss, train_atp
 
 import tokenprune as tp
 from tokenprune.synth.batches import make_batch

@@ -14,7 +14,7 @@ REGISTRY = get_plugin_manager().reducers
 def test_registered_reducer_honours_the_contract(name, tmp_path):
     params = None
     if name == "atp":  # a trained reducer: give it (untrained) weights that fit the synthetic inputs
-        from tokenprune_atp.model import ATPConfig, ATPWeights
+        from tokenprune_atp.weights import ATPConfig, ATPWeights
 
         weights = ATPWeights(ATPConfig(hidden_size=16, num_layers=4, layers=[1, 2, 3])).save(tmp_path)
         params = {"weights": str(weights)}

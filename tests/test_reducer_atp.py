@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 from tokenprune_atp import ATP, ATPConfig, ATPWeights, ATPWeightsError, atp_pipeline, default_layers, load_atp
-from tokenprune_atp.model import NUM_STATS, redundancy_scores, spatial_scores
+from tokenprune_atp.scores import NUM_STATS, redundancy_scores, spatial_scores
 
 from tokenprune import InsertionPoint, ReduceContext, ReducerInputError, TokenLayout
 from tokenprune.testing import check_reducer, make_reduce_inputs

@@ -2,7 +2,7 @@
 
 ATP-LLaVA (Ye, Gan, Ge, Zhang, Tang; CVPR 2025; https://arxiv.org/abs/2412.00447). There is no
 official code; this is the project's reading of the paper, documented in ``docs/reducers/atp.md``.
-The weights come from ``tokenprune train-atp`` (:mod:`tokenprune_atp.train`).
+The weights come from ``tokenprune train-atp`` (:mod:`tokenprune_atp.trainer`).
 
 A pipeline runs one stage per ATP module; every stage points at the same weights file, and each
 picks the module trained for its own layer::
@@ -38,7 +38,8 @@ from tokenprune import (
 )
 from tokenprune.reducer import top_k_selection
 from tokenprune.validation import check_finite_tokens, required_attention
-from tokenprune_atp.model import (
+from tokenprune_atp.scores import pooled_states, redundancy_scores, score_statistics, spatial_scores
+from tokenprune_atp.weights import (
     WEIGHTS_FILE,
     ATPConfig,
     ATPHead,
@@ -46,10 +47,6 @@ from tokenprune_atp.model import (
     ATPWeightsError,
     default_layers,
     load_atp,
-    pooled_states,
-    redundancy_scores,
-    score_statistics,
-    spatial_scores,
     weights_file,
 )
 
@@ -61,9 +58,9 @@ class ATP(TokenReducer):
 
     1. ``S_red``: the percentile rank, among the unprotected tokens, of the mean of the attention
        each token receives from the visual tokens and from the text tokens
-       (:func:`~tokenprune_atp.model.redundancy_scores`);
+       (:func:`~tokenprune_atp.scores.redundancy_scores`);
     2. ``S_sp``: ``1 - λ / s²`` for the coarsest uniform sampling grid (stride ``s``) the token lies
-       on in its view (:func:`~tokenprune_atp.model.spatial_scores`; 0 without a layout);
+       on in its view (:func:`~tokenprune_atp.scores.spatial_scores`; 0 without a layout);
     3. the module's head maps score statistics and the pooled hidden states to ``(θ_r, θ_s)``;
     4. keep ``(S_red > θ_r) or (S_sp > θ_s)``, plus every protected token. If more than the stage's
        budget pass, the budget keeps the largest margins ``max(S_red - θ_r, S_sp - θ_s)``.

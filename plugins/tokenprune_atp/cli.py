@@ -45,8 +45,8 @@ def train_atp(
     Use the result in a pipeline with one stage per module layer:
     ``{at: {layer: k}, reducer: atp, keep: 1.0, params: {weights: OUT/atp.safetensors}}``.
     """
-    from tokenprune_atp.train import ATPTrainConfig
-    from tokenprune_atp.train import train_atp as run
+    from tokenprune_atp.trainer import ATPTrainConfig
+    from tokenprune_atp.trainer import train_atp as run
 
     try:
         cfg = ATPTrainConfig(
@@ -70,7 +70,7 @@ def train_atp(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     if path is not None:
-        from tokenprune_atp.model import ATPWeights
+        from tokenprune_atp.weights import ATPWeights
 
         module_layers = ATPWeights.load(path).config.layers
         typer.echo(f"wrote {path} and {path.with_name('atp.json')}; modules at layers {module_layers}")

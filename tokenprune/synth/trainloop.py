@@ -1,6 +1,6 @@
 """What every training loop of tokenprune shares: the JSON-lines log, atomic checkpoints, the progress bar.
 
-Used by the mini VLM's training (:mod:`tokenprune.synth.train`) and by ATP's (``tokenprune_atp.train``).
+Used by the mini VLM's training (:mod:`tokenprune.synth.train`) and by ATP's (``tokenprune_atp.trainer``).
 """
 
 from __future__ import annotations

@@ -1,22 +1,5 @@
 """Training ATP modules on a frozen (or fine-tuned) VLM with soft masks and a budget-constrained loss.
 
-ATP-LLaVA (https://arxiv.org/abs/2412.00447) trains its thresholds with differentiable masks: the
-sequence keeps its length, and each visual token ``j`` is down-weighted as a *key* in every layer
-after the module that (softly) prunes it. :class:`SoftATP` does this inside a stock transformers
-model with hooks only (nothing is patched or subclassed), DynamicViT-style:
-
-* an :class:`~tokenprune.engine.probe.AttentionProbe` records, under sdpa, the attention that the visual
-  rows and the text rows pay to every key at layer ``k - 1`` of each module ``k`` (exactly the
-  ``visual`` and ``text`` sources the inference reducer reads; the rows of tokens that an earlier
-  module's mask put below 0.5 are left out, as they are gone at inference);
-* a forward pre-hook on layer ``k`` computes the scores (:mod:`tokenprune_atp.model`), the head's
-  thresholds ``θ = (θ_r, θ_s)``, and the soft mask ``M = max(sigmoid(T (S_red - θ_r)), sigmoid(T (S_sp - θ_s)))``
-  (protected newline tokens: ``M = 1``); masks of successive modules multiply;
-* forward pre-hooks on every layer replace the attention mask by a full 4-D additive float mask:
-  causal + padding, plus ``log M_j`` on the column of every visual key ``j`` except on the diagonal
-  (``G_ij = 1`` if ``i = j`` else ``M_j``), so that ``softmax(P + log G) ∝ exp(P) G`` and gradients
-  reach the heads.
-
 The loss is ``L_LM + alpha Σ_m (k_m / L) · kept_m + β · |mean kept - target| / target``: the answer
 tokens' cross-entropy, a penalty on the (soft) fraction kept at each module weighted by its depth
 (as the unofficial re-implementation does), and the distance of the batch's average visual-token
@@ -28,37 +11,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tokenprune.adapters.base import ImageCall, ModelAdapter
 from tokenprune.adapters.loading import load_model
-from tokenprune.engine.hooks import HookSet
-from tokenprune.engine.probe import AttentionProbe, ProbeRows
-from tokenprune.engine.sequence import image_layout
-from tokenprune.layout import TokenLayout
-from tokenprune.plugins import get_plugin_manager
-from tokenprune.reducer import Selection
 from tokenprune.synth.trainloop import append_log, save_atomic, smooth, training_progress
-from tokenprune_atp.model import (
-    ATPConfig,
-    ATPWeights,
-    ATPWeightsError,
-    default_layers,
-    pooled_states,
-    redundancy_scores,
-    score_statistics,
-    spatial_scores,
-)
+from tokenprune_atp.data import IGNORE, TASKS, training_batch
+from tokenprune_atp.softmask import SoftATP, SoftForward
+from tokenprune_atp.weights import ATPConfig, ATPWeights, ATPWeightsError, default_layers
 
 STATE_FILE = "state.pt"
 LOG_FILE = "log.jsonl"
-TASKS = ("synthvqa",)
-IGNORE = -100
 
 
 @dataclass
@@ -69,7 +36,7 @@ class ATPTrainConfig:
         model: Path or hub id of the VLM (``bundled``: the shipped mini VLM).
         task: Training data; ``synthvqa`` (SynthVQA training batches).
         target_tokens: Target average visual-token count over all decoder layers.
-        layers: Module layers (default: :func:`~tokenprune_atp.model.default_layers`).
+        layers: Module layers (default: :func:`~tokenprune_atp.weights.default_layers`).
         steps: Optimiser steps.
         batch_size: Images per step.
         lr: Learning rate of the heads (AdamW; cosine decay to 0.1 of it).
@@ -146,234 +113,6 @@ class ATPTrainConfig:
         return asdict(self)
 
 
-@dataclass
-class SoftForward:
-    """What one soft-masked forward produced.
-
-    Attributes:
-        logits: ``(B, L, V)``.
-        counts: ``(B, num_layers)`` soft visual-token count each decoder layer sees (differentiable).
-        kept: Per module layer ``k``: ``(B,)`` soft fraction of the visual tokens kept after it.
-        thresholds: Per module layer: ``(B, 2)`` ``(θ_r, θ_s)``.
-        hard_counts: ``(B, num_layers)`` counts of the tokens whose cumulative mask exceeds 0.5.
-    """
-
-    logits: Tensor
-    counts: Tensor
-    kept: dict[int, Tensor]
-    thresholds: dict[int, Tensor]
-    hard_counts: Tensor
-
-
-@dataclass
-class _Batch:
-    visual: Tensor  # (B, L) bool
-    valid: Tensor  # (B, L) bool
-    cols: Tensor  # (B, N) visual columns, -1 padding
-    vvalid: Tensor  # (B, N) bool
-    protected: Tensor  # (B, N) bool
-    logm: Tensor  # (B, N) float, cumulative log mask
-    present: Tensor  # (B, N) bool, cumulative hard mask
-    base: Tensor  # (B, 1, L, L) additive float mask
-    offdiag: Tensor  # (L, L) float, 0 on the diagonal
-    counts: list[Tensor] = field(default_factory=list)
-    hard: list[Tensor] = field(default_factory=list)
-    kept: dict[int, Tensor] = field(default_factory=dict)
-    thresholds: dict[int, Tensor] = field(default_factory=dict)
-    layout: TokenLayout | None = None
-    spatial: Tensor | None = None
-
-
-class SoftATP:
-    """Soft-masked ATP inside a transformers VLM, for training; a context manager that removes its hooks.
-
-    Args:
-        model: The VLM (``...ForConditionalGeneration``), sdpa or eager attention.
-        weights: The ATP heads (trainable).
-        temperature: Soft-mask steepness ``T`` (change it between forwards with :attr:`temperature`).
-
-    Use :meth:`forward` (not ``model(...)``) so the masks know the batch.
-    """
-
-    def __init__(self, model: nn.Module, weights: ATPWeights, temperature: float = 10.0) -> None:
-        weights.check_model(model)
-        self.model = model
-        self.weights = weights
-        self.temperature = float(temperature)
-        manager = get_plugin_manager()
-        self.adapter: ModelAdapter = manager.adapters.get(model.config.model_type)(model)
-        self.layers = list(self.adapter.decoder_layers())
-        self.num_layers = len(self.layers)
-        self._state: _Batch | None = None
-        self._call: ImageCall | None = None
-        self._hooks = HookSet()
-        self.probe = AttentionProbe(
-            layers={k - 1: frozenset({"visual", "text"}) for k in weights.config.layers}, rows=self._rows
-        )
-        try:
-            self.probe.install(self.adapter.language_model(), self.layers)
-            for i, layer in enumerate(self.layers):
-                self._hooks.pre(layer, self._pre(i))
-            vlm = self.adapter.vlm()
-            if hasattr(vlm, "get_image_features"):
-                self._hooks.wrap_method(vlm, "get_image_features", self._record_image_call)
-        except BaseException:
-            self.remove()
-            raise
-
-    def remove(self) -> None:
-        """Remove every hook and restore the model; safe to call twice."""
-        self._hooks.remove()
-        self.probe.remove()
-
-    def __enter__(self) -> SoftATP:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def _record_image_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        self._call = ImageCall(args, kwargs, output)
-
-    # --- forward ------------------------------------------------------------------------------
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **inputs: Any) -> SoftForward:
-        """Run the model with soft ATP masks on a (right- or left-) padded batch.
-
-        Args:
-            input_ids: ``(B, L)``.
-            attention_mask: ``(B, L)`` 1 on real tokens (default all ones).
-            **inputs: The model's image inputs (``pixel_values``, ``image_sizes``, ...).
-        """
-        batch, length = input_ids.shape
-        device = input_ids.device
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        visual = self.adapter.visual_mask(input_ids) & valid
-        sel = Selection.from_mask(visual)
-        cols = sel.indices
-        vvalid = cols >= 0
-        dtype = next(self.model.parameters()).dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
-        eye = torch.eye(length, dtype=torch.bool, device=device)[None, None]
-        allowed = (causal & valid[:, None, None, :]) | eye  # padding rows see themselves (no empty row)
-        base = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-        n = cols.shape[1]
-        self._state = _Batch(
-            visual=visual,
-            valid=valid,
-            cols=cols,
-            vvalid=vvalid,
-            protected=torch.zeros(batch, n, dtype=torch.bool, device=device),
-            logm=torch.zeros(batch, n, dtype=torch.float32, device=device),
-            present=vvalid.clone(),
-            base=base,
-            offdiag=1.0 - torch.eye(length, dtype=torch.float32, device=device),
-        )
-        self._call = None
-        self.probe.active = True
-        self.probe.scores.clear()
-        try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
-            st = self._state
-            full = st.vvalid.sum(1).float()
-            counts = [full] * self.num_layers
-            hard = [st.vvalid.sum(1)] * self.num_layers
-            for k, c in zip(sorted(st.kept), st.counts, strict=True):
-                for i in range(k, self.num_layers):
-                    counts[i] = c
-            for k, c in zip(sorted(st.kept), st.hard, strict=True):
-                for i in range(k, self.num_layers):
-                    hard[i] = c
-            return SoftForward(
-                logits=out.logits,
-                counts=torch.stack(counts, 1),
-                kept=dict(st.kept),
-                thresholds=dict(st.thresholds),
-                hard_counts=torch.stack(hard, 1),
-            )
-        finally:
-            self.probe.active = False
-            self._state = None
-            self._call = None
-
-    def _rows(self, layer: int) -> ProbeRows | None:
-        st = self._state
-        if st is None:
-            return None
-        batch, length = st.visual.shape
-        gone = torch.zeros(batch, length + 1, dtype=torch.bool, device=st.visual.device)
-        gone.scatter_(1, torch.where(st.vvalid, st.cols, torch.full_like(st.cols, length)), ~st.present & st.vvalid)
-        gone = gone[:, :length]
-        return ProbeRows(visual=st.visual & ~gone, valid=st.valid & ~gone)
-
-    def _ensure_layout(self, st: _Batch) -> None:
-        if st.spatial is not None:
-            return
-        layout = image_layout(self.adapter, self._call, st.visual) if self._call is not None else None
-        cfg = self.weights.config
-        if layout is not None:
-            lay = layout.gather(st.cols)
-            st.layout = lay
-            st.spatial = spatial_scores(lay.row, lay.col, lay.view, lay.image, lay.newline, cfg.spatial_lambda)
-            if cfg.protect_newlines:
-                st.protected = lay.newline & st.vvalid
-        else:
-            st.spatial = torch.zeros(st.cols.shape, dtype=torch.float32, device=st.cols.device)
-        st.spatial = st.spatial.masked_fill(~st.vvalid | st.protected, 0.0)
-
-    def _module(self, k: int, hidden: Tensor, st: _Batch) -> None:
-        self._ensure_layout(st)
-        scores = self.probe.scores.get(k - 1)
-        if scores is None:
-            raise RuntimeError(f"the attention probe recorded nothing at layer {k - 1}")
-        safe = st.cols.clamp(min=0)
-        att_v = scores["visual"].gather(1, safe).masked_fill(~st.vvalid, 0.0)
-        att_t = scores["text"].gather(1, safe).masked_fill(~st.vvalid, 0.0)
-        candidates = st.present & ~st.protected
-        s_red = redundancy_scores(att_v, att_t, candidates)
-        s_sp = st.spatial.masked_fill(~candidates, 0.0)
-        stats = score_statistics(att_v, att_t, candidates)
-        tokens = hidden.gather(1, safe.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        pooled = pooled_states(tokens.detach(), candidates)
-        theta = self.weights.head(k)(stats, pooled)  # (B, 2)
-        t = self.temperature
-        logm = torch.maximum(
-            nn.functional.logsigmoid((s_red - theta[:, :1]) * t), nn.functional.logsigmoid((s_sp - theta[:, 1:]) * t)
-        )
-        logm = logm.masked_fill(~st.vvalid | st.protected, 0.0)
-        st.logm = st.logm + logm
-        st.present = st.present & ((logm > math.log(0.5)) | st.protected)
-        st.counts.append((st.logm.exp() * st.vvalid).sum(1))
-        st.hard.append((st.present & st.vvalid).sum(1))
-        st.kept[k] = st.counts[-1] / st.vvalid.sum(1).clamp(min=1)
-        st.thresholds[k] = theta
-
-    def _pre(self, i: int) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            st = self._state
-            if st is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if str(i) in self.weights.heads:
-                self._module(i, hidden, st)
-            mask = st.base
-            if st.kept:
-                batch, length = st.visual.shape
-                col = torch.zeros(batch, length + 1, dtype=st.logm.dtype, device=st.logm.device)
-                col.scatter_(1, torch.where(st.vvalid, st.cols, torch.full_like(st.cols, length)), st.logm)
-                bias = col[:, :length, None].transpose(1, 2).unsqueeze(1) * st.offdiag  # (B, 1, L, L)
-                mask = mask + bias.to(mask.dtype)
-            kwargs["attention_mask"] = mask
-            return args, kwargs
-
-        return hook
-
-
-# --- the loss ------------------------------------------------------------------------------------------
-
-
 def atp_loss(out: SoftForward, labels: Tensor, cfg: ATPTrainConfig) -> tuple[Tensor, dict[str, float]]:
     """``L_LM + alpha Σ_m (k_m / L) kept_m + β |mean count - target| / target``; returns the loss and its parts.
 
@@ -399,37 +138,6 @@ def atp_loss(out: SoftForward, labels: Tensor, cfg: ATPTrainConfig) -> tuple[Ten
         parts[f"theta_r{k}"] = float(th[:, 0].mean().detach())
         parts[f"theta_s{k}"] = float(th[:, 1].mean().detach())
     return loss, parts
-
-
-# --- evaluation batches ------------------------------------------------------------------------------
-
-
-def first_question(batch: Any) -> Any:
-    """A SynthVQA training batch cut after each row's first supervised position (its first question).
-
-    ``labels`` holds at each position the id to predict there, so a row ``<s> <image>... q1 a1 q2 ...``
-    becomes ``<s> <image>... q1`` with the label ``a1`` at its last token: an evaluation prompt.
-    """
-    rows = []
-    for ids, mask, labels in zip(batch.input_ids, batch.attention_mask, batch.labels, strict=True):
-        supervised = (labels != IGNORE).nonzero()
-        end = int(supervised[0]) + 1 if supervised.numel() else int(mask.sum())
-        rows.append((ids[:end], labels[:end]))
-    length = max(len(r[0]) for r in rows)
-    from tokenprune.synth.tokenizer import PAD, vocabulary
-
-    pad = vocabulary().index(PAD)
-    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = ids
-        labels[i, : len(lab)] = lab
-        mask[i, : len(ids)] = 1
-    return replace(batch, input_ids=input_ids, attention_mask=mask, labels=labels)
-
-
-# --- the trainer ---------------------------------------------------------------------------------------
 
 
 class ATPTrainer:
@@ -488,16 +196,10 @@ class ATPTrainer:
     # -- data --------------------------------------------------------------------------------
     def batch(self, step: int) -> Any:
         """The training batch of ``step`` (a pure function of ``(seed, step)``)."""
-        from tokenprune.synth.batches import make_batch
-
-        batch = make_batch(
-            self.processor.image_processor,
-            self.cfg.seed,
-            step,
-            self.cfg.batch_size,
-            describe_prob=self.cfg.describe_prob,
+        cfg = self.cfg
+        return training_batch(
+            self.processor, cfg.seed, step, cfg.batch_size, cfg.describe_prob, cfg.first_question_only
         )
-        return first_question(batch) if self.cfg.first_question_only else batch
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_state(self) -> Path:
@@ -664,14 +366,3 @@ def train_atp(
     if resume and state.exists():
         trainer.load_state(state)
     return trainer.run(progress=progress)
-
-
-__all__ = [
-    "ATPTrainConfig",
-    "ATPTrainer",
-    "SoftATP",
-    "SoftForward",
-    "atp_loss",
-    "first_question",
-    "train_atp",
-]

@@ -1,17 +1,9 @@
-"""ATP-LLaVA's learned parts: the per-module threshold heads, the scores they read, and their weights file.
+"""ATP's weights: the per-module threshold heads, their configuration and their safetensors file.
 
 ATP-LLaVA (Ye et al., CVPR 2025, https://arxiv.org/abs/2412.00447) places *ATP modules* between
-decoder layers. Each module scores the visual tokens present at its layer and predicts two
-per-instance thresholds; a token survives if either score clears its threshold. No official code
-exists; what follows is this project's reading of the paper (see ``docs/reducers/atp.md``), shared
-by the inference reducer (hard masks) and the trainer (soft masks), so both compute the same
-quantities from the same inputs:
+decoder layers; each predicts two per-instance thresholds from the statistics of
+:mod:`tokenprune_atp.scores`:
 
-* :func:`redundancy_scores`: ``S_red`` in ``[0, 1]`` from the attention a token receives from the
-  other visual tokens (``S_self``) and from the text tokens (``S_cross``) at layer ``k - 1``;
-* :func:`spatial_scores`: ``S_sp`` from uniform spatial sampling over each view's feature grid
-  (Spatial Augmented Pruning);
-* :func:`score_statistics`: the per-instance features the heads read;
 * :class:`ATPHead`: statistics (and a pooled summary of the hidden states) to ``(θ_r, θ_s)``;
 * :class:`ATPWeights`: the heads of every module plus :class:`ATPConfig`, saved as safetensors
   with a JSON config, validated against the model they are used with.
@@ -31,13 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tokenprune.errors import TokenpruneError
+from tokenprune_atp.scores import NUM_STATS
 
 FORMAT = "tokenprune-atp"
 VERSION = 1
 WEIGHTS_FILE = "atp.safetensors"
 CONFIG_FILE = "atp.json"
-NUM_STATS = 9
-"""Length of the statistics vector of :func:`score_statistics`."""
 
 
 class ATPWeightsError(TokenpruneError, ValueError):
@@ -264,119 +255,3 @@ def load_atp(path: str | Path, model: nn.Module | None = None) -> ATPWeights:
     if model is not None:
         weights.check_model(model)
     return weights
-
-
-# --- scores -------------------------------------------------------------------------------------------
-
-
-def redundancy_scores(att_visual: Tensor, att_text: Tensor, candidates: Tensor) -> Tensor:
-    """``S_red``: per-sample percentile rank of the mean of the self- and cross-modality attention.
-
-    ``S_self(i)`` (``att_visual``) is the attention token ``i`` receives from the visual tokens and
-    ``S_cross(i)`` (``att_text``) the attention it receives from the text tokens, averaged over heads
-    and query rows at layer ``k - 1`` (the probe's ``visual`` and ``text`` sources). Each is scaled
-    by the candidate count (so 1 means "uniform"), they are averaged, and the average is turned into
-    its rank among the sample's candidates, ``0`` (lowest) to ``1`` (highest; ties to the lower
-    index). The rank makes a threshold mean the same thing for every image size and every layer.
-
-    Args:
-        att_visual: ``(B, N)`` float.
-        att_text: ``(B, N)`` float.
-        candidates: ``(B, N)`` bool, the tokens competing (present, not protected).
-
-    Returns:
-        ``(B, N)`` float32 in ``[0, 1]``; ``0`` outside the candidates.
-    """
-    n = candidates.sum(1, keepdim=True).clamp(min=1).float()
-    combined = 0.5 * (att_visual.float() + att_text.float()) * n
-    ranked = combined.masked_fill(~candidates, float("-inf"))
-    order = ranked.argsort(dim=1, stable=True)  # ascending; non-candidates first
-    positions = torch.empty_like(order)
-    positions.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    offset = (~candidates).sum(1, keepdim=True)
-    rank = (positions - offset).float() / (n - 1).clamp(min=1)
-    rank = torch.where(n > 1, rank, torch.ones_like(rank))
-    return rank.masked_fill(~candidates, 0.0)
-
-
-def spatial_scores(row: Tensor, col: Tensor, view: Tensor, image: Tensor, newline: Tensor, lam: float) -> Tensor:
-    """``S_sp``: Spatial Augmented Pruning's uniform sampling score.
-
-    A token at ``(row, col)`` of its view's feature grid lies on the uniform sampling grid of
-    stride ``s`` when ``row % s == 0`` and ``col % s == 0``; the grid's sampling rate is
-    ``R_s = 1 / s^2``. The token's score is ``1 - λ R_s`` for the coarsest stride ``s = 2^j`` it lies
-    on (``s`` up to the view's size; clamped at 0), so keeping ``S_sp > θ_s`` keeps exactly the
-    tokens of one uniform grid, coarser for higher ``θ_s``. Tokens of unknown position
-    (``row < 0``) and newline tokens score 0.
-
-    Args:
-        row, col, view, image: ``(B, N)`` long, from the adapter's :class:`~tokenprune.TokenLayout`.
-        newline: ``(B, N)`` bool.
-        lam: ``λ``.
-
-    Returns:
-        ``(B, N)`` float32 in ``[0, 1)``.
-    """
-    known = (row >= 0) & (col >= 0) & ~newline
-    r = row.clamp(min=0)
-    c = col.clamp(min=0)
-    # The largest stride a view can use: its own extent (max row/col + 1) per (sample, image, view).
-    extent = torch.maximum(r, c).masked_fill(~known, 0)
-    key = image.clamp(min=0) * 4096 + view.clamp(min=0)
-    size = torch.zeros_like(extent)
-    for b in range(extent.shape[0]):
-        for k in torch.unique(key[b][known[b]]).tolist():
-            members = known[b] & (key[b] == k)
-            size[b][members] = int(extent[b][members].max()) + 1
-    score = torch.zeros(row.shape, dtype=torch.float32, device=row.device)
-    s = 2
-    while bool((s <= size).any()):
-        on = known & (r % s == 0) & (c % s == 0) & (s <= size)
-        score = torch.where(on, torch.full_like(score, max(0.0, 1.0 - lam / (s * s))), score)
-        s *= 2
-    return score
-
-
-def score_statistics(att_visual: Tensor, att_text: Tensor, candidates: Tensor) -> Tensor:
-    """The per-instance statistics a head reads: ``(B, NUM_STATS)`` float32.
-
-    For each of the two attention sources, over the candidates: the attention mass they receive,
-    the normalised entropy of its distribution, ``log(1 + max · n)`` and ``log(1 + std · n)`` of the
-    distribution scaled by the candidate count ``n``; then ``log(n) / log(1024)``.
-    """
-    mask = candidates.float()
-    n = mask.sum(1).clamp(min=1)
-    feats = []
-    for att in (att_visual, att_text):
-        a = att.float().clamp(min=0) * mask
-        mass = a.sum(1)
-        p = a / mass.clamp(min=1e-12).unsqueeze(1)
-        entropy = -(p * p.clamp(min=1e-12).log()).sum(1) / n.log().clamp(min=1e-6)
-        scaled = p * n.unsqueeze(1)
-        mean = (scaled * mask).sum(1) / n
-        std = (((scaled - mean.unsqueeze(1)) ** 2 * mask).sum(1) / n).sqrt()
-        feats += [mass, entropy, torch.log1p(scaled.amax(1)), torch.log1p(std)]
-    feats.append(n.log() / math.log(1024.0))
-    return torch.stack(feats, dim=1)
-
-
-def pooled_states(tokens: Tensor, candidates: Tensor) -> Tensor:
-    """``(B, D)`` float32 mean of the layer-normalised ``(B, N, D)`` ``tokens`` over the candidates."""
-    x = nn.functional.layer_norm(tokens.float(), (tokens.shape[-1],))
-    x = x.masked_fill(~candidates.unsqueeze(-1), 0.0)
-    return x.sum(1) / candidates.sum(1, keepdim=True).clamp(min=1).float()
-
-
-__all__ = [
-    "NUM_STATS",
-    "ATPConfig",
-    "ATPHead",
-    "ATPWeights",
-    "ATPWeightsError",
-    "default_layers",
-    "load_atp",
-    "pooled_states",
-    "redundancy_scores",
-    "score_statistics",
-    "spatial_scores",
-]
