@@ -1,7 +1,7 @@
 import pytest
 
 import tokenprune as tp
-from tokenprune.bench.config import REFERENCE, load_config, pipeline_key, resolve_pipelines
+from tokenprune.bench.config import REFERENCE, default_sweep_reducers, load_config, pipeline_key, resolve_pipelines
 from tokenprune.errors import PipelineError, TokenpruneError
 
 
@@ -16,9 +16,20 @@ def test_default_config_is_the_offline_comparison(registry):
     names = [n for n, _ in resolve_pipelines(config, registry)]
     assert names[0] == REFERENCE
     assert "random-50%" in names and "random-10%" in names
-    assert len(names) == 1 + 3 * sum(
-        r in registry for r in ("random", "downsample", "l2norm", "gprune", "tome", "fastv")
-    )
+    assert len(names) == 1 + 3 * len(default_sweep_reducers(registry))
+
+
+def test_default_sweep_is_read_from_the_registry(registry):
+    """Every training-free reducer tokenprune ships, none hard-coded: not ATP, not third-party ones."""
+    names = default_sweep_reducers(registry)
+    assert {"random", "downsample", "l2norm", "gprune", "tome", "fastv"} <= set(names)
+    assert "atp" in registry and "atp" not in names  # trainable: needs weights
+    assert "centroid" in registry and "centroid" not in names  # the example package's reducer
+    assert all(registry.origin(n).distribution == "tokenprune" for n in names)
+    without_random = tp.get_plugin_manager(disabled=["random"]).reducers
+    assert default_sweep_reducers(without_random) == [n for n in names if n != "random"]
+    resolved = [n for n, _ in resolve_pipelines(load_config(None), without_random)]
+    assert not any(n.startswith("random-") for n in resolved) and "gprune-50%" in resolved
 
 
 def test_files_inline_and_sweeps_resolve(tmp_path, registry):

@@ -39,8 +39,8 @@ from tokenprune.errors import PipelineError, TokenpruneError
 from tokenprune.pipeline import Pipeline, load_pipeline
 from tokenprune.plugins import ReducerRegistry
 
-BUILTIN_REDUCERS = ("random", "downsample", "l2norm", "gprune", "tome", "fastv")
-"""The default sweep, in this order; reducers that are not installed are skipped."""
+OWN_DISTRIBUTION = "tokenprune"
+"""Reducers registered by this distribution's plugins form the default sweep."""
 
 DEFAULT_KEEP = (0.5, 0.25, 0.1)
 REFERENCE = "unpruned"
@@ -55,7 +55,9 @@ class Sweep(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    reducers: list[str] = Field(default_factory=lambda: list(BUILTIN_REDUCERS))
+    reducers: list[str] | None = Field(
+        default=None, description="Reducer names; default: every training-free reducer tokenprune itself ships."
+    )
     keep: list[float | int] = Field(default_factory=lambda: list(DEFAULT_KEEP))
     at: Literal["auto", "post_projector"] | dict[str, int] = "auto"
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Params per reducer name.")
@@ -187,12 +189,27 @@ def pipeline_key(name: str, pipeline: Pipeline, config: CompareConfig, task: dic
     )
 
 
+def default_sweep_reducers(registry: ReducerRegistry) -> list[str]:
+    """The reducers of the default sweep: the training-free ones that tokenprune's own plugins register.
+
+    Read from the registry, so a disabled plugin (``TOKENPRUNE_DISABLE_PLUGINS``) drops out and a new
+    built-in joins without an edit here; third-party reducers join a comparison by name. Trainable
+    reducers (ATP) are left out: they need weights.
+    """
+    return [
+        name
+        for name in registry
+        if (origin := registry.origin(name)) is not None
+        and origin.distribution == OWN_DISTRIBUTION
+        and not registry.get(name).capabilities.trainable
+    ]
+
+
 def _sweep(sweep: Sweep, registry: ReducerRegistry) -> list[tuple[str, Pipeline]]:
     out = []
-    for name in sweep.reducers:
+    names = default_sweep_reducers(registry) if sweep.reducers is None else sweep.reducers
+    for name in names:
         if name not in registry:
-            if name in BUILTIN_REDUCERS:
-                continue  # a default reducer that is not installed (or disabled) is skipped
             raise PipelineError(f"sweep: {registry.unknown_message(name)}")
         points = registry.get(name).capabilities.insertion_points
         if sweep.at == "auto":
