@@ -1,23 +1,24 @@
 """Accuracy of a VLM on SynthVQA, unpruned or with a random share of its visual tokens kept.
 
-The unpruned path is the stock one: ``processor(images, text)`` then ``model(**inputs)``. The
-answer is the arg-max over the whole vocabulary at the last prompt position (what
-``generate(max_new_tokens=1)`` returns). The random-keep path is a self-check of the benchmark
-(does losing visual tokens hurt the fine-grained types?), not a reducer: it takes the
-post-projector features from ``get_image_features``, keeps a random ``keep_fraction`` of each
-image's rows in their original order, and feeds ``inputs_embeds`` with positions renumbered
-0..L'-1, as a post-projector pruner that drops tokens would.
+The unpruned path is the stock one: ``processor(images, text)`` then ``generate(max_new_tokens=1)``:
+the arg-max over the whole vocabulary at the last prompt position. The random-keep path is a
+self-check of the benchmark (does losing visual tokens hurt the fine-grained types?): the same
+calls inside :func:`tokenprune.apply` with the ``random`` reducer after the projector, exactly the
+``random-…%`` pipelines of ``tokenprune compare``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 
+import tokenprune as tp
+from tokenprune.errors import TokenpruneError
 from tokenprune.synth.questions import QUESTION_TYPES, Sample
 from tokenprune.synth.scenes import render
 
@@ -58,7 +59,7 @@ def predict(
     keep_fraction: float | None = None,
     keep_seed: int = 0,
 ) -> list[str]:
-    """The model's one-word answer to each sample's question.
+    """The model's one-word answer to each sample's question (greedy, one new token).
 
     Args:
         model: a ``LlavaNextForConditionalGeneration``.
@@ -66,61 +67,46 @@ def predict(
         samples: the items to answer.
         batch_size: images per forward pass.
         keep_fraction: None for the unpruned model, else the share of each image's visual tokens
-            kept at random (at least one).
+            kept by the ``random`` reducer after the projector (:func:`random_pipeline`).
         keep_seed: seed of the random selection.
     """
-    if keep_fraction is not None and not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    from tokenprune.synth.processor import prompt
-
+    pruning = nullcontext() if keep_fraction is None else tp.apply(model, random_pipeline(keep_fraction, keep_seed))
     was_training = model.training
     model.eval()
-    tok = processor.tokenizer  # type: ignore[attr-defined]
-    image_token_id = model.config.image_token_index
-    gen = torch.Generator().manual_seed(keep_seed)
     preds: list[str] = [""] * len(samples)
-    for idx in size_groups(samples, batch_size):
-        images = [Image.fromarray(render(samples[i].scene)[0]) for i in idx]
-        encs = [
-            processor(images=im, text=prompt(samples[i].qa.question), return_tensors="pt")  # type: ignore[operator]
-            for i, im in zip(idx, images, strict=True)
-        ]
-        pixel_values = torch.cat([e["pixel_values"] for e in encs])
-        image_sizes = torch.cat([e["image_sizes"] for e in encs])
-        rows = [e["input_ids"][0] for e in encs]
-        if keep_fraction is not None:
-            feats = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes).pooler_output
-            kept = []
-            for f in feats:
-                k = max(1, round(keep_fraction * f.shape[0]))
-                sel = torch.randperm(f.shape[0], generator=gen)[:k].sort().values
-                kept.append(f[sel])
-            new_rows = []
-            for r, kf in zip(rows, kept, strict=True):
-                pos = (r == image_token_id).nonzero()[:, 0]
-                new_rows.append(torch.cat([r[: pos[0]], r.new_full((kf.shape[0],), image_token_id), r[pos[-1] + 1 :]]))
-            rows = new_rows
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(rows):  # right padding: positions stay 0..n-1 for every row
-            ids[j, : len(r)] = r
-            mask[j, : len(r)] = 1
-        if keep_fraction is None:
-            logits = model(
-                input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes
-            ).logits
-        else:
-            emb_ids = ids.masked_fill(ids == image_token_id, tok.pad_token_id)
-            embeds = model.get_input_embeddings()(emb_ids)
-            embeds = embeds.masked_scatter((ids == image_token_id)[..., None], torch.cat(kept).to(embeds.dtype))
-            logits = model(inputs_embeds=embeds, attention_mask=mask).logits
-        last = mask.sum(1) - 1
-        answer_ids = logits[torch.arange(len(rows)), last].argmax(-1)
-        for j, i in enumerate(idx):
-            preds[i] = tok.convert_ids_to_tokens(int(answer_ids[j]))
-    model.train(was_training)
+    try:
+        with pruning:
+            for idx in size_groups(samples, batch_size):
+                for i, answer in zip(idx, _answer(model, processor, [samples[i] for i in idx]), strict=True):
+                    preds[i] = answer
+    finally:
+        model.train(was_training)
     return preds
+
+
+def random_pipeline(keep_fraction: float, seed: int) -> tp.Pipeline:
+    """The self-check's pruning: the ``random`` reducer after the projector, as ``tokenprune compare`` runs it.
+
+    Raises:
+        TokenpruneError: ``keep_fraction`` is not in ``(0, 1]``, or no ``random`` reducer is installed.
+    """
+    if not 0 < keep_fraction <= 1:
+        raise TokenpruneError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    stage = {"at": "post_projector", "reducer": "random", "keep": keep_fraction, "params": {"seed": seed}}
+    return tp.load_pipeline({"name": f"random-{keep_fraction:g}", "stages": [stage]})
+
+
+def _answer(model: torch.nn.Module, processor: Any, batch: list[Sample]) -> list[str]:
+    """Greedy first token for each sample of ``batch`` (one image size), left-padded like ``generate`` wants."""
+    from tokenprune.synth.processor import prompt
+
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    images = [Image.fromarray(render(s.scene)[0]) for s in batch]
+    texts = [prompt(s.qa.question) for s in batch]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    out = model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.convert_ids_to_tokens(out[:, -1].tolist())
 
 
 def evaluate(model: torch.nn.Module, processor: object, samples: list[Sample], **options: Any) -> EvalResult:
