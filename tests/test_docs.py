@@ -90,3 +90,13 @@ def test_every_builtin_reducer_has_a_docs_page():
         page = DOCS / "reducers" / f"{name}.md"
         assert page.is_file(), f"no docs page for the built-in reducer {name!r}"
         assert f"reducers/{name}.md" in nav, f"docs/reducers/{name}.md is not in the mkdocs nav"
+
+
+def test_where_things_live_lists_the_top_level_exactly():
+    """docs/concepts.md's layout table names every module and folder of tokenprune/, and only those."""
+    section = (DOCS / "concepts.md").read_text(encoding="utf-8").split("## Where things live", 1)[1]
+    documented = set(re.findall(r"^\| `([a-z_]+(?:\.py|/))` \|", section, flags=re.M))
+    package = ROOT / "tokenprune"
+    actual = {p.name + "/" for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    actual |= {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+    assert documented == actual
