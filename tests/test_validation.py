@@ -1,5 +1,7 @@
 """The core rejects invalid reducer results with a message naming the plugin and the defect."""
 
+import itertools
+
 import pytest
 import torch
 from plugin_sources import reducer_plugin_source
@@ -190,3 +192,54 @@ Unsorted.reduce = _reduce
         "reducer 'unsorted' (plugin 'acme', distribution acme-pruners 2.3) returned an invalid selection: "
         "sample 0: indices are not sorted ([2, 0]); return them strictly increasing"
     )
+
+
+def _row_by_row_verdict(indices, counts, ctx, caps):
+    """The contract, one sample and one index at a time: True if the selection is valid."""
+    k = indices.shape[1]
+    for s in range(ctx.batch_size):
+        count, n_valid = int(counts[s]), int(ctx.num_valid[s])
+        row = indices[s].tolist()
+        if not 0 <= count <= k or count > int(ctx.budget[s]):
+            return False
+        if caps.deterministic_count and count < int(ctx.budget[s]):
+            return False
+        kept = row[:count]
+        if any(not 0 <= i < n_valid for i in kept) or any(b <= a for a, b in itertools.pairwise(kept)):
+            return False
+        if any(i != -1 for i in row[count:]):
+            return False
+        if any(bool(ctx.protected[s, i]) and i not in kept for i in range(n_valid)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("caps", [FIXED, ADAPTIVE], ids=["fixed", "adaptive"])
+def test_the_vectorised_check_agrees_with_the_contract_row_by_row(caps):
+    """Random valid and corrupted selections: check_reduction raises exactly when one sample breaks the contract."""
+    tokens, ctx = _inputs()
+    base = Selection.from_lists(_valid_rows(ctx))
+    generator = torch.Generator().manual_seed(0)
+    verdicts = set()
+    for trial in range(300):
+        indices, counts = base.indices.clone(), base.counts.clone()
+        s = int(torch.randint(ctx.batch_size, (1,), generator=generator))
+        j = int(torch.randint(indices.shape[1], (1,), generator=generator))
+        edit = trial % 5
+        if edit == 0:
+            indices[s, j] = int(torch.randint(-2, 22, (1,), generator=generator))
+        elif edit == 1:
+            counts[s] = int(torch.randint(-1, indices.shape[1] + 2, (1,), generator=generator))
+        elif edit == 2 and j > 0:
+            indices[s, j] = indices[s, j - 1]
+        elif edit == 3:
+            indices[s] = indices[s].flip(0)
+        expected = _row_by_row_verdict(indices, counts, ctx, caps)
+        verdicts.add(expected)
+        try:
+            check_reduction(Selection(indices, counts), tokens, ctx, who="x", capabilities=caps)
+            passed = True
+        except ReducerOutputError:
+            passed = False
+        assert passed == expected, (trial, indices[s].tolist(), counts.tolist())
+    assert verdicts == {True, False}

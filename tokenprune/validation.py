@@ -103,16 +103,44 @@ def _check_merge(result: Merge, ctx: ReduceContext, device: torch.device, fail: 
 
 
 def _check_selection(selection: Selection, ctx: ReduceContext, device: torch.device, fail: Fail) -> None:
-    b, n = ctx.valid.shape
+    b = ctx.valid.shape[0]
     _check_tensor(selection.counts, (b,), device, "counts", fail)
     if selection.indices.dim() != 2 or selection.indices.shape[0] != b:
         raise fail(f"indices has shape {tuple(selection.indices.shape)}, expected (B, K) with B = {b}")
     _check_tensor(selection.indices, tuple(selection.indices.shape), device, "indices", fail)
+    if bool(_selection_defects(selection, ctx).any()):  # the only host sync of a valid selection
+        _name_selection_defect(selection, ctx, fail)
+
+
+def _selection_defects(selection: Selection, ctx: ReduceContext) -> Tensor:
+    """``(B,)`` bool: the samples whose indices break the contract, for every sample at once.
+
+    True where :func:`_name_selection_defect` finds a defect: counts outside ``[0, K]``, an index
+    outside the sample's valid tokens, indices not strictly increasing, entries after the count
+    that are not ``-1``, a protected token dropped.
+    """
+    indices, counts = selection.indices, selection.counts
+    n = ctx.valid.shape[1]
+    in_row = torch.arange(indices.shape[1], device=indices.device) < counts[:, None]
+    n_valid = ctx.valid.sum(1, keepdim=True)
+    outside = in_row & ((indices < 0) | (indices >= n_valid))
+    unordered = in_row[:, 1:] & (indices[:, 1:] <= indices[:, :-1])
+    tail = ~in_row & (indices != -1)
+    kept = torch.zeros(indices.shape[0], n + 1, dtype=torch.bool, device=indices.device)
+    kept.scatter_(1, torch.where(in_row & ~outside, indices, n), True)
+    dropped = ctx.protected & ctx.valid & ~kept[:, :n]
+    bad_count = (counts < 0) | (counts > indices.shape[1])
+    return bad_count | outside.any(1) | unordered.any(1) | tail.any(1) | dropped.any(1)
+
+
+def _name_selection_defect(selection: Selection, ctx: ReduceContext, fail: Fail) -> None:
+    """Raise for the first defect, sample by sample (only run once a defect is known to exist)."""
+    n = ctx.valid.shape[1]
     k = selection.indices.shape[1]
     if bool((selection.counts < 0).any()) or bool((selection.counts > k).any()):
         raise fail(f"counts {selection.counts.tolist()} do not fit indices with K = {k} columns")
     n_valid = ctx.valid.sum(1)
-    for s in range(b):
+    for s in range(ctx.valid.shape[0]):
         _check_row(selection.indices[s], int(selection.counts[s]), int(n_valid[s]), s, fail)
     if (at := _first(ctx.protected & ctx.valid & ~selection.to_mask(n))) is not None:
         raise fail(f"sample {at[0]}: protected token {at[1]} was dropped")
@@ -136,17 +164,17 @@ def _check_row(indices: Tensor, count: int, n_valid: int, s: int, fail: Fail) ->
 
 def _check_budget(selection: Selection, ctx: ReduceContext, capabilities: Capabilities, fail: Fail) -> None:
     over = selection.counts > ctx.budget
+    under = (selection.counts < ctx.budget) if capabilities.deterministic_count else torch.zeros_like(over)
+    if not bool((over | under).any()):
+        return
     if bool(over.any()):
         s = int(over.nonzero()[0])
         raise fail(f"sample {s} keeps {int(selection.counts[s])} tokens, over its budget of {int(ctx.budget[s])}")
-    if capabilities.deterministic_count:
-        under = selection.counts < ctx.budget
-        if bool(under.any()):
-            s = int(under.nonzero()[0])
-            raise fail(
-                f"sample {s} keeps {int(selection.counts[s])} tokens, under its budget of {int(ctx.budget[s])}; "
-                "a reducer that keeps fewer must declare Capabilities(deterministic_count=False)"
-            )
+    s = int(under.nonzero()[0])
+    raise fail(
+        f"sample {s} keeps {int(selection.counts[s])} tokens, under its budget of {int(ctx.budget[s])}; "
+        "a reducer that keeps fewer must declare Capabilities(deterministic_count=False)"
+    )
 
 
 def required_attention(ctx: ReduceContext, source: str, reducer_name: str, hint: str) -> Tensor:
