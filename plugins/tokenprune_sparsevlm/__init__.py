@@ -1,0 +1,1 @@
+"""The ``sparsevlm`` reducer (being written; registers nothing yet)."""
