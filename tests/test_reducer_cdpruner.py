@@ -172,3 +172,59 @@ def test_validates_in_yaml():
         load_pipeline(
             "stages:\n  - at: post_projector\n    reducer: cdpruner\n    keep: 64\n    params: {per_veiw: false}\n"
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_text_at_post_projector_is_the_prompts_own_embeddings(family):
+    """Through tp.apply, ctx.text holds the input embeddings of each sample's non-image tokens, padding excluded."""
+    import tiny_models as tm
+    from engine_fixtures import BATCH_SPECS, forward, pipe
+
+    import tokenprune as tp
+
+    seen = []
+
+    class Spy(CDPruner):
+        name = "cdpruner_spy"
+
+        def reduce(self, tokens, ctx):
+            seen.append((ctx.text.clone(), ctx.text_valid.clone()))
+            return super().reduce(tokens, ctx)
+
+    class SpyPlugin:
+        @tp.hookimpl
+        def tokenprune_register_reducers(self, registry):
+            registry.add(Spy)
+
+    tiny = tm.BUILDERS[family]()
+    batch = tiny.make_inputs(BATCH_SPECS[family])
+    manager = tp.get_plugin_manager(plugins=[SpyPlugin()])
+    with tp.apply(tiny.model, pipe(("post_projector", "cdpruner_spy", 0.3)), plugins=manager):
+        forward(tiny.model, batch, family)
+    text, text_valid = seen[-1]
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    embed = tiny.model.get_input_embeddings()
+    for b in range(ids.shape[0]):
+        cols = (mask[b] & (ids[b] != tiny.model.config.image_token_id)).nonzero().squeeze(1)
+        assert int(text_valid[b].sum()) == cols.numel() > 0
+        torch.testing.assert_close(text[b, : cols.numel()], embed(ids[b, cols]))
+
+
+def test_plugins_lists_both_with_capabilities():
+    import json
+
+    from typer.testing import CliRunner
+
+    from tokenprune.cli import app
+
+    result = CliRunner().invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    plugins = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
+    for name, needs_text in (("divprune", False), ("cdpruner", True)):
+        assert plugins[name]["distribution"] == "tokenprune"
+        (reducer,) = plugins[name]["reducers"]
+        caps = reducer["capabilities"]
+        assert reducer["name"] == name
+        assert caps["insertion_points"] == ["layer", "post_projector"] and caps["attention"] == []
+        assert (caps["needs_text"], caps["merges"], caps["deterministic_count"]) == (needs_text, False, True)
