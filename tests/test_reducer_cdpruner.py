@@ -126,10 +126,12 @@ def test_more_picks_than_the_feature_rank():
 
 
 def test_edge_cases():
-    text = torch.randn(1, 2, 4)
+    text = torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(0))
     assert CDPruner().reduce(torch.randn(1, 1, 4), context(1, 1, text)).tolist() == [[0]]
     assert CDPruner().reduce(torch.randn(1, 5, 4), context(5, 5, text)).tolist() == [[0, 1, 2, 3, 4]]
-    assert CDPruner().reduce(torch.ones(1, 6, 4), context(6, 3, text)).tolist() == [[0, 1, 2]]  # ties: lower index
+    for seed in range(20):  # identical tokens: rounding noise in the relevance must not decide
+        text = torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(seed))
+        assert CDPruner().reduce(torch.ones(1, 6, 4), context(6, 3, text)).tolist() == [[0, 1, 2]]  # lower index
     assert CDPruner().reduce(torch.zeros(1, 4, 4), context(4, 2, text)).tolist() == [[0, 1]]  # no NaN
     no_text = replace(context(5, 2, text), text_valid=torch.zeros(1, 2, dtype=torch.bool))
     assert CDPruner().reduce(torch.randn(1, 5, 4), no_text).counts.tolist() == [2]  # uniform relevance

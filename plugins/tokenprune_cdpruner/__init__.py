@@ -139,11 +139,12 @@ def scaled_relevance(x: Tensor, text: Tensor) -> Tensor:
 
     ``text`` is the mean of the unit text vectors, so ``x̂ · text`` is the mean cosine to the text
     tokens. Returns ``(n,)`` float32 ``(q - min q + 1e-6) / (max q - min q)`` with ``q = -x̂ · text``;
-    all ones where ``q`` is constant (the official code divides by zero there).
+    all ones where ``q`` is constant up to ``1e-6`` (the official code divides by zero, or ranks by rounding
+    noise, there).
     """
     q = -(unit_rows(x) @ text.float().unsqueeze(-1)).squeeze(-1)
     spread = q.max() - q.min()
-    if float(spread) <= 0.0:
+    if float(spread) <= 1e-6:
         return torch.ones_like(q)
     return (q - q.min() + 1e-6) / spread
 
