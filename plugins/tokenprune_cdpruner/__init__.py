@@ -1,1 +1,219 @@
-"""The ``cdpruner`` reducer (being written; registers nothing yet)."""
+"""The ``cdpruner`` reducer: CDPruner, instruction-conditioned DPP selection of the visual tokens.
+
+CDPruner (Zhang et al., 2025, https://arxiv.org/abs/2506.10967; official code
+https://github.com/Theia-4869/CDPruner, ``llava/model/llava_arch.py``, ``encode_images``). Packaged
+exactly as a third-party plugin: this module is the entry point ``cdpruner`` of the ``tokenprune``
+group, and registers its reducer through the hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+import tokenprune
+from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, Selection, TokenReducer
+from tokenprune.budget import plan_spatial_groups, split_budget
+from tokenprune.similarity import cosine_similarity, cosine_similarity_macs, unit_rows
+from tokenprune.validation import check_finite_tokens
+
+SPANNED = 1e-4
+"""A token whose remaining DPP gain is at most this fraction of its own kernel entry is spanned by the
+tokens chosen so far (more picks than the features' rank); spanned tokens are picked last, by relevance."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """One conditional DPP: sample ``sample`` picks ``quota`` of the token indices ``members``."""
+
+    sample: int
+    members: Tensor
+    quota: int
+
+
+class CDPruner(TokenReducer):
+    """Keep a relevant and diverse set: greedy MAP inference of a DPP conditioned on the instruction.
+
+    For a sample with visual tokens ``x_i`` and text tokens ``t_m`` (``ctx.text``: the embeddings of
+    the prompt's own text tokens at the insertion point), in float32:
+
+    1. relevance ``q_i = -mean_m cos(x_i, t_m)``, min-max scaled over the sample's candidate tokens as
+       ``r_i = (q_i - min q + 1e-6) / (max q - min q)`` (the official code's sign and scaling);
+    2. kernel ``L = diag(r) S diag(r)`` with ``S_ij = cos(x_i, x_j)``;
+    3. fast greedy MAP (Chen et al. 2018, incremental Cholesky): repeatedly pick the token with the
+       largest remaining gain ``d_j²``, for exactly the quota (no early stop). Ties to the lower index.
+
+    With ``per_view`` (default), each ``(image, view)`` of the layout is its own DPP (the official code
+    selects per crop), and the free budget (``budget`` minus protected tokens) is split over the views in
+    proportion to their sizes; otherwise a sample is one DPP. Row-end newline tokens never enter a DPP
+    (the official code keeps them all); unprotected ones only fill a budget larger than the grid tokens.
+
+    The picks are sequential, each a few operations vectorised over the tokens and over all DPPs of
+    the batch. Cost per DPP of ``n`` tokens and ``K`` picks: ``O(n² D)`` for ``S``, ``O(K² n)`` for the
+    greedy inference, ``O(n² + K n)`` memory.
+    """
+
+    name = "cdpruner"
+    capabilities = Capabilities(insertion_points=frozenset({"post_projector", "layer"}), needs_text=True)
+
+    class Params(ReducerParams):
+        per_view: bool = Field(
+            default=True,
+            description="One DPP per (image, view) of the layout, the budget split by view size (the official "
+            "per-crop selection); False: one DPP per sample.",
+        )
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
+        """Select per sample; see the class docstring. ``tokens`` is ``(B, N, D)``."""
+        x = tokens.detach()
+        check_finite_tokens(x, ctx, self.name)
+        text = self._text_direction(ctx)
+        keep = torch.zeros(ctx.valid.shape, dtype=torch.bool, device=x.device)
+        relevance = torch.zeros(ctx.valid.shape, dtype=torch.float32, device=x.device)
+        groups: list[Group] = []
+        for b in range(ctx.batch_size):
+            always, sample_groups = self._plan(ctx, b)
+            keep[b, always] = True
+            if any(g.quota for g in sample_groups):  # relevance is scaled over all of the sample's candidates
+                members = torch.cat([g.members for g in sample_groups])
+                relevance[b, members] = scaled_relevance(x[b, members], text[b])
+            groups += [g for g in sample_groups if g.quota]
+        if not groups:
+            return Selection.from_mask(keep)
+        kernel, valid, quota = padded_kernels(x, relevance, groups)
+        picks = dpp_greedy_picks(kernel, valid, quota, relevance=_padded(relevance, groups))
+        for g, group in enumerate(groups):
+            keep[group.sample, group.members[picks[g, : group.quota]]] = True
+        return Selection.from_mask(keep)
+
+    def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
+        """Relevance ``n D`` per sample, ``S`` about ``n² D / 2`` per DPP, greedy ``G n_max (K-1)(K-2) / 2``."""
+        dim = int(tokens.shape[-1])
+        macs, groups = 0, []
+        for b in range(ctx.batch_size):
+            sample_groups = self._plan(ctx, b)[1]
+            if any(g.quota for g in sample_groups):
+                macs += sum(int(g.members.numel()) for g in sample_groups) * dim  # relevance
+                groups += [g for g in sample_groups if g.quota]
+        if not groups:
+            return 0
+        sizes = [int(g.members.numel()) for g in groups]
+        k = max(g.quota for g in groups)
+        macs += sum(cosine_similarity_macs(n, dim) for n in sizes)
+        return macs + len(groups) * max(sizes) * (k - 1) * (k - 2) // 2
+
+    def _plan(self, ctx: ReduceContext, b: int) -> tuple[Tensor, list[Group]]:
+        """Sample ``b``'s always-kept tokens and its DPPs (with their quotas, possibly 0)."""
+        always, groups, free = plan_spatial_groups(ctx, b)
+        if not self.params.per_view and len(groups) > 1:
+            groups = [torch.cat(groups).sort().values]
+        quotas = split_budget(free, [int(m.numel()) for m in groups])
+        return always, [Group(b, m, q) for m, q in zip(groups, quotas, strict=True)]
+
+    def _text_direction(self, ctx: ReduceContext) -> Tensor:
+        """``(B, D)`` mean of each sample's unit-norm text tokens (zero for a sample without text)."""
+        if ctx.text is None:
+            raise ReducerInputError(
+                f"reducer {self.name!r} needs the text tokens (ctx.text) to rank the visual tokens by relevance; "
+                "the engine provides them because the reducer declares needs_text"
+            )
+        text = ctx.text.detach()
+        if ctx.text_valid is None:
+            text_valid = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        else:
+            text_valid = ctx.text_valid.to(text.device)
+        finite = torch.isfinite(text).all(-1) | ~text_valid
+        if not bool(finite.all()):
+            sample, token = (int(v) for v in (~finite).nonzero()[0])
+            raise ReducerInputError(f"reducer {self.name!r}: text token {token} of sample {sample} is NaN or infinite")
+        b, t, d = text.shape
+        unit = unit_rows(text.reshape(b * t, d)).reshape(b, t, d) * text_valid.unsqueeze(-1)
+        return unit.sum(1) / text_valid.sum(1, keepdim=True).clamp(min=1)
+
+
+def scaled_relevance(x: Tensor, text: Tensor) -> Tensor:
+    """CDPruner's relevance of ``n`` tokens ``x`` (``(n, D)``) to a text direction ``text`` (``(D,)``).
+
+    ``text`` is the mean of the unit text vectors, so ``x̂ · text`` is the mean cosine to the text
+    tokens. Returns ``(n,)`` float32 ``(q - min q + 1e-6) / (max q - min q)`` with ``q = -x̂ · text``;
+    all ones where ``q`` is constant up to ``1e-6`` (the official code divides by zero, or ranks by rounding
+    noise, there).
+    """
+    q = -(unit_rows(x) @ text.float().unsqueeze(-1)).squeeze(-1)
+    spread = q.max() - q.min()
+    if float(spread) <= 1e-6:
+        return torch.ones_like(q)
+    return (q - q.min() + 1e-6) / spread
+
+
+def padded_kernels(x: Tensor, relevance: Tensor, groups: list[Group]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(G, n, n)`` kernels ``diag(r) S diag(r)`` of the groups (zero-padded), ``(G, n)`` validity, ``(G,)`` quotas."""
+    n = max(int(g.members.numel()) for g in groups)
+    kernel = torch.zeros(len(groups), n, n, dtype=torch.float32, device=x.device)
+    valid = torch.zeros(len(groups), n, dtype=torch.bool, device=x.device)
+    for i, g in enumerate(groups):
+        m = int(g.members.numel())
+        r = relevance[g.sample, g.members]
+        kernel[i, :m, :m] = cosine_similarity(x[g.sample, g.members]).mul_(r.unsqueeze(0)).mul_(r.unsqueeze(1))
+        valid[i, :m] = True
+    quota = torch.tensor([g.quota for g in groups], dtype=torch.long, device=x.device)
+    return kernel, valid, quota
+
+
+def _padded(values: Tensor, groups: list[Group]) -> Tensor:
+    """``(G, n)``: ``values[g.sample, g.members]`` per group, zero-padded."""
+    n = max(int(g.members.numel()) for g in groups)
+    out = torch.zeros(len(groups), n, dtype=values.dtype, device=values.device)
+    for i, g in enumerate(groups):
+        out[i, : g.members.numel()] = values[g.sample, g.members]
+    return out
+
+
+def dpp_greedy_picks(kernel: Tensor, valid: Tensor, quota: Tensor, *, relevance: Tensor | None = None) -> Tensor:
+    """Fast greedy MAP inference of DPPs (Chen et al. 2018), vectorised over the batch of kernels.
+
+    Args:
+        kernel: ``(G, n, n)`` positive semi-definite kernels (zero at padding).
+        valid: ``(G, n)`` bool, the entries that may be picked.
+        quota: ``(G,)`` long picks per kernel (at most its valid entries); exactly that many are made.
+        relevance: ``(G, n)`` order of the entries picked once every remaining gain is spanned (see
+            :data:`SPANNED`); default: index order.
+
+    Returns:
+        ``(G, K)`` long, ``K = quota.max()``: the picks in order, ``-1`` after ``quota[g]``. Each pick
+        maximises the remaining gain ``d_j² = L_jj - ||c_j||²``; ties go to the lower index.
+    """
+    g, n = valid.shape
+    k = int(quota.max()) if g else 0
+    picks = torch.full((g, k), -1, dtype=torch.long, device=kernel.device)
+    rows = torch.arange(g, device=kernel.device)
+    diag = kernel.diagonal(dim1=1, dim2=2)
+    floor = diag * SPANNED
+    gain = diag.masked_fill(~valid, float("-inf"))  # d_j², the remaining gain of every entry
+    fallback = (torch.zeros_like(gain) if relevance is None else relevance.float()) - 2.0  # below every real gain
+    fallback = fallback.masked_fill(~valid, float("-inf"))
+    cis = torch.zeros(g, max(k - 1, 0), n, dtype=torch.float32, device=kernel.device)
+    for i in range(k):
+        j = torch.where(gain > floor, gain, fallback).argmax(1)
+        picks[:, i] = j
+        if i + 1 == k:
+            break
+        dj = gain[rows, j]
+        e = kernel[rows, j]
+        if i:
+            e = e - torch.bmm(cis[rows, :i, j].unsqueeze(1), cis[:, :i]).squeeze(1)
+        e = e / dj.clamp(min=torch.finfo(torch.float32).tiny).sqrt().unsqueeze(1)
+        e = e.masked_fill(~(dj > floor[rows, j]).unsqueeze(1), 0.0)  # a spanned pick changes no gain
+        cis[:, i] = e
+        gain = gain - e * e
+        gain[rows, j] = float("-inf")
+        fallback[rows, j] = float("-inf")
+    return picks.masked_fill(torch.arange(k, device=picks.device) >= quota.unsqueeze(1), -1)
+
+
+@tokenprune.hookimpl
+def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
+    registry.add(CDPruner)

@@ -1,0 +1,232 @@
+"""CDPruner: a loop re-implementation of the official selection, greedy log-det, views, text, contract."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from tokenprune_cdpruner import CDPruner, dpp_greedy_picks
+
+from tokenprune import ReducerInputError, TokenLayout, load_pipeline
+from tokenprune.testing import check_reducer, dense_context, make_reduce_inputs
+
+
+def context(n, budget, text, **kw):
+    """A dense context with text tokens ``text`` (``(B, T, D)``)."""
+    ctx = dense_context(n, budget, **kw)
+    return replace(ctx, text=text, text_valid=torch.ones(text.shape[:2], dtype=torch.bool))
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def reference_relevance(x: list[list[float]], text: list[list[float]]) -> list[float]:
+    """The official relevance: negated mean cosine to the text embeddings, min-max scaled (+1e-6)."""
+    q = [-sum(cosine(v, t) for t in text) / len(text) for v in x]
+    lo, hi = min(q), max(q)
+    return [(v - lo + 1e-6) / (hi - lo) for v in q]
+
+
+def reference_greedy(x: list[list[float]], r: list[float], k: int) -> list[int]:
+    """The official fast greedy MAP (CDPruner llava_arch.py) with plain loops, in the order picked."""
+    n = len(x)
+    kernel = [[r[i] * cosine(x[i], x[j]) * r[j] for j in range(n)] for i in range(n)]
+    cis: list[list[float]] = []
+    di2s = [kernel[i][i] for i in range(n)]
+    picked = []
+    for _ in range(k):
+        j = max(range(n), key=lambda i: (di2s[i], -i))
+        picked.append(j)
+        eis = [(kernel[j][m] - sum(c[j] * c[m] for c in cis)) / math.sqrt(di2s[j]) for m in range(n)]
+        cis.append(eis)
+        di2s = [d - e * e for d, e in zip(di2s, eis, strict=True)]
+        di2s[j] = -math.inf
+    return picked
+
+
+def greedy_log_det(kernel: torch.Tensor, k: int) -> list[int]:
+    """Greedy MAP by brute force: each pick maximises det(L[S + j]) (what fast greedy MAP computes incrementally)."""
+    chosen: list[int] = []
+    for _ in range(k):
+        dets = [
+            -math.inf if j in chosen else float(torch.linalg.det(kernel[[*chosen, j]][:, [*chosen, j]]))
+            for j in range(kernel.shape[0])
+        ]
+        chosen.append(max(range(len(dets)), key=lambda j: (dets[j], -j)))
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("n", "k", "t"), [(12, 3, 1), (20, 10, 4), (9, 8, 2), (30, 1, 1)])
+def test_matches_the_official_algorithm(seed, n, k, t):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, 16, generator=gen) + 0.2
+    text = torch.randn(1, t, 16, generator=gen)
+    kept = CDPruner().reduce(x, context(n, k, text)).tolist()[0]
+    r = reference_relevance(x[0].tolist(), text[0].tolist())
+    assert kept == sorted(reference_greedy(x[0].tolist(), r, k))
+
+
+def test_fast_greedy_equals_greedy_log_det():
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.nn.functional.normalize(torch.randn(14, 20, generator=gen, dtype=torch.float64), dim=-1)
+    r = torch.rand(14, generator=gen, dtype=torch.float64) + 0.1
+    kernel = r[:, None] * (feats @ feats.T) * r[None]
+    picks = dpp_greedy_picks(kernel[None].float(), torch.ones(1, 14, dtype=torch.bool), torch.tensor([9]))
+    assert picks[0].tolist() == greedy_log_det(kernel, 9)
+
+
+def test_relevance_is_the_negated_similarity_to_the_text():
+    """With orthogonal tokens (no diversity to gain), picks follow relevance: least text-like first (official sign)."""
+    x = torch.eye(4)[None] * torch.tensor([1.0, 2.0, 3.0, 4.0])[None, :, None]
+    text = torch.tensor([[[1.0, 0.5, 0.2, 0.0]]])  # cosines to the tokens: decreasing from token 0 to 3
+    assert [CDPruner().reduce(x, context(4, k, text)).tolist()[0] for k in (1, 2, 3)] == [[3], [2, 3], [1, 2, 3]]
+
+
+def test_views_are_separate_dpps_with_one_relevance_scale():
+    """Base view 2x2 (4 tokens) and a 2x3 grid with newlines (view 1): 5 free tokens split 2 + 3."""
+    layout = TokenLayout.cat([TokenLayout.grid(2, 2), TokenLayout.grid(2, 3, newlines=True, view=1)])
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 12, 8, generator=gen)
+    text = torch.randn(1, 3, 8, generator=gen)
+    ctx = context(12, 7, text, protected=layout.newline.clone(), layout=layout)
+    kept = CDPruner().reduce(x, ctx).tolist()[0]
+    grid = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10]
+    r = dict(zip(grid, reference_relevance(x[0, grid].tolist(), text[0].tolist()), strict=True))
+    base, hires = grid[:4], grid[4:]
+    expected = [base[p] for p in reference_greedy(x[0, base].tolist(), [r[i] for i in base], 2)]
+    expected += [hires[p] for p in reference_greedy(x[0, hires].tolist(), [r[i] for i in hires], 3)]
+    assert kept == sorted([*expected, 7, 11])
+    whole = CDPruner({"per_view": False}).reduce(x, ctx).tolist()[0]
+    assert whole == sorted([grid[p] for p in reference_greedy(x[0, grid].tolist(), list(r.values()), 5)] + [7, 11])
+
+
+def test_a_padded_batch_matches_each_sample_alone():
+    tokens, ctx = make_reduce_inputs(grids=[(5, 6), (2, 3), (4, 4)], keep=0.3, dim=24, newlines=False, text_tokens=4)
+    kept = CDPruner().reduce(tokens, ctx).tolist()
+    for b, got in enumerate(kept):
+        n, k = int(ctx.num_valid[b]), int(ctx.budget[b])
+        r = reference_relevance(tokens[b, :n].tolist(), ctx.text[b].tolist())
+        assert got == sorted(reference_greedy(tokens[b, :n].tolist(), r, k))
+
+
+def test_more_picks_than_the_feature_rank():
+    """Rank 2: after two picks every gain is spanned; the rest follow relevance instead of NaN."""
+    x = torch.randn(1, 8, 2, generator=torch.Generator().manual_seed(3))
+    text = torch.tensor([[[1.0, 0.0]]])
+    r = reference_relevance(x[0].tolist(), text[0].tolist())
+    first_two = reference_greedy(x[0].tolist(), r, 2)
+    rest = sorted((i for i in range(8) if i not in first_two), key=lambda i: -r[i])
+    for k in range(3, 9):
+        assert CDPruner().reduce(x, context(8, k, text)).tolist()[0] == sorted(first_two + rest[: k - 2])
+
+
+def test_edge_cases():
+    text = torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(0))
+    assert CDPruner().reduce(torch.randn(1, 1, 4), context(1, 1, text)).tolist() == [[0]]
+    assert CDPruner().reduce(torch.randn(1, 5, 4), context(5, 5, text)).tolist() == [[0, 1, 2, 3, 4]]
+    for seed in range(20):  # identical tokens: rounding noise in the relevance must not decide
+        text = torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(seed))
+        assert CDPruner().reduce(torch.ones(1, 6, 4), context(6, 3, text)).tolist() == [[0, 1, 2]]  # lower index
+    assert CDPruner().reduce(torch.zeros(1, 4, 4), context(4, 2, text)).tolist() == [[0, 1]]  # no NaN
+    no_text = replace(context(5, 2, text), text_valid=torch.zeros(1, 2, dtype=torch.bool))
+    assert CDPruner().reduce(torch.randn(1, 5, 4), no_text).counts.tolist() == [2]  # uniform relevance
+
+
+def test_missing_or_bad_text_is_rejected():
+    x = torch.randn(1, 5, 4)
+    with pytest.raises(ReducerInputError, match=r"'cdpruner' needs the text tokens"):
+        CDPruner().reduce(x, dense_context(5, 2))
+    text = torch.randn(1, 3, 4)
+    text[0, 1, 0] = float("nan")
+    with pytest.raises(ReducerInputError, match=r"text token 1 of sample 0"):
+        CDPruner().reduce(x, context(5, 2, text))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_are_rejected(bad):
+    x = torch.randn(1, 5, 4)
+    x[0, 3, 1] = bad
+    with pytest.raises(ReducerInputError, match=r"'cdpruner'.*token 3 of sample 0"):
+        CDPruner().reduce(x, context(5, 2, torch.randn(1, 2, 4)))
+
+
+def test_defaults():
+    assert CDPruner().params.model_dump() == {"per_view": True}
+    assert CDPruner.capabilities.needs_text
+
+
+@pytest.mark.parametrize("params", [{}, {"per_view": False}])
+def test_contract(params):
+    check_reducer(CDPruner, params)
+
+
+def test_validates_in_yaml():
+    pipe = load_pipeline(
+        "stages:\n  - at: post_projector\n    reducer: cdpruner\n    keep: 64\n    params: {per_view: false}\n"
+    )
+    assert pipe.stages[0].params == {"per_view": False}
+    with pytest.raises(ValueError, match="per_veiw"):
+        load_pipeline(
+            "stages:\n  - at: post_projector\n    reducer: cdpruner\n    keep: 64\n    params: {per_veiw: false}\n"
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_text_at_post_projector_is_the_prompts_own_embeddings(family):
+    """Through tp.apply, ctx.text holds the input embeddings of each sample's non-image tokens, padding excluded."""
+    import tiny_models as tm
+    from engine_fixtures import BATCH_SPECS, forward, pipe
+
+    import tokenprune as tp
+
+    seen = []
+
+    class Spy(CDPruner):
+        name = "cdpruner_spy"
+
+        def reduce(self, tokens, ctx):
+            seen.append((ctx.text.clone(), ctx.text_valid.clone()))
+            return super().reduce(tokens, ctx)
+
+    class SpyPlugin:
+        @tp.hookimpl
+        def tokenprune_register_reducers(self, registry):
+            registry.add(Spy)
+
+    tiny = tm.BUILDERS[family]()
+    batch = tiny.make_inputs(BATCH_SPECS[family])
+    manager = tp.get_plugin_manager(plugins=[SpyPlugin()])
+    with tp.apply(tiny.model, pipe(("post_projector", "cdpruner_spy", 0.3)), plugins=manager):
+        forward(tiny.model, batch, family)
+    text, text_valid = seen[-1]
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    embed = tiny.model.get_input_embeddings()
+    for b in range(ids.shape[0]):
+        cols = (mask[b] & (ids[b] != tiny.model.config.image_token_id)).nonzero().squeeze(1)
+        assert int(text_valid[b].sum()) == cols.numel() > 0
+        torch.testing.assert_close(text[b, : cols.numel()], embed(ids[b, cols]))
+
+
+def test_plugins_lists_both_with_capabilities():
+    import json
+
+    from typer.testing import CliRunner
+
+    from tokenprune.cli import app
+
+    result = CliRunner().invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    plugins = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
+    for name, needs_text in (("divprune", False), ("cdpruner", True)):
+        assert plugins[name]["distribution"] == "tokenprune"
+        (reducer,) = plugins[name]["reducers"]
+        caps = reducer["capabilities"]
+        assert reducer["name"] == name
+        assert caps["insertion_points"] == ["layer", "post_projector"] and caps["attention"] == []
+        assert (caps["needs_text"], caps["merges"], caps["deterministic_count"]) == (needs_text, False, True)

@@ -1,0 +1,48 @@
+"""Cosine similarities between token features, for reducers that compare every token with every other.
+
+DivPrune and CDPruner (and any similarity-based method) need the ``n x n`` cosine matrix of a set of
+tokens, its largest cost. :func:`cosine_similarity` computes it in float32 in row panels, each panel
+only against itself and the tokens after it, and mirrors the rest: half the multiply-accumulates of
+``u @ u.T`` for large ``n``, and an exactly symmetric result. :func:`cosine_similarity_macs` is its
+exact cost, for :meth:`tokenprune.TokenReducer.overhead_macs`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PANEL = 512
+"""Rows per panel of :func:`cosine_similarity`."""
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """``(n, D)`` rows scaled to unit L2 norm, in float32.
+
+    Zero rows stay zero (their similarity to everything is 0); rows are first divided by their largest
+    entry, so the squares of huge features (bfloat16 near 1e38) do not overflow.
+    """
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.nn.functional.normalize(x / scale, dim=-1)
+
+
+def cosine_similarity(x: Tensor, *, panel: int = PANEL) -> Tensor:
+    """``(n, n)`` float32 cosine similarities of the rows of ``x`` (``(n, D)``, any float dtype).
+
+    Exactly symmetric; the diagonal is 1 up to rounding (0 for zero rows). Computed from
+    :func:`unit_rows` in panels of ``panel`` rows.
+    """
+    unit = unit_rows(x)
+    n = unit.shape[0]
+    out = torch.empty(n, n, dtype=torch.float32, device=unit.device)
+    for start in range(0, n, panel):
+        end = min(start + panel, n)
+        out[start:end, start:] = unit[start:end] @ unit[start:].T
+        out[end:, start:end] = out[start:end, end:].T
+    return out
+
+
+def cosine_similarity_macs(n: int, dim: int, *, panel: int = PANEL) -> int:
+    """Multiply-accumulates of :func:`cosine_similarity` on ``n`` rows of ``dim`` features."""
+    return dim * sum(min(panel, n - start) * (n - start) for start in range(0, n, panel))
