@@ -157,7 +157,13 @@ def test_params_are_validated(params):
 
 
 def test_defaults_are_the_official_code():
-    assert GPrune().params.model_dump() == {"threshold": 0.5, "temperature": 0.03, "iterations": 5}
+    assert GPrune().params.model_dump() == {
+        "threshold": 0.5,
+        "temperature": 0.03,
+        "iterations": 5,
+        "budget": "stage",
+        "precision": "float32",
+    }
 
 
 @pytest.mark.parametrize("params", [{}, {"threshold": 0.7}, {"threshold": -1.0, "iterations": 0}])
