@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenprune_fastv import FastV
+from tokenprune_fastv import FastV, nearest_count
 
 import tokenprune as tp
 from tokenprune import InsertionPoint, PipelineError, ReduceContext, ReducerInputError
+from tokenprune.budget import budget_per_sample
 from tokenprune.testing import check_reducer, dense_context, make_reduce_inputs
 
 
@@ -80,3 +81,70 @@ def test_pipeline_rejects_post_projector():
 @pytest.mark.parametrize("params", [{}, {"source": "all"}, {"source": "text"}])
 def test_contract(params):
     check_reducer(FastV, params)
+
+
+# --- rounding: nearest, the official llava-hf code ---------------------------------------------------
+
+
+def official_kept_count(image_token_length: int, fastv_r: float) -> int:
+    """The official llava-hf ``modeling_llama.py``: ``topk(round(FASTV_image_token_length * (1 - FASTV_r)))``."""
+    return round(image_token_length * (1 - fastv_r))
+
+
+def official_selection(attention_row: torch.Tensor, fastv_r: float) -> list[int]:
+    """The image tokens the official code keeps for one sample's last-token attention row."""
+    count = official_kept_count(attention_row.shape[0], fastv_r)
+    return sorted(attention_row.topk(count).indices.tolist())
+
+
+def test_nearest_rounds_half_to_even_as_python_round():
+    assert [nearest_count(0.5, n) for n in (5, 7, 9, 11)] == [
+        2,
+        4,
+        4,
+        6,
+    ]  # 2.5, 3.5, 4.5, 5.5; int(x + 0.5): 3, 4, 5, 6
+    assert nearest_count(0.1, 15) == official_kept_count(15, 0.9) == 1  # 15 * (1 - 0.9) = 1.4999999999999998
+    assert nearest_count(0.3, 45) == official_kept_count(45, 0.7) == 14  # 13.500000000000002
+    assert nearest_count(0.25, 576) == 144 and nearest_count(0.001, 100) == 1  # at least one (the official code: 0)
+
+
+def test_nearest_count_equals_the_official_count_for_every_two_decimal_ratio():
+    for hundredths in range(1, 100):
+        fastv_r = hundredths / 100
+        keep = float(f"{1 - fastv_r:.2f}")  # what a user writes for that R
+        for n in range(1, 700):
+            expected = max(1, official_kept_count(n, fastv_r))
+            assert nearest_count(keep, n) == expected, (fastv_r, n)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("n", "fastv_r"), [(45, 0.7), (576, 0.5), (30, 0.75), (7, 0.5)])
+def test_nearest_keeps_what_the_official_code_keeps(seed, n, fastv_r):
+    attention = torch.rand(1, n, generator=torch.Generator().manual_seed(seed)).softmax(-1)
+    reducer = FastV({"rounding": "nearest"})
+    keep = float(f"{1 - fastv_r:.2f}")
+    valid = torch.ones(1, n, dtype=torch.bool)
+    budget = reducer.stage_budget(keep, valid, torch.zeros_like(valid), None)
+    assert budget.tolist() == [official_kept_count(n, fastv_r)]
+    kept = reducer.reduce(torch.randn(1, n, 4), context({"last": attention}, budget.tolist())).tolist()
+    assert kept == [official_selection(attention[0], fastv_r)]
+
+
+def test_floor_is_the_default_and_counts_are_not_rounded():
+    _, ctx = make_reduce_inputs(keep=0.3, attention_sources=["last"])
+    args = (ctx.valid, ctx.protected, ctx.layout)
+    assert FastV().params.rounding == "floor"
+    assert torch.equal(FastV().stage_budget(0.3, *args), budget_per_sample(0.3, ctx.valid, ctx.protected))
+    nearest = FastV({"rounding": "nearest"})
+    # Samples of 15, 8 and 20 tokens (3, 2 and 4 newlines, protected). 15 * (1 - 0.7) is
+    # 4.500000000000001 in the official code: 5, where floor keeps 4; 2.4 -> 2 (the protected ones).
+    assert nearest.stage_budget(0.3, *args).tolist() == [5, 2, 6] == [official_kept_count(n, 0.7) for n in (15, 8, 20)]
+    assert FastV().stage_budget(0.3, *args).tolist() == [4, 2, 6]
+    assert nearest.stage_budget(0.5, *args).tolist() == [8, 4, 10]  # 7.5 -> 8; floor keeps 7
+    assert FastV().stage_budget(0.5, *args).tolist() == [7, 4, 10]
+    assert torch.equal(nearest.stage_budget(5, *args), FastV().stage_budget(5, *args))
+
+
+def test_contract_nearest():
+    check_reducer(FastV, {"rounding": "nearest"})

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from pydantic import ValidationError
-from tokenprune_gprune import GPrune, gprune_scores
+from tokenprune_gprune import GPrune, gprune_graph, gprune_scores, official_quotas
 
-from tokenprune import ReducerInputError, TokenLayout
+from tokenprune import InsertionPoint, ReduceContext, ReducerInputError, TokenLayout
 from tokenprune.testing import check_reducer
 from tokenprune.testing import dense_context as context
 
@@ -157,7 +158,13 @@ def test_params_are_validated(params):
 
 
 def test_defaults_are_the_official_code():
-    assert GPrune().params.model_dump() == {"threshold": 0.5, "temperature": 0.03, "iterations": 5}
+    assert GPrune().params.model_dump() == {
+        "threshold": 0.5,
+        "temperature": 0.03,
+        "iterations": 5,
+        "budget": "stage",
+        "precision": "float32",
+    }
 
 
 @pytest.mark.parametrize("params", [{}, {"threshold": 0.7}, {"threshold": -1.0, "iterations": 0}])
@@ -169,3 +176,187 @@ def test_huge_features_do_not_overflow():
     x = CLUSTERS * 1e30
     scores = gprune_scores(x, threshold=0.5, temperature=0.03, iterations=5)
     torch.testing.assert_close(scores / 1e30, torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0, 2.0, 1.5]))
+
+
+# --- official modes: budget: official and precision: float16 / model -------------------------------
+
+
+def official_selection(
+    feature: torch.Tensor,
+    base_len: int,
+    rows: int,
+    cols: int,
+    keep_ratio: float,
+    similarity: float = 0.5,
+    temperature: float = 0.03,
+    iterate_num: int = 5,
+) -> list[int]:
+    """The official selection (G-Prune's LLaVA-NeXT fork, ``llava_arch.py`` lines 228-277), line by line.
+
+    ``feature`` is one image: a base view of ``base_len`` tokens, then a ``rows x cols`` grid with a
+    newline after each row. Computes in ``feature``'s dtype, as the official code in the model's.
+    """
+    mask = torch.zeros(rows, cols + 1)
+    mask[:, -1] = 1
+    mask = mask.flatten()
+    index1 = torch.arange(0, base_len)
+    index2 = torch.where(mask == 0)[0] + base_len
+    row_end = torch.where(mask == 1)[0] + base_len
+    kept = []
+    for index, count in ((index1, int(keep_ratio * base_len)), (index2, int(keep_ratio * rows * cols))):
+        normalized = torch.nn.functional.normalize(feature[index], p=2, dim=1)
+        a = normalized @ normalized.t()
+        a[a < similarity] = 0
+        a = a / temperature
+        a[abs(a) < 1e-6] = -5000
+        a = torch.nn.functional.softmax(a, dim=1)
+        degree = torch.sum(a > 0, dim=1)
+        a = torch.matrix_power(a, iterate_num)
+        w = torch.norm(feature[index], dim=-1).view(1, -1).to(dtype=a.dtype)
+        result = (w @ a) / degree
+        kept.append(index[result.topk(count).indices.flatten()])
+    return torch.sort(torch.cat((*kept, row_end)))[0].tolist()
+
+
+def official_context(reducer: GPrune, layout: TokenLayout, keep: float | int, protect: bool = True) -> ReduceContext:
+    """What the engine builds for one sample: the budget from the reducer's stage_budget, and keep."""
+    valid = torch.ones(layout.shape, dtype=torch.bool)
+    protected = layout.newline.clone() if protect else torch.zeros_like(valid)
+    budget = reducer.stage_budget(keep, valid, protected, layout)
+    return ReduceContext(
+        at=InsertionPoint("post_projector"),
+        budget=budget,
+        valid=valid,
+        protected=protected,
+        sizes=valid.float(),
+        layout=layout,
+        keep=keep,
+    )
+
+
+def anyres_layout(base: int, rows: int, cols: int) -> TokenLayout:
+    """LLaVA-NeXT's layout: a ``base x base`` view, then a ``rows x cols`` grid with a newline per row."""
+    return TokenLayout.cat([TokenLayout.grid(base, base), TokenLayout.grid(rows, cols, newlines=True, view=1)])
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("keep", [0.1, 0.29, 0.5, 0.77])
+@pytest.mark.parametrize("protect", [True, False])
+def test_official_budget_matches_the_official_code(seed, keep, protect):
+    layout = anyres_layout(4, 6, 5)  # 16 + 6 x (5 + 1) = 52 tokens
+    x = torch.randn(1, 52, 8, generator=torch.Generator().manual_seed(seed))
+    reducer = GPrune({"budget": "official"})
+    ctx = official_context(reducer, layout, keep, protect)
+    expected = official_selection(x[0], 16, 6, 5, keep)
+    # int(0.29 * 30) = 8 (8.7); no tolerance either way. Every newline is kept, protected or not.
+    assert int(ctx.budget[0]) == int(keep * 16) + int(keep * 30) + 6 == len(expected)
+    assert GPrune({"budget": "official"}).reduce(x, ctx).tolist() == [expected]
+
+
+def test_official_budget_counts_on_llava_next():
+    """The issue's figure: on 576 + 48 x 49 tokens the stage budget keeps 12.8% fewer at keep 0.1."""
+    layout = anyres_layout(24, 48, 48)
+    valid = torch.ones(layout.shape, dtype=torch.bool)
+    newline = layout.newline
+    counts = {
+        mode: [int(GPrune({"budget": mode}).stage_budget(k, valid, newline, layout)) for k in (0.5, 0.3, 0.1)]
+        for mode in ("stage", "official")
+    }
+    assert counts == {"stage": [1464, 878, 292], "official": [1488, 911, 335]}
+    assert round(1 - 292 / 335, 3) == 0.128
+    assert int(GPrune().stage_budget(0.1, valid, newline, layout)) == 292  # the default is unchanged
+
+
+def test_official_budget_with_a_count_and_without_layout():
+    reducer = GPrune({"budget": "official"})
+    layout = anyres_layout(4, 6, 5)
+    x = torch.randn(1, 52, 8, generator=torch.Generator().manual_seed(5))
+    ctx = official_context(reducer, layout, 23)  # a count: graph tokens, split 16:30 -> 8 + 15, newlines on top
+    assert int(ctx.budget[0]) == 23 + 6
+    kept = reducer.reduce(x, ctx).tolist()[0]
+    assert sum(1 for i in kept if i < 16) == 8 and len(kept) == 29
+    flat = official_context(reducer, TokenLayout.grid(1, 10), 0.35)
+    flat = dataclasses.replace(flat, layout=None)
+    assert reducer.reduce(x[:, :10], flat).counts.tolist() == [3]
+
+
+def test_official_quotas():
+    assert official_quotas(0.1, [576, 2304], 48) == [57, 230]
+    assert official_quotas(0.29, [100], 0) == [28]  # 0.29 * 100 = 28.999999999999996, as int() in the official code
+    assert official_quotas(0.1, [3, 4], 0) == [0, 1]  # nothing at all: the largest graph keeps one token
+    assert official_quotas(0.1, [3, 4], 2) == [0, 0]  # the newlines already keep the sample alive
+    assert official_quotas(1.0, [3, 4], 0) == [3, 4]
+    assert official_quotas(100, [3, 4], 0) == [3, 4]
+
+
+def test_official_budget_needs_the_stage_keep():
+    ctx = context(12, 7, layout=llava_next_layout())
+    with pytest.raises(ReducerInputError, match=r"'gprune'.*ctx\.keep"):
+        GPrune({"budget": "official"}).reduce(torch.randn(1, 12, 4), ctx)
+
+
+def clustered(seed: int, n: int = 60, dim: int = 64, groups: int = 5) -> torch.Tensor:
+    """Groups of near-duplicates (similarity ~0.99) whose centres are 0.53-0.57 apart: every pair of
+    tokens is an edge, but in float16 the weights of the between-group edges underflow to 0 (about
+    exp(-15) / 10 < 2**-25), so they leave the degree, as on the large uniform regions of real images."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(dim, groups + 1, generator=gen))[0].T  # orthonormal rows
+    cos = 0.53 + 0.04 * torch.rand(groups, generator=gen)
+    centres = cos.sqrt()[:, None] * basis[0] + (1 - cos).sqrt()[:, None] * basis[1:]
+    member = torch.randint(0, groups, (n,), generator=gen)
+    scale = 1 + torch.rand(n, 1, generator=gen)
+    return (centres[member] + 0.03 * torch.randn(n, dim, generator=gen)) * scale * 3
+
+
+def official_fp16_graph(x: torch.Tensor, similarity: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official softmax weights and degree, computed in x's (half) dtype as in the official code."""
+    normalized = torch.nn.functional.normalize(x, p=2, dim=1)
+    a = normalized @ normalized.t()
+    a[a < similarity] = 0
+    a = a / temperature
+    a[abs(a) < 1e-6] = -5000
+    a = torch.nn.functional.softmax(a, dim=1)
+    return a, torch.sum(a > 0, dim=1)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_half_precision_graph_matches_the_official_fp16_code(seed):
+    x = clustered(seed).half()
+    weights, degree, _ = gprune_graph(x, 0.5, 0.03, torch.float16)
+    expected_weights, expected_degree = official_fp16_graph(x, 0.5, 0.03)
+    assert degree.tolist() == expected_degree.float().tolist()  # exactly: the same edges underflow
+    torch.testing.assert_close(weights, expected_weights.float(), rtol=0, atol=0)
+    layout = anyres_layout(4, 4, 11)  # 16 + 4 x 12 = 64 tokens: 16 + 44 features, 4 newlines
+    feats = torch.zeros(64, 64, dtype=torch.half)
+    feats[~layout.newline[0]] = x
+    feats[layout.newline[0]] = 1.0
+    reducer = GPrune({"budget": "official", "precision": "float16"})
+    kept = reducer.reduce(feats[None], official_context(reducer, layout, 0.3)).tolist()[0]
+    assert kept == official_selection(feats, 16, 4, 11, 0.3)
+
+
+def test_half_precision_drops_weak_edges_from_the_degree_and_changes_the_choice():
+    x = clustered(6).half()
+    _, half_degree, _ = gprune_graph(x, 0.5, 0.03, torch.float16)
+    _, full_degree, _ = gprune_graph(x, 0.5, 0.03)
+    assert bool((half_degree <= full_degree).all()) and int((full_degree - half_degree).sum()) > 300
+    half = GPrune({"precision": "float16"}).reduce(x[None], context(60, 12)).tolist()
+    assert half != GPrune().reduce(x[None], context(60, 12)).tolist()
+    model = GPrune({"precision": "model"})
+    assert model.reduce(x[None], context(60, 12)).tolist() == half  # 'model' follows the tokens' dtype
+    assert (
+        model.reduce(x[None].float(), context(60, 12)).tolist()
+        == GPrune().reduce(x[None].float(), context(60, 12)).tolist()
+    )
+
+
+def test_half_precision_survives_huge_features_and_a_tiny_temperature():
+    x = CLUSTERS * 1e30  # beyond float16's range: rows are rescaled by a power of two first
+    scores = gprune_scores(x, 0.5, 0.03, 5, torch.float16)
+    torch.testing.assert_close(scores / 1e30, torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0, 2.0, 1.5]), rtol=2e-3, atol=0)
+    assert bool(torch.isfinite(gprune_scores(torch.randn(7, 4), 0.5, 1e-9, 3, torch.float16)).all())
+
+
+@pytest.mark.parametrize("params", [{"budget": "official"}, {"precision": "float16"}, {"precision": "model"}])
+def test_contract_official_modes(params):
+    check_reducer(GPrune, params)

@@ -173,3 +173,95 @@ def test_non_finite_features_are_rejected(bad):
 
 def test_contract():
     check_reducer(ToMe)
+
+
+# --- order: official, the official merge.py output order between rounds ------------------------------
+
+
+def official_rounds(x: torch.Tensor, sizes: torch.Tensor, target: int) -> list[frozenset[int]]:
+    """Rounds of the official ``bipartite_soft_matching`` + ``merge_wavg`` + ``merge_source`` (tome/merge.py).
+
+    ``x`` is ``(t, D)``, the mergeable tokens in index order; each round feeds the official output,
+    ``[unmerged A, B]``, to the next, with ``r = min(t - target, t // 2)`` and the merged means as the
+    metric. Returns the groups of original tokens. (The official argsort is not stable; stable here.)
+    """
+    xs, size = x[None].clone(), sizes[None, :, None].clone()
+    source = torch.eye(x.shape[0])[None]
+    while xs.shape[1] > target:
+        t = xs.shape[1]
+        r = min(t - target, t // 2)
+        metric = xs / xs.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
+        unm_idx = edge_idx[..., r:, :]  # Unmerged Tokens
+        src_idx = edge_idx[..., :r, :]  # Merged Tokens
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+
+        def merge(v: torch.Tensor, mode: str, r=r, unm_idx=unm_idx, src_idx=src_idx, dst_idx=dst_idx) -> torch.Tensor:
+            src, dst = v[..., ::2, :], v[..., 1::2, :]
+            n, t1, c = src.shape
+            unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+            src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+            dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+            return torch.cat([unm, dst], dim=1)
+
+        xs = merge(xs * size, "sum")
+        size = merge(size, "sum")
+        xs = xs / size
+        source = merge(source, "amax")
+    return [frozenset(row.nonzero().squeeze(1).tolist()) for row in source[0]]
+
+
+def groups_of(destination: list[int], members: list[int]) -> set[frozenset[int]]:
+    """The groups of ``members`` (as positions in ``members``) under a Merge's destinations."""
+    position = {m: i for i, m in enumerate(members)}
+    groups: dict[int, set[int]] = {}
+    for m in members:
+        groups.setdefault(destination[m], set()).add(position[m])
+    return {frozenset(g) for g in groups.values()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("budget", [3, 5, 8, 12])
+def test_official_order_matches_the_official_merge_rounds(seed, budget):
+    gen = torch.Generator().manual_seed(seed)
+    n = 17
+    x = torch.randn(1, n, 5, generator=gen)
+    sizes = torch.randint(1, 4, (1, n), generator=gen).float()
+    protected = torch.zeros(1, n, dtype=torch.bool)
+    protected[0, [4, 11]] = True
+    members = [i for i in range(n) if not protected[0, i]]
+    expected = set(official_rounds(x[0, members], sizes[0, members], budget - 2))
+    result = ToMe({"order": "official"}).reduce(x, context(n, budget, protected=protected, sizes=sizes))
+    assert groups_of(result.destination[0].tolist(), members) == expected
+    assert result.destination[0, [4, 11]].tolist() == [4, 11]
+
+
+def test_the_order_between_rounds_changes_the_groups():
+    """Over seeds and budgets that need several rounds, the two orders disagree somewhere (and index order
+    matches the loop implementation, so defaults are unchanged)."""
+    differ = 0
+    for seed in range(6):
+        x = torch.randn(1, 17, 5, generator=torch.Generator().manual_seed(seed))
+        index = ToMe().reduce(x, context(17, 3)).destination[0].tolist()
+        official = ToMe({"order": "official"}).reduce(x, context(17, 3)).destination[0].tolist()
+        assert index == reference_destinations(x[0].tolist(), [1.0] * 17, [False] * 17, 3)
+        differ += groups_of(index, list(range(17))) != groups_of(official, list(range(17)))
+    assert differ > 0
+    assert ToMe().params.order == "index"
+
+
+def test_one_round_is_the_same_in_both_orders():
+    """The order only matters between rounds: one round (keep >= half) merges the same pairs."""
+    x = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(9))
+    for budget in (8, 11, 15):
+        assert torch.equal(
+            ToMe().reduce(x, context(16, budget)).destination,
+            ToMe({"order": "official"}).reduce(x, context(16, budget)).destination,
+        )
+
+
+def test_contract_official_order():
+    check_reducer(ToMe, {"order": "official"})

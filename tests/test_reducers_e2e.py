@@ -159,4 +159,6 @@ def test_cli_lists_every_builtin_reducer_with_capabilities():
         "threshold": 0.5,
         "temperature": 0.03,
         "iterations": 5,
+        "budget": "stage",
+        "precision": "float32",
     }

@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from tokenprune.budget import budget_per_sample
 from tokenprune.errors import ReducerInputError, ReducerOutputError
 from tokenprune.layout import TokenLayout
 
@@ -150,6 +151,9 @@ class ReduceContext:
         text: ``(B, T, D)`` text-token features at the insertion point (only if ``needs_text``).
         text_valid: ``(B, T)`` bool mask of ``text``.
         stage_index: Index of the stage in its pipeline (for messages and per-stage seeding).
+        keep: The stage's ``keep`` as written in the pipeline, which ``budget`` came from (through
+            :meth:`TokenReducer.stage_budget`); ``None`` in contexts built by hand. For a reducer
+            whose own budget rule needs it again in ``reduce`` (G-Prune's ``budget: official``).
     """
 
     at: InsertionPoint
@@ -162,6 +166,7 @@ class ReduceContext:
     text: Tensor | None = None
     text_valid: Tensor | None = None
     stage_index: int = 0
+    keep: float | int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -335,6 +340,25 @@ class TokenReducer(ABC):
             that many if ``capabilities.deterministic_count``) and every protected token, or, if
             ``capabilities.merges``, a :class:`Merge` whose roots obey the same rule.
         """
+
+    def stage_budget(self, keep: float | int, valid: Tensor, protected: Tensor, layout: TokenLayout | None) -> Tensor:
+        """``(B,)`` long: how many tokens each sample of a stage with this reducer keeps (``ctx.budget``).
+
+        The default is :func:`tokenprune.budget.budget_per_sample`: ``keep`` of the valid tokens,
+        protected tokens counted in it. A reducer whose method defines its count differently
+        overrides it (FastV's ``rounding: nearest``, G-Prune's ``budget: official``, which keeps
+        every newline token on top of a ratio of each graph). The count still depends only on
+        ``keep``, the params and the token layout, so it is known before the model runs, and the
+        engine checks it (at least the protected tokens, at most the valid ones) before ``reduce``
+        sees it.
+
+        Args:
+            keep: The stage's ``keep``: a fraction in ``(0, 1]`` or a count ``>= 1``.
+            valid: ``(B, N)`` bool, the real tokens (as ``ctx.valid``).
+            protected: ``(B, N)`` bool, the tokens that must be kept (as ``ctx.protected``).
+            layout: The tokens' provenance (as ``ctx.layout``), or ``None``.
+        """
+        return budget_per_sample(keep, valid, protected)
 
     def bind(self, model: torch.nn.Module, at: InsertionPoint) -> None:
         """Check this instance against the model it is about to run in; the default accepts any.

@@ -54,6 +54,33 @@ def check_reduction(
     return selection
 
 
+def check_stage_budget(budget: object, valid: Tensor, protected: Tensor, *, who: str) -> Tensor:
+    """Validate what a reducer's :meth:`~tokenprune.TokenReducer.stage_budget` returned; returns it.
+
+    Args:
+        budget: The returned budget.
+        valid: ``(B, N)`` bool, the real tokens.
+        protected: ``(B, N)`` bool, the protected tokens.
+        who: Names the reducer in messages.
+
+    Raises:
+        ReducerOutputError: not a ``(B,)`` long tensor on the tokens' device, or a sample's budget
+            below its protected tokens or above its valid tokens.
+    """
+    fail = _failure(who, "budget from stage_budget()")
+    _check_tensor(budget, (int(valid.shape[0]),), valid.device, "budget", fail)
+    if not isinstance(budget, Tensor):  # _check_tensor raised already; narrows the type
+        raise fail("budget is not a tensor")
+    low, high = (protected & valid).sum(1), valid.sum(1)
+    if (at := _first((budget < low).unsqueeze(1))) is not None:
+        s = at[0]
+        raise fail(f"sample {s} gets {int(budget[s])} tokens, under its {int(low[s])} protected tokens")
+    if (at := _first((budget > high).unsqueeze(1))) is not None:
+        s = at[0]
+        raise fail(f"sample {s} gets {int(budget[s])} tokens, over its {int(high[s])} valid tokens")
+    return budget
+
+
 Fail = Callable[[str], ReducerOutputError]
 
 

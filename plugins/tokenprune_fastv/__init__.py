@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer
+from tokenprune.layout import TokenLayout
 from tokenprune.reducer import AttentionSource
 from tokenprune.validation import required_attention
 
@@ -31,6 +33,10 @@ class FastV(ScoringReducer):
       tokens after it);
     * ``text`` / ``visual``: the text tokens' or the visual tokens' rows.
 
+    ``rounding`` turns a fractional ``keep`` into a count: ``floor`` (default, tokenprune's rule for
+    every reducer) or ``nearest``, the official llava-hf code's ``round(n * (1 - R))`` (Python's
+    ``round``: halves go to the even count), through :meth:`stage_budget`.
+
     Cost: ``O(N log N)`` here; the probe adds ``O(H R L)`` at layer ``k - 1`` for ``R`` query rows.
     """
 
@@ -46,6 +52,22 @@ class FastV(ScoringReducer):
             ),
         )
 
+        rounding: Literal["floor", "nearest"] = Field(
+            default="floor",
+            description=(
+                "How a fractional keep becomes a count: 'floor' (tokenprune's rule) or 'nearest', the official "
+                "llava-hf code's round(n * (1 - R)), halves to even."
+            ),
+        )
+
+    def stage_budget(self, keep: float | int, valid: Tensor, protected: Tensor, layout: TokenLayout | None) -> Tensor:
+        """``rounding: floor``: the default rule. ``nearest``: :func:`nearest_count` of each sample's tokens,
+        at least its protected tokens; a count ``keep`` is the same under both."""
+        if self.params.rounding == "floor" or isinstance(keep, int):
+            return super().stage_budget(keep, valid, protected, layout)
+        wanted = [nearest_count(keep, int(n)) for n in valid.sum(1).tolist()]
+        return torch.maximum(torch.tensor(wanted, dtype=torch.long, device=valid.device), (protected & valid).sum(1))
+
     @classmethod
     def attention_sources_for(cls, params: ReducerParams) -> frozenset[AttentionSource]:
         """The one probe source a FastV stage reads (``params.source``)."""
@@ -55,6 +77,25 @@ class FastV(ScoringReducer):
         """``(B, N)`` head-averaged attention received from the ``source`` rows at layer ``k - 1``."""
         hint = "FastV runs at a layer stage through tokenprune.apply, which computes the attention of layer k - 1"
         return required_attention(ctx, self.params.source, self.name, hint)
+
+
+def nearest_count(keep: float, present: int) -> int:
+    """How many of ``present`` tokens the official llava-hf FastV keeps for the fraction ``keep``.
+
+    The official code is given the pruned fraction ``R`` and keeps ``round(n * (1 - R))`` (Python's
+    ``round``, halves to even: 2.5 -> 2, 3.5 -> 4). Here ``R = 1 - keep`` rounded to 12 decimals,
+    which recovers the ``R`` a user wrote (``keep: 0.9`` is ``R = 0.1``, not
+    ``0.09999999999999998``), so the count equals the official one, floating-point error included
+    (``15 * (1 - 0.9)`` is ``1.4999999999999998``: 1 token), for every ``R`` of up to 12
+    decimals. At least 1 token (the official code may keep 0), at most ``present``.
+
+    >>> nearest_count(0.5, 5), nearest_count(0.5, 7), nearest_count(0.1, 15), nearest_count(0.25, 576)
+    (2, 4, 1, 144)
+    """
+    if present <= 0:
+        return 0
+    pruned = round(1.0 - keep, 12)
+    return min(present, max(1, round(present * (1 - pruned))))
 
 
 @tokenprune.hookimpl

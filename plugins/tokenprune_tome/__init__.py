@@ -8,7 +8,10 @@ of a VLM. Packaged exactly as a third-party plugin: this module is the entry poi
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import Tensor
 
 import tokenprune
@@ -30,6 +33,10 @@ class ToMe(TokenReducer):
     3. the ``r = min(t - target, t // 2)`` A tokens with the best matches merge into their B
        matches (ties to the lower index); sizes and feature sums add up.
 
+    Between rounds, ``order: index`` (default) puts the remaining tokens back in index order;
+    ``order: official`` keeps the official ``merge.py`` output order, ``[unmerged A, B]`` with the
+    unmerged A tokens by decreasing match score, so the next round alternates over that order.
+
     Rounds repeat until ``target = budget - protected`` tokens remain, so the count is exact. The
     result is a :class:`Merge` whose destinations are always roots (rounds are composed); the engine
     replaces each group by its size-weighted mean and carries the summed sizes to later stages.
@@ -43,7 +50,15 @@ class ToMe(TokenReducer):
 
     name = "tome"
     capabilities = Capabilities(insertion_points=frozenset({"post_projector", "layer"}), merges=True)
-    Params = ReducerParams
+
+    class Params(ReducerParams):
+        order: Literal["index", "official"] = Field(
+            default="index",
+            description=(
+                "Token order between rounds: 'index' (sequence order) or 'official', the official merge.py "
+                "output [unmerged A by decreasing match score, B], over which the next round alternates."
+            ),
+        )
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
         """Merge per sample; see the class docstring. ``tokens`` is ``(B, N, D)``."""
@@ -60,7 +75,9 @@ class ToMe(TokenReducer):
             if target <= 0:
                 destination[s, mergeable] = -1
                 continue
-            destination[s, :count] = bipartite_merge(x[s, :count], ctx.sizes[s, :count], mergeable, target)
+            destination[s, :count] = bipartite_merge(
+                x[s, :count], ctx.sizes[s, :count], mergeable, target, official_order=self.params.order == "official"
+            )
         return Merge(destination=destination)
 
     def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
@@ -79,7 +96,9 @@ class ToMe(TokenReducer):
         return total
 
 
-def bipartite_merge(x: Tensor, sizes: Tensor, mergeable: Tensor, target: int) -> Tensor:
+def bipartite_merge(
+    x: Tensor, sizes: Tensor, mergeable: Tensor, target: int, *, official_order: bool = False
+) -> Tensor:
     """Destinations after rounds of bipartite soft matching among ``mergeable`` tokens.
 
     Args:
@@ -87,6 +106,9 @@ def bipartite_merge(x: Tensor, sizes: Tensor, mergeable: Tensor, target: int) ->
         sizes: ``(n,)`` initial sizes (weights of the means).
         mergeable: ``(m,)`` increasing indices of the tokens that may merge.
         target: How many of them must remain, ``1 <= target <= m``.
+        official_order: After each round, order the remaining tokens as the official ``merge.py``
+            outputs them (unmerged A tokens by decreasing score, then B) instead of by index; A and
+            B of the next round alternate over that order, and ties go to the earlier position.
 
     Returns:
         ``(n,)`` long: each token's root (roots and non-mergeable tokens map to themselves).
@@ -103,13 +125,17 @@ def bipartite_merge(x: Tensor, sizes: Tensor, mergeable: Tensor, target: int) ->
         metric = torch.nn.functional.normalize(means / means.abs().amax(-1, keepdim=True).clamp(min=1e-30), dim=-1)
         a, b = alive[0::2], alive[1::2]
         best, match = (metric[0::2] @ metric[1::2].T).max(dim=-1)
-        order = torch.argsort(best, descending=True, stable=True)[:r]
+        ranked = torch.argsort(best, descending=True, stable=True)
+        order = ranked[:r]
         src, dst = a[order], b[match[order]]
         sums.index_add_(0, dst, sums[src])
         mass.index_add_(0, dst, mass[src])
         remap = torch.arange(n, device=x.device)
         remap[src] = dst
         destination = remap[destination]
+        if official_order:
+            alive = torch.cat([a[ranked[r:]], b])
+            continue
         survives = torch.ones(t, dtype=torch.bool, device=x.device)
         survives[2 * order] = False
         alive = alive[survives]

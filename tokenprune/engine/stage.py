@@ -9,13 +9,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from tokenprune.budget import budget_per_sample
 from tokenprune.engine import positions as P
 from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
 from tokenprune.engine.stats import StageStats
 from tokenprune.pipeline import Stage
 from tokenprune.reducer import Merge, ReduceContext, Selection, TokenReducer
-from tokenprune.validation import check_reduction
+from tokenprune.validation import check_reduction, check_stage_budget
 
 
 @dataclass
@@ -153,9 +152,10 @@ def _context(
         text_idx = Selection.from_mask(seq.valid & ~seq.visual).indices
         text_valid = text_idx >= 0
         text = hidden.gather(1, text_idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim))
+    budget = plan.reducer.stage_budget(plan.stage.keep, valid, protected, layout)
     ctx = ReduceContext(
         at=plan.stage.point,
-        budget=budget_per_sample(plan.stage.keep, valid, protected),
+        budget=check_stage_budget(budget, valid, protected, who=plan.who),
         valid=valid,
         protected=protected,
         sizes=seq.sizes.gather(1, safe).masked_fill(~valid, 1.0),
@@ -164,6 +164,7 @@ def _context(
         text=text,
         text_valid=text_valid,
         stage_index=plan.index,
+        keep=plan.stage.keep,
     )
     return tokens, ctx, vis_idx
 

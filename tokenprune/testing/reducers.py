@@ -34,7 +34,7 @@ from torch import Tensor
 from tokenprune.budget import budget_per_sample
 from tokenprune.layout import TokenLayout
 from tokenprune.reducer import InsertionPoint, Merge, ReduceContext, Selection, TokenReducer
-from tokenprune.validation import check_reduction
+from tokenprune.validation import check_reduction, check_stage_budget
 
 DEFAULT_GRIDS: tuple[tuple[int, int], ...] = ((3, 4), (2, 3), (4, 4))
 """Feature grids (rows, cols) of the synthetic samples; with newlines: 15, 8 and 20 tokens."""
@@ -57,12 +57,14 @@ def make_reduce_inputs(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    reducer: TokenReducer | None = None,
 ) -> tuple[Tensor, ReduceContext]:
     """A synthetic padded batch of visual tokens and its :class:`ReduceContext`.
 
     Sample ``b`` is a ``grids[b]`` feature grid in raster order, each row followed by a newline
     token when ``newlines``. Features are seeded Gaussian noise; attention maps are softmaxes of
-    seeded logits over each sample's valid tokens.
+    seeded logits over each sample's valid tokens. The budget is ``reducer.stage_budget`` of
+    ``keep`` when a ``reducer`` is given (as the engine computes it), else the default rule.
 
     Returns:
         ``(tokens, ctx)``: ``(B, N, D)`` tokens (zero at padding) and the context.
@@ -88,16 +90,23 @@ def make_reduce_inputs(
         logits = torch.randn(b, n, generator=gen).masked_fill(~valid, float("-inf"))
         attention[source] = logits.softmax(-1)
     text = torch.randn(b, text_tokens, dim, generator=gen) if text_tokens else None
+    layout = TokenLayout(**fields, newline=newline)
+    budget = budget_per_sample(keep, valid, protected)
+    if reducer is not None:
+        budget = check_stage_budget(
+            reducer.stage_budget(keep, valid, protected, layout), valid, protected, who=f"reducer {reducer.name!r}"
+        )
     ctx = ReduceContext(
         at=at,
-        budget=budget_per_sample(keep, valid, protected),
+        budget=budget,
         valid=valid,
         protected=protected,
         sizes=valid.float(),
-        layout=TokenLayout(**fields, newline=newline),
+        layout=layout,
         attention=attention,
         text=text,
         text_valid=torch.ones(b, text_tokens, dtype=torch.bool) if text_tokens else None,
+        keep=keep,
     )
     return tokens.to(device=device, dtype=dtype), _context_to(ctx, device)
 
@@ -284,7 +293,7 @@ def check_nan_input(reducer: TokenReducer, **kwargs: Any) -> None:
 def _inputs_for(reducer: TokenReducer, **kwargs: Any) -> tuple[Tensor, ReduceContext]:
     kwargs.setdefault("attention_sources", tuple(reducer.attention_sources()))
     kwargs.setdefault("text_tokens", 5 if reducer.capabilities.needs_text else 0)
-    return make_reduce_inputs(**kwargs)
+    return make_reduce_inputs(reducer=reducer, **kwargs)
 
 
 def _validate(reducer: TokenReducer, result: object, tokens: Tensor, ctx: ReduceContext) -> Selection:
@@ -324,6 +333,7 @@ def _slice(tokens: Tensor, ctx: ReduceContext, i: int) -> tuple[Tensor, ReduceCo
         text=None if ctx.text is None else ctx.text[i : i + 1],
         text_valid=None if ctx.text_valid is None else ctx.text_valid[i : i + 1],
         stage_index=ctx.stage_index,
+        keep=ctx.keep,
     )
     return cut(tokens), alone
 
@@ -341,4 +351,5 @@ def _context_to(ctx: ReduceContext, device: torch.device | str) -> ReduceContext
         text=move(ctx.text),
         text_valid=move(ctx.text_valid),
         stage_index=ctx.stage_index,
+        keep=ctx.keep,
     )
