@@ -3,8 +3,8 @@
 The unpruned path is the stock one: ``processor(images, text)`` then ``generate(max_new_tokens=1)``:
 the arg-max over the whole vocabulary at the last prompt position. The random-keep path is a
 self-check of the benchmark (does losing visual tokens hurt the fine-grained types?): the same
-calls inside :func:`tokenprune.apply` with the ``random`` reducer after the projector, exactly the
-``random-…%`` pipelines of ``tokenprune compare``.
+calls inside :func:`tokenprune.apply` with the ``random`` reducer after the projector
+(:func:`random_pipeline`).
 """
 
 from __future__ import annotations
@@ -85,7 +85,13 @@ def predict(
 
 
 def random_pipeline(keep_fraction: float, seed: int) -> tp.Pipeline:
-    """The self-check's pruning: the ``random`` reducer after the projector, as ``tokenprune compare`` runs it.
+    """The self-check's pruning: the ``random`` reducer after the projector, over every visual token.
+
+    Newline tokens are not protected (``protect_newlines: false``: the share is of every token, newlines
+    drawn like the others) and the kept tokens get compact positions, so the self-check measures
+    what losing visual tokens costs with nothing held back. ``tokenprune compare``'s ``random-…%``
+    pipelines keep the defaults instead (newlines protected inside the budget, original positions),
+    which leaves fewer grid tokens at the same share.
 
     Raises:
         TokenpruneError: ``keep_fraction`` is not in ``(0, 1]``, or no ``random`` reducer is installed.
@@ -93,7 +99,8 @@ def random_pipeline(keep_fraction: float, seed: int) -> tp.Pipeline:
     if not 0 < keep_fraction <= 1:
         raise TokenpruneError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     stage = {"at": "post_projector", "reducer": "random", "keep": keep_fraction, "params": {"seed": seed}}
-    return tp.load_pipeline({"name": f"random-{keep_fraction:g}", "stages": [stage]})
+    definition = {"name": f"random-{keep_fraction:g}", "protect_newlines": False, "positions": "compact"}
+    return tp.load_pipeline({**definition, "stages": [stage]})
 
 
 def _answer(model: torch.nn.Module, processor: Any, batch: list[Sample]) -> list[str]:
