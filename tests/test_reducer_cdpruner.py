@@ -94,15 +94,34 @@ def test_views_are_separate_dpps_with_one_relevance_scale():
     x = torch.randn(1, 12, 8, generator=gen)
     text = torch.randn(1, 3, 8, generator=gen)
     ctx = context(12, 7, text, protected=layout.newline.clone(), layout=layout)
-    kept = CDPruner().reduce(x, ctx).tolist()[0]
+    kept = CDPruner({"split": "view"}).reduce(x, ctx).tolist()[0]
     grid = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10]
     r = dict(zip(grid, reference_relevance(x[0, grid].tolist(), text[0].tolist()), strict=True))
     base, hires = grid[:4], grid[4:]
     expected = [base[p] for p in reference_greedy(x[0, base].tolist(), [r[i] for i in base], 2)]
     expected += [hires[p] for p in reference_greedy(x[0, hires].tolist(), [r[i] for i in hires], 3)]
     assert kept == sorted([*expected, 7, 11])
-    whole = CDPruner({"per_view": False}).reduce(x, ctx).tolist()[0]
+    whole = CDPruner({"split": "sample"}).reduce(x, ctx).tolist()[0]
     assert whole == sorted([grid[p] for p in reference_greedy(x[0, grid].tolist(), list(r.values()), 5)] + [7, 11])
+
+
+def test_the_default_selects_per_crop_of_the_base_view_size():
+    """The official per-crop selection: base view 2x2, a 4x4 grid cut into four 2x2 crops; 10 free tokens
+    split 2 + 2 + 2 + 2 + 2, each crop its own DPP, one relevance scale over the sample."""
+    layout = TokenLayout.cat([TokenLayout.grid(2, 2), TokenLayout.grid(4, 4, view=1)])
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 20, 8, generator=gen)
+    text = torch.randn(1, 3, 8, generator=gen)
+    kept = CDPruner().reduce(x, context(20, 10, text, layout=layout)).tolist()[0]
+    r = reference_relevance(x[0].tolist(), text[0].tolist())
+    crops = [[0, 1, 2, 3]] + [
+        [4 + 4 * row + col for row in rows for col in cols] for rows in ((0, 1), (2, 3)) for cols in ((0, 1), (2, 3))
+    ]
+    expected = []
+    for crop in crops:
+        expected += [crop[p] for p in reference_greedy(x[0, crop].tolist(), [r[i] for i in crop], 2)]
+    assert kept == sorted(expected)
+    assert CDPruner({"split": "view"}).reduce(x, context(20, 10, text, layout=layout)).tolist()[0] != kept
 
 
 def test_a_padded_batch_matches_each_sample_alone():
@@ -156,20 +175,20 @@ def test_non_finite_features_are_rejected(bad):
 
 
 def test_defaults():
-    assert CDPruner().params.model_dump() == {"per_view": True}
+    assert CDPruner().params.model_dump() == {"split": "tile"}
     assert CDPruner.capabilities.needs_text
 
 
-@pytest.mark.parametrize("params", [{}, {"per_view": False}])
+@pytest.mark.parametrize("params", [{}, {"split": "view"}, {"split": "sample"}])
 def test_contract(params):
     check_reducer(CDPruner, params)
 
 
 def test_validates_in_yaml():
     pipe = load_pipeline(
-        "stages:\n  - at: post_projector\n    reducer: cdpruner\n    keep: 64\n    params: {per_view: false}\n"
+        "stages:\n  - at: post_projector\n    reducer: cdpruner\n    keep: 64\n    params: {split: sample}\n"
     )
-    assert pipe.stages[0].params == {"per_view": False}
+    assert pipe.stages[0].params == {"split": "sample"}
     with pytest.raises(ValueError, match="per_veiw"):
         load_pipeline(
             "stages:\n  - at: post_projector\n    reducer: cdpruner\n    keep: 64\n    params: {per_veiw: false}\n"

@@ -30,7 +30,7 @@ PIPELINES = {
     "downsample": pipe(("post_projector", "downsample", 0.25)),
     "downsample_then_fastv": pipe(("post_projector", "downsample", 0.5), ({"layer": 2}, "fastv", 0.5)),
     "divprune": pipe(("post_projector", "divprune", 0.5), ({"layer": 2}, "divprune", 0.5)),
-    "cdpruner": pipe(("post_projector", "cdpruner", 0.4), ({"layer": 2}, "cdpruner", 0.5, {"per_view": False})),
+    "cdpruner": pipe(("post_projector", "cdpruner", 0.4), ({"layer": 2}, "cdpruner", 0.5, {"split": "sample"})),
 }
 
 

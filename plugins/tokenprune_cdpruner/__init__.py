@@ -9,6 +9,7 @@ group, and registers its reducer through the hook.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -46,10 +47,12 @@ class CDPruner(TokenReducer):
     3. fast greedy MAP (Chen et al. 2018, incremental Cholesky): repeatedly pick the token with the
        largest remaining gain ``d_j²``, for exactly the quota (no early stop). Ties to the lower index.
 
-    With ``per_view`` (default), each ``(image, view)`` of the layout is its own DPP (the official code
-    selects per crop), and the free budget (``budget`` minus protected tokens) is split over the views in
-    proportion to their sizes; otherwise a sample is one DPP. Row-end newline tokens never enter a DPP
-    (the official code keeps them all); unprotected ones only fill a budget larger than the grid tokens.
+    With ``split: tile`` (default), each crop is its own DPP, as in the official code: the base view,
+    and each base-view-sized tile of the high-resolution grid (LLaVA-NeXT's anyres crops, cut from
+    the unpadded grid); ``view``: one DPP per ``(image, view)``; ``sample``: one per sample. The free
+    budget (``budget`` minus protected tokens) is split over the DPPs in proportion to their sizes.
+    Row-end newline tokens never enter a DPP (the official code keeps them all); unprotected ones
+    only fill a budget larger than the grid tokens.
 
     The picks are sequential, each a few operations vectorised over the tokens and over all DPPs of
     the batch. Cost per DPP of ``n`` tokens and ``K`` picks: ``O(n² D)`` for ``S``, ``O(K² n)`` for the
@@ -60,10 +63,11 @@ class CDPruner(TokenReducer):
     capabilities = Capabilities(insertion_points=frozenset({"post_projector", "layer"}), needs_text=True)
 
     class Params(ReducerParams):
-        per_view: bool = Field(
-            default=True,
-            description="One DPP per (image, view) of the layout, the budget split by view size (the official "
-            "per-crop selection); False: one DPP per sample.",
+        split: Literal["tile", "view", "sample"] = Field(
+            default="tile",
+            description="One DPP per crop ('tile': the base view and each base-view-sized tile of a "
+            "high-resolution grid, the official per-crop selection), per (image, view) ('view'), or per "
+            "sample ('sample'); the budget is split by size.",
         )
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
@@ -108,8 +112,10 @@ class CDPruner(TokenReducer):
     def _plan(self, ctx: ReduceContext, b: int) -> tuple[Tensor, list[Group]]:
         """Sample ``b``'s always-kept tokens and its DPPs (with their quotas, possibly 0)."""
         always, groups, free = plan_spatial_groups(ctx, b)
-        if not self.params.per_view and len(groups) > 1:
+        if self.params.split == "sample" and len(groups) > 1:
             groups = [torch.cat(groups).sort().values]
+        elif self.params.split == "tile" and ctx.layout is not None:
+            groups = [tile for members in groups for tile in crop_tiles(members, ctx, b)]
         quotas = split_budget(free, [int(m.numel()) for m in groups])
         return always, [Group(b, m, q) for m, q in zip(groups, quotas, strict=True)]
 
@@ -132,6 +138,29 @@ class CDPruner(TokenReducer):
         b, t, d = text.shape
         unit = unit_rows(text.reshape(b * t, d)).reshape(b, t, d) * text_valid.unsqueeze(-1)
         return unit.sum(1) / text_valid.sum(1, keepdim=True).clamp(min=1)
+
+
+def crop_tiles(members: Tensor, ctx: ReduceContext, b: int) -> list[Tensor]:
+    """``members`` (one ``(image, view)`` group of sample ``b``) cut into crops of the base view's size.
+
+    The base view (view 0), and any image without one (Qwen2-VL), is one crop. A high-resolution
+    grid is cut at multiples of its image's base-view grid (e.g. 24x24 tokens for LLaVA-NeXT at 336
+    px): the anyres crops the official code selects from, here located on the unpadded grid, so an
+    edge crop may be partly cut away by the unpadding.
+    """
+    layout = ctx.layout
+    if layout is None or int(layout.view[b, members[0]]) == 0:
+        return [members]
+    n = int(ctx.valid[b].sum())
+    image = layout.image[b, :n]
+    base = (image == layout.image[b, members[0]]) & (layout.view[b, :n] == 0) & ~layout.newline[b, :n]
+    if not bool(base.any()):
+        return [members]
+    tile_rows = int(layout.row[b, :n][base].max()) + 1
+    tile_cols = int(layout.col[b, :n][base].max()) + 1
+    row, col = layout.row[b, members] // tile_rows, layout.col[b, members] // tile_cols
+    _, inverse = torch.unique(row * (int(col.max()) + 1) + col, return_inverse=True)
+    return [members[inverse == t] for t in range(int(inverse.max()) + 1)]
 
 
 def scaled_relevance(x: Tensor, text: Tensor) -> Tensor:
