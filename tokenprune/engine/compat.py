@@ -166,6 +166,51 @@ def attention_module(layer: nn.Module) -> nn.Module | None:
     return attn if isinstance(attn, nn.Module) else None
 
 
+def input_norm(layer: nn.Module) -> nn.Module:
+    """The norm a decoder layer applies to its input before attention (``input_layernorm``).
+
+    Raises:
+        TokenpruneError: the layer has none (a family this engine does not know).
+    """
+    norm = getattr(layer, "input_layernorm", None)
+    if not isinstance(norm, nn.Module):
+        raise TokenpruneError(
+            f"{type(layer).__name__} has no input_layernorm; a stage that reads a layer's own attention cannot run "
+            "on this model family"
+        )
+    return norm
+
+
+def final_norm(language_model: nn.Module) -> nn.Module:
+    """The language model's final norm, applied after the last decoder layer (``norm``).
+
+    Raises:
+        TokenpruneError: the language model has none.
+    """
+    norm = getattr(language_model, "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise TokenpruneError(
+            f"{type(language_model).__name__} has no final norm ('norm'); a stage that reads it cannot run on this "
+            "model family"
+        )
+    return norm
+
+
+def layer_attention_type(layer: nn.Module) -> str | None:
+    """A decoder layer's attention type (``full_attention``, ``sliding_attention``), where the family has one."""
+    value = getattr(layer, "attention_type", None)
+    return value if isinstance(value, str) else None
+
+
+def dry_attention_kwargs(layer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a decoder layer passes to its attention module (every keyword argument but its input), without the
+    cache: a dry call must neither read nor write it."""
+    drop = {"hidden_states", "cache", "past_key_values", "past_key_value"}
+    kw = {k: v for k, v in layer_kwargs.items() if k not in drop}
+    kw["use_cache"] = False
+    return kw
+
+
 def rotary_embedding_names(module: nn.Module) -> list[str]:
     """Paths of the rotary-embedding modules under ``module`` (those with an ``inv_freq`` buffer).
 
