@@ -13,11 +13,12 @@ Verified on transformers 5.18.0 to 5.24.0 (the declared range, :data:`SUPPORTED`
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -209,6 +210,39 @@ def dry_attention_kwargs(layer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     kw = {k: v for k, v in layer_kwargs.items() if k not in drop}
     kw["use_cache"] = False
     return kw
+
+
+class _RowsOnly(nn.Module):
+    """Stands in for a projection during a dry call: computes only the last ``rows`` rows (the others are 0);
+    ``rows = 0``: none (a value projection whose output is never used)."""
+
+    def __init__(self, proj: nn.Module, rows: int, width: int) -> None:
+        super().__init__()
+        self.proj, self.rows, self.width = proj, rows, width
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rows == 0:
+            return x.new_zeros(()).expand(*x.shape[:-1], self.width)
+        out = x.new_zeros(*x.shape[:-1], self.width)
+        out[..., -self.rows :, :] = self.proj(x[..., -self.rows :, :])
+        return out
+
+
+@contextlib.contextmanager
+def lean_projections(attn: nn.Module, query_rows: int | None) -> Iterator[None]:
+    """During a dry call of ``attn``: skip its value projection, and compute its query projection only for the
+    last ``query_rows`` rows (``None``: all). Families without separate ``q_proj``/``v_proj`` run unchanged."""
+    q, v = getattr(attn, "q_proj", None), getattr(attn, "v_proj", None)
+    if not isinstance(q, nn.Linear) or not isinstance(v, nn.Linear):
+        yield
+        return
+    attn.v_proj = _RowsOnly(v, 0, v.out_features)
+    if query_rows is not None:
+        attn.q_proj = _RowsOnly(q, query_rows, q.out_features)
+    try:
+        yield
+    finally:
+        attn.q_proj, attn.v_proj = q, v
 
 
 def rotary_embedding_names(module: nn.Module) -> list[str]:

@@ -77,7 +77,9 @@ def own_attention(k: int, hidden: Tensor, seq: TokenSequence, probe: AttentionPr
     Calls layer ``k``'s input norm and attention module (the model's own code: q/k projections, q/k
     norms, RoPE, grouped heads) with what layer ``k`` would receive for ``seq``: layer ``k - 1``'s
     language-model arguments, sliced to ``seq`` as :func:`pruned_layer_kwargs` slices them, without
-    the cache. The probe takes ``q`` and ``k`` at the attention function and stops the call.
+    the cache. The probe takes ``q`` and ``k`` at the attention function and stops the call. The
+    value projection is skipped, and the query projection computed for the last row only when that
+    is the only row read (:func:`compat.lean_projections`).
 
     Returns:
         ``{source: (B, L) float32}`` for the probe's sources at layer ``k``.
@@ -93,7 +95,9 @@ def own_attention(k: int, hidden: Tensor, seq: TokenSequence, probe: AttentionPr
     kw = compat.dry_attention_kwargs(kw)
     normed = compat.input_norm(dry.layer)(hidden)
     rows = ProbeRows(visual=seq.visual, valid=seq.valid)
-    return probe.dry_run(k, lambda: attn(hidden_states=normed, **kw), rows)
+    query_rows = 1 if probe.own.get(k, frozenset()) == {"last"} else None
+    with compat.lean_projections(attn, query_rows):
+        return probe.dry_run(k, lambda: attn(hidden_states=normed, **kw), rows)
 
 
 def stage_signals(
