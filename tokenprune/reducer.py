@@ -26,7 +26,7 @@ Papers implemented as built-in plugins: FastV (https://arxiv.org/abs/2403.06764)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -45,6 +45,11 @@ decoder layers."""
 AttentionSource = Literal["last", "text", "visual", "all"]
 """Which query rows of the attention probe are averaged: the last token's row (FastV's official
 code), the text tokens', the visual tokens', or every token's (FastV's paper)."""
+
+ContextSignal = Literal["keys", "final_norm"]
+"""Extra inputs a layer stage at ``{layer: k}`` may ask for (:attr:`Capabilities.signals`): ``keys``,
+the keys of decoder layer ``k - 1`` (after RoPE and k-norms, one row per token, heads concatenated);
+``final_norm``, the language model's final norm as a callable."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,12 @@ class Capabilities:
             computes them under the model's sdpa attention, only at the layers that need them.
             A reducer whose needs depend on its params overrides
             :meth:`TokenReducer.attention_sources_for`.
+        own_attention: Attention sources the reducer reads from the stage's *own* layer ``k`` (empty:
+            none): the attention that layer ``k`` would compute on the hidden states entering it,
+            before it runs (its input norm, q/k projections, q/k norms, RoPE and grouped heads), as
+            PyramidDrop ranks. Params-dependent needs override
+            :meth:`TokenReducer.own_attention_sources_for`. Layer stages only.
+        signals: Extra layer-stage inputs the reducer reads (:data:`ContextSignal`); layer stages only.
         needs_text: Reads the text tokens at the insertion point (``ctx.text``).
         trainable: Carries learned weights (ATP).
         deterministic_count: Keeps exactly the stage's budget for every input, so the token count
@@ -94,6 +105,8 @@ class Capabilities:
 
     insertion_points: frozenset[InsertionKind] = frozenset({"post_projector", "layer"})
     attention: frozenset[AttentionSource] = frozenset()
+    own_attention: frozenset[AttentionSource] = frozenset()
+    signals: frozenset[ContextSignal] = frozenset()
     needs_text: bool = False
     trainable: bool = False
     deterministic_count: bool = True
@@ -110,6 +123,8 @@ class Capabilities:
             "insertion_points": sorted(self.insertion_points),
             "needs_attention": self.needs_attention,
             "attention": sorted(self.attention),
+            "own_attention": sorted(self.own_attention),
+            "signals": sorted(self.signals),
             "needs_text": self.needs_text,
             "trainable": self.trainable,
             "deterministic_count": self.deterministic_count,
@@ -154,6 +169,18 @@ class ReduceContext:
         keep: The stage's ``keep`` as written in the pipeline, which ``budget`` came from (through
             :meth:`TokenReducer.stage_budget`); ``None`` in contexts built by hand. For a reducer
             whose own budget rule needs it again in ``reduce`` (G-Prune's ``budget: official``).
+        own_attention: Source name to ``(B, N)`` float: like ``attention``, but computed with the
+            stage's own layer ``k`` on the hidden states entering it (the sources of
+            :meth:`TokenReducer.own_attention_sources`); empty otherwise.
+        keys: ``(B, N, Dk)`` keys of layer ``k - 1`` for the visual tokens (after RoPE and any
+            k-norm, the key heads concatenated: ``Dk = num_key_value_heads * head_dim``); only if
+            ``"keys"`` is in ``capabilities.signals``.
+        text_keys: ``(B, T, Dk)`` the same for the text tokens (``"keys"`` and ``needs_text``).
+        final_norm: The language model's final norm (``(..., D) -> (..., D)``), only if
+            ``"final_norm"`` is in ``capabilities.signals``.
+        columns: ``(B, N)`` long, each visual token's column in the sequence at the insertion point
+            (``-1`` at padding): the order of visual and text tokens. Filled by the engine.
+        text_columns: ``(B, T)`` long, the same for ``text`` (only if ``needs_text``).
     """
 
     at: InsertionPoint
@@ -167,6 +194,12 @@ class ReduceContext:
     text_valid: Tensor | None = None
     stage_index: int = 0
     keep: float | int | None = None
+    own_attention: Mapping[str, Tensor] = field(default_factory=dict)
+    keys: Tensor | None = None
+    text_keys: Tensor | None = None
+    final_norm: Callable[[Tensor], Tensor] | None = None
+    columns: Tensor | None = None
+    text_columns: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -389,6 +422,15 @@ class TokenReducer(ABC):
     def attention_sources(self) -> frozenset[AttentionSource]:
         """Attention-probe sources this instance reads: :meth:`attention_sources_for` of its params."""
         return type(self).attention_sources_for(self.params)
+
+    @classmethod
+    def own_attention_sources_for(cls, params: ReducerParams) -> frozenset[AttentionSource]:
+        """Own-layer attention sources a reducer with ``params`` reads; defaults to ``capabilities.own_attention``."""
+        return cls.capabilities.own_attention
+
+    def own_attention_sources(self) -> frozenset[AttentionSource]:
+        """Own-layer attention sources this instance reads: :meth:`own_attention_sources_for` of its params."""
+        return type(self).own_attention_sources_for(self.params)
 
     def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
         """Multiply-accumulates that :meth:`reduce` spends on these inputs (the whole batch).

@@ -1,1 +1,64 @@
-"""The ``pdrop`` reducer (being written; registers nothing yet)."""
+"""The ``pdrop`` reducer: one stage of PyramidDrop, ranked by the stage's own layer's attention.
+
+PyramidDrop (Xing et al., CVPR 2025, https://arxiv.org/abs/2410.17247; official code
+https://github.com/Cooperx521/PyramidDrop). The paper's schedule is a pipeline of several ``pdrop``
+stages (e.g. layers 8, 16 and 24, each keeping half of what reaches it). Packaged exactly as a
+third-party plugin: this module is the entry point ``pdrop`` of the ``tokenprune`` group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor
+
+import tokenprune
+from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer
+from tokenprune.reducer import AttentionSource
+from tokenprune.validation import required_attention
+
+
+class PyramidDrop(ScoringReducer):
+    """Keep the visual tokens that the last instruction token attends to most, at the stage's own layer.
+
+    Runs at ``{layer: k}`` only. Before layer ``k`` runs, the engine computes the attention that
+    layer ``k`` itself would compute on the hidden states entering it (its input norm, q/k
+    projections, RoPE, grouped heads; under sdpa), for the query rows of ``source``, averaged over
+    heads; the stage keeps the top of it. This is the official ``pdrop_rank_drop`` ranking, which
+    differs from FastV's (layer ``k - 1``'s attention).
+
+    Cost: ``O(N log N)`` here; the engine adds layer ``k``'s q/k/v projections on the ``L`` tokens
+    entering it and ``O(H R L)`` scores for ``R`` query rows.
+    """
+
+    name = "pdrop"
+    capabilities = Capabilities(insertion_points=frozenset({"layer"}), own_attention=frozenset({"last"}))
+
+    class Params(ReducerParams):
+        source: Literal["last", "all", "text", "visual"] = Field(
+            default="last",
+            description=(
+                "Whose attention at the stage's own layer ranks the tokens: 'last' = the last instruction token "
+                "(official inference code), 'all', 'text' or 'visual' = those tokens' rows; averaged over heads."
+            ),
+        )
+
+    @classmethod
+    def own_attention_sources_for(cls, params: ReducerParams) -> frozenset[AttentionSource]:
+        """The one own-layer source a PyramidDrop stage reads (``params.source``)."""
+        return frozenset({params.source})  # type: ignore[attr-defined]
+
+    def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
+        """``(B, N)`` head-averaged attention received from the ``source`` rows at the stage's own layer."""
+        hint = (
+            "PyramidDrop runs at a layer stage through tokenprune.apply, which computes the stage's own layer's "
+            "attention (ctx.own_attention)"
+        )
+        return required_attention(replace(ctx, attention=ctx.own_attention), self.params.source, self.name, hint)
+
+
+@tokenprune.hookimpl
+def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
+    registry.add(PyramidDrop)

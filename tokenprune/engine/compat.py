@@ -13,11 +13,12 @@ Verified on transformers 5.18.0 to 5.24.0 (the declared range, :data:`SUPPORTED`
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -164,6 +165,84 @@ def attention_module(layer: nn.Module) -> nn.Module | None:
     """The attention module of a decoder layer (``self_attn`` in every supported family)."""
     attn = getattr(layer, "self_attn", None)
     return attn if isinstance(attn, nn.Module) else None
+
+
+def input_norm(layer: nn.Module) -> nn.Module:
+    """The norm a decoder layer applies to its input before attention (``input_layernorm``).
+
+    Raises:
+        TokenpruneError: the layer has none (a family this engine does not know).
+    """
+    norm = getattr(layer, "input_layernorm", None)
+    if not isinstance(norm, nn.Module):
+        raise TokenpruneError(
+            f"{type(layer).__name__} has no input_layernorm; a stage that reads a layer's own attention cannot run "
+            "on this model family"
+        )
+    return norm
+
+
+def final_norm(language_model: nn.Module) -> nn.Module:
+    """The language model's final norm, applied after the last decoder layer (``norm``).
+
+    Raises:
+        TokenpruneError: the language model has none.
+    """
+    norm = getattr(language_model, "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise TokenpruneError(
+            f"{type(language_model).__name__} has no final norm ('norm'); a stage that reads it cannot run on this "
+            "model family"
+        )
+    return norm
+
+
+def layer_attention_type(layer: nn.Module) -> str | None:
+    """A decoder layer's attention type (``full_attention``, ``sliding_attention``), where the family has one."""
+    value = getattr(layer, "attention_type", None)
+    return value if isinstance(value, str) else None
+
+
+def dry_attention_kwargs(layer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a decoder layer passes to its attention module (every keyword argument but its input), without the
+    cache: a dry call must neither read nor write it."""
+    drop = {"hidden_states", "cache", "past_key_values", "past_key_value"}
+    kw = {k: v for k, v in layer_kwargs.items() if k not in drop}
+    kw["use_cache"] = False
+    return kw
+
+
+class _RowsOnly(nn.Module):
+    """Stands in for a projection during a dry call: computes only the last ``rows`` rows (the others are 0);
+    ``rows = 0``: none (a value projection whose output is never used)."""
+
+    def __init__(self, proj: nn.Module, rows: int, width: int) -> None:
+        super().__init__()
+        self.proj, self.rows, self.width = proj, rows, width
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rows == 0:
+            return x.new_zeros(()).expand(*x.shape[:-1], self.width)
+        out = x.new_zeros(*x.shape[:-1], self.width)
+        out[..., -self.rows :, :] = self.proj(x[..., -self.rows :, :])
+        return out
+
+
+@contextlib.contextmanager
+def lean_projections(attn: nn.Module, query_rows: int | None) -> Iterator[None]:
+    """During a dry call of ``attn``: skip its value projection, and compute its query projection only for the
+    last ``query_rows`` rows (``None``: all). Families without separate ``q_proj``/``v_proj`` run unchanged."""
+    q, v = getattr(attn, "q_proj", None), getattr(attn, "v_proj", None)
+    if not isinstance(q, nn.Linear) or not isinstance(v, nn.Linear):
+        yield
+        return
+    attn.v_proj = _RowsOnly(v, 0, v.out_features)
+    if query_rows is not None:
+        attn.q_proj = _RowsOnly(q, query_rows, q.out_features)
+    try:
+        yield
+    finally:
+        attn.q_proj, attn.v_proj = q, v
 
 
 def rotary_embedding_names(module: nn.Module) -> list[str]:

@@ -24,13 +24,24 @@ from tokenprune.engine.guards import (
     check_attention_implementation,
     check_every_stage_ran,
     check_layers_exist,
+    check_own_attention_layers,
     refuse_embeds_without_ids,
 )
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.masks import pruned_input_mask
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence
-from tokenprune.engine.stage import StageOutcome, StagePlan, plans_by_layer, probed_layers, run_stage
+from tokenprune.engine.signals import DryCall, follow_columns, probed_attention, stage_signals
+from tokenprune.engine.stage import (
+    StageOutcome,
+    StagePlan,
+    StageSignals,
+    key_layers,
+    own_attention_layers,
+    plans_by_layer,
+    probed_layers,
+    run_stage,
+)
 from tokenprune.engine.state import PrefillState, record_layer_tokens
 from tokenprune.engine.stats import ForwardStats, RunStats
 from tokenprune.errors import TokenpruneError
@@ -67,6 +78,8 @@ class ForwardHooks:
         self._layer = plans_by_layer(plans)
         self._compact = pipeline.positions == "compact"
         self._boolean_masks = True
+        self._layers: list[nn.Module] = []
+        self._layer_kwargs: dict[str, Any] | None = None  # the last decoder layer's keyword arguments, unsliced
 
     def remove(self) -> None:
         """Take every hook and the probe away; safe to call twice."""
@@ -89,9 +102,11 @@ class ForwardHooks:
             check_attention_implementation(impl)
         self._boolean_masks = impl != "eager"
         compat.cache_argument_name(vlm.forward)  # refuse, at apply time, a release whose cache argument is unknown
-        probed = probed_layers(self._layer)
-        if probed:
-            self.probe = AttentionProbe(layers=probed, rows=self._probe_rows)
+        self._layers = layers
+        probed, own, keys = probed_layers(self._layer), own_attention_layers(self._layer), key_layers(self._layer)
+        check_own_attention_layers(own, layers)
+        if probed or own or keys:
+            self.probe = AttentionProbe(layers=probed, rows=self._probe_rows, own=own, keys=keys)
             self.probe.install(lm, layers)
         hooks = self._hooks
         hooks.pre(self.model, self._top_pre)
@@ -115,8 +130,8 @@ class ForwardHooks:
         self._image_call = None
         self._labels = None
         if self.probe is not None:
-            self.probe.active = False
-            self.probe.scores.clear()
+            self.probe.reset(active=False)
+        self._layer_kwargs = None
 
     # --- hooks: top model (labels, loss) ------------------------------------------------------
 
@@ -192,8 +207,7 @@ class ForwardHooks:
         input_mask = mask.bool() if two_d else torch.ones(batch, q, dtype=torch.bool, device=input_ids.device)
         self._state = PrefillState(visual=visual, input_mask=input_mask, input_length=q)
         if self.probe is not None:
-            self.probe.active = True
-            self.probe.scores.clear()
+            self.probe.reset(active=True)
 
     def _vlm_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         st = self._state
@@ -266,15 +280,13 @@ class ForwardHooks:
             if st is None or not st.in_prefill or st.current is None:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            seq, attention, changed = st.current, self._probed_attention(k), False
+            seq, attention, changed = st.current, probed_attention(self.probe, k), False
+            keys = self.probe.key_states.get(k - 1) if self.probe is not None else None
             for plan in self._layer[k]:
-                outcome = self._run(plan, hidden, seq, attention)
+                outcome = self._run(plan, hidden, seq, attention, self._signals(k, plan, hidden, seq, keys))
                 hidden, seq = outcome.hidden, outcome.sequence
-                if outcome.changed and attention is not None:
-                    idx = outcome.kept_columns
-                    attention = {
-                        s: a.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0) for s, a in attention.items()
-                    }
+                if outcome.changed:
+                    attention, keys = follow_columns(outcome.kept_columns, attention, keys)
                 changed = changed or outcome.changed
             if not changed:
                 return None
@@ -283,21 +295,23 @@ class ForwardHooks:
 
         return hook
 
-    def _probed_attention(self, k: int) -> dict[str, Tensor] | None:
-        if self.probe is None or (k - 1) not in self.probe.layers:
-            return None
-        attention = self.probe.scores.get(k - 1)
-        if attention is None:
-            raise TokenpruneError(
-                f"the attention probe recorded nothing at layer {k - 1}; the layer's attention did not go "
-                "through the probe (is the attention implementation overridden elsewhere?)"
+    def _signals(
+        self, k: int, plan: StagePlan, hidden: Tensor, seq: TokenSequence, keys: Tensor | None
+    ) -> StageSignals:
+        """The layer-stage inputs ``plan``'s reducer asks for, on the sequence it is about to reduce."""
+        dry = None
+        if plan.reducer.own_attention_sources() and self.probe is not None and self._state is not None:
+            dry = DryCall(
+                self._layers[k], self._layer_kwargs, self._state, self.adapter, self._compact, self._mask_kind()
             )
-        return attention
+        return stage_signals(k, plan, hidden, seq, self.probe, dry, keys, self.adapter.language_model())
 
     def _layer_pre(self, i: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             hidden = args[0] if args else kwargs.get("hidden_states")
             st = self._state
+            if self.probe is not None and self.probe.own and st is not None and st.in_prefill:
+                self._layer_kwargs = dict(kwargs)
             seg = st.segment(i) if st is not None else None
             if self._forward is not None and isinstance(hidden, Tensor):
                 record_layer_tokens(self._forward, st, seg, hidden, self._real_tokens)
@@ -313,16 +327,15 @@ class ForwardHooks:
     # --- stages -------------------------------------------------------------------------------
 
     def _run(
-        self, plan: StagePlan, hidden: Tensor, seq: TokenSequence, attention: Mapping[str, Tensor] | None
+        self,
+        plan: StagePlan,
+        hidden: Tensor,
+        seq: TokenSequence,
+        attention: Mapping[str, Tensor] | None,
+        signals: StageSignals | None = None,
     ) -> StageOutcome:
-        outcome = run_stage(
-            plan,
-            hidden,
-            seq,
-            attention,
-            compact_positions=self._compact,
-            protect_newlines=self.pipeline.protect_newlines,
-        )
+        kw = {"compact_positions": self._compact, "protect_newlines": self.pipeline.protect_newlines}
+        outcome = run_stage(plan, hidden, seq, attention, signals=signals, **kw)
         if self._state is not None:
             self._state.stages_run.add(plan.index)
         if self._forward is not None:

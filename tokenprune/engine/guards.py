@@ -83,3 +83,21 @@ def check_every_stage_ran(plans: Sequence[StagePlan], ran: Collection[int], mode
             "so the output would be unpruned. This transformers release may have changed how the model calls its "
             "language model (see 'Compatibility' in docs/engine.md)"
         )
+
+
+def check_own_attention_layers(own: Mapping[int, Collection[str]], layers: Sequence[nn.Module]) -> None:
+    """Refuse an own-attention stage at ``layer: k`` whose layer ``k`` masks differently from layer ``k - 1``.
+
+    The engine serves layer ``k``'s own attention with the mask and rotary tables that layer ``k - 1``
+    received, which are layer ``k``'s only when both layers have the same attention type.
+
+    Raises:
+        PipelineError: naming the layer and both attention types.
+    """
+    for k in own:
+        before, here = compat.layer_attention_type(layers[k - 1]), compat.layer_attention_type(layers[k])
+        if before != here:
+            raise PipelineError(
+                f"a stage at layer {k} reads layer {k}'s own attention, but layer {k} uses {here} and layer {k - 1} "
+                f"{before}; move the stage to a layer whose attention type matches the layer before it"
+            )

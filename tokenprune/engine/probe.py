@@ -14,6 +14,13 @@ which padding would be silently ignored) and points the language model's config 
 * then, on every layer, it calls the stock attention function the model was using (sdpa, or the
   model's own eager function), so the outputs are bit-identical to the unprobed model.
 
+Two more signals ride on the same function. At the ``keys`` layers it keeps the layer's keys
+(after RoPE and k-norms; DART's pivots). And :meth:`AttentionProbe.dry_run` serves a layer's
+*own* attention on its input before the layer runs (PyramidDrop): the engine calls that layer's
+input norm and attention module on the hidden states entering it, without a cache; the probe
+function computes the scores from the ``q`` and ``k`` the module built and stops the call there
+(:class:`_DryRunDone`), so no attention output, o-projection or cache write happens.
+
 Only the language model's config is switched (the vision tower keeps its attention), only while
 the probe is installed; :meth:`AttentionProbe.remove` restores it exactly and unregisters the
 functions when the last probe is gone.
@@ -63,14 +70,23 @@ class AttentionProbe:
             rows.
         active: Set by the engine during prefill; the probe computes nothing otherwise.
         rows: Set by the engine before each probed layer runs.
+        own: Layers whose own attention :meth:`dry_run` serves, with the sources it computes.
+        keys: Layers whose keys are recorded in :attr:`key_states` during prefill.
+        key_states: After a prefill: ``key_states[layer]`` is ``(B, Lk, Hkv * hd)``, the layer's keys
+            (after RoPE), heads concatenated.
     """
 
     layers: dict[int, frozenset[str]]
     scores: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     active: bool = False
     rows: Callable[[int], ProbeRows | None] | None = None
+    own: dict[int, frozenset[str]] = field(default_factory=dict)
+    keys: frozenset[int] = frozenset()
+    key_states: dict[int, Tensor] = field(default_factory=dict)
     _configs: list[tuple[Any, Any]] = field(default_factory=list)
     _name: str | None = None
+    _dry: tuple[int, ProbeRows] | None = None
+    _dry_scores: dict[str, Tensor] | None = None
 
     def install(self, language_model: nn.Module, decoder_layers: Iterable[nn.Module]) -> None:
         """Point the language model at the probing attention function.
@@ -99,7 +115,7 @@ class AttentionProbe:
         self._name = name
         for i, layer in enumerate(decoder_layers):
             attn = compat.attention_module(layer)
-            if attn is not None and i in self.layers:
+            if attn is not None and (i in self.layers or i in self.own or i in self.keys):
                 _TARGETS[attn] = (self, i)
         for cfg in configs:
             self._configs.append((cfg, compat.swap_attention_implementation(cfg, name)))
@@ -118,14 +134,55 @@ class AttentionProbe:
                 compat.unregister_attention(self._name)
             self._name = None
 
+    def reset(self, *, active: bool) -> None:
+        """Forget what the last prefill recorded; compute during the next one if ``active``."""
+        self.active = active
+        self.scores.clear()
+        self.key_states.clear()
+
     def record(self, layer: int, module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: Any) -> None:
-        """Compute and store the scores of ``layer`` (called from the attention function)."""
+        """Compute and store the scores (and keys) of ``layer`` (called from the attention function)."""
+        if layer in self.keys:
+            b, hkv, lk, hd = key.shape
+            self.key_states[layer] = key.detach().transpose(1, 2).reshape(b, lk, hkv * hd)
         sources = self.layers.get(layer, frozenset())
         rows = self.rows(layer) if self.rows is not None else None
         if not sources or rows is None:
             return
         with torch.no_grad():
             self.scores[layer] = attention_scores(module, query, key, mask, kw, sources, rows)
+
+    def dry_run(self, layer: int, call: Callable[[], Any], rows: ProbeRows) -> dict[str, Tensor]:
+        """Layer ``layer``'s own attention: run ``call`` (the layer's attention module on its input) up to its
+        attention function, and return ``{source: (B, Lk) float32}`` for the sources of ``own[layer]``.
+
+        Raises:
+            TokenpruneError: the call never reached the attention function (its implementation is overridden).
+        """
+        self._dry, self._dry_scores = (layer, rows), None
+        try:
+            with torch.no_grad():
+                call()
+        except _DryRunDone:
+            pass
+        finally:
+            self._dry = None
+        scores, self._dry_scores = self._dry_scores, None
+        if scores is None:
+            raise TokenpruneError(
+                f"the attention probe saw no attention call at layer {layer} while computing its own attention; is "
+                "the attention implementation overridden elsewhere?"
+            )
+        return scores
+
+    def _record_dry(self, module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: Any) -> None:
+        layer, rows = self._dry  # type: ignore[misc]
+        self._dry_scores = attention_scores(module, query, key, mask, kw, self.own.get(layer, frozenset()), rows)
+        raise _DryRunDone
+
+
+class _DryRunDone(Exception):
+    """Stops a dry attention call once the probe has its scores."""
 
 
 def attention_scores(
@@ -206,6 +263,8 @@ def _make_attention(impl: str) -> Callable[..., Any]:
         target = _TARGETS.get(module)
         if target is not None:
             probe, layer = target
+            if probe._dry is not None and probe._dry[0] == layer:
+                probe._record_dry(module, query, key, attention_mask, kwargs)
             if probe.active and query.shape[2] > 1:
                 probe.record(layer, module, query, key, attention_mask, kwargs)
         return compat.stock_attention(impl, module)(module, query, key, value, attention_mask, **kwargs)

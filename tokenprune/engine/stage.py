@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -43,6 +43,40 @@ def plans_by_layer(plans: list[StagePlan]) -> dict[int, list[StagePlan]]:
     return out
 
 
+def own_attention_layers(layer_plans: dict[int, list[StagePlan]]) -> dict[int, frozenset[str]]:
+    """Decoder layer ``k`` -> the own-attention sources the stages at ``layer: k`` read (only where any)."""
+    own: dict[int, frozenset[str]] = {}
+    for k, plans in layer_plans.items():
+        sources = frozenset().union(*(p.reducer.own_attention_sources() for p in plans))
+        if sources:
+            own[k] = sources
+    return own
+
+
+def key_layers(layer_plans: dict[int, list[StagePlan]]) -> frozenset[int]:
+    """Decoder layers ``k - 1`` whose keys the stages at ``layer: k`` read."""
+    return frozenset(
+        k - 1 for k, plans in layer_plans.items() if any("keys" in type(p.reducer).capabilities.signals for p in plans)
+    )
+
+
+@dataclass
+class StageSignals:
+    """Layer-stage inputs beyond the hidden states and the probe's attention, per column of the sequence.
+
+    Attributes:
+        own_attention: Per source, ``(B, L)`` attention of the stage's own layer on its input.
+        keys: ``(B, L, Dk)`` keys of layer ``k - 1``.
+        final_norm: The language model's final norm.
+        seconds: Time the engine spent computing them for this stage (added to the stage's time).
+    """
+
+    own_attention: Mapping[str, Tensor] | None = None
+    keys: Tensor | None = None
+    final_norm: Callable[[Tensor], Tensor] | None = None
+    seconds: float = 0.0
+
+
 def probed_layers(layer_plans: dict[int, list[StagePlan]]) -> dict[int, frozenset[str]]:
     """Decoder layer ``k - 1`` -> the attention-probe sources the stages at ``layer: k`` read (only where any)."""
     probed: dict[int, frozenset[str]] = {}
@@ -80,6 +114,7 @@ def run_stage(
     *,
     compact_positions: bool,
     protect_newlines: bool,
+    signals: StageSignals | None = None,
 ) -> StageOutcome:
     """Run ``plan``'s reducer on the visual tokens of ``hidden`` (``(B, L, D)``) and keep what it keeps.
 
@@ -90,11 +125,13 @@ def run_stage(
         attention: Per probe source, ``(B, L)`` attention paid to each column (layer stages that read it).
         compact_positions: Renumber the kept tokens' positions (the ``compact`` policy).
         protect_newlines: Layout newline tokens always survive.
+        signals: The other layer-stage inputs the reducer asked for.
 
     Raises:
         ReducerOutputError: the reducer returned an invalid selection or merge.
     """
-    tokens, ctx, vis_idx = _context(plan, hidden, seq, attention, protect_newlines)
+    signals = signals or StageSignals()
+    tokens, ctx, vis_idx = _context(plan, hidden, seq, attention, protect_newlines, signals)
     capabilities = type(plan.reducer).capabilities
     start = time.perf_counter()
     result = plan.reducer.reduce(tokens, ctx)
@@ -110,7 +147,7 @@ def run_stage(
         leaving=selection.counts.tolist(),
         kept=selection.tolist(),
         layout=ctx.layout,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start + signals.seconds,
         overhead_macs=plan.reducer.overhead_macs(tokens, ctx),
     )
     batch, length, dim = hidden.shape
@@ -138,20 +175,22 @@ def _context(
     seq: TokenSequence,
     attention: Mapping[str, Tensor] | None,
     protect_newlines: bool,
+    signals: StageSignals,
 ) -> tuple[Tensor, ReduceContext, Tensor]:
     """The visual tokens ``(B, N, D)``, the reducer's context, and their ``(B, N)`` columns (``-1``: none)."""
-    dim = hidden.shape[-1]
     vis_idx = Selection.from_mask(seq.visual).indices
     valid = vis_idx >= 0
     safe = vis_idx.clamp(min=0)
-    tokens = hidden.gather(1, safe.unsqueeze(-1).expand(-1, -1, dim))
+    tokens = _rows(hidden, vis_idx)
     layout = seq.layout.gather(vis_idx) if seq.layout is not None else None
     protected = layout.newline & valid if layout is not None and protect_newlines else torch.zeros_like(valid)
-    text = text_valid = None
+    text = text_valid = text_idx = text_keys = None
     if type(plan.reducer).capabilities.needs_text:
         text_idx = Selection.from_mask(seq.valid & ~seq.visual).indices
         text_valid = text_idx >= 0
-        text = hidden.gather(1, text_idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim))
+        text = _rows(hidden, text_idx)
+        text_keys = _rows(signals.keys, text_idx) if signals.keys is not None else None
+    own = signals.own_attention or {}
     budget = plan.reducer.stage_budget(plan.stage.keep, valid, protected, layout)
     ctx = ReduceContext(
         at=plan.stage.point,
@@ -165,8 +204,19 @@ def _context(
         text_valid=text_valid,
         stage_index=plan.index,
         keep=plan.stage.keep,
+        own_attention={s: a.gather(1, safe).masked_fill(~valid, 0.0) for s, a in own.items()},
+        keys=_rows(signals.keys, vis_idx) if signals.keys is not None else None,
+        text_keys=text_keys,
+        final_norm=signals.final_norm,
+        columns=vis_idx,
+        text_columns=text_idx,
     )
     return tokens, ctx, vis_idx
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b]]`` for a ``(B, L, D)`` tensor and ``(B, M)`` columns (``-1``: arbitrary values)."""
+    return x.gather(1, index.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def _keep_mask(seq: TokenSequence, vis_idx: Tensor, kept_visual: Tensor, valid_visual: Tensor) -> Tensor:

@@ -53,6 +53,8 @@ def make_reduce_inputs(
     newlines: bool = True,
     protect_newlines: bool = True,
     attention_sources: Sequence[str] = ("last", "text", "visual", "all"),
+    own_attention_sources: Sequence[str] = (),
+    signals: Sequence[str] = (),
     text_tokens: int = 5,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
@@ -62,8 +64,10 @@ def make_reduce_inputs(
     """A synthetic padded batch of visual tokens and its :class:`ReduceContext`.
 
     Sample ``b`` is a ``grids[b]`` feature grid in raster order, each row followed by a newline
-    token when ``newlines``. Features are seeded Gaussian noise; attention maps are softmaxes of
-    seeded logits over each sample's valid tokens. The budget is ``reducer.stage_budget`` of
+    token when ``newlines``. Features are seeded Gaussian noise; attention maps (probe and own-layer
+    sources) are softmaxes of seeded logits over each sample's valid tokens. The text tokens follow
+    the visual ones in the sequence (``columns``); ``signals`` adds seeded ``keys`` (``text_keys``)
+    and a parameter-free RMS norm as ``final_norm``. The budget is ``reducer.stage_budget`` of
     ``keep`` when a ``reducer`` is given (as the engine computes it), else the default rule.
 
     Returns:
@@ -89,6 +93,10 @@ def make_reduce_inputs(
     for source in attention_sources:
         logits = torch.randn(b, n, generator=gen).masked_fill(~valid, float("-inf"))
         attention[source] = logits.softmax(-1)
+    own: dict[str, Tensor] = {}
+    for source in own_attention_sources:
+        logits = torch.randn(b, n, generator=gen).masked_fill(~valid, float("-inf"))
+        own[source] = logits.softmax(-1)
     text = torch.randn(b, text_tokens, dim, generator=gen) if text_tokens else None
     layout = TokenLayout(**fields, newline=newline)
     budget = budget_per_sample(keep, valid, protected)
@@ -96,6 +104,10 @@ def make_reduce_inputs(
         budget = check_stage_budget(
             reducer.stage_budget(keep, valid, protected, layout), valid, protected, who=f"reducer {reducer.name!r}"
         )
+    keys = torch.randn(b, n, dim, generator=gen) if "keys" in signals else None
+    text_keys = torch.randn(b, text_tokens, dim, generator=gen) if "keys" in signals and text_tokens else None
+    columns = torch.arange(n).expand(b, n).masked_fill(~valid, -1)
+    text_columns = (valid.sum(1, keepdim=True) + torch.arange(text_tokens)) if text_tokens else None
     ctx = ReduceContext(
         at=at,
         budget=budget,
@@ -107,8 +119,19 @@ def make_reduce_inputs(
         text=text,
         text_valid=torch.ones(b, text_tokens, dtype=torch.bool) if text_tokens else None,
         keep=keep,
+        own_attention=own,
+        keys=keys,
+        text_keys=text_keys,
+        final_norm=_rms_norm if "final_norm" in signals else None,
+        columns=columns,
+        text_columns=text_columns,
     )
     return tokens.to(device=device, dtype=dtype), _context_to(ctx, device)
+
+
+def _rms_norm(x: Tensor) -> Tensor:
+    """A parameter-free RMS norm, the synthetic ``final_norm``."""
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
 
 
 def dense_context(
@@ -224,10 +247,14 @@ def check_batch_matches_single(reducer: TokenReducer, **kwargs: Any) -> None:
 def check_inputs_unchanged(reducer: TokenReducer, **kwargs: Any) -> None:
     """``reduce`` must not modify its inputs in place."""
     tokens, ctx = _inputs_for(reducer, **kwargs)
-    before = (tokens.clone(), ctx.sizes.clone(), {k: v.clone() for k, v in ctx.attention.items()})
+    maps = {**{("a", k): v for k, v in ctx.attention.items()}, **{("o", k): v for k, v in ctx.own_attention.items()}}
+    for name in ("keys", "text", "text_keys"):
+        if getattr(ctx, name) is not None:
+            maps[("t", name)] = getattr(ctx, name)
+    before = (tokens.clone(), ctx.sizes.clone(), {k: v.clone() for k, v in maps.items()})
     reducer.reduce(tokens, ctx)
     changed = not torch.equal(tokens, before[0]) or not torch.equal(ctx.sizes, before[1])
-    changed = changed or any(not torch.equal(ctx.attention[k], v) for k, v in before[2].items())
+    changed = changed or any(not torch.equal(maps[k], v) for k, v in before[2].items())
     if changed:
         raise ReducerContractError(f"{reducer.name}: reduce() modified its inputs in place")
 
@@ -292,6 +319,8 @@ def check_nan_input(reducer: TokenReducer, **kwargs: Any) -> None:
 
 def _inputs_for(reducer: TokenReducer, **kwargs: Any) -> tuple[Tensor, ReduceContext]:
     kwargs.setdefault("attention_sources", tuple(reducer.attention_sources()))
+    kwargs.setdefault("own_attention_sources", tuple(reducer.own_attention_sources()))
+    kwargs.setdefault("signals", tuple(reducer.capabilities.signals))
     kwargs.setdefault("text_tokens", 5 if reducer.capabilities.needs_text else 0)
     return make_reduce_inputs(reducer=reducer, **kwargs)
 
@@ -334,6 +363,12 @@ def _slice(tokens: Tensor, ctx: ReduceContext, i: int) -> tuple[Tensor, ReduceCo
         text_valid=None if ctx.text_valid is None else ctx.text_valid[i : i + 1],
         stage_index=ctx.stage_index,
         keep=ctx.keep,
+        own_attention={k: cut(v) for k, v in ctx.own_attention.items()},
+        keys=None if ctx.keys is None else cut(ctx.keys),
+        text_keys=None if ctx.text_keys is None else ctx.text_keys[i : i + 1],
+        final_norm=ctx.final_norm,
+        columns=None if ctx.columns is None else cut(ctx.columns),
+        text_columns=None if ctx.text_columns is None else ctx.text_columns[i : i + 1],
     )
     return cut(tokens), alone
 
@@ -352,4 +387,10 @@ def _context_to(ctx: ReduceContext, device: torch.device | str) -> ReduceContext
         text_valid=move(ctx.text_valid),
         stage_index=ctx.stage_index,
         keep=ctx.keep,
+        own_attention={k: v.to(device) for k, v in ctx.own_attention.items()},
+        keys=move(ctx.keys),
+        text_keys=move(ctx.text_keys),
+        final_norm=ctx.final_norm,
+        columns=move(ctx.columns),
+        text_columns=move(ctx.text_columns),
     )

@@ -1,0 +1,138 @@
+"""Layer-stage inputs beyond the hidden states and the probe's attention: a layer's own attention on its
+input (served by a dry call of its attention module), the previous layer's keys, the final norm."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from tokenprune.adapters.base import ModelAdapter
+from tokenprune.engine import compat
+from tokenprune.engine.decode import pruned_layer_kwargs
+from tokenprune.engine.probe import AttentionProbe, ProbeRows
+from tokenprune.engine.sequence import TokenSequence
+from tokenprune.engine.stage import StagePlan, StageSignals
+from tokenprune.engine.state import PrefillState
+from tokenprune.errors import TokenpruneError
+
+
+def probed_attention(probe: AttentionProbe | None, k: int) -> dict[str, Tensor] | None:
+    """The probe's attention of layer ``k - 1`` for the stages at ``layer: k`` (``None`` if none read it).
+
+    Raises:
+        TokenpruneError: the layer was probed but recorded nothing.
+    """
+    if probe is None or (k - 1) not in probe.layers:
+        return None
+    attention = probe.scores.get(k - 1)
+    if attention is None:
+        raise TokenpruneError(
+            f"the attention probe recorded nothing at layer {k - 1}; the layer's attention did not go "
+            "through the probe (is the attention implementation overridden elsewhere?)"
+        )
+    return attention
+
+
+def follow_columns(
+    idx: Tensor, attention: Mapping[str, Tensor] | None, keys: Tensor | None
+) -> tuple[dict[str, Tensor] | None, Tensor | None]:
+    """Per-column signals after a stage kept the columns ``idx`` (``(B, L')``, ``-1``: padding slot)."""
+    safe = idx.clamp(min=0)
+    if attention is not None:
+        attention = {s: a.gather(1, safe).masked_fill(idx < 0, 0.0) for s, a in attention.items()}
+    if keys is not None:
+        keys = keys.gather(1, safe.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+    return attention, keys
+
+
+@dataclass
+class DryCall:
+    """What a dry call of decoder layer ``k``'s attention needs.
+
+    Attributes:
+        layer: Decoder layer ``k``.
+        layer_kwargs: The keyword arguments layer ``k - 1`` received from the language model, before the
+            engine sliced them (``None`` if it received none).
+        state: The current prefill.
+        adapter: The model family's adapter (rotary tables under ``compact`` positions).
+        compact: The ``compact`` position policy.
+        mask_kind: Keyword arguments of the engine's mask builders (``boolean``, ``dtype``).
+    """
+
+    layer: nn.Module
+    layer_kwargs: dict[str, Any] | None
+    state: PrefillState
+    adapter: ModelAdapter
+    compact: bool
+    mask_kind: dict[str, Any]
+
+
+def own_attention(k: int, hidden: Tensor, seq: TokenSequence, probe: AttentionProbe, dry: DryCall) -> dict[str, Tensor]:
+    """Layer ``k``'s own attention on ``hidden`` (``(B, L, D)``, the tokens of ``seq``), before layer ``k`` runs.
+
+    Calls layer ``k``'s input norm and attention module (the model's own code: q/k projections, q/k
+    norms, RoPE, grouped heads) with what layer ``k`` would receive for ``seq``: layer ``k - 1``'s
+    language-model arguments, sliced to ``seq`` as :func:`pruned_layer_kwargs` slices them, without
+    the cache. The probe takes ``q`` and ``k`` at the attention function and stops the call. The
+    value projection is skipped, and the query projection computed for the last row only when that
+    is the only row read (:func:`compat.lean_projections`).
+
+    Returns:
+        ``{source: (B, L) float32}`` for the probe's sources at layer ``k``.
+    """
+    if dry.layer_kwargs is None:
+        raise TokenpruneError(f"layer {k - 1} ran without keyword arguments; layer {k}'s own attention needs them")
+    kw = dict(dry.layer_kwargs)
+    if seq is not dry.state.lm_sequence:
+        kw = pruned_layer_kwargs(kw, hidden, seq, dry.state, dry.adapter, k, compact=dry.compact, **dry.mask_kind)
+    attn = compat.attention_module(dry.layer)
+    if attn is None:
+        raise TokenpruneError(f"decoder layer {k} has no attention module; its own attention cannot be computed")
+    kw = compat.dry_attention_kwargs(kw)
+    normed = compat.input_norm(dry.layer)(hidden)
+    rows = ProbeRows(visual=seq.visual, valid=seq.valid)
+    query_rows = 1 if probe.own.get(k, frozenset()) == {"last"} else None
+    with compat.lean_projections(attn, query_rows):
+        return probe.dry_run(k, lambda: attn(hidden_states=normed, **kw), rows)
+
+
+def stage_signals(
+    k: int,
+    plan: StagePlan,
+    hidden: Tensor,
+    seq: TokenSequence,
+    probe: AttentionProbe | None,
+    dry: DryCall | None,
+    keys: Tensor | None,
+    language_model: nn.Module,
+) -> StageSignals:
+    """The inputs ``plan``'s reducer asks for beyond the probe's attention, for the tokens of ``seq``.
+
+    Args:
+        k: The stage's layer.
+        plan: The stage.
+        hidden: ``(B, L, D)`` hidden states entering layer ``k``.
+        seq: Their sequence.
+        probe: The engine's probe (``None`` if no stage needs one).
+        dry: For an own-attention stage, what the dry call needs; ``None`` otherwise.
+        keys: ``(B, L, Dk)`` keys of layer ``k - 1`` on the columns of ``seq``, if recorded.
+        language_model: Where the final norm lives.
+
+    Raises:
+        TokenpruneError: a signal the reducer needs could not be computed.
+    """
+    start = time.perf_counter()
+    wanted = type(plan.reducer).capabilities.signals
+    if "keys" in wanted and keys is None:
+        raise TokenpruneError(f"the attention probe recorded no keys at layer {k - 1} (needed by stage {plan.index})")
+    own = own_attention(k, hidden, seq, probe, dry) if dry is not None and probe is not None else None
+    return StageSignals(
+        own_attention=own,
+        keys=keys if "keys" in wanted else None,
+        final_norm=compat.final_norm(language_model) if "final_norm" in wanted else None,
+        seconds=time.perf_counter() - start if own is not None else 0.0,
+    )
