@@ -82,6 +82,23 @@ def test_the_attention_probe_is_counted_where_it_runs():
     assert report.layers[2].tokens[0] < length
 
 
+@pytest.mark.parametrize("source", ["last", "all"])
+def test_the_own_layer_attention_is_counted_where_it_runs(source):
+    """PyramidDrop's dry call of layer k (key projection, the queries it needs, QK^T) happens in the stage's
+    pre-hook, outside every layer: torch counts it there, and the analytic count equals it exactly."""
+    t = tiny_models.llava_next()
+    inputs = t.make_inputs([(56, 56)])
+    pipe = {"stages": [{"at": {"layer": 2}, "reducer": "pdrop", "keep": 0.25, "params": {"source": source}}]}
+    report = count_flops(t.model, inputs, pipe)
+    _assert_counters_agree(report)
+    length = inputs["input_ids"].shape[1]
+    queries = 1 if source == "last" else length
+    # tiny LLaVA-NeXT: hidden 64, 4 heads of 16, 2 key-value heads (k_proj 64 -> 32)
+    assert report.probe == length * 64 * 32 + queries * 64 * 64 + queries * length * 64
+    assert dict((name, macs) for _, name, macs in report.reducers) == {"pdrop": 0}
+    assert report.reducers_torch == report.probe
+
+
 def test_flops_report_serialises():
     t = tiny_models.llava()
     report = count_flops(t.model, t.make_inputs([(56, 56)]), use_fvcore=False)

@@ -33,12 +33,16 @@ class DecoderShape:
         q_dims: Per decoder layer, ``heads * head_dim`` of its queries.
         hidden: Hidden size (input of the LM head).
         vocab: Output size of the LM head.
+        q_proj_macs: Per decoder layer, ``in * out`` of its query projection (per token).
+        k_proj_macs: Per decoder layer, ``in * out`` of its key projection (per token).
     """
 
     linear_macs_per_token: tuple[int, ...]
     q_dims: tuple[int, ...]
     hidden: int
     vocab: int
+    q_proj_macs: tuple[int, ...]
+    k_proj_macs: tuple[int, ...]
 
     @property
     def num_layers(self) -> int:
@@ -55,15 +59,20 @@ class DecoderShape:
                 f"{type(model).__name__} has no get_decoder().layers and lm_head; DecoderShape needs a transformers "
                 "causal LM or a VLM built on one"
             )
-        per_token, q_dims = [], []
+        per_token, q_dims, q_macs, k_macs = [], [], [], []
         for i, layer in enumerate(layers):
             linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-            q_proj = getattr(compat.attention_module(layer), "q_proj", None)
-            if not linears or not isinstance(q_proj, nn.Linear):
-                raise TypeError(f"decoder layer {i} ({type(layer).__name__}) has no self_attn.q_proj linear module")
+            attention = compat.attention_module(layer)
+            q_proj, k_proj = getattr(attention, "q_proj", None), getattr(attention, "k_proj", None)
+            if not linears or not isinstance(q_proj, nn.Linear) or not isinstance(k_proj, nn.Linear):
+                raise TypeError(
+                    f"decoder layer {i} ({type(layer).__name__}) has no self_attn.q_proj and k_proj linear modules"
+                )
             per_token.append(sum(m.in_features * m.out_features for m in linears))
             q_dims.append(q_proj.out_features)
-        return cls(tuple(per_token), tuple(q_dims), head.in_features, head.out_features)
+            q_macs.append(q_proj.in_features * q_proj.out_features)
+            k_macs.append(k_proj.in_features * k_proj.out_features)
+        return cls(tuple(per_token), tuple(q_dims), head.in_features, head.out_features, tuple(q_macs), tuple(k_macs))
 
 
 @dataclass(frozen=True)
@@ -123,4 +132,16 @@ def attention_probe_macs(q_dim: int, queries: int, keys: int) -> int:
     return q_dim * queries * keys
 
 
-__all__ = ["DecoderShape", "LanguageModelMacs", "attention_probe_macs", "language_model_macs"]
+def own_attention_macs(shape: DecoderShape, layer: int, keys: int, projected_queries: int, scored_rows: int) -> int:
+    """MACs of computing layer ``layer``'s own attention before it runs (the engine's dry call of the layer).
+
+    PyramidDrop's score: the key projection of every one of the ``keys`` tokens, the query projection
+    of the ``projected_queries`` rows it needs, and ``QK^T`` for ``scored_rows`` query rows (summed
+    over the sources read). The value projection is skipped; softmax and norms are not
+    multiply-accumulates.
+    """
+    projections = keys * shape.k_proj_macs[layer] + projected_queries * shape.q_proj_macs[layer]
+    return projections + scored_rows * keys * shape.q_dims[layer]
+
+
+__all__ = ["DecoderShape", "LanguageModelMacs", "attention_probe_macs", "language_model_macs", "own_attention_macs"]

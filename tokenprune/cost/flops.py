@@ -2,7 +2,8 @@
 
 * **analytic**: :func:`~tokenprune.cost.analytic.language_model_macs` on the tokens each decoder
   layer saw (recorded by the engine), plus each reducer's declared overhead
-  (:meth:`~tokenprune.TokenReducer.overhead_macs`) and the attention probe's ``QK^T`` rows;
+  (:meth:`~tokenprune.TokenReducer.overhead_macs`), the attention probe's ``QK^T`` rows and the
+  own-layer dry calls (PyramidDrop's score);
 * **torch**: ``FlopCounterMode`` around the real forward (CPU sdpa formula supplied), by module;
 * **fvcore**: each decoder layer, and the LM head, traced on the exact inputs it received in the
   real forward. Tracing layer by layer is what makes fvcore usable at all here: it cannot trace the
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokenprune.cost.analytic import DecoderShape, attention_probe_macs, language_model_macs
+from tokenprune.cost.analytic import DecoderShape, attention_probe_macs, language_model_macs, own_attention_macs
 from tokenprune.cost.counters import flops_to_macs, fvcore_sdpa_handle, language_model_flops, torch_flops
 from tokenprune.engine import compat
 
@@ -49,11 +50,14 @@ class FlopsReport:
         lm_head: ``(analytic, torch, fvcore)`` MACs of the LM head.
         vision: MACs of the vision tower and projector (torch's count).
         reducers: ``(stage, reducer, analytic MACs)`` declared by each reducer.
-        probe: Analytic MACs of the attention probe (``QK^T`` rows the reducers asked for).
+        probe: Analytic MACs of the attention signals: the probe's ``QK^T`` rows at layer ``k - 1``,
+            and the dry call of layer ``k`` that computes its own attention before it runs
+            (:func:`~tokenprune.cost.analytic.own_attention_macs`).
         fvcore_notes: What fvcore could not count, and its captured warnings.
         batch: Samples in the batch (the counts cover the whole padded batch).
         reducers_torch: What torch counted inside the decoder but outside its layers: the reducers'
-            own work (it should equal the sum of ``reducers``).
+            own work and the own-layer dry calls (it should equal the sum of ``reducers`` plus the
+            dry calls' share of ``probe``).
     """
 
     layers: list[LayerRow]
@@ -274,20 +278,30 @@ def _reducer_overheads(run: Any, shape: DecoderShape) -> list[tuple[int, str, in
 
 
 def _probe_macs(run: Any, shape: DecoderShape) -> int:
-    """QK^T MACs of the probe rows: 1 row for 'last', text/visual/all rows otherwise, per sample."""
+    """The attention signals' MACs: the probe's QK^T rows at layer k - 1, and each own-layer dry call at k."""
     prefill = run.stats.last_prefill
     if prefill is None:
         return 0
-    total = 0
-    reducers = run.reducers
-    by_index = {s.stage: s for s in prefill.stages}
     probed: dict[int, set[str]] = {}
+    own: dict[int, set[str]] = {}
     for i, stage in enumerate(run.pipeline.stages):
-        if stage.point.kind == "layer" and i in by_index:
-            probed.setdefault(int(stage.point.layer) - 1, set()).update(reducers[i].attention_sources())
+        if stage.point.kind == "layer" and any(s.stage == i for s in prefill.stages):
+            probed.setdefault(int(stage.point.layer) - 1, set()).update(run.reducers[i].attention_sources())
+            own.setdefault(int(stage.point.layer), set()).update(run.reducers[i].own_attention_sources())
+    total = 0
     for layer, sources in probed.items():
         for b, keys in enumerate(prefill.layer_tokens[layer]):
-            visual = next(s.entering[b] for s in prefill.stages if s.at == f"layer {layer + 1}")
-            rows = {"last": 1, "text": keys - visual, "visual": visual, "all": keys}
+            rows = _source_rows(prefill, layer + 1, b, keys)
             total += sum(attention_probe_macs(shape.q_dims[layer], rows[src], keys) for src in sources)
+    for layer, sources in own.items():
+        for b, keys in enumerate(prefill.layer_tokens[layer - 1]):  # what enters layer k: layer k - 1's tokens
+            rows = _source_rows(prefill, layer, b, keys)
+            projected = 1 if sources == {"last"} else keys  # the dry call projects only the queries it needs
+            total += own_attention_macs(shape, layer, keys, projected, sum(rows[src] for src in sources))
     return total
+
+
+def _source_rows(prefill: Any, layer: int, b: int, keys: int) -> dict[str, int]:
+    """Query rows per attention source of sample ``b``'s tokens entering ``layer``."""
+    visual = next(s.entering[b] for s in prefill.stages if s.at == f"layer {layer}")
+    return {"last": 1, "text": keys - visual, "visual": visual, "all": keys}
