@@ -106,7 +106,8 @@ def dpc_knn(x: Tensor, valid: Tensor, clusters: Tensor) -> tuple[Tensor, Tensor]
     b, m, d = x.shape
     x = x.float().masked_fill(~valid[..., None], 0.0)
     sq = (x * x).sum(-1)
-    dist = (sq[:, :, None] + sq[:, None, :] - 2.0 * (x @ x.transpose(1, 2))).clamp(min=0.0).sqrt() / d**0.5
+    dist = (sq[:, :, None] + sq[:, None, :] - 2.0 * (x @ x.transpose(1, 2))).clamp(min=0.0)
+    dist = dist.diagonal_scatter(torch.zeros(b, m, device=x.device), dim1=1, dim2=2).sqrt() / d**0.5
     pair = valid[:, :, None] & valid[:, None, :]
     c_max = max(int(clusters.max()), 1) if b else 1
     near = dist.masked_fill(~pair, float("inf")).topk(min(c_max, m), dim=-1, largest=False).values
