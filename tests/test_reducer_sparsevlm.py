@@ -212,6 +212,8 @@ def test_clear_errors():
         SparseVLM().reduce(tokens, replace(ctx, text_attention=None))
     with pytest.raises(ReducerInputError, match=r"'sparsevlm'.*NaN"):
         SparseVLM().reduce(tokens, replace(ctx, text_attention=ctx.text_attention * float("nan")))
+    with pytest.raises(ReducerInputError, match=r"'sparsevlm'.*chosen for recycling.*NaN"):
+        SparseVLM({"scale": 1.0}).reduce(tokens * float("nan"), ctx)
     with pytest.raises(PipelineError, match=r"sparsevlm"):
         tp.load_pipeline({"stages": [{"at": "post_projector", "reducer": "sparsevlm", "keep": 1.0}]})
     with pytest.raises(PipelineError, match=r"recycle_ratio"):

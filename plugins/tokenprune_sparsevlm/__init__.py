@@ -20,7 +20,6 @@ import tokenprune
 from tokenprune import Capabilities, Merge, ReduceContext, ReducerParams, TokenReducer
 from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import InputEmbeddings
-from tokenprune.validation import check_finite_tokens
 
 _EPS32 = float(torch.finfo(torch.float32).eps)
 
@@ -189,7 +188,6 @@ class SparseVLM(TokenReducer):
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
         """A :class:`Merge`: kept tokens map to themselves, recycled ones to their cluster's center, the rest ``-1``."""
-        check_finite_tokens(tokens, ctx, self.name)
         scores, rank = self._scores(ctx)
         plan = self._plan(rank, ctx)
         n = ctx.valid.shape[1]
@@ -249,6 +247,13 @@ class SparseVLM(TokenReducer):
         real = slot < plan.selected[:, None]
         source = order.gather(1, (plan.kept[:, None] + slot).clamp(max=order.shape[1] - 1))  # (B, M) token indices
         x = tokens.gather(1, source[..., None].expand(-1, -1, tokens.shape[-1]))
+        bad = ~torch.isfinite(x).all(-1) & real  # only the recycled tokens' features are read
+        if bool(bad.any()):
+            sample, slot = (int(v) for v in bad.nonzero()[0])
+            raise ReducerInputError(
+                f"reducer {self.name!r}: token {int(source[sample, slot])} of sample {sample}, chosen for recycling, "
+                "has NaN or infinite features; check the hidden states entering the stage"
+            )
         assign, _ = dpc_knn(x, real, plan.clusters)
         target = torch.where(assign >= 0, source.gather(1, assign.clamp(min=0)), -1)
         cols = torch.where(real, source, destination.shape[1])
