@@ -46,10 +46,12 @@ AttentionSource = Literal["last", "text", "visual", "all"]
 """Which query rows of the attention probe are averaged: the last token's row (FastV's official
 code), the text tokens', the visual tokens', or every token's (FastV's paper)."""
 
-ContextSignal = Literal["keys", "final_norm"]
+ContextSignal = Literal["keys", "final_norm", "text_attention", "input_embeddings"]
 """Extra inputs a layer stage at ``{layer: k}`` may ask for (:attr:`Capabilities.signals`): ``keys``,
 the keys of decoder layer ``k - 1`` (after RoPE and k-norms, one row per token, heads concatenated);
-``final_norm``, the language model's final norm as a callable."""
+``final_norm``, the language model's final norm as a callable; ``text_attention``, every text row of
+layer ``k - 1``'s attention to the visual tokens (not averaged over rows); ``input_embeddings``, the
+language model's input embeddings (:class:`InputEmbeddings`)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,31 @@ class ReducerParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@dataclass(frozen=True)
+class InputEmbeddings:
+    """The language model's input embeddings (after any post_projector stage), for a layer stage.
+
+    A layer stage sees the hidden states at its layer; a method that decides on the embeddings the
+    language model received (SparseVLM's text raters) reads them here. ``N0`` counts the visual
+    tokens of the language model's input, which earlier layer stages may have reduced to ``N``.
+
+    Attributes:
+        visual: ``(B, N0, D)`` the visual tokens' input embeddings, in sequence order (padding: arbitrary).
+        visual_valid: ``(B, N0)`` bool mask of ``visual``.
+        visual_columns: ``(B, N0)`` long, each visual token's column in the language model's input
+            (``-1`` at padding).
+        text: ``(B, T, D)`` the input embeddings of the stage's text tokens, row for row as in
+            :attr:`ReduceContext.text` (padding: arbitrary).
+        text_columns: ``(B, T)`` long, their columns in the language model's input (``-1`` at padding).
+    """
+
+    visual: Tensor
+    visual_valid: Tensor
+    visual_columns: Tensor
+    text: Tensor
+    text_columns: Tensor
+
+
 @dataclass
 class ReduceContext:
     """Everything a reducer may read besides the tokens themselves.
@@ -181,6 +208,12 @@ class ReduceContext:
         columns: ``(B, N)`` long, each visual token's column in the sequence at the insertion point
             (``-1`` at padding): the order of visual and text tokens. Filled by the engine.
         text_columns: ``(B, T)`` long, the same for ``text`` (only if ``needs_text``).
+        text_attention: ``(B, T, N)`` float32, the attention each text token (the rows of ``text``)
+            pays to each visual token at layer ``k - 1``, averaged over heads only (``0`` at padding
+            rows and columns); only if ``"text_attention"`` is in ``capabilities.signals`` and
+            ``needs_text``.
+        input_embeddings: The language model's input embeddings (:class:`InputEmbeddings`); only if
+            ``"input_embeddings"`` is in ``capabilities.signals`` and ``needs_text``.
     """
 
     at: InsertionPoint
@@ -200,6 +233,8 @@ class ReduceContext:
     final_norm: Callable[[Tensor], Tensor] | None = None
     columns: Tensor | None = None
     text_columns: Tensor | None = None
+    text_attention: Tensor | None = None
+    input_embeddings: InputEmbeddings | None = None
 
     @property
     def batch_size(self) -> int:

@@ -31,7 +31,14 @@ from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.masks import pruned_input_mask
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence
-from tokenprune.engine.signals import DryCall, follow_columns, probed_attention, stage_signals
+from tokenprune.engine.signals import (
+    DryCall,
+    follow_columns,
+    follow_text_attention,
+    probed_attention,
+    stage_signals,
+    with_text_signals,
+)
 from tokenprune.engine.stage import (
     StageOutcome,
     StagePlan,
@@ -41,6 +48,7 @@ from tokenprune.engine.stage import (
     plans_by_layer,
     probed_layers,
     run_stage,
+    text_attention_layers,
 )
 from tokenprune.engine.state import PrefillState, record_layer_tokens
 from tokenprune.engine.stats import ForwardStats, RunStats
@@ -104,9 +112,10 @@ class ForwardHooks:
         compat.cache_argument_name(vlm.forward)  # refuse, at apply time, a release whose cache argument is unknown
         self._layers = layers
         probed, own, keys = probed_layers(self._layer), own_attention_layers(self._layer), key_layers(self._layer)
+        text_rows = text_attention_layers(self._layer)
         check_own_attention_layers(own, layers)
-        if probed or own or keys:
-            self.probe = AttentionProbe(layers=probed, rows=self._probe_rows, own=own, keys=keys)
+        if probed or own or keys or text_rows:
+            self.probe = AttentionProbe(layers=probed, rows=self._probe_rows, own=own, keys=keys, text_rows=text_rows)
             self.probe.install(lm, layers)
         hooks = self._hooks
         hooks.pre(self.model, self._top_pre)
@@ -153,6 +162,7 @@ class ForwardHooks:
         st = self._state
         if st is not None and st.in_prefill:
             st.in_prefill = False
+            st.lm_embeds = None
             if self.probe is not None:
                 self.probe.active = False
         if labels is None or getattr(output, "logits", None) is None:
@@ -264,6 +274,8 @@ class ForwardHooks:
             kw["position_ids"] = P.from_rows(seq.positions, fmt)
         lm_columns = torch.arange(st.lm_length, device=hidden.device).expand(batch, -1)
         st.current = st.final = st.lm_sequence = replace(seq, lm_column=lm_columns, has_padding_slots=False)
+        if any("input_embeddings" in type(p.reducer).capabilities.signals for p in self._plans):
+            st.lm_embeds = hidden
         return ((), kw) if changed else None
 
     # --- hooks: decoder layers (layer stages) -------------------------------------------------
@@ -282,11 +294,14 @@ class ForwardHooks:
             hidden = output[0] if isinstance(output, tuple) else output
             seq, attention, changed = st.current, probed_attention(self.probe, k), False
             keys = self.probe.key_states.get(k - 1) if self.probe is not None else None
+            text_att = self.probe.text_scores.get(k - 1) if self.probe is not None else None
             for plan in self._layer[k]:
-                outcome = self._run(plan, hidden, seq, attention, self._signals(k, plan, hidden, seq, keys))
+                signals = with_text_signals(plan, self._signals(k, plan, hidden, seq, keys), text_att, st)
+                outcome = self._run(plan, hidden, seq, attention, signals)
                 hidden, seq = outcome.hidden, outcome.sequence
                 if outcome.changed:
                     attention, keys = follow_columns(outcome.kept_columns, attention, keys)
+                    text_att = follow_text_attention(outcome.kept_columns, text_att)
                 changed = changed or outcome.changed
             if not changed:
                 return None

@@ -74,6 +74,10 @@ class AttentionProbe:
         keys: Layers whose keys are recorded in :attr:`key_states` during prefill.
         key_states: After a prefill: ``key_states[layer]`` is ``(B, Lk, Hkv * hd)``, the layer's keys
             (after RoPE), heads concatenated.
+        text_rows: Layers whose attention is recorded row by row for the text tokens, in :attr:`text_scores`.
+        text_scores: After a prefill: ``text_scores[layer]`` is ``(B, T, Lk)`` float32, the attention each
+            text token (the valid non-visual rows, in sequence order; ``0`` at padding rows) pays to every
+            key of that layer, averaged over heads only (:func:`text_row_attention`).
     """
 
     layers: dict[int, frozenset[str]]
@@ -83,6 +87,8 @@ class AttentionProbe:
     own: dict[int, frozenset[str]] = field(default_factory=dict)
     keys: frozenset[int] = frozenset()
     key_states: dict[int, Tensor] = field(default_factory=dict)
+    text_rows: frozenset[int] = frozenset()
+    text_scores: dict[int, Tensor] = field(default_factory=dict)
     _configs: list[tuple[Any, Any]] = field(default_factory=list)
     _name: str | None = None
     _dry: tuple[int, ProbeRows] | None = None
@@ -115,7 +121,7 @@ class AttentionProbe:
         self._name = name
         for i, layer in enumerate(decoder_layers):
             attn = compat.attention_module(layer)
-            if attn is not None and (i in self.layers or i in self.own or i in self.keys):
+            if attn is not None and (i in self.layers or i in self.own or i in self.keys or i in self.text_rows):
                 _TARGETS[attn] = (self, i)
         for cfg in configs:
             self._configs.append((cfg, compat.swap_attention_implementation(cfg, name)))
@@ -139,6 +145,7 @@ class AttentionProbe:
         self.active = active
         self.scores.clear()
         self.key_states.clear()
+        self.text_scores.clear()
 
     def record(self, layer: int, module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: Any) -> None:
         """Compute and store the scores (and keys) of ``layer`` (called from the attention function)."""
@@ -147,6 +154,9 @@ class AttentionProbe:
             self.key_states[layer] = key.detach().transpose(1, 2).reshape(b, lk, hkv * hd)
         sources = self.layers.get(layer, frozenset())
         rows = self.rows(layer) if self.rows is not None else None
+        if rows is not None and layer in self.text_rows:
+            with torch.no_grad():
+                self.text_scores[layer] = text_row_attention(module, query, key, mask, kw, rows)
         if not sources or rows is None:
             return
         with torch.no_grad():
@@ -254,6 +264,48 @@ def attention_scores(
                 w = row_masks[s]
                 acc[s] += (probs * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1.0)
     return {s: a / h for s, a in acc.items()}
+
+
+def text_row_attention(
+    module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: dict[str, Any], rows: ProbeRows
+) -> Tensor:
+    """The attention of every text row, averaged over heads only (the arguments of :func:`attention_scores`).
+
+    Only the text query rows (valid, not visual) are computed, one head at a time: ``O(H T Lk hd)``.
+
+    Returns:
+        ``(B, T, Lk)`` float32, ``T`` the most text rows of a sample; row ``t`` of sample ``b`` is its
+        ``t``-th text token in sequence order (``0`` past its text tokens).
+    """
+    b, h, lq, hd = query.shape
+    lk = key.shape[2]
+    scaling = kw.get("scaling") or getattr(module, "scaling", None) or hd**-0.5
+    softcap = kw.get("softcap")
+    rep = h // key.shape[1]
+    key = key.repeat_interleave(rep, dim=1) if rep > 1 else key
+    text = rows.valid & ~rows.visual
+    t = int(text.sum(1).max()) if b else 0
+    order = torch.where(text, 0, 1).argsort(dim=1, stable=True)[:, :t]  # the text rows first, in sequence order
+    real = text.gather(1, order)  # (B, T)
+    if mask is None:
+        q_pos = order + (lk - lq)
+        bias = torch.zeros(b, t, lk, device=query.device)
+        bias = bias.masked_fill(torch.arange(lk, device=query.device)[None, None, :] > q_pos[..., None], float("-inf"))
+    else:
+        m = mask[:, 0, :, :lk].expand(b, lq, lk).gather(1, order[..., None].expand(b, t, lk))
+        bias = (
+            torch.zeros(m.shape, device=query.device).masked_fill(~m, float("-inf"))
+            if m.dtype == torch.bool
+            else m.float()
+        )
+    q = query.gather(2, order[:, None, :, None].expand(b, h, t, hd))
+    acc = torch.zeros(b, t, lk, dtype=torch.float32, device=query.device)
+    for head in range(h):
+        logits = q[:, head].float() @ key[:, head].float().transpose(-1, -2) * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        acc += torch.softmax(logits + bias, dim=-1).masked_fill(~real[..., None], 0.0)
+    return acc / h
 
 
 def _make_attention(impl: str) -> Callable[..., Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -135,4 +135,37 @@ def stage_signals(
         keys=keys if "keys" in wanted else None,
         final_norm=compat.final_norm(language_model) if "final_norm" in wanted else None,
         seconds=time.perf_counter() - start if own is not None else 0.0,
+    )
+
+
+def follow_text_attention(idx: Tensor, text_attention: Tensor | None) -> Tensor | None:
+    """``(B, T, L)`` per-text-row attention after a stage kept the columns ``idx`` (``(B, L')``, ``-1``: padding)."""
+    if text_attention is None:
+        return None
+    safe = idx.clamp(min=0)[:, None, :].expand(-1, text_attention.shape[1], -1)
+    return text_attention.gather(2, safe).masked_fill((idx < 0)[:, None, :], 0.0)
+
+
+def with_text_signals(
+    plan: StagePlan, signals: StageSignals, text_attention: Tensor | None, state: PrefillState | None
+) -> StageSignals:
+    """``signals`` plus the ``text_attention`` and ``input_embeddings`` signals ``plan``'s reducer asks for.
+
+    Raises:
+        TokenpruneError: the probe recorded no per-text-row attention, or the input embeddings are missing.
+    """
+    wanted = type(plan.reducer).capabilities.signals
+    if "text_attention" in wanted and text_attention is None:
+        raise TokenpruneError(
+            f"the attention probe recorded no per-text-row attention before stage {plan.index}; the layer's "
+            "attention did not go through the probe (is the attention implementation overridden elsewhere?)"
+        )
+    embeds = state.lm_embeds if state is not None and "input_embeddings" in wanted else None
+    if "input_embeddings" in wanted and embeds is None:
+        raise TokenpruneError(f"the language model's input embeddings were not recorded for stage {plan.index}")
+    return replace(
+        signals,
+        text_attention=text_attention if "text_attention" in wanted else None,
+        input_embeds=embeds,
+        input_sequence=state.lm_sequence if embeds is not None and state is not None else None,
     )

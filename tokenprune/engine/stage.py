@@ -13,7 +13,7 @@ from tokenprune.engine import positions as P
 from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
 from tokenprune.engine.stats import StageStats
 from tokenprune.pipeline import Stage
-from tokenprune.reducer import Merge, ReduceContext, Selection, TokenReducer
+from tokenprune.reducer import InputEmbeddings, Merge, ReduceContext, Selection, TokenReducer
 from tokenprune.validation import check_reduction, check_stage_budget
 
 
@@ -60,6 +60,15 @@ def key_layers(layer_plans: dict[int, list[StagePlan]]) -> frozenset[int]:
     )
 
 
+def text_attention_layers(layer_plans: dict[int, list[StagePlan]]) -> frozenset[int]:
+    """Decoder layers ``k - 1`` whose per-text-row attention the stages at ``layer: k`` read."""
+    return frozenset(
+        k - 1
+        for k, plans in layer_plans.items()
+        if any("text_attention" in type(p.reducer).capabilities.signals for p in plans)
+    )
+
+
 @dataclass
 class StageSignals:
     """Layer-stage inputs beyond the hidden states and the probe's attention, per column of the sequence.
@@ -69,12 +78,19 @@ class StageSignals:
         keys: ``(B, L, Dk)`` keys of layer ``k - 1``.
         final_norm: The language model's final norm.
         seconds: Time the engine spent computing them for this stage (added to the stage's time).
+        text_attention: ``(B, T, L)`` per-text-row attention of layer ``k - 1`` to each column
+            (:attr:`tokenprune.engine.probe.AttentionProbe.text_scores`, followed to the current columns).
+        input_embeds: ``(B, L0, D)`` the language model's input embeddings.
+        input_sequence: Their :class:`TokenSequence`.
     """
 
     own_attention: Mapping[str, Tensor] | None = None
     keys: Tensor | None = None
     final_norm: Callable[[Tensor], Tensor] | None = None
     seconds: float = 0.0
+    text_attention: Tensor | None = None
+    input_embeds: Tensor | None = None
+    input_sequence: TokenSequence | None = None
 
 
 def probed_layers(layer_plans: dict[int, list[StagePlan]]) -> dict[int, frozenset[str]]:
@@ -211,7 +227,33 @@ def _context(
         columns=vis_idx,
         text_columns=text_idx,
     )
+    if text_idx is not None:
+        ctx = _with_text_signals(ctx, signals, seq, text_idx, vis_idx)
     return tokens, ctx, vis_idx
+
+
+def _with_text_signals(
+    ctx: ReduceContext, signals: StageSignals, seq: TokenSequence, text_idx: Tensor, vis_idx: Tensor
+) -> ReduceContext:
+    """``ctx`` with ``text_attention`` and ``input_embeddings`` from ``signals`` (where given)."""
+    text_valid, valid = text_idx >= 0, vis_idx >= 0
+    text_attention = input_embeddings = None
+    if signals.text_attention is not None:
+        ta = signals.text_attention[:, : text_idx.shape[1]]
+        ta = ta.gather(2, vis_idx.clamp(min=0)[:, None, :].expand(-1, ta.shape[1], -1))
+        text_attention = ta.masked_fill(~valid[:, None, :] | ~text_valid[..., None], 0.0)
+    if signals.input_embeds is not None and signals.input_sequence is not None:
+        first = signals.input_sequence
+        in_vis = Selection.from_mask(first.visual & first.valid).indices
+        lm_text = seq.lm_column.gather(1, text_idx.clamp(min=0)).masked_fill(~text_valid, -1)
+        input_embeddings = InputEmbeddings(
+            visual=_rows(signals.input_embeds, in_vis),
+            visual_valid=in_vis >= 0,
+            visual_columns=in_vis,
+            text=_rows(signals.input_embeds, lm_text),
+            text_columns=lm_text,
+        )
+    return replace(ctx, text_attention=text_attention, input_embeddings=input_embeddings)
 
 
 def _rows(x: Tensor, index: Tensor) -> Tensor:

@@ -31,6 +31,8 @@ class PrefillState:
         step_length: Tokens in the current decoding step.
         step_positions: ``(R, B, step_length)`` positions of the current step, at the language model.
         stages_run: Indices of the stages that ran in this prefill.
+        lm_embeds: ``(B, lm_length, D)`` the language model's input embeddings, kept during the prefill
+            only when a layer stage reads them (the ``input_embeddings`` signal).
     """
 
     visual: Tensor
@@ -49,6 +51,7 @@ class PrefillState:
     step_length: int = 0
     step_positions: Tensor | None = None
     stages_run: set[int] = field(default_factory=set)
+    lm_embeds: Tensor | None = None
 
     def segment(self, layer: int) -> TokenSequence | None:
         """The sequence decoder layer ``layer`` holds, if a layer stage at or before it changed it."""

@@ -25,6 +25,7 @@ protected, attention and text inputs filled in when the reducer reads them):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from tokenprune.budget import budget_per_sample
 from tokenprune.layout import TokenLayout
-from tokenprune.reducer import InsertionPoint, Merge, ReduceContext, Selection, TokenReducer
+from tokenprune.reducer import InputEmbeddings, InsertionPoint, Merge, ReduceContext, Selection, TokenReducer
 from tokenprune.validation import check_reduction, check_stage_budget
 
 DEFAULT_GRIDS: tuple[tuple[int, int], ...] = ((3, 4), (2, 3), (4, 4))
@@ -66,9 +67,12 @@ def make_reduce_inputs(
     Sample ``b`` is a ``grids[b]`` feature grid in raster order, each row followed by a newline
     token when ``newlines``. Features are seeded Gaussian noise; attention maps (probe and own-layer
     sources) are softmaxes of seeded logits over each sample's valid tokens. The text tokens follow
-    the visual ones in the sequence (``columns``); ``signals`` adds seeded ``keys`` (``text_keys``)
-    and a parameter-free RMS norm as ``final_norm``. The budget is ``reducer.stage_budget`` of
-    ``keep`` when a ``reducer`` is given (as the engine computes it), else the default rule.
+    the visual ones in the sequence (``columns``); ``signals`` adds seeded ``keys`` (``text_keys``),
+    a parameter-free RMS norm as ``final_norm``, per-text-row ``text_attention`` (each row a softmax
+    over the visual tokens and one more key, so rows sum to less than 1) and seeded
+    ``input_embeddings`` (the same visual and text tokens as the language model's input). The budget
+    is ``reducer.stage_budget`` of ``keep`` when a ``reducer`` is given (as the engine computes it),
+    else the default rule.
 
     Returns:
         ``(tokens, ctx)``: ``(B, N, D)`` tokens (zero at padding) and the context.
@@ -126,7 +130,31 @@ def make_reduce_inputs(
         columns=columns,
         text_columns=text_columns,
     )
+    if text_tokens and text_columns is not None:
+        ctx = _text_signals(ctx, signals, gen, dim, text_columns)
     return tokens.to(device=device, dtype=dtype), _context_to(ctx, device)
+
+
+def _text_signals(
+    ctx: ReduceContext, signals: Sequence[str], gen: torch.Generator, dim: int, text_columns: Tensor
+) -> ReduceContext:
+    """``ctx`` with seeded ``text_attention`` and ``input_embeddings`` where ``signals`` asks for them."""
+    b, n = ctx.valid.shape
+    t = text_columns.shape[1]
+    if "text_attention" in signals:
+        logits = torch.randn(b, t, n + 1, generator=gen)
+        logits[:, :, :n] = logits[:, :, :n].masked_fill(~ctx.valid[:, None, :], float("-inf"))
+        ctx = replace(ctx, text_attention=logits.softmax(-1)[:, :, :n])
+    if "input_embeddings" in signals:
+        embeds = InputEmbeddings(
+            visual=torch.randn(b, n, dim, generator=gen) * ctx.valid[..., None],
+            visual_valid=ctx.valid.clone(),
+            visual_columns=ctx.columns.clone() if ctx.columns is not None else torch.arange(n).expand(b, n),
+            text=torch.randn(b, t, dim, generator=gen),
+            text_columns=text_columns.clone(),
+        )
+        ctx = replace(ctx, input_embeddings=embeds)
+    return ctx
 
 
 def _rms_norm(x: Tensor) -> Tensor:
@@ -248,7 +276,7 @@ def check_inputs_unchanged(reducer: TokenReducer, **kwargs: Any) -> None:
     """``reduce`` must not modify its inputs in place."""
     tokens, ctx = _inputs_for(reducer, **kwargs)
     maps = {**{("a", k): v for k, v in ctx.attention.items()}, **{("o", k): v for k, v in ctx.own_attention.items()}}
-    for name in ("keys", "text", "text_keys"):
+    for name in ("keys", "text", "text_keys", "text_attention"):
         if getattr(ctx, name) is not None:
             maps[("t", name)] = getattr(ctx, name)
     before = (tokens.clone(), ctx.sizes.clone(), {k: v.clone() for k, v in maps.items()})
@@ -369,8 +397,24 @@ def _slice(tokens: Tensor, ctx: ReduceContext, i: int) -> tuple[Tensor, ReduceCo
         final_norm=ctx.final_norm,
         columns=None if ctx.columns is None else cut(ctx.columns),
         text_columns=None if ctx.text_columns is None else ctx.text_columns[i : i + 1],
+        text_attention=None if ctx.text_attention is None else ctx.text_attention[i : i + 1, :, :n],
+        input_embeddings=_slice_embeddings(ctx.input_embeddings, i),
     )
     return cut(tokens), alone
+
+
+def _slice_embeddings(embeds: InputEmbeddings | None, i: int) -> InputEmbeddings | None:
+    """Sample ``i`` of ``embeds``, its visual padding cut off."""
+    if embeds is None:
+        return None
+    n0 = int(embeds.visual_valid[i].sum())
+    return InputEmbeddings(
+        visual=embeds.visual[i : i + 1, :n0],
+        visual_valid=embeds.visual_valid[i : i + 1, :n0],
+        visual_columns=embeds.visual_columns[i : i + 1, :n0],
+        text=embeds.text[i : i + 1],
+        text_columns=embeds.text_columns[i : i + 1],
+    )
 
 
 def _context_to(ctx: ReduceContext, device: torch.device | str) -> ReduceContext:
@@ -393,4 +437,8 @@ def _context_to(ctx: ReduceContext, device: torch.device | str) -> ReduceContext
         final_norm=ctx.final_norm,
         columns=move(ctx.columns),
         text_columns=move(ctx.text_columns),
+        text_attention=move(ctx.text_attention),
+        input_embeddings=None
+        if ctx.input_embeddings is None
+        else InputEmbeddings(**{k: v.to(device) for k, v in vars(ctx.input_embeddings).items()}),
     )
