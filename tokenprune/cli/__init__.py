@@ -9,10 +9,12 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from tokenprune import __version__
 from tokenprune.cli.run import run as run_command
@@ -21,8 +23,44 @@ from tokenprune.pipeline import load_pipeline, pipeline_json_schema
 from tokenprune.plugins import AdapterRegistry, Collision, PluginManager, ReducerRegistry, get_plugin_manager
 from tokenprune.synth.cli import app as synth_app
 
+
+class _FlagsReadAsFlags(TyperGroup):
+    """The root command group: every boolean flag of every command reads as a flag in ``--help``.
+
+    typer 0.29's rich help panel (``rich_utils._print_options_panel``) prints each option's type,
+    flags included (``--quiet <bool>``, ``--help <bool>``), where its plain help leaves flags bare.
+    An empty metavar makes the panel print nothing there. The group fixes its own options and, as
+    a command is looked up (to run it or show its help), that command's and its subcommands' options,
+    so commands that plugins add (``tokenprune_add_commands``) read the same.
+    """
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _bare_flags(super().get_params(ctx))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _bare_flags_everywhere(command, ctx)
+        return command
+
+
+def _bare_flags(params: list[click.Parameter]) -> list[click.Parameter]:
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+def _bare_flags_everywhere(command: click.Command, ctx: click.Context) -> None:
+    """:func:`_bare_flags` on ``command``'s options (``--help`` included) and on its subcommands'."""
+    _bare_flags(command.get_params(ctx))
+    for sub in getattr(command, "commands", {}).values():
+        _bare_flags_everywhere(sub, ctx)
+
+
 app = typer.Typer(
     name="tokenprune",
+    cls=_FlagsReadAsFlags,
     help="Reduce the visual tokens of vision-language models, and compare the strategies fairly.",
     no_args_is_help=True,
     add_completion=False,
