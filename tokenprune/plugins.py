@@ -4,6 +4,11 @@
 it loads every entry point of the ``tokenprune`` group, skipping the names listed in the
 ``TOKENPRUNE_DISABLE_PLUGINS`` environment variable (comma-separated), and reports a plugin that
 fails to import with its distribution and error while still loading the others.
+
+Two plugins that register the same name (a reducer, an adapter's model type, a task) with different
+classes do not take the others down either: the registry records a :class:`Collision`, lists the
+name, and raises :class:`~tokenprune.errors.PluginError` (naming both plugins and their
+distributions, and how to disable one) only when the name is used.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import pluggy
 from pydantic import BaseModel
@@ -80,17 +85,70 @@ T = TypeVar("T")
 R = TypeVar("R", bound="_Registry[Any]")
 
 
-@dataclass
-class _Entry(Generic[T]):
-    value: T
+@dataclass(frozen=True)
+class Claim(Generic[T]):
+    """One registration of a name: the plugin that made it and the class it registered."""
+
     origin: PluginInfo | None
+    value: T
+
+    def describe(self) -> str:
+        """E.g. ``plugin 'acme' (distribution acme-pruners 0.3) (acme.Norm)``."""
+        return f"{_origin(self.origin)} ({_qualname(self.value)})"
+
+
+@dataclass(frozen=True)
+class Collision:
+    """A name that several plugins registered with different classes.
+
+    The other names of those plugins still work; only using this one is an error (:meth:`error`),
+    until all but one of the claims is uninstalled or disabled.
+
+    Attributes:
+        kind: What the name is: ``reducer``, ``adapter for model_type`` or ``task``.
+        name: The name (a model type for adapters).
+        claims: Every registration of the name, in registration order.
+    """
+
+    kind: str
+    name: str
+    claims: tuple[Claim[Any], ...]
+
+    def describe(self) -> str:
+        """E.g. ``reducer 'x' is registered twice: by plugin 'a' (...) (a.X) and by plugin 'b' (...) (b.X)``."""
+        times = "twice" if len(self.claims) == 2 else f"{len(self.claims)} times"
+        by = " and by ".join(c.describe() for c in self.claims)
+        return f"{self.kind} {self.name!r} is registered {times}: by {by}"
+
+    def fix(self) -> str:
+        """How to resolve it: uninstall a distribution, or disable a plugin by its entry-point name."""
+        dists = sorted({c.origin.distribution for c in self.claims if c.origin and c.origin.distribution})
+        plugins = sorted({c.origin.name for c in self.claims if c.origin and c.origin.distribution})
+        ways = []
+        if dists:
+            ways.append("uninstall one of the distributions (" + ", ".join(dists) + ")")
+        if plugins:
+            settings = " or ".join(f"{DISABLE_ENV}={name}" for name in plugins)
+            ways.append(f"disable one plugin with {settings} (that drops everything the plugin registers)")
+        if len(plugins) < len(self.claims):
+            ways.append("register only one of the classes")
+        return "To use it, " + ", or ".join(ways) + "."
+
+    def error(self) -> PluginError:
+        """The error raised when a pipeline (or a lookup) uses the name."""
+        return PluginError(f"{self.describe()}. {self.fix()}")
 
 
 @dataclass
 class _Registry(Generic[T]):
-    """Shared machinery: entries keyed by name, each remembering the plugin that added it."""
+    """Shared machinery: claims keyed by name, each remembering the plugin that made it.
 
-    _entries: dict[str, _Entry[T]] = field(default_factory=dict)
+    A name claimed with two different classes is a :class:`Collision`: it stays listed, and looking
+    it up raises :class:`PluginError` naming both plugins; every other name keeps working.
+    """
+
+    kind: ClassVar[str] = "entry"
+    _claims: dict[str, list[Claim[T]]] = field(default_factory=dict)
     _current: PluginInfo | None = None
 
     @contextmanager
@@ -101,39 +159,84 @@ class _Registry(Generic[T]):
         finally:
             self._current = previous
 
-    def _put(self, key: str, value: T, kind: str, exist_ok: bool) -> None:
-        existing = self._entries.get(key)
-        if existing is not None and not exist_ok and existing.value is not value:
-            raise PluginError(
-                f"{kind} {key!r} is registered twice: by {_origin(existing.origin)} ({_qualname(existing.value)}) "
-                f"and by {_origin(self._current)} ({_qualname(value)}). Uninstall or disable one of them "
-                f"({DISABLE_ENV}=<plugin name>)."
-            )
-        self._entries[key] = _Entry(value, self._current)
+    def _put(self, key: str, value: T, exist_ok: bool) -> None:
+        claims = self._claims.setdefault(key, [])
+        if exist_ok:
+            claims[:] = [Claim(self._current, value)]
+        elif not any(c.value is value for c in claims):  # the same class twice is not a collision
+            claims.append(Claim(self._current, value))
+
+    def _value(self, key: str) -> T:
+        """The class registered as ``key``; KeyError if none, PluginError if it collides."""
+        claims = self._claims[key]
+        if len(claims) > 1:
+            raise self._collision(key, claims).error()
+        return claims[0].value
+
+    def _collision(self, key: str, claims: list[Claim[T]]) -> Collision:
+        return Collision(self.kind, key, tuple(claims))
+
+    @property
+    def collisions(self) -> list[Collision]:
+        """The names registered more than once with different classes, by name."""
+        return [self._collision(k, self._claims[k]) for k in self if len(self._claims[k]) > 1]
+
+    def claims(self, key: str) -> list[Claim[T]]:
+        """Every registration of ``key`` (one, unless it collides)."""
+        return list(self._claims[key])
+
+    def registered_by(self, key: str, plugin_name: str) -> T:
+        """The class that the plugin ``plugin_name`` registered as ``key`` (even if the name collides)."""
+        for claim in self._claims[key]:
+            if claim.origin is not None and claim.origin.name == plugin_name:
+                return claim.value
+        raise KeyError(f"plugin {plugin_name!r} did not register {self.kind} {key!r}")
 
     def origin(self, key: str) -> PluginInfo | None:
-        """The plugin that registered ``key`` (None if registered outside any plugin)."""
-        return self._entries[key].origin
+        """The plugin that registered ``key`` (None if registered outside any plugin).
+
+        Raises:
+            PluginError: several plugins registered ``key``.
+        """
+        claims = self._claims[key]
+        if len(claims) > 1:
+            raise self._collision(key, claims).error()
+        return claims[0].origin
+
+    def provided_by(self, plugin_name: str) -> list[str]:
+        """The names that the plugin ``plugin_name`` registered (colliding ones included)."""
+        return [k for k in self if any(c.origin is not None and c.origin.name == plugin_name for c in self._claims[k])]
+
+    def unambiguous(self: R) -> R:
+        """A copy without the colliding names (e.g. for a schema of everything that can be used)."""
+        copy = type(self)()
+        copy._claims = {k: list(v) for k, v in self._claims.items() if len(v) == 1}
+        return copy
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return key in self._claims
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._claims)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return iter(sorted(self._claims))
 
 
 class ReducerRegistry(_Registry[type[TokenReducer]]):
     """Reducer classes by registry name. Filled by the ``tokenprune_register_reducers`` hook."""
 
+    kind: ClassVar[str] = "reducer"
+
     def add(self, reducer: type[TokenReducer], *, exist_ok: bool = False) -> None:
         """Register a reducer class under ``reducer.name``.
 
+        A name that another plugin registered with a different class is recorded as a
+        :class:`Collision` (``exist_ok`` replaces the earlier class instead): the name stays listed,
+        and :meth:`get` raises for it.
+
         Raises:
-            PluginError: the class breaks the contract, or another plugin registered the same name
-                (unless ``exist_ok``).
+            PluginError: the class breaks the contract.
         """
         who = _origin(self._current)
         if not (isinstance(reducer, type) and issubclass(reducer, TokenReducer)):
@@ -157,16 +260,17 @@ class ReducerRegistry(_Registry[type[TokenReducer]]):
         if reducer.__abstractmethods__:
             missing = ", ".join(sorted(reducer.__abstractmethods__))
             raise PluginError(f"{who}: {_qualname(reducer)} does not implement {missing}")
-        self._put(name, reducer, "reducer", exist_ok)
+        self._put(name, reducer, exist_ok)
 
     def get(self, name: str) -> type[TokenReducer]:
         """The reducer class registered as ``name``.
 
         Raises:
             UnknownReducerError: listing the installed reducers and the closest name.
+            PluginError: several plugins registered ``name`` (naming them, and how to disable one).
         """
         try:
-            return self._entries[name].value
+            return self._value(name)
         except KeyError:
             raise UnknownReducerError(self.unknown_message(name)) from None
 
@@ -182,26 +286,26 @@ class ReducerRegistry(_Registry[type[TokenReducer]]):
 
     def describe(self, name: str) -> str:
         """E.g. ``reducer 'random' (plugin 'random', distribution tokenprune 0.1.0)``."""
-        info = self._entries[name].origin
+        info = self.origin(name)
         if info is None:
             return f"reducer {name!r} (registered outside a plugin)"
         dist = f"distribution {info.distribution} {info.version}" if info.distribution else "no distribution"
         return f"reducer {name!r} (plugin {info.name!r}, {dist})"
 
-    def provided_by(self, plugin_name: str) -> list[str]:
-        """Names of the reducers that the plugin ``plugin_name`` registered."""
-        return [k for k in self if (o := self._entries[k].origin) is not None and o.name == plugin_name]
-
 
 class AdapterRegistry(_Registry[type[ModelAdapter]]):
     """Adapter classes by ``model_type``. Filled by the ``tokenprune_register_adapters`` hook."""
 
+    kind: ClassVar[str] = "adapter for model_type"
+
     def add(self, adapter: type[ModelAdapter], *, exist_ok: bool = False) -> None:
         """Register ``adapter`` for each of its ``model_types``.
 
+        A model type that another plugin claimed with a different class is recorded as a
+        :class:`Collision` (``exist_ok`` replaces the earlier class instead); :meth:`get` raises for it.
+
         Raises:
-            PluginError: the class is not a ModelAdapter, declares no model type, or a model type is
-                already claimed by another plugin (unless ``exist_ok``).
+            PluginError: the class is not a ModelAdapter, or declares no model type.
         """
         who = _origin(self._current)
         if not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
@@ -212,16 +316,17 @@ class AdapterRegistry(_Registry[type[ModelAdapter]]):
                 f"{who}: {_qualname(adapter)}.model_types must be a non-empty tuple of model_type strings"
             )
         for model_type in types:
-            self._put(model_type, adapter, "adapter for model_type", exist_ok)
+            self._put(model_type, adapter, exist_ok)
 
     def get(self, model_type: str) -> type[ModelAdapter]:
         """The adapter for ``model_type``.
 
         Raises:
             UnsupportedModelError: listing the supported model types and the docs on adding one.
+            PluginError: several plugins claimed ``model_type`` (naming them, and how to disable one).
         """
         try:
-            return self._entries[model_type].value
+            return self._value(model_type)
         except KeyError:
             supported = ", ".join(self) or "none"
             raise UnsupportedModelError(
@@ -229,19 +334,20 @@ class AdapterRegistry(_Registry[type[ModelAdapter]]):
                 f"To add an architecture, write an adapter plugin ({ADAPTER_DOCS})."
             ) from None
 
-    def provided_by(self, plugin_name: str) -> list[str]:
-        """Model types that the plugin ``plugin_name`` registered adapters for."""
-        return [k for k in self if (o := self._entries[k].origin) is not None and o.name == plugin_name]
-
 
 class TaskRegistry(_Registry[type]):
     """Evaluation task classes by name. Filled by the ``tokenprune_register_tasks`` hook."""
 
+    kind: ClassVar[str] = "task"
+
     def add(self, task: type, *, exist_ok: bool = False) -> None:
         """Register a :class:`~tokenprune.bench.tasks.Task` class under ``task.name``.
 
+        A name that another plugin registered with a different class is recorded as a
+        :class:`Collision`; :meth:`get` raises for it.
+
         Raises:
-            PluginError: the class is not a Task, has an invalid name, or the name is taken.
+            PluginError: the class is not a Task, or has an invalid name.
         """
         from tokenprune.bench.tasks import Task
 
@@ -251,22 +357,23 @@ class TaskRegistry(_Registry[type]):
         name = getattr(task, "name", None)
         if not isinstance(name, str) or not _NAME.match(name):
             raise PluginError(f"{who} registered {_qualname(task)} with invalid task name {name!r}")
-        self._put(name, task, "task", exist_ok)
+        self._put(name, task, exist_ok)
 
     def get(self, name: str) -> type:
-        """The task class registered as ``name``; unknown names list the installed tasks."""
+        """The task class registered as ``name``.
+
+        Raises:
+            UnknownTaskError: listing the installed tasks and the closest name.
+            PluginError: several plugins registered ``name``.
+        """
         try:
-            return self._entries[name].value
+            return self._value(name)
         except KeyError:
             close = difflib.get_close_matches(name, list(self), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise UnknownTaskError(
                 f"unknown task {name!r}{hint} Installed tasks: {', '.join(self) or 'none'}."
             ) from None
-
-    def provided_by(self, plugin_name: str) -> list[str]:
-        """Names of the tasks that the plugin ``plugin_name`` registered."""
-        return [k for k in self if (o := self._entries[k].origin) is not None and o.name == plugin_name]
 
 
 class PluginManager:
@@ -313,6 +420,11 @@ class PluginManager:
     def tasks(self) -> TaskRegistry:
         """Every registered evaluation task class."""
         return self._registry("tokenprune_register_tasks", TaskRegistry)
+
+    @property
+    def collisions(self) -> list[Collision]:
+        """Names that several plugins registered with different classes: reducers, adapters, tasks."""
+        return [*self.reducers.collisions, *self.adapters.collisions, *self.tasks.collisions]
 
     def _registry(self, hook_name: str, kind: type[R]) -> R:
         if hook_name not in self._registries:
@@ -426,6 +538,8 @@ __all__ = [
     "DISABLE_ENV",
     "ENTRY_POINT_GROUP",
     "AdapterRegistry",
+    "Claim",
+    "Collision",
     "PluginInfo",
     "PluginLoadFailure",
     "PluginManager",

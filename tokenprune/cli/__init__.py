@@ -9,20 +9,58 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from tokenprune import __version__
 from tokenprune.cli.run import run as run_command
 from tokenprune.errors import PluginLoadWarning, TokenpruneError
 from tokenprune.pipeline import load_pipeline, pipeline_json_schema
-from tokenprune.plugins import PluginManager, get_plugin_manager
+from tokenprune.plugins import AdapterRegistry, Collision, PluginManager, ReducerRegistry, get_plugin_manager
 from tokenprune.synth.cli import app as synth_app
+
+
+class _FlagsReadAsFlags(TyperGroup):
+    """The root command group: every boolean flag of every command reads as a flag in ``--help``.
+
+    typer 0.29's rich help panel (``rich_utils._print_options_panel``) prints each option's type,
+    flags included (``--quiet <bool>``, ``--help <bool>``), where its plain help leaves flags bare.
+    An empty metavar makes the panel print nothing there. The group fixes its own options and, as
+    a command is looked up (to run it or show its help), that command's and its subcommands' options,
+    so commands that plugins add (``tokenprune_add_commands``) read the same.
+    """
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _bare_flags(super().get_params(ctx))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _bare_flags_everywhere(command, ctx)
+        return command
+
+
+def _bare_flags(params: list[click.Parameter]) -> list[click.Parameter]:
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+def _bare_flags_everywhere(command: click.Command, ctx: click.Context) -> None:
+    """:func:`_bare_flags` on ``command``'s options (``--help`` included) and on its subcommands'."""
+    _bare_flags(command.get_params(ctx))
+    for sub in getattr(command, "commands", {}).values():
+        _bare_flags_everywhere(sub, ctx)
+
 
 app = typer.Typer(
     name="tokenprune",
+    cls=_FlagsReadAsFlags,
     help="Reduce the visual tokens of vision-language models, and compare the strategies fairly.",
     no_args_is_help=True,
     add_completion=False,
@@ -56,13 +94,18 @@ def _manager() -> PluginManager:
 
 
 def plugins_report(manager: PluginManager) -> dict[str, Any]:
-    """What ``tokenprune plugins --json`` prints: every plugin with its reducers and adapters."""
+    """What ``tokenprune plugins --json`` prints: every plugin with its reducers and adapters.
+
+    A name that several plugins registered (a collision) is listed under each of them, with
+    ``"collision": true`` on reducers, and described under ``collisions`` with every claim.
+    """
     reducers, adapters, tasks = manager.reducers, manager.adapters, manager.tasks
+    collided = {(c.kind, c.name) for c in manager.collisions}
     plugins = []
     for info in manager.plugins:
         entries = []
         for name in reducers.provided_by(info.name):
-            cls = reducers.get(name)
+            cls = reducers.registered_by(name, info.name)
             entries.append(
                 {
                     "name": name,
@@ -70,6 +113,7 @@ def plugins_report(manager: PluginManager) -> dict[str, Any]:
                     "summary": (cls.__doc__ or "").strip().split("\n")[0],
                     "capabilities": cls.capabilities.as_dict(),
                     "params": cls.Params.model_json_schema(),
+                    "collision": (reducers.kind, name) in collided,
                 }
             )
         plugins.append(
@@ -80,7 +124,9 @@ def plugins_report(manager: PluginManager) -> dict[str, Any]:
                 "module": info.module,
                 "reducers": entries,
                 "adapters": adapters.provided_by(info.name),
-                "adapter_notes": {t: adapters.get(t).notes for t in adapters.provided_by(info.name)},
+                "adapter_notes": {
+                    t: adapters.registered_by(t, info.name).notes for t in adapters.provided_by(info.name)
+                },
                 "tasks": tasks.provided_by(info.name),
             }
         )
@@ -88,6 +134,7 @@ def plugins_report(manager: PluginManager) -> dict[str, Any]:
         {"name": f.name, "distribution": f.distribution, "version": f.version, "error": f.error}
         for f in manager.failures
     ]
+    collisions = [_collision_report(c) for c in manager.collisions]
     from tokenprune.engine import compat
 
     transformers = {
@@ -95,7 +142,26 @@ def plugins_report(manager: PluginManager) -> dict[str, Any]:
         "supported": compat.supported_range(),
         "in_range": compat.is_supported(),
     }
-    return {"plugins": plugins, "failures": failures, "transformers": transformers}
+    return {
+        "plugins": plugins,
+        "failures": failures,
+        "collisions": collisions,
+        "transformers": transformers,
+    }
+
+
+def _collision_report(collision: Collision) -> dict[str, Any]:
+    """One entry of ``collisions`` in ``tokenprune plugins --json``: every claim, and the error's text."""
+    claims = [
+        {
+            "plugin": claim.origin.name if claim.origin else None,
+            "distribution": claim.origin.distribution if claim.origin else None,
+            "version": claim.origin.version if claim.origin else None,
+            "class": f"{claim.value.__module__}.{claim.value.__qualname__}",
+        }
+        for claim in collision.claims
+    ]
+    return {"kind": collision.kind, "name": collision.name, "claims": claims, "message": str(collision.error())}
 
 
 @app.command()
@@ -104,7 +170,9 @@ def plugins(
 ) -> None:
     """List the installed plugins with their reducers (and capabilities), adapters and tasks.
 
-    Plugins named in TOKENPRUNE_DISABLE_PLUGINS (comma-separated) are not loaded.
+    Plugins named in TOKENPRUNE_DISABLE_PLUGINS (comma-separated) are not loaded. A name that two
+    plugins register is listed under both and marked as a collision; pipelines that use it fail
+    until one of the plugins is disabled, the others work.
     """
     try:
         report = plugins_report(_manager())
@@ -114,15 +182,40 @@ def plugins(
         typer.echo(json.dumps(report, indent=2))
         return
     console = Console()
+    console.print(_plugins_table(report))
+    console.print(_reducers_table(report))
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
+    for f in report["failures"]:
+        dist = f"{f['distribution']} {f['version']}" if f["distribution"] else "no distribution"
+        errors.print(f"[red]plugin {f['name']!r} ({dist}) failed to load:[/red] {f['error']}")
+    for c in report["collisions"]:
+        errors.print("collision: " + c["message"], style="yellow", markup=False)
+
+
+def _collided(report: dict[str, Any], kind: str) -> set[str]:
+    return {c["name"] for c in report["collisions"] if c["kind"] == kind}
+
+
+def _plugins_table(report: dict[str, Any]) -> Table:
+    """The plugins, each with its distribution and what it registered; collisions are marked."""
+    reducers, adapters = _collided(report, ReducerRegistry.kind), _collided(report, AdapterRegistry.kind)
+    mark = lambda name, collided: f"{name} (collision)" if name in collided else name  # noqa: E731
     table = Table(title="tokenprune plugins")
     for column in ("plugin", "distribution", "reducers", "adapters (model_type)"):
         table.add_column(column)
     for p in report["plugins"]:
         dist = f"{p['distribution']} {p['version']}" if p["distribution"] else "(registered directly)"
         table.add_row(
-            p["name"], dist, ", ".join(r["name"] for r in p["reducers"]) or "-", ", ".join(p["adapters"]) or "-"
+            p["name"],
+            dist,
+            ", ".join(mark(r["name"], reducers) for r in p["reducers"]) or "-",
+            ", ".join(mark(t, adapters) for t in p["adapters"]) or "-",
         )
-    console.print(table)
+    return table
+
+
+def _reducers_table(report: dict[str, Any]) -> Table:
+    """Every reducer with its capabilities (a colliding name has a row per plugin)."""
     caps = Table(title="reducers")
     for column in ("reducer", "insertion points", "attention", "text", "trainable", "fixed count", "merges", "summary"):
         caps.add_column(column)
@@ -131,7 +224,7 @@ def plugins(
         for r in p["reducers"]:
             c = r["capabilities"]
             caps.add_row(
-                r["name"],
+                f"{r['name']} (collision: plugin {p['name']})" if r["collision"] else r["name"],
                 ", ".join(c["insertion_points"]),
                 ", ".join(c["attention"]) or "-",
                 yes(c["needs_text"]),
@@ -140,10 +233,7 @@ def plugins(
                 yes(c["merges"]),
                 r["summary"],
             )
-    console.print(caps)
-    for f in report["failures"]:
-        dist = f"{f['distribution']} {f['version']}" if f["distribution"] else "no distribution"
-        Console(stderr=True).print(f"[red]plugin {f['name']!r} ({dist}) failed to load:[/red] {f['error']}")
+    return caps
 
 
 @app.command()
@@ -175,8 +265,18 @@ def schema(
         bool, typer.Option("--core-only", help="Leave out the installed reducers' parameter schemas.")
     ] = False,
 ) -> None:
-    """Print the JSON schema of pipeline files (with each installed reducer's params)."""
-    registry = None if core_only else _manager().reducers
+    """Print the JSON schema of pipeline files (with each installed reducer's params).
+
+    A reducer name that several plugins registered is left out (and reported), since no pipeline can use it.
+    """
+    registry = None
+    if not core_only:
+        registry = _manager().reducers
+        for collision in registry.collisions:
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                f"left out of the schema: {collision.error()}", style="yellow", markup=False
+            )
+        registry = registry.unambiguous()
     text = json.dumps(pipeline_json_schema(registry), indent=2)
     if output is None:
         typer.echo(text)
