@@ -28,7 +28,7 @@ import pluggy
 if TYPE_CHECKING:
     import typer
 
-    from tokenprune.plugins import AdapterRegistry, ReducerRegistry, TaskRegistry
+    from tokenprune.plugins import AdapterRegistry, PipelineRegistry, ReducerRegistry, TaskRegistry
 
 PROJECT_NAME = "tokenprune"
 
@@ -69,6 +69,23 @@ def tokenprune_register_tasks(registry: TaskRegistry) -> None:
     :param registry: Call ``registry.add(TaskClass)``; the task is then usable in a comparison
         config as ``tasks: [{name: <TaskClass.name>, ...params}]``. A name already registered by
         another plugin is an error that names both distributions.
+    """
+
+
+@hookspec
+def tokenprune_register_pipelines(registry: PipelineRegistry) -> None:
+    """Register named pipelines (presets), e.g. the configurations of a paper's main tables.
+
+    Called once per plugin manager, when its preset registry is first built. A preset is then usable
+    as a pipeline file holding ``preset: NAME`` (optionally with ``name:``), as ``- preset: NAME`` in
+    a comparison config's ``pipelines``, and as ``tokenprune compare --preset NAME``; ``tokenprune
+    plugins`` lists it with its paper and table.
+
+    :param registry: Call ``registry.add(name, definition, paper=..., table=..., description=...)``;
+        ``definition`` is the pipeline as a YAML document holds it (``stages``, ``positions``, ...).
+        Its stages are validated against the installed reducers when the preset is used, so a
+        preset may use another plugin's reducers. A name already registered by another plugin is
+        listed as a collision and cannot be used until one is disabled.
     """
 
 

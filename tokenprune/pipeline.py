@@ -34,7 +34,7 @@ from tokenprune.errors import PipelineError
 from tokenprune.reducer import InsertionPoint, ReducerParams, TokenReducer
 
 if TYPE_CHECKING:
-    from tokenprune.plugins import ReducerRegistry
+    from tokenprune.plugins import PipelineRegistry, ReducerRegistry
 
 PositionPolicy = Literal["original", "compact"]
 
@@ -153,14 +153,19 @@ def load_pipeline(
     *,
     registry: ReducerRegistry | None = None,
     check: bool = True,
+    presets: PipelineRegistry | None = None,
 ) -> Pipeline:
     """Load and validate a pipeline.
+
+    A document ``{preset: NAME}`` (optionally with ``name:``) stands for the pipeline a plugin
+    registered as that preset (``tokenprune plugins`` lists them).
 
     Args:
         source: A path to a YAML file, a YAML string, a mapping, or a :class:`Pipeline`.
         registry: Reducers to validate against; by default those of a fresh
             :func:`~tokenprune.plugins.get_plugin_manager`.
         check: Validate the stages against the reducers (False checks the structure only).
+        presets: The presets ``preset:`` names; by default those of a fresh plugin manager.
 
     Raises:
         PipelineError: with every problem found, each naming its stage, field and YAML line.
@@ -178,6 +183,8 @@ def load_pipeline(
                 "e.g.\nstages:\n  - {at: post_projector, reducer: random, keep: 0.5}",
                 [Problem("<document>", f"expected a mapping, got a {_yaml_kind(data)}", line=1)],
             )
+        if "preset" in data:
+            data, lines = _expand_preset(data, label, presets), {}
         try:
             pipeline = Pipeline.model_validate(dict(data))
         except ValidationError as exc:
@@ -193,6 +200,25 @@ def load_pipeline(
         if problems:
             raise PipelineError(_format(problems, label), problems)
     return pipeline
+
+
+def _expand_preset(data: Mapping[str, Any], label: str, presets: PipelineRegistry | None) -> dict[str, Any]:
+    """The definition of the preset ``data["preset"]``, named ``data.get("name")`` or after the preset."""
+    extra = sorted(set(data) - {"preset", "name"})
+    if extra:
+        raise PipelineError(
+            f"{label}: a preset document holds only `preset:` and optionally `name:`, not {', '.join(extra)}; "
+            "to change a preset, copy its stages (`tokenprune plugins --json` shows them) into a pipeline file",
+            [Problem(key, "not allowed beside `preset:`") for key in extra],
+        )
+    if not isinstance(data["preset"], str):
+        raise PipelineError(f"{label}: `preset:` must be a preset name, got {data['preset']!r}")
+    if presets is None:
+        from tokenprune.plugins import get_plugin_manager
+
+        presets = get_plugin_manager().pipelines
+    preset = presets.get(data["preset"])
+    return {**preset.definition, "name": data.get("name", preset.name)}
 
 
 def _installed_reducers() -> ReducerRegistry:

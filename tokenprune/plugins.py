@@ -13,11 +13,13 @@ distributions, and how to disable one) only when the name is used.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import fnmatch
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -29,6 +31,7 @@ from pydantic import BaseModel
 from tokenprune import hookspecs
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.errors import (
+    PipelineError,
     PluginError,
     PluginLoadWarning,
     UnknownReducerError,
@@ -376,6 +379,97 @@ class TaskRegistry(_Registry[type]):
             ) from None
 
 
+PRESET_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named pipeline a plugin ships: typically the configuration of a paper's main table.
+
+    Attributes:
+        name: The preset's name (``preset: NAME`` in YAML, ``tokenprune compare --preset NAME``).
+        definition: The pipeline as a YAML document holds it (``stages``, ``positions``, ...).
+        paper: The paper, e.g. ``"FastV (Chen et al., ECCV 2024), arXiv 2403.06764"``.
+        table: What it reproduces, e.g. ``"Table 1, LLaVA-NeXT-8B, 70% pruned"``.
+        description: One line for ``tokenprune plugins``.
+    """
+
+    name: str
+    definition: dict[str, Any]
+    paper: str
+    table: str
+    description: str = ""
+
+
+class PipelineRegistry(_Registry[Preset]):
+    """Named pipelines (presets) by name. Filled by the ``tokenprune_register_pipelines`` hook."""
+
+    kind: ClassVar[str] = "pipeline preset"
+
+    def add(
+        self,
+        name: str,
+        definition: Mapping[str, Any],
+        *,
+        paper: str,
+        table: str,
+        description: str = "",
+        exist_ok: bool = False,
+    ) -> None:
+        """Register the pipeline ``definition`` (a mapping as in a YAML file) as the preset ``name``.
+
+        The definition is checked for its shape here (a ``stages`` list, no ``name`` or ``preset``
+        key); its stages are validated against the installed reducers when the preset is used.
+
+        Raises:
+            PluginError: the name or the definition is malformed, or ``paper`` / ``table`` is empty.
+        """
+        who = _origin(self._current)
+        if not isinstance(name, str) or not PRESET_NAME.match(name):
+            raise PluginError(
+                f"{who} registered the preset name {name!r}; a preset name is lower case letters, digits, "
+                "'_', '-' and '.', starting with a letter"
+            )
+        if not isinstance(definition, Mapping) or not isinstance(definition.get("stages"), list):
+            raise PluginError(f"{who}: preset {name!r} must be a mapping with a `stages:` list")
+        if {"name", "preset"} & set(definition):
+            raise PluginError(f"{who}: preset {name!r} must not set `name` or `preset` (the preset name names it)")
+        if not (isinstance(paper, str) and paper.strip() and isinstance(table, str) and table.strip()):
+            raise PluginError(f"{who}: preset {name!r} must name its paper and the table it reproduces")
+        self._put(name, Preset(name, copy.deepcopy(dict(definition)), paper, table, description), exist_ok)
+
+    def get(self, name: str) -> Preset:
+        """The preset registered as ``name``.
+
+        Raises:
+            PipelineError: no such preset (listing them and the closest name).
+            PluginError: several plugins registered ``name``.
+        """
+        try:
+            return self._value(name)
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise PipelineError(
+                f"unknown pipeline preset {name!r}{hint} Installed presets: {', '.join(self) or 'none'} "
+                "(see `tokenprune plugins`)."
+            ) from None
+
+    def matching(self, pattern: str) -> list[str]:
+        """The preset names matching ``pattern`` (``fnmatch``: ``sparsevlm-*``), or ``pattern`` itself.
+
+        Raises:
+            PipelineError: nothing matches (listing the presets).
+        """
+        if not any(ch in pattern for ch in "*?["):
+            self.get(pattern)
+            return [pattern]
+        names = [n for n in self if fnmatch.fnmatchcase(n, pattern)]
+        if not names:
+            raise PipelineError(f"no pipeline preset matches {pattern!r}; installed: {', '.join(self) or 'none'}")
+        return names
+
+
 class PluginManager:
     """The loaded plugins, with typed access to what they register.
 
@@ -422,9 +516,19 @@ class PluginManager:
         return self._registry("tokenprune_register_tasks", TaskRegistry)
 
     @property
+    def pipelines(self) -> PipelineRegistry:
+        """Every registered pipeline preset."""
+        return self._registry("tokenprune_register_pipelines", PipelineRegistry)
+
+    @property
     def collisions(self) -> list[Collision]:
-        """Names that several plugins registered with different classes: reducers, adapters, tasks."""
-        return [*self.reducers.collisions, *self.adapters.collisions, *self.tasks.collisions]
+        """Names that several plugins registered differently: reducers, adapters, tasks, presets."""
+        return [
+            *self.reducers.collisions,
+            *self.adapters.collisions,
+            *self.tasks.collisions,
+            *self.pipelines.collisions,
+        ]
 
     def _registry(self, hook_name: str, kind: type[R]) -> R:
         if hook_name not in self._registries:

@@ -101,3 +101,23 @@ def nearest_count(keep: float, present: int) -> int:
 @tokenprune.hookimpl
 def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
     registry.add(FastV)
+
+
+FASTV_PAPER = "FastV (Chen et al., ECCV 2024), https://arxiv.org/abs/2403.06764"
+
+
+@tokenprune.hookimpl
+def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
+    for k, r, table in (
+        (2, 50, "the paper's main setting (K=2, R=50%; about 45% fewer FLOPs on LLaVA-1.5-13B)"),
+        (2, 75, "the paper's latency setting (K=2, R=75%; A-OKVQA on LLaVA-1.5-13B)"),
+        (3, 50, "the official README's lmms-eval table (K=3, R=50%; LLaVA-1.5-7B, 57% of the FLOPs)"),
+    ):
+        stage = {"at": {"layer": k}, "reducer": "fastv", "keep": (100 - r) / 100, "params": {"rounding": "nearest"}}
+        registry.add(
+            f"fastv-k{k}-r{r}",
+            {"stages": [stage]},
+            paper=FASTV_PAPER,
+            table=table,
+            description=f"FastV: after layer {k}, drop {r}% of the visual tokens (official rounding)",
+        )

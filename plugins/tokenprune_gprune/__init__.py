@@ -263,3 +263,21 @@ def gprune_graph(
 @tokenprune.hookimpl
 def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
     registry.add(GPrune)
+
+
+@tokenprune.hookimpl
+def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
+    for pruned in (50, 70, 90):
+        stage = {
+            "at": "post_projector",
+            "reducer": "gprune",
+            "keep": (100 - pruned) / 100,
+            "params": {"budget": "official", "precision": "model"},
+        }
+        registry.add(
+            f"gprune-{pruned}",
+            {"stages": [stage]},
+            paper="G-Prune (Jiang et al., AAAI 2025), https://arxiv.org/abs/2501.02268",
+            table=f"Table 1, LLaVA-NeXT-8B, {pruned}% of the visual tokens pruned",
+            description=f"G-Prune after the projector, {pruned}% pruned per graph as the official code counts",
+        )

@@ -62,3 +62,19 @@ class PyramidDrop(ScoringReducer):
 @tokenprune.hookimpl
 def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
     registry.add(PyramidDrop)
+
+
+@tokenprune.hookimpl
+def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
+    registry.add(
+        "pdrop-llava",
+        {
+            "positions": "compact",
+            "protect_newlines": False,
+            "stages": [{"at": {"layer": k}, "reducer": "pdrop", "keep": 0.5} for k in (8, 16, 24)],
+        },
+        paper="PyramidDrop (Xing et al., CVPR 2025), https://arxiv.org/abs/2410.17247",
+        table="the official evaluation scripts (scripts/v1_5 and v1_6 pdrop_eval: layers 8/16/24, lambda 0.5) "
+        "behind the LLaVA-1.5-7B and LLaVA-NeXT-7B results",
+        description="PyramidDrop: keep half of the visual tokens at layers 8, 16 and 24 (32-layer LLMs)",
+    )

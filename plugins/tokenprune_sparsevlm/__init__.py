@@ -284,3 +284,24 @@ class SparseVLM(TokenReducer):
 @tokenprune.hookimpl
 def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
     registry.add(SparseVLM)
+
+
+FIXED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+"""The official per-layer counts (``sparse_token_dict``) at the official layers 2, 6 and 15."""
+
+
+@tokenprune.hookimpl
+def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
+    for tokens, counts in FIXED_COUNTS.items():
+        stages = [
+            {"at": {"layer": layer + 1}, "reducer": "sparsevlm", "keep": count, "params": {"counts": "budget"}}
+            for layer, count in zip((2, 6, 15), counts, strict=True)
+        ]
+        registry.add(
+            f"sparsevlm-{tokens}",
+            {"positions": "compact", "protect_newlines": False, "stages": stages},
+            paper="SparseVLM (Zhang et al., ICML 2025), https://arxiv.org/abs/2410.04417",
+            table=f"Table 1, LLaVA-1.5-7B at {tokens} tokens (the official code's per-layer counts "
+            f"{'/'.join(map(str, counts))} at its layers 2/6/15)",
+            description=f"SparseVLM, {tokens} visual tokens on average over a 32-layer LLM, with recycling",
+        )

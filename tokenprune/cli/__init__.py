@@ -128,6 +128,7 @@ def plugins_report(manager: PluginManager) -> dict[str, Any]:
                     t: adapters.registered_by(t, info.name).notes for t in adapters.provided_by(info.name)
                 },
                 "tasks": tasks.provided_by(info.name),
+                "pipelines": manager.pipelines.provided_by(info.name),
             }
         )
     failures = [
@@ -144,10 +145,40 @@ def plugins_report(manager: PluginManager) -> dict[str, Any]:
     }
     return {
         "plugins": plugins,
+        "presets": _presets_report(manager),
         "failures": failures,
         "collisions": collisions,
         "transformers": transformers,
     }
+
+
+def _presets_report(manager: PluginManager) -> list[dict[str, Any]]:
+    """Every pipeline preset (a colliding name once per plugin), with its paper, table and definition."""
+    presets = manager.pipelines
+    out = []
+    for name in presets:
+        claims = presets.claims(name)
+        for claim in claims:
+            preset = claim.value
+            out.append(
+                {
+                    "name": name,
+                    "plugin": claim.origin.name if claim.origin else None,
+                    "distribution": claim.origin.distribution if claim.origin else None,
+                    "paper": preset.paper,
+                    "table": preset.table,
+                    "description": preset.description,
+                    "definition": preset.definition,
+                    "collision": len(claims) > 1,
+                }
+            )
+    return out
+
+
+def _class_name(value: Any) -> str:
+    """``module.Class`` of a registered class, or of a registered object's type (a preset)."""
+    kind = value if isinstance(value, type) else type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _collision_report(collision: Collision) -> dict[str, Any]:
@@ -157,7 +188,7 @@ def _collision_report(collision: Collision) -> dict[str, Any]:
             "plugin": claim.origin.name if claim.origin else None,
             "distribution": claim.origin.distribution if claim.origin else None,
             "version": claim.origin.version if claim.origin else None,
-            "class": f"{claim.value.__module__}.{claim.value.__qualname__}",
+            "class": _class_name(claim.value),
         }
         for claim in collision.claims
     ]
@@ -168,7 +199,7 @@ def _collision_report(collision: Collision) -> dict[str, Any]:
 def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
-    """List the installed plugins with their reducers (and capabilities), adapters and tasks.
+    """List the installed plugins with their reducers (and capabilities), adapters, tasks and pipeline presets.
 
     Plugins named in TOKENPRUNE_DISABLE_PLUGINS (comma-separated) are not loaded. A name that two
     plugins register is listed under both and marked as a collision; pipelines that use it fail
@@ -184,6 +215,8 @@ def plugins(
     console = Console()
     console.print(_plugins_table(report))
     console.print(_reducers_table(report))
+    if report["presets"]:
+        console.print(_presets_table(report))
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     for f in report["failures"]:
         dist = f"{f['distribution']} {f['version']}" if f["distribution"] else "no distribution"
@@ -234,6 +267,22 @@ def _reducers_table(report: dict[str, Any]) -> Table:
                 r["summary"],
             )
     return caps
+
+
+def _presets_table(report: dict[str, Any]) -> Table:
+    """Every pipeline preset with the plugin that ships it and the paper and table it reproduces."""
+    table = Table(title="pipeline presets (preset: NAME, tokenprune compare --preset NAME)")
+    for column in ("preset", "plugin", "stages", "paper", "reproduces"):
+        table.add_column(column)
+    for p in report["presets"]:
+        stages = ", ".join(f"{s['reducer']}@{_at(s['at'])}" for s in p["definition"]["stages"])
+        name = f"{p['name']} (collision)" if p["collision"] else p["name"]
+        table.add_row(name, p["plugin"] or "-", stages, p["paper"], p["table"])
+    return table
+
+
+def _at(at: Any) -> str:
+    return f"layer {at['layer']}" if isinstance(at, dict) else str(at)
 
 
 @app.command()
