@@ -198,7 +198,7 @@ def test_a_saved_hugging_face_dataset_runs_end_to_end(tiny_model_dir, tmp_path):
 def test_a_third_party_task_plugin_runs(tiny_model_dir, tmp_path):
     outcome = compare(_config(tiny_model_dir, tmp_path / "run", tasks=[{"name": "solid_colours", "per_colour": 1}]))
     assert outcome.computed == 4 * 6
-    groups = json.loads((tmp_path / "run" / "summary.json").read_text())["groups"]["unpruned"]
+    groups = json.loads((tmp_path / "run" / "summary.json").read_text())["groups"]["solid_colours"]["unpruned"]
     assert set(groups) == {"red", "green", "blue", "yellow"}
 
 
