@@ -1,8 +1,13 @@
 """Run a comparison: every pipeline on every task's examples, results appended as they come.
 
+Per task, the examples are sorted by visual-token count (``bucket``) so that batches need little
+padding; the accuracy pass runs ``generate`` on every batch under every pipeline; then the cost
+pass (:mod:`tokenprune.bench.timing`) measures latency and peak memory on a few fixed batches.
+
 Single process, or several under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE > 1``): each
 rank takes every ``world``-th example, results are gathered batch by batch and written once by rank
-0, and the summary is written by rank 0. The same command runs either way.
+0, and the summary is written by rank 0; the cost pass runs on rank 0 while the others wait. The
+same command runs either way.
 """
 
 from __future__ import annotations
