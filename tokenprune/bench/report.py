@@ -261,10 +261,11 @@ def _legend(config: CompareConfig, rows: list[dict[str, Any]], tasks: list[str])
         "no pipeline changes it); reduction relative to `unpruned`. Agreement and KL compare with `unpruned`'s "
         "answer and first-token distribution. Ranked by accuracy, ties by agreement, then KL.",
         "",
-        f"Cost pass, apart from the accuracy pass: {timing.batches} batch(es) of up to {config.batch_size} "
-        f"examples per task, {timing.warmup} warm-up round(s), then {timing.repeats} timed rounds, each running "
-        "every pipeline in turn. `prefill_ms`: the prefill forward (vision tower included) per example, median "
-        "over the rounds; `prefill_ms_spread`: its interquartile range (max - min below four rounds). "
+        f"Cost pass, apart from the accuracy pass: {_count(timing.batches, 'batch', 'batches')} of up to "
+        f"{config.batch_size} examples per task, {_count(timing.warmup, 'warm-up round', 'warm-up rounds')}, then "
+        f"{_count(timing.repeats, 'timed round', 'timed rounds')}, each running every pipeline in turn. "
+        "`prefill_ms`: the prefill forward (vision tower included) per example, median over the rounds; "
+        "`prefill_ms_spread`: its interquartile range (max - min below four rounds). "
         f"`peak_memory_mib`: {memory}.",
     ]
     if len(tasks) > 1:
@@ -314,6 +315,10 @@ def _mean(records: list[dict[str, Any]], key: str) -> float | None:
 def _mean_of(values: list[Any]) -> float | None:
     present = [v for v in values if v is not None]
     return fmean(present) if present else None
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def _or(value: float | None, default: float) -> float:
