@@ -74,7 +74,18 @@ def test_compare_writes_results_and_reports(tiny_model_dir, tmp_path):
         and "| pipeline | background | colour | count | exists | position | text |" in report
     )
     assert (tmp_path / "run" / "pareto.png").stat().st_size > 1000
-    assert (tmp_path / "run" / "summary.csv").read_text().splitlines()[0].startswith("rank,pipeline,n,accuracy")
+    header = (tmp_path / "run" / "summary.csv").read_text().splitlines()[0]
+    assert header.startswith("rank,pipeline,n,accuracy") and "prefill_ms,prefill_ms_spread" in header
+    assert "accuracy:" not in header  # one task: no per-task columns
+    # the cost pass: every pipeline timed over the same rounds, and its peak memory measured
+    timings = list(ResultsStore(tmp_path / "run", "timings.jsonl").records())
+    assert sorted(t["pipeline"] for t in timings) == sorted(rows) and all(
+        len(t["prefill_seconds"]) == 5 for t in timings
+    )
+    assert all(t["examples"] == 4 and t["peak_memory_bytes"] > 0 for t in timings)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["pipelines"]
+    assert all(r["prefill_ms"] > 0 and r["prefill_ms_spread"] >= 0 and r["peak_memory_mib"] > 0 for r in summary)
+    assert "interquartile range" in report and "CPU allocator" in report
     # kept-token heatmaps: the first 3 examples of every pruning pipeline, none for the unpruned model
     maps = sorted(p.relative_to(tmp_path / "run" / "heatmaps") for p in (tmp_path / "run" / "heatmaps").rglob("*.png"))
     assert len(maps) == 5 * 3 and not any(p.parts[0] == "unpruned" for p in maps)
@@ -198,8 +209,60 @@ def test_a_saved_hugging_face_dataset_runs_end_to_end(tiny_model_dir, tmp_path):
 def test_a_third_party_task_plugin_runs(tiny_model_dir, tmp_path):
     outcome = compare(_config(tiny_model_dir, tmp_path / "run", tasks=[{"name": "solid_colours", "per_colour": 1}]))
     assert outcome.computed == 4 * 6
-    groups = json.loads((tmp_path / "run" / "summary.json").read_text())["groups"]["unpruned"]
+    groups = json.loads((tmp_path / "run" / "summary.json").read_text())["groups"]["solid_colours"]["unpruned"]
     assert set(groups) == {"red", "green", "blue", "yellow"}
+
+
+def test_two_tasks_get_per_task_columns_and_group_tables(tiny_model_dir, tmp_path):
+    tasks = [{"name": "synthvqa", "per_type": 1}, {"name": "solid_colours", "per_colour": 1}]
+    pipelines = [{"name": "half", "stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]}]
+    config = _config(tiny_model_dir, tmp_path / "run", tasks=tasks, pipelines=pipelines)
+    assert compare(config).computed == 2 * (6 + 4)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["tasks"] == ["synthvqa", "solid_colours"]
+    assert list(summary["groups"]) == ["synthvqa", "solid_colours"]
+    assert set(summary["groups"]["solid_colours"]["unpruned"]) == {"red", "green", "blue", "yellow"}
+    assert set(summary["groups"]["synthvqa"]["half"]) == {"background", "colour", "count", "exists", "position", "text"}
+    for row in summary["pipelines"]:
+        per = row["tasks"]
+        assert per["synthvqa"]["n"] == 6 and per["solid_colours"]["n"] == 4
+        assert row["accuracy"] == pytest.approx((per["synthvqa"]["accuracy"] + per["solid_colours"]["accuracy"]) / 2)
+        assert row["agreement:solid_colours"] == per["solid_colours"]["agreement"]
+    header = (tmp_path / "run" / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[-4:] == [
+        "accuracy:synthvqa",
+        "agreement:synthvqa",
+        "accuracy:solid_colours",
+        "agreement:solid_colours",
+    ]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| accuracy:synthvqa | agreement:synthvqa | accuracy:solid_colours | agreement:solid_colours |" in report
+    assert "## Accuracy per group: synthvqa" in report and "## Accuracy per group: solid_colours" in report
+    assert "| pipeline | blue | green | red | yellow |" in report
+    timings = ResultsStore(tmp_path / "run", "timings.jsonl")
+    assert sorted((t["task"], t["pipeline"]) for t in timings.records()) == [
+        ("solid_colours", "half"), ("solid_colours", "unpruned"), ("synthvqa", "half"), ("synthvqa", "unpruned"),
+    ]  # fmt: skip
+    again = compare(config)  # a rerun reuses the results and the cost pass's measurements
+    assert (again.computed, again.reused) == (0, 20) and len(list(timings.records())) == 4
+
+
+def test_length_bucketing_reorders_batches_and_changes_no_result(tiny_model_dir, tmp_path):
+    pipelines = [{"name": "half", "stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]}]
+    runs = {}
+    for bucket in (True, False):
+        out = tmp_path / str(bucket)
+        compare(_config(tiny_model_dir, out, pipelines=pipelines, bucket=bucket, heatmaps=0))
+        runs[bucket] = list(ResultsStore(out).records())
+    order = {b: [r["visual_tokens"] for r in rs if r["pipeline"] == "unpruned"] for b, rs in runs.items()}
+    assert order[True] == sorted(order[True]) and order[False] != sorted(order[False])  # batches of similar length
+    bucketed = {(r["pipeline"], r["id"]): r for r in runs[True]}
+    plain = {(r["pipeline"], r["id"]): r for r in runs[False]}
+    assert bucketed.keys() == plain.keys() and len(plain) == 24
+    for k, r in plain.items():
+        assert bucketed[k]["prediction"] == r["prediction"] and bucketed[k]["layer_tokens"] == r["layer_tokens"], k
+        assert bucketed[k]["first_token"] == r["first_token"], k
+        assert bucketed[k].get("kl", 0) == pytest.approx(r.get("kl", 0), abs=1e-5), k
 
 
 def _free_port():

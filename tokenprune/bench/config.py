@@ -20,6 +20,8 @@
       - sweep:                                # one pipeline per reducer and budget
           reducers: [gprune, l2norm, random]
           keep: [0.5, 0.25, 0.1]
+    bucket: true                   # batches of similar length (sorted by visual-token count)
+    timing: {batches: 1, warmup: 1, repeats: 5, memory: true}
 
 The unpruned model always runs first, as ``unpruned``: it is the reference of the fidelity metrics
 and of the FLOPs reduction.
@@ -63,6 +65,16 @@ class Sweep(BaseModel):
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Params per reducer name.")
 
 
+class TimingConfig(BaseModel):
+    """The cost pass (:mod:`tokenprune.bench.timing`): latency and peak memory on a few fixed batches."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    batches: int = Field(default=1, ge=1, description="Timing batches per task, spread evenly over its batches.")
+    warmup: int = Field(default=1, ge=0, description="Untimed rounds over every pipeline first.")
+    repeats: int = Field(default=5, ge=1, description="Timed rounds over every pipeline (round-robin).")
+    memory: bool = Field(default=True, description="Measure peak memory (one more forward per pipeline and batch).")
+
+
 class PipelineEntry(BaseModel):
     """A pipeline file, an inline pipeline (``name`` + pipeline fields), or a sweep."""
 
@@ -101,6 +113,10 @@ class CompareConfig(BaseModel):
     )
     max_new_tokens: int | None = Field(default=None, ge=1, description="Override the tasks' answer length.")
     heatmaps: int = Field(default=3, ge=0, description="Kept-token heatmaps drawn per pipeline (first examples).")
+    bucket: bool = Field(
+        default=True, description="Batch examples sorted by visual-token count (then prompt length): less padding."
+    )
+    timing: TimingConfig = Field(default_factory=TimingConfig)
 
     def digest(self) -> str:
         """A short hash of the whole config (recorded with every result)."""
@@ -228,6 +244,11 @@ def _sweep(sweep: Sweep, registry: ReducerRegistry) -> list[tuple[str, Pipeline]
 
 def _auto_name(pipe: Pipeline) -> str:
     return "+".join(f"{s.reducer}-{s.keep}" for s in pipe.stages) or "empty"
+
+
+def stable_digest(data: Any) -> str:
+    """A short hash of JSON-able ``data`` (keys sorted)."""
+    return _digest(data)
 
 
 def _digest(data: Any) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from typing import Any
 
 from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key
 from tokenprune.bench.store import ResultsStore
+from tokenprune.cost.measure import Timing
 from tokenprune.pipeline import Pipeline
 
 COLUMNS = [
@@ -31,113 +33,248 @@ COLUMNS = [
     "flops_reduction",
     "visual_tokens",
     "prefill_ms",
+    "prefill_ms_spread",
     "kv_mib",
     "peak_memory_mib",
 ]
+METRICS = ("accuracy", "vqa_score", "agreement", "kl")
+TASK_METRICS = ("accuracy", "agreement")
+"""The metrics that get a column per task when a comparison has several tasks."""
+
+
+def columns(tasks: list[str]) -> list[str]:
+    """The table's columns: :data:`COLUMNS`, then ``accuracy:<task>``, ``agreement:<task>`` per task if several."""
+    if len(tasks) < 2:
+        return list(COLUMNS)
+    return COLUMNS + [f"{metric}:{task}" for task in tasks for metric in TASK_METRICS]
 
 
 def summarize(
-    records: Iterable[dict[str, Any]], names: list[str], reference: str = REFERENCE
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
-    """Per-pipeline rows (ranked) and per-group accuracy, from result records of one run."""
+    records: Iterable[dict[str, Any]],
+    names: list[str],
+    tasks: list[str] | None = None,
+    timings: Iterable[dict[str, Any]] = (),
+    reference: str = REFERENCE,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, dict[str, float]]]]:
+    """Per-pipeline rows (ranked) and per-task, per-group accuracy, from the result records of one run.
+
+    With several tasks, a row's ``accuracy``, ``vqa_score``, ``agreement`` and ``kl`` are the means
+    over the tasks (each task counts once, whatever its size), and ``row["tasks"][task]`` holds each
+    task's own; the cost columns are means over all examples. Rows are ranked by accuracy (agreement
+    where no task has labels), ties by agreement, then KL, then GFLOPs.
+
+    Args:
+        records: Result lines (``task``: the task's label in this report).
+        names: Pipelines, in config order.
+        tasks: Task labels in config order (default: as they first appear in ``records``).
+        timings: Cost-pass lines (``pipeline``, ``task``, ``prefill_seconds``, ``examples``,
+            ``peak_memory_bytes``); the last one per pipeline and task counts.
+        reference: The unpruned pipeline's name.
+    """
     by_pipe: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_pipe[r["pipeline"]].append(r)
+    labels = tasks if tasks is not None else list(dict.fromkeys(r["task"] for rs in by_pipe.values() for r in rs))
+    latest = {(t["pipeline"], t["task"]): t for t in timings}
     ref_macs = fmean(r["macs"] for r in by_pipe[reference]) if by_pipe.get(reference) else None
     rows = []
     for name in names:
         rs = by_pipe.get(name, [])
-        if not rs:
-            continue
-        macs = fmean(r["macs"] for r in rs)
-        peaks = [r["peak_memory_bytes"] for r in rs if r.get("peak_memory_bytes") is not None]
-        rows.append(
-            {
-                "pipeline": name,
-                "n": len(rs),
-                "accuracy": _mean(rs, "accuracy"),
-                "vqa_score": _mean(rs, "vqa_score"),
-                "agreement": 1.0 if name == reference else _mean(rs, "agreement"),
-                "kl": 0.0 if name == reference else _mean(rs, "kl"),
-                "gflops": 2 * macs / 1e9,
-                "flops_reduction": None if ref_macs is None else 1 - macs / ref_macs,
-                "visual_tokens": fmean(r["visual_tokens"] for r in rs),
-                "prefill_ms": 1000 * fmean(r["prefill_seconds"] for r in rs),
-                "kv_mib": fmean(r["kv_bytes"] for r in rs) / 2**20,
-                "peak_memory_mib": max(peaks) / 2**20 if peaks else None,
-            }
-        )
+        if rs:
+            cost = [latest[(name, t)] for t in labels if (name, t) in latest]
+            rows.append(_row(name, rs, labels, cost, ref_macs, name == reference))
+    _rank(rows)
+    groups: dict[str, dict[str, dict[str, float]]] = {}
+    for task in labels:
+        per_pipe: dict[str, dict[str, float]] = {}
+        for name in names:
+            per: dict[str, list[float]] = defaultdict(list)
+            for r in by_pipe.get(name, []):
+                if r["task"] == task and "accuracy" in r:
+                    per[r["group"]].append(r["accuracy"])
+            if per:
+                per_pipe[name] = {g: fmean(v) for g, v in sorted(per.items())}
+        if per_pipe:
+            groups[task] = per_pipe
+    return rows, groups
+
+
+def _row(
+    name: str,
+    rs: list[dict[str, Any]],
+    tasks: list[str],
+    cost: list[dict[str, Any]],
+    ref_macs: float | None,
+    is_reference: bool,
+) -> dict[str, Any]:
+    """One pipeline's row: metrics per task and over tasks, analytic costs, the cost pass's columns."""
+    per_task: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        mine = [r for r in rs if r["task"] == task]
+        if mine:
+            per_task[task] = {"n": len(mine), **{m: _metric(mine, m, is_reference) for m in METRICS}}
+    macs = fmean(r["macs"] for r in rs)
+    row: dict[str, Any] = {
+        "pipeline": name,
+        "n": len(rs),
+        **{m: _mean_of([t[m] for t in per_task.values()]) for m in METRICS},
+        "gflops": 2 * macs / 1e9,
+        "flops_reduction": None if ref_macs is None else 1 - macs / ref_macs,
+        "visual_tokens": fmean(r["visual_tokens"] for r in rs),
+        "kv_mib": fmean(r["kv_bytes"] for r in rs) / 2**20,
+        **_cost_columns(cost),
+        "tasks": per_task,
+    }
+    if len(tasks) > 1:
+        for task, values in per_task.items():
+            row.update({f"{m}:{task}": values[m] for m in TASK_METRICS})
+    return row
+
+
+def _cost_columns(cost: list[dict[str, Any]]) -> dict[str, Any]:
+    """``prefill_ms`` (median over the timed rounds, per example) and its spread; peak memory (MiB).
+
+    With several tasks, a round's sample is the seconds per example over all their timing batches.
+    """
+    out: dict[str, Any] = {"prefill_ms": None, "prefill_ms_spread": None, "peak_memory_mib": None, "memory": None}
+    rounds = min((len(c["prefill_seconds"]) for c in cost), default=0)
+    if rounds:
+        examples = sum(c["examples"] for c in cost)
+        samples = [sum(c["prefill_seconds"][i] * c["examples"] for c in cost) / examples for i in range(rounds)]
+        timing = Timing(tuple(samples))
+        out["prefill_ms"], out["prefill_ms_spread"] = 1000 * timing.median, 1000 * timing.spread
+    peaks = [c.get("peak_memory_bytes") for c in cost]
+    if peaks and all(p is not None for p in peaks):
+        out["peak_memory_mib"] = max(p for p in peaks if p is not None) / 2**20
+        out["memory"] = cost[0].get("memory")
+    return out
+
+
+def _metric(records: list[dict[str, Any]], key: str, is_reference: bool) -> float | None:
+    if is_reference and key in ("agreement", "kl"):
+        return 1.0 if key == "agreement" else 0.0
+    return _mean(records, key)
+
+
+def _rank(rows: list[dict[str, Any]]) -> None:
+    """Rank in place: accuracy (or agreement) down, then agreement down, KL up, GFLOPs up."""
     key = "accuracy" if any(row["accuracy"] is not None for row in rows) else "agreement"
-    rows.sort(key=lambda row: (-(row[key] if row[key] is not None else -1.0), row["gflops"]))
+
+    def order(row: dict[str, Any]) -> tuple[float, float, float, float]:
+        kl = row["kl"] if row["kl"] is not None else math.inf
+        return (-_or(row[key], -1.0), -_or(row["agreement"], -1.0), kl, row["gflops"])
+
+    rows.sort(key=order)
     for i, row in enumerate(rows, start=1):
         row["rank"] = i
-    groups: dict[str, dict[str, float]] = {}
-    for name in names:
-        per: dict[str, list[float]] = defaultdict(list)
-        for r in by_pipe.get(name, []):
-            if "accuracy" in r:
-                per[r["group"]].append(r["accuracy"])
-        if per:
-            groups[name] = {g: fmean(v) for g, v in sorted(per.items())}
-    return rows, groups
 
 
 def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], store: ResultsStore) -> None:
     """Write the summary files of the current config's results into ``config.output``."""
-    keys = {pipeline_key(name, pipe, config, task): name for task in config.tasks for name, pipe in pipelines}
-    records = [r for r in store.records() if r["key"] in keys]
-    names = [n for n, _ in pipelines]
-    rows, groups = summarize(records, names)
+    tasks = task_labels(config.tasks)
+    keys = {
+        pipeline_key(name, pipe, config, spec): (name, label)
+        for spec, label in zip(config.tasks, tasks, strict=True)
+        for name, pipe in pipelines
+    }
+    records = [{**r, "task": keys[r["key"]][1]} for r in store.records() if r["key"] in keys]
+    timings = [
+        {**t, "task": keys[t["key"]][1]}
+        for t in ResultsStore(store.folder, "timings.jsonl").records()
+        if t["key"] in keys
+    ]
+    rows, groups = summarize(records, [n for n, _ in pipelines], tasks, timings)
     out = config.output
     out.mkdir(parents=True, exist_ok=True)
+    fields = columns(tasks)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
-    writer.writerows({k: row.get(k) for k in COLUMNS} for row in rows)
+    writer.writerows({k: row.get(k) for k in fields} for row in rows)
     _atomic_write(out / "summary.csv", buffer.getvalue())
     summary = {
         "config": config.model_dump(mode="json"),
         "config_hash": config.digest(),
+        "tasks": tasks,
         "pipelines": rows,
         "groups": groups,
     }
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    _atomic_write(out / "report.md", report_markdown(config, rows, groups))
+    _atomic_write(out / "report.md", report_markdown(config, rows, groups, tasks))
     if rows:
         pareto_plot(rows, out / "pareto.png")
 
 
-def report_markdown(config: CompareConfig, rows: list[dict[str, Any]], groups: dict[str, dict[str, float]]) -> str:
-    """The comparison as markdown tables: overall (ranked) and per group."""
-    tasks = ", ".join(t["name"] for t in config.tasks)
+def task_labels(specs: list[dict[str, Any]]) -> list[str]:
+    """A label per task entry: its name, ``name#2``, ``name#3`` ... for a name that comes again."""
+    seen: dict[str, int] = defaultdict(int)
+    labels = []
+    for spec in specs:
+        name = str(spec.get("name"))
+        seen[name] += 1
+        labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return labels
+
+
+def report_markdown(
+    config: CompareConfig,
+    rows: list[dict[str, Any]],
+    groups: dict[str, dict[str, dict[str, float]]],
+    tasks: list[str] | None = None,
+) -> str:
+    """The comparison as markdown tables: overall (ranked), then per group for each task."""
+    tasks = tasks if tasks is not None else task_labels(config.tasks)
+    fields = columns(tasks)
     lines = [
         "# tokenprune comparison",
         "",
-        f"Model `{config.model}` ({config.dtype}, {config.device}), tasks: {tasks}, seed {config.seed}, "
+        f"Model `{config.model}` ({config.dtype}, {config.device}), tasks: {', '.join(tasks)}, seed {config.seed}, "
         f"config hash `{config.digest()}`.",
         "",
-        "GFLOPs: the language model's prefill per example (2 x MACs, analytic, the vision tower excluded since "
-        "no pipeline changes it); reduction relative to `unpruned`. Agreement and KL compare with `unpruned`'s "
-        "answer and first-token distribution.",
+        *_legend(config, rows, tasks),
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(fields) + " |",
+        "|" + "---|" * len(fields),
     ]
-    lines += ["| " + " | ".join(_fmt(row.get(c), c) for c in COLUMNS) + " |" for row in rows]
-    if groups:
-        names = sorted({g for per in groups.values() for g in per})
-        lines += [
-            "",
-            "## Accuracy per group",
-            "",
-            "| pipeline | " + " | ".join(names) + " |",
-            "|" + "---|" * (len(names) + 1),
-        ]
+    lines += ["| " + " | ".join(_fmt(row.get(c), c) for c in fields) + " |" for row in rows]
+    for task, per_pipe in groups.items():
+        names = sorted({g for per in per_pipe.values() for g in per})
+        title = "## Accuracy per group" + (f": {task}" if len(tasks) > 1 else "")
+        lines += ["", title, "", "| pipeline | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
         for row in rows:
-            per = groups.get(row["pipeline"], {})
+            per = per_pipe.get(row["pipeline"], {})
             lines.append(f"| {row['pipeline']} | " + " | ".join(_fmt(per.get(g), "accuracy") for g in names) + " |")
     lines += ["", "![accuracy against FLOPs](pareto.png)", ""]
     return "\n".join(lines)
+
+
+def _legend(config: CompareConfig, rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
+    timing = config.timing
+    method = next((r["memory"] for r in rows if r.get("memory")), None)
+    memory = (
+        f"peak tensor memory of one timing batch's prefill above what was held before it ({method})"
+        if method
+        else "not measured on this device"
+    )
+    lines = [
+        "GFLOPs: the language model's prefill per example (2 x MACs, analytic, the vision tower excluded since "
+        "no pipeline changes it); reduction relative to `unpruned`. Agreement and KL compare with `unpruned`'s "
+        "answer and first-token distribution. Ranked by accuracy, ties by agreement, then KL.",
+        "",
+        f"Cost pass, apart from the accuracy pass: {_count(timing.batches, 'batch', 'batches')} of up to "
+        f"{config.batch_size} examples per task, {_count(timing.warmup, 'warm-up round', 'warm-up rounds')}, then "
+        f"{_count(timing.repeats, 'timed round', 'timed rounds')}, each running every pipeline in turn. "
+        "`prefill_ms`: the prefill forward (vision tower included) per example, median over the rounds; "
+        "`prefill_ms_spread`: its interquartile range (max - min below four rounds). "
+        f"`peak_memory_mib`: {memory}.",
+    ]
+    if len(tasks) > 1:
+        lines += [
+            "",
+            f"Tasks: {', '.join(tasks)}. `accuracy`, `vqa_score`, `agreement` and `kl` are means over the tasks "
+            "(each counts once); `accuracy:<task>` and `agreement:<task>` are each task's own.",
+        ]
+    return lines
 
 
 def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -175,10 +312,23 @@ def _mean(records: list[dict[str, Any]], key: str) -> float | None:
     return fmean(values) if values else None
 
 
+def _mean_of(values: list[Any]) -> float | None:
+    present = [v for v in values if v is not None]
+    return fmean(present) if present else None
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 def _fmt(value: Any, column: str) -> str:
     if value is None:
         return "-"
-    if column in ("accuracy", "vqa_score", "agreement", "flops_reduction"):
+    if column.split(":")[0] in ("accuracy", "vqa_score", "agreement", "flops_reduction"):
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -1,8 +1,13 @@
 """Run a comparison: every pipeline on every task's examples, results appended as they come.
 
+Per task, the examples are sorted by visual-token count (``bucket``) so that batches need little
+padding; the accuracy pass runs ``generate`` on every batch under every pipeline; then the cost
+pass (:mod:`tokenprune.bench.timing`) measures latency and peak memory on a few fixed batches.
+
 Single process, or several under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE > 1``): each
 rank takes every ``world``-th example, results are gathered batch by batch and written once by rank
-0, and the summary is written by rank 0. The same command runs either way.
+0, and the summary is written by rank 0; the cost pass runs on rank 0 while the others wait. The
+same command runs either way.
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,18 +27,20 @@ from torch import Tensor, nn
 import tokenprune
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.adapters.loading import load_model
-from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key, resolve_pipelines
+from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key, resolve_pipelines, stable_digest
 from tokenprune.bench.metrics import exact_match, kl_divergence, normalize_answer, vqa_score
 from tokenprune.bench.store import ReferenceLogits, ResultsStore
 from tokenprune.bench.tasks import Example, Task
+from tokenprune.bench.timing import measure_costs, memory_method, timing_batch_indices
 from tokenprune.cost.analytic import DecoderShape, language_model_macs
-from tokenprune.cost.measure import peak_memory_bytes
 from tokenprune.engine import apply, compat
 from tokenprune.errors import TokenpruneError
+from tokenprune.pipeline import Pipeline
 from tokenprune.plugins import PluginManager, get_plugin_manager
 
 Progress = Callable[[str, int, int], None]
-"""``progress(description, done, total)``: called after every batch."""
+"""``progress(description, done, total)``: called after every batch (and every cost-pass round)."""
+TIMINGS = "timings.jsonl"
 
 
 @dataclass
@@ -55,6 +61,9 @@ def compare(
 ) -> RunOutcome:
     """Run ``config``; append to ``<output>/results.jsonl`` and write the summary files.
 
+    Per task: the accuracy pass (every pipeline on every example, with ``generate``), then the cost
+    pass (:mod:`tokenprune.bench.timing`, rank 0 only) on a few fixed batches.
+
     Args:
         config: The comparison config.
         plugins: Plugin manager (default: a fresh one).
@@ -65,69 +74,176 @@ def compare(
     dist = _Distributed.from_env(config.device)
     torch.manual_seed(config.seed)
     model, processor = model_and_processor or load_model(config.model, config.dtype, config.device)
-    pipelines = resolve_pipelines(config, manager.reducers)
-    store, refs = ResultsStore(config.output), ReferenceLogits(config.output)
-    done = dist.broadcast(store.done() if dist.rank == 0 else None)
-    shape = DecoderShape.from_model(model)
-    kv_dims = _kv_dims(manager.adapters.get(model.config.model_type)(model))
+    store = ResultsStore(config.output)
+    adapter = manager.adapters.get(model.config.model_type)(model)
+    run = _Run(
+        config=config,
+        model=model,
+        processor=processor,
+        manager=manager,
+        adapter=adapter,
+        pipelines=resolve_pipelines(config, manager.reducers),
+        store=store,
+        refs=ReferenceLogits(config.output),
+        done=dist.broadcast(store.done() if dist.rank == 0 else None),
+        shape=DecoderShape.from_model(model),
+        kv_dims=_kv_dims(adapter),
+        dist=dist,
+        progress=progress if dist.rank == 0 else None,
+    )
     computed = reused = 0
     for task_spec in config.tasks:
         task = _task(task_spec, manager)
-        examples = [replace(ex, meta={**ex.meta, "index": i}) for i, ex in enumerate(task.examples())]
-        shard = examples[dist.rank :: dist.world]
-        new_tokens = config.max_new_tokens or task.generation_tokens()
-        ref_key = pipeline_key(REFERENCE, pipelines[0][1], config, task_spec)
-        reference = _Reference(refs, ref_key, task.name, store)
-        for name, pipe in pipelines:
-            key = pipeline_key(name, pipe, config, task_spec)
-            todo = [ex for ex in shard if (key, task.name, ex.id) not in done]
-            reused += len(shard) - len(todo)
-            steps = dist.max(math.ceil(len(todo) / config.batch_size))
-            with apply(model, pipe, plugins=manager) as run:
-                for step in range(steps):
-                    batch = todo[step * config.batch_size : (step + 1) * config.batch_size]
-                    records: list[dict[str, Any]] = []
-                    if batch:
-                        records = _run_batch(
-                            model, processor, run, task, batch, config, name, key, reference, shape, kv_dims, new_tokens
-                        )
-                        computed += len(records)
-                    run.stats.clear()
-                    gathered = dist.gather(records)
-                    if dist.rank == 0:
-                        if name == REFERENCE:  # logits first: a result line promises its logits exist
-                            _persist_reference(refs, ref_key, task.name, gathered)
-                        store.append(gathered)
-                        if progress is not None:
-                            progress(f"{task.name} / {name}", step + 1, steps)
+        examples = _ordered_examples(run, task)
+        c, r = _accuracy_pass(run, task, task_spec, examples)
+        computed, reused = computed + c, reused + r
+        dist.barrier()
+        if dist.rank == 0:
+            _cost_pass(run, task, task_spec, examples)
         dist.barrier()
     if dist.rank == 0:
         from tokenprune.bench.report import write_reports
 
-        write_reports(config, pipelines, store)
+        write_reports(config, run.pipelines, store)
     return RunOutcome(config.output, dist.sum(computed), dist.sum(reused))
+
+
+@dataclass
+class _Run:
+    """What every pass of one comparison shares."""
+
+    config: CompareConfig
+    model: nn.Module
+    processor: Any
+    manager: PluginManager
+    adapter: ModelAdapter
+    pipelines: list[tuple[str, Pipeline]]
+    store: ResultsStore
+    refs: ReferenceLogits
+    done: set[tuple[str, str, str]]
+    shape: DecoderShape
+    kv_dims: list[int]
+    dist: _Distributed
+    progress: Progress | None
+
+
+def _ordered_examples(run: _Run, task: Task) -> list[Example]:
+    """The task's examples (``meta["index"]``: the position in the task), bucketed by length if configured.
+
+    Bucketing sorts by visual-token count, then prompt length (stable), so that a batch holds
+    examples of similar length and little padding. It is a reorder: each example's result is the same.
+    """
+    examples = [replace(ex, meta={**ex.meta, "index": i}) for i, ex in enumerate(task.examples())]
+    if not run.config.bucket:
+        return examples
+    lengths = []
+    for ex in examples:
+        ids = _encode(run.processor, task, [ex], run.config.prompt)["input_ids"]
+        lengths.append((int(run.adapter.visual_mask(ids).sum()), int(ids.shape[1])))
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    return [examples[i] for i in order]
+
+
+def _accuracy_pass(run: _Run, task: Task, task_spec: dict[str, Any], examples: list[Example]) -> tuple[int, int]:
+    """Every pipeline on this rank's share of ``examples``; returns ``(computed, reused)``."""
+    config, dist = run.config, run.dist
+    shard = examples[dist.rank :: dist.world]
+    new_tokens = config.max_new_tokens or task.generation_tokens()
+    ref_key = pipeline_key(REFERENCE, run.pipelines[0][1], config, task_spec)
+    reference = _Reference(run.refs, ref_key, task.name, run.store)
+    computed = reused = 0
+    for name, pipe in run.pipelines:
+        key = pipeline_key(name, pipe, config, task_spec)
+        todo = [ex for ex in shard if (key, task.name, ex.id) not in run.done]
+        reused += len(shard) - len(todo)
+        steps = dist.max(math.ceil(len(todo) / config.batch_size))
+        with apply(run.model, pipe, plugins=run.manager) as handle:
+            for step in range(steps):
+                batch = todo[step * config.batch_size : (step + 1) * config.batch_size]
+                records: list[dict[str, Any]] = []
+                if batch:
+                    records = _run_batch(run, handle, task, batch, name, key, reference, new_tokens)
+                    computed += len(records)
+                handle.stats.clear()
+                gathered = dist.gather(records)
+                if dist.rank == 0:
+                    if name == REFERENCE:  # logits first: a result line promises its logits exist
+                        _persist_reference(run.refs, ref_key, task.name, gathered)
+                    run.store.append(gathered)
+                    if run.progress is not None:
+                        run.progress(f"{task.name} / {name}", step + 1, steps)
+    return computed, reused
+
+
+def _cost_pass(run: _Run, task: Task, task_spec: dict[str, Any], examples: list[Example]) -> None:
+    """Latency and peak memory of every pipeline on the task's timing batches, unless already measured."""
+    config, settings = run.config, run.config.timing
+    size = config.batch_size
+    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+    chosen = [chunks[i] for i in timing_batch_indices(len(chunks), settings.batches)]
+    if not chosen:
+        return
+    keys = {name: pipeline_key(name, pipe, config, task_spec) for name, pipe in run.pipelines}
+    digest = stable_digest(
+        {"timing": settings.model_dump(), "ids": [[ex.id for ex in c] for c in chosen], "versions": _versions()}
+    )
+    timings = ResultsStore(config.output, TIMINGS)
+    have = {(r["key"], r["timing"]) for r in timings.records()}
+    if all((key, digest) in have for key in keys.values()):
+        return
+    progress = run.progress
+
+    def tick(done: int, total: int) -> None:
+        if progress is not None:
+            progress(f"{task.name} / cost pass", done, total)
+
+    batches = [_inputs(run.processor, task, c, config, run.model) for c in chosen]
+    costs = measure_costs(
+        run.model,
+        run.pipelines,
+        batches,
+        warmup=settings.warmup,
+        repeats=settings.repeats,
+        memory=settings.memory,
+        device=config.device,
+        plugins=run.manager,
+        progress=tick,
+    )
+    method = memory_method(config.device)
+    timings.append(
+        {
+            "key": keys[name],
+            "pipeline": name,
+            "task": task.name,
+            "timing": digest,
+            "examples": cost.examples,
+            "prefill_seconds": list(cost.samples),
+            "peak_memory_bytes": cost.peak_memory_bytes,
+            "memory": method if cost.peak_memory_bytes is not None else None,
+            "device": config.device,
+            "versions": _versions(),
+        }
+        for name, cost in costs.items()
+    )
 
 
 # --- one batch -------------------------------------------------------------------------------------
 
 
 def _run_batch(
-    model: nn.Module,
-    processor: Any,
-    run: Any,
+    run: _Run,
+    handle: Any,
     task: Task,
     batch: list[Example],
-    config: CompareConfig,
     name: str,
     key: str,
     reference: _Reference,
-    shape: DecoderShape,
-    kv_dims: list[int],
     new_tokens: int,
 ) -> list[dict[str, Any]]:
-    gen = _generate_batch(model, processor, task, batch, config, new_tokens)
-    prefill = run.stats.last_prefill
-    visual_in = run.adapter.visual_mask(gen.inputs["input_ids"]).sum(1).tolist()
+    config, shape, model = run.config, run.shape, run.model
+    gen = _generate_batch(model, run.processor, task, batch, config, new_tokens)
+    prefill = handle.stats.last_prefill
+    visual_in = handle.adapter.visual_mask(gen.inputs["input_ids"]).sum(1).tolist()
     real = gen.inputs["attention_mask"].sum(1).tolist()
     bytes_per = torch.finfo(model.dtype).bits // 8
     if prefill is not None and config.heatmaps:
@@ -151,9 +267,7 @@ def _run_batch(
             "layer_tokens": tokens,
             "visual_tokens": sum(t - text_tokens for t in tokens) / len(tokens),
             "macs": language_model_macs(shape, tokens, logits_positions=1).total,
-            "kv_bytes": sum(2 * n * d * bytes_per for n, d in zip(tokens, kv_dims, strict=True)),
-            "prefill_seconds": gen.seconds / len(batch),
-            "peak_memory_bytes": gen.peak_memory,
+            "kv_bytes": sum(2 * n * d * bytes_per for n, d in zip(tokens, run.kv_dims, strict=True)),
             "seed": config.seed,
             "versions": _versions(),
         }
@@ -167,36 +281,37 @@ def _run_batch(
 
 @dataclass
 class _Generated:
-    """One batch's greedy generation: the inputs, the answers, the first token's logits, prefill time, memory."""
+    """One batch's greedy generation: the inputs, the answers, the first token's logits."""
 
     inputs: Any
     texts: list[str]
     first_logits: Tensor
-    seconds: float
-    peak_memory: int
 
 
 def _generate_batch(
     model: nn.Module, processor: Any, task: Task, batch: list[Example], config: CompareConfig, new_tokens: int
 ) -> _Generated:
+    inputs = _inputs(processor, task, batch, config, model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    texts = tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return _Generated(inputs, texts, out.logits[0])
+
+
+def _inputs(processor: Any, task: Task, batch: list[Example], config: CompareConfig, model: nn.Module) -> Any:
+    """The processor's output for ``batch``, on the device, pixels in the model's dtype."""
     inputs = _encode(processor, task, batch, config.prompt).to(config.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    with _PrefillTimer(model, config.device) as timer, torch.inference_mode():
-        peak, out = peak_memory_bytes(
-            lambda: model.generate(
-                **inputs,
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                return_dict_in_generate=True,
-                output_logits=True,
-                pad_token_id=tokenizer.pad_token_id,
-            ),
-            device=config.device,
-        )
-    texts = tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return _Generated(inputs, texts, out.logits[0], timer.seconds, peak)
+    return inputs
 
 
 def _fidelity(name: str, example_id: str, prediction: str, logits: Tensor, reference: _Reference) -> dict[str, Any]:
@@ -299,40 +414,6 @@ def _versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-
-
-class _PrefillTimer:
-    """Wall time of the prefill forward of a ``generate`` call (synchronised on a GPU)."""
-
-    def __init__(self, model: nn.Module, device: str) -> None:
-        self.model, self.cuda = model, torch.device(device).type == "cuda"
-        self.seconds = 0.0
-        self._start: float | None = None
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> _PrefillTimer:
-        self._handles = [
-            self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
-            self.model.register_forward_hook(self._post),
-        ]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-
-    def _pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        if compat.cache_length(compat.cache_from_kwargs(kwargs)) == 0:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self._start = time.perf_counter()
-
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._start is not None:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - self._start
-            self._start = None
 
 
 # --- several processes -----------------------------------------------------------------------------

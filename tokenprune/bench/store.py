@@ -2,8 +2,9 @@
 
 A run killed at any point (Ctrl-C, a crash, ``kill -9``) keeps every line it finished; a torn last
 line is dropped on the next read. A rerun skips the examples whose result key is already there, so
-nothing is computed twice. The unpruned reference's first-token logits (for the KL metric) are kept
-beside the results as safetensors shards, written atomically.
+nothing is computed twice. The cost pass's measurements go to ``timings.jsonl`` the same way. The
+unpruned reference's first-token logits (for the KL metric) are kept beside the results as
+safetensors shards, written atomically.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from torch import Tensor
 
 
 class ResultsStore:
-    """``results.jsonl`` in a run folder."""
+    """``results.jsonl`` (or another JSON-lines file: ``timings.jsonl``) in a run folder."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, filename: str = "results.jsonl") -> None:
         self.folder = folder
-        self.path = folder / "results.jsonl"
+        self.path = folder / filename
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every complete record; a torn final line (from a killed run) is skipped."""
