@@ -318,6 +318,7 @@ def test_output_that_is_not_a_terminal_gets_plain_progress_lines(tiny_model_dir,
     result = CliRunner().invoke(app, ["compare", str(config)])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
-    assert lines[0].startswith("[1/2] synthvqa / unpruned: 1/2 batches")
-    assert any(line.startswith("[2/2] synthvqa / half: 2/2 batches") for line in lines)
+    assert lines[0].startswith("[1/3] synthvqa / unpruned: 1/2 batches")
+    assert any(line.startswith("[2/3] synthvqa / half: 2/2 batches") for line in lines)
+    assert lines[-1].startswith("[3/3] synthvqa / cost pass")  # counted among the passes
     assert all("ETA" in line for line in lines)

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tokenprune.errors import PipelineError, TokenpruneError
 from tokenprune.pipeline import Pipeline, load_pipeline
-from tokenprune.plugins import ReducerRegistry
+from tokenprune.plugins import PipelineRegistry, ReducerRegistry
 
 OWN_DISTRIBUTION = "tokenprune"
 """Reducers registered by this distribution's plugins form the default sweep."""
@@ -76,20 +76,22 @@ class TimingConfig(BaseModel):
 
 
 class PipelineEntry(BaseModel):
-    """A pipeline file, an inline pipeline (``name`` + pipeline fields), or a sweep."""
+    """A pipeline file, a preset (a name or a pattern), an inline pipeline (``name`` + fields), or a sweep."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str | None = None
     file: Path | None = None
+    preset: str | None = None
     sweep: Sweep | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> PipelineEntry:
         inline = bool(self.model_extra)
-        kinds = sum([self.file is not None, self.sweep is not None, inline])
+        kinds = sum([self.file is not None, self.preset is not None, self.sweep is not None, inline])
         if kinds != 1:
             raise ValueError(
-                "a pipelines entry is either `file: PATH`, `sweep: {...}`, or an inline pipeline with `stages:`"
+                "a pipelines entry is either `file: PATH`, `preset: NAME`, `sweep: {...}`, or an inline pipeline "
+                "with `stages:`"
             )
         return self
 
@@ -157,8 +159,15 @@ def load_config(source: str | Path | dict[str, Any] | None) -> CompareConfig:
     return config.model_copy(update={"pipelines": entries})
 
 
-def resolve_pipelines(config: CompareConfig, registry: ReducerRegistry) -> list[tuple[str, Pipeline]]:
+def resolve_pipelines(
+    config: CompareConfig, registry: ReducerRegistry, presets: PipelineRegistry | None = None
+) -> list[tuple[str, Pipeline]]:
     """The named pipelines to run, the unpruned reference first; every one validated.
+
+    Args:
+        config: The comparison config.
+        registry: The reducers to validate against.
+        presets: The pipeline presets ``preset:`` entries name (default: a fresh plugin manager's).
 
     Raises:
         PipelineError: an invalid pipeline (named), or two pipelines with the same name.
@@ -167,6 +176,8 @@ def resolve_pipelines(config: CompareConfig, registry: ReducerRegistry) -> list[
     for entry in config.pipelines:
         if entry.sweep is not None:
             out += _sweep(entry.sweep, registry)
+        elif entry.preset is not None:
+            out += _presets(entry, registry, presets)
         elif entry.file is not None:
             pipe = load_pipeline(entry.file, registry=registry)
             out.append((entry.name or pipe.name or entry.file.stem, pipe))
@@ -210,11 +221,13 @@ def default_sweep_reducers(registry: ReducerRegistry) -> list[str]:
 
     Read from the registry, so a disabled plugin (``TOKENPRUNE_DISABLE_PLUGINS``) drops out and a new
     built-in joins without an edit here; third-party reducers join a comparison by name. Trainable
-    reducers (ATP) are left out: they need weights.
+    reducers (ATP) are left out: they need weights; so is a name two plugins register (a collision:
+    ``tokenprune plugins`` marks it).
     """
+    usable = [name for name in registry if len(registry.claims(name)) == 1]  # a collision is listed, not run
     return [
         name
-        for name in registry
+        for name in usable
         if (origin := registry.origin(name)) is not None
         and origin.distribution == OWN_DISTRIBUTION
         and not registry.get(name).capabilities.trainable
@@ -239,6 +252,27 @@ def _sweep(sweep: Sweep, registry: ReducerRegistry) -> list[tuple[str, Pipeline]
                 out.append((label, load_pipeline({"name": label, "stages": [stage]}, registry=registry)))
             except PipelineError as exc:
                 raise PipelineError(f"sweep pipeline {label!r}: {exc}", exc.problems) from None
+    return out
+
+
+def _presets(
+    entry: PipelineEntry, registry: ReducerRegistry, presets: PipelineRegistry | None
+) -> list[tuple[str, Pipeline]]:
+    """The presets a ``preset:`` entry names (a name, or a pattern such as ``sparsevlm-*``), validated."""
+    if presets is None:
+        from tokenprune.plugins import get_plugin_manager
+
+        presets = get_plugin_manager().pipelines
+    names = presets.matching(str(entry.preset))
+    if entry.name is not None and len(names) > 1:
+        raise PipelineError(f"preset {entry.preset!r} matches {len(names)} presets; `name:` needs exactly one")
+    out = []
+    for name in names:
+        try:
+            pipe = load_pipeline({"preset": name}, registry=registry, presets=presets)
+        except PipelineError as exc:
+            raise PipelineError(f"preset {name!r}: {exc}", exc.problems) from None
+        out.append((entry.name or name, pipe))
     return out
 
 

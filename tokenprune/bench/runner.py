@@ -82,7 +82,7 @@ def compare(
         processor=processor,
         manager=manager,
         adapter=adapter,
-        pipelines=resolve_pipelines(config, manager.reducers),
+        pipelines=resolve_pipelines(config, manager.reducers, manager.pipelines),
         store=store,
         refs=ReferenceLogits(config.output),
         done=dist.broadcast(store.done() if dist.rank == 0 else None),

@@ -342,6 +342,14 @@ def compare(
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run folder (overrides the config's).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; print only the summary.")] = False,
+    preset: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--preset",
+            help="Run these pipeline presets (a name or a pattern such as 'sparsevlm-*'; repeatable) instead "
+            "of the config's pipelines. `tokenprune plugins` lists them.",
+        ),
+    ] = None,
 ) -> None:
     """Compare pipelines on tasks: accuracy and fidelity against FLOPs, latency, memory, KV cache.
 
@@ -358,6 +366,8 @@ def compare(
         cfg = load_config(config)
         if output is not None:
             cfg = cfg.model_copy(update={"output": output})
+        if preset:
+            cfg = _with_presets(cfg, preset)
         manager = _manager()
         if quiet or int(os.environ.get("RANK", "0")) != 0:
             outcome = run_compare(cfg, plugins=manager)
@@ -522,11 +532,18 @@ class _PlainProgress:
         )
 
 
+def _with_presets(cfg: Any, patterns: list[str]) -> Any:
+    """``cfg`` with its pipelines replaced by ``preset:`` entries (validated when the run resolves them)."""
+    from tokenprune.bench.config import PipelineEntry
+
+    return cfg.model_copy(update={"pipelines": [PipelineEntry(preset=p) for p in patterns]})
+
+
 def _pass_count(cfg: Any, manager: PluginManager) -> int:
-    """How many passes (task x pipeline, the unpruned reference included) a comparison runs."""
+    """How many passes a comparison runs: task x pipeline (the reference included), plus one cost pass per task."""
     from tokenprune.bench.config import resolve_pipelines
 
-    return len(cfg.tasks) * len(resolve_pipelines(cfg, manager.reducers))
+    return len(cfg.tasks) * (len(resolve_pipelines(cfg, manager.reducers, manager.pipelines)) + 1)
 
 
 def _fail(message: str) -> None:
