@@ -8,7 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-pip=("$VENV/bin/pip" install --quiet --disable-pip-version-check)
+# --no-warn-conflicts: pip's own check would list lmms-eval's deliberately unmet requirements (see below) as
+# "dependency resolver" errors on every rerun; scripts/pip-check.sh runs the check at the end instead, and
+# prints every other conflict.
+pip=("$VENV/bin/pip" install --quiet --disable-pip-version-check --no-warn-conflicts)
 if [ "${TOKENPRUNE_UNLOCKED:-0}" != "1" ]; then
   pip+=(--constraint constraints.txt)
 fi
@@ -27,3 +30,4 @@ fi
 if ! "$VENV/bin/python" -c "import lmms_eval.api.model" 2>/dev/null; then
   "${pip[@]}" --no-deps "lmms-eval==0.7.3"
 fi
+bash scripts/pip-check.sh "$VENV" || true # a conflict is reported (on stderr), as pip does, not fatal
