@@ -357,10 +357,7 @@ def compare(
     stopped; OUTPUT also gets summary.csv, summary.json, report.md and pareto.png. Under torchrun or
     accelerate launch, the examples are sharded over the processes.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from tokenprune.bench.config import load_config
-    from tokenprune.bench.runner import compare as run_compare
 
     try:
         cfg = load_config(config)
@@ -368,27 +365,40 @@ def compare(
             cfg = cfg.model_copy(update={"output": output})
         if preset:
             cfg = _with_presets(cfg, preset)
-        manager = _manager()
-        if quiet or int(os.environ.get("RANK", "0")) != 0:
-            outcome = run_compare(cfg, plugins=manager)
-        elif not Console().is_terminal:  # a log file or a pipe: plain lines instead of bars
-            outcome = run_compare(cfg, plugins=manager, progress=_PlainProgress(_pass_count(cfg, manager)))
-        else:
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            with Progress(*columns, transient=True) as bar:
-                bars: dict[str, Any] = {}
-
-                def progress(description: str, done: int, total: int) -> None:
-                    if description not in bars:
-                        bars[description] = bar.add_task(description, total=total)
-                    bar.update(bars[description], completed=done, total=total)
-
-                outcome = run_compare(cfg, plugins=manager, progress=progress)
+        outcome = _run_comparison(cfg, _manager(), quiet)
     except (TokenpruneError, FileNotFoundError) as exc:
         _fail(str(exc))
     if int(os.environ.get("RANK", "0")) != 0:
         return
     summary = json.loads((outcome.folder / "summary.json").read_text(encoding="utf-8"))
+    Console(width=max(120, Console().width)).print(_summary_table(summary, outcome))
+    typer.echo(f"report: {outcome.folder / 'report.md'}")
+
+
+def _run_comparison(cfg: Any, manager: PluginManager, quiet: bool) -> Any:
+    """Run ``cfg`` with progress bars on a terminal, plain lines elsewhere, nothing if quiet (or not rank 0)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tokenprune.bench.runner import compare as run_compare
+
+    if quiet or int(os.environ.get("RANK", "0")) != 0:
+        return run_compare(cfg, plugins=manager)
+    if not Console().is_terminal:  # a log file or a pipe: plain lines instead of bars
+        return run_compare(cfg, plugins=manager, progress=_PlainProgress(_pass_count(cfg, manager)))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        bars: dict[str, Any] = {}
+
+        def progress(description: str, done: int, total: int) -> None:
+            if description not in bars:
+                bars[description] = bar.add_task(description, total=total)
+            bar.update(bars[description], completed=done, total=total)
+
+        return run_compare(cfg, plugins=manager, progress=progress)
+
+
+def _summary_table(summary: dict[str, Any], outcome: Any) -> Table:
+    """The ranked pipelines of a comparison's ``summary.json``, as the command prints them."""
     table = Table(title=f"tokenprune compare ({outcome.computed} computed, {outcome.reused} reused)")
     for column in ("rank", "pipeline", "accuracy", "agreement", "GFLOPs", "reduction", "visual tokens", "prefill ms"):
         table.add_column(column)
@@ -402,10 +412,15 @@ def compare(
             f"{row['gflops']:.4g}",
             pct(row["flops_reduction"]),
             f"{row['visual_tokens']:.1f}",
-            f"{row['prefill_ms']:.2f}",
+            _milliseconds(row.get("prefill_ms"), row.get("prefill_ms_spread")),
         )
-    Console(width=max(120, Console().width)).print(table)
-    typer.echo(f"report: {outcome.folder / 'report.md'}")
+    return table
+
+
+def _milliseconds(median: float | None, spread: float | None) -> str:
+    if median is None:
+        return "not measured"
+    return f"{median:.2f}" if spread is None else f"{median:.2f} (spread {spread:.2f})"
 
 
 @app.command()

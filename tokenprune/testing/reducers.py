@@ -79,30 +79,12 @@ def make_reduce_inputs(
     """
     at = at or InsertionPoint("post_projector")
     gen = torch.Generator().manual_seed(seed)
-    layouts = [TokenLayout.grid(r, c, newlines=newlines) for r, c in grids]
-    counts = [lay.shape[1] for lay in layouts]
-    b, n = len(grids), max(counts)
-    tokens = torch.zeros(b, n, dim)
-    valid = torch.zeros(b, n, dtype=torch.bool)
-    fields = {name: torch.full((b, n), -1, dtype=torch.long) for name in ("image", "view", "row", "col")}
-    newline = torch.zeros(b, n, dtype=torch.bool)
-    for i, (lay, count) in enumerate(zip(layouts, counts, strict=True)):
-        tokens[i, :count] = torch.randn(count, dim, generator=gen)
-        valid[i, :count] = True
-        for name, t in fields.items():
-            t[i, :count] = getattr(lay, name)[0]
-        newline[i, :count] = lay.newline[0]
-    protected = newline & valid if protect_newlines else torch.zeros_like(valid)
-    attention: dict[str, Tensor] = {}
-    for source in attention_sources:
-        logits = torch.randn(b, n, generator=gen).masked_fill(~valid, float("-inf"))
-        attention[source] = logits.softmax(-1)
-    own: dict[str, Tensor] = {}
-    for source in own_attention_sources:
-        logits = torch.randn(b, n, generator=gen).masked_fill(~valid, float("-inf"))
-        own[source] = logits.softmax(-1)
+    tokens, valid, layout = _synthetic_grids(grids, dim, newlines, gen)
+    b, n = valid.shape
+    protected = layout.newline & valid if protect_newlines else torch.zeros_like(valid)
+    attention = _seeded_attention(attention_sources, valid, gen)
+    own = _seeded_attention(own_attention_sources, valid, gen)
     text = torch.randn(b, text_tokens, dim, generator=gen) if text_tokens else None
-    layout = TokenLayout(**fields, newline=newline)
     budget = budget_per_sample(keep, valid, protected)
     if reducer is not None:
         budget = check_stage_budget(
@@ -133,6 +115,35 @@ def make_reduce_inputs(
     if text_tokens and text_columns is not None:
         ctx = _text_signals(ctx, signals, gen, dim, text_columns)
     return tokens.to(device=device, dtype=dtype), _context_to(ctx, device)
+
+
+def _synthetic_grids(
+    grids: Sequence[tuple[int, int]], dim: int, newlines: bool, gen: torch.Generator
+) -> tuple[Tensor, Tensor, TokenLayout]:
+    """Seeded ``(B, N, D)`` tokens of the raster grids, zero-padded, their ``(B, N)`` validity and layout."""
+    layouts = [TokenLayout.grid(r, c, newlines=newlines) for r, c in grids]
+    counts = [lay.shape[1] for lay in layouts]
+    b, n = len(grids), max(counts)
+    tokens = torch.zeros(b, n, dim)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    fields = {name: torch.full((b, n), -1, dtype=torch.long) for name in ("image", "view", "row", "col")}
+    newline = torch.zeros(b, n, dtype=torch.bool)
+    for i, (lay, count) in enumerate(zip(layouts, counts, strict=True)):
+        tokens[i, :count] = torch.randn(count, dim, generator=gen)
+        valid[i, :count] = True
+        for name, t in fields.items():
+            t[i, :count] = getattr(lay, name)[0]
+        newline[i, :count] = lay.newline[0]
+    return tokens, valid, TokenLayout(**fields, newline=newline)
+
+
+def _seeded_attention(sources: Sequence[str], valid: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+    """Per source, a seeded softmax over each sample's valid tokens (``(B, N)``, 0 at padding)."""
+    attention: dict[str, Tensor] = {}
+    for source in sources:
+        logits = torch.randn(valid.shape, generator=gen).masked_fill(~valid, float("-inf"))
+        attention[source] = logits.softmax(-1)
+    return attention
 
 
 def _text_signals(
