@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, overload
 
 import pluggy
 from pydantic import BaseModel
@@ -151,6 +151,7 @@ class _Registry(Generic[T]):
     """
 
     kind: ClassVar[str] = "entry"
+    hook: ClassVar[str] = ""
     _claims: dict[str, list[Claim[T]]] = field(default_factory=dict)
     _current: PluginInfo | None = None
 
@@ -230,6 +231,7 @@ class ReducerRegistry(_Registry[type[TokenReducer]]):
     """Reducer classes by registry name. Filled by the ``tokenprune_register_reducers`` hook."""
 
     kind: ClassVar[str] = "reducer"
+    hook: ClassVar[str] = "tokenprune_register_reducers"
 
     def add(self, reducer: type[TokenReducer], *, exist_ok: bool = False) -> None:
         """Register a reducer class under ``reducer.name``.
@@ -300,6 +302,7 @@ class AdapterRegistry(_Registry[type[ModelAdapter]]):
     """Adapter classes by ``model_type``. Filled by the ``tokenprune_register_adapters`` hook."""
 
     kind: ClassVar[str] = "adapter for model_type"
+    hook: ClassVar[str] = "tokenprune_register_adapters"
 
     def add(self, adapter: type[ModelAdapter], *, exist_ok: bool = False) -> None:
         """Register ``adapter`` for each of its ``model_types``.
@@ -342,6 +345,7 @@ class TaskRegistry(_Registry[type]):
     """Evaluation task classes by name. Filled by the ``tokenprune_register_tasks`` hook."""
 
     kind: ClassVar[str] = "task"
+    hook: ClassVar[str] = "tokenprune_register_tasks"
 
     def add(self, task: type, *, exist_ok: bool = False) -> None:
         """Register a :class:`~tokenprune.bench.tasks.Task` class under ``task.name``.
@@ -405,6 +409,7 @@ class PipelineRegistry(_Registry[Preset]):
     """Named pipelines (presets) by name. Filled by the ``tokenprune_register_pipelines`` hook."""
 
     kind: ClassVar[str] = "pipeline preset"
+    hook: ClassVar[str] = "tokenprune_register_pipelines"
 
     def add(
         self,
@@ -470,6 +475,23 @@ class PipelineRegistry(_Registry[Preset]):
         return names
 
 
+class _RegistryOf(Generic[R]):
+    """A :class:`PluginManager` attribute: one registry, filled from its hook on first use."""
+
+    def __init__(self, kind: type[R], doc: str) -> None:
+        self.kind = kind
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, manager: None, owner: type) -> _RegistryOf[R]: ...
+
+    @overload
+    def __get__(self, manager: PluginManager, owner: type) -> R: ...
+
+    def __get__(self, manager: PluginManager | None, owner: type) -> R | _RegistryOf[R]:
+        return self if manager is None else manager._registry(self.kind)
+
+
 class PluginManager:
     """The loaded plugins, with typed access to what they register.
 
@@ -500,25 +522,10 @@ class PluginManager:
         """The loaded plugins, by name."""
         return [self._infos[name] for name in sorted(self._infos)]
 
-    @property
-    def reducers(self) -> ReducerRegistry:
-        """Every registered reducer class."""
-        return self._registry("tokenprune_register_reducers", ReducerRegistry)
-
-    @property
-    def adapters(self) -> AdapterRegistry:
-        """Every registered adapter class."""
-        return self._registry("tokenprune_register_adapters", AdapterRegistry)
-
-    @property
-    def tasks(self) -> TaskRegistry:
-        """Every registered evaluation task class."""
-        return self._registry("tokenprune_register_tasks", TaskRegistry)
-
-    @property
-    def pipelines(self) -> PipelineRegistry:
-        """Every registered pipeline preset."""
-        return self._registry("tokenprune_register_pipelines", PipelineRegistry)
+    reducers = _RegistryOf(ReducerRegistry, "Every registered reducer class.")
+    adapters = _RegistryOf(AdapterRegistry, "Every registered adapter class.")
+    tasks = _RegistryOf(TaskRegistry, "Every registered evaluation task class.")
+    pipelines = _RegistryOf(PipelineRegistry, "Every registered pipeline preset.")
 
     @property
     def collisions(self) -> list[Collision]:
@@ -530,12 +537,13 @@ class PluginManager:
             *self.pipelines.collisions,
         ]
 
-    def _registry(self, hook_name: str, kind: type[R]) -> R:
-        if hook_name not in self._registries:
+    def _registry(self, kind: type[R]) -> R:
+        """The registry of ``kind``, filled from ``kind.hook`` on first use."""
+        if kind.hook not in self._registries:
             registry = kind()
-            self._collect(hook_name, registry)
-            self._registries[hook_name] = registry
-        return self._registries[hook_name]  # type: ignore[return-value]
+            self._collect(kind.hook, registry)
+            self._registries[kind.hook] = registry
+        return self._registries[kind.hook]  # type: ignore[return-value]
 
     def _collect(self, hook_name: str, registry: _Registry[Any]) -> None:
         hook = getattr(self.pluggy.hook, hook_name)
