@@ -67,7 +67,7 @@ def test_bad_pipelines_are_named(registry):
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(TokenpruneError, match="batch_size: Input should be greater than or equal to 1"):
         load_config({"batch_size": 0})
-    with pytest.raises(TokenpruneError, match="either `file: PATH`, `sweep"):
+    with pytest.raises(TokenpruneError, match="either `file: PATH`, `preset: NAME`, `sweep"):
         load_config({"pipelines": [{"name": "nothing"}]})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

@@ -177,6 +177,28 @@ class _Registry(Generic[T]):
             raise self._collision(key, claims).error()
         return claims[0].value
 
+    def get(self, key: str) -> T:
+        """The class (or preset) registered as ``key``.
+
+        Raises:
+            TokenpruneError: nothing is registered as ``key`` (the subclass's error, listing what is and
+                the closest name).
+            PluginError: several plugins registered ``key`` (naming them, and how to disable one).
+        """
+        try:
+            return self._value(key)
+        except KeyError:
+            raise self._unknown(key) from None
+
+    def _unknown(self, key: str) -> Exception:
+        """The error :meth:`get` raises for a name nobody registered."""
+        return KeyError(f"no {self.kind} {key!r}")
+
+    def _did_you_mean(self, name: str) -> str:
+        """``"; did you mean 'x'?"`` for the closest registered name, or ``""``."""
+        close = difflib.get_close_matches(name, list(self), n=1)
+        return f"; did you mean {close[0]!r}?" if close else ""
+
     def _collision(self, key: str, claims: list[Claim[T]]) -> Collision:
         return Collision(self.kind, key, tuple(claims))
 
@@ -267,23 +289,13 @@ class ReducerRegistry(_Registry[type[TokenReducer]]):
             raise PluginError(f"{who}: {_qualname(reducer)} does not implement {missing}")
         self._put(name, reducer, exist_ok)
 
-    def get(self, name: str) -> type[TokenReducer]:
-        """The reducer class registered as ``name``.
-
-        Raises:
-            UnknownReducerError: listing the installed reducers and the closest name.
-            PluginError: several plugins registered ``name`` (naming them, and how to disable one).
-        """
-        try:
-            return self._value(name)
-        except KeyError:
-            raise UnknownReducerError(self.unknown_message(name)) from None
+    def _unknown(self, key: str) -> Exception:
+        return UnknownReducerError(self.unknown_message(key))
 
     def unknown_message(self, name: str) -> str:
         """``unknown reducer 'x'; did you mean 'y'? Installed: ...``."""
         installed = ", ".join(self) or "none"
-        close = difflib.get_close_matches(name, list(self), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = self._did_you_mean(name)
         return (
             f"unknown reducer {name!r}{hint} Installed reducers: {installed}. "
             "Install the plugin that provides it, or check `tokenprune plugins`."
@@ -324,21 +336,12 @@ class AdapterRegistry(_Registry[type[ModelAdapter]]):
         for model_type in types:
             self._put(model_type, adapter, exist_ok)
 
-    def get(self, model_type: str) -> type[ModelAdapter]:
-        """The adapter for ``model_type``.
-
-        Raises:
-            UnsupportedModelError: listing the supported model types and the docs on adding one.
-            PluginError: several plugins claimed ``model_type`` (naming them, and how to disable one).
-        """
-        try:
-            return self._value(model_type)
-        except KeyError:
-            supported = ", ".join(self) or "none"
-            raise UnsupportedModelError(
-                f"no adapter supports model_type {model_type!r}. Supported: {supported}. "
-                f"To add an architecture, write an adapter plugin ({ADAPTER_DOCS})."
-            ) from None
+    def _unknown(self, key: str) -> Exception:
+        supported = ", ".join(self) or "none"
+        return UnsupportedModelError(
+            f"no adapter supports model_type {key!r}. Supported: {supported}. "
+            f"To add an architecture, write an adapter plugin ({ADAPTER_DOCS})."
+        )
 
 
 class TaskRegistry(_Registry[type]):
@@ -366,21 +369,9 @@ class TaskRegistry(_Registry[type]):
             raise PluginError(f"{who} registered {_qualname(task)} with invalid task name {name!r}")
         self._put(name, task, exist_ok)
 
-    def get(self, name: str) -> type:
-        """The task class registered as ``name``.
-
-        Raises:
-            UnknownTaskError: listing the installed tasks and the closest name.
-            PluginError: several plugins registered ``name``.
-        """
-        try:
-            return self._value(name)
-        except KeyError:
-            close = difflib.get_close_matches(name, list(self), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UnknownTaskError(
-                f"unknown task {name!r}{hint} Installed tasks: {', '.join(self) or 'none'}."
-            ) from None
+    def _unknown(self, key: str) -> Exception:
+        installed = ", ".join(self) or "none"
+        return UnknownTaskError(f"unknown task {key!r}{self._did_you_mean(key)} Installed tasks: {installed}.")
 
 
 PRESET_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
@@ -443,22 +434,11 @@ class PipelineRegistry(_Registry[Preset]):
             raise PluginError(f"{who}: preset {name!r} must name its paper and the table it reproduces")
         self._put(name, Preset(name, copy.deepcopy(dict(definition)), paper, table, description), exist_ok)
 
-    def get(self, name: str) -> Preset:
-        """The preset registered as ``name``.
-
-        Raises:
-            PipelineError: no such preset (listing them and the closest name).
-            PluginError: several plugins registered ``name``.
-        """
-        try:
-            return self._value(name)
-        except KeyError:
-            close = difflib.get_close_matches(name, list(self), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise PipelineError(
-                f"unknown pipeline preset {name!r}{hint} Installed presets: {', '.join(self) or 'none'} "
-                "(see `tokenprune plugins`)."
-            ) from None
+    def _unknown(self, key: str) -> Exception:
+        return PipelineError(
+            f"unknown pipeline preset {key!r}{self._did_you_mean(key)} Installed presets: "
+            f"{', '.join(self) or 'none'} (see `tokenprune plugins`)."
+        )
 
     def matching(self, pattern: str) -> list[str]:
         """The preset names matching ``pattern`` (``fnmatch``: ``sparsevlm-*``), or ``pattern`` itself.

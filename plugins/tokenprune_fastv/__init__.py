@@ -44,7 +44,7 @@ class FastV(ScoringReducer):
     capabilities = Capabilities(insertion_points=frozenset({"layer"}), attention=frozenset({"last"}))
 
     class Params(ReducerParams):
-        source: Literal["last", "all", "text", "visual"] = Field(
+        source: AttentionSource = Field(
             default="last",
             description=(
                 "Whose attention ranks the tokens: 'last' = the last token (official code), 'all' = every token "

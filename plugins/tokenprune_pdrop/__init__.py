@@ -9,7 +9,6 @@ third-party plugin: this module is the entry point ``pdrop`` of the ``tokenprune
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
 
 from pydantic import Field
 from torch import Tensor
@@ -37,7 +36,7 @@ class PyramidDrop(ScoringReducer):
     capabilities = Capabilities(insertion_points=frozenset({"layer"}), own_attention=frozenset({"last"}))
 
     class Params(ReducerParams):
-        source: Literal["last", "all", "text", "visual"] = Field(
+        source: AttentionSource = Field(
             default="last",
             description=(
                 "Whose attention at the stage's own layer ranks the tokens: 'last' = the last instruction token "

@@ -50,7 +50,21 @@ class SynthVQA(Task):
         return out
 
 
-class JsonlTask(Task):
+class _OpenEndedParams(TaskParams):
+    """What every task over a file of open-ended questions takes: a cap on examples and on answer tokens."""
+
+    limit: int | None = Field(default=None, ge=1, description="Use only the first N examples.")
+    max_new_tokens: int = Field(default=16, ge=1, description="Tokens generated per answer.")
+
+
+class _OpenEndedTask(Task):
+    """A task whose answers are generated up to ``max_new_tokens`` (its ``Params`` extend :class:`_OpenEndedParams`)."""
+
+    def generation_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+
+class JsonlTask(_OpenEndedTask):
     """Records from a local JSON-lines file with image files beside it.
 
     Each line: ``{"id": ..., "image": "a.png" or ["a.png", ...], "question": "...",
@@ -61,14 +75,9 @@ class JsonlTask(Task):
 
     name = "jsonl"
 
-    class Params(TaskParams):
+    class Params(_OpenEndedParams):
         path: Path = Field(description="The JSON-lines file.")
         image_root: Path | None = Field(default=None, description="Folder of the images (default: the file's).")
-        limit: int | None = Field(default=None, ge=1, description="Use only the first N records.")
-        max_new_tokens: int = Field(default=16, ge=1, description="Tokens generated per answer.")
-
-    def generation_tokens(self) -> int:
-        return self.params.max_new_tokens
 
     def examples(self) -> list[Example]:
         path = self.params.path
@@ -110,7 +119,7 @@ class JsonlTask(Task):
         return out
 
 
-class DiskDataset(Task):
+class DiskDataset(_OpenEndedTask):
     """A Hugging Face dataset saved with ``datasets.Dataset.save_to_disk`` (needs ``pip install datasets``).
 
     Columns are named by the params; the image column holds images (the ``Image`` feature: PIL
@@ -119,7 +128,7 @@ class DiskDataset(Task):
 
     name = "hf_disk"
 
-    class Params(TaskParams):
+    class Params(_OpenEndedParams):
         path: Path = Field(description="The folder written by save_to_disk (a Dataset, or a DatasetDict with split).")
         split: str | None = Field(default=None, description="Split of a saved DatasetDict.")
         image_column: str = Field(default="image", description="Column of images (or lists of images).")
@@ -127,11 +136,6 @@ class DiskDataset(Task):
         answers_column: str | None = Field(default="answers", description="Column of answers (None: unlabelled).")
         id_column: str | None = Field(default=None, description="Column of unique ids (default: row number).")
         group_column: str | None = Field(default=None, description="Column to break results down by.")
-        limit: int | None = Field(default=None, ge=1, description="Use only the first N rows.")
-        max_new_tokens: int = Field(default=16, ge=1, description="Tokens generated per answer.")
-
-    def generation_tokens(self) -> int:
-        return self.params.max_new_tokens
 
     def examples(self) -> list[Example]:
         try:

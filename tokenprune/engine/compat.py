@@ -173,13 +173,7 @@ def input_norm(layer: nn.Module) -> nn.Module:
     Raises:
         TokenpruneError: the layer has none (a family this engine does not know).
     """
-    norm = getattr(layer, "input_layernorm", None)
-    if not isinstance(norm, nn.Module):
-        raise TokenpruneError(
-            f"{type(layer).__name__} has no input_layernorm; a stage that reads a layer's own attention cannot run "
-            "on this model family"
-        )
-    return norm
+    return _norm(layer, "input_layernorm", "a stage that reads a layer's own attention")
 
 
 def final_norm(language_model: nn.Module) -> nn.Module:
@@ -188,11 +182,14 @@ def final_norm(language_model: nn.Module) -> nn.Module:
     Raises:
         TokenpruneError: the language model has none.
     """
-    norm = getattr(language_model, "norm", None)
+    return _norm(language_model, "norm", "a stage that reads the final norm")
+
+
+def _norm(module: nn.Module, name: str, needed_by: str) -> nn.Module:
+    norm = getattr(module, name, None)
     if not isinstance(norm, nn.Module):
         raise TokenpruneError(
-            f"{type(language_model).__name__} has no final norm ('norm'); a stage that reads it cannot run on this "
-            "model family"
+            f"{type(module).__name__} has no {name!r} module; {needed_by} cannot run on this model family"
         )
     return norm
 

@@ -219,12 +219,9 @@ def attention_scores(
     Returns:
         ``{source: (B, Lk) float32}``.
     """
-    b, h, lq, hd = query.shape
+    b, h, lq, _ = query.shape
     lk = key.shape[2]
-    scaling = kw.get("scaling") or getattr(module, "scaling", None) or hd**-0.5
-    softcap = kw.get("softcap")
-    rep = h // key.shape[1]
-    key = key.repeat_interleave(rep, dim=1) if rep > 1 else key
+    scaling, softcap, key = _call_settings(module, query, key, kw)
     sources = sorted(set(sources))
     need_all_rows = any(s != "last" for s in sources)
     first = 0 if need_all_rows else lq - 1
@@ -279,10 +276,7 @@ def text_row_attention(
     """
     b, h, lq, hd = query.shape
     lk = key.shape[2]
-    scaling = kw.get("scaling") or getattr(module, "scaling", None) or hd**-0.5
-    softcap = kw.get("softcap")
-    rep = h // key.shape[1]
-    key = key.repeat_interleave(rep, dim=1) if rep > 1 else key
+    scaling, softcap, key = _call_settings(module, query, key, kw)
     text = rows.valid & ~rows.visual
     t = int(text.sum(1).max()) if b else 0
     order = torch.where(text, 0, 1).argsort(dim=1, stable=True)[:, :t]  # the text rows first, in sequence order
@@ -306,6 +300,13 @@ def text_row_attention(
             logits = torch.tanh(logits / softcap) * softcap
         acc += torch.softmax(logits + bias, dim=-1).masked_fill(~real[..., None], 0.0)
     return acc / h
+
+
+def _call_settings(module: nn.Module, query: Tensor, key: Tensor, kw: Any) -> tuple[float, float | None, Tensor]:
+    """The attention call's scaling and softcap, and its keys repeated to the query heads (GQA)."""
+    scaling = kw.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    rep = query.shape[1] // key.shape[1]
+    return scaling, kw.get("softcap"), key.repeat_interleave(rep, dim=1) if rep > 1 else key
 
 
 def _make_attention(impl: str) -> Callable[..., Any]:
