@@ -146,3 +146,9 @@ def test_a_vision_layer_the_tower_lacks_is_refused():
     pipe = {"stages": [{"at": "post_projector", "reducer": "fastervlm", "keep": 0.5, "params": {"layer": 7}}]}
     with pytest.raises(TokenpruneError, match=r"stage 0 \(fastervlm\): vision layer 7 does not exist.*2 encoder"):
         tp.apply(t.model, pipe, plugins=_manager())
+
+
+@pytest.mark.parametrize("name", ["llava_onevision", "qwen2_5_vl"])
+def test_more_families_map_vision_patches_to_tokens(name):
+    t = getattr(tiny_models, name)()
+    vision_patches_map_to_tokens(adapter_case(t.model, t.make_inputs, [(56, 84), (100, 56), (56, 56)]))
