@@ -32,6 +32,7 @@ from tokenprune.reducer import (
     ScoringReducer,
     Selection,
     TokenReducer,
+    VisionAttentionRequest,
 )
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = [
     "UnknownReducerError",
     "UnsupportedModelError",
     "UnsupportedTransformersError",
+    "VisionAttentionRequest",
     "__version__",
     "apply",
     "get_plugin_manager",

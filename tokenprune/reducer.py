@@ -46,6 +46,11 @@ AttentionSource = Literal["last", "text", "visual", "all"]
 """Which query rows of the attention probe are averaged: the last token's row (FastV's official
 code), the text tokens', the visual tokens', or every token's (FastV's paper)."""
 
+VisionAttentionKind = Literal["cls", "mean"]
+"""Which vision-encoder attention a ``post_projector`` stage reads (:attr:`Capabilities.vision_attention`):
+``cls``, the attention the tower's [CLS] query pays to each patch (towers with a CLS token: CLIP);
+``mean``, the attention each patch receives, averaged over heads and over the patch query rows."""
+
 ContextSignal = Literal["keys", "final_norm", "text_attention", "input_embeddings"]
 """Extra inputs a layer stage at ``{layer: k}`` may ask for (:attr:`Capabilities.signals`): ``keys``,
 the keys of decoder layer ``k - 1`` (after RoPE and k-norms, one row per token, heads concatenated);
@@ -82,6 +87,27 @@ class InsertionPoint:
 
 
 @dataclass(frozen=True)
+class VisionAttentionRequest:
+    """The vision-encoder attention one stage reads: its kind and the tower layer it is taken at.
+
+    Attributes:
+        kind: ``cls`` or ``mean`` (:data:`VisionAttentionKind`).
+        layer: Index into the vision tower's encoder layers (negative counts from the end, ``-1`` the
+            last); ``None``: the layer the model takes its image features from (the adapter's
+            :attr:`~tokenprune.adapters.base.VisionTower.feature_layer`, e.g. LLaVA's
+            ``vision_feature_layer``).
+        features: Also serve ``ctx.vision_features``, the tower's hidden states output by that layer
+            (the pre-projector features where it is the features layer).
+        keys: Also serve ``ctx.vision_keys``, that layer's attention keys averaged over heads.
+    """
+
+    kind: VisionAttentionKind
+    layer: int | None = None
+    features: bool = False
+    keys: bool = False
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What a reducer needs and supports; the pipeline is validated against it before a model runs.
 
@@ -103,6 +129,9 @@ class Capabilities:
             is known before the model runs (what serving engines such as vLLM need). Adaptive
             reducers set it to False and may keep fewer tokens than the budget.
         merges: May return a :class:`Merge` rather than a :class:`Selection`.
+        vision_attention: The vision-encoder attention kinds the reducer may read at ``post_projector``
+            (:data:`VisionAttentionKind`; empty: none). The engine serves the one that
+            :meth:`TokenReducer.vision_attention_for` asks for as ``ctx.vision_attention``.
     """
 
     insertion_points: frozenset[InsertionKind] = frozenset({"post_projector", "layer"})
@@ -113,6 +142,7 @@ class Capabilities:
     trainable: bool = False
     deterministic_count: bool = True
     merges: bool = False
+    vision_attention: frozenset[VisionAttentionKind] = frozenset()
 
     @property
     def needs_attention(self) -> bool:
@@ -131,6 +161,7 @@ class Capabilities:
             "trainable": self.trainable,
             "deterministic_count": self.deterministic_count,
             "merges": self.merges,
+            "vision_attention": sorted(self.vision_attention),
         }
 
 
@@ -214,6 +245,17 @@ class ReduceContext:
             ``needs_text``.
         input_embeddings: The language model's input embeddings (:class:`InputEmbeddings`); only if
             ``"input_embeddings"`` is in ``capabilities.signals`` and ``needs_text``.
+        vision_attention: ``(B, N)`` float32, the vision-encoder attention of each visual token (the
+            kind and tower layer of :meth:`TokenReducer.vision_attention_for`; a token built from several
+            patches holds the mean of their scores); only at ``post_projector`` for a reducer that asks
+            for it. ``-inf`` where :attr:`vision_valid` is False, so a top-k never picks those first.
+        vision_valid: ``(B, N)`` bool, the tokens that come from vision patches: False at padding and
+            at tokens built from no patch (LLaVA-NeXT's row-end newlines).
+        vision_features: ``(B, N, Dv)`` the vision tower's hidden states at the probed layer, averaged
+            like the scores (pre-projector features; ``0`` where ``vision_valid`` is False); only for a
+            reducer whose request sets ``features`` (VisPruner).
+        vision_keys: ``(B, N, hd)`` that layer's attention keys, averaged over heads and like the scores;
+            only for a reducer whose request sets ``keys`` (VisionZip).
     """
 
     at: InsertionPoint
@@ -235,6 +277,10 @@ class ReduceContext:
     text_columns: Tensor | None = None
     text_attention: Tensor | None = None
     input_embeddings: InputEmbeddings | None = None
+    vision_attention: Tensor | None = None
+    vision_valid: Tensor | None = None
+    vision_features: Tensor | None = None
+    vision_keys: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -466,6 +512,22 @@ class TokenReducer(ABC):
     def own_attention_sources(self) -> frozenset[AttentionSource]:
         """Own-layer attention sources this instance reads: :meth:`own_attention_sources_for` of its params."""
         return type(self).own_attention_sources_for(self.params)
+
+    @classmethod
+    def vision_attention_for(cls, params: ReducerParams) -> VisionAttentionRequest | None:
+        """The vision-encoder attention a reducer with ``params`` reads (``None``: none).
+
+        The default asks for ``cls`` (else ``mean``) at the features layer when
+        ``capabilities.vision_attention`` lists it; override it when the kind or layer are params.
+        """
+        kinds = cls.capabilities.vision_attention
+        if not kinds:
+            return None
+        return VisionAttentionRequest("cls" if "cls" in kinds else "mean")
+
+    def vision_attention_request(self) -> VisionAttentionRequest | None:
+        """The vision-encoder attention this instance reads: :meth:`vision_attention_for` of its params."""
+        return type(self).vision_attention_for(self.params)
 
     def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
         """Multiply-accumulates that :meth:`reduce` spends on these inputs (the whole batch).

@@ -77,6 +77,26 @@ class ImageCall:
         return [p.reshape(-1, p.shape[-1]) for p in pooled]
 
 
+@dataclass(frozen=True)
+class VisionTower:
+    """What the vision probe needs to know about a model's vision encoder.
+
+    Attributes:
+        name: How messages name the tower, e.g. ``"CLIPVisionModel"``.
+        layers: The encoder layers in order (each holds its attention as ``self_attn`` or ``attn``).
+        feature_layer: Index into ``layers`` (non-negative) of the layer whose output the model's image
+            features are taken from (LLaVA's ``vision_feature_layer``): the default probed layer.
+        has_cls: Position 0 of every tower sequence is a [CLS] token (CLIP); SigLIP and Qwen2-VL have none.
+        notes: Where the default layer is not obvious, why it was chosen (Qwen2.5-VL's window attention).
+    """
+
+    name: str
+    layers: tuple[nn.Module, ...]
+    feature_layer: int
+    has_cls: bool
+    notes: str = ""
+
+
 class ModelAdapter:
     """Base class of model adapters; the defaults fit LLaVA-like models of transformers 5.
 
@@ -153,6 +173,30 @@ class ModelAdapter:
             else:
                 layouts.append(TokenLayout.grid(1, n, image=i))
         return layouts
+
+    # --- vision attention ----------------------------------------------------------------------
+
+    def vision_tower(self) -> VisionTower | None:
+        """The vision encoder the vision probe reads (:class:`VisionTower`); ``None``: this adapter does not
+        serve vision attention (the default), and a stage that needs it is refused at ``apply``."""
+        return None
+
+    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """Map per-position values of the vision tower to the post-projector visual tokens.
+
+        The tower's sequences are the rows of its attention calls, in call order (one per tile or crop
+        for CLIP/SigLIP towers, one per image or frame for Qwen2-VL). ``values[r]`` is ``(S_r, C)``:
+        ``C`` channels for each position of sequence ``r`` (the CLS position included, where the tower
+        has one). Return one ``(n_i, C)`` tensor per image of ``call``, row for row the image's
+        post-projector tokens (as :meth:`image_layouts` orders them): each row the sum, with the
+        weights of a mean, of the positions that token is built from, exactly as the model builds it
+        (drop the CLS position when the model drops it, unpad and crop, 2x2 or pixel-shuffle groups,
+        pooling, interpolation) and ``0`` for a token built from no position (a newline). The map must
+        be linear in ``values``; the engine maps a coverage channel with the values and divides by it.
+
+        The default, ``None``, says the adapter provides no mapping.
+        """
+        return None
 
     # --- positions ------------------------------------------------------------------------------
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from tokenprune.adapters.base import ModelAdapter
+from torch import Tensor
+
+from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
+from tokenprune.adapters.vision import drop_cls, encoder_tower
 
 
 class LlavaAdapter(ModelAdapter):
@@ -11,3 +14,13 @@ class LlavaAdapter(ModelAdapter):
     name = "llava"
     model_types = ("llava",)
     notes = "one g x g grid per image"
+
+    def vision_tower(self) -> VisionTower | None:
+        """The CLIP (or SigLIP) tower; features from ``vision_feature_layer`` (``-2``: the second-to-last layer)."""
+        cfg = self.vlm().config
+        return encoder_tower(self.vlm().vision_tower, cfg.vision_feature_layer)
+
+    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per image, CLS dropped under the ``default`` strategy: 1:1."""
+        strategy = call.arg("vision_feature_select_strategy", 2) or self.vlm().config.vision_feature_select_strategy
+        return [drop_cls(v, strategy) for v in values]

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
-from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
+from tokenprune.adapters.vision import drop_cls, encoder_tower
 from tokenprune.layout import TokenLayout
 
 
@@ -35,11 +36,35 @@ class LlavaNextAdapter(ModelAdapter):
             for size in image_sizes
         ]
 
-    def _pack(self, call: ImageCall, coords: list[Tensor], image_sizes: Tensor) -> list[Tensor]:
-        """Run the model's ``pack_image_features`` on ``(tiles, g*g, 3)`` coordinate tensors."""
+    def _pack(
+        self, call: ImageCall, coords: list[Tensor], image_sizes: Tensor, newline: Tensor | None = None
+    ) -> list[Tensor]:
+        """Run the model's ``pack_image_features`` on ``(tiles, g*g, C)`` tensors (coordinates, or values),
+        with ``newline`` (default: ``-1`` in each of 3 channels) at the row ends."""
         strategy = call.arg("vision_feature_select_strategy", 3) or self.vlm().config.vision_feature_select_strategy
-        packed, _ = self.vlm().pack_image_features(coords, image_sizes, strategy, image_newline=torch.full((3,), -1.0))
+        newline = torch.full((3,), -1.0) if newline is None else newline
+        packed, _ = self.vlm().pack_image_features(coords, image_sizes, strategy, image_newline=newline)
         return list(packed)
+
+    def vision_tower(self) -> VisionTower | None:
+        """The CLIP (SigLIP for OneVision) tower; features from ``vision_feature_layer``."""
+        return encoder_tower(self.vlm().vision_tower, self.vlm().config.vision_feature_layer)
+
+    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per tile; the model's own ``pack_image_features`` on the values (CLS dropped
+        under ``default``): the base view, then the unpadded (and, for OneVision, downscaled) grid, with a
+        zero value at every newline."""
+        image_sizes = call.arg("image_sizes", 1)
+        if image_sizes is None:
+            return None
+        strategy = call.arg("vision_feature_select_strategy", 3) or self.vlm().config.vision_feature_select_strategy
+        tiles = self._tiles(call, image_sizes)
+        per_image, start = [], 0
+        for n in tiles:
+            per_image.append(drop_cls(torch.stack(values[start : start + n]), strategy))
+            start += n
+        channels = values[0].shape[-1]
+        return self._pack(call, per_image, image_sizes.cpu(), newline=torch.zeros(channels))
 
     def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
         vlm = self.vlm()

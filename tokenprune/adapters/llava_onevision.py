@@ -36,9 +36,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             for size, p in zip(image_sizes, patch, strict=False)
         ]
 
-    def _pack(self, call: ImageCall, coords: list[Tensor], image_sizes: Tensor) -> list[Tensor]:
+    def _pack(
+        self, call: ImageCall, coords: list[Tensor], image_sizes: Tensor, newline: Tensor | None = None
+    ) -> list[Tensor]:
         ratio = call.arg("vision_aspect_ratio", 4) or self.vlm().config.vision_aspect_ratio
+        newline = torch.full((3,), -1.0) if newline is None else newline
         packed, _ = self.vlm().pack_image_features(
-            coords, image_sizes, image_newline=torch.full((3,), -1.0), vision_aspect_ratio=ratio
+            coords, image_sizes, image_newline=newline, vision_aspect_ratio=ratio
         )
         return list(packed)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
+from tokenprune.adapters.vision import group_mean
 from tokenprune.layout import TokenLayout
 
 
@@ -38,6 +39,51 @@ class Qwen2VLAdapter(ModelAdapter):
             one = TokenLayout.grid(h // merge, w // merge, image=i)
             layouts.append(TokenLayout.cat([one] * t) if t > 1 else one)
         return layouts
+
+    def vision_tower(self) -> VisionTower | None:
+        """The vision transformer's blocks; features from the last block (through the 2x2 merger).
+
+        Qwen2.5-VL's blocks use window attention except ``fullatt_block_indexes``; the probe's default is the
+        last full-attention block (the last block in the released checkpoints), where every patch of an
+        image attends to every other.
+        """
+        visual = self.vlm().visual
+        blocks = tuple(visual.blocks)
+        full = getattr(visual.config, "fullatt_block_indexes", None)
+        if full:
+            return VisionTower(
+                type(visual).__name__, blocks, int(full[-1]) % len(blocks), False, "last full-attention block"
+            )
+        return VisionTower(type(visual).__name__, blocks, len(blocks) - 1, False)
+
+    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per frame; each merged token is the mean of ``m x m`` consecutive patches (the
+        processor orders the patches so), or, under Qwen2.5-VL's window order, of the patches of the unit that
+        ``get_window_index`` moved to its place."""
+        grid = call.arg("image_grid_thw", 1)
+        if grid is None:
+            return None
+        visual = self.vlm().visual
+        group = visual.config.spatial_merge_size**2
+        full = getattr(visual.config, "fullatt_block_indexes", None)
+        if full:
+            return self._map_windowed(grid, values, group)
+        out, start = [], 0
+        for t, _, _ in grid.tolist():
+            out.append(torch.cat([group_mean(v, group) for v in values[start : start + t]]))
+            start += t
+        return out
+
+    def _map_windowed(self, grid: Tensor, values: list[Tensor], group: int) -> list[Tensor]:
+        """Qwen2.5-VL: the full-attention blocks see each image's merge units in window order."""
+        from tokenprune.engine import compat
+
+        window_index = compat.vision_window_index(self.vlm().visual, grid)
+        counts = [int(t * h * w) // group for t, h, w in grid.tolist()]
+        units = torch.cat([group_mean(v, group) for v in values])  # (units, C) in window order
+        restored = torch.zeros_like(units)
+        restored[window_index.to(units.device)] = units
+        return list(restored.split(counts))
 
     def rotary(self, hidden: Tensor, positions: Tensor, layer_index: int) -> tuple[Tensor, Tensor]:
         rows = positions[-3:] if positions.shape[0] >= 3 else positions.expand(3, -1, -1)

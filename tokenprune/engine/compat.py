@@ -167,6 +167,31 @@ def attention_module(layer: nn.Module) -> nn.Module | None:
     return attn if isinstance(attn, nn.Module) else None
 
 
+def vision_attention_module(layer: nn.Module) -> nn.Module | None:
+    """The attention module of a vision-encoder layer (``self_attn`` in CLIP, SigLIP and Idefics3; ``attn`` in
+    Qwen2-VL's blocks)."""
+    for name in ("self_attn", "attn"):
+        attn = getattr(layer, name, None)
+        if isinstance(attn, nn.Module):
+            return attn
+    return None
+
+
+def vision_window_index(visual: nn.Module, grid_thw: Tensor) -> Tensor:
+    """Qwen2.5-VL: the window order of each image's merge units (``get_vision_window_index`` of
+    ``transformers.vision_utils`` on 5.18-5.24): unit ``i`` of the window order is unit ``index[i]`` of the
+    image order."""
+    from transformers.vision_utils import get_vision_window_index
+
+    index, _ = get_vision_window_index(
+        grid_thw,
+        spatial_merge_size=visual.spatial_merge_size,
+        window_size=visual.window_size,
+        patch_size=visual.patch_size,
+    )
+    return index
+
+
 def input_norm(layer: nn.Module) -> nn.Module:
     """The norm a decoder layer applies to its input before attention (``input_layernorm``).
 

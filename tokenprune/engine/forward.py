@@ -52,6 +52,7 @@ from tokenprune.engine.stage import (
 )
 from tokenprune.engine.state import PrefillState, record_layer_tokens
 from tokenprune.engine.stats import ForwardStats, RunStats
+from tokenprune.engine.vision import VisionProbe, VisionSignal, sequence_vision_signal, vision_probe_for
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
 
@@ -75,6 +76,7 @@ class ForwardHooks:
         self.adapter = adapter
         self.stats = stats
         self.probe: AttentionProbe | None = None
+        self.vision_probe: VisionProbe | None = None
         self._plans = plans
         self._hooks = HookSet()
         self._state: PrefillState | None = None
@@ -95,6 +97,9 @@ class ForwardHooks:
         if self.probe is not None:
             self.probe.remove()
             self.probe = None
+        if self.vision_probe is not None:
+            self.vision_probe.remove()
+            self.vision_probe = None
         self._state = None
 
     # --- installation -------------------------------------------------------------------------
@@ -117,6 +122,9 @@ class ForwardHooks:
         if probed or own or keys or text_rows:
             self.probe = AttentionProbe(layers=probed, rows=self._probe_rows, own=own, keys=keys, text_rows=text_rows)
             self.probe.install(lm, layers)
+        self.vision_probe = vision_probe_for(self._post, self.adapter)
+        if self.vision_probe is not None:
+            self.vision_probe.install()
         hooks = self._hooks
         hooks.pre(self.model, self._top_pre)
         hooks.post(self.model, self._top_post, always=True)
@@ -140,6 +148,8 @@ class ForwardHooks:
         self._labels = None
         if self.probe is not None:
             self.probe.reset(active=False)
+        if self.vision_probe is not None:
+            self.vision_probe.reset(active=False)
         self._layer_kwargs = None
 
     # --- hooks: top model (labels, loss) ------------------------------------------------------
@@ -165,6 +175,8 @@ class ForwardHooks:
             st.lm_embeds = None
             if self.probe is not None:
                 self.probe.active = False
+            if self.vision_probe is not None:
+                self.vision_probe.reset(active=False)
         if labels is None or getattr(output, "logits", None) is None:
             return None
         final = st.final if st is not None else None
@@ -218,6 +230,8 @@ class ForwardHooks:
         self._state = PrefillState(visual=visual, input_mask=input_mask, input_length=q)
         if self.probe is not None:
             self.probe.reset(active=True)
+        if self.vision_probe is not None:
+            self.vision_probe.reset(active=True)
 
     def _vlm_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         st = self._state
@@ -259,11 +273,15 @@ class ForwardHooks:
             )
         layout = image_layout(self.adapter, self._image_call, st.visual) if self._image_call is not None else None
         seq, fmt = input_sequence(hidden, st.input_mask, st.visual, layout, position_ids)
+        vision = self._vision_signals(st.visual)
         self._image_call = None
         changed = False
         for plan in self._post:
-            outcome = self._run(plan, hidden, seq, None)
+            signal = vision.get(plan.index)
+            outcome = self._run(plan, hidden, seq, None, StageSignals(vision=signal) if signal is not None else None)
             hidden, seq, changed = outcome.hidden, outcome.sequence, changed or outcome.changed
+            if outcome.changed:
+                vision = {i: v.gather(outcome.kept_columns) for i, v in vision.items()}
         st.lm_length = int(hidden.shape[1])
         st.lm_pruned = changed
         st.lm_freed_positions = seq.freed_positions
@@ -277,6 +295,24 @@ class ForwardHooks:
         if any("input_embeddings" in type(p.reducer).capabilities.signals for p in self._plans):
             st.lm_embeds = hidden
         return ((), kw) if changed else None
+
+    def _vision_signals(self, visual: Tensor) -> dict[int, VisionSignal]:
+        """Per post_projector stage that reads vision attention, its signal over the input sequence (the probe's
+        cost counted at the first stage that reads each layer)."""
+        probe, out, counted = self.vision_probe, {}, set()
+        if probe is None:
+            return out
+        if self._image_call is None:
+            raise TokenpruneError("a stage reads vision-encoder attention, but the model computed no image features")
+        for plan in self._post:
+            request = plan.reducer.vision_attention_request()
+            if request is None:
+                continue
+            signal = sequence_vision_signal(self.adapter, self._image_call, probe, request, visual)
+            key = (request.layer, request.kind)
+            out[plan.index] = signal if key not in counted else replace(signal, macs=0)
+            counted.add(key)
+        return out
 
     # --- hooks: decoder layers (layer stages) -------------------------------------------------
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from tokenprune.engine import positions as P
 from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
 from tokenprune.engine.stats import StageStats
+from tokenprune.engine.vision import VisionSignal
 from tokenprune.pipeline import Stage
 from tokenprune.reducer import InputEmbeddings, Merge, ReduceContext, Selection, TokenReducer
 from tokenprune.validation import check_reduction, check_stage_budget
@@ -82,6 +83,8 @@ class StageSignals:
             (:attr:`tokenprune.engine.probe.AttentionProbe.text_scores`, followed to the current columns).
         input_embeds: ``(B, L0, D)`` the language model's input embeddings.
         input_sequence: Their :class:`TokenSequence`.
+        vision: The vision-encoder attention (and features, keys) per column, for a ``post_projector`` stage
+            that asks for it; its ``macs`` are added to the stage's overhead.
     """
 
     own_attention: Mapping[str, Tensor] | None = None
@@ -91,6 +94,7 @@ class StageSignals:
     text_attention: Tensor | None = None
     input_embeds: Tensor | None = None
     input_sequence: TokenSequence | None = None
+    vision: VisionSignal | None = None
 
 
 def probed_layers(layer_plans: dict[int, list[StagePlan]]) -> dict[int, frozenset[str]]:
@@ -164,7 +168,7 @@ def run_stage(
         kept=selection.tolist(),
         layout=ctx.layout,
         seconds=time.perf_counter() - start + signals.seconds,
-        overhead_macs=plan.reducer.overhead_macs(tokens, ctx),
+        overhead_macs=plan.reducer.overhead_macs(tokens, ctx) + (signals.vision.macs if signals.vision else 0),
     )
     batch, length, dim = hidden.shape
     kept_visual = selection.to_mask(int(vis_idx.shape[1])) & ctx.valid
@@ -229,7 +233,22 @@ def _context(
     )
     if text_idx is not None:
         ctx = _with_text_signals(ctx, signals, seq, text_idx, vis_idx)
+    if signals.vision is not None:
+        ctx = _with_vision(ctx, signals.vision, vis_idx)
     return tokens, ctx, vis_idx
+
+
+def _with_vision(ctx: ReduceContext, vision: VisionSignal, vis_idx: Tensor) -> ReduceContext:
+    """``ctx`` with the vision signal at its visual tokens (``-inf`` scores where no patch or padding)."""
+    v = vision.gather(vis_idx)
+    valid = v.valid & ctx.valid
+    return replace(
+        ctx,
+        vision_attention=v.scores.masked_fill(~valid, float("-inf")),
+        vision_valid=valid,
+        vision_features=None if v.features is None else v.features.masked_fill(~valid[..., None], 0.0),
+        vision_keys=None if v.keys is None else v.keys.masked_fill(~valid[..., None], 0.0),
+    )
 
 
 def _with_text_signals(

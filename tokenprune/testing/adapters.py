@@ -27,7 +27,9 @@ The six invariants (each is also a function of its own):
 
 :func:`check_adapter` also runs :func:`check_rotary_matches_model`: the adapter's ``rotary`` gives
 the model's own position embeddings (a wrong one would pass the six, see its docstring), and
-:func:`check_layout_covers_visual_tokens`. It checks its arguments once into an :class:`AdapterCase`
+:func:`check_layout_covers_visual_tokens` and :func:`check_vision_patches_map_to_tokens` (an adapter
+that describes its vision tower maps each vision patch to exactly the post-projector tokens built from
+it). It checks its arguments once into an :class:`AdapterCase`
 (:func:`adapter_case`) and runs the tuples :data:`INVARIANTS` and :data:`ADAPTER_CHECKS` on it; each
 entry is a function of the case, and ``check_<function>(model, make_inputs, specs, ...)`` its
 standalone form.
@@ -68,7 +70,7 @@ import torch
 from torch import Tensor, nn
 
 import tokenprune
-from tokenprune.adapters.base import ModelAdapter
+from tokenprune.adapters.base import ImageCall, ModelAdapter
 from tokenprune.engine import apply, compat
 from tokenprune.plugins import PluginManager, get_plugin_manager
 from tokenprune.reducer import Capabilities, ReduceContext, ScoringReducer, Selection, TokenReducer, top_k_selection
@@ -642,9 +644,107 @@ INVARIANTS: tuple[Invariant, ...] = (
 """The engine's six invariants (the second with both position policies), in the order :func:`check_adapter`
 runs them."""
 
+
+def _image_call(c: AdapterCase, inputs: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """The arguments and output of the model's ``get_image_features`` call for ``inputs``."""
+    vlm = c.adapter.vlm()
+    seen: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
+    original = vlm.get_image_features
+
+    @functools.wraps(original)
+    def record(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        seen.append((args, kwargs, out))
+        return out
+
+    vlm.get_image_features = record
+    try:
+        c.forward(inputs)
+    finally:
+        del vlm.get_image_features
+    _expect(len(seen) == 1, "vision patches map to tokens", f"get_image_features ran {len(seen)} times, not once")
+    return seen[0]
+
+
+def _features_with(c: AdapterCase, call: tuple[Any, ...], layer: nn.Module, flat: int | None) -> Tensor:
+    """All images' post-projector features, ``(n, D)``, with position ``flat`` of the tower's sequences (flattened)
+    pushed at the output of ``layer``'s attention (``None``: unperturbed)."""
+
+    def push(module: nn.Module, args: Any, output: Any) -> Any:
+        out = output[0] if isinstance(output, tuple) else output
+        rows = out.reshape(-1, out.shape[-1]).clone()
+        rows[flat] += torch.linspace(-50.0, 50.0, rows.shape[-1], dtype=rows.dtype)  # not a constant: norms remove one
+        out = rows.reshape(out.shape)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    handle = compat.vision_attention_module(layer).register_forward_hook(push) if flat is not None else None
+    try:
+        with torch.no_grad():
+            out = c.adapter.vlm().get_image_features(*call[0], **call[1])
+    finally:
+        if handle is not None:
+            handle.remove()
+    feats = ImageCall(call[0], call[1], out).features()
+    return torch.cat([f.reshape(-1, f.shape[-1]).float() for f in feats])
+
+
+def vision_patches_map_to_tokens(c: AdapterCase) -> None:
+    """The adapter's :meth:`~tokenprune.adapters.base.ModelAdapter.map_vision_patches` marks exactly the
+    post-projector tokens built from a vision patch.
+
+    For adapters that describe a vision tower (others are skipped): on the padded batch, a value of 1 at one
+    position of the tower's sequences (0 elsewhere) must map to a non-zero value at exactly the tokens whose
+    features change when that position's output of the feature layer's attention is pushed (the rest of a
+    layer works token by token, so nothing else moves), for the first, second, middle and last position of
+    the first and last sequence. The map must also keep a constant: where a token has any patch, mapping ones
+    gives it 1 (a mean), at least for a tower without CLS.
+    """
+    tower = c.adapter.vision_tower()
+    if tower is None:
+        return
+    from tokenprune.engine.vision import VisionProbe
+
+    name = "vision patches map to tokens"
+    inputs = c.padded_batch()
+    probe = VisionProbe(tower, {tower.feature_layer: (frozenset({"mean"}), False, False)})
+    probe.install()
+    try:
+        probe.reset(active=True)
+        args, kwargs, output = _image_call(c, inputs)
+        lengths = [int(v.shape[0]) for v in probe.records[tower.feature_layer].scores["mean"]]
+    finally:
+        probe.remove()
+    call = (args, kwargs)
+    image_call = ImageCall(args, kwargs, output)
+    layer = tower.layers[tower.feature_layer]
+    base = _features_with(c, call, layer, None)
+    offsets = [sum(lengths[:r]) for r in range(len(lengths))]
+    for r in sorted({0, len(lengths) - 1}):
+        for p in sorted({0, 1, lengths[r] // 2, lengths[r] - 1}):
+            values = [torch.zeros(n, 1) for n in lengths]
+            values[r][p] = 1.0
+            mapped = c.adapter.map_vision_patches(image_call, values)
+            _expect(mapped is not None, name, "the adapter describes a vision tower but maps no patches")
+            marked = torch.cat([m.reshape(-1) for m in mapped]).abs() > 1e-9
+            moved = (_features_with(c, call, layer, offsets[r] + p) - base).abs().amax(-1) > 1e-4
+            _expect(
+                marked.shape == moved.shape and bool((marked == moved).all()),
+                name,
+                f"position {p} of tower sequence {r} maps to tokens {marked.nonzero().flatten().tolist()}, but the "
+                f"model builds tokens {moved.nonzero().flatten().tolist()} from it",
+            )
+    ones = torch.cat(
+        [m.reshape(-1) for m in c.adapter.map_vision_patches(image_call, [torch.ones(n, 1) for n in lengths])]
+    )
+    covered = ones.abs() > 1e-9
+    if not tower.has_cls:
+        torch.testing.assert_close(ones[covered], torch.ones_like(ones[covered]), rtol=0, atol=1e-5)
+
+
 ADAPTER_CHECKS: tuple[Invariant, ...] = (
     Invariant("rotary matches the model", rotary_matches_model),
     Invariant("layouts cover the visual tokens", layout_covers_visual_tokens),
+    Invariant("vision patches map to tokens", vision_patches_map_to_tokens),
 )
 """The adapter's own answers where the invariants cannot see a mistake (see each function)."""
 
@@ -711,6 +811,7 @@ check_batch_equals_one_by_one = _standalone(batch_equals_one_by_one)
 check_probe_matches_eager_attention = _standalone(probe_matches_eager_attention)
 check_rotary_matches_model = _standalone(rotary_matches_model)
 check_layout_covers_visual_tokens = _standalone(layout_covers_visual_tokens)
+check_vision_patches_map_to_tokens = _standalone(vision_patches_map_to_tokens)
 
 
 __all__ = [
@@ -740,10 +841,12 @@ __all__ = [
     "check_probe_matches_eager_attention",
     "check_remove_restores_model",
     "check_rotary_matches_model",
+    "check_vision_patches_map_to_tokens",
     "keep_all_is_identity",
     "kv_cache_holds_kept_tokens",
     "layout_covers_visual_tokens",
     "probe_matches_eager_attention",
     "remove_restores_model",
     "rotary_matches_model",
+    "vision_patches_map_to_tokens",
 ]

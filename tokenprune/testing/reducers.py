@@ -34,7 +34,15 @@ from torch import Tensor
 
 from tokenprune.budget import budget_per_sample
 from tokenprune.layout import TokenLayout
-from tokenprune.reducer import InputEmbeddings, InsertionPoint, Merge, ReduceContext, Selection, TokenReducer
+from tokenprune.reducer import (
+    InputEmbeddings,
+    InsertionPoint,
+    Merge,
+    ReduceContext,
+    Selection,
+    TokenReducer,
+    VisionAttentionRequest,
+)
 from tokenprune.validation import check_reduction, check_stage_budget
 
 DEFAULT_GRIDS: tuple[tuple[int, int], ...] = ((3, 4), (2, 3), (4, 4))
@@ -61,6 +69,7 @@ def make_reduce_inputs(
     device: torch.device | str = "cpu",
     seed: int = 0,
     reducer: TokenReducer | None = None,
+    vision: VisionAttentionRequest | None = None,
 ) -> tuple[Tensor, ReduceContext]:
     """A synthetic padded batch of visual tokens and its :class:`ReduceContext`.
 
@@ -72,7 +81,9 @@ def make_reduce_inputs(
     over the visual tokens and one more key, so rows sum to less than 1) and seeded
     ``input_embeddings`` (the same visual and text tokens as the language model's input). The budget
     is ``reducer.stage_budget`` of ``keep`` when a ``reducer`` is given (as the engine computes it),
-    else the default rule.
+    else the default rule. ``vision`` fills ``vision_attention`` (a softmax of seeded logits over the
+    tokens that are not newlines, ``-inf`` at newlines and padding, as the engine marks tokens built
+    from no patch), ``vision_valid``, and seeded ``vision_features`` / ``vision_keys`` if it asks.
 
     Returns:
         ``(tokens, ctx)``: ``(B, N, D)`` tokens (zero at padding) and the context.
@@ -114,6 +125,8 @@ def make_reduce_inputs(
     )
     if text_tokens and text_columns is not None:
         ctx = _text_signals(ctx, signals, gen, dim, text_columns)
+    if vision is not None:
+        ctx = _vision_signals(ctx, vision, gen, dim)
     return tokens.to(device=device, dtype=dtype), _context_to(ctx, device)
 
 
@@ -166,6 +179,24 @@ def _text_signals(
         )
         ctx = replace(ctx, input_embeddings=embeds)
     return ctx
+
+
+def _vision_signals(
+    ctx: ReduceContext, vision: VisionAttentionRequest, gen: torch.Generator, dim: int
+) -> ReduceContext:
+    """``ctx`` with seeded vision-encoder attention (and features, keys) on the tokens that are not newlines."""
+    b, n = ctx.valid.shape
+    patch = ctx.valid & ~(ctx.layout.newline if ctx.layout is not None else torch.zeros_like(ctx.valid))
+    scores = torch.randn(b, n, generator=gen).masked_fill(~patch, float("-inf")).softmax(-1)
+    features = torch.randn(b, n, dim, generator=gen).masked_fill(~patch[..., None], 0.0) if vision.features else None
+    keys = torch.randn(b, n, 8, generator=gen).masked_fill(~patch[..., None], 0.0) if vision.keys else None
+    return replace(
+        ctx,
+        vision_attention=scores.masked_fill(~patch, float("-inf")),
+        vision_valid=patch,
+        vision_features=features,
+        vision_keys=keys,
+    )
 
 
 def _rms_norm(x: Tensor) -> Tensor:
@@ -287,7 +318,7 @@ def check_inputs_unchanged(reducer: TokenReducer, **kwargs: Any) -> None:
     """``reduce`` must not modify its inputs in place."""
     tokens, ctx = _inputs_for(reducer, **kwargs)
     maps = {**{("a", k): v for k, v in ctx.attention.items()}, **{("o", k): v for k, v in ctx.own_attention.items()}}
-    for name in ("keys", "text", "text_keys", "text_attention"):
+    for name in ("keys", "text", "text_keys", "text_attention", "vision_attention", "vision_features", "vision_keys"):
         if getattr(ctx, name) is not None:
             maps[("t", name)] = getattr(ctx, name)
     before = (tokens.clone(), ctx.sizes.clone(), {k: v.clone() for k, v in maps.items()})
@@ -361,6 +392,7 @@ def _inputs_for(reducer: TokenReducer, **kwargs: Any) -> tuple[Tensor, ReduceCon
     kwargs.setdefault("own_attention_sources", tuple(reducer.own_attention_sources()))
     kwargs.setdefault("signals", tuple(reducer.capabilities.signals))
     kwargs.setdefault("text_tokens", 5 if reducer.capabilities.needs_text else 0)
+    kwargs.setdefault("vision", reducer.vision_attention_request())
     return make_reduce_inputs(reducer=reducer, **kwargs)
 
 
@@ -410,6 +442,10 @@ def _slice(tokens: Tensor, ctx: ReduceContext, i: int) -> tuple[Tensor, ReduceCo
         text_columns=None if ctx.text_columns is None else ctx.text_columns[i : i + 1],
         text_attention=None if ctx.text_attention is None else ctx.text_attention[i : i + 1, :, :n],
         input_embeddings=_slice_embeddings(ctx.input_embeddings, i),
+        vision_attention=None if ctx.vision_attention is None else cut(ctx.vision_attention),
+        vision_valid=None if ctx.vision_valid is None else cut(ctx.vision_valid),
+        vision_features=None if ctx.vision_features is None else cut(ctx.vision_features),
+        vision_keys=None if ctx.vision_keys is None else cut(ctx.vision_keys),
     )
     return cut(tokens), alone
 
@@ -452,4 +488,8 @@ def _context_to(ctx: ReduceContext, device: torch.device | str) -> ReduceContext
         input_embeddings=None
         if ctx.input_embeddings is None
         else InputEmbeddings(**{k: v.to(device) for k, v in vars(ctx.input_embeddings).items()}),
+        vision_attention=move(ctx.vision_attention),
+        vision_valid=move(ctx.vision_valid),
+        vision_features=move(ctx.vision_features),
+        vision_keys=move(ctx.vision_keys),
     )

@@ -1,0 +1,49 @@
+"""Helpers the built-in adapters share to describe their vision tower and map its patches to tokens.
+
+See :meth:`tokenprune.adapters.base.ModelAdapter.vision_tower` and
+:meth:`~tokenprune.adapters.base.ModelAdapter.map_vision_patches`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from tokenprune.adapters.base import VisionTower
+
+
+def layer_of_hidden_state(index: int | Sequence[int], num_layers: int) -> int:
+    """The encoder layer whose output is ``hidden_states[index]`` of a transformers vision tower.
+
+    ``hidden_states`` holds the embeddings and then every layer's output, so ``hidden_states[-2]`` is the
+    output of layer ``num_layers - 2`` and ``hidden_states[f]`` (``f >= 1``) that of layer ``f - 1``. For a
+    list of layers (features concatenated from several), the deepest one.
+    """
+    indices = [index] if isinstance(index, int) else list(index)
+    layers = [(i + num_layers if i < 0 else i - 1) for i in indices]
+    return max(0, max(layers))
+
+
+def encoder_tower(module: nn.Module, feature_index: int | Sequence[int], notes: str = "") -> VisionTower:
+    """A CLIP- or SigLIP-like tower (``vision_model.encoder.layers``), features ``hidden_states[feature_index]``."""
+    inner = getattr(module, "vision_model", module)
+    layers = tuple(inner.encoder.layers)
+    embeddings = getattr(inner, "embeddings", None)
+    return VisionTower(
+        name=type(module).__name__,
+        layers=layers,
+        feature_layer=layer_of_hidden_state(feature_index, len(layers)),
+        has_cls=isinstance(getattr(embeddings, "class_embedding", None), Tensor),
+        notes=notes,
+    )
+
+
+def drop_cls(values: Tensor, strategy: str | None) -> Tensor:
+    """``(..., S, C)`` values without position 0 when the model's ``vision_feature_select_strategy`` is ``default``."""
+    return values[..., 1:, :] if strategy == "default" else values
+
+
+def group_mean(values: Tensor, group: int) -> Tensor:
+    """``(S, C)`` values averaged over consecutive groups of ``group`` positions: ``(S / group, C)``."""
+    return values.reshape(values.shape[0] // group, group, values.shape[-1]).mean(1)

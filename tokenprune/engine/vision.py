@@ -1,0 +1,352 @@
+"""The vision probe: the vision encoder's attention at one layer, under the tower's own sdpa attention.
+
+Vision-attention reducers (FasterVLM, VisPruner, VisionZip) rank the projected visual tokens by the
+attention inside the vision tower: the [CLS] query's row (``cls``), or the attention each patch
+receives, averaged over heads and patch queries (``mean``). Asking the tower for
+``output_attentions`` would switch every tower layer to eager attention. Instead, as the language
+model's probe does (:mod:`tokenprune.engine.probe`), :class:`VisionProbe` registers a thin attention
+function through transformers' ``AttentionInterface`` and points the tower's config at it while it
+is installed. At the probed layer, during a prefill, it computes ``softmax(q k^T * scaling + mask)``
+for the query rows it needs only (one row per tower sequence for ``cls``), from the ``q`` and ``k``
+the layer already computed, one head at a time; then, on every layer, it calls the stock function
+(sdpa or the modeling file's eager one), so the tower's outputs are bit-identical to the unprobed
+model's.
+
+The tower's sequences are the rows of its attention calls, in call order: one per tile for CLIP or
+SigLIP towers (the batch of ``pixel_values``), one per image (per frame) for Qwen2-VL's packed
+sequence, which calls the attention once per image. The adapter's
+:meth:`~tokenprune.adapters.base.ModelAdapter.map_vision_patches` maps the per-position values to
+the post-projector tokens (:func:`sequence_vision_signal`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
+from tokenprune.engine import compat
+from tokenprune.errors import TokenpruneError
+from tokenprune.reducer import VisionAttentionRequest
+
+_NAMES = {"sdpa": "tokenprune_vision_sdpa", "eager": "tokenprune_vision_eager"}
+_USERS: dict[str, int] = {}
+_TARGETS: weakref.WeakKeyDictionary[nn.Module, tuple[VisionProbe, int]] = weakref.WeakKeyDictionary()
+SUPPORTED = ("sdpa", "eager")
+
+
+@dataclass
+class VisionRecord:
+    """What the probe recorded at one layer during one prefill, one entry per tower sequence.
+
+    Attributes:
+        scores: Per kind, one ``(S_r,)`` float32 tensor per tower sequence ``r``, over its key positions.
+        keys: One ``(S_r, hd)`` float32 tensor per sequence: the keys averaged over heads (if asked).
+        features: One ``(S_r, D)`` float32 tensor per sequence: the layer's output (if asked).
+        macs: Per kind, the multiply-accumulates the probe spent on the scores.
+    """
+
+    scores: dict[str, list[Tensor]] = field(default_factory=dict)
+    keys: list[Tensor] = field(default_factory=list)
+    features: list[Tensor] = field(default_factory=list)
+    macs: dict[str, int] = field(default_factory=dict)
+
+
+def resolve_layer(tower: VisionTower, layer: int | None) -> int:
+    """The non-negative index of ``layer`` (``None``: the tower's feature layer) among the tower's layers.
+
+    Raises:
+        TokenpruneError: the index is out of range.
+    """
+    n = len(tower.layers)
+    index = tower.feature_layer if layer is None else layer
+    if not -n <= index < n:
+        raise TokenpruneError(f"vision layer {index} does not exist: the {tower.name} has {n} encoder layers")
+    return index % n
+
+
+@dataclass
+class VisionProbe:
+    """Records vision-encoder attention at some tower layers during prefill, under sdpa (or eager).
+
+    Attributes:
+        tower: The model's vision tower, from its adapter.
+        requests: Tower layer (non-negative) to the kinds computed there, and whether keys and
+            features are kept.
+        records: After a prefill, per layer, what was recorded.
+        active: Set by the engine during prefill; the probe computes nothing otherwise.
+    """
+
+    tower: VisionTower
+    requests: dict[int, tuple[frozenset[str], bool, bool]]
+    records: dict[int, VisionRecord] = field(default_factory=dict)
+    active: bool = False
+    _configs: list[tuple[Any, Any]] = field(default_factory=list)
+    _handles: list[Any] = field(default_factory=list)
+    _name: str | None = None
+
+    def install(self) -> None:
+        """Point the tower's attention modules at the probing function.
+
+        Raises:
+            TokenpruneError: the tower uses an attention implementation other than sdpa or eager.
+        """
+        configs: list[Any] = []
+        for layer in self.tower.layers:
+            cfg = getattr(compat.vision_attention_module(layer), "config", None)
+            if cfg is not None and all(cfg is not c for c in configs):
+                configs.append(cfg)
+        impls = {compat.attention_implementation(c) for c in configs}
+        if len(impls) != 1 or (impl := next(iter(impls))) not in SUPPORTED:
+            raise TokenpruneError(
+                f"the vision probe supports the {self.tower.name}'s attention implementations "
+                f"{', '.join(SUPPORTED)}, but it uses {sorted(map(str, impls))}; load the model with "
+                "attn_implementation='sdpa'"
+            )
+        name = _NAMES[impl]
+        if _USERS.get(name, 0) == 0:
+            compat.register_attention(name, impl, _make_attention(impl))
+        _USERS[name] = _USERS.get(name, 0) + 1
+        self._name = name
+        for i, (_, _, features) in self.requests.items():
+            layer = self.tower.layers[i]
+            _TARGETS[compat.vision_attention_module(layer)] = (self, i)
+            if features:
+                self._handles.append(layer.register_forward_hook(self._feature_hook(i)))
+        for cfg in configs:
+            self._configs.append((cfg, compat.swap_attention_implementation(cfg, name)))
+
+    def remove(self) -> None:
+        """Restore the configs, remove the hooks and unregister the function when no probe uses it."""
+        for cfg, value in self._configs:
+            compat.restore_attention_implementation(cfg, value)
+        self._configs.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in [m for m, (p, _) in list(_TARGETS.items()) if p is self]:
+            del _TARGETS[module]
+        if self._name is not None:
+            _USERS[self._name] -= 1
+            if _USERS[self._name] == 0:
+                del _USERS[self._name]
+                compat.unregister_attention(self._name)
+            self._name = None
+
+    def reset(self, *, active: bool) -> None:
+        """Forget the last prefill's records; record during the next one if ``active``."""
+        self.active = active
+        self.records.clear()
+
+    def record(self, layer: int, module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: Any) -> None:
+        """Compute and store ``layer``'s scores for one attention call (one or more tower sequences)."""
+        kinds, keys, _ = self.requests[layer]
+        rec = self.records.setdefault(layer, VisionRecord())
+        with torch.no_grad():
+            for kind in kinds:
+                scores, macs = vision_scores(module, query, key, mask, kw, kind, self.tower.has_cls)
+                rec.scores.setdefault(kind, []).extend(scores.unbind(0))
+                rec.macs[kind] = rec.macs.get(kind, 0) + macs
+            if keys:
+                rec.keys.extend(key.detach().float().mean(1).unbind(0))
+
+    def _feature_hook(self, layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self.active:
+                return
+            hidden = output[0] if isinstance(output, tuple) else output
+            rec = self.records.setdefault(layer, VisionRecord())
+            lengths = [int(s.shape[0]) for s in next(iter(rec.scores.values()), [])]
+            flat = hidden.detach().float().reshape(-1, hidden.shape[-1])
+            rec.features.extend(flat.split(lengths) if sum(lengths) == flat.shape[0] else flat.unbind(0))
+
+        return hook
+
+
+def vision_scores(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    mask: Tensor | None,
+    kw: dict[str, Any],
+    kind: str,
+    has_cls: bool,
+) -> tuple[Tensor, int]:
+    """Head-averaged attention of one tower attention call.
+
+    Args:
+        module: The attention module (for ``scaling``).
+        query: ``(B, H, S, hd)``.
+        key: ``(B, Hkv, S, hd)``.
+        mask: ``None``, a bool mask (True attends) or an additive float mask, ``(B or 1, 1, S, S)``.
+        kw: The call's keyword arguments (``scaling``).
+        kind: ``cls``: query row 0; ``mean``: the mean over the patch query rows (every row but the
+            CLS one when ``has_cls``, and only rows that are not padding).
+        has_cls: Position 0 is the tower's CLS token.
+
+    Returns:
+        ``(B, S)`` float32 scores over the key positions, and the multiply-accumulates spent.
+    """
+    b, h, s, hd = query.shape
+    scaling = kw.get("scaling") or getattr(module, "scaling", None) or getattr(module, "scale", None) or hd**-0.5
+    rep = h // key.shape[1]
+    key = key.repeat_interleave(rep, dim=1) if rep > 1 else key
+    rows = slice(0, 1) if kind == "cls" else slice(0, s)
+    bias = torch.zeros(1, 1, s, s, device=query.device)
+    if mask is not None:
+        m = mask[..., :s, :s]
+        bias = torch.zeros(m.shape, device=query.device).masked_fill(~m, float("-inf")) if m.dtype == torch.bool else m
+    bias = bias.float()[:, 0, rows]  # (B or 1, rows, S)
+    acc = torch.zeros(b, rows.stop - rows.start, s, dtype=torch.float32, device=query.device)
+    for head in range(h):
+        logits = query[:, head, rows].float() @ key[:, head].float().transpose(-1, -2) * scaling
+        acc += torch.softmax(logits + bias, dim=-1)
+    acc = acc / h
+    macs = b * h * (rows.stop - rows.start) * s * hd
+    if kind == "cls":
+        return acc[:, 0], macs
+    diag = torch.diagonal(bias.expand(b, -1, -1), dim1=-2, dim2=-1)  # a padding row does not attend itself
+    weight = (~torch.isneginf(diag)).float()
+    if has_cls:
+        weight[:, 0] = 0.0
+    return (acc * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1.0), macs
+
+
+def _make_attention(impl: str) -> Callable[..., Any]:
+    def vision_probe_attention(
+        module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
+    ) -> Any:
+        target = _TARGETS.get(module)
+        if target is not None and target[0].active:
+            target[0].record(target[1], module, query, key, attention_mask, kwargs)
+        return compat.stock_attention(impl, module)(module, query, key, value, attention_mask, **kwargs)
+
+    vision_probe_attention.__name__ = f"tokenprune_vision_{impl}"
+    return vision_probe_attention
+
+
+@dataclass
+class VisionSignal:
+    """A stage's vision signal over the language model's input sequence, ``(B, L, ...)`` per column.
+
+    Attributes:
+        scores: ``(B, L)`` float32, the mean score of the patches each visual token is built from.
+        valid: ``(B, L)`` bool, visual tokens built from at least one patch.
+        features: ``(B, L, D)`` the probed layer's output, averaged the same way (if asked).
+        keys: ``(B, L, hd)`` the head-averaged keys, averaged the same way (if asked).
+        macs: The probe's multiply-accumulates for this signal.
+    """
+
+    scores: Tensor
+    valid: Tensor
+    features: Tensor | None = None
+    keys: Tensor | None = None
+    macs: int = 0
+
+    def gather(self, idx: Tensor) -> VisionSignal:
+        """The signal at the ``(B, L')`` columns ``idx`` (``-1``: a padding slot) a stage kept."""
+        safe, pad = idx.clamp(min=0), idx < 0
+
+        def rows(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.gather(1, safe[..., None].expand(-1, -1, t.shape[-1]))
+
+        return VisionSignal(
+            self.scores.gather(1, safe).masked_fill(pad, 0.0),
+            self.valid.gather(1, safe) & ~pad,
+            rows(self.features),
+            rows(self.keys),
+            self.macs,
+        )
+
+
+def sequence_vision_signal(
+    adapter: ModelAdapter, call: ImageCall, probe: VisionProbe, request: VisionAttentionRequest, visual: Tensor
+) -> VisionSignal:
+    """Map what ``probe`` recorded for ``request`` onto the ``(B, L)`` visual tokens ``visual`` of the sequence.
+
+    Each tower position gets a coverage of 1 (0 at the CLS token); the adapter's
+    :meth:`~tokenprune.adapters.base.ModelAdapter.map_vision_patches` maps ``[score, 1, features, keys]``
+    (each times the coverage) to the post-projector tokens, and each token's values are divided by its
+    mapped coverage: the mean over the patches it is built from. Tokens with no coverage are not valid.
+
+    Raises:
+        TokenpruneError: nothing was recorded, the adapter provides no mapping, or the mapped tokens do not
+            match the visual tokens of the sequence.
+    """
+    layer = resolve_layer(probe.tower, request.layer)
+    rec = probe.records.get(layer)
+    if rec is None or request.kind not in rec.scores:
+        raise TokenpruneError(
+            f"the vision probe recorded nothing at layer {layer} of the {probe.tower.name}; its attention did not go "
+            "through the probe (is the attention implementation overridden elsewhere?)"
+        )
+    values = []
+    for r, score in enumerate(rec.scores[request.kind]):
+        cover = torch.ones_like(score)
+        if probe.tower.has_cls:
+            cover[0] = 0.0
+        parts = [score[:, None], cover[:, None]]
+        parts += [rec.features[r]] if request.features else []
+        parts += [rec.keys[r]] if request.keys else []
+        values.append(torch.cat(parts, -1) * cover[:, None])
+    mapped = adapter.map_vision_patches(call, values)
+    if mapped is None:
+        raise TokenpruneError(f"adapter {adapter.name!r} does not map vision patches to its visual tokens")
+    flat = torch.cat([m.float() for m in mapped]) if mapped else torch.zeros(0, values[0].shape[-1])
+    if flat.shape[0] != int(visual.sum()):
+        raise TokenpruneError(
+            f"adapter {adapter.name!r}: map_vision_patches() returned {flat.shape[0]} tokens, but the sequence has "
+            f"{int(visual.sum())} visual tokens; it must return one row per post-projector token, image by image"
+        )
+    full = torch.zeros(*visual.shape, flat.shape[-1], device=visual.device)
+    full[visual] = flat.to(visual.device)
+    cover = full[..., 1]
+    valid = visual & (cover > 1e-6)
+    mean = full / cover.clamp(min=1e-6)[..., None]
+    dv = rec.features[0].shape[-1] if request.features else 0
+    return VisionSignal(
+        scores=mean[..., 0].masked_fill(~valid, 0.0),
+        valid=valid,
+        features=mean[..., 2 : 2 + dv].masked_fill(~valid[..., None], 0.0) if request.features else None,
+        keys=mean[..., 2 + dv :].masked_fill(~valid[..., None], 0.0) if request.keys else None,
+        macs=rec.macs.get(request.kind, 0),
+    )
+
+
+def vision_probe_for(plans: list[Any], adapter: ModelAdapter) -> VisionProbe | None:
+    """The vision probe the ``post_projector`` stages of ``plans`` need (``None``: none asks for vision attention).
+
+    Raises:
+        TokenpruneError: the adapter serves no vision attention, a stage asks for ``cls`` on a tower without a
+            CLS token, or for a layer the tower does not have.
+    """
+    asking = [(p, p.reducer.vision_attention_request()) for p in plans]
+    asking = [(p, r) for p, r in asking if r is not None]
+    if not asking:
+        return None
+    tower = adapter.vision_tower()
+    if tower is None:
+        p = asking[0][0]
+        raise TokenpruneError(
+            f"stage {p.index} ({p.stage.reducer}) reads vision-encoder attention, but the {adapter.name!r} adapter "
+            "does not describe its vision tower (ModelAdapter.vision_tower and map_vision_patches)"
+        )
+    requests: dict[int, tuple[frozenset[str], bool, bool]] = {}
+    for p, r in asking:
+        if r.kind == "cls" and not tower.has_cls:
+            raise TokenpruneError(
+                f"stage {p.index} ({p.stage.reducer}) reads the [CLS] attention of the vision tower, but this model's "
+                f"{tower.name} has no CLS token; use the 'mean' vision attention (attention received by each patch)"
+            )
+        try:
+            layer = resolve_layer(tower, r.layer)
+        except TokenpruneError as err:
+            raise TokenpruneError(f"stage {p.index} ({p.stage.reducer}): {err}") from None
+        kinds, keys, features = requests.get(layer, (frozenset(), False, False))
+        requests[layer] = (kinds | {r.kind}, keys or r.keys, features or r.features)
+    return VisionProbe(tower=tower, requests=requests)
