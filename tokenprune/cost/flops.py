@@ -287,7 +287,8 @@ def _probe_macs(run: Any, shape: DecoderShape) -> int:
     for i, stage in enumerate(run.pipeline.stages):
         if stage.point.kind == "layer" and any(s.stage == i for s in prefill.stages):
             probed.setdefault(int(stage.point.layer) - 1, set()).update(run.reducers[i].attention_sources())
-            own.setdefault(int(stage.point.layer), set()).update(run.reducers[i].own_attention_sources())
+            if sources := run.reducers[i].own_attention_sources():
+                own.setdefault(int(stage.point.layer), set()).update(sources)
     total = 0
     for layer, sources in probed.items():
         for b, keys in enumerate(prefill.layer_tokens[layer]):
