@@ -7,6 +7,7 @@ import tiny_models as tm
 from engine_fixtures import BATCH_SPECS, forward, pipe
 
 import tokenprune as tp
+from tokenprune.engine import compat
 from tokenprune.engine import probe as probe_module
 
 SEEN: list[tp.ReduceContext] = []
@@ -55,4 +56,4 @@ def test_signals_are_served_for_every_column(name):
         assert text_cols == (~visual[b] & real[b]).nonzero().squeeze(1).tolist()
         own = ctx.own_attention["last"][b]
         assert bool((own[ctx.valid[b]] > 0).all()) and float(own.sum()) < 1.0
-    assert not probe_module._TARGETS and not probe_module._USERS
+    assert not probe_module._TARGETS and not compat.attention_users()

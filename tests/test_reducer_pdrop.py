@@ -20,6 +20,7 @@ from tokenprune_pdrop import PyramidDrop
 import tokenprune as tp
 from tokenprune import InsertionPoint, PipelineError, ReduceContext, ReducerInputError
 from tokenprune.budget import tokens_to_keep
+from tokenprune.engine import compat
 from tokenprune.engine import probe as probe_module
 from tokenprune.testing import check_reducer, dense_context
 
@@ -196,4 +197,4 @@ def test_dry_call_leaves_no_trace(tiny):
     for a, b in zip(plain.logits, pruned.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert tiny.model.config.get_text_config()._attn_implementation == impl
-    assert len(probe_module._TARGETS) == 0 and not probe_module._USERS
+    assert len(probe_module._TARGETS) == 0 and not compat.attention_users()

@@ -22,6 +22,7 @@ from tokenprune_sparsevlm import SparseVLM, attention_rank, dpc_knn
 
 import tokenprune as tp
 from tokenprune import InsertionPoint, Merge, PipelineError, ReducerInputError
+from tokenprune.engine import compat
 from tokenprune.engine import probe as probe_module
 from tokenprune.reducer import InputEmbeddings
 from tokenprune.testing import check_reducer, make_reduce_inputs
@@ -288,4 +289,4 @@ def test_multi_stage_batched_equals_one_by_one(tiny, positions):
             for s_batch, s_alone in zip(batched, run.stats.last_prefill.stages, strict=True):
                 assert s_alone.kept[0] == s_batch.kept[i]
             torch.testing.assert_close(alone_logits[0, -1], logits[i, -1], atol=1e-4, rtol=0)
-    assert len(probe_module._TARGETS) == 0 and not probe_module._USERS
+    assert len(probe_module._TARGETS) == 0 and not compat.attention_users()

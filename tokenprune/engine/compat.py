@@ -18,7 +18,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -320,6 +320,48 @@ def register_attention(name: str, impl: str, function: Callable[..., Any]) -> No
 
     AttentionInterface.register(name, function)
     AttentionMaskInterface.register(name, sdpa_mask if impl == "sdpa" else eager_mask)
+
+
+_ACQUIRED: dict[str, int] = {}
+
+
+def acquire_attention(name: str, impl: str, function: Callable[..., Any]) -> None:
+    """:func:`register_attention` for one more user: registered by the first, kept until the last releases it."""
+    if _ACQUIRED.get(name, 0) == 0:
+        register_attention(name, impl, function)
+    _ACQUIRED[name] = _ACQUIRED.get(name, 0) + 1
+
+
+def release_attention(name: str) -> None:
+    """One user of :func:`acquire_attention` is done; the last one unregisters the function."""
+    _ACQUIRED[name] -= 1
+    if _ACQUIRED[name] == 0:
+        del _ACQUIRED[name]
+        unregister_attention(name)
+
+
+def attention_users() -> dict[str, int]:
+    """The attention functions tokenprune has registered, with their user counts (empty when none is)."""
+    return dict(_ACQUIRED)
+
+
+def common_implementation(configs: Iterable[Any], supported: tuple[str, ...], who: str) -> tuple[list[Any], str]:
+    """The distinct ``configs`` and the one attention implementation they share.
+
+    Raises:
+        TokenpruneError: they use several, or one outside ``supported`` (``who`` names what needs it).
+    """
+    distinct: list[Any] = []
+    for cfg in configs:
+        if cfg is not None and all(cfg is not c for c in distinct):
+            distinct.append(cfg)
+    impls = {attention_implementation(c) for c in distinct}
+    if len(impls) != 1 or (impl := next(iter(impls))) not in supported:
+        raise TokenpruneError(
+            f"{who} supports the attention implementations {', '.join(supported)}, but the model uses "
+            f"{sorted(map(str, impls))}; load it with attn_implementation='sdpa'"
+        )
+    return distinct, impl
 
 
 def unregister_attention(name: str) -> None:

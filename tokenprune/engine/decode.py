@@ -135,3 +135,15 @@ def pruned_layer_kwargs(
         if isinstance(position_ids, Tensor):
             kwargs["position_ids"] = position_ids_like(rows, position_ids)
     return kwargs
+
+
+def decoding_positions(
+    position_ids: Tensor | None, start: int, batch: int, length: int, device: torch.device
+) -> Tensor:
+    """The position rows of a decoding step: the caller's ``position_ids``, else ``start, start + 1, ...``.
+
+    ``start`` is the pruned prefill's length plus the tokens decoded so far.
+    """
+    if position_ids is not None:
+        return P.to_rows(position_ids, batch)[0]
+    return torch.arange(start, start + length, device=device)[None, None].expand(1, batch, -1)

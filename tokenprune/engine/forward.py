@@ -18,21 +18,26 @@ from torch import Tensor, nn
 from tokenprune.adapters.base import ImageCall, ModelAdapter
 from tokenprune.engine import compat
 from tokenprune.engine import positions as P
-from tokenprune.engine.decode import check_decoding_mask, model_decoding_kwargs, pruned_layer_kwargs
+from tokenprune.engine.decode import (
+    check_decoding_mask,
+    decoding_positions,
+    model_decoding_kwargs,
+    pruned_layer_kwargs,
+)
 from tokenprune.engine.guards import (
     bind_stages,
     check_attention_implementation,
     check_every_stage_ran,
     check_layers_exist,
-    check_own_attention_layers,
     refuse_embeds_without_ids,
 )
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.masks import pruned_input_mask
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
-from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence
+from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence, kept_labels
 from tokenprune.engine.signals import (
     DryCall,
+    attention_probe_for,
     follow_columns,
     follow_text_attention,
     probed_attention,
@@ -43,16 +48,12 @@ from tokenprune.engine.stage import (
     StageOutcome,
     StagePlan,
     StageSignals,
-    key_layers,
-    own_attention_layers,
     plans_by_layer,
-    probed_layers,
     run_stage,
-    text_attention_layers,
 )
 from tokenprune.engine.state import PrefillState, record_layer_tokens
 from tokenprune.engine.stats import ForwardStats, RunStats
-from tokenprune.engine.vision import VisionProbe, VisionSignal, sequence_vision_signal, vision_probe_for
+from tokenprune.engine.vision import VisionProbe, post_projector_vision_signals, vision_probe_for
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
 
@@ -116,12 +117,7 @@ class ForwardHooks:
         self._boolean_masks = impl != "eager"
         compat.cache_argument_name(vlm.forward)  # refuse, at apply time, a release whose cache argument is unknown
         self._layers = layers
-        probed, own, keys = probed_layers(self._layer), own_attention_layers(self._layer), key_layers(self._layer)
-        text_rows = text_attention_layers(self._layer)
-        check_own_attention_layers(own, layers)
-        if probed or own or keys or text_rows:
-            self.probe = AttentionProbe(layers=probed, rows=self._probe_rows, own=own, keys=keys, text_rows=text_rows)
-            self.probe.install(lm, layers)
+        self.probe = attention_probe_for(self._layer, self._probe_rows, lm, layers)
         self.vision_probe = vision_probe_for(self._post, self.adapter)
         if self.vision_probe is not None:
             self.vision_probe.install()
@@ -146,10 +142,9 @@ class ForwardHooks:
         self._state = None
         self._image_call = None
         self._labels = None
-        if self.probe is not None:
-            self.probe.reset(active=False)
-        if self.vision_probe is not None:
-            self.vision_probe.reset(active=False)
+        for probe in (self.probe, self.vision_probe):
+            if probe is not None:
+                probe.reset(active=False)
         self._layer_kwargs = None
 
     # --- hooks: top model (labels, loss) ------------------------------------------------------
@@ -179,9 +174,7 @@ class ForwardHooks:
                 self.vision_probe.reset(active=False)
         if labels is None or getattr(output, "logits", None) is None:
             return None
-        final = st.final if st is not None else None
-        if final is not None:
-            labels = labels.gather(1, final.input_column.clamp(min=0)).masked_fill(final.input_column < 0, -100)
+        labels = kept_labels(labels, st.final if st is not None else None)
         vocab = self.model.config.get_text_config().vocab_size
         output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=vocab)
         return output
@@ -258,13 +251,9 @@ class ForwardHooks:
         batch, length = int(hidden.shape[0]), int(hidden.shape[1])
         position_ids = kw.get("position_ids")
         if not st.in_prefill:
-            if position_ids is not None:
-                st.step_positions = P.to_rows(position_ids, batch)[0]
-            else:
-                start = st.lm_length + st.decoded
-                st.step_positions = torch.arange(start, start + length, device=hidden.device)[None, None].expand(
-                    1, batch, -1
-                )
+            st.step_positions = decoding_positions(
+                position_ids, st.lm_length + st.decoded, batch, length, hidden.device
+            )
             return None
         if length != st.input_length:
             raise TokenpruneError(
@@ -273,7 +262,7 @@ class ForwardHooks:
             )
         layout = image_layout(self.adapter, self._image_call, st.visual) if self._image_call is not None else None
         seq, fmt = input_sequence(hidden, st.input_mask, st.visual, layout, position_ids)
-        vision = self._vision_signals(st.visual)
+        vision = post_projector_vision_signals(self.vision_probe, self.adapter, self._image_call, self._post, st.visual)
         self._image_call = None
         changed = False
         for plan in self._post:
@@ -295,24 +284,6 @@ class ForwardHooks:
         if any("input_embeddings" in type(p.reducer).capabilities.signals for p in self._plans):
             st.lm_embeds = hidden
         return ((), kw) if changed else None
-
-    def _vision_signals(self, visual: Tensor) -> dict[int, VisionSignal]:
-        """Per post_projector stage that reads vision attention, its signal over the input sequence (the probe's
-        cost counted at the first stage that reads each layer)."""
-        probe, out, counted = self.vision_probe, {}, set()
-        if probe is None:
-            return out
-        if self._image_call is None:
-            raise TokenpruneError("a stage reads vision-encoder attention, but the model computed no image features")
-        for plan in self._post:
-            request = plan.reducer.vision_attention_request()
-            if request is None:
-                continue
-            signal = sequence_vision_signal(self.adapter, self._image_call, probe, request, visual)
-            key = (request.layer, request.kind)
-            out[plan.index] = signal if key not in counted else replace(signal, macs=0)
-            counted.add(key)
-        return out
 
     # --- hooks: decoder layers (layer stages) -------------------------------------------------
 

@@ -41,7 +41,6 @@ from tokenprune.errors import TokenpruneError
 
 SUPPORTED = ("sdpa", "eager")
 _NAMES = {"sdpa": "tokenprune_probe_sdpa", "eager": "tokenprune_probe_eager"}
-_USERS: dict[str, int] = {}
 _TARGETS: weakref.WeakKeyDictionary[nn.Module, tuple[AttentionProbe, int]] = weakref.WeakKeyDictionary()
 
 
@@ -101,30 +100,20 @@ class AttentionProbe:
             TokenpruneError: the model uses an attention implementation other than sdpa or eager.
         """
         decoder_layers = list(decoder_layers)
-        configs: list[Any] = []
-        for cfg in [getattr(language_model, "config", None)] + [
-            getattr(compat.attention_module(layer), "config", None) for layer in decoder_layers
-        ]:
-            if cfg is not None and all(cfg is not c for c in configs):
-                configs.append(cfg)
-        impls = {compat.attention_implementation(c) for c in configs}
-        if len(impls) != 1 or (impl := next(iter(impls))) not in SUPPORTED:
-            raise TokenpruneError(
-                f"the attention probe (needed by a score-based stage) supports the language model's "
-                f"attention implementations {', '.join(SUPPORTED)}, but the model uses {sorted(map(str, impls))}; "
-                "load it with attn_implementation='sdpa'"
-            )
-        name = _NAMES[impl]
-        if _USERS.get(name, 0) == 0:
-            compat.register_attention(name, impl, _make_attention(impl))
-        _USERS[name] = _USERS.get(name, 0) + 1
-        self._name = name
+        configs, impl = compat.common_implementation(
+            [getattr(language_model, "config", None)]
+            + [getattr(compat.attention_module(layer), "config", None) for layer in decoder_layers],
+            SUPPORTED,
+            "the attention probe (needed by a score-based stage) of the language model",
+        )
+        self._name = _NAMES[impl]
+        compat.acquire_attention(self._name, impl, _make_attention(impl))
         for i, layer in enumerate(decoder_layers):
             attn = compat.attention_module(layer)
             if attn is not None and (i in self.layers or i in self.own or i in self.keys or i in self.text_rows):
                 _TARGETS[attn] = (self, i)
         for cfg in configs:
-            self._configs.append((cfg, compat.swap_attention_implementation(cfg, name)))
+            self._configs.append((cfg, compat.swap_attention_implementation(cfg, self._name)))
 
     def remove(self) -> None:
         """Restore the configs and unregister the functions when no probe uses them."""
@@ -134,10 +123,7 @@ class AttentionProbe:
         for module in [m for m, (p, _) in list(_TARGETS.items()) if p is self]:
             del _TARGETS[module]
         if self._name is not None:
-            _USERS[self._name] -= 1
-            if _USERS[self._name] == 0:
-                del _USERS[self._name]
-                compat.unregister_attention(self._name)
+            compat.release_attention(self._name)
             self._name = None
 
     def reset(self, *, active: bool) -> None:

@@ -148,3 +148,10 @@ def position_ids_like(positions: Tensor, like: Tensor) -> Tensor:
     if like.dim() == 2:
         return positions[0]
     return positions[-like.shape[0] :]
+
+
+def kept_labels(labels: Tensor, final: TokenSequence | None) -> Tensor:
+    """``(B, L)`` labels of the input sequence cut to the sequence the last layer saw (``-100`` at new padding)."""
+    if final is None:
+        return labels
+    return labels.gather(1, final.input_column.clamp(min=0)).masked_fill(final.input_column < 0, -100)

@@ -4,7 +4,7 @@ input (served by a dry call of its attention module), the previous layer's keys,
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -13,9 +13,17 @@ from torch import Tensor, nn
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.engine import compat
 from tokenprune.engine.decode import pruned_layer_kwargs
+from tokenprune.engine.guards import check_own_attention_layers
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.sequence import TokenSequence
-from tokenprune.engine.stage import StagePlan, StageSignals
+from tokenprune.engine.stage import (
+    StagePlan,
+    StageSignals,
+    key_layers,
+    own_attention_layers,
+    probed_layers,
+    text_attention_layers,
+)
 from tokenprune.engine.state import PrefillState
 from tokenprune.errors import TokenpruneError
 
@@ -169,3 +177,25 @@ def with_text_signals(
         input_embeds=embeds,
         input_sequence=state.lm_sequence if embeds is not None and state is not None else None,
     )
+
+
+def attention_probe_for(
+    layer_plans: dict[int, list[StagePlan]],
+    rows: Callable[[int], ProbeRows | None],
+    language_model: nn.Module,
+    layers: list[nn.Module],
+) -> AttentionProbe | None:
+    """The attention probe the layer stages need (installed), or ``None`` when none reads attention.
+
+    Raises:
+        TokenpruneError: a stage reads a layer's own attention where that is refused, or the language
+            model's attention implementation cannot be probed.
+    """
+    probed, own = probed_layers(layer_plans), own_attention_layers(layer_plans)
+    keys, text_rows = key_layers(layer_plans), text_attention_layers(layer_plans)
+    check_own_attention_layers(own, layers)
+    if not (probed or own or keys or text_rows):
+        return None
+    probe = AttentionProbe(layers=probed, rows=rows, own=own, keys=keys, text_rows=text_rows)
+    probe.install(language_model, layers)
+    return probe

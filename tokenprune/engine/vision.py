@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,7 +35,6 @@ from tokenprune.errors import TokenpruneError
 from tokenprune.reducer import VisionAttentionRequest
 
 _NAMES = {"sdpa": "tokenprune_vision_sdpa", "eager": "tokenprune_vision_eager"}
-_USERS: dict[str, int] = {}
 _TARGETS: weakref.WeakKeyDictionary[nn.Module, tuple[VisionProbe, int]] = weakref.WeakKeyDictionary()
 SUPPORTED = ("sdpa", "eager")
 
@@ -96,30 +95,20 @@ class VisionProbe:
         Raises:
             TokenpruneError: the tower uses an attention implementation other than sdpa or eager.
         """
-        configs: list[Any] = []
-        for layer in self.tower.layers:
-            cfg = getattr(compat.vision_attention_module(layer), "config", None)
-            if cfg is not None and all(cfg is not c for c in configs):
-                configs.append(cfg)
-        impls = {compat.attention_implementation(c) for c in configs}
-        if len(impls) != 1 or (impl := next(iter(impls))) not in SUPPORTED:
-            raise TokenpruneError(
-                f"the vision probe supports the {self.tower.name}'s attention implementations "
-                f"{', '.join(SUPPORTED)}, but it uses {sorted(map(str, impls))}; load the model with "
-                "attn_implementation='sdpa'"
-            )
-        name = _NAMES[impl]
-        if _USERS.get(name, 0) == 0:
-            compat.register_attention(name, impl, _make_attention(impl))
-        _USERS[name] = _USERS.get(name, 0) + 1
-        self._name = name
+        configs, impl = compat.common_implementation(
+            [getattr(compat.vision_attention_module(layer), "config", None) for layer in self.tower.layers],
+            SUPPORTED,
+            f"the vision probe of the {self.tower.name}",
+        )
+        self._name = _NAMES[impl]
+        compat.acquire_attention(self._name, impl, _make_attention(impl))
         for i, (_, _, features) in self.requests.items():
             layer = self.tower.layers[i]
             _TARGETS[compat.vision_attention_module(layer)] = (self, i)
             if features:
                 self._handles.append(layer.register_forward_hook(self._feature_hook(i)))
         for cfg in configs:
-            self._configs.append((cfg, compat.swap_attention_implementation(cfg, name)))
+            self._configs.append((cfg, compat.swap_attention_implementation(cfg, self._name)))
 
     def remove(self) -> None:
         """Restore the configs, remove the hooks and unregister the function when no probe uses it."""
@@ -132,10 +121,7 @@ class VisionProbe:
         for module in [m for m, (p, _) in list(_TARGETS.items()) if p is self]:
             del _TARGETS[module]
         if self._name is not None:
-            _USERS[self._name] -= 1
-            if _USERS[self._name] == 0:
-                del _USERS[self._name]
-                compat.unregister_attention(self._name)
+            compat.release_attention(self._name)
             self._name = None
 
     def reset(self, *, active: bool) -> None:
@@ -350,3 +336,30 @@ def vision_probe_for(plans: list[Any], adapter: ModelAdapter) -> VisionProbe | N
         kinds, keys, features = requests.get(layer, (frozenset(), False, False))
         requests[layer] = (kinds | {r.kind}, keys or r.keys, features or r.features)
     return VisionProbe(tower=tower, requests=requests)
+
+
+def post_projector_vision_signals(
+    probe: VisionProbe | None, adapter: ModelAdapter, call: ImageCall | None, plans: list[Any], visual: Tensor
+) -> dict[int, VisionSignal]:
+    """Per post_projector stage plan that reads vision attention, its signal over the input sequence.
+
+    The probe's cost is counted at the first stage that reads each (layer, kind), zero at the others.
+
+    Raises:
+        TokenpruneError: a stage reads vision attention but the forward computed no image features.
+    """
+    out: dict[int, VisionSignal] = {}
+    if probe is None:
+        return out
+    if call is None:
+        raise TokenpruneError("a stage reads vision-encoder attention, but the model computed no image features")
+    counted: set[tuple[int | None, str]] = set()
+    for plan in plans:
+        request = plan.reducer.vision_attention_request()
+        if request is None:
+            continue
+        signal = sequence_vision_signal(adapter, call, probe, request, visual)
+        key = (request.layer, request.kind)
+        out[plan.index] = signal if key not in counted else replace(signal, macs=0)
+        counted.add(key)
+    return out
