@@ -1,8 +1,4 @@
-"""The vision probe: sdpa unchanged, scores equal eager attention, the adapters' patch-to-token maps, errors.
-
-The fastervlm entry point is needed for the registry-based tests (``tokenprune_fastervlm`` in
-``pyproject.toml``); until the venv is reinstalled they run through a manager given the module.
-"""
+"""The vision probe: sdpa unchanged, scores equal eager attention, the adapters' patch-to-token maps, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +6,6 @@ import sys
 
 import pytest
 import tiny_models
-import tokenprune_fastervlm
 import torch
 
 import tokenprune as tp
@@ -27,7 +22,8 @@ SPECS = {
 
 
 def _manager() -> tp.plugins.PluginManager:
-    return tp.plugins.get_plugin_manager(plugins=[tokenprune_fastervlm])
+    """The installed plugins: fastervlm is registered through its entry point like every built-in."""
+    return tp.plugins.get_plugin_manager()
 
 
 @pytest.fixture(scope="module", params=sorted(SPECS))
