@@ -228,7 +228,7 @@ def test_failure_midway_removes_everything(nxt, plugins, monkeypatch):
     before = hook_count(nxt.model)
     from tokenprune.engine.hooks import HookSet
 
-    def boom(self, module, name, after):
+    def boom(self, module, name, after, before=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(HookSet, "wrap_method", boom)  # the last step of the installation

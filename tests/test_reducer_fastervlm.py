@@ -74,6 +74,19 @@ def test_llava_matches_the_official_algorithm():
         assert got == _official_fastervlm(t.model, inputs["pixel_values"], layer, keep)
 
 
+@pytest.mark.parametrize(("name", "attention"), [("llava_next", "cls"), ("qwen2_vl", "mean")])
+def test_generate_selects_as_a_forward_does(name, attention):
+    """generate pre-encodes the images before the prefill (transformers 5.2x): the probe still sees the tower."""
+    t = getattr(tiny_models, name)()
+    inputs = t.make_inputs([(56, 84), (100, 56)])
+    kept = []
+    for call in (lambda: t.model(**inputs), lambda: t.model.generate(**inputs, max_new_tokens=2, do_sample=False)):
+        with tp.apply(t.model, _pipe(0.4, attention=attention), plugins=_manager()) as run, torch.no_grad():
+            call()
+        kept.append(run.stats.last_prefill.stages[0].kept)
+    assert kept[0] == kept[1] and all(kept[0])
+
+
 @pytest.mark.parametrize(("name", "attention"), [("llava_next", "cls"), ("qwen2_vl", "mean"), ("llava", "cls")])
 def test_end_to_end_batched_equals_one_by_one(name, attention):
     t = getattr(tiny_models, name)()

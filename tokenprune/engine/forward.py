@@ -32,7 +32,7 @@ from tokenprune.engine.guards import (
     refuse_embeds_without_ids,
 )
 from tokenprune.engine.hooks import HookSet, bind_arguments
-from tokenprune.engine.masks import pruned_input_mask
+from tokenprune.engine.masks import mask_kind, pruned_input_mask
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence, kept_labels
 from tokenprune.engine.signals import (
@@ -88,7 +88,7 @@ class ForwardHooks:
         self._post = [p for p in plans if p.stage.point.kind == "post_projector"]
         self._layer = plans_by_layer(plans)
         self._compact = pipeline.positions == "compact"
-        self._boolean_masks = True
+        self._masks: dict[str, Any] = {}
         self._layers: list[nn.Module] = []
         self._layer_kwargs: dict[str, Any] | None = None  # the last decoder layer's keyword arguments, unsliced
 
@@ -114,7 +114,7 @@ class ForwardHooks:
         impl = compat.attention_implementation(self.adapter.text_config())
         if self._plans:
             check_attention_implementation(impl)
-        self._boolean_masks = impl != "eager"
+        self._masks = mask_kind(self.adapter, boolean=impl != "eager")
         compat.cache_argument_name(vlm.forward)  # refuse, at apply time, a release whose cache argument is unknown
         self._layers = layers
         self.probe = attention_probe_for(self._layer, self._probe_rows, lm, layers)
@@ -132,10 +132,18 @@ class ForwardHooks:
         for k in self._layer:
             hooks.post(layers[k - 1], self._layer_post(k))
         if hasattr(vlm, "get_image_features"):
-            hooks.wrap_method(vlm, "get_image_features", self._record_image_call)
+            hooks.wrap_method(vlm, "get_image_features", self._record_image_call, before=self._watch_vision)
+
+    def _watch_vision(self) -> None:
+        """Before the image features are computed (inside the forward, or before it: ``generate`` pre-encodes
+        images since transformers 5.2x), let the vision probe record the tower's attention."""
+        if self.vision_probe is not None:
+            self.vision_probe.reset(active=True)
 
     def _record_image_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         self._image_call = ImageCall(args, kwargs, output)
+        if self.vision_probe is not None:
+            self.vision_probe.active = False
 
     def _forget_forward(self) -> None:
         """Drop what one forward left behind (after it raised, the next call starts clean)."""
@@ -223,8 +231,6 @@ class ForwardHooks:
         self._state = PrefillState(visual=visual, input_mask=input_mask, input_length=q)
         if self.probe is not None:
             self.probe.reset(active=True)
-        if self.vision_probe is not None:
-            self.vision_probe.reset(active=True)
 
     def _vlm_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         st = self._state
@@ -277,7 +283,7 @@ class ForwardHooks:
         st.lm_mask = seq.valid.long()
         if changed:
             kw["inputs_embeds"] = hidden
-            kw["attention_mask"] = pruned_input_mask(kw.get("attention_mask"), seq, **self._mask_kind())
+            kw["attention_mask"] = pruned_input_mask(kw.get("attention_mask"), seq, **self._masks)
             kw["position_ids"] = P.from_rows(seq.positions, fmt)
         lm_columns = torch.arange(st.lm_length, device=hidden.device).expand(batch, -1)
         st.current = st.final = st.lm_sequence = replace(seq, lm_column=lm_columns, has_padding_slots=False)
@@ -323,9 +329,7 @@ class ForwardHooks:
         """The layer-stage inputs ``plan``'s reducer asks for, on the sequence it is about to reduce."""
         dry = None
         if plan.reducer.own_attention_sources() and self.probe is not None and self._state is not None:
-            dry = DryCall(
-                self._layers[k], self._layer_kwargs, self._state, self.adapter, self._compact, self._mask_kind()
-            )
+            dry = DryCall(self._layers[k], self._layer_kwargs, self._state, self.adapter, self._compact, self._masks)
         return stage_signals(k, plan, hidden, seq, self.probe, dry, keys, self.adapter.language_model())
 
     def _layer_pre(self, i: int) -> Any:
@@ -339,9 +343,7 @@ class ForwardHooks:
                 record_layer_tokens(self._forward, st, seg, hidden, self._real_tokens)
             if seg is None or st is None:
                 return None
-            kw = pruned_layer_kwargs(
-                kwargs, hidden, seg, st, self.adapter, i, compact=self._compact, **self._mask_kind()
-            )
+            kw = pruned_layer_kwargs(kwargs, hidden, seg, st, self.adapter, i, compact=self._compact, **self._masks)
             return args, kw
 
         return hook
@@ -363,9 +365,3 @@ class ForwardHooks:
         if self._forward is not None:
             self._forward.stages.append(outcome.stats)
         return outcome
-
-    # --- masks --------------------------------------------------------------------------------
-
-    def _mask_kind(self) -> dict[str, Any]:
-        lm = self.adapter.language_model()
-        return {"boolean": self._boolean_masks, "dtype": getattr(lm, "dtype", torch.float32)}

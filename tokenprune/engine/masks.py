@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokenprune.adapters.base import ModelAdapter
 from tokenprune.engine.sequence import TokenSequence
 from tokenprune.errors import TokenpruneError
 
@@ -68,3 +69,8 @@ def pruned_input_mask(mask: Any, seq: TokenSequence, *, boolean: bool, dtype: to
     if isinstance(mask, dict):
         return {name: slice_mask(m, cols, cols, seq.valid, boolean=boolean, dtype=dtype) for name, m in mask.items()}
     return slice_mask(mask, cols, cols, seq.valid, boolean=boolean, dtype=dtype)
+
+
+def mask_kind(adapter: ModelAdapter, boolean: bool) -> dict[str, Any]:
+    """How the engine builds masks for this model: boolean (sdpa) or additive in the language model's dtype."""
+    return {"boolean": boolean, "dtype": getattr(adapter.language_model(), "dtype", torch.float32)}
