@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import tiny_models
 import torch
-from engine_fixtures import forward
+from engine_fixtures import forward, manager_with
 from tokenprune_fastervlm import FasterVLM
 
 import tokenprune as tp
@@ -17,7 +17,7 @@ from tokenprune.testing import check_reducer, make_reduce_inputs
 def _manager() -> tp.plugins.PluginManager:
     import tokenprune_fastervlm
 
-    return tp.plugins.get_plugin_manager(plugins=[tokenprune_fastervlm])
+    return manager_with(tokenprune_fastervlm)
 
 
 def _pipe(keep: float | int, **params: object) -> dict:

@@ -11,7 +11,7 @@ import math
 import pytest
 import tiny_models
 import torch
-from engine_fixtures import forward
+from engine_fixtures import forward, manager_with
 from tokenprune_vispruner import VisPruner
 
 import tokenprune as tp
@@ -23,7 +23,7 @@ from tokenprune.testing import check_reducer, make_reduce_inputs
 def _manager() -> tp.plugins.PluginManager:
     import tokenprune_vispruner
 
-    return tp.plugins.get_plugin_manager(plugins=[tokenprune_vispruner])
+    return manager_with(tokenprune_vispruner)
 
 
 def _pipe(keep: float | int, **params: object) -> dict:

@@ -12,6 +12,7 @@ import pytest
 import tiny_models
 import tokenprune_fastervlm
 import torch
+from engine_fixtures import manager_with
 
 import tokenprune as tp
 from tokenprune.engine import compat
@@ -27,7 +28,7 @@ SPECS = {
 
 
 def _manager() -> tp.plugins.PluginManager:
-    return tp.plugins.get_plugin_manager(plugins=[tokenprune_fastervlm])
+    return manager_with(tokenprune_fastervlm)
 
 
 @pytest.fixture(scope="module", params=sorted(SPECS))
