@@ -149,7 +149,7 @@ def vispruner_picks(scores: Tensor, features: Tensor, quota: int, important_rati
     rest = torch.arange(residual.numel(), device=scores.device)
     while (drop := min(DROP_PER_ROUND, rest.numel() - diverse)) > 0:
         even, odd = rest[0::2], rest[1::2]
-        best = sim[even][:, odd].amax(1)
+        best = sim.index_select(0, even).index_select(1, odd).amax(1)
         distinct = best.argsort(descending=True, stable=True)[drop:]
         rest = torch.cat([even[distinct], odd])
     return torch.cat([order[:important], residual[rest]])
