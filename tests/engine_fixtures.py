@@ -151,3 +151,13 @@ def generate(model: torch.nn.Module, inputs: dict[str, Any], n: int = 4, **kw: A
 
 
 Builder = Callable[[], Any]
+
+
+def manager_with(*modules: object) -> tp.plugins.PluginManager:
+    """The installed plugins plus ``modules`` where no entry point loaded them yet (a plugin new in this
+    branch reaches the shared venv only when it is reinstalled; once it is, its entry point serves it)."""
+    manager = tp.plugins.get_plugin_manager()
+    for module in modules:
+        if not manager.pluggy.is_registered(module):
+            manager.register(module)
+    return manager

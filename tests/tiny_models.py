@@ -478,6 +478,8 @@ def gemma3(seed: int = 0, sliding_window: int = 512) -> Tiny:
     )
     cfg._attn_implementation = "sdpa"
     model = _finish(Gemma3ForConditionalGeneration(cfg))
+    with torch.no_grad():  # transformers initialises the projection to zeros: images would carry nothing
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
 
     def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
         rows, pixels = [], []
