@@ -21,6 +21,8 @@ ADAPTERS = [
     "smolvlm",
     "paligemma",
     "gemma3",
+    "qwen3_vl",
+    "qwen3_vl_moe",
 ]
 
 # Per adapter: a batch of 3 specs with different visual-token counts and one text-only-free layout,
@@ -35,6 +37,8 @@ BATCH_SPECS: dict[str, list[Any]] = {
     "smolvlm": [(56, 56), (56, 112), (112, 112)],
     "paligemma": [(56, 56), [(56, 56), (56, 56)], (56, 56)],
     "gemma3": [(56, 56), [(56, 56), (56, 56)], [(56, 56), (56, 56), (56, 56)]],
+    "qwen3_vl": [(56, 56), (112, 112), [(56, 112), (56, 56)]],
+    "qwen3_vl_moe": [(56, 56), (112, 112), (56, 112)],
 }
 
 

@@ -505,3 +505,92 @@ BUILDERS.update(
     paligemma=paligemma,
     gemma3=gemma3,
 )
+
+
+# --- Qwen3-VL / Qwen3-VL-MoE (DeepStack, interleaved M-RoPE) ------------------------------------
+
+QWEN3_DEEPSTACK = [0, 1, 2]
+"""Vision layers whose features DeepStack adds after decoder layers 0, 1 and 2 (so ``layer: 2`` still gets one)."""
+
+
+def _qwen3(kind: str, seed: int = 0) -> Tiny:
+    """Tiny Qwen3-VL (dense or MoE): 3 vision layers, all DeepStack taps, head_dim 16, interleaved M-RoPE."""
+    if kind == "qwen3_vl":
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+
+        extra: dict[str, Any] = {}
+    else:
+        from transformers import Qwen3VLMoeConfig as Config
+        from transformers import Qwen3VLMoeForConditionalGeneration as Model
+
+        extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 10000.0}
+    text = dict(TEXT, head_dim=16, rope_parameters=rope, **extra)
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=64,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=QWEN3_DEEPSTACK,
+    )
+    cfg = Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=5,
+        vision_start_token_id=6,
+        vision_end_token_id=7,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(Model(cfg))
+    ip = compat.image_processor_class("Qwen2VL")(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
+    return Tiny(kind, model, _qwen_inputs(ip))
+
+
+def _qwen_inputs(ip: Any) -> Callable[..., dict[str, Any]]:
+    """Qwen-style inputs: ``<|vision_start|>``, one placeholder per merged patch, ``<|vision_end|>``, per image."""
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        images = [
+            image(h, w, seed=i * 10 + j)
+            for i, spec in enumerate(specs, start)
+            for j, (h, w) in enumerate(_images_of(spec))
+        ]
+        out: dict[str, Any] = {}
+        grids: list[list[int]] = []
+        if images:
+            pv = ip(images=images, return_tensors="pt")
+            out["pixel_values"] = pv["pixel_values"]
+            out["image_grid_thw"] = pv["image_grid_thw"]
+            grids = pv["image_grid_thw"].tolist()
+        rows, k = [], 0
+        for i, spec in enumerate(specs, start):
+            ids = [1, *_text_ids(i, 3)]
+            for _ in _images_of(spec):
+                t, h, w = grids[k]
+                ids += [6] + [IMAGE_TOKEN] * (t * h * w // 4) + [7]
+                k += 1
+            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
+        ids, mask = left_pad(rows)
+        out.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE_TOKEN).int())
+        return out
+
+    return make_inputs
+
+
+def qwen3_vl(seed: int = 0) -> Tiny:
+    return _qwen3("qwen3_vl", seed)
+
+
+def qwen3_vl_moe(seed: int = 0) -> Tiny:
+    return _qwen3("qwen3_vl_moe", seed)
+
+
+BUILDERS.update(qwen3_vl=qwen3_vl, qwen3_vl_moe=qwen3_vl_moe)

@@ -77,6 +77,24 @@ class ImageCall:
         return [p.reshape(-1, p.shape[-1]) for p in pooled]
 
 
+@dataclass
+class VisualResiduals:
+    """Features a language model adds to the hidden states of visual tokens after its first decoder layers.
+
+    Qwen3-VL's DeepStack adds vision-tower features of intermediate layers to the visual positions'
+    hidden states after decoder layers ``0, 1, ..., len(features) - 1``. The engine takes them out
+    of the language model's call (:meth:`ModelAdapter.take_visual_residuals`) and adds them itself
+    (:meth:`ModelAdapter.add_visual_residual`), so that they follow the kept and merged tokens.
+
+    Attributes:
+        mask: ``(B, L)`` bool, the positions of the language model's input that receive them.
+        features: One ``(n, D)`` tensor per decoder layer, rows in the row-major order of ``mask``.
+    """
+
+    mask: Tensor
+    features: list[Tensor]
+
+
 class ModelAdapter:
     """Base class of model adapters; the defaults fit LLaVA-like models of transformers 5.
 
@@ -183,6 +201,27 @@ class ModelAdapter:
         device = _device(kwargs)
         pos = torch.arange(virtual_past, virtual_past + query_length, device=device)
         return pos.unsqueeze(0).expand(batch, -1)
+
+    # --- per-layer visual features (DeepStack) ------------------------------------------------
+
+    def take_visual_residuals(self, kwargs: dict[str, Any]) -> VisualResiduals | None:
+        """Take the per-layer visual features out of the language model's prefill keyword arguments.
+
+        Called by the engine on the language model's ``kwargs`` in a prefill it prunes; an adapter
+        whose model adds visual features inside the decoder stack (Qwen3-VL's DeepStack) removes
+        them from ``kwargs`` (in place) and returns them, and the engine adds them after the same
+        layers with :meth:`add_visual_residual`. The default: the model has none.
+        """
+        return None
+
+    def add_visual_residual(self, hidden: Tensor, mask: Tensor, features: Tensor, layer_index: int) -> Tensor:
+        """``hidden`` (``(B, L, D)``) plus ``features`` (``(n, D)``) at the ``(B, L)`` ``mask``, as the model does.
+
+        The default adds them to a copy in the hidden states' dtype; Qwen3-VL's adapter calls the model's own function.
+        """
+        out = hidden.clone()
+        out[mask] = out[mask] + features.to(hidden.device, hidden.dtype)
+        return out
 
 
 def _batch_size(kwargs: dict[str, Any]) -> int:

@@ -12,6 +12,7 @@ from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenprune.adapters.paligemma import PaliGemmaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
+from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter
 
 if TYPE_CHECKING:
     from tokenprune.plugins import AdapterRegistry
@@ -21,6 +22,7 @@ BUILTIN_ADAPTERS = (
     LlavaAdapter,
     LlavaOnevisionAdapter,
     Qwen2VLAdapter,
+    Qwen3VLAdapter,
     Idefics3Adapter,
     PaliGemmaAdapter,
     Gemma3Adapter,

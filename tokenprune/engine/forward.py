@@ -30,7 +30,8 @@ from tokenprune.engine.guards import (
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.masks import pruned_input_mask
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
-from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence
+from tokenprune.engine.residuals import add_layer_residual, adds_visual_residuals
+from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence, residual_sequence
 from tokenprune.engine.signals import (
     DryCall,
     follow_columns,
@@ -125,6 +126,9 @@ class ForwardHooks:
         hooks.pre(lm, self._lm_pre)
         for i, layer in enumerate(layers):
             hooks.pre(layer, self._layer_pre(i))
+        if adds_visual_residuals(self.adapter):  # before the stages: layer k's input holds layer k - 1's features
+            for i, layer in enumerate(layers):
+                hooks.post(layer, self._residual_post(i))
         for k in self._layer:
             hooks.post(layers[k - 1], self._layer_post(k))
         if hasattr(vlm, "get_image_features"):
@@ -260,6 +264,9 @@ class ForwardHooks:
         layout = image_layout(self.adapter, self._image_call, st.visual) if self._image_call is not None else None
         seq, fmt = input_sequence(hidden, st.input_mask, st.visual, layout, position_ids)
         self._image_call = None
+        residuals = self.adapter.take_visual_residuals(kw)
+        if residuals is not None:
+            seq.residuals, seq.receives = residual_sequence(residuals, batch, length)
         changed = False
         for plan in self._post:
             outcome = self._run(plan, hidden, seq, None)
@@ -276,7 +283,7 @@ class ForwardHooks:
         st.current = st.final = st.lm_sequence = replace(seq, lm_column=lm_columns, has_padding_slots=False)
         if any("input_embeddings" in type(p.reducer).capabilities.signals for p in self._plans):
             st.lm_embeds = hidden
-        return ((), kw) if changed else None
+        return ((), kw) if changed or residuals is not None else None
 
     # --- hooks: decoder layers (layer stages) -------------------------------------------------
 
@@ -285,6 +292,15 @@ class ForwardHooks:
         if st is None or st.current is None:
             return None
         return ProbeRows(visual=st.current.visual, valid=st.current.valid)
+
+    def _residual_post(self, i: int) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+            st = self._state
+            if st is None or not st.in_prefill or st.current is None:
+                return None
+            return add_layer_residual(self.adapter, st.current, output, i)
+
+        return hook
 
     def _layer_post(self, k: int) -> Any:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:

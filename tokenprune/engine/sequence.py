@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.base import ImageCall, ModelAdapter, VisualResiduals
 from tokenprune.engine import positions as P
 from tokenprune.errors import TokenpruneError
 from tokenprune.layout import TokenLayout, sequence_layout
@@ -31,6 +31,10 @@ class TokenSequence:
         positions: ``(R, B, L)`` position rows (:mod:`tokenprune.engine.positions`).
         freed_positions: ``(R, B)`` positions given up so far under the ``compact`` policy.
         has_padding_slots: Some sample has a padding slot the engine added.
+        residuals: ``(layers, B, L, D)`` per-layer features the engine adds to the tokens that
+            ``receives`` marks after decoder layers ``0, 1, ...`` (Qwen3-VL's DeepStack, see
+            :class:`tokenprune.adapters.base.VisualResiduals`); they follow the kept and merged tokens.
+        receives: ``(B, L)`` the tokens that receive ``residuals``.
     """
 
     input_column: Tensor
@@ -42,6 +46,8 @@ class TokenSequence:
     positions: Tensor
     freed_positions: Tensor
     has_padding_slots: bool = False
+    residuals: Tensor | None = None
+    receives: Tensor | None = None
 
     def gather(self, idx: Tensor) -> TokenSequence:
         """The tokens at ``(B, L')`` columns ``idx`` (``-1``: a padding slot)."""
@@ -61,7 +67,38 @@ class TokenSequence:
             positions=P.gather(self.positions, idx),
             freed_positions=self.freed_positions,
             has_padding_slots=bool(pad.any()),
+            residuals=gather_residuals(self.residuals, idx),
+            receives=pick(self.receives, False) if self.receives is not None else None,
         )
+
+
+def gather_residuals(residuals: Tensor | None, idx: Tensor) -> Tensor | None:
+    """``(layers, B, L', D)`` residual features at ``(B, L')`` columns ``idx`` (``-1``: zeros)."""
+    if residuals is None:
+        return None
+    layers, _, _, dim = residuals.shape
+    index = idx.clamp(min=0)[None, :, :, None].expand(layers, -1, -1, dim)
+    return residuals.gather(2, index).masked_fill((idx < 0)[None, :, :, None], 0.0)
+
+
+def residual_sequence(residuals: VisualResiduals, batch: int, length: int) -> tuple[Tensor, Tensor]:
+    """Per-column ``(layers, B, L, D)`` features and ``(B, L)`` receivers from a :class:`VisualResiduals`.
+
+    Raises:
+        TokenpruneError: the mask is not ``(B, L)`` or a layer's features do not have one row per marked token.
+    """
+    mask = residuals.mask.to(torch.bool)
+    first = residuals.features[0]
+    count = int(mask.sum())
+    if tuple(mask.shape) != (batch, length) or any(int(f.shape[0]) != count for f in residuals.features):
+        raise TokenpruneError(
+            f"per-layer visual features: a mask of shape {tuple(mask.shape)} with {count} marked tokens and features "
+            f"of {[tuple(f.shape) for f in residuals.features]} rows do not fit a ({batch}, {length}) sequence"
+        )
+    out = first.new_zeros(len(residuals.features), batch, length, first.shape[-1])
+    for i, feats in enumerate(residuals.features):
+        out[i][mask.to(out.device)] = feats.to(out.device)
+    return out, mask
 
 
 def input_sequence(

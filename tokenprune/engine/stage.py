@@ -168,15 +168,16 @@ def run_stage(
     )
     batch, length, dim = hidden.shape
     kept_visual = selection.to_mask(int(vis_idx.shape[1])) & ctx.valid
-    sizes = seq.sizes
+    sizes, residuals = seq.sizes, seq.residuals
     if merged is not None:
+        residuals = _merged_residuals(seq, result, ctx, vis_idx, selection.indices)  # type: ignore[arg-type]
         hidden, sizes = _write_merged(hidden, sizes, vis_idx, selection.indices, merged, merged_sizes)
     if merged is None and bool((kept_visual == ctx.valid).all()):
         unchanged = torch.arange(length, device=hidden.device).expand(batch, -1)
         return StageOutcome(hidden, seq, False, unchanged, stats)
     keep = _keep_mask(seq, vis_idx, kept_visual, ctx.valid)
     idx = right_aligned_columns(keep)
-    new = replace(seq, sizes=sizes).gather(idx)
+    new = replace(seq, sizes=sizes, residuals=residuals).gather(idx)
     if compact_positions:
         new.positions, freed = P.compact(seq.positions, idx, seq.input_column >= 0)
         new.freed_positions = seq.freed_positions + freed
@@ -283,3 +284,20 @@ def _write_merged(
     padded_sizes = torch.cat([sizes, sizes.new_zeros(batch, 1)], 1)
     padded_sizes = padded_sizes.scatter(1, root_cols, merged_sizes.to(sizes.dtype))
     return padded[:, :length], padded_sizes[:, :length]
+
+
+def _merged_residuals(
+    seq: TokenSequence, merge: Merge, ctx: ReduceContext, vis_idx: Tensor, roots: Tensor
+) -> Tensor | None:
+    """The sequence's per-layer residual features (DeepStack) merged like the tokens.
+
+    Each merged token gets the size-weighted mean of its group's features (the same weights as its hidden state).
+    """
+    if seq.residuals is None:
+        return None
+    out = []
+    for layer in seq.residuals:
+        merged, merged_sizes, _ = merge.apply(_rows(layer, vis_idx), ctx.sizes, ctx.valid)
+        written, _ = _write_merged(layer, seq.sizes, vis_idx, roots, merged, merged_sizes)
+        out.append(written)
+    return torch.stack(out)
