@@ -23,6 +23,7 @@ ADAPTERS = [
     "gemma3",
     "qwen3_vl",
     "qwen3_vl_moe",
+    "internvl",
 ]
 
 # Per adapter: a batch of 3 specs with different visual-token counts and one text-only-free layout,
@@ -39,6 +40,7 @@ BATCH_SPECS: dict[str, list[Any]] = {
     "gemma3": [(56, 56), [(56, 56), (56, 56)], [(56, 56), (56, 56), (56, 56)]],
     "qwen3_vl": [(56, 56), (112, 112), [(56, 112), (56, 56)]],
     "qwen3_vl_moe": [(56, 56), (112, 112), (56, 112)],
+    "internvl": [(56, 56), (112, 112), [(56, 112), (56, 56)]],
 }
 
 

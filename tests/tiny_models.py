@@ -594,3 +594,65 @@ def qwen3_vl_moe(seed: int = 0) -> Tiny:
 
 
 BUILDERS.update(qwen3_vl=qwen3_vl, qwen3_vl_moe=qwen3_vl_moe)
+
+
+# --- InternVL (tiles + thumbnail, CLS dropped, pixel shuffle) -----------------------------------
+
+INTERNVL_TILE_TOKENS = 4  # 56 px tiles, 14 px patches: 4 x 4 patches, pixel-shuffled (0.5) to 2 x 2
+
+
+def internvl(seed: int = 0) -> Tiny:
+    """Tiny InternVL: 56 px tiles (up to 4 crops plus a thumbnail), 4 tokens per tile, Qwen2 LM."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=[56, 56],
+        patch_size=[14, 14],
+    )
+    cfg = InternVLConfig(
+        text_config=dict(model_type="qwen2", **TEXT),
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=INTERNVL_TILE_TOKENS,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(InternVLForConditionalGeneration(cfg))
+    ip = compat.image_processor_class("GotOcr2")(
+        size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=4
+    )
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        images = [
+            image(h, w, seed=i * 10 + j)
+            for i, spec in enumerate(specs, start)
+            for j, (h, w) in enumerate(_images_of(spec))
+        ]
+        out: dict[str, Any] = {}
+        tiles: list[int] = []
+        if images:
+            pv = ip(images=images, return_tensors="pt")
+            out["pixel_values"] = pv["pixel_values"]
+            tiles = [int(n) for n in pv["num_patches"]]
+        rows, k = [], 0
+        for i, spec in enumerate(specs, start):
+            ids = [1, *_text_ids(i, 3)]
+            for _ in _images_of(spec):  # <img> (8), the tiles' context tokens, </img> (9)
+                ids += [8] + [IMAGE_TOKEN] * (INTERNVL_TILE_TOKENS * tiles[k]) + [9]
+                k += 1
+            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
+        ids, mask = left_pad(rows)
+        out.update(input_ids=ids, attention_mask=mask)
+        return out
+
+    return Tiny("internvl", model, make_inputs)
+
+
+BUILDERS.update(internvl=internvl)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import tokenprune
 from tokenprune.adapters.gemma3 import Gemma3Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
+from tokenprune.adapters.internvl import InternVLAdapter
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
@@ -23,6 +24,7 @@ BUILTIN_ADAPTERS = (
     LlavaOnevisionAdapter,
     Qwen2VLAdapter,
     Qwen3VLAdapter,
+    InternVLAdapter,
     Idefics3Adapter,
     PaliGemmaAdapter,
     Gemma3Adapter,
