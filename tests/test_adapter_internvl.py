@@ -53,3 +53,15 @@ def test_a_spatial_reducer_plans_per_tile(tiny):
     stage = run.stats.forwards[0].stages[0]
     views = stage.layout.view[0][stage.kept[0]].tolist()
     assert sorted(set(views)) == [0, 1, 2, 3, 4]
+
+
+def test_a_saved_checkpoint_loads_and_gets_the_same_layout(tiny, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    tiny.model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    specs = [[(112, 56), (56, 56)]]
+    expected = _layout(tiny, specs)
+    got = _layout(tm.Tiny("internvl", loaded, tiny.make_inputs), specs)
+    assert got.view.tolist() == expected.view.tolist() and got.row.tolist() == expected.row.tolist()
+    assert got.view[0].tolist()[:12] == [1] * 4 + [2] * 4 + [0] * 4  # 2 crops and the thumbnail

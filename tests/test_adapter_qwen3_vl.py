@@ -122,3 +122,16 @@ def test_deepstack_layers_and_the_default_when_nothing_is_pruned(tiny):
     assert adapter.name == "qwen3_vl" and adapter.deepstack_layers() == (0, 1, 2)
     kwargs = {"visual_pos_masks": None, "deepstack_visual_embeds": None, "inputs_embeds": 1}
     assert adapter.take_visual_residuals(kwargs) is None and kwargs == {"inputs_embeds": 1}
+
+
+def test_a_saved_checkpoint_loads_and_prunes_like_the_original(tiny, plugins, tmp_path):
+    """from_pretrained on a checkpoint saved here gives the same model, which the adapter claims and prunes alike."""
+    from transformers import AutoModelForImageTextToText
+
+    tiny.model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    inputs = tiny.make_inputs([(112, 112)])
+    pipeline = pipe(("post_projector", "check_drop", 0.5), ({"layer": 2}, "check_drop", 0.5))
+    expected, _ = _engine(tiny.model, inputs, pipeline, plugins)
+    got, _ = _engine(loaded, inputs, pipeline, plugins)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
