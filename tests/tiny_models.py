@@ -256,38 +256,7 @@ def _qwen(kind: str, seed: int = 0) -> Tiny:
     cfg._attn_implementation = "sdpa"
     model = _finish(Model(cfg))
     ip = compat.image_processor_class("Qwen2VL")(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
-
-    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
-        rows, images = [], []
-        counts_all = []
-        ims_all = []
-        for i, spec in enumerate(specs, start):
-            ims = _images_of(spec)
-            ims_all.append(ims)
-            images += [image(h, w, seed=i * 10 + j) for j, (h, w) in enumerate(ims)]
-        out: dict[str, Any] = {}
-        grids = None
-        if images:
-            pv = ip(images=images, return_tensors="pt")
-            out["pixel_values"] = pv["pixel_values"]
-            out["image_grid_thw"] = grids = pv["image_grid_thw"]
-        k = 0
-        for i, ims in enumerate(ims_all, start):
-            counts = []
-            for _ in ims:
-                t, h, w = grids[k].tolist()
-                counts.append(t * h * w // 4)
-                k += 1
-            counts_all.append(counts)
-            ids = [1, *_text_ids(i, 3)]
-            for c in counts:
-                ids += [6] + [IMAGE_TOKEN] * c + [7]
-            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
-        ids, mask = left_pad(rows)
-        out.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE_TOKEN).int())
-        return out
-
-    return Tiny(kind, model, make_inputs)
+    return Tiny(kind, model, _qwen_inputs(ip))
 
 
 def qwen2_vl(seed: int = 0) -> Tiny:
@@ -551,38 +520,91 @@ def _qwen3(kind: str, seed: int = 0) -> Tiny:
     cfg._attn_implementation = "sdpa"
     model = _finish(Model(cfg))
     ip = compat.image_processor_class("Qwen2VL")(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
-    return Tiny(kind, model, _qwen_inputs(ip))
+    return Tiny(kind, model, _qwen_inputs(ip, frames_apart=True))
 
 
-def _qwen_inputs(ip: Any) -> Callable[..., dict[str, Any]]:
-    """Qwen-style inputs: ``<|vision_start|>``, one placeholder per merged patch, ``<|vision_end|>``, per image."""
+def _qwen_inputs(ip: Any, frames_apart: bool = False) -> Callable[..., dict[str, Any]]:
+    """Qwen-style inputs: ``<|vision_start|>``, one placeholder per merged patch, ``<|vision_end|>``.
+
+    An image spec is ``(h, w)``; a :class:`Video` gets random patches (no torchvision video processor)
+    and video placeholders (id 5), as one run (Qwen2-VL) or, with ``frames_apart`` (Qwen3-VL), one run
+    per temporal patch after a timestamp token.
+    """
 
     def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
-        images = [
-            image(h, w, seed=i * 10 + j)
-            for i, spec in enumerate(specs, start)
-            for j, (h, w) in enumerate(_images_of(spec))
-        ]
         out: dict[str, Any] = {}
+        images = [image(h, w, seed=i * 10 + j) for i, spec in enumerate(specs, start) for j, (h, w) in _stills(spec)]
         grids: list[list[int]] = []
         if images:
             pv = ip(images=images, return_tensors="pt")
-            out["pixel_values"] = pv["pixel_values"]
-            out["image_grid_thw"] = pv["image_grid_thw"]
+            out["pixel_values"], out["image_grid_thw"] = pv["pixel_values"], pv["image_grid_thw"]
             grids = pv["image_grid_thw"].tolist()
+        videos = [(i, j, v) for i, spec in enumerate(specs, start) for j, v in _videos(spec)]
+        if videos:
+            out["pixel_values_videos"] = torch.cat([_video_patches(v, 100 * i + j) for i, j, v in videos])
+            out["video_grid_thw"] = torch.tensor([v.grid for _, _, v in videos])
         rows, k = [], 0
         for i, spec in enumerate(specs, start):
             ids = [1, *_text_ids(i, 3)]
-            for _ in _images_of(spec):
+            for item in _items_of(spec):
+                if isinstance(item, Video):
+                    ids += item.placeholders(frames_apart)
+                    continue
                 t, h, w = grids[k]
                 ids += [6] + [IMAGE_TOKEN] * (t * h * w // 4) + [7]
                 k += 1
             rows.append(ids + _text_ids(i + 100, 4 + i % 2))
         ids, mask = left_pad(rows)
-        out.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE_TOKEN).int())
+        types = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
+        out.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=types)
         return out
 
     return make_inputs
+
+
+VIDEO_TOKEN = 5  # the Qwen tiny models' video placeholder
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video spec: ``frames`` input frames (two per temporal patch) of ``height x width`` pixels."""
+
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def grid(self) -> list[int]:
+        """``[t, h, w]`` in patches of 14 px, two frames per temporal patch."""
+        return [self.frames // 2, self.height // 14, self.width // 14]
+
+    def placeholders(self, frames_apart: bool) -> list[int]:
+        t, h, w = self.grid
+        per_frame = [VIDEO_TOKEN] * (h * w // 4)
+        if frames_apart:  # Qwen3-VL: "<t seconds>" text before each frame's own vision_start / vision_end
+            return [tok for f in range(t) for tok in (20 + f, 6, *per_frame, 7)]
+        return [6] + per_frame * t + [7]
+
+
+def _items_of(spec: Any) -> list[Any]:
+    if spec is None:
+        return []
+    return list(spec) if isinstance(spec, list) else [spec]
+
+
+def _stills(spec: Any) -> list[tuple[int, tuple[int, int]]]:
+    stills = [x for x in _items_of(spec) if not isinstance(x, Video)]
+    return list(enumerate(stills))
+
+
+def _videos(spec: Any) -> list[tuple[int, Video]]:
+    return list(enumerate(x for x in _items_of(spec) if isinstance(x, Video)))
+
+
+def _video_patches(video: Video, seed: int) -> torch.Tensor:
+    """``(t * h * w, 3 * 2 * 14 * 14)`` random flattened patches, as Qwen's video processor lays them out."""
+    t, h, w = video.grid
+    return torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed))
 
 
 def qwen3_vl(seed: int = 0) -> Tiny:

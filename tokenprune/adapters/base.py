@@ -31,7 +31,7 @@ A minimal adapter for a LLaVA-like model is a few lines::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -171,6 +171,30 @@ class ModelAdapter:
             else:
                 layouts.append(TokenLayout.grid(1, n, image=i))
         return layouts
+
+    def video_token_id(self) -> int | None:
+        """The placeholder id of a video token in ``input_ids`` (``None``: the model takes no videos)."""
+        cfg = self.model.config
+        for attr in ("video_token_id", "video_token_index"):
+            value = getattr(cfg, attr, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    def video_mask(self, input_ids: Tensor) -> Tensor:
+        """``(B, L)`` bool: the video tokens of ``input_ids`` (none when the model takes no videos)."""
+        token = self.video_token_id()
+        if token is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == token
+
+    def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
+        """One ``(1, n_v)`` layout per video of the recorded ``get_video_features`` call, ``video`` set.
+
+        The default lays each video's features out as :meth:`image_layouts` would (one frame); adapters
+        of video models give each token its frame.
+        """
+        return [replace(lay, video=torch.ones_like(lay.newline)) for lay in ModelAdapter.image_layouts(self, call)]
 
     # --- positions ------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.masks import pruned_input_mask
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.residuals import add_layer_residual, adds_visual_residuals
-from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence, residual_sequence
+from tokenprune.engine.sequence import TokenSequence, input_sequence, residual_sequence, visual_layout
 from tokenprune.engine.signals import (
     DryCall,
     follow_columns,
@@ -81,6 +81,8 @@ class ForwardHooks:
         self._state: PrefillState | None = None
         self._forward: ForwardStats | None = None
         self._image_call: ImageCall | None = None
+        self._video_call: ImageCall | None = None
+        self._in_video_call = False
         self._labels: Tensor | None = None
         self._real_tokens: list[int] = []
         self._post = [p for p in plans if p.stage.point.kind == "post_projector"]
@@ -133,14 +135,25 @@ class ForwardHooks:
             hooks.post(layers[k - 1], self._layer_post(k))
         if hasattr(vlm, "get_image_features"):
             hooks.wrap_method(vlm, "get_image_features", self._record_image_call)
+        if hasattr(vlm, "get_video_features"):
+            hooks.wrap_method(vlm, "get_video_features", self._record_video_call, before=self._enter_video_call)
 
     def _record_image_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        self._image_call = ImageCall(args, kwargs, output)
+        if not self._in_video_call:  # Qwen3-VL's get_video_features calls get_image_features
+            self._image_call = ImageCall(args, kwargs, output)
+
+    def _enter_video_call(self) -> None:
+        self._in_video_call = True
+
+    def _record_video_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        self._in_video_call = False
+        self._video_call = ImageCall(args, kwargs, output)
 
     def _forget_forward(self) -> None:
         """Drop what one forward left behind (after it raised, the next call starts clean)."""
         self._state = None
-        self._image_call = None
+        self._image_call = self._video_call = None
+        self._in_video_call = False
         self._labels = None
         if self.probe is not None:
             self.probe.reset(active=False)
@@ -208,18 +221,19 @@ class ForwardHooks:
         self._real_tokens = mask.sum(1).tolist() if two_d else [q] * batch
         input_ids = kw.get("input_ids")
         if not self._plans:
-            self._image_call = None
+            self._image_call = self._video_call = None
             return
         if input_ids is None:
             refuse_embeds_without_ids(kw, self.adapter.name)
-            self._image_call = None
+            self._image_call = self._video_call = None
             return
-        visual = self.adapter.visual_mask(input_ids)
+        video = self.adapter.video_mask(input_ids)
+        visual = self.adapter.visual_mask(input_ids) | video
         if not bool(visual.any()):
-            self._image_call = None
+            self._image_call = self._video_call = None
             return
         input_mask = mask.bool() if two_d else torch.ones(batch, q, dtype=torch.bool, device=input_ids.device)
-        self._state = PrefillState(visual=visual, input_mask=input_mask, input_length=q)
+        self._state = PrefillState(visual=visual, input_mask=input_mask, input_length=q, video=video)
         if self.probe is not None:
             self.probe.reset(active=True)
 
@@ -261,9 +275,9 @@ class ForwardHooks:
                 f"the language model received {length} tokens but input_ids has {st.input_length}; the "
                 f"{self.adapter.name} adapter cannot locate the visual tokens"
             )
-        layout = image_layout(self.adapter, self._image_call, st.visual) if self._image_call is not None else None
-        seq, fmt = input_sequence(hidden, st.input_mask, st.visual, layout, position_ids)
-        self._image_call = None
+        layout = visual_layout(self.adapter, self._image_call, self._video_call, st.visual, st.video)
+        seq, fmt = input_sequence(hidden, st.input_mask, st.visual, layout, position_ids, video=st.video)
+        self._image_call = self._video_call = None
         residuals = self.adapter.take_visual_residuals(kw)
         if residuals is not None:
             seq.residuals, seq.receives = residual_sequence(residuals, batch, length)

@@ -31,15 +31,22 @@ class HookSet:
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True, always_call=always))
 
     def wrap_method(
-        self, module: nn.Module, name: str, after: Callable[[tuple[Any, ...], dict[str, Any], Any], None]
+        self,
+        module: nn.Module,
+        name: str,
+        after: Callable[[tuple[Any, ...], dict[str, Any], Any], None],
+        before: Callable[[], None] | None = None,
     ) -> None:
-        """Shadow ``module.name`` by an instance attribute that calls it, then ``after(args, kwargs, output)``."""
+        """Shadow ``module.name`` by an instance attribute that calls ``before()``, the method, then
+        ``after(args, kwargs, output)``."""
         original = getattr(module, name)
         had = name in module.__dict__
         previous = module.__dict__.get(name)
 
         @functools.wraps(original)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before()
             out = original(*args, **kwargs)
             after(args, kwargs, out)
             return out

@@ -202,7 +202,9 @@ class AdapterCase:
         return self.make_inputs([self.specs[0], self.specs[1], None])
 
     def visual(self, inputs: Mapping[str, Any]) -> Tensor:
-        return self.adapter.visual_mask(inputs["input_ids"])
+        """The visual tokens the engine reduces: image and video placeholders."""
+        ids = inputs["input_ids"]
+        return self.adapter.visual_mask(ids) | self.adapter.video_mask(ids)
 
     def forward(self, inputs: Mapping[str, Any], model: nn.Module | None = None, **kw: Any) -> Any:
         """A plain forward with the positions ``generate`` would build (so padded and unpadded runs agree).
