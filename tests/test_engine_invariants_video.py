@@ -18,7 +18,10 @@ from tokenprune import testing_adapters as ta
 SUPPRESS = [4, 5, 6, 7]
 
 
-@pytest.fixture(scope="module", params=sorted(VIDEO_SPECS))
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]  # the LLaVA family: test_engine_invariants_video_llava.py
+
+
+@pytest.fixture(scope="module", params=QWEN)
 def tiny(request: pytest.FixtureRequest) -> tm.Tiny:
     return tm.BUILDERS[request.param]()
 
@@ -52,16 +55,25 @@ def _stage(tiny: tm.Tiny, plugins: tp.plugins.PluginManager, tokens: str | None,
 
 @pytest.mark.parametrize("tokens", [None, "all", "image", "video"])
 def test_a_stage_reduces_the_tokens_it_names(tiny, plugins, tokens):
-    """One image (4 tokens) and a 2-step video (8 tokens): the stage sees and halves only what it names."""
-    stats, _ = _stage(tiny, plugins, tokens, [[(56, 56), tm.Video(4, 56, 56)]])
-    entering = {None: 12, "all": 12, "image": 4, "video": 8}[tokens]
+    """An image and a 2-step video: the stage sees and halves only what it names; the layout says which is which."""
+    everything, _ = _stage(tiny, plugins, None, [[(56, 56), VIDEO_SPECS[tiny.name][0]]])
+    video = everything.layout.video[0, : everything.entering[0]]
+    n_video, n_image = int(video.sum()), int((~video).sum())
+    assert n_video and n_image
+    stats, _ = _stage(tiny, plugins, tokens, [[(56, 56), VIDEO_SPECS[tiny.name][0]]])
+    entering = {None: n_video + n_image, "all": n_video + n_image, "image": n_image, "video": n_video}[tokens]
     assert stats.entering == [entering] and stats.leaving == [entering // 2]
     lay = stats.layout
-    if tokens in ("video", None, "all"):
-        video = lay.video[0].tolist()
-        assert sum(video) == 8 and lay.frame[0][lay.video[0]].tolist() == [0] * 4 + [1] * 4
     if tokens == "image":
         assert not lay.video.any() and not lay.frame.any()
+    else:
+        frames = lay.frame[0][lay.video[0] & ~lay.newline[0]].tolist()
+        assert frames == sorted(frames) and len(set(frames)) == _steps(tiny, VIDEO_SPECS[tiny.name][0])
+
+
+def _steps(tiny: tm.Tiny, video: tm.Video) -> int:
+    """Frames in the layout: Qwen's temporal patches hold two input frames, LLaVA's frames are their own."""
+    return video.frames // 2 if tiny.name.startswith("qwen") else video.frames
 
 
 def test_a_video_stage_on_a_prompt_without_video_changes_nothing(tiny, plugins):
@@ -71,8 +83,12 @@ def test_a_video_stage_on_a_prompt_without_video_changes_nothing(tiny, plugins):
 
 def test_downsample_plans_per_frame(tiny):
     """The spatial budget is split over the frames (groups), as it is over views of an image."""
-    inputs = tiny.make_inputs([tm.Video(8, 56, 56)])  # 4 temporal patches of 2 x 2 tokens
+    video = tm.Video(8, 56, 56)  # Qwen: 4 temporal patches of 2 x 2 tokens; LLaVA: 8 frames of 2 x 2
+    inputs = tiny.make_inputs([video])
     with tp.apply(tiny.model, pipe(("post_projector", "downsample", 0.25))) as run, torch.no_grad():
         tiny.model(**inputs)
     stats = run.stats.forwards[0].stages[0]
-    assert stats.layout.frame[0][stats.kept[0]].tolist() == [0, 1, 2, 3]
+    kept = stats.layout.frame[0][stats.kept[0]]
+    kept = kept[~stats.layout.newline[0][stats.kept[0]]].tolist()
+    # one token per frame (LLaVA-OneVision's protected video newline takes one slot of the 8)
+    assert kept == sorted(set(kept)) and len(kept) >= _steps(tiny, video) - 1

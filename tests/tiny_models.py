@@ -286,6 +286,7 @@ def llava_onevision(seed: int = 0) -> Tiny:
         text_config=dict(model_type="qwen2", **TEXT),
         vision_config=SIGLIP,
         image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
         image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
@@ -301,14 +302,15 @@ def llava_onevision(seed: int = 0) -> Tiny:
 
 
 def _features_counted(name: str, model: torch.nn.Module, ip: Any, with_sizes: bool) -> Tiny:
-    """Inputs whose placeholder counts come from the model's own ``get_image_features``."""
+    """Inputs whose placeholder counts come from the model's own ``get_image_features`` / ``get_video_features``.
+
+    A :class:`Video` spec gets random frames of its size (no torchvision video processor); all the
+    videos of a batch must have the same number of frames and size.
+    """
 
     def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
-        images, owners = [], []
-        for i, spec in enumerate(specs, start):
-            for j, (h, w) in enumerate(_images_of(spec)):
-                images.append(image(h, w, seed=i * 10 + j))
-                owners.append(i)
+        images = [image(h, w, seed=i * 10 + j) for i, spec in enumerate(specs, start) for j, (h, w) in _stills(spec)]
+        videos = [(i, j, v) for i, spec in enumerate(specs, start) for j, v in _videos(spec)]
         out: dict[str, Any] = {}
         counts: list[int] = []
         if images:
@@ -320,16 +322,59 @@ def _features_counted(name: str, model: torch.nn.Module, ip: Any, with_sizes: bo
             with torch.no_grad():
                 feats = model.model.get_image_features(**kw).pooler_output
             counts = [int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats]
-        rows, k = [], 0
+        video_counts: list[int] = []
+        if videos:
+            frames = [_video_frames(v, 100 * i + j) for i, j, v in videos]
+            out["pixel_values_videos"] = torch.stack(frames)
+            with torch.no_grad():
+                feats = model.model.get_video_features(pixel_values_videos=out["pixel_values_videos"]).pooler_output
+            video_counts = [int(f.shape[0]) for f in feats]
+        rows, k, kv = [], 0, 0
         for i, spec in enumerate(specs, start):
-            n = len(_images_of(spec))
-            rows.append(_sample_ids(i, counts[k : k + n]))
-            k += n
+            ids = [1, *_text_ids(i, 3)]
+            for item in _items_of(spec):
+                if isinstance(item, Video):
+                    ids += [VIDEO_TOKEN] * video_counts[kv] + [_text_ids(i + 50, 1)[0]]
+                    kv += 1
+                else:
+                    ids += [IMAGE_TOKEN] * counts[k] + [_text_ids(i + 50, 1)[0]]
+                    k += 1
+            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
         ids, mask = left_pad(rows)
         out.update(input_ids=ids, attention_mask=mask)
         return out
 
     return Tiny(name, model, make_inputs)
+
+
+def _video_frames(video: Video, seed: int) -> torch.Tensor:
+    """``(frames, 3, h, w)`` random normalised frames."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(video.frames, 3, video.height, video.width, generator=g)
+
+
+def llava_next_video(seed: int = 0) -> Tiny:
+    """Tiny LLaVA-NeXT-Video: LLaVA-NeXT's anyres images; videos of 56 px frames pooled to 2 x 2 tokens."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaNextVideoConfig(
+        text_config=dict(model_type="llama", **TEXT),
+        vision_config=CLIP,
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(LlavaNextVideoForConditionalGeneration(cfg))
+    ip = compat.image_processor_class("LlavaNext")(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_grid_pinpoints=cfg.image_grid_pinpoints
+    )
+    return _features_counted("llava_next_video", model, ip, with_sizes=True)
 
 
 # --- Idefics3 / SmolVLM (crops + global image, pixel shuffle) -----------------------------------
@@ -677,4 +722,4 @@ def internvl(seed: int = 0) -> Tiny:
     return Tiny("internvl", model, make_inputs)
 
 
-BUILDERS.update(internvl=internvl)
+BUILDERS.update(internvl=internvl, llava_next_video=llava_next_video)

@@ -10,6 +10,7 @@ from tokenprune.adapters.idefics3 import Idefics3Adapter
 from tokenprune.adapters.internvl import InternVLAdapter
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
+from tokenprune.adapters.llava_next_video import LlavaNextVideoAdapter
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenprune.adapters.paligemma import PaliGemmaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
@@ -25,6 +26,7 @@ BUILTIN_ADAPTERS = (
     Qwen2VLAdapter,
     Qwen3VLAdapter,
     InternVLAdapter,
+    LlavaNextVideoAdapter,
     Idefics3Adapter,
     PaliGemmaAdapter,
     Gemma3Adapter,

@@ -607,14 +607,18 @@ def layout_covers_visual_tokens(c: AdapterCase) -> None:
             _expect(
                 bool((image >= 0).all() and (row >= 0).all() and (col >= 0).all()), name, f"sample {b}: unset entries"
             )
-            for key in {(int(i), int(v), int(r)) for i, v, r in zip(image, layout.view[b, :n], row, strict=True)}:
-                at = (image == key[0]) & (layout.view[b, :n] == key[1]) & (row == key[2])
+            # a row is (image or video, view, frame, row): a video's frames are grids of their own
+            parts = torch.stack([layout.video[b, :n].long(), image, layout.view[b, :n], layout.frame[b, :n], row])
+            for key in {tuple(int(x) for x in column) for column in parts.T}:
+                at = (parts == torch.tensor(key, device=parts.device)[:, None]).all(0)
                 cells, ends = col[at & ~newline], col[at & newline]
                 if ends.numel():
+                    kind = "video" if key[0] else "image"
                     _expect(
                         ends.numel() == 1 and bool(cells.numel()) and int(ends[0]) == int(cells.max()) + 1,
                         name,
-                        f"sample {b}, image {key[0]}, view {key[1]}, row {key[2]}: a newline must close the row",
+                        f"sample {b}, {kind} {key[1]}, view {key[2]}, frame {key[3]}, row {key[4]}: a newline must "
+                        "close the row",
                     )
 
 
