@@ -328,7 +328,8 @@ def _features_counted(name: str, model: torch.nn.Module, ip: Any, with_sizes: bo
             out["pixel_values_videos"] = torch.stack(frames)
             with torch.no_grad():
                 feats = model.model.get_video_features(pixel_values_videos=out["pixel_values_videos"]).pooler_output
-            video_counts = [int(f.shape[0]) for f in feats]
+            # a (videos, N, D) tensor, or (5.18, 5.19's LLaVA-NeXT-Video) a tuple of (frames, n, D) per video
+            video_counts = [int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats]
         rows, k, kv = [], 0, 0
         for i, spec in enumerate(specs, start):
             ids = [1, *_text_ids(i, 3)]
