@@ -23,6 +23,10 @@ base_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['
 tests=(
   tests/test_compat.py
   tests/test_engine_invariants.py
+  tests/test_engine_invariants_video.py
+  tests/test_engine_invariants_video_llava.py
+  tests/test_adapter_qwen3_vl.py
+  tests/test_adapter_internvl.py
   tests/test_engine_behaviour.py
   tests/test_engine_guards.py
   tests/test_cost_counts.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import tiny_models as tm
 import torch
 from torch import Tensor
 
@@ -21,6 +22,10 @@ ADAPTERS = [
     "smolvlm",
     "paligemma",
     "gemma3",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "internvl",
+    "llava_next_video",
 ]
 
 # Per adapter: a batch of 3 specs with different visual-token counts and one text-only-free layout,
@@ -35,7 +40,26 @@ BATCH_SPECS: dict[str, list[Any]] = {
     "smolvlm": [(56, 56), (56, 112), (112, 112)],
     "paligemma": [(56, 56), [(56, 56), (56, 56)], (56, 56)],
     "gemma3": [(56, 56), [(56, 56), (56, 56)], [(56, 56), (56, 56), (56, 56)]],
+    "qwen3_vl": [(56, 56), (112, 112), [(56, 112), (56, 56)]],
+    "qwen3_vl_moe": [(56, 56), (112, 112), (56, 112)],
+    "internvl": [(56, 56), (112, 112), [(56, 112), (56, 56)]],
+    "llava_next_video": [(56, 56), (56, 112), (112, 112)],
 }
+
+
+# Video inputs (tiny_models.Video: input frames, height, width; two frames per temporal patch), alone and
+# with an image, for the adapters whose models take videos.
+VIDEO_SPECS: dict[str, list[Any]] = {
+    name: [tm.Video(4, 56, 56), [(56, 56), tm.Video(2, 56, 112)], tm.Video(4, 112, 56)]
+    for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+}
+# LLaVA-style models stack the videos of a batch: same frame count and size.
+VIDEO_SPECS.update(
+    {
+        name: [tm.Video(4, 56, 56), [(56, 56), tm.Video(4, 56, 56)], [tm.Video(4, 56, 56), tm.Video(4, 56, 56)]]
+        for name in ("llava_next_video", "llava_onevision")
+    }
+)
 
 
 class Recorder:

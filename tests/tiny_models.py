@@ -256,38 +256,7 @@ def _qwen(kind: str, seed: int = 0) -> Tiny:
     cfg._attn_implementation = "sdpa"
     model = _finish(Model(cfg))
     ip = compat.image_processor_class("Qwen2VL")(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
-
-    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
-        rows, images = [], []
-        counts_all = []
-        ims_all = []
-        for i, spec in enumerate(specs, start):
-            ims = _images_of(spec)
-            ims_all.append(ims)
-            images += [image(h, w, seed=i * 10 + j) for j, (h, w) in enumerate(ims)]
-        out: dict[str, Any] = {}
-        grids = None
-        if images:
-            pv = ip(images=images, return_tensors="pt")
-            out["pixel_values"] = pv["pixel_values"]
-            out["image_grid_thw"] = grids = pv["image_grid_thw"]
-        k = 0
-        for i, ims in enumerate(ims_all, start):
-            counts = []
-            for _ in ims:
-                t, h, w = grids[k].tolist()
-                counts.append(t * h * w // 4)
-                k += 1
-            counts_all.append(counts)
-            ids = [1, *_text_ids(i, 3)]
-            for c in counts:
-                ids += [6] + [IMAGE_TOKEN] * c + [7]
-            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
-        ids, mask = left_pad(rows)
-        out.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE_TOKEN).int())
-        return out
-
-    return Tiny(kind, model, make_inputs)
+    return Tiny(kind, model, _qwen_inputs(ip))
 
 
 def qwen2_vl(seed: int = 0) -> Tiny:
@@ -317,6 +286,7 @@ def llava_onevision(seed: int = 0) -> Tiny:
         text_config=dict(model_type="qwen2", **TEXT),
         vision_config=SIGLIP,
         image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
         image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
@@ -332,14 +302,15 @@ def llava_onevision(seed: int = 0) -> Tiny:
 
 
 def _features_counted(name: str, model: torch.nn.Module, ip: Any, with_sizes: bool) -> Tiny:
-    """Inputs whose placeholder counts come from the model's own ``get_image_features``."""
+    """Inputs whose placeholder counts come from the model's own ``get_image_features`` / ``get_video_features``.
+
+    A :class:`Video` spec gets random frames of its size (no torchvision video processor); all the
+    videos of a batch must have the same number of frames and size.
+    """
 
     def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
-        images, owners = [], []
-        for i, spec in enumerate(specs, start):
-            for j, (h, w) in enumerate(_images_of(spec)):
-                images.append(image(h, w, seed=i * 10 + j))
-                owners.append(i)
+        images = [image(h, w, seed=i * 10 + j) for i, spec in enumerate(specs, start) for j, (h, w) in _stills(spec)]
+        videos = [(i, j, v) for i, spec in enumerate(specs, start) for j, v in _videos(spec)]
         out: dict[str, Any] = {}
         counts: list[int] = []
         if images:
@@ -351,16 +322,60 @@ def _features_counted(name: str, model: torch.nn.Module, ip: Any, with_sizes: bo
             with torch.no_grad():
                 feats = model.model.get_image_features(**kw).pooler_output
             counts = [int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats]
-        rows, k = [], 0
+        video_counts: list[int] = []
+        if videos:
+            frames = [_video_frames(v, 100 * i + j) for i, j, v in videos]
+            out["pixel_values_videos"] = torch.stack(frames)
+            with torch.no_grad():
+                feats = model.model.get_video_features(pixel_values_videos=out["pixel_values_videos"]).pooler_output
+            # a (videos, N, D) tensor, or (5.18, 5.19's LLaVA-NeXT-Video) a tuple of (frames, n, D) per video
+            video_counts = [int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats]
+        rows, k, kv = [], 0, 0
         for i, spec in enumerate(specs, start):
-            n = len(_images_of(spec))
-            rows.append(_sample_ids(i, counts[k : k + n]))
-            k += n
+            ids = [1, *_text_ids(i, 3)]
+            for item in _items_of(spec):
+                if isinstance(item, Video):
+                    ids += [VIDEO_TOKEN] * video_counts[kv] + [_text_ids(i + 50, 1)[0]]
+                    kv += 1
+                else:
+                    ids += [IMAGE_TOKEN] * counts[k] + [_text_ids(i + 50, 1)[0]]
+                    k += 1
+            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
         ids, mask = left_pad(rows)
         out.update(input_ids=ids, attention_mask=mask)
         return out
 
     return Tiny(name, model, make_inputs)
+
+
+def _video_frames(video: Video, seed: int) -> torch.Tensor:
+    """``(frames, 3, h, w)`` random normalised frames."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(video.frames, 3, video.height, video.width, generator=g)
+
+
+def llava_next_video(seed: int = 0) -> Tiny:
+    """Tiny LLaVA-NeXT-Video: LLaVA-NeXT's anyres images; videos of 56 px frames pooled to 2 x 2 tokens."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaNextVideoConfig(
+        text_config=dict(model_type="llama", **TEXT),
+        vision_config=CLIP,
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(LlavaNextVideoForConditionalGeneration(cfg))
+    ip = compat.image_processor_class("LlavaNext")(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_grid_pinpoints=cfg.image_grid_pinpoints
+    )
+    return _features_counted("llava_next_video", model, ip, with_sizes=True)
 
 
 # --- Idefics3 / SmolVLM (crops + global image, pixel shuffle) -----------------------------------
@@ -507,3 +522,207 @@ BUILDERS.update(
     paligemma=paligemma,
     gemma3=gemma3,
 )
+
+
+# --- Qwen3-VL / Qwen3-VL-MoE (DeepStack, interleaved M-RoPE) ------------------------------------
+
+QWEN3_DEEPSTACK = [0, 1, 2]
+"""Vision layers whose features DeepStack adds after decoder layers 0, 1 and 2 (so ``layer: 2`` still gets one)."""
+
+
+def _qwen3(kind: str, seed: int = 0) -> Tiny:
+    """Tiny Qwen3-VL (dense or MoE): 3 vision layers, all DeepStack taps, head_dim 16, interleaved M-RoPE."""
+    if kind == "qwen3_vl":
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+
+        extra: dict[str, Any] = {}
+    else:
+        from transformers import Qwen3VLMoeConfig as Config
+        from transformers import Qwen3VLMoeForConditionalGeneration as Model
+
+        extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 10000.0}
+    text = dict(TEXT, head_dim=16, rope_parameters=rope, **extra)
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=64,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=QWEN3_DEEPSTACK,
+    )
+    cfg = Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=5,
+        vision_start_token_id=6,
+        vision_end_token_id=7,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(Model(cfg))
+    ip = compat.image_processor_class("Qwen2VL")(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
+    return Tiny(kind, model, _qwen_inputs(ip, frames_apart=True))
+
+
+def _qwen_inputs(ip: Any, frames_apart: bool = False) -> Callable[..., dict[str, Any]]:
+    """Qwen-style inputs: ``<|vision_start|>``, one placeholder per merged patch, ``<|vision_end|>``.
+
+    An image spec is ``(h, w)``; a :class:`Video` gets random patches (no torchvision video processor)
+    and video placeholders (id 5), as one run (Qwen2-VL) or, with ``frames_apart`` (Qwen3-VL), one run
+    per temporal patch after a timestamp token.
+    """
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        images = [image(h, w, seed=i * 10 + j) for i, spec in enumerate(specs, start) for j, (h, w) in _stills(spec)]
+        grids: list[list[int]] = []
+        if images:
+            pv = ip(images=images, return_tensors="pt")
+            out["pixel_values"], out["image_grid_thw"] = pv["pixel_values"], pv["image_grid_thw"]
+            grids = pv["image_grid_thw"].tolist()
+        videos = [(i, j, v) for i, spec in enumerate(specs, start) for j, v in _videos(spec)]
+        if videos:
+            out["pixel_values_videos"] = torch.cat([_video_patches(v, 100 * i + j) for i, j, v in videos])
+            out["video_grid_thw"] = torch.tensor([v.grid for _, _, v in videos])
+        rows, k = [], 0
+        for i, spec in enumerate(specs, start):
+            ids = [1, *_text_ids(i, 3)]
+            for item in _items_of(spec):
+                if isinstance(item, Video):
+                    ids += item.placeholders(frames_apart)
+                    continue
+                t, h, w = grids[k]
+                ids += [6] + [IMAGE_TOKEN] * (t * h * w // 4) + [7]
+                k += 1
+            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
+        ids, mask = left_pad(rows)
+        types = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
+        out.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=types)
+        return out
+
+    return make_inputs
+
+
+VIDEO_TOKEN = 5  # the Qwen tiny models' video placeholder
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video spec: ``frames`` input frames (two per temporal patch) of ``height x width`` pixels."""
+
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def grid(self) -> list[int]:
+        """``[t, h, w]`` in patches of 14 px, two frames per temporal patch."""
+        return [self.frames // 2, self.height // 14, self.width // 14]
+
+    def placeholders(self, frames_apart: bool) -> list[int]:
+        t, h, w = self.grid
+        per_frame = [VIDEO_TOKEN] * (h * w // 4)
+        if frames_apart:  # Qwen3-VL: "<t seconds>" text before each frame's own vision_start / vision_end
+            return [tok for f in range(t) for tok in (20 + f, 6, *per_frame, 7)]
+        return [6] + per_frame * t + [7]
+
+
+def _items_of(spec: Any) -> list[Any]:
+    if spec is None:
+        return []
+    return list(spec) if isinstance(spec, list) else [spec]
+
+
+def _stills(spec: Any) -> list[tuple[int, tuple[int, int]]]:
+    stills = [x for x in _items_of(spec) if not isinstance(x, Video)]
+    return list(enumerate(stills))
+
+
+def _videos(spec: Any) -> list[tuple[int, Video]]:
+    return list(enumerate(x for x in _items_of(spec) if isinstance(x, Video)))
+
+
+def _video_patches(video: Video, seed: int) -> torch.Tensor:
+    """``(t * h * w, 3 * 2 * 14 * 14)`` random flattened patches, as Qwen's video processor lays them out."""
+    t, h, w = video.grid
+    return torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed))
+
+
+def qwen3_vl(seed: int = 0) -> Tiny:
+    return _qwen3("qwen3_vl", seed)
+
+
+def qwen3_vl_moe(seed: int = 0) -> Tiny:
+    return _qwen3("qwen3_vl_moe", seed)
+
+
+BUILDERS.update(qwen3_vl=qwen3_vl, qwen3_vl_moe=qwen3_vl_moe)
+
+
+# --- InternVL (tiles + thumbnail, CLS dropped, pixel shuffle) -----------------------------------
+
+INTERNVL_TILE_TOKENS = 4  # 56 px tiles, 14 px patches: 4 x 4 patches, pixel-shuffled (0.5) to 2 x 2
+
+
+def internvl(seed: int = 0) -> Tiny:
+    """Tiny InternVL: 56 px tiles (up to 4 crops plus a thumbnail), 4 tokens per tile, Qwen2 LM."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=[56, 56],
+        patch_size=[14, 14],
+    )
+    cfg = InternVLConfig(
+        text_config=dict(model_type="qwen2", **TEXT),
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=INTERNVL_TILE_TOKENS,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(InternVLForConditionalGeneration(cfg))
+    ip = compat.image_processor_class("GotOcr2")(
+        size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=4
+    )
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        images = [
+            image(h, w, seed=i * 10 + j)
+            for i, spec in enumerate(specs, start)
+            for j, (h, w) in enumerate(_images_of(spec))
+        ]
+        out: dict[str, Any] = {}
+        tiles: list[int] = []
+        if images:
+            pv = ip(images=images, return_tensors="pt")
+            out["pixel_values"] = pv["pixel_values"]
+            tiles = [int(n) for n in pv["num_patches"]]
+        rows, k = [], 0
+        for i, spec in enumerate(specs, start):
+            ids = [1, *_text_ids(i, 3)]
+            for _ in _images_of(spec):  # <img> (8), the tiles' context tokens, </img> (9)
+                ids += [8] + [IMAGE_TOKEN] * (INTERNVL_TILE_TOKENS * tiles[k]) + [9]
+                k += 1
+            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
+        ids, mask = left_pad(rows)
+        out.update(input_ids=ids, attention_mask=mask)
+        return out
+
+    return Tiny("internvl", model, make_inputs)
+
+
+BUILDERS.update(internvl=internvl, llava_next_video=llava_next_video)

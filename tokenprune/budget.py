@@ -64,10 +64,11 @@ def split_budget(free: int, sizes: list[int]) -> list[int]:
 def plan_spatial_groups(ctx: ReduceContext, b: int) -> tuple[Tensor, list[Tensor], int]:
     """For sample ``b``: the indices always kept, the spatial groups (index tensors) and their free budget.
 
-    Groups are the unprotected, non-newline tokens of each ``(image, view)`` of the layout, in layout
-    order, or all unprotected tokens when there is no layout. Kept without condition: the protected
-    tokens, and, when the budget exceeds the grouped tokens, the first unprotected newline tokens that
-    make up the difference (then no group needs to choose, and the group list is empty).
+    Groups are the unprotected, non-newline tokens of each ``(image, view)`` of the layout (of each
+    frame of a video), in layout order, or all unprotected tokens when there is no layout. Kept
+    without condition: the protected tokens, and, when the budget exceeds the grouped tokens, the
+    first unprotected newline tokens that make up the difference (then no group needs to choose,
+    and the group list is empty).
     """
     n = int(ctx.valid[b].sum())
     device = ctx.valid.device
@@ -85,8 +86,12 @@ def plan_spatial_groups(ctx: ReduceContext, b: int) -> tuple[Tensor, list[Tensor
     if free >= members.numel():
         fillers = (~protected & newline).nonzero().squeeze(1)[: free - members.numel()]
         return torch.cat([always, members, fillers]), [], 0
-    key = image[members] * (int(view.max()) + 1 if n else 1) + view[members]
-    _, inverse = torch.unique(key, return_inverse=True)
+    if ctx.layout is not None:  # one group per (image or video, view, frame), in that order
+        lay = ctx.layout
+        key = torch.stack([lay.video[b, :n].long(), image, view, lay.frame[b, :n]])[:, members]
+        _, inverse = torch.unique(key, dim=1, return_inverse=True)
+    else:
+        _, inverse = torch.unique(image[members] * 0, return_inverse=True)
     groups = [members[inverse == g] for g in range(int(inverse.max()) + 1)] if members.numel() else []
     return always, groups, free
 

@@ -1,4 +1,4 @@
-"""Where each visual token comes from: image, view, row, column, and whether it is a row-end newline.
+"""Where each visual token comes from: image or video, view, frame, row, column, and whether it is a newline.
 
 Adapters describe the visual tokens of their model family with a :class:`TokenLayout`; spatial
 reducers (downsampling, G-Prune's separate graphs, ATP's spatial sampling) and kept-token heatmaps
@@ -24,6 +24,10 @@ class TokenLayout:
         row: ``(B, N)`` long. Row of the token in its view's feature grid (``-1`` where unknown).
         col: ``(B, N)`` long. Column in its view's feature grid; for a newline token, the grid width.
         newline: ``(B, N)`` bool. True for row-end ``image_newline`` tokens (LLaVA-NeXT).
+        frame: ``(B, N)`` long. For a video token, the index of its frame (its temporal step: Qwen's
+            temporal patch groups two input frames into one); ``0`` for images. Defaults to zeros.
+        video: ``(B, N)`` bool. A video token (``image`` then numbers the videos of the sample).
+            Defaults to all ``False``.
 
     Entries at padded positions (see :attr:`tokenprune.ReduceContext.valid`) are meaningless.
     """
@@ -33,8 +37,14 @@ class TokenLayout:
     row: Tensor
     col: Tensor
     newline: Tensor
+    frame: Tensor = None  # type: ignore[assignment]  # zeros when not given (images)
+    video: Tensor = None  # type: ignore[assignment]  # False when not given (images)
 
     def __post_init__(self) -> None:
+        if self.frame is None:
+            object.__setattr__(self, "frame", torch.zeros_like(self.image))
+        if self.video is None:
+            object.__setattr__(self, "video", torch.zeros_like(self.image, dtype=torch.bool))
         shape = self.image.shape
         for f in fields(self):
             value = getattr(self, f.name)
@@ -60,7 +70,16 @@ class TokenLayout:
 
     @classmethod
     def grid(
-        cls, rows: int, cols: int, *, batch: int = 1, newlines: bool = False, view: int = 0, image: int = 0
+        cls,
+        rows: int,
+        cols: int,
+        *,
+        batch: int = 1,
+        newlines: bool = False,
+        view: int = 0,
+        image: int = 0,
+        frame: int = 0,
+        video: bool = False,
     ) -> TokenLayout:
         """The raster layout of one ``rows x cols`` feature grid, optionally with a newline per row.
 
@@ -77,6 +96,8 @@ class TokenLayout:
             row=expand(r),
             col=expand(c),
             newline=expand(nl),
+            frame=expand(torch.full_like(r, frame)),
+            video=expand(torch.full_like(r, int(video), dtype=torch.bool)),
         )
 
     @classmethod
@@ -115,6 +136,8 @@ def sequence_layout(layouts: list[TokenLayout], visual: Tensor) -> TokenLayout:
         "row": torch.full((batch, length), -1, dtype=torch.long, device=device),
         "col": torch.full((batch, length), -1, dtype=torch.long, device=device),
         "newline": torch.zeros(batch, length, dtype=torch.bool, device=device),
+        "frame": torch.zeros(batch, length, dtype=torch.long, device=device),
+        "video": torch.zeros(batch, length, dtype=torch.bool, device=device),
     }
     it = iter(layouts)
     for b, count in enumerate(counts):
@@ -133,3 +156,20 @@ def sequence_layout(layouts: list[TokenLayout], visual: Tensor) -> TokenLayout:
         for name, tensor in full.items():
             tensor[b, cols] = getattr(cat, name)[0].to(tensor.dtype)
     return TokenLayout(**full)
+
+
+def combine_layouts(images: TokenLayout | None, videos: TokenLayout | None, video_columns: Tensor) -> TokenLayout:
+    """One ``(B, L)`` layout from the image tokens' and the video tokens' (each from :func:`sequence_layout`).
+
+    ``video_columns`` (``(B, L)`` bool) says where the video layout applies; a part that is ``None``
+    (no such tokens) leaves the other one.
+    """
+    if images is None or videos is None:
+        only = images if videos is None else videos
+        if only is None:
+            raise ValueError("combine_layouts needs at least one layout")
+        return only
+    pick = {
+        f.name: torch.where(video_columns, getattr(videos, f.name), getattr(images, f.name)) for f in fields(images)
+    }
+    return TokenLayout(**pick)

@@ -58,6 +58,13 @@ class Stage(BaseModel):
     reducer: str = Field(description="Registry name of the reducer (see `tokenprune plugins`).")
     keep: float | int = Field(description=f"Tokens kept: {_KEEP_HELP}.")
     params: dict[str, Any] = Field(default_factory=dict, description="The reducer's parameters.")
+    tokens: Literal["all", "image", "video"] = Field(
+        default="all",
+        description=(
+            "Which visual tokens the stage reduces: 'all' (image and video tokens together, the default), "
+            "'image' or 'video' (the others are kept, like text)."
+        ),
+    )
 
     @field_validator("at", mode="before")
     @classmethod

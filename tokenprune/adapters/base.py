@@ -31,7 +31,7 @@ A minimal adapter for a LLaVA-like model is a few lines::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -95,6 +95,24 @@ class VisionTower:
     feature_layer: int
     has_cls: bool
     notes: str = ""
+
+
+@dataclass
+class VisualResiduals:
+    """Features a language model adds to the hidden states of visual tokens after its first decoder layers.
+
+    Qwen3-VL's DeepStack adds vision-tower features of intermediate layers to the visual positions'
+    hidden states after decoder layers ``0, 1, ..., len(features) - 1``. The engine takes them out
+    of the language model's call (:meth:`ModelAdapter.take_visual_residuals`) and adds them itself
+    (:meth:`ModelAdapter.add_visual_residual`), so that they follow the kept and merged tokens.
+
+    Attributes:
+        mask: ``(B, L)`` bool, the positions of the language model's input that receive them.
+        features: One ``(n, D)`` tensor per decoder layer, rows in the row-major order of ``mask``.
+    """
+
+    mask: Tensor
+    features: list[Tensor]
 
 
 class ModelAdapter:
@@ -198,6 +216,30 @@ class ModelAdapter:
         """
         return None
 
+    def video_token_id(self) -> int | None:
+        """The placeholder id of a video token in ``input_ids`` (``None``: the model takes no videos)."""
+        cfg = self.model.config
+        for attr in ("video_token_id", "video_token_index"):
+            value = getattr(cfg, attr, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    def video_mask(self, input_ids: Tensor) -> Tensor:
+        """``(B, L)`` bool: the video tokens of ``input_ids`` (none when the model takes no videos)."""
+        token = self.video_token_id()
+        if token is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == token
+
+    def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
+        """One ``(1, n_v)`` layout per video of the recorded ``get_video_features`` call, ``video`` set.
+
+        The default lays each video's features out as :meth:`image_layouts` would (one frame); adapters
+        of video models give each token its frame.
+        """
+        return [replace(lay, video=torch.ones_like(lay.newline)) for lay in ModelAdapter.image_layouts(self, call)]
+
     # --- positions ------------------------------------------------------------------------------
 
     def rotary(self, hidden: Tensor, positions: Tensor, layer_index: int) -> tuple[Tensor, Tensor]:
@@ -227,6 +269,27 @@ class ModelAdapter:
         device = _device(kwargs)
         pos = torch.arange(virtual_past, virtual_past + query_length, device=device)
         return pos.unsqueeze(0).expand(batch, -1)
+
+    # --- per-layer visual features (DeepStack) ------------------------------------------------
+
+    def take_visual_residuals(self, kwargs: dict[str, Any]) -> VisualResiduals | None:
+        """Take the per-layer visual features out of the language model's prefill keyword arguments.
+
+        Called by the engine on the language model's ``kwargs`` in a prefill it prunes; an adapter
+        whose model adds visual features inside the decoder stack (Qwen3-VL's DeepStack) removes
+        them from ``kwargs`` (in place) and returns them, and the engine adds them after the same
+        layers with :meth:`add_visual_residual`. The default: the model has none.
+        """
+        return None
+
+    def add_visual_residual(self, hidden: Tensor, mask: Tensor, features: Tensor, layer_index: int) -> Tensor:
+        """``hidden`` (``(B, L, D)``) plus ``features`` (``(n, D)``) at the ``(B, L)`` ``mask``, as the model does.
+
+        The default adds them to a copy in the hidden states' dtype; Qwen3-VL's adapter calls the model's own function.
+        """
+        out = hidden.clone()
+        out[mask] = out[mask] + features.to(hidden.device, hidden.dtype)
+        return out
 
 
 def _batch_size(kwargs: dict[str, Any]) -> int:

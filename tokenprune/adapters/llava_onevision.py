@@ -14,6 +14,8 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from tokenprune.adapters.base import ImageCall
 from tokenprune.adapters.llava_next import LlavaNextAdapter
+from tokenprune.adapters.llava_next_video import frame_grids
+from tokenprune.layout import TokenLayout
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -35,6 +37,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             else 1
             for size, p in zip(image_sizes, patch, strict=False)
         ]
+
+    def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
+        """Per video, one bilinearly pooled grid per frame, then one ``image_newline`` (video-level)."""
+        return frame_grids(call, trailing_newline=True)
 
     def _pack(
         self, call: ImageCall, coords: list[Tensor], image_sizes: Tensor, newline: Tensor | None = None

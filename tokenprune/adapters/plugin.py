@@ -7,11 +7,14 @@ from typing import TYPE_CHECKING
 import tokenprune
 from tokenprune.adapters.gemma3 import Gemma3Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
+from tokenprune.adapters.internvl import InternVLAdapter
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
+from tokenprune.adapters.llava_next_video import LlavaNextVideoAdapter
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenprune.adapters.paligemma import PaliGemmaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
+from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter
 
 if TYPE_CHECKING:
     from tokenprune.plugins import AdapterRegistry
@@ -21,6 +24,9 @@ BUILTIN_ADAPTERS = (
     LlavaAdapter,
     LlavaOnevisionAdapter,
     Qwen2VLAdapter,
+    Qwen3VLAdapter,
+    InternVLAdapter,
+    LlavaNextVideoAdapter,
     Idefics3Adapter,
     PaliGemmaAdapter,
     Gemma3Adapter,

@@ -85,6 +85,17 @@ class Qwen2VLAdapter(ModelAdapter):
         restored[window_index.to(units.device)] = units
         return list(restored.split(counts))
 
+    def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
+        """Per video, ``t`` merged-patch grids, frame ``0 .. t - 1`` (one temporal patch: two input frames)."""
+        grid = call.arg("video_grid_thw", 1)
+        if grid is None:
+            return super().video_layouts(call)
+        merge = self.vlm().config.vision_config.spatial_merge_size
+        return [
+            TokenLayout.cat([TokenLayout.grid(h // merge, w // merge, image=i, frame=f, video=True) for f in range(t)])
+            for i, (t, h, w) in enumerate(grid.tolist())
+        ]
+
     def rotary(self, hidden: Tensor, positions: Tensor, layer_index: int) -> tuple[Tensor, Tensor]:
         rows = positions[-3:] if positions.shape[0] >= 3 else positions.expand(3, -1, -1)
         return self.language_model().rotary_emb(hidden, rows)

@@ -68,6 +68,11 @@ class DecoderShape:
                 raise TypeError(
                     f"decoder layer {i} ({type(layer).__name__}) has no self_attn.q_proj and k_proj linear modules"
                 )
+            if any(p.dim() >= 3 for p in layer.parameters()):
+                raise TypeError(
+                    f"decoder layer {i} ({type(layer).__name__}) holds mixture-of-experts weights (3-D tensors); "
+                    "its MACs depend on the routing and are not counted yet (MoE models such as qwen3_vl_moe)"
+                )
             per_token.append(sum(m.in_features * m.out_features for m in linears))
             q_dims.append(q_proj.out_features)
             q_macs.append(q_proj.in_features * q_proj.out_features)

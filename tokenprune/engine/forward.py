@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.base import ModelAdapter
 from tokenprune.engine import compat
 from tokenprune.engine import positions as P
+from tokenprune.engine.calls import FeatureCalls
 from tokenprune.engine.decode import (
     check_decoding_mask,
     decoding_positions,
@@ -34,7 +35,8 @@ from tokenprune.engine.guards import (
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.masks import mask_kind, pruned_input_mask
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
-from tokenprune.engine.sequence import TokenSequence, image_layout, input_sequence, kept_labels
+from tokenprune.engine.residuals import add_layer_residual, adds_visual_residuals
+from tokenprune.engine.sequence import TokenSequence, input_sequence, kept_labels, residual_sequence, visual_layout
 from tokenprune.engine.signals import (
     DryCall,
     attention_probe_for,
@@ -82,7 +84,7 @@ class ForwardHooks:
         self._hooks = HookSet()
         self._state: PrefillState | None = None
         self._forward: ForwardStats | None = None
-        self._image_call: ImageCall | None = None
+        self._calls = FeatureCalls()
         self._labels: Tensor | None = None
         self._real_tokens: list[int] = []
         self._post = [p for p in plans if p.stage.point.kind == "post_projector"]
@@ -129,26 +131,18 @@ class ForwardHooks:
         hooks.pre(lm, self._lm_pre)
         for i, layer in enumerate(layers):
             hooks.pre(layer, self._layer_pre(i))
+        if adds_visual_residuals(self.adapter):  # before the stages: layer k's input holds layer k - 1's features
+            for i, layer in enumerate(layers):
+                hooks.post(layer, self._residual_post(i))
         for k in self._layer:
             hooks.post(layers[k - 1], self._layer_post(k))
-        if hasattr(vlm, "get_image_features"):
-            hooks.wrap_method(vlm, "get_image_features", self._record_image_call, before=self._watch_vision)
-
-    def _watch_vision(self) -> None:
-        """Before the image features are computed (inside the forward, or before it: ``generate`` pre-encodes
-        images since transformers 5.2x), let the vision probe record the tower's attention."""
-        if self.vision_probe is not None:
-            self.vision_probe.reset(active=True)
-
-    def _record_image_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        self._image_call = ImageCall(args, kwargs, output)
-        if self.vision_probe is not None:
-            self.vision_probe.active = False
+        self._calls.vision_probe = self.vision_probe
+        self._calls.install(hooks, vlm)
 
     def _forget_forward(self) -> None:
         """Drop what one forward left behind (after it raised, the next call starts clean)."""
         self._state = None
-        self._image_call = None
+        self._calls.clear()
         self._labels = None
         for probe in (self.probe, self.vision_probe):
             if probe is not None:
@@ -217,18 +211,19 @@ class ForwardHooks:
         self._real_tokens = mask.sum(1).tolist() if two_d else [q] * batch
         input_ids = kw.get("input_ids")
         if not self._plans:
-            self._image_call = None
+            self._calls.clear()
             return
         if input_ids is None:
             refuse_embeds_without_ids(kw, self.adapter.name)
-            self._image_call = None
+            self._calls.clear()
             return
-        visual = self.adapter.visual_mask(input_ids)
+        video = self.adapter.video_mask(input_ids)
+        visual = self.adapter.visual_mask(input_ids) | video
         if not bool(visual.any()):
-            self._image_call = None
+            self._calls.clear()
             return
         input_mask = mask.bool() if two_d else torch.ones(batch, q, dtype=torch.bool, device=input_ids.device)
-        self._state = PrefillState(visual=visual, input_mask=input_mask, input_length=q)
+        self._state = PrefillState(visual=visual, input_mask=input_mask, input_length=q, video=video)
         if self.probe is not None:
             self.probe.reset(active=True)
 
@@ -266,10 +261,14 @@ class ForwardHooks:
                 f"the language model received {length} tokens but input_ids has {st.input_length}; the "
                 f"{self.adapter.name} adapter cannot locate the visual tokens"
             )
-        layout = image_layout(self.adapter, self._image_call, st.visual) if self._image_call is not None else None
-        seq, fmt = input_sequence(hidden, st.input_mask, st.visual, layout, position_ids)
-        vision = post_projector_vision_signals(self.vision_probe, self.adapter, self._image_call, self._post, st.visual)
-        self._image_call = None
+        calls = self._calls
+        layout = visual_layout(self.adapter, calls.image, calls.video, st.visual, st.video)
+        seq, fmt = input_sequence(hidden, st.input_mask, st.visual, layout, position_ids, video=st.video)
+        vision = post_projector_vision_signals(self.vision_probe, self.adapter, calls.image, self._post, st.visual)
+        calls.clear()
+        residuals = self.adapter.take_visual_residuals(kw)
+        if residuals is not None:
+            seq.residuals, seq.receives = residual_sequence(residuals, batch, length)
         changed = False
         for plan in self._post:
             signal = vision.get(plan.index)
@@ -289,7 +288,7 @@ class ForwardHooks:
         st.current = st.final = st.lm_sequence = replace(seq, lm_column=lm_columns, has_padding_slots=False)
         if any("input_embeddings" in type(p.reducer).capabilities.signals for p in self._plans):
             st.lm_embeds = hidden
-        return ((), kw) if changed else None
+        return ((), kw) if changed or residuals is not None else None
 
     # --- hooks: decoder layers (layer stages) -------------------------------------------------
 
@@ -298,6 +297,15 @@ class ForwardHooks:
         if st is None or st.current is None:
             return None
         return ProbeRows(visual=st.current.visual, valid=st.current.valid)
+
+    def _residual_post(self, i: int) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+            st = self._state
+            if st is None or not st.in_prefill or st.current is None:
+                return None
+            return add_layer_residual(self.adapter, st.current, output, i)
+
+        return hook
 
     def _layer_post(self, k: int) -> Any:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:

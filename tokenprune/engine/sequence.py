@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.base import ImageCall, ModelAdapter, VisualResiduals
 from tokenprune.engine import positions as P
 from tokenprune.errors import TokenpruneError
-from tokenprune.layout import TokenLayout, sequence_layout
+from tokenprune.layout import TokenLayout, combine_layouts, sequence_layout
 from tokenprune.reducer import Selection
 
 
@@ -31,6 +31,11 @@ class TokenSequence:
         positions: ``(R, B, L)`` position rows (:mod:`tokenprune.engine.positions`).
         freed_positions: ``(R, B)`` positions given up so far under the ``compact`` policy.
         has_padding_slots: Some sample has a padding slot the engine added.
+        residuals: ``(layers, B, L, D)`` per-layer features the engine adds to the tokens that
+            ``receives`` marks after decoder layers ``0, 1, ...`` (Qwen3-VL's DeepStack, see
+            :class:`tokenprune.adapters.base.VisualResiduals`); they follow the kept and merged tokens.
+        receives: ``(B, L)`` the tokens that receive ``residuals``.
+        video: ``(B, L)`` the video tokens among ``visual`` (``None``: no video in the prompt).
     """
 
     input_column: Tensor
@@ -42,6 +47,9 @@ class TokenSequence:
     positions: Tensor
     freed_positions: Tensor
     has_padding_slots: bool = False
+    residuals: Tensor | None = None
+    receives: Tensor | None = None
+    video: Tensor | None = None
 
     def gather(self, idx: Tensor) -> TokenSequence:
         """The tokens at ``(B, L')`` columns ``idx`` (``-1``: a padding slot)."""
@@ -61,11 +69,49 @@ class TokenSequence:
             positions=P.gather(self.positions, idx),
             freed_positions=self.freed_positions,
             has_padding_slots=bool(pad.any()),
+            residuals=gather_residuals(self.residuals, idx),
+            receives=pick(self.receives, False) if self.receives is not None else None,
+            video=pick(self.video, False) if self.video is not None else None,
         )
 
 
+def gather_residuals(residuals: Tensor | None, idx: Tensor) -> Tensor | None:
+    """``(layers, B, L', D)`` residual features at ``(B, L')`` columns ``idx`` (``-1``: zeros)."""
+    if residuals is None:
+        return None
+    layers, _, _, dim = residuals.shape
+    index = idx.clamp(min=0)[None, :, :, None].expand(layers, -1, -1, dim)
+    return residuals.gather(2, index).masked_fill((idx < 0)[None, :, :, None], 0.0)
+
+
+def residual_sequence(residuals: VisualResiduals, batch: int, length: int) -> tuple[Tensor, Tensor]:
+    """Per-column ``(layers, B, L, D)`` features and ``(B, L)`` receivers from a :class:`VisualResiduals`.
+
+    Raises:
+        TokenpruneError: the mask is not ``(B, L)`` or a layer's features do not have one row per marked token.
+    """
+    mask = residuals.mask.to(torch.bool)
+    first = residuals.features[0]
+    count = int(mask.sum())
+    if tuple(mask.shape) != (batch, length) or any(int(f.shape[0]) != count for f in residuals.features):
+        raise TokenpruneError(
+            f"per-layer visual features: a mask of shape {tuple(mask.shape)} with {count} marked tokens and features "
+            f"of {[tuple(f.shape) for f in residuals.features]} rows do not fit a ({batch}, {length}) sequence"
+        )
+    out = first.new_zeros(len(residuals.features), batch, length, first.shape[-1])
+    for i, feats in enumerate(residuals.features):
+        out[i][mask.to(out.device)] = feats.to(out.device)
+    return out, mask
+
+
 def input_sequence(
-    hidden: Tensor, valid: Tensor, visual: Tensor, layout: TokenLayout | None, position_ids: Tensor | None
+    hidden: Tensor,
+    valid: Tensor,
+    visual: Tensor,
+    layout: TokenLayout | None,
+    position_ids: Tensor | None,
+    *,
+    video: Tensor | None = None,
 ) -> tuple[TokenSequence, P.PositionFormat]:
     """The language model's unpruned input as a :class:`TokenSequence`, and the format of its position ids.
 
@@ -75,6 +121,7 @@ def input_sequence(
         visual: ``(B, L)`` visual tokens.
         layout: The visual tokens' layout, if known.
         position_ids: As the language model received them (``None``: ``0..L-1``).
+        video: ``(B, L)`` the video tokens among ``visual``.
     """
     batch, length = int(hidden.shape[0]), int(hidden.shape[1])
     device = hidden.device
@@ -92,23 +139,46 @@ def input_sequence(
         layout=layout,
         positions=rows,
         freed_positions=torch.zeros(rows.shape[0], batch, dtype=torch.long, device=device),
+        video=video if video is not None and bool(video.any()) else None,
     )
     return seq, fmt
 
 
-def image_layout(adapter: ModelAdapter, call: ImageCall, visual: Tensor) -> TokenLayout:
-    """The ``(B, L)`` layout of the sequence from the adapter's per-image layouts of ``call``.
+def visual_layout(
+    adapter: ModelAdapter,
+    image_call: ImageCall | None,
+    video_call: ImageCall | None,
+    visual: Tensor,
+    video: Tensor | None,
+) -> TokenLayout | None:
+    """The ``(B, L)`` layout of the image and video tokens, from the recorded calls (``None``: a call is missing)."""
+    video = video if video is not None else torch.zeros_like(visual)
+    images = videos = None
+    if bool((visual & ~video).any()):
+        if image_call is None:
+            return None
+        images = image_layout(adapter, image_call, visual & ~video)
+    if bool(video.any()):
+        if video_call is None:
+            return None
+        videos = image_layout(adapter, video_call, video, videos=True)
+    return combine_layouts(images, videos, video)
+
+
+def image_layout(adapter: ModelAdapter, call: ImageCall, visual: Tensor, *, videos: bool = False) -> TokenLayout:
+    """The ``(B, L)`` layout of the sequence from the adapter's per-image (or per-video) layouts of ``call``.
 
     Raises:
         TokenpruneError: the layouts do not cover exactly the tokens the adapter's visual mask marks.
     """
-    layouts = adapter.image_layouts(call)
+    layouts = adapter.video_layouts(call) if videos else adapter.image_layouts(call)
     try:
         return sequence_layout(layouts, visual)
     except ValueError:
         sizes, counts = [int(lay.shape[1]) for lay in layouts], visual.sum(1).tolist()
         raise TokenpruneError(
-            f"adapter {adapter.name!r}: image_layouts() describes images of {sizes} tokens, but visual_mask() marks "
+            f"adapter {adapter.name!r}: {'video' if videos else 'image'}_layouts() describes {sizes} tokens, but "
+            f"{'video' if videos else 'visual'}_mask() marks "
             f"{counts} visual tokens per sample; the layouts must cover exactly the tokens the mask marks "
             "(check tokenprune.testing.adapters.check_layout_covers_visual_tokens)"
         ) from None

@@ -151,6 +151,8 @@ def run_stage(
         ReducerOutputError: the reducer returned an invalid selection or merge.
     """
     signals = signals or StageSignals()
+    if not bool(stage_tokens(plan, seq).any()):  # e.g. `tokens: video` on a prompt without a video
+        return _nothing_to_reduce(plan, hidden, seq)
     tokens, ctx, vis_idx = _context(plan, hidden, seq, attention, protect_newlines, signals)
     capabilities = type(plan.reducer).capabilities
     start = time.perf_counter()
@@ -172,21 +174,40 @@ def run_stage(
     )
     batch, length, dim = hidden.shape
     kept_visual = selection.to_mask(int(vis_idx.shape[1])) & ctx.valid
-    sizes = seq.sizes
+    sizes, residuals = seq.sizes, seq.residuals
     if merged is not None:
+        residuals = _merged_residuals(seq, result, ctx, vis_idx, selection.indices)  # type: ignore[arg-type]
         hidden, sizes = _write_merged(hidden, sizes, vis_idx, selection.indices, merged, merged_sizes)
     if merged is None and bool((kept_visual == ctx.valid).all()):
         unchanged = torch.arange(length, device=hidden.device).expand(batch, -1)
         return StageOutcome(hidden, seq, False, unchanged, stats)
-    keep = _keep_mask(seq, vis_idx, kept_visual, ctx.valid)
+    keep = _keep_mask(seq, stage_tokens(plan, seq), vis_idx, kept_visual, ctx.valid)
     idx = right_aligned_columns(keep)
-    new = replace(seq, sizes=sizes).gather(idx)
+    new = replace(seq, sizes=sizes, residuals=residuals).gather(idx)
     if compact_positions:
         new.positions, freed = P.compact(seq.positions, idx, seq.input_column >= 0)
         new.freed_positions = seq.freed_positions + freed
     pad = (idx < 0).unsqueeze(-1)
     new_hidden = hidden.gather(1, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim)).masked_fill(pad, 0.0)
     return StageOutcome(new_hidden, new, True, idx, stats)
+
+
+def _nothing_to_reduce(plan: StagePlan, hidden: Tensor, seq: TokenSequence) -> StageOutcome:
+    """The unchanged outcome of a stage none of whose tokens is in the batch."""
+    batch, length = int(hidden.shape[0]), int(hidden.shape[1])
+    stats = StageStats(
+        stage=plan.index,
+        at=str(plan.stage.point),
+        reducer=plan.stage.reducer,
+        entering=[0] * batch,
+        leaving=[0] * batch,
+        kept=[[] for _ in range(batch)],
+        layout=None,
+        seconds=0.0,
+        overhead_macs=0,
+    )
+    unchanged = torch.arange(length, device=hidden.device).expand(batch, -1)
+    return StageOutcome(hidden, seq, False, unchanged, stats)
 
 
 def _context(
@@ -198,7 +219,7 @@ def _context(
     signals: StageSignals,
 ) -> tuple[Tensor, ReduceContext, Tensor]:
     """The visual tokens ``(B, N, D)``, the reducer's context, and their ``(B, N)`` columns (``-1``: none)."""
-    vis_idx = Selection.from_mask(seq.visual).indices
+    vis_idx = Selection.from_mask(stage_tokens(plan, seq)).indices
     valid = vis_idx >= 0
     safe = vis_idx.clamp(min=0)
     tokens = _rows(hidden, vis_idx)
@@ -280,12 +301,23 @@ def _rows(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(1, index.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _keep_mask(seq: TokenSequence, vis_idx: Tensor, kept_visual: Tensor, valid_visual: Tensor) -> Tensor:
-    """``(B, L)``: the text tokens and the kept visual tokens of ``seq``."""
+def stage_tokens(plan: StagePlan, seq: TokenSequence) -> Tensor:
+    """``(B, L)``: the tokens of ``seq`` that ``plan``'s stage reduces (its ``tokens``: all visual, image or video)."""
+    which = getattr(plan.stage, "tokens", "all")
+    if which == "all" or (seq.video is None and which == "image"):
+        return seq.visual
+    video = seq.video if seq.video is not None else torch.zeros_like(seq.visual)
+    return seq.visual & (video if which == "video" else ~video)
+
+
+def _keep_mask(
+    seq: TokenSequence, reduced: Tensor, vis_idx: Tensor, kept_visual: Tensor, valid_visual: Tensor
+) -> Tensor:
+    """``(B, L)``: every token the stage does not reduce (``reduced``), and the kept ones it does."""
     batch, length = seq.valid.shape
     cols = torch.where(valid_visual, vis_idx, torch.full_like(vis_idx, length))  # invalid -> a dummy column
     keep = torch.zeros(batch, length + 1, dtype=torch.bool, device=seq.valid.device)
-    keep[:, :length] = seq.valid & ~seq.visual
+    keep[:, :length] = seq.valid & ~reduced
     keep.scatter_(1, cols, kept_visual)
     return keep[:, :length]
 
@@ -302,3 +334,20 @@ def _write_merged(
     padded_sizes = torch.cat([sizes, sizes.new_zeros(batch, 1)], 1)
     padded_sizes = padded_sizes.scatter(1, root_cols, merged_sizes.to(sizes.dtype))
     return padded[:, :length], padded_sizes[:, :length]
+
+
+def _merged_residuals(
+    seq: TokenSequence, merge: Merge, ctx: ReduceContext, vis_idx: Tensor, roots: Tensor
+) -> Tensor | None:
+    """The sequence's per-layer residual features (DeepStack) merged like the tokens.
+
+    Each merged token gets the size-weighted mean of its group's features (the same weights as its hidden state).
+    """
+    if seq.residuals is None:
+        return None
+    out = []
+    for layer in seq.residuals:
+        merged, merged_sizes, _ = merge.apply(_rows(layer, vis_idx), ctx.sizes, ctx.valid)
+        written, _ = _write_merged(layer, seq.sizes, vis_idx, roots, merged, merged_sizes)
+        out.append(written)
+    return torch.stack(out)

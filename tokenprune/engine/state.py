@@ -15,7 +15,7 @@ class PrefillState:
     """What the engine knows about the current prefill, kept for the decoding steps after it.
 
     Attributes:
-        visual: ``(B, L)`` visual tokens of the caller's ``input_ids``.
+        visual: ``(B, L)`` visual tokens (image and video) of the caller's ``input_ids``.
         input_mask: ``(B, L)`` the caller's 2-D attention mask (all ones if none was given).
         input_length: ``L``, the caller's prefill length.
         lm_length: The language model's input length after the post_projector stages.
@@ -33,6 +33,7 @@ class PrefillState:
         stages_run: Indices of the stages that ran in this prefill.
         lm_embeds: ``(B, lm_length, D)`` the language model's input embeddings, kept during the prefill
             only when a layer stage reads them (the ``input_embeddings`` signal).
+        video: ``(B, L)`` the video tokens among ``visual`` (``None``: none).
     """
 
     visual: Tensor
@@ -52,6 +53,7 @@ class PrefillState:
     step_positions: Tensor | None = None
     stages_run: set[int] = field(default_factory=set)
     lm_embeds: Tensor | None = None
+    video: Tensor | None = None
 
     def segment(self, layer: int) -> TokenSequence | None:
         """The sequence decoder layer ``layer`` holds, if a layer stage at or before it changed it."""

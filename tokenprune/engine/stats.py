@@ -20,8 +20,9 @@ class StageStats:
         stage: Index of the stage in the pipeline.
         at: ``"post_projector"`` or ``"layer k"``.
         reducer: The reducer's registry name.
-        entering: Visual tokens entering the stage, per sample.
-        leaving: Visual tokens leaving it, per sample.
+        entering: Visual tokens entering the stage, per sample (of the kind its ``tokens`` names:
+            all, image or video tokens).
+        leaving: Those of them leaving it, per sample.
         kept: Per sample, the kept indices relative to the visual tokens at the stage's input
             (``0 .. entering - 1``), in the order of :attr:`layout`.
         layout: Layout of the tokens entering the stage (``(B, N)``), when the adapter knows it.

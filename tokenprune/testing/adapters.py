@@ -204,7 +204,9 @@ class AdapterCase:
         return self.make_inputs([self.specs[0], self.specs[1], None])
 
     def visual(self, inputs: Mapping[str, Any]) -> Tensor:
-        return self.adapter.visual_mask(inputs["input_ids"])
+        """The visual tokens the engine reduces: image and video placeholders."""
+        ids = inputs["input_ids"]
+        return self.adapter.visual_mask(ids) | self.adapter.video_mask(ids)
 
     def forward(self, inputs: Mapping[str, Any], model: nn.Module | None = None, **kw: Any) -> Any:
         """A plain forward with the positions ``generate`` would build (so padded and unpadded runs agree).
@@ -607,14 +609,18 @@ def layout_covers_visual_tokens(c: AdapterCase) -> None:
             _expect(
                 bool((image >= 0).all() and (row >= 0).all() and (col >= 0).all()), name, f"sample {b}: unset entries"
             )
-            for key in {(int(i), int(v), int(r)) for i, v, r in zip(image, layout.view[b, :n], row, strict=True)}:
-                at = (image == key[0]) & (layout.view[b, :n] == key[1]) & (row == key[2])
+            # a row is (image or video, view, frame, row): a video's frames are grids of their own
+            parts = torch.stack([layout.video[b, :n].long(), image, layout.view[b, :n], layout.frame[b, :n], row])
+            for key in {tuple(int(x) for x in column) for column in parts.T}:
+                at = (parts == torch.tensor(key, device=parts.device)[:, None]).all(0)
                 cells, ends = col[at & ~newline], col[at & newline]
                 if ends.numel():
+                    kind = "video" if key[0] else "image"
                     _expect(
                         ends.numel() == 1 and bool(cells.numel()) and int(ends[0]) == int(cells.max()) + 1,
                         name,
-                        f"sample {b}, image {key[0]}, view {key[1]}, row {key[2]}: a newline must close the row",
+                        f"sample {b}, {kind} {key[1]}, view {key[2]}, frame {key[3]}, row {key[4]}: a newline must "
+                        "close the row",
                     )
 
 
@@ -645,15 +651,22 @@ INVARIANTS: tuple[Invariant, ...] = (
 runs them."""
 
 
-def _image_call(c: AdapterCase, inputs: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
-    """The arguments and output of the model's ``get_image_features`` call for ``inputs``."""
+def _image_call(
+    c: AdapterCase, inputs: Mapping[str, Any], probe: Any = None
+) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """The arguments and output of the model's ``get_image_features`` call for ``inputs`` (with ``probe``, a
+    vision probe, recording during that call only: a video's tower calls are not the image's)."""
     vlm = c.adapter.vlm()
     seen: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
     original = vlm.get_image_features
 
     @functools.wraps(original)
     def record(*args: Any, **kwargs: Any) -> Any:
+        if probe is not None:
+            probe.reset(active=True)
         out = original(*args, **kwargs)
+        if probe is not None:
+            probe.active = False
         seen.append((args, kwargs, out))
         return out
 
@@ -709,8 +722,7 @@ def vision_patches_map_to_tokens(c: AdapterCase) -> None:
     probe = VisionProbe(tower, {tower.feature_layer: (frozenset({"mean"}), False, False)})
     probe.install()
     try:
-        probe.reset(active=True)
-        args, kwargs, output = _image_call(c, inputs)
+        args, kwargs, output = _image_call(c, inputs, probe)
         lengths = [int(v.shape[0]) for v in probe.records[tower.feature_layer].scores["mean"]]
     finally:
         probe.remove()
