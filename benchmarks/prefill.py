@@ -195,7 +195,7 @@ def main_rows(b: Bench, names: list[str]) -> list[Row]:
     rows = []
     for name in names:
         if name not in registry:
-            b.lines.append(f"_{name}: not installed._")
+            b.lines += [f"_{name}: not installed._", ""]
             continue
         points = registry.get(name).capabilities.insertion_points
         for at in ("post_projector", "layer"):

@@ -61,11 +61,14 @@ class Case:
         name: Key of its :class:`Timing` in the result.
         call: The timed call.
         context: Entered around each timed call, outside the timing (e.g. installing a pipeline).
+        self_timed: ``call`` returns its own measurement in seconds (e.g. per decoded token), which
+            is used instead of the call's wall time.
     """
 
     name: str
     call: Callable[[], Any]
     context: Callable[[], AbstractContextManager[Any]] = field(default=contextlib.nullcontext)
+    self_timed: bool = False
 
 
 def interleaved(
@@ -88,7 +91,10 @@ def interleaved(
     for r in range(warmup_rounds + rounds):
         for case in cases:
             with case.context():
-                seconds = time_call(case.call, warmup=0, repeats=1, device=device).samples[0]
+                if case.self_timed:
+                    seconds = float(case.call())
+                else:
+                    seconds = time_call(case.call, warmup=0, repeats=1, device=device).samples[0]
             if r >= warmup_rounds:
                 samples[case.name].append(seconds)
     return {name: Timing(tuple(s)) for name, s in samples.items()}
