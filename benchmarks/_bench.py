@@ -176,9 +176,17 @@ def command(script: str) -> str:
     return " ".join(["python", f"benchmarks/{script}", *args])
 
 
+def markers(section: str) -> tuple[str, str]:
+    """The begin and end markers of a section of the benchmarks page."""
+    return f"<!-- benchmarks:{section}:begin -->", f"<!-- benchmarks:{section}:end -->"
+
+
 def unpruned_spread(timings: Sequence[Timing]) -> float:
-    """The largest relative spread (``(max - min) / median``) among the unpruned configurations."""
-    return max(t.relative_spread for t in timings)
+    """The largest relative spread (``(max - min) / median``) among the unpruned configurations.
+
+    Infinite when a configuration has a single sample: one round says nothing about the noise.
+    """
+    return max(t.relative_spread if len(t.samples) > 1 else float("inf") for t in timings)
 
 
 def write_or_refuse(path: Path | None, text: str, markers: tuple[str, str], spread: float, max_spread: float) -> None:
@@ -197,11 +205,18 @@ def write_or_refuse(path: Path | None, text: str, markers: tuple[str, str], spre
 
 
 def write_between_markers(path: Path, text: str, markers: tuple[str, str], stamp: str) -> None:
-    """Replace what lies between the two markers in ``path`` (created with them if missing)."""
+    """Replace what lies between the two markers in ``path`` (a file or a section missing is added at the end).
+
+    Raises:
+        SystemExit: only one of the two markers is in the file.
+    """
     begin, end = markers
-    old = path.read_text(encoding="utf-8") if path.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
-    if begin not in old or end not in old:
-        raise SystemExit(f"{path} lacks the markers {begin} / {end}")
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if (begin in old) != (end in old):
+        raise SystemExit(f"{path} has only one of the markers {begin} / {end}; restore the other")
+    if begin not in old:
+        print(f"{path}: adding the section {begin} at the end", file=sys.stderr)
+        old = f"{old.rstrip()}\n\n{begin}\n{end}\n"
     head, rest = old.split(begin, 1)
     _, tail = rest.split(end, 1)
     new = f"{head}{begin}\n_Measured {stamp}._\n\n{text}\n{end}{tail}"

@@ -40,6 +40,7 @@ from _bench import (
     load,
     machine,
     make_inputs,
+    markers,
     unpruned_spread,
     write_or_refuse,
 )
@@ -47,8 +48,6 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 import tokenprune as tp
 from tokenprune.cost.measure import Case, Timing, interleaved, paired_ratio
-
-MARKERS = ("<!-- benchmarks:decode:begin -->", "<!-- benchmarks:decode:end -->")
 
 
 class StepClock(StoppingCriteria):
@@ -137,7 +136,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per generate call")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--write", type=Path, help="update this markdown file between the decode markers")
+    parser.add_argument("--write", type=Path, help="update this markdown file between the section's markers")
+    parser.add_argument(
+        "--section", default="decode", help="markers <!-- benchmarks:SECTION:begin/end --> (default: decode)"
+    )
     parser.add_argument(
         "--max-spread", type=float, default=0.05, help="refuse --write when an unpruned run spreads more (0.05 = 5%%)"
     )
@@ -185,7 +187,7 @@ def main() -> None:
         )
     text = "\n".join(lines)
     print(text)
-    write_or_refuse(args.write, text, MARKERS, spread, args.max_spread)
+    write_or_refuse(args.write, text, markers(args.section), spread, args.max_spread)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from _bench import (
     load,
     machine,
     make_inputs,
+    markers,
     unpruned_spread,
     write_or_refuse,
 )
@@ -58,7 +59,6 @@ from tokenprune.cost.counters import flops_to_macs, torch_flops
 from tokenprune.cost.measure import Case, Timing, interleaved, kv_cache_bytes, paired_ratio
 from tokenprune.engine import compat
 
-MARKERS = ("<!-- benchmarks:prefill:begin -->", "<!-- benchmarks:prefill:end -->")
 REDUCERS = [
     "random",
     "l2norm",
@@ -408,7 +408,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--reducers", default=",".join(REDUCERS), help="comma-separated reducer names")
-    parser.add_argument("--write", type=Path, help="update this markdown file between the prefill markers")
+    parser.add_argument("--write", type=Path, help="update this markdown file between the section's markers")
+    parser.add_argument(
+        "--section", default="prefill", help="markers <!-- benchmarks:SECTION:begin/end --> (default: prefill)"
+    )
     parser.add_argument(
         "--max-spread", type=float, default=0.05, help="refuse --write when an unpruned run spreads more (0.05 = 5%%)"
     )
@@ -454,7 +457,7 @@ def main() -> None:
     ]
     text = "\n".join(head + b.lines)
     print(text)
-    write_or_refuse(args.write, text, MARKERS, spread, args.max_spread)
+    write_or_refuse(args.write, text, markers(args.section), spread, args.max_spread)
 
 
 if __name__ == "__main__":
