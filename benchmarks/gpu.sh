@@ -6,23 +6,25 @@
 #     recent GPU. Default output: docs/benchmarks.md, sections gpu-prefill and gpu-decode.
 #   CPU: the `small` size (hidden 256, 4 layers) in float32; prints the tables, writes only with --out.
 #
-# Usage: benchmarks/gpu.sh [--quick] [--out FILE] [--max-spread X] [--repeats N]
+# Usage: benchmarks/gpu.sh [--quick] [--out FILE] [--max-spread X] [--repeats N] [--reducers a,b]
 #   --quick        the toy size and 2 rounds: the test suite's smoke run
 #   --out FILE     write the tables into FILE between <!-- benchmarks:gpu-prefill:begin/end --> and
 #                  <!-- benchmarks:gpu-decode:begin/end --> (refused, exit 3, when the unpruned runs
 #                  spread more than --max-spread, default 0.05)
+#   --reducers     the prefill benchmark's reducers (default: every built-in)
 # Environment: PYTHON (default: python3), the interpreter whose torch is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-quick=0 out="" spread=0.05 repeats=""
+quick=0 out="" spread=0.05 repeats="" reducers=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
     --out) out="$2"; shift ;;
     --max-spread) spread="$2"; shift ;;
     --repeats) repeats="$2"; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --reducers) reducers=(--reducers "$2"); shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -45,6 +47,6 @@ if [ -n "$out" ]; then
   write_decode=(--write "$out" --section gpu-decode)
 fi
 start=$SECONDS
-"$PY" benchmarks/prefill.py "${common[@]}" --repeats "$prefill_repeats" "${write_prefill[@]}"
+"$PY" benchmarks/prefill.py "${common[@]}" --repeats "$prefill_repeats" "${reducers[@]}" "${write_prefill[@]}"
 "$PY" benchmarks/decode.py "${common[@]}" --repeats "$decode_repeats" "${write_decode[@]}"
 echo "gpu.sh: done in $((SECONDS - start)) s" >&2

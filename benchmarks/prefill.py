@@ -22,7 +22,7 @@ Noise: all configurations are timed round-robin (one call each per round, after 
 medians over the rounds, spreads as ``(max - min) / median``, load averages before and after.
 ``--write`` refuses (exit 3) when an unpruned configuration spreads more than ``--max-spread``.
 
-Run:  python benchmarks/prefill.py --threads 1 --write docs/benchmarks.md   (full size, 2 CPU cores: ~20 min)
+Run:  python benchmarks/prefill.py --threads 1 --write docs/benchmarks.md   (full size: 37 min on 2 loaded CPU cores)
       python benchmarks/prefill.py --quick                                  (a toy model, seconds)
       benchmarks/gpu.sh                                                      (7B size, bfloat16, on CUDA)
 """
