@@ -1,122 +1,115 @@
-"""Prefill speed of every built-in reducer at a LLaVA-NeXT-like size, against the FLOPs it saves.
+"""Prefill time of every built-in reducer against the stock model at equal sequence lengths.
 
-The model is a stock ``LlavaNextForConditionalGeneration`` with random weights: a language model of
-hidden 1024, 8 layers, 16 heads, FFN 2816, vocabulary 32000 (Llama-style), and a deliberately tiny
-CLIP vision tower (hidden 64, 1 layer) at 336 px / patch 14, so that one 672x672 image gives
-LLaVA-NeXT's full anyres layout (base view 24x24, high-resolution grid 48x48 with one newline per
-row: 2928 visual tokens) while the vision tower costs almost nothing. 60 text tokens follow.
+The model (see ``_bench.py``) is a random-weight LLaVA-NeXT; one 672x672 image gives 2928 visual tokens
+at the ``full`` size, then text. For each built-in reducer at keep 50% and 25%, after the projector and
+at layer 2, the script times tokenprune's prefill (reducer included) and the **equal-length reference**:
+the stock model, without tokenprune, doing the same work on sequences of the same lengths per layer.
 
-Measured, for each built-in reducer at keep 50% and 25%, after the projector and at layer 2:
+* post-projector stage: the vision tower and projector run as usual, the kept visual features (the same
+  indices the reducer kept) are scattered into the embeddings of the prompt with only that many image
+  tokens, and the stock model runs on those ``inputs_embeds``, with the kept tokens' original positions;
+* stage at layer k: vision tower, projector and embeddings as usual, then the stock decoder layers
+  called in plain PyTorch: layers 0..k-1 on the full sequence, a gather of the kept columns, layers k..
+  on those (original positions, causal sdpa), final norm and the head on the last token. The same loop
+  without a cut is timed against the stock model, to show what the construction itself costs.
 
-* realized prefill speed-up over the unpruned model divided by the speed-up the analytic FLOPs
-  predict (1.0 means the time saved is exactly the FLOPs saved);
-* the reducer's own time as a percentage of the unpruned prefill;
-* FastV with the sdpa attention probe against FastV with the whole model on eager attention;
-* a batch of 8 differently sized images (so the samples keep different counts) against 8 single runs;
-* KV-cache bytes after prefill against the unpruned cache, layer by layer.
+``tokenprune / reference`` (the median of per-round ratios) is what tokenprune adds over the stock
+model's own work at those lengths. Also: keep-all pipelines against the stock model, the speed-up the
+analytic FLOPs predict, FastV's sdpa probe against eager attention, a ragged batch of 8 images against
+8 single runs at 1 and 2 threads, and KV-cache bytes against the kept tokens.
 
-Run:  python benchmarks/prefill.py --write docs/benchmarks.md     (about 10 minutes on 2 CPU cores)
-      python benchmarks/prefill.py --quick                       (a tiny model, seconds: a smoke run)
+Noise: all configurations are timed round-robin (one call each per round, after a warm-up round),
+medians over the rounds, spreads as ``(max - min) / median``, load averages before and after.
+``--write`` refuses (exit 3) when an unpruned configuration spreads more than ``--max-spread``.
+
+Run:  python benchmarks/prefill.py --threads 1 --write docs/benchmarks.md   (full size: 37 min on 2 loaded CPU cores)
+      python benchmarks/prefill.py --quick                                  (a toy model, seconds)
+      benchmarks/gpu.sh                                                      (7B size, bfloat16, on CUDA)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import contextlib
+import statistics
 import sys
-import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+from _bench import (
+    IMAGE_TOKEN,
+    SIZES,
+    build_model,
+    command,
+    image_features,
+    load,
+    machine,
+    make_inputs,
+    markers,
+    unpruned_spread,
+    write_or_refuse,
+)
 
 import tokenprune as tp
 from tokenprune.cost.analytic import DecoderShape, language_model_macs
 from tokenprune.cost.counters import flops_to_macs, torch_flops
-from tokenprune.cost.measure import kv_cache_bytes, time_call
+from tokenprune.cost.measure import Case, Timing, interleaved, kv_cache_bytes, paired_ratio
 from tokenprune.engine import compat
 
-IMAGE_TOKEN = 32000 - 1
-BEGIN, END = "<!-- benchmarks:prefill:begin -->", "<!-- benchmarks:prefill:end -->"
+REDUCERS = [
+    "random",
+    "l2norm",
+    "downsample",
+    "gprune",
+    "tome",
+    "divprune",
+    "cdpruner",
+    "fastv",
+    "dart",
+    "pdrop",
+    "sparsevlm",
+]  # not atp: its scorer needs weights trained for the model, and these models have random weights
+LAYER = 2
 
 
-@dataclass(frozen=True)
-class Size:
-    hidden: int
-    layers: int
-    heads: int
-    ffn: int
-    vocab: int
-    tile: int
-    patch: int
-    text_tokens: int
+@dataclass
+class Bench:
+    """The model, its one-image input and what every section needs."""
+
+    model: Any
+    inputs: dict[str, Any]
+    shape: DecoderShape
+    manager: Any
+    device: str
+    rounds: int
+    vision_macs: int
+    lines: list[str] = field(default_factory=list)
+
+    def time(self, cases: list[Case]) -> dict[str, Timing]:
+        return interleaved(cases, rounds=self.rounds, warmup_rounds=1, device=self.device)
 
 
-FULL = Size(hidden=1024, layers=8, heads=16, ffn=2816, vocab=32000, tile=336, patch=14, text_tokens=60)
-QUICK = Size(hidden=64, layers=4, heads=4, ffn=128, vocab=32000, tile=56, patch=14, text_tokens=12)
+@dataclass
+class Row:
+    """One reducer configuration of the main table and what its runs recorded."""
 
+    reducer: str
+    at: str
+    keep: float
+    sink: list[Any] = field(default_factory=list)
+    error: str = ""
 
-def build_model(size: Size, dtype: torch.dtype) -> LlavaNextForConditionalGeneration:
-    """A random-weight LLaVA-NeXT of the given size (sdpa attention, eval mode)."""
-    torch.manual_seed(0)
-    t = size.tile
-    config = LlavaNextConfig(
-        text_config=dict(
-            model_type="llama",
-            hidden_size=size.hidden,
-            intermediate_size=size.ffn,
-            num_hidden_layers=size.layers,
-            num_attention_heads=size.heads,
-            num_key_value_heads=size.heads,
-            vocab_size=size.vocab,
-            max_position_embeddings=8192,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=t,
-            patch_size=size.patch,
-        ),
-        image_token_index=IMAGE_TOKEN,
-        image_grid_pinpoints=[[t, 2 * t], [2 * t, t], [2 * t, 2 * t], [3 * t, t], [t, 3 * t]],
-        vision_feature_layer=-1,
-    )
-    config._attn_implementation = "sdpa"
-    return LlavaNextForConditionalGeneration(config).to(dtype).eval()
+    @property
+    def name(self) -> str:
+        return f"{self.reducer}@{self.at}@{self.keep}"
 
-
-def make_inputs(model: LlavaNextForConditionalGeneration, sizes: list[tuple[int, int]], size: Size) -> dict[str, Any]:
-    """A left-padded batch, one image per sample of the given pixel sizes, then ``text_tokens`` words."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    t = size.tile
-    cfg = model.config
-    views = [image_size_to_num_patches((h, w), cfg.image_grid_pinpoints, t) for h, w in sizes]
-    pixel_values = torch.randn(len(sizes), max(views), 3, t, t, generator=torch.Generator().manual_seed(1))
-    image_sizes = torch.tensor(sizes)
-    with torch.inference_mode():
-        feats = model.model.get_image_features(pixel_values=pixel_values.to(model.dtype), image_sizes=image_sizes)
-    counts = [f.shape[0] for f in feats.pooler_output]
-    rows = [[1] + [IMAGE_TOKEN] * c + [10 + (j % 1000) for j in range(size.text_tokens)] for c in counts]
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "pixel_values": pixel_values.to(model.dtype),
-        "image_sizes": image_sizes,
-    }
+    @property
+    def pipeline(self) -> dict[str, Any]:
+        where: Any = "post_projector" if self.at == "post_projector" else {"layer": LAYER}
+        return {"stages": [{"at": where, "reducer": self.reducer, "keep": self.keep}]}
 
 
 def prefill(model: torch.nn.Module, inputs: dict[str, Any]) -> Any:
@@ -124,157 +117,348 @@ def prefill(model: torch.nn.Module, inputs: dict[str, Any]) -> Any:
         return model(**inputs, use_cache=False, logits_to_keep=1)
 
 
-def lm_macs(shape: DecoderShape, layer_tokens: list[int]) -> int:
-    return language_model_macs(shape, layer_tokens, logits_positions=1).total
+@contextlib.contextmanager
+def applied(b: Bench, pipeline: dict[str, Any], sink: list[Any] | None = None) -> Iterator[None]:
+    """Install ``pipeline`` for one call; record its prefill's statistics in ``sink``."""
+    with tp.apply(b.model, pipeline, plugins=b.manager) as run:
+        yield
+        if sink is not None:
+            sink.append(run.stats.last_prefill)
 
 
-def pipeline(reducer: str, keep: float, at: str) -> dict[str, Any]:
-    where: Any = "post_projector" if at == "post_projector" else {"layer": 2}
-    return {"stages": [{"at": where, "reducer": reducer, "keep": keep}]}
+def kept_columns(b: Bench, kept_visual: list[int]) -> torch.Tensor:
+    """Columns of the one-sample prompt that stay: every text token and the kept visual ones."""
+    ids = b.inputs["input_ids"][0]
+    visual = (ids == IMAGE_TOKEN).nonzero().flatten()
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[visual] = False
+    keep[visual[torch.tensor(kept_visual, device=ids.device)]] = True
+    return keep.nonzero().flatten()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model: a smoke run in seconds")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--write", type=Path, help="update this markdown file between the benchmark markers")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    size = QUICK if args.quick else FULL
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    model = build_model(size, dtype)
-    t = size.tile
-    inputs = make_inputs(model, [(2 * t, 2 * t)], size)
-    shape = DecoderShape.from_model(model)
-    length = inputs["input_ids"].shape[1]
-    visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum())
-    timing = lambda fn: time_call(fn, warmup=1, repeats=args.repeats)  # noqa: E731
+def post_projector_reference(b: Bench, kept_visual: list[int]) -> Callable[[], Any]:
+    """The stock model on the prompt with only the kept image tokens, their features as ``inputs_embeds``."""
+    cols = kept_columns(b, kept_visual)
+    ids = b.inputs["input_ids"][:, cols]
+    positions, mask = cols.unsqueeze(0), torch.ones_like(ids)
+    index = torch.tensor(kept_visual, device=ids.device)
+    model = b.model
 
-    vision_count, _ = torch_flops(
-        lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
-    )
-    vision = flops_to_macs(vision_count.flops)
-    base_time = timing(lambda: prefill(model, inputs))
-    base_macs = vision + lm_macs(shape, [length] * shape.num_layers)
-    lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, {args.dtype}.",
-        f"Model: LLM hidden {size.hidden}, {size.layers} layers, FFN {size.ffn}; {visual} visual + {length - visual} "
-        f"text tokens. Unpruned prefill: {base_time.median:.3f} s (spread {base_time.spread:.3f} s), "
-        f"{2 * base_macs / 1e9:.1f} GFLOPs.",
-        f"Command: `python benchmarks/prefill.py{' --quick' if args.quick else ''} --dtype {args.dtype} "
-        f"--repeats {args.repeats}{f' --threads {args.threads}' if args.threads else ''}`",
-        "",
-        "| reducer | at | keep | prefill s | speed-up | FLOPs speed-up | realized / FLOPs | reducer % of unpruned |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    registry = tp.get_plugin_manager().reducers
-    for name in ["random", "l2norm", "downsample", "gprune", "tome", "fastv"]:
+    def call() -> Any:
+        with torch.inference_mode():
+            feats = image_features(model, b.inputs)[index]
+            embeds = model.get_input_embeddings()(ids)
+            embeds = embeds.masked_scatter((ids == IMAGE_TOKEN).unsqueeze(-1), feats.to(embeds.dtype))
+            return model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1
+            )
+
+    return call
+
+
+def layer_reference(b: Bench, k: int, kept_visual: list[int] | None) -> Callable[[], Any]:
+    """Stock decoder layers in plain PyTorch: 0..k-1 on the full sequence, k.. on the kept columns."""
+    ids = b.inputs["input_ids"]
+    cols = kept_columns(b, kept_visual) if kept_visual is not None else None
+    model = b.model
+    lm = model.model.language_model
+
+    def run(h: torch.Tensor, pos: torch.Tensor, layers: Any) -> torch.Tensor:
+        pe = lm.rotary_emb(h, pos)
+        for layer in layers:
+            out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def call() -> Any:
+        with torch.inference_mode():
+            feats = image_features(model, b.inputs)
+            embeds = model.get_input_embeddings()(ids)
+            h = embeds.masked_scatter((ids == IMAGE_TOKEN).unsqueeze(-1), feats.to(embeds.dtype))
+            pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+            h = run(h, pos, lm.layers[:k])
+            if cols is not None:
+                h, pos = h[:, cols], pos[:, cols]
+                h = run(h, pos, lm.layers[k:])
+            return model.lm_head(lm.norm(h[:, -1:]))
+
+    return call
+
+
+def lm_macs(b: Bench, layer_tokens: list[int]) -> int:
+    return language_model_macs(b.shape, layer_tokens, logits_positions=1).total
+
+
+def main_rows(b: Bench, names: list[str]) -> list[Row]:
+    """The reducer configurations that this install offers, each run once to learn what it keeps."""
+    registry = b.manager.reducers
+    rows = []
+    for name in names:
         if name not in registry:
-            lines.append(f"| {name} | - | - | not installed | | | | |")
+            b.lines += [f"_{name}: not installed._", ""]
             continue
         points = registry.get(name).capabilities.insertion_points
         for at in ("post_projector", "layer"):
-            if at not in points:
-                continue
-            for keep in (0.5, 0.25):
-                with tp.apply(model, pipeline(name, keep, at)) as run:
-                    t_pruned = timing(lambda: prefill(model, inputs))
-                    last = run.stats.last_prefill
-                    overhead = sum(s.overhead_macs for s in last.stages)
-                    macs = vision + lm_macs(shape, [row[0] for row in last.layer_tokens]) + overhead
-                    reducer_s = sorted(f.reducer_seconds for f in run.stats.prefills)[len(run.stats.prefills) // 2]
-                speed = base_time.median / t_pruned.median
-                ideal = base_macs / macs
-                lines.append(
-                    f"| {name} | {'post_projector' if at == 'post_projector' else 'layer 2'} | {keep:.0%} | "
-                    f"{t_pruned.median:.3f} | {speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} | "
-                    f"{100 * reducer_s / base_time.median:.2f}% |"
-                )
-                print(lines[-1], file=sys.stderr, flush=True)
+            for keep in (0.5, 0.25) if at in points else ():
+                row = Row(name, at, keep)
+                try:
+                    with applied(b, row.pipeline, row.sink):
+                        prefill(b.model, b.inputs)
+                except Exception as exc:
+                    row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                rows.append(row)
+    return rows
 
-    if "fastv" in registry:
-        fastv = pipeline("fastv", 0.25, "layer")
-        with tp.apply(model, fastv):
-            probe_time = timing(lambda: prefill(model, inputs))
-        model.set_attn_implementation("eager")
-        try:
-            with tp.apply(model, fastv):
-                eager_time = timing(lambda: prefill(model, inputs))
-        finally:
-            model.set_attn_implementation("sdpa")
-        lines += [
-            "",
-            "| FastV at layer 2, keep 25% | prefill s |",
-            "|---|---|",
-            f"| sdpa with tokenprune's attention probe | {probe_time.median:.3f} |",
-            f"| eager attention on the whole model (the usual way) | {eager_time.median:.3f} |",
-            f"| probe advantage | {eager_time.median / probe_time.median:.2f}x |",
-        ]
 
-    sizes = [(2 * t, 2 * t), (t, 3 * t), (3 * t, t), (2 * t, t), (t, 2 * t), (t, t), (2 * t, 2 * t), (t, 2 * t)]
-    batch = make_inputs(model, sizes, size)
-    singles = [make_inputs(model, [s], size) for s in sizes]
-    quarter = pipeline("random", 0.25, "post_projector")
-    with tp.apply(model, quarter) as run:
-        batch_time = timing(lambda: prefill(model, batch))
-        kept = run.stats.last_prefill.stages[0].leaving
-        single_time = sum(timing(lambda s=s: prefill(model, s)).median for s in singles)
-    lines += [
+def reference_for(b: Bench, row: Row, refs: dict[tuple[Any, ...], Case]) -> str:
+    """The name of the equal-length reference case of ``row`` (shared by rows with equal lengths)."""
+    stage = row.sink[0].stages[0]
+    key = (row.at, tuple(stage.leaving))
+    if key not in refs:
+        name = f"reference {row.at} {stage.leaving[0]}"
+        if row.at == "post_projector":
+            refs[key] = Case(name, post_projector_reference(b, stage.kept[0]))
+        else:
+            refs[key] = Case(name, layer_reference(b, LAYER, stage.kept[0]))
+    return refs[key].name
+
+
+def main_table(b: Bench, names: list[str]) -> list[Timing]:
+    """Reducer rows against the stock model and the equal-length reference; returns the unpruned timings."""
+    stock = Case("stock", lambda: prefill(b.model, b.inputs))
+    keep_all = {
+        at: Row("random", at, 1.0) for at in ("post_projector", "layer")
+    }  # a stage that keeps everything: hooks, signals, reducer and gathers, nothing dropped
+    loop = Case("plain-loop reference, no cut", layer_reference(b, b.shape.num_layers, None))
+    rows = main_rows(b, names)
+    refs: dict[tuple[Any, ...], Case] = {}
+    cases = [stock, loop]
+    cases += [
+        Case(r.name, lambda: prefill(b.model, b.inputs), lambda r=r: applied(b, r.pipeline)) for r in keep_all.values()
+    ]
+    pairs = {}
+    for r in rows:
+        if r.error:
+            continue
+        cases.append(Case(r.name, lambda: prefill(b.model, b.inputs), lambda r=r: applied(b, r.pipeline, r.sink)))
+        pairs[r.name] = reference_for(b, r, refs)
+    timings = b.time(cases + list(refs.values()))
+    base = timings["stock"]
+    b.lines += [
+        "| stock model, or tokenprune keeping everything | prefill s | spread | / stock (target at most 1.01) |",
+        "|---|---|---|---|",
+        f"| stock model | {base.median:.4f} | {base.relative_spread:.1%} | 1 |",
+    ]
+    for label, name in [
+        ("tokenprune, random keep 100% after the projector", keep_all["post_projector"].name),
+        (f"tokenprune, random keep 100% at layer {LAYER}", keep_all["layer"].name),
+        ("plain-loop reference without a cut (the layer-stage construction)", loop.name),
+    ]:
+        t, ratio = timings[name], paired_ratio(timings[name], base)
+        b.lines.append(f"| {label} | {t.median:.4f} | {t.relative_spread:.1%} | {ratio.median:.4f} |")
+    b.lines += ["", *reducer_table(b, rows, timings, pairs)]
+    return [base, *(timings[r.name] for r in keep_all.values())]
+
+
+def reducer_table(b: Bench, rows: list[Row], timings: dict[str, Timing], pairs: dict[str, str]) -> list[str]:
+    """The main table: one line per reducer configuration."""
+    base = timings["stock"]
+    length = b.inputs["input_ids"].shape[1]
+    base_macs = b.vision_macs + lm_macs(b, [length] * b.shape.num_layers)
+    lines = [
+        "| reducer | at | keep | visual kept | prefill s | spread | speed-up | FLOPs speed-up | realized / FLOPs "
+        "| reducer % of unpruned | reference s | tokenprune / reference | within 3% |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        where = "post_projector" if r.at == "post_projector" else f"layer {LAYER}"
+        if r.error:
+            lines.append(f"| {r.reducer} | {where} | {r.keep:.0%} | failed: {r.error} | | | | | | | | | |")
+            continue
+        t, ref = timings[r.name], timings[pairs[r.name]]
+        last = r.sink[-1]
+        macs = b.vision_macs + lm_macs(b, [row[0] for row in last.layer_tokens])
+        macs += sum(s.overhead_macs for s in last.stages)
+        speed, ideal = base.median / t.median, base_macs / macs
+        reducer_s = statistics.median(f.reducer_seconds for f in r.sink)
+        ratio = paired_ratio(t, ref).median
+        lines.append(
+            f"| {r.reducer} | {where} | {r.keep:.0%} | {last.stages[0].leaving[0]} | {t.median:.4f} | "
+            f"{t.relative_spread:.1%} | {speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} | "
+            f"{100 * reducer_s / base.median:.2f}% | {ref.median:.4f} | {ratio:.3f} | "
+            f"{'yes' if ratio <= 1.03 else 'no'} |"
+        )
+    return lines
+
+
+@contextlib.contextmanager
+def eager(b: Bench, pipeline: dict[str, Any]) -> Iterator[None]:
+    b.model.set_attn_implementation("eager")
+    try:
+        with applied(b, pipeline):
+            yield
+    finally:
+        b.model.set_attn_implementation("sdpa")
+
+
+def fastv_table(b: Bench) -> None:
+    """FastV with tokenprune's sdpa probe against FastV with eager attention on the whole model."""
+    if "fastv" not in b.manager.reducers:
+        return
+    pipe = Row("fastv", "layer", 0.25).pipeline
+    call = lambda: prefill(b.model, b.inputs)  # noqa: E731
+    t = b.time([Case("probe", call, lambda: applied(b, pipe)), Case("eager", call, lambda: eager(b, pipe))])
+    b.lines += [
         "",
-        "| 8 images of 6 sizes, random keep 25% after the projector | seconds |",
-        "|---|---|",
-        f"| one batch of 8 (kept tokens per sample: {', '.join(map(str, kept))}) | {batch_time.median:.3f} |",
-        f"| 8 single runs | {single_time:.3f} |",
-        f"| batch throughput gain | {single_time / batch_time.median:.2f}x |",
+        f"| FastV at layer {LAYER}, keep 25% | prefill s | spread |",
+        "|---|---|---|",
+        f"| sdpa with tokenprune's attention probe | {t['probe'].median:.4f} | {t['probe'].relative_spread:.1%} |",
+        f"| eager attention on the whole model (the usual way) | {t['eager'].median:.4f} | "
+        f"{t['eager'].relative_spread:.1%} |",
+        f"| probe advantage (median of per-round ratios) | {paired_ratio(t['eager'], t['probe']).median:.2f}x | |",
     ]
 
+
+@contextlib.contextmanager
+def threads(n: int | None, inner: Callable[[], contextlib.AbstractContextManager[Any]]) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        with inner():
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def batch_table(b: Bench, size: Any) -> None:
+    """A ragged batch of 8 images of 6 sizes against 8 single runs, random keep 25% after the projector."""
+    t = size.tile
+    sizes = [(2 * t, 2 * t), (t, 3 * t), (3 * t, t), (2 * t, t), (t, 2 * t), (t, t), (2 * t, 2 * t), (t, 2 * t)]
+    batch = make_inputs(b.model, sizes, size)
+    singles = [make_inputs(b.model, [s], size) for s in sizes]
+    pipe, sink = Row("random", "post_projector", 0.25).pipeline, []
+    counts = [1, 2] if b.device == "cpu" else [None]
+    cases = []
+    for n in counts:
+        cases.append(
+            Case(f"batch {n}", lambda: prefill(b.model, batch), lambda n=n: threads(n, lambda: applied(b, pipe, sink)))
+        )
+        cases.append(
+            Case(
+                f"singles {n}",
+                lambda: [prefill(b.model, s) for s in singles],
+                lambda n=n: threads(n, lambda: applied(b, pipe)),
+            )
+        )
+    timings = b.time(cases)
+    last = sink[-1]
+    b.lines += [
+        "",
+        f"Kept tokens per sample: {', '.join(map(str, last.stages[0].leaving))} (padded width "
+        f"{batch['input_ids'].shape[1]} before the cut, {last.layer_width[0]} after it).",
+        "",
+        "| 8 images of 6 sizes, random keep 25% after the projector | threads | batch s | 8 singles s | batch gain |",
+        "|---|---|---|---|---|",
+    ]
+    for n in counts:
+        bt, st = timings[f"batch {n}"], timings[f"singles {n}"]
+        b.lines.append(
+            f"| one batch of 8 against 8 single runs | {n or torch.get_num_threads()} | {bt.median:.4f} "
+            f"({bt.relative_spread:.0%}) | {st.median:.4f} ({st.relative_spread:.0%}) | "
+            f"{paired_ratio(st, bt).median:.2f}x |"
+        )
+
+
+def cache_table(b: Bench) -> None:
+    """KV-cache bytes after prefill must follow the kept tokens, layer by layer (the script fails otherwise)."""
+
     def cache_bytes(pipe: Any) -> tuple[list[int], list[int]]:
-        with tp.apply(model, pipe) as run, torch.inference_mode():
-            out = model(**inputs, use_cache=True, logits_to_keep=1)
+        with tp.apply(b.model, pipe, plugins=b.manager) as run, torch.inference_mode():
+            out = b.model(**b.inputs, use_cache=True, logits_to_keep=1)
             tokens = [row[0] for row in run.stats.last_prefill.layer_tokens]
         return kv_cache_bytes(compat.output_cache(out)), tokens
 
     full_bytes, full_tokens = cache_bytes({"stages": []})
-    lines += [
+    b.lines += [
         "",
         "| pipeline | KV bytes after prefill (all layers) | / unpruned | tokens kept / unpruned (per layer) |",
         "|---|---|---|---|",
     ]
     for label, pipe in [
         ("unpruned", {"stages": []}),
-        ("random 25% post_projector", quarter),
-        ("random 25% at layer 2", pipeline("random", 0.25, "layer")),
+        ("random 25% post_projector", Row("random", "post_projector", 0.25).pipeline),
+        (f"random 25% at layer {LAYER}", Row("random", "layer", 0.25).pipeline),
     ]:
         got, tokens = cache_bytes(pipe)
         per_layer = [g / f for g, f in zip(got, full_bytes, strict=True)]
         token_ratio = [n / m for n, m in zip(tokens, full_tokens, strict=True)]
-        if any(abs(a - b) > 1e-12 for a, b in zip(per_layer, token_ratio, strict=True)):
+        if any(abs(x - y) > 1e-12 for x, y in zip(per_layer, token_ratio, strict=True)):
             raise SystemExit(f"KV-cache bytes do not follow the kept tokens: {per_layer} vs {token_ratio}")
         ratios = ", ".join(f"{r:.3f}" for r in token_ratio)
-        lines.append(f"| {label} | {sum(got):,} | {sum(got) / sum(full_bytes):.3f} | {ratios} |")
+        b.lines.append(f"| {label} | {sum(got):,} | {sum(got) / sum(full_bytes):.3f} | {ratios} |")
 
-    text = "\n".join(lines)
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the toy size and 2 rounds: a smoke run in seconds")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--reducers", default=",".join(REDUCERS), help="comma-separated reducer names")
+    parser.add_argument("--write", type=Path, help="update this markdown file between the section's markers")
+    parser.add_argument(
+        "--section", default="prefill", help="markers <!-- benchmarks:SECTION:begin/end --> (default: prefill)"
+    )
+    parser.add_argument(
+        "--max-spread", type=float, default=0.05, help="refuse --write when an unpruned run spreads more (0.05 = 5%%)"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.size, args.repeats = "quick", min(args.repeats, 2)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def setup(args: argparse.Namespace) -> tuple[Bench, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = SIZES[args.size]
+    model = build_model(size, getattr(torch, args.dtype), args.device)
+    t = size.tile
+    inputs = make_inputs(model, [(2 * t, 2 * t)], size)
+    vision, _ = torch_flops(lambda: image_features(model, inputs))
+    b = Bench(model, inputs, DecoderShape.from_model(model), tp.get_plugin_manager(), args.device, args.repeats, 0)
+    b.vision_macs = flops_to_macs(vision.flops)
+    return b, size
+
+
+def main() -> None:
+    args = parse_args()
+    b, size = setup(args)
+    before = load()
+    ids = b.inputs["input_ids"]
+    visual = int((ids == IMAGE_TOKEN).sum())
+    unpruned = main_table(b, [n.strip() for n in args.reducers.split(",") if n.strip()])
+    fastv_table(b)
+    batch_table(b, size)
+    cache_table(b)
+    spread = unpruned_spread(unpruned)
+    head = [
+        f"Machine: {machine(args.device, args.dtype)}; load average (1/5/15 min) {before} before, {load()} after.",
+        f"Model: size `{args.size}`, LLM hidden {size.hidden}, {size.layers} layers, FFN {size.ffn}; {visual} visual + "
+        f"{ids.shape[1] - visual} text tokens.",
+        f"Command: `{command('prefill.py')}`; {args.repeats} timed rounds, round-robin after a warm-up round; "
+        f"medians; spread = (max - min) / median. Largest unpruned spread: {spread:.1%}.",
+        "",
+    ]
+    text = "\n".join(head + b.lines)
     print(text)
-    if args.write:
-        _write_between_markers(args.write, text, stamp=time.strftime("%Y-%m-%d"))
-
-
-def _write_between_markers(path: Path, text: str, stamp: str) -> None:
-    old = path.read_text(encoding="utf-8") if path.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in old or END not in old:
-        raise SystemExit(f"{path} lacks the markers {BEGIN} / {END}")
-    head, rest = old.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{BEGIN}\n_Measured {stamp}._\n\n{text}\n{END}{tail}"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    tmp.replace(path)
+    write_or_refuse(args.write, text, markers(args.section), spread, args.max_spread)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,10 @@
 """Latency, peak memory and KV-cache size of a model call.
 
-Latency: warm-up calls, then repeats; median and spread. On a GPU the time comes from CUDA events
-around each call (synchronised), on the CPU from ``time.perf_counter``. Peak memory: on a GPU,
+Latency: warm-up calls, then repeats; median and spread. :func:`interleaved` times several
+configurations round-robin (one call of each per round), so that a change in the machine's load
+hits every configuration alike, and :func:`paired_ratio` compares two of them round by round.
+On a GPU the time comes from CUDA events around each call (synchronised), on the CPU from
+``time.perf_counter``. Peak memory: on a GPU,
 ``torch.cuda.max_memory_allocated`` above the memory held before the call; on Linux CPUs, the peak
 resident set size above the size before the call, with the peak counter reset first through
 ``/proc/self/clear_refs`` (elsewhere: not measured, ``None``).
@@ -9,10 +12,12 @@ resident set size above the size before the call, with the peak counter reset fi
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,71 @@ class Timing:
             return max(self.samples) - min(self.samples)
         q = statistics.quantiles(self.samples, n=4)
         return q[2] - q[0]
+
+    @property
+    def relative_spread(self) -> float:
+        """``(max - min) / median``: the whole range of the repeats, relative to their median."""
+        return (max(self.samples) - min(self.samples)) / self.median
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration for :func:`interleaved`.
+
+    Attributes:
+        name: Key of its :class:`Timing` in the result.
+        call: The timed call.
+        context: Entered around each timed call, outside the timing (e.g. installing a pipeline).
+        self_timed: ``call`` returns its own measurement in seconds (e.g. per decoded token), which
+            is used instead of the call's wall time.
+    """
+
+    name: str
+    call: Callable[[], Any]
+    context: Callable[[], AbstractContextManager[Any]] = field(default=contextlib.nullcontext)
+    self_timed: bool = False
+
+
+def interleaved(
+    cases: Sequence[Case], *, rounds: int, warmup_rounds: int = 1, device: torch.device | str | None = None
+) -> dict[str, Timing]:
+    """Time every case once per round, round-robin, after ``warmup_rounds`` untimed rounds.
+
+    Sample ``r`` of every case comes from round ``r``, so :func:`paired_ratio` can compare cases
+    measured next to each other in time.
+
+    Raises:
+        ValueError: ``rounds < 1`` or two cases share a name.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    names = [c.name for c in cases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"case names must be unique, got {names}")
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup_rounds + rounds):
+        for case in cases:
+            with case.context():
+                if case.self_timed:
+                    seconds = float(case.call())
+                else:
+                    seconds = time_call(case.call, warmup=0, repeats=1, device=device).samples[0]
+            if r >= warmup_rounds:
+                samples[case.name].append(seconds)
+    return {name: Timing(tuple(s)) for name, s in samples.items()}
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> Timing:
+    """Per-round ratios of two interleaved timings (median and spread of ``numerator[r] / denominator[r]``).
+
+    Raises:
+        ValueError: the timings have different numbers of samples.
+    """
+    if len(numerator.samples) != len(denominator.samples):
+        raise ValueError(
+            f"paired timings need as many samples each, got {len(numerator.samples)} and {len(denominator.samples)}"
+        )
+    return Timing(tuple(a / b for a, b in zip(numerator.samples, denominator.samples, strict=True)))
 
 
 def time_call(
