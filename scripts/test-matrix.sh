@@ -19,7 +19,8 @@ fi
 base_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 # The tests whose outcome depends on transformers' internals: the compatibility module, the adapter
 # invariants, engine behaviour and guards, FLOP counting, the reducers end to end (the attention probe
-# among them), and the adapter tutorial's own test.
+# among them), the signals read inside the model (own-layer attention, keys, text rows, the vision
+# probe), and the adapter tutorial's own test.
 tests=(
   tests/test_compat.py
   tests/test_engine_invariants.py
@@ -33,6 +34,14 @@ tests=(
   tests/test_cost_flops.py
   tests/test_reducers_e2e.py
   tests/test_reducer_fastv.py
+  tests/test_engine_signals.py
+  tests/test_reducer_pdrop.py
+  tests/test_reducer_dart.py
+  tests/test_reducer_sparsevlm.py
+  tests/test_vision_attention.py
+  tests/test_vision_families.py
+  tests/test_reducer_fastervlm.py
+  tests/test_stage_budget.py
   examples/tokenprune-example-adapter/tests
 )
 failed=()
