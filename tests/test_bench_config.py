@@ -24,6 +24,7 @@ def test_default_sweep_is_read_from_the_registry(registry):
     names = default_sweep_reducers(registry)
     assert {"random", "downsample", "l2norm", "gprune", "tome", "fastv"} <= set(names)
     assert "atp" in registry and "atp" not in names  # trainable: needs weights
+    assert "dycoke" in registry and "dycoke" not in names  # video only: would keep every image token
     assert "centroid" in registry and "centroid" not in names  # the example package's reducer
     assert all(registry.origin(n).distribution == "tokenprune" for n in names)
     without_random = tp.get_plugin_manager(disabled=["random"]).reducers

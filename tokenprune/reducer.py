@@ -86,6 +86,10 @@ class InsertionPoint:
         return (0, 0) if self.layer is None else (1, self.layer)
 
 
+Media = Literal["image", "video"]
+"""Which visual tokens a reducer reduces (:attr:`Capabilities.media`)."""
+
+
 @dataclass(frozen=True)
 class VisionAttentionRequest:
     """The vision-encoder attention one stage reads: its kind and the tower layer it is taken at.
@@ -132,6 +136,8 @@ class Capabilities:
         vision_attention: The vision-encoder attention kinds the reducer may read at ``post_projector``
             (:data:`VisionAttentionKind`; empty: none). The engine serves the one that
             :meth:`TokenReducer.vision_attention_for` asks for as ``ctx.vision_attention``.
+        media: The visual tokens the reducer reduces: ``image``, ``video`` or both. A video-only reducer
+            (DyCoke's temporal merging) keeps every image token, so an image comparison leaves it out.
     """
 
     insertion_points: frozenset[InsertionKind] = frozenset({"post_projector", "layer"})
@@ -143,6 +149,7 @@ class Capabilities:
     deterministic_count: bool = True
     merges: bool = False
     vision_attention: frozenset[VisionAttentionKind] = frozenset()
+    media: frozenset[Media] = frozenset({"image", "video"})
 
     @property
     def needs_attention(self) -> bool:
@@ -162,6 +169,7 @@ class Capabilities:
             "deterministic_count": self.deterministic_count,
             "merges": self.merges,
             "vision_attention": sorted(self.vision_attention),
+            "media": sorted(self.media),
         }
 
 

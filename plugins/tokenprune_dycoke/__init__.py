@@ -44,7 +44,7 @@ class DyCoke(TokenReducer):
     """
 
     name = "dycoke"
-    capabilities = Capabilities(insertion_points=frozenset({"post_projector"}))
+    capabilities = Capabilities(insertion_points=frozenset({"post_projector"}), media=frozenset({"video"}))
 
     class Params(ReducerParams):
         drop_unpaired_frame: bool = Field(

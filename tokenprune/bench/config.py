@@ -221,7 +221,8 @@ def default_sweep_reducers(registry: ReducerRegistry) -> list[str]:
 
     Read from the registry, so a disabled plugin (``TOKENPRUNE_DISABLE_PLUGINS``) drops out and a new
     built-in joins without an edit here; third-party reducers join a comparison by name. Trainable
-    reducers (ATP) are left out: they need weights; so is a name two plugins register (a collision:
+    reducers (ATP) are left out: they need weights; so are video-only ones (DyCoke), which keep every image
+    token, and a name two plugins register (a collision:
     ``tokenprune plugins`` marks it).
     """
     usable = [name for name in registry if len(registry.claims(name)) == 1]  # a collision is listed, not run
@@ -231,6 +232,7 @@ def default_sweep_reducers(registry: ReducerRegistry) -> list[str]:
         if (origin := registry.origin(name)) is not None
         and origin.distribution == OWN_DISTRIBUTION
         and not registry.get(name).capabilities.trainable
+        and "image" in registry.get(name).capabilities.media
     ]
 
 
