@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from tokenprune.budget import budget_per_sample
@@ -181,6 +181,25 @@ class ReducerParams(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VisionAttentionParams(ReducerParams):
+    """The params every vision-attention reducer takes: which attention, at which vision-encoder layer.
+
+    Subclass it for a reducer that reads ``ctx.vision_attention`` and build the
+    :class:`VisionAttentionRequest` from these fields in :meth:`TokenReducer.vision_attention_for`.
+    """
+
+    attention: VisionAttentionKind = Field(
+        default="cls",
+        description="Vision attention to rank by: the [CLS] query's row ('cls', as FasterVLM and VisPruner) or the "
+        "attention each patch receives, averaged over patch queries ('mean', for towers without CLS).",
+    )
+    layer: int | None = Field(
+        default=None,
+        description="Vision-encoder layer the attention (and any features) are read at: an index into the tower's "
+        "layers, negative from the end; null: the layer the model takes its image features from.",
+    )
 
 
 @dataclass(frozen=True)

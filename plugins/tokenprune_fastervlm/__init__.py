@@ -9,14 +9,13 @@ re-ranks the patches; the top ones survive, before the language model sees any o
 
 from __future__ import annotations
 
-from typing import Literal
 
-from pydantic import Field
 from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer, VisionAttentionRequest
 from tokenprune.errors import ReducerInputError
+from tokenprune.reducer import VisionAttentionParams
 
 
 class FasterVLM(ScoringReducer):
@@ -34,17 +33,8 @@ class FasterVLM(ScoringReducer):
         insertion_points=frozenset({"post_projector"}), vision_attention=frozenset({"cls", "mean"})
     )
 
-    class Params(ReducerParams):
-        attention: Literal["cls", "mean"] = Field(
-            default="cls",
-            description="Vision attention to rank by: the [CLS] query's row ('cls', the paper's) or the attention "
-            "each patch receives, averaged over patch queries ('mean', for towers without CLS).",
-        )
-        layer: int | None = Field(
-            default=None,
-            description="Vision-encoder layer (index into the tower's layers, negative from the end); null: the "
-            "layer the model takes its features from (the official code's select_layer).",
-        )
+    class Params(VisionAttentionParams):
+        """The vision attention and its layer (paper defaults: ``cls`` at the features layer)."""
 
     @classmethod
     def vision_attention_for(cls, params: ReducerParams) -> VisionAttentionRequest | None:

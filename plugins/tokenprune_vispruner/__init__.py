@@ -20,6 +20,7 @@ from torch import Tensor
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer, VisionAttentionRequest
 from tokenprune.errors import ReducerInputError
+from tokenprune.reducer import VisionAttentionParams
 from tokenprune.similarity import unit_rows
 from tokenprune.validation import check_finite_tokens
 
@@ -49,23 +50,13 @@ class VisPruner(TokenReducer):
         insertion_points=frozenset({"post_projector"}), vision_attention=frozenset({"cls", "mean"})
     )
 
-    class Params(ReducerParams):
+    class Params(VisionAttentionParams):
         important_ratio: float = Field(
             default=0.5,
             ge=0.0,
             le=1.0,
             description="Share of the budget taken by the important tokens, int(T * ratio) (the official default "
             "0.5; its README's 64-token example uses 0.75).",
-        )
-        attention: Literal["cls", "mean"] = Field(
-            default="cls",
-            description="Vision attention to rank by: the [CLS] query's row ('cls', the paper's) or the attention "
-            "each patch receives, averaged over patch queries ('mean', for towers without CLS).",
-        )
-        layer: int | None = Field(
-            default=None,
-            description="Vision-encoder layer of the attention and the features (index into the tower's layers, "
-            "negative from the end); null: the layer the model takes its features from.",
         )
         similarity: Literal["vision", "projected"] = Field(
             default="vision",
