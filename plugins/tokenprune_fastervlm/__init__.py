@@ -9,7 +9,6 @@ re-ranks the patches; the top ones survive, before the language model sees any o
 
 from __future__ import annotations
 
-
 from torch import Tensor
 
 import tokenprune
