@@ -78,12 +78,18 @@ def pairwise_cosine_distance(x: Tensor, members: Tensor, choosing: Tensor | None
         Zero vectors are at distance 1 from everything (the official code divides by their zero norm).
     """
     b, m = members.shape
-    out = torch.full((b, m, m), float("inf"), dtype=torch.float32, device=x.device)
     needed = [True] * b if choosing is None else choosing.tolist()
+    matrices = []
     for s, n in enumerate((members >= 0).sum(1).tolist()):
         if n and needed[s]:
-            out[s, :n, :n] = cosine_similarity(x[s, members[s, :n]]).neg_().add_(1.0)
-    return out
+            distance = cosine_similarity(x[s, members[s, :n]]).neg_().add_(1.0)
+            padding = (0, m - n, 0, m - n)
+            matrices.append(torch.nn.functional.pad(distance, padding, value=float("inf")) if n < m else distance)
+        else:
+            matrices.append(torch.full((m, m), float("inf"), dtype=torch.float32, device=x.device))
+    if len(matrices) == 1:
+        return matrices[0].unsqueeze(0)  # no copy for the usual single sample
+    return torch.stack(matrices) if matrices else torch.empty(0, m, m, dtype=torch.float32, device=x.device)
 
 
 def picked_mask(members: Tensor, picks: Tensor, num_tokens: int) -> Tensor:
@@ -99,7 +105,8 @@ def max_min_picks(distance: Tensor, valid: Tensor, quota: Tensor) -> Tensor:
     """Greedy max-min diversity picks, vectorised over the batch.
 
     Args:
-        distance: ``(B, M, M)`` float distances (``inf`` at invalid rows and columns).
+        distance: ``(B, M, M)`` contiguous float distances (``inf`` at invalid rows and columns); its
+            diagonal is overwritten (the distance of an entry to itself takes no part).
         valid: ``(B, M)`` bool, the entries that may be picked.
         quota: ``(B,)`` long, picks per sample (at most its valid entries).
 
@@ -110,21 +117,23 @@ def max_min_picks(distance: Tensor, valid: Tensor, quota: Tensor) -> Tensor:
     """
     b, m = valid.shape
     k = int(quota.max()) if b else 0
-    picks = torch.full((b, k), -1, dtype=torch.long, device=distance.device)
     if k == 0:
-        return picks
-    rows = torch.arange(b, device=distance.device)
-    eye = torch.eye(m, dtype=torch.bool, device=distance.device)
-    nearest = distance.masked_fill(eye, float("inf")).amin(1)  # (B, M): column-wise, as the official code
-    j = nearest.masked_fill(~valid, float("-inf")).argmax(1)
-    gap = distance[rows, j].masked_fill(~valid, float("-inf"))  # min distance of each entry to the chosen set
-    for step in range(k):
-        picks[:, step] = j
-        gap[rows, j] = float("-inf")  # chosen entries never come back
-        if step + 1 < k:
-            j = gap.argmax(1)
-            gap = torch.minimum(gap, distance[rows, j])
-    return picks.masked_fill(torch.arange(k, device=picks.device) >= quota.unsqueeze(1), -1)
+        return torch.full((b, 0), -1, dtype=torch.long, device=distance.device)
+    diagonal = distance.diagonal(dim1=1, dim2=2)
+    diagonal.fill_(float("inf"))
+    nearest = distance.amin(1)  # (B, M): column-wise, as the official code
+    diagonal.fill_(float("-inf"))  # from here on, picking an entry removes it: min(gap, its row) is -inf there
+    rows = distance.view(b * m, m)
+    offsets = torch.arange(b, device=distance.device) * m
+    j = nearest.masked_fill_(~valid, float("-inf")).argmax(1)
+    gap = rows.index_select(0, offsets + j).masked_fill_(~valid, float("-inf"))  # min distance to the chosen set
+    picks = [j]
+    for _ in range(k - 1):
+        j = gap.argmax(1)
+        picks.append(j)
+        torch.minimum(gap, rows.index_select(0, offsets + j), out=gap)
+    chosen = torch.stack(picks, 1)
+    return chosen.masked_fill_(torch.arange(k, device=chosen.device) >= quota.unsqueeze(1), -1)
 
 
 @tokenprune.hookimpl
