@@ -50,8 +50,31 @@ def test_loads_with_stock_from_pretrained():
     s = heldout_split(1)[0]
     inputs = processor(images=Image.fromarray(render(s.scene)[0]), text=prompt(s.qa.question), return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_index).sum()) >= 150
-    out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
-    assert processor.tokenizer.decode(out[0, -1]) == s.qa.answer
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)  # the checkpoint's own eos_token_id stops it
+    new = out[0, inputs["input_ids"].shape[1] :]
+    assert int(new[-1]) == processor.tokenizer.eos_token_id and len(new) <= 4
+    assert processor.tokenizer.decode(new, skip_special_tokens=True) == s.qa.answer
+
+
+def test_answers_end_with_eos_within_four_tokens(bundled):
+    """Every consumer that generates until EOS (jsonl, lmms-eval, `tokenprune run`) sees short answers."""
+    model, processor = bundled
+    result = evaluate(model, processor, heldout_split(10), max_new_tokens=12)
+    assert result.ended_with_eos(within=4) >= 0.95, result.table()
+    assert result.overall >= 0.9, result.table()
+
+
+def test_tokenprune_run_prints_a_short_answer(tmp_path):
+    from tokenprune.cli import app as tokenprune_app
+
+    sample = heldout_split(1)[0]
+    Image.fromarray(render(sample.scene)[0]).save(tmp_path / "scene.png")
+    (tmp_path / "keep.yaml").write_text("stages:\n  - {at: post_projector, reducer: random, keep: 1.0}\n")
+    args = ["--model", "bundled", "--pipeline", str(tmp_path / "keep.yaml"), "--image", str(tmp_path / "scene.png")]
+    result = CliRunner().invoke(tokenprune_app, ["run", *args, "--prompt", sample.qa.question])
+    assert result.exit_code == 0, result.output
+    answer = next(line for line in result.output.splitlines() if line.startswith("answer:"))
+    assert answer.removeprefix("answer:").strip() == sample.qa.answer
 
 
 def test_accuracy_on_heldout_slice(bundled):
@@ -83,3 +106,21 @@ def test_cli_eval_and_generate(tmp_path):
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "gen").glob("*.png"))) == 6
     assert len((tmp_path / "gen" / "samples.jsonl").read_text().splitlines()) == 6
+
+
+def test_exported_synthvqa_as_a_jsonl_task_scores_like_the_synthvqa_task(tmp_path):
+    """`tokenprune synth generate` writes the held-out split as a jsonl task; generating until EOS,
+    the bundled model answers it exactly as it answers the synthvqa task."""
+    from tokenprune.bench.config import load_config
+    from tokenprune.bench.runner import compare
+
+    res = CliRunner().invoke(app, ["generate", str(tmp_path / "data"), "--per-type", "3"])
+    assert res.exit_code == 0, res.output
+    tasks = [{"name": "synthvqa", "per_type": 3}, {"name": "jsonl", "path": str(tmp_path / "data" / "samples.jsonl")}]
+    config = {"model": "bundled", "output": str(tmp_path / "run"), "batch_size": 6, "tasks": tasks, "pipelines": []}
+    compare(load_config({**config, "timing": {"warmup": 0, "repeats": 1, "memory": False}}))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    groups = summary["groups"]
+    assert groups["jsonl"]["unpruned"] == groups["synthvqa"]["unpruned"]
+    row = next(r for r in summary["pipelines"] if r["pipeline"] == "unpruned")
+    assert row["tasks"]["jsonl"]["accuracy"] == row["tasks"]["synthvqa"]["accuracy"] >= 0.9

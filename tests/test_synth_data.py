@@ -94,7 +94,7 @@ def test_answers_are_true_of_the_scene():
             assert scene.text is not None and scene.text.digit == qa.answer
         elif qa.qtype == "position":
             kind = qa.question.split()[-2]
-            assert next(o for o in scene.shapes if o.kind == kind).quadrant == qa.answer
+            assert next(o for o in scene.shapes if o.kind == kind).quadrant == qa.answer.replace(" ", "-")
         elif qa.qtype == "exists":
             colour, kind = qa.question.split()[3:5]
             present = any(o.kind == kind and o.colour == colour for o in scene.shapes)
@@ -393,3 +393,105 @@ def test_packed_owners_follow_llava_next_packing(size):
     for i, (v, r, c) in enumerate(packed.long().tolist()):
         expected = -1 if v < 0 else owners[v, r * 8 + c]
         assert flat[i] == expected
+
+
+def test_every_answer_is_closed_by_eos_and_position_answers_have_two_words(processor):
+    vocab = vocabulary()
+    eos = vocab.index("</s>")
+    batch = make_batch(processor.image_processor, seed=0, step=11, batch_size=4)
+    for row in range(4):
+        ids = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
+        words = [vocab[i] for i in ids]
+        # "?" or ":" ends a question; the answer follows, then </s>, then the next question or the end
+        answers = " ".join(words).split(" </s>")[:-1]
+        assert words[-1] == "</s>" and len(answers) >= 6
+        for chunk in answers:
+            question, _, answer = chunk.rpartition(" ? ") if " ? " in chunk else chunk.rpartition(" : ")
+            if question.split()[-4:-1] == ["where", "is", "the"]:
+                assert answer in ANSWERS["position"] and len(answer.split()) == 2
+        # the loss predicts one </s> per answer
+        targets = batch.labels[row][batch.labels[row] != -100].tolist()
+        assert targets.count(eos) == len(answers)
+
+
+def test_both_words_of_a_position_answer_are_grounded(processor):
+    vocab = vocabulary()
+    where = vocab.index("where")
+    checked = 0
+    for step in range(4):
+        batch = make_batch(processor.image_processor, seed=0, step=step, batch_size=4)
+        entries = list(zip(batch.ground_rows.tolist(), batch.ground_query.tolist(), batch.ground_targets, strict=True))
+        for row, query, target in entries:
+            ids = batch.input_ids[row].tolist()
+            if ids[query] == vocab.index("?") and where in ids[query - 4 : query]:
+                follow = [t for r, q, t in entries if r == row and q == query + 1]
+                assert len(follow) == 1 and torch.equal(follow[0], target)
+                assert vocab[ids[query + 1]] in ("top", "bottom")
+                checked += 1
+    assert checked > 0
+
+
+def test_layouts_cover_the_heldout_split_and_regions_keep_a_dominant_colour():
+    from tokenprune.synth.questions import MIN_DOMINANCE
+    from tokenprune.synth.scenes import LAYOUTS, MAX_REGION, MIN_REGION, second_region
+
+    split = heldout_split(40)
+    assert {s.scene.layout for s in split} == set(LAYOUTS)
+    for s in split:
+        scene = s.scene
+        region = second_region(scene)
+        if scene.layout != "regions":
+            assert scene.second is None and not region.any()
+            continue
+        assert scene.second != scene.background
+        assert MIN_REGION - 0.05 <= region.mean() <= MAX_REGION + 0.05
+        free = render(scene)[1] == 0
+        assert (free & ~region).sum() >= MIN_DOMINANCE * (free & region).sum()
+
+
+def test_a_regions_background_is_two_colours_under_the_patches():
+    """On a two-region scene a background question needs more than one token: patch labels show both colours."""
+    from tokenprune.synth.patch_labels import COLOUR_CLASSES
+    from tokenprune.synth.scenes import second_region
+
+    scene = Scene(64, 64, "navy", "plain", texture_seed=5, objects=(), layout="regions", second="olive")
+    image, omap = render(scene)
+    region = second_region(scene)
+    assert (image[region] == (95, 95, 20)).all() and (image[~region] == (20, 30, 110)).all()
+    colours = patch_labels(scene, omap)[..., 1]
+    assert {COLOUR_CLASSES[c] for c in colours.reshape(-1).tolist()} == {"navy", "olive"}
+    fine = region[::4, ::4]  # the top-left pixel of every 4x4 patch of a fully covered area
+    tiles = colours[1:].reshape(2, 2, 8, 8).transpose(0, 2, 1, 3).reshape(16, 16)
+    inside = region.reshape(16, 4, 16, 4).all(axis=(1, 3))
+    assert (tiles[inside] == COLOUR_CLASSES.index("olive")).all()
+    assert fine.any()
+
+
+def test_a_gradient_keeps_the_colour_and_changes_the_brightness():
+    from tokenprune.synth.scenes import GRADIENT_RANGE
+
+    scene = Scene(64, 64, "teal", "plain", texture_seed=2, objects=(), layout="gradient")
+    image = render(scene)[0].astype(float)
+    base = np.array((15, 100, 100), dtype=float)
+    factor = image[..., 1] / base[1]
+    assert factor.min() < 0.75 and factor.max() > 1.25
+    assert GRADIENT_RANGE[0] - 0.02 <= factor.min() and factor.max() <= GRADIENT_RANGE[1] + 0.02
+    assert np.allclose(image[..., 2], image[..., 1], atol=1)  # teal stays teal: green == blue
+
+
+def test_a_regions_layout_needs_its_second_colour():
+    with pytest.raises(ValueError, match="second colour"):
+        render(Scene(64, 64, "navy", "plain", texture_seed=0, objects=(), layout="regions"))
+    with pytest.raises(ValueError, match="layout"):
+        render(Scene(64, 64, "navy", "plain", texture_seed=0, objects=(), layout="swirl"))
+
+
+def test_answers_are_read_up_to_eos():
+    from tokenprune.synth.evaluate import _until_eos
+
+    tokenizer = build_tokenizer()
+    vocab = vocabulary()
+    ids = [vocab.index(w) for w in ("bottom", "left", "</s>", "red")]
+    assert _until_eos(ids, tokenizer) == ("bottom left", 3)
+    assert _until_eos(ids[:2], tokenizer) == ("bottom left", None)
+    assert _until_eos([60, vocab.index("</s>")], tokenizer) == ("<unk>", 2)

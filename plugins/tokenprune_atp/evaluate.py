@@ -41,6 +41,8 @@ class PipelineResult:
     avg_visual_in: float
     std_tokens: float = float("nan")
     per_layer: list[float] = field(default_factory=list)
+    tokens_per_type: dict[str, float] = field(default_factory=dict)
+    """Average visual tokens over all layers, per question type: does the budget adapt to the question?"""
 
     def row(self) -> str:
         """One line of the comparison table."""
@@ -75,49 +77,15 @@ def average_tokens(
     return averages, inputs
 
 
-@torch.no_grad()
 def predict(model: nn.Module, processor: Any, samples: list[Any], batch_size: int = 50) -> list[str]:
-    """One-word answers: the arg-max at the last prompt token, batches of one image size.
+    """The answers, greedy until ``</s>``, as :func:`tokenprune.synth.evaluate.predict` gives them.
 
-    Like :func:`tokenprune.synth.evaluate.predict` (same prompts, same positions ``0 .. n - 1``), but
-    left-padded with explicit position ids, so the last prompt token is the last column whether or
-    not a pipeline shortened the sequence.
+    Inside a ``tokenprune.apply`` block the pipeline prunes each prefill; decoding runs on the kept
+    tokens' cache.
     """
-    from PIL import Image
+    from tokenprune.synth.evaluate import predict as synth_predict
 
-    from tokenprune.synth.evaluate import size_groups
-    from tokenprune.synth.processor import prompt
-    from tokenprune.synth.scenes import render
-
-    tok = processor.tokenizer
-    preds = [""] * len(samples)
-    for idx in size_groups(samples, batch_size):
-        encs = [
-            processor(
-                images=Image.fromarray(render(samples[i].scene)[0]),
-                text=prompt(samples[i].qa.question),
-                return_tensors="pt",
-            )
-            for i in idx
-        ]
-        rows = [e["input_ids"][0] for e in encs]
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(rows):
-            ids[j, length - len(r) :] = r
-            mask[j, length - len(r) :] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            pixel_values=torch.cat([e["pixel_values"] for e in encs]),
-            image_sizes=torch.cat([e["image_sizes"] for e in encs]),
-        ).logits
-        for j, i in enumerate(idx):
-            preds[i] = tok.convert_ids_to_tokens(int(logits[j, -1].argmax()))
-    return preds
+    return [answer for answer, _ in synth_predict(model, processor, samples, batch_size=batch_size)]
 
 
 def run_pipeline(
@@ -147,7 +115,24 @@ def run_pipeline(
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     std = (sum((a - mean(averages)) ** 2 for a in averages) / len(averages)) ** 0.5 if averages else float("nan")
     per_layer = [sum(c[i] for c in layers) / len(layers) for i in range(num_layers)] if layers else []
-    return PipelineResult(label, accuracy, per_type, mean(averages), mean(inputs), std, per_layer)
+    by_type = tokens_by_type(samples, averages, batch_size)
+    return PipelineResult(label, accuracy, per_type, mean(averages), mean(inputs), std, per_layer, by_type)
+
+
+def tokens_by_type(samples: list[Any], averages: list[float], batch_size: int) -> dict[str, float]:
+    """Mean of the per-sample averages per question type; ``averages`` are in prefill order, i.e. the
+    order of :func:`tokenprune.synth.evaluate.size_groups` (empty without a pipeline)."""
+    from tokenprune.synth.evaluate import size_groups
+
+    if not averages:
+        return {}
+    order = [i for idx in size_groups(samples, batch_size) for i in idx]
+    if len(order) != len(averages):
+        raise RuntimeError(f"{len(averages)} prefills recorded for {len(order)} samples")
+    groups: dict[str, list[float]] = {}
+    for i, tokens in zip(order, averages, strict=True):
+        groups.setdefault(samples[i].qa.qtype, []).append(tokens)
+    return {t: sum(v) / len(v) for t, v in groups.items()}
 
 
 def _stage(layer: int | None, reducer: str, keep: float) -> dict[str, Any]:
@@ -209,6 +194,9 @@ def main(
     for r in results:
         if r.per_layer:
             typer.echo(f"per layer, {r.label}: " + ", ".join(f"{c:.1f}" for c in r.per_layer))
+        if r.tokens_per_type:
+            counts = ", ".join(f"{t} {c:.1f}" for t, c in r.tokens_per_type.items())
+            typer.echo(f"tokens per type, {r.label}: {counts}")
     if json_out is not None:
         json_out.write_text(json.dumps([r.__dict__ for r in results], indent=2))
 

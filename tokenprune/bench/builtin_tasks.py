@@ -16,10 +16,10 @@ from tokenprune.plugins import TaskRegistry
 
 
 class SynthVQA(Task):
-    """The SynthVQA held-out split: one-word answers, six balanced question types (the groups)."""
+    """The SynthVQA held-out split: short answers ended by ``</s>``, six balanced question types (the groups)."""
 
     name = "synthvqa"
-    max_new_tokens = 1  # every answer is one word, one token of the word-level tokenizer
+    max_new_tokens = 6  # a cap: answers are one or two words, then the model's </s> ends generation
 
     class Params(TaskParams):
         split: Literal["heldout", "validation"] = Field(default="heldout", description="Which fixed split.")

@@ -1,8 +1,9 @@
 """Training batches: several supervised question/answer pairs per image, in one sequence.
 
-A training sequence is ``<s> <image>*N q1 a1 q2 a2 ... [describe : caption]``: every applicable
-question about the image in a random order (the held-out evaluation asks one question right after
-the image, which is the first slot here). The loss covers the answer words only. All images of a
+A training sequence is ``<s> <image>*N q1 a1 </s> q2 a2 </s> ... [describe : caption </s>]``: every
+applicable question about the image in a random order (the held-out evaluation asks one question
+right after the image, which is the first slot here), each answer closed by ``</s>``. The loss
+covers the answer words and their ``</s>``. All images of a
 batch have the same size, so no visual token is padding; the batch for a step is a pure function
 of ``(seed, step)``, which makes training resumable exactly.
 """
@@ -20,7 +21,7 @@ from tokenprune.synth.patch_labels import BASE_VIEW_TOKENS, packed_owners, patch
 from tokenprune.synth.processor import num_image_tokens
 from tokenprune.synth.questions import HELDOUT_BASE, MAX_SHAPES, grounding_target, training_item
 from tokenprune.synth.scenes import IMAGE_SIZES, SHAPE_COLOURS, SHAPE_KINDS, render
-from tokenprune.synth.tokenizer import BOS, IMAGE, PAD, vocabulary
+from tokenprune.synth.tokenizer import BOS, EOS, IMAGE, PAD, vocabulary
 
 IGNORE = -100
 
@@ -39,7 +40,9 @@ class TrainBatch:
         ground_rows: (N,) batch row of each grounded question.
         ground_heads: (N,) attention head of the grounding layer trained on it (0 unless
             ``exists_head`` moves ``is there ...`` questions to another head).
-        ground_query: (N,) position of its last question token (where the answer is predicted).
+        ground_query: (N,) the position where an answer word is predicted: the question's last
+            token for the first word, the previous answer word for the next (a position question's
+            answer has two words, each grounded).
         ground_targets: (N, L) True on the visual tokens of the object the question is about (for
             a position question, on its base-view tokens if it owns any; for an existence question
             answered "no", on ``<s>`` at position 0).
@@ -96,10 +99,10 @@ def _grounded_positions(qtype: str, target: int | None, owners: np.ndarray, grou
 
 
 def _append_qa(seq: list[int], tgt: list[int], question: str, answer: str, vocab: dict[str, int]) -> None:
-    """Append a question and its answer to a row; the answer's tokens are the targets (the token at
-    position p is predicted at position p - 1)."""
+    """Append a question, its answer and ``</s>`` to a row; the answer's tokens and ``</s>`` are the
+    targets (the token at position p is predicted at position p - 1)."""
     q = [vocab[w] for w in question.split()]
-    a = [vocab[w] for w in answer.split()]
+    a = [vocab[w] for w in answer.split()] + [vocab[EOS]]
     seq += q + a
     tgt += [IGNORE] * (len(q) - 1) + a + [IGNORE]
 
@@ -184,7 +187,7 @@ def make_batch(
             target = grounding_target(scene, qa)
             positions = _grounded_positions(qa.qtype, target, owners, ground_absent or exists_head is not None)
             if positions is not None:
-                grounds.append((row, head, query, positions))
+                grounds += [(row, head, query + k, positions) for k in range(len(qa.answer.split()))]
             _append_qa(seq, tgt, qa.question, qa.answer, vocab)
         seqs.append(seq)
         tgts.append(tgt[: len(seq)])

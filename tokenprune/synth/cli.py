@@ -107,12 +107,50 @@ def eval_cmd(
                     "per_type": result.per_type,
                     "overall": result.overall,
                     "n": result.n,
+                    "ended_with_eos_within_4": result.ended_with_eos(within=4),
                     "keep": keep,
                     "keep_seed": keep_seed,
                 },
                 indent=2,
             )
         )
+
+
+@app.command()
+def background(
+    reducers: Annotated[str, typer.Option(help="Comma-separated reducers (each at its sweep insertion point).")] = (
+        "random,gprune,fastv,tome,divprune"
+    ),
+    keep: Annotated[list[float], typer.Option(help="Keep fractions (repeat the option).")] = [0.5, 0.25, 0.1],  # noqa: B006
+    per_type: Annotated[int, typer.Option(help="Held-out background questions (200: the full split).")] = 200,
+    model_path: Annotated[Path | None, typer.Option("--model", help="A saved mini VLM; default: bundled.")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+) -> None:
+    """What each reducer keeps of the background, per scene layout (a markdown table)."""
+    import torch
+
+    import tokenprune as tp
+    from tokenprune.bench.config import CompareConfig, resolve_pipelines
+    from tokenprune.synth import load_bundled, load_model
+    from tokenprune.synth.background import by_layout, coverage
+    from tokenprune.synth.questions import heldout_split
+
+    torch.set_num_threads(threads)
+    model, processor = load_bundled() if model_path is None else load_model(model_path)
+    samples = heldout_split(per_type, ("background",))
+    sweep = {"sweep": {"reducers": [r.strip() for r in reducers.split(",") if r.strip()], "keep": keep}}
+    config = CompareConfig.model_validate({"pipelines": [sweep]})
+    typer.echo(
+        "| pipeline | layout | n | accuracy | background share of kept tokens | of the image | "
+        "kept background tokens | main colour in the majority |"
+    )
+    typer.echo("|---|---|---|---|---|---|---|---|")
+    for name, pipeline in resolve_pipelines(config, tp.get_plugin_manager().reducers):
+        for row in by_layout(coverage(model, processor, samples, None if name == "unpruned" else pipeline)):
+            typer.echo(
+                f"| {name} | {row.layout} | {row.n} | {row.accuracy:.3f} | {row.kept_share:.3f} | "
+                f"{row.image_share:.3f} | {row.kept_background:.1f} | {row.main_majority:.3f} |"
+            )
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Accuracy of a VLM on SynthVQA, unpruned or with a random share of its visual tokens kept.
 
-The unpruned path is the stock one: ``processor(images, text)`` then ``generate(max_new_tokens=1)``:
-the arg-max over the whole vocabulary at the last prompt position. The random-keep path is a
+The unpruned path is the stock one: ``processor(images, text)`` then greedy ``generate`` until the
+model's ``</s>`` (at most :data:`MAX_ANSWER_TOKENS` new tokens); the answer is the words before
+``</s>``, compared exactly with the expected answer. The random-keep path is a
 self-check of the benchmark (does losing visual tokens hurt the fine-grained types?): the same
 calls inside :func:`tokenprune.apply` with the ``random`` reducer after the projector
 (:func:`random_pipeline`).
@@ -22,21 +23,35 @@ from tokenprune.errors import TokenpruneError
 from tokenprune.synth.questions import QUESTION_TYPES, Sample
 from tokenprune.synth.scenes import render
 
+#: New tokens generated per answer: the longest evaluated answer (two words) and ``</s>``, with room.
+MAX_ANSWER_TOKENS = 6
+
 
 @dataclass
 class EvalResult:
-    """Accuracy per question type and overall (the mean over items)."""
+    """Accuracy per question type and overall (the mean over items).
+
+    ``answer_lengths[i]`` is the number of tokens the model generated for item ``i`` up to and
+    including ``</s>``, or None when it did not end within the cap.
+    """
 
     per_type: dict[str, float]
     overall: float
     n: int
     counts: dict[str, int] = field(default_factory=dict)
     predictions: list[str] = field(default_factory=list)
+    answer_lengths: list[int | None] = field(default_factory=list)
+
+    def ended_with_eos(self, within: int = 4) -> float:
+        """Share of the answers that ended with ``</s>`` within ``within`` generated tokens."""
+        ended = sum(1 for n in self.answer_lengths if n is not None and n <= within)
+        return ended / max(1, len(self.answer_lengths))
 
     def table(self) -> str:
         """A one-line-per-type plain text table."""
         rows = [f"{t:<12} {a:6.3f}  (n={self.counts.get(t, 0)})" for t, a in self.per_type.items()]
-        return "\n".join([*rows, f"{'overall':<12} {self.overall:6.3f}  (n={self.n})"])
+        eos = f"{'ended </s>':<12} {self.ended_with_eos():6.3f}  (within 4 tokens)"
+        return "\n".join([*rows, f"{'overall':<12} {self.overall:6.3f}  (n={self.n})", eos])
 
 
 def size_groups(samples: list[Sample], batch_size: int) -> list[list[int]]:
@@ -58,8 +73,9 @@ def predict(
     batch_size: int = 50,
     keep_fraction: float | None = None,
     keep_seed: int = 0,
-) -> list[str]:
-    """The model's one-word answer to each sample's question (greedy, one new token).
+    max_new_tokens: int = MAX_ANSWER_TOKENS,
+) -> list[tuple[str, int | None]]:
+    """The model's answer to each sample's question, greedy until ``</s>``.
 
     Args:
         model: a ``LlavaNextForConditionalGeneration``.
@@ -69,15 +85,21 @@ def predict(
         keep_fraction: None for the unpruned model, else the share of each image's visual tokens
             kept by the ``random`` reducer after the projector (:func:`random_pipeline`).
         keep_seed: seed of the random selection.
+        max_new_tokens: the cap on generated tokens per answer.
+
+    Returns:
+        Per sample, the answer (the generated words before ``</s>``, space-separated) and the
+        number of tokens generated up to and including ``</s>`` (None: no ``</s>`` within the cap).
     """
     pruning = nullcontext() if keep_fraction is None else tp.apply(model, random_pipeline(keep_fraction, keep_seed))
     was_training = model.training
     model.eval()
-    preds: list[str] = [""] * len(samples)
+    preds: list[tuple[str, int | None]] = [("", None)] * len(samples)
     try:
         with pruning:
             for idx in size_groups(samples, batch_size):
-                for i, answer in zip(idx, _answer(model, processor, [samples[i] for i in idx]), strict=True):
+                answers = answer_batch(model, processor, [samples[i] for i in idx], max_new_tokens)
+                for i, answer in zip(idx, answers, strict=True):
                     preds[i] = answer
     finally:
         model.train(was_training)
@@ -103,8 +125,10 @@ def random_pipeline(keep_fraction: float, seed: int) -> tp.Pipeline:
     return tp.load_pipeline({**definition, "stages": [stage]})
 
 
-def _answer(model: torch.nn.Module, processor: Any, batch: list[Sample]) -> list[str]:
-    """Greedy first token for each sample of ``batch`` (one image size), left-padded like ``generate`` wants."""
+def answer_batch(
+    model: torch.nn.Module, processor: Any, batch: list[Sample], max_new_tokens: int
+) -> list[tuple[str, int | None]]:
+    """Greedy answers for ``batch`` (one image size), left-padded like ``generate`` wants."""
     from tokenprune.synth.processor import prompt
 
     tokenizer = processor.tokenizer
@@ -112,16 +136,33 @@ def _answer(model: torch.nn.Module, processor: Any, batch: list[Sample]) -> list
     images = [Image.fromarray(render(s.scene)[0]) for s in batch]
     texts = [prompt(s.qa.question) for s in batch]
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    out = model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.convert_ids_to_tokens(out[:, -1].tolist())
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return [_until_eos(row, tokenizer) for row in out[:, inputs["input_ids"].shape[1] :].tolist()]
+
+
+def _until_eos(generated: list[int], tokenizer: Any) -> tuple[str, int | None]:
+    """The words before the first ``</s>`` and the number of tokens up to it (None: no ``</s>``)."""
+    eos = tokenizer.eos_token_id
+    length = generated.index(eos) + 1 if eos in generated else None
+    words = generated[: length - 1] if length is not None else generated
+    tokens = tokenizer.convert_ids_to_tokens(words)  # None for the unused ids above the vocabulary
+    return " ".join(t if t is not None else tokenizer.unk_token for t in tokens), length
 
 
 def evaluate(model: torch.nn.Module, processor: object, samples: list[Sample], **options: Any) -> EvalResult:
-    """Accuracy per question type (exact match of the one-word answer) of :func:`predict`'s answers.
+    """Accuracy per question type (exact match of the answer words) of :func:`predict`'s answers.
 
-    ``options`` go to :func:`predict` (``batch_size``, ``keep_fraction``, ``keep_seed``).
+    ``options`` go to :func:`predict` (``batch_size``, ``keep_fraction``, ``keep_seed``,
+    ``max_new_tokens``).
     """
-    preds = predict(model, processor, samples, **options)
+    answers = predict(model, processor, samples, **options)
+    preds = [a for a, _ in answers]
     hits: dict[str, int] = defaultdict(int)
     counts: dict[str, int] = defaultdict(int)
     for s, p in zip(samples, preds, strict=True):
@@ -129,4 +170,5 @@ def evaluate(model: torch.nn.Module, processor: object, samples: list[Sample], *
         hits[s.qa.qtype] += int(p == s.qa.answer)
     per_type = {t: hits[t] / counts[t] for t in QUESTION_TYPES if counts[t]}
     n = len(samples)
-    return EvalResult(per_type, sum(hits.values()) / max(1, n), n, dict(counts), preds)
+    lengths = [n for _, n in answers]
+    return EvalResult(per_type, sum(hits.values()) / max(1, n), n, dict(counts), preds, lengths)

@@ -23,6 +23,7 @@ from tokenprune.synth.scenes import (
     SHAPE_KINDS,
     TEXT_KIND,
     Scene,
+    second_region,
 )
 
 KIND_CLASSES: tuple[str, ...] = ("background", *SHAPE_KINDS, TEXT_KIND)
@@ -36,10 +37,10 @@ IGNORE = -100
 MIN_COVERAGE = 0.25
 
 
-def _block_owner(omap: np.ndarray, bh: int, bw: int) -> np.ndarray:
+def _block_owner(omap: np.ndarray, bh: int, bw: int, coverage: float = MIN_COVERAGE) -> np.ndarray:
     """For an (H, W) object map cut into bh x bw blocks: (H/bh, W/bw) index of the dominant object.
 
-    An object owns a block when it covers at least ``MIN_COVERAGE`` of it (the most-covering object
+    An object owns a block when it covers at least ``coverage`` of it (the most-covering object
     wins); otherwise the block is background (0).
     """
     h, w = omap.shape
@@ -50,7 +51,17 @@ def _block_owner(omap: np.ndarray, bh: int, bw: int) -> np.ndarray:
     counts = np.stack([(blocks == i).sum(-1) for i in range(1, n_obj + 1)], axis=-1)
     best = counts.argmax(-1)
     cover = counts.max(-1) / (bh * bw)
-    return np.where(cover >= MIN_COVERAGE, best + 1, 0)
+    return np.where(cover >= coverage, best + 1, 0)
+
+
+def _views(fine: np.ndarray, coarse: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(n_views, patches) from a per-patch map of the base view (``coarse``) and of the image (``fine``)."""
+    per = TILE // PATCH
+    views = [coarse.reshape(-1)]
+    for r in range(h // TILE):
+        for c in range(w // TILE):
+            views.append(fine[r * per : (r + 1) * per, c * per : (c + 1) * per].reshape(-1))
+    return np.stack(views)
 
 
 def view_owners(scene: Scene, omap: np.ndarray) -> np.ndarray:
@@ -64,12 +75,22 @@ def view_owners(scene: Scene, omap: np.ndarray) -> np.ndarray:
     per = TILE // PATCH
     if h % TILE or w % TILE:
         raise ValueError(f"image {h}x{w} is not a multiple of the {TILE}px tile; render a pinpoint size")
-    views = [_block_owner(omap, h // per, w // per).reshape(-1)]
-    fine = _block_owner(omap, PATCH, PATCH)
-    for r in range(h // TILE):
-        for c in range(w // TILE):
-            views.append(fine[r * per : (r + 1) * per, c * per : (c + 1) * per].reshape(-1))
-    return np.stack(views)
+    return _views(_block_owner(omap, PATCH, PATCH), _block_owner(omap, h // per, w // per), h, w)
+
+
+def background_colours(scene: Scene) -> np.ndarray:
+    """Index into :data:`COLOUR_CLASSES` of the background colour under every patch of every view.
+
+    The colour that covers most of the patch's pixels: the scene's main colour, or in a ``regions``
+    layout its second colour where that region covers at least half of the patch. Same shape as
+    :func:`view_owners`.
+    """
+    h, w, per = scene.height, scene.width, TILE // PATCH
+    region = second_region(scene).astype(np.int64)
+    main = COLOUR_CLASSES.index(scene.background)
+    second = COLOUR_CLASSES.index(scene.second) if scene.second is not None else main
+    views = _views(_block_owner(region, PATCH, PATCH, 0.5), _block_owner(region, h // per, w // per, 0.5), h, w)
+    return np.where(views > 0, second, main)
 
 
 def patch_labels(scene: Scene, omap: np.ndarray) -> np.ndarray:
@@ -77,7 +98,8 @@ def patch_labels(scene: Scene, omap: np.ndarray) -> np.ndarray:
 
     Returns:
         (n_views, patches_per_view, 4) int64: index into :data:`KIND_CLASSES`,
-        :data:`COLOUR_CLASSES` (background colour on background patches, shape colour on shapes,
+        :data:`COLOUR_CLASSES` (on background patches the colour under the patch, see
+        :func:`background_colours`; the shape's colour on shapes,
         ``IGNORE`` on the text plate), :data:`DIGIT_CLASSES` (``IGNORE`` off the plate) and
         :data:`QUADRANT_CLASSES` (the patch's quadrant of the image on the base view, ``IGNORE``
         on the high-res tiles).
@@ -94,7 +116,9 @@ def patch_labels(scene: Scene, omap: np.ndarray) -> np.ndarray:
     row, col = np.divmod(np.arange(per * per), per)
     quadrant = np.full(owners.shape, IGNORE, dtype=np.int64)
     quadrant[0] = 2 * (row >= per // 2) + (col >= per // 2)  # QUADRANTS order: TL, TR, BL, BR
-    return np.concatenate([table[owners], quadrant[..., None]], axis=-1)
+    labels = table[owners]
+    labels[..., 1] = np.where(owners == 0, background_colours(scene), labels[..., 1])
+    return np.concatenate([labels, quadrant[..., None]], axis=-1)
 
 
 def packed_owners(scene: Scene, omap: np.ndarray) -> np.ndarray:
@@ -105,13 +129,17 @@ def packed_owners(scene: Scene, omap: np.ndarray) -> np.ndarray:
     ``image_newline`` token. Returns a (n_image_tokens,) int64 array: 0 background, ``i + 1``
     for ``scene.objects[i]``, -1 on newline tokens.
     """
-    owners = view_owners(scene, omap)
+    return pack_views(view_owners(scene, omap), *omap.shape, newline=-1)
+
+
+def pack_views(views: np.ndarray, height: int, width: int, newline: int) -> np.ndarray:
+    """Per-patch values of every view (``(n_views, 64)``, as :func:`view_owners`) in the packed order,
+    with ``newline`` at the row-end newline tokens."""
     per = TILE // PATCH
-    h, w = omap.shape
-    tiles_w = w // TILE
-    grid = np.zeros((h // PATCH, w // PATCH), dtype=np.int64)
-    for t, view in enumerate(owners[1:]):
+    tiles_w = width // TILE
+    grid = np.zeros((height // PATCH, width // PATCH), dtype=views.dtype)
+    for t, view in enumerate(views[1:]):
         tr, tc = divmod(t, tiles_w)
         grid[tr * per : (tr + 1) * per, tc * per : (tc + 1) * per] = view.reshape(per, per)
-    with_newlines = np.concatenate([grid, np.full((grid.shape[0], 1), -1, dtype=np.int64)], axis=1)
-    return np.concatenate([owners[0], with_newlines.reshape(-1)])
+    with_newlines = np.concatenate([grid, np.full((grid.shape[0], 1), newline, dtype=views.dtype)], axis=1)
+    return np.concatenate([views[0], with_newlines.reshape(-1)])

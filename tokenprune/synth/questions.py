@@ -23,7 +23,7 @@ held-out ids in ``[HELDOUT_BASE, ...)``, so the two splits are disjoint by const
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from tokenprune.synth.scenes import (
     BACKGROUND_COLOURS,
     DIGITS,
     IMAGE_SIZES,
+    LAYOUTS,
     QUADRANTS,
     SHAPE_COLOURS,
     SHAPE_KINDS,
@@ -39,6 +40,7 @@ from tokenprune.synth.scenes import (
     Scene,
     SceneObject,
     place_object,
+    second_region,
 )
 
 QUESTION_TYPES: tuple[str, ...] = ("background", "colour", "count", "exists", "text", "position")
@@ -52,19 +54,25 @@ VALIDATION_BASE = 1 << 41
 _SALT = 0x5EED_5A7
 _EXTRA_SALT = 0xE815
 
+#: How a quadrant is said in questions and answers: two words, ``"top left"``.
+QUADRANT_WORDS: dict[str, str] = {q: q.replace("-", " ") for q in QUADRANTS}
+#: A ``regions`` scene's main colour covers at least this many times the second colour's visible pixels.
+MIN_DOMINANCE = 1.5
+
 ANSWERS: dict[str, tuple[str, ...]] = {
     "background": tuple(BACKGROUND_COLOURS),
     "colour": tuple(SHAPE_COLOURS),
     "count": tuple(str(n) for n in range(1, MAX_SHAPES + 1)),
     "exists": ("yes", "no"),
     "text": DIGITS,
-    "position": QUADRANTS,
+    "position": tuple(QUADRANT_WORDS.values()),
 }
 
 
 @dataclass(frozen=True)
 class QA:
-    """A question and its answer (one word for evaluated types, several for ``describe``)."""
+    """A question and its answer: words separated by single spaces (two for a position, several
+    for ``describe``); the model ends every answer with ``</s>``."""
 
     qtype: str
     question: str
@@ -139,24 +147,48 @@ def sample_scene(
         objects.append(place_object(rng, height, width, quads[n_shapes], TEXT_KIND, "white", d))
     objects.sort(key=lambda o: QUADRANTS.index(o.quadrant))
     bg = background if background is not None else list(BACKGROUND_COLOURS)[int(rng.integers(6))]
-    return Scene(
+    scene = Scene(
         height=height,
         width=width,
         background=bg,
         texture=TEXTURES[int(rng.integers(len(TEXTURES)))],
         texture_seed=int(rng.integers(1 << 31)),
         objects=tuple(objects),
+        layout=LAYOUTS[int(rng.integers(len(LAYOUTS)))],
     )
+    return _with_second_colour(scene, rng) if scene.layout == "regions" else scene
+
+
+def _with_second_colour(scene: Scene, rng: np.random.Generator) -> Scene:
+    """``scene`` with a second background colour on a region where the main colour still dominates.
+
+    The region (:func:`~tokenprune.synth.scenes.second_region`) is redrawn (new ``texture_seed``)
+    until the main colour's visible pixels (outside every object's box) are at least
+    :data:`MIN_DOMINANCE` times the second colour's; after 20 draws the scene falls back to a
+    ``gradient`` layout (never seen in 10,000 scenes).
+    """
+    others = [c for c in BACKGROUND_COLOURS if c != scene.background]
+    second = others[int(rng.integers(len(others)))]
+    free = np.ones((scene.height, scene.width), dtype=bool)
+    for obj in scene.objects:
+        y, x, h, w = obj.box
+        free[y : y + h, x : x + w] = False
+    for _ in range(20):
+        candidate = replace(scene, second=second, texture_seed=int(rng.integers(1 << 31)))
+        region = second_region(candidate)
+        if (free & ~region).sum() >= MIN_DOMINANCE * (free & region).sum():
+            return candidate
+    return replace(scene, layout="gradient")
 
 
 def describe(scene: Scene) -> str:
     """The dense description: background colour, then each object in quadrant order.
 
-    Example: ``navy top-left red circle bottom-right text 7 end``.
+    Example: ``navy top left red circle bottom right text 7 end``.
     """
     words = [scene.background]
     for obj in scene.objects:
-        words.append(obj.quadrant)
+        words.append(QUADRANT_WORDS[obj.quadrant])
         words += [TEXT_KIND, obj.digit or ""] if obj.kind == TEXT_KIND else [obj.colour, obj.kind]
     words.append("end")
     return " ".join(words)
@@ -178,7 +210,7 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, answer: str | None =
         return QA(qtype, "how many shapes are there ?", str(len(shapes)))
     if qtype == "position":
         s = shapes[int(rng.integers(len(shapes)))]
-        return QA(qtype, f"where is the {s.kind} ?", s.quadrant)
+        return QA(qtype, f"where is the {s.kind} ?", QUADRANT_WORDS[s.quadrant])
     if qtype == "text":
         if scene.text is None:
             raise ValueError("a 'text' question needs a scene with a text plate")
@@ -210,7 +242,7 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, answer: str | None =
     if qtype == "name_by_position":
         q = QUADRANTS[int(rng.integers(len(QUADRANTS)))]
         obj = scene.at(q)
-        return QA(qtype, f"what is {q} ?", "nothing" if obj is None else obj.kind)
+        return QA(qtype, f"what is {QUADRANT_WORDS[q]} ?", "nothing" if obj is None else obj.kind)
     if qtype == "describe":
         return QA(qtype, "describe :", describe(scene))
     raise ValueError(f"unknown question type {qtype!r}; use one of {QUESTION_TYPES + TRAINING_ONLY_TYPES}")
@@ -238,7 +270,7 @@ def grounding_target(scene: Scene, qa: QA) -> int | None:
     if qa.qtype == "name_by_colour":
         return find(lambda o: o.colour == words[-2] and o.kind != TEXT_KIND)
     if qa.qtype == "name_by_position":
-        return find(lambda o: o.quadrant == words[-2])
+        return find(lambda o: QUADRANT_WORDS[o.quadrant] == " ".join(words[2:-1]))
     return None
 
 
@@ -258,8 +290,9 @@ def balanced_sample(sample_id: int, qtype: str, answer: str) -> Sample:
         target = next(s for s in scene.shapes if s.colour == answer)
         return Sample(sample_id, scene, QA(qtype, f"what colour is the {target.kind} ?", answer))
     elif qtype == "position":
-        scene = sample_scene(rng, forced=("", "", answer))
-        target = next(s for s in scene.shapes if s.quadrant == answer)
+        quadrant = answer.replace(" ", "-")
+        scene = sample_scene(rng, forced=("", "", quadrant))
+        target = next(s for s in scene.shapes if s.quadrant == quadrant)
         return Sample(sample_id, scene, QA(qtype, f"where is the {target.kind} ?", answer))
     else:  # exists
         scene = sample_scene(rng)

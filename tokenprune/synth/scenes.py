@@ -1,6 +1,16 @@
 """SynthVQA scenes: a seeded procedural renderer with a per-pixel object map.
 
-A scene is a dark, optionally textured background with up to four objects, one per quadrant:
+A scene is a dark background with up to four objects, one per quadrant. The background has a
+*layout* (:data:`LAYOUTS`): one flat colour, a brightness gradient of it across the image, or two
+regions (the scene's colour over most of the image, a second colour on a band, a corner or a
+blob covering 15-30% of it), and on top of that a texture (plain, stripes, noise, checker). The
+answer to "what colour is the background ?" is the colour that covers most of the visible
+background, so on a two-region scene one background token is not enough to answer it. Objects are
+coloured shapes (circle, square, triangle, cross) and at most one small white plate with a black
+5x7-pixel digit on it (the "text"). Objects never straddle the image's midlines, so the quadrant
+of an object (its position answer) is unambiguous.
+
+Objects:
 coloured shapes (circle, square, triangle, cross) and at most one small white plate with a black
 5x7-pixel digit on it (the "text"). Objects never straddle the image's midlines, so the quadrant
 of an object (its position answer) is unambiguous.
@@ -62,11 +72,19 @@ SHAPE_TINTS: dict[str, float] = {
     "cross": 1.0,
 }
 TEXTURES: tuple[str, ...] = ("plain", "stripes", "noise", "checker")
+#: How the background colour is laid out: flat, a brightness gradient, or two colour regions.
+LAYOUTS: tuple[str, ...] = ("uniform", "gradient", "regions")
+#: Shapes of the second colour's region in a ``regions`` layout.
+REGION_SHAPES: tuple[str, ...] = ("band", "corner", "blob")
+#: Share of the image the second colour covers in a ``regions`` layout.
+MIN_REGION, MAX_REGION = 0.15, 0.30
+#: Brightness factor across a ``gradient`` layout, from one side of the image to the other.
+GRADIENT_RANGE = (0.55, 1.45)
 QUADRANTS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
 TEXT_KIND = "text"
 PLATE_COLOUR = (245, 245, 245)
 INK_COLOUR = (0, 0, 0)
-MIN_SHAPE, MAX_SHAPE = 10, 14
+MIN_SHAPE, MAX_SHAPE = 9, 18
 PLATE_H, PLATE_W = 9, 7
 
 _FONT_ROWS: dict[str, tuple[str, ...]] = {
@@ -112,7 +130,17 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """A full scene description; :func:`render` turns it into pixels."""
+    """A full scene description; :func:`render` turns it into pixels.
+
+    Attributes:
+        height, width: the image size in pixels.
+        background: the colour that covers most of the visible background (the answer).
+        texture: a name from :data:`TEXTURES`.
+        texture_seed: the seed of the texture's and the layout's random details.
+        objects: the objects, in quadrant order.
+        layout: a name from :data:`LAYOUTS`.
+        second: the other colour of a ``regions`` layout (None otherwise).
+    """
 
     height: int
     width: int
@@ -120,6 +148,8 @@ class Scene:
     texture: str
     texture_seed: int
     objects: tuple[SceneObject, ...] = field(default_factory=tuple)
+    layout: str = "uniform"
+    second: str | None = None
 
     @property
     def shapes(self) -> tuple[SceneObject, ...]:
@@ -206,10 +236,57 @@ def _pattern_mask(pattern: str, top: int, left: int, h: int, w: int) -> np.ndarr
     raise ValueError(f"unknown fill pattern {pattern!r}; use one of {sorted(set(SHAPE_PATTERNS.values()))}")
 
 
+def second_region(scene: Scene) -> np.ndarray:
+    """(H, W) bool: where a ``regions`` layout draws its second colour (all False for other layouts).
+
+    The region is a band along one edge, a triangle in one corner or an elliptical blob, covering
+    a share of the image drawn from ``[MIN_REGION, MAX_REGION]``; all of it follows from
+    ``scene.texture_seed``.
+    """
+    h, w = scene.height, scene.width
+    if scene.layout != "regions":
+        return np.zeros((h, w), dtype=bool)
+    rng = np.random.default_rng([scene.texture_seed, 0x4E6])
+    share = float(rng.uniform(MIN_REGION, MAX_REGION))
+    yy, xx = (np.mgrid[0:h, 0:w].astype(np.float32) + 0.5) / np.array([h, w], dtype=np.float32)[:, None, None]
+    shape = REGION_SHAPES[int(rng.integers(len(REGION_SHAPES)))]
+    if shape == "band":
+        coord = [yy, 1 - yy, xx, 1 - xx][int(rng.integers(4))]
+        return coord < share
+    if shape == "corner":  # the triangle u + v < t has area t^2 / 2
+        u = xx if rng.random() < 0.5 else 1 - xx
+        v = yy if rng.random() < 0.5 else 1 - yy
+        return u + v < np.sqrt(2 * share)
+    cy, cx = rng.uniform(0.25, 0.75, size=2)
+    aspect = float(rng.uniform(0.6, 1.6))
+    ry, rx = np.sqrt(share / np.pi * aspect), np.sqrt(share / np.pi / aspect)
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def _gradient(scene: Scene) -> np.ndarray:
+    """(H, W, 1) float32 brightness factor of a ``gradient`` layout (ones for the others)."""
+    if scene.layout != "gradient":
+        return np.ones((scene.height, scene.width, 1), dtype=np.float32)
+    rng = np.random.default_rng([scene.texture_seed, 0x96AD])
+    angle = float(rng.uniform(0, 2 * np.pi))
+    yy, xx = np.mgrid[0 : scene.height, 0 : scene.width].astype(np.float32)
+    along = np.cos(angle) * xx / scene.width + np.sin(angle) * yy / scene.height
+    t = (along - along.min()) / max(float(along.max() - along.min()), 1e-6)
+    low, high = GRADIENT_RANGE
+    return (low + (high - low) * t)[..., None].astype(np.float32)
+
+
 def _background(scene: Scene) -> np.ndarray:
-    """(H, W, 3) float32 background with the scene's texture."""
+    """(H, W, 3) float32 background with the scene's layout and texture."""
+    if scene.layout not in LAYOUTS:
+        raise ValueError(f"unknown background layout {scene.layout!r}; use one of {LAYOUTS}")
+    if (scene.layout == "regions") != (scene.second is not None):
+        raise ValueError("a 'regions' layout needs a second colour, and only it takes one")
     base = np.array(BACKGROUND_COLOURS[scene.background], dtype=np.float32)
     img = np.broadcast_to(base, (scene.height, scene.width, 3)).copy()
+    if scene.second is not None:
+        img[second_region(scene)] = BACKGROUND_COLOURS[scene.second]
+    img *= _gradient(scene)
     rng = np.random.default_rng(scene.texture_seed)
     yy, xx = np.mgrid[0 : scene.height, 0 : scene.width]
     if scene.texture == "stripes":

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
-from tokenprune.synth.questions import ANSWERS
-from tokenprune.synth.scenes import BACKGROUND_COLOURS, QUADRANTS, SHAPE_COLOURS, SHAPE_KINDS, TEXT_KIND
+from tokenprune.synth.questions import ANSWERS, QUADRANT_WORDS
+from tokenprune.synth.scenes import BACKGROUND_COLOURS, SHAPE_COLOURS, SHAPE_KINDS, TEXT_KIND
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS, IMAGE)
@@ -30,8 +30,8 @@ def vocabulary() -> list[str]:
         list(SHAPE_COLOURS),
         list(SHAPE_KINDS),
         [TEXT_KIND],
-        list(QUADRANTS),
-        *[list(a) for a in ANSWERS.values()],
+        " ".join(QUADRANT_WORDS.values()).split(),
+        *[" ".join(a).split() for a in ANSWERS.values()],
     ]
     for group in groups:
         for w in group:
