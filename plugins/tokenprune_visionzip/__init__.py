@@ -30,8 +30,13 @@ from tokenprune.reducer import VisionAttentionParams
 from tokenprune.similarity import unit_rows
 from tokenprune.validation import check_finite_tokens
 
+PAPER = "VisionZip (Yang et al., CVPR 2025), https://arxiv.org/abs/2412.04467"
+
 CONTEXTUAL_RATIO = 10 / 64
 """The paper's share of contextual tokens: 10 of 64, 20 of 128, 30 of 192 (LLaVA-1.5), exactly ``5/32``."""
+
+PRESETS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
+"""LLaVA-1.5 budgets of the paper's Table 1 and their (dominant, contextual) split."""
 
 
 class VisionZip(TokenReducer):
@@ -241,3 +246,16 @@ def visionzip_destination(plan: VisionZipPlan, metric: Tensor) -> Tensor:
 @tokenprune.hookimpl
 def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
     registry.add(VisionZip)
+
+
+@tokenprune.hookimpl
+def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
+    for tokens, (dominant, contextual) in PRESETS.items():
+        registry.add(
+            f"visionzip-{tokens}",
+            {"stages": [{"at": "post_projector", "reducer": "visionzip", "keep": tokens}]},
+            paper=PAPER,
+            table=f"Table 1, LLaVA-1.5-7B at {tokens} tokens (the official code's dominant={dominant}, "
+            f"contextual={contextual}; the default contextual_ratio 10/64 splits {tokens} the same way)",
+            description=f"VisionZip after the projector: {dominant} dominant + {contextual} contextual tokens",
+        )
