@@ -24,6 +24,9 @@ BUILT_IN = {
     "sparsevlm-192",
     "sparsevlm-128",
     "sparsevlm-64",
+    "visionzip-192",
+    "visionzip-128",
+    "visionzip-64",
 }
 
 
@@ -67,6 +70,10 @@ def test_the_presets_reproduce_the_official_settings():
     assert [(s.point.layer, s.keep, s.params) for s in fastv.stages] == [(3, 0.5, {"rounding": "nearest"})]
     gprune = tp.load_pipeline({"preset": "gprune-70"}, presets=presets)
     assert gprune.stages[0].keep == pytest.approx(0.3) and gprune.stages[0].params["budget"] == "official"
+    for tokens, split in ((192, (162, 30)), (128, (108, 20)), (64, (54, 10))):
+        (stage,) = tp.load_pipeline({"preset": f"visionzip-{tokens}"}, presets=presets).stages
+        assert (stage.point.kind, stage.keep, stage.params) == ("post_projector", tokens, {})
+        assert f"dominant={split[0]}, contextual={split[1]}" in presets.get(f"visionzip-{tokens}").table
 
 
 def test_every_built_in_preset_is_documented_with_its_paper_and_table():
@@ -119,8 +126,9 @@ def test_presets_match_shell_patterns():
     presets = get_plugin_manager().pipelines
     assert presets.matching("sparsevlm-*") == ["sparsevlm-128", "sparsevlm-192", "sparsevlm-64"]
     assert presets.matching("gprune-70") == ["gprune-70"]
-    with pytest.raises(PipelineError, match="no pipeline preset matches 'visionzip-\\*'"):
-        presets.matching("visionzip-*")
+    assert presets.matching("visionzip-*") == ["visionzip-128", "visionzip-192", "visionzip-64"]
+    with pytest.raises(PipelineError, match="no pipeline preset matches 'fastervlm-\\*'"):
+        presets.matching("fastervlm-*")
 
 
 def test_the_cli_lists_presets_and_validates_a_preset_file(tmp_path):

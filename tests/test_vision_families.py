@@ -1,4 +1,4 @@
-"""fastervlm and vispruner end to end on every built-in adapter family: a padded batch of different image
+"""fastervlm, vispruner and visionzip end to end on every built-in adapter family: a padded batch of different image
 sizes (and a text-only sample) keeps the same tokens and gives the same logits as one by one.
 
 Towers without a CLS token (SigLIP, Qwen2-VL) rank by the ``mean`` vision attention. The manager is built
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import tiny_models
 import tokenprune_fastervlm
+import tokenprune_visionzip
 import tokenprune_vispruner
 import torch
 from engine_fixtures import ADAPTERS, BATCH_SPECS, forward, manager_with
@@ -19,7 +20,7 @@ from tokenprune.errors import TokenpruneError
 
 
 def _manager() -> tp.plugins.PluginManager:
-    return manager_with(tokenprune_fastervlm, tokenprune_vispruner)
+    return manager_with(tokenprune_fastervlm, tokenprune_vispruner, tokenprune_visionzip)
 
 
 @pytest.fixture(scope="module", params=ADAPTERS)
@@ -31,7 +32,7 @@ NO_VISION_ATTENTION = {"qwen3_vl", "qwen3_vl_moe", "internvl"}
 """Families whose adapters serve no vision attention yet (docs/status.md): vision stages are refused there."""
 
 
-@pytest.mark.parametrize("reducer", ["fastervlm", "vispruner"])
+@pytest.mark.parametrize("reducer", ["fastervlm", "vispruner", "visionzip"])
 def test_batched_equals_one_by_one(tiny, reducer):
     manager = _manager()
     adapter = manager.adapters.get(tiny.model.config.model_type)(tiny.model)
