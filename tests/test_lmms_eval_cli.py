@@ -48,7 +48,7 @@ doc_to_visual: !function utils.doc_to_visual
 doc_to_text: !function utils.doc_to_text
 doc_to_target: answer
 generation_kwargs:
-  max_new_tokens: 1
+  max_new_tokens: 6
 metric_list:
   - metric: exact_match
     aggregation: mean
