@@ -124,3 +124,26 @@ def test_exported_synthvqa_as_a_jsonl_task_scores_like_the_synthvqa_task(tmp_pat
     assert groups["jsonl"]["unpruned"] == groups["synthvqa"]["unpruned"]
     row = next(r for r in summary["pipelines"] if r["pipeline"] == "unpruned")
     assert row["tasks"]["jsonl"]["accuracy"] == row["tasks"]["synthvqa"]["accuracy"] >= 0.9
+
+
+def test_hugging_face_pipeline_answers_briefly_and_is_pruned(bundled):
+    """`transformers.pipeline("image-text-to-text")`, as users call it, inside `tokenprune.apply`."""
+    from transformers import pipeline
+
+    import tokenprune as tp
+
+    model, processor = bundled
+    answerer = pipeline("image-text-to-text", model=model, processor=processor)
+    samples = [s for s in heldout_split(2) if s.qa.qtype in ("background", "position")]
+    plain = {"stages": [{"at": "post_projector", "reducer": "random", "keep": 1.0}]}
+    with tp.apply(model, plain) as run:
+        for s in samples:
+            image = Image.fromarray(render(s.scene)[0])
+            out = answerer(images=image, text=prompt(s.qa.question), max_new_tokens=12, return_full_text=False)
+            assert out[0]["generated_text"].strip() == s.qa.answer
+        assert len(run.stats.prefills) == len(samples)
+    with tp.apply(model, {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]}) as run:
+        image = Image.fromarray(render(samples[0].scene)[0])
+        answerer(images=image, text=prompt(samples[0].qa.question), max_new_tokens=12)
+        stage = run.stats.last_prefill.stages[0]
+        assert stage.leaving[0] == stage.entering[0] // 2
