@@ -93,7 +93,9 @@ def pruned_layer_kwargs(
 
     In the prefill: what the language model computed for the whole sequence (4-D mask, rotary tables,
     position ids), sliced down to the kept tokens; under ``compact`` positions the rotary tables are
-    recomputed for the renumbered positions.
+    recomputed for the renumbered positions. Where the model passed no mask (sdpa, no padding) and the
+    kept tokens have no padding either, none is passed on: the attention stays causal without an
+    explicit mask, as in the stock model (an explicit 4-D mask made sdpa 1.5x to 1.9x slower on CPU).
 
     In a decoding step: the new tokens attend to every kept token of this layer's cache that is not
     padding, and to the tokens decoded so far. The model sized its mask from some layer's cache
@@ -105,9 +107,9 @@ def pruned_layer_kwargs(
     """
     if st.in_prefill:
         cols = seg.lm_column
-        kwargs["attention_mask"] = slice_mask(
-            kwargs.get("attention_mask"), cols, cols, seg.valid, boolean=boolean, dtype=dtype
-        )
+        mask = kwargs.get("attention_mask")
+        if mask is not None or seg.has_padding_slots or not bool(seg.valid.all()):
+            kwargs["attention_mask"] = slice_mask(mask, cols, cols, seg.valid, boolean=boolean, dtype=dtype)
         pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
         if compact:
             kwargs["position_embeddings"] = adapter.rotary(hidden, seg.positions, layer)
