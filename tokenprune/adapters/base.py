@@ -83,7 +83,7 @@ class VisionTower:
 
     Attributes:
         name: How messages name the tower, e.g. ``"CLIPVisionModel"``.
-        layers: The encoder layers in order (each holds its attention as ``self_attn`` or ``attn``).
+        layers: The encoder layers in order (each holds its attention as ``self_attn``, ``attn`` or ``attention``).
         feature_layer: Index into ``layers`` (non-negative) of the layer whose output the model's image
             features are taken from (LLaVA's ``vision_feature_layer``): the default probed layer.
         has_cls: Position 0 of every tower sequence is a [CLS] token (CLIP); SigLIP and Qwen2-VL have none.
