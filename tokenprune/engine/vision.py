@@ -339,26 +339,45 @@ def vision_probe_for(plans: list[Any], adapter: ModelAdapter) -> VisionProbe | N
 
 
 def post_projector_vision_signals(
-    probe: VisionProbe | None, adapter: ModelAdapter, call: ImageCall | None, plans: list[Any], visual: Tensor
+    probe: VisionProbe | None,
+    adapter: ModelAdapter,
+    call: ImageCall | None,
+    plans: list[Any],
+    visual: Tensor,
+    video: Tensor | None = None,
 ) -> dict[int, VisionSignal]:
     """Per post_projector stage plan that reads vision attention, its signal over the input sequence.
 
+    The signal covers the image tokens (``visual`` less ``video``): vision attention is served for images
+    only, from the recorded ``get_image_features`` call. Video tokens get none (not valid), so a stage that
+    reads vision attention must reduce only the images (``tokens: image``) on a prompt with video tokens.
     The probe's cost is counted at the first stage that reads each (layer, kind), zero at the others.
 
     Raises:
-        TokenpruneError: a stage reads vision attention but the forward computed no image features.
+        TokenpruneError: a stage reads vision attention but the forward computed no image features, or the
+            stage reduces video tokens and the batch has some.
     """
     out: dict[int, VisionSignal] = {}
     if probe is None:
         return out
+    has_video = video is not None and bool(video.any())
+    image = visual & ~video if has_video else visual
+    reading = [p for p in plans if p.reducer.vision_attention_request() is not None]
+    for plan in reading:
+        if has_video and getattr(plan.stage, "tokens", "all") in ("all", "video"):
+            raise TokenpruneError(
+                f"stage {plan.index} ({plan.stage.reducer}) reads vision-encoder attention, which the "
+                f"{adapter.name!r} adapter serves for image tokens only, but this batch has video tokens; give the "
+                "stage `tokens: image` to reduce the images only (the video tokens are then kept)"
+            )
     if call is None:
+        if has_video and not bool(image.any()):  # a video-only batch: the `tokens: image` stages skip it
+            return out
         raise TokenpruneError("a stage reads vision-encoder attention, but the model computed no image features")
     counted: set[tuple[int | None, str]] = set()
-    for plan in plans:
+    for plan in reading:
         request = plan.reducer.vision_attention_request()
-        if request is None:
-            continue
-        signal = sequence_vision_signal(adapter, call, probe, request, visual)
+        signal = sequence_vision_signal(adapter, call, probe, request, image)
         key = (request.layer, request.kind)
         out[plan.index] = signal if key not in counted else replace(signal, macs=0)
         counted.add(key)
