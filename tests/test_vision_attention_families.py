@@ -1,0 +1,202 @@
+"""Vision-encoder attention on Qwen3-VL (dense and MoE) and InternVL: the probe equals eager attention, the
+tower is left as it was, the patch-to-token maps (DeepStack taps, pixel shuffle, CLS), and video tokens.
+
+The families' end-to-end runs (fastervlm, vispruner; a padded batch of different image sizes equals one by
+one) are in ``tests/test_vision_families.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import tiny_models
+import tokenprune_fastervlm
+import tokenprune_vispruner
+import torch
+from engine_fixtures import BATCH_SPECS, VIDEO_SPECS, manager_with
+from test_vision_attention import _eager_weights, _tower_modules
+
+import tokenprune as tp
+from tokenprune.engine import compat
+from tokenprune.engine.vision import VisionProbe
+from tokenprune.errors import TokenpruneError
+from tokenprune.testing.adapters import adapter_case, vision_patches_map_to_tokens
+
+FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl"]
+
+
+def _manager() -> tp.plugins.PluginManager:
+    return manager_with(tokenprune_fastervlm, tokenprune_vispruner)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    return getattr(tiny_models, request.param)()
+
+
+def _kinds(name: str) -> list[str]:
+    return ["cls", "mean"] if name == "internvl" else ["mean"]
+
+
+@pytest.mark.parametrize("layer", [None, 0])
+def test_probe_scores_equal_eager_attention(tiny, layer):
+    """At the default (last) layer and at layer 0 (a DeepStack tap of the tiny Qwen3-VL): per tower sequence,
+    the probe's scores are the eager attention's, averaged over heads (and query rows, CLS excluded)."""
+    _, tower, modules = _tower_modules(tiny.model)
+    inputs = tiny.make_inputs([*BATCH_SPECS[tiny.name][:2], None])
+    index = tower.feature_layer if layer is None else layer
+    for kind in _kinds(tiny.name):
+        probe = VisionProbe(tower, {index: (frozenset({kind}), False, False)})
+        probe.install()
+        try:
+            probe.reset(active=True)
+            with torch.no_grad():
+                tiny.model(**inputs)
+            got = probe.records[index].scores[kind]
+        finally:
+            probe.remove()
+        calls = _eager_weights(tiny.model, inputs, modules)[index]
+        if tiny.name == "internvl":  # one call over every tile: (tiles, H, S, S), position 0 the CLS token
+            weights = torch.cat([w.mean(1) for w in calls])
+            expected = list(weights[:, 0] if kind == "cls" else weights[:, 1:].mean(1))
+        else:  # one call per image: (1, H, S_i, S_i), no CLS
+            expected = [w.mean(1)[0].mean(0) for w in calls]
+        sequences = inputs["pixel_values"] if tiny.name == "internvl" else inputs["image_grid_thw"]
+        assert len(got) == len(expected) == sequences.shape[0]  # per tile (InternVL), per image (Qwen3-VL)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+
+
+def test_probe_runs_under_sdpa_and_leaves_the_tower_unchanged(tiny):
+    _, tower, modules = _tower_modules(tiny.model)
+    inputs = tiny.make_inputs([*BATCH_SPECS[tiny.name][:2], None])
+    with torch.no_grad():
+        plain = tiny.model(**inputs).logits
+    calls: list[object] = []
+    sdpa = compat.sdpa_module()
+    stock = sdpa.sdpa_attention_forward
+
+    def spy(module, *args, **kwargs):
+        calls.append(module)
+        return stock(module, *args, **kwargs)
+
+    kind = "cls" if tower.has_cls else "mean"
+    pipe = {"stages": [{"at": "post_projector", "reducer": "fastervlm", "keep": 1.0, "params": {"attention": kind}}]}
+    sdpa.sdpa_attention_forward = spy
+    try:
+        with tp.apply(tiny.model, pipe, plugins=_manager()) as run:
+            assert {compat.attention_implementation(m.config) for m in modules} == {"tokenprune_vision_sdpa"}
+            with torch.no_grad():
+                probed = tiny.model(**inputs).logits
+    finally:
+        sdpa.sdpa_attention_forward = stock
+    assert all(m in calls for m in modules)  # every tower layer ran stock sdpa
+    assert {compat.attention_implementation(m.config) for m in modules} == {"sdpa"}
+    assert "tokenprune_vision_sdpa" not in compat.attention_users()
+    assert torch.equal(plain, probed)
+    assert run.stats.last_prefill.stages[0].overhead_macs > 0
+
+
+def test_vision_patches_map_to_tokens(tiny):
+    vision_patches_map_to_tokens(adapter_case(tiny.model, tiny.make_inputs, BATCH_SPECS[tiny.name]))
+
+
+def test_towers():
+    """Qwen3-VL: the last block, no CLS; InternVL: ``vision_feature_layer`` (from the config), CLS."""
+    for name, layers, layer, cls in [("qwen3_vl", 3, 2, False), ("internvl", 2, 1, True)]:
+        t = getattr(tiny_models, name)()
+        tower = _manager().adapters.get(t.model.config.model_type)(t.model).vision_tower()
+        assert (len(tower.layers), tower.feature_layer, tower.has_cls) == (layers, layer, cls)
+
+
+def test_internvl_maps_an_earlier_feature_layer():
+    """``vision_feature_layer: -2``: the features (and the default probed layer) are layer 0's output."""
+    t = tiny_models.internvl()
+    t.model.config.vision_feature_layer = -2
+    case = adapter_case(t.model, t.make_inputs, BATCH_SPECS["internvl"])
+    assert case.adapter.vision_tower().feature_layer == 0
+    vision_patches_map_to_tokens(case)
+
+
+def test_internvl_token_is_the_mean_of_its_two_by_two_patches():
+    """A 4 x 4 patch tile (CLS first) gives 2 x 2 tokens, each the mean of the 2 x 2 patches it concatenates."""
+    t = tiny_models.internvl()
+    adapter = _manager().adapters.get("internvl")(t.model)
+    grid = torch.arange(16.0).reshape(4, 4)  # patch (r, c) has value 4 r + c
+    values = [torch.cat([torch.tensor([[100.0]]), grid.reshape(16, 1)])]
+    call = tp.adapters.base.ImageCall((), {"vision_feature_select_strategy": "default"}, None)
+    (mapped,) = adapter.map_vision_patches(call, values)
+    rows, cols = adapter.tile_grid()
+    expected = torch.stack([grid[2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean() for r, c in zip(rows, cols, strict=True)])
+    torch.testing.assert_close(mapped[:, 0], expected)
+
+
+def test_cls_on_qwen3_vl_is_refused_and_suggests_mean():
+    t = tiny_models.qwen3_vl()
+    pipe = {"stages": [{"at": "post_projector", "reducer": "fastervlm", "keep": 0.5, "params": {"attention": "cls"}}]}
+    with pytest.raises(TokenpruneError, match=r"Qwen3VLVisionModel.*no CLS token.*'mean'"):
+        tp.apply(t.model, pipe, plugins=_manager())
+
+
+# --- video tokens (Qwen3-VL's get_video_features runs get_image_features) -----------------------
+
+
+def test_qwen3_vl_maps_patches_on_image_and_video_prompts():
+    """The kit's check on a batch with videos: only the outer image call is probed and mapped."""
+    t = tiny_models.qwen3_vl()
+    video = tiny_models.Video
+    specs = [[(56, 56), video(2, 56, 112)], [video(4, 56, 56), (56, 112)], [(112, 56), video(4, 112, 56)]]
+    vision_patches_map_to_tokens(adapter_case(t.model, t.make_inputs, specs))
+
+
+@pytest.mark.parametrize("tokens", [None, "all", "video"])
+def test_a_vision_attention_stage_on_video_tokens_is_refused(tokens):
+    t = tiny_models.qwen3_vl()
+    stage = {"at": "post_projector", "reducer": "vispruner", "keep": 0.5, "params": {"attention": "mean"}}
+    if tokens is not None:
+        stage["tokens"] = tokens
+    with tp.apply(t.model, {"stages": [stage]}, plugins=_manager()), torch.no_grad():
+        with pytest.raises(TokenpruneError, match=r"'qwen3_vl' adapter serves for image tokens only.*`tokens: image`"):
+            t.model(**t.make_inputs([[(56, 56), VIDEO_SPECS["qwen3_vl"][0]]]))
+
+
+SEEN: list[torch.Tensor] = []
+"""The valid vision scores the recording reducer saw, one tensor per stage call."""
+
+
+def _recording_fastervlm():
+    class Recording(tokenprune_fastervlm.FasterVLM):
+        name = "recording_fastervlm"
+
+        def score(self, tokens, ctx):
+            SEEN.append(ctx.vision_attention[ctx.valid].clone())
+            return super().score(tokens, ctx)
+
+    class Plugin:
+        @tp.hookimpl
+        def tokenprune_register_reducers(self, registry):
+            registry.add(Recording)
+
+    manager = _manager()
+    manager.register(Plugin())
+    return manager
+
+
+def test_qwen3_vl_image_tokens_next_to_a_video_get_the_image_scores():
+    """``tokens: image`` on an image + video prompt: the image's vision scores are those of the image alone
+    (the video's call through get_image_features is not probed), and a video-only prompt passes unchanged."""
+    t = tiny_models.qwen3_vl()
+    manager = _recording_fastervlm()
+    stage = {"at": "post_projector", "reducer": "recording_fastervlm", "keep": 0.5, "tokens": "image"}
+    stage["params"] = {"attention": "mean"}
+    video = VIDEO_SPECS["qwen3_vl"][0]
+    SEEN.clear()
+    with tp.apply(t.model, {"stages": [stage]}, plugins=manager) as run, torch.no_grad():
+        t.model(**t.make_inputs([(56, 56)]))
+        t.model(**t.make_inputs([[(56, 56), video]]))
+        with_video = run.stats.last_prefill.stages[0]
+        t.model(**t.make_inputs([video]))
+        only_video = run.stats.last_prefill.stages[0]
+    alone, mixed = SEEN
+    torch.testing.assert_close(mixed, alone, rtol=0, atol=1e-6)
+    assert with_video.entering == [alone.numel()] and len(with_video.kept[0]) == alone.numel() // 2
+    assert only_video.entering == [0]
