@@ -83,11 +83,14 @@ class VisionTower:
 
     Attributes:
         name: How messages name the tower, e.g. ``"CLIPVisionModel"``.
-        layers: The encoder layers in order (each holds its attention as ``self_attn`` or ``attn``).
+        layers: The encoder layers in order (each holds its attention as ``self_attn``, ``attn`` or ``attention``).
         feature_layer: Index into ``layers`` (non-negative) of the layer whose output the model's image
             features are taken from (LLaVA's ``vision_feature_layer``): the default probed layer.
         has_cls: Position 0 of every tower sequence is a [CLS] token (CLIP); SigLIP and Qwen2-VL have none.
         notes: Where the default layer is not obvious, why it was chosen (Qwen2.5-VL's window attention).
+        videos: The probe also watches the tower during ``get_video_features`` and the adapter maps those
+            sequences to the video tokens (:meth:`ModelAdapter.map_vision_video_patches`); ``False``: video
+            tokens get no vision attention, and a stage that reads it may not reduce them.
     """
 
     name: str
@@ -95,6 +98,7 @@ class VisionTower:
     feature_layer: int
     has_cls: bool
     notes: str = ""
+    videos: bool = False
 
 
 @dataclass
@@ -213,6 +217,15 @@ class ModelAdapter:
         be linear in ``values``; the engine maps a coverage channel with the values and divides by it.
 
         The default, ``None``, says the adapter provides no mapping.
+        """
+        return None
+
+    def map_vision_video_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """:meth:`map_vision_patches` for the recorded ``get_video_features`` call (``VisionTower.videos``).
+
+        ``values`` holds the tower's sequences of that call (one per frame for CLIP towers); return one
+        ``(n_v, C)`` tensor per video, row for row its tokens as :meth:`video_layouts` orders them, with the same
+        rules (mean weights of the positions a token is built from, linear). The default, ``None``: no mapping.
         """
         return None
 

@@ -13,14 +13,25 @@ own ``pixel_shuffle`` on the patch coordinates. ``get_image_features`` does not 
 one image, so the adapter counts them from the runs of image tokens that :meth:`visual_mask` saw in
 ``input_ids`` (each image's tokens are contiguous, between ``<img>`` and ``</img>``); the crop grid's
 shape (rows x columns of crops) is not in the model's inputs, so crops are not placed on one grid.
+
+Vision attention: the InternViT tower (``vision_tower.encoder.layer``, attention module ``attention``) runs
+once over all tiles of the batch, one tower sequence per tile, position 0 its CLS token; the probed layer
+defaults to the one the features come from (``vision_feature_layer``, ``-1``: the last). The model drops
+the CLS position and pixel-shuffles the ``p x p`` patch grid: a token *concatenates* the channels of
+``1 / downsample_ratio^2`` neighbouring patches (2 x 2), so its score is the mean of theirs (the model's own
+``pixel_shuffle`` run on the values). One mapped tensor per tile, tiles in ``pixel_values`` order (as
+``get_image_features`` returns them; the layout groups them per image in the same order).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
+from tokenprune.adapters.vision import drop_cls, layer_of_hidden_state
 from tokenprune.layout import TokenLayout
 
 
@@ -64,6 +75,39 @@ class InternVLAdapter(ModelAdapter):
         flat = shuffled.reshape(-1, shuffled.shape[-1])
         scale = round(1 / cfg.downsample_ratio)
         return flat[:, 0::2].amin(-1).long() // scale, flat[:, 1::2].amin(-1).long() // scale
+
+    def vision_tower(self) -> VisionTower | None:
+        """The InternViT encoder layers; features from ``vision_feature_layer`` (``-1``: the last layer, read
+        from ``last_hidden_state``); position 0 of every tile is its CLS token."""
+        tower = self.vlm().vision_tower
+        layers = tuple(tower.encoder.layer)
+        cls_token = getattr(getattr(tower, "embeddings", None), "cls_token", None)
+        feature = self.vlm().config.vision_feature_layer
+        return VisionTower(
+            name=type(tower).__name__,
+            layers=layers,
+            feature_layer=layer_of_hidden_state(feature, len(layers)),
+            has_cls=isinstance(cls_token, Tensor),
+        )
+
+    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per tile: CLS dropped (``default`` strategy), the ``p x p`` patch grid
+        pixel-shuffled by the model's own ``pixel_shuffle``; each token the mean of the patches whose channels
+        it concatenates. One tensor per tile, in ``pixel_values`` order."""
+        vlm = self.vlm()
+        cfg = vlm.config
+        strategy = call.arg("vision_feature_select_strategy", 2) or cfg.vision_feature_select_strategy
+        ratio = cfg.downsample_ratio
+        group = round(1 / ratio**2)
+        out = []
+        for v in values:
+            patches = drop_cls(v, strategy)
+            side, channels = math.isqrt(patches.shape[0]), patches.shape[-1]
+            if side * side != patches.shape[0]:
+                return None
+            shuffled = vlm.pixel_shuffle(patches.reshape(1, side, side, channels).contiguous(), scale_factor=ratio)
+            out.append(shuffled.reshape(-1, group, channels).mean(1))
+        return out
 
     def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
         feats = call.features()

@@ -5,14 +5,25 @@ frame's ``g x g`` grid by ``spatial_pool_stride`` (average, max or a strided con
 frame gives an ``s x s`` grid (``s = g / stride``), and the frames follow each other: ``F * s * s``
 ``<video>`` tokens with no newline. The layout gives every token its frame, row and column. Images
 are laid out as in :mod:`tokenprune.adapters.llava_next`.
+
+Vision attention, images as LLaVA-NeXT and videos too: ``get_video_features`` runs the CLIP tower once over
+every frame of the batch's videos (one tower sequence per frame, in ``pixel_values_videos`` order), drops
+the CLS position (``default``) and pools each frame's ``g x g`` grid by ``spatial_pool_stride``; a pooled
+token gets the mean of its ``stride x stride`` window of patches whatever the pooling mode (an average, a
+max or a strided convolution of those patches: built from them, weights of a mean).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
-from tokenprune.adapters.base import ImageCall
+import torch
+from torch import Tensor
+
+from tokenprune.adapters.base import ImageCall, VisionTower
 from tokenprune.adapters.llava_next import LlavaNextAdapter
+from tokenprune.adapters.vision import drop_cls
 from tokenprune.layout import TokenLayout
 
 
@@ -58,3 +69,29 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
 
     def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
         return frame_grids(call)
+
+    def vision_tower(self) -> VisionTower | None:
+        """LLaVA-NeXT's CLIP tower, also watched during ``get_video_features`` (``videos``)."""
+        tower = super().vision_tower()
+        return None if tower is None else dataclasses.replace(tower, videos=True)
+
+    def map_vision_video_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per frame: CLS dropped under ``default``, each frame's grid average-pooled by
+        ``spatial_pool_stride`` (the windows the model pools), frames in order; one tensor per video."""
+        pixels = call.arg("pixel_values_videos", 0)
+        if pixels is None:
+            return None
+        cfg = self.vlm().config
+        strategy = call.arg("vision_feature_select_strategy", 2) or cfg.vision_feature_select_strategy
+        stride = int(cfg.spatial_pool_stride)
+        frames = []
+        for v in values:
+            patches = drop_cls(v, strategy)
+            side, channels = math.isqrt(patches.shape[0]), patches.shape[-1]
+            if side * side != patches.shape[0]:
+                return None
+            grid = patches.T.reshape(1, channels, side, side)
+            pooled = torch.nn.functional.avg_pool2d(grid, kernel_size=stride, stride=stride)
+            frames.append(pooled.flatten(2)[0].T)
+        per_video = int(pixels.shape[1])
+        return [torch.cat(frames[i : i + per_video]) for i in range(0, len(frames), per_video)]

@@ -16,6 +16,14 @@ engine adds them itself (:mod:`tokenprune.engine.residuals`) with the model's ow
 DeepStack tensor and the mask like the tokens, a merge averages them like the tokens (size-weighted),
 and a ``layer: k`` stage with ``k < len(deepstack_visual_indexes)`` keeps the remaining layers'
 features aligned with the kept tokens. All of it is exact (keep-all is bit-identical).
+
+**Vision attention.** The tower runs one attention call per image (``cu_seqlens`` chunks, each through the
+attention interface the probe intercepts), so the probe sees one sequence per image; each merged token
+gets the mean of the scores of its ``m x m`` patches, as for Qwen2-VL. The default block is the last one,
+whose output the merger turns into the features; the DeepStack taps read earlier blocks (their mergers
+group the same patches), but the scores come from one block. No CLS token (``mean`` only). Video tokens
+are not served: ``get_video_features`` runs the image path, the engine records and probes only the image
+call, and a vision-attention stage on a prompt with video tokens must say ``tokens: image``.
 """
 
 from __future__ import annotations
@@ -36,10 +44,28 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     notes = "M-RoPE (interleaved) sliced like qwen2_vl; DeepStack features follow the kept and merged tokens"
 
     def vision_tower(self) -> VisionTower | None:
-        """None: vision-encoder attention is not served for Qwen3-VL yet (its tower's patch-to-token map, with
-        the DeepStack taps and the video path calling the image path, is not written), so vision-attention
-        stages are refused on it with a message naming the adapter."""
-        return None
+        """The vision transformer's blocks; the default probed block is the last one.
+
+        The features the language model receives at the visual positions come from the last block, through
+        the 2x2 merger (the map is :meth:`~Qwen2VLAdapter.map_vision_patches`'s: one tower sequence per image,
+        each token the mean of its ``m x m`` consecutive patches). The DeepStack taps
+        (``deepstack_visual_indexes``) read intermediate blocks through their own mergers, which group the
+        same patches, so a token's DeepStack features come from the same patches as its main features; the
+        vision attention is nevertheless read at one block (the last, or ``layer``), not per tap. No CLS
+        token: only the ``mean`` vision attention is served. Videos: ``get_video_features`` calls
+        ``get_image_features``; the engine records only the outer image call and the probe watches only it,
+        and vision attention is refused on video tokens
+        (:func:`tokenprune.engine.vision.post_projector_vision_signals`).
+        """
+        visual = self.vlm().visual
+        blocks = tuple(visual.blocks)
+        return VisionTower(
+            type(visual).__name__,
+            blocks,
+            len(blocks) - 1,
+            False,
+            "last block (the merger's input); the DeepStack taps read earlier blocks, the scores come from one",
+        )
 
     def deepstack_layers(self) -> tuple[int, ...]:
         """The decoder layers after which DeepStack features are added (``0 .. n - 1``)."""

@@ -23,7 +23,8 @@ class FeatureCalls:
     Attributes:
         image: The last ``get_image_features`` call (not one made inside ``get_video_features``).
         video: The last ``get_video_features`` call.
-        vision_probe: Activated for the length of each image call, when a stage reads vision attention.
+        vision_probe: Activated for the length of each image call (and video call, where the tower serves
+            videos), when a stage reads vision attention.
     """
 
     image: ImageCall | None = None
@@ -45,7 +46,7 @@ class FeatureCalls:
 
     def _before_image(self) -> None:
         if self.vision_probe is not None and not self._in_video:
-            self.vision_probe.reset(active=True)
+            self.vision_probe.begin("image")
 
     def _after_image(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if self._in_video:  # Qwen3-VL's get_video_features calls get_image_features
@@ -56,7 +57,11 @@ class FeatureCalls:
 
     def _before_video(self) -> None:
         self._in_video = True
+        if self.vision_probe is not None and self.vision_probe.tower.videos:
+            self.vision_probe.begin("video")
 
     def _after_video(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         self._in_video = False
         self.video = ImageCall(args, kwargs, output)
+        if self.vision_probe is not None:
+            self.vision_probe.active = False

@@ -169,8 +169,8 @@ def attention_module(layer: nn.Module) -> nn.Module | None:
 
 def vision_attention_module(layer: nn.Module) -> nn.Module | None:
     """The attention module of a vision-encoder layer (``self_attn`` in CLIP, SigLIP and Idefics3; ``attn`` in
-    Qwen2-VL's blocks)."""
-    for name in ("self_attn", "attn"):
+    Qwen2-VL's and Qwen3-VL's blocks; ``attention`` in InternVL's InternViT layers)."""
+    for name in ("self_attn", "attn", "attention"):
         attn = getattr(layer, name, None)
         if isinstance(attn, nn.Module):
             return attn

@@ -264,7 +264,9 @@ class ForwardHooks:
         calls = self._calls
         layout = visual_layout(self.adapter, calls.image, calls.video, st.visual, st.video)
         seq, fmt = input_sequence(hidden, st.input_mask, st.visual, layout, position_ids, video=st.video)
-        vision = post_projector_vision_signals(self.vision_probe, self.adapter, calls.image, self._post, st.visual)
+        vision = post_projector_vision_signals(
+            self.vision_probe, self.adapter, calls.image, self._post, st.visual, st.video, calls.video
+        )
         calls.clear()
         residuals = self.adapter.take_visual_residuals(kw)
         if residuals is not None:

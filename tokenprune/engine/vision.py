@@ -77,14 +77,17 @@ class VisionProbe:
         tower: The model's vision tower, from its adapter.
         requests: Tower layer (non-negative) to the kinds computed there, and whether keys and
             features are kept.
-        records: After a prefill, per layer, what was recorded.
+        records: After a prefill, per layer, what was recorded during the image call.
+        video_records: The same for the video call (only with ``tower.videos``).
         active: Set by the engine during prefill; the probe computes nothing otherwise.
     """
 
     tower: VisionTower
     requests: dict[int, tuple[frozenset[str], bool, bool]]
     records: dict[int, VisionRecord] = field(default_factory=dict)
+    video_records: dict[int, VisionRecord] = field(default_factory=dict)
     active: bool = False
+    _into: str = "image"
     _configs: list[tuple[Any, Any]] = field(default_factory=list)
     _handles: list[Any] = field(default_factory=list)
     _name: str | None = None
@@ -125,14 +128,25 @@ class VisionProbe:
             self._name = None
 
     def reset(self, *, active: bool) -> None:
-        """Forget the last prefill's records; record during the next one if ``active``."""
+        """Forget the last prefill's records; record (the image call's) during the next one if ``active``."""
         self.active = active
+        self._into = "image"
         self.records.clear()
+        self.video_records.clear()
+
+    def begin(self, kind: str) -> None:
+        """Record the tower calls that follow into ``kind``'s records (``image`` or ``video``), cleared first."""
+        self._into = kind
+        self._current().clear()
+        self.active = True
+
+    def _current(self) -> dict[int, VisionRecord]:
+        return self.video_records if self._into == "video" else self.records
 
     def record(self, layer: int, module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: Any) -> None:
         """Compute and store ``layer``'s scores for one attention call (one or more tower sequences)."""
         kinds, keys, _ = self.requests[layer]
-        rec = self.records.setdefault(layer, VisionRecord())
+        rec = self._current().setdefault(layer, VisionRecord())
         with torch.no_grad():
             for kind in kinds:
                 scores, macs = vision_scores(module, query, key, mask, kw, kind, self.tower.has_cls)
@@ -146,7 +160,7 @@ class VisionProbe:
             if not self.active:
                 return
             hidden = output[0] if isinstance(output, tuple) else output
-            rec = self.records.setdefault(layer, VisionRecord())
+            rec = self._current().setdefault(layer, VisionRecord())
             lengths = [int(s.shape[0]) for s in next(iter(rec.scores.values()), [])]
             flat = hidden.detach().float().reshape(-1, hidden.shape[-1])
             rec.features.extend(flat.split(lengths) if sum(lengths) == flat.shape[0] else flat.unbind(0))
@@ -251,9 +265,18 @@ class VisionSignal:
 
 
 def sequence_vision_signal(
-    adapter: ModelAdapter, call: ImageCall, probe: VisionProbe, request: VisionAttentionRequest, visual: Tensor
+    adapter: ModelAdapter,
+    call: ImageCall,
+    probe: VisionProbe,
+    request: VisionAttentionRequest,
+    visual: Tensor,
+    *,
+    video: bool = False,
 ) -> VisionSignal:
     """Map what ``probe`` recorded for ``request`` onto the ``(B, L)`` visual tokens ``visual`` of the sequence.
+
+    With ``video``, from the video call's records through ``map_vision_video_patches`` (``visual``: the video
+    tokens), else from the image call's through ``map_vision_patches``.
 
     Each tower position gets a coverage of 1 (0 at the CLS token); the adapter's
     :meth:`~tokenprune.adapters.base.ModelAdapter.map_vision_patches` maps ``[score, 1, features, keys]``
@@ -265,7 +288,7 @@ def sequence_vision_signal(
             match the visual tokens of the sequence.
     """
     layer = resolve_layer(probe.tower, request.layer)
-    rec = probe.records.get(layer)
+    rec = (probe.video_records if video else probe.records).get(layer)
     if rec is None or request.kind not in rec.scores:
         raise TokenpruneError(
             f"the vision probe recorded nothing at layer {layer} of the {probe.tower.name}; its attention did not go "
@@ -280,14 +303,16 @@ def sequence_vision_signal(
         parts += [rec.features[r]] if request.features else []
         parts += [rec.keys[r]] if request.keys else []
         values.append(torch.cat(parts, -1) * cover[:, None])
-    mapped = adapter.map_vision_patches(call, values)
+    mapped = (adapter.map_vision_video_patches if video else adapter.map_vision_patches)(call, values)
     if mapped is None:
-        raise TokenpruneError(f"adapter {adapter.name!r} does not map vision patches to its visual tokens")
+        what = "video tokens" if video else "visual tokens"
+        raise TokenpruneError(f"adapter {adapter.name!r} does not map vision patches to its {what}")
     flat = torch.cat([m.float() for m in mapped]) if mapped else torch.zeros(0, values[0].shape[-1])
     if flat.shape[0] != int(visual.sum()):
         raise TokenpruneError(
-            f"adapter {adapter.name!r}: map_vision_patches() returned {flat.shape[0]} tokens, but the sequence has "
-            f"{int(visual.sum())} visual tokens; it must return one row per post-projector token, image by image"
+            f"adapter {adapter.name!r}: map_vision_{'video_' if video else ''}patches() returned {flat.shape[0]} "
+            f"tokens, but the sequence has {int(visual.sum())} {'video' if video else 'image'} tokens; it must "
+            "return one row per post-projector token, image (video) by image"
         )
     full = torch.zeros(*visual.shape, flat.shape[-1], device=visual.device)
     full[visual] = flat.to(visual.device)
@@ -339,27 +364,66 @@ def vision_probe_for(plans: list[Any], adapter: ModelAdapter) -> VisionProbe | N
 
 
 def post_projector_vision_signals(
-    probe: VisionProbe | None, adapter: ModelAdapter, call: ImageCall | None, plans: list[Any], visual: Tensor
+    probe: VisionProbe | None,
+    adapter: ModelAdapter,
+    call: ImageCall | None,
+    plans: list[Any],
+    visual: Tensor,
+    video: Tensor | None = None,
+    video_call: ImageCall | None = None,
 ) -> dict[int, VisionSignal]:
     """Per post_projector stage plan that reads vision attention, its signal over the input sequence.
 
-    The probe's cost is counted at the first stage that reads each (layer, kind), zero at the others.
+    The image tokens (``visual`` less ``video``) get it from the recorded ``get_image_features`` call; the
+    video tokens from the ``get_video_features`` call (``video_call``) where the tower serves videos
+    (``VisionTower.videos``), else none: then a stage that reads vision attention must reduce only the images
+    (``tokens: image``) on a batch with video tokens. The probe's cost is counted at the first stage that
+    reads each (layer, kind), zero at the others.
 
     Raises:
-        TokenpruneError: a stage reads vision attention but the forward computed no image features.
+        TokenpruneError: a stage reads vision attention but the forward computed no image (video) features, or
+            the stage reduces video tokens the adapter gives no vision attention and the batch has some.
     """
     out: dict[int, VisionSignal] = {}
     if probe is None:
         return out
-    if call is None:
+    has_video = video is not None and bool(video.any())
+    image = visual & ~video if has_video else visual
+    videos = has_video and probe.tower.videos
+    reading = [p for p in plans if p.reducer.vision_attention_request() is not None]
+    for plan in reading:
+        if has_video and not videos and getattr(plan.stage, "tokens", "all") in ("all", "video"):
+            raise TokenpruneError(
+                f"stage {plan.index} ({plan.stage.reducer}) reads vision-encoder attention, which the "
+                f"{adapter.name!r} adapter serves for image tokens only, but this batch has video tokens; give the "
+                "stage `tokens: image` to reduce the images only (the video tokens are then kept)"
+            )
+    has_image = bool(image.any())
+    if call is None and (has_image or not has_video):
         raise TokenpruneError("a stage reads vision-encoder attention, but the model computed no image features")
+    if videos and video_call is None:
+        raise TokenpruneError("a stage reads vision-encoder attention, but the model computed no video features")
     counted: set[tuple[int | None, str]] = set()
-    for plan in plans:
+    for plan in reading:
         request = plan.reducer.vision_attention_request()
-        if request is None:
+        parts = [sequence_vision_signal(adapter, call, probe, request, image)] if has_image else []
+        if videos:
+            parts.append(sequence_vision_signal(adapter, video_call, probe, request, video, video=True))
+        if not parts:  # a video-only batch the adapter gives no vision attention: `tokens: image` stages skip it
             continue
-        signal = sequence_vision_signal(adapter, call, probe, request, visual)
+        signal = parts[0] if len(parts) == 1 else _joined(parts[0], parts[1])
         key = (request.layer, request.kind)
         out[plan.index] = signal if key not in counted else replace(signal, macs=0)
         counted.add(key)
     return out
+
+
+def _joined(a: VisionSignal, b: VisionSignal) -> VisionSignal:
+    """Two signals over disjoint tokens (images, videos) as one: each is 0 and invalid outside its own."""
+
+    def add(x: Tensor | None, y: Tensor | None) -> Tensor | None:
+        return None if x is None or y is None else x + y
+
+    return VisionSignal(
+        a.scores + b.scores, a.valid | b.valid, add(a.features, b.features), add(a.keys, b.keys), a.macs + b.macs
+    )

@@ -655,13 +655,17 @@ def _image_call(
     c: AdapterCase, inputs: Mapping[str, Any], probe: Any = None
 ) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
     """The arguments and output of the model's ``get_image_features`` call for ``inputs`` (with ``probe``, a
-    vision probe, recording during that call only: a video's tower calls are not the image's)."""
+    vision probe, recording during that call only: a video's tower calls are not the image's, nor is the image
+    call that Qwen3-VL's ``get_video_features`` makes)."""
     vlm = c.adapter.vlm()
     seen: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
     original = vlm.get_image_features
+    in_video = [False]
 
     @functools.wraps(original)
     def record(*args: Any, **kwargs: Any) -> Any:
+        if in_video[0]:
+            return original(*args, **kwargs)
         if probe is not None:
             probe.reset(active=True)
         out = original(*args, **kwargs)
@@ -670,11 +674,24 @@ def _image_call(
         seen.append((args, kwargs, out))
         return out
 
+    video = getattr(vlm, "get_video_features", None)
+
+    def video_call(*args: Any, **kwargs: Any) -> Any:
+        in_video[0] = True
+        try:
+            return video(*args, **kwargs)
+        finally:
+            in_video[0] = False
+
     vlm.get_image_features = record
+    if video is not None:
+        vlm.get_video_features = functools.wraps(video)(video_call)
     try:
         c.forward(inputs)
     finally:
         del vlm.get_image_features
+        if video is not None:
+            del vlm.get_video_features
     _expect(len(seen) == 1, "vision patches map to tokens", f"get_image_features ran {len(seen)} times, not once")
     return seen[0]
 
