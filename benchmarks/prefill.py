@@ -15,7 +15,8 @@ the stock model, without tokenprune, doing the same work on sequences of the sam
 
 ``tokenprune / reference`` (the median of per-round ratios) is what tokenprune adds over the stock
 model's own work at those lengths. Also: keep-all pipelines against the stock model, the speed-up the
-analytic FLOPs predict, FastV's sdpa probe against eager attention, a ragged batch of 8 images against
+analytic FLOPs predict, FastV's sdpa probe against eager attention, the vision probe's cost (FasterVLM
+against random at the same kept count), a ragged batch of 8 images against
 8 single runs at 1 and 2 threads, and KV-cache bytes against the kept tokens.
 
 Noise: all configurations are timed round-robin (one call each per round, after a warm-up round),
@@ -319,6 +320,35 @@ def fastv_table(b: Bench) -> None:
     ]
 
 
+def vision_probe_table(b: Bench) -> None:
+    """The vision probe's cost: FasterVLM ([CLS] attention from the probe) against random at the same kept count.
+
+    Both keep 50% after the projector, so the language model does the same work; the difference, less
+    the two reducers' own time, is the probe, as a share of the stock prefill.
+    """
+    if "fastervlm" not in b.manager.reducers:
+        return
+    rows = {name: Row(name, "post_projector", 0.5) for name in ("random", "fastervlm")}
+    call = lambda: prefill(b.model, b.inputs)  # noqa: E731
+    t = b.time(
+        [Case("stock", call)] + [Case(n, call, lambda r=r: applied(b, r.pipeline, r.sink)) for n, r in rows.items()]
+    )
+    stock, probe, plain = t["stock"], t["fastervlm"], t["random"]
+    own = {n: statistics.median(f.reducer_seconds for f in r.sink) for n, r in rows.items()}
+    difference = statistics.median(p - q for p, q in zip(probe.samples, plain.samples, strict=True))
+    extra = difference - (own["fastervlm"] - own["random"])  # what is left once the two rankings are taken out
+    b.lines += [
+        "",
+        "| vision probe, keep 50% after the projector | prefill s | spread |",
+        "|---|---|---|",
+        f"| random (no probe) | {plain.median:.4f} | {plain.relative_spread:.1%} |",
+        f"| fastervlm ([CLS] attention from the vision probe) | {probe.median:.4f} | {probe.relative_spread:.1%} |",
+        f"| probe cost: the median per-round difference less the two rankings' own time, % of the stock "
+        f"prefill (target at most 3%) | {100 * extra / stock.median:.2f}% | |",
+        f"| fastervlm's own ranking, % of the stock prefill | {100 * own['fastervlm'] / stock.median:.2f}% | |",
+    ]
+
+
 @contextlib.contextmanager
 def threads(n: int | None, inner: Callable[[], contextlib.AbstractContextManager[Any]]) -> Iterator[None]:
     previous = torch.get_num_threads()
@@ -444,6 +474,7 @@ def main() -> None:
     visual = int((ids == IMAGE_TOKEN).sum())
     unpruned = main_table(b, [n.strip() for n in args.reducers.split(",") if n.strip()])
     fastv_table(b)
+    vision_probe_table(b)
     batch_table(b, size)
     cache_table(b)
     spread = unpruned_spread(unpruned)
