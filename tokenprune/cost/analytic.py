@@ -4,14 +4,19 @@ Per decoder layer with ``n`` query tokens attending to ``n_kv`` keys:
 
     MACs = n * P + 2 * q_dim * n * n_kv
 
-where ``P`` is the sum of ``in_features * out_features`` over the layer's linear modules (the q, k,
-v and o projections and the MLP: three matrices for SwiGLU/GeGLU, two otherwise, so GQA and gated
-MLPs are exact rather than approximated), and ``q_dim = heads * head_dim`` (QK^T and AV). The LM
-head adds ``positions * hidden * vocab`` for the positions whose logits are computed (one in
-``generate``, every position in a plain forward unless ``logits_to_keep`` says otherwise).
+where ``P`` is the layer's matrix-product MACs per token: the sum of ``in_features * out_features``
+over its linear modules (the q, k, v and o projections and the MLP: three matrices for
+SwiGLU/GeGLU, two otherwise, so GQA and gated MLPs are exact rather than approximated), and, for a
+mixture-of-experts MLP, ``router + top_k * expert``: the router's ``hidden * num_experts`` (every
+token is scored against every expert) plus ``top_k`` times one expert's ``in * out`` summed over its
+matrices (every token runs through exactly ``top_k`` experts, whichever they are; transformers drops
+no token for capacity), and any shared expert's linears as above. ``q_dim = heads * head_dim``
+(QK^T and AV). The LM head adds ``positions * hidden * vocab`` for the positions whose logits are
+computed (one in ``generate``, every position in a plain forward unless ``logits_to_keep`` says
+otherwise).
 
-This is FastV's ``4nd^2 + 2n^2d + 2ndm`` made exact for GQA and gated MLPs. It matches fvcore and
-``torch.utils.flop_counter`` to the MAC (see the tests).
+This is FastV's ``4nd^2 + 2n^2d + 2ndm`` made exact for GQA, gated MLPs and routed experts. It
+matches fvcore and ``torch.utils.flop_counter`` to the MAC (see the tests).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ class DecoderShape:
     """The shape facts of a language model that its MACs depend on.
 
     Attributes:
-        linear_macs_per_token: Per decoder layer, the sum of ``in * out`` over its linear modules.
+        linear_macs_per_token: Per decoder layer, its matrix-product MACs per token (``P`` above): the
+            sum of ``in * out`` over its linear modules, plus ``router + top_k * expert`` for each
+            mixture-of-experts block (see :func:`experts_macs_per_token`).
         q_dims: Per decoder layer, ``heads * head_dim`` of its queries.
         hidden: Hidden size (input of the LM head).
         vocab: Output size of the LM head.
@@ -68,16 +75,114 @@ class DecoderShape:
                 raise TypeError(
                     f"decoder layer {i} ({type(layer).__name__}) has no self_attn.q_proj and k_proj linear modules"
                 )
-            if any(p.dim() >= 3 for p in layer.parameters()):
-                raise TypeError(
-                    f"decoder layer {i} ({type(layer).__name__}) holds mixture-of-experts weights (3-D tensors); "
-                    "its MACs depend on the routing and are not counted yet (MoE models such as qwen3_vl_moe)"
-                )
-            per_token.append(sum(m.in_features * m.out_features for m in linears))
+            per_token.append(_macs_per_token(layer, i))
             q_dims.append(q_proj.out_features)
             q_macs.append(q_proj.in_features * q_proj.out_features)
             k_macs.append(k_proj.in_features * k_proj.out_features)
         return cls(tuple(per_token), tuple(q_dims), head.in_features, head.out_features, tuple(q_macs), tuple(k_macs))
+
+
+def _macs_per_token(layer: nn.Module, index: int) -> int:
+    """``P`` of one decoder layer: its linear modules' ``in * out``, and each experts block's routed cost.
+
+    Every parameter of two or more dimensions must be accounted for (a linear module's weight, an
+    experts module's stacked matrices, a router's weight): anything else raises rather than being
+    left out of the count.
+    """
+    linears = sum(m.in_features * m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
+    parents = {id(child): module for module in layer.modules() for child in module.children()}
+    accounted = {id(m.weight) for m in layer.modules() if isinstance(m, nn.Linear)}
+    routed = 0
+    for module in layer.modules():
+        if any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            block = parents.get(id(module), layer)
+            macs, params = experts_macs_per_token(block, module, layer_index=index)
+            routed += macs
+            accounted |= {id(p) for p in params}
+    for name, param in layer.named_parameters():
+        if param.dim() >= 2 and id(param) not in accounted:
+            raise TypeError(
+                f"decoder layer {index} ({type(layer).__name__}) has a {param.dim()}-D parameter {name!r} "
+                f"{tuple(param.shape)} that is neither a linear module's weight nor part of a mixture-of-experts "
+                "block DecoderShape can read (experts stacked as (num_experts, ., .) tensors, a router with a "
+                "(num_experts, hidden) weight); its MACs would be left out"
+            )
+    return linears + routed
+
+
+def experts_macs_per_token(
+    block: nn.Module, experts: nn.Module, *, layer_index: int = 0
+) -> tuple[int, list[nn.Parameter]]:
+    """Per-token MACs of a mixture-of-experts block's routed part, ``router + top_k * expert``.
+
+    Follows transformers' MoE convention (``integrations/moe.py``, ``@use_experts_implementation``):
+
+    * ``experts`` stacks each matrix of all its experts in one 3-D parameter, ``(num_experts, out, in)``
+      or transposed (``gate_up_proj`` and ``down_proj``, or ``up_proj`` and ``down_proj`` without a
+      gate; biases ``(num_experts, out)``), so one expert costs the sum of ``in * out`` over them;
+    * the router is ``block`` itself or one of its children, with a ``(num_experts, hidden)`` weight
+      applied to every token (a router that is an ``nn.Linear`` is counted with the linear modules);
+    * ``top_k`` is read from the router, the block, or the experts' config (``num_experts_per_tok``).
+
+    Every token runs through exactly ``top_k`` experts (transformers drops none for capacity), so
+    the cost does not depend on the routing. A shared expert is made of linear modules and is counted
+    with them.
+
+    Returns the MACs and the parameters they account for (expert matrices and biases, router weight).
+
+    Raises:
+        TypeError: If the block does not follow that convention (naming the class and what is missing).
+    """
+    where = (
+        f"decoder layer {layer_index}: mixture-of-experts block {type(block).__name__} "
+        f"(experts {type(experts).__name__})"
+    )
+    matrices = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+    num_experts = {p.shape[0] for p in matrices}
+    declared = getattr(experts, "num_experts", None)
+    if len(num_experts) != 1 or (declared is not None and num_experts != {declared}):
+        shapes = [tuple(p.shape) for p in matrices]
+        raise TypeError(f"{where}: its 3-D parameters {shapes} do not stack one matrix per expert along dimension 0")
+    (n_experts,) = num_experts
+    biases = [p for p in experts.parameters(recurse=False) if p.dim() == 2 and p.shape[0] == n_experts]
+    if any(p.dim() >= 2 for p in experts.parameters() if all(p is not q for q in (*matrices, *biases))):
+        raise TypeError(f"{where}: the experts module holds parameters other than stacked expert matrices and biases")
+    per_expert = sum(p.shape[1] * p.shape[2] for p in matrices)
+    routers = [
+        m
+        for m in (block, *block.children())
+        if m is not experts
+        and isinstance(getattr(m, "weight", None), nn.Parameter)
+        and m.weight.dim() == 2
+        and m.weight.shape[0] == n_experts
+    ]
+    if len(routers) != 1:
+        found = "none" if not routers else ", ".join(type(m).__name__ for m in routers)
+        raise TypeError(
+            f"{where}: expected one router (a module with a ({n_experts}, hidden) weight) next to the experts, "
+            f"found {found}"
+        )
+    (router,) = routers
+    top_k = _top_k(router, block, experts)
+    if top_k is None:
+        raise TypeError(
+            f"{where}: no top_k on the router ({type(router).__name__}) or the block, and no num_experts_per_tok in "
+            "the experts' config; the experts each token runs through are unknown"
+        )
+    if not 0 < top_k <= n_experts:
+        raise TypeError(f"{where}: top_k {top_k} is not between 1 and the {n_experts} experts")
+    router_macs = 0 if isinstance(router, nn.Linear) else router.weight.numel()
+    return router_macs + top_k * per_expert, [*matrices, *biases, router.weight]
+
+
+def _top_k(router: nn.Module, block: nn.Module, experts: nn.Module) -> int | None:
+    for owner in (router, block):
+        for name in ("top_k", "num_experts_per_tok"):
+            value = getattr(owner, name, None)
+            if isinstance(value, int):
+                return value
+    value = getattr(getattr(experts, "config", None), "num_experts_per_tok", None)
+    return value if isinstance(value, int) else None
 
 
 @dataclass(frozen=True)
@@ -149,4 +254,11 @@ def own_attention_macs(shape: DecoderShape, layer: int, keys: int, projected_que
     return projections + scored_rows * keys * shape.q_dims[layer]
 
 
-__all__ = ["DecoderShape", "LanguageModelMacs", "attention_probe_macs", "language_model_macs", "own_attention_macs"]
+__all__ = [
+    "DecoderShape",
+    "LanguageModelMacs",
+    "attention_probe_macs",
+    "experts_macs_per_token",
+    "language_model_macs",
+    "own_attention_macs",
+]
