@@ -7,15 +7,23 @@
   forward (``unpad_image`` calls ``round()`` on a traced shape), so we count the language model on
   its ``inputs_embeds``, and report what fvcore left uncounted. Its warnings are captured.
 
+* Neither has a formula for the grouped matrix product with which transformers runs a
+  mixture-of-experts block's experts by default (``experts_implementation="grouped_mm"``:
+  ``aten::_grouped_mm``, or transformers' own ``transformers::grouped_mm_fallback`` where torch's
+  kernel cannot run); both count it as 0. We pass one to each (:func:`grouped_mm_macs`). The other
+  implementations, ``eager`` (a loop of ``linear`` over the experts hit) and ``batched_mm``
+  (``bmm`` on the gathered weights), are counted by both as they are.
+
 torch counts FLOPs; fvcore counts MACs (FLOPs = 2 x MACs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,11 +72,60 @@ def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: A
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def grouped_mm_macs(a: Sequence[int], b: Sequence[int]) -> int:
+    """MACs of a grouped matrix product ``_grouped_mm(a, b, offs)`` from its operands' shapes.
+
+    * ``a (S, K)``, ``b (G, K, N)`` (the MoE forward: ``S`` routed token-expert pairs, sorted by
+      expert and cut by ``offs``): ``S * K * N``;
+    * ``a (G, M, K)``, ``b (G, K, N)``: ``G * M * K * N``;
+    * ``a (G, M, K)``, ``b (K, N)`` with ``N`` cut by ``offs``: ``M * K * N``;
+    * ``a (M, K)``, ``b (K, N)`` with ``K`` cut by ``offs`` (a weight gradient): ``M * K * N``.
+
+    Rows of ``a`` past ``offs[-1]`` (expert-parallel sentinels, which the kernel skips) are counted
+    too: the shapes do not say how many there are. A single-process run has none.
+    """
+    if len(a) == 3 and len(b) == 3:
+        return a[0] * a[1] * a[2] * b[2]
+    return a[-2] * a[-1] * b[-1]
+
+
+def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return 2 * grouped_mm_macs(a_shape, b_shape)
+
+
+def _grouped_mm_ops() -> list[Any]:
+    """The grouped-mm ops this torch and transformers have (torch's, and transformers' fallback once registered)."""
+    ops = [getattr(torch.ops.aten, "_grouped_mm", None)]
+    with contextlib.suppress(AttributeError, RuntimeError):
+        ops.append(torch.ops.transformers.grouped_mm_fallback)
+    return [op for op in ops if op is not None]
+
+
+GROUPED_MM_JIT_OPS = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
+"""The names under which ``torch.jit.trace`` (fvcore) records a grouped matrix product."""
+
+
+def fvcore_grouped_mm_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    from fvcore.nn.jit_handles import get_shape
+
+    return grouped_mm_macs(get_shape(inputs[0]), get_shape(inputs[1]))
+
+
+def fvcore_handles() -> dict[str, Callable[[list[Any], list[Any]], int]]:
+    """The op handles we add to fvcore's: sdpa, and the grouped matrix products of MoE experts."""
+    return {"aten::scaled_dot_product_attention": fvcore_sdpa_handle} | dict.fromkeys(
+        GROUPED_MM_JIT_OPS, fvcore_grouped_mm_handle
+    )
+
+
 def torch_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[TorchCount, Any]:
     """Run ``fn(*args, **kwargs)`` under ``FlopCounterMode`` (in inference mode); return the count and the output."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    custom: dict[Any, Callable[..., int]] = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops
+    }
+    custom.update(dict.fromkeys(_grouped_mm_ops(), _grouped_mm_flops))
     with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
         out = fn(*args, **kwargs)
     by_module = {path: int(sum(ops.values())) for path, ops in counter.get_flop_counts().items() if path != "Global"}
@@ -150,7 +207,7 @@ def fvcore_macs(
             from fvcore.nn import FlopCountAnalysis  # imported here: fvcore's import warns too
 
             analysis = FlopCountAnalysis(wrapper, (inputs_embeds, attention_mask, position_ids))
-            analysis.set_op_handle("aten::scaled_dot_product_attention", fvcore_sdpa_handle)
+            analysis.set_op_handle(**fvcore_handles())
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             by_module = {name: int(v) for name, v in analysis.by_module().items()}
             rotary = sum(by_module.get(f"decoder.{n}", 0) for n in compat.rotary_embedding_names(wrapper.decoder))
@@ -181,4 +238,12 @@ def flops_to_macs(flops: int) -> int:
     return flops // 2
 
 
-__all__: list[str] = ["FvcoreCount", "TorchCount", "flops_to_macs", "fvcore_macs", "torch_flops"]
+__all__: list[str] = [
+    "FvcoreCount",
+    "TorchCount",
+    "flops_to_macs",
+    "fvcore_handles",
+    "fvcore_macs",
+    "grouped_mm_macs",
+    "torch_flops",
+]

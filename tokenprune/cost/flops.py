@@ -18,6 +18,7 @@ All numbers are MACs (multiply-accumulates); FLOPs are twice as many.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.cost.analytic import DecoderShape, attention_probe_macs, language_model_macs, own_attention_macs
-from tokenprune.cost.counters import flops_to_macs, fvcore_sdpa_handle, language_model_flops, torch_flops
+from tokenprune.cost.counters import flops_to_macs, fvcore_handles, language_model_flops, torch_flops
 from tokenprune.engine import compat
 
 
@@ -253,7 +254,7 @@ def _fvcore_replay(
                         keys.append(k)
                         flat.extend(v)
                 analysis = FlopCountAnalysis(_Replay(rec["module"], kwargs, keys), (rec["hidden"], *flat))
-                analysis.set_op_handle("aten::scaled_dot_product_attention", fvcore_sdpa_handle)
+                analysis.set_op_handle(**fvcore_handles())
                 analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
                 results.append(int(analysis.total()))
                 uncounted |= set(analysis.unsupported_ops())
@@ -264,12 +265,26 @@ def _fvcore_replay(
         fv_logger.setLevel(previous)
         return None, None, [f"fvcore could not trace a decoder layer: {type(exc).__name__}: {exc}"]
     fv_logger.setLevel(previous)
+    products = sorted(op for op in uncounted if _looks_like_a_product(op))
     notes.append(
         "fvcore traced each decoder layer and the LM head on the inputs they received; "
-        "it counts no element-wise op (" + ", ".join(sorted(uncounted)) + "), as the other counters do not"
+        "it counts no element-wise op ("
+        + ", ".join(sorted(uncounted - set(products)))
+        + "), as the other counters do not"
     )
+    if products:
+        notes.append(
+            "fvcore has no formula for " + ", ".join(products) + ": its count leaves them out and is low "
+            "where the other counters count them"
+        )
     notes.extend(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
     return results, head_macs, notes
+
+
+def _looks_like_a_product(op: str) -> bool:
+    """An op name that reads as a matrix product (which fvcore must count), not an element-wise op."""
+    name = op.split("::")[-1].removesuffix("_fallback")
+    return bool(re.search(r"(mm|matmul|linear|einsum)$|conv\d?d|convolution|attention", name))
 
 
 def _reducer_overheads(run: Any, shape: DecoderShape) -> list[tuple[int, str, int]]:
