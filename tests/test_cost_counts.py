@@ -1,13 +1,19 @@
-"""Analytic MACs equal fvcore's and torch's counts exactly, on tiny models of three families."""
+"""Analytic MACs equal fvcore's and torch's counts exactly, on tiny models of four families (one MoE)."""
 
 import pytest
 import tiny_models
 import torch
 
 from tokenprune.cost.analytic import DecoderShape, language_model_macs
-from tokenprune.cost.counters import flops_to_macs, fvcore_macs, language_model_flops, torch_flops
+from tokenprune.cost.counters import (
+    flops_to_macs,
+    fvcore_macs,
+    grouped_mm_macs,
+    language_model_flops,
+    torch_flops,
+)
 
-FAMILIES = ["llava_next", "llava", "qwen2_vl"]
+FAMILIES = ["llava_next", "llava", "qwen2_vl", "qwen3_vl_moe"]
 
 
 def _decoder_inputs(model, inputs):
@@ -45,7 +51,7 @@ def test_analytic_equals_torch_and_fvcore_unpruned(family):
         length * p for p in shape.linear_macs_per_token
     ) - length * shape.hidden * shape.vocab == sum(2 * q * length * length for q in shape.q_dims)
     # fvcore saw no matrix product it could not count
-    assert not {op for op in fv.uncounted_ops if "matmul" in op or "linear" in op or "attention" in op}
+    assert not {op for op in fv.uncounted_ops if any(w in op for w in ("mm", "matmul", "linear", "attention"))}
 
 
 def test_torch_counter_counts_cpu_sdpa():
@@ -54,6 +60,24 @@ def test_torch_counter_counts_cpu_sdpa():
     k = torch.randn(2, 4, 9, 8)
     count, _ = torch_flops(torch.nn.functional.scaled_dot_product_attention, q, k, k)
     assert count.flops == 2 * (2 * 4 * 7 * 9 * 8) * 2
+
+
+def test_torch_counter_counts_grouped_mm():
+    """FlopCounterMode has no formula for aten._grouped_mm (MoE experts) and counts it as 0; with ours, 2 x S x K x N."""
+    a, b = torch.randn(6, 16), torch.randn(3, 16, 8)
+    offs = torch.tensor([2, 4, 6], dtype=torch.int32)
+    count, out = torch_flops(torch.nn.functional.grouped_mm, a, b, offs=offs)
+    assert torch.allclose(out, torch.cat([a[0:2] @ b[0], a[2:4] @ b[1], a[4:6] @ b[2]]))
+    assert count.flops == 2 * 6 * 16 * 8
+    count, _ = torch_flops(torch.nn.functional.grouped_mm, torch.randn(3, 4, 16), b)
+    assert count.flops == 2 * 3 * 4 * 16 * 8
+
+
+def test_grouped_mm_macs_of_every_operand_layout():
+    assert grouped_mm_macs((6, 16), (3, 16, 8)) == 6 * 16 * 8  # jagged tokens, one weight per group
+    assert grouped_mm_macs((3, 4, 16), (3, 16, 8)) == 3 * 4 * 16 * 8  # batched
+    assert grouped_mm_macs((3, 4, 16), (16, 24)) == 4 * 16 * 24  # jagged output columns
+    assert grouped_mm_macs((4, 30), (30, 8)) == 4 * 30 * 8  # jagged contraction (a weight gradient)
 
 
 def test_decoder_shape_reads_gqa_and_gated_mlp():

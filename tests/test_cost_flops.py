@@ -2,9 +2,11 @@
 
 import pytest
 import tiny_models
+import torch
 
 import tokenprune as tp
 from tokenprune import Capabilities, ScoringReducer
+from tokenprune.cost.analytic import DecoderShape, language_model_macs
 from tokenprune.cost.flops import count_flops
 from tokenprune.plugins import get_plugin_manager
 
@@ -125,10 +127,7 @@ def test_reducer_overhead_is_counted_exactly():
     assert report.total == report.vision + report.language_model["analytic"] + report.overhead
 
 
-MOE = {"qwen3_vl_moe"}
-
-
-@pytest.mark.parametrize("family", sorted(set(tiny_models.BUILDERS) - MOE))
+@pytest.mark.parametrize("family", sorted(tiny_models.BUILDERS))
 def test_every_adapter_counts_agree_under_a_two_stage_pipeline(family):
     """count_flops (what `tokenprune flops` prints) works on every supported family, counters agreeing per layer."""
     t = tiny_models.BUILDERS[family]()
@@ -139,9 +138,115 @@ def test_every_adapter_counts_agree_under_a_two_stage_pipeline(family):
     assert report.layers[-1].tokens[0] <= report.layers[0].tokens[0]
 
 
-@pytest.mark.parametrize("family", sorted(MOE))
-def test_a_mixture_of_experts_model_is_refused_not_miscounted(family):
-    """The experts' 3-D weights are no nn.Linear: counting without them would be silently low."""
-    t = tiny_models.BUILDERS[family]()
-    with pytest.raises(TypeError, match="mixture-of-experts"):
-        count_flops(t.model, t.make_inputs([(56, 84)]))
+# --- mixture of experts (Qwen3-VL-MoE) ------------------------------------------------------------
+
+EXPERTS = ["grouped_mm", "eager", "batched_mm", "grouped_mm_fallback"]
+"""How transformers runs the experts: ``aten::_grouped_mm`` (its default), a loop of ``linear`` over the
+experts hit, ``bmm`` on gathered weights, and its own grouped-mm op where torch's kernel cannot run."""
+
+
+@pytest.fixture(scope="module")
+def moe():
+    t = tiny_models.qwen3_vl_moe()
+    return t.model, t.make_inputs([(112, 112)])  # 16 visual tokens, so both stages below cut
+
+
+@pytest.fixture(params=EXPERTS)
+def experts(request, moe, monkeypatch):
+    model = moe[0]
+    native = request.param.removesuffix("_fallback")
+    if request.param.endswith("_fallback"):
+        import transformers.integrations.moe
+
+        monkeypatch.setattr(transformers.integrations.moe, "_can_use_grouped_mm", lambda *args: False)
+    previous = model.get_experts_implementation()
+    model.set_experts_implementation(native)
+    yield request.param
+    model.set_experts_implementation(previous)
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["unpruned", "two_stages"])
+def test_a_mixture_of_experts_model_counts_agree(moe, experts, pruned):
+    """Routed experts, however transformers runs them, are counted alike by the three counters."""
+    model, inputs = moe
+    pipe = {
+        "stages": [
+            {"at": "post_projector", "reducer": "random", "keep": 0.5},
+            {"at": {"layer": 2}, "reducer": "random", "keep": 3},
+        ]
+    }
+    report = count_flops(model, inputs, pipe if pruned else None)
+    _assert_counters_agree(report)
+    tokens = [r.tokens[0] for r in report.layers]
+    length = inputs["input_ids"].shape[1]
+    if pruned:
+        assert tokens[0] == tokens[1] == length - 8 and tokens[2] == tokens[3] == length - 13
+    else:
+        assert tokens == [length] * 4
+    assert not any("no formula" in note for note in report.fvcore_notes), report.fvcore_notes
+    # the experts are in the count: per token, attention 12288 + router 256 + 2 experts x 6144 (see below)
+    n = tokens[0]
+    assert report.layers[0].torch == n * (12288 + 256 + 2 * 6144) + 2 * 64 * n * n
+
+
+def test_a_mixture_of_experts_layer_costs_router_plus_top_k_experts_plus_attention(moe):
+    model, _ = moe
+    text = model.config.text_config
+    hidden, heads, kv_heads, head_dim = (
+        text.hidden_size,
+        text.num_attention_heads,
+        text.num_key_value_heads,
+        text.head_dim,
+    )
+    experts, top_k, inter = text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o; k, v
+    router = hidden * experts
+    expert = hidden * 2 * inter + inter * hidden  # gate_up, down
+    shape = DecoderShape.from_model(model)
+    assert shape.linear_macs_per_token == (attention + router + top_k * expert,) * text.num_hidden_layers
+    assert (hidden, experts, top_k, inter) == (64, 4, 2, 32)  # so the numbers below are the tiny model's
+    assert shape.linear_macs_per_token[0] == 12288 + 256 + 2 * 6144
+    n = 26
+    macs = language_model_macs(shape, [n] * 4, logits_positions=n)
+    assert macs.layers[0] == n * (12288 + 256 + 2 * 6144) + 2 * heads * head_dim * n * n
+
+
+def test_dense_layers_of_a_mixture_of_experts_model_are_counted_as_dense():
+    """``mlp_only_layers``: those layers have a plain SwiGLU MLP; the others route."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    t = tiny_models.qwen3_vl_moe()
+    config = Qwen3VLMoeConfig.from_dict(t.model.config.to_dict())
+    config.text_config.mlp_only_layers = [1]
+    shape = DecoderShape.from_model(Qwen3VLMoeForConditionalGeneration(config))
+    dense = 12288 + 3 * 64 * config.text_config.intermediate_size
+    assert shape.linear_macs_per_token == (24832, dense, 24832, 24832)
+
+
+def _strip_router(layer):
+    layer.mlp.gate = torch.nn.Identity()
+
+
+def _strip_top_k(layer):
+    del layer.mlp.gate.top_k
+    del layer.mlp.experts.config
+
+
+def _stray_matrix(layer):
+    layer.mlp.extra = torch.nn.Parameter(torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_strip_router, r"Qwen3VLMoeTextSparseMoeBlock \(experts Qwen3VLMoeTextExperts\): expected one router"),
+        (_strip_top_k, r"Qwen3VLMoeTextSparseMoeBlock .*: no top_k on the router \(Qwen3VLMoeTextTopKRouter\)"),
+        (_stray_matrix, r"2-D parameter 'mlp.extra' \(4, 4\) that is neither a linear module's weight"),
+    ],
+)
+def test_a_mixture_of_experts_block_it_cannot_read_is_refused_by_name(damage, message):
+    """Counting without the router, the top_k or a stray matrix would be silently wrong."""
+    t = tiny_models.qwen3_vl_moe()
+    damage(t.model.get_decoder().layers[2])
+    with pytest.raises(TypeError, match="decoder layer 2.*" + message):
+        DecoderShape.from_model(t.model)
