@@ -250,3 +250,17 @@ def test_a_mixture_of_experts_block_it_cannot_read_is_refused_by_name(damage, me
     damage(t.model.get_decoder().layers[2])
     with pytest.raises(TypeError, match="decoder layer 2.*" + message):
         DecoderShape.from_model(t.model)
+
+
+def test_an_experts_op_fvcore_cannot_count_is_reported_not_agreed(moe, monkeypatch):
+    """Without our grouped-mm handle fvcore skips the experts: its column is low and a note names the op."""
+    import tokenprune.cost.flops as flops
+    from tokenprune.cost.counters import fvcore_sdpa_handle
+
+    model, inputs = moe
+    monkeypatch.setattr(flops, "fvcore_handles", lambda: {"aten::scaled_dot_product_attention": fvcore_sdpa_handle})
+    report = count_flops(model, inputs)
+    n = report.layers[0].tokens[0]
+    assert all(r.analytic == r.torch == r.fvcore + n * 2 * 6144 for r in report.layers)  # the experts, missing
+    assert any(note.startswith("fvcore has no formula for aten::_grouped_mm") for note in report.fvcore_notes)
+    assert not any("aten::_grouped_mm" in note for note in report.fvcore_notes if "element-wise" in note)
