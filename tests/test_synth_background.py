@@ -62,3 +62,23 @@ def test_cli_prints_a_row_per_pipeline_and_layout():
     rows = [line for line in result.output.splitlines() if line.startswith("| unpruned") or line.startswith("| random")]
     assert {r.split("|")[1].strip() for r in rows} == {"unpruned", "random-50%"}
     assert {r.split("|")[2].strip() for r in rows} <= {"uniform", "gradient", "regions"}
+
+
+def test_graph_degrees_summarise_both_graphs_of_every_scene(bundled):
+    from tokenprune.synth.background import graph_degrees
+
+    model, processor = bundled
+    samples = heldout_split(6, ("background",))
+    rows = graph_degrees(model, processor, samples)
+    assert sum(r.graphs for r in rows) <= 2 * len(samples) and {r.layout for r in rows} <= {
+        "uniform",
+        "gradient",
+        "regions",
+    }
+    for r in rows:
+        assert 0 < r.object_degree <= 1 and 0 < r.background_degree <= 1 and r.background_score > 0
+    # an edge threshold above every cosine leaves each token linked to itself only
+    alone = graph_degrees(model, processor, samples[:2], threshold=1.5)
+    for r in alone:
+        assert r.background_degree == pytest.approx(r.object_degree, rel=0.5)
+        assert r.background_degree < 0.05

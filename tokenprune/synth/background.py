@@ -150,3 +150,69 @@ def by_layout(samples: list[SampleCoverage]) -> list[LayoutCoverage]:
             )
         )
     return rows
+
+
+@dataclass(frozen=True)
+class GraphDegrees:
+    """How connected background and object tokens are in G-Prune's similarity graph, per layout.
+
+    Attributes:
+        layout: a name from :data:`~tokenprune.synth.scenes.LAYOUTS`.
+        graphs: graphs measured (two per scene, the base view and the grid; a graph without
+            background or without object tokens is left out).
+        background_degree: mean share of its graph a background token is linked to (cosine at
+            least the threshold, itself included).
+        object_degree: the same for the tokens of objects (shapes and the text plate).
+        background_score: mean G-Prune score of a background token (propagated norm / degree),
+            relative to the mean score of the object tokens of the same graph.
+    """
+
+    layout: str
+    graphs: int
+    background_degree: float
+    object_degree: float
+    background_score: float
+
+
+@torch.no_grad()
+def graph_degrees(
+    model: torch.nn.Module, processor: object, samples: list[Sample], threshold: float = 0.5
+) -> list[GraphDegrees]:
+    """G-Prune's graph on each sample's post-projector tokens (one graph per view kind: the base view,
+    and the high-res grid), with the official defaults, summarised per layout."""
+    from PIL import Image
+    from tokenprune_gprune import gprune_graph, gprune_scores
+
+    from tokenprune.synth.patch_labels import view_owners
+    from tokenprune.synth.processor import prompt
+
+    captured: list[torch.Tensor] = []
+    projector = model.model.multi_modal_projector
+    handle = projector.register_forward_hook(lambda m, a, out: captured.append(out.detach()))
+    rows: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    try:
+        for sample in samples:
+            image, omap = render(sample.scene)
+            inputs = processor(images=Image.fromarray(image), text=prompt(sample.qa.question), return_tensors="pt")
+            captured.clear()
+            model(**inputs)
+            views = captured[0].float()  # (n_views, 64, D): the base view, then the high-res tiles
+            owners = view_owners(sample.scene, omap)
+            graphs = [(views[0], owners[0]), (views[1:].flatten(0, 1), owners[1:].reshape(-1))]
+            for feats, own in graphs:
+                _, degree, _ = gprune_graph(feats, threshold, 0.03)
+                score = gprune_scores(feats, threshold, 0.03, 5)
+                bg = torch.from_numpy(own == 0)
+                if bg.all() or not bg.any():
+                    continue
+                share = degree / feats.shape[0]
+                rows[sample.scene.layout].append(
+                    (float(share[bg].mean()), float(share[~bg].mean()), float(score[bg].mean() / score[~bg].mean()))
+                )
+    finally:
+        handle.remove()
+    return [
+        GraphDegrees(layout, len(rows[layout]), *(float(np.mean(c)) for c in zip(*rows[layout], strict=True)))
+        for layout in LAYOUTS
+        if rows[layout]
+    ]

@@ -125,6 +125,7 @@ def background(
     per_type: Annotated[int, typer.Option(help="Held-out background questions (200: the full split).")] = 200,
     model_path: Annotated[Path | None, typer.Option("--model", help="A saved mini VLM; default: bundled.")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+    graph: Annotated[bool, typer.Option(help="Also: how connected background tokens are in G-Prune's graph.")] = False,
 ) -> None:
     """What each reducer keeps of the background, per scene layout (a markdown table)."""
     import torch
@@ -132,7 +133,7 @@ def background(
     import tokenprune as tp
     from tokenprune.bench.config import CompareConfig, resolve_pipelines
     from tokenprune.synth import load_bundled, load_model
-    from tokenprune.synth.background import by_layout, coverage
+    from tokenprune.synth.background import by_layout, coverage, graph_degrees
     from tokenprune.synth.questions import heldout_split
 
     torch.set_num_threads(threads)
@@ -150,6 +151,17 @@ def background(
             typer.echo(
                 f"| {name} | {row.layout} | {row.n} | {row.accuracy:.3f} | {row.kept_share:.3f} | "
                 f"{row.image_share:.3f} | {row.kept_background:.1f} | {row.main_majority:.3f} |"
+            )
+    if graph:
+        typer.echo(
+            "\n| layout | graphs | background token: share of its graph linked | object token | "
+            "background score / object score |"
+        )
+        typer.echo("|---|---|---|---|---|")
+        for g in graph_degrees(model, processor, samples):
+            typer.echo(
+                f"| {g.layout} | {g.graphs} | {g.background_degree:.3f} | {g.object_degree:.3f} | "
+                f"{g.background_score:.3f} |"
             )
 
 
