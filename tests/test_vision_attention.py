@@ -10,6 +10,7 @@ import torch
 
 import tokenprune as tp
 from tokenprune.engine import compat
+from tokenprune.engine.stats import RunStats
 from tokenprune.engine.vision import VisionProbe
 from tokenprune.errors import TokenpruneError
 from tokenprune.testing.adapters import adapter_case, vision_patches_map_to_tokens
@@ -95,12 +96,12 @@ def test_probe_scores_equal_eager_attention(tiny, kind):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
 
 
-def test_probe_runs_under_sdpa_and_leaves_the_tower_unchanged(tiny):
-    name, t = tiny
-    _, tower, modules = _tower_modules(t.model)
-    inputs = t.make_inputs([SPECS[name][0], SPECS[name][1], None])
+def probe_under_sdpa(model, inputs, manager) -> RunStats:
+    """Run a keep-all FasterVLM stage with stock sdpa spied on; check that every tower layer ran sdpa, that its
+    attention implementation is restored afterwards and that the logits equal the unprobed model's."""
+    _, tower, modules = _tower_modules(model)
     with torch.no_grad():
-        plain = t.model(**inputs).logits
+        plain = model(**inputs).logits
     calls: list[object] = []
     sdpa = compat.sdpa_module()
     stock = sdpa.sdpa_attention_forward
@@ -113,16 +114,23 @@ def test_probe_runs_under_sdpa_and_leaves_the_tower_unchanged(tiny):
     pipe = {"stages": [{"at": "post_projector", "reducer": "fastervlm", "keep": 1.0, "params": {"attention": kind}}]}
     sdpa.sdpa_attention_forward = spy
     try:
-        with tp.apply(t.model, pipe, plugins=_manager()) as run:
+        with tp.apply(model, pipe, plugins=manager) as run:
             assert {compat.attention_implementation(m.config) for m in modules} == {"tokenprune_vision_sdpa"}
             with torch.no_grad():
-                probed = t.model(**inputs).logits
+                probed = model(**inputs).logits
     finally:
         sdpa.sdpa_attention_forward = stock
     assert all(m in calls for m in modules)  # every tower layer ran stock sdpa
     assert {compat.attention_implementation(m.config) for m in modules} == {"sdpa"}
+    assert "tokenprune_vision_sdpa" not in compat.attention_users()
     assert torch.equal(plain, probed)
-    assert run.stats.last_prefill.stages[0].overhead_macs > 0
+    return run.stats
+
+
+def test_probe_runs_under_sdpa_and_leaves_the_tower_unchanged(tiny):
+    name, t = tiny
+    stats = probe_under_sdpa(t.model, t.make_inputs([SPECS[name][0], SPECS[name][1], None]), _manager())
+    assert stats.last_prefill.stages[0].overhead_macs > 0
 
 
 def test_vision_patches_map_to_tokens(tiny):

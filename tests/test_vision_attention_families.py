@@ -13,7 +13,7 @@ import tokenprune_fastervlm
 import tokenprune_vispruner
 import torch
 from engine_fixtures import BATCH_SPECS, VIDEO_SPECS, forward, manager_with
-from test_vision_attention import _eager_weights, _tower_modules
+from test_vision_attention import _eager_weights, _tower_modules, probe_under_sdpa
 
 import tokenprune as tp
 from tokenprune.engine import compat
@@ -67,33 +67,7 @@ def test_probe_scores_equal_eager_attention(tiny, layer):
 
 
 def test_probe_runs_under_sdpa_and_leaves_the_tower_unchanged(tiny):
-    _, tower, modules = _tower_modules(tiny.model)
-    inputs = tiny.make_inputs([*BATCH_SPECS[tiny.name][:2], None])
-    with torch.no_grad():
-        plain = tiny.model(**inputs).logits
-    calls: list[object] = []
-    sdpa = compat.sdpa_module()
-    stock = sdpa.sdpa_attention_forward
-
-    def spy(module, *args, **kwargs):
-        calls.append(module)
-        return stock(module, *args, **kwargs)
-
-    kind = "cls" if tower.has_cls else "mean"
-    pipe = {"stages": [{"at": "post_projector", "reducer": "fastervlm", "keep": 1.0, "params": {"attention": kind}}]}
-    sdpa.sdpa_attention_forward = spy
-    try:
-        with tp.apply(tiny.model, pipe, plugins=_manager()) as run:
-            assert {compat.attention_implementation(m.config) for m in modules} == {"tokenprune_vision_sdpa"}
-            with torch.no_grad():
-                probed = tiny.model(**inputs).logits
-    finally:
-        sdpa.sdpa_attention_forward = stock
-    assert all(m in calls for m in modules)  # every tower layer ran stock sdpa
-    assert {compat.attention_implementation(m.config) for m in modules} == {"sdpa"}
-    assert "tokenprune_vision_sdpa" not in compat.attention_users()
-    assert torch.equal(plain, probed)
-    assert run.stats.last_prefill.stages[0].overhead_macs > 0
+    probe_under_sdpa(tiny.model, tiny.make_inputs([*BATCH_SPECS[tiny.name][:2], None]), _manager())
 
 
 def test_vision_patches_map_to_tokens(tiny):
