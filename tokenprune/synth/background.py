@@ -24,6 +24,7 @@ import tokenprune as tp
 from tokenprune.bench.heatmap import surviving_tokens
 from tokenprune.synth.evaluate import MAX_ANSWER_TOKENS, answer_batch, size_groups
 from tokenprune.synth.patch_labels import COLOUR_CLASSES, background_colours, pack_views, packed_owners
+from tokenprune.synth.processor import num_image_tokens
 from tokenprune.synth.questions import Sample
 from tokenprune.synth.scenes import LAYOUTS, render
 
@@ -115,7 +116,8 @@ def coverage(
             answers = answer_batch(model, processor, batch, MAX_ANSWER_TOKENS)
             prefill = run.stats.prefills[0] if run is not None else None
             for j, (i, (answer, _)) in enumerate(zip(idx, answers, strict=True)):
-                kept = _kept(prefill, j, len(token_labels(samples[i])[0]))
+                scene = samples[i].scene
+                kept = _kept(prefill, j, num_image_tokens(scene.height, scene.width))
                 out[i] = measure(samples[i], answer == samples[i].qa.answer, kept)
     return [out[i] for i in range(len(samples))]
 
