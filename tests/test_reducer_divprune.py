@@ -121,7 +121,10 @@ def test_non_finite_features_are_rejected(bad):
 
 def test_overhead_is_half_the_distance_matrix():
     tokens, ctx = make_reduce_inputs(grids=[(30, 40)], newlines=False, keep=0.5, dim=8)
-    panels = 512 * 1200 + 512 * 688 + 176 * 176  # rows 0-511 against 0-1199, 512-1023 against 512-1199, ...
+    from tokenprune.similarity import PANEL
+
+    assert PANEL == 256
+    panels = 256 * (1200 + 944 + 688 + 432) + 176 * 176  # rows 0-255 against 0-1199, 256-511 against 256-1199, ...
     assert DivPrune().overhead_macs(tokens, ctx) == 8 * panels < 0.7 * 8 * 1200**2
     full = make_reduce_inputs(grids=[(30, 40)], newlines=False, keep=1.0, dim=8)[1]
     assert DivPrune().overhead_macs(tokens, full) == 0  # nothing to choose: no distances
@@ -138,3 +141,30 @@ def test_validates_in_yaml():
         load_pipeline(
             "stages:\n  - at: post_projector\n    reducer: divprune\n    keep: 0.25\n    params: {threshold: 1}\n"
         )
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_numpy_and_torch_greedy_loops_pick_the_same(quantize):
+    """The CPU loop runs on NumPy views; the torch loop serves other devices. Ties (quantized
+    distances) must go to the lower index in both, across a padded batch."""
+    from tokenprune_divprune import _greedy_numpy, _greedy_torch
+
+    gen = torch.Generator().manual_seed(3)
+    distance = torch.rand(3, 40, 40, generator=gen)
+    if quantize:
+        distance = (distance * 4).round() / 4
+    distance[1, :, 30:] = float("inf")
+    gap = distance[:, 0].clone()
+    gap[1, 30:] = float("-inf")
+    rows = distance.reshape(3 * 40, 40)
+    by_numpy = _greedy_numpy(rows, gap.clone(), 25)
+    by_torch = _greedy_torch(rows, gap.clone(), 25)
+    assert by_numpy.dtype == by_torch.dtype == torch.long
+    assert torch.equal(by_numpy, by_torch)
+
+
+def test_distances_are_one_minus_the_similarities_exactly():
+    from tokenprune.similarity import cosine_distance, cosine_similarity
+
+    x = torch.randn(700, 48, generator=torch.Generator().manual_seed(0))  # several panels, a ragged last one
+    assert torch.equal(cosine_distance(x), 1 - cosine_similarity(x))
