@@ -181,23 +181,42 @@ def markers(section: str) -> tuple[str, str]:
     return f"<!-- benchmarks:{section}:begin -->", f"<!-- benchmarks:{section}:end -->"
 
 
+GUARD_ROUNDS = 5
+"""From this many rounds on, the guard reads the interquartile range instead of the whole range."""
+
+
 def unpruned_spread(timings: Sequence[Timing]) -> float:
-    """The largest relative spread (``(max - min) / median``) among the unpruned configurations.
+    """The largest relative spread among the unpruned configurations, the statistic the guard reads.
 
-    Infinite when a configuration has a single sample: one round says nothing about the noise.
+    With at least :data:`GUARD_ROUNDS` rounds it is the interquartile range over the median: the tables
+    report medians, which one slow round (a hiccup of the host) does not move, so the guard asks how
+    much the middle of the rounds spreads. With fewer rounds it is ``(max - min) / median``. Infinite
+    when a configuration has a single sample: one round says nothing about the noise.
     """
-    return max(t.relative_spread if len(t.samples) > 1 else float("inf") for t in timings)
+    return max(guard_statistic(t) if len(t.samples) > 1 else float("inf") for t in timings)
 
 
-def write_or_refuse(path: Path | None, text: str, markers: tuple[str, str], spread: float, max_spread: float) -> None:
+def guard_statistic(t: Timing) -> float:
+    return t.relative_iqr if len(t.samples) >= GUARD_ROUNDS else t.relative_spread
+
+
+def guard_name(rounds: int) -> str:
+    """What :func:`unpruned_spread` measured, for the tables' header and the refusal."""
+    return "interquartile range / median" if rounds >= GUARD_ROUNDS else "(max - min) / median"
+
+
+def write_or_refuse(
+    path: Path | None, text: str, markers: tuple[str, str], spread: float, max_spread: float, rounds: int
+) -> None:
     """Write ``text`` between ``markers`` in ``path``, unless the unpruned runs were too noisy (exit 3)."""
     if path is None:
         return
     if spread > max_spread:
         print(
-            f"refusing to write {path}: the unpruned runs spread {spread:.1%} (max - min over the median), more "
+            f"refusing to write {path}: the unpruned runs spread {spread:.1%} ({guard_name(rounds)}), more "
             f"than --max-spread {max_spread:.1%}; the machine was too noisy (load now {load()}). Rerun on a quieter "
-            "machine, with more --repeats, or accept more noise with a larger --max-spread.",
+            f"machine, with more --repeats (from {GUARD_ROUNDS} on, the interquartile range is read), or accept "
+            "more noise with a larger --max-spread.",
             file=sys.stderr,
         )
         raise SystemExit(3)

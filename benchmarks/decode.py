@@ -14,7 +14,7 @@ step (synchronising the GPU first), and the sample is the mean time of the steps
 
 Round-robin over the configurations, medians over the rounds, spreads ``(max - min) / median``, load
 averages before and after; ``--write`` refuses (exit 3) when an unpruned configuration spreads more
-than ``--max-spread``.
+than ``--max-spread`` (from 5 rounds on, by its interquartile range over the median; see ``_bench.py``).
 
 Run:  python benchmarks/decode.py --threads 1 --write docs/benchmarks.md   (full size: 5 min on 2 loaded CPU cores)
       python benchmarks/decode.py --quick                                  (a toy model, seconds)
@@ -36,6 +36,7 @@ from _bench import (
     SIZES,
     build_model,
     command,
+    guard_name,
     image_features,
     load,
     machine,
@@ -173,7 +174,8 @@ def main() -> None:
         f"Model: size `{args.size}`, LLM hidden {size.hidden}, {size.layers} layers; prompt {visual} visual + "
         f"{inputs['input_ids'].shape[1] - visual} text tokens; {args.tokens} new tokens per generate call.",
         f"Command: `{command('decode.py')}`; {args.repeats} timed rounds, round-robin after a warm-up round; "
-        f"medians; spread = (max - min) / median. Largest unpruned spread: {spread:.1%}.",
+        f"medians; the spread column is (max - min) / median. Largest unpruned spread ({guard_name(args.repeats)}, "
+        f"the noise guard's statistic): {spread:.1%}, limit {args.max_spread:.1%}.",
         "",
         "| configuration | ms per token | spread | against | ratio (median of per-round ratios) | target |",
         "|---|---|---|---|---|---|",
@@ -187,7 +189,7 @@ def main() -> None:
         )
     text = "\n".join(lines)
     print(text)
-    write_or_refuse(args.write, text, markers(args.section), spread, args.max_spread)
+    write_or_refuse(args.write, text, markers(args.section), spread, args.max_spread, args.repeats)
 
 
 if __name__ == "__main__":

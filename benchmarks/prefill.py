@@ -21,7 +21,8 @@ against random at the same kept count), a ragged batch of 8 images against
 
 Noise: all configurations are timed round-robin (one call each per round, after a warm-up round),
 medians over the rounds, spreads as ``(max - min) / median``, load averages before and after.
-``--write`` refuses (exit 3) when an unpruned configuration spreads more than ``--max-spread``.
+``--write`` refuses (exit 3) when an unpruned configuration spreads more than ``--max-spread`` (from 5
+rounds on, by its interquartile range over the median; see ``_bench.unpruned_spread``).
 
 Run:  python benchmarks/prefill.py --threads 1 --write docs/benchmarks.md   (full size: 37 min on 2 loaded CPU cores)
       python benchmarks/prefill.py --quick                                  (a toy model, seconds)
@@ -45,6 +46,7 @@ from _bench import (
     SIZES,
     build_model,
     command,
+    guard_name,
     image_features,
     load,
     machine,
@@ -72,6 +74,9 @@ REDUCERS = [
     "dart",
     "pdrop",
     "sparsevlm",
+    "fastervlm",
+    "vispruner",
+    "visionzip",
 ]  # not atp: its scorer needs weights trained for the model, and these models have random weights
 LAYER = 2
 
@@ -483,12 +488,13 @@ def main() -> None:
         f"Model: size `{args.size}`, LLM hidden {size.hidden}, {size.layers} layers, FFN {size.ffn}; {visual} visual + "
         f"{ids.shape[1] - visual} text tokens.",
         f"Command: `{command('prefill.py')}`; {args.repeats} timed rounds, round-robin after a warm-up round; "
-        f"medians; spread = (max - min) / median. Largest unpruned spread: {spread:.1%}.",
+        f"medians; the spread column is (max - min) / median. Largest unpruned spread ({guard_name(args.repeats)}, "
+        f"the noise guard's statistic): {spread:.1%}, limit {args.max_spread:.1%}.",
         "",
     ]
     text = "\n".join(head + b.lines)
     print(text)
-    write_or_refuse(args.write, text, markers(args.section), spread, args.max_spread)
+    write_or_refuse(args.write, text, markers(args.section), spread, args.max_spread, args.repeats)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,21 @@ def test_interleaved_runs_the_cases_round_robin_and_pairs_rounds():
         interleaved([Case("a", print), Case("a", print)], rounds=1)
     with pytest.raises(ValueError, match="as many samples"):
         paired_ratio(Timing((1.0,)), Timing((1.0, 2.0)))
+
+
+def test_the_noise_guard_reads_the_range_below_five_rounds_and_the_interquartile_range_from_five():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _bench import guard_name, unpruned_spread
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    one_slow_round = Timing((1.0, 1.01, 0.99, 1.0, 1.4))  # a host hiccup: the median does not move
+    assert unpruned_spread([one_slow_round]) == pytest.approx(one_slow_round.relative_iqr)
+    assert unpruned_spread([one_slow_round]) < 0.25 < one_slow_round.relative_spread
+    four = Timing((1.0, 1.01, 0.99, 1.4))
+    assert unpruned_spread([four]) == pytest.approx(0.41 / 1.005)
+    noisy_middle = Timing((1.0, 1.2, 0.8, 1.1, 0.9))
+    assert unpruned_spread([one_slow_round, noisy_middle]) == pytest.approx(noisy_middle.relative_iqr)
+    assert noisy_middle.relative_iqr > 0.2
+    assert unpruned_spread([Timing((1.0,))]) == float("inf")
+    assert guard_name(4) == "(max - min) / median" and guard_name(5) == "interquartile range / median"

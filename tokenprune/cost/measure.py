@@ -52,6 +52,11 @@ class Timing:
         """``(max - min) / median``: the whole range of the repeats, relative to their median."""
         return (max(self.samples) - min(self.samples)) / self.median
 
+    @property
+    def relative_iqr(self) -> float:
+        """:attr:`spread` over the median: the interquartile range from four samples on, else the range."""
+        return self.spread / self.median
+
 
 @dataclass(frozen=True)
 class Case:
