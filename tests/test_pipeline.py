@@ -160,11 +160,11 @@ def test_attention_needed_by_params_rules_out_post_projector(registry):
 @pytest.mark.parametrize(
     ("at", "expected"),
     [
-        ("layer 2", "`at` is 'post_projector' or {layer: k} with k >= 1"),
+        ("layer 2", "`at` is 'post_projector', {layer: k} with k >= 1"),
         ({"layer": 0}, "layer must be an integer >= 1, got 0"),
         ({"layer": "2"}, "layer must be an integer >= 1, got '2'"),
-        ({"layr": 2}, "`at` is 'post_projector' or {layer: k}"),
-        ({"layer": 2, "head": 1}, "`at` is 'post_projector' or {layer: k}"),
+        ({"layr": 2}, "`at` is 'post_projector', {layer: k}"),
+        ({"layer": 2, "head": 1}, "`at` is 'post_projector', {layer: k}"),
         ("post-projector", "got 'post-projector'"),
     ],
 )

@@ -38,7 +38,10 @@ if TYPE_CHECKING:
 
 PositionPolicy = Literal["original", "compact"]
 
-_AT_HELP = "'post_projector' or {layer: k} with k >= 1 (the stage runs between decoder layers k-1 and k)"
+_AT_HELP = (
+    "'post_projector', {layer: k} with k >= 1 (the stage runs between decoder layers k-1 and k), or {decode: k} "
+    "(at every decoding step, on the cached visual tokens, for layers k onwards)"
+)
 _KEEP_HELP = "a fraction in (0, 1] such as 0.25 (1.0 keeps all), or a token count >= 1 such as 64"
 
 
@@ -49,12 +52,19 @@ class LayerAt(BaseModel):
     layer: int = Field(ge=1, description="Decoder layer whose input is reduced (k >= 1).")
 
 
+class DecodeAt(BaseModel):
+    """At every decoding step, between decoder layers ``decode - 1`` and ``decode``, over the KV cache."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    decode: int = Field(ge=1, description="First decoder layer whose attention reads only the kept cached tokens.")
+
+
 class Stage(BaseModel):
     """One reduction step."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    at: Literal["post_projector"] | LayerAt = Field(description=f"Insertion point: {_AT_HELP}.")
+    at: Literal["post_projector"] | LayerAt | DecodeAt = Field(description=f"Insertion point: {_AT_HELP}.")
     reducer: str = Field(description="Registry name of the reducer (see `tokenprune plugins`).")
     keep: float | int = Field(description=f"Tokens kept: {_KEEP_HELP}.")
     params: dict[str, Any] = Field(default_factory=dict, description="The reducer's parameters.")
@@ -70,14 +80,14 @@ class Stage(BaseModel):
     @classmethod
     def _parse_at(cls, value: Any) -> Any:
         if isinstance(value, InsertionPoint):
-            return "post_projector" if value.kind == "post_projector" else {"layer": value.layer}
-        if value == "post_projector" or isinstance(value, LayerAt):
+            return "post_projector" if value.kind == "post_projector" else {value.kind: value.layer}
+        if value == "post_projector" or isinstance(value, (LayerAt, DecodeAt)):
             return value
-        if isinstance(value, Mapping) and set(value) == {"layer"}:
-            k = value["layer"]
+        if isinstance(value, Mapping) and len(value) == 1 and set(value) <= {"layer", "decode"}:
+            ((name, k),) = value.items()
             if isinstance(k, int) and not isinstance(k, bool) and k >= 1:
                 return value
-            raise ValueError(f"layer must be an integer >= 1, got {k!r}; `at` is {_AT_HELP}")
+            raise ValueError(f"{name} must be an integer >= 1, got {k!r}; `at` is {_AT_HELP}")
         raise ValueError(f"`at` is {_AT_HELP}; got {value!r}")
 
     @field_validator("keep", mode="before")
@@ -96,6 +106,8 @@ class Stage(BaseModel):
         """The stage's :class:`~tokenprune.reducer.InsertionPoint`."""
         if isinstance(self.at, LayerAt):
             return InsertionPoint("layer", self.at.layer)
+        if isinstance(self.at, DecodeAt):
+            return InsertionPoint("decode", self.at.decode)
         return InsertionPoint("post_projector")
 
 
@@ -397,6 +409,7 @@ def _check_stages(
 ) -> list[Problem]:
     problems: list[Problem] = []
     previous: InsertionPoint | None = None
+    decode_seen = False
     for i, stage in indexed:
         here = ("stages", i)
 
@@ -410,7 +423,7 @@ def _check_stages(
             add(
                 "at",
                 f"stages must be ordered by insertion point (post_projector first, then layers in increasing "
-                f"order), but {point} comes after {previous}",
+                f"order, then the decode stage), but {point} comes after {previous}",
                 (*here, "at"),
             )
         previous = point if previous is None or point.order > previous.order else previous
@@ -440,6 +453,10 @@ def _check_stages(
                 add("params." + ".".join(str(p) for p in loc), message, (*here, "params", *loc))
             continue
         sources = _attention_sources(cls, params)
+        if point.kind == "decode" and point_supported:
+            for field_name, message in _decode_problems(cls, params, sources, decode_seen):
+                add(field_name, message, (*here, field_name))
+            decode_seen = True
         if sources and point.kind == "post_projector" and point_supported:
             add(
                 "at",
@@ -447,6 +464,24 @@ def _check_stages(
                 "the LLM; put it at {layer: k}",
                 (*here, "at"),
             )
+    return problems
+
+
+def _decode_problems(
+    cls: type[TokenReducer], params: ReducerParams, sources: frozenset[str], decode_seen: bool
+) -> list[tuple[str, str]]:
+    """What a ``decode`` stage cannot serve: only the last query row's attention and the cached keys exist there."""
+    problems = []
+    if decode_seen:
+        problems.append(("at", "a pipeline has at most one decode stage; merge the two into one reducer"))
+    caps = cls.capabilities
+    unserved = sorted(sources - {"last"}) + sorted(cls(params).own_attention_sources())
+    if unserved:
+        problems.append(("at", f"at a decode stage only the `last` attention exists; {cls.name!r} reads {unserved}"))
+    extra = sorted(caps.signals) + (["text"] if caps.needs_text else []) + sorted(caps.vision_attention)
+    if extra or caps.merges:
+        what = ", ".join(extra + (["merges"] if caps.merges else []))
+        problems.append(("at", f"a decode stage serves only attention and the cached keys; {cls.name!r} needs {what}"))
     return problems
 
 

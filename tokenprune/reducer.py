@@ -38,9 +38,9 @@ from tokenprune.budget import budget_per_sample
 from tokenprune.errors import ReducerInputError, ReducerOutputError
 from tokenprune.layout import TokenLayout
 
-InsertionKind = Literal["post_projector", "layer"]
+InsertionKind = Literal["post_projector", "layer", "decode"]
 """``post_projector``: after the multimodal projector, before the LLM. ``layer``: between two
-decoder layers."""
+decoder layers. ``decode``: between two decoder layers at every decoding step, over the KV cache."""
 
 AttentionSource = Literal["last", "text", "visual", "all"]
 """Which query rows of the attention probe are averaged: the last token's row (FastV's official
@@ -66,6 +66,11 @@ class InsertionPoint:
     ``InsertionPoint("post_projector")`` runs once on the projected visual features before the LLM.
     ``InsertionPoint("layer", k)`` runs on the hidden states between decoder layers ``k - 1`` and
     ``k`` (so ``k >= 1``); the attention probe, if a reducer needs it, comes from layer ``k - 1``.
+    ``InsertionPoint("decode", k)`` runs at every decoding step after the prefill, between decoder
+    layers ``k - 1`` and ``k``, on the visual tokens held in the KV cache: the tokens are layer
+    ``k - 1``'s cached keys, the attention is the step's last query row at layer ``k - 1``, and what
+    the reducer drops is left out of the attention of layers ``k`` onwards *for that step only* (the
+    cache keeps every token; DyCoke's dynamic pruning, https://arxiv.org/abs/2411.15024).
     """
 
     kind: InsertionKind
@@ -74,16 +79,20 @@ class InsertionPoint:
     def __post_init__(self) -> None:
         if self.kind == "post_projector" and self.layer is not None:
             raise ValueError("InsertionPoint('post_projector') takes no layer")
-        if self.kind == "layer" and (self.layer is None or self.layer < 1):
-            raise ValueError(f"InsertionPoint('layer', k) needs k >= 1 (got {self.layer})")
+        if self.kind in ("layer", "decode") and (self.layer is None or self.layer < 1):
+            raise ValueError(f"InsertionPoint({self.kind!r}, k) needs k >= 1 (got {self.layer})")
 
     def __str__(self) -> str:
-        return "post_projector" if self.kind == "post_projector" else f"layer {self.layer}"
+        if self.kind == "post_projector":
+            return "post_projector"
+        return f"layer {self.layer}" if self.kind == "layer" else f"decode layer {self.layer}"
 
     @property
     def order(self) -> tuple[int, int]:
-        """Sort key in forward-pass order: post_projector first, then layers by index."""
-        return (0, 0) if self.layer is None else (1, self.layer)
+        """Sort key in forward-pass order: post_projector first, then layers by index, then decode stages."""
+        if self.layer is None:
+            return (0, 0)
+        return (1, self.layer) if self.kind == "layer" else (2, self.layer)
 
 
 Media = Literal["image", "video"]
@@ -283,6 +292,9 @@ class ReduceContext:
             reducer whose request sets ``features`` (VisPruner).
         vision_keys: ``(B, N, hd)`` that layer's attention keys, averaged over heads and like the scores;
             only for a reducer whose request sets ``keys`` (VisionZip).
+        step: At a ``decode`` stage, the decoding step after the prefill (``0`` for the first token
+            generated after it); ``None`` at the other insertion points. A reducer that keeps state
+            from step to step (DyCoke) starts afresh at ``0``.
     """
 
     at: InsertionPoint
@@ -308,6 +320,7 @@ class ReduceContext:
     vision_valid: Tensor | None = None
     vision_features: Tensor | None = None
     vision_keys: Tensor | None = None
+    step: int | None = None
 
     @property
     def batch_size(self) -> int:

@@ -6,7 +6,8 @@ temporal redundancy of a video's frames before the language model: in each pair 
 second keeps only the tokens least similar to the same position in the first, and across windows of
 four frames the third frame is pruned the same way against the first. Packaged as a third-party
 plugin: this module is the entry point ``dycoke`` of the ``tokenprune`` group. DyCoke's second
-stage (dynamic KV-cache pruning during decoding) is not part of it (see docs/reducers/dycoke.md).
+stage, dynamic pruning of the cached visual tokens during decoding, is the ``dycoke_dp`` reducer of
+:mod:`tokenprune_dycoke.decode`, registered by the same hook.
 """
 
 from __future__ import annotations
@@ -128,4 +129,23 @@ def _pruned_against(num_frames: int, drop_unpaired: bool) -> list[tuple[int, int
 
 @tokenprune.hookimpl
 def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
+    from tokenprune_dycoke.decode import DyCokeDecode
+
     registry.add(DyCoke)
+    registry.add(DyCokeDecode)
+
+
+@tokenprune.hookimpl
+def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
+    ttm = {"at": "post_projector", "tokens": "video", "reducer": "dycoke", "keep": 0.3}
+    dp = {"at": {"decode": 3}, "tokens": "video", "reducer": "dycoke_dp", "keep": 0.3}
+    registry.add(
+        "dycoke-llava-ov",
+        {"stages": [ttm, dp]},
+        paper="DyCoke (Tao et al., CVPR 2025), https://arxiv.org/abs/2411.15024",
+        table=(
+            "the official README's lmms-eval command on LLaVA-OneVision-7B (dycoke_k=0.7, dycoke_l=3, dycoke_p=0.7): "
+            "temporal merging keeping 30% of each pruned frame, then dynamic pruning from decoding layer 3 keeping 30%"
+        ),
+        description="DyCoke: temporal token merging of the video, then dynamic pruning of its cached tokens",
+    )

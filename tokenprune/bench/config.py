@@ -52,8 +52,8 @@ Metric = Literal["accuracy", "vqa_score", "agreement", "kl"]
 class Sweep(BaseModel):
     """One single-stage pipeline per reducer and budget.
 
-    ``at: auto`` puts each reducer after the projector when it supports that, else at layer 2
-    (FastV's default).
+    ``at: auto`` puts each reducer after the projector when it supports that, else at layer 2 (FastV's
+    default); a decode-only reducer at ``decode: 2``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -233,6 +233,7 @@ def default_sweep_reducers(registry: ReducerRegistry) -> list[str]:
         and origin.distribution == OWN_DISTRIBUTION
         and not registry.get(name).capabilities.trainable
         and "image" in registry.get(name).capabilities.media
+        and registry.get(name).capabilities.insertion_points != {"decode"}
     ]
 
 
@@ -245,6 +246,7 @@ def _sweep(sweep: Sweep, registry: ReducerRegistry) -> list[tuple[str, Pipeline]
         points = registry.get(name).capabilities.insertion_points
         if sweep.at == "auto":
             at: Any = "post_projector" if "post_projector" in points else {"layer": 2}
+            at = {"decode": 2} if points == {"decode"} else at
         else:
             at = sweep.at
         for keep in sweep.keep:

@@ -282,7 +282,10 @@ def _presets_table(report: dict[str, Any]) -> Table:
 
 
 def _at(at: Any) -> str:
-    return f"layer {at['layer']}" if isinstance(at, dict) else str(at)
+    if not isinstance(at, dict):
+        return str(at)
+    ((kind, k),) = at.items()
+    return f"layer {k}" if kind == "layer" else f"decode layer {k}"
 
 
 @app.command()

@@ -25,6 +25,7 @@ from tokenprune.engine.decode import (
     model_decoding_kwargs,
     pruned_layer_kwargs,
 )
+from tokenprune.engine.decode_stage import KeySubset, key_subset, run_decode_stage
 from tokenprune.engine.guards import (
     bind_stages,
     check_attention_implementation,
@@ -89,6 +90,10 @@ class ForwardHooks:
         self._real_tokens: list[int] = []
         self._post = [p for p in plans if p.stage.point.kind == "post_projector"]
         self._layer = plans_by_layer(plans)
+        self._decode = next((p for p in plans if p.stage.point.kind == "decode"), None)
+        self._decode_layer = self._decode.stage.point.layer if self._decode is not None else None
+        self._left_out: Tensor | None = None  # the decode stage's language-model columns left out this step
+        self._subsets: dict[int, KeySubset] = {}
         self._compact = pipeline.positions == "compact"
         self._masks: dict[str, Any] = {}
         self._layers: list[nn.Module] = []
@@ -111,7 +116,8 @@ class ForwardHooks:
         """Check the model against the stages, then install every hook (on failure the caller removes)."""
         vlm, lm = self.adapter.vlm(), self.adapter.language_model()
         layers = list(self.adapter.decoder_layers())
-        check_layers_exist(self._layer, len(layers))
+        decode = {self._decode_layer: [self._decode]} if self._decode is not None and self._decode_layer else {}
+        check_layers_exist({**self._layer, **decode}, len(layers))
         bind_stages(self._plans, self.model)
         impl = compat.attention_implementation(self.adapter.text_config())
         if self._plans:
@@ -119,7 +125,9 @@ class ForwardHooks:
         self._masks = mask_kind(self.adapter, boolean=impl != "eager")
         compat.cache_argument_name(vlm.forward)  # refuse, at apply time, a release whose cache argument is unknown
         self._layers = layers
-        self.probe = attention_probe_for(self._layer, self._probe_rows, lm, layers)
+        self.probe = attention_probe_for(self._layer, self._probe_rows, lm, layers, self._decode)
+        if self.probe is not None and self._decode is not None:
+            self.probe.subset = self._key_subset
         self.vision_probe = vision_probe_for(self._post, self.adapter)
         if self.vision_probe is not None:
             self.vision_probe.install()
@@ -148,6 +156,7 @@ class ForwardHooks:
             if probe is not None:
                 probe.reset(active=False)
         self._layer_kwargs = None
+        self._end_decode_step()
 
     # --- hooks: top model (labels, loss) ------------------------------------------------------
 
@@ -166,6 +175,7 @@ class ForwardHooks:
             self._forget_forward()
             return None
         labels, self._labels = self._labels, None
+        self._end_decode_step()
         st = self._state
         if st is not None and st.in_prefill:
             st.in_prefill = False
@@ -198,6 +208,8 @@ class ForwardHooks:
         st.in_prefill = False
         st.step_length = q
         check_decoding_mask(kw.get("attention_mask"), st)
+        if self._decode is not None and self.probe is not None:
+            self.probe.decoding = True
         if not st.lm_pruned:
             return None
         return (), model_decoding_kwargs(kw, st, self.adapter, self._compact)
@@ -232,9 +244,11 @@ class ForwardHooks:
         if st is None:
             return
         if st.in_prefill:
-            check_every_stage_ran(self._plans, st.stages_run, self.model.config.model_type)
+            prefill_plans = [p for p in self._plans if p is not self._decode]
+            check_every_stage_ran(prefill_plans, st.stages_run, self.model.config.model_type)
         else:
             st.decoded += st.step_length
+            st.decode_steps += 1
 
     # --- hooks: language model (post_projector stages) ----------------------------------------
 
@@ -351,12 +365,51 @@ class ForwardHooks:
             seg = st.segment(i) if st is not None else None
             if self._forward is not None and isinstance(hidden, Tensor):
                 record_layer_tokens(self._forward, st, seg, hidden, self._real_tokens)
+            if st is not None and not st.in_prefill and i == self._decode_layer:
+                self._run_decode_stage(st)
             if seg is None or st is None:
                 return None
             kw = pruned_layer_kwargs(kwargs, hidden, seg, st, self.adapter, i, compact=self._compact, **self._masks)
             return args, kw
 
         return hook
+
+    # --- the decode stage ---------------------------------------------------------------------
+
+    def _run_decode_stage(self, st: PrefillState) -> None:
+        """Run the decode stage on layer ``k - 1``'s recorded signals (see :mod:`tokenprune.engine.decode_stage`)."""
+        probe, plan = self.probe, self._decode
+        if probe is None or plan is None or probe.decode_scores is None or probe.decode_keys is None:
+            return
+        seq = self._cache_columns(st, int(plan.stage.point.layer) - 1)  # type: ignore[arg-type]
+        kw = {"protect_newlines": self.pipeline.protect_newlines}
+        self._left_out, stats = run_decode_stage(
+            plan, seq, probe.decode_scores, probe.decode_keys, st.decode_steps, st.lm_length, **kw
+        )
+        self._subsets = {}
+        if self._forward is not None:
+            self._forward.stages.append(stats)
+
+    def _cache_columns(self, st: PrefillState, layer: int) -> TokenSequence:
+        """The prefill columns of ``layer``'s cache."""
+        seq = st.segment(layer) or st.lm_sequence
+        if seq is None:
+            raise TokenpruneError("decode stage: no prefill sequence was recorded for this decoding step")
+        return seq
+
+    def _key_subset(self, layer: int, key_length: int) -> KeySubset | None:
+        """The probe's callback: the cache columns ``layer`` attends to in this step (``None``: all)."""
+        st, left_out = self._state, self._left_out
+        if st is None or left_out is None or self._decode_layer is None or layer < self._decode_layer:
+            return None
+        if layer not in self._subsets:
+            self._subsets[layer] = key_subset(self._cache_columns(st, layer), left_out, key_length, layer)
+        return self._subsets[layer]
+
+    def _end_decode_step(self) -> None:
+        self._left_out, self._subsets = None, {}
+        if self.probe is not None:
+            self.probe.end_decode_step()
 
     # --- stages -------------------------------------------------------------------------------
 

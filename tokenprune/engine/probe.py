@@ -77,6 +77,13 @@ class AttentionProbe:
         text_scores: After a prefill: ``text_scores[layer]`` is ``(B, T, Lk)`` float32, the attention each
             text token (the valid non-visual rows, in sequence order; ``0`` at padding rows) pays to every
             key of that layer, averaged over heads only (:func:`text_row_attention`).
+        decode_layer: The layer ``k - 1`` of a ``decode`` stage: at each decoding step its last query
+            row's head-averaged attention and its cached keys are recorded in :attr:`decode_scores`
+            (``(B, Lk)`` float32) and :attr:`decode_keys` (``(B, Lk, Hkv * hd)``).
+        decode_from: The decode stage's layer ``k``: from there on, the attention of a decoding step
+            reads only the cache columns that :attr:`subset` returns for the layer.
+        decoding: Set by the engine during a decoding step of a pruned prefill.
+        subset: ``(layer, key length) -> KeySubset | None``, set by the engine.
     """
 
     layers: dict[int, frozenset[str]]
@@ -88,6 +95,12 @@ class AttentionProbe:
     key_states: dict[int, Tensor] = field(default_factory=dict)
     text_rows: frozenset[int] = frozenset()
     text_scores: dict[int, Tensor] = field(default_factory=dict)
+    decode_layer: int | None = None
+    decode_from: int | None = None
+    decoding: bool = False
+    subset: Callable[[int, int], Any] | None = None
+    decode_scores: Tensor | None = None
+    decode_keys: Tensor | None = None
     _configs: list[tuple[Any, Any]] = field(default_factory=list)
     _name: str | None = None
     _dry: tuple[int, ProbeRows] | None = None
@@ -110,7 +123,9 @@ class AttentionProbe:
         compat.acquire_attention(self._name, impl, _make_attention(impl))
         for i, layer in enumerate(decoder_layers):
             attn = compat.attention_module(layer)
-            if attn is not None and (i in self.layers or i in self.own or i in self.keys or i in self.text_rows):
+            if attn is not None and (
+                i in self.layers or i in self.own or i in self.keys or i in self.text_rows or self._decodes(i)
+            ):
                 _TARGETS[attn] = (self, i)
         for cfg in configs:
             self._configs.append((cfg, compat.swap_attention_implementation(cfg, self._name)))
@@ -126,12 +141,32 @@ class AttentionProbe:
             compat.release_attention(self._name)
             self._name = None
 
+    def _decodes(self, layer: int) -> bool:
+        return layer == self.decode_layer or (self.decode_from is not None and layer >= self.decode_from)
+
+    def record_decode(self, module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: Any) -> None:
+        """The decode stage's signals at :attr:`decode_layer`: the last query row's attention and the keys."""
+        b, hkv, lk, hd = key.shape
+        rows = ProbeRows(
+            visual=torch.zeros(b, query.shape[2], dtype=torch.bool, device=query.device),
+            valid=torch.ones(b, query.shape[2], dtype=torch.bool, device=query.device),
+        )
+        with torch.no_grad():
+            self.decode_scores = attention_scores(module, query, key, mask, kw, ("last",), rows)["last"]
+        self.decode_keys = key.detach().transpose(1, 2).reshape(b, lk, hkv * hd)
+
+    def end_decode_step(self) -> None:
+        """Forget the step's signals; attention reads the whole cache again."""
+        self.decoding = False
+        self.decode_scores = self.decode_keys = None
+
     def reset(self, *, active: bool) -> None:
         """Forget what the last prefill recorded; compute during the next one if ``active``."""
         self.active = active
         self.scores.clear()
         self.key_states.clear()
         self.text_scores.clear()
+        self.end_decode_step()
 
     def record(self, layer: int, module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: Any) -> None:
         """Compute and store the scores (and keys) of ``layer`` (called from the attention function)."""
@@ -306,6 +341,13 @@ def _make_attention(impl: str) -> Callable[..., Any]:
                 probe._record_dry(module, query, key, attention_mask, kwargs)
             if probe.active and query.shape[2] > 1:
                 probe.record(layer, module, query, key, attention_mask, kwargs)
+            elif probe.decoding:
+                if layer == probe.decode_layer:
+                    probe.record_decode(module, query, key, attention_mask, kwargs)
+                subset = probe.subset(layer, int(key.shape[2])) if probe.subset is not None else None
+                if subset is not None:
+                    q = int(query.shape[2])
+                    key, value, attention_mask = subset.apply(key, value, attention_mask, q, boolean=impl != "eager")
         return compat.stock_attention(impl, module)(module, query, key, value, attention_mask, **kwargs)
 
     probe_attention.__name__ = f"tokenprune_probe_{impl}"

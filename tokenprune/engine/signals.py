@@ -184,8 +184,9 @@ def attention_probe_for(
     rows: Callable[[int], ProbeRows | None],
     language_model: nn.Module,
     layers: list[nn.Module],
+    decode: StagePlan | None = None,
 ) -> AttentionProbe | None:
-    """The attention probe the layer stages need (installed), or ``None`` when none reads attention.
+    """The attention probe the layer stages and the decode stage need (installed), or ``None`` when none does.
 
     Raises:
         TokenpruneError: a stage reads a layer's own attention where that is refused, or the language
@@ -194,8 +195,11 @@ def attention_probe_for(
     probed, own = probed_layers(layer_plans), own_attention_layers(layer_plans)
     keys, text_rows = key_layers(layer_plans), text_attention_layers(layer_plans)
     check_own_attention_layers(own, layers)
-    if not (probed or own or keys or text_rows):
+    if not (probed or own or keys or text_rows or decode):
         return None
     probe = AttentionProbe(layers=probed, rows=rows, own=own, keys=keys, text_rows=text_rows)
+    if decode is not None:
+        probe.decode_from = int(decode.stage.point.layer)  # type: ignore[arg-type]
+        probe.decode_layer = probe.decode_from - 1
     probe.install(language_model, layers)
     return probe

@@ -28,6 +28,7 @@ class PrefillState:
         segments: First decoder layer -> the sequence every layer from there on holds.
         in_prefill: The prefill forward is still running.
         decoded: Tokens decoded since the prefill (before the current step).
+        decode_steps: Decoding forwards since the prefill (before the current one).
         step_length: Tokens in the current decoding step.
         step_positions: ``(R, B, step_length)`` positions of the current step, at the language model.
         stages_run: Indices of the stages that ran in this prefill.
@@ -49,6 +50,7 @@ class PrefillState:
     segments: dict[int, TokenSequence] = field(default_factory=dict)
     in_prefill: bool = True
     decoded: int = 0
+    decode_steps: int = 0
     step_length: int = 0
     step_positions: Tensor | None = None
     stages_run: set[int] = field(default_factory=set)

@@ -1,0 +1,172 @@
+"""The ``decode`` stage: at every decoding step, which cached visual tokens layers ``k`` onwards attend to.
+
+After the prefill, the KV cache holds the visual tokens the prefill stages kept. At each decoding step
+the attention probe records layer ``k - 1``'s attention of the step's last query row and that layer's
+cached keys; :func:`run_decode_stage` hands the visual part of both to the stage's reducer, and the
+tokens it does not keep are *left out of the attention* of every layer from ``k`` on, for this step
+only: :class:`KeySubset` gathers the kept columns of each layer's keys, values and mask inside the
+attention call. The cache itself is not changed, so a token left out at one step can be attended
+again at the next (DyCoke's dynamic pruning, https://arxiv.org/abs/2411.15024).
+
+Columns are followed through the layer stages by their language-model column (``lm_column``), so a
+layer whose cache a layer stage shortened leaves out the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokenprune.engine.sequence import TokenSequence
+from tokenprune.engine.stage import StagePlan, stage_tokens
+from tokenprune.engine.stats import StageStats
+from tokenprune.errors import ReducerOutputError, TokenpruneError
+from tokenprune.reducer import Merge, ReduceContext, Selection
+from tokenprune.validation import check_reduction, check_stage_budget
+
+
+@dataclass(frozen=True)
+class KeySubset:
+    """The cache columns one layer attends to in this step.
+
+    Attributes:
+        columns: ``(B, K)`` long, ascending cache columns per sample (``0`` where not ``valid``).
+        valid: ``(B, K)`` bool, the real entries of ``columns``.
+    """
+
+    columns: Tensor
+    valid: Tensor
+
+    def apply(
+        self, key: Tensor, value: Tensor, mask: Tensor | None, q: int, *, boolean: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``key``/``value`` ``(B, Hkv, Lk, hd)`` and the attention mask, restricted to :attr:`columns`.
+
+        With no mask (sdpa's implicit causal attention) one is built when it is needed: several query
+        rows, or samples that keep different numbers of tokens.
+        """
+        b, hkv, lk, hd = key.shape
+        k = self.columns.shape[1]
+        index = self.columns[:, None, :, None].expand(b, hkv, k, hd)
+        key, value = key.gather(2, index), value.gather(2, index)
+        if mask is None:
+            if q == 1 and bool(self.valid.all()):
+                return key, value, None
+            first = torch.arange(q, device=key.device) + (lk - q)
+            allowed = (self.columns[:, None, None, :] <= first[None, None, :, None]) & self.valid[:, None, None, :]
+            return key, value, _as_mask(allowed, boolean, key.dtype)
+        full = mask.expand(b, *mask.shape[1:])
+        picked = full.gather(3, self.columns[:, None, None, :].expand(b, full.shape[1], full.shape[2], k))
+        if picked.dtype == torch.bool:
+            return key, value, picked & self.valid[:, None, None, :]
+        return key, value, picked.masked_fill(~self.valid[:, None, None, :], torch.finfo(picked.dtype).min)
+
+
+def _as_mask(allowed: Tensor, boolean: bool, dtype: torch.dtype) -> Tensor:
+    if boolean:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def run_decode_stage(
+    plan: StagePlan,
+    seq: TokenSequence,
+    scores: Tensor,
+    keys: Tensor,
+    step: int,
+    lm_length: int,
+    *,
+    protect_newlines: bool,
+) -> tuple[Tensor, StageStats]:
+    """Run the decode stage's reducer on the visual tokens of layer ``k - 1``'s cache.
+
+    Args:
+        plan: The decode stage.
+        seq: The prefill columns of layer ``k - 1``'s cache.
+        scores: ``(B, Lk)`` float32, the step's last query row's head-averaged attention at layer ``k - 1``.
+        keys: ``(B, Lk, Dk)`` that layer's cached keys (heads concatenated), the reducer's tokens.
+        step: Decoding steps since the prefill (``ctx.step``).
+        lm_length: The language model's prefill length (after the post_projector stages).
+        protect_newlines: Layout newline tokens are kept.
+
+    Returns:
+        ``(B, lm_length)`` bool, the language-model columns left out of this step's attention from layer
+        ``k`` on, and the stage's statistics.
+
+    Raises:
+        ReducerOutputError: the reducer returned a merge, or an invalid selection.
+    """
+    reduced = stage_tokens(plan, seq) & seq.valid
+    vis_idx = Selection.from_mask(reduced).indices
+    valid = vis_idx >= 0
+    safe = vis_idx.clamp(min=0)
+    width = int(seq.valid.shape[1])
+    tokens = keys[:, :width].gather(1, safe.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+    layout = seq.layout.gather(vis_idx) if seq.layout is not None else None
+    protected = layout.newline & valid if layout is not None and protect_newlines else torch.zeros_like(valid)
+    budget = plan.reducer.stage_budget(plan.stage.keep, valid, protected, layout)
+    ctx = ReduceContext(
+        at=plan.stage.point,
+        budget=check_stage_budget(budget, valid, protected, who=plan.who),
+        valid=valid,
+        protected=protected,
+        sizes=seq.sizes.gather(1, safe).masked_fill(~valid, 1.0),
+        layout=layout,
+        attention={"last": scores[:, :width].gather(1, safe).masked_fill(~valid, 0.0)},
+        stage_index=plan.index,
+        keep=plan.stage.keep,
+        columns=vis_idx,
+        step=step,
+    )
+    start = time.perf_counter()
+    result = plan.reducer.reduce(tokens, ctx)
+    if isinstance(result, Merge):
+        raise ReducerOutputError(f"{plan.who} returned a Merge at {plan.stage.point}; a decode stage can only select")
+    selection = check_reduction(result, tokens, ctx, who=plan.who, capabilities=type(plan.reducer).capabilities)
+    seconds = time.perf_counter() - start
+    left_out = valid & ~selection.to_mask(int(vis_idx.shape[1]))
+    stats = StageStats(
+        stage=plan.index,
+        at=str(plan.stage.point),
+        reducer=plan.stage.reducer,
+        entering=valid.sum(1).tolist(),
+        leaving=selection.counts.tolist(),
+        kept=selection.tolist(),
+        layout=layout,
+        seconds=seconds,
+        overhead_macs=0,
+    )
+    return _lm_columns(seq, vis_idx, left_out, lm_length), stats
+
+
+def _lm_columns(seq: TokenSequence, vis_idx: Tensor, left_out: Tensor, length: int) -> Tensor:
+    """``(B, length)`` bool: the language-model columns of the visual tokens ``left_out``."""
+    lm = seq.lm_column.gather(1, vis_idx.clamp(min=0))
+    out = torch.zeros(lm.shape[0], length + 1, dtype=torch.bool, device=lm.device)
+    out.scatter_(1, torch.where(left_out, lm, length), True)
+    return out[:, :length]
+
+
+def key_subset(seq: TokenSequence, left_out_lm: Tensor, key_length: int, layer: int) -> KeySubset:
+    """The columns of a layer's cache (prefill columns ``seq``, then the decoded tokens) not left out.
+
+    Raises:
+        TokenpruneError: the cache is not the prefill columns plus the decoded tokens.
+    """
+    width = int(seq.valid.shape[1])
+    extra = key_length - width
+    if extra < 1:
+        raise TokenpruneError(
+            f"decode stage: layer {layer}'s cache holds {key_length} keys, but its prefill alone had {width}; only "
+            "caches that append each step's keys (transformers' DynamicCache) are supported"
+        )
+    lm = seq.lm_column
+    width_lm = int(left_out_lm.shape[1])
+    out = left_out_lm.gather(1, lm.clamp(min=0, max=max(width_lm - 1, 0))) & (lm >= 0) & (lm < width_lm)
+    keep = torch.cat([~out, out.new_ones(out.shape[0], extra)], 1)
+    columns = Selection.from_mask(keep).indices
+    valid = columns >= 0
+    return KeySubset(columns.clamp(min=0), valid)
