@@ -138,6 +138,20 @@ def test_every_adapter_counts_agree_under_a_two_stage_pipeline(family):
     assert report.layers[-1].tokens[0] <= report.layers[0].tokens[0]
 
 
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_video_inputs_count_agree_and_the_video_stage_shrinks_the_language_model(family):
+    """A prompt with an image and a 4-frame video: the counters agree per layer, unpruned and with a
+    `tokens: video` stage, which costs the language model less and leaves the vision towers' cost alone."""
+    t = tiny_models.BUILDERS[family]()
+    inputs = t.make_inputs([[(56, 56), tiny_models.Video(4, 56, 56)]])
+    video_stage = {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5, "tokens": "video"}]}
+    unpruned, pruned = count_flops(t.model, inputs), count_flops(t.model, inputs, video_stage)
+    for report in (unpruned, pruned):
+        _assert_counters_agree(report)
+    assert pruned.language_model["analytic"] < unpruned.language_model["analytic"]
+    assert pruned.vision == unpruned.vision > 0
+
+
 # --- mixture of experts (Qwen3-VL-MoE) ------------------------------------------------------------
 
 EXPERTS = ["grouped_mm", "eager", "batched_mm", "grouped_mm_fallback"]

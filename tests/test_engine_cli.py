@@ -88,3 +88,28 @@ def test_a_missing_local_model_folder_says_so(tmp_path):
     assert result.exit_code == 2
     assert "no such folder" in output and str(missing) in output.replace("\n", "")
     assert "Repo id" not in output
+
+
+def test_run_prints_a_decode_stage_per_step(saved, tmp_path):
+    pipe = tmp_path / "decode.yaml"
+    pipe.write_text("stages:\n  - {at: {decode: 2}, reducer: dycoke_dp, keep: 0.25}\n")
+    common = ["--model", str(saved), "--pipeline", str(pipe), "--image", str(saved / "image.png"), "--prompt", "w10"]
+    result = invoke(*common, "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "attended per step" in x)
+    # the first step prunes: int(48 * 0.25) of the 48 non-newline tokens, plus the 4 protected row newlines
+    assert line.startswith("stage 0 dycoke_dp at decode layer 2: of 52 visual tokens, attended per step: [16, ")
+    steps = line.split("attended per step: [")[1].rstrip("]").split(", ")
+    assert len(steps) == 3  # 4 new tokens: the prefill's, then 3 decoding steps
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "give --image, --video or both"),
+        (("--video", "no-such-folder"), "video 'no-such-folder' does not exist"),
+    ],
+)
+def test_run_needs_an_image_or_a_video_that_exists(saved, args, message):
+    result = invoke("--model", str(saved), "--pipeline", str(saved / "pipe.yaml"), "--prompt", "hi", *args)
+    assert result.exit_code == 2 and message in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,40 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
 
 
 def build_inputs(
-    processor: Any, image: Any, prompt: str, *, device: str = "cpu", dtype: torch.dtype | None = None
+    processor: Any,
+    image: Any,
+    prompt: str,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    video: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
-    """Processor inputs for one PIL image and one prompt; the image placeholder is prepended if missing."""
-    token = getattr(processor, "image_token", None) or "<image>"
-    text = prompt if token in prompt else f"{token}\n{prompt}"
-    inputs = processor(images=image, text=text, return_tensors="pt")
+    """Processor inputs for one prompt with one PIL image and/or one video (its frames as PIL images).
+
+    The placeholders (``<image>``, ``<video>``: the processor's own tokens) are prepended when missing.
+
+    Raises:
+        TokenpruneError: neither an image nor a video, or a video without torchvision (transformers' video
+            processors need it).
+    """
+    if image is None and not video:
+        raise TokenpruneError("build_inputs needs an image or a video")
+    text, kwargs = prompt, {}
+    for given, name, key in ((video, "video", "videos"), (image, "image", "images")):
+        if given is None or (name == "video" and not given):
+            continue
+        token = getattr(processor, f"{name}_token", None) or f"<{name}>"
+        text = text if token in text else f"{token}\n{text}"
+        kwargs[key] = [list(given)] if name == "video" else given
+    try:
+        inputs = processor(text=text, return_tensors="pt", **kwargs)
+    except ImportError as exc:
+        if video and "torchvision" in str(exc).lower():
+            raise TokenpruneError(
+                "video input needs torchvision: transformers' video processors use it; install the torchvision "
+                "release that matches your torch"
+            ) from None
+        raise
     out: dict[str, Any] = {}
     for key, value in inputs.items():
         if isinstance(value, Tensor):
@@ -61,6 +90,39 @@ def build_inputs(
                 value = value.to(dtype)
         out[key] = value
     return out
+
+
+def load_frames(path: Path) -> list[Any]:
+    """The frames of a video given as a folder of images (in name order) or a multi-frame image file
+    (GIF, animated WebP or PNG, multi-page TIFF), as RGB PIL images.
+
+    Raises:
+        TokenpruneError: the path does not exist, holds no image, or cannot be read as images.
+    """
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _FRAME_SUFFIXES)
+        if not files:
+            raise TokenpruneError(f"video folder {str(path)!r} holds no image ({', '.join(_FRAME_SUFFIXES)})")
+        frames = []
+        for f in files:
+            with Image.open(f) as im:
+                frames.append(im.convert("RGB"))
+        return frames
+    if not path.is_file():
+        raise TokenpruneError(f"video {str(path)!r} does not exist: give a folder of frames or a multi-frame image")
+    try:
+        with Image.open(path) as im:
+            return [frame.convert("RGB") for frame in ImageSequence.Iterator(im)]
+    except UnidentifiedImageError:
+        raise TokenpruneError(
+            f"video {str(path)!r} is not an image file; give a folder of frames or a GIF / animated WebP / TIFF "
+            "(video containers such as MP4 are not decoded: extract the frames first)"
+        ) from None
+
+
+_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _looks_local(spec: str) -> bool:
