@@ -20,7 +20,7 @@ base_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['
 # The tests whose outcome depends on transformers' internals: the compatibility module, the adapter
 # invariants, engine behaviour and guards, FLOP counting, the reducers end to end (the attention probe
 # among them), the signals read inside the model (own-layer attention, keys, text rows, the vision
-# probe), and the adapter tutorial's own test.
+# probe), the decode stage (attention calls at decoding), video heatmaps, and the adapter tutorial's own test.
 tests=(
   tests/test_compat.py
   tests/test_engine_invariants.py
@@ -42,6 +42,8 @@ tests=(
   tests/test_vision_families.py
   tests/test_reducer_fastervlm.py
   tests/test_stage_budget.py
+  tests/test_decode_stage.py
+  tests/test_heatmap_video.py
   examples/tokenprune-example-adapter/tests
 )
 failed=()
