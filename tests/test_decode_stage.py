@@ -65,8 +65,16 @@ SPECS = {
     "qwen3_vl": [[(64, 96)], [(96, 64)]],  # DeepStack adds features after layers 0-2
     "internvl": [[(56, 112)], [(56, 56)]],
     "gemma3": [[(64, 64)], [(64, 64)]],
+    "gemma3-window": [[(64, 64)], [(64, 64)]],  # layer 3 is a sliding layer: it keeps the last 12 keys
     "llava_onevision": [[(56, 56), tm.Video(4, 56, 56)], [tm.Video(4, 56, 56)]],
 }
+
+
+DECODE_LAYER = {"gemma3": 3, "gemma3-window": 3}  # Gemma3's layer 2 is its full-attention layer
+
+
+def _tiny(family: str) -> tm.Tiny:
+    return tm.gemma3(sliding_window=12) if family == "gemma3-window" else tm.BUILDERS[family]()
 
 
 @contextlib.contextmanager
@@ -75,16 +83,17 @@ def masked_reference(tiny: tm.Tiny, visual: torch.Tensor, layer: int) -> Iterato
     whose rank within their sample has the parity of ``s`` (and to every other token)."""
     rank = visual.long().cumsum(1) - 1
     step = {"n": -1}
+    width = visual.shape[1]
 
     def masked_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: Any, mask: Any, **kw: Any) -> Any:
         if query.shape[2] == 1 and module.layer_idx == 0:
             step["n"] += 1
         if query.shape[2] == 1 and module.layer_idx >= layer:
             b, lk = key.shape[0], key.shape[2]
-            allowed = torch.ones(b, lk, dtype=torch.bool)
-            width = visual.shape[1]
+            positions = torch.arange(lk) + (width + step["n"] + 1 - lk)  # a sliding layer keeps only the last keys
             left_out = visual & ((rank % 2) != step["n"] % 2)
-            allowed[:, :width] &= ~left_out
+            padded = torch.cat([left_out, torch.zeros(b, step["n"] + 1, dtype=torch.bool)], 1)
+            allowed = ~padded[:, positions]
             base = torch.ones(b, 1, 1, lk, dtype=torch.bool) if mask is None else mask.bool()
             mask = base & allowed[:, None, None, :]
         return compat.stock_attention("sdpa", module)(module, query, key, value, mask, **kw)
@@ -102,12 +111,12 @@ def masked_reference(tiny: tm.Tiny, visual: torch.Tensor, layer: int) -> Iterato
 @pytest.mark.parametrize("family", sorted(SPECS))
 def test_left_out_tokens_are_exactly_masked_out_at_layers_k_onwards(family):
     """A padded batch of two different inputs; every decoding step keeps another half of the visual tokens."""
-    tiny = tm.BUILDERS[family]()
+    tiny, layer = _tiny(family), DECODE_LAYER.get(family, LAYER)
     inputs = tiny.make_inputs(SPECS[family])
-    pipeline = pipe(({"decode": LAYER}, "test_every_other", 1.0), protect_newlines=False)  # newlines are ranked too
+    pipeline = pipe(({"decode": layer}, "test_every_other", 1.0), protect_newlines=False)  # newlines are ranked too
     with tp.apply(tiny.model, pipeline, plugins=_manager()) as run:
         pruned = generate(tiny.model, inputs, n=5)
-    with masked_reference(tiny, _visual_columns(tiny, inputs), LAYER):
+    with masked_reference(tiny, _visual_columns(tiny, inputs), layer):
         reference = generate(tiny.model, inputs, n=5)
     stock = generate(tiny.model, inputs, n=5)
     for a, b in zip(pruned.logits, reference.logits, strict=True):
@@ -118,7 +127,7 @@ def test_left_out_tokens_are_exactly_masked_out_at_layers_k_onwards(family):
     visual = _visual_columns(tiny, inputs).sum(1).tolist()
     for s, f in enumerate(decodes):
         stage = f.stages[0]
-        assert stage.at == f"decode layer {LAYER}" and stage.entering == visual
+        assert stage.at == f"decode layer {layer}" and stage.entering == visual
         assert stage.kept == [[i for i in range(n) if i % 2 == s % 2] for n in visual]
 
 
@@ -213,3 +222,9 @@ def test_a_decode_layer_the_model_lacks_is_refused_and_nothing_stays_installed()
         tp.apply(tiny.model, pipe(({"decode": layers}, "dycoke_dp", 0.5)))
     after = generate(tiny.model, inputs, n=2)
     assert all(torch.equal(a, b) for a, b in zip(after.logits, stock.logits, strict=True))
+
+
+def test_a_decode_stage_after_a_sliding_window_layer_is_refused_by_name():
+    tiny = tm.gemma3(sliding_window=6)
+    with pytest.raises(PipelineError, match=r"layer 1 uses sliding-window attention.*full-attention layer: 3"):
+        tp.apply(tiny.model, pipe(({"decode": 2}, "dycoke_dp", 0.5)))

@@ -220,9 +220,20 @@ def _norm(module: nn.Module, name: str, needed_by: str) -> nn.Module:
 
 
 def layer_attention_type(layer: nn.Module) -> str | None:
-    """A decoder layer's attention type (``full_attention``, ``sliding_attention``), where the family has one."""
+    """A decoder layer's attention type (``full_attention``, ``sliding_attention``), where the family has one.
+
+    Read from the layer's ``attention_type`` where it has one, else from its attention module: transformers
+    sets ``sliding_window`` (or ``is_sliding``) there on the sliding layers only (Gemma3 5.x).
+    """
     value = getattr(layer, "attention_type", None)
-    return value if isinstance(value, str) else None
+    if isinstance(value, str):
+        return value
+    attn = attention_module(layer)
+    if attn is None:
+        return None
+    if getattr(attn, "is_sliding", False) or getattr(attn, "sliding_window", None):
+        return "sliding_attention"
+    return "full_attention" if hasattr(attn, "sliding_window") or hasattr(attn, "is_sliding") else None
 
 
 def dry_attention_kwargs(layer_kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -150,23 +150,26 @@ def _lm_columns(seq: TokenSequence, vis_idx: Tensor, left_out: Tensor, length: i
     return out[:, :length]
 
 
-def key_subset(seq: TokenSequence, left_out_lm: Tensor, key_length: int, layer: int) -> KeySubset:
-    """The columns of a layer's cache (prefill columns ``seq``, then the decoded tokens) not left out.
+def key_subset(seq: TokenSequence, left_out_lm: Tensor, key_length: int, decoded: int, layer: int) -> KeySubset:
+    """The columns of a layer's cache not left out: the cache is the prefill columns ``seq`` then the
+    ``decoded`` tokens of the steps so far (this one included), or the last ``key_length`` of those where a
+    sliding-window layer keeps only its window.
 
     Raises:
-        TokenpruneError: the cache is not the prefill columns plus the decoded tokens.
+        TokenpruneError: the cache holds more keys than the prefill and the decoded tokens.
     """
     width = int(seq.valid.shape[1])
-    extra = key_length - width
-    if extra < 1:
+    total = width + decoded
+    if key_length > total:
         raise TokenpruneError(
-            f"decode stage: layer {layer}'s cache holds {key_length} keys, but its prefill alone had {width}; only "
-            "caches that append each step's keys (transformers' DynamicCache) are supported"
+            f"decode stage: layer {layer}'s cache holds {key_length} keys, more than its prefill ({width}) and the "
+            f"{decoded} decoded tokens; only caches that append each step's keys (transformers' DynamicCache) are "
+            "supported"
         )
     lm = seq.lm_column
     width_lm = int(left_out_lm.shape[1])
     out = left_out_lm.gather(1, lm.clamp(min=0, max=max(width_lm - 1, 0))) & (lm >= 0) & (lm < width_lm)
-    keep = torch.cat([~out, out.new_ones(out.shape[0], extra)], 1)
+    keep = torch.cat([~out, out.new_ones(out.shape[0], decoded)], 1)[:, total - key_length :]
     columns = Selection.from_mask(keep).indices
     valid = columns >= 0
     return KeySubset(columns.clamp(min=0), valid)

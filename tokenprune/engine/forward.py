@@ -29,6 +29,7 @@ from tokenprune.engine.decode_stage import KeySubset, key_subset, run_decode_sta
 from tokenprune.engine.guards import (
     bind_stages,
     check_attention_implementation,
+    check_decode_layer,
     check_every_stage_ran,
     check_layers_exist,
     refuse_embeds_without_ids,
@@ -118,6 +119,8 @@ class ForwardHooks:
         layers = list(self.adapter.decoder_layers())
         decode = {self._decode_layer: [self._decode]} if self._decode is not None and self._decode_layer else {}
         check_layers_exist({**self._layer, **decode}, len(layers))
+        if self._decode_layer is not None:
+            check_decode_layer(self._decode_layer, layers)
         bind_stages(self._plans, self.model)
         impl = compat.attention_implementation(self.adapter.text_config())
         if self._plans:
@@ -403,7 +406,8 @@ class ForwardHooks:
         if st is None or left_out is None or self._decode_layer is None or layer < self._decode_layer:
             return None
         if layer not in self._subsets:
-            self._subsets[layer] = key_subset(self._cache_columns(st, layer), left_out, key_length, layer)
+            decoded = st.decoded + st.step_length
+            self._subsets[layer] = key_subset(self._cache_columns(st, layer), left_out, key_length, decoded, layer)
         return self._subsets[layer]
 
     def _end_decode_step(self) -> None:

@@ -101,3 +101,22 @@ def check_own_attention_layers(own: Mapping[int, Collection[str]], layers: Seque
                 f"a stage at layer {k} reads layer {k}'s own attention, but layer {k} uses {here} and layer {k - 1} "
                 f"{before}; move the stage to a layer whose attention type matches the layer before it"
             )
+
+
+def check_decode_layer(k: int, layers: Sequence[nn.Module]) -> None:
+    """Refuse a ``decode: k`` stage whose signal layer ``k - 1`` has sliding-window attention.
+
+    Its cache holds only the last keys of its window, so the visual tokens before it would have no
+    attention and no keys to rank by.
+
+    Raises:
+        PipelineError: naming the layer and the layers a decode stage may use.
+    """
+    if compat.layer_attention_type(layers[k - 1]) != "sliding_attention":
+        return
+    usable = [i + 1 for i in range(len(layers) - 1) if compat.layer_attention_type(layers[i]) != "sliding_attention"]
+    raise PipelineError(
+        f"a decode stage at layer {k} reads layer {k - 1}'s attention, but layer {k - 1} uses sliding-window attention "
+        f"(its cache holds only the last keys of its window); use a layer right after a full-attention layer: "
+        f"{', '.join(map(str, usable)) or 'none in this model'}"
+    )
