@@ -15,17 +15,17 @@ layer whose cache a layer stage shortened leaves out the same tokens.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from tokenprune.engine.sequence import TokenSequence
-from tokenprune.engine.stage import StagePlan, stage_tokens
+from tokenprune.engine.stage import StagePlan, StageSignals, stage_context
 from tokenprune.engine.stats import StageStats
 from tokenprune.errors import ReducerOutputError, TokenpruneError
-from tokenprune.reducer import Merge, ReduceContext, Selection
-from tokenprune.validation import check_reduction, check_stage_budget
+from tokenprune.reducer import Merge, Selection
+from tokenprune.validation import check_reduction
 
 
 @dataclass(frozen=True)
@@ -99,28 +99,11 @@ def run_decode_stage(
     Raises:
         ReducerOutputError: the reducer returned a merge, or an invalid selection.
     """
-    reduced = stage_tokens(plan, seq) & seq.valid
-    vis_idx = Selection.from_mask(reduced).indices
-    valid = vis_idx >= 0
-    safe = vis_idx.clamp(min=0)
     width = int(seq.valid.shape[1])
-    tokens = keys[:, :width].gather(1, safe.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-    layout = seq.layout.gather(vis_idx) if seq.layout is not None else None
-    protected = layout.newline & valid if layout is not None and protect_newlines else torch.zeros_like(valid)
-    budget = plan.reducer.stage_budget(plan.stage.keep, valid, protected, layout)
-    ctx = ReduceContext(
-        at=plan.stage.point,
-        budget=check_stage_budget(budget, valid, protected, who=plan.who),
-        valid=valid,
-        protected=protected,
-        sizes=seq.sizes.gather(1, safe).masked_fill(~valid, 1.0),
-        layout=layout,
-        attention={"last": scores[:, :width].gather(1, safe).masked_fill(~valid, 0.0)},
-        stage_index=plan.index,
-        keep=plan.stage.keep,
-        columns=vis_idx,
-        step=step,
-    )
+    attention = {"last": scores[:, :width]}
+    tokens, ctx, vis_idx = stage_context(plan, keys[:, :width], seq, attention, protect_newlines, StageSignals())
+    ctx = replace(ctx, step=step)
+    valid, layout = ctx.valid, ctx.layout
     start = time.perf_counter()
     result = plan.reducer.reduce(tokens, ctx)
     if isinstance(result, Merge):

@@ -153,7 +153,7 @@ def run_stage(
     signals = signals or StageSignals()
     if not bool(stage_tokens(plan, seq).any()):  # e.g. `tokens: video` on a prompt without a video
         return _nothing_to_reduce(plan, hidden, seq)
-    tokens, ctx, vis_idx = _context(plan, hidden, seq, attention, protect_newlines, signals)
+    tokens, ctx, vis_idx = stage_context(plan, hidden, seq, attention, protect_newlines, signals)
     capabilities = type(plan.reducer).capabilities
     start = time.perf_counter()
     result = plan.reducer.reduce(tokens, ctx)
@@ -210,7 +210,7 @@ def _nothing_to_reduce(plan: StagePlan, hidden: Tensor, seq: TokenSequence) -> S
     return StageOutcome(hidden, seq, False, unchanged, stats)
 
 
-def _context(
+def stage_context(
     plan: StagePlan,
     hidden: Tensor,
     seq: TokenSequence,
