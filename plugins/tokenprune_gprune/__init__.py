@@ -19,6 +19,7 @@ import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, Selection, TokenReducer
 from tokenprune.budget import spatial_quotas, split_budget
 from tokenprune.layout import TokenLayout
+from tokenprune.similarity import cosine_similarity
 from tokenprune.validation import check_finite_tokens
 
 
@@ -237,8 +238,7 @@ def gprune_graph(
     scale = x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)  # no overflow in the squares
     norms = torch.linalg.vector_norm(x / scale, dim=-1) * scale.squeeze(-1)
     if dtype == torch.float32:
-        unit = torch.nn.functional.normalize(x / scale, dim=-1)
-        logits = unit @ unit.T  # (n, n) cosine similarities, turned into edge logits in place below
+        logits = cosine_similarity(x)  # (n, n), half the products of unit @ unit.T; edge logits in place below
         no_edge = logits < threshold
         no_edge.diagonal().fill_(False)  # self-loops always
         degree = x.shape[0] - no_edge.sum(-1, dtype=torch.float32)
