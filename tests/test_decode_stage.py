@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import tiny_models as tm
 import torch
-from engine_fixtures import generate, manager_with, pipe
+from engine_fixtures import BATCH_SPECS, VIDEO_SPECS, generate, manager_with, pipe
 
 import tokenprune as tp
 from tokenprune import Capabilities, ReduceContext, Selection, TokenReducer
@@ -59,22 +59,18 @@ def _visual_columns(tiny: tm.Tiny, inputs: dict[str, Any]) -> torch.Tensor:
     return torch.isin(ids, torch.tensor(sorted(tokens)))
 
 
-SPECS = {
-    "qwen2_vl": [[(56, 84)], [(84, 56)]],
-    "llava_next": [[(64, 96)], [(96, 64)]],
-    "qwen3_vl": [[(64, 96)], [(96, 64)]],  # DeepStack adds features after layers 0-2
-    "internvl": [[(56, 112)], [(56, 56)]],
-    "gemma3": [[(64, 64)], [(64, 64)]],
-    "gemma3-window": [[(64, 64)], [(64, 64)]],  # layer 3 is a sliding layer: it keeps the last 12 keys
-    "llava_onevision": [[(56, 56), tm.Video(4, 56, 56)], [tm.Video(4, 56, 56)]],
+SPECS: dict[str, list[Any]] = {
+    **BATCH_SPECS,  # every built-in family, samples of different images (Qwen3-VL: DeepStack after layers 0-2)
+    **{f"{name}-video": specs for name, specs in VIDEO_SPECS.items()},
+    "gemma3-window": BATCH_SPECS["gemma3"],  # layer 3 is a sliding layer: it keeps the last 12 keys
 }
-
-
 DECODE_LAYER = {"gemma3": 3, "gemma3-window": 3}  # Gemma3's layer 2 is its full-attention layer
 
 
 def _tiny(family: str) -> tm.Tiny:
-    return tm.gemma3(sliding_window=12) if family == "gemma3-window" else tm.BUILDERS[family]()
+    if family == "gemma3-window":
+        return tm.gemma3(sliding_window=12)
+    return tm.BUILDERS[family.removesuffix("-video")]()
 
 
 @contextlib.contextmanager
@@ -111,7 +107,7 @@ def masked_reference(tiny: tm.Tiny, visual: torch.Tensor, layer: int) -> Iterato
 @pytest.mark.parametrize("family", sorted(SPECS))
 def test_left_out_tokens_are_exactly_masked_out_at_layers_k_onwards(family):
     """A padded batch of two different inputs; every decoding step keeps another half of the visual tokens."""
-    tiny, layer = _tiny(family), DECODE_LAYER.get(family, LAYER)
+    tiny, layer = _tiny(family), DECODE_LAYER.get(family.removesuffix("-video"), LAYER)
     inputs = tiny.make_inputs(SPECS[family])
     pipeline = pipe(({"decode": layer}, "test_every_other", 1.0), protect_newlines=False)  # newlines are ranked too
     with tp.apply(tiny.model, pipeline, plugins=_manager()) as run:
