@@ -236,3 +236,26 @@ def test_calibration_moves_the_hard_average_to_the_target(mini, tmp_path):
     trainer.weights = load_atp(path)
     with SoftATP(model, trainer.weights) as soft:
         assert trainer.hard_average(soft, 4) == pytest.approx(record["after"])  # the file holds the shift
+
+
+def test_the_calibration_bracket_widens_past_saturated_heads():
+    """A head saturated at sigmoid 0.0004 (logit -7.8) barely moves under a 4-logit shift: the bracket must
+    widen (the target-96 run stopped at +3.98 of at most +4 and kept 120 tokens)."""
+    from tokenprune_atp.trainer import SHIFT_LIMIT, bracketed_shift
+
+    def saturated(shift: float) -> float:  # tokens fall from 125 to 65 only once the shift nears +8
+        return 65.0 + 60.0 * (1.0 - torch.sigmoid(torch.tensor(shift - 7.8)).item())
+
+    calls: list[float] = []
+
+    def measure(shift: float) -> float:
+        calls.append(shift)
+        return saturated(shift)
+
+    shift, got = bracketed_shift(measure, 96.0, saturated(0.0), iterations=8)
+    assert shift > 4.0 and abs(got - 96.0) < 0.3
+    assert max(calls) == 8.0  # one doubling was enough
+    low_shift, low_got = bracketed_shift(saturated, 140.0, saturated(0.0), iterations=8)  # more tokens: negative
+    assert low_shift == -SHIFT_LIMIT and low_got == pytest.approx(saturated(-SHIFT_LIMIT))  # unreachable: the edge
+    near_shift, near_got = bracketed_shift(lambda s: 120.0 - 2.0 * s, 116.0, 120.0, iterations=8)
+    assert near_shift == pytest.approx(2.0) and near_got == pytest.approx(116.0)  # inside the first bracket

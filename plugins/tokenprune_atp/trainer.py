@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -284,7 +285,8 @@ class ATPTrainer:
         return total / count
 
     def calibrate(self, soft: SoftATP, iterations: int = 8) -> dict[str, float]:
-        """Shift every head's ``θ_r`` logit by one offset so that :meth:`hard_average` hits the target."""
+        """Shift every head's ``θ_r`` logit by one offset so that :meth:`hard_average` hits the target
+        (:func:`bracketed_shift`)."""
         images = self.cfg.calibration_images
         target = self.cfg.target_tokens
         biases = {k: h.fc2.bias.detach().clone() for k, h in self.weights.heads.items()}
@@ -296,14 +298,8 @@ class ATPTrainer:
             return self.hard_average(soft, images)
 
         before = measure(0.0)
-        lo, hi = (0.0, 4.0) if before > target else (-4.0, 0.0)  # a larger θ_r keeps fewer tokens
-        best = (abs(before - target), 0.0, before)
-        for _ in range(iterations):
-            mid = 0.5 * (lo + hi)
-            got = measure(mid)
-            best = min(best, (abs(got - target), mid, got))
-            lo, hi = (mid, hi) if got > target else (lo, mid)
-        _, shift, after = best
+        best = bracketed_shift(measure, target, before, iterations)
+        shift, after = best
         measure(shift)  # leave the best shift in place
         return {"before": before, "after": after, "shift": shift, "images": float(images)}
 
@@ -366,3 +362,36 @@ def train_atp(
     if resume and state.exists():
         trainer.load_state(state)
     return trainer.run(progress=progress)
+
+
+SHIFT_START, SHIFT_LIMIT = 4.0, 64.0
+"""The calibration's first bracket of ``θ_r`` logit shifts, and how far it may widen."""
+
+
+def bracketed_shift(
+    measure: Callable[[float], float], target: float, at_zero: float, iterations: int
+) -> tuple[float, float]:
+    """The logit shift whose measured token count is closest to ``target``, and that count.
+
+    A larger ``θ_r`` keeps fewer tokens, so the count falls as the shift grows. The bracket starts at
+    ``±SHIFT_START`` and doubles until it holds the target (a saturated head moves only under a large
+    shift) or reaches ``±SHIFT_LIMIT``; then ``iterations`` bisection steps, plus one per doubling so the
+    resolution stays ``SHIFT_START / 2**iterations``. Every measured point is a candidate.
+    """
+    sign = 1.0 if at_zero > target else -1.0
+    best = (abs(at_zero - target), 0.0, at_zero)
+    edge = SHIFT_START
+    got = measure(sign * edge)
+    best = min(best, (abs(got - target), sign * edge, got))
+    while (got - target) * sign > 0 and edge < SHIFT_LIMIT:
+        edge *= 2
+        iterations += 1
+        got = measure(sign * edge)
+        best = min(best, (abs(got - target), sign * edge, got))
+    lo, hi = sorted((0.0, sign * edge))
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        got = measure(mid)
+        best = min(best, (abs(got - target), mid, got))
+        lo, hi = (mid, hi) if got > target else (lo, mid)
+    return best[1], best[2]
