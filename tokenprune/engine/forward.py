@@ -363,8 +363,8 @@ class ForwardHooks:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             hidden = args[0] if args else kwargs.get("hidden_states")
             st = self._state
-            if self.probe is not None and self.probe.own and st is not None and st.in_prefill:
-                self._layer_kwargs = dict(kwargs)
+            if self.probe is not None and (i + 1) in self.probe.own and st is not None and st.in_prefill:
+                self._layer_kwargs = dict(kwargs)  # the dry call of layer i + 1's own attention reuses them
             seg = st.segment(i) if st is not None else None
             if self._forward is not None and isinstance(hidden, Tensor):
                 record_layer_tokens(self._forward, st, seg, hidden, self._real_tokens)
