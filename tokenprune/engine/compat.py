@@ -18,7 +18,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from types import ModuleType
 from typing import Any
 
@@ -341,6 +341,20 @@ def acquire_attention(name: str, impl: str, function: Callable[..., Any]) -> Non
     if _ACQUIRED.get(name, 0) == 0:
         register_attention(name, impl, function)
     _ACQUIRED[name] = _ACQUIRED.get(name, 0) + 1
+
+
+def release_probe(
+    configs: list[tuple[Any, Any]], targets: MutableMapping[Any, Any], owner: object, name: str | None
+) -> None:
+    """A probe's teardown: restore the ``configs`` it switched, drop its ``targets`` (``module -> (owner, i)``),
+    and release its attention function ``name`` (:func:`release_attention`; ``None``: never acquired)."""
+    for cfg, value in configs:
+        restore_attention_implementation(cfg, value)
+    configs.clear()
+    for module in [m for m, (p, _) in list(targets.items()) if p is owner]:
+        del targets[module]
+    if name is not None:
+        release_attention(name)
 
 
 def release_attention(name: str) -> None:

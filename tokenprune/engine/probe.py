@@ -132,14 +132,8 @@ class AttentionProbe:
 
     def remove(self) -> None:
         """Restore the configs and unregister the functions when no probe uses them."""
-        for cfg, value in self._configs:
-            compat.restore_attention_implementation(cfg, value)
-        self._configs.clear()
-        for module in [m for m, (p, _) in list(_TARGETS.items()) if p is self]:
-            del _TARGETS[module]
-        if self._name is not None:
-            compat.release_attention(self._name)
-            self._name = None
+        compat.release_probe(self._configs, _TARGETS, self, self._name)
+        self._name = None
 
     def _decodes(self, layer: int) -> bool:
         return layer == self.decode_layer or (self.decode_from is not None and layer >= self.decode_from)

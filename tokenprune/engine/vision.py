@@ -115,17 +115,11 @@ class VisionProbe:
 
     def remove(self) -> None:
         """Restore the configs, remove the hooks and unregister the function when no probe uses it."""
-        for cfg, value in self._configs:
-            compat.restore_attention_implementation(cfg, value)
-        self._configs.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module in [m for m, (p, _) in list(_TARGETS.items()) if p is self]:
-            del _TARGETS[module]
-        if self._name is not None:
-            compat.release_attention(self._name)
-            self._name = None
+        compat.release_probe(self._configs, _TARGETS, self, self._name)
+        self._name = None
 
     def reset(self, *, active: bool) -> None:
         """Forget the last prefill's records; record (the image call's) during the next one if ``active``."""
