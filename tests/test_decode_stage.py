@@ -224,3 +224,32 @@ def test_a_decode_stage_after_a_sliding_window_layer_is_refused_by_name():
     tiny = tm.gemma3(sliding_window=6)
     with pytest.raises(PipelineError, match=r"layer 1 uses sliding-window attention.*full-attention layer: 3"):
         tp.apply(tiny.model, pipe(({"decode": 2}, "dycoke_dp", 0.5)))
+
+
+class TextAtDecode(TokenReducer):
+    """Declares the decode point but reads what a decode stage cannot serve."""
+
+    name = "test_text_at_decode"
+    capabilities = Capabilities(
+        insertion_points=frozenset({"decode"}), attention=frozenset({"last", "text"}), needs_text=True
+    )
+
+    def reduce(self, tokens: torch.Tensor, ctx: ReduceContext) -> Selection:
+        return Selection.from_mask(ctx.valid)
+
+
+class _TextPlugin:
+    @staticmethod
+    @tp.hookimpl
+    def tokenprune_register_reducers(registry: Any) -> None:
+        registry.add(TextAtDecode)
+
+
+def test_a_decode_reducer_that_reads_what_decoding_lacks_is_refused_naming_it():
+    manager = manager_with(PLUGINS, _TextPlugin())
+    stage = {"at": {"decode": 2}, "reducer": "test_text_at_decode", "keep": 0.5}
+    with pytest.raises(PipelineError) as err:
+        tp.load_pipeline({"stages": [stage]}, registry=manager.reducers)
+    message = str(err.value)
+    assert "only the `last` attention exists; 'test_text_at_decode' reads ['text']" in message
+    assert "serves only attention and the cached keys; 'test_text_at_decode' needs text" in message

@@ -419,6 +419,10 @@ def _check_stages(
             problems.append(Problem(field, message, stage_index, name, _line_for(path, lines)))
 
         point = stage.point
+        if point.kind == "decode":
+            if decode_seen:
+                add("at", "a pipeline has at most one decode stage; merge the two into one reducer", (*here, "at"))
+            decode_seen = True
         if previous is not None and point.order < previous.order:
             add(
                 "at",
@@ -454,9 +458,8 @@ def _check_stages(
             continue
         sources = _attention_sources(cls, params)
         if point.kind == "decode" and point_supported:
-            for field_name, message in _decode_problems(cls, params, sources, decode_seen):
-                add(field_name, message, (*here, field_name))
-            decode_seen = True
+            for message in _decode_problems(cls, params, sources):
+                add("at", message, (*here, "at"))
         if sources and point.kind == "post_projector" and point_supported:
             add(
                 "at",
@@ -467,21 +470,17 @@ def _check_stages(
     return problems
 
 
-def _decode_problems(
-    cls: type[TokenReducer], params: ReducerParams, sources: frozenset[str], decode_seen: bool
-) -> list[tuple[str, str]]:
+def _decode_problems(cls: type[TokenReducer], params: ReducerParams, sources: frozenset[str]) -> list[str]:
     """What a ``decode`` stage cannot serve: only the last query row's attention and the cached keys exist there."""
     problems = []
-    if decode_seen:
-        problems.append(("at", "a pipeline has at most one decode stage; merge the two into one reducer"))
     caps = cls.capabilities
     unserved = sorted(sources - {"last"}) + sorted(cls(params).own_attention_sources())
     if unserved:
-        problems.append(("at", f"at a decode stage only the `last` attention exists; {cls.name!r} reads {unserved}"))
+        problems.append(f"at a decode stage only the `last` attention exists; {cls.name!r} reads {unserved}")
     extra = sorted(caps.signals) + (["text"] if caps.needs_text else []) + sorted(caps.vision_attention)
     if extra or caps.merges:
         what = ", ".join(extra + (["merges"] if caps.merges else []))
-        problems.append(("at", f"a decode stage serves only attention and the cached keys; {cls.name!r} needs {what}"))
+        problems.append(f"a decode stage serves only attention and the cached keys; {cls.name!r} needs {what}")
     return problems
 
 
