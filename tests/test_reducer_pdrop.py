@@ -198,3 +198,20 @@ def test_dry_call_leaves_no_trace(tiny):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert tiny.model.config.get_text_config()._attn_implementation == impl
     assert len(probe_module._TARGETS) == 0 and not compat.attention_users()
+
+
+def test_own_attention_across_attention_types_is_refused_on_gemma3():
+    """Gemma3's layers carry their sliding window on the attention module (no `attention_type` on the layer
+    in transformers 5.x): layer 2 is full attention after the sliding layer 1, so its own attention cannot
+    be served with layer 1's mask; layer 1 (after sliding layer 0) can."""
+    tiny = tm.gemma3(sliding_window=6)
+    assert [compat.layer_attention_type(layer) for layer in tiny.model.model.language_model.layers] == [
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+    ]
+    with pytest.raises(PipelineError, match="layer 2 uses full_attention and layer 1 sliding_attention"):
+        tp.apply(tiny.model, pipe(({"layer": 2}, "pdrop", 0.5)))
+    with tp.apply(tiny.model, pipe(({"layer": 1}, "pdrop", 0.5))):
+        pass

@@ -19,7 +19,7 @@ import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, Selection, TokenReducer
 from tokenprune.budget import spatial_quotas, split_budget
 from tokenprune.layout import TokenLayout
-from tokenprune.similarity import cosine_similarity
+from tokenprune.similarity import symmetric_products
 from tokenprune.validation import check_finite_tokens
 
 
@@ -207,7 +207,13 @@ def gprune_scores(
     Returns:
         ``(n,)`` float32: propagated norms divided by each node's degree.
     """
-    weights, degree, s = gprune_graph(x, threshold, temperature, dtype)
+    return propagate(*gprune_graph(x, threshold, temperature, dtype), iterations)
+
+
+def propagate(weights: Tensor, degree: Tensor, norms: Tensor, iterations: int) -> Tensor:
+    """G-Prune's scores from its graph (:func:`gprune_graph`): the norms propagated ``iterations`` times
+    over the weights, divided by each node's degree."""
+    s = norms
     for _ in range(iterations):
         s = s @ weights
     return s / degree
@@ -236,9 +242,11 @@ def gprune_graph(
     """
     x = x.float()
     scale = x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)  # no overflow in the squares
-    norms = torch.linalg.vector_norm(x / scale, dim=-1) * scale.squeeze(-1)
+    scaled = x / scale
+    norms = torch.linalg.vector_norm(scaled, dim=-1) * scale.squeeze(-1)
     if dtype == torch.float32:
-        logits = cosine_similarity(x)  # (n, n), half the products of unit @ unit.T; edge logits in place below
+        unit = torch.nn.functional.normalize(scaled, dim=-1)
+        logits = symmetric_products(unit)  # (n, n), half the products of unit @ unit.T; edge logits in place below
         no_edge = logits < threshold
         no_edge.diagonal().fill_(False)  # self-loops always
         degree = x.shape[0] - no_edge.sum(-1, dtype=torch.float32)

@@ -67,12 +67,10 @@ def build_inputs(
     if image is None and not video:
         raise TokenpruneError("build_inputs needs an image or a video")
     text, kwargs = prompt, {}
-    for given, name, key in ((video, "video", "videos"), (image, "image", "images")):
-        if given is None or (name == "video" and not given):
-            continue
-        token = getattr(processor, f"{name}_token", None) or f"<{name}>"
-        text = text if token in text else f"{token}\n{text}"
-        kwargs[key] = [list(given)] if name == "video" else given
+    if video:
+        text, kwargs["videos"] = _with_placeholder(processor, "video", text), [list(video)]
+    if image is not None:
+        text, kwargs["images"] = _with_placeholder(processor, "image", text), image
     try:
         inputs = processor(text=text, return_tensors="pt", **kwargs)
     except ImportError as exc:
@@ -90,6 +88,12 @@ def build_inputs(
                 value = value.to(dtype)
         out[key] = value
     return out
+
+
+def _with_placeholder(processor: Any, kind: str, text: str) -> str:
+    """``text`` with the processor's ``<image>`` / ``<video>`` token prepended, unless it holds one already."""
+    token = getattr(processor, f"{kind}_token", None) or f"<{kind}>"
+    return text if token in text else f"{token}\n{text}"
 
 
 def load_frames(path: Path) -> list[Any]:

@@ -98,11 +98,11 @@ def _picture(image: Any, frames: Sequence[Sequence[Any]], layout: TokenLayout, k
     import numpy as np
 
     is_video, index, part = key
-    if not is_video:
-        return np.asarray(image) if image is not None else np.full((64, 64, 3), 128, dtype=np.uint8)
-    pictures = frames[index] if index < len(frames) else ()
+    pictures = (frames[index] if index < len(frames) else ()) if is_video else ([image] if image is not None else [])
     if not pictures:
-        return np.full((64, 64, 3), 128, dtype=np.uint8)
+        return np.full((64, 64, 3), 128, dtype=np.uint8)  # nothing to draw on: grey
+    if not is_video:
+        return np.asarray(image)
     count = int(layout.frame[0][layout.video[0] & (layout.image[0] == index)].max()) + 1
     return np.asarray(pictures[min(part * len(pictures) // count, len(pictures) - 1)])
 

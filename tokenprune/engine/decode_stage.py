@@ -20,11 +20,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from tokenprune.engine.sequence import TokenSequence
+from tokenprune.engine.masks import causal_mask, slice_mask
+from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
 from tokenprune.engine.stage import StagePlan, StageSignals, stage_context
 from tokenprune.engine.stats import StageStats
 from tokenprune.errors import ReducerOutputError, TokenpruneError
-from tokenprune.reducer import Merge, Selection
+from tokenprune.reducer import Merge
 from tokenprune.validation import check_reduction
 
 
@@ -33,42 +34,31 @@ class KeySubset:
     """The cache columns one layer attends to in this step.
 
     Attributes:
-        columns: ``(B, K)`` long, ascending cache columns per sample (``0`` where not ``valid``).
-        valid: ``(B, K)`` bool, the real entries of ``columns``.
+        columns: ``(B, K)`` long, ascending cache columns per sample, right-aligned (``-1`` on the left
+            where a sample keeps fewer), so the step's own tokens are the last ``q`` of every row.
     """
 
     columns: Tensor
-    valid: Tensor
 
     def apply(
         self, key: Tensor, value: Tensor, mask: Tensor | None, q: int, *, boolean: bool
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """``key``/``value`` ``(B, Hkv, Lk, hd)`` and the attention mask, restricted to :attr:`columns`.
 
-        With no mask (sdpa's implicit causal attention) one is built when it is needed: several query
-        rows, or samples that keep different numbers of tokens.
+        The model's mask is sliced (:func:`~tokenprune.engine.masks.slice_mask`); with none (sdpa's
+        implicit causal attention) a causal one is built only when it is needed: several query rows, or
+        samples that keep different numbers of tokens.
         """
-        b, hkv, lk, hd = key.shape
-        k = self.columns.shape[1]
-        index = self.columns[:, None, :, None].expand(b, hkv, k, hd)
+        b, hkv, _, hd = key.shape
+        valid = self.columns >= 0
+        index = self.columns.clamp(min=0)[:, None, :, None].expand(b, hkv, -1, hd)
         key, value = key.gather(2, index), value.gather(2, index)
         if mask is None:
-            if q == 1 and bool(self.valid.all()):
+            if q == 1 and bool(valid.all()):
                 return key, value, None
-            first = torch.arange(q, device=key.device) + (lk - q)
-            allowed = (self.columns[:, None, None, :] <= first[None, None, :, None]) & self.valid[:, None, None, :]
-            return key, value, _as_mask(allowed, boolean, key.dtype)
-        full = mask.expand(b, *mask.shape[1:])
-        picked = full.gather(3, self.columns[:, None, None, :].expand(b, full.shape[1], full.shape[2], k))
-        if picked.dtype == torch.bool:
-            return key, value, picked & self.valid[:, None, None, :]
-        return key, value, picked.masked_fill(~self.valid[:, None, None, :], torch.finfo(picked.dtype).min)
-
-
-def _as_mask(allowed: Tensor, boolean: bool, dtype: torch.dtype) -> Tensor:
-    if boolean:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+            return key, value, causal_mask(valid, q, boolean=boolean, dtype=key.dtype)
+        rows = torch.arange(q, device=key.device).expand(b, q)  # the mask's rows are this step's queries
+        return key, value, slice_mask(mask, rows, self.columns, valid, boolean=boolean, dtype=key.dtype)
 
 
 def run_decode_stage(
@@ -153,6 +143,4 @@ def key_subset(seq: TokenSequence, left_out_lm: Tensor, key_length: int, decoded
     width_lm = int(left_out_lm.shape[1])
     out = left_out_lm.gather(1, lm.clamp(min=0, max=max(width_lm - 1, 0))) & (lm >= 0) & (lm < width_lm)
     keep = torch.cat([~out, out.new_ones(out.shape[0], decoded)], 1)[:, total - key_length :]
-    columns = Selection.from_mask(keep).indices
-    valid = columns >= 0
-    return KeySubset(columns.clamp(min=0), valid)
+    return KeySubset(right_aligned_columns(keep))

@@ -119,7 +119,7 @@ class ForwardHooks:
         layers = list(self.adapter.decoder_layers())
         decode = {self._decode_layer: [self._decode]} if self._decode is not None and self._decode_layer else {}
         check_layers_exist({**self._layer, **decode}, len(layers))
-        if self._decode_layer is not None:
+        if self._decode_layer:
             check_decode_layer(self._decode_layer, layers)
         bind_stages(self._plans, self.model)
         impl = compat.attention_implementation(self.adapter.text_config())
@@ -381,10 +381,10 @@ class ForwardHooks:
 
     def _run_decode_stage(self, st: PrefillState) -> None:
         """Run the decode stage on layer ``k - 1``'s recorded signals (see :mod:`tokenprune.engine.decode_stage`)."""
-        probe, plan = self.probe, self._decode
-        if probe is None or plan is None or probe.decode_scores is None or probe.decode_keys is None:
+        probe, plan, k = self.probe, self._decode, self._decode_layer
+        if probe is None or plan is None or not k or probe.decode_scores is None or probe.decode_keys is None:
             return
-        seq = self._cache_columns(st, int(plan.stage.point.layer) - 1)  # type: ignore[arg-type]
+        seq = self._cache_columns(st, k - 1)
         kw = {"protect_newlines": self.pipeline.protect_newlines}
         self._left_out, stats = run_decode_stage(
             plan, seq, probe.decode_scores, probe.decode_keys, st.decode_steps, st.lm_length, **kw

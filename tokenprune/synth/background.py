@@ -183,11 +183,12 @@ def graph_degrees(
     """G-Prune's graph on each sample's post-projector tokens (one graph per view kind: the base view,
     and the high-res grid), with the official defaults, summarised per layout."""
     from PIL import Image
-    from tokenprune_gprune import gprune_graph, gprune_scores
+    from tokenprune_gprune import GPrune, gprune_graph, propagate
 
     from tokenprune.synth.patch_labels import view_owners
     from tokenprune.synth.processor import prompt
 
+    defaults = GPrune.Params()
     captured: list[torch.Tensor] = []
     projector = model.model.multi_modal_projector
     handle = projector.register_forward_hook(lambda m, a, out: captured.append(out.detach()))
@@ -202,8 +203,8 @@ def graph_degrees(
             owners = view_owners(sample.scene, omap)
             graphs = [(views[0], owners[0]), (views[1:].flatten(0, 1), owners[1:].reshape(-1))]
             for feats, own in graphs:
-                _, degree, _ = gprune_graph(feats, threshold, 0.03)
-                score = gprune_scores(feats, threshold, 0.03, 5)
+                weights, degree, norms = gprune_graph(feats, threshold, defaults.temperature)
+                score = propagate(weights, degree, norms, defaults.iterations)
                 bg = torch.from_numpy(own == 0)
                 if bg.all() or not bg.any():
                     continue
