@@ -181,6 +181,29 @@ def markers(section: str) -> tuple[str, str]:
     return f"<!-- benchmarks:{section}:begin -->", f"<!-- benchmarks:{section}:end -->"
 
 
+def own_share(call: Timing, engine_seconds: Sequence[float]) -> Timing:
+    """tokenprune's own time as a share of each timed call, round by round.
+
+    ``engine_seconds`` holds one :attr:`~tokenprune.engine.stats.ForwardStats.engine_seconds` per call
+    of the case (warm-up and earlier calls first); its last ``len(call.samples)`` entries belong to the
+    timed rounds. Measured inside the call it divides, the share moves with the machine's speed the way
+    the call does, so it holds where a difference of two separately timed calls drowns in noise.
+
+    Raises:
+        ValueError: fewer entries than timed rounds.
+    """
+    rounds = len(call.samples)
+    if len(engine_seconds) < rounds:
+        raise ValueError(f"{len(engine_seconds)} engine times for {rounds} timed rounds")
+    own = engine_seconds[len(engine_seconds) - rounds :]
+    return Timing(tuple(e / c for e, c in zip(own, call.samples, strict=True)))
+
+
+def share_cell(share: Timing) -> str:
+    """``median% (min-max%)`` of a per-round share."""
+    return f"{share.median:.2%} ({min(share.samples):.2%}-{max(share.samples):.2%})"
+
+
 GUARD_ROUNDS = 5
 """From this many rounds on, the guard reads the interquartile range instead of the whole range."""
 

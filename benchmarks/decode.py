@@ -42,6 +42,8 @@ from _bench import (
     machine,
     make_inputs,
     markers,
+    own_share,
+    share_cell,
     unpruned_spread,
     write_or_refuse,
 )
@@ -104,28 +106,46 @@ def reference_inputs(model: Any, inputs: dict[str, Any], kept_visual: list[int])
 
 @contextlib.contextmanager
 def applied(model: Any, keep: float, manager: Any, sink: list[Any] | None = None) -> Iterator[None]:
+    """Install random keep ``keep`` after the projector for one call; record its forwards' statistics in ``sink``."""
     pipeline = {"stages": [{"at": "post_projector", "reducer": "random", "keep": keep}]}
     with tp.apply(model, pipeline, plugins=manager) as run:
         yield
         if sink is not None:
-            sink.append(run.stats.last_prefill)
+            sink.append(list(run.stats.forwards))
 
 
-def measure(args: argparse.Namespace, model: Any, inputs: dict[str, Any]) -> tuple[dict[str, Timing], int]:
-    """Time the four configurations round-robin; returns the timings and the kept visual tokens."""
+def step_engine_seconds(forwards: list[Any]) -> float:
+    """tokenprune's own time per decoding step of one ``generate``, over the steps :class:`StepClock` times.
+
+    The per-token sample spans the forwards after the second (the first stamp follows the first decoding
+    step), so those are averaged.
+    """
+    steps = [f.engine_seconds for f in forwards if f.phase == "decode"][1:]
+    return sum(steps) / len(steps) if steps else 0.0
+
+
+def measure(
+    args: argparse.Namespace, model: Any, inputs: dict[str, Any]
+) -> tuple[dict[str, Timing], dict[str, Timing], int]:
+    """Time the four configurations round-robin; returns the timings, tokenprune's own share of each
+    pruned configuration's decoding steps, and the kept visual tokens."""
+    sinks: dict[str, list[list[Any]]] = {"keep-all": [], "cut 25%": []}
     manager, cuda = tp.get_plugin_manager(), args.device.startswith("cuda")
-    sink: list[Any] = []
-    with applied(model, 0.25, manager, sink), torch.inference_mode():
+    learn: list[Any] = []
+    with applied(model, 0.25, manager, learn), torch.inference_mode():
         model(**inputs, use_cache=False, logits_to_keep=1)
-    kept = sink[0].stages[0].kept[0]
+    kept = learn[0][0].stages[0].kept[0]
     short = reference_inputs(model, inputs, kept)
+    call = per_token(model, inputs, args.tokens, cuda)
     cases = [
-        Case("stock", per_token(model, inputs, args.tokens, cuda), self_timed=True),
-        Case("keep-all", per_token(model, inputs, args.tokens, cuda), lambda: applied(model, 1.0, manager), True),
-        Case("cut 25%", per_token(model, inputs, args.tokens, cuda), lambda: applied(model, 0.25, manager), True),
+        Case("stock", call, self_timed=True),
+        Case("keep-all", call, lambda: applied(model, 1.0, manager, sinks["keep-all"]), True),
+        Case("cut 25%", call, lambda: applied(model, 0.25, manager, sinks["cut 25%"]), True),
         Case("reference", per_token(model, short, args.tokens, cuda), self_timed=True),
     ]
-    return interleaved(cases, rounds=args.repeats, warmup_rounds=1, device=args.device), len(kept)
+    timings = interleaved(cases, rounds=args.repeats, warmup_rounds=1, device=args.device)
+    own = {name: own_share(timings[name], [step_engine_seconds(f) for f in sink]) for name, sink in sinks.items()}
+    return timings, own, len(kept)
 
 
 def parse_args() -> argparse.Namespace:
@@ -161,7 +181,7 @@ def main() -> None:
     inputs = make_inputs(model, [(2 * size.tile, 2 * size.tile)], size)
     visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum())
     before = load()
-    t, kept = measure(args, model, inputs)
+    t, own, kept = measure(args, model, inputs)
     spread = unpruned_spread([t["stock"], t["keep-all"]])
     rows = [
         ("stock model, full prompt", "stock", "stock", None),
@@ -177,15 +197,17 @@ def main() -> None:
         f"medians; the spread column is (max - min) / median. Largest unpruned spread ({guard_name(args.repeats)}, "
         f"the noise guard's statistic): {spread:.1%}, limit {args.max_spread:.1%}.",
         "",
-        "| configuration | ms per token | spread | against | ratio (median of per-round ratios) | target |",
-        "|---|---|---|---|---|---|",
+        "| configuration | ms per token | spread | against | ratio (median of per-round ratios) | target "
+        "| tokenprune's own time per step, % of the step (range) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, name, against, target in rows:
         ratio = paired_ratio(t[name], t[against]).median
         verdict = "" if target is None else f"at most {target:.2f}: {'met' if ratio <= target else 'missed'}"
+        share = share_cell(own[name]) if name in own else ""
         lines.append(
             f"| {label} | {1000 * t[name].median:.3f} | {t[name].relative_spread:.1%} | {against} | {ratio:.4f} | "
-            f"{verdict} |"
+            f"{verdict} | {share} |"
         )
     text = "\n".join(lines)
     print(text)

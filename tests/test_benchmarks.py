@@ -64,6 +64,9 @@ def test_prefill_benchmark_has_the_reference_columns_and_refuses_to_write_when_n
     assert "| plain-loop reference without a cut (the layer-stage construction) |" in out
     assert "load average (1/5/15 min)" in out and "Largest unpruned spread" in out
     assert [x.split("|")[2].strip() for x in out.splitlines() if x.startswith("| one batch of 8")] == ["1", "2"]
+    own = columns.index("tokenprune's own time, % of the call (range)")
+    shares = [float(r.strip("|").split("|")[own].split("%")[0]) for r in rows]
+    assert all(0 < s < 100 for s in shares)  # measured inside each timed call: never zero, never the whole call
 
 
 def test_decode_benchmark_writes_its_table_between_its_markers(tmp_path):
@@ -77,6 +80,9 @@ def test_decode_benchmark_writes_its_table_between_its_markers(tmp_path):
         "tokenprune, random keep 100% after the projector",
         "tokenprune, random keep 25% after the projector",
     ]
+    own = columns.index("tokenprune's own time per step, % of the step (range)")
+    cells = [x.strip("|").split("|")[own].strip() for x in out.splitlines() if x.startswith("| tokenprune, random")]
+    assert len(cells) == 2 and all(0 < float(c.split("%")[0]) < 100 for c in cells)
     text = doc.read_text(encoding="utf-8")
     assert "old decode" not in text and "old prefill" in text and "| stock model, full prompt |" in text
     assert text.endswith("<!-- benchmarks:decode:end -->\nafter\n")
@@ -129,3 +135,17 @@ def test_the_noise_guard_reads_the_range_below_five_rounds_and_the_interquartile
     assert noisy_middle.relative_iqr > 0.2
     assert unpruned_spread([Timing((1.0,))]) == float("inf")
     assert guard_name(4) == "(max - min) / median" and guard_name(5) == "interquartile range / median"
+
+
+def test_own_share_divides_the_timed_rounds_by_their_own_engine_time():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _bench import own_share, share_cell
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    call = Timing((2.0, 4.0, 1.0))
+    share = own_share(call, [9.0, 9.0, 0.2, 0.2, 0.1])  # a learning call and a warm-up first: left out
+    assert share.samples == (0.1, 0.05, 0.1)
+    assert share_cell(share) == "10.00% (5.00%-10.00%)"
+    with pytest.raises(ValueError, match="2 engine times for 3 timed rounds"):
+        own_share(call, [0.1, 0.1])

@@ -57,6 +57,7 @@ from tokenprune.engine.stage import (
 )
 from tokenprune.engine.state import PrefillState, record_layer_tokens
 from tokenprune.engine.stats import ForwardStats, RunStats
+from tokenprune.engine.stopwatch import Stopwatch
 from tokenprune.engine.vision import VisionProbe, post_projector_vision_signals, vision_probe_for
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
@@ -83,7 +84,9 @@ class ForwardHooks:
         self.probe: AttentionProbe | None = None
         self.vision_probe: VisionProbe | None = None
         self._plans = plans
-        self._hooks = HookSet()
+        self.stopwatch = Stopwatch()
+        self._hooks = HookSet(self.stopwatch)
+        self._stopwatch_mark = 0.0  # the stopwatch when this forward's first hook began
         self._state: PrefillState | None = None
         self._forward: ForwardStats | None = None
         self._calls = FeatureCalls()
@@ -129,10 +132,13 @@ class ForwardHooks:
         compat.cache_argument_name(vlm.forward)  # refuse, at apply time, a release whose cache argument is unknown
         self._layers = layers
         self.probe = attention_probe_for(self._layer, self._probe_rows, lm, layers, self._decode)
+        if self.probe is not None:
+            self.probe.stopwatch = self.stopwatch
         if self.probe is not None and self._decode is not None:
             self.probe.subset = self._key_subset
         self.vision_probe = vision_probe_for(self._post, self.adapter)
         if self.vision_probe is not None:
+            self.vision_probe.stopwatch = self.stopwatch
             self.vision_probe.install()
         hooks = self._hooks
         hooks.pre(self.model, self._top_pre)
@@ -164,6 +170,7 @@ class ForwardHooks:
     # --- hooks: top model (labels, loss) ------------------------------------------------------
 
     def _top_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._stopwatch_mark = self.stopwatch.seconds
         self._labels = None
         kw = bind_arguments(module.forward, args, kwargs)
         labels = kw.get("labels")
@@ -179,6 +186,8 @@ class ForwardHooks:
             return None
         labels, self._labels = self._labels, None
         self._end_decode_step()
+        if self._forward is not None:
+            self._forward.engine_seconds = self.stopwatch.seconds - self._stopwatch_mark
         st = self._state
         if st is not None and st.in_prefill:
             st.in_prefill = False

@@ -10,25 +10,30 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tokenprune.engine.stopwatch import Stopwatch
+
 
 class HookSet:
     """The hooks and attribute wrappers one :class:`~tokenprune.engine.PruningRun` installed.
 
     :meth:`remove` takes them all away in reverse order, leaving each module exactly as it was
     (an instance attribute that did not exist before is deleted, not set to a saved value).
+    Every hook and wrapper it installs is timed by :attr:`stopwatch` (a wrapped method's own body is not).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stopwatch: Stopwatch | None = None) -> None:
+        self.stopwatch = stopwatch if stopwatch is not None else Stopwatch()
         self._handles: list[RemovableHandle] = []
         self._wrapped: list[tuple[nn.Module, str, Any, bool]] = []
 
     def pre(self, module: nn.Module, hook: Callable[..., Any]) -> None:
         """A forward pre-hook that sees (and may replace) the keyword arguments."""
-        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        self._handles.append(module.register_forward_pre_hook(self.stopwatch.timed(hook), with_kwargs=True))
 
     def post(self, module: nn.Module, hook: Callable[..., Any], *, always: bool = False) -> None:
         """A forward hook; with ``always`` it also runs when the forward raised (then ``output`` is ``None``)."""
-        self._handles.append(module.register_forward_hook(hook, with_kwargs=True, always_call=always))
+        timed = self.stopwatch.timed(hook)
+        self._handles.append(module.register_forward_hook(timed, with_kwargs=True, always_call=always))
 
     def wrap_method(
         self,
@@ -42,13 +47,16 @@ class HookSet:
         original = getattr(module, name)
         had = name in module.__dict__
         previous = module.__dict__.get(name)
+        running = self.stopwatch.running
 
         @functools.wraps(original)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if before is not None:
-                before()
+                with running():
+                    before()
             out = original(*args, **kwargs)
-            after(args, kwargs, out)
+            with running():
+                after(args, kwargs, out)
             return out
 
         module.__dict__[name] = wrapper

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.engine import compat
+from tokenprune.engine.stopwatch import Stopwatch
 from tokenprune.errors import TokenpruneError
 
 SUPPORTED = ("sdpa", "eager")
@@ -84,6 +85,7 @@ class AttentionProbe:
             reads only the cache columns that :attr:`subset` returns for the layer.
         decoding: Set by the engine during a decoding step of a pruned prefill.
         subset: ``(layer, key length) -> KeySubset | None``, set by the engine.
+        stopwatch: Times the probe's own work in each attention call (set by the engine to its own).
     """
 
     layers: dict[int, frozenset[str]]
@@ -99,6 +101,7 @@ class AttentionProbe:
     decode_from: int | None = None
     decoding: bool = False
     subset: Callable[[int, int], Any] | None = None
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)
     decode_scores: Tensor | None = None
     decode_keys: Tensor | None = None
     _configs: list[tuple[Any, Any]] = field(default_factory=list)
@@ -331,17 +334,18 @@ def _make_attention(impl: str) -> Callable[..., Any]:
         target = _TARGETS.get(module)
         if target is not None:
             probe, layer = target
-            if probe._dry is not None and probe._dry[0] == layer:
-                probe._record_dry(module, query, key, attention_mask, kwargs)
-            if probe.active and query.shape[2] > 1:
-                probe.record(layer, module, query, key, attention_mask, kwargs)
-            elif probe.decoding:
-                if layer == probe.decode_layer:
-                    probe.record_decode(module, query, key, attention_mask, kwargs)
-                subset = probe.subset(layer, int(key.shape[2])) if probe.subset is not None else None
-                if subset is not None:
-                    q = int(query.shape[2])
-                    key, value, attention_mask = subset.apply(key, value, attention_mask, q, boolean=impl != "eager")
+            with probe.stopwatch.running():
+                if probe._dry is not None and probe._dry[0] == layer:
+                    probe._record_dry(module, query, key, attention_mask, kwargs)
+                if probe.active and query.shape[2] > 1:
+                    probe.record(layer, module, query, key, attention_mask, kwargs)
+                elif probe.decoding:
+                    if layer == probe.decode_layer:
+                        probe.record_decode(module, query, key, attention_mask, kwargs)
+                    subset = probe.subset(layer, int(key.shape[2])) if probe.subset is not None else None
+                    if subset is not None:
+                        q, boolean = int(query.shape[2]), impl != "eager"
+                        key, value, attention_mask = subset.apply(key, value, attention_mask, q, boolean=boolean)
         return compat.stock_attention(impl, module)(module, query, key, value, attention_mask, **kwargs)
 
     probe_attention.__name__ = f"tokenprune_probe_{impl}"

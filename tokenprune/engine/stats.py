@@ -65,6 +65,11 @@ class ForwardStats:
         layer_tokens: ``layer_tokens[i][b]``: tokens of sample ``b`` (real tokens, not padding) that
             decoder layer ``i`` processed.
         layer_width: ``layer_width[i]``: the padded sequence length that layer ``i`` processed.
+        engine_seconds: Wall time spent in tokenprune's own code during this forward: the engine's
+            hooks (stages, reducers and result checks, gathers, masks, positions) and the attention
+            probes' extra work, not the stock layers and attention they call; the top model's
+            post-hook, which records it, is left out (:mod:`tokenprune.engine.stopwatch`; on a GPU
+            the host's time). Divided by the call's wall time, it is tokenprune's share of the call.
     """
 
     phase: str
@@ -72,6 +77,7 @@ class ForwardStats:
     stages: list[StageStats] = field(default_factory=list)
     layer_tokens: list[list[int]] = field(default_factory=list)
     layer_width: list[int] = field(default_factory=list)
+    engine_seconds: float = 0.0
 
     @property
     def reducer_seconds(self) -> float:
@@ -86,6 +92,7 @@ class ForwardStats:
             "layer_tokens": self.layer_tokens,
             "layer_width": self.layer_width,
             "reducer_seconds": self.reducer_seconds,
+            "engine_seconds": self.engine_seconds,
         }
 
 
@@ -111,6 +118,11 @@ class RunStats:
         """Total time spent inside reducers."""
         return sum(f.reducer_seconds for f in self.forwards)
 
+    @property
+    def engine_seconds(self) -> float:
+        """Total time spent in tokenprune's own code (:attr:`ForwardStats.engine_seconds`)."""
+        return sum(f.engine_seconds for f in self.forwards)
+
     def clear(self) -> None:
         """Forget the recorded forwards."""
         self.forwards.clear()
@@ -128,4 +140,8 @@ class RunStats:
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"forwards": [f.as_dict() for f in self.forwards], "reducer_seconds": self.reducer_seconds}
+        return {
+            "forwards": [f.as_dict() for f in self.forwards],
+            "reducer_seconds": self.reducer_seconds,
+            "engine_seconds": self.engine_seconds,
+        }

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
 from tokenprune.engine import compat
+from tokenprune.engine.stopwatch import Stopwatch
 from tokenprune.errors import TokenpruneError
 from tokenprune.reducer import VisionAttentionRequest
 
@@ -80,6 +81,7 @@ class VisionProbe:
         records: After a prefill, per layer, what was recorded during the image call.
         video_records: The same for the video call (only with ``tower.videos``).
         active: Set by the engine during prefill; the probe computes nothing otherwise.
+        stopwatch: Times the probe's own work (set by the engine to its own).
     """
 
     tower: VisionTower
@@ -90,6 +92,7 @@ class VisionProbe:
     _into: str = "image"
     _configs: list[tuple[Any, Any]] = field(default_factory=list)
     _handles: list[Any] = field(default_factory=list)
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)
     _name: str | None = None
 
     def install(self) -> None:
@@ -109,7 +112,7 @@ class VisionProbe:
             layer = self.tower.layers[i]
             _TARGETS[compat.vision_attention_module(layer)] = (self, i)
             if features:
-                self._handles.append(layer.register_forward_hook(self._feature_hook(i)))
+                self._handles.append(layer.register_forward_hook(self.stopwatch.timed(self._feature_hook(i))))
         for cfg in configs:
             self._configs.append((cfg, compat.swap_attention_implementation(cfg, self._name)))
 
@@ -217,7 +220,8 @@ def _make_attention(impl: str) -> Callable[..., Any]:
     ) -> Any:
         target = _TARGETS.get(module)
         if target is not None and target[0].active:
-            target[0].record(target[1], module, query, key, attention_mask, kwargs)
+            with target[0].stopwatch.running():
+                target[0].record(target[1], module, query, key, attention_mask, kwargs)
         return compat.stock_attention(impl, module)(module, query, key, value, attention_mask, **kwargs)
 
     vision_probe_attention.__name__ = f"tokenprune_vision_{impl}"
