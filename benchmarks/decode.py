@@ -16,7 +16,7 @@ Round-robin over the configurations, medians over the rounds, spreads ``(max - m
 averages before and after; ``--write`` refuses (exit 3) when an unpruned configuration spreads more
 than ``--max-spread`` (from 5 rounds on, by its interquartile range over the median; see ``_bench.py``).
 
-Run:  python benchmarks/decode.py --threads 1 --write docs/benchmarks.md   (full size: 5 min on 2 loaded CPU cores)
+Run:  python benchmarks/decode.py --threads 1 --repeats 7 --write docs/benchmarks.md   (full size: 5 min on one core)
       python benchmarks/decode.py --quick                                  (a toy model, seconds)
 """
 

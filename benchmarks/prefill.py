@@ -24,7 +24,7 @@ medians over the rounds, spreads as ``(max - min) / median``, load averages befo
 ``--write`` refuses (exit 3) when an unpruned configuration spreads more than ``--max-spread`` (from 5
 rounds on, by its interquartile range over the median; see ``_bench.unpruned_spread``).
 
-Run:  python benchmarks/prefill.py --threads 1 --write docs/benchmarks.md   (full size: 37 min on 2 loaded CPU cores)
+Run:  python benchmarks/prefill.py --threads 1 --repeats 5 --write docs/benchmarks.md   (full size: 32 min on one core)
       python benchmarks/prefill.py --quick                                  (a toy model, seconds)
       benchmarks/gpu.sh                                                      (7B size, bfloat16, on CUDA)
 """

@@ -44,6 +44,7 @@ tests=(
   tests/test_stage_budget.py
   tests/test_decode_stage.py
   tests/test_heatmap_video.py
+  tests/test_engine_stopwatch.py
   examples/tokenprune-example-adapter/tests
 )
 failed=()

@@ -421,3 +421,23 @@ def test_llava_next_several_images_per_prompt(nxt, plugins):
             assert torch.equal(alone.sequences[0, -3:], gen.sequences[i, -3:])
             for a, b in zip(alone.logits, gen.logits, strict=True):
                 torch.testing.assert_close(a[0], b[i], atol=1e-5, rtol=0)
+
+
+def test_llava_next_newlines_close_the_row_of_the_last_token_before_them():
+    """The vectorised row closing equals the sequential rule: a newline copies the view and row of the
+    token before it, after that token was itself closed (runs of newlines, a leading newline)."""
+    from tokenprune.adapters.llava_next import _close_rows
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 40, (1,), generator=gen))
+        coords = torch.randint(0, 9, (n, 3), generator=gen)
+        newline = torch.rand(n, generator=gen) < 0.3
+        coords[newline] = -1
+        view, row, col = coords[:, 0].clone(), coords[:, 1].clone(), coords[:, 2].clone()
+        for j in range(n):
+            if newline[j]:
+                view[j] = view[j - 1] if j else 0
+                row[j] = row[j - 1] if j else 0
+        got = _close_rows(coords, newline)
+        assert all(torch.equal(a, b) for a, b in zip(got, (view, row, col), strict=True))

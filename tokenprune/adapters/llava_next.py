@@ -98,11 +98,7 @@ class LlavaNextAdapter(ModelAdapter):
             if p.shape[0] != feats[i].shape[0]:
                 return super().image_layouts(call)
             newline = p[:, 0] < 0
-            view, row, col = p[:, 0].clone(), p[:, 1].clone(), p[:, 2].clone()
-            for j in range(p.shape[0]):  # a newline closes the row of the token before it
-                if newline[j]:
-                    view[j] = view[j - 1] if j else 0
-                    row[j] = row[j - 1] if j else 0
+            view, row, col = _close_rows(p, newline)
             for v in (0, 1):
                 sel = (view == v) & ~newline
                 if sel.any():
@@ -119,3 +115,15 @@ class LlavaNextAdapter(ModelAdapter):
                 )
             )
         return layouts
+
+
+def _close_rows(coords: Tensor, newline: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """View, row and column of each packed token (``coords``: ``(n, 3)``); a newline takes the view and
+    row of the last token before it that is not a newline (0 where there is none): it closes that row."""
+    index = torch.arange(coords.shape[0], device=coords.device)
+    last = torch.where(newline, torch.full_like(index, -1), index).cummax(0).values
+    source = coords[last.clamp(min=0)]
+    closed = torch.where((last >= 0)[:, None], source, torch.zeros_like(source))
+    view = torch.where(newline, closed[:, 0], coords[:, 0])
+    row = torch.where(newline, closed[:, 1], coords[:, 1])
+    return view, row, coords[:, 2].clone()
