@@ -169,3 +169,27 @@ def test_a_model_without_a_pipeline_records_nothing_of_its_own_beyond_the_hooks(
     forward = run.stats.last_prefill
     assert forward.reducer_seconds == 0.0
     assert 0.0 < forward.engine_seconds < wall
+
+
+class _Layer(torch.nn.Module):
+    def forward(self, hidden: Any, mask: Any = None, *, scale: float = 1.0, **kwargs: Any) -> Any:
+        return hidden
+
+
+def test_bind_arguments_names_positional_arguments_of_methods_and_functions():
+    from tokenprune.engine.hooks import bind_arguments
+
+    layer = _Layer()
+    got = bind_arguments(layer.forward, ("h", "m"), {"scale": 2.0, "extra": 3})
+    assert got == {"hidden": "h", "mask": "m", "scale": 2.0, "extra": 3}
+    assert bind_arguments(layer.forward, ("h",), {}) == {"hidden": "h"}
+    assert bind_arguments(_Layer().forward, ("x",), {"mask": 1}) == {"hidden": "x", "mask": 1}  # another instance
+
+    def plain(a: Any, b: Any = 0, **rest: Any) -> None: ...
+
+    assert bind_arguments(plain, (1, 2), {"c": 3}) == {"a": 1, "b": 2, "c": 3}
+
+    def star(*args: Any) -> None: ...
+
+    with pytest.raises(TypeError, match="positional catch-all"):
+        bind_arguments(star, (1,), {})

@@ -84,14 +84,29 @@ def bind_arguments(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
     """
     if not args:
         return dict(kwargs)
-    sig = inspect.signature(fn)
-    bound = sig.bind_partial(*args, **kwargs)
+    func = getattr(fn, "__func__", None)  # a bound method: its function's signature, cached, and its self
+    sig, lead = (_signature(func), (fn.__self__,)) if func is not None else (_signature(fn), ())
+    bound = sig.bind_partial(*lead, *args, **kwargs)
     out: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+    for i, (name, value) in enumerate(bound.arguments.items()):
+        kind = sig.parameters[name].kind
+        if i < len(lead):
+            continue
+        if kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
-        elif sig.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
             raise TypeError(f"{fn!r}: positional catch-all arguments are not supported")
         else:
             out[name] = value
     return out
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature(fn)``, computed once per plain function (it costs tens of microseconds a call);
+    other callables (a per-instance ``partial``) are not cached, so the cache holds no model alive."""
+    return _function_signature(fn) if inspect.isfunction(fn) else inspect.signature(fn)
+
+
+@functools.lru_cache(maxsize=512)
+def _function_signature(fn: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(fn)

@@ -10,40 +10,44 @@ kernels, and waiting where tokenprune's code synchronises), not the kernels' tim
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 
 class Stopwatch:
-    """Accumulates the wall time spent inside :meth:`running` blocks; a nested block is not counted twice."""
+    """Accumulates the wall time spent inside :meth:`running` blocks; a nested block is not counted twice.
+
+    The stopwatch is its own context manager (no generator per block: the engine enters it several
+    times per decoder layer, and what it costs itself falls outside what it counts).
+    """
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self._depth = 0
         self._start = 0.0
 
-    @contextlib.contextmanager
-    def running(self) -> Iterator[None]:
-        """Count the time spent in the block (only the outermost block of a nesting counts)."""
+    def running(self) -> Stopwatch:
+        """A block whose time counts (only the outermost block of a nesting): ``with watch.running(): ...``."""
+        return self
+
+    def __enter__(self) -> None:
         self._depth += 1
         if self._depth == 1:
             self._start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self.seconds += time.perf_counter() - self._start
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._start
 
     def timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` with every call counted."""
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with self.running():
+            with self:
                 return fn(*args, **kwargs)
 
         return wrapper
