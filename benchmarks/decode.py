@@ -10,7 +10,10 @@ step (synchronising the GPU first), and the sample is the mean time of the steps
   every decoding step's mask and positions, nothing is dropped): against ``stock``, target 2%;
 * ``cut 25%``: tokenprune, random keep 25% after the projector;
 * ``reference``: the stock model with that many visual tokens (the same kept features) fed as
-  ``inputs_embeds``: the equal-length reference of ``cut 25%``, target 3%.
+  ``inputs_embeds``: the equal-length reference of ``cut 25%``, target 3%;
+* ``hooks only``: the stock model with no-op forward hooks on the modules tokenprune hooks (the top
+  model, the multimodal model, the language model, every decoder layer): what PyTorch's hook dispatch
+  costs, which tokenprune's own time does not include.
 
 Round-robin over the configurations, medians over the rounds, spreads ``(max - min) / median``, load
 averages before and after; ``--write`` refuses (exit 3) when an unpruned configuration spreads more
@@ -51,6 +54,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 import tokenprune as tp
 from tokenprune.cost.measure import Case, Timing, interleaved, paired_ratio
+from tokenprune.engine.hooks import HookSet
 
 
 class StepClock(StoppingCriteria):
@@ -105,6 +109,25 @@ def reference_inputs(model: Any, inputs: dict[str, Any], kept_visual: list[int])
 
 
 @contextlib.contextmanager
+def no_op_hooks(model: Any) -> Iterator[None]:
+    """Forward hooks that do nothing, on the modules the engine hooks for a post-projector stage."""
+    vlm, lm = model.model, model.model.language_model
+    hooks = HookSet()
+    pre, post = (lambda m, a, k: None), (lambda m, a, k, o: None)
+    hooks.pre(model, pre)
+    hooks.post(model, post, always=True)
+    hooks.pre(vlm, pre)
+    hooks.post(vlm, post)
+    hooks.pre(lm, pre)
+    for layer in lm.layers:
+        hooks.pre(layer, pre)
+    try:
+        yield
+    finally:
+        hooks.remove()
+
+
+@contextlib.contextmanager
 def applied(model: Any, keep: float, manager: Any, sink: list[Any] | None = None) -> Iterator[None]:
     """Install random keep ``keep`` after the projector for one call; record its forwards' statistics in ``sink``."""
     pipeline = {"stages": [{"at": "post_projector", "reducer": "random", "keep": keep}]}
@@ -127,7 +150,7 @@ def step_engine_seconds(forwards: list[Any]) -> float:
 def measure(
     args: argparse.Namespace, model: Any, inputs: dict[str, Any]
 ) -> tuple[dict[str, Timing], dict[str, Timing], int]:
-    """Time the four configurations round-robin; returns the timings, tokenprune's own share of each
+    """Time the five configurations round-robin; returns the timings, tokenprune's own share of each
     pruned configuration's decoding steps, and the kept visual tokens."""
     sinks: dict[str, list[list[Any]]] = {"keep-all": [], "cut 25%": []}
     manager, cuda = tp.get_plugin_manager(), args.device.startswith("cuda")
@@ -142,6 +165,7 @@ def measure(
         Case("keep-all", call, lambda: applied(model, 1.0, manager, sinks["keep-all"]), True),
         Case("cut 25%", call, lambda: applied(model, 0.25, manager, sinks["cut 25%"]), True),
         Case("reference", per_token(model, short, args.tokens, cuda), self_timed=True),
+        Case("hooks only", call, lambda: no_op_hooks(model), True),
     ]
     timings = interleaved(cases, rounds=args.repeats, warmup_rounds=1, device=args.device)
     own = {name: own_share(timings[name], [step_engine_seconds(f) for f in sink]) for name, sink in sinks.items()}
@@ -188,6 +212,7 @@ def main() -> None:
         ("tokenprune, random keep 100% after the projector", "keep-all", "stock", 1.02),
         ("tokenprune, random keep 25% after the projector", "cut 25%", "reference", 1.03),
         (f"reference: stock model, {kept} visual tokens as inputs_embeds", "reference", "stock", None),
+        ("stock model with no-op hooks where tokenprune hooks (PyTorch's dispatch)", "hooks only", "stock", None),
     ]
     lines = [
         f"Machine: {machine(args.device, args.dtype)}; load average (1/5/15 min) {before} before, {load()} after.",
