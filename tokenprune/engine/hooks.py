@@ -88,10 +88,8 @@ def bind_arguments(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
     sig, lead = (_signature(func), (fn.__self__,)) if func is not None else (_signature(fn), ())
     bound = sig.bind_partial(*lead, *args, **kwargs)
     out: dict[str, Any] = {}
-    for i, (name, value) in enumerate(bound.arguments.items()):
+    for name, value in list(bound.arguments.items())[len(lead) :]:
         kind = sig.parameters[name].kind
-        if i < len(lead):
-            continue
         if kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
         elif kind is inspect.Parameter.VAR_POSITIONAL:
