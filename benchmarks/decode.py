@@ -11,9 +11,9 @@ step (synchronising the GPU first), and the sample is the mean time of the steps
 * ``cut 25%``: tokenprune, random keep 25% after the projector;
 * ``reference``: the stock model with that many visual tokens (the same kept features) fed as
   ``inputs_embeds``: the equal-length reference of ``cut 25%``, target 3%;
-* ``hooks only``: the stock model with no-op forward hooks on the modules tokenprune hooks (the top
-  model, the multimodal model, the language model, every decoder layer): what PyTorch's hook dispatch
-  costs, which tokenprune's own time does not include.
+* ``hooks only``: the stock model with no-op forward hooks on the modules tokenprune hooks for a
+  post-projector stage (the top model, the multimodal model, the language model; no decoder layer):
+  what PyTorch's hook dispatch costs, which tokenprune's own time does not include.
 
 Round-robin over the configurations, medians over the rounds, spreads ``(max - min) / median``, load
 averages before and after; ``--write`` refuses (exit 3) when an unpruned configuration spreads more
@@ -119,8 +119,6 @@ def no_op_hooks(model: Any) -> Iterator[None]:
     hooks.pre(vlm, pre)
     hooks.post(vlm, post)
     hooks.pre(lm, pre)
-    for layer in lm.layers:
-        hooks.pre(layer, pre)
     try:
         yield
     finally:

@@ -441,3 +441,25 @@ def test_llava_next_newlines_close_the_row_of_the_last_token_before_them():
                 row[j] = row[j - 1] if j else 0
         got = _close_rows(coords, newline)
         assert all(torch.equal(a, b) for a, b in zip(got, (view, row, col), strict=True))
+
+
+@pytest.mark.parametrize("stages", [[("post_projector", "random", 0.5)], []])
+def test_without_stages_inside_the_language_model_no_decoder_layer_is_hooked_and_every_layer_is_recorded(stages):
+    tiny = tm.BUILDERS["llava_next"]()
+    inputs = tiny.make_inputs([(56, 56), (56, 112)])
+    layers = tiny.model.model.language_model.layers
+    with tp.apply(tiny.model, pipe(*stages)) as run:
+        assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+        out = generate(tiny.model, inputs, n=3)
+    assert all(not layer._forward_pre_hooks for layer in layers)
+    prefill, *steps = run.stats.forwards
+    kept = prefill.stages[0].leaving if stages else inputs["attention_mask"].sum(1).tolist()
+    text = (inputs["attention_mask"].sum(1) - (inputs["input_ids"] == tiny.model.config.image_token_id).sum(1)).tolist()
+    expected = [k + t for k, t in zip(kept, text, strict=True)] if stages else kept
+    assert prefill.layer_tokens == [expected] * len(layers)
+    cached = [k.shape[-2] for k, _ in compat.cache_layers(out.past_key_values)]
+    width = max(expected) if stages else inputs["input_ids"].shape[1]  # left padding to the longest sample
+    assert prefill.layer_width == [width] * len(layers)
+    assert cached == [width + len(steps)] * len(layers)
+    assert len(steps) == 2 and all(s.layer_tokens == [[1, 1]] * len(layers) for s in steps)
+    assert all(s.layer_width == [1] * len(layers) for s in steps)
