@@ -122,7 +122,6 @@ def test_the_reducers_time_is_inside_the_engines_and_the_engines_inside_the_call
     forward = run.stats.last_prefill
     assert forward.reducer_seconds >= PAUSE
     assert forward.reducer_seconds <= forward.engine_seconds < wall
-    assert run.stats.engine_seconds == forward.engine_seconds
     assert forward.as_dict()["engine_seconds"] == forward.engine_seconds
 
 
@@ -158,7 +157,6 @@ def test_decoding_steps_record_their_own_time():
     steps = [f for f in run.stats.forwards if f.phase == "decode"]
     assert len(steps) == 2
     assert all(f.engine_seconds > 0 for f in steps)  # the decode stage's reducer and key subsets ran
-    assert run.stats.engine_seconds == pytest.approx(sum(f.engine_seconds for f in run.stats.forwards))
 
 
 def test_a_model_without_a_pipeline_records_nothing_of_its_own_beyond_the_hooks():

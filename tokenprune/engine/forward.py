@@ -97,6 +97,9 @@ class ForwardHooks:
         self._layer = plans_by_layer(plans)
         self._decode = next((p for p in plans if p.stage.point.kind == "decode"), None)
         self._decode_layer = self._decode.stage.point.layer if self._decode is not None else None
+        # without a stage inside the language model every decoder layer holds its input: no per-layer hooks,
+        # _vlm_post records the layers at once (a hook dispatch per layer and step spared)
+        self._inside_lm = bool(self._layer) or self._decode is not None
         self._left_out: Tensor | None = None  # the decode stage's language-model columns left out this step
         self._subsets: dict[int, KeySubset] = {}
         self._compact = pipeline.positions == "compact"
@@ -147,11 +150,9 @@ class ForwardHooks:
         hooks.pre(vlm, self._vlm_pre)
         hooks.post(vlm, self._vlm_post)
         hooks.pre(lm, self._lm_pre)
-        if self._layer or self._decode is not None:
+        if self._inside_lm:
             for i, layer in enumerate(layers):
                 hooks.pre(layer, self._layer_pre(i))
-        # else every layer holds the language model's input: _vlm_post records them all at once, which
-        # spares a hook dispatch per layer and step (measurable where a step takes milliseconds)
         if adds_visual_residuals(self.adapter):  # before the stages: layer k's input holds layer k - 1's features
             for i, layer in enumerate(layers):
                 hooks.post(layer, self._residual_post(i))
@@ -257,7 +258,7 @@ class ForwardHooks:
             self.probe.reset(active=True)
 
     def _vlm_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if not (self._layer or self._decode is not None) and self._forward is not None:
+        if not self._inside_lm and self._forward is not None:
             self._record_uniform_layers()
         st = self._state
         if st is None:
@@ -278,9 +279,7 @@ class ForwardHooks:
             width = st.step_length
         else:
             width = self._input_width
-        shape = torch.empty(fs.batch_size, width, 0)  # record_layer_tokens reads the hidden states' shape only
-        for _ in self._layers:
-            record_layer_tokens(fs, st, None, shape, self._real_tokens)
+        record_layer_tokens(fs, st, None, fs.batch_size, width, self._real_tokens, layers=len(self._layers))
 
     # --- hooks: language model (post_projector stages) ----------------------------------------
 
@@ -396,7 +395,8 @@ class ForwardHooks:
                 self._layer_kwargs = dict(kwargs)  # the dry call of layer i + 1's own attention reuses them
             seg = st.segment(i) if st is not None else None
             if self._forward is not None and isinstance(hidden, Tensor):
-                record_layer_tokens(self._forward, st, seg, hidden, self._real_tokens)
+                batch, width = int(hidden.shape[0]), int(hidden.shape[1])
+                record_layer_tokens(self._forward, st, seg, batch, width, self._real_tokens)
             if st is not None and not st.in_prefill and i == self._decode_layer:
                 self._run_decode_stage(st)
             if seg is None or st is None:

@@ -69,18 +69,25 @@ class PrefillState:
 
 
 def record_layer_tokens(
-    fs: ForwardStats, st: PrefillState | None, seg: TokenSequence | None, hidden: Tensor, real_tokens: list[int]
+    fs: ForwardStats,
+    st: PrefillState | None,
+    seg: TokenSequence | None,
+    batch: int,
+    width: int,
+    real_tokens: list[int],
+    layers: int = 1,
 ) -> None:
-    """Append the real tokens each sample has at a decoder layer, and the layer's width, to ``fs``.
+    """Append the real tokens each sample has at a decoder layer, and the layer's width, to ``fs``, for
+    ``layers`` consecutive layers that hold the same sequence (``batch`` x ``width``).
 
     In a pruned prefill: the layer's kept tokens; in an unpruned prefill: the caller's real tokens; in a
     decoding step: the step's tokens.
     """
-    batch, width = int(hidden.shape[0]), int(hidden.shape[1])
     if st is not None and st.in_prefill and st.lm_sequence is not None:
-        fs.layer_tokens.append((seg if seg is not None else st.lm_sequence).valid.sum(1).tolist())
+        tokens = (seg if seg is not None else st.lm_sequence).valid.sum(1).tolist()
     elif fs.phase == "prefill" and len(real_tokens) == batch:
-        fs.layer_tokens.append([int(r) for r in real_tokens])
+        tokens = [int(r) for r in real_tokens]
     else:
-        fs.layer_tokens.append([width] * batch)
-    fs.layer_width.append(width)
+        tokens = [width] * batch
+    fs.layer_tokens.extend(list(tokens) for _ in range(layers))
+    fs.layer_width.extend([width] * layers)
