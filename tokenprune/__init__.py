@@ -7,7 +7,7 @@
 """
 
 from tokenprune.budget import tokens_to_keep
-from tokenprune.engine import apply
+from tokenprune.engine import PreparedPipeline, apply, prepare
 from tokenprune.errors import (
     PipelineError,
     PluginError,
@@ -45,6 +45,7 @@ __all__ = [
     "PipelineError",
     "PluginError",
     "PluginLoadWarning",
+    "PreparedPipeline",
     "ReduceContext",
     "ReducerInputError",
     "ReducerOutputError",
@@ -67,5 +68,6 @@ __all__ = [
     "list_reducers",
     "load_pipeline",
     "pipeline_json_schema",
+    "prepare",
     "tokens_to_keep",
 ]

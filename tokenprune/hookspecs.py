@@ -28,7 +28,7 @@ import pluggy
 if TYPE_CHECKING:
     import typer
 
-    from tokenprune.plugins import AdapterRegistry, PipelineRegistry, ReducerRegistry, TaskRegistry
+    from tokenprune.plugins import AdapterRegistry, PipelineRegistry, ReducerRegistry, SignalRegistry, TaskRegistry
 
 PROJECT_NAME = "tokenprune"
 
@@ -86,6 +86,19 @@ def tokenprune_register_pipelines(registry: PipelineRegistry) -> None:
         Its stages are validated against the installed reducers when the preset is used, so a
         preset may use another plugin's reducers. A name already registered by another plugin is
         listed as a collision and cannot be used until one is disabled.
+    """
+
+
+@hookspec
+def tokenprune_register_signals(registry: SignalRegistry) -> None:
+    """Register signal channels: per-column signals that reducers read as ``ctx.signals[name]``.
+
+    Called once per plugin manager, when its signal registry is first built. A channel
+    (:class:`tokenprune.channels.SignalChannel`) names its producer, the decoder layer whose input it
+    is computed from and its shape per column; the engine computes it once per prefill when a stage
+    reads it and carries it through every cut with the tokens (see docs/engine.md, "Adding a signal").
+
+    :param registry: Call ``registry.add(SignalChannel(name, produce, layer=0, shape=()))``.
     """
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from tokenprune.errors import PipelineError
 from tokenprune.reducer import InsertionPoint, ReducerParams, TokenReducer
 
 if TYPE_CHECKING:
-    from tokenprune.plugins import PipelineRegistry, ReducerRegistry
+    from tokenprune.plugins import PipelineRegistry, PluginManager, ReducerRegistry
 
 PositionPolicy = Literal["original", "compact"]
 
@@ -167,11 +168,24 @@ class Problem:
         return f"{prefix}: {self.field}: {self.message}" if prefix else f"{self.field}: {self.message}"
 
 
+@dataclass(frozen=True)
+class Registries:
+    """What a pipeline document is resolved against: the reducers and the presets.
+
+    A :class:`~tokenprune.plugins.PluginManager` has both as attributes, and is what callers pass
+    to :func:`load_pipeline`; this pair is for a caller that holds the two registries apart.
+    """
+
+    reducers: ReducerRegistry
+    pipelines: PipelineRegistry | None = None  # None: a fresh plugin manager's, when a document names a preset
+
+
 def load_pipeline(
     source: str | os.PathLike[str] | Mapping[str, Any] | Pipeline,
     *,
-    registry: ReducerRegistry | None = None,
+    plugins: PluginManager | Registries | None = None,
     check: bool = True,
+    registry: ReducerRegistry | None = None,
     presets: PipelineRegistry | None = None,
 ) -> Pipeline:
     """Load and validate a pipeline.
@@ -181,15 +195,32 @@ def load_pipeline(
 
     Args:
         source: A path to a YAML file, a YAML string, a mapping, or a :class:`Pipeline`.
-        registry: Reducers to validate against; by default those of a fresh
-            :func:`~tokenprune.plugins.get_plugin_manager`.
+        plugins: The plugin manager whose reducers the stages are validated against and whose presets
+            ``preset:`` names (default: a fresh :func:`~tokenprune.plugins.get_plugin_manager`).
         check: Validate the stages against the reducers (False checks the structure only).
-        presets: The presets ``preset:`` names; by default those of a fresh plugin manager.
+        registry: Deprecated, pass ``plugins=``: the reducers to validate against.
+        presets: Deprecated, pass ``plugins=``: the presets ``preset:`` names.
 
     Raises:
         PipelineError: with every problem found, each naming its stage, field and YAML line.
         FileNotFoundError: ``source`` names a YAML file that does not exist.
+        TypeError: ``plugins=`` given together with ``registry=`` or ``presets=``.
     """
+    if registry is not None or presets is not None:
+        if plugins is not None:
+            raise TypeError("load_pipeline takes plugins= or the deprecated registry=/presets=, not both")
+        warnings.warn(
+            "load_pipeline(registry=..., presets=...) is deprecated; pass plugins=<PluginManager> so that the "
+            "reducers and the presets come from the same manager",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    elif plugins is not None:
+        registry, presets = plugins.reducers, plugins.pipelines
+    return _load(source, registry, presets, check)
+
+
+def _load(source: Any, registry: ReducerRegistry | None, presets: PipelineRegistry | None, check: bool) -> Pipeline:
     label, data, lines = _read(source)
     if isinstance(data, Pipeline):
         pipeline = data

@@ -374,6 +374,36 @@ class TaskRegistry(_Registry[type]):
         return UnknownTaskError(f"unknown task {key!r}{self._did_you_mean(key)} Installed tasks: {installed}.")
 
 
+class SignalRegistry(_Registry[Any]):
+    """Signal channels by name. Filled by the ``tokenprune_register_signals`` hook."""
+
+    kind: ClassVar[str] = "signal"
+    hook: ClassVar[str] = "tokenprune_register_signals"
+
+    def add(self, channel: Any, *, exist_ok: bool = False) -> None:
+        """Register a :class:`~tokenprune.channels.SignalChannel` under its name.
+
+        A name that another plugin registered with a different channel is recorded as a
+        :class:`Collision`; :meth:`get` raises for it.
+
+        Raises:
+            PluginError: not a SignalChannel, or a built-in signal's name.
+        """
+        from tokenprune.channels import SignalChannel
+        from tokenprune.reducer import BUILTIN_SIGNALS
+
+        who = _origin(self._current)
+        if not isinstance(channel, SignalChannel):
+            raise PluginError(f"{who} registered {channel!r}, which is not a tokenprune.channels.SignalChannel")
+        if channel.name in BUILTIN_SIGNALS:
+            raise PluginError(f"{who} registered the signal {channel.name!r}, which the engine itself provides")
+        self._put(channel.name, channel, exist_ok)
+
+    def _unknown(self, key: str) -> Exception:
+        installed = ", ".join(self) or "none"
+        return PluginError(f"unknown signal {key!r}{self._did_you_mean(key)} Registered signals: {installed}.")
+
+
 PRESET_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
 
 
@@ -506,6 +536,7 @@ class PluginManager:
     adapters = _RegistryOf(AdapterRegistry, "Every registered adapter class.")
     tasks = _RegistryOf(TaskRegistry, "Every registered evaluation task class.")
     pipelines = _RegistryOf(PipelineRegistry, "Every registered pipeline preset.")
+    signals = _RegistryOf(SignalRegistry, "Every registered signal channel.")
 
     @property
     def collisions(self) -> list[Collision]:
@@ -515,6 +546,7 @@ class PluginManager:
             *self.adapters.collisions,
             *self.tasks.collisions,
             *self.pipelines.collisions,
+            *self.signals.collisions,
         ]
 
     def _registry(self, kind: type[R]) -> R:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +52,7 @@ VisionAttentionKind = Literal["cls", "mean"]
 ``mean``, the attention each patch receives, averaged over heads and over the patch query rows."""
 
 ContextSignal = Literal["keys", "final_norm", "text_attention", "input_embeddings"]
+BUILTIN_SIGNALS: frozenset[str] = frozenset(get_args(ContextSignal))  # the rest of ``signals`` names channels
 """Extra inputs a layer stage at ``{layer: k}`` may ask for (:attr:`Capabilities.signals`): ``keys``,
 the keys of decoder layer ``k - 1`` (after RoPE and k-norms, one row per token, heads concatenated);
 ``final_norm``, the language model's final norm as a callable; ``text_attention``, every text row of
@@ -135,7 +136,9 @@ class Capabilities:
             before it runs (its input norm, q/k projections, q/k norms, RoPE and grouped heads), as
             PyramidDrop ranks. Params-dependent needs override
             :meth:`TokenReducer.own_attention_sources_for`. Layer stages only.
-        signals: Extra layer-stage inputs the reducer reads (:data:`ContextSignal`); layer stages only.
+        signals: Extra inputs the reducer reads: the engine's own layer-stage signals
+            (:data:`ContextSignal`; layer stages only), and the names of registered signal channels
+            (:class:`tokenprune.channels.SignalChannel`), served as ``ctx.signals``.
         needs_text: Reads the text tokens at the insertion point (``ctx.text``).
         trainable: Carries learned weights (ATP).
         deterministic_count: Keeps exactly the stage's budget for every input, so the token count
@@ -152,7 +155,7 @@ class Capabilities:
     insertion_points: frozenset[InsertionKind] = frozenset({"post_projector", "layer"})
     attention: frozenset[AttentionSource] = frozenset()
     own_attention: frozenset[AttentionSource] = frozenset()
-    signals: frozenset[ContextSignal] = frozenset()
+    signals: frozenset[ContextSignal | str] = frozenset()
     needs_text: bool = False
     trainable: bool = False
     deterministic_count: bool = True
@@ -292,6 +295,9 @@ class ReduceContext:
             reducer whose request sets ``features`` (VisPruner).
         vision_keys: ``(B, N, hd)`` that layer's attention keys, averaged over heads and like the scores;
             only for a reducer whose request sets ``keys`` (VisionZip).
+        signals: Signal-channel name to ``(B, N, *shape)``: the registered channels
+            (:mod:`tokenprune.channels`) that ``capabilities.signals`` names, at the visual tokens
+            (``0`` at padding); empty otherwise.
         step: At a ``decode`` stage, the decoding step after the prefill (``0`` for the first token
             generated after it); ``None`` at the other insertion points. A reducer that keeps state
             from step to step (DyCoke) starts afresh at ``0``.
@@ -321,6 +327,7 @@ class ReduceContext:
     vision_features: Tensor | None = None
     vision_keys: Tensor | None = None
     step: int | None = None
+    signals: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:

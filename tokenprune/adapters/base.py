@@ -31,13 +31,17 @@ A minimal adapter for a LLaVA-like model is a few lines::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from tokenprune.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from tokenprune.engine.layer_args import LayerArg
 
 
 @dataclass
@@ -265,6 +269,20 @@ class ModelAdapter:
             layer_index: The decoder layer the embedding is for (Gemma3 has per-layer-type RoPE).
         """
         return self.language_model().rotary_emb(hidden, positions[0])
+
+    def layer_args(self) -> Mapping[str, LayerArg]:
+        """How this family's per-token decoder-layer arguments follow a cut, beyond the engine's table.
+
+        The engine's table (:data:`tokenprune.engine.layer_args.DEFAULT_LAYER_ARGS`) slices the 4-D
+        ``attention_mask``, the rotary ``position_embeddings`` and the ``position_ids``; any other
+        ``(B, L, ...)`` tensor argument is gathered along axis 1 by the generic default. Override to
+        declare an argument the default would miss or mistreat, by name (positional arguments are named
+        by the layer's signature): e.g. ``{"per_layer_input": LayerArg("columns")}``, a 2-D
+        linear-attention mask ``LayerArg("padding_mask")``, a token axis other than 1
+        ``LayerArg("columns", axis=2)``, ``LayerArg("recompute", recompute=fn)``, or ``KEEP`` for a tensor
+        that only looks per token. The default declares nothing.
+        """
+        return {}
 
     def decode_positions(self, kwargs: dict[str, Any], virtual_past: int, query_length: int) -> Tensor:
         """Position ids the unmodified model would use in a decoding step that was given none.

@@ -38,8 +38,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tokenprune.errors import PipelineError, TokenpruneError
-from tokenprune.pipeline import Pipeline, load_pipeline
-from tokenprune.plugins import PipelineRegistry, ReducerRegistry
+from tokenprune.pipeline import Pipeline, Registries, load_pipeline
+from tokenprune.plugins import PipelineRegistry, PluginManager, ReducerRegistry
 
 OWN_DISTRIBUTION = "tokenprune"
 """Reducers registered by this distribution's plugins form the default sweep."""
@@ -160,31 +160,33 @@ def load_config(source: str | Path | dict[str, Any] | None) -> CompareConfig:
 
 
 def resolve_pipelines(
-    config: CompareConfig, registry: ReducerRegistry, presets: PipelineRegistry | None = None
+    config: CompareConfig, registry: PluginManager | ReducerRegistry, presets: PipelineRegistry | None = None
 ) -> list[tuple[str, Pipeline]]:
     """The named pipelines to run, the unpruned reference first; every one validated.
 
     Args:
         config: The comparison config.
-        registry: The reducers to validate against.
-        presets: The pipeline presets ``preset:`` entries name (default: a fresh plugin manager's).
+        registry: The plugin manager whose reducers validate and whose presets ``preset:`` entries name
+            (or only the reducers, with ``presets``).
+        presets: With a reducer registry: the pipeline presets (default: a fresh plugin manager's).
 
     Raises:
         PipelineError: an invalid pipeline (named), or two pipelines with the same name.
     """
+    plugins = registry if isinstance(registry, PluginManager) else Registries(registry, presets)
     out: list[tuple[str, Pipeline]] = [(REFERENCE, Pipeline(name=REFERENCE))]
     for entry in config.pipelines:
         if entry.sweep is not None:
-            out += _sweep(entry.sweep, registry)
+            out += _sweep(entry.sweep, plugins)
         elif entry.preset is not None:
-            out += _presets(entry, registry, presets)
+            out += _presets(entry, plugins)
         elif entry.file is not None:
-            pipe = load_pipeline(entry.file, registry=registry)
+            pipe = load_pipeline(entry.file, plugins=plugins)
             out.append((entry.name or pipe.name or entry.file.stem, pipe))
         else:
             body = dict(entry.model_extra or {})
             try:
-                pipe = load_pipeline({"name": entry.name, **body}, registry=registry)
+                pipe = load_pipeline({"name": entry.name, **body}, plugins=plugins)
             except PipelineError as exc:
                 raise PipelineError(f"pipeline {entry.name!r}: {exc}", exc.problems) from None
             out.append((entry.name or _auto_name(pipe), pipe))
@@ -237,8 +239,8 @@ def default_sweep_reducers(registry: ReducerRegistry) -> list[str]:
     ]
 
 
-def _sweep(sweep: Sweep, registry: ReducerRegistry) -> list[tuple[str, Pipeline]]:
-    out = []
+def _sweep(sweep: Sweep, plugins: PluginManager | Registries) -> list[tuple[str, Pipeline]]:
+    registry, out = plugins.reducers, []
     names = default_sweep_reducers(registry) if sweep.reducers is None else sweep.reducers
     for name in names:
         if name not in registry:
@@ -253,16 +255,15 @@ def _sweep(sweep: Sweep, registry: ReducerRegistry) -> list[tuple[str, Pipeline]
             label = f"{name}-{round(keep * 100)}%" if isinstance(keep, float) else f"{name}-{keep}tok"
             stage = {"at": at, "reducer": name, "keep": keep, "params": sweep.params.get(name, {})}
             try:
-                out.append((label, load_pipeline({"name": label, "stages": [stage]}, registry=registry)))
+                out.append((label, load_pipeline({"name": label, "stages": [stage]}, plugins=plugins)))
             except PipelineError as exc:
                 raise PipelineError(f"sweep pipeline {label!r}: {exc}", exc.problems) from None
     return out
 
 
-def _presets(
-    entry: PipelineEntry, registry: ReducerRegistry, presets: PipelineRegistry | None
-) -> list[tuple[str, Pipeline]]:
+def _presets(entry: PipelineEntry, plugins: PluginManager | Registries) -> list[tuple[str, Pipeline]]:
     """The presets a ``preset:`` entry names (a name, or a pattern such as ``sparsevlm-*``), validated."""
+    presets = plugins.pipelines
     if presets is None:
         from tokenprune.plugins import get_plugin_manager
 
@@ -273,7 +274,7 @@ def _presets(
     out = []
     for name in names:
         try:
-            pipe = load_pipeline({"preset": name}, registry=registry, presets=presets)
+            pipe = load_pipeline({"preset": name}, plugins=Registries(plugins.reducers, presets))
         except PipelineError as exc:
             raise PipelineError(f"preset {name!r}: {exc}", exc.problems) from None
         out.append((entry.name or name, pipe))

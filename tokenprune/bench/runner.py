@@ -33,7 +33,7 @@ from tokenprune.bench.store import ReferenceLogits, ResultsStore
 from tokenprune.bench.tasks import Example, Task
 from tokenprune.bench.timing import measure_costs, memory_method, timing_batch_indices
 from tokenprune.cost.analytic import DecoderShape, language_model_macs
-from tokenprune.engine import apply, compat
+from tokenprune.engine import PreparedPipeline, apply, compat, prepare
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
 from tokenprune.plugins import PluginManager, get_plugin_manager
@@ -82,7 +82,8 @@ def compare(
         processor=processor,
         manager=manager,
         adapter=adapter,
-        pipelines=resolve_pipelines(config, manager.reducers, manager.pipelines),
+        pipelines=(pipelines := resolve_pipelines(config, manager)),
+        prepared={name: prepare(pipe, plugins=manager, check=False) for name, pipe in pipelines},
         store=store,
         refs=ReferenceLogits(config.output),
         done=dist.broadcast(store.done() if dist.rank == 0 else None),
@@ -118,6 +119,7 @@ class _Run:
     manager: PluginManager
     adapter: ModelAdapter
     pipelines: list[tuple[str, Pipeline]]
+    prepared: dict[str, PreparedPipeline]  # validated once, reducers built once, applied by every pass
     store: ResultsStore
     refs: ReferenceLogits
     done: set[tuple[str, str, str]]
@@ -157,7 +159,7 @@ def _accuracy_pass(run: _Run, task: Task, task_spec: dict[str, Any], examples: l
         todo = [ex for ex in shard if (key, task.name, ex.id) not in run.done]
         reused += len(shard) - len(todo)
         steps = dist.max(math.ceil(len(todo) / config.batch_size))
-        with apply(run.model, pipe, plugins=run.manager) as handle:
+        with apply(run.model, run.prepared[name], plugins=run.manager) as handle:
             for step in range(steps):
                 batch = todo[step * config.batch_size : (step + 1) * config.batch_size]
                 records: list[dict[str, Any]] = []
@@ -200,7 +202,7 @@ def _cost_pass(run: _Run, task: Task, task_spec: dict[str, Any], examples: list[
     batches = [_inputs(run.processor, task, c, config, run.model) for c in chosen]
     costs = measure_costs(
         run.model,
-        run.pipelines,
+        [(name, run.prepared[name]) for name, _ in run.pipelines],
         batches,
         warmup=settings.warmup,
         repeats=settings.repeats,

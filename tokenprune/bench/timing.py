@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tokenprune.cost.measure import Timing, peak_memory_bytes, time_call
-from tokenprune.engine import apply
+from tokenprune.engine import PreparedPipeline, apply, prepare
 from tokenprune.pipeline import Pipeline
 from tokenprune.plugins import PluginManager
 
@@ -80,7 +80,7 @@ def memory_method(device: str) -> str | None:
 
 def measure_costs(
     model: nn.Module,
-    pipelines: Sequence[tuple[str, Pipeline]],
+    pipelines: Sequence[tuple[str, Pipeline | PreparedPipeline]],
     batches: Sequence[Batch],
     *,
     warmup: int,
@@ -103,7 +103,7 @@ def measure_costs(
         plugins: The plugin manager.
         progress: ``progress(done, total)`` after every forward round of a pipeline.
     """
-    by_name = dict(pipelines)
+    by_name = {name: prepare(pipe, plugins=plugins) for name, pipe in pipelines}  # once, not per round
     plan = schedule(list(by_name), warmup, repeats)
     total = len(plan) + (len(by_name) if memory else 0)
     examples = sum(int(b["input_ids"].shape[0]) for b in batches)

@@ -303,7 +303,7 @@ def validate(
                 "stages:\n  - {at: post_projector, reducer: random, keep: 0.5}\n"
                 "(write `stages: []` for a pipeline that prunes nothing on purpose)"
             )
-        pipe = load_pipeline(pipeline, registry=_manager().reducers)
+        pipe = load_pipeline(pipeline, plugins=_manager())
     except (TokenpruneError, FileNotFoundError) as exc:
         _fail(str(exc))
     stages = "; ".join(f"{s.reducer} at {s.point} keep {s.keep}" for s in pipe.stages) or "no stages (a no-op)"
@@ -451,6 +451,7 @@ def flops(
 
     from tokenprune.adapters.loading import load_model
     from tokenprune.cost.flops import count_flops
+    from tokenprune.engine import prepare as tp_prepare
 
     try:
         vlm, processor = load_model(model, dtype, "cpu")
@@ -467,9 +468,10 @@ def flops(
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(vlm.dtype)
         manager = _manager()
+        prepared = tp_prepare(pipeline, plugins=manager) if pipeline else None
         base = count_flops(vlm, dict(inputs), None, use_fvcore=not no_fvcore, plugins=manager)
         pruned = (
-            count_flops(vlm, dict(inputs), pipeline, use_fvcore=not no_fvcore, plugins=manager) if pipeline else None
+            count_flops(vlm, dict(inputs), prepared, use_fvcore=not no_fvcore, plugins=manager) if prepared else None
         )
     except (TokenpruneError, FileNotFoundError, OSError) as exc:
         _fail(str(exc))
@@ -561,7 +563,7 @@ def _pass_count(cfg: Any, manager: PluginManager) -> int:
     """How many passes a comparison runs: task x pipeline (the reference included), plus one cost pass per task."""
     from tokenprune.bench.config import resolve_pipelines
 
-    return len(cfg.tasks) * (len(resolve_pipelines(cfg, manager.reducers, manager.pipelines)) + 1)
+    return len(cfg.tasks) * (len(resolve_pipelines(cfg, manager)) + 1)
 
 
 def _fail(message: str) -> None:

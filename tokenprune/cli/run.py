@@ -58,7 +58,7 @@ def run(
         warnings.simplefilter("ignore", PluginLoadWarning)
         manager = get_plugin_manager()
     try:
-        pipe = tp.load_pipeline(pipeline, registry=manager.reducers)
+        pipe = tp.prepare(pipeline, plugins=manager)
         frames = load_frames(video) if video is not None else None
         vlm, processor = load_model(model, dtype, device)
         picture = _open(image)

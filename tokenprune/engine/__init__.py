@@ -7,19 +7,21 @@ Users keep calling ``model(**inputs)`` and ``model.generate(**inputs)`` as befor
 
 How it works (details in ``docs/engine.md``), one module each:
 
-* :mod:`~tokenprune.engine.run`: the public handle; :mod:`~tokenprune.engine.forward`: the hooks
-  that run the pipeline inside the model's forward. A forward pass whose cache is
-  empty (or absent) is a prefill: the pipeline runs. Later cached steps only have their masks and
-  positions adjusted to the pruned cache. A stage that should have run on a prefill with visual
-  tokens but did not is an error, never an unpruned result.
+* :mod:`~tokenprune.engine.prepare`: :func:`prepare` validates a pipeline and builds its reducers
+  once; :mod:`~tokenprune.engine.run`: the public handle (``apply`` binds and installs);
+  :mod:`~tokenprune.engine.forward`: the hooks that run the pipeline inside the model's forward.
+  A forward pass whose cache is empty (or absent) is a prefill: the pipeline runs. Later cached
+  steps only have their masks and positions adjusted to the pruned cache. A stage that should have
+  run on a prefill with visual tokens but did not is an error, never an unpruned result.
 * **post_projector stages** run in a forward pre-hook on the language model, which receives
   ``inputs_embeds`` with the projected image features already merged in at the placeholder
   positions (visual positions come from ``input_ids``, seen by a pre-hook on the multimodal base
   model). The hook rebuilds ``inputs_embeds``, the attention mask and the position ids.
 * **layer: k stages** run in a forward hook on decoder layer ``k - 1``, which replaces that layer's
   output by the kept rows. Pre-hooks on layers ``k, k+1, ...`` slice what the language model
-  computed once for the whole sequence (:mod:`~tokenprune.engine.masks`): the 4-D attention mask,
-  the rotary ``position_embeddings`` and ``position_ids``.
+  computed once for the whole sequence: every per-token argument follows the cut as
+  :mod:`~tokenprune.engine.layer_args` declares (the 4-D attention mask, the rotary
+  ``position_embeddings``, ``position_ids``, any other ``(B, L, ...)`` tensor, and what the adapter adds).
 * :mod:`~tokenprune.engine.stage`: one stage as a pure function, sequence and hidden states in,
   the kept ones out. :mod:`~tokenprune.engine.sequence` tracks where each kept token came from.
 * **Ragged batches.** Samples may keep different numbers of tokens. After every stage each
@@ -39,6 +41,7 @@ How it works (details in ``docs/engine.md``), one module each:
   kept tokens with the labels of those tokens.
 """
 
+from tokenprune.engine.prepare import PreparedPipeline, prepare
 from tokenprune.engine.run import PruningRun, apply
 
-__all__ = ["PruningRun", "apply"]
+__all__ = ["PreparedPipeline", "PruningRun", "apply", "prepare"]

@@ -9,6 +9,7 @@ These functions translate that to what the pruned cache holds, at the multimodal
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,8 +17,9 @@ from torch import Tensor
 
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.engine import positions as P
-from tokenprune.engine.masks import causal_mask, slice_mask
-from tokenprune.engine.sequence import TokenSequence, gather_position_ids, gather_tokens, position_ids_like
+from tokenprune.engine.layer_args import LayerArg, LayerCut, cut_prefill_args, layer_args_of
+from tokenprune.engine.masks import causal_mask
+from tokenprune.engine.sequence import TokenSequence, position_ids_like
 from tokenprune.engine.state import PrefillState
 from tokenprune.errors import TokenpruneError
 
@@ -88,14 +90,42 @@ def pruned_layer_kwargs(
     compact: bool,
     boolean: bool,
     dtype: torch.dtype,
+    table: Mapping[str, LayerArg] | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of a decoder layer that a layer stage pruned (it holds the tokens of ``seg``).
 
-    In the prefill: what the language model computed for the whole sequence (4-D mask, rotary tables,
-    position ids), sliced down to the kept tokens; under ``compact`` positions the rotary tables are
-    recomputed for the renumbered positions. Where the model passed no mask (sdpa, no padding) and the
-    kept tokens have no padding either, none is passed on: the attention stays causal without an
-    explicit mask, as in the stock model (an explicit 4-D mask made sdpa 1.5x to 1.9x slower on CPU).
+    :func:`pruned_layer_call` for a call without positional arguments after the hidden states.
+    """
+    return pruned_layer_call(
+        (hidden,), kwargs, hidden, seg, st, adapter, layer, compact=compact, boolean=boolean, dtype=dtype, table=table
+    )[1]
+
+
+def pruned_layer_call(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    hidden: Tensor,
+    seg: TokenSequence,
+    st: PrefillState,
+    adapter: ModelAdapter,
+    layer: int,
+    *,
+    compact: bool,
+    boolean: bool,
+    dtype: torch.dtype,
+    table: Mapping[str, LayerArg] | None = None,
+    names: tuple[str, ...] = (),
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments of a decoder layer that a layer stage pruned (it holds the tokens of ``seg``).
+
+    In the prefill: every per-token argument the language model computed for the whole sequence follows
+    the cut to the kept tokens, as :mod:`tokenprune.engine.layer_args` declares (``table``: the engine's
+    with the adapter's entries; ``names``: the layer's positional parameter names). By default the 4-D
+    mask, rotary tables and position ids are sliced (under ``compact`` positions the rotary tables are
+    recomputed for the renumbered positions) and any other ``(B, L, ...)`` tensor is gathered. Where the
+    model passed no mask (sdpa, no padding) and the kept tokens have no padding either, none is passed
+    on: the attention stays causal without an explicit mask, as in the stock model (an explicit 4-D mask
+    made sdpa 1.5x to 1.9x slower on CPU).
 
     In a decoding step: the new tokens attend to every kept token of this layer's cache that is not
     padding, and to the tokens decoded so far. The model sized its mask from some layer's cache
@@ -105,21 +135,26 @@ def pruned_layer_kwargs(
     Raises:
         TokenpruneError: in decoding, the model's mask fits neither the unpruned nor this layer's cache.
     """
+    if table is None:
+        table = layer_args_of(adapter)
     if st.in_prefill:
-        cols = seg.lm_column
-        mask = kwargs.get("attention_mask")
-        if mask is not None or seg.has_padding_slots or not bool(seg.valid.all()):
-            kwargs["attention_mask"] = slice_mask(mask, cols, cols, seg.valid, boolean=boolean, dtype=dtype)
-        pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
-        if compact:
-            kwargs["position_embeddings"] = adapter.rotary(hidden, seg.positions, layer)
-        elif pe is not None:
-            kwargs["position_embeddings"] = tuple(gather_tokens(t, cols) for t in pe)
-        if isinstance(pos, Tensor):
-            kwargs["position_ids"] = (
-                position_ids_like(seg.positions, pos) if compact else gather_position_ids(pos, cols)
-            )
-        return kwargs
+        cut = LayerCut(hidden, seg, st.lm_length, layer, compact, adapter)
+        return cut_prefill_args(args, kwargs, cut, table, names, boolean=boolean, dtype=dtype)
+    return args, _decoding_layer_kwargs(kwargs, hidden, seg, st, adapter, layer, compact, boolean, dtype)
+
+
+def _decoding_layer_kwargs(
+    kwargs: dict[str, Any],
+    hidden: Tensor,
+    seg: TokenSequence,
+    st: PrefillState,
+    adapter: ModelAdapter,
+    layer: int,
+    compact: bool,
+    boolean: bool,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """A pruned layer's keyword arguments in a decoding step (see :func:`pruned_layer_call`)."""
     mask = kwargs.get("attention_mask")
     extra = st.decoded + st.step_length
     valid = torch.cat([seg.valid, seg.valid.new_ones(seg.valid.shape[0], extra)], 1)

@@ -8,7 +8,7 @@ hooks (:class:`~tokenprune.engine.hooks.HookSet`), the attention probe and the p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ModelAdapter
+from tokenprune.channels import SignalChannel, produce_channels
 from tokenprune.engine import compat
 from tokenprune.engine import positions as P
 from tokenprune.engine.calls import FeatureCalls
@@ -23,7 +24,7 @@ from tokenprune.engine.decode import (
     check_decoding_mask,
     decoding_positions,
     model_decoding_kwargs,
-    pruned_layer_kwargs,
+    pruned_layer_call,
 )
 from tokenprune.engine.decode_stage import KeySubset, key_subset, run_decode_stage
 from tokenprune.engine.guards import (
@@ -35,6 +36,7 @@ from tokenprune.engine.guards import (
     refuse_embeds_without_ids,
 )
 from tokenprune.engine.hooks import HookSet, bind_arguments
+from tokenprune.engine.layer_args import LayerArg, layer_args_of, positional_names
 from tokenprune.engine.masks import mask_kind, pruned_input_mask
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.residuals import add_layer_residual, adds_visual_residuals
@@ -72,10 +74,17 @@ class ForwardHooks:
         adapter: The model family's adapter.
         plans: One :class:`StagePlan` per stage, in pipeline order.
         stats: Where each forward's statistics are appended.
+        channels: The signal channels the stages read (:mod:`tokenprune.channels`).
     """
 
     def __init__(
-        self, model: nn.Module, pipeline: Pipeline, adapter: ModelAdapter, plans: list[StagePlan], stats: RunStats
+        self,
+        model: nn.Module,
+        pipeline: Pipeline,
+        adapter: ModelAdapter,
+        plans: list[StagePlan],
+        stats: RunStats,
+        channels: Sequence[SignalChannel] = (),
     ) -> None:
         self.model = model
         self.pipeline = pipeline
@@ -84,6 +93,7 @@ class ForwardHooks:
         self.probe: AttentionProbe | None = None
         self.vision_probe: VisionProbe | None = None
         self._plans = plans
+        self._channels = tuple(channels)
         self.stopwatch = Stopwatch()
         self._hooks = HookSet(self.stopwatch)
         self._stopwatch_mark = 0.0  # the stopwatch when this forward's first hook began
@@ -105,6 +115,8 @@ class ForwardHooks:
         self._compact = pipeline.positions == "compact"
         self._masks: dict[str, Any] = {}
         self._layers: list[nn.Module] = []
+        self._layer_args: dict[str, LayerArg] = {}
+        self._arg_names: list[tuple[str, ...]] = []
         self._layer_kwargs: dict[str, Any] | None = None  # the last decoder layer's keyword arguments, unsliced
 
     def remove(self) -> None:
@@ -135,6 +147,8 @@ class ForwardHooks:
         self._masks = mask_kind(self.adapter, boolean=impl != "eager")
         compat.cache_argument_name(vlm.forward)  # refuse, at apply time, a release whose cache argument is unknown
         self._layers = layers
+        self._layer_args = layer_args_of(self.adapter)  # how each per-token layer argument follows a cut
+        self._arg_names = [positional_names(layer) for layer in layers]
         self.probe = attention_probe_for(self._layer, self._probe_rows, lm, layers, self._decode)
         if self.probe is not None:
             self.probe.stopwatch = self.stopwatch
@@ -156,7 +170,7 @@ class ForwardHooks:
         if adds_visual_residuals(self.adapter):  # before the stages: layer k's input holds layer k - 1's features
             for i, layer in enumerate(layers):
                 hooks.post(layer, self._residual_post(i))
-        for k in self._layer:
+        for k in sorted(set(self._layer) | {c.layer for c in self._channels if c.layer > 0}):
             hooks.post(layers[k - 1], self._layer_post(k))
         self._calls.vision_probe = self.vision_probe
         self._calls.install(hooks, vlm)
@@ -316,6 +330,7 @@ class ForwardHooks:
         residuals = self.adapter.take_visual_residuals(kw)
         if residuals is not None:
             seq.residuals, seq.receives = residual_sequence(residuals, batch, length)
+        produce_channels(self._channels, hidden, seq, 0)
         changed = False
         for plan in self._post:
             signal = vision.get(plan.index)
@@ -360,10 +375,11 @@ class ForwardHooks:
             if st is None or not st.in_prefill or st.current is None:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
+            produce_channels(self._channels, hidden, st.current, k)
             seq, attention, changed = st.current, probed_attention(self.probe, k), False
             keys = self.probe.key_states.get(k - 1) if self.probe is not None else None
             text_att = self.probe.text_scores.get(k - 1) if self.probe is not None else None
-            for plan in self._layer[k]:
+            for plan in self._layer.get(k, ()):
                 signals = with_text_signals(plan, self._signals(k, plan, hidden, seq, keys), text_att, st)
                 outcome = self._run(plan, hidden, seq, attention, signals)
                 hidden, seq = outcome.hidden, outcome.sequence
@@ -401,8 +417,10 @@ class ForwardHooks:
                 self._run_decode_stage(st)
             if seg is None or st is None:
                 return None
-            kw = pruned_layer_kwargs(kwargs, hidden, seg, st, self.adapter, i, compact=self._compact, **self._masks)
-            return args, kw
+            return pruned_layer_call(
+                args, kwargs, hidden, seg, st, self.adapter, i, compact=self._compact, **self._masks,
+                table=self._layer_args, names=self._arg_names[i],
+            )  # fmt: skip
 
         return hook
 

@@ -1,4 +1,4 @@
-"""The public handle: :func:`apply` installs a pipeline on a model, :class:`PruningRun` takes it away.
+"""The public handle: :func:`apply` installs a (prepared) pipeline on a model, :class:`PruningRun` takes it away.
 
 The hooks themselves are :class:`tokenprune.engine.forward.ForwardHooks`.
 """
@@ -15,11 +15,11 @@ from torch import nn
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.engine import compat
 from tokenprune.engine.forward import ForwardHooks
-from tokenprune.engine.stage import StagePlan
+from tokenprune.engine.prepare import PreparedPipeline, prepare
 from tokenprune.engine.stats import RunStats
 from tokenprune.errors import TokenpruneError
-from tokenprune.pipeline import Pipeline, load_pipeline
-from tokenprune.plugins import PluginManager, ReducerRegistry, get_plugin_manager
+from tokenprune.pipeline import Pipeline
+from tokenprune.plugins import PluginManager, get_plugin_manager
 from tokenprune.reducer import TokenReducer
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, PruningRun] = weakref.WeakKeyDictionary()
@@ -27,16 +27,21 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, PruningRun] = weakref.WeakKeyDicti
 
 def apply(
     model: nn.Module,
-    pipeline: Pipeline | Mapping[str, Any] | str | Path,
+    pipeline: PreparedPipeline | Pipeline | Mapping[str, Any] | str | Path,
     *,
     plugins: PluginManager | None = None,
 ) -> PruningRun:
     """Install ``pipeline`` on ``model``; returns the handle (also a context manager).
 
+    A :class:`~tokenprune.engine.prepare.PreparedPipeline` (from :func:`tokenprune.prepare`) is only
+    bound and installed: it is not validated again and its reducers are not rebuilt. Anything else is
+    prepared on the way (validated once, reducers built).
+
     Args:
         model: A supported transformers VLM, as loaded (``...ForConditionalGeneration``).
-        pipeline: A :class:`~tokenprune.Pipeline`, a mapping, a YAML string or a path.
-        plugins: The plugin manager providing reducers and adapters (default: a fresh one).
+        pipeline: A prepared pipeline, a :class:`~tokenprune.Pipeline`, a mapping, a YAML string or a path.
+        plugins: The plugin manager providing reducers, presets and adapters (default: the prepared
+            pipeline's, else a fresh one).
 
     Raises:
         UnsupportedTransformersError: the installed transformers release is outside the tested range
@@ -54,8 +59,9 @@ def apply(
         print(run.stats.summary())
     """
     compat.check_transformers_version()
-    manager = plugins if plugins is not None else get_plugin_manager()
-    pipe = load_pipeline(pipeline, registry=manager.reducers)
+    if not isinstance(pipeline, PreparedPipeline):
+        pipeline = prepare(pipeline, plugins=plugins if plugins is not None else get_plugin_manager())
+    manager = plugins if plugins is not None else pipeline.plugins
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise TypeError(f"tokenprune.apply needs a transformers model with a config, got {type(model).__name__}")
@@ -65,7 +71,7 @@ def apply(
             "this model already has a tokenprune pipeline applied; call .remove() on that handle (or leave its "
             "`with` block) before applying another"
         )
-    run = PruningRun(model, pipe, adapter, manager.reducers)
+    run = PruningRun(model, pipeline, adapter)
     try:
         run._forwards.install()
     except BaseException:
@@ -81,20 +87,19 @@ class PruningRun:
     Attributes:
         model: The model the pipeline is applied to.
         pipeline: The validated pipeline.
+        prepared: The prepared pipeline it was installed from.
         adapter: The model family's adapter.
         stats: Per-forward statistics (:class:`tokenprune.engine.stats.RunStats`).
     """
 
-    def __init__(self, model: nn.Module, pipeline: Pipeline, adapter: ModelAdapter, registry: ReducerRegistry) -> None:
+    def __init__(self, model: nn.Module, prepared: PreparedPipeline, adapter: ModelAdapter) -> None:
         self.model = model
-        self.pipeline = pipeline
+        self.prepared = prepared
+        self.pipeline = prepared.pipeline
         self.adapter = adapter
         self.stats = RunStats()
-        self._plans = [
-            StagePlan(i, stage, reducer, registry.describe(stage.reducer))
-            for i, (stage, reducer) in enumerate(zip(pipeline.stages, pipeline.build_reducers(registry), strict=True))
-        ]
-        self._forwards = ForwardHooks(model, pipeline, adapter, self._plans, self.stats)
+        self._plans = list(prepared.plans)
+        self._forwards = ForwardHooks(model, self.pipeline, adapter, self._plans, self.stats, prepared.channels)
         self._removed = False
 
     # --- public -------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +36,8 @@ class TokenSequence:
             :class:`tokenprune.adapters.base.VisualResiduals`); they follow the kept and merged tokens.
         receives: ``(B, L)`` the tokens that receive ``residuals``.
         video: ``(B, L)`` the video tokens among ``visual`` (``None``: no video in the prompt).
+        channels: Signal-channel name to ``(B, L, *shape)`` per-column values (:mod:`tokenprune.channels`),
+            gathered with the columns (``0`` at padding slots; a merged token keeps its root's value).
     """
 
     input_column: Tensor
@@ -50,6 +52,7 @@ class TokenSequence:
     residuals: Tensor | None = None
     receives: Tensor | None = None
     video: Tensor | None = None
+    channels: dict[str, Tensor] = field(default_factory=dict)
 
     def gather(self, idx: Tensor) -> TokenSequence:
         """The tokens at ``(B, L')`` columns ``idx`` (``-1``: a padding slot)."""
@@ -72,7 +75,14 @@ class TokenSequence:
             residuals=gather_residuals(self.residuals, idx),
             receives=pick(self.receives, False) if self.receives is not None else None,
             video=pick(self.video, False) if self.video is not None else None,
+            channels={name: _gather_channel(c, idx, pad) for name, c in self.channels.items()},
         )
+
+
+def _gather_channel(values: Tensor, idx: Tensor, pad: Tensor) -> Tensor:
+    """``(B, L', ...)`` per-column ``values`` at columns ``idx`` (zeros where ``pad``)."""
+    out = gather_tokens(values, idx)
+    return out.masked_fill(pad.view(*pad.shape, *([1] * (out.dim() - 2))), 0)
 
 
 def gather_residuals(residuals: Tensor | None, idx: Tensor) -> Tensor | None:

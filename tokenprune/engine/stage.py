@@ -10,15 +10,16 @@ import torch
 from torch import Tensor
 
 from tokenprune.engine import positions as P
-from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
+from tokenprune.engine.sequence import TokenSequence, gather_tokens, right_aligned_columns
 from tokenprune.engine.stats import StageStats
 from tokenprune.engine.vision import VisionSignal
+from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Stage
-from tokenprune.reducer import InputEmbeddings, Merge, ReduceContext, Selection, TokenReducer
+from tokenprune.reducer import BUILTIN_SIGNALS, InputEmbeddings, Merge, ReduceContext, Selection, TokenReducer
 from tokenprune.validation import check_reduction, check_stage_budget
 
 
-@dataclass
+@dataclass(frozen=True)
 class StagePlan:
     """One stage of the applied pipeline, with its reducer built.
 
@@ -252,11 +253,34 @@ def stage_context(
         columns=vis_idx,
         text_columns=text_idx,
     )
+    wanted = type(plan.reducer).capabilities.signals - BUILTIN_SIGNALS
+    if wanted:
+        ctx = replace(ctx, signals=channel_signals(plan, seq, wanted, vis_idx))
     if text_idx is not None:
         ctx = _with_text_signals(ctx, signals, seq, text_idx, vis_idx)
     if signals.vision is not None:
         ctx = _with_vision(ctx, signals.vision, vis_idx)
     return tokens, ctx, vis_idx
+
+
+def channel_signals(plan: StagePlan, seq: TokenSequence, names: frozenset[str], vis_idx: Tensor) -> dict[str, Tensor]:
+    """The signal channels ``names`` at the stage's visual tokens: ``(B, N, *shape)``, ``0`` at padding.
+
+    Raises:
+        TokenpruneError: a channel the reducer reads was not produced for this sequence.
+    """
+    missing = sorted(names - set(seq.channels))
+    if missing:
+        raise TokenpruneError(
+            f"stage {plan.index} ({plan.who}) reads the signal channel(s) {missing}, which were not produced for "
+            "this forward; is the channel registered at a layer after this stage?"
+        )
+    pad = vis_idx < 0
+    out = {}
+    for name in sorted(names):
+        values = gather_tokens(seq.channels[name], vis_idx)
+        out[name] = values.masked_fill(pad.view(*pad.shape, *([1] * (values.dim() - 2))), 0)
+    return out
 
 
 def _with_vision(ctx: ReduceContext, vision: VisionSignal, vis_idx: Tensor) -> ReduceContext:

@@ -35,9 +35,10 @@ from torch import Tensor
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tokenprune.adapters.loading import load_model
-from tokenprune.engine import PruningRun, apply
+from tokenprune.engine import PruningRun, apply, prepare
 from tokenprune.errors import TokenpruneError
-from tokenprune.pipeline import Pipeline, load_pipeline
+from tokenprune.pipeline import Pipeline
+from tokenprune.plugins import get_plugin_manager
 
 MODEL_ARGS = ("pretrained", "pipeline", "dtype", "device", "batch_size", "max_batch_size", "prompt", "max_new_tokens")
 AUTO_START = 64  # the first batch size tried by --batch_size auto without --max_batch_size
@@ -91,8 +92,10 @@ class TokenpruneLMM(lmms):
         self.device = device
         self.max_new_tokens = int(max_new_tokens)
         self.prompt = prompt
-        self.pipeline = load_pipeline(Path(pipeline)) if pipeline else Pipeline(name="unpruned")
-        self.run: PruningRun = apply(self.model, self.pipeline)
+        manager = get_plugin_manager()
+        prepared = prepare(Path(pipeline) if pipeline else Pipeline(name="unpruned"), plugins=manager)
+        self.pipeline = prepared.pipeline
+        self.run: PruningRun = apply(self.model, prepared, plugins=manager)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> TokenpruneLMM:

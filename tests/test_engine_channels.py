@@ -1,0 +1,131 @@
+"""A new signal is a producer plus one registration: it follows the tokens through every cut to the reducers."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import engine_fixtures as ef
+import pytest
+import tiny_models as tm
+import torch
+from torch import Tensor
+
+import tokenprune as tp
+from tokenprune import Capabilities, ReduceContext, ScoringReducer, Selection
+from tokenprune.channels import ChannelInput, SignalChannel
+
+
+def input_columns(inp: ChannelInput) -> Tensor:
+    """``(B, L, 2)``: each token's column in the caller's ``input_ids``, twice (a per-column shape of (2,))."""
+    col = inp.sequence.input_column.float()
+    return torch.stack([col, col], dim=-1)
+
+
+def hidden_norms(inp: ChannelInput) -> Tensor:
+    """``(B, L)``: the norm of each token's hidden state entering the channel's layer."""
+    return inp.hidden.float().norm(dim=-1)
+
+
+class ReadsToy(ScoringReducer):
+    """Keeps the tokens whose hidden state entering layer 2 had the largest norm; records what it saw."""
+
+    name = "reads_toy"
+    capabilities = Capabilities(insertion_points=frozenset({"layer"}), signals=frozenset({"toy_columns", "toy_norm"}))
+    seen: ClassVar[list[tuple[Tensor, ReduceContext, Selection]]] = []
+
+    def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
+        return ctx.signals["toy_norm"]
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
+        selection = super().reduce(tokens, ctx)
+        self.seen.append((tokens, ctx, selection))
+        return selection
+
+
+class ToySignals:
+    """The test's plugin: one reducer, and the two signals, each one registration."""
+
+    @tp.hookimpl
+    def tokenprune_register_reducers(self, registry: Any) -> None:
+        registry.add(ReadsToy)
+
+    @tp.hookimpl
+    def tokenprune_register_signals(self, registry: Any) -> None:
+        registry.add(SignalChannel("toy_columns", input_columns, layer=0, shape=(2,)))
+        registry.add(SignalChannel("toy_norm", hidden_norms, layer=2))
+
+
+@pytest.fixture(scope="module")
+def manager() -> tp.plugins.PluginManager:
+    return tp.get_plugin_manager(plugins=[ToySignals()])
+
+
+def _stage(k: int, keep: float) -> dict[str, Any]:
+    return {"at": {"layer": k}, "reducer": "reads_toy", "keep": keep}
+
+
+def test_a_toy_signal_reaches_a_layer_stage_and_follows_a_later_cut(manager):
+    ReadsToy.seen.clear()
+    tiny = tm.llava_next()
+    inputs = tiny.make_inputs([(56, 56), (56, 112)])  # two samples with different visual-token counts
+    prepared = tp.prepare({"stages": [_stage(2, 0.5), _stage(3, 0.5)]}, plugins=manager)
+    assert [c.name for c in prepared.channels] == ["toy_columns", "toy_norm"]
+    with tp.apply(tiny.model, prepared):
+        ef.forward(tiny.model, inputs, "llava_next")
+    (tokens1, ctx1, sel1), (tokens2, ctx2, _) = ReadsToy.seen
+    image = inputs["input_ids"] == tm.IMAGE_TOKEN
+    for b in range(2):
+        n = int(ctx1.valid[b].sum())
+        assert n == int(image[b].sum())  # the first stage sees every visual token of the sample...
+        columns = image[b].nonzero().squeeze(-1).float()  # ...with its column in input_ids, in order
+        assert torch.equal(ctx1.signals["toy_columns"][b, :n], torch.stack([columns, columns], -1))
+        assert not ctx1.signals["toy_columns"][b, n:].any()  # 0 at padding
+        torch.testing.assert_close(ctx1.signals["toy_norm"][b, :n], tokens1[b, :n].float().norm(dim=-1))
+        # after the cut at layer 2, each channel holds the kept tokens' values, in sequence order
+        kept = sel1.to_mask(int(ctx1.valid.shape[1]))[b] & ctx1.valid[b]
+        m = int(ctx2.valid[b].sum())
+        assert m == int(kept.sum()) < n
+        for name in ("toy_columns", "toy_norm"):
+            assert torch.equal(ctx2.signals[name][b, :m], ctx1.signals[name][b][kept])
+    # the norm is carried from layer 2, not recomputed at layer 3
+    assert not torch.allclose(ctx2.signals["toy_norm"][0, :m], tokens2[0, :m].float().norm(dim=-1))
+
+
+def test_an_unregistered_or_too_late_signal_is_refused_at_prepare(manager):
+    with pytest.raises(
+        tp.PipelineError, match=r"toy_norm., produced at the input of layer 2, later than this stage \(layer 1\)"
+    ):
+        tp.prepare({"stages": [_stage(1, 0.5)]}, plugins=manager)
+    with pytest.raises(tp.PipelineError, match="unknown signal 'toy_columns'"):
+        tp.prepare({"stages": [_stage(2, 0.5)]}, plugins=tp.get_plugin_manager(plugins=[_ReducerOnly()]))
+
+
+class _ReducerOnly:
+    @tp.hookimpl
+    def tokenprune_register_reducers(self, registry: Any) -> None:
+        registry.add(ReadsToy)
+
+
+def test_a_producer_of_the_wrong_shape_is_named():
+    class Wrong:
+        @tp.hookimpl
+        def tokenprune_register_reducers(self, registry: Any) -> None:
+            registry.add(ReadsToy)
+
+        @tp.hookimpl
+        def tokenprune_register_signals(self, registry: Any) -> None:
+            registry.add(SignalChannel("toy_columns", hidden_norms, shape=(2,)))  # (B, L), not (B, L, 2)
+            registry.add(SignalChannel("toy_norm", hidden_norms, layer=2))
+
+    tiny = tm.llava_next()
+    with tp.apply(tiny.model, {"stages": [_stage(2, 0.5)]}, plugins=tp.get_plugin_manager(plugins=[Wrong()])):
+        with pytest.raises(tp.TokenpruneError, match="signal channel 'toy_columns' produced"):
+            ef.forward(tiny.model, tiny.make_inputs([(56, 56)]), "llava_next")
+    with pytest.raises(tp.PluginError, match="engine itself provides"):
+        tp.get_plugin_manager(plugins=[_Builtin()]).signals  # noqa: B018
+
+
+class _Builtin:
+    @tp.hookimpl
+    def tokenprune_register_signals(self, registry: Any) -> None:
+        registry.add(SignalChannel("keys", hidden_norms))
