@@ -32,7 +32,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from tokenprune.errors import PipelineError
-from tokenprune.reducer import InsertionPoint, ReducerParams, TokenReducer
+from tokenprune.reducer import (
+    InsertionPoint,
+    ReducerParams,
+    Requirements,
+    TokenReducer,
+    class_requirements,
+    legacy_overrides,
+)
 
 if TYPE_CHECKING:
     from tokenprune.plugins import PipelineRegistry, PluginManager, ReducerRegistry
@@ -487,9 +494,10 @@ def _check_stages(
                     message += f" (got {err['input']!r})"
                 add("params." + ".".join(str(p) for p in loc), message, (*here, "params", *loc))
             continue
-        sources = _attention_sources(cls, params)
+        needs = stage_requirements(cls, params)
+        sources = needs.attention
         if point.kind == "decode" and point_supported:
-            for message in _decode_problems(cls, params, sources):
+            for message in _decode_problems(cls, needs):
                 add("at", message, (*here, "at"))
         if sources and point.kind == "post_projector" and point_supported:
             add(
@@ -501,26 +509,31 @@ def _check_stages(
     return problems
 
 
-def _decode_problems(cls: type[TokenReducer], params: ReducerParams, sources: frozenset[str]) -> list[str]:
+def _decode_problems(cls: type[TokenReducer], needs: Requirements) -> list[str]:
     """What a ``decode`` stage cannot serve: only the last query row's attention and the cached keys exist there."""
     problems = []
     caps = cls.capabilities
-    unserved = sorted(sources - {"last"}) + sorted(cls(params).own_attention_sources())
+    unserved = sorted(needs.attention - {"last"}) + sorted(needs.own_attention)
     if unserved:
         problems.append(f"at a decode stage only the `last` attention exists; {cls.name!r} reads {unserved}")
-    extra = sorted(caps.signals) + (["text"] if caps.needs_text else []) + sorted(caps.vision_attention)
+    vision = sorted(caps.vision_attention) if needs.vision_attention is not None else []
+    extra = sorted(needs.signals) + (["text"] if needs.text else []) + vision
     if extra or caps.merges:
         what = ", ".join(extra + (["merges"] if caps.merges else []))
         problems.append(f"a decode stage serves only attention and the cached keys; {cls.name!r} needs {what}")
     return problems
 
 
-def _attention_sources(cls: type[TokenReducer], params: ReducerParams) -> frozenset[str]:
-    """What a stage's reducer reads, without building it; a reducer that overrides the instance method
-    ``attention_sources`` instead of ``attention_sources_for`` (the older contract) is built to ask."""
-    if cls.attention_sources is not TokenReducer.attention_sources:
-        return cls(params).attention_sources()
-    return cls.attention_sources_for(params)
+def stage_requirements(cls: type[TokenReducer], params: ReducerParams) -> Requirements:
+    """What a stage of ``cls`` with ``params`` reads (:meth:`TokenReducer.requirements`), without building it;
+    a reducer that still overrides a deprecated per-need instance method (``attention_sources``, ...) is
+    built to ask."""
+    if any(name in _INSTANCE_NEEDS for name in legacy_overrides(cls)):
+        return cls(params).needs()
+    return class_requirements(cls, params)
+
+
+_INSTANCE_NEEDS = ("attention_sources", "own_attention_sources", "vision_attention_request")
 
 
 def _format(problems: list[Problem], label: str) -> str:

@@ -38,7 +38,7 @@ from tokenprune.errors import (
     UnknownTaskError,
     UnsupportedModelError,
 )
-from tokenprune.reducer import Capabilities, TokenReducer
+from tokenprune.reducer import Capabilities, TokenReducer, legacy_overrides
 
 ENTRY_POINT_GROUP = "tokenprune"
 DISABLE_ENV = "TOKENPRUNE_DISABLE_PLUGINS"
@@ -287,6 +287,13 @@ class ReducerRegistry(_Registry[type[TokenReducer]]):
         if reducer.__abstractmethods__:
             missing = ", ".join(sorted(reducer.__abstractmethods__))
             raise PluginError(f"{who}: {_qualname(reducer)} does not implement {missing}")
+        if legacy := legacy_overrides(reducer):
+            warnings.warn(
+                f"{who}: {_qualname(reducer)} overrides {', '.join(legacy)}, deprecated; override "
+                "requirements(cls, params) -> tokenprune.Requirements instead (it still works for now)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self._put(name, reducer, exist_ok)
 
     def _unknown(self, key: str) -> Exception:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
@@ -183,6 +183,38 @@ class Capabilities:
             "vision_attention": sorted(self.vision_attention),
             "media": sorted(self.media),
         }
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What one stage's reducer reads, for its params (:meth:`TokenReducer.requirements`).
+
+    Validation, the engine's install plan (which layers to probe, which signals to compute) and the
+    FLOP count read this one object.
+
+    Attributes:
+        attention: Attention-probe sources read at layer ``k - 1`` (``ctx.attention``).
+        own_attention: Sources read from the stage's own layer ``k`` (``ctx.own_attention``).
+        signals: The engine's signals (:data:`ContextSignal`) and registered signal channels read.
+        text: Reads the text tokens (``ctx.text``).
+        vision_attention: The vision-encoder attention read at ``post_projector`` (``None``: none).
+    """
+
+    attention: frozenset[AttentionSource] = frozenset()
+    own_attention: frozenset[AttentionSource] = frozenset()
+    signals: frozenset[str] = frozenset()
+    text: bool = False
+    vision_attention: VisionAttentionRequest | None = None
+
+    @property
+    def channels(self) -> frozenset[str]:
+        """The registered signal channels among :attr:`signals` (the names that are not the engine's own)."""
+        return self.signals - BUILTIN_SIGNALS
+
+    @property
+    def reads_attention(self) -> bool:
+        """Reads any attention of the language model (probe or own layer)."""
+        return bool(self.attention or self.own_attention)
 
 
 class ReducerParams(BaseModel):
@@ -538,43 +570,62 @@ class TokenReducer(ABC):
         return None
 
     @classmethod
-    def attention_sources_for(cls, params: ReducerParams) -> frozenset[AttentionSource]:
-        """Attention-probe sources a reducer with ``params`` reads; defaults to ``capabilities.attention``.
+    def requirements(cls, params: ReducerParams) -> Requirements:
+        """What a stage of this reducer with ``params`` reads: the one declaration that validation, the
+        engine's install plan and the FLOP count all read.
 
         A classmethod, so pipeline validation answers it without building the reducer (whose
-        constructor may be costly); override it when the sources depend on the params (FastV's
-        ``source``).
+        constructor may be costly). The default is the static declaration in :attr:`capabilities`
+        (``attention``, ``own_attention``, ``signals``, ``needs_text``, and ``cls`` else ``mean``
+        vision attention when ``vision_attention`` lists a kind). Override it when the needs depend
+        on the params, e.g. FastV's ``source``::
+
+            @classmethod
+            def requirements(cls, params):
+                return replace(super().requirements(params), attention=frozenset({params.source}))
         """
-        return cls.capabilities.attention
+        caps = cls.capabilities
+        kinds = caps.vision_attention
+        return Requirements(
+            attention=caps.attention,
+            own_attention=caps.own_attention,
+            signals=frozenset(caps.signals),
+            text=caps.needs_text,
+            vision_attention=VisionAttentionRequest("cls" if "cls" in kinds else "mean") if kinds else None,
+        )
+
+    def needs(self) -> Requirements:
+        """This instance's requirements: :meth:`requirements` of its params, with the older per-need
+        overrides (deprecated: ``attention_sources_for``, ``own_attention_sources_for``,
+        ``vision_attention_for`` and their instance mirrors) honoured where a reducer still has them."""
+        return _legacy_requirements(self)
+
+    @classmethod
+    def attention_sources_for(cls, params: ReducerParams) -> frozenset[AttentionSource]:
+        """Deprecated: ``requirements(params).attention``, the attention-probe sources a stage reads."""
+        return cls.requirements(params).attention
 
     def attention_sources(self) -> frozenset[AttentionSource]:
-        """Attention-probe sources this instance reads: :meth:`attention_sources_for` of its params."""
-        return type(self).attention_sources_for(self.params)
+        """Attention-probe sources this instance reads (``needs().attention``)."""
+        return class_requirements(type(self), self.params).attention
 
     @classmethod
     def own_attention_sources_for(cls, params: ReducerParams) -> frozenset[AttentionSource]:
-        """Own-layer attention sources a reducer with ``params`` reads; defaults to ``capabilities.own_attention``."""
-        return cls.capabilities.own_attention
+        """Deprecated: ``requirements(params).own_attention``, the own-layer attention sources a stage reads."""
+        return cls.requirements(params).own_attention
 
     def own_attention_sources(self) -> frozenset[AttentionSource]:
-        """Own-layer attention sources this instance reads: :meth:`own_attention_sources_for` of its params."""
-        return type(self).own_attention_sources_for(self.params)
+        """Own-layer attention sources this instance reads (``needs().own_attention``)."""
+        return class_requirements(type(self), self.params).own_attention
 
     @classmethod
     def vision_attention_for(cls, params: ReducerParams) -> VisionAttentionRequest | None:
-        """The vision-encoder attention a reducer with ``params`` reads (``None``: none).
-
-        The default asks for ``cls`` (else ``mean``) at the features layer when
-        ``capabilities.vision_attention`` lists it; override it when the kind or layer are params.
-        """
-        kinds = cls.capabilities.vision_attention
-        if not kinds:
-            return None
-        return VisionAttentionRequest("cls" if "cls" in kinds else "mean")
+        """Deprecated: ``requirements(params).vision_attention``, the vision-encoder attention a stage reads."""
+        return cls.requirements(params).vision_attention
 
     def vision_attention_request(self) -> VisionAttentionRequest | None:
-        """The vision-encoder attention this instance reads: :meth:`vision_attention_for` of its params."""
-        return type(self).vision_attention_for(self.params)
+        """The vision-encoder attention this instance reads (``needs().vision_attention``)."""
+        return class_requirements(type(self), self.params).vision_attention
 
     def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
         """Multiply-accumulates that :meth:`reduce` spends on these inputs (the whole batch).
@@ -648,3 +699,45 @@ def top_k_selection(
     rank_keep = torch.arange(n, device=scores.device).unsqueeze(0) < ctx.budget.unsqueeze(1)
     keep = torch.zeros_like(ctx.valid).scatter(1, order, rank_keep) & allowed
     return Selection.from_mask(keep)
+
+
+_LEGACY_CLASSMETHODS = {
+    "attention_sources_for": "attention",
+    "own_attention_sources_for": "own_attention",
+    "vision_attention_for": "vision_attention",
+}
+_LEGACY_METHODS = {
+    "attention_sources": "attention",
+    "own_attention_sources": "own_attention",
+    "vision_attention_request": "vision_attention",
+}
+
+
+def legacy_overrides(cls: type[TokenReducer]) -> list[str]:
+    """The deprecated per-need methods ``cls`` overrides (``requirements`` replaces them)."""
+    out = []
+    for name in (*_LEGACY_CLASSMETHODS, *_LEGACY_METHODS):
+        mine, base = getattr(cls, name), getattr(TokenReducer, name)
+        if getattr(mine, "__func__", mine) is not getattr(base, "__func__", base):
+            out.append(name)
+    return out
+
+
+def class_requirements(cls: type[TokenReducer], params: ReducerParams) -> Requirements:
+    """``cls.requirements(params)`` with the deprecated per-need classmethods' answers where overridden."""
+    req = cls.requirements(params)
+    overridden = set(legacy_overrides(cls))
+    for name, field_name in _LEGACY_CLASSMETHODS.items():
+        if name in overridden:
+            req = replace(req, **{field_name: getattr(cls, name)(params)})
+    return req
+
+
+def _legacy_requirements(reducer: TokenReducer) -> Requirements:
+    """:func:`class_requirements`, then the deprecated instance methods' answers where overridden."""
+    req = class_requirements(type(reducer), reducer.params)
+    overridden = set(legacy_overrides(type(reducer)))
+    for name, field_name in _LEGACY_METHODS.items():
+        if name in overridden:
+            req = replace(req, **{field_name: getattr(reducer, name)()})
+    return req

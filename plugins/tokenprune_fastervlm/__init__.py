@@ -14,7 +14,7 @@ from torch import Tensor
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer, VisionAttentionRequest
 from tokenprune.errors import ReducerInputError
-from tokenprune.reducer import VisionAttentionParams
+from tokenprune.reducer import Requirements, VisionAttentionParams
 
 
 class FasterVLM(ScoringReducer):
@@ -36,8 +36,9 @@ class FasterVLM(ScoringReducer):
         """The vision attention and its layer (paper defaults: ``cls`` at the features layer)."""
 
     @classmethod
-    def vision_attention_for(cls, params: ReducerParams) -> VisionAttentionRequest | None:
-        return VisionAttentionRequest(params.attention, params.layer)  # type: ignore[attr-defined]
+    def requirements(cls, params: ReducerParams) -> Requirements:
+        """The vision-encoder attention of ``params.attention`` at ``params.layer``."""
+        return Requirements(vision_attention=VisionAttentionRequest(params.attention, params.layer))  # type: ignore[attr-defined]
 
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         """``(B, N)``: ``ctx.vision_attention`` (``-inf`` at tokens with no patch)."""

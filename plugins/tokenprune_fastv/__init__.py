@@ -16,7 +16,7 @@ from torch import Tensor
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer
 from tokenprune.layout import TokenLayout
-from tokenprune.reducer import AttentionSource
+from tokenprune.reducer import AttentionSource, Requirements
 from tokenprune.validation import required_attention
 
 
@@ -69,9 +69,9 @@ class FastV(ScoringReducer):
         return torch.maximum(torch.tensor(wanted, dtype=torch.long, device=valid.device), (protected & valid).sum(1))
 
     @classmethod
-    def attention_sources_for(cls, params: ReducerParams) -> frozenset[AttentionSource]:
+    def requirements(cls, params: ReducerParams) -> Requirements:
         """The one probe source a FastV stage reads (``params.source``)."""
-        return frozenset({params.source})  # type: ignore[attr-defined]
+        return Requirements(attention=frozenset({params.source}))  # type: ignore[attr-defined]
 
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         """``(B, N)`` head-averaged attention received from the ``source`` rows at layer ``k - 1``."""

@@ -15,7 +15,7 @@ from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer
-from tokenprune.reducer import AttentionSource
+from tokenprune.reducer import AttentionSource, Requirements
 from tokenprune.validation import required_attention
 
 
@@ -45,9 +45,9 @@ class PyramidDrop(ScoringReducer):
         )
 
     @classmethod
-    def own_attention_sources_for(cls, params: ReducerParams) -> frozenset[AttentionSource]:
+    def requirements(cls, params: ReducerParams) -> Requirements:
         """The one own-layer source a PyramidDrop stage reads (``params.source``)."""
-        return frozenset({params.source})  # type: ignore[attr-defined]
+        return Requirements(own_attention=frozenset({params.source}))  # type: ignore[attr-defined]
 
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         """``(B, N)`` head-averaged attention received from the ``source`` rows at the stage's own layer."""

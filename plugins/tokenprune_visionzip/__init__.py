@@ -26,7 +26,7 @@ from torch import Tensor
 import tokenprune
 from tokenprune import Capabilities, Merge, ReduceContext, ReducerParams, TokenReducer, VisionAttentionRequest
 from tokenprune.errors import ReducerInputError
-from tokenprune.reducer import VisionAttentionParams
+from tokenprune.reducer import Requirements, VisionAttentionParams
 from tokenprune.similarity import unit_rows
 from tokenprune.validation import check_finite_tokens
 
@@ -80,9 +80,9 @@ class VisionZip(TokenReducer):
         )
 
     @classmethod
-    def vision_attention_for(cls, params: ReducerParams) -> VisionAttentionRequest | None:
+    def requirements(cls, params: ReducerParams) -> Requirements:
         p: VisionZip.Params = params  # type: ignore[assignment]
-        return VisionAttentionRequest(p.attention, p.layer, keys=p.similarity == "keys")
+        return Requirements(vision_attention=VisionAttentionRequest(p.attention, p.layer, keys=p.similarity == "keys"))
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
         """Dominant and contextual tokens of every sample at once; see the class docstring.

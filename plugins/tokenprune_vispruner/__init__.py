@@ -20,7 +20,7 @@ from torch import Tensor
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer, VisionAttentionRequest
 from tokenprune.errors import ReducerInputError
-from tokenprune.reducer import VisionAttentionParams
+from tokenprune.reducer import Requirements, VisionAttentionParams
 from tokenprune.similarity import unit_rows
 from tokenprune.validation import check_finite_tokens
 
@@ -65,9 +65,11 @@ class VisPruner(TokenReducer):
         )
 
     @classmethod
-    def vision_attention_for(cls, params: ReducerParams) -> VisionAttentionRequest | None:
+    def requirements(cls, params: ReducerParams) -> Requirements:
         p: VisPruner.Params = params  # type: ignore[assignment]
-        return VisionAttentionRequest(p.attention, p.layer, features=p.similarity == "vision")
+        return Requirements(
+            vision_attention=VisionAttentionRequest(p.attention, p.layer, features=p.similarity == "vision")
+        )
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Select per sample; see the class docstring. ``tokens`` is ``(B, N, D)``."""

@@ -293,31 +293,39 @@ def _reducer_overheads(run: Any, shape: DecoderShape) -> list[tuple[int, str, in
 
 
 def _probe_macs(run: Any, shape: DecoderShape) -> int:
-    """The attention signals' MACs: the probe's QK^T rows at layer k - 1, and each own-layer dry call at k."""
+    """The attention signals' MACs: the probe's QK^T rows at layer k - 1, and each own-layer dry call at k.
+
+    What each stage reads comes from its requirements (``StagePlan.needs``), worked out once at prepare.
+    """
     prefill = run.stats.last_prefill
     if prefill is None:
         return 0
+    ran = {s.stage for s in prefill.stages}
     probed: dict[int, set[str]] = {}
     own: dict[int, set[str]] = {}
-    for i, stage in enumerate(run.pipeline.stages):
-        if stage.point.kind == "layer" and any(s.stage == i for s in prefill.stages):
-            probed.setdefault(int(stage.point.layer) - 1, set()).update(run.reducers[i].attention_sources())
-            if sources := run.reducers[i].own_attention_sources():
-                own.setdefault(int(stage.point.layer), set()).update(sources)
+    first: dict[int, int] = {}  # layer k -> the first stage that ran there (the rows entering layer k)
+    for plan in run.prepared.plans:
+        point = plan.stage.point
+        if point.kind == "layer" and plan.index in ran:
+            k = int(point.layer)
+            first.setdefault(k, plan.index)
+            probed.setdefault(k - 1, set()).update(plan.needs.attention)
+            if plan.needs.own_attention:
+                own.setdefault(k, set()).update(plan.needs.own_attention)
     total = 0
     for layer, sources in probed.items():
         for b, keys in enumerate(prefill.layer_tokens[layer]):
-            rows = _source_rows(prefill, layer + 1, b, keys)
+            rows = _source_rows(prefill, first[layer + 1], b, keys)
             total += sum(attention_probe_macs(shape.q_dims[layer], rows[src], keys) for src in sources)
     for layer, sources in own.items():
         for b, keys in enumerate(prefill.layer_tokens[layer - 1]):  # what enters layer k: layer k - 1's tokens
-            rows = _source_rows(prefill, layer, b, keys)
+            rows = _source_rows(prefill, first[layer], b, keys)
             projected = 1 if sources == {"last"} else keys  # the dry call projects only the queries it needs
             total += own_attention_macs(shape, layer, keys, projected, sum(rows[src] for src in sources))
     return total
 
 
-def _source_rows(prefill: Any, layer: int, b: int, keys: int) -> dict[str, int]:
-    """Query rows per attention source of sample ``b``'s tokens entering ``layer``."""
-    visual = next(s.entering[b] for s in prefill.stages if s.at == f"layer {layer}")
+def _source_rows(prefill: Any, stage: int, b: int, keys: int) -> dict[str, int]:
+    """Query rows per attention source of sample ``b``'s tokens entering ``stage`` (the first at its layer)."""
+    visual = next(s.entering[b] for s in prefill.stages if s.stage == stage)
     return {"last": 1, "text": keys - visual, "visual": visual, "all": keys}

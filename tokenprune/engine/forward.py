@@ -348,7 +348,7 @@ class ForwardHooks:
             kw["position_ids"] = P.from_rows(seq.positions, fmt)
         lm_columns = torch.arange(st.lm_length, device=hidden.device).expand(batch, -1)
         st.current = st.final = st.lm_sequence = replace(seq, lm_column=lm_columns, has_padding_slots=False)
-        if any("input_embeddings" in type(p.reducer).capabilities.signals for p in self._plans):
+        if any("input_embeddings" in p.needs.signals for p in self._plans):
             st.lm_embeds = hidden
         return ((), kw) if changed or residuals is not None else None
 
@@ -399,7 +399,7 @@ class ForwardHooks:
     ) -> StageSignals:
         """The layer-stage inputs ``plan``'s reducer asks for, on the sequence it is about to reduce."""
         dry = None
-        if plan.reducer.own_attention_sources() and self.probe is not None and self._state is not None:
+        if plan.needs.own_attention and self.probe is not None and self._state is not None:
             dry = DryCall(self._layers[k], self._layer_kwargs, self._state, self.adapter, self._compact, self._masks)
         return stage_signals(k, plan, hidden, seq, self.probe, dry, keys, self.adapter.language_model())
 

@@ -18,7 +18,7 @@ from tokenprune.engine.stage import StagePlan
 from tokenprune.errors import PipelineError, PluginError
 from tokenprune.pipeline import Pipeline, Problem, Stage, _format, load_pipeline
 from tokenprune.plugins import PluginManager, get_plugin_manager
-from tokenprune.reducer import BUILTIN_SIGNALS, TokenReducer
+from tokenprune.reducer import TokenReducer
 
 PipelineSource = Pipeline | Mapping[str, Any] | str | os.PathLike[str]
 
@@ -111,7 +111,7 @@ def _channels(plans: tuple[StagePlan, ...], manager: PluginManager) -> tuple[Sig
     for p in plans:
         point = p.stage.point
         latest = int(point.layer) if point.kind == "layer" and point.layer is not None else 0
-        for name in sorted(type(p.reducer).capabilities.signals - BUILTIN_SIGNALS):
+        for name in sorted(p.needs.channels):
             try:
                 channel = manager.signals.get(name)
             except PluginError as exc:

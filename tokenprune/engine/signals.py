@@ -134,7 +134,7 @@ def stage_signals(
         TokenpruneError: a signal the reducer needs could not be computed.
     """
     start = time.perf_counter()
-    wanted = type(plan.reducer).capabilities.signals
+    wanted = plan.needs.signals
     if "keys" in wanted and keys is None:
         raise TokenpruneError(f"the attention probe recorded no keys at layer {k - 1} (needed by stage {plan.index})")
     own = own_attention(k, hidden, seq, probe, dry) if dry is not None and probe is not None else None
@@ -162,7 +162,7 @@ def with_text_signals(
     Raises:
         TokenpruneError: the probe recorded no per-text-row attention, or the input embeddings are missing.
     """
-    wanted = type(plan.reducer).capabilities.signals
+    wanted = plan.needs.signals
     if "text_attention" in wanted and text_attention is None:
         raise TokenpruneError(
             f"the attention probe recorded no per-text-row attention before stage {plan.index}; the layer's "

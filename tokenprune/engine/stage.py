@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -15,7 +15,7 @@ from tokenprune.engine.stats import StageStats
 from tokenprune.engine.vision import VisionSignal
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Stage
-from tokenprune.reducer import BUILTIN_SIGNALS, InputEmbeddings, Merge, ReduceContext, Selection, TokenReducer
+from tokenprune.reducer import InputEmbeddings, Merge, ReduceContext, Requirements, Selection, TokenReducer
 from tokenprune.validation import check_reduction, check_stage_budget
 
 
@@ -28,12 +28,19 @@ class StagePlan:
         stage: The validated stage.
         reducer: Its reducer instance.
         who: How errors name the reducer's plugin (``'fastv' from tokenprune 0.1.0``).
+        needs: What the reducer reads (:meth:`~tokenprune.TokenReducer.needs`), worked out once here;
+            the engine's install plan and the FLOP count read it.
     """
 
     index: int
     stage: Stage
     reducer: TokenReducer
     who: str
+    needs: Requirements = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.needs is None:
+            object.__setattr__(self, "needs", self.reducer.needs())
 
 
 def plans_by_layer(plans: list[StagePlan]) -> dict[int, list[StagePlan]]:
@@ -49,7 +56,7 @@ def own_attention_layers(layer_plans: dict[int, list[StagePlan]]) -> dict[int, f
     """Decoder layer ``k`` -> the own-attention sources the stages at ``layer: k`` read (only where any)."""
     own: dict[int, frozenset[str]] = {}
     for k, plans in layer_plans.items():
-        sources = frozenset().union(*(p.reducer.own_attention_sources() for p in plans))
+        sources = frozenset().union(*(p.needs.own_attention for p in plans))
         if sources:
             own[k] = sources
     return own
@@ -57,17 +64,13 @@ def own_attention_layers(layer_plans: dict[int, list[StagePlan]]) -> dict[int, f
 
 def key_layers(layer_plans: dict[int, list[StagePlan]]) -> frozenset[int]:
     """Decoder layers ``k - 1`` whose keys the stages at ``layer: k`` read."""
-    return frozenset(
-        k - 1 for k, plans in layer_plans.items() if any("keys" in type(p.reducer).capabilities.signals for p in plans)
-    )
+    return frozenset(k - 1 for k, plans in layer_plans.items() if any("keys" in p.needs.signals for p in plans))
 
 
 def text_attention_layers(layer_plans: dict[int, list[StagePlan]]) -> frozenset[int]:
     """Decoder layers ``k - 1`` whose per-text-row attention the stages at ``layer: k`` read."""
     return frozenset(
-        k - 1
-        for k, plans in layer_plans.items()
-        if any("text_attention" in type(p.reducer).capabilities.signals for p in plans)
+        k - 1 for k, plans in layer_plans.items() if any("text_attention" in p.needs.signals for p in plans)
     )
 
 
@@ -102,7 +105,7 @@ def probed_layers(layer_plans: dict[int, list[StagePlan]]) -> dict[int, frozense
     """Decoder layer ``k - 1`` -> the attention-probe sources the stages at ``layer: k`` read (only where any)."""
     probed: dict[int, frozenset[str]] = {}
     for k, plans in layer_plans.items():
-        sources = frozenset().union(*(p.reducer.attention_sources() for p in plans))
+        sources = frozenset().union(*(p.needs.attention for p in plans))
         if sources:
             probed[k - 1] = sources
     return probed
@@ -227,7 +230,7 @@ def stage_context(
     layout = seq.layout.gather(vis_idx) if seq.layout is not None else None
     protected = layout.newline & valid if layout is not None and protect_newlines else torch.zeros_like(valid)
     text = text_valid = text_idx = text_keys = None
-    if type(plan.reducer).capabilities.needs_text:
+    if plan.needs.text:
         text_idx = Selection.from_mask(seq.valid & ~seq.visual).indices
         text_valid = text_idx >= 0
         text = _rows(hidden, text_idx)
@@ -253,7 +256,7 @@ def stage_context(
         columns=vis_idx,
         text_columns=text_idx,
     )
-    wanted = type(plan.reducer).capabilities.signals - BUILTIN_SIGNALS
+    wanted = plan.needs.channels
     if wanted:
         ctx = replace(ctx, signals=channel_signals(plan, seq, wanted, vis_idx))
     if text_idx is not None:

@@ -334,7 +334,7 @@ def vision_probe_for(plans: list[Any], adapter: ModelAdapter) -> VisionProbe | N
         TokenpruneError: the adapter serves no vision attention, a stage asks for ``cls`` on a tower without a
             CLS token, or for a layer the tower does not have.
     """
-    asking = [(p, p.reducer.vision_attention_request()) for p in plans]
+    asking = [(p, p.needs.vision_attention) for p in plans]
     asking = [(p, r) for p, r in asking if r is not None]
     if not asking:
         return None
@@ -388,7 +388,7 @@ def post_projector_vision_signals(
     has_video = video is not None and bool(video.any())
     image = visual & ~video if has_video else visual
     videos = has_video and probe.tower.videos
-    reading = [p for p in plans if p.reducer.vision_attention_request() is not None]
+    reading = [p for p in plans if p.needs.vision_attention is not None]
     for plan in reading:
         if has_video and not videos and getattr(plan.stage, "tokens", "all") in ("all", "video"):
             raise TokenpruneError(
@@ -403,7 +403,7 @@ def post_projector_vision_signals(
         raise TokenpruneError("a stage reads vision-encoder attention, but the model computed no video features")
     counted: set[tuple[int | None, str]] = set()
     for plan in reading:
-        request = plan.reducer.vision_attention_request()
+        request = plan.needs.vision_attention
         parts = [sequence_vision_signal(adapter, call, probe, request, image)] if has_image else []
         if videos:
             parts.append(sequence_vision_signal(adapter, video_call, probe, request, video, video=True))

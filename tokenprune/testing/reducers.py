@@ -388,11 +388,12 @@ def check_nan_input(reducer: TokenReducer, **kwargs: Any) -> None:
 
 
 def _inputs_for(reducer: TokenReducer, **kwargs: Any) -> tuple[Tensor, ReduceContext]:
-    kwargs.setdefault("attention_sources", tuple(reducer.attention_sources()))
-    kwargs.setdefault("own_attention_sources", tuple(reducer.own_attention_sources()))
-    kwargs.setdefault("signals", tuple(reducer.capabilities.signals))
-    kwargs.setdefault("text_tokens", 5 if reducer.capabilities.needs_text else 0)
-    kwargs.setdefault("vision", reducer.vision_attention_request())
+    needs = reducer.needs()  # the one declaration of what the reducer reads
+    kwargs.setdefault("attention_sources", tuple(needs.attention))
+    kwargs.setdefault("own_attention_sources", tuple(needs.own_attention))
+    kwargs.setdefault("signals", tuple(needs.signals))
+    kwargs.setdefault("text_tokens", 5 if needs.text else 0)
+    kwargs.setdefault("vision", needs.vision_attention)
     return make_reduce_inputs(reducer=reducer, **kwargs)
 
 
