@@ -65,7 +65,7 @@ class SignalChannel:
             before the ``post_projector`` stages; ``k``: the hidden states entering layer ``k``, before
             the ``layer: k`` stages). Stages at earlier insertion points cannot read it.
         shape: Its shape per column (``()``: one number per token).
-        description: One line for ``tokenprune plugins``.
+        description: One line saying what it holds.
     """
 
     name: str

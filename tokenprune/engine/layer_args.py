@@ -110,8 +110,11 @@ def layer_args_of(adapter: Any) -> dict[str, LayerArg]:
 
 
 def positional_names(layer: nn.Module) -> tuple[str, ...]:
-    """The names of ``layer.forward``'s positional parameters, the hidden states first."""
-    params = inspect.signature(layer.forward).parameters.values()
+    """The names of ``layer.forward``'s positional parameters, the hidden states first (none if unknown)."""
+    try:
+        params = inspect.signature(layer.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward without a signature: positional arguments pass on as given
+        return ()
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return tuple(p.name for p in params if p.kind in kinds)
 
