@@ -173,3 +173,25 @@ def combine_layouts(images: TokenLayout | None, videos: TokenLayout | None, vide
         f.name: torch.where(video_columns, getattr(videos, f.name), getattr(images, f.name)) for f in fields(images)
     }
     return TokenLayout(**pick)
+
+
+def video_frames(layout: TokenLayout, members: Tensor, b: int) -> list[tuple[int, list[Tensor]]]:
+    """The frames of every video of sample ``b``: for each video, its frames' token indices in frame order.
+
+    Args:
+        layout: The tokens' layout.
+        members: ``(N,)`` bool, the tokens of sample ``b`` to group (a video reducer passes the valid video
+            tokens that are neither newlines nor protected).
+        b: The sample.
+
+    Returns:
+        ``[(video, [frame_0, frame_1, ...]), ...]`` by video number; each ``frame_i`` is a ``(T_i,)`` long
+        tensor of token indices in sequence order. Frames may differ in size (the caller checks).
+    """
+    members = members & layout.video[b]
+    out: list[tuple[int, list[Tensor]]] = []
+    for video in layout.image[b][members].unique().tolist():
+        index = (members & (layout.image[b] == video)).nonzero().squeeze(1)
+        frame = layout.frame[b, index]
+        out.append((int(video), [index[frame == f] for f in frame.unique().tolist()]))
+    return out
