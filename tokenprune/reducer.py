@@ -112,12 +112,15 @@ class VisionAttentionRequest:
         features: Also serve ``ctx.vision_features``, the tower's hidden states output by that layer
             (the pre-projector features where it is the features layer).
         keys: Also serve ``ctx.vision_keys``, that layer's attention keys averaged over heads.
+        also_at: Further tower layers (indices as ``layer``) whose attention of the same kind is served as
+            ``ctx.vision_attention_at[layer]`` (HiPrune reads a middle layer's and the features layer's).
     """
 
     kind: VisionAttentionKind
     layer: int | None = None
     features: bool = False
     keys: bool = False
+    also_at: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,8 @@ class ReduceContext:
             reducer whose request sets ``features`` (VisPruner).
         vision_keys: ``(B, N, hd)`` that layer's attention keys, averaged over heads and like the scores;
             only for a reducer whose request sets ``keys`` (VisionZip).
+        vision_attention_at: Tower layer (as written in the request's ``also_at``) to ``(B, N)`` float32 scores
+            like :attr:`vision_attention`, at that layer; empty unless the request asks.
         step: At a ``decode`` stage, the decoding step after the prefill (``0`` for the first token
             generated after it); ``None`` at the other insertion points. A reducer that keeps state
             from step to step (DyCoke) starts afresh at ``0``.
@@ -321,6 +326,7 @@ class ReduceContext:
     vision_features: Tensor | None = None
     vision_keys: Tensor | None = None
     step: int | None = None
+    vision_attention_at: Mapping[int, Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
