@@ -163,8 +163,8 @@ def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry)
             f"hiprune-{tokens}",
             {"stages": [{"at": "post_projector", "reducer": "hiprune", "keep": tokens}]},
             paper=_PAPER,
-            table=f"the main table's LLaVA-1.5-7B results at {tokens} tokens (the README's HIPRUNE_RETENTION={tokens}, ALPHA=0.1, "
-            "OBJECT_LAYER=9)",
+            table=f"the main table's LLaVA-1.5-7B results at {tokens} tokens (the README's "
+            f"HIPRUNE_RETENTION={tokens}, ALPHA=0.1, OBJECT_LAYER=9)",
             description=f"HiPrune at {tokens} visual tokens (LLaVA-1.5)",
         )
     for tokens in (640, 320, 160):
