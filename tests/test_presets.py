@@ -29,6 +29,7 @@ BUILT_IN = {
     "visionzip-64",
     "dycoke-llava-ov",
     "vidcom2-25",
+    "evs-q75",
     "hiprune-192",
     "hiprune-128",
     "hiprune-64",
