@@ -30,6 +30,8 @@ BUILT_IN = {
     "dycoke-llava-ov",
     "vidcom2-25",
     "evs-q75",
+    "prumerge",
+    "prumerge-plus",
     "hiprune-192",
     "hiprune-128",
     "hiprune-64",
