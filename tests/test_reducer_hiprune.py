@@ -125,21 +125,23 @@ def _run(family: str, specs, keep, params):
 
 
 def test_in_the_engine_the_two_layers_are_the_towers_attention():
-    """Tiny LLaVA-1.5 (2 tower layers, features from layer 0): the object layer 2's and the features layer's mean
+    """Tiny LLaVA-1.5 (2 tower layers, features from the last): the object layer 1's and the features layer's mean
     patch attention, each equal to eager attention, and the official selection on them."""
     from test_vision_attention import _eager_weights, _tower_modules
 
-    tiny, run, ctx = _run("llava", [[(56, 56)]], 6, {"object_layer": 2, "alpha": 0.9})  # round(6 * 0.9 / 5): 1 anchor
+    tiny, run, ctx = _run("llava", [[(56, 56)]], 6, {"object_layer": 1, "alpha": 0.9})  # round(6 * 0.9 / 5): 1 anchor
     _, tower, modules = _tower_modules(tiny.model)
+    assert tower.feature_layer % len(modules) == 1
     weights = _eager_weights(tiny.model, tiny.make_inputs([[(56, 56)]]), modules)
     n = int(ctx.valid[0].sum())
-    for layer, got in ((tower.feature_layer % len(modules), ctx.vision_attention), (1, ctx.vision_attention_at[1])):
+    for layer, got in ((1, ctx.vision_attention), (0, ctx.vision_attention_at[0])):
         expected = weights[layer][0].mean(1)[0, 1:].mean(0)[1:]  # heads, then the patch query rows; CLS key dropped
         torch.testing.assert_close(got[0, :n], expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(ctx.vision_attention, ctx.vision_attention_at[0])
     kept = run.stats.forwards[0].stages[0].leaving
     assert kept == [6]
-    expected_kept = official_hiprune(ctx.vision_attention_at[1][0, :n], ctx.vision_attention[0, :n], 6, 0.9, 4)
-    assert HiPrune({"object_layer": 2, "alpha": 0.9}).reduce(torch.zeros(1, n, 8), ctx).tolist()[0] == expected_kept
+    expected_kept = official_hiprune(ctx.vision_attention_at[0][0, :n], ctx.vision_attention[0, :n], 6, 0.9, 4)
+    assert HiPrune({"object_layer": 1, "alpha": 0.9}).reduce(torch.zeros(1, n, 8), ctx).tolist()[0] == expected_kept
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
@@ -157,3 +159,31 @@ def test_an_object_layer_the_tower_lacks_is_refused():
     with pytest.raises(tp.TokenpruneError, match="vision layer 8 does not exist"):
         with tp.apply(tiny.model, stage), torch.no_grad():
             tiny.model(**tiny.make_inputs([[(56, 56)]]))
+
+
+def test_the_probe_cost_counts_both_layers():
+    """The stage's overhead holds the probe's multiply-accumulates at the object layer and at the features layer:
+    twice FasterVLM's single `mean` layer on the same input (tiny LLaVA's two tower layers are alike)."""
+    tiny = tm.BUILDERS["llava"]()
+    inputs = tiny.make_inputs([[(56, 56)], [(56, 56)]])
+    macs = {}
+    for reducer, params in (("hiprune", {"object_layer": 1}), ("fastervlm", {"attention": "mean"})):
+        stage = pipe(("post_projector", reducer, 6))
+        stage["stages"][0]["params"] = params
+        with tp.apply(tiny.model, stage) as run, torch.no_grad():
+            tiny.model(**inputs)
+        macs[reducer] = run.stats.forwards[0].stages[0].overhead_macs
+    assert macs["fastervlm"] > 0 and macs["hiprune"] == 2 * macs["fastervlm"]
+
+
+def test_an_object_layer_that_is_the_features_layer_is_counted_once():
+    tiny = tm.BUILDERS["llava"]()
+    inputs = tiny.make_inputs([[(56, 56)]])
+    macs = []
+    for object_layer in (1, 2):
+        stage = pipe(("post_projector", "hiprune", 6))
+        stage["stages"][0]["params"] = {"object_layer": object_layer, "layer": 0}
+        with tp.apply(tiny.model, stage) as run, torch.no_grad():
+            tiny.model(**inputs)
+        macs.append(run.stats.forwards[0].stages[0].overhead_macs)
+    assert macs[1] == 2 * macs[0] > 0  # object layer 1 is tower layer 0, the register layer: computed once

@@ -330,9 +330,19 @@ def sequence_vision_signal(
         valid=valid,
         features=mean[..., 2 : 2 + dv].masked_fill(~valid[..., None], 0.0) if request.features else None,
         keys=mean[..., 2 + dv :].masked_fill(~valid[..., None], 0.0) if request.keys else None,
-        macs=rec.macs.get(request.kind, 0) + sum(s.macs for s in also.values()),
+        macs=rec.macs.get(request.kind, 0) + _further_macs(probe, layer, also),
         also={at: s.scores for at, s in also.items()},
     )
+
+
+def _further_macs(probe: VisionProbe, layer: int, also: dict[int, VisionSignal]) -> int:
+    """The probe's cost at a request's further layers, each tower layer counted once (and not the main ``layer``)."""
+    seen, macs = {layer}, 0
+    for at, signal in also.items():
+        index = resolve_layer(probe.tower, at)
+        macs += 0 if index in seen else signal.macs
+        seen.add(index)
+    return macs
 
 
 def vision_probe_for(plans: list[Any], adapter: ModelAdapter) -> VisionProbe | None:
