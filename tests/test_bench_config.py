@@ -25,6 +25,8 @@ def test_default_sweep_is_read_from_the_registry(registry):
     assert {"random", "downsample", "l2norm", "gprune", "tome", "fastv"} <= set(names)
     assert "atp" in registry and "atp" not in names  # trainable: needs weights
     assert "dycoke" in registry and "dycoke" not in names  # video only: would keep every image token
+    assert "vidcom2" in registry and "vidcom2" not in names
+    assert "hiprune" in registry and "hiprune" not in names  # object layer 9: deeper than the bundled tower
     assert "centroid" in registry and "centroid" not in names  # the example package's reducer
     assert all(registry.origin(n).distribution == "tokenprune" for n in names)
     without_random = tp.get_plugin_manager(disabled=["random"]).reducers

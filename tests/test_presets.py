@@ -28,6 +28,19 @@ BUILT_IN = {
     "visionzip-128",
     "visionzip-64",
     "dycoke-llava-ov",
+    "vidcom2-25",
+    "evs-q75",
+    "prumerge",
+    "prumerge-plus",
+    "hiprune-192",
+    "hiprune-128",
+    "hiprune-64",
+    "hiprune-next-640",
+    "hiprune-next-320",
+    "hiprune-next-160",
+    "hiprune-qwen-33",
+    "hiprune-qwen-22",
+    "hiprune-qwen-11",
 }
 
 
@@ -78,6 +91,15 @@ def test_the_presets_reproduce_the_official_settings():
     ttm, dp = tp.load_pipeline({"preset": "dycoke-llava-ov"}, presets=presets).stages
     assert (ttm.point.kind, ttm.reducer, ttm.keep, ttm.tokens) == ("post_projector", "dycoke", 0.3, "video")
     assert (str(dp.point), dp.reducer, dp.keep, dp.tokens) == ("decode layer 3", "dycoke_dp", 0.3, "video")
+    (hiprune,) = tp.load_pipeline({"preset": "hiprune-qwen-33"}, presets=presets).stages
+    assert (hiprune.keep, hiprune.params) == (0.334, {"object_layer": 16})
+    (vidcom2,) = tp.load_pipeline({"preset": "vidcom2-25"}, presets=presets).stages
+    assert (vidcom2.point.kind, vidcom2.reducer, vidcom2.keep, vidcom2.tokens) == (
+        "post_projector",
+        "vidcom2",
+        0.25,
+        "video",
+    )
 
 
 def test_every_built_in_preset_is_documented_with_its_paper_and_table():

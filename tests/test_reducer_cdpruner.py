@@ -124,6 +124,73 @@ def test_the_default_selects_per_crop_of_the_base_view_size():
     assert CDPruner({"split": "view"}).reduce(x, context(20, 10, text, layout=layout)).tolist()[0] != kept
 
 
+def test_crops_follow_the_layouts_crop_where_unpadding_cut_the_top():
+    """A 6x8 grid whose padded 8x8 lost one row at the top: the crops are rows 0-2 / 3-5 (the official crops
+    of the padded grid), not 0-3 / 4-5 as counted from the unpadded corner."""
+    hires = TokenLayout.grid(6, 8, view=1)
+    hires = replace(hires, crop=((hires.row + 1) // 4) * 2 + hires.col // 4)
+    layout = TokenLayout.cat([TokenLayout.grid(4, 4), hires])
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 64, 8, generator=gen)
+    text = torch.randn(1, 3, 8, generator=gen)
+    kept = CDPruner().reduce(x, context(64, 16, text, layout=layout)).tolist()[0]
+    r = reference_relevance(x[0].tolist(), text[0].tolist())
+    crops = [list(range(16))] + [
+        [16 + 8 * row + col for row in rows for col in cols]
+        for rows in ((0, 1, 2), (3, 4, 5))
+        for cols in (range(4), range(4, 8))
+    ]
+    quotas = [4, 3, 3, 3, 3]  # 16 split by size (16, 12, 12, 12, 12), largest remainder
+    expected = []
+    for crop, quota in zip(crops, quotas, strict=True):
+        expected += [crop[p] for p in reference_greedy(x[0, crop].tolist(), [r[i] for i in crop], quota)]
+    assert kept == sorted(expected)
+
+
+@pytest.mark.parametrize(("size", "offset"), [((70, 100), (1, 0)), ((100, 70), (0, 1))])
+def test_llava_next_crops_are_located_with_the_unpadding_offset(size, offset):
+    """Tiny LLaVA-NeXT (4x4-token crops on a 2x2 grid of 8x8 tokens): a 70x100 image loses one padded row at the
+    top (and bottom), a 100x70 one a column at the left; each crop is the official one, shifted by that offset."""
+    import tiny_models as tm
+    from engine_fixtures import pipe
+    from tokenprune_cdpruner import crop_tiles
+
+    import tokenprune as tp
+
+    seen = []
+
+    class Spy(CDPruner):
+        name = "cdpruner_spy"
+
+        def reduce(self, tokens, ctx):
+            seen.append(ctx)
+            return super().reduce(tokens, ctx)
+
+    class SpyPlugin:
+        @tp.hookimpl
+        def tokenprune_register_reducers(self, registry):
+            registry.add(Spy)
+
+    tiny = tm.BUILDERS["llava_next"]()
+    with tp.apply(
+        tiny.model, pipe(("post_projector", "cdpruner_spy", 0.3)), plugins=tp.get_plugin_manager(plugins=[SpyPlugin()])
+    ):
+        with torch.no_grad():
+            tiny.model(**tiny.make_inputs([[size]]))
+    (ctx,) = seen
+    lay = ctx.layout
+    hires = ((lay.view[0] == 1) & ~lay.newline[0] & ctx.valid[0]).nonzero().squeeze(1)
+    rows, cols = int(lay.row[0, hires].max()) + 1, int(lay.col[0, hires].max()) + 1
+    assert (rows, cols) == ((6, 8) if offset[0] else (8, 6))  # unpadded: 8 - 2 * 1
+    tiles = {tuple(sorted(t.tolist())) for t in crop_tiles(hires, ctx, 0)}
+    official = {}
+    for i in hires.tolist():
+        r, c = int(lay.row[0, i]) + offset[0], int(lay.col[0, i]) + offset[1]
+        official.setdefault((r // 4, c // 4), []).append(i)
+    assert tiles == {tuple(sorted(v)) for v in official.values()}
+    assert len(tiles) == 4
+
+
 def test_a_padded_batch_matches_each_sample_alone():
     tokens, ctx = make_reduce_inputs(grids=[(5, 6), (2, 3), (4, 4)], keep=0.3, dim=24, newlines=False, text_tokens=4)
     kept = CDPruner().reduce(tokens, ctx).tolist()

@@ -28,6 +28,11 @@ class TokenLayout:
             temporal patch groups two input frames into one); ``0`` for images. Defaults to zeros.
         video: ``(B, N)`` bool. A video token (``image`` then numbers the videos of the sample).
             Defaults to all ``False``.
+        crop: ``(B, N)`` long. For a token of a stitched high-resolution grid (LLaVA-NeXT's view 1), the
+            anyres crop its patch was cut from, in raster order of the padded crop grid, so crops stay
+            located where unpadding removed rows or columns at the top or left (``row`` and ``col`` count
+            from the unpadded grid's corner); a newline takes its row's crop. ``-1`` where unknown (every
+            other token, and adapters that do not say). Defaults to ``-1``.
 
     Entries at padded positions (see :attr:`tokenprune.ReduceContext.valid`) are meaningless.
     """
@@ -39,12 +44,15 @@ class TokenLayout:
     newline: Tensor
     frame: Tensor = None  # type: ignore[assignment]  # zeros when not given (images)
     video: Tensor = None  # type: ignore[assignment]  # False when not given (images)
+    crop: Tensor = None  # type: ignore[assignment]  # -1 (unknown) when not given
 
     def __post_init__(self) -> None:
         if self.frame is None:
             object.__setattr__(self, "frame", torch.zeros_like(self.image))
         if self.video is None:
             object.__setattr__(self, "video", torch.zeros_like(self.image, dtype=torch.bool))
+        if self.crop is None:
+            object.__setattr__(self, "crop", torch.full_like(self.image, -1))
         shape = self.image.shape
         for f in fields(self):
             value = getattr(self, f.name)
@@ -138,6 +146,7 @@ def sequence_layout(layouts: list[TokenLayout], visual: Tensor) -> TokenLayout:
         "newline": torch.zeros(batch, length, dtype=torch.bool, device=device),
         "frame": torch.zeros(batch, length, dtype=torch.long, device=device),
         "video": torch.zeros(batch, length, dtype=torch.bool, device=device),
+        "crop": torch.full((batch, length), -1, dtype=torch.long, device=device),
     }
     it = iter(layouts)
     for b, count in enumerate(counts):
@@ -173,3 +182,25 @@ def combine_layouts(images: TokenLayout | None, videos: TokenLayout | None, vide
         f.name: torch.where(video_columns, getattr(videos, f.name), getattr(images, f.name)) for f in fields(images)
     }
     return TokenLayout(**pick)
+
+
+def video_frames(layout: TokenLayout, members: Tensor, b: int) -> list[tuple[int, list[Tensor]]]:
+    """The frames of every video of sample ``b``: for each video, its frames' token indices in frame order.
+
+    Args:
+        layout: The tokens' layout.
+        members: ``(N,)`` bool, the tokens of sample ``b`` to group (a video reducer passes the valid video
+            tokens that are neither newlines nor protected).
+        b: The sample.
+
+    Returns:
+        ``[(video, [frame_0, frame_1, ...]), ...]`` by video number; each ``frame_i`` is a ``(T_i,)`` long
+        tensor of token indices in sequence order. Frames may differ in size (the caller checks).
+    """
+    members = members & layout.video[b]
+    out: list[tuple[int, list[Tensor]]] = []
+    for video in layout.image[b][members].unique().tolist():
+        index = (members & (layout.image[b] == video)).nonzero().squeeze(1)
+        frame = layout.frame[b, index]
+        out.append((int(video), [index[frame == f] for f in frame.unique().tolist()]))
+    return out

@@ -113,12 +113,15 @@ class VisionAttentionRequest:
         features: Also serve ``ctx.vision_features``, the tower's hidden states output by that layer
             (the pre-projector features where it is the features layer).
         keys: Also serve ``ctx.vision_keys``, that layer's attention keys averaged over heads.
+        also_at: Further tower layers (indices as ``layer``) whose attention of the same kind is served as
+            ``ctx.vision_attention_at[layer]`` (HiPrune reads a middle layer's and the features layer's).
     """
 
     kind: VisionAttentionKind
     layer: int | None = None
     features: bool = False
     keys: bool = False
+    also_at: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -330,6 +333,8 @@ class ReduceContext:
         signals: Signal-channel name to ``(B, N, *shape)``: the registered channels
             (:mod:`tokenprune.channels`) that ``capabilities.signals`` names, at the visual tokens
             (``0`` at padding); empty otherwise.
+        vision_attention_at: Tower layer (as written in the request's ``also_at``) to ``(B, N)`` float32 scores
+            like :attr:`vision_attention`, at that layer; empty unless the request asks.
         step: At a ``decode`` stage, the decoding step after the prefill (``0`` for the first token
             generated after it); ``None`` at the other insertion points. A reducer that keeps state
             from step to step (DyCoke) starts afresh at ``0``.
@@ -360,6 +365,7 @@ class ReduceContext:
     vision_keys: Tensor | None = None
     step: int | None = None
     signals: Mapping[str, Tensor] = field(default_factory=dict)
+    vision_attention_at: Mapping[int, Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:

@@ -144,13 +144,17 @@ def crop_tiles(members: Tensor, ctx: ReduceContext, b: int) -> list[Tensor]:
     """``members`` (one ``(image, view)`` group of sample ``b``) cut into crops of the base view's size.
 
     The base view (view 0), and any image without one (Qwen2-VL), is one crop. A high-resolution
-    grid is cut at multiples of its image's base-view grid (e.g. 24x24 tokens for LLaVA-NeXT at 336
-    px): the anyres crops the official code selects from, here located on the unpadded grid, so an
-    edge crop may be partly cut away by the unpadding.
+    grid is cut into the anyres crops the official code selects from (e.g. 24x24 tokens for LLaVA-NeXT
+    at 336 px): by the layout's ``crop`` where the adapter gives it (located on the padded grid, so a
+    crop keeps its place when unpadding removed rows or columns at the top or left; an edge crop may
+    be partly cut away), else at multiples of the base-view grid counted from the unpadded grid's corner.
     """
     layout = ctx.layout
     if layout is None or int(layout.view[b, members[0]]) == 0:
         return [members]
+    crop = layout.crop[b, members]
+    if bool((crop >= 0).all()):
+        return [members[crop == c] for c in crop.unique().tolist()]
     n = int(ctx.valid[b].sum())
     image = layout.image[b, :n]
     base = (image == layout.image[b, members[0]]) & (layout.view[b, :n] == 0) & ~layout.newline[b, :n]

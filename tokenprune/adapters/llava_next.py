@@ -76,12 +76,13 @@ class LlavaNextAdapter(ModelAdapter):
         g = cfg.vision_config.image_size // cfg.vision_config.patch_size
         if any(f.shape[0] == 0 for f in feats):
             return super().image_layouts(call)
-        coords = []
+        coords, widths = [], []
         for size, tiles in zip(image_sizes, self._tiles(call, image_sizes), strict=False):
             r = torch.arange(g).repeat_interleave(g)
             c = torch.arange(g).repeat(g)
             per_tile = []
             _, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            widths.append(npw)
             for t in range(tiles):
                 if t == 0:
                     per_tile.append(torch.stack([torch.zeros_like(r), r, c], -1))
@@ -99,6 +100,7 @@ class LlavaNextAdapter(ModelAdapter):
                 return super().image_layouts(call)
             newline = p[:, 0] < 0
             view, row, col = _close_rows(p, newline)
+            crop = _crops(view, row, col, newline, g, widths[i])
             for v in (0, 1):
                 sel = (view == v) & ~newline
                 if sel.any():
@@ -112,9 +114,21 @@ class LlavaNextAdapter(ModelAdapter):
                     row=row[None],
                     col=col[None],
                     newline=newline[None],
+                    crop=crop[None],
                 )
             )
         return layouts
+
+
+def _crops(view: Tensor, row: Tensor, col: Tensor, newline: Tensor, g: int, crops_wide: int) -> Tensor:
+    """The anyres crop of each high-resolution token from its padded-grid ``row`` and ``col`` (before the
+    unpadding offset is taken off): ``(row // g) * crops_wide + col // g``; a newline takes the crop of the
+    token it closes (``_close_rows``); ``-1`` in the base view."""
+    index = torch.arange(row.shape[0], device=row.device)
+    own = torch.where(view == 1, (row // g) * crops_wide + col // g, torch.full_like(row, -1))
+    last = torch.where(newline, torch.full_like(index, -1), index).cummax(0).values
+    closed = torch.where(last >= 0, own[last.clamp(min=0)], torch.full_like(own, -1))
+    return torch.where(newline, closed, own)
 
 
 def _close_rows(coords: Tensor, newline: Tensor) -> tuple[Tensor, Tensor, Tensor]:

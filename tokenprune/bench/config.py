@@ -224,8 +224,9 @@ def default_sweep_reducers(registry: ReducerRegistry) -> list[str]:
     Read from the registry, so a disabled plugin (``TOKENPRUNE_DISABLE_PLUGINS``) drops out and a new
     built-in joins without an edit here; third-party reducers join a comparison by name. Trainable
     reducers (ATP) are left out: they need weights; so are video-only ones (DyCoke), which keep every image
-    token, and a name two plugins register (a collision:
-    ``tokenprune plugins`` marks it).
+    token, reducers whose default params read further fixed vision-tower layers (HiPrune's object layer 9, a
+    paper model's, deeper than the bundled model's tower; add them by name with their params), and a name two
+    plugins register (a collision: ``tokenprune plugins`` marks it).
     """
     usable = [name for name in registry if len(registry.claims(name)) == 1]  # a collision is listed, not run
     return [
@@ -236,7 +237,14 @@ def default_sweep_reducers(registry: ReducerRegistry) -> list[str]:
         and not registry.get(name).capabilities.trainable
         and "image" in registry.get(name).capabilities.media
         and registry.get(name).capabilities.insertion_points != {"decode"}
+        and not _reads_fixed_tower_layers(registry.get(name))
     ]
+
+
+def _reads_fixed_tower_layers(reducer: type[Any]) -> bool:
+    """Whether a reducer's default params ask the vision probe for further fixed tower layers (``also_at``)."""
+    request = reducer.requirements(reducer.Params()).vision_attention
+    return request is not None and bool(request.also_at)
 
 
 def _sweep(sweep: Sweep, plugins: PluginManager | Registries) -> list[tuple[str, Pipeline]]:

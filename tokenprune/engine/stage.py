@@ -296,6 +296,7 @@ def _with_vision(ctx: ReduceContext, vision: VisionSignal, vis_idx: Tensor) -> R
         vision_valid=valid,
         vision_features=None if v.features is None else v.features.masked_fill(~valid[..., None], 0.0),
         vision_keys=None if v.keys is None else v.keys.masked_fill(~valid[..., None], 0.0),
+        vision_attention_at={layer: s.masked_fill(~valid, float("-inf")) for layer, s in v.also.items()},
     )
 
 

@@ -238,6 +238,7 @@ class VisionSignal:
         features: ``(B, L, D)`` the probed layer's output, averaged the same way (if asked).
         keys: ``(B, L, hd)`` the head-averaged keys, averaged the same way (if asked).
         macs: The probe's multiply-accumulates for this signal.
+        also: Per further tower layer of the request (``also_at``), its ``(B, L)`` scores, as ``scores``.
     """
 
     scores: Tensor
@@ -245,6 +246,7 @@ class VisionSignal:
     features: Tensor | None = None
     keys: Tensor | None = None
     macs: int = 0
+    also: dict[int, Tensor] = field(default_factory=dict)
 
     def gather(self, idx: Tensor) -> VisionSignal:
         """The signal at the ``(B, L')`` columns ``idx`` (``-1``: a padding slot) a stage kept."""
@@ -259,6 +261,7 @@ class VisionSignal:
             rows(self.features),
             rows(self.keys),
             self.macs,
+            {layer: s.gather(1, safe).masked_fill(pad, 0.0) for layer, s in self.also.items()},
         )
 
 
@@ -318,13 +321,28 @@ def sequence_vision_signal(
     valid = visual & (cover > 1e-6)
     mean = full / cover.clamp(min=1e-6)[..., None]
     dv = rec.features[0].shape[-1] if request.features else 0
+    also = {
+        at: sequence_vision_signal(adapter, call, probe, VisionAttentionRequest(request.kind, at), visual, video=video)
+        for at in request.also_at
+    }
     return VisionSignal(
         scores=mean[..., 0].masked_fill(~valid, 0.0),
         valid=valid,
         features=mean[..., 2 : 2 + dv].masked_fill(~valid[..., None], 0.0) if request.features else None,
         keys=mean[..., 2 + dv :].masked_fill(~valid[..., None], 0.0) if request.keys else None,
-        macs=rec.macs.get(request.kind, 0),
+        macs=rec.macs.get(request.kind, 0) + _further_macs(probe, layer, also),
+        also={at: s.scores for at, s in also.items()},
     )
+
+
+def _further_macs(probe: VisionProbe, layer: int, also: dict[int, VisionSignal]) -> int:
+    """The probe's cost at a request's further layers, each tower layer counted once (and not the main ``layer``)."""
+    seen, macs = {layer}, 0
+    for at, signal in also.items():
+        index = resolve_layer(probe.tower, at)
+        macs += 0 if index in seen else signal.macs
+        seen.add(index)
+    return macs
 
 
 def vision_probe_for(plans: list[Any], adapter: ModelAdapter) -> VisionProbe | None:
@@ -352,12 +370,14 @@ def vision_probe_for(plans: list[Any], adapter: ModelAdapter) -> VisionProbe | N
                 f"stage {p.index} ({p.stage.reducer}) reads the [CLS] attention of the vision tower, but this model's "
                 f"{tower.name} has no CLS token; use the 'mean' vision attention (attention received by each patch)"
             )
-        try:
-            layer = resolve_layer(tower, r.layer)
-        except TokenpruneError as err:
-            raise TokenpruneError(f"stage {p.index} ({p.stage.reducer}): {err}") from None
-        kinds, keys, features = requests.get(layer, (frozenset(), False, False))
-        requests[layer] = (kinds | {r.kind}, keys or r.keys, features or r.features)
+        for n, at in enumerate((r.layer, *r.also_at)):
+            try:
+                layer = resolve_layer(tower, at)
+            except TokenpruneError as err:
+                raise TokenpruneError(f"stage {p.index} ({p.stage.reducer}): {err}") from None
+            main = n == 0
+            kinds, keys, features = requests.get(layer, (frozenset(), False, False))
+            requests[layer] = (kinds | {r.kind}, keys or (main and r.keys), features or (main and r.features))
     return VisionProbe(tower=tower, requests=requests)
 
 
@@ -401,7 +421,7 @@ def post_projector_vision_signals(
         raise TokenpruneError("a stage reads vision-encoder attention, but the model computed no image features")
     if videos and video_call is None:
         raise TokenpruneError("a stage reads vision-encoder attention, but the model computed no video features")
-    counted: set[tuple[int | None, str]] = set()
+    counted: set[tuple[int | None, tuple[int, ...], str]] = set()
     for plan in reading:
         request = plan.needs.vision_attention
         parts = [sequence_vision_signal(adapter, call, probe, request, image)] if has_image else []
@@ -410,7 +430,7 @@ def post_projector_vision_signals(
         if not parts:  # a video-only batch the adapter gives no vision attention: `tokens: image` stages skip it
             continue
         signal = parts[0] if len(parts) == 1 else _joined(parts[0], parts[1])
-        key = (request.layer, request.kind)
+        key = (request.layer, request.also_at, request.kind)
         out[plan.index] = signal if key not in counted else replace(signal, macs=0)
         counted.add(key)
     return out
@@ -423,5 +443,10 @@ def _joined(a: VisionSignal, b: VisionSignal) -> VisionSignal:
         return None if x is None or y is None else x + y
 
     return VisionSignal(
-        a.scores + b.scores, a.valid | b.valid, add(a.features, b.features), add(a.keys, b.keys), a.macs + b.macs
+        a.scores + b.scores,
+        a.valid | b.valid,
+        add(a.features, b.features),
+        add(a.keys, b.keys),
+        a.macs + b.macs,
+        {layer: a.also[layer] + b.also[layer] for layer in a.also},
     )

@@ -190,12 +190,16 @@ def _vision_signals(
     scores = torch.randn(b, n, generator=gen).masked_fill(~patch, float("-inf")).softmax(-1)
     features = torch.randn(b, n, dim, generator=gen).masked_fill(~patch[..., None], 0.0) if vision.features else None
     keys = torch.randn(b, n, 8, generator=gen).masked_fill(~patch[..., None], 0.0) if vision.keys else None
+    also = {
+        at: torch.randn(b, n, generator=gen).masked_fill(~patch, float("-inf")).softmax(-1) for at in vision.also_at
+    }
     return replace(
         ctx,
         vision_attention=scores.masked_fill(~patch, float("-inf")),
         vision_valid=patch,
         vision_features=features,
         vision_keys=keys,
+        vision_attention_at={at: s.masked_fill(~patch, float("-inf")) for at, s in also.items()},
     )
 
 
@@ -447,6 +451,7 @@ def _slice(tokens: Tensor, ctx: ReduceContext, i: int) -> tuple[Tensor, ReduceCo
         vision_valid=None if ctx.vision_valid is None else cut(ctx.vision_valid),
         vision_features=None if ctx.vision_features is None else cut(ctx.vision_features),
         vision_keys=None if ctx.vision_keys is None else cut(ctx.vision_keys),
+        vision_attention_at={k: cut(v) for k, v in ctx.vision_attention_at.items()},
     )
     return cut(tokens), alone
 
@@ -493,4 +498,5 @@ def _context_to(ctx: ReduceContext, device: torch.device | str) -> ReduceContext
         vision_valid=move(ctx.vision_valid),
         vision_features=move(ctx.vision_features),
         vision_keys=move(ctx.vision_keys),
+        vision_attention_at={k: v.to(device) for k, v in ctx.vision_attention_at.items()},
     )

@@ -1,0 +1,127 @@
+"""The ``evs`` reducer: NVIDIA's Efficient Video Sampling, as vLLM runs it on the projected video tokens.
+
+EVS (Bagrov et al., *Efficient Video Sampling: Pruning Temporally Redundant Tokens for Faster VLM
+Inference*, NVIDIA 2025, https://arxiv.org/abs/2510.14624) removes the patches of a video that do not
+change from one frame to the next. vLLM's implementation (``vllm/multimodal/evs.py``,
+``compute_retention_mask``; also in SGLang and TensorRT-LLM) scores each token of frame ``t >= 1`` by its
+cosine dissimilarity to the token at the same position of frame ``t - 1``, keeps the whole first frame,
+and keeps the most dissimilar tokens of the video up to ``compute_retained_tokens_count``: a count known
+before the model runs. Packaged as a third-party plugin: this module is the entry point ``evs`` of the
+``tokenprune`` group.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import tokenprune
+from tokenprune import Capabilities, ReduceContext, Selection, TokenReducer
+from tokenprune.errors import ReducerInputError
+from tokenprune.layout import TokenLayout, video_frames
+
+FIRST_FRAME = 255.0
+"""The dissimilarity given to the first frame's tokens (vLLM's sentinel; cosine dissimilarities are at most 2)."""
+
+
+class EVS(TokenReducer):
+    """Keep each video's first frame and its tokens that changed most since the frame before.
+
+    Per sample and video, with ``F`` frames of ``T`` tokens (the layout's ``frame``; a Qwen temporal patch
+    is one frame) and features ``x`` (float32):
+
+    * ``dis[0, :] = 255`` and ``dis[t, i] = 1 - cos(x[t, i], x[t - 1, i])`` for ``t >= 1``;
+    * the ``K = max(T, int(keep * F * T))`` tokens of largest ``dis`` are kept (an integer ``keep`` is ``K``
+      before the clamp, at most ``F T``), ties to the lower index, as vLLM's stable descending sort.
+
+    Image tokens, newline tokens and protected tokens are kept. The result is a :class:`Selection` in
+    sequence order; the budget is the count above (:meth:`stage_budget`). Cost: ``O(N D)``.
+    """
+
+    name = "evs"
+    capabilities = Capabilities(insertion_points=frozenset({"post_projector"}), media=frozenset({"video"}))
+
+    def stage_budget(self, keep: float | int, valid: Tensor, protected: Tensor, layout: TokenLayout | None) -> Tensor:
+        """Per sample: every non-video token, plus ``K`` of each video (see the class docstring)."""
+        counts = []
+        for b in range(int(valid.shape[0])):
+            total = int(valid[b].sum())
+            for video, frames in _videos(valid, protected, layout, b):
+                size = _frame_size(frames, b, video)
+                total += retained_count(size, len(frames), keep) - size * len(frames)
+            counts.append(total)
+        return torch.tensor(counts, dtype=torch.long, device=valid.device)
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
+        """Select per sample and video (batch-independent); ``tokens`` is ``(B, N, D)``."""
+        keep = ctx.valid.clone()
+        for b in range(ctx.batch_size):
+            for video, frames in _videos(ctx.valid, ctx.protected, ctx.layout, b):
+                size = _frame_size(frames, b, video)
+                if ctx.keep is None:
+                    raise ReducerInputError("reducer 'evs' needs the stage's keep (ctx.keep) to size each video")
+                index = torch.stack(frames)  # (F, T)
+                x = tokens[b, index].float()
+                if not bool(torch.isfinite(x).all()):
+                    raise ReducerInputError(
+                        f"reducer 'evs': sample {b}, video {video} has NaN or infinite features; check the projected "
+                        "video features"
+                    )
+                keep[b, index] = retention_mask(x, retained_count(size, len(frames), ctx.keep))
+        return Selection.from_mask(keep)
+
+
+def retained_count(tokens_per_frame: int, num_frames: int, keep: float | int) -> int:
+    """Tokens a video keeps: ``max(T, int(keep * F * T))`` (an integer ``keep`` as is, at most ``F * T``).
+
+    vLLM's ``compute_retained_tokens_count(tokens_per_frame, num_frames, q)`` with ``q = 1 - keep``.
+    """
+    total = tokens_per_frame * num_frames
+    base = min(int(keep), total) if isinstance(keep, int) else int(total * float(keep))
+    return max(tokens_per_frame, base)
+
+
+def retention_mask(x: Tensor, target: int) -> Tensor:
+    """``(F, T)`` bool: the ``target`` tokens EVS keeps of one video's float32 features ``x`` (``(F, T, D)``)."""
+    dis = 1 - torch.nn.functional.cosine_similarity(x[1:], x[:-1], dim=-1)
+    dis = torch.cat([torch.full_like(x[:1, :, 0], FIRST_FRAME), dis])
+    order = dis.reshape(-1).argsort(descending=True, stable=True)
+    mask = torch.zeros(dis.numel(), dtype=torch.bool, device=x.device)
+    mask[order[:target]] = True
+    return mask.reshape(dis.shape)
+
+
+def _videos(valid: Tensor, protected: Tensor, layout: TokenLayout | None, b: int) -> list[tuple[int, list[Tensor]]]:
+    """The frames of sample ``b``'s videos (valid video tokens that are neither newlines nor protected)."""
+    if layout is None:
+        return []
+    return video_frames(layout, valid[b] & ~layout.newline[b] & ~protected[b], b)
+
+
+def _frame_size(frames: list[Tensor], b: int, video: int) -> int:
+    """The common token count of a video's frames; frames of different sizes are refused."""
+    sizes = {int(f.numel()) for f in frames}
+    if len(sizes) > 1:
+        raise ReducerInputError(
+            f"reducer 'evs': sample {b}, video {video}: frames hold {sorted(sizes)} tokens; EVS compares each token "
+            "with the one at the same position of the frame before, so every frame must hold as many (run it before "
+            "any other stage reduces the video's tokens)"
+        )
+    return sizes.pop()
+
+
+@tokenprune.hookimpl
+def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
+    registry.add(EVS)
+
+
+@tokenprune.hookimpl
+def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
+    registry.add(
+        "evs-q75",
+        {"stages": [{"at": "post_projector", "tokens": "video", "reducer": "evs", "keep": 0.25}]},
+        paper="EVS (Bagrov et al., NVIDIA 2025), https://arxiv.org/abs/2510.14624",
+        table="the paper's worked setting q = 0.75 ('retains the 25% most dynamic patches'), as vLLM's "
+        "--video-pruning-rate 0.75",
+        description="EVS: 25% of each video's tokens, the first frame whole, then the most changed",
+    )

@@ -1,0 +1,197 @@
+"""The ``hiprune`` reducer: HiPrune's anchor, buffer and register tokens from the vision encoder's attention.
+
+HiPrune (Liu et al., *HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in
+Vision-Language Models*, https://arxiv.org/abs/2508.00553; official code
+https://github.com/Danielement321/HiPrune, ``LLaVA/llava/model/llava_arch.py`` ``encode_images`` and
+``Qwen2_5_VL/qwen2_5_vl_HiPrune.py``) reads the vision tower's attention at two depths: a middle
+("object") layer attends to the objects, the last layers to patches that gather global context. It
+keeps *anchors* (the most attended tokens of the object layer), their four spatial neighbours
+(*buffers*), and fills the rest of the budget with *registers* (the most attended tokens of the features
+layer). No [CLS] token is needed: the attention is the one each patch receives, averaged over heads and
+query rows. It is a selection, so on a per-token projector (LLaVA's MLP) selecting after the projector
+is exactly selecting before it, as the official code does. Packaged as a third-party plugin: this module
+is the entry point ``hiprune`` of the ``tokenprune`` group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+import tokenprune
+from tokenprune import (
+    Capabilities,
+    ReduceContext,
+    ReducerParams,
+    Requirements,
+    Selection,
+    TokenReducer,
+    VisionAttentionRequest,
+)
+from tokenprune.budget import spatial_quotas, split_budget
+from tokenprune.errors import ReducerInputError
+from tokenprune.reducer import VisionAttentionKind, VisionAttentionParams
+
+
+class HiPrune(TokenReducer):
+    """Keep each crop's anchors, their neighbours and the registers, within the crop's share of the budget.
+
+    Per sample, the free budget (the stage's budget less the protected tokens) is split over its spatial
+    groups by size (each ``(image, view)``; each anyres crop of LLaVA-NeXT's grid through the layout's
+    ``crop``). A group of ``n`` tokens on a ``R x W`` grid with quota ``q``, shallow scores ``s`` (the
+    ``object_layer``) and deep scores ``d`` (``layer``, default the features layer), keeps
+
+    1. anchors: the ``round(q * alpha / 5)`` tokens of highest ``s``;
+    2. buffers: each anchor's raster neighbours ``p - 1, p + 1, p - W, p + W`` (clamped to the grid, as the
+       official index arithmetic, so ``p - 1`` of a row's first token is the previous row's last);
+    3. registers: the ``q - |anchors and buffers|`` other tokens of highest ``d``.
+
+    Ties go to the lower index. Protected and newline tokens are kept. The result is a :class:`Selection`
+    of exactly the budget. Cost: sorting only (the probe's attention is counted by the engine).
+    """
+
+    name = "hiprune"
+    capabilities = Capabilities(
+        insertion_points=frozenset({"post_projector"}), vision_attention=frozenset({"mean", "cls"})
+    )
+
+    class Params(VisionAttentionParams):
+        attention: VisionAttentionKind = Field(
+            default="mean",
+            description="Vision attention to rank by: 'mean', the attention each patch receives averaged over heads "
+            "and query rows (the official 'global attention'), or the [CLS] query's row ('cls', towers with CLS).",
+        )
+        object_layer: int = Field(
+            default=9,
+            ge=1,
+            description="The object layer, counted from 1 as the official HIPRUNE_OBJECT_LAYER (9 for LLaVA's "
+            "CLIP ViT-L, 16 for Qwen2.5-VL): its attention picks the anchors.",
+        )
+        alpha: float = Field(
+            default=0.1,
+            gt=0.0,
+            le=1.0,
+            description="Share of the budget for anchors and their buffers (the official HIPRUNE_ALPHA): "
+            "round(budget * alpha / 5) anchors, each with up to four neighbours.",
+        )
+
+    @classmethod
+    def requirements(cls, params: ReducerParams) -> Requirements:
+        p: HiPrune.Params = params  # type: ignore[assignment]
+        return Requirements(
+            vision_attention=VisionAttentionRequest(p.attention, p.layer, also_at=(p.object_layer - 1,))
+        )
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
+        """Select per sample and group (batch-independent); ``tokens`` is ``(B, N, D)`` and not read."""
+        shallow = ctx.vision_attention_at.get(self.params.object_layer - 1)
+        if ctx.vision_attention is None or shallow is None:
+            raise ReducerInputError(
+                f"reducer {self.name!r} needs ctx.vision_attention and ctx.vision_attention_at"
+                f"[{self.params.object_layer - 1}]; run it at post_projector through tokenprune.apply"
+            )
+        keep = torch.zeros_like(ctx.valid)
+        for b in range(ctx.batch_size):
+            always, groups = spatial_quotas(ctx, b)
+            keep[b, always] = True
+            for members, quota in groups:
+                for crop, share in _crops(ctx, b, members, quota):
+                    rows, cols = _grid(ctx, b, crop)
+                    deep = ctx.vision_attention[b, crop]
+                    keep[b, crop[hiprune_pick(shallow[b, crop], deep, rows, cols, share, self.params.alpha)]] = True
+        return Selection.from_mask(keep)
+
+
+def hiprune_pick(shallow: Tensor, deep: Tensor, rows: Tensor, cols: Tensor, quota: int, alpha: float) -> Tensor:
+    """``(n,)`` bool: HiPrune's ``quota`` tokens of one grid's ``n`` tokens at ``rows``/``cols`` (from 0).
+
+    ``shallow``/``deep`` are ``(n,)`` scores (``-inf`` ranks last). See :class:`HiPrune` for the rule.
+    """
+    n = int(shallow.numel())
+    width = int(cols.max()) + 1
+    cells = (int(rows.max()) + 1) * width
+    where = torch.full((cells,), -1, dtype=torch.long, device=shallow.device)
+    raster = rows * width + cols
+    where[raster] = torch.arange(n, device=shallow.device)
+    anchors = _top(shallow.float(), round(quota * alpha / 5))
+    near = torch.cat([raster[anchors] + d for d in (0, -1, 1, -width, width)]).clamp(0, cells - 1)
+    found = where[near]
+    chosen = torch.zeros(n, dtype=torch.bool, device=shallow.device)
+    chosen[found[found >= 0]] = True
+    if int(chosen.sum()) > quota:  # only with a large alpha: the official code would fail (a negative top-k)
+        order = shallow.float().masked_fill(~chosen, float("-inf"))
+        order[anchors] = float("inf")
+        chosen = torch.zeros_like(chosen)
+        chosen[_top(order, quota)] = True
+    rest = quota - int(chosen.sum())
+    chosen[_top(deep.float().masked_fill(chosen, float("-inf")), rest)] = True
+    return chosen
+
+
+def _top(scores: Tensor, k: int) -> Tensor:
+    """The indices of the ``k`` highest ``scores``, ties to the lower index."""
+    return scores.argsort(descending=True, stable=True)[: max(k, 0)]
+
+
+def _crops(ctx: ReduceContext, b: int, members: Tensor, quota: int) -> list[tuple[Tensor, int]]:
+    """A spatial group cut into its anyres crops (the layout's ``crop``) with their shares of ``quota``."""
+    crop = ctx.layout.crop[b, members] if ctx.layout is not None else None
+    if crop is None or not bool((crop >= 0).all()):
+        return [(members, quota)]
+    parts = [members[crop == c] for c in crop.unique().tolist()]
+    shares = split_budget(quota, [int(p.numel()) for p in parts])
+    return [(p, s) for p, s in zip(parts, shares, strict=True) if s]
+
+
+def _grid(ctx: ReduceContext, b: int, members: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows and columns of ``members`` counted from their group's top-left (a square raster without a layout)."""
+    if ctx.layout is None or bool((ctx.layout.row[b, members] < 0).any()):
+        n = int(members.numel())
+        side = math.isqrt(n)
+        width = side if side * side == n else n
+        index = torch.arange(n, device=members.device)
+        return index // width, index % width
+    rows, cols = ctx.layout.row[b, members], ctx.layout.col[b, members]
+    return rows - rows.min(), cols - cols.min()
+
+
+@tokenprune.hookimpl
+def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
+    registry.add(HiPrune)
+
+
+_PAPER = "HiPrune (Liu et al., 2025), https://arxiv.org/abs/2508.00553"
+
+
+@tokenprune.hookimpl
+def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
+    for tokens in (192, 128, 64):
+        registry.add(
+            f"hiprune-{tokens}",
+            {"stages": [{"at": "post_projector", "reducer": "hiprune", "keep": tokens}]},
+            paper=_PAPER,
+            table=f"the main table's LLaVA-1.5-7B results at {tokens} tokens (the README's "
+            f"HIPRUNE_RETENTION={tokens}, ALPHA=0.1, OBJECT_LAYER=9)",
+            description=f"HiPrune at {tokens} visual tokens (LLaVA-1.5)",
+        )
+    for tokens in (640, 320, 160):
+        registry.add(
+            f"hiprune-next-{tokens}",
+            {"stages": [{"at": "post_projector", "reducer": "hiprune", "keep": tokens}]},
+            paper=_PAPER,
+            table=f"LLaVA-NeXT-7B at {tokens} tokens (the README's HIPRUNE_RETENTION={tokens}, ALPHA=0.1, "
+            "OBJECT_LAYER=9; split over the crops by size)",
+            description=f"HiPrune at {tokens} visual tokens (LLaVA-NeXT)",
+        )
+    for ratio in (0.334, 0.223, 0.112):
+        registry.add(
+            f"hiprune-qwen-{round(ratio * 100)}",
+            {"stages": [{"at": "post_projector", "reducer": "hiprune", "keep": ratio, "params": {"object_layer": 16}}]},
+            paper=_PAPER,
+            table=f"Qwen2.5-VL-7B keeping {ratio:.1%} of the tokens (the README's HIPRUNE_QWEN_RETENTION={ratio}, "
+            "ALPHA=0.1, OBJECT_LAYER=16)",
+            description=f"HiPrune keeping {ratio:.1%} of the visual tokens (Qwen2.5-VL)",
+        )
