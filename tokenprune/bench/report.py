@@ -16,7 +16,9 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from tokenprune.bench.budgets import FLOPS_TARGETS, parse_name
 from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key
+from tokenprune.bench.significance import markdown_sections, significance
 from tokenprune.bench.store import ResultsStore
 from tokenprune.cost.measure import Timing
 from tokenprune.pipeline import Pipeline
@@ -47,6 +49,25 @@ def columns(tasks: list[str]) -> list[str]:
     if len(tasks) < 2:
         return list(COLUMNS)
     return COLUMNS + [f"{metric}:{task}" for task in tasks for metric in TASK_METRICS]
+
+
+def _is_metric(column: str) -> bool:
+    return column.split(":")[0] in METRICS
+
+
+def csv_columns(tasks: list[str], baseline: str | None = None) -> list[str]:
+    """``summary.csv``'s columns: :func:`columns` with ``<metric>_lo``, ``<metric>_hi`` after every metric column,
+    the rank range and tier after the rank, and the paired differences (to unpruned, the baseline, random) last."""
+    out = []
+    for column in columns(tasks):
+        out.append(column)
+        if _is_metric(column):
+            out += [f"{column}_lo", f"{column}_hi"]
+        if column == "rank":
+            out += ["rank_range", "tier"]
+    for tag in ("unpruned", "baseline") if baseline else ("unpruned",):
+        out += [f"vs_{tag}", f"vs_{tag}_lo", f"vs_{tag}_hi", f"vs_{tag}_p", f"vs_{tag}_p_holm"]
+    return [*out, "vs_random"]
 
 
 def summarize(
@@ -184,25 +205,40 @@ def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], 
         if t["key"] in keys
     ]
     rows, groups = summarize(records, [n for n, _ in pipelines], tasks, timings)
-    out = config.output
+    stats = significance(
+        records, rows, tasks, REFERENCE, baseline=config.baseline, seed=config.seed, resamples=config.resamples
+    )
+    head = {"config": config.model_dump(mode="json"), "config_hash": config.digest()}
+    write_summary(config.output, head, rows, groups, tasks, stats, report_markdown(config, rows, groups, tasks, stats))
+
+
+def write_summary(
+    out: Path,
+    head: dict[str, Any],
+    rows: list[dict[str, Any]],
+    groups: dict[str, dict[str, dict[str, float]]],
+    tasks: list[str],
+    stats: dict[str, Any],
+    markdown: str,
+) -> dict[str, Any]:
+    """Write ``summary.csv``, ``summary.json`` (``head`` first), ``report.md`` and ``pareto.png``.
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    fields = columns(tasks)
+    fields = csv_columns(tasks, stats.get("baseline"))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows({k: row.get(k) for k in fields} for row in rows)
     _atomic_write(out / "summary.csv", buffer.getvalue())
-    summary = {
-        "config": config.model_dump(mode="json"),
-        "config_hash": config.digest(),
-        "tasks": tasks,
-        "pipelines": rows,
-        "groups": groups,
-    }
+    summary = {**head, "tasks": tasks, "pipelines": rows, "groups": groups, "statistics": stats}
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    _atomic_write(out / "report.md", report_markdown(config, rows, groups, tasks))
+    _atomic_write(out / "report.md", markdown)
     if rows:
-        pareto_plot(rows, out / "pareto.png")
+        pareto_plot(rows, out / "pareto.png", stats)
+    return summary
 
 
 def task_labels(specs: list[dict[str, Any]]) -> list[str]:
@@ -221,31 +257,92 @@ def report_markdown(
     rows: list[dict[str, Any]],
     groups: dict[str, dict[str, dict[str, float]]],
     tasks: list[str] | None = None,
+    stats: dict[str, Any] | None = None,
+    header: list[str] | None = None,
 ) -> str:
-    """The comparison as markdown tables: overall (ranked), then per group for each task."""
+    """The comparison as markdown: the generated findings, the ranked table, per-group tables, seeds, matched budgets.
+
+    ``stats``: :func:`~tokenprune.bench.significance.significance`'s output (intervals in every cell);
+    ``header``: lines that replace the config's description and cost-pass legend (``tokenprune report``).
+    """
     tasks = tasks if tasks is not None else task_labels(config.tasks)
     fields = columns(tasks)
-    lines = [
-        "# tokenprune comparison",
-        "",
-        f"Model `{config.model}` ({config.dtype}, {config.device}), tasks: {', '.join(tasks)}, seed {config.seed}, "
-        f"config hash `{config.digest()}`.",
-        "",
-        *_legend(config, rows, tasks),
-        "",
-        "| " + " | ".join(fields) + " |",
-        "|" + "---|" * len(fields),
-    ]
-    lines += ["| " + " | ".join(_fmt(row.get(c), c) for c in fields) + " |" for row in rows]
+    extra = _stat_columns(stats)
+    intro = (
+        header
+        if header is not None
+        else [
+            f"Model `{config.model}` ({config.dtype}, {config.device}), tasks: {', '.join(tasks)}, seed {config.seed}, "
+            f"config hash `{config.digest()}`.",
+            "",
+            *_legend(config, rows, tasks),
+        ]
+    )
+    lines = ["# tokenprune comparison", ""]
+    if stats is not None:
+        lines += [" ".join(stats["findings"]), ""]
+    lines += [*intro, *(_stats_legend(stats) if stats else []), ""]
+    head = fields[:2] + extra[:2] + fields[2:] + extra[2:]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_cell(row, c) for c in head) + " |" for row in rows]
+    intervals = (stats or {}).get("group_intervals", {})
     for task, per_pipe in groups.items():
         names = sorted({g for per in per_pipe.values() for g in per})
         title = "## Accuracy per group" + (f": {task}" if len(tasks) > 1 else "")
         lines += ["", title, "", "| pipeline | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
         for row in rows:
             per = per_pipe.get(row["pipeline"], {})
-            lines.append(f"| {row['pipeline']} | " + " | ".join(_fmt(per.get(g), "accuracy") for g in names) + " |")
+            ci = intervals.get(task, {}).get(row["pipeline"], {})
+            lines.append(f"| {row['pipeline']} | " + " | ".join(_with_ci(per.get(g), ci.get(g)) for g in names) + " |")
+    if stats is not None:
+        lines += markdown_sections(stats)
     lines += ["", "![accuracy against FLOPs](pareto.png)", ""]
     return "\n".join(lines)
+
+
+def _stat_columns(stats: dict[str, Any] | None) -> list[str]:
+    """``rank range`` and ``tier`` (after the pipeline), then the paired differences (after every other column)."""
+    if stats is None:
+        return []
+    out = ["rank_range", "tier", "vs_unpruned"]
+    if stats.get("baseline"):
+        out.append("vs_baseline")
+    return [*out, "vs_random"]
+
+
+def _stats_legend(stats: dict[str, Any]) -> list[str]:
+    baseline = f" and `vs_baseline` (to `{stats['baseline']}`)" if stats.get("baseline") else ""
+    return [
+        "",
+        f"Intervals: 95%, over the examples: Wilson for a 0/1 rate on one task, else a percentile bootstrap "
+        f"({stats['resamples']} resamples, seed {stats['seed']}, stratified by task). `vs_unpruned`{baseline}: the "
+        f"paired difference in {stats['metric']} (points), its 95% paired-bootstrap interval and p-value (exact "
+        "McNemar for 0/1 on one task, else the paired bootstrap's). `rank_range`: the ranks a pipeline takes in 95% "
+        "of the resamples; `tier`: pipelines the paired test cannot separate from their tier's leader (the best "
+        "left). `vs_random`: against every seed of `random` at the same keep (beats / worse / indistinguishable). "
+        "docs/compare.md explains each statistic.",
+    ]
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    """A table cell: a metric with its interval, a paired difference with interval and p-value, else the value."""
+    if _is_metric(column):
+        lo, hi = row.get(f"{column}_lo"), row.get(f"{column}_hi")
+        return _with_ci(row.get(column), None if lo is None or hi is None else [lo, hi], column)
+    if column in ("vs_unpruned", "vs_baseline"):
+        diff, lo, hi, p = (row.get(f"{column}{s}") for s in ("", "_lo", "_hi", "_p"))
+        if diff is None or lo is None or hi is None or p is None:
+            return "-"
+        return f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] p={p:.2g}"
+    return _fmt(row.get(column), column)
+
+
+def _with_ci(value: float | None, interval: list[float] | None, column: str = "accuracy") -> str:
+    if value is None or interval is None:
+        return _fmt(value, column)
+    if column.split(":")[0] == "kl":
+        return f"{value:.4g} [{interval[0]:.3g}, {interval[1]:.3g}]"
+    return f"{_fmt(value, column)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
 def _legend(config: CompareConfig, rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
@@ -277,34 +374,92 @@ def _legend(config: CompareConfig, rows: list[dict[str, Any]], tasks: list[str])
     return lines
 
 
-def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy (or agreement) against GFLOPs, one line per reducer, the unpruned model as a star."""
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+"""Okabe and Ito's colour-blind safe palette (Color Universal Design, 2002)."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def style(index: int) -> tuple[str, str]:
+    """``(colour, marker)`` of the ``index``-th method: no two of the first 80 share both."""
+    return OKABE_ITO[index % len(OKABE_ITO)], MARKERS[(index + index // len(OKABE_ITO)) % len(MARKERS)]
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: Path, stats: dict[str, Any] | None = None) -> None:
+    """Accuracy (or agreement) against GFLOPs, one line per reducer with 95% error bars, the unpruned model as a star.
+
+    Each reducer has its own colour (Okabe-Ito) and marker, so methods stay apart in grey print and for
+    colour-blind readers; seeds of a stochastic reducer are averaged into one point. Hollow markers on
+    dotted verticals: the matched-budget points (the metric interpolated at 50, 75, 90% FLOPs cut).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = "accuracy" if any(r["accuracy"] is not None for r in rows) else "agreement"
-    families: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if r["pipeline"] != REFERENCE and r[metric] is not None:
-            families[r["pipeline"].rsplit("-", 1)[0]].append(r)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for family, points in sorted(families.items()):
-        points.sort(key=lambda r: r["gflops"])
-        ax.plot([p["gflops"] for p in points], [p[metric] for p in points], marker="o", label=family)
+    seeds = {g["group"]: g for g in (stats or {}).get("seeds", [])}
+    families = _plot_families(rows, metric, seeds)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     ref = next((r for r in rows if r["pipeline"] == REFERENCE), None)
+    matched = ((stats or {}).get("matched_budgets") or {}).get("flops", {})
+    for index, (family, points) in enumerate(sorted(families.items())):
+        colour, marker = style(index)
+        points.sort(key=lambda p: p[0])
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        err = [[max(0.0, p[1] - p[2]) for p in points], [max(0.0, p[3] - p[1]) for p in points]]
+        ax.errorbar(xs, ys, yerr=err, color=colour, marker=marker, capsize=2, lw=1.2, ms=5, label=family)
+        for target, cell in (matched.get(family) or {}).items():
+            if cell is not None and ref is not None:
+                x = ref["gflops"] * (1 - float(target))
+                ax.scatter([x], [cell["value"]], marker=marker, s=50, facecolors="none", edgecolors=colour, zorder=4)
     if ref is not None and ref[metric] is not None:
+        lo, hi = ref.get(f"{metric}_lo"), ref.get(f"{metric}_hi")
+        if lo is not None and hi is not None:
+            ax.errorbar(
+                [ref["gflops"]],
+                [ref[metric]],
+                yerr=[[ref[metric] - lo], [hi - ref[metric]]],
+                color="black",
+                capsize=3,
+                lw=1,
+            )
         ax.scatter([ref["gflops"]], [ref[metric]], marker="*", s=200, color="black", label=REFERENCE, zorder=5)
+        for target in FLOPS_TARGETS if matched else ():
+            ax.axvline(ref["gflops"] * (1 - target), color="grey", ls=":", lw=0.8)
     ax.set_xlabel("language-model prefill GFLOPs per example")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(f"{metric} (95% interval)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _plot_families(
+    rows: list[dict[str, Any]], metric: str, seeds: dict[str, dict[str, Any]]
+) -> dict[str, list[tuple[float, float, float, float]]]:
+    """Per reducer: ``(gflops, value, lo, hi)`` per budget; a seed group's point is its seed average and interval."""
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["pipeline"] == REFERENCE or r[metric] is None:
+            continue
+        parsed = parse_name(r["pipeline"])
+        family, budget = (parsed.family, parsed.budget) if parsed else (r["pipeline"].rsplit("-", 1)[0], r["pipeline"])
+        grouped[family][budget].append(r)
+    out: dict[str, list[tuple[float, float, float, float]]] = {}
+    for family, budgets in grouped.items():
+        out[family] = []
+        for budget, members in budgets.items():
+            value = fmean(m[metric] for m in members)
+            group = seeds.get(f"{family}-{budget}") if len(members) > 1 else None
+            if group is not None:
+                lo, hi = group["lo"], group["hi"]
+            else:
+                lo, hi = _or(members[0].get(f"{metric}_lo"), value), _or(members[0].get(f"{metric}_hi"), value)
+            out[family].append((fmean(m["gflops"] for m in members), value, lo, hi))
+    return out
 
 
 def _mean(records: list[dict[str, Any]], key: str) -> float | None:
