@@ -19,7 +19,7 @@ from tokenprune.bench.runner import compare
 from tokenprune.bench.store import ResultsStore
 
 PIPELINES = [
-    {"sweep": {"reducers": ["random", "l2norm"], "keep": [0.5, 0.1]}},
+    {"sweep": {"reducers": ["random", "l2norm"], "keep": [0.5, 0.1], "seeds": 1}},  # seeds: test_bench_significance
     {
         "name": "two-stage",
         "stages": [

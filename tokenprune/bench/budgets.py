@@ -57,13 +57,13 @@ def parse_name(name: str) -> Parsed | None:
 
 
 def seed_groups(names: list[str]) -> dict[str, list[str]]:
-    """Seed groups with more than one seed: group name (the first seed's) -> its pipelines, in order."""
-    groups: dict[str, list[str]] = defaultdict(list)
+    """Seed groups with more than one seed: group name (the first seed's) -> its pipelines, in seed order."""
+    groups: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for name in names:
         parsed = parse_name(name)
         if parsed is not None:
-            groups[parsed.group].append(name)
-    return {g: members for g, members in groups.items() if len(members) > 1 and g in members}
+            groups[parsed.group].append((parsed.seed or 0, name))
+    return {g: [n for _, n in sorted(m)] for g, m in groups.items() if len(m) > 1 and any(n == g for _, n in m)}
 
 
 def seed_summary(analysis: Analysis, key: str, names: list[str]) -> list[dict[str, Any]]:

@@ -57,14 +57,13 @@ def _is_metric(column: str) -> bool:
 
 def csv_columns(tasks: list[str], baseline: str | None = None) -> list[str]:
     """``summary.csv``'s columns: :func:`columns` with ``<metric>_lo``, ``<metric>_hi`` after every metric column,
-    the rank range and tier after the rank, and the paired differences (to unpruned, the baseline, random) last."""
+    then the rank range, the tier and the paired differences (to unpruned, the baseline, random)."""
     out = []
     for column in columns(tasks):
         out.append(column)
         if _is_metric(column):
             out += [f"{column}_lo", f"{column}_hi"]
-        if column == "rank":
-            out += ["rank_range", "tier"]
+    out += ["rank_range", "tier"]
     for tag in ("unpruned", "baseline") if baseline else ("unpruned",):
         out += [f"vs_{tag}", f"vs_{tag}_lo", f"vs_{tag}_hi", f"vs_{tag}_p", f"vs_{tag}_p_holm"]
     return [*out, "vs_random"]

@@ -32,6 +32,8 @@ from tokenprune.bench.stats import (
 )
 
 METRICS = ("accuracy", "vqa_score", "agreement", "kl")
+RATES = ("accuracy", "vqa_score", "agreement")
+"""Metrics that are a rate when every value is 0 or 1 (Wilson, McNemar); KL is never one."""
 ALPHA = 1 - LEVEL
 
 
@@ -82,7 +84,7 @@ class Analysis:
         row = self.tasks[t].values[metric][i]
         if np.isnan(row).all():
             return (math.nan, math.nan)
-        if is_binary(row):
+        if metric in RATES and is_binary(row):
             present = row[~np.isnan(row)]
             return wilson_interval(int(present.sum()), int(present.size))
         return percentile_interval(self.tasks[t].boot.means(row)[0])
@@ -109,7 +111,7 @@ class Analysis:
         if len(self.tasks) == 1:
             values = self.tasks[0].values[metric]
             both = ~np.isnan(values[i]) & ~np.isnan(values[j])
-            if both.any() and is_binary(values[i]) and is_binary(values[j]):
+            if metric in RATES and both.any() and is_binary(values[i]) and is_binary(values[j]):
                 return mcnemar_exact(values[i][both], values[j][both])
         return bootstrap_p_value(self.samples[metric][i] - self.samples[metric][j])
 
@@ -119,7 +121,7 @@ class Analysis:
         return not math.isnan(p) and p < ALPHA
 
     def _single_binary(self, metric: str, i: int) -> tuple[int, int] | None:
-        if len(self.tasks) != 1:
+        if len(self.tasks) != 1 or metric not in RATES:
             return None
         row = self.tasks[0].values[metric][i]
         present = row[~np.isnan(row)]
