@@ -96,7 +96,7 @@ def summarize(
         by_pipe[r["pipeline"]].append(r)
     labels = tasks if tasks is not None else list(dict.fromkeys(r["task"] for rs in by_pipe.values() for r in rs))
     latest = {(t["pipeline"], t["task"]): t for t in timings}
-    ref_macs = fmean(r["macs"] for r in by_pipe[reference]) if by_pipe.get(reference) else None
+    ref_macs = _mean(by_pipe[reference], "macs") if by_pipe.get(reference) else None
     rows = []
     for name in names:
         rs = by_pipe.get(name, [])
@@ -133,15 +133,15 @@ def _row(
         mine = [r for r in rs if r["task"] == task]
         if mine:
             per_task[task] = {"n": len(mine), **{m: _metric(mine, m, is_reference) for m in METRICS}}
-    macs = fmean(r["macs"] for r in rs)
+    macs, kv = _mean(rs, "macs"), _mean(rs, "kv_bytes")  # None: costs not recorded (an lmms-eval run without them)
     row: dict[str, Any] = {
         "pipeline": name,
         "n": len(rs),
         **{m: _mean_of([t[m] for t in per_task.values()]) for m in METRICS},
-        "gflops": 2 * macs / 1e9,
-        "flops_reduction": None if ref_macs is None else 1 - macs / ref_macs,
-        "visual_tokens": fmean(r["visual_tokens"] for r in rs),
-        "kv_mib": fmean(r["kv_bytes"] for r in rs) / 2**20,
+        "gflops": None if macs is None else 2 * macs / 1e9,
+        "flops_reduction": None if ref_macs is None or macs is None else 1 - macs / ref_macs,
+        "visual_tokens": _mean(rs, "visual_tokens"),
+        "kv_mib": None if kv is None else kv / 2**20,
         **_cost_columns(cost),
         "tasks": per_task,
     }
@@ -182,7 +182,7 @@ def _rank(rows: list[dict[str, Any]]) -> None:
 
     def order(row: dict[str, Any]) -> tuple[float, float, float, float]:
         kl = row["kl"] if row["kl"] is not None else math.inf
-        return (-_or(row[key], -1.0), -_or(row["agreement"], -1.0), kl, row["gflops"])
+        return (-_or(row[key], -1.0), -_or(row["agreement"], -1.0), kl, _or(row["gflops"], math.inf))
 
     rows.sort(key=order)
     for i, row in enumerate(rows, start=1):
@@ -235,7 +235,7 @@ def write_summary(
     summary = {**head, "tasks": tasks, "pipelines": rows, "groups": groups, "statistics": stats}
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     _atomic_write(out / "report.md", markdown)
-    if rows:
+    if any(r["gflops"] is not None for r in rows):
         pareto_plot(rows, out / "pareto.png", stats)
     return summary
 
@@ -295,8 +295,9 @@ def report_markdown(
             lines.append(f"| {row['pipeline']} | " + " | ".join(_with_ci(per.get(g), ci.get(g)) for g in names) + " |")
     if stats is not None:
         lines += markdown_sections(stats)
-    lines += ["", "![accuracy against FLOPs](pareto.png)", ""]
-    return "\n".join(lines)
+    if any(r["gflops"] is not None for r in rows):
+        lines += ["", "![accuracy against FLOPs](pareto.png)"]
+    return "\n".join([*lines, ""])
 
 
 def _stat_columns(stats: dict[str, Any] | None) -> list[str]:
@@ -396,10 +397,11 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, stats: dict[str, Any] | 
     import matplotlib.pyplot as plt
 
     metric = "accuracy" if any(r["accuracy"] is not None for r in rows) else "agreement"
+    reference = (stats or {}).get("reference", REFERENCE)
     seeds = {g["group"]: g for g in (stats or {}).get("seeds", [])}
-    families = _plot_families(rows, metric, seeds)
+    families = _plot_families(rows, metric, seeds, reference)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    ref = next((r for r in rows if r["pipeline"] == REFERENCE), None)
+    ref = next((r for r in rows if r["pipeline"] == reference), None)
     matched = ((stats or {}).get("matched_budgets") or {}).get("flops", {})
     for index, (family, points) in enumerate(sorted(families.items())):
         colour, marker = style(index)
@@ -411,7 +413,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, stats: dict[str, Any] | 
             if cell is not None and ref is not None:
                 x = ref["gflops"] * (1 - float(target))
                 ax.scatter([x], [cell["value"]], marker=marker, s=50, facecolors="none", edgecolors=colour, zorder=4)
-    if ref is not None and ref[metric] is not None:
+    if ref is not None and ref[metric] is not None and ref["gflops"] is not None:
         lo, hi = ref.get(f"{metric}_lo"), ref.get(f"{metric}_hi")
         if lo is not None and hi is not None:
             ax.errorbar(
@@ -422,7 +424,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, stats: dict[str, Any] | 
                 capsize=3,
                 lw=1,
             )
-        ax.scatter([ref["gflops"]], [ref[metric]], marker="*", s=200, color="black", label=REFERENCE, zorder=5)
+        ax.scatter([ref["gflops"]], [ref[metric]], marker="*", s=200, color="black", label=reference, zorder=5)
         for target in FLOPS_TARGETS if matched else ():
             ax.axvline(ref["gflops"] * (1 - target), color="grey", ls=":", lw=0.8)
     ax.set_xlabel("language-model prefill GFLOPs per example")
@@ -437,12 +439,12 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, stats: dict[str, Any] | 
 
 
 def _plot_families(
-    rows: list[dict[str, Any]], metric: str, seeds: dict[str, dict[str, Any]]
+    rows: list[dict[str, Any]], metric: str, seeds: dict[str, dict[str, Any]], reference: str
 ) -> dict[str, list[tuple[float, float, float, float]]]:
     """Per reducer: ``(gflops, value, lo, hi)`` per budget; a seed group's point is its seed average and interval."""
     grouped: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r["pipeline"] == REFERENCE or r[metric] is None:
+        if r["pipeline"] == reference or r[metric] is None or r["gflops"] is None:
             continue
         parsed = parse_name(r["pipeline"])
         family, budget = (parsed.family, parsed.budget) if parsed else (r["pipeline"].rsplit("-", 1)[0], r["pipeline"])

@@ -146,14 +146,16 @@ def collect(
     for r in records:
         by_task[r["task"]][r["pipeline"]][str(r["id"])] = r
     data = []
-    for label in tasks:
+    for position, label in enumerate(tasks):
         per_pipe = by_task.get(label, {})
         ids = sorted({i for name in names for i in per_pipe.get(name, {})})
         if not ids:
             continue
         groups = [_group(per_pipe, names, i) for i in ids]
         values = {m: _matrix(per_pipe, names, ids, m, reference) for m in METRICS}
-        data.append(TaskData(label, ids, groups, values, Bootstrap.draw(len(ids), resamples, seed, label)))
+        # seeded by the task's position, not its label: the same examples resample the same under another name
+        boot = Bootstrap.draw(len(ids), resamples, seed, str(position))
+        data.append(TaskData(label, ids, groups, values, boot))
     samples, points = {}, {}
     for m in METRICS:
         samples[m], points[m] = _over_tasks(data, m, len(names), resamples)
@@ -253,31 +255,28 @@ def annotate(
 def group_intervals(analysis: Analysis, metric: str = "accuracy") -> dict[str, dict[str, dict[str, list[float]]]]:
     """Per task, pipeline and group: the 95% interval of ``metric`` (Wilson for 0/1, else the bootstrap's)."""
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for task in analysis.tasks:
+    for t, task in enumerate(analysis.tasks):
         labels = np.array(task.groups)
         per_pipe: dict[str, dict[str, list[float]]] = {}
         for i, name in enumerate(analysis.names):
             row = task.values[metric][i]
-            per: dict[str, list[float]] = {}
+            per = {}
             for g in sorted(set(task.groups)):
                 values = row[(labels == g) & ~np.isnan(row)]
-                if values.size == 0:
-                    continue
-                if is_binary(values):
-                    per[g] = list(wilson_interval(int(values.sum()), int(values.size)))
-                else:
-                    per[g] = list(
-                        percentile_interval(
-                            Bootstrap.draw(values.size, analysis.resamples, analysis.seed, f"{task.label}/{g}").means(
-                                values
-                            )[0]
-                        )
-                    )
+                if values.size:
+                    per[g] = _group_interval(values, analysis, f"{t}/{g}")
             if per:
                 per_pipe[name] = per
         if per_pipe:
             out[task.label] = per_pipe
     return out
+
+
+def _group_interval(values: np.ndarray, analysis: Analysis, stream: str) -> list[float]:
+    if is_binary(values):
+        return list(wilson_interval(int(values.sum()), int(values.size)))
+    boot = Bootstrap.draw(values.size, analysis.resamples, analysis.seed, stream)
+    return list(percentile_interval(boot.means(values)[0]))
 
 
 def _clean(value: float | None) -> float | None:
