@@ -63,13 +63,13 @@ def test_rows_get_wilson_intervals_and_exact_mcnemar_against_unpruned():
     assert (rows["fam-10%"]["accuracy_lo"], rows["fam-10%"]["accuracy_hi"]) == pytest.approx(wilson_interval(100, N))
     assert rows["unpruned"]["agreement_lo"] == wilson_interval(N, N)[0] and rows["unpruned"]["agreement_hi"] == 1.0
     unpruned = [float(i < 180) for i in range(N)]
-    assert rows["fam-10%"]["vs_unpruned"] == pytest.approx(-0.4)
-    assert rows["fam-10%"]["vs_unpruned_p"] == pytest.approx(
+    assert rows["fam-10%"]["vs_reference"] == pytest.approx(-0.4)
+    assert rows["fam-10%"]["vs_reference_p"] == pytest.approx(
         mcnemar_exact([float(i < 100) for i in range(N)], unpruned)
     )
-    assert rows["fam-10%"]["vs_unpruned_hi"] < 0 < rows["random-50%@seed1"]["vs_unpruned_p"]
-    assert rows["fam-50%"]["vs_unpruned"] == 0 and rows["fam-50%"]["vs_unpruned_p"] == 1.0
-    assert rows["unpruned"]["vs_unpruned"] is None
+    assert rows["fam-10%"]["vs_reference_hi"] < 0 < rows["random-50%@seed1"]["vs_reference_p"]
+    assert rows["fam-50%"]["vs_reference"] == 0 and rows["fam-50%"]["vs_reference_p"] == 1.0
+    assert rows["unpruned"]["vs_reference"] is None
     kl = rows["fam-50%"]  # a score, not 0/1: the bootstrap's interval
     assert kl["kl_lo"] < kl["kl"] < kl["kl_hi"]
     assert rows["unpruned"]["kl_lo"] == rows["unpruned"]["kl_hi"] == 0.0  # KL is no rate: no Wilson interval at 0

@@ -57,14 +57,14 @@ def _is_metric(column: str) -> bool:
 
 def csv_columns(tasks: list[str], baseline: str | None = None) -> list[str]:
     """``summary.csv``'s columns: :func:`columns` with ``<metric>_lo``, ``<metric>_hi`` after every metric column,
-    then the rank range, the tier and the paired differences (to unpruned, the baseline, random)."""
+    then the rank range, the tier and the paired differences (to the reference ``unpruned``, the baseline, random)."""
     out = []
     for column in columns(tasks):
         out.append(column)
         if _is_metric(column):
             out += [f"{column}_lo", f"{column}_hi"]
     out += ["rank_range", "tier"]
-    for tag in ("unpruned", "baseline") if baseline else ("unpruned",):
+    for tag in ("reference", "baseline") if baseline else ("reference",):
         out += [f"vs_{tag}", f"vs_{tag}_lo", f"vs_{tag}_hi", f"vs_{tag}_p", f"vs_{tag}_p_holm"]
     return [*out, "vs_random"]
 
@@ -304,7 +304,7 @@ def _stat_columns(stats: dict[str, Any] | None) -> list[str]:
     """``rank range`` and ``tier`` (after the pipeline), then the paired differences (after every other column)."""
     if stats is None:
         return []
-    out = ["rank_range", "tier", "vs_unpruned"]
+    out = ["rank_range", "tier", "vs_reference"]
     if stats.get("baseline"):
         out.append("vs_baseline")
     return [*out, "vs_random"]
@@ -314,13 +314,13 @@ def _stats_legend(stats: dict[str, Any]) -> list[str]:
     baseline = f" and `vs_baseline` (to `{stats['baseline']}`)" if stats.get("baseline") else ""
     return [
         "",
-        f"Intervals: 95%, over the examples: Wilson for a 0/1 rate on one task, else a percentile bootstrap "
-        f"({stats['resamples']} resamples, seed {stats['seed']}, stratified by task). `vs_unpruned`{baseline}: the "
-        f"paired difference in {stats['metric']} (points), its 95% paired-bootstrap interval and p-value (exact "
-        "McNemar for 0/1 on one task, else the paired bootstrap's). `rank_range`: the ranks a pipeline takes in 95% "
-        "of the resamples; `tier`: pipelines the paired test cannot separate from their tier's leader (the best "
-        "left). `vs_random`: against every seed of `random` at the same keep (beats / worse / indistinguishable). "
-        "docs/compare.md explains each statistic.",
+        "Intervals: 95%, over the examples: Wilson for a 0/1 rate on one task, else a percentile bootstrap "
+        f"({stats['resamples']} resamples, seed {stats['seed']}, stratified by task). "
+        f"`vs_reference` (to `{stats['reference']}`){baseline}: the paired difference in {stats['metric']} "
+        "(points), its 95% paired-bootstrap interval and p-value (exact McNemar for 0/1 on one task, else the "
+        "paired bootstrap's). `rank_range`: the ranks a pipeline takes in 95% of the resamples; `tier`: pipelines "
+        "the paired test cannot separate from their tier's leader (the best left). `vs_random`: against every seed "
+        "of `random` at the same keep (beats / worse / indistinguishable). docs/compare.md explains each statistic.",
     ]
 
 
@@ -329,7 +329,7 @@ def _cell(row: dict[str, Any], column: str) -> str:
     if _is_metric(column):
         lo, hi = row.get(f"{column}_lo"), row.get(f"{column}_hi")
         return _with_ci(row.get(column), None if lo is None or hi is None else [lo, hi], column)
-    if column in ("vs_unpruned", "vs_baseline"):
+    if column in ("vs_reference", "vs_baseline"):
         diff, lo, hi, p = (row.get(f"{column}{s}") for s in ("", "_lo", "_hi", "_p"))
         if diff is None or lo is None or hi is None or p is None:
             return "-"

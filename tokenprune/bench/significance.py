@@ -80,10 +80,10 @@ def findings(
 ) -> list[str]:
     """The generated paragraph: which differences are significant, per budget, and a warning for small samples."""
     lines = []
-    tested = [r for r in rows if r["pipeline"] != reference and r.get("vs_unpruned_p") is not None]
-    worse = [r["pipeline"] for r in tested if significant(r["vs_unpruned_p"]) and r["vs_unpruned"] < 0]
-    better = [r["pipeline"] for r in tested if significant(r["vs_unpruned_p"]) and r["vs_unpruned"] > 0]
-    same = [r["pipeline"] for r in tested if not significant(r["vs_unpruned_p"])]
+    tested = [r for r in rows if r["pipeline"] != reference and r.get("vs_reference_p") is not None]
+    worse = [r["pipeline"] for r in tested if significant(r["vs_reference_p"]) and r["vs_reference"] < 0]
+    better = [r["pipeline"] for r in tested if significant(r["vs_reference_p"]) and r["vs_reference"] > 0]
+    same = [r["pipeline"] for r in tested if not significant(r["vs_reference_p"])]
     lines.append(
         f"Of {len(tested)} pipelines compared with `{reference}` on {key} (paired test, 5% level, not adjusted for "
         f"multiple comparisons), {len(worse)} are significantly worse, {len(better)} significantly better and "
@@ -92,7 +92,7 @@ def findings(
     for budget, members in _by_budget(rows, reference).items():
         names = {r["pipeline"]: r for r in members}
         tie = [
-            n for n, r in names.items() if r.get("vs_unpruned_p") is not None and not significant(r["vs_unpruned_p"])
+            n for n, r in names.items() if r.get("vs_reference_p") is not None and not significant(r["vs_reference_p"])
         ]
         rand = [n for n, r in names.items() if r.get("vs_random") == "indistinguishable"]
         beats = [n for n, r in names.items() if r.get("vs_random") == "beats"]

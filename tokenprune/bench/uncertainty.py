@@ -225,7 +225,7 @@ def annotate(
                 for m in ("accuracy", "agreement"):
                     lo, hi = analysis.task_interval(m, i, t)
                     row[f"{m}:{task.label}_lo"], row[f"{m}:{task.label}_hi"] = _clean(lo), _clean(hi)
-    others = [(reference, "unpruned")] + ([(baseline, "baseline")] if baseline else [])
+    others = [(reference, "reference")] + ([(baseline, "baseline")] if baseline else [])
     for other, tag in others:
         if other not in analysis.names:
             continue
@@ -233,7 +233,7 @@ def annotate(
         diffs = [analysis.difference(key, i, j) if i != j else None for i in order]
         adjusted = holm([d["p"] if d else math.nan for d in diffs])
         for row, d, p_adj in zip(rows, diffs, adjusted, strict=True):
-            row.update({f"vs_{tag}": None, f"vs_{tag}_lo": None, f"vs_{tag}_hi": None, f"vs_{tag}_p": None})
+            row.update({f"vs_{tag}{s}": None for s in ("", "_lo", "_hi", "_p", "_p_holm")})
             if d is not None:
                 row.update(
                     {

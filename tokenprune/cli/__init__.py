@@ -17,6 +17,8 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from tokenprune import __version__
+from tokenprune.cli.report import report as report_command
+from tokenprune.cli.report import summary_table
 from tokenprune.cli.run import run as run_command
 from tokenprune.errors import PluginLoadWarning, TokenpruneError
 from tokenprune.pipeline import load_pipeline, pipeline_json_schema
@@ -68,6 +70,7 @@ app = typer.Typer(
 )
 EXIT_INVALID = 2
 app.command("run")(run_command)
+app.command("report")(report_command)
 app.add_typer(synth_app, name="synth", help="SynthVQA and the bundled mini VLM: generate, train, evaluate.")
 
 
@@ -402,28 +405,7 @@ def _run_comparison(cfg: Any, manager: PluginManager, quiet: bool) -> Any:
 
 def _summary_table(summary: dict[str, Any], outcome: Any) -> Table:
     """The ranked pipelines of a comparison's ``summary.json``, as the command prints them."""
-    table = Table(title=f"tokenprune compare ({outcome.computed} computed, {outcome.reused} reused)")
-    for column in ("rank", "pipeline", "accuracy", "agreement", "GFLOPs", "reduction", "visual tokens", "prefill ms"):
-        table.add_column(column)
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    for row in summary["pipelines"]:
-        table.add_row(
-            str(row["rank"]),
-            row["pipeline"],
-            pct(row["accuracy"]),
-            pct(row["agreement"]),
-            f"{row['gflops']:.4g}",
-            pct(row["flops_reduction"]),
-            f"{row['visual_tokens']:.1f}",
-            _milliseconds(row.get("prefill_ms"), row.get("prefill_ms_spread")),
-        )
-    return table
-
-
-def _milliseconds(median: float | None, spread: float | None) -> str:
-    if median is None:
-        return "not measured"
-    return f"{median:.2f}" if spread is None else f"{median:.2f} (spread {spread:.2f})"
+    return summary_table(summary, f"tokenprune compare ({outcome.computed} computed, {outcome.reused} reused)")
 
 
 @app.command()
