@@ -86,6 +86,13 @@ def test_compare_writes_results_and_reports(tiny_model_dir, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["pipelines"]
     assert all(r["prefill_ms"] > 0 and r["prefill_ms_spread"] >= 0 and r["peak_memory_mib"] > 0 for r in summary)
     assert "interquartile range" in report and "CPU allocator" in report
+    # every row has its intervals and its paired test; compare returns what it wrote
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written == json.loads(json.dumps(outcome.summary, default=str))
+    for r in summary:
+        assert r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"] and r["kl_lo"] <= r["kl"] <= r["kl_hi"]
+        assert r["pipeline"] == "unpruned" or 0 <= r["vs_reference_p"] <= 1
+    assert written["statistics"]["resamples"] == 2000 and report.startswith("# tokenprune comparison\n\nOf 5 pipelines")
     # kept-token heatmaps: the first 3 examples of every pruning pipeline, none for the unpruned model
     maps = sorted(p.relative_to(tmp_path / "run" / "heatmaps") for p in (tmp_path / "run" / "heatmaps").rglob("*.png"))
     assert len(maps) == 5 * 3 and not any(p.parts[0] == "unpruned" for p in maps)

@@ -79,7 +79,7 @@ def test_the_report_of_three_runs(tmp_path):
     assert rows["fam-10%"]["vs_reference_p"] == pytest.approx(mcnemar_exact([float(i < 20) for i in range(N)], ref))
     # "Red." normalises as "red" (docs 0-19 agree), docs 20-35 differ, "blue" on both after 36
     assert rows["fam-10%"]["agreement"] == pytest.approx((N - 16) / N)
-    assert summary["statistics"]["matched_budgets"]["flops"]["fam"][0.75]["value"] == pytest.approx(
+    assert summary["statistics"]["matched_budgets"]["flops"]["fam"]["75%"]["value"] == pytest.approx(
         0.875 * 0.375 + 0.5 * 0.625
     )
     assert "Warning: a task has only 40 examples" in " ".join(summary["statistics"]["findings"])

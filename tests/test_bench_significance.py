@@ -102,14 +102,14 @@ def test_matched_budgets_interpolate_between_a_reducers_budgets():
     _, _, stats, _ = _analyse()
     budgets = stats["matched_budgets"]
     fam = budgets["flops"]["fam"]
-    assert fam[0.5]["value"] == pytest.approx(0.9) and fam[0.9]["value"] == pytest.approx(0.5)
-    assert fam[0.75]["value"] == pytest.approx(0.9 * 0.375 + 0.5 * 0.625)  # 75% lies 5/8 of the way from 50 to 90
-    assert fam[0.75]["lo"] < fam[0.75]["value"] < fam[0.75]["hi"] and fam[0.75]["p"] < 0.05
-    assert budgets["tokens"]["fam"][0.25]["value"] == pytest.approx(0.5 * 0.625 + 0.9 * 0.375)
+    assert fam["50%"]["value"] == pytest.approx(0.9) and fam["90%"]["value"] == pytest.approx(0.5)
+    assert fam["75%"]["value"] == pytest.approx(0.9 * 0.375 + 0.5 * 0.625)  # 75% lies 5/8 of the way from 50 to 90
+    assert fam["75%"]["lo"] < fam["75%"]["value"] < fam["75%"]["hi"] and fam["75%"]["p"] < 0.05
+    assert budgets["tokens"]["fam"]["25%"]["value"] == pytest.approx(0.5 * 0.625 + 0.9 * 0.375)
     assert budgets["auc_range"] == pytest.approx(0.9)
     assert budgets["auc"]["fam"]["value"] == pytest.approx((0.5 * 0.9 + 0.4 * 0.7) / 0.9)
     seeds = np.mean([170, 175, 172]) / N
-    assert budgets["flops"]["random"][0.5]["value"] == pytest.approx(seeds)  # seeds averaged
+    assert budgets["flops"]["random"]["50%"]["value"] == pytest.approx(seeds)  # seeds averaged
 
 
 def test_the_statistics_are_reproducible_under_their_seed():
@@ -117,7 +117,7 @@ def test_the_statistics_are_reproducible_under_their_seed():
     _, _, again, b = _analyse(seed=3)
     _, _, other, _ = _analyse(seed=4)
     assert json.dumps(first, default=str) == json.dumps(again, default=str) and a == b
-    assert first["matched_budgets"]["flops"]["fam"][0.75] != other["matched_budgets"]["flops"]["fam"][0.75]
+    assert first["matched_budgets"]["flops"]["fam"]["75%"] != other["matched_budgets"]["flops"]["fam"]["75%"]
 
 
 def test_the_report_says_what_is_significant_and_warns_on_small_samples(tmp_path):

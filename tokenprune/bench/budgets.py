@@ -34,6 +34,11 @@ TOKEN_TARGETS = (0.5, 0.25, 0.1)
 RANDOM = "random"
 
 
+def label(target: float) -> str:
+    """A target's key in the matched-budget tables (``0.75`` -> ``"75%"``), the same in memory and in JSON."""
+    return f"{round(100 * target)}%"
+
+
 @dataclass(frozen=True)
 class Parsed:
     """A sweep pipeline's name, read back: ``family`` (the reducer), ``budget`` (``"50%"``), ``seed``."""
@@ -120,7 +125,7 @@ def versus_random(analysis: Analysis, key: str, names: list[str]) -> dict[str, s
 def matched_budgets(analysis: Analysis, key: str, rows: list[dict[str, Any]], reference: str) -> dict[str, Any]:
     """Per family (seed groups averaged): ``key`` at equal FLOPs cut and equal visual tokens kept, and the AUC.
 
-    Returns ``{"flops": {family: {target: cell}}, "tokens": {...}, "auc": {family: cell}, "auc_range": R}``,
+    Returns ``{"flops": {family: {"75%": cell, ...}}, "tokens": {...}, "auc": {family: cell}, "auc_range": R}``,
     a cell: ``{"value", "lo", "hi", "p"}`` (``p``: the paired test against unpruned; ``None`` where the
     family's budgets do not reach the target: no extrapolation).
     """
@@ -136,8 +141,8 @@ def matched_budgets(analysis: Analysis, key: str, rows: list[dict[str, Any]], re
     for family, points in families.items():
         cut = [(0.0, *anchor)] + [(p["cut"], p["point"], p["samples"]) for p in points]
         kept = [(1.0, *anchor)] + [(p["kept"], p["point"], p["samples"]) for p in points]
-        out["flops"][family] = {t: _cell(_interpolate(cut, t), ref_samples) for t in FLOPS_TARGETS}
-        out["tokens"][family] = {t: _cell(_interpolate(kept, t), ref_samples) for t in TOKEN_TARGETS}
+        out["flops"][family] = {label(t): _cell(_interpolate(cut, t), ref_samples) for t in FLOPS_TARGETS}
+        out["tokens"][family] = {label(t): _cell(_interpolate(kept, t), ref_samples) for t in TOKEN_TARGETS}
     reach = [max(p["cut"] for p in points) for points in families.values()]
     if reach:
         limit = min(reach)
@@ -222,6 +227,7 @@ __all__ = [
     "FLOPS_TARGETS",
     "TOKEN_TARGETS",
     "Parsed",
+    "label",
     "matched_budgets",
     "parse_name",
     "seed_groups",

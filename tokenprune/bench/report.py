@@ -189,8 +189,8 @@ def _rank(rows: list[dict[str, Any]]) -> None:
         row["rank"] = i
 
 
-def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], store: ResultsStore) -> None:
-    """Write the summary files of the current config's results into ``config.output``."""
+def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], store: ResultsStore) -> dict[str, Any]:
+    """Write the summary files of the current config's results into ``config.output``; return the summary."""
     tasks = task_labels(config.tasks)
     keys = {
         pipeline_key(name, pipe, config, spec): (name, label)
@@ -208,7 +208,8 @@ def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], 
         records, rows, tasks, REFERENCE, baseline=config.baseline, seed=config.seed, resamples=config.resamples
     )
     head = {"config": config.model_dump(mode="json"), "config_hash": config.digest()}
-    write_summary(config.output, head, rows, groups, tasks, stats, report_markdown(config, rows, groups, tasks, stats))
+    markdown = report_markdown(config, rows, groups, tasks, stats)
+    return write_summary(config.output, head, rows, groups, tasks, stats, markdown)
 
 
 def write_summary(
@@ -411,7 +412,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, stats: dict[str, Any] | 
         ax.errorbar(xs, ys, yerr=err, color=colour, marker=marker, capsize=2, lw=1.2, ms=5, label=family)
         for target, cell in (matched.get(family) or {}).items():
             if cell is not None and ref is not None:
-                x = ref["gflops"] * (1 - float(target))
+                x = ref["gflops"] * (1 - float(target.rstrip("%")) / 100)
                 ax.scatter([x], [cell["value"]], marker=marker, s=50, facecolors="none", edgecolors=colour, zorder=4)
     if ref is not None and ref[metric] is not None and ref["gflops"] is not None:
         lo, hi = ref.get(f"{metric}_lo"), ref.get(f"{metric}_hi")

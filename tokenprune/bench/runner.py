@@ -51,6 +51,8 @@ class RunOutcome:
     folder: Path
     computed: int
     reused: int
+    summary: dict[str, Any] | None = None
+    """What ``summary.json`` holds (rank 0; ``None`` on the other ranks)."""
 
 
 def compare(
@@ -102,11 +104,12 @@ def compare(
         if dist.rank == 0:
             _cost_pass(run, task, task_spec, examples)
         dist.barrier()
+    summary = None
     if dist.rank == 0:
         from tokenprune.bench.report import write_reports
 
-        write_reports(config, run.pipelines, store)
-    return RunOutcome(config.output, dist.sum(computed), dist.sum(reused))
+        summary = write_reports(config, run.pipelines, store)
+    return RunOutcome(config.output, dist.sum(computed), dist.sum(reused), summary)
 
 
 @dataclass

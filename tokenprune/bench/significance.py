@@ -16,6 +16,7 @@ from typing import Any
 from tokenprune.bench.budgets import (
     FLOPS_TARGETS,
     TOKEN_TARGETS,
+    label,
     matched_budgets,
     parse_name,
     seed_groups,
@@ -174,8 +175,8 @@ def _budget_table(budgets: dict[str, Any], metric: str) -> list[str]:
         "|" + "---|" * (len(heads) + 2),
     ]
     for family in budgets["flops"]:
-        cells = [budgets["flops"][family][t] for t in FLOPS_TARGETS] + [
-            budgets["tokens"][family][t] for t in TOKEN_TARGETS
+        cells = [budgets["flops"][family][label(t)] for t in FLOPS_TARGETS] + [
+            budgets["tokens"][family][label(t)] for t in TOKEN_TARGETS
         ]
         cells.append(budgets["auc"].get(family))
         lines.append(f"| {family} | " + " | ".join(_cell(c) for c in cells) + " |")

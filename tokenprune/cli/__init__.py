@@ -376,8 +376,7 @@ def compare(
         _fail(str(exc))
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    summary = json.loads((outcome.folder / "summary.json").read_text(encoding="utf-8"))
-    Console(width=max(120, Console().width)).print(_summary_table(summary, outcome))
+    Console(width=max(120, Console().width)).print(_summary_table(outcome.summary, outcome))
     typer.echo(f"report: {outcome.folder / 'report.md'}")
 
 
