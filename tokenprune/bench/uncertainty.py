@@ -148,7 +148,7 @@ def collect(
     data = []
     for position, label in enumerate(tasks):
         per_pipe = by_task.get(label, {})
-        ids = sorted({i for name in names for i in per_pipe.get(name, {})})
+        ids = sorted({i for name in names for i in per_pipe.get(name, {})}, key=_natural)
         if not ids:
             continue
         groups = [_group(per_pipe, names, i) for i in ids]
@@ -160,6 +160,15 @@ def collect(
     for m in METRICS:
         samples[m], points[m] = _over_tasks(data, m, len(names), resamples)
     return Analysis(names, data, samples, points, resamples, seed)
+
+
+def _natural(example: str) -> tuple[int, int, str]:
+    """Sort key of an example id: numbers by value (lmms-eval's ``doc_id`` 2 before 10), then other ids as text.
+
+    The resampling weights follow this order, so two runs over the same examples (a comparison and
+    the lmms-eval runs of the same documents, in the same order) resample the same examples.
+    """
+    return (0, int(example), "") if example.isdigit() else (1, 0, example)
 
 
 def _group(per_pipe: dict[str, dict[str, dict[str, Any]]], names: list[str], example: str) -> str:
