@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from tokenprune.bench.config import CompareConfig
-from tokenprune.bench.report import csv_columns, report_markdown, style, summarize, write_summary
+from tokenprune.bench.pareto import style
+from tokenprune.bench.report import csv_columns, report_markdown, summarize, write_summary
 from tokenprune.bench.significance import significance
 from tokenprune.bench.stats import mcnemar_exact, wilson_interval
 

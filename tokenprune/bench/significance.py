@@ -19,7 +19,6 @@ from tokenprune.bench.budgets import (
     label,
     matched_budgets,
     parse_name,
-    seed_groups,
     seed_summary,
     significant,
     versus_random,
@@ -194,4 +193,4 @@ def _pct(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
 
 
-__all__ = ["findings", "markdown_sections", "ranking_metric", "seed_groups", "significance"]
+__all__ = ["findings", "markdown_sections", "ranking_metric", "significance"]
