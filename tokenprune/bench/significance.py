@@ -85,7 +85,7 @@ def findings(
     better = [r["pipeline"] for r in tested if significant(r["vs_reference_p"]) and r["vs_reference"] > 0]
     same = [r["pipeline"] for r in tested if not significant(r["vs_reference_p"])]
     lines.append(
-        f"Of {len(tested)} pipelines compared with `{reference}` on {key} (paired test, 5% level, not adjusted for "
+        f"Of {len(tested)} pipeline{'' if len(tested) == 1 else 's'} compared with `{reference}` on {key} (paired test, 5% level, not adjusted for "
         f"multiple comparisons), {len(worse)} are significantly worse, {len(better)} significantly better and "
         f"{len(same)} indistinguishable from it."
     )
