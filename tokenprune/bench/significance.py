@@ -84,10 +84,11 @@ def findings(
     worse = [r["pipeline"] for r in tested if significant(r["vs_reference_p"]) and r["vs_reference"] < 0]
     better = [r["pipeline"] for r in tested if significant(r["vs_reference_p"]) and r["vs_reference"] > 0]
     same = [r["pipeline"] for r in tested if not significant(r["vs_reference_p"])]
+    plural = "" if len(tested) == 1 else "s"
     lines.append(
-        f"Of {len(tested)} pipeline{'' if len(tested) == 1 else 's'} compared with `{reference}` on {key} (paired test, 5% level, not adjusted for "
-        f"multiple comparisons), {len(worse)} are significantly worse, {len(better)} significantly better and "
-        f"{len(same)} indistinguishable from it."
+        f"Of {len(tested)} pipeline{plural} compared with `{reference}` on {key} (paired test, 5% level, not "
+        f"adjusted for multiple comparisons), {len(worse)} are significantly worse, {len(better)} significantly "
+        f"better and {len(same)} indistinguishable from it."
     )
     for budget, members in _by_budget(rows, reference).items():
         names = {r["pipeline"]: r for r in members}
