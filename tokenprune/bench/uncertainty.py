@@ -225,40 +225,40 @@ def annotate(
     ``key``: the ranking metric (accuracy, or agreement without labels); rows are in rank order.
     """
     order = [analysis.index(r["pipeline"]) for r in rows]
-    for row, i in zip(rows, order, strict=True):
-        for m in METRICS:
-            lo, hi = analysis.interval(m, i) if row.get(m) is not None else (None, None)
-            row[f"{m}_lo"], row[f"{m}_hi"] = _clean(lo), _clean(hi)
-        for t, task in enumerate(analysis.tasks):
-            if len(tasks) > 1:
-                for m in ("accuracy", "agreement"):
-                    lo, hi = analysis.task_interval(m, i, t)
-                    row[f"{m}:{task.label}_lo"], row[f"{m}:{task.label}_hi"] = _clean(lo), _clean(hi)
-    others = [(reference, "reference")] + ([(baseline, "baseline")] if baseline else [])
-    for other, tag in others:
-        if other not in analysis.names:
-            continue
-        j = analysis.index(other)
-        diffs = [analysis.difference(key, i, j) if i != j else None for i in order]
-        adjusted = holm([d["p"] if d else math.nan for d in diffs])
-        for row, d, p_adj in zip(rows, diffs, adjusted, strict=True):
-            row.update({f"vs_{tag}{s}": None for s in ("", "_lo", "_hi", "_p", "_p_holm")})
-            if d is not None:
-                row.update(
-                    {
-                        f"vs_{tag}": d["diff"],
-                        f"vs_{tag}_lo": _clean(d["lo"]),
-                        f"vs_{tag}_hi": _clean(d["hi"]),
-                        f"vs_{tag}_p": _clean(d["p"]),
-                        f"vs_{tag}_p_holm": _clean(p_adj),
-                    }
-                )
+    _intervals(rows, analysis, order, several_tasks=len(tasks) > 1)
+    for other, tag in [(reference, "reference")] + ([(baseline, "baseline")] if baseline else []):
+        if other in analysis.names:
+            _paired(rows, analysis, order, key, analysis.index(other), tag)
     ranges = rank_ranges(analysis.samples[key][order], higher_is_better=True)
     distinct = np.array([[analysis.distinct(key, a, b) if a != b else False for b in order] for a in order])
     tier = tiers(list(range(len(order))), distinct)
     for row, (lo, hi), t in zip(rows, ranges, tier, strict=True):
         row["rank_range"] = f"{lo}-{hi}" if lo != hi else str(lo)
         row["tier"] = t
+
+
+def _intervals(rows: list[dict[str, Any]], analysis: Analysis, order: list[int], several_tasks: bool) -> None:
+    """``<metric>_lo`` / ``_hi`` for every metric, and per task (``accuracy:<task>_lo``) when there are several."""
+    for row, i in zip(rows, order, strict=True):
+        for m in METRICS:
+            lo, hi = analysis.interval(m, i) if row.get(m) is not None else (None, None)
+            row[f"{m}_lo"], row[f"{m}_hi"] = _clean(lo), _clean(hi)
+        if several_tasks:
+            for t, task in enumerate(analysis.tasks):
+                for m in ("accuracy", "agreement"):
+                    lo, hi = analysis.task_interval(m, i, t)
+                    row[f"{m}:{task.label}_lo"], row[f"{m}:{task.label}_hi"] = _clean(lo), _clean(hi)
+
+
+def _paired(rows: list[dict[str, Any]], analysis: Analysis, order: list[int], key: str, j: int, tag: str) -> None:
+    """``vs_<tag>``, its interval, p-value and Holm-adjusted p-value against pipeline ``j`` (``None`` for ``j``)."""
+    diffs = [analysis.difference(key, i, j) if i != j else None for i in order]
+    adjusted = holm([d["p"] if d else math.nan for d in diffs])
+    for row, d, p_adj in zip(rows, diffs, adjusted, strict=True):
+        row.update({f"vs_{tag}{s}": None for s in ("", "_lo", "_hi", "_p", "_p_holm")})
+        if d is not None:
+            values = (d["diff"], _clean(d["lo"]), _clean(d["hi"]), _clean(d["p"]), _clean(p_adj))
+            row.update(dict(zip((f"vs_{tag}{s}" for s in ("", "_lo", "_hi", "_p", "_p_holm")), values, strict=True)))
 
 
 def group_intervals(analysis: Analysis, metric: str = "accuracy") -> dict[str, dict[str, dict[str, list[float]]]]:
