@@ -17,6 +17,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from tokenprune import __version__
+from tokenprune.cli.report import WIDTH as REPORT_WIDTH
 from tokenprune.cli.report import report as report_command
 from tokenprune.cli.report import summary_table
 from tokenprune.cli.run import run as run_command
@@ -376,7 +377,7 @@ def compare(
         _fail(str(exc))
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    Console(width=max(120, Console().width)).print(_summary_table(outcome.summary, outcome))
+    Console(width=max(REPORT_WIDTH, Console().width)).print(_summary_table(outcome.summary, outcome))
     typer.echo(f"report: {outcome.folder / 'report.md'}")
 
 

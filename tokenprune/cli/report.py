@@ -19,6 +19,9 @@ from rich.table import Table
 
 from tokenprune.errors import TokenpruneError
 
+WIDTH = 150
+"""The least width the summary table is printed at (a log file or a pipe reports 80 columns)."""
+
 
 def report(
     runs: Annotated[list[str], typer.Argument(help="lmms-eval --output_path folders, each FOLDER or NAME=FOLDER.")],
@@ -45,7 +48,7 @@ def report(
     except (TokenpruneError, FileNotFoundError) as exc:
         Console(stderr=True, highlight=False, soft_wrap=True).print(str(exc), markup=False)
         raise typer.Exit(2) from None
-    Console(width=max(120, Console().width)).print(summary_table(summary, f"tokenprune report ({len(runs)} runs)"))
+    Console(width=max(WIDTH, Console().width)).print(summary_table(summary, f"tokenprune report ({len(runs)} runs)"))
     typer.echo(f"report: {output / 'report.md'}")
 
 
@@ -122,7 +125,7 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
         "prefill ms",
     )
     for column in heads:
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("pipeline", "accuracy [95%]", "vs ref (p)"))
     for row in summary["pipelines"]:
         table.add_row(
             str(row["rank"]),
@@ -147,7 +150,7 @@ def _with_interval(row: dict[str, Any], metric: str) -> str:
     lo, hi = row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
     if row.get(metric) is None or lo is None or hi is None:
         return _pct(row.get(metric))
-    return f"{_pct(row[metric])} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return f"{_pct(row[metric])} [{100 * lo:.1f}-{100 * hi:.1f}]"
 
 
 def _difference(row: dict[str, Any]) -> str:
