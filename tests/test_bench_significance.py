@@ -153,3 +153,37 @@ def test_every_method_gets_its_own_colour_and_marker_pair():
     pairs = [style(i) for i in range(80)]
     assert len(set(pairs)) == 80
     assert all(style(i)[1] != style(i + 1)[1] for i in range(79))  # neighbours differ in marker too
+
+
+def test_several_tasks_resample_each_task_and_test_with_the_paired_bootstrap():
+    from tokenprune.bench.stats import bootstrap_p_value
+    from tokenprune.bench.uncertainty import collect
+
+    records = []
+    for task, n, right in (("a", 60, {"unpruned": 54, "x": 40}), ("b", 20, {"unpruned": 18, "x": 17})):
+        for name, k in right.items():
+            records += [
+                {
+                    "pipeline": name,
+                    "task": task,
+                    "id": str(i),
+                    "group": "g",
+                    "accuracy": float(i < k),
+                    "macs": 1.0,
+                    "visual_tokens": 1.0,
+                    "kv_bytes": 1,
+                }
+                for i in range(n)
+            ]
+    rows, _ = summarize(records, ["unpruned", "x"], ["a", "b"])
+    stats = significance(records, rows, ["a", "b"], "unpruned", resamples=400)
+    x = next(r for r in rows if r["pipeline"] == "x")
+    assert x["accuracy"] == pytest.approx((40 / 60 + 17 / 20) / 2)  # each task counts once
+    assert x["accuracy_lo"] < x["accuracy"] < x["accuracy_hi"]
+    assert (x["accuracy:a_lo"], x["accuracy:a_hi"]) == pytest.approx(wilson_interval(40, 60))  # one task: Wilson
+    analysis = collect(records, ["unpruned", "x"], ["a", "b"], "unpruned", resamples=400)
+    diff = analysis.samples["accuracy"][1] - analysis.samples["accuracy"][0]
+    assert x["vs_reference_p"] == bootstrap_p_value(diff)  # a mean over tasks: the paired bootstrap, not McNemar
+    weights = [t.boot.weights for t in analysis.tasks]
+    assert [w.shape for w in weights] == [(400, 60), (400, 20)]  # stratified: each task resampled on its own
+    assert stats["examples_per_task"] == {"a": 60, "b": 20}
