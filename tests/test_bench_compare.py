@@ -236,12 +236,15 @@ def test_two_tasks_get_per_task_columns_and_group_tables(tiny_model_dir, tmp_pat
         assert row["accuracy"] == pytest.approx((per["synthvqa"]["accuracy"] + per["solid_colours"]["accuracy"]) / 2)
         assert row["agreement:solid_colours"] == per["solid_colours"]["agreement"]
     header = (tmp_path / "run" / "summary.csv").read_text().splitlines()[0].split(",")
-    assert header[-4:] == [
-        "accuracy:synthvqa",
-        "agreement:synthvqa",
-        "accuracy:solid_colours",
-        "agreement:solid_colours",
+    start = header.index("accuracy:synthvqa")  # the per-task columns after the others, each with its interval
+    per_task = [
+        f"{m}:{t}{s}"
+        for t in ("synthvqa", "solid_colours")
+        for m in ("accuracy", "agreement")
+        for s in ("", "_lo", "_hi")
     ]
+    assert header[start : start + 12] == per_task and header[start + 12 :][:2] == ["rank_range", "tier"]
+    assert all(row["accuracy:solid_colours_lo"] <= row["accuracy:solid_colours"] for row in summary["pipelines"])
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| accuracy:synthvqa | agreement:synthvqa | accuracy:solid_colours | agreement:solid_colours |" in report
     assert "## Accuracy per group: synthvqa" in report and "## Accuracy per group: solid_colours" in report
