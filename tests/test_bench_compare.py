@@ -19,7 +19,7 @@ from tokenprune.bench.runner import compare
 from tokenprune.bench.store import ResultsStore
 
 PIPELINES = [
-    {"sweep": {"reducers": ["random", "l2norm"], "keep": [0.5, 0.1]}},
+    {"sweep": {"reducers": ["random", "l2norm"], "keep": [0.5, 0.1], "seeds": 1}},  # seeds: test_bench_significance
     {
         "name": "two-stage",
         "stages": [
@@ -86,6 +86,13 @@ def test_compare_writes_results_and_reports(tiny_model_dir, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["pipelines"]
     assert all(r["prefill_ms"] > 0 and r["prefill_ms_spread"] >= 0 and r["peak_memory_mib"] > 0 for r in summary)
     assert "interquartile range" in report and "CPU allocator" in report
+    # every row has its intervals and its paired test; compare returns what it wrote
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written == json.loads(json.dumps(outcome.summary, default=str))
+    for r in summary:
+        assert r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"] and r["kl_lo"] <= r["kl"] <= r["kl_hi"]
+        assert r["pipeline"] == "unpruned" or 0 <= r["vs_reference_p"] <= 1
+    assert written["statistics"]["resamples"] == 2000 and report.startswith("# tokenprune comparison\n\nOf 5 pipelines")
     # kept-token heatmaps: the first 3 examples of every pruning pipeline, none for the unpruned model
     maps = sorted(p.relative_to(tmp_path / "run" / "heatmaps") for p in (tmp_path / "run" / "heatmaps").rglob("*.png"))
     assert len(maps) == 5 * 3 and not any(p.parts[0] == "unpruned" for p in maps)
@@ -229,12 +236,15 @@ def test_two_tasks_get_per_task_columns_and_group_tables(tiny_model_dir, tmp_pat
         assert row["accuracy"] == pytest.approx((per["synthvqa"]["accuracy"] + per["solid_colours"]["accuracy"]) / 2)
         assert row["agreement:solid_colours"] == per["solid_colours"]["agreement"]
     header = (tmp_path / "run" / "summary.csv").read_text().splitlines()[0].split(",")
-    assert header[-4:] == [
-        "accuracy:synthvqa",
-        "agreement:synthvqa",
-        "accuracy:solid_colours",
-        "agreement:solid_colours",
+    start = header.index("accuracy:synthvqa")  # the per-task columns after the others, each with its interval
+    per_task = [
+        f"{m}:{t}{s}"
+        for t in ("synthvqa", "solid_colours")
+        for m in ("accuracy", "agreement")
+        for s in ("", "_lo", "_hi")
     ]
+    assert header[start : start + 12] == per_task and header[start + 12 :][:2] == ["rank_range", "tier"]
+    assert all(row["accuracy:solid_colours_lo"] <= row["accuracy:solid_colours"] for row in summary["pipelines"])
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| accuracy:synthvqa | agreement:synthvqa | accuracy:solid_colours | agreement:solid_colours |" in report
     assert "## Accuracy per group: synthvqa" in report and "## Accuracy per group: solid_colours" in report

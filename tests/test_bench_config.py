@@ -16,7 +16,36 @@ def test_default_config_is_the_offline_comparison(registry):
     names = [n for n, _ in resolve_pipelines(config, registry)]
     assert names[0] == REFERENCE
     assert "random-50%" in names and "random-10%" in names
-    assert len(names) == 1 + 3 * len(default_sweep_reducers(registry))
+    # three budgets each; random (the one stochastic reducer: a `seed` param) with three seeds each
+    assert len(names) == 1 + 3 * len(default_sweep_reducers(registry)) + 3 * 2
+    assert {"random-50%@seed1", "random-50%@seed2", "random-10%@seed2"} <= set(names)
+
+
+def test_a_stochastic_reducer_runs_several_seeds_unless_its_params_fix_one(registry):
+    config = load_config({"pipelines": [{"sweep": {"reducers": ["random", "l2norm"], "keep": [0.5], "seeds": 4}}]})
+    resolved = dict(resolve_pipelines(config, registry))
+    assert list(resolved) == [
+        REFERENCE,
+        "random-50%",
+        "random-50%@seed1",
+        "random-50%@seed2",
+        "random-50%@seed3",
+        "l2norm-50%",
+    ]
+    assert resolved["random-50%"].stages[0].params == {}  # the default seed: the same pipeline as a one-seed run
+    assert [resolved[f"random-50%@seed{k}"].stages[0].params["seed"] for k in (1, 2, 3)] == [1, 2, 3]
+    fixed = load_config(
+        {"pipelines": [{"sweep": {"reducers": ["random"], "keep": [0.5], "params": {"random": {"seed": 7}}}}]}
+    )
+    assert [n for n, _ in resolve_pipelines(fixed, registry)] == [REFERENCE, "random-50%"]
+    one = load_config({"pipelines": [{"sweep": {"reducers": ["random"], "keep": [0.5], "seeds": 1}}]})
+    assert [n for n, _ in resolve_pipelines(one, registry)] == [REFERENCE, "random-50%"]
+
+
+def test_the_baseline_must_name_a_pipeline(registry):
+    config = load_config({"pipelines": [{"sweep": {"reducers": ["l2norm"], "keep": [0.5]}}], "baseline": "l2norm-25%"})
+    with pytest.raises(PipelineError, match="baseline: 'l2norm-25%' is not one of the comparison's pipelines"):
+        resolve_pipelines(config, registry)
 
 
 def test_default_sweep_is_read_from_the_registry(registry):
@@ -47,7 +76,8 @@ def test_files_inline_and_sweeps_resolve(tmp_path, registry):
         "  - sweep: {reducers: [random], keep: [0.3, 16]}\n"
     )
     pipes = dict(resolve_pipelines(load_config(path), registry))
-    assert list(pipes) == [REFERENCE, "half", "two", "random-30%", "random-16tok"]
+    seeded = [f"random-{b}{s}" for b in ("30%", "16tok") for s in ("", "@seed1", "@seed2")]
+    assert list(pipes) == [REFERENCE, "half", "two", *seeded]
     assert len(pipes["two"].stages) == 2 and pipes["random-16tok"].stages[0].keep == 16
 
 

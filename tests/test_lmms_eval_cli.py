@@ -125,9 +125,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _lmms_eval(workdir: Path, name: str, tasks: str, pipeline: Path | None) -> dict[str, dict]:
-    """Run the CLI; returns ``{task: {"results": ..., "samples": [...]}}``."""
+    """Run the CLI (the bridge logging its costs into the run folder); returns ``{task: {"results": ..., "samples": [...]}}``."""
     out = workdir / f"out-{name}"
-    model_args = "pretrained=bundled,device=cpu" + (f",pipeline={pipeline}" if pipeline else "")
+    model_args = f"pretrained=bundled,device=cpu,costs={out / 'tokenprune_costs.jsonl'}"
+    model_args += f",pipeline={pipeline}" if pipeline else ""
     cmd = [
         _bin("lmms-eval"),
         "--model",
@@ -177,11 +178,19 @@ def compared(workdir: Path) -> dict[str, dict[str, dict]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def generated(workdir: Path) -> dict[str, dict[str, dict]]:
+    """The lmms-eval CLI on the generation task, unpruned and with the pipeline: name -> its ``_lmms_eval`` result."""
+    return {
+        name: _lmms_eval(workdir, name, "tp_synthvqa", workdir / "pipeline.yaml" if name != "unpruned" else None)
+        for name in ("unpruned", "fastv25")
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["unpruned", "fastv25"])
-def test_the_cli_answers_as_tokenprune_compare_does(workdir, compared, pipeline):
-    run = _lmms_eval(workdir, pipeline, "tp_synthvqa", workdir / "pipeline.yaml" if pipeline != "unpruned" else None)
-    task = run["tp_synthvqa"]
+def test_the_cli_answers_as_tokenprune_compare_does(workdir, compared, generated, pipeline):
+    task = generated[pipeline]["tp_synthvqa"]
     ids = datasets.load_from_disk(str(workdir / "data"))["test"]["id"]
     answers = {ids[s["doc_id"]]: _text(s["filtered_resps"]) for s in task["samples"]}
     expected = compared[pipeline]
@@ -221,3 +230,35 @@ def test_a_multiple_choice_task_scores_the_bridges_loglikelihoods(workdir):
     logged = [float(resp[0]) for s in run["samples"] for resp in s["filtered_resps"]]  # the log writes str()
     assert all(v >= 0 for v in logged)  # losses
     assert run["results"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+
+
+REPORTED = ("n", "rank", "rank_range", "tier", "gflops", "flops_reduction", "visual_tokens", "kv_mib")
+REPORTED_METRICS = ("accuracy", "accuracy_lo", "accuracy_hi", "agreement", "agreement_lo", "agreement_hi")
+PAIRED = ("vs_reference", "vs_reference_lo", "vs_reference_hi", "vs_reference_p")
+
+
+@pytest.mark.slow
+def test_tokenprune_report_on_the_lmms_eval_logs_gives_the_numbers_of_compare(workdir, compared, generated):
+    """Both command lines on the same examples: the same scores, intervals, paired test, tiers and costs."""
+    runs = [str(workdir / "out-unpruned"), f"fastv25={workdir / 'out-fastv25'}"]
+    cmd = [_bin("tokenprune"), "report", *runs, "-o", "report"]  # paired by doc_id: 0.7.3 logs no documents
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "fastv25" in proc.stdout and "report.md" in proc.stdout
+    report = json.loads((workdir / "report" / "summary.json").read_text())
+    compare = json.loads((workdir / "compare" / "summary.json").read_text())
+    mine = {r["pipeline"]: r for r in report["pipelines"]}
+    theirs = {r["pipeline"]: r for r in compare["pipelines"]}
+    assert set(mine) == set(theirs) == {"unpruned", "fastv25"}
+    for name in mine:
+        for key in REPORTED + REPORTED_METRICS + PAIRED:
+            expected = theirs[name][key]
+            expected = pytest.approx(expected, rel=1e-9) if isinstance(expected, float) else expected
+            assert mine[name][key] == expected, (name, key)
+    assert mine["fastv25"]["visual_tokens"] < mine["unpruned"]["visual_tokens"]  # the bridge's costs arrived
+    assert list(report["statistics"]["group_intervals"]["tp_synthvqa"]["fastv25"]) == ["all"]  # no documents logged
+    assert report["statistics"]["resamples"] == compare["statistics"]["resamples"] == 2000
+    assert report["statistics"]["findings"] == compare["statistics"]["findings"]
+    assert report["runs"][1]["metrics"] == {"tp_synthvqa": "exact_match"} and report["runs"][1]["costs"] is True
+    text = (workdir / "report" / "report.md").read_text()
+    assert "lmms-eval runs (`--log_samples`), compared with the reference run `unpruned`" in text

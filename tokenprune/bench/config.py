@@ -20,6 +20,9 @@
       - sweep:                                # one pipeline per reducer and budget
           reducers: [gprune, l2norm, random]
           keep: [0.5, 0.25, 0.1]
+          seeds: 3                            # runs of a stochastic reducer (random): random-50%, random-50%@seed1, ...
+    baseline: gprune-50%           # also compare every pipeline with this one (paired), besides unpruned
+    resamples: 2000                # bootstrap resamples of the intervals and paired tests (seeded by `seed`)
     bucket: true                   # batches of similar length (sorted by visual-token count)
     timing: {batches: 1, warmup: 1, repeats: 5, memory: true}
 
@@ -63,6 +66,12 @@ class Sweep(BaseModel):
     keep: list[float | int] = Field(default_factory=lambda: list(DEFAULT_KEEP))
     at: Literal["auto", "post_projector"] | dict[str, int] = "auto"
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Params per reducer name.")
+    seeds: int = Field(
+        default=3,
+        ge=1,
+        description="Seeds per stochastic reducer (one with a `seed` param that `params` does not fix): "
+        "`<name>-50%` runs its default seed, `<name>-50%@seed1` ... the next ones.",
+    )
 
 
 class TimingConfig(BaseModel):
@@ -119,6 +128,10 @@ class CompareConfig(BaseModel):
         default=True, description="Batch examples sorted by visual-token count (then prompt length): less padding."
     )
     timing: TimingConfig = Field(default_factory=TimingConfig)
+    baseline: str | None = Field(
+        default=None, description="A pipeline every other one is also compared with (paired), besides `unpruned`."
+    )
+    resamples: int = Field(default=2000, ge=100, description="Bootstrap resamples of the intervals and paired tests.")
 
     def digest(self) -> str:
         """A short hash of the whole config (recorded with every result)."""
@@ -194,6 +207,11 @@ def resolve_pipelines(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise PipelineError(f"pipeline names must be unique; repeated: {', '.join(duplicates)}")
+    if config.baseline is not None and config.baseline not in names:
+        raise PipelineError(
+            f"baseline: {config.baseline!r} is not one of the comparison's pipelines ({', '.join(names)}); "
+            "name one of them"
+        )
     return out
 
 
@@ -260,13 +278,28 @@ def _sweep(sweep: Sweep, plugins: PluginManager | Registries) -> list[tuple[str,
         else:
             at = sweep.at
         for keep in sweep.keep:
-            label = f"{name}-{round(keep * 100)}%" if isinstance(keep, float) else f"{name}-{keep}tok"
-            stage = {"at": at, "reducer": name, "keep": keep, "params": sweep.params.get(name, {})}
-            try:
-                out.append((label, load_pipeline({"name": label, "stages": [stage]}, plugins=plugins)))
-            except PipelineError as exc:
-                raise PipelineError(f"sweep pipeline {label!r}: {exc}", exc.problems) from None
+            base = f"{name}-{round(keep * 100)}%" if isinstance(keep, float) else f"{name}-{keep}tok"
+            for label, params in _seeded(base, name, sweep, registry):
+                stage = {"at": at, "reducer": name, "keep": keep, "params": params}
+                try:
+                    out.append((label, load_pipeline({"name": label, "stages": [stage]}, plugins=plugins)))
+                except PipelineError as exc:
+                    raise PipelineError(f"sweep pipeline {label!r}: {exc}", exc.problems) from None
     return out
+
+
+def _seeded(label: str, reducer: str, sweep: Sweep, registry: ReducerRegistry) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, params)`` per seed: ``sweep.seeds`` of them for a reducer with a ``seed`` param left free, else one.
+
+    The first keeps the plain name and the reducer's default seed (so its results are those of a
+    one-seed run); the k-th is ``<label>@seed<k>`` with the default seed plus ``k``.
+    """
+    params = sweep.params.get(reducer, {})
+    field = registry.get(reducer).Params.model_fields.get("seed")
+    if field is None or "seed" in params or sweep.seeds == 1:
+        return [(label, params)]
+    first = field.default if isinstance(field.default, int) else 0
+    return [(label, params)] + [(f"{label}@seed{k}", {**params, "seed": first + k}) for k in range(1, sweep.seeds)]
 
 
 def _presets(entry: PipelineEntry, plugins: PluginManager | Registries) -> list[tuple[str, Pipeline]]:

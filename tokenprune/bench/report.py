@@ -17,6 +17,8 @@ from statistics import fmean
 from typing import Any
 
 from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key
+from tokenprune.bench.pareto import pareto_plot
+from tokenprune.bench.significance import markdown_sections, significance
 from tokenprune.bench.store import ResultsStore
 from tokenprune.cost.measure import Timing
 from tokenprune.pipeline import Pipeline
@@ -49,6 +51,24 @@ def columns(tasks: list[str]) -> list[str]:
     return COLUMNS + [f"{metric}:{task}" for task in tasks for metric in TASK_METRICS]
 
 
+def _is_metric(column: str) -> bool:
+    return column.split(":")[0] in METRICS
+
+
+def csv_columns(tasks: list[str], baseline: str | None = None) -> list[str]:
+    """``summary.csv``'s columns: :func:`columns` with ``<metric>_lo``, ``<metric>_hi`` after every metric column,
+    then the rank range, the tier and the paired differences (to the reference ``unpruned``, the baseline, random)."""
+    out = []
+    for column in columns(tasks):
+        out.append(column)
+        if _is_metric(column):
+            out += [f"{column}_lo", f"{column}_hi"]
+    out += ["rank_range", "tier"]
+    for tag in ("reference", "baseline") if baseline else ("reference",):
+        out += [f"vs_{tag}", f"vs_{tag}_lo", f"vs_{tag}_hi", f"vs_{tag}_p", f"vs_{tag}_p_holm"]
+    return [*out, "vs_random"]
+
+
 def summarize(
     records: Iterable[dict[str, Any]],
     names: list[str],
@@ -76,7 +96,7 @@ def summarize(
         by_pipe[r["pipeline"]].append(r)
     labels = tasks if tasks is not None else list(dict.fromkeys(r["task"] for rs in by_pipe.values() for r in rs))
     latest = {(t["pipeline"], t["task"]): t for t in timings}
-    ref_macs = fmean(r["macs"] for r in by_pipe[reference]) if by_pipe.get(reference) else None
+    ref_macs = _mean(by_pipe[reference], "macs") if by_pipe.get(reference) else None
     rows = []
     for name in names:
         rs = by_pipe.get(name, [])
@@ -113,15 +133,15 @@ def _row(
         mine = [r for r in rs if r["task"] == task]
         if mine:
             per_task[task] = {"n": len(mine), **{m: _metric(mine, m, is_reference) for m in METRICS}}
-    macs = fmean(r["macs"] for r in rs)
+    macs, kv = _mean(rs, "macs"), _mean(rs, "kv_bytes")  # None: costs not recorded (an lmms-eval run without them)
     row: dict[str, Any] = {
         "pipeline": name,
         "n": len(rs),
         **{m: _mean_of([t[m] for t in per_task.values()]) for m in METRICS},
-        "gflops": 2 * macs / 1e9,
-        "flops_reduction": None if ref_macs is None else 1 - macs / ref_macs,
-        "visual_tokens": fmean(r["visual_tokens"] for r in rs),
-        "kv_mib": fmean(r["kv_bytes"] for r in rs) / 2**20,
+        "gflops": None if macs is None else 2 * macs / 1e9,
+        "flops_reduction": None if ref_macs is None or macs is None else 1 - macs / ref_macs,
+        "visual_tokens": _mean(rs, "visual_tokens"),
+        "kv_mib": None if kv is None else kv / 2**20,
         **_cost_columns(cost),
         "tasks": per_task,
     }
@@ -162,15 +182,15 @@ def _rank(rows: list[dict[str, Any]]) -> None:
 
     def order(row: dict[str, Any]) -> tuple[float, float, float, float]:
         kl = row["kl"] if row["kl"] is not None else math.inf
-        return (-_or(row[key], -1.0), -_or(row["agreement"], -1.0), kl, row["gflops"])
+        return (-_or(row[key], -1.0), -_or(row["agreement"], -1.0), kl, _or(row["gflops"], math.inf))
 
     rows.sort(key=order)
     for i, row in enumerate(rows, start=1):
         row["rank"] = i
 
 
-def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], store: ResultsStore) -> None:
-    """Write the summary files of the current config's results into ``config.output``."""
+def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], store: ResultsStore) -> dict[str, Any]:
+    """Write the summary files of the current config's results into ``config.output``; return the summary."""
     tasks = task_labels(config.tasks)
     keys = {
         pipeline_key(name, pipe, config, spec): (name, label)
@@ -184,25 +204,41 @@ def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], 
         if t["key"] in keys
     ]
     rows, groups = summarize(records, [n for n, _ in pipelines], tasks, timings)
-    out = config.output
+    stats = significance(
+        records, rows, tasks, REFERENCE, baseline=config.baseline, seed=config.seed, resamples=config.resamples
+    )
+    head = {"config": config.model_dump(mode="json"), "config_hash": config.digest()}
+    markdown = report_markdown(config, rows, groups, tasks, stats)
+    return write_summary(config.output, head, rows, groups, tasks, stats, markdown)
+
+
+def write_summary(
+    out: Path,
+    head: dict[str, Any],
+    rows: list[dict[str, Any]],
+    groups: dict[str, dict[str, dict[str, float]]],
+    tasks: list[str],
+    stats: dict[str, Any],
+    markdown: str,
+) -> dict[str, Any]:
+    """Write ``summary.csv``, ``summary.json`` (``head`` first), ``report.md`` and ``pareto.png``.
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    fields = columns(tasks)
+    fields = csv_columns(tasks, stats.get("baseline"))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows({k: row.get(k) for k in fields} for row in rows)
     _atomic_write(out / "summary.csv", buffer.getvalue())
-    summary = {
-        "config": config.model_dump(mode="json"),
-        "config_hash": config.digest(),
-        "tasks": tasks,
-        "pipelines": rows,
-        "groups": groups,
-    }
+    summary = {**head, "tasks": tasks, "pipelines": rows, "groups": groups, "statistics": stats}
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    _atomic_write(out / "report.md", report_markdown(config, rows, groups, tasks))
-    if rows:
-        pareto_plot(rows, out / "pareto.png")
+    _atomic_write(out / "report.md", markdown)
+    if any(r["gflops"] is not None for r in rows):
+        pareto_plot(rows, out / "pareto.png", stats)
+    return summary
 
 
 def task_labels(specs: list[dict[str, Any]]) -> list[str]:
@@ -221,31 +257,93 @@ def report_markdown(
     rows: list[dict[str, Any]],
     groups: dict[str, dict[str, dict[str, float]]],
     tasks: list[str] | None = None,
+    stats: dict[str, Any] | None = None,
+    header: list[str] | None = None,
 ) -> str:
-    """The comparison as markdown tables: overall (ranked), then per group for each task."""
+    """The comparison as markdown: the generated findings, the ranked table, per-group tables, seeds, matched budgets.
+
+    ``stats``: :func:`~tokenprune.bench.significance.significance`'s output (intervals in every cell);
+    ``header``: lines that replace the config's description and cost-pass legend (``tokenprune report``).
+    """
     tasks = tasks if tasks is not None else task_labels(config.tasks)
     fields = columns(tasks)
-    lines = [
-        "# tokenprune comparison",
-        "",
-        f"Model `{config.model}` ({config.dtype}, {config.device}), tasks: {', '.join(tasks)}, seed {config.seed}, "
-        f"config hash `{config.digest()}`.",
-        "",
-        *_legend(config, rows, tasks),
-        "",
-        "| " + " | ".join(fields) + " |",
-        "|" + "---|" * len(fields),
-    ]
-    lines += ["| " + " | ".join(_fmt(row.get(c), c) for c in fields) + " |" for row in rows]
+    extra = _stat_columns(stats)
+    intro = (
+        header
+        if header is not None
+        else [
+            f"Model `{config.model}` ({config.dtype}, {config.device}), tasks: {', '.join(tasks)}, seed {config.seed}, "
+            f"config hash `{config.digest()}`.",
+            "",
+            *_legend(config, rows, tasks),
+        ]
+    )
+    lines = ["# tokenprune comparison", ""]
+    if stats is not None:
+        lines += [" ".join(stats["findings"]), ""]
+    lines += [*intro, *(_stats_legend(stats) if stats else []), ""]
+    head = fields[:2] + extra[:2] + fields[2:] + extra[2:]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_cell(row, c) for c in head) + " |" for row in rows]
+    intervals = (stats or {}).get("group_intervals", {})
     for task, per_pipe in groups.items():
         names = sorted({g for per in per_pipe.values() for g in per})
         title = "## Accuracy per group" + (f": {task}" if len(tasks) > 1 else "")
         lines += ["", title, "", "| pipeline | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
         for row in rows:
             per = per_pipe.get(row["pipeline"], {})
-            lines.append(f"| {row['pipeline']} | " + " | ".join(_fmt(per.get(g), "accuracy") for g in names) + " |")
-    lines += ["", "![accuracy against FLOPs](pareto.png)", ""]
-    return "\n".join(lines)
+            ci = intervals.get(task, {}).get(row["pipeline"], {})
+            lines.append(f"| {row['pipeline']} | " + " | ".join(_with_ci(per.get(g), ci.get(g)) for g in names) + " |")
+    if stats is not None:
+        lines += markdown_sections(stats)
+    if any(r["gflops"] is not None for r in rows):
+        lines += ["", "![accuracy against FLOPs](pareto.png)"]
+    return "\n".join([*lines, ""])
+
+
+def _stat_columns(stats: dict[str, Any] | None) -> list[str]:
+    """``rank range`` and ``tier`` (after the pipeline), then the paired differences (after every other column)."""
+    if stats is None:
+        return []
+    out = ["rank_range", "tier", "vs_reference"]
+    if stats.get("baseline"):
+        out.append("vs_baseline")
+    return [*out, "vs_random"]
+
+
+def _stats_legend(stats: dict[str, Any]) -> list[str]:
+    baseline = f" and `vs_baseline` (to `{stats['baseline']}`)" if stats.get("baseline") else ""
+    return [
+        "",
+        "Intervals: 95%, over the examples: Wilson for a 0/1 rate on one task, else a percentile bootstrap "
+        f"({stats['resamples']} resamples, seed {stats['seed']}, stratified by task). "
+        f"`vs_reference` (to `{stats['reference']}`){baseline}: the paired difference in {stats['metric']} "
+        "(points), its 95% paired-bootstrap interval and p-value (exact McNemar for 0/1 on one task, else the "
+        "paired bootstrap's). `rank_range`: the ranks a pipeline takes in 95% of the resamples; `tier`: pipelines "
+        "the paired test cannot separate from their tier's leader (the best left). `vs_random`: against every seed "
+        "of `random` at the same keep (beats / worse / indistinguishable). docs/compare.md explains each statistic.",
+    ]
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    """A table cell: a metric with its interval, a paired difference with interval and p-value, else the value."""
+    if _is_metric(column):
+        lo, hi = row.get(f"{column}_lo"), row.get(f"{column}_hi")
+        return _with_ci(row.get(column), None if lo is None or hi is None else [lo, hi], column)
+    if column in ("vs_reference", "vs_baseline"):
+        diff, lo, hi, p = (row.get(f"{column}{s}") for s in ("", "_lo", "_hi", "_p"))
+        if diff is None or lo is None or hi is None or p is None:
+            return "-"
+        return f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] p={p:.2g}"
+    return _fmt(row.get(column), column)
+
+
+def _with_ci(value: float | None, interval: list[float] | None, column: str = "accuracy") -> str:
+    if value is None or interval is None:
+        return _fmt(value, column)
+    if column.split(":")[0] == "kl":
+        return f"{value:.4g} [{interval[0]:.3g}, {interval[1]:.3g}]"
+    return f"{_fmt(value, column)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
 def _legend(config: CompareConfig, rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
@@ -275,36 +373,6 @@ def _legend(config: CompareConfig, rows: list[dict[str, Any]], tasks: list[str])
             "(each counts once); `accuracy:<task>` and `agreement:<task>` are each task's own.",
         ]
     return lines
-
-
-def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy (or agreement) against GFLOPs, one line per reducer, the unpruned model as a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = "accuracy" if any(r["accuracy"] is not None for r in rows) else "agreement"
-    families: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if r["pipeline"] != REFERENCE and r[metric] is not None:
-            families[r["pipeline"].rsplit("-", 1)[0]].append(r)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for family, points in sorted(families.items()):
-        points.sort(key=lambda r: r["gflops"])
-        ax.plot([p["gflops"] for p in points], [p[metric] for p in points], marker="o", label=family)
-    ref = next((r for r in rows if r["pipeline"] == REFERENCE), None)
-    if ref is not None and ref[metric] is not None:
-        ax.scatter([ref["gflops"]], [ref[metric]], marker="*", s=200, color="black", label=REFERENCE, zorder=5)
-    ax.set_xlabel("language-model prefill GFLOPs per example")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _mean(records: list[dict[str, Any]], key: str) -> float | None:

@@ -27,12 +27,13 @@ from torch import Tensor, nn
 import tokenprune
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.adapters.loading import load_model
+from tokenprune.bench.accounting import example_costs
 from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key, resolve_pipelines, stable_digest
 from tokenprune.bench.metrics import exact_match, kl_divergence, normalize_answer, vqa_score
 from tokenprune.bench.store import ReferenceLogits, ResultsStore
 from tokenprune.bench.tasks import Example, Task
 from tokenprune.bench.timing import measure_costs, memory_method, timing_batch_indices
-from tokenprune.cost.analytic import DecoderShape, language_model_macs
+from tokenprune.cost.analytic import DecoderShape
 from tokenprune.engine import PreparedPipeline, apply, compat, prepare
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
@@ -50,6 +51,8 @@ class RunOutcome:
     folder: Path
     computed: int
     reused: int
+    summary: dict[str, Any] | None = None
+    """What ``summary.json`` holds (rank 0; ``None`` on the other ranks)."""
 
 
 def compare(
@@ -102,11 +105,12 @@ def compare(
         if dist.rank == 0:
             _cost_pass(run, task, task_spec, examples)
         dist.barrier()
+    summary = None
     if dist.rank == 0:
         from tokenprune.bench.report import write_reports
 
-        write_reports(config, run.pipelines, store)
-    return RunOutcome(config.output, dist.sum(computed), dist.sum(reused))
+        summary = write_reports(config, run.pipelines, store)
+    return RunOutcome(config.output, dist.sum(computed), dist.sum(reused), summary)
 
 
 @dataclass
@@ -252,8 +256,8 @@ def _run_batch(
         _draw_heatmaps(prefill, batch, config, name, task.name)
     records = []
     for b, ex in enumerate(batch):
-        tokens = [row[b] for row in prefill.layer_tokens] if prefill is not None else [real[b]] * shape.num_layers
-        text_tokens = real[b] - visual_in[b]
+        tokens = [row[b] for row in prefill.layer_tokens] if prefill is not None else None
+        costs = example_costs(shape, run.kv_dims, bytes_per, tokens, real[b], visual_in[b])
         prediction = gen.texts[b].strip()
         record: dict[str, Any] = {
             "key": key,
@@ -266,10 +270,7 @@ def _run_batch(
             "prediction": prediction,
             "answers": list(ex.answers),
             "first_token": int(gen.first_logits[b].argmax()),
-            "layer_tokens": tokens,
-            "visual_tokens": sum(t - text_tokens for t in tokens) / len(tokens),
-            "macs": language_model_macs(shape, tokens, logits_positions=1).total,
-            "kv_bytes": sum(2 * n * d * bytes_per for n, d in zip(tokens, run.kv_dims, strict=True)),
+            **costs,
             "seed": config.seed,
             "versions": _versions(),
         }

@@ -17,6 +17,9 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from tokenprune import __version__
+from tokenprune.cli.report import WIDTH as REPORT_WIDTH
+from tokenprune.cli.report import report as report_command
+from tokenprune.cli.report import summary_table
 from tokenprune.cli.run import run as run_command
 from tokenprune.errors import PluginLoadWarning, TokenpruneError
 from tokenprune.pipeline import load_pipeline, pipeline_json_schema
@@ -68,6 +71,7 @@ app = typer.Typer(
 )
 EXIT_INVALID = 2
 app.command("run")(run_command)
+app.command("report")(report_command)
 app.add_typer(synth_app, name="synth", help="SynthVQA and the bundled mini VLM: generate, train, evaluate.")
 
 
@@ -373,8 +377,7 @@ def compare(
         _fail(str(exc))
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    summary = json.loads((outcome.folder / "summary.json").read_text(encoding="utf-8"))
-    Console(width=max(120, Console().width)).print(_summary_table(summary, outcome))
+    Console(width=max(REPORT_WIDTH, Console().width)).print(_summary_table(outcome.summary, outcome))
     typer.echo(f"report: {outcome.folder / 'report.md'}")
 
 
@@ -402,28 +405,7 @@ def _run_comparison(cfg: Any, manager: PluginManager, quiet: bool) -> Any:
 
 def _summary_table(summary: dict[str, Any], outcome: Any) -> Table:
     """The ranked pipelines of a comparison's ``summary.json``, as the command prints them."""
-    table = Table(title=f"tokenprune compare ({outcome.computed} computed, {outcome.reused} reused)")
-    for column in ("rank", "pipeline", "accuracy", "agreement", "GFLOPs", "reduction", "visual tokens", "prefill ms"):
-        table.add_column(column)
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    for row in summary["pipelines"]:
-        table.add_row(
-            str(row["rank"]),
-            row["pipeline"],
-            pct(row["accuracy"]),
-            pct(row["agreement"]),
-            f"{row['gflops']:.4g}",
-            pct(row["flops_reduction"]),
-            f"{row['visual_tokens']:.1f}",
-            _milliseconds(row.get("prefill_ms"), row.get("prefill_ms_spread")),
-        )
-    return table
-
-
-def _milliseconds(median: float | None, spread: float | None) -> str:
-    if median is None:
-        return "not measured"
-    return f"{median:.2f}" if spread is None else f"{median:.2f} (spread {spread:.2f})"
+    return summary_table(summary, f"tokenprune compare ({outcome.computed} computed, {outcome.reused} reused)")
 
 
 @app.command()

@@ -13,7 +13,10 @@ holds what its command line needs); tokenprune's ``pyproject.toml`` registers th
 unpruned model), ``dtype`` (default ``bfloat16`` on CUDA, ``float32`` otherwise), ``device``,
 ``prompt`` (a template with ``{image}`` and ``{question}``; default: the processor's chat template
 if it has one, else the image placeholders, a newline, the question), ``max_new_tokens`` (when a
-task sets none). The batch size comes from ``--batch_size`` (a number, or ``auto``: start at
+task sets none), ``costs`` (a JSON-lines file: per generated answer its task, ``doc_id``, pipeline,
+model, and the tokens each decoder layer held, visual tokens, prefill MACs and KV-cache bytes, counted
+as ``tokenprune compare`` counts them; ``tokenprune report`` reads it from the run folder for matched
+budgets, so put it under ``--output_path``). The batch size comes from ``--batch_size`` (a number, or ``auto``: start at
 ``--max_batch_size``, default 64, and halve on out-of-memory); the same value in ``model_args`` is
 accepted, a different one refused. Unlike lmms-eval's own LLaVA wrappers, batches larger than one are
 supported: samples of a batch keep different numbers of tokens when the pipeline says so. Requests
@@ -40,7 +43,18 @@ from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
 from tokenprune.plugins import get_plugin_manager
 
-MODEL_ARGS = ("pretrained", "pipeline", "dtype", "device", "batch_size", "max_batch_size", "prompt", "max_new_tokens")
+MODEL_ARGS = (
+    "pretrained",
+    "pipeline",
+    "dtype",
+    "device",
+    "batch_size",
+    "max_batch_size",
+    "prompt",
+    "max_new_tokens",
+    "costs",
+)
+
 AUTO_START = 64  # the first batch size tried by --batch_size auto without --max_batch_size
 
 
@@ -78,6 +92,7 @@ class TokenpruneLMM(lmms):
         max_batch_size: int | str | None = None,
         prompt: str | None = None,
         max_new_tokens: int | str = 64,
+        costs: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -96,6 +111,8 @@ class TokenpruneLMM(lmms):
         prepared = prepare(Path(pipeline) if pipeline else Pipeline(name="unpruned"), plugins=manager)
         self.pipeline = prepared.pipeline
         self.run: PruningRun = apply(self.model, prepared, plugins=manager)
+        label = self.pipeline.name or (Path(pipeline).stem if pipeline else "unpruned")
+        self.costs = _CostLog(Path(costs), self.model, self.run, label, pretrained) if costs else None
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> TokenpruneLMM:
@@ -159,8 +176,9 @@ class TokenpruneLMM(lmms):
     # --- requests ------------------------------------------------------------------------------
 
     def _generate(self, chunk: Sequence[tuple[Any, ...]], gen: dict[str, Any]) -> list[str]:
-        texts, images = [], []
+        texts, images, docs = [], [], []
         for context, _, doc_to_visual, doc_id, task, split in chunk:
+            docs.append((task, doc_id))
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             texts.append(self._format(context, len(visuals)))
             images.extend(visuals)
@@ -175,6 +193,8 @@ class TokenpruneLMM(lmms):
                 stopping_criteria=StoppingCriteriaList([_StopStrings(self.tokenizer, until, prompt)] if until else []),
                 pad_token_id=self.tokenizer.pad_token_id,
             )
+        if self.costs is not None:
+            self.costs.write(docs, inputs)
         self.run.stats.clear()
         decoded = self.tokenizer.batch_decode(out[:, prompt:], skip_special_tokens=True)
         return [_cut(text, until) for text in decoded]
@@ -233,6 +253,38 @@ class TokenpruneLMM(lmms):
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
+
+
+class _CostLog:
+    """Appends one JSON line per generated answer: what ``tokenprune compare`` records of its prefill cost."""
+
+    def __init__(self, path: Path, model: Any, run: PruningRun, pipeline: str, pretrained: str) -> None:
+        from tokenprune.cost.analytic import DecoderShape
+        from tokenprune.engine import compat
+
+        self.path, self.run, self.pipeline, self.pretrained = path, run, pipeline, pretrained
+        self.shape = DecoderShape.from_model(model)
+        self.kv_dims = [
+            int(compat.attention_module(layer).k_proj.out_features) for layer in run.adapter.decoder_layers()
+        ]
+        self.bytes_per = torch.finfo(model.dtype).bits // 8
+
+    def write(self, docs: Sequence[tuple[str, int]], inputs: Any) -> None:
+        """Costs of the batch just generated (``docs``: its ``(task, doc_id)`` in order)."""
+        from tokenprune.bench.accounting import example_costs
+
+        prefill = self.run.stats.last_prefill
+        visual = self.run.adapter.visual_mask(inputs["input_ids"]).sum(1).tolist()
+        real = inputs["attention_mask"].sum(1).tolist()
+        lines = []
+        for b, (task, doc_id) in enumerate(docs):
+            tokens = [row[b] for row in prefill.layer_tokens] if prefill is not None else None
+            costs = example_costs(self.shape, self.kv_dims, self.bytes_per, tokens, real[b], visual[b])
+            record = {"task": task, "doc_id": doc_id, "pipeline": self.pipeline, "model": self.pretrained, **costs}
+            lines.append(json.dumps(record) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.writelines(lines)
 
 
 def _batch_size(value: int | str, max_batch_size: int | str | None) -> tuple[int, bool]:

@@ -139,7 +139,8 @@ def background(
     torch.set_num_threads(threads)
     model, processor = load_bundled() if model_path is None else load_model(model_path)
     samples = heldout_split(per_type, ("background",))
-    sweep = {"sweep": {"reducers": [r.strip() for r in reducers.split(",") if r.strip()], "keep": keep}}
+    names = [r.strip() for r in reducers.split(",") if r.strip()]
+    sweep = {"sweep": {"reducers": names, "keep": keep, "seeds": 1}}  # kept tokens per layout: one seed is enough
     config = CompareConfig.model_validate({"pipelines": [sweep]})
     typer.echo(
         "| pipeline | layout | n | accuracy | background share of kept tokens | of the image | "
