@@ -108,7 +108,7 @@ def pruned_layer_kwargs(
     if st.in_prefill:
         cols = seg.lm_column
         mask = kwargs.get("attention_mask")
-        if mask is not None or seg.has_padding_slots or not bool(seg.valid.all()):
+        if mask is not None or seg.has_padding_slots or not st.all_valid(seg):
             kwargs["attention_mask"] = slice_mask(mask, cols, cols, seg.valid, boolean=boolean, dtype=dtype)
         pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
         if compact:
@@ -128,7 +128,7 @@ def pruned_layer_kwargs(
             f"decoding step at layer {layer}: the attention mask covers {mask.shape[-1]} keys, expected "
             f"{st.lm_length + extra} (unpruned cache plus new tokens) or {valid.shape[1]} (this layer's cache)"
         )
-    if mask is not None or seg.has_padding_slots or not bool(seg.valid.all()):
+    if mask is not None or seg.has_padding_slots or not st.all_valid(seg):
         kwargs["attention_mask"] = causal_mask(valid, q=st.step_length, boolean=boolean, dtype=dtype)
     if compact and st.step_positions is not None:
         rows = st.step_positions - (seg.freed_positions - st.lm_freed_positions).unsqueeze(-1)

@@ -333,6 +333,7 @@ class ForwardHooks:
             kw["position_ids"] = P.from_rows(seq.positions, fmt)
         lm_columns = torch.arange(st.lm_length, device=hidden.device).expand(batch, -1)
         st.current = st.final = st.lm_sequence = replace(seq, lm_column=lm_columns, has_padding_slots=False)
+        st.real_tokens(st.lm_sequence)  # read once here, for every layer's statistics (no host read per layer)
         if any("input_embeddings" in type(p.reducer).capabilities.signals for p in self._plans):
             st.lm_embeds = hidden
         return ((), kw) if changed or residuals is not None else None
@@ -374,6 +375,7 @@ class ForwardHooks:
             if not changed:
                 return None
             st.current = st.final = st.segments[k] = seq
+            st.real_tokens(seq)  # read once per stage, not in every later layer
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
