@@ -108,6 +108,7 @@ class SyncCounter:
         self.model = model
         self.layers = list(layers) if layers is not None else _decoder_layers(model)
         self.syncs: list[Sync] = []
+        self.phases: list[str] = []  # the phase of each forward call of the model, in order
         self._forward, self._phase, self._layer = -1, "outside", None
         self._depth = 0  # > 0 while a call counted at the Python level (or the counter's own hook) runs
         self._handles: list[RemovableHandle] = []
@@ -185,6 +186,7 @@ class SyncCounter:
 
         self._forward += 1
         self._phase = "prefill" if compat.cache_length(compat.cache_from_kwargs(kwargs)) == 0 else "decode"
+        self.phases.append(self._phase)
         self._layer = None
 
     def _top_post(self, *args: Any) -> None:
