@@ -198,3 +198,22 @@ def test_own_share_divides_the_timed_rounds_by_their_own_engine_time():
     assert share_cell(share) == "10.00% (5.00%-10.00%)"
     with pytest.raises(ValueError, match="2 engine times for 3 timed rounds"):
         own_share(call, [0.1, 0.1])
+
+
+def test_sync_benchmark_counts_each_reducer_per_stage_and_writes_its_table(tmp_path):
+    doc = _doc(tmp_path, "syncs")
+    out = _run("syncs.py", "--reducers", "random,fastv", "--write", str(doc)).stdout
+    columns = _header(out, "reducer")
+    assert columns[2:6] == [
+        "host reads in the stage",
+        "in the prefill outside stages",
+        "most in a layer without a stage",
+        "most in a decoding step",
+    ]
+    rows = {tuple(c.strip() for c in x.strip("|").split("|")[:2]): x for x in out.splitlines() if x.startswith("| ")}
+    assert set(rows) >= {("random", "post_projector"), ("random", "layer 2"), ("fastv", "layer 2")}
+    for key in [("random", "post_projector"), ("random", "layer 2"), ("fastv", "layer 2")]:
+        cells = [c.strip() for c in rows[key].strip("|").split("|")]
+        assert 0 < int(cells[2]) <= 24 and int(cells[4]) == 0 and int(cells[5]) == 0  # the budget of test_host_syncs
+        assert 0 < float(cells[6].rstrip("%")) < 100
+    assert "| random | layer 2 |" in doc.read_text(encoding="utf-8")
