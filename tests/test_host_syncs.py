@@ -17,7 +17,7 @@ import tokenprune as tp
 from tokenprune.testing import SyncCounter
 
 PER_STAGE = 24
-"""Most host reads one stage may make (the engine's own are about 10 of them, and 2 for a vision signal)."""
+"""Most host reads one stage may make (the engine's own are about 7 of them, and 2 for a vision signal)."""
 PER_PREFILL = 48
 """Most host reads of a prefill outside its stages, for the two-image batch below (the image layouts of
 LLaVA-NeXT's anyres tiles are most of them: about 22 per image)."""

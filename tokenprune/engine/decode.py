@@ -108,17 +108,24 @@ def pruned_layer_kwargs(
     if st.in_prefill:
         cols = seg.lm_column
         mask = kwargs.get("attention_mask")
-        if mask is not None or seg.has_padding_slots or not st.all_valid(seg):
-            kwargs["attention_mask"] = slice_mask(mask, cols, cols, seg.valid, boolean=boolean, dtype=dtype)
         pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+        given = (seg, mask, pe, pos)  # the model hands every layer the same objects: slice them once per segment
+        if not compact and st.sliced is not None and all(a is b for a, b in zip(st.sliced[0], given, strict=True)):
+            kwargs.update(st.sliced[1])
+            return kwargs
+        sliced: dict[str, Any] = {}
+        if mask is not None or seg.has_padding_slots or not st.all_valid(seg):
+            sliced["attention_mask"] = slice_mask(mask, cols, cols, seg.valid, boolean=boolean, dtype=dtype)
         if compact:
-            kwargs["position_embeddings"] = adapter.rotary(hidden, seg.positions, layer)
+            sliced["position_embeddings"] = adapter.rotary(hidden, seg.positions, layer)
         elif pe is not None:
-            kwargs["position_embeddings"] = tuple(gather_tokens(t, cols) for t in pe)
+            sliced["position_embeddings"] = tuple(gather_tokens(t, cols) for t in pe)
         if isinstance(pos, Tensor):
-            kwargs["position_ids"] = (
+            sliced["position_ids"] = (
                 position_ids_like(seg.positions, pos) if compact else gather_position_ids(pos, cols)
             )
+        st.sliced = (given, sliced)
+        kwargs.update(sliced)
         return kwargs
     mask = kwargs.get("attention_mask")
     extra = st.decoded + st.step_length

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -57,6 +58,8 @@ class PrefillState:
     lm_embeds: Tensor | None = None
     video: Tensor | None = None
     _reads: dict[int, tuple[TokenSequence, list[int], bool]] = field(default_factory=dict, repr=False)
+    sliced: tuple[tuple[Any, ...], dict[str, Any]] | None = field(default=None, repr=False)
+    """The last pruned layer's inputs as the model gave them and as the engine sliced them (prefill only)."""
 
     def real_tokens(self, seq: TokenSequence) -> list[int]:
         """Real tokens per sample of ``seq``; read from the device once per sequence, not once per layer."""
