@@ -13,18 +13,20 @@ the stock model, without tokenprune, doing the same work on sequences of the sam
   on those (original positions, causal sdpa), final norm and the head on the last token. The same loop
   without a cut is timed against the stock model, to show what the construction itself costs.
 
-``tokenprune / reference`` (the median of per-round ratios) is what tokenprune adds over the stock
-model's own work at those lengths. Also: keep-all pipelines against the stock model, the speed-up the
-analytic FLOPs predict, FastV's sdpa probe against eager attention, the vision probe's cost (FasterVLM
-against random at the same kept count), a ragged batch of 8 images against
-8 single runs at 1 and 2 threads, and KV-cache bytes against the kept tokens.
+``tokenprune / reference`` is what tokenprune adds over the stock model's own work at those lengths.
+Also: keep-all pipelines against the stock model, the speed-up the analytic FLOPs predict, FastV's
+sdpa probe against eager attention, the vision probe's cost (FasterVLM against random at the same
+kept count), a ragged batch of 8 images against 8 single runs at 1 and 2 threads, and KV-cache bytes
+against the kept tokens.
 
-Noise: all configurations are timed round-robin (one call each per round, after a warm-up round),
-medians over the rounds, spreads as ``(max - min) / median``, load averages before and after.
-``--write`` refuses (exit 3) when an unpruned configuration spreads more than ``--max-spread`` (from 5
-rounds on, by its interquartile range over the median; see ``_bench.unpruned_spread``).
+Noise: every ratio of the main tables comes from ``--pairs`` adjacent pairs of single prefill calls,
+alternating which runs first (``_bench.paired_calls``): the median of the pair ratios and its
+bootstrap 95% interval; a verdict against a target only where the whole interval lies on one side of
+it. ``--write`` refuses (exit 3) when a guarded ratio's interval (keep-all and ``random`` rows) reaches
+further than ``--max-interval`` from its median. The FastV, vision-probe and batch tables are timed
+round-robin over as many rounds.
 
-Run:  python benchmarks/prefill.py --threads 1 --repeats 5 --write docs/benchmarks.md   (full size: 32 min on one core)
+Run:  python benchmarks/prefill.py --threads 1 --write docs/benchmarks.md   (full size: about an hour on one core)
       python benchmarks/prefill.py --quick                                  (a toy model, seconds)
       benchmarks/gpu.sh                                                      (7B size, bfloat16, on CUDA)
 """
