@@ -286,7 +286,8 @@ def write_or_refuse(path: Path | None, text: str, markers: tuple[str, str], widt
         print(
             f"refusing to write {path}: a guarded ratio's 95% interval reaches +-{width:.1%} of its median, more "
             f"than --max-interval {max_width:.1%} (load now {load()}). Rerun with more pairs (--pairs, or "
-            "--generations for decoding), on a quieter machine, or accept a wider interval with a larger --max-interval.",
+            "--generations for decoding), on a quieter machine, or accept a wider interval with a larger "
+            "--max-interval.",
             file=sys.stderr,
         )
         raise SystemExit(3)
