@@ -106,6 +106,8 @@ def test_no_host_read_per_layer_or_step_and_a_constant_per_stage(name, at, tiny,
     if at == "decode":  # a decode stage runs in every step: its budget is a stage's, per step
         steps = syncs.per_forward(owner="tokenprune", phase="decode")
         assert steps and max(steps.values()) <= OVER_BUDGET.get((name, at), PER_STAGE), syncs.report(mine)
+        layers = syncs.per_layer(owner="tokenprune", phase="decode")
+        assert set(layers) == {LAYER}, syncs.report(mine)  # all in the stage's layer: none in the layers after it
         return
     assert syncs.count(owner="tokenprune", phase="decode") == 0, syncs.report(mine)
     per_layer = syncs.per_layer(owner="tokenprune", phase="prefill")
