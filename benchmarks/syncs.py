@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +128,6 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    import tempfile
-
     args = parse_args()
     torch.set_num_threads(args.threads)
     size = SIZES[args.size]
@@ -162,7 +162,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write is not None:
-        write_between_markers(args.write, text, markers(args.section), stamp=__import__("time").strftime("%Y-%m-%d"))
+        write_between_markers(args.write, text, markers(args.section), stamp=time.strftime("%Y-%m-%d"))
 
 
 if __name__ == "__main__":
