@@ -1,5 +1,5 @@
 """What the benchmark scripts share: model sizes, the random-weight LLaVA-NeXT, inputs, the machine line,
-the noise guard and writing tables between markers.
+paired timing with its bootstrap interval, the guard on that interval and writing tables between markers.
 
 The model is a stock ``LlavaNextForConditionalGeneration`` with random weights and a Llama-style language
 model. One image of twice the tile size in both directions gives LLaVA-NeXT's full anyres layout (base
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ import torch
 import transformers
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-from tokenprune.cost.measure import Timing
+from tokenprune.cost.measure import Case, Timing, time_call
 
 IMAGE_TOKEN = 32000 - 1
 
@@ -204,42 +205,89 @@ def share_cell(share: Timing) -> str:
     return f"{share.median:.2%} ({min(share.samples):.2%}-{max(share.samples):.2%})"
 
 
-GUARD_ROUNDS = 5
-"""From this many rounds on, the guard reads the interquartile range instead of the whole range."""
+@dataclass(frozen=True)
+class PairedRatio:
+    """The ratio of two configurations timed in adjacent pairs: the median of the per-pair ratios and a
+    bootstrap 95% interval of that median.
 
-
-def unpruned_spread(timings: Sequence[Timing]) -> float:
-    """The largest relative spread among the unpruned configurations, the statistic the guard reads.
-
-    With at least :data:`GUARD_ROUNDS` rounds it is the interquartile range over the median: the tables
-    report medians, which one slow round (a hiccup of the host) does not move, so the guard asks how
-    much the middle of the rounds spreads. With fewer rounds it is ``(max - min) / median``. Infinite
-    when a configuration has a single sample: one round says nothing about the noise.
+    Each pair's two calls run next to each other (in alternating order), so a drift of the machine's
+    speed between pairs cancels in the ratio; the interval says how well the pairs pin the median down.
     """
-    return max(guard_statistic(t) if len(t.samples) > 1 else float("inf") for t in timings)
+
+    ratios: tuple[float, ...]
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, ratios: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> PairedRatio:
+        """The median of ``ratios`` with its percentile-bootstrap 95% interval (a fixed seed: reproducible).
+
+        Raises:
+            ValueError: no ratio.
+        """
+        if not ratios:
+            raise ValueError("a paired ratio needs at least one pair")
+        values = torch.tensor(list(ratios), dtype=torch.float64)
+        draws = torch.randint(len(ratios), (resamples, len(ratios)), generator=torch.Generator().manual_seed(seed))
+        medians = values[draws].quantile(0.5, dim=1)
+        low, high = torch.quantile(medians, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        return cls(tuple(ratios), low, high)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def half_width(self) -> float:
+        """The interval's larger distance from the median, relative to it (``0.015``: +-1.5%)."""
+        m = self.median
+        return max(m - self.low, self.high - m) / m
+
+    def cell(self) -> str:
+        """``median [low, high]``."""
+        return f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
-def guard_statistic(t: Timing) -> float:
-    return t.relative_iqr if len(t.samples) >= GUARD_ROUNDS else t.relative_spread
+def paired_calls(
+    first: Case, second: Case, pairs: int, device: str = "cpu", warmup: int = 1
+) -> tuple[PairedRatio, Timing, Timing]:
+    """Time ``first`` and ``second`` in ``pairs`` adjacent pairs, alternating which runs first (AB, BA, ...).
+
+    Each case's context is entered around its own call (outside the timing); returns the paired ratio
+    ``first / second`` and both cases' timings (pair ``i`` of each comes from the same pair).
+    """
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(warmup + pairs):
+        order = [(first, a), (second, b)] if i % 2 == 0 else [(second, b), (first, a)]
+        for case, out in order:
+            with case.context():
+                seconds = case.call() if case.self_timed else time_call(case.call, warmup=0, repeats=1, device=device)
+            if i >= warmup:
+                out.append(float(seconds if case.self_timed else seconds.samples[0]))
+    ratio = PairedRatio.of([x / y for x, y in zip(a, b, strict=True)])
+    return ratio, Timing(tuple(a)), Timing(tuple(b))
 
 
-def guard_name(rounds: int) -> str:
-    """What :func:`unpruned_spread` measured, for the tables' header and the refusal."""
-    return "interquartile range / median" if rounds >= GUARD_ROUNDS else "(max - min) / median"
+def widest(ratios: Sequence[PairedRatio]) -> float:
+    """The widest relative half-width among ``ratios``, the statistic the guard reads (0 without any)."""
+    return max((r.half_width for r in ratios), default=0.0)
 
 
-def write_or_refuse(
-    path: Path | None, text: str, markers: tuple[str, str], spread: float, max_spread: float, rounds: int
-) -> None:
-    """Write ``text`` between ``markers`` in ``path``, unless the unpruned runs were too noisy (exit 3)."""
+def write_or_refuse(path: Path | None, text: str, markers: tuple[str, str], width: float, max_width: float) -> None:
+    """Write ``text`` between ``markers`` in ``path``, unless a guarded ratio's interval is too wide (exit 3).
+
+    The guard reads the paired ratios' bootstrap intervals, not the spread of absolute times: a drift
+    of the machine's speed moves both calls of a pair and cancels in their ratio.
+    """
     if path is None:
         return
-    if spread > max_spread:
+    if width > max_width:
         print(
-            f"refusing to write {path}: the unpruned runs spread {spread:.1%} ({guard_name(rounds)}), more "
-            f"than --max-spread {max_spread:.1%}; the machine was too noisy (load now {load()}). Rerun on a quieter "
-            f"machine, with more --repeats (from {GUARD_ROUNDS} on, the interquartile range is read), or accept "
-            "more noise with a larger --max-spread.",
+            f"refusing to write {path}: a guarded ratio's 95% interval reaches +-{width:.1%} of its median, more "
+            f"than --max-interval {max_width:.1%} (load now {load()}). Rerun with more pairs (--pairs, or "
+            "--generations for decoding), on a quieter machine, or accept a wider interval with a larger "
+            "--max-interval.",
             file=sys.stderr,
         )
         raise SystemExit(3)

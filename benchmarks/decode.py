@@ -1,25 +1,25 @@
-"""Per-token decode time with tokenprune against the stock model, at keep-all and after a 25% cut.
+"""Decoding-step time with tokenprune against the stock model, at keep-all and after a 25% cut, from pairs
+of single decoding steps.
 
-The model and its one-image prompt are those of ``prefill.py`` (see ``_bench.py``). Each measurement is
-one greedy ``generate`` of ``--tokens`` new tokens; a stopping criterion stamps the clock after every
-step (synchronising the GPU first), and the sample is the mean time of the steps after the first
-(the first step is the prefill). Configurations:
+The model and its one-image prompt are those of ``prefill.py`` (see ``_bench.py``). A tokenprune handle
+must stay installed over a whole generation, so two copies of the model (the same weights) decode side
+by side: each generation prefills both, then alternates single greedy decoding steps between them
+(AB, BA, ...), each step timed alone (the GPU synchronised around it). Each pair of steps gives a ratio;
+the table gives the median ratio with its bootstrap 95% interval over every pair of every generation.
+Pairs (copy A against copy B):
 
-* ``stock``: the stock model on the full prompt;
 * ``keep-all``: tokenprune with a post-projector stage that keeps every visual token (the engine maps
-  every decoding step's mask and positions, nothing is dropped): against ``stock``, target 2%;
-* ``cut 25%``: tokenprune, random keep 25% after the projector;
-* ``reference``: the stock model with that many visual tokens (the same kept features) fed as
-  ``inputs_embeds``: the equal-length reference of ``cut 25%``, target 3%;
+  every decoding step's mask and positions, nothing is dropped) against the stock model: target 1.01;
+* ``cut 25%``: tokenprune, random keep 25% after the projector, against the stock model with that many
+  visual tokens (the same kept features) as ``inputs_embeds`` (the equal-length reference): target 1.03;
 * ``hooks only``: the stock model with no-op forward hooks on the modules tokenprune hooks for a
-  post-projector stage (the top model, the multimodal model, the language model; no decoder layer):
-  what PyTorch's hook dispatch costs, which tokenprune's own time does not include.
+  post-projector stage, against the stock model: what PyTorch's hook dispatch costs, which
+  tokenprune's own time does not include.
 
-Round-robin over the configurations, medians over the rounds, spreads ``(max - min) / median``, load
-averages before and after; ``--write`` refuses (exit 3) when an unpruned configuration spreads more
-than ``--max-spread`` (from 5 rounds on, by its interquartile range over the median; see ``_bench.py``).
+``--write`` refuses (exit 3) when the keep-all or the cut ratio's interval reaches further than
+``--max-interval`` from its median (``_bench.write_or_refuse``).
 
-Run:  python benchmarks/decode.py --threads 1 --repeats 7 --write docs/benchmarks.md   (full size: 5 min on one core)
+Run:  python benchmarks/decode.py --threads 1 --write docs/benchmarks.md   (full size: a few minutes on one core)
       python benchmarks/decode.py --quick                                  (a toy model, seconds)
 """
 
@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,60 +39,101 @@ import torch
 from _bench import (
     IMAGE_TOKEN,
     SIZES,
+    PairedRatio,
     build_model,
     command,
-    guard_name,
     image_features,
     load,
     machine,
     make_inputs,
     markers,
-    own_share,
     share_cell,
-    unpruned_spread,
+    widest,
     write_or_refuse,
 )
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 import tokenprune as tp
-from tokenprune.cost.measure import Case, Timing, interleaved, paired_ratio
+from tokenprune.cost.measure import Timing
+from tokenprune.engine import compat
 from tokenprune.engine.hooks import HookSet
 
 
-class StepClock(StoppingCriteria):
-    """Stamps the clock after every generation step; never stops generation."""
+class Decoder:
+    """One model copy decoding greedily, one timed step at a time, from a prompt (``input_ids`` or embeddings)."""
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.stamps: list[float] = []
+    def __init__(self, model: Any, inputs: dict[str, Any], cuda: bool) -> None:
+        self.model, self.inputs, self.cuda = model, inputs, cuda
+        self.cache_name = compat.cache_argument_name(model.forward)  # `cache` or `past_key_values`
+        self.cache: Any = None
+        self.mask = self.next = torch.empty(0)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def start(self) -> None:
+        """Prefill the prompt (untimed) and pick the first token."""
+        with torch.inference_mode():
+            out = self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+        self.cache, self.mask = compat.output_cache(out), self.inputs["attention_mask"]
+        self.next = out.logits[:, -1:].argmax(-1)
+
+    def step(self) -> float:
+        """One decoding step: the seconds it took."""
+        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+        self._sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=self.next,
+                attention_mask=mask,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self.cache_name: self.cache},
+            )
+        self._sync()
+        seconds = time.perf_counter() - start
+        self.cache, self.mask, self.next = compat.output_cache(out), mask, out.logits[:, -1:].argmax(-1)
+        return seconds
+
+    def _sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def per_token(model: Any, inputs: dict[str, Any], tokens: int, cuda: bool) -> Callable[[], float]:
-    """A call that generates ``tokens`` tokens greedily and returns the mean seconds per decoding step."""
+@dataclass
+class Pair:
+    """Copy A (``context`` installed over each generation) against copy B, step by step."""
 
-    def call() -> float:
-        clock = StepClock(cuda)
-        with torch.inference_mode():
-            model.generate(
-                **inputs,
-                max_new_tokens=tokens,
-                min_new_tokens=tokens,
-                do_sample=False,
-                pad_token_id=0,
-                stopping_criteria=StoppingCriteriaList([clock]),
-            )
-        s = clock.stamps
-        if len(s) < 2:
-            raise RuntimeError(f"generate stopped after {len(s)} step(s); --tokens must be at least 2")
-        return (s[-1] - s[0]) / (len(s) - 1)
+    name: str
+    a: Decoder
+    b: Decoder
+    context: Callable[[], contextlib.AbstractContextManager[Any]]
+    runs: list[Any] = field(default_factory=list)  # the tokenprune handles of the timed generations
 
-    return call
+
+def paired_steps(pair: Pair, steps: int, generations: int) -> tuple[PairedRatio, Timing, Timing]:
+    """``generations`` timed generations (after a warm-up one) of ``steps`` alternating single steps."""
+    a_times: list[float] = []
+    b_times: list[float] = []
+    for g in range(1 + generations):
+        with pair.context() as run:
+            pair.a.start()
+            pair.b.start()
+            for i in range(steps):
+                first, second = (pair.a, pair.b) if i % 2 == 0 else (pair.b, pair.a)
+                t = {first: first.step(), second: second.step()}
+                if g:
+                    a_times.append(t[pair.a])
+                    b_times.append(t[pair.b])
+        if g and run is not None:
+            pair.runs.append(run)
+    ratio = PairedRatio.of([x / y for x, y in zip(a_times, b_times, strict=True)])
+    return ratio, Timing(tuple(a_times)), Timing(tuple(b_times))
+
+
+def own_per_step(pair: Pair, a: Timing) -> Timing | None:
+    """tokenprune's own time as a share of each timed step of copy A (its decoding forwards, in order)."""
+    if not pair.runs:
+        return None
+    engine = [f.engine_seconds for run in pair.runs for f in run.stats.forwards if f.phase == "decode"]
+    return Timing(tuple(e / s for e, s in zip(engine, a.samples, strict=True)))
 
 
 def reference_inputs(model: Any, inputs: dict[str, Any], kept_visual: list[int]) -> dict[str, Any]:
@@ -109,7 +152,7 @@ def reference_inputs(model: Any, inputs: dict[str, Any], kept_visual: list[int])
 
 
 @contextlib.contextmanager
-def no_op_hooks(model: Any) -> Iterator[None]:
+def no_op_hooks(model: Any) -> Iterator[Any]:
     """Forward hooks that do nothing, on the modules the engine hooks for a post-projector stage."""
     vlm, lm = model.model, model.model.language_model
     hooks = HookSet()
@@ -120,54 +163,40 @@ def no_op_hooks(model: Any) -> Iterator[None]:
     hooks.post(vlm, post)
     hooks.pre(lm, pre)
     try:
-        yield
+        yield None
     finally:
         hooks.remove()
 
 
 @contextlib.contextmanager
-def applied(model: Any, keep: float, manager: Any, sink: list[Any] | None = None) -> Iterator[None]:
-    """Install random keep ``keep`` after the projector for one call; record its forwards' statistics in ``sink``."""
+def applied(model: Any, keep: float, manager: Any) -> Iterator[Any]:
+    """Random keep ``keep`` after the projector installed on ``model``; yields the handle."""
     pipeline = {"stages": [{"at": "post_projector", "reducer": "random", "keep": keep}]}
     with tp.apply(model, pipeline, plugins=manager) as run:
-        yield
-        if sink is not None:
-            sink.append(list(run.stats.forwards))
+        yield run
 
 
-def step_engine_seconds(forwards: list[Any]) -> float:
-    """tokenprune's own time per decoding step of one ``generate``, over the steps :class:`StepClock` times.
-
-    The per-token sample spans the forwards after the second (the first stamp follows the first decoding
-    step), so those are averaged.
-    """
-    steps = [f.engine_seconds for f in forwards if f.phase == "decode"][1:]
-    return sum(steps) / len(steps) if steps else 0.0
-
-
-def measure(
-    args: argparse.Namespace, model: Any, inputs: dict[str, Any]
-) -> tuple[dict[str, Timing], dict[str, Timing], int]:
-    """Time the five configurations round-robin; returns the timings, tokenprune's own share of each
-    pruned configuration's decoding steps, and the kept visual tokens."""
-    sinks: dict[str, list[list[Any]]] = {"keep-all": [], "cut 25%": []}
+def measure(args: argparse.Namespace, model: Any, inputs: dict[str, Any]) -> tuple[list[tuple[str, Any]], int]:
+    """The three pairs, timed one after the other; returns ``(pair, (ratio, a, b, own))`` and the kept tokens."""
     manager, cuda = tp.get_plugin_manager(), args.device.startswith("cuda")
-    learn: list[Any] = []
-    with applied(model, 0.25, manager, learn), torch.inference_mode():
+    twin = copy.deepcopy(model)  # copy B: the stock model, never hooked
+    with applied(model, 0.25, manager) as run, torch.inference_mode():
         model(**inputs, use_cache=False, logits_to_keep=1)
-    kept = learn[0][0].stages[0].kept[0]
+    kept = run.stats.last_prefill.stages[0].kept[0]
     short = reference_inputs(model, inputs, kept)
-    call = per_token(model, inputs, args.tokens, cuda)
-    cases = [
-        Case("stock", call, self_timed=True),
-        Case("keep-all", call, lambda: applied(model, 1.0, manager, sinks["keep-all"]), True),
-        Case("cut 25%", call, lambda: applied(model, 0.25, manager, sinks["cut 25%"]), True),
-        Case("reference", per_token(model, short, args.tokens, cuda), self_timed=True),
-        Case("hooks only", call, lambda: no_op_hooks(model), True),
+    stock = Decoder(twin, inputs, cuda)
+    pairs = [
+        Pair("keep-all", Decoder(model, inputs, cuda), stock, lambda: applied(model, 1.0, manager)),
+        Pair(
+            "cut 25%", Decoder(model, inputs, cuda), Decoder(twin, short, cuda), lambda: applied(model, 0.25, manager)
+        ),
+        Pair("hooks only", Decoder(model, inputs, cuda), stock, lambda: no_op_hooks(model)),
     ]
-    timings = interleaved(cases, rounds=args.repeats, warmup_rounds=1, device=args.device)
-    own = {name: own_share(timings[name], [step_engine_seconds(f) for f in sink]) for name, sink in sinks.items()}
-    return timings, own, len(kept)
+    out = []
+    for pair in pairs:
+        ratio, a, b = paired_steps(pair, args.tokens, args.repeats)
+        out.append((pair.name, (ratio, a, b, own_per_step(pair, a))))
+    return out, len(kept)
 
 
 def parse_args() -> argparse.Namespace:
@@ -176,22 +205,40 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
-    parser.add_argument("--tokens", type=int, default=32, help="new tokens per generate call")
+    parser.add_argument(
+        "--generations",
+        "--repeats",
+        dest="repeats",
+        type=int,
+        default=5,
+        help="timed generations per pair (after a warm-up one)",
+    )
+    parser.add_argument("--tokens", type=int, default=32, help="decoding steps per generation")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--write", type=Path, help="update this markdown file between the section's markers")
     parser.add_argument(
         "--section", default="decode", help="markers <!-- benchmarks:SECTION:begin/end --> (default: decode)"
     )
     parser.add_argument(
-        "--max-spread", type=float, default=0.05, help="refuse --write when an unpruned run spreads more (0.05 = 5%%)"
+        "--max-interval",
+        type=float,
+        default=0.015,
+        help="refuse --write when a guarded ratio's 95%% interval reaches further from its median (0.015 = +-1.5%%)",
     )
     args = parser.parse_args()
     if args.quick:
-        args.size, args.repeats, args.tokens = "quick", min(args.repeats, 2), min(args.tokens, 8)
+        args.size, args.repeats, args.tokens = "quick", min(args.repeats, 2), min(args.tokens, 6)
     if args.repeats < 1 or args.tokens < 2:
         parser.error("--repeats must be at least 1 and --tokens at least 2")
     return args
+
+
+TARGETS = {"keep-all": 1.01, "cut 25%": 1.03}
+LABELS = {
+    "keep-all": ("tokenprune, random keep 100% after the projector", "stock model, full prompt"),
+    "cut 25%": ("tokenprune, random keep 25% after the projector", "reference: stock model, {kept} visual tokens"),
+    "hooks only": ("stock model with no-op hooks where tokenprune hooks (PyTorch's dispatch)", "stock model"),
+}
 
 
 def main() -> None:
@@ -203,38 +250,39 @@ def main() -> None:
     inputs = make_inputs(model, [(2 * size.tile, 2 * size.tile)], size)
     visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum())
     before = load()
-    t, own, kept = measure(args, model, inputs)
-    spread = unpruned_spread([t["stock"], t["keep-all"]])
-    rows = [
-        ("stock model, full prompt", "stock", "stock", None),
-        ("tokenprune, random keep 100% after the projector", "keep-all", "stock", 1.02),
-        ("tokenprune, random keep 25% after the projector", "cut 25%", "reference", 1.03),
-        (f"reference: stock model, {kept} visual tokens as inputs_embeds", "reference", "stock", None),
-        ("stock model with no-op hooks where tokenprune hooks (PyTorch's dispatch)", "hooks only", "stock", None),
-    ]
+    results, kept = measure(args, model, inputs)
+    width = widest([r[0] for name, r in results if name in TARGETS])
     lines = [
         f"Machine: {machine(args.device, args.dtype)}; load average (1/5/15 min) {before} before, {load()} after.",
         f"Model: size `{args.size}`, LLM hidden {size.hidden}, {size.layers} layers; prompt {visual} visual + "
-        f"{inputs['input_ids'].shape[1] - visual} text tokens; {args.tokens} new tokens per generate call.",
-        f"Command: `{command('decode.py')}`; {args.repeats} timed rounds, round-robin after a warm-up round; "
-        f"medians; the spread column is (max - min) / median. Largest unpruned spread ({guard_name(args.repeats)}, "
-        f"the noise guard's statistic): {spread:.1%}, limit {args.max_spread:.1%}.",
+        f"{inputs['input_ids'].shape[1] - visual} text tokens.",
+        f"Command: `{command('decode.py')}`; per row {args.repeats} generations (after a warm-up one) of "
+        f"{args.tokens} single decoding steps alternating between two copies of the model: the median of the "
+        "per-pair ratios and its bootstrap 95% interval; a verdict only where the whole interval lies on one side "
+        f"of the target. Widest guarded interval (the noise guard's statistic): +-{width:.1%} of the median, limit "
+        f"+-{args.max_interval:.1%}.",
         "",
-        "| configuration | ms per token | spread | against | ratio (median of per-round ratios) | target "
-        "| tokenprune's own time per step, % of the step (range) |",
+        "| configuration (copy A) | ms per step | against (copy B) | ms per step | A / B: median [95% interval] "
+        "| target | tokenprune's own time per step, % of the step (range) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, name, against, target in rows:
-        ratio = paired_ratio(t[name], t[against]).median
-        verdict = "" if target is None else f"at most {target:.2f}: {'met' if ratio <= target else 'missed'}"
-        share = share_cell(own[name]) if name in own else ""
+    for name, (ratio, a, b, own) in results:
+        label, against = LABELS[name]
+        target = TARGETS.get(name)
+        verdict = "" if target is None else _verdict(ratio, target)
         lines.append(
-            f"| {label} | {1000 * t[name].median:.3f} | {t[name].relative_spread:.1%} | {against} | {ratio:.4f} | "
-            f"{verdict} | {share} |"
+            f"| {label} | {1000 * a.median:.3f} | {against.format(kept=kept)} | {1000 * b.median:.3f} | "
+            f"{ratio.cell()} | {verdict} | {share_cell(own) if own is not None else ''} |"
         )
     text = "\n".join(lines)
     print(text)
-    write_or_refuse(args.write, text, markers(args.section), spread, args.max_spread, args.repeats)
+    write_or_refuse(args.write, text, markers(args.section), width, args.max_interval)
+
+
+def _verdict(ratio: PairedRatio, target: float) -> str:
+    if ratio.high <= target:
+        return f"at most {target:.2f}: met"
+    return f"at most {target:.2f}: {'missed' if ratio.low > target else 'undecided'}"
 
 
 if __name__ == "__main__":

@@ -6,22 +6,23 @@
 #     recent GPU. Default output: docs/benchmarks.md, sections gpu-prefill and gpu-decode.
 #   CPU: the `small` size (hidden 256, 4 layers) in float32; prints the tables, writes only with --out.
 #
-# Usage: benchmarks/gpu.sh [--quick] [--out FILE] [--max-spread X] [--repeats N] [--reducers a,b]
-#   --quick        the toy size and 2 rounds: the test suite's smoke run
+# Usage: benchmarks/gpu.sh [--quick] [--out FILE] [--max-interval X] [--repeats N] [--reducers a,b]
+#   --quick        the toy size and 2 pairs: the test suite's smoke run
 #   --out FILE     write the tables into FILE between <!-- benchmarks:gpu-prefill:begin/end --> and
-#                  <!-- benchmarks:gpu-decode:begin/end --> (refused, exit 3, when the unpruned runs
-#                  spread more than --max-spread, default 0.05)
+#                  <!-- benchmarks:gpu-decode:begin/end --> (refused, exit 3, when a guarded paired ratio's
+#                  95% interval reaches further than --max-interval from its median, default 0.015)
+#   --repeats N    pairs of prefill calls per ratio, and generations per decoding pair
 #   --reducers     the prefill benchmark's reducers (default: every built-in)
 # Environment: PYTHON (default: python3), the interpreter whose torch is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-quick=0 out="" spread=0.05 repeats="" reducers=()
+quick=0 out="" interval=0.015 repeats="" reducers=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
     --out) out="$2"; shift ;;
-    --max-spread) spread="$2"; shift ;;
+    --max-interval) interval="$2"; shift ;;
     --repeats) repeats="$2"; shift ;;
     --reducers) reducers=(--reducers "$2"); shift ;;
     -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
@@ -32,15 +33,15 @@ done
 export PYTHONPATH="$PWD:$PWD/plugins${PYTHONPATH:+:$PYTHONPATH}"
 device=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 if [ "$device" = cuda ]; then
-  size=7b dtype=bfloat16 prefill_repeats=5 decode_repeats=5
+  size=7b dtype=bfloat16 prefill_repeats=15 decode_repeats=5
   [ -n "$out" ] || out=docs/benchmarks.md
 else
-  size=small dtype=float32 prefill_repeats=3 decode_repeats=3
+  size=small dtype=float32 prefill_repeats=9 decode_repeats=3
 fi
 if [ "$quick" = 1 ]; then size=quick prefill_repeats=2 decode_repeats=2; fi
 [ -z "$repeats" ] || prefill_repeats=$repeats decode_repeats=$repeats
 echo "gpu.sh: device $device, size $size, $dtype, output ${out:-none}" >&2
-common=(--size "$size" --dtype "$dtype" --device "$device" --max-spread "$spread")
+common=(--size "$size" --dtype "$dtype" --device "$device" --max-interval "$interval")
 write_prefill=() write_decode=()
 if [ -n "$out" ]; then
   write_prefill=(--write "$out" --section gpu-prefill)

@@ -13,18 +13,20 @@ the stock model, without tokenprune, doing the same work on sequences of the sam
   on those (original positions, causal sdpa), final norm and the head on the last token. The same loop
   without a cut is timed against the stock model, to show what the construction itself costs.
 
-``tokenprune / reference`` (the median of per-round ratios) is what tokenprune adds over the stock
-model's own work at those lengths. Also: keep-all pipelines against the stock model, the speed-up the
-analytic FLOPs predict, FastV's sdpa probe against eager attention, the vision probe's cost (FasterVLM
-against random at the same kept count), a ragged batch of 8 images against
-8 single runs at 1 and 2 threads, and KV-cache bytes against the kept tokens.
+``tokenprune / reference`` is what tokenprune adds over the stock model's own work at those lengths.
+Also: keep-all pipelines against the stock model, the speed-up the analytic FLOPs predict, FastV's
+sdpa probe against eager attention, the vision probe's cost (FasterVLM against random at the same
+kept count), a ragged batch of 8 images against 8 single runs at 1 and 2 threads, and KV-cache bytes
+against the kept tokens.
 
-Noise: all configurations are timed round-robin (one call each per round, after a warm-up round),
-medians over the rounds, spreads as ``(max - min) / median``, load averages before and after.
-``--write`` refuses (exit 3) when an unpruned configuration spreads more than ``--max-spread`` (from 5
-rounds on, by its interquartile range over the median; see ``_bench.unpruned_spread``).
+Noise: every ratio of the main tables comes from ``--pairs`` adjacent pairs of single prefill calls,
+alternating which runs first (``_bench.paired_calls``): the median of the pair ratios and its
+bootstrap 95% interval; a verdict against a target only where the whole interval lies on one side of
+it. ``--write`` refuses (exit 3) when a guarded ratio's interval (keep-all and ``random`` rows) reaches
+further than ``--max-interval`` from its median. The FastV, vision-probe and batch tables are timed
+round-robin over as many rounds.
 
-Run:  python benchmarks/prefill.py --threads 1 --repeats 5 --write docs/benchmarks.md   (full size: 32 min on one core)
+Run:  python benchmarks/prefill.py --threads 1 --write docs/benchmarks.md   (full size: about an hour on one core)
       python benchmarks/prefill.py --quick                                  (a toy model, seconds)
       benchmarks/gpu.sh                                                      (7B size, bfloat16, on CUDA)
 """
@@ -44,17 +46,18 @@ import torch
 from _bench import (
     IMAGE_TOKEN,
     SIZES,
+    PairedRatio,
     build_model,
     command,
-    guard_name,
     image_features,
     load,
     machine,
     make_inputs,
     markers,
     own_share,
+    paired_calls,
     share_cell,
-    unpruned_spread,
+    widest,
     write_or_refuse,
 )
 
@@ -98,6 +101,10 @@ class Bench:
 
     def time(self, cases: list[Case]) -> dict[str, Timing]:
         return interleaved(cases, rounds=self.rounds, warmup_rounds=1, device=self.device)
+
+    def case(self, row: Row) -> Case:
+        """A prefill call with ``row``'s pipeline installed around it (its statistics go to ``row.sink``)."""
+        return Case(row.name, lambda: prefill(self.model, self.inputs), lambda: applied(self, row.pipeline, row.sink))
 
 
 @dataclass
@@ -218,8 +225,8 @@ def main_rows(b: Bench, names: list[str]) -> list[Row]:
     return rows
 
 
-def reference_for(b: Bench, row: Row, refs: dict[tuple[Any, ...], Case]) -> str:
-    """The name of the equal-length reference case of ``row`` (shared by rows with equal lengths)."""
+def refs_case(b: Bench, row: Row, refs: dict[tuple[Any, ...], Case]) -> Case:
+    """The equal-length reference case of ``row`` (shared by rows with equal lengths)."""
     stage = row.sink[0].stages[0]
     key = (row.at, tuple(stage.leaving))
     if key not in refs:
@@ -228,81 +235,86 @@ def reference_for(b: Bench, row: Row, refs: dict[tuple[Any, ...], Case]) -> str:
             refs[key] = Case(name, post_projector_reference(b, stage.kept[0]))
         else:
             refs[key] = Case(name, layer_reference(b, LAYER, stage.kept[0]))
-    return refs[key].name
+    return refs[key]
 
 
-def main_table(b: Bench, names: list[str]) -> list[Timing]:
-    """Reducer rows against the stock model and the equal-length reference; returns the unpruned timings."""
+KEEP_ALL_TARGET = 1.01
+CUT_TARGET = 1.02
+
+
+def verdict(ratio: PairedRatio, target: float) -> str:
+    """``met`` / ``missed`` when the whole interval lies on one side of ``target``, else ``undecided``."""
+    if ratio.high <= target:
+        return f"at most {target:.2f}: met"
+    if ratio.low > target:
+        return f"at most {target:.2f}: missed"
+    return f"at most {target:.2f}: undecided"
+
+
+def main_table(b: Bench, names: list[str]) -> list[PairedRatio]:
+    """Keep-all against the stock model and every reducer row against its equal-length reference, each
+    pair of configurations timed in adjacent pairs of calls; returns the guarded ratios."""
     stock = Case("stock", lambda: prefill(b.model, b.inputs))
-    keep_all = {
-        at: Row("random", at, 1.0) for at in ("post_projector", "layer")
-    }  # a stage that keeps everything: hooks, signals, reducer and gathers, nothing dropped
+    keep_all = {at: Row("random", at, 1.0) for at in ("post_projector", "layer")}  # nothing dropped
     loop = Case("plain-loop reference, no cut", layer_reference(b, b.shape.num_layers, None))
     rows = main_rows(b, names)
     refs: dict[tuple[Any, ...], Case] = {}
-    cases = [stock, loop]
-    cases += [
-        Case(r.name, lambda: prefill(b.model, b.inputs), lambda r=r: applied(b, r.pipeline, r.sink))
-        for r in keep_all.values()
+    head = [
+        ("tokenprune, random keep 100% after the projector", keep_all["post_projector"]),
+        (f"tokenprune, random keep 100% at layer {LAYER}", keep_all["layer"]),
     ]
-    pairs = {}
-    for r in rows:
-        if r.error:
-            continue
-        cases.append(Case(r.name, lambda: prefill(b.model, b.inputs), lambda r=r: applied(b, r.pipeline, r.sink)))
-        pairs[r.name] = reference_for(b, r, refs)
-    timings = b.time(cases + list(refs.values()))
-    base = timings["stock"]
     b.lines += [
-        "| stock model, or tokenprune keeping everything | prefill s | spread | / stock (target at most 1.01) "
+        "| stock model, or tokenprune keeping everything | prefill s | / stock: median [95% interval] | target "
         "| tokenprune's own time, % of the call (range) |",
         "|---|---|---|---|---|",
-        f"| stock model | {base.median:.4f} | {base.relative_spread:.1%} | 1 | |",
     ]
-    for label, name, sink in [
-        (
-            "tokenprune, random keep 100% after the projector",
-            keep_all["post_projector"].name,
-            keep_all["post_projector"].sink,
-        ),
-        (f"tokenprune, random keep 100% at layer {LAYER}", keep_all["layer"].name, keep_all["layer"].sink),
-        ("plain-loop reference without a cut (the layer-stage construction)", loop.name, None),
-    ]:
-        t, ratio = timings[name], paired_ratio(timings[name], base)
-        own = share_cell(own_share(t, [f.engine_seconds for f in sink])) if sink is not None else ""
-        b.lines.append(f"| {label} | {t.median:.4f} | {t.relative_spread:.1%} | {ratio.median:.4f} | {own} |")
-    b.lines += ["", *reducer_table(b, rows, timings, pairs)]
-    return [base, *(timings[r.name] for r in keep_all.values())]
+    guarded, base = [], None
+    for label, row in head:
+        ratio, t, base = paired_calls(b.case(row), stock, b.rounds, b.device)
+        guarded.append(ratio)
+        own = share_cell(own_share(t, [f.engine_seconds for f in row.sink]))
+        b.lines.append(f"| {label} | {t.median:.4f} | {ratio.cell()} | {verdict(ratio, KEEP_ALL_TARGET)} | {own} |")
+    ratio, t, _ = paired_calls(loop, stock, b.rounds, b.device)
+    b.lines.append(
+        f"| plain-loop reference without a cut (the layer-stage construction) | {t.median:.4f} | {ratio.cell()} | | |"
+    )
+    b.lines.append(f"| stock model | {base.median:.4f} | 1 | | |")
+    b.lines += ["", *reducer_table(b, rows, refs, base, guarded)]
+    return guarded
 
 
-def reducer_table(b: Bench, rows: list[Row], timings: dict[str, Timing], pairs: dict[str, str]) -> list[str]:
-    """The main table: one line per reducer configuration."""
-    base = timings["stock"]
+def reducer_table(
+    b: Bench, rows: list[Row], refs: dict[tuple[Any, ...], Case], base: Timing, guarded: list[PairedRatio]
+) -> list[str]:
+    """The main table: one line per reducer configuration, timed in pairs with its equal-length reference
+    (``random``'s rows join the guarded ratios: they carry the 1.02 target)."""
     length = b.inputs["input_ids"].shape[1]
     base_macs = b.vision_macs + lm_macs(b, [length] * b.shape.num_layers)
     lines = [
-        "| reducer | at | keep | visual kept | prefill s | spread | speed-up | FLOPs speed-up | realized / FLOPs "
-        "| reducer % of unpruned | reference s | tokenprune / reference | within 3% | tokenprune's own time, % of "
-        "the call (range) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| reducer | at | keep | visual kept | prefill s | speed-up | FLOPs speed-up | realized / FLOPs "
+        "| reducer % of unpruned | reference s | tokenprune / reference: median [95% interval] | target "
+        "| tokenprune's own time, % of the call (range) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         where = "post_projector" if r.at == "post_projector" else f"layer {LAYER}"
         if r.error:
-            lines.append(f"| {r.reducer} | {where} | {r.keep:.0%} | failed: {r.error} | | | | | | | | | | |")
+            lines.append(f"| {r.reducer} | {where} | {r.keep:.0%} | failed: {r.error} | | | | | | | | | |")
             continue
-        t, ref = timings[r.name], timings[pairs[r.name]]
+        ratio, t, ref = paired_calls(b.case(r), refs_case(b, r, refs), b.rounds, b.device)
+        if r.reducer == "random":
+            guarded.append(ratio)
         last = r.sink[-1]
         macs = b.vision_macs + lm_macs(b, [row[0] for row in last.layer_tokens])
         macs += sum(s.overhead_macs for s in last.stages)
         speed, ideal = base.median / t.median, base_macs / macs
         reducer_s = statistics.median(f.reducer_seconds for f in r.sink)
-        ratio = paired_ratio(t, ref).median
+        target = CUT_TARGET if r.reducer == "random" else 1.03
         lines.append(
             f"| {r.reducer} | {where} | {r.keep:.0%} | {last.stages[0].leaving[0]} | {t.median:.4f} | "
-            f"{t.relative_spread:.1%} | {speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} | "
-            f"{100 * reducer_s / base.median:.2f}% | {ref.median:.4f} | {ratio:.3f} | "
-            f"{'yes' if ratio <= 1.03 else 'no'} | {share_cell(own_share(t, [f.engine_seconds for f in r.sink]))} |"
+            f"{speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} | {100 * reducer_s / base.median:.2f}% | "
+            f"{ref.median:.4f} | {ratio.cell()} | {verdict(ratio, target)} | "
+            f"{share_cell(own_share(t, [f.engine_seconds for f in r.sink]))} |"
         )
     return lines
 
@@ -450,7 +462,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
+    parser.add_argument(
+        "--pairs",
+        "--repeats",
+        dest="repeats",
+        type=int,
+        default=9,
+        help="timed pairs of calls per ratio (after one warm-up pair); rounds of the other tables",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--reducers", default=",".join(REDUCERS), help="comma-separated reducer names")
     parser.add_argument("--write", type=Path, help="update this markdown file between the section's markers")
@@ -458,7 +477,10 @@ def parse_args() -> argparse.Namespace:
         "--section", default="prefill", help="markers <!-- benchmarks:SECTION:begin/end --> (default: prefill)"
     )
     parser.add_argument(
-        "--max-spread", type=float, default=0.05, help="refuse --write when an unpruned run spreads more (0.05 = 5%%)"
+        "--max-interval",
+        type=float,
+        default=0.015,
+        help="refuse --write when a guarded ratio's 95%% interval reaches further from its median (0.015 = +-1.5%%)",
     )
     args = parser.parse_args()
     if args.quick:
@@ -487,24 +509,26 @@ def main() -> None:
     before = load()
     ids = b.inputs["input_ids"]
     visual = int((ids == IMAGE_TOKEN).sum())
-    unpruned = main_table(b, [n.strip() for n in args.reducers.split(",") if n.strip()])
+    guarded = main_table(b, [n.strip() for n in args.reducers.split(",") if n.strip()])
     fastv_table(b)
     vision_probe_table(b)
     batch_table(b, size)
     cache_table(b)
-    spread = unpruned_spread(unpruned)
+    width = widest(guarded)
     head = [
         f"Machine: {machine(args.device, args.dtype)}; load average (1/5/15 min) {before} before, {load()} after.",
         f"Model: size `{args.size}`, LLM hidden {size.hidden}, {size.layers} layers, FFN {size.ffn}; {visual} visual + "
         f"{ids.shape[1] - visual} text tokens.",
-        f"Command: `{command('prefill.py')}`; {args.repeats} timed rounds, round-robin after a warm-up round; "
-        f"medians; the spread column is (max - min) / median. Largest unpruned spread ({guard_name(args.repeats)}, "
-        f"the noise guard's statistic): {spread:.1%}, limit {args.max_spread:.1%}.",
+        f"Command: `{command('prefill.py')}`; each ratio from {args.repeats} adjacent pairs of single prefill calls "
+        "(alternating which runs first, after a warm-up pair): the median of the pair ratios and its bootstrap 95% "
+        "interval; a verdict only where the whole interval lies on one side of the target. Widest guarded interval "
+        f"(keep-all and random rows; the noise guard's statistic): +-{width:.1%} of the median, limit "
+        f"+-{args.max_interval:.1%}. The FastV, vision-probe and batch tables: {args.repeats} rounds, round-robin.",
         "",
     ]
     text = "\n".join(head + b.lines)
     print(text)
-    write_or_refuse(args.write, text, markers(args.section), spread, args.max_spread, args.repeats)
+    write_or_refuse(args.write, text, markers(args.section), width, args.max_interval)
 
 
 if __name__ == "__main__":

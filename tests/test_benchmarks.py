@@ -50,55 +50,80 @@ def test_validation_benchmark_writes_its_table_between_the_markers(tmp_path):
 def test_prefill_benchmark_has_the_reference_columns_and_refuses_to_write_when_noisy(tmp_path):
     doc = _doc(tmp_path, "prefill")
     before = doc.read_text(encoding="utf-8")
-    result = _run("prefill.py", "--reducers", "random,fastv", "--write", str(doc), "--max-spread", "0", code=3)
+    result = _run("prefill.py", "--reducers", "random,fastv", "--write", str(doc), "--max-interval", "0", code=3)
     out = result.stdout
-    assert "refusing to write" in result.stderr and "--max-spread" in result.stderr
+    assert "refusing to write" in result.stderr and "--max-interval" in result.stderr
     assert doc.read_text(encoding="utf-8") == before
     columns = _header(out, "reducer")
-    assert {"prefill s", "spread", "reference s", "tokenprune / reference", "within 3%"} <= set(columns)
+    ratio_column = "tokenprune / reference: median [95% interval]"
+    assert {"prefill s", "reference s", ratio_column, "target"} <= set(columns)
     rows = [x for x in out.splitlines() if x.startswith(("| random |", "| fastv |"))]
     assert len(rows) == 6  # random: 2 points x 2 keeps; fastv: layer 2 x 2 keeps
-    ratio = columns.index("tokenprune / reference")
-    assert all(float(r.strip("|").split("|")[ratio]) > 0 for r in rows)
+    for row in rows:
+        median, low, high = _interval(row.strip("|").split("|")[columns.index(ratio_column)])
+        assert 0 < low <= median <= high
+        assert row.strip("|").split("|")[columns.index("target")].strip().split(": ")[1] in {
+            "met",
+            "missed",
+            "undecided",
+        }
     assert "| tokenprune, random keep 100% after the projector |" in out
     assert "| plain-loop reference without a cut (the layer-stage construction) |" in out
-    assert "load average (1/5/15 min)" in out and "Largest unpruned spread" in out
+    assert "load average (1/5/15 min)" in out and "Widest guarded interval" in out and "adjacent pairs" in out
     assert [x.split("|")[2].strip() for x in out.splitlines() if x.startswith("| one batch of 8")] == ["1", "2"]
     own = columns.index("tokenprune's own time, % of the call (range)")
     shares = [float(r.strip("|").split("|")[own].split("%")[0]) for r in rows]
     assert all(0 < s < 100 for s in shares)  # measured inside each timed call: never zero, never the whole call
 
 
-def test_decode_benchmark_writes_its_table_between_its_markers(tmp_path):
+def _interval(cell: str) -> tuple[float, float, float]:
+    """``median [low, high]`` as three numbers."""
+    median, rest = cell.strip().split(" [")
+    low, high = rest.rstrip("]").split(", ")
+    return float(median), float(low), float(high)
+
+
+def test_decode_benchmark_pairs_single_steps_of_two_copies_and_writes_its_table(tmp_path):
     doc = _doc(tmp_path, "prefill", "decode")
-    out = _run("decode.py", "--write", str(doc), "--max-spread", "1e9").stdout
-    columns = _header(out, "configuration")
-    assert columns[:3] == ["configuration", "ms per token", "spread"]
-    labels = [x.split("|")[1].strip() for x in out.splitlines() if x.startswith("| ") and "ms per token" not in x]
-    assert labels[:3] == [
-        "stock model, full prompt",
+    out = _run("decode.py", "--write", str(doc), "--max-interval", "1e9").stdout
+    columns = _header(out, "configuration (copy A)")
+    assert columns[:5] == [
+        "configuration (copy A)",
+        "ms per step",
+        "against (copy B)",
+        "ms per step",
+        "A / B: median [95% interval]",
+    ]
+    rows = [x.strip("|").split("|") for x in out.splitlines() if x.startswith("| ") and "copy A" not in x]
+    rows = [r for r in rows if not r[0].startswith("---")]
+    assert [r[0].strip() for r in rows] == [
         "tokenprune, random keep 100% after the projector",
         "tokenprune, random keep 25% after the projector",
+        "stock model with no-op hooks where tokenprune hooks (PyTorch's dispatch)",
     ]
+    assert rows[1][2].strip().startswith("reference: stock model, 22 visual tokens")
+    for r in rows:
+        median, low, high = _interval(r[4])
+        assert 0 < low <= median <= high
     own = columns.index("tokenprune's own time per step, % of the step (range)")
-    cells = [x.strip("|").split("|")[own].strip() for x in out.splitlines() if x.startswith("| tokenprune, random")]
-    assert len(cells) == 2 and all(0 < float(c.split("%")[0]) < 100 for c in cells)
+    assert all(0 < float(r[own].split("%")[0]) < 100 for r in rows[:2]) and rows[2][own].strip() == ""
     text = doc.read_text(encoding="utf-8")
-    assert "old decode" not in text and "old prefill" in text and "| stock model, full prompt |" in text
+    assert "old decode" not in text and "old prefill" in text and "| tokenprune, random keep 100% after" in text
     assert text.endswith("<!-- benchmarks:decode:end -->\nafter\n")
 
 
 def test_gpu_script_runs_on_the_cpu_and_writes_both_sections(tmp_path):
     out_file = tmp_path / "gpu.md"
     env = dict(os.environ, PYTHON=sys.executable)
-    cmd = ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--quick", "--out", str(out_file), "--max-spread", "1e9"]
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--quick", "--out", str(out_file), "--max-interval", "1e9"]
     cmd += ["--reducers", "random"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     text = out_file.read_text(encoding="utf-8")
     for section in ("gpu-prefill", "gpu-decode"):
         assert f"<!-- benchmarks:{section}:begin -->\n_Measured" in text
-    assert "Machine: CPU" in text and "| tokenprune / reference |" in text and "| ms per token |" in text
+    assert "Machine: CPU" in text and "| tokenprune / reference: median [95% interval] |" in text
+    assert "| A / B: median [95% interval] |" in text
 
 
 def test_interleaved_runs_the_cases_round_robin_and_pairs_rounds():
@@ -119,22 +144,46 @@ def test_interleaved_runs_the_cases_round_robin_and_pairs_rounds():
         paired_ratio(Timing((1.0,)), Timing((1.0, 2.0)))
 
 
-def test_the_noise_guard_reads_the_range_below_five_rounds_and_the_interquartile_range_from_five():
+def _bench():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from _bench import guard_name, unpruned_spread
+        import _bench
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    one_slow_round = Timing((1.0, 1.01, 0.99, 1.0, 1.4))  # a host hiccup: the median does not move
-    assert unpruned_spread([one_slow_round]) == pytest.approx(one_slow_round.relative_iqr)
-    assert unpruned_spread([one_slow_round]) < 0.25 < one_slow_round.relative_spread
-    four = Timing((1.0, 1.01, 0.99, 1.4))
-    assert unpruned_spread([four]) == pytest.approx(0.41 / 1.005)
-    noisy_middle = Timing((1.0, 1.2, 0.8, 1.1, 0.9))
-    assert unpruned_spread([one_slow_round, noisy_middle]) == pytest.approx(noisy_middle.relative_iqr)
-    assert noisy_middle.relative_iqr > 0.2
-    assert unpruned_spread([Timing((1.0,))]) == float("inf")
-    assert guard_name(4) == "(max - min) / median" and guard_name(5) == "interquartile range / median"
+    return _bench
+
+
+def test_the_guard_reads_the_ratio_interval_not_the_spread_of_absolute_times(tmp_path):
+    b = _bench()
+    drift = [1.0, 1.4, 0.8, 1.9, 1.1, 0.7, 1.6, 1.2, 0.9, 1.5, 1.3]  # the host's speed wanders by 2.7x
+    steady = b.PairedRatio.of([1.004 * d / d for d in drift])  # every pair: 1.004, whatever the drift
+    assert Timing(tuple(drift)).relative_iqr > 0.3 and steady.median == pytest.approx(1.004)
+    assert steady.low == pytest.approx(1.004) and steady.high == pytest.approx(1.004) and steady.half_width < 1e-12
+    noisy = b.PairedRatio.of([1.0, 1.08, 0.93, 1.05, 0.96, 1.1, 0.9, 1.02, 0.98])
+    assert noisy.low < noisy.median < noisy.high and noisy.half_width > 0.015
+    assert b.PairedRatio.of(noisy.ratios) == noisy  # a fixed seed: the same interval every time
+    assert b.widest([steady, noisy]) == noisy.half_width and b.widest([]) == 0.0
+    doc = tmp_path / "b.md"
+    doc.write_text("# B\n<!-- benchmarks:x:begin -->\nold\n<!-- benchmarks:x:end -->\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as refused:
+        b.write_or_refuse(doc, "new", b.markers("x"), b.widest([steady, noisy]), 0.015)
+    assert refused.value.code == 3 and "old" in doc.read_text(encoding="utf-8")
+    b.write_or_refuse(doc, "new", b.markers("x"), b.widest([steady]), 0.015)
+    assert "new" in doc.read_text(encoding="utf-8") and "old" not in doc.read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="at least one pair"):
+        b.PairedRatio.of([])
+
+
+def test_paired_calls_alternate_the_order_and_pair_adjacent_calls():
+    b = _bench()
+    order: list[str] = []
+    clock = iter([2.0, 1.0, 1.0, 2.0, 4.0, 2.0, 3.0, 6.0])  # per call, in call order: pairs drift, ratio stays 2
+    first = Case("a", lambda: order.append("a") or next(clock), self_timed=True)
+    second = Case("b", lambda: order.append("b") or next(clock), self_timed=True)
+    ratio, a, bt = b.paired_calls(first, second, pairs=3)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]  # a warm-up pair, then AB, BA, AB alternating
+    assert a.samples == (2.0, 4.0, 6.0) and bt.samples == (1.0, 2.0, 3.0)
+    assert ratio.ratios == (2.0, 2.0, 2.0) and ratio.cell() == "2.000 [2.000, 2.000]"
 
 
 def test_own_share_divides_the_timed_rounds_by_their_own_engine_time():
@@ -149,3 +198,22 @@ def test_own_share_divides_the_timed_rounds_by_their_own_engine_time():
     assert share_cell(share) == "10.00% (5.00%-10.00%)"
     with pytest.raises(ValueError, match="2 engine times for 3 timed rounds"):
         own_share(call, [0.1, 0.1])
+
+
+def test_sync_benchmark_counts_each_reducer_per_stage_and_writes_its_table(tmp_path):
+    doc = _doc(tmp_path, "syncs")
+    out = _run("syncs.py", "--reducers", "random,fastv", "--write", str(doc)).stdout
+    columns = _header(out, "reducer")
+    assert columns[2:6] == [
+        "host reads in the stage",
+        "in the prefill outside stages",
+        "most in a layer without a stage",
+        "most in a decoding step",
+    ]
+    rows = {tuple(c.strip() for c in x.strip("|").split("|")[:2]): x for x in out.splitlines() if x.startswith("| ")}
+    assert set(rows) >= {("random", "post_projector"), ("random", "layer 2"), ("fastv", "layer 2")}
+    for key in [("random", "post_projector"), ("random", "layer 2"), ("fastv", "layer 2")]:
+        cells = [c.strip() for c in rows[key].strip("|").split("|")]
+        assert 0 < int(cells[2]) <= 24 and int(cells[4]) == 0 and int(cells[5]) == 0  # the budget of test_host_syncs
+        assert 0 < float(cells[6].rstrip("%")) < 100
+    assert "| random | layer 2 |" in doc.read_text(encoding="utf-8")

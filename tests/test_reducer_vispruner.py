@@ -156,3 +156,31 @@ def test_end_to_end_batched_equals_one_by_one(name, attention, similarity):
                 assert run.stats.last_prefill.stages[0].kept[0] == kept[i]
             torch.testing.assert_close(alone.logits[0, -1], batched.logits[i, -1], rtol=1e-4, atol=1e-5)
     assert kept[2] == [] and len(kept[0]) > 0
+
+
+@pytest.mark.parametrize(("neighbours", "fallback"), [(32, 8), (4, 2), (2, 0)])
+@pytest.mark.parametrize("clustered", [False, True])
+def test_fast_rounds_pick_what_the_full_block_rounds_pick(monkeypatch, neighbours, fallback, clustered):
+    """The neighbour lists (with their fallback, and the exact rounds when it overflows) equal the rounds
+    that read the whole even-by-odd block, on spread and on clustered (near-duplicate) features."""
+    import tokenprune_vispruner as module
+
+    monkeypatch.setattr(module, "NEIGHBOURS", neighbours)
+    monkeypatch.setattr(module, "FALLBACK_ROWS", fallback)
+    g = torch.Generator().manual_seed(neighbours + fallback + clustered)
+    misses = []
+    for n, quota, ratio in [(300, 40, 0.5), (257, 100, 0.25), (90, 9, 0.0)]:
+        feats = torch.randn(n, 24, generator=g)
+        if clustered:  # a few centres plus noise: many near-duplicates, lists full of one cluster
+            feats = torch.randn(6, 24, generator=g)[torch.randint(6, (n,), generator=g)] + 0.05 * feats
+        scores = torch.rand(n, generator=g)
+        fast, missed = module._picks(scores, feats, quota, ratio)
+        reference = module.vispruner_picks(scores, feats, quota, ratio, exact=True)
+        assert torch.equal(module.vispruner_picks(scores, feats, quota, ratio), reference)
+        if not bool(missed):
+            assert torch.equal(fast, reference)
+        if neighbours == 32:  # the default lists: every round read them (with the fallback), no exact rerun
+            assert not bool(missed)
+        misses.append(bool(missed))
+    if neighbours == 2 and clustered:  # two neighbours cannot hold a cluster: the exact rounds rerun
+        assert any(misses)

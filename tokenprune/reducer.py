@@ -430,7 +430,8 @@ class Selection:
 
     def tolist(self) -> list[list[int]]:
         """Kept indices per sample as plain lists."""
-        return [row[: int(c)].tolist() for row, c in zip(self.indices, self.counts, strict=True)]
+        rows, counts = self.indices.tolist(), self.counts.tolist()  # two host reads, whatever the batch size
+        return [row[:c] for row, c in zip(rows, counts, strict=True)]
 
 
 @dataclass(frozen=True)

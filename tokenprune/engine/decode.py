@@ -138,9 +138,47 @@ def pruned_layer_call(
     if table is None:
         table = layer_args_of(adapter)
     if st.in_prefill:
-        cut = LayerCut(hidden, seg, st.lm_length, layer, compact, adapter)
-        return cut_prefill_args(args, kwargs, cut, table, names, boolean=boolean, dtype=dtype)
+        return _cut_prefill(args, kwargs, hidden, seg, st, adapter, layer, compact, table, names, boolean, dtype)
     return args, _decoding_layer_kwargs(kwargs, hidden, seg, st, adapter, layer, compact, boolean, dtype)
+
+
+def _cut_prefill(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    hidden: Tensor,
+    seg: TokenSequence,
+    st: PrefillState,
+    adapter: ModelAdapter,
+    layer: int,
+    compact: bool,
+    table: Mapping[str, LayerArg],
+    names: tuple[str, ...],
+    boolean: bool,
+    dtype: torch.dtype,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A prefill layer's arguments after the cut, cut once per segment where the model hands every layer the
+    same objects (the mask, rotary tables and position ids are computed once per forward): later layers of the
+    segment reuse the first one's (not under ``compact``, whose rotary tables depend on the layer)."""
+    given = (seg, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+    if not compact and st.sliced is not None and _same_objects(st.sliced[0], given):
+        rest, sliced = st.sliced[1]
+        return (args[0], *rest), {**kwargs, **sliced}
+    cut = LayerCut(hidden, seg, st.lm_length, layer, compact, adapter, all_valid=st.all_valid(seg))
+    out_args, out_kwargs = cut_prefill_args(args, dict(kwargs), cut, table, names, boolean=boolean, dtype=dtype)
+    st.sliced = (given, (out_args[1:], {k: v for k, v in out_kwargs.items() if k != "hidden_states"}))
+    return out_args, out_kwargs
+
+
+def _same_objects(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two ``(segment, positional, keyword)`` triples hold the very same objects."""
+    (seg_a, args_a, kw_a), (seg_b, args_b, kw_b) = a, b
+    return (
+        seg_a is seg_b
+        and len(args_a) == len(args_b)
+        and all(x is y for x, y in zip(args_a, args_b, strict=True))
+        and kw_a.keys() == kw_b.keys()
+        and all(kw_a[k] is kw_b[k] for k in kw_a)
+    )
 
 
 def _decoding_layer_kwargs(
@@ -163,7 +201,7 @@ def _decoding_layer_kwargs(
             f"decoding step at layer {layer}: the attention mask covers {mask.shape[-1]} keys, expected "
             f"{st.lm_length + extra} (unpruned cache plus new tokens) or {valid.shape[1]} (this layer's cache)"
         )
-    if mask is not None or seg.has_padding_slots or not bool(seg.valid.all()):
+    if mask is not None or seg.has_padding_slots or not st.all_valid(seg):
         kwargs["attention_mask"] = causal_mask(valid, q=st.step_length, boolean=boolean, dtype=dtype)
     if compact and st.step_positions is not None:
         rows = st.step_positions - (seg.freed_positions - st.lm_freed_positions).unsqueeze(-1)

@@ -101,13 +101,14 @@ def run_decode_stage(
     selection = check_reduction(result, tokens, ctx, who=plan.who, capabilities=type(plan.reducer).capabilities)
     seconds = time.perf_counter() - start
     left_out = valid & ~selection.to_mask(int(vis_idx.shape[1]))
+    entering, leaving = torch.stack([valid.sum(1), selection.counts.long()]).tolist()  # one host read
     stats = StageStats(
         stage=plan.index,
         at=str(plan.stage.point),
         reducer=plan.stage.reducer,
-        entering=valid.sum(1).tolist(),
-        leaving=selection.counts.tolist(),
-        kept=selection.tolist(),
+        entering=entering,
+        leaving=leaving,
+        kept=[row[:c] for row, c in zip(selection.indices.tolist(), leaving, strict=True)],
         layout=layout,
         seconds=seconds,
         overhead_macs=0,

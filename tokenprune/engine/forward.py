@@ -111,7 +111,7 @@ class ForwardHooks:
         # _vlm_post records the layers at once (a hook dispatch per layer and step spared)
         self._inside_lm = bool(self._layer) or self._decode is not None
         self._left_out: Tensor | None = None  # the decode stage's language-model columns left out this step
-        self._subsets: dict[int, KeySubset] = {}
+        self._subsets: dict[tuple[int, int], KeySubset] = {}
         self._compact = pipeline.positions == "compact"
         self._masks: dict[str, Any] = {}
         self._layers: list[nn.Module] = []
@@ -348,6 +348,7 @@ class ForwardHooks:
             kw["position_ids"] = P.from_rows(seq.positions, fmt)
         lm_columns = torch.arange(st.lm_length, device=hidden.device).expand(batch, -1)
         st.current = st.final = st.lm_sequence = replace(seq, lm_column=lm_columns, has_padding_slots=False)
+        st.real_tokens(st.lm_sequence)  # read once here, for every layer's statistics (no host read per layer)
         if any("input_embeddings" in p.needs.signals for p in self._plans):
             st.lm_embeds = hidden
         return ((), kw) if changed or residuals is not None else None
@@ -390,6 +391,7 @@ class ForwardHooks:
             if not changed:
                 return None
             st.current = st.final = st.segments[k] = seq
+            st.real_tokens(seq)  # read once per stage, not in every later layer
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
@@ -452,10 +454,11 @@ class ForwardHooks:
         st, left_out = self._state, self._left_out
         if st is None or left_out is None or self._decode_layer is None or layer < self._decode_layer:
             return None
-        if layer not in self._subsets:
-            decoded = st.decoded + st.step_length
-            self._subsets[layer] = key_subset(self._cache_columns(st, layer), left_out, key_length, decoded, layer)
-        return self._subsets[layer]
+        seq = self._cache_columns(st, layer)
+        key = (id(seq), key_length)  # the layers that hold the same columns share one subset: one host read a step
+        if key not in self._subsets:
+            self._subsets[key] = key_subset(seq, left_out, key_length, st.decoded + st.step_length, layer)
+        return self._subsets[key]
 
     def _end_decode_step(self) -> None:
         self._left_out, self._subsets = None, {}

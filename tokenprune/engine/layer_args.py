@@ -61,6 +61,8 @@ class LayerCut:
         layer: The decoder layer's index.
         compact: The pipeline renumbers positions (``positions: compact``).
         adapter: The model family's adapter.
+        all_valid: ``sequence`` has no padding slot (``sequence.valid.all()``), read from the device once per
+            sequence by the engine, so that no decoder layer reads it again.
     """
 
     hidden: Tensor
@@ -69,6 +71,7 @@ class LayerCut:
     layer: int
     compact: bool
     adapter: Any
+    all_valid: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def _follow(arg: LayerArg | None, value: Any, cut: LayerCut, boolean: bool, dtyp
     if arg.follow == "recompute":
         return arg.recompute(value, cut)  # type: ignore[misc]
     if arg.follow == "mask":
-        if value is None and not seq.has_padding_slots and bool(seq.valid.all()):
+        if value is None and not seq.has_padding_slots and cut.all_valid:
             return _ABSENT
         return slice_mask(value, cols, cols, seq.valid, boolean=boolean, dtype=dtype)
     if arg.follow == "rotary":

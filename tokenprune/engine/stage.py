@@ -165,13 +165,14 @@ def run_stage(
     merged = merged_sizes = None
     if isinstance(result, Merge):
         merged, merged_sizes, selection = result.apply(tokens, ctx.sizes, ctx.valid)
+    entering, leaving = torch.stack([ctx.valid.sum(1), selection.counts.long()]).tolist()  # one host read
     stats = StageStats(
         stage=plan.index,
         at=str(plan.stage.point),
         reducer=plan.stage.reducer,
-        entering=ctx.valid.sum(1).tolist(),
-        leaving=selection.counts.tolist(),
-        kept=selection.tolist(),
+        entering=entering,
+        leaving=leaving,
+        kept=[row[:c] for row, c in zip(selection.indices.tolist(), leaving, strict=True)],
         layout=ctx.layout,
         seconds=time.perf_counter() - start + signals.seconds,
         overhead_macs=plan.reducer.overhead_macs(tokens, ctx) + (signals.vision.macs if signals.vision else 0),

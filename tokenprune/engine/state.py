@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -56,6 +57,24 @@ class PrefillState:
     stages_run: set[int] = field(default_factory=set)
     lm_embeds: Tensor | None = None
     video: Tensor | None = None
+    _reads: dict[int, tuple[TokenSequence, list[int], bool]] = field(default_factory=dict, repr=False)
+    sliced: tuple[Any, Any] | None = field(default=None, repr=False)
+    """The last pruned layer's inputs as the model gave them and as the engine sliced them (prefill only)."""
+
+    def real_tokens(self, seq: TokenSequence) -> list[int]:
+        """Real tokens per sample of ``seq``; read from the device once per sequence, not once per layer."""
+        return self._read(seq)[1]
+
+    def all_valid(self, seq: TokenSequence) -> bool:
+        """``seq`` has no padding token (``seq.valid.all()``), read once per sequence."""
+        return self._read(seq)[2]
+
+    def _read(self, seq: TokenSequence) -> tuple[TokenSequence, list[int], bool]:
+        hit = self._reads.get(id(seq))
+        if hit is None or hit[0] is not seq:
+            counts = seq.valid.sum(1).tolist()  # one host read gives both answers
+            hit = self._reads[id(seq)] = (seq, counts, all(c == seq.valid.shape[1] for c in counts))
+        return hit
 
     def segment(self, layer: int) -> TokenSequence | None:
         """The sequence decoder layer ``layer`` holds, if a layer stage at or before it changed it."""
@@ -84,7 +103,7 @@ def record_layer_tokens(
     decoding step: the step's tokens.
     """
     if st is not None and st.in_prefill and st.lm_sequence is not None:
-        tokens = (seg if seg is not None else st.lm_sequence).valid.sum(1).tolist()
+        tokens = st.real_tokens(seg if seg is not None else st.lm_sequence)
     elif fs.phase == "prefill" and len(real_tokens) == batch:
         tokens = [int(r) for r in real_tokens]
     else:

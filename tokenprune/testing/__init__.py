@@ -5,6 +5,9 @@
 * :mod:`tokenprune.testing.adapters`: the engine invariants as checks for adapter authors
   (:func:`~tokenprune.testing.adapters.check_adapter`; also importable as
   ``tokenprune.testing_adapters``);
+* :mod:`tokenprune.testing.syncs`: :class:`SyncCounter`, which counts host reads of tensor data
+  (``.item()``, ``.tolist()``, ``bool(t)``, ``nonzero``, ...: syncs on a GPU) during a forward on any
+  device, with the forward, phase, decoder layer and owner of each;
 * :mod:`tokenprune.testing.fixtures`: the fixtures ``tokenprune_manager`` (a fresh plugin manager
   over the installed plugins) and ``make_reduce_inputs`` (the factory :func:`make_reduce_inputs`).
 
@@ -32,9 +35,12 @@ from tokenprune.testing.reducers import (
     dense_context,
     make_reduce_inputs,
 )
+from tokenprune.testing.syncs import Sync, SyncCounter
 
 __all__ = [
     "ReducerContractError",
+    "Sync",
+    "SyncCounter",
     "check_batch_matches_single",
     "check_deterministic",
     "check_inputs_unchanged",
