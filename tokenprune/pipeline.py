@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 PositionPolicy = Literal["original", "compact"]
 
 _AT_HELP = (
-    "'post_projector', {layer: k} with k >= 1 (the stage runs between decoder layers k-1 and k), or {decode: k} "
+    "'pre_projector' (on the vision tower's features, before the projector), 'post_projector', {layer: k} with k >= 1 (the stage runs between decoder layers k-1 and k), or {decode: k} "
     "(at every decoding step, on the cached visual tokens, for layers k onwards)"
 )
 _KEEP_HELP = "a fraction in (0, 1] such as 0.25 (1.0 keeps all), or a token count >= 1 such as 64"
@@ -72,7 +72,7 @@ class Stage(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    at: Literal["post_projector"] | LayerAt | DecodeAt = Field(description=f"Insertion point: {_AT_HELP}.")
+    at: Literal["pre_projector", "post_projector"] | LayerAt | DecodeAt = Field(description=f"Insertion point: {_AT_HELP}.")
     reducer: str = Field(description="Registry name of the reducer (see `tokenprune plugins`).")
     keep: float | int = Field(description=f"Tokens kept: {_KEEP_HELP}.")
     params: dict[str, Any] = Field(default_factory=dict, description="The reducer's parameters.")
@@ -88,8 +88,8 @@ class Stage(BaseModel):
     @classmethod
     def _parse_at(cls, value: Any) -> Any:
         if isinstance(value, InsertionPoint):
-            return "post_projector" if value.kind == "post_projector" else {value.kind: value.layer}
-        if value == "post_projector" or isinstance(value, (LayerAt, DecodeAt)):
+            return value.kind if value.kind in ("pre_projector", "post_projector") else {value.kind: value.layer}
+        if value in ("pre_projector", "post_projector") or isinstance(value, (LayerAt, DecodeAt)):
             return value
         if isinstance(value, Mapping) and len(value) == 1 and set(value) <= {"layer", "decode"}:
             ((name, k),) = value.items()
@@ -116,7 +116,7 @@ class Stage(BaseModel):
             return InsertionPoint("layer", self.at.layer)
         if isinstance(self.at, DecodeAt):
             return InsertionPoint("decode", self.at.decode)
-        return InsertionPoint("post_projector")
+        return InsertionPoint(self.at)
 
 
 class Pipeline(BaseModel):
@@ -464,7 +464,7 @@ def _check_stages(
         if previous is not None and point.order < previous.order:
             add(
                 "at",
-                f"stages must be ordered by insertion point (post_projector first, then layers in increasing "
+                f"stages must be ordered by insertion point (pre_projector, then post_projector, then layers in increasing "
                 f"order, then the decode stage), but {point} comes after {previous}",
                 (*here, "at"),
             )
@@ -499,6 +499,9 @@ def _check_stages(
         if point.kind == "decode" and point_supported:
             for message in _decode_problems(cls, needs):
                 add("at", message, (*here, "at"))
+        if point.kind == "pre_projector" and point_supported:
+            for field, message in _pre_projector_problems(stage, needs):
+                add(field, message, (*here, field))
         if sources and point.kind == "post_projector" and point_supported:
             add(
                 "at",
@@ -506,6 +509,22 @@ def _check_stages(
                 "the LLM; put it at {layer: k}",
                 (*here, "at"),
             )
+    return problems
+
+
+def _pre_projector_problems(stage: Stage, needs: Requirements) -> list[tuple[str, str]]:
+    """What a ``pre_projector`` stage cannot serve, as ``(field, message)``: only the tower's features and its
+    attention exist there, and only image features go through it."""
+    problems = []
+    unserved = sorted(needs.attention | needs.own_attention) + sorted(needs.signals) + (["text"] if needs.text else [])
+    if unserved:
+        problems.append((
+            "at",
+            f"before the projector only the vision tower's features and attention exist; {stage.reducer!r} reads "
+            f"{unserved}: put it at post_projector or {{layer: k}}",
+        ))
+    if stage.tokens == "video":
+        problems.append(("tokens", "a pre_projector stage reduces image features only; `tokens: video` needs post_projector"))
     return problems
 
 
