@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 PositionPolicy = Literal["original", "compact"]
 
 _AT_HELP = (
-    "'pre_projector' (on the vision tower's features, before the projector), 'post_projector', {layer: k} with k >= 1 (the stage runs between decoder layers k-1 and k), or {decode: k} "
-    "(at every decoding step, on the cached visual tokens, for layers k onwards)"
+    "'post_projector', {layer: k} with k >= 1 (the stage runs between decoder layers k-1 and k), {decode: k} "
+    "(at every decoding step, on the cached visual tokens, for layers k onwards), or 'pre_projector' (on the "
+    "vision tower's features of each image or crop, before the projector)"
 )
 _KEEP_HELP = "a fraction in (0, 1] such as 0.25 (1.0 keeps all), or a token count >= 1 such as 64"
 
