@@ -10,7 +10,11 @@
   full LLaVA-NeXT forward, and a whole-LM trace would not see the engine's per-layer pruning.
 
 The vision tower and projector run identically with or without a pipeline; torch counts them (the
-``vision`` row), and neither analytic nor fvcore recount them.
+``vision`` row), and neither analytic nor fvcore recount them. A ``pre_projector`` stage reduces the
+projector's input in place (the projector still projects every row; the dropped ones leave at the
+language model's input), so it saves the language model's work, which every counter sees in the
+layers; its reducer runs in a pre-hook of the projector, and what torch counts there (beyond the
+projector's own submodules) is the stages' work, reported in ``reducers_torch``, not in ``vision``.
 
 All numbers are MACs (multiply-accumulates); FLOPs are twice as many.
 """
@@ -56,9 +60,10 @@ class FlopsReport:
             (:func:`~tokenprune.cost.analytic.own_attention_macs`).
         fvcore_notes: What fvcore could not count, and its captured warnings.
         batch: Samples in the batch (the counts cover the whole padded batch).
-        reducers_torch: What torch counted inside the decoder but outside its layers: the reducers'
-            own work and the own-layer dry calls (it should equal the sum of ``reducers`` plus the
-            dry calls' share of ``probe``).
+        reducers_torch: What torch counted inside the decoder but outside its layers, and in the
+            projector outside its submodules (``pre_projector`` stages): the reducers' own work and the
+            own-layer dry calls (it should equal the sum of ``reducers`` less the vision probe's share,
+            plus the dry calls' share of ``probe``).
     """
 
     layers: list[LayerRow]
@@ -162,12 +167,28 @@ def count_flops(
     ]
     torch_head = flops_to_macs(count.module_flops(head_path))
     decoder_torch = flops_to_macs(language_model_flops(count, decoder_path, decoder))
-    vision = flops_to_macs(count.flops - count.module_flops(decoder_path)) - torch_head
+    pre = _pre_projector_torch(count, names, run)
+    vision = flops_to_macs(count.flops - count.module_flops(decoder_path)) - torch_head - pre
     # What torch counted in the decoder outside its layers: the reducers, run from the engine's hooks.
-    overhead_torch = decoder_torch - sum(torch_layers)
+    overhead_torch = decoder_torch - sum(torch_layers) + pre
     return FlopsReport(
         rows, (analytic.lm_head, torch_head, fvcore_head), vision, reducers, probe, notes, batch, overhead_torch
     )
+
+
+def _pre_projector_torch(count: Any, names: Mapping[int, str], run: Any) -> int:
+    """MACs torch counted in the projector outside its submodules: the ``pre_projector`` stages' pre-hook (0: none).
+
+    A per-token projector (LLaVA's MLP) does its own products in its submodules (``linear_1``, ``linear_2``).
+    """
+    if run is None or not any(p.stage.point.kind == "pre_projector" for p in run.prepared.plans):
+        return 0
+    projector = run.adapter.projector()
+    if projector is None or id(projector) not in names:
+        return 0
+    path = "." + names[id(projector)]
+    children = [name for name, _ in projector.named_children()]
+    return flops_to_macs(count.module_flops(path, excluding=children))
 
 
 class _Recorder:
