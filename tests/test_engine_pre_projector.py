@@ -19,8 +19,8 @@ from torch import Tensor
 
 import tokenprune as tp
 from tokenprune import Capabilities, Merge, ReduceContext, ScoringReducer, TokenReducer
-from tokenprune.reducer import top_k_selection
 from tokenprune.errors import PipelineError, TokenpruneError
+from tokenprune.reducer import top_k_selection
 
 FAMILIES = ["llava", "llava_next", "llava_onevision"]
 PRE = frozenset({"pre_projector", "post_projector", "layer"})
@@ -179,12 +179,16 @@ def test_the_language_model_receives_the_projector_of_the_merged_features(manage
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "idefics3", "gemma3", "internvl"])
 def test_families_whose_projector_mixes_tokens_are_refused(family, manager):
     t = tm.BUILDERS[family]()
-    with pytest.raises(TokenpruneError, match=rf"pre_projector, which the '{family}' family \(adapter .*cannot serve: .*post_proj"):
+    with pytest.raises(
+        TokenpruneError, match=rf"pre_projector, which the '{family}' family \(adapter .*cannot serve: .*post_proj"
+    ):
         tp.apply(t.model, pipe(("pre_projector", "row_drop", 0.5)), plugins=manager)
 
 
 def test_validation_orders_and_refuses_what_the_point_cannot_serve(manager):
-    ok = tp.load_pipeline(pipe(("pre_projector", "row_drop", 0.5), ("post_projector", "row_drop", 0.5)), plugins=manager)
+    ok = tp.load_pipeline(
+        pipe(("pre_projector", "row_drop", 0.5), ("post_projector", "row_drop", 0.5)), plugins=manager
+    )
     assert [str(s.point) for s in ok.stages] == ["pre_projector", "post_projector"]
     with pytest.raises(PipelineError, match="pre_projector, then post_projector"):
         tp.load_pipeline(pipe(("post_projector", "row_drop", 0.5), ("pre_projector", "row_drop", 0.5)), plugins=manager)
@@ -194,3 +198,15 @@ def test_validation_orders_and_refuses_what_the_point_cannot_serve(manager):
     with pytest.raises(PipelineError, match="image features only"):
         tp.load_pipeline(video, plugins=manager)
     assert tp.InsertionPoint("pre_projector").order < tp.InsertionPoint("post_projector").order
+
+
+def test_the_listing_and_the_schema_show_the_new_point():
+    """`tokenprune plugins --json` lists pre_projector among visionzip's insertion points; the pipeline schema's
+    `at` accepts it."""
+    from tokenprune.cli import plugins_report
+    from tokenprune.pipeline import pipeline_json_schema
+
+    report = plugins_report(tp.get_plugin_manager())
+    (visionzip,) = [r for p in report["plugins"] for r in p["reducers"] if r["name"] == "visionzip"]
+    assert "pre_projector" in visionzip["capabilities"]["insertion_points"]
+    assert "pre_projector" in str(pipeline_json_schema())

@@ -240,7 +240,9 @@ def test_pre_projector_is_the_official_visionzip(ratio):
     t = tiny_models.llava()
     inputs = t.make_inputs([(56, 56), (56, 56)])
     keep = 7
-    pipe = {"stages": [{"at": "pre_projector", "reducer": "visionzip", "keep": keep, "params": {"contextual_ratio": ratio}}]}
+    pipe = {
+        "stages": [{"at": "pre_projector", "reducer": "visionzip", "keep": keep, "params": {"contextual_ratio": ratio}}]
+    }
     with tp.apply(t.model, pipe, plugins=_manager()) as run, torch.no_grad():
         got, handle = _lm_inputs(t.model)  # after the engine's hook: what the language model receives
         try:

@@ -73,7 +73,9 @@ class Stage(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    at: Literal["pre_projector", "post_projector"] | LayerAt | DecodeAt = Field(description=f"Insertion point: {_AT_HELP}.")
+    at: Literal["pre_projector", "post_projector"] | LayerAt | DecodeAt = Field(
+        description=f"Insertion point: {_AT_HELP}."
+    )
     reducer: str = Field(description="Registry name of the reducer (see `tokenprune plugins`).")
     keep: float | int = Field(description=f"Tokens kept: {_KEEP_HELP}.")
     params: dict[str, Any] = Field(default_factory=dict, description="The reducer's parameters.")
@@ -465,8 +467,8 @@ def _check_stages(
         if previous is not None and point.order < previous.order:
             add(
                 "at",
-                f"stages must be ordered by insertion point (pre_projector, then post_projector, then layers in increasing "
-                f"order, then the decode stage), but {point} comes after {previous}",
+                f"stages must be ordered by insertion point (pre_projector, then post_projector, then layers in "
+                f"increasing order, then the decode stage), but {point} comes after {previous}",
                 (*here, "at"),
             )
         previous = point if previous is None or point.order > previous.order else previous
@@ -519,13 +521,17 @@ def _pre_projector_problems(stage: Stage, needs: Requirements) -> list[tuple[str
     problems = []
     unserved = sorted(needs.attention | needs.own_attention) + sorted(needs.signals) + (["text"] if needs.text else [])
     if unserved:
-        problems.append((
-            "at",
-            f"before the projector only the vision tower's features and attention exist; {stage.reducer!r} reads "
-            f"{unserved}: put it at post_projector or {{layer: k}}",
-        ))
+        problems.append(
+            (
+                "at",
+                f"before the projector only the vision tower's features and attention exist; {stage.reducer!r} reads "
+                f"{unserved}: put it at post_projector or {{layer: k}}",
+            )
+        )
     if stage.tokens == "video":
-        problems.append(("tokens", "a pre_projector stage reduces image features only; `tokens: video` needs post_projector"))
+        problems.append(
+            ("tokens", "a pre_projector stage reduces image features only; `tokens: video` needs post_projector")
+        )
     return problems
 
 

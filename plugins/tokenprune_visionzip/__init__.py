@@ -64,7 +64,9 @@ class VisionZip(TokenReducer):
 
     name = "visionzip"
     capabilities = Capabilities(
-        insertion_points=frozenset({"pre_projector", "post_projector"}), merges=True, vision_attention=frozenset({"cls", "mean"})
+        insertion_points=frozenset({"pre_projector", "post_projector"}),
+        merges=True,
+        vision_attention=frozenset({"cls", "mean"}),
     )
 
     class Params(VisionAttentionParams):

@@ -28,7 +28,8 @@ class Idefics3Adapter(ModelAdapter):
     model_types = ("idefics3", "smolvlm")
     notes = "one square grid per crop (and global image); wrapper text tokens are kept"
     pre_projector_refusal = (
-        "its connector pixel-shuffles each group of patches into one token, so a projector input is not one language-model token"
+        "its connector pixel-shuffles each group of patches into one token, so a projector input is not one "
+        "language-model token"
     )
 
     def language_model(self) -> nn.Module:
