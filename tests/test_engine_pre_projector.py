@@ -210,3 +210,46 @@ def test_the_listing_and_the_schema_show_the_new_point():
     (visionzip,) = [r for p in report["plugins"] for r in p["reducers"] if r["name"] == "visionzip"]
     assert "pre_projector" in visionzip["capabilities"]["insertion_points"]
     assert "pre_projector" in str(pipeline_json_schema())
+
+
+def _visionzip_manager() -> tp.plugins.PluginManager:
+    import tokenprune_visionzip
+    from engine_fixtures import manager_with
+
+    return manager_with(tokenprune_visionzip)
+
+
+def test_visionzip_budgets_each_crop_as_the_official_code(monkeypatch):
+    """LLaVA-NeXT: every crop (base view and tiles) keeps its own D + C rows of the projector's input, as the
+    official code; HF's unpadding then leaves out the kept rows that fall in the padding."""
+    from tokenprune.engine import pre_projector
+
+    runs: list[Any] = []
+    apply = pre_projector.PreProjector.apply
+
+    def recording(self, *args: Any, **kwargs: Any) -> Any:
+        runs.append(self.last)
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(pre_projector.PreProjector, "apply", recording)
+    t = tm.llava_next()
+    with tp.apply(t.model, pipe(("pre_projector", "visionzip", 5)), plugins=_visionzip_manager()) as run:
+        forward(t.model, t.make_inputs([(56, 84)]), "llava_next")
+    kept_rows = runs[0].masks[-1].sum(1).tolist()
+    (stage,) = run.stats.last_prefill.stages
+    assert len(kept_rows) > 1 and kept_rows == [5] * len(kept_rows)
+    assert stage.leaving[0] < stage.entering[0]
+
+
+def test_a_pre_projector_stage_then_a_post_projector_stage_reading_vision_attention():
+    """The post_projector stage's vision signal follows the tokens the pre_projector stage kept."""
+    t = tm.llava()
+    inputs = t.make_inputs([(56, 56), (56, 56)])
+    manager = _visionzip_manager()
+    manager.pluggy.register(_Plugin())
+    pipeline = pipe(("pre_projector", "row_drop", 12), ("post_projector", "visionzip", 6, {"contextual_ratio": 0.5}))
+    with tp.apply(t.model, pipeline, plugins=manager) as run:
+        forward(t.model, inputs, "llava")
+    pre, post = run.stats.last_prefill.stages
+    assert pre.leaving == [12, 12] and post.entering == [12, 12] and post.leaving == [6, 6]
+    assert all(0 <= k < 12 for row in post.kept for k in row)
