@@ -253,3 +253,21 @@ def test_a_pre_projector_stage_then_a_post_projector_stage_reading_vision_attent
     pre, post = run.stats.last_prefill.stages
     assert pre.leaving == [12, 12] and post.entering == [12, 12] and post.leaving == [6, 6]
     assert all(0 <= k < 12 for row in post.kept for k in row)
+
+
+def test_a_token_interpolated_from_kept_and_dropped_patches_is_refused(manager):
+    """LLaVA-OneVision downscales a large anyres grid by interpolation (here forced with ``anyres_max_1``): a token
+    then stands for several patches, and dropping some of them before the projector has no meaning. Keep-all
+    still runs and is exact."""
+    t = tm.llava_onevision()
+    for cfg in (t.model.config, t.model.model.config):
+        cfg.vision_aspect_ratio = "anyres_max_1"
+    inputs = t.make_inputs([(112, 112)])
+    ref = forward(t.model, inputs, "llava_onevision").logits
+    with tp.apply(t.model, pipe(("pre_projector", "row_drop", 1.0)), plugins=manager):
+        assert torch.equal(forward(t.model, inputs, "llava_onevision").logits, ref)
+    with tp.apply(t.model, pipe(("pre_projector", "row_drop", 0.5)), plugins=manager):
+        with pytest.raises(
+            TokenpruneError, match=r"built from several patches of which only some were kept.*post_proj"
+        ):
+            forward(t.model, inputs, "llava_onevision")
