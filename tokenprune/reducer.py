@@ -38,11 +38,12 @@ from tokenprune.budget import budget_per_sample
 from tokenprune.errors import ReducerInputError, ReducerOutputError
 from tokenprune.layout import TokenLayout
 
-InsertionKind = Literal["pre_projector", "post_projector", "layer", "decode"]
-"""``pre_projector``: on the vision tower's selected features, per tower sequence (image, crop), before the
-multimodal projector (:mod:`tokenprune.engine.pre_projector`). ``post_projector``: after the multimodal projector,
-before the LLM. ``layer``: between two
-decoder layers. ``decode``: between two decoder layers at every decoding step, over the KV cache."""
+InsertionKind = Literal["vision_layer", "pre_projector", "post_projector", "layer", "decode"]
+"""``vision_layer``: between two layers of the vision tower, on each tower sequence's patch tokens
+(:mod:`tokenprune.engine.vision_layer`). ``pre_projector``: on the vision tower's selected features, per tower
+sequence (image, crop), before the multimodal projector (:mod:`tokenprune.engine.pre_projector`).
+``post_projector``: after the multimodal projector, before the LLM. ``layer``: between two decoder layers.
+``decode``: between two decoder layers at every decoding step, over the KV cache."""
 
 AttentionSource = Literal["last", "text", "visual", "all"]
 """Which query rows of the attention probe are averaged: the last token's row (FastV's official
@@ -69,6 +70,9 @@ class InsertionPoint:
     ``InsertionPoint("pre_projector")`` runs once on the vision tower's selected features, one row per tower
     sequence (an image, an anyres crop), before the multimodal projector: what it keeps or merges goes through the
     model's own projector and the language model receives only the kept tokens.
+    ``InsertionPoint("vision_layer", k)`` runs between vision-tower layers ``k - 1`` and ``k`` on each tower
+    sequence's patch tokens (the [CLS] token kept aside); the tokens it keeps or merges run through the tower's
+    remaining layers (merged ones with ToMe's size-weighted attention).
     ``InsertionPoint("post_projector")`` runs once on the projected visual features before the LLM.
     ``InsertionPoint("layer", k)`` runs on the hidden states between decoder layers ``k - 1`` and
     ``k`` (so ``k >= 1``); the attention probe, if a reducer needs it, comes from layer ``k - 1``.
@@ -85,17 +89,21 @@ class InsertionPoint:
     def __post_init__(self) -> None:
         if self.kind in ("pre_projector", "post_projector") and self.layer is not None:
             raise ValueError(f"InsertionPoint({self.kind!r}) takes no layer")
-        if self.kind in ("layer", "decode") and (self.layer is None or self.layer < 1):
+        if self.kind in ("vision_layer", "layer", "decode") and (self.layer is None or self.layer < 1):
             raise ValueError(f"InsertionPoint({self.kind!r}, k) needs k >= 1 (got {self.layer})")
 
     def __str__(self) -> str:
         if self.kind in ("pre_projector", "post_projector"):
             return self.kind
+        if self.kind == "vision_layer":
+            return f"vision layer {self.layer}"
         return f"layer {self.layer}" if self.kind == "layer" else f"decode layer {self.layer}"
 
     @property
     def order(self) -> tuple[int, int]:
         """Sort key in forward-pass order: pre_projector, post_projector, then layers by index, then decode stages."""
+        if self.kind == "vision_layer":
+            return (-2, int(self.layer))  # type: ignore[arg-type]
         if self.layer is None:
             return (-1, 0) if self.kind == "pre_projector" else (0, 0)
         return (1, self.layer) if self.kind == "layer" else (2, self.layer)

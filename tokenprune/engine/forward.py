@@ -62,6 +62,7 @@ from tokenprune.engine.state import PrefillState, record_layer_tokens
 from tokenprune.engine.stats import ForwardStats, RunStats
 from tokenprune.engine.stopwatch import Stopwatch
 from tokenprune.engine.vision import VisionProbe, post_projector_vision_signals, vision_probe_for
+from tokenprune.engine.vision_layer import VisionLayerStages
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
 
@@ -106,7 +107,9 @@ class ForwardHooks:
         self._input_width = 0  # the multimodal model's input length in this forward
         self._post = [p for p in plans if p.stage.point.kind == "post_projector"]
         pre = [p for p in plans if p.stage.point.kind == "pre_projector"]
-        self._pre = PreProjector(pre, adapter, self._calls) if pre else None
+        tower = [p for p in plans if p.stage.point.kind == "vision_layer"]
+        self._tower = VisionLayerStages(tower, adapter, self._calls) if tower else None
+        self._pre = PreProjector(pre, adapter, self._calls, self._tower) if pre or tower else None
         self._layer = plans_by_layer(plans)
         self._decode = next((p for p in plans if p.stage.point.kind == "decode"), None)
         self._decode_layer = self._decode.stage.point.layer if self._decode is not None else None
@@ -178,6 +181,8 @@ class ForwardHooks:
             hooks.post(layers[k - 1], self._layer_post(k))
         self._calls.vision_probe = self.vision_probe
         self._calls.install(hooks, vlm)
+        if self._tower is not None:
+            self._tower.install(hooks, [p for p in self._plans if p.needs.vision_attention is not None])
         if self._pre is not None:  # after the feature calls' wrappers: it reads whether a video call runs
             self._pre.install(hooks, self.vision_probe)
 
@@ -368,7 +373,7 @@ class ForwardHooks:
             return hidden, seq, False
         image = st.visual & ~st.video if st.video is not None else st.visual
         hidden, seq, kept, stats = self._pre.apply(hidden, seq, self._calls.image, image, compact=self._compact)
-        st.stages_run.update(plan.index for plan in self._pre.plans)
+        st.stages_run.update(plan.index for plan in self._pre.all_plans)
         if self._forward is not None:
             self._forward.stages.extend(stats)
         if kept is not None:

@@ -33,6 +33,7 @@ from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
 from tokenprune.engine.stage import StagePlan
 from tokenprune.engine.stats import StageStats
 from tokenprune.engine.vision import VisionProbe, resolve_layer
+from tokenprune.engine.vision_layer import TowerCut, VisionLayerStages
 from tokenprune.errors import TokenpruneError
 from tokenprune.layout import TokenLayout
 from tokenprune.reducer import Merge, ReduceContext, Selection
@@ -68,15 +69,28 @@ class PreProjector:
         plans: The ``pre_projector`` stage plans, in pipeline order.
         adapter: The model family's adapter.
         calls: The engine's feature-call recorder (a projector call inside a video call is left alone).
+        vision: The ``vision_layer`` stages, whose surviving tokens are put back on the patch grid here.
     """
 
-    def __init__(self, plans: list[StagePlan], adapter: ModelAdapter, calls: FeatureCalls) -> None:
+    def __init__(
+        self,
+        plans: list[StagePlan],
+        adapter: ModelAdapter,
+        calls: FeatureCalls,
+        vision: VisionLayerStages | None = None,
+    ) -> None:
         self.plans = plans
+        self.vision = vision
         self.adapter = adapter
         self.calls = calls
         self.vision_probe: VisionProbe | None = None
         self.last: ProjectorRun | None = None
         self._tower: VisionTower | None = None
+
+    @property
+    def all_plans(self) -> list[StagePlan]:
+        """The ``vision_layer`` stages, then the ``pre_projector`` ones: the stages whose tokens leave here."""
+        return (self.vision.plans if self.vision is not None else []) + self.plans
 
     def install(self, hooks: HookSet, vision_probe: VisionProbe | None) -> None:
         """Check the family serves ``pre_projector`` stages and hook its projector.
@@ -85,8 +99,8 @@ class PreProjector:
             TokenpruneError: the adapter names no per-token projector (naming the family and why), or
                 does not map the tower's patches to the language model's tokens.
         """
-        first = self.plans[0]
-        where = f"stage {first.index} ({first.stage.reducer}) runs at pre_projector"
+        first = self.all_plans[0]
+        where = f"stage {first.index} ({first.stage.reducer}) runs at {first.stage.point}"
         projector = self.adapter.projector()
         if projector is None:
             raise TokenpruneError(
@@ -100,8 +114,10 @@ class PreProjector:
         hooks.pre(projector, self._before_projector)
 
     def clear(self) -> None:
-        """Forget the last projector call's reduction."""
+        """Forget the last projector call's reduction (and the tower's cut)."""
         self.last = None
+        if self.vision is not None:
+            self.vision.take()
 
     # --- the projector's input ------------------------------------------------------------------
 
@@ -114,14 +130,16 @@ class PreProjector:
                 f"pre_projector: the {self.adapter.name!r} projector received "
                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}, not (tower sequences, patches, dim)"
             )
-        rows, patches, _ = x.shape
-        run = ProjectorRun([torch.ones(rows, patches, dtype=torch.bool, device=x.device)], x.new_ones(rows, patches))
+        cut = self.vision.take() if self.vision is not None else None
+        run = _projector_run(x, cut)
+        if cut is not None:
+            x = cut.expand(x)[0]
         counted: set[tuple[Any, ...]] = set()
         with torch.no_grad():
             for plan in self.plans:
                 x = self._run(plan, x, run, counted)
         self.last = run
-        if not run.changed:
+        if not run.changed and cut is None:
             return None
         return ((x, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): x})
 
@@ -242,7 +260,7 @@ class PreProjector:
         stats = self._stats(run, channels, image)
         if not run.changed:
             return hidden, seq, None, stats
-        kept = image & (channels[..., len(self.plans)] > 0.5)
+        kept = image & (channels[..., len(self.all_plans)] > 0.5)
         keep = seq.valid & (~image | kept)
         sizes = torch.where(image, channels[..., -1].to(seq.sizes.dtype), seq.sizes)
         idx = right_aligned_columns(keep)
@@ -292,7 +310,7 @@ class PreProjector:
     def _stats(self, run: ProjectorRun, channels: Tensor, image: Tensor) -> list[StageStats]:
         """One :class:`StageStats` per stage, counted on the language model's image tokens of each sample."""
         out = []
-        for i, plan in enumerate(self.plans):
+        for i, plan in enumerate(self.all_plans):
             entering = image & (channels[..., i] > 0.5)
             leaving = image & (channels[..., i + 1] > 0.5)
             order = entering.long().cumsum(1) - 1
@@ -311,6 +329,17 @@ class PreProjector:
                 )
             )
         return out
+
+
+def _projector_run(x: Tensor, cut: TowerCut | None) -> ProjectorRun:
+    """The run of one projector call, starting from what the ``vision_layer`` stages left (``cut``), if any."""
+    if cut is None:
+        rows, patches = int(x.shape[0]), int(x.shape[1])
+        return ProjectorRun([torch.ones(rows, patches, dtype=torch.bool, device=x.device)], x.new_ones(rows, patches))
+    _, keep, sizes = cut.expand(x)
+    extra = keep.shape[1] - cut.patches
+    masks = [torch.cat([keep[:, :extra], m], 1) for m in cut.masks]
+    return ProjectorRun(masks, sizes.to(x.dtype), list(cut.seconds), list(cut.macs))
 
 
 def _model_type(adapter: ModelAdapter) -> str:
