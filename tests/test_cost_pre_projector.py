@@ -78,3 +78,19 @@ def test_visionzip_before_the_projector_counts_agree():
     declared = report.reducers[0][2]
     assert 0 < report.reducers_torch < declared  # declared also holds the vision probe's [CLS] rows (in the tower)
     assert report.layers[0].tokens[0] == base.layers[0].tokens[0] - (16 - 7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_vision_layer_stage_saves_tower_and_language_model_work_counted_once(family):
+    """ToMe between tower layers: the tower's later layer runs on fewer tokens (torch's vision line shrinks), the
+    language model too (every counter agrees per layer), and ToMe's matching is reported once, with the reducers."""
+    t = tiny_models.BUILDERS[family]()
+    inputs = t.make_inputs([(56, 84)])
+    base = count_flops(t.model, inputs, use_fvcore=False)
+    report = count_flops(t.model, inputs, {"stages": [{"at": {"vision_layer": 1}, "reducer": "tome", "keep": 0.5}]})
+    _agree(report)
+    (stage,) = report.reducers
+    assert stage[2] > 0 and report.reducers_torch == stage[2]
+    assert report.vision < base.vision
+    assert report.layers[0].tokens[0] < base.layers[0].tokens[0]
+    assert report.total == report.vision + report.language_model["analytic"] + report.overhead
