@@ -86,7 +86,7 @@ def test_the_presets_reproduce_the_official_settings():
     assert gprune.stages[0].keep == pytest.approx(0.3) and gprune.stages[0].params["budget"] == "official"
     for tokens, split in ((192, (162, 30)), (128, (108, 20)), (64, (54, 10))):
         (stage,) = tp.load_pipeline({"preset": f"visionzip-{tokens}"}, presets=presets).stages
-        assert (stage.point.kind, stage.keep, stage.params) == ("post_projector", tokens, {})
+        assert (stage.point.kind, stage.keep, stage.params) == ("pre_projector", tokens, {})
         assert f"dominant={split[0]}, contextual={split[1]}" in presets.get(f"visionzip-{tokens}").table
     ttm, dp = tp.load_pipeline({"preset": "dycoke-llava-ov"}, presets=presets).stages
     assert (ttm.point.kind, ttm.reducer, ttm.keep, ttm.tokens) == ("post_projector", "dycoke", 0.3, "video")

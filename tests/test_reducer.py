@@ -128,6 +128,24 @@ def test_merge_apply_matches_an_explicit_weighted_mean_and_conserves_size():
     assert bool((merged[1, 2:] == 0).all()) and merged_sizes[1, 2] == 0  # padding slot
 
 
+def test_merge_root_plus_mean_is_the_root_plus_the_weighted_mean_of_the_others():
+    """VisionZip's official contextual token: root + mean(others) (size-weighted); a root alone stays itself;
+    dropped tokens count in no group; sizes add up as for the mean."""
+    torch.manual_seed(1)
+    x = torch.randn(1, 6, 3)
+    sizes = torch.tensor([[1.0, 2.0, 1.0, 3.0, 1.0, 1.0]])
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    dest = torch.tensor([[1, 1, 2, 1, -1, 2]])  # root 1 <- 0, 3; root 2 <- 5; 4 dropped
+    merged, merged_sizes, sel = Merge(dest, "root_plus_mean").apply(x, sizes, valid)
+    assert sel.tolist() == [[1, 2]] and merged_sizes.tolist() == [[6.0, 2.0]]
+    others = (x[0, 0] * 1.0 + x[0, 3] * 3.0) / 4.0
+    torch.testing.assert_close(merged[0, 0], x[0, 1] + others)
+    torch.testing.assert_close(merged[0, 1], x[0, 2] + x[0, 5])
+    alone, _, _ = Merge(torch.tensor([[0, 1, 1]]), "root_plus_mean").apply(x[:, :3], sizes[:, :3], valid[:, :3])
+    torch.testing.assert_close(alone[0, 0], x[0, 0])  # a root with no other member is itself
+    torch.testing.assert_close(alone[0, 1], x[0, 1] + x[0, 2])
+
+
 def test_merge_apply_keeps_dtype():
     x = torch.randn(1, 4, 2, dtype=torch.bfloat16)
     merged, _, _ = Merge(torch.tensor([[0, 0, 2, 2]])).apply(x, torch.ones(1, 4), torch.ones(1, 4, dtype=torch.bool))

@@ -8,6 +8,8 @@ do not hold, so the plugin's ``D`` dominant patches are the official ``visionzip
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import tiny_models
 import torch
@@ -222,3 +224,65 @@ def test_end_to_end_batched_equals_one_by_one(name, attention):
                 assert run.stats.last_prefill.stages[0].kept[0] == kept[i]
             torch.testing.assert_close(alone.logits[0, -1], batched.logits[i, -1], rtol=1e-4, atol=1e-5)
     assert kept[2] == [] and all(len(k) == n > 0 for k, n in zip(kept[:2], leaving[:2], strict=True))
+
+
+def _lm_inputs(model) -> tuple[list, object]:
+    got: list = []
+    lm = model.model.language_model
+    return got, lm.register_forward_pre_hook(lambda m, a, kw: got.append(kw["inputs_embeds"]), with_kwargs=True)
+
+
+@pytest.mark.parametrize("ratio", [10 / 64, 0.5])
+def test_pre_projector_is_the_official_visionzip(ratio):
+    """At pre_projector (the default place, the presets'), every image token the language model receives equals
+    the official forward's output token projected by the model's own projector: the dominant patches, and each
+    contextual token ``target + mean(assigned)`` of the tower's features (to 1e-6), in index order."""
+    t = tiny_models.llava()
+    inputs = t.make_inputs([(56, 56), (56, 56)])
+    keep = 7
+    pipe = {
+        "stages": [{"at": "pre_projector", "reducer": "visionzip", "keep": keep, "params": {"contextual_ratio": ratio}}]
+    }
+    with tp.apply(t.model, pipe, plugins=_manager()) as run, torch.no_grad():
+        got, handle = _lm_inputs(t.model)  # after the engine's hook: what the language model receives
+        try:
+            t.model(**inputs)
+        finally:
+            handle.remove()
+    (stage,) = run.stats.last_prefill.stages
+    assert stage.at == "pre_projector" and stage.leaving == [keep, keep] and stage.overhead_macs > 0
+    layer = t.model.config.vision_feature_layer
+    attn, hidden, metric = _tower_signals(t.model, inputs["pixel_values"], layer)
+    dominant, contextual = (int(v) for v in split_budget(torch.tensor([keep]), ratio))
+    visual = inputs["input_ids"] == t.model.config.image_token_id
+    projector = t.model.model.multi_modal_projector
+    for b in range(2):
+        kept, groups, official, _ = _official_visionzip(attn[b, :, 0], metric[b], hidden[b], dominant + 1, contextual)
+        assert stage.kept[b] == [i - 1 for i in kept if i > 0]
+        rows = dict(zip([int(t) for t in groups], official, strict=True))
+        expected = torch.stack([rows[i] if i in rows else hidden[b, i] for i in kept if i > 0])
+        with torch.no_grad():
+            expected = projector(expected)
+        lm_visual = _lm_visual_rows(got[0][b], inputs, b, visual[b], keep)
+        torch.testing.assert_close(lm_visual, expected, rtol=0, atol=1e-6)
+
+
+def _lm_visual_rows(embeds, inputs, b, visual, keep):
+    """The ``keep`` image rows of sample ``b`` in the language model's (right-aligned, pruned) input."""
+    real = inputs["attention_mask"][b].bool()
+    ids_visual = visual[real]
+    first = int(ids_visual.nonzero()[0])
+    after = embeds[-int(real.sum()) + (int(ids_visual.sum()) - keep) :]  # the sample's real tokens, right-aligned
+    return after[first : first + keep]
+
+
+def test_the_official_combination_is_the_default_before_the_projector_only():
+    ctx = dense_context(8, 4)
+    ctx.vision_attention = torch.arange(8.0)[None]
+    ctx.vision_keys = torch.randn(1, 8, 4)
+    assert VisionZip({"contextual_ratio": 0.5}).reduce(torch.randn(1, 8, 3), ctx).combine == "mean"
+    pre = dataclasses.replace(ctx, at=tp.InsertionPoint("pre_projector"))
+    assert VisionZip({"contextual_ratio": 0.5}).reduce(torch.randn(1, 8, 3), pre).combine == "root_plus_mean"
+    forced = VisionZip({"contextual_ratio": 0.5, "combine": "mean"}).reduce(torch.randn(1, 8, 3), pre)
+    assert forced.combine == "mean"
+    assert VisionZip({"combine": "official"}).reduce(torch.randn(1, 8, 3), ctx).combine == "root_plus_mean"

@@ -47,8 +47,10 @@ if TYPE_CHECKING:
 PositionPolicy = Literal["original", "compact"]
 
 _AT_HELP = (
-    "'post_projector', {layer: k} with k >= 1 (the stage runs between decoder layers k-1 and k), or {decode: k} "
-    "(at every decoding step, on the cached visual tokens, for layers k onwards)"
+    "'post_projector', {layer: k} with k >= 1 (the stage runs between decoder layers k-1 and k), {decode: k} "
+    "(at every decoding step, on the cached visual tokens, for layers k onwards), 'pre_projector' (on the "
+    "vision tower's features of each image or crop, before the projector), or {vision_layer: k} (between "
+    "vision-tower layers k-1 and k)"
 )
 _KEEP_HELP = "a fraction in (0, 1] such as 0.25 (1.0 keeps all), or a token count >= 1 such as 64"
 
@@ -58,6 +60,13 @@ class LayerAt(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     layer: int = Field(ge=1, description="Decoder layer whose input is reduced (k >= 1).")
+
+
+class VisionLayerAt(BaseModel):
+    """Between vision-tower layers ``vision_layer - 1`` and ``vision_layer``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    vision_layer: int = Field(ge=1, description="Vision-tower layer whose input is reduced (k >= 1).")
 
 
 class DecodeAt(BaseModel):
@@ -72,7 +81,9 @@ class Stage(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    at: Literal["post_projector"] | LayerAt | DecodeAt = Field(description=f"Insertion point: {_AT_HELP}.")
+    at: Literal["pre_projector", "post_projector"] | LayerAt | DecodeAt | VisionLayerAt = Field(
+        description=f"Insertion point: {_AT_HELP}."
+    )
     reducer: str = Field(description="Registry name of the reducer (see `tokenprune plugins`).")
     keep: float | int = Field(description=f"Tokens kept: {_KEEP_HELP}.")
     params: dict[str, Any] = Field(default_factory=dict, description="The reducer's parameters.")
@@ -88,10 +99,10 @@ class Stage(BaseModel):
     @classmethod
     def _parse_at(cls, value: Any) -> Any:
         if isinstance(value, InsertionPoint):
-            return "post_projector" if value.kind == "post_projector" else {value.kind: value.layer}
-        if value == "post_projector" or isinstance(value, (LayerAt, DecodeAt)):
+            return value.kind if value.kind in ("pre_projector", "post_projector") else {value.kind: value.layer}
+        if value in ("pre_projector", "post_projector") or isinstance(value, (LayerAt, DecodeAt, VisionLayerAt)):
             return value
-        if isinstance(value, Mapping) and len(value) == 1 and set(value) <= {"layer", "decode"}:
+        if isinstance(value, Mapping) and len(value) == 1 and set(value) <= {"layer", "decode", "vision_layer"}:
             ((name, k),) = value.items()
             if isinstance(k, int) and not isinstance(k, bool) and k >= 1:
                 return value
@@ -116,7 +127,9 @@ class Stage(BaseModel):
             return InsertionPoint("layer", self.at.layer)
         if isinstance(self.at, DecodeAt):
             return InsertionPoint("decode", self.at.decode)
-        return InsertionPoint("post_projector")
+        if isinstance(self.at, VisionLayerAt):
+            return InsertionPoint("vision_layer", self.at.vision_layer)
+        return InsertionPoint(self.at)
 
 
 class Pipeline(BaseModel):
@@ -464,8 +477,8 @@ def _check_stages(
         if previous is not None and point.order < previous.order:
             add(
                 "at",
-                f"stages must be ordered by insertion point (post_projector first, then layers in increasing "
-                f"order, then the decode stage), but {point} comes after {previous}",
+                f"stages must be ordered by insertion point (vision layers, pre_projector, then post_projector, "
+                f"then layers in increasing order, then the decode stage), but {point} comes after {previous}",
                 (*here, "at"),
             )
         previous = point if previous is None or point.order > previous.order else previous
@@ -499,6 +512,9 @@ def _check_stages(
         if point.kind == "decode" and point_supported:
             for message in _decode_problems(cls, needs):
                 add("at", message, (*here, "at"))
+        if point.kind in ("vision_layer", "pre_projector") and point_supported:
+            for field, message in _pre_projector_problems(stage, needs):
+                add(field, message, (*here, field))
         if sources and point.kind == "post_projector" and point_supported:
             add(
                 "at",
@@ -506,6 +522,28 @@ def _check_stages(
                 "the LLM; put it at {layer: k}",
                 (*here, "at"),
             )
+    return problems
+
+
+def _pre_projector_problems(stage: Stage, needs: Requirements) -> list[tuple[str, str]]:
+    """What a ``pre_projector`` stage cannot serve, as ``(field, message)``: only the tower's features and its
+    attention exist there, and only image features go through it."""
+    problems = []
+    unserved = sorted(needs.attention | needs.own_attention) + sorted(needs.signals) + (["text"] if needs.text else [])
+    if unserved:
+        problems.append(
+            (
+                "at",
+                f"before the projector only the vision tower's features and attention exist; {stage.reducer!r} reads "
+                f"{unserved}: put it at post_projector or {{layer: k}}",
+            )
+        )
+    if stage.point.kind == "vision_layer" and needs.vision_attention is not None:
+        problems.append(("at", f"{stage.reducer!r} reads vision attention, which a vision_layer stage is not served"))
+    if stage.tokens == "video":
+        problems.append(
+            ("tokens", f"a {stage.point.kind} stage reduces image features only; `tokens: video` needs post_projector")
+        )
     return problems
 
 

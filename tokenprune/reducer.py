@@ -38,9 +38,12 @@ from tokenprune.budget import budget_per_sample
 from tokenprune.errors import ReducerInputError, ReducerOutputError
 from tokenprune.layout import TokenLayout
 
-InsertionKind = Literal["post_projector", "layer", "decode"]
-"""``post_projector``: after the multimodal projector, before the LLM. ``layer``: between two
-decoder layers. ``decode``: between two decoder layers at every decoding step, over the KV cache."""
+InsertionKind = Literal["vision_layer", "pre_projector", "post_projector", "layer", "decode"]
+"""``vision_layer``: between two layers of the vision tower, on each tower sequence's patch tokens
+(:mod:`tokenprune.engine.vision_layer`). ``pre_projector``: on the vision tower's selected features, per tower
+sequence (image, crop), before the multimodal projector (:mod:`tokenprune.engine.pre_projector`).
+``post_projector``: after the multimodal projector, before the LLM. ``layer``: between two decoder layers.
+``decode``: between two decoder layers at every decoding step, over the KV cache."""
 
 AttentionSource = Literal["last", "text", "visual", "all"]
 """Which query rows of the attention probe are averaged: the last token's row (FastV's official
@@ -64,6 +67,12 @@ language model's input embeddings (:class:`InputEmbeddings`)."""
 class InsertionPoint:
     """Where a stage runs.
 
+    ``InsertionPoint("pre_projector")`` runs once on the vision tower's selected features, one row per tower
+    sequence (an image, an anyres crop), before the multimodal projector: what it keeps or merges goes through the
+    model's own projector and the language model receives only the kept tokens.
+    ``InsertionPoint("vision_layer", k)`` runs between vision-tower layers ``k - 1`` and ``k`` on each tower
+    sequence's patch tokens (the [CLS] token kept aside); the tokens it keeps or merges run through the tower's
+    remaining layers (merged ones with ToMe's size-weighted attention).
     ``InsertionPoint("post_projector")`` runs once on the projected visual features before the LLM.
     ``InsertionPoint("layer", k)`` runs on the hidden states between decoder layers ``k - 1`` and
     ``k`` (so ``k >= 1``); the attention probe, if a reducer needs it, comes from layer ``k - 1``.
@@ -78,21 +87,25 @@ class InsertionPoint:
     layer: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind == "post_projector" and self.layer is not None:
-            raise ValueError("InsertionPoint('post_projector') takes no layer")
-        if self.kind in ("layer", "decode") and (self.layer is None or self.layer < 1):
+        if self.kind in ("pre_projector", "post_projector") and self.layer is not None:
+            raise ValueError(f"InsertionPoint({self.kind!r}) takes no layer")
+        if self.kind in ("vision_layer", "layer", "decode") and (self.layer is None or self.layer < 1):
             raise ValueError(f"InsertionPoint({self.kind!r}, k) needs k >= 1 (got {self.layer})")
 
     def __str__(self) -> str:
-        if self.kind == "post_projector":
-            return "post_projector"
+        if self.kind in ("pre_projector", "post_projector"):
+            return self.kind
+        if self.kind == "vision_layer":
+            return f"vision layer {self.layer}"
         return f"layer {self.layer}" if self.kind == "layer" else f"decode layer {self.layer}"
 
     @property
     def order(self) -> tuple[int, int]:
-        """Sort key in forward-pass order: post_projector first, then layers by index, then decode stages."""
+        """Sort key in forward-pass order: pre_projector, post_projector, then layers by index, then decode stages."""
+        if self.kind == "vision_layer":
+            return (-2, int(self.layer))  # type: ignore[arg-type]
         if self.layer is None:
-            return (0, 0)
+            return (-1, 0) if self.kind == "pre_projector" else (0, 0)
         return (1, self.layer) if self.kind == "layer" else (2, self.layer)
 
 
@@ -450,6 +463,10 @@ class Merge:
     """
 
     destination: Tensor
+    combine: Literal["mean", "root_plus_mean"] = "mean"
+    """How a group becomes one token: ``mean``, the size-weighted mean of the group (the default, ToMe's);
+    ``root_plus_mean``, the root plus the size-weighted mean of the other members (the root alone where it has
+    none): VisionZip's official contextual tokens, ``target + mean(assigned)``."""
 
     @property
     def roots(self) -> Tensor:
@@ -464,8 +481,9 @@ class Merge:
     def apply(self, x: Tensor, sizes: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Selection]:
         """Merge ``x`` (``(B, N, D)``) with token ``sizes`` (``(B, N)``).
 
-        Returns ``(merged, merged_sizes, selection)``: ``(B, K, D)`` size-weighted means, ``(B, K)``
-        summed sizes, and the roots as a selection. The mean is computed in float32 and cast back.
+        Returns ``(merged, merged_sizes, selection)``: ``(B, K, D)`` size-weighted means (or, with
+        ``combine: root_plus_mean``, each root plus the mean of its other members), ``(B, K)`` summed sizes,
+        and the roots as a selection. The mean is computed in float32 and cast back.
         """
         b, n, d = x.shape
         dropped = self.destination < 0
@@ -478,7 +496,14 @@ class Merge:
         sel = self.selection(valid)
         safe = sel.indices.clamp(min=0)
         merged_den = den.gather(1, safe)
-        merged = num.gather(1, safe.unsqueeze(-1).expand(-1, -1, d)) / merged_den.clamp(min=1e-12).unsqueeze(-1)
+        merged_num = num.gather(1, safe.unsqueeze(-1).expand(-1, -1, d))
+        if self.combine == "root_plus_mean":
+            root = x.float().gather(1, safe.unsqueeze(-1).expand(-1, -1, d))
+            root_w = w.gather(1, safe).unsqueeze(-1)
+            rest_w = merged_den.unsqueeze(-1) - root_w
+            merged = root + (merged_num - root * root_w) / rest_w.clamp(min=1e-12) * (rest_w > 1e-12)
+        else:
+            merged = merged_num / merged_den.clamp(min=1e-12).unsqueeze(-1)
         pad = sel.indices < 0
         merged = merged.masked_fill(pad.unsqueeze(-1), 0.0).to(x.dtype)
         merged_sizes = merged_den.masked_fill(pad, 0.0).to(sizes.dtype)

@@ -49,7 +49,7 @@ class ToMe(TokenReducer):
     """
 
     name = "tome"
-    capabilities = Capabilities(insertion_points=frozenset({"post_projector", "layer"}), merges=True)
+    capabilities = Capabilities(insertion_points=frozenset({"vision_layer", "post_projector", "layer"}), merges=True)
 
     class Params(ReducerParams):
         order: Literal["index", "official"] = Field(

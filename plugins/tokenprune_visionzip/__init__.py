@@ -8,10 +8,12 @@ remaining tokens, in index order, supply ``contextual`` *target* tokens at a fix
 token joins the target whose head-averaged key is most similar (cosine), and each target becomes one
 *contextual* token. ``visionzip(model, dominant=54, contextual=10)`` gives LLaVA-1.5 its 64 tokens.
 
-Here the reducer runs at ``post_projector`` and returns a :class:`~tokenprune.Merge`: the dominant tokens and
-the targets are its roots, each remaining token's destination is its target, and the engine replaces each group
-by its mean. The departures from the official code (the merge after the projector, the mean, the [CLS] token,
-the order) are listed on the docs page, ``docs/reducers/visionzip.md``.
+The reducer returns a :class:`~tokenprune.Merge`: the dominant tokens and the targets are its roots, each remaining
+token's destination is its target. In its official place, ``at: pre_projector``, it runs on the tower's features
+of every image or crop, and each contextual token is the official ``target + mean(assigned)``
+(``combine: official``), which the model's own projector then projects. At ``post_projector`` it merges the
+projected tokens into the mean of each group (``combine: mean``). The remaining departures ([CLS] token, order)
+are listed on the docs page, ``docs/reducers/visionzip.md``.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class VisionZip(TokenReducer):
 
     name = "visionzip"
     capabilities = Capabilities(
-        insertion_points=frozenset({"post_projector"}), merges=True, vision_attention=frozenset({"cls", "mean"})
+        insertion_points=frozenset({"pre_projector", "post_projector"}),
+        merges=True,
+        vision_attention=frozenset({"cls", "mean"}),
     )
 
     class Params(VisionAttentionParams):
@@ -76,7 +80,13 @@ class VisionZip(TokenReducer):
         similarity: Literal["keys", "projected"] = Field(
             default="keys",
             description="Metric the remaining tokens are assigned to targets by: the vision layer's keys "
-            "averaged over heads ('keys', the official code's) or the post-projector tokens ('projected').",
+            "averaged over heads ('keys', the official code's) or the stage's own tokens ('projected').",
+        )
+        combine: Literal["auto", "official", "mean"] = Field(
+            default="auto",
+            description="How a contextual token combines its group: 'official', the target plus the mean of the "
+            "tokens assigned to it (the official code's); 'mean', the group's mean (sizes carried to later stages); "
+            "'auto': 'official' at pre_projector, 'mean' at post_projector.",
         )
 
     @classmethod
@@ -98,7 +108,9 @@ class VisionZip(TokenReducer):
         """
         scores, metric = self._inputs(tokens, ctx)
         plan = visionzip_plan(scores, ctx, self.params.contextual_ratio)  # type: ignore[attr-defined]
-        return Merge(destination=visionzip_destination(plan, metric))
+        combine = self.params.combine  # type: ignore[attr-defined]
+        official = combine == "official" or (combine == "auto" and ctx.at.kind == "pre_projector")
+        return Merge(visionzip_destination(plan, metric), "root_plus_mean" if official else "mean")
 
     def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
         """The merged-by-target cosine product: ``B · M · C · d`` (``M``, ``C``: the batch's most merged tokens
@@ -253,9 +265,10 @@ def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry)
     for tokens, (dominant, contextual) in PRESETS.items():
         registry.add(
             f"visionzip-{tokens}",
-            {"stages": [{"at": "post_projector", "reducer": "visionzip", "keep": tokens}]},
+            {"stages": [{"at": "pre_projector", "reducer": "visionzip", "keep": tokens}]},
             paper=PAPER,
             table=f"Table 1, LLaVA-1.5-7B at {tokens} tokens (the official code's dominant={dominant}, "
             f"contextual={contextual}; the default contextual_ratio 10/64 splits {tokens} the same way)",
-            description=f"VisionZip after the projector: {dominant} dominant + {contextual} contextual tokens",
+            description=f"VisionZip before the projector, per image or crop: {dominant} dominant + {contextual} "
+            "contextual tokens (target + mean of its group, as the official code)",
         )

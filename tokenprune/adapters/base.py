@@ -233,6 +233,24 @@ class ModelAdapter:
         """
         return None
 
+    # --- pre_projector stages ------------------------------------------------------------------
+
+    pre_projector_refusal: ClassVar[str] = (
+        "its adapter names no per-token projector (ModelAdapter.projector returns None)"
+    )
+    """Why this family cannot run a ``pre_projector`` stage, where :meth:`projector` returns ``None``."""
+
+    def projector(self) -> nn.Module | None:
+        """The multimodal projector a ``pre_projector`` stage runs before (:mod:`tokenprune.engine.pre_projector`).
+
+        It must be a *per-token* projector called once per image call on the ``(M, P, Dv)`` selected features (one
+        row per tower sequence, the rows :meth:`map_vision_patches` maps), each output token built from the input
+        token at its place only (LLaVA's MLP). ``None`` (the default): the family runs no ``pre_projector`` stage,
+        for the reason :attr:`pre_projector_refusal` gives (a projector that mixes tokens: Qwen2-VL's 2x2
+        PatchMerger, a pixel shuffle, pooling).
+        """
+        return None
+
     def video_token_id(self) -> int | None:
         """The placeholder id of a video token in ``input_ids`` (``None``: the model takes no videos)."""
         cfg = self.model.config

@@ -28,6 +28,10 @@ class Gemma3Adapter(ModelAdapter):
     name = "gemma3"
     model_types = ("gemma3",)
     notes = "sliding windows count original positions in prefill; exact while prompt + output < window"
+    pre_projector_refusal = (
+        "its projector average-pools the patch grid (4x4 patches per token), so a projector input is not one "
+        "language-model token"
+    )
 
     def rotary(self, hidden: Tensor, positions: Tensor, layer_index: int) -> tuple[Tensor, Tensor]:
         lm = self.language_model()

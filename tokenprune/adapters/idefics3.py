@@ -27,6 +27,10 @@ class Idefics3Adapter(ModelAdapter):
     name = "idefics3"
     model_types = ("idefics3", "smolvlm")
     notes = "one square grid per crop (and global image); wrapper text tokens are kept"
+    pre_projector_refusal = (
+        "its connector pixel-shuffles each group of patches into one token, so a projector input is not one "
+        "language-model token"
+    )
 
     def language_model(self) -> nn.Module:
         return self.vlm().text_model

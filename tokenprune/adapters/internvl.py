@@ -41,6 +41,10 @@ class InternVLAdapter(ModelAdapter):
     name = "internvl"
     model_types = ("internvl",)
     notes = "tiles + thumbnail (view 0), CLS dropped, pixel shuffle; rows/columns tile-local"
+    pre_projector_refusal = (
+        "its projector follows a pixel shuffle that folds 2x2 patches into one token, so a projector input is not "
+        "one language-model token"
+    )
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)

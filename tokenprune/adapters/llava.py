@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
 from tokenprune.adapters.vision import drop_cls, encoder_tower
@@ -14,6 +14,10 @@ class LlavaAdapter(ModelAdapter):
     name = "llava"
     model_types = ("llava",)
     notes = "one g x g grid per image"
+
+    def projector(self) -> nn.Module | None:
+        """The per-token MLP ``multi_modal_projector`` (``pre_projector`` stages run before it)."""
+        return self.vlm().multi_modal_projector
 
     def vision_tower(self) -> VisionTower | None:
         """The CLIP (or SigLIP) tower; features from ``vision_feature_layer`` (``-2``: the second-to-last layer)."""

@@ -11,7 +11,7 @@ model does for any image size and grid pinpoints.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
@@ -25,6 +25,10 @@ class LlavaNextAdapter(ModelAdapter):
     name = "llava_next"
     model_types = ("llava_next",)
     notes = "anyres tiles, unpadding, image_newline (protected by default), several images per prompt"
+
+    def projector(self) -> nn.Module | None:
+        """The per-token MLP ``multi_modal_projector`` (``pre_projector`` stages run before it)."""
+        return self.vlm().multi_modal_projector
 
     def _tiles(self, call: ImageCall, image_sizes: Tensor) -> list[int]:
         """Tiles (base view included) of each image, as ``get_image_features`` counts them."""

@@ -22,6 +22,9 @@ class PaliGemmaAdapter(ModelAdapter):
     name = "paligemma"
     model_types = ("paligemma",)
     notes = "prefix-LM masks are sliced, so kept tokens keep bidirectional prefix attention"
+    pre_projector_refusal = (
+        "its adapter does not map the tower's patches to the language model's tokens (no vision mapping)"
+    )
 
     def vision_tower(self) -> VisionTower | None:
         """The SigLIP tower; the features are its last layer's output (``last_hidden_state``)."""

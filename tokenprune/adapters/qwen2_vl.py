@@ -28,6 +28,10 @@ class Qwen2VLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     position_scheme = "mrope"
     notes = "M-RoPE positions from get_rope_index on the unpruned ids, then sliced"
+    pre_projector_refusal = (
+        "its vision tower ends in a PatchMerger that merges every 2x2 group of patches into one token (and its "
+        "windows, rotary positions and cu_seqlens are per patch); reducing whole merge groups is not implemented"
+    )
 
     def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
         grid = call.arg("image_grid_thw", 1)

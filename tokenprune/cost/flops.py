@@ -10,7 +10,11 @@
   full LLaVA-NeXT forward, and a whole-LM trace would not see the engine's per-layer pruning.
 
 The vision tower and projector run identically with or without a pipeline; torch counts them (the
-``vision`` row), and neither analytic nor fvcore recount them.
+``vision`` row), and neither analytic nor fvcore recount them. A ``pre_projector`` stage reduces the
+projector's input in place (the projector still projects every row; the dropped ones leave at the
+language model's input), so it saves the language model's work, which every counter sees in the
+layers; its reducer runs in a pre-hook of the projector, and what torch counts there (beyond the
+projector's own submodules) is the stages' work, reported in ``reducers_torch``, not in ``vision``.
 
 All numbers are MACs (multiply-accumulates); FLOPs are twice as many.
 """
@@ -56,9 +60,10 @@ class FlopsReport:
             (:func:`~tokenprune.cost.analytic.own_attention_macs`).
         fvcore_notes: What fvcore could not count, and its captured warnings.
         batch: Samples in the batch (the counts cover the whole padded batch).
-        reducers_torch: What torch counted inside the decoder but outside its layers: the reducers'
-            own work and the own-layer dry calls (it should equal the sum of ``reducers`` plus the
-            dry calls' share of ``probe``).
+        reducers_torch: What torch counted inside the decoder but outside its layers, and in the
+            projector outside its submodules (``pre_projector`` stages): the reducers' own work and the
+            own-layer dry calls (it should equal the sum of ``reducers`` less the vision probe's share,
+            plus the dry calls' share of ``probe``).
     """
 
     layers: list[LayerRow]
@@ -135,6 +140,7 @@ def count_flops(
     with contextlib.ExitStack() as stack:
         run = stack.enter_context(apply(model, pipeline, plugins=plugins)) if pipeline is not None else None
         recorder = stack.enter_context(_record_layer_inputs(decoder, model.lm_head))
+        tower_inputs = stack.enter_context(_record_tower_inputs(run))
         count, _ = torch_flops(model, **inputs, use_cache=False)
         fvcore_layers, fvcore_head, notes = (
             _fvcore_replay(decoder, model.lm_head, recorder) if use_fvcore else (None, None, [])
@@ -162,12 +168,60 @@ def count_flops(
     ]
     torch_head = flops_to_macs(count.module_flops(head_path))
     decoder_torch = flops_to_macs(language_model_flops(count, decoder_path, decoder))
-    vision = flops_to_macs(count.flops - count.module_flops(decoder_path)) - torch_head
+    pre = _pre_projector_torch(count, names, run) + _vision_layer_torch(count, names, tower_inputs)
+    vision = flops_to_macs(count.flops - count.module_flops(decoder_path)) - torch_head - pre
     # What torch counted in the decoder outside its layers: the reducers, run from the engine's hooks.
-    overhead_torch = decoder_torch - sum(torch_layers)
+    overhead_torch = decoder_torch - sum(torch_layers) + pre
     return FlopsReport(
         rows, (analytic.lm_head, torch_head, fvcore_head), vision, reducers, probe, notes, batch, overhead_torch
     )
+
+
+@contextlib.contextmanager
+def _record_tower_inputs(run: Any) -> Iterator[dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """Record what each vision-tower layer with a ``vision_layer`` stage received, after the stage ran."""
+    recorded: dict[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    points = [] if run is None else [p.stage.point for p in run.prepared.plans if p.stage.point.kind == "vision_layer"]
+    tower = run.adapter.vision_tower() if points else None
+    handles = []
+    for k in sorted({int(p.layer) for p in points}) if tower is not None else []:
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            recorded[module] = (args, dict(kwargs))
+
+        handles.append(tower.layers[k].register_forward_pre_hook(hook, with_kwargs=True))  # type: ignore[union-attr]
+    try:
+        yield recorded
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _vision_layer_torch(
+    count: Any, names: Mapping[int, str], recorded: Mapping[nn.Module, tuple[tuple[Any, ...], dict[str, Any]]]
+) -> int:
+    """MACs torch counted in the tower layers that run ``vision_layer`` stages beyond the layers' own work: the
+    stages' pre-hooks (each layer replayed on the inputs it received, after its stages)."""
+    total = 0
+    for layer, (args, kwargs) in recorded.items():
+        own, _ = torch_flops(layer.forward, *args, **kwargs)
+        total += flops_to_macs(count.module_flops("." + names[id(layer)]) - own.flops)
+    return total
+
+
+def _pre_projector_torch(count: Any, names: Mapping[int, str], run: Any) -> int:
+    """MACs torch counted in the projector outside its submodules: the ``pre_projector`` stages' pre-hook (0: none).
+
+    A per-token projector (LLaVA's MLP) does its own products in its submodules (``linear_1``, ``linear_2``).
+    """
+    if run is None or not any(p.stage.point.kind == "pre_projector" for p in run.prepared.plans):
+        return 0
+    projector = run.adapter.projector()
+    if projector is None or id(projector) not in names:
+        return 0
+    path = "." + names[id(projector)]
+    children = [name for name, _ in projector.named_children()]
+    return flops_to_macs(count.module_flops(path, excluding=children))
 
 
 class _Recorder:

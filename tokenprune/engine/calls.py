@@ -32,6 +32,11 @@ class FeatureCalls:
     vision_probe: VisionProbe | None = None
     _in_video: bool = False
 
+    @property
+    def in_video(self) -> bool:
+        """A ``get_video_features`` call is running (its projector calls are the video's)."""
+        return self._in_video
+
     def install(self, hooks: HookSet, vlm: Any) -> None:
         """Wrap ``vlm``'s feature methods (those it has)."""
         if hasattr(vlm, "get_image_features"):

@@ -38,6 +38,7 @@ from tokenprune.engine.guards import (
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.layer_args import LayerArg, layer_args_of, positional_names
 from tokenprune.engine.masks import mask_kind, pruned_input_mask
+from tokenprune.engine.pre_projector import PreProjector
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.residuals import add_layer_residual, adds_visual_residuals
 from tokenprune.engine.sequence import TokenSequence, input_sequence, kept_labels, residual_sequence, visual_layout
@@ -61,6 +62,7 @@ from tokenprune.engine.state import PrefillState, record_layer_tokens
 from tokenprune.engine.stats import ForwardStats, RunStats
 from tokenprune.engine.stopwatch import Stopwatch
 from tokenprune.engine.vision import VisionProbe, post_projector_vision_signals, vision_probe_for
+from tokenprune.engine.vision_layer import VisionLayerStages
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
 
@@ -104,6 +106,10 @@ class ForwardHooks:
         self._real_tokens: list[int] = []
         self._input_width = 0  # the multimodal model's input length in this forward
         self._post = [p for p in plans if p.stage.point.kind == "post_projector"]
+        pre = [p for p in plans if p.stage.point.kind == "pre_projector"]
+        tower = [p for p in plans if p.stage.point.kind == "vision_layer"]
+        self._tower = VisionLayerStages(tower, adapter, self._calls) if tower else None
+        self._pre = PreProjector(pre, adapter, self._calls, self._tower) if pre or tower else None
         self._layer = plans_by_layer(plans)
         self._decode = next((p for p in plans if p.stage.point.kind == "decode"), None)
         self._decode_layer = self._decode.stage.point.layer if self._decode is not None else None
@@ -154,7 +160,8 @@ class ForwardHooks:
             self.probe.stopwatch = self.stopwatch
         if self.probe is not None and self._decode is not None:
             self.probe.subset = self._key_subset
-        self.vision_probe = vision_probe_for(self._post, self.adapter)
+        pre = self._pre.plans if self._pre is not None else []
+        self.vision_probe = vision_probe_for(pre + self._post, self.adapter)
         if self.vision_probe is not None:
             self.vision_probe.stopwatch = self.stopwatch
             self.vision_probe.install()
@@ -174,11 +181,17 @@ class ForwardHooks:
             hooks.post(layers[k - 1], self._layer_post(k))
         self._calls.vision_probe = self.vision_probe
         self._calls.install(hooks, vlm)
+        if self._tower is not None:
+            self._tower.install(hooks, [p for p in self._plans if p.needs.vision_attention is not None])
+        if self._pre is not None:  # after the feature calls' wrappers: it reads whether a video call runs
+            self._pre.install(hooks, self.vision_probe)
 
     def _forget_forward(self) -> None:
         """Drop what one forward left behind (after it raised, the next call starts clean)."""
         self._state = None
         self._calls.clear()
+        if self._pre is not None:
+            self._pre.clear()
         self._labels = None
         for probe in (self.probe, self.vision_probe):
             if probe is not None:
@@ -326,12 +339,12 @@ class ForwardHooks:
         vision = post_projector_vision_signals(
             self.vision_probe, self.adapter, calls.image, self._post, st.visual, st.video, calls.video
         )
+        hidden, seq, changed = self._pre_projector(hidden, seq, st, vision)
         calls.clear()
         residuals = self.adapter.take_visual_residuals(kw)
         if residuals is not None:
             seq.residuals, seq.receives = residual_sequence(residuals, batch, length)
         produce_channels(self._channels, hidden, seq, 0)
-        changed = False
         for plan in self._post:
             signal = vision.get(plan.index)
             outcome = self._run(plan, hidden, seq, None, StageSignals(vision=signal) if signal is not None else None)
@@ -352,6 +365,22 @@ class ForwardHooks:
         if any("input_embeddings" in p.needs.signals for p in self._plans):
             st.lm_embeds = hidden
         return ((), kw) if changed or residuals is not None else None
+
+    def _pre_projector(
+        self, hidden: Tensor, seq: TokenSequence, st: PrefillState, vision: dict[int, Any]
+    ) -> tuple[Tensor, TokenSequence, bool]:
+        """Remove what the ``pre_projector`` stages dropped from the language model's input (their stats recorded)."""
+        if self._pre is None:
+            return hidden, seq, False
+        image = st.visual & ~st.video if st.video is not None else st.visual
+        hidden, seq, kept, stats = self._pre.apply(hidden, seq, self._calls.image, image, compact=self._compact)
+        st.stages_run.update(plan.index for plan in self._pre.all_plans)
+        if self._forward is not None:
+            self._forward.stages.extend(stats)
+        if kept is not None:
+            for i, v in vision.items():
+                vision[i] = v.gather(kept)
+        return hidden, seq, kept is not None
 
     # --- hooks: decoder layers (layer stages) -------------------------------------------------
 

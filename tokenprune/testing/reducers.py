@@ -250,7 +250,7 @@ def check_reducer(
     """
     check_params_reject_unknown(reducer_cls)
     for kind in sorted(reducer_cls.capabilities.insertion_points):
-        at = InsertionPoint("post_projector") if kind == "post_projector" else InsertionPoint(kind, 2)
+        at = InsertionPoint(kind) if kind in ("pre_projector", "post_projector") else InsertionPoint(kind, 2)
         reducer = reducer_cls(params or {})
         for keep in (0.5, 0.25, 1, 3, 1.0):
             check_valid_result(reducer, at=at, keep=keep, device=device, dim=dim)

@@ -1,0 +1,358 @@
+"""``pre_projector`` stages: reduce the vision tower's selected features before the model's own projector.
+
+A forward pre-hook on the adapter's per-token projector (:meth:`~tokenprune.adapters.base.ModelAdapter.projector`)
+runs every ``pre_projector`` stage on the projector's input, ``(M, P, Dv)``: one row per tower sequence (an image,
+an anyres crop), ``P`` patches each (the [CLS] token already dropped where the model drops it). The reducer sees
+the ``M`` rows as its batch, so budgets are per image or crop (VisionZip's official counts on LLaVA-NeXT). A
+:class:`~tokenprune.Merge` writes each group's combined features into its root's row, so the projector computes
+exactly the official ``projector(merged feature)`` at the kept places; the number of rows is unchanged, so every
+layout step after the projector (LLaVA-NeXT's unpadding and newlines) runs as in the stock model.
+
+At the language model's input (:meth:`PreProjector.apply`), the dropped rows are mapped to the sequence's visual
+columns through the adapter's :meth:`~tokenprune.adapters.base.ModelAdapter.map_vision_patches` (the mapping the
+vision probe uses) and removed as a ``post_projector`` stage removes tokens; newline tokens, built from no patch,
+stay. A language-model token built from several patches of which some were dropped (a bilinearly downscaled
+anyres grid) is refused: its pre-projector reduction has no single meaning.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
+from tokenprune.engine import positions as P
+from tokenprune.engine.calls import FeatureCalls
+from tokenprune.engine.hooks import HookSet
+from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
+from tokenprune.engine.stage import StagePlan
+from tokenprune.engine.stats import StageStats
+from tokenprune.engine.vision import VisionProbe, resolve_layer
+from tokenprune.engine.vision_layer import TowerCut, VisionLayerStages
+from tokenprune.errors import TokenpruneError
+from tokenprune.layout import TokenLayout
+from tokenprune.reducer import Merge, ReduceContext, Selection
+from tokenprune.validation import check_reduction, check_stage_budget
+
+
+@dataclass
+class ProjectorRun:
+    """What the stages did to one projector call.
+
+    Attributes:
+        masks: ``len(plans) + 1`` ``(M, P)`` bool masks: the rows valid before each stage, then after the last.
+        sizes: ``(M, P)`` float, how many patches each row stands for after the stages.
+        seconds: Per stage, the wall time of its reducer.
+        macs: Per stage, its declared overhead plus the vision probe's cost it read first.
+    """
+
+    masks: list[Tensor]
+    sizes: Tensor
+    seconds: list[float] = field(default_factory=list)
+    macs: list[int] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """Some row was dropped or merged."""
+        return not bool(self.masks[-1].all()) or bool((self.sizes != 1).any())
+
+
+class PreProjector:
+    """The ``pre_projector`` stages of one applied pipeline.
+
+    Args:
+        plans: The ``pre_projector`` stage plans, in pipeline order.
+        adapter: The model family's adapter.
+        calls: The engine's feature-call recorder (a projector call inside a video call is left alone).
+        vision: The ``vision_layer`` stages, whose surviving tokens are put back on the patch grid here.
+    """
+
+    def __init__(
+        self,
+        plans: list[StagePlan],
+        adapter: ModelAdapter,
+        calls: FeatureCalls,
+        vision: VisionLayerStages | None = None,
+    ) -> None:
+        self.plans = plans
+        self.vision = vision
+        self.adapter = adapter
+        self.calls = calls
+        self.vision_probe: VisionProbe | None = None
+        self.last: ProjectorRun | None = None
+        self._tower: VisionTower | None = None
+
+    @property
+    def all_plans(self) -> list[StagePlan]:
+        """The ``vision_layer`` stages, then the ``pre_projector`` ones: the stages whose tokens leave here."""
+        return (self.vision.plans if self.vision is not None else []) + self.plans
+
+    def install(self, hooks: HookSet, vision_probe: VisionProbe | None) -> None:
+        """Check the family serves ``pre_projector`` stages and hook its projector.
+
+        Raises:
+            TokenpruneError: the adapter names no per-token projector (naming the family and why), or
+                does not map the tower's patches to the language model's tokens.
+        """
+        first = self.all_plans[0]
+        where = f"stage {first.index} ({first.stage.reducer}) runs at {first.stage.point}"
+        projector = self.adapter.projector()
+        if projector is None:
+            raise TokenpruneError(
+                f"{where}, which the {_model_type(self.adapter)!r} family (adapter {self.adapter.name!r}) cannot "
+                f"serve: {self.adapter.pre_projector_refusal}; put the stage at post_projector"
+            )
+        self._tower = self.adapter.vision_tower()
+        if self._tower is None:
+            raise TokenpruneError(f"{where}, but the {self.adapter.name!r} adapter does not describe its vision tower")
+        self.vision_probe = vision_probe
+        hooks.pre(projector, self._before_projector)
+
+    def clear(self) -> None:
+        """Forget the last projector call's reduction (and the tower's cut)."""
+        self.last = None
+        if self.vision is not None:
+            self.vision.take()
+
+    # --- the projector's input ------------------------------------------------------------------
+
+    def _before_projector(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.calls.in_video:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise TokenpruneError(
+                f"pre_projector: the {self.adapter.name!r} projector received "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}, not (tower sequences, patches, dim)"
+            )
+        cut = self.vision.take() if self.vision is not None else None
+        run = _projector_run(x, cut)
+        if cut is not None:
+            x = cut.expand(x)[0]
+        counted: set[tuple[Any, ...]] = set()
+        with torch.no_grad():
+            for plan in self.plans:
+                x = self._run(plan, x, run, counted)
+        self.last = run
+        if not run.changed and cut is None:
+            return None
+        return ((x, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): x})
+
+    def _run(self, plan: StagePlan, x: Tensor, run: ProjectorRun, counted: set[tuple[Any, ...]]) -> Tensor:
+        """One stage on the rows still valid; returns ``x`` with merged rows written at their roots."""
+        ctx, macs = self._context(plan, x, run, counted)
+        start = time.perf_counter()
+        result = plan.reducer.reduce(x, ctx)
+        selection = check_reduction(result, x, ctx, who=plan.who, capabilities=type(plan.reducer).capabilities)
+        if isinstance(result, Merge):
+            merged, sizes, selection = result.apply(x, ctx.sizes, ctx.valid)
+            x, run.sizes = _write_rows(x, run.sizes, selection, merged, sizes)
+        run.masks.append(selection.to_mask(x.shape[1]) & ctx.valid)
+        run.seconds.append(time.perf_counter() - start)
+        run.macs.append(plan.reducer.overhead_macs(x, ctx) + macs)
+        return x
+
+    def _context(
+        self, plan: StagePlan, x: Tensor, run: ProjectorRun, counted: set[tuple[Any, ...]]
+    ) -> tuple[ReduceContext, int]:
+        rows, patches, _ = x.shape
+        valid = run.masks[-1]
+        protected = torch.zeros_like(valid)
+        side = math.isqrt(patches)
+        layout = TokenLayout.grid(side, side, batch=rows).to(x.device) if side * side == patches else None
+        budget = plan.reducer.stage_budget(plan.stage.keep, valid, protected, layout)
+        ctx = ReduceContext(
+            at=plan.stage.point,
+            budget=check_stage_budget(budget, valid, protected, who=plan.who),
+            valid=valid,
+            protected=protected,
+            sizes=run.sizes,
+            layout=layout,
+            stage_index=plan.index,
+            keep=plan.stage.keep,
+            columns=torch.arange(patches, device=x.device).expand(rows, -1),
+        )
+        request = plan.needs.vision_attention
+        if request is None:
+            return ctx, 0
+        scores, keys, features, also, macs = self._vision(plan, rows, patches)
+        key = (resolve_layer(self._tower, request.layer), request.also_at, request.kind)  # type: ignore[arg-type]
+        macs, _ = (0 if key in counted else macs), counted.add(key)
+        ok = valid.clone()
+        ctx = replace(
+            ctx,
+            vision_attention=scores.to(x.device).masked_fill(~ok, float("-inf")),
+            vision_valid=ok,
+            vision_keys=None if keys is None else keys.to(x.device),
+            vision_features=None if features is None else features.to(x.device),
+            vision_attention_at={k: v.to(x.device).masked_fill(~ok, float("-inf")) for k, v in also.items()},
+        )
+        return ctx, macs
+
+    def _vision(
+        self, plan: StagePlan, rows: int, patches: int
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, dict[int, Tensor], int]:
+        """The probe's records for ``plan``'s request as ``(M, P)`` rows aligned with the projector's input (a
+        tower sequence one position longer than a row: its [CLS] token, which the model dropped, left out)."""
+        request, probe, tower = plan.needs.vision_attention, self.vision_probe, self._tower
+        if request is None or probe is None or tower is None:
+            raise TokenpruneError(f"stage {plan.index} ({plan.stage.reducer}): no vision probe serves this stage")
+        offset = 1 if tower.has_cls else 0
+
+        def rows_of(layer: int | None, kind: str) -> tuple[Tensor, Any]:
+            nonlocal offset
+            rec = probe.records.get(resolve_layer(tower, layer))
+            if rec is not None and kind in rec.scores and rec.scores[kind]:
+                offset = int(rec.scores[kind][0].shape[0]) - patches
+            if rec is None or kind not in rec.scores:
+                raise TokenpruneError(
+                    f"stage {plan.index} ({plan.stage.reducer}): the vision probe recorded nothing for the projector's "
+                    "input; is the attention implementation overridden elsewhere?"
+                )
+            if len(rec.scores[kind]) != rows or offset not in (0, 1):
+                raise TokenpruneError(
+                    f"stage {plan.index} ({plan.stage.reducer}) at pre_projector: the {tower.name} ran "
+                    f"{len(rec.scores[kind])} sequences of {int(rec.scores[kind][0].shape[0])} positions, but the "
+                    f"projector received {rows} rows of {patches}; the {self.adapter.name!r} family's tower output "
+                    "is not the projector's input token for token"
+                )
+            return torch.stack(rec.scores[kind])[:, offset:], rec
+
+        scores, rec = rows_of(request.layer, request.kind)
+        keys = torch.stack(rec.keys)[:, offset:] if request.keys else None
+        features = torch.stack(rec.features)[:, offset:] if request.features else None
+        also = {at: rows_of(at, request.kind)[0] for at in request.also_at}
+        macs = rec.macs.get(request.kind, 0)
+        return scores, keys, features, also, macs
+
+    # --- the language model's input -------------------------------------------------------------
+
+    def apply(
+        self, hidden: Tensor, seq: TokenSequence, call: ImageCall | None, image: Tensor, *, compact: bool
+    ) -> tuple[Tensor, TokenSequence, Tensor | None, list[StageStats]]:
+        """Remove the dropped rows' tokens from the language model's input ``hidden`` (``(B, L, D)``).
+
+        Args:
+            hidden: The language model's input embeddings.
+            seq: Its sequence (columns of the caller's input).
+            call: The recorded image call whose projector input the stages reduced.
+            image: ``(B, L)`` bool, the image tokens (video tokens are not reduced before the projector).
+            compact: Renumber the kept tokens' positions.
+
+        Returns:
+            ``(hidden, seq, kept_columns, stats)``: ``kept_columns`` ``(B, L')`` the input columns kept
+            (``None``: nothing changed), and one :class:`StageStats` per stage.
+
+        Raises:
+            TokenpruneError: the stages ran on no image call, or a token is built from kept and dropped patches.
+        """
+        run, self.last = self.last, None
+        if call is None or run is None:
+            if not bool(image.any()):
+                return hidden, seq, None, []
+            raise TokenpruneError("pre_projector stages: the model's projector was not called for this batch's images")
+        channels = self._map(run, call, image)  # (B, L, stages + 2): masks, sizes; newline tokens: 1
+        stats = self._stats(run, channels, image)
+        if not run.changed:
+            return hidden, seq, None, stats
+        kept = image & (channels[..., len(self.all_plans)] > 0.5)
+        keep = seq.valid & (~image | kept)
+        sizes = torch.where(image, channels[..., -1].to(seq.sizes.dtype), seq.sizes)
+        idx = right_aligned_columns(keep)
+        new = replace(seq, sizes=sizes).gather(idx)
+        if compact:
+            new.positions, freed = P.compact(seq.positions, idx, seq.input_column >= 0)
+            new.freed_positions = seq.freed_positions + freed
+        dim = hidden.shape[-1]
+        gathered = hidden.gather(1, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim))
+        return gathered.masked_fill((idx < 0).unsqueeze(-1), 0.0), new, idx, stats
+
+    def _map(self, run: ProjectorRun, call: ImageCall, image: Tensor) -> Tensor:
+        """The run's masks and sizes on the ``(B, L)`` image columns, through ``map_vision_patches``."""
+        masks = torch.stack([m.float() for m in run.masks], -1)  # (M, P, S + 1)
+        cover = torch.ones_like(masks[..., :1])
+        values = torch.cat([masks, run.sizes.float()[..., None], cover], -1)
+        flat = self._mapped(values, call, int(image.sum()))
+        cov = flat[:, -1:]
+        ratio = flat[:, :-1] / cov.clamp(min=1e-6)
+        partial = (cov[:, 0] > 1e-6) & ((ratio[:, :-1] - ratio[:, :-1].round()).abs() > 1e-4).any(-1)
+        if bool(partial.any()):
+            raise TokenpruneError(
+                f"pre_projector: {int(partial.sum())} of the {self.adapter.name!r} model's image tokens are built from "
+                "several patches of which only some were kept (an anyres grid the model downscales by interpolation); "
+                "reduce such images at post_projector"
+            )
+        out = torch.ones(*image.shape, flat.shape[-1] - 1, device=image.device)  # newlines: kept, size 1
+        out[image] = torch.where(cov > 1e-6, ratio, torch.ones_like(ratio)).to(image.device)
+        return out
+
+    def _mapped(self, values: Tensor, call: ImageCall, count: int) -> Tensor:
+        """``(count, C)``: the projector rows' ``(M, P, C)`` values mapped to the image tokens, the rows placed in the
+        tower's sequences after a [CLS] position where the model dropped one (the mapping that fits ``count``)."""
+        got: list[int | None] = []
+        for offset in (1, 0) if self._tower is not None and self._tower.has_cls else (0,):
+            padded = torch.cat([values.new_zeros(values.shape[0], offset, values.shape[-1]), values], 1)
+            mapped = self.adapter.map_vision_patches(call, list(padded.unbind(0)))
+            flat = None if mapped is None else torch.cat([m.float() for m in mapped]) if mapped else padded[0, :0]
+            if flat is not None and flat.shape[0] == count:
+                return flat
+            got.append(None if flat is None else int(flat.shape[0]))
+        raise TokenpruneError(
+            f"pre_projector: the {self.adapter.name!r} adapter's map_vision_patches() gave {got} tokens for the "
+            f"{count} image tokens of the language model's input"
+        )
+
+    def _stats(self, run: ProjectorRun, channels: Tensor, image: Tensor) -> list[StageStats]:
+        """One :class:`StageStats` per stage, counted on the language model's image tokens of each sample."""
+        out = []
+        for i, plan in enumerate(self.all_plans):
+            entering = image & (channels[..., i] > 0.5)
+            leaving = image & (channels[..., i + 1] > 0.5)
+            order = entering.long().cumsum(1) - 1
+            kept = [order[b][leaving[b]].tolist() for b in range(image.shape[0])]
+            out.append(
+                StageStats(
+                    stage=plan.index,
+                    at=str(plan.stage.point),
+                    reducer=plan.stage.reducer,
+                    entering=entering.sum(1).tolist(),
+                    leaving=leaving.sum(1).tolist(),
+                    kept=kept,
+                    layout=None,
+                    seconds=run.seconds[i],
+                    overhead_macs=run.macs[i],
+                )
+            )
+        return out
+
+
+def _projector_run(x: Tensor, cut: TowerCut | None) -> ProjectorRun:
+    """The run of one projector call, starting from what the ``vision_layer`` stages left (``cut``), if any."""
+    if cut is None:
+        rows, patches = int(x.shape[0]), int(x.shape[1])
+        return ProjectorRun([torch.ones(rows, patches, dtype=torch.bool, device=x.device)], x.new_ones(rows, patches))
+    _, keep, sizes = cut.expand(x)
+    extra = keep.shape[1] - cut.patches
+    masks = [torch.cat([keep[:, :extra], m], 1) for m in cut.masks]
+    return ProjectorRun(masks, sizes.to(x.dtype), list(cut.seconds), list(cut.macs))
+
+
+def _model_type(adapter: ModelAdapter) -> str:
+    return str(getattr(getattr(adapter.model, "config", None), "model_type", adapter.name))
+
+
+def _write_rows(
+    x: Tensor, sizes: Tensor, selection: Selection, merged: Tensor, merged_sizes: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Write a merge's ``(M, K, D)`` rows and sizes at its ``(M, K)`` roots of ``x`` (``(M, P, D)``)."""
+    rows, patches, dim = x.shape
+    cols = torch.where(selection.indices >= 0, selection.indices, torch.full_like(selection.indices, patches))
+    padded = torch.cat([x, x.new_zeros(rows, 1, dim)], 1)
+    padded = padded.scatter(1, cols.unsqueeze(-1).expand(-1, -1, dim), merged.to(x.dtype))
+    padded_sizes = torch.cat([sizes, sizes.new_zeros(rows, 1)], 1).scatter(1, cols, merged_sizes.to(sizes.dtype))
+    return padded[:, :patches], padded_sizes[:, :patches]
