@@ -17,6 +17,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from tokenprune import __version__
+from tokenprune.cli.check import check as check_command
 from tokenprune.cli.run import run as run_command
 from tokenprune.errors import PluginLoadWarning, TokenpruneError
 from tokenprune.pipeline import load_pipeline, pipeline_json_schema
@@ -68,6 +69,7 @@ app = typer.Typer(
 )
 EXIT_INVALID = 2
 app.command("run")(run_command)
+app.command("check")(check_command)
 app.add_typer(synth_app, name="synth", help="SynthVQA and the bundled mini VLM: generate, train, evaluate.")
 
 

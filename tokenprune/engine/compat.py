@@ -416,3 +416,22 @@ def stock_attention(impl: str, module: nn.Module) -> Callable[..., Any]:
         )
     return eager
 
+
+# --- the model census ------------------------------------------------------------------------------
+
+
+def image_text_to_text_types() -> list[str]:
+    """The ``model_type`` values of transformers' image-text-to-text auto mapping, sorted (5.18-5.25)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def config_class(model_type: str) -> type:
+    """The config class of ``model_type`` (``CONFIG_MAPPING``)."""
+    return transformers.CONFIG_MAPPING[model_type]
+
+
+def model_from_config(config: Any, attention: str = "sdpa") -> nn.Module:
+    """The image-text-to-text model of ``config`` with random weights, on ``attention``."""
+    return transformers.AutoModelForImageTextToText.from_config(config, attn_implementation=attention)

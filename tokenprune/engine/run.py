@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from tokenprune.adapters.base import ModelAdapter
+from tokenprune.adapters.generic import adapter_for
 from tokenprune.engine import compat
 from tokenprune.engine.forward import ForwardHooks
 from tokenprune.engine.stage import StagePlan
@@ -56,10 +57,9 @@ def apply(
     compat.check_transformers_version()
     manager = plugins if plugins is not None else get_plugin_manager()
     pipe = load_pipeline(pipeline, registry=manager.reducers)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type is None:
+    if getattr(getattr(model, "config", None), "model_type", None) is None:
         raise TypeError(f"tokenprune.apply needs a transformers model with a config, got {type(model).__name__}")
-    adapter = manager.adapters.get(model_type)(model)
+    adapter = adapter_for(model, manager)
     if model in _ACTIVE:
         raise TokenpruneError(
             "this model already has a tokenprune pipeline applied; call .remove() on that handle (or leave its "

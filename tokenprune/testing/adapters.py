@@ -71,6 +71,7 @@ from torch import Tensor, nn
 
 import tokenprune
 from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.generic import adapter_for
 from tokenprune.engine import apply, compat
 from tokenprune.plugins import PluginManager, get_plugin_manager
 from tokenprune.reducer import Capabilities, ReduceContext, ScoringReducer, Selection, TokenReducer, top_k_selection
@@ -271,8 +272,7 @@ def adapter_case(
         raise ValueError(f"specs: expected three image samples, got {len(specs)}")
     if any(spec is None for spec in specs):
         raise ValueError("specs: every sample of the batch needs an image (None is text-only)")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    adapter = manager.adapters.get(str(model_type))(model)
+    adapter = adapter_for(model, manager)
     layers = len(adapter.decoder_layers())
     if layers < 3:
         raise ValueError(f"the checks prune at layer 2 and probe at layer 1; the model has {layers} decoder layers")

@@ -1,0 +1,388 @@
+"""The model census: every image-text-to-text model type of the installed transformers, served or refused.
+
+For each ``model_type`` of transformers' ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`` (:func:`model_types`),
+:func:`census_one` builds a tiny random model from the type's config class (the defaults shrunk by
+:func:`tiny_config`: text hidden 64, 4 layers; vision hidden 32, 2 layers) and
+
+* resolves its adapter as :func:`tokenprune.apply` does (:func:`~tokenprune.adapters.generic.adapter_for`):
+  a model no adapter can serve must be refused with an
+  :class:`~tokenprune.errors.UnsupportedModelError` that names the type and the reason (``refused``);
+* for a served model, builds inputs of three samples (one image, two images, one image; or for models
+  that take ``image_grid_thw``, grids of different sizes) and runs the engine's invariants
+  (:data:`CENSUS_INVARIANTS`: keep-all identity, cached generation equals recomputation, batch equals one
+  by one after a post-projector cut and a layer cut, ``remove()`` restores the model) (``passes``, or
+  ``fails`` naming the invariant);
+* where the census cannot build the tiny model or its inputs (a missing optional package such as timm or
+  torchvision, a config whose defaults do not build, an input form it has no builder for) the type is
+  ``not run`` with the reason: that never counts as a pass.
+
+:func:`census` runs every type and returns the rows; ``scripts/census.py`` writes ``docs/models.md`` from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tokenprune.engine import compat
+from tokenprune.errors import UnsupportedModelError
+
+#: Sizes every tiny text config gets (keys the config does not have are skipped).
+TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 1024,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "sliding_window": 1024,
+}
+#: Sizes every tiny vision config gets.
+VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "depth": 2,
+    "embed_dim": 32,
+    "num_heads": 4,
+    "out_hidden_size": 64,
+}
+#: Patches per side of a tiny fixed-size tower's image (divisible by the usual 2x2 and 4x4 merges).
+PATCHES_PER_SIDE = 8
+#: The tiny vocabulary; special token ids outside it are moved to 10..99.
+VOCAB = 512
+
+
+@dataclasses.dataclass
+class CensusRow:
+    """One model type's outcome.
+
+    Attributes:
+        model_type: The type.
+        status: ``passes``, ``refused``, ``fails`` or ``not run``.
+        adapter: The adapter that served it (``generic (...)`` or a registered name), ``-`` if none.
+        detail: The refusal's reason, the failed invariant, or why it did not run.
+        seconds: Wall time of this type's census.
+    """
+
+    model_type: str
+    status: str
+    adapter: str = "-"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+def model_types() -> list[str]:
+    """The installed transformers' image-text-to-text model types, sorted."""
+    return compat.image_text_to_text_types()
+
+
+def _shrink(d: dict[str, Any], sizes: dict[str, Any]) -> None:
+    for key, value in sizes.items():
+        if key in d and isinstance(d[key], int) and not isinstance(d[key], bool):
+            d[key] = value
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and "head_dim" in d:
+        half = int(d["head_dim"] * float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))) // 2
+        section = rope["mrope_section"]
+        scaled = [max(1, round(half * x / sum(section))) for x in section]
+        scaled[0] += half - sum(scaled)
+        d["rope_parameters"] = {**rope, "mrope_section": scaled}
+    types = d.get("layer_types")
+    n = d.get("num_hidden_layers")
+    if isinstance(types, list) and isinstance(n, int) and len(types) > n:
+        d["layer_types"] = types[:n]
+
+
+def _vision_sizes(d: dict[str, Any], vision: dict[str, Any]) -> dict[str, Any]:
+    """:data:`VISION`, deep enough for the feature layers the top config reads, images of
+    :data:`PATCHES_PER_SIDE` patches a side."""
+    sizes = dict(VISION)
+    layers = d.get("vision_feature_layers") or d.get("vision_feature_layer")
+    layers = layers if isinstance(layers, list) else [layers] if isinstance(layers, int) else []
+    deepest = max([abs(x) + (x >= 0) for x in layers if isinstance(x, int)], default=0)
+    sizes["num_hidden_layers"] = sizes["depth"] = max(2, deepest)
+    patch = vision.get("patch_size")
+    if isinstance(patch, int) and isinstance(vision.get("image_size"), int):
+        sizes["image_size"] = patch * PATCHES_PER_SIDE
+    return sizes
+
+
+def _move_special_ids(d: dict[str, Any], moved: dict[int, int]) -> None:
+    """Special token ids of ``d`` at or above :data:`VOCAB` moved to ``10 + k`` (the same old id, the same new one)."""
+    for key, value in d.items():
+        if key.endswith(("token_id", "token_index")) and isinstance(value, int) and value >= VOCAB:
+            d[key] = moved.setdefault(value, 10 + len(moved))
+        elif key.endswith("token_id") and isinstance(value, list):
+            d[key] = [moved.setdefault(v, 10 + len(moved)) if isinstance(v, int) and v >= VOCAB else v for v in value]
+    if "vocab_size" in d:
+        d["vocab_size"] = VOCAB
+
+
+def tiny_config(model_type: str) -> Any:
+    """The type's default config with every text and vision sub-config shrunk (sdpa attention)."""
+    cls = compat.config_class(model_type)
+    d = cls().to_dict()
+    moved: dict[int, int] = {}
+    _move_special_ids(d, moved)
+    for key, value in list(d.items()):
+        if isinstance(value, dict) and "model_type" in value:
+            vision = "vision" in key or "visual" in key
+            _shrink(value, _vision_sizes(d, value) if vision else TEXT)
+            if not vision:
+                _move_special_ids(value, moved)
+    _shrink(d, TEXT if "text_config" not in d else {})
+    return cls.from_dict(d)
+
+
+def build_tiny(model_type: str, seed: int = 0) -> nn.Module:
+    """A tiny random model of ``model_type`` from its config class (eval mode, sdpa)."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type)
+    try:
+        return compat.model_from_config(cfg).eval()
+    except ValueError as exc:  # a model without sdpa: built on eager, for its refusal (the engine needs sdpa)
+        if "attention implementation" not in str(exc):
+            raise
+        return compat.model_from_config(cfg, "eager").eval()
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+
+def _special_ids(cfg: Any) -> set[int]:
+    out = set()
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        for k, v in (vars(c) if c is not None else {}).items():
+            if k.endswith(("token_id", "token_index")) and isinstance(v, int):
+                out.add(v)
+    return out
+
+
+class InputBuilder:
+    """``make_inputs(specs, start=0)`` for a tiny census model: a spec is a number of images (or ``None``).
+
+    Fixed-size towers get ``(3, S, S)`` pixel images (``S`` the vision config's ``image_size``), one
+    placeholder per feature row the model's own ``get_image_features`` returns; a model that takes
+    ``image_grid_thw`` gets patch rows of a ``(1, 2k, 2k)`` grid per image (spec ``k``) and
+    ``mm_token_type_ids`` where its forward takes them.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Any) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.vlm = adapter.vlm()
+        params = inspect.signature(self.vlm.get_image_features).parameters
+        self.grid = "image_grid_thw" in params
+        unknown = {"image_sizes", "spatial_shapes", "pixel_attention_mask", "image_position_ids"} & set(params)
+        unknown = {p for p in unknown if params[p].default is inspect.Parameter.empty}
+        if unknown:
+            raise NotImplementedError(f"no census input builder for get_image_features({', '.join(sorted(unknown))})")
+        vis = getattr(model.config, "vision_config", None)
+        self.image_size = int(getattr(vis, "image_size", 0) or 0)
+        if not self.grid and not self.image_size:
+            raise NotImplementedError("the vision config gives no image_size")
+        cfg = model.config
+        taken = _special_ids(cfg)
+        vocab = int(cfg.get_text_config().vocab_size)
+        self.text_ids = [t for t in range(100, min(vocab, VOCAB)) if t not in taken][:200]
+        self.image_token = adapter.image_token_id()
+        self.pad = int(getattr(cfg.get_text_config(), "pad_token_id", None) or 0)
+        forward = inspect.signature(model.forward).parameters
+        self.mm_types = "mm_token_type_ids" in forward
+
+    def _pixels(self, i: int, j: int, k: int) -> tuple[Tensor, Tensor | None]:
+        g = torch.Generator().manual_seed(100 * i + j)
+        if not self.grid:
+            return torch.randn(3, self.image_size, self.image_size, generator=g), None
+        vis = self.model.config.vision_config
+        p = int(getattr(vis, "patch_size", 14))
+        tp = int(getattr(vis, "temporal_patch_size", 1) or 1)
+        ch = int(getattr(vis, "in_channels", getattr(vis, "num_channels", 3)))
+        m = int(getattr(vis, "spatial_merge_size", 2) or 2)
+        h, w = 2 * m, 2 * m * k
+        return torch.randn(h * w, ch * tp * p * p, generator=g), torch.tensor([1, h, w])
+
+    def _features(self, pixels: list[Tensor], grids: list[Tensor]) -> list[int]:
+        kw: dict[str, Any] = {}
+        if self.grid:
+            kw = {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.stack(grids)}
+        else:
+            kw = {"pixel_values": torch.stack(pixels)}
+        with torch.no_grad():
+            out = self.vlm.get_image_features(**kw)
+        from tokenprune.adapters.base import ImageCall
+
+        feats = ImageCall((), kw, out).features()
+        total = sum(int(f.shape[0]) for f in feats)
+        if len(feats) != len(pixels):  # one tensor for every image: split evenly by the grids' sizes
+            sizes = [int(g.prod()) for g in grids] if grids else [1] * len(pixels)
+            return [total * s // sum(sizes) for s in sizes]
+        return [int(f.shape[0]) for f in feats]
+
+    def __call__(self, specs: Sequence[Any], start: int = 0) -> dict[str, Any]:
+        pixels, grids, owners = [], [], []
+        for i, spec in enumerate(specs, start):
+            for j in range(spec or 0):
+                px, grid = self._pixels(i, j, 1 + (i + j) % 2)
+                pixels.append(px)
+                owners.append(i)
+                if grid is not None:
+                    grids.append(grid)
+        counts = self._features(pixels, grids) if pixels else []
+        rows, n = [], 0
+        t = self.text_ids
+        for i, spec in enumerate(specs, start):
+            ids = [t[(7 * i + j) % len(t)] for j in range(3)]
+            for _ in range(spec or 0):
+                ids += [self.image_token] * counts[n] + [t[(i + 50) % len(t)]]
+                n += 1
+            rows.append(ids + [t[(3 * i + 11 * j + 100) % len(t)] for j in range(4 + i % 2)])
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r) :] = torch.tensor(r)
+            mask[b, width - len(r) :] = 1
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if pixels:
+            out["pixel_values"] = torch.cat(pixels) if self.grid else torch.stack(pixels)
+            if self.grid:
+                out["image_grid_thw"] = torch.stack(grids)
+        if self.mm_types:
+            out["mm_token_type_ids"] = (ids == self.image_token).long()
+        return out
+
+
+# --- the census ------------------------------------------------------------------------------------
+
+
+def census_invariants() -> list[tuple[str, Callable[..., None]]]:
+    """The invariants the census runs on a served type, by name."""
+    from tokenprune.testing import adapters as checks
+
+    return [
+        ("keep-all identity", checks.keep_all_is_identity),
+        ("cached generation equals recomputation", checks.cached_decode_equals_recompute),
+        ("batch equals one by one", checks.batch_equals_one_by_one),
+        ("remove() restores the model", checks.remove_restores_model),
+    ]
+
+
+def _missing_package(exc: BaseException) -> str | None:
+    text = str(exc)
+    for package in ("timm", "torchvision", "einops", "scipy", "librosa"):
+        if package in text and ("require" in text.lower() or "No module" in text or "install" in text.lower()):
+            return package
+    return None
+
+
+def census_one(model_type: str, invariants: bool = True) -> CensusRow:
+    """Build ``model_type``'s tiny model and serve it (running the invariants) or expect a named refusal.
+
+    With ``invariants=False`` a served type only builds its inputs and runs one forward under a keep-all
+    pipeline (status ``served``, not ``passes``).
+    """
+    from tokenprune.adapters.generic import adapter_for
+    from tokenprune.testing.adapters import adapter_case, adapter_check_manager
+
+    start = time.perf_counter()
+    row = CensusRow(model_type, "not run")
+    try:
+        row = _census(model_type, adapter_for, adapter_case, adapter_check_manager, invariants)
+    finally:
+        row.seconds = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _census(model_type: str, adapter_for: Any, adapter_case: Any, manager_of: Any, invariants: bool) -> CensusRow:
+    try:
+        model = build_tiny(model_type)
+    except Exception as exc:
+        package = _missing_package(exc)
+        why = f"needs {package}, not installed" if package else f"tiny model not built: {type(exc).__name__}: {exc}"
+        return CensusRow(model_type, "not run", detail=_one_line(why))
+    manager = manager_of()
+    try:
+        adapter = adapter_for(model, manager)
+    except UnsupportedModelError as exc:
+        named = model_type in str(exc)
+        return CensusRow(model_type, "refused" if named else "fails", detail=_one_line(_reason(str(exc))))
+    try:
+        make_inputs = InputBuilder(model, adapter)
+        make_inputs([1])
+    except Exception as exc:
+        package = _missing_package(exc)
+        why = f"needs {package}, not installed" if package else f"no census inputs: {type(exc).__name__}: {exc}"
+        return CensusRow(model_type, "not run", adapter.name, _one_line(why))
+    checks = census_invariants() if invariants else census_invariants()[:1]
+    try:
+        case = adapter_case(model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=make_inputs.pad)
+        for name, check in checks:
+            with _named(name):
+                check(case)
+    except _Failed as exc:
+        return CensusRow(model_type, "fails", adapter.name, _one_line(str(exc)))
+    return CensusRow(model_type, "passes" if invariants else "served", adapter.name, "")
+
+
+class _Failed(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _named(name: str) -> Any:
+    try:
+        yield
+    except Exception as exc:
+        raise _Failed(f"{name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _reason(message: str) -> str:
+    marker = "cannot serve it: "
+    if marker in message:
+        return message.split(marker, 1)[1].split(". Registered adapters", 1)[0]
+    return message
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def census(
+    types: Sequence[str] | None = None,
+    progress: Callable[[CensusRow], None] | None = None,
+    invariants: bool = True,
+) -> list[CensusRow]:
+    """:func:`census_one` for every type (default: :func:`model_types`)."""
+    rows = []
+    for model_type in types or model_types():
+        row = census_one(model_type, invariants)
+        if progress is not None:
+            progress(row)
+        rows.append(row)
+    return rows
