@@ -33,7 +33,20 @@ def _matrix() -> list[str]:
 
 @pytest.mark.parametrize(
     "version",
-    ["5.0.0", "5.17.0", "5.18.0", "5.19.0", "5.20.0", "5.20.2", "5.21.1", "5.24.0", "5.25.0", "5.25.9", "5.26.0", "6.0.0"],
+    [
+        "5.0.0",
+        "5.17.0",
+        "5.18.0",
+        "5.19.0",
+        "5.20.0",
+        "5.20.2",
+        "5.21.1",
+        "5.24.0",
+        "5.25.0",
+        "5.25.9",
+        "5.26.0",
+        "6.0.0",
+    ],
 )
 def test_pyproject_declares_exactly_the_supported_range(version):
     assert (version in _pyproject_requirement().specifier) == compat.is_supported(version)
