@@ -73,7 +73,7 @@ def test_generically_served_types_keep_the_engine_invariants(model_type):
 
 def test_apply_refuses_a_hybrid_language_model_naming_type_and_reason():
     model = build_tiny("qwen3_5")
-    with pytest.raises(UnsupportedModelError, match=r"'qwen3_5'.*without softmax attention"):
+    with pytest.raises(UnsupportedModelError, match=r"'qwen3_5'.*the engine does not serve"):
         tp.apply(model, {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]})
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 

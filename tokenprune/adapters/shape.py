@@ -73,15 +73,17 @@ def _no_base_model(model: nn.Module) -> str | None:
     if isinstance(vlm, nn.Module):
         return None
     return (
-        "the top-level model has no `.model` submodule (its language model is a separate ...ForCausalLM); "
-        "it needs a dedicated adapter"
+        f"the top-level model {type(model).__name__} holds no multimodal base model as `.model` (the image "
+        "features and the language model live elsewhere); it needs a dedicated adapter"
     )
 
 
 def _encoder_decoder(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
     lm = getattr(getattr(model, "model", None), "language_model", None)
-    if getattr(cfg, "is_encoder_decoder", False) or (hasattr(lm, "encoder") and hasattr(lm, "decoder")):
+    subs = [getattr(cfg, "text_config", None), getattr(cfg, "decoder", None)]
+    flagged = getattr(cfg, "is_encoder_decoder", False) or any(getattr(c, "is_encoder_decoder", False) for c in subs)
+    if flagged or (hasattr(lm, "encoder") and hasattr(lm, "decoder")):
         return "it is an encoder-decoder model: the image features go into an encoder, not the decoder's sequence"
     return None
 
@@ -137,9 +139,9 @@ def _hybrid_layers(model: nn.Module) -> str | None:
         kinds = ", ".join(odd) or "no self_attn module"
         where = no_attn or [i for i, t in enumerate(types) if t in odd]
         return (
-            f"its language model mixes in layers without softmax attention ({kinds}, at layers "
-            f"{_short(where)}): linear attention, convolution and state-space layers keep a cache of their own that "
-            "the engine does not cut yet"
+            f"its language model has layers the engine does not serve ({kinds}, at layers {_short(where)}): "
+            "linear-attention, convolution, state-space and indexed or windowed-cache attention layers keep caches "
+            "or inputs of their own that the engine does not cut yet"
         )
     return None
 
@@ -192,8 +194,8 @@ def _no_rotary(model: nn.Module) -> str | None:
 
 
 CHECKS: tuple[Callable[[nn.Module], str | None], ...] = (
-    _no_base_model,
     _encoder_decoder,
+    _no_base_model,
     _cross_attention,
     _no_image_features,
     _no_decoder_stack,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,7 +42,7 @@ TEXT = {
     "num_hidden_layers": 4,
     "num_layers": 4,
     "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "num_key_value_heads": 4,
     "head_dim": 16,
     "max_position_embeddings": 1024,
     "moe_intermediate_size": 32,
@@ -58,6 +59,7 @@ TEXT = {
     "qk_nope_head_dim": 8,
     "v_head_dim": 16,
     "sliding_window": 1024,
+    "out_hidden_size": 64,
 }
 #: Sizes every tiny vision config gets.
 VISION = {
@@ -68,10 +70,13 @@ VISION = {
     "depth": 2,
     "embed_dim": 32,
     "num_heads": 4,
+    "head_dim": 8,
     "out_hidden_size": 64,
 }
 #: Patches per side of a tiny fixed-size tower's image (divisible by the usual 2x2 and 4x4 merges).
 PATCHES_PER_SIDE = 8
+#: Tiny models above this many parameters are not built (see :func:`build_tiny`).
+MAX_PARAMETERS = 20_000_000
 #: The tiny vocabulary; special token ids outside it are moved to 10..99.
 VOCAB = 512
 
@@ -101,28 +106,50 @@ def model_types() -> list[str]:
 
 
 def _shrink(d: dict[str, Any], sizes: dict[str, Any]) -> None:
+    """``sizes`` into ``d`` where it has the key; per-layer lists and ``per_layer_config`` cut to the new depth,
+    an ``mrope_section`` rescaled to the new rotary width."""
+    old_depth = d.get("num_hidden_layers")
     for key, value in sizes.items():
         if key in d and isinstance(d[key], int) and not isinstance(d[key], bool):
             d[key] = value
-    rope = d.get("rope_parameters")
-    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and "head_dim" in d:
-        half = int(d["head_dim"] * float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))) // 2
-        section = rope["mrope_section"]
-        scaled = [max(1, round(half * x / sum(section))) for x in section]
-        scaled[0] += half - sum(scaled)
-        d["rope_parameters"] = {**rope, "mrope_section": scaled}
-    types = d.get("layer_types")
     n = d.get("num_hidden_layers")
-    if isinstance(types, list) and isinstance(n, int) and len(types) > n:
-        d["layer_types"] = types[:n]
+    if isinstance(old_depth, int) and isinstance(n, int) and old_depth > n:
+        for key, value in list(d.items()):
+            if isinstance(value, list) and len(value) == old_depth:
+                d[key] = value[:n]
+            elif key == "per_layer_config" and isinstance(value, dict):
+                d[key] = {k: v for k, v in value.items() if str(k).isdigit() and int(k) < n}
+    if "text_hidden_size" in d:
+        d["text_hidden_size"] = TEXT["hidden_size"]
+    _rescale_mrope(d)
+
+
+def _rescale_mrope(d: dict[str, Any]) -> None:
+    rope = d.get("rope_parameters")
+    if not (isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list)):
+        return
+    if isinstance(d.get("qk_rope_head_dim"), int):
+        half = d["qk_rope_head_dim"] // 2
+    elif isinstance(d.get("head_dim"), int) or isinstance(d.get("num_attention_heads"), int):
+        head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+        factor = float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0)
+        half = int(head_dim * factor) // 2
+    else:
+        return
+    section = rope["mrope_section"]
+    scaled = [max(1, round(half * x / sum(section))) for x in section]
+    scaled[0] += half - sum(scaled)
+    d["rope_parameters"] = {**rope, "mrope_section": scaled}
 
 
 def _vision_sizes(d: dict[str, Any], vision: dict[str, Any]) -> dict[str, Any]:
     """:data:`VISION`, deep enough for the feature layers the top config reads, images of
     :data:`PATCHES_PER_SIDE` patches a side."""
     sizes = dict(VISION)
-    layers = d.get("vision_feature_layers") or d.get("vision_feature_layer")
-    layers = layers if isinstance(layers, list) else [layers] if isinstance(layers, int) else []
+    layers: list[Any] = []
+    for sub in (d, *[v for v in d.values() if isinstance(v, dict)]):
+        found = sub.get("vision_feature_layers") or sub.get("vision_feature_layer")
+        layers += found if isinstance(found, list) else [found] if isinstance(found, int) else []
     deepest = max([abs(x) + (x >= 0) for x in layers if isinstance(x, int)], default=0)
     sizes["num_hidden_layers"] = sizes["depth"] = max(2, deepest)
     patch = vision.get("patch_size")
@@ -142,32 +169,68 @@ def _move_special_ids(d: dict[str, Any], moved: dict[int, int]) -> None:
         d["vocab_size"] = VOCAB
 
 
-def tiny_config(model_type: str) -> Any:
-    """The type's default config with every text and vision sub-config shrunk (sdpa attention)."""
-    cls = compat.config_class(model_type)
-    d = cls().to_dict()
-    moved: dict[int, int] = {}
-    _move_special_ids(d, moved)
+def _shrink_tree(top: dict[str, Any], d: dict[str, Any], moved: dict[int, int], vision: bool) -> None:
+    """Shrink every sub-config below ``d`` (a dict with a ``model_type``): vision sizes under a key that names
+    vision, text sizes elsewhere."""
     for key, value in list(d.items()):
         if isinstance(value, dict) and "model_type" in value:
-            vision = "vision" in key or "visual" in key
-            _shrink(value, _vision_sizes(d, value) if vision else TEXT)
-            if not vision:
+            sub_vision = vision or "vision" in key or "visual" in key
+            _shrink(value, _vision_sizes(top, value) if sub_vision else TEXT)
+            if not sub_vision:
                 _move_special_ids(value, moved)
+            _shrink_tree(top, value, moved, sub_vision)
+
+
+def _mentions_mrope(cls: type) -> bool:
+    """The config's module names ``mrope_section`` (a default the modeling code fills in when a config has none)."""
+    module = sys.modules.get(cls.__module__)
+    try:
+        return module is not None and "mrope_section" in inspect.getsource(module)
+    except (OSError, TypeError):
+        return False
+
+
+def tiny_config(model_type: str) -> Any:
+    """The type's default config with every text and vision sub-config shrunk."""
+    cls = compat.config_class(model_type)
+    d = cls().to_dict()
+    text = d.get("text_config")
+    if isinstance(text, dict) and _mentions_mrope(cls):  # an explicit section, so that it is rescaled below
+        rope = text.get("rope_parameters") or {}
+        text["rope_parameters"] = {"mrope_section": [8, 12, 12], **rope}
+    moved: dict[int, int] = {}
+    _move_special_ids(d, moved)
+    _shrink_tree(d, d, moved, False)
     _shrink(d, TEXT if "text_config" not in d else {})
     return cls.from_dict(d)
 
 
 def build_tiny(model_type: str, seed: int = 0) -> nn.Module:
-    """A tiny random model of ``model_type`` from its config class (eval mode, sdpa)."""
-    torch.manual_seed(seed)
+    """A tiny random model of ``model_type`` from its config class (eval mode, sdpa where the model has it).
+
+    The model is first built on the meta device: one that still has more than :data:`MAX_PARAMETERS`
+    parameters (a sub-config the shrinking does not reach) is not built for real.
+
+    Raises:
+        ValueError: the shrunk config still describes a large model.
+    """
     cfg = tiny_config(model_type)
+    if torch.empty(0).device.type != "meta":
+        with torch.device("meta"):
+            size = sum(p.numel() for p in _from_config(cfg).parameters())
+        if size > MAX_PARAMETERS:
+            raise ValueError(f"the shrunk config still has {size / 1e6:.0f}M parameters (a sub-config not shrunk)")
+    torch.manual_seed(seed)
+    return _from_config(cfg).eval()
+
+
+def _from_config(cfg: Any) -> nn.Module:
     try:
-        return compat.model_from_config(cfg).eval()
+        return compat.model_from_config(cfg)
     except ValueError as exc:  # a model without sdpa: built on eager, for its refusal (the engine needs sdpa)
         if "attention implementation" not in str(exc):
             raise
-        return compat.model_from_config(cfg, "eager").eval()
+        return compat.model_from_config(cfg, "eager")
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -185,10 +248,12 @@ def _special_ids(cfg: Any) -> set[int]:
 class InputBuilder:
     """``make_inputs(specs, start=0)`` for a tiny census model: a spec is a number of images (or ``None``).
 
-    Fixed-size towers get ``(3, S, S)`` pixel images (``S`` the vision config's ``image_size``), one
-    placeholder per feature row the model's own ``get_image_features`` returns; a model that takes
-    ``image_grid_thw`` gets patch rows of a ``(1, 2k, 2k)`` grid per image (spec ``k``) and
-    ``mm_token_type_ids`` where its forward takes them.
+    The form follows ``get_image_features``' required arguments: fixed-size towers get ``(3, S, S)`` images
+    (``S`` the vision config's ``image_size``); ``image_grid_thw`` models patch rows of a ``(1, 2m, 2mk)``
+    grid (``m`` the merge size); ``image_sizes`` models (Pixtral) padded ``(3, H, W)`` images with their
+    sizes; ``spatial_shapes`` models (SigLIP2 NaFlex) padded patch rows with a mask and their shapes. Image
+    ``j`` of sample ``i`` is ``k = 1 + (i + j) % 2`` units wide. One placeholder per feature row the model's
+    own ``get_image_features`` returns; ``mm_token_type_ids`` where the forward takes them.
     """
 
     def __init__(self, model: nn.Module, adapter: Any) -> None:
@@ -196,63 +261,88 @@ class InputBuilder:
         self.adapter = adapter
         self.vlm = adapter.vlm()
         params = inspect.signature(self.vlm.get_image_features).parameters
-        self.grid = "image_grid_thw" in params
-        unknown = {"image_sizes", "spatial_shapes", "pixel_attention_mask", "image_position_ids"} & set(params)
-        unknown = {p for p in unknown if params[p].default is inspect.Parameter.empty}
+        required = {p for p, v in params.items() if v.default is inspect.Parameter.empty}
+        self.mode = next((m for m in ("image_grid_thw", "image_sizes", "spatial_shapes") if m in required), "fixed")
+        if "image_grid_thw" in params:
+            self.mode = "image_grid_thw"
+        unknown = required - {"self", "pixel_values", "kwargs", "pixel_attention_mask", self.mode}
         if unknown:
             raise NotImplementedError(f"no census input builder for get_image_features({', '.join(sorted(unknown))})")
-        vis = getattr(model.config, "vision_config", None)
-        self.image_size = int(getattr(vis, "image_size", 0) or 0)
-        if not self.grid and not self.image_size:
-            raise NotImplementedError("the vision config gives no image_size")
         cfg = model.config
+        self.vision = getattr(cfg, "vision_config", None)
+        self.patch = int(getattr(self.vision, "patch_size", 14) or 14)
+        self.image_size = int(getattr(self.vision, "image_size", 0) or 0)
+        if self.mode == "fixed" and not self.image_size:
+            raise NotImplementedError("the vision config gives no image_size")
         taken = _special_ids(cfg)
         vocab = int(cfg.get_text_config().vocab_size)
         self.text_ids = [t for t in range(100, min(vocab, VOCAB)) if t not in taken][:200]
         self.image_token = adapter.image_token_id()
         self.pad = int(getattr(cfg.get_text_config(), "pad_token_id", None) or 0)
-        forward = inspect.signature(model.forward).parameters
-        self.mm_types = "mm_token_type_ids" in forward
+        self.mm_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
 
-    def _pixels(self, i: int, j: int, k: int) -> tuple[Tensor, Tensor | None]:
+    def _merge(self) -> int:
+        for source in (self.model.config, self.vision):
+            for key in ("spatial_merge_size", "downsample_factor", "merge_size"):
+                value = getattr(source, key, None)
+                if isinstance(value, int) and value > 0:
+                    return value
+        return 2
+
+    def _image(self, i: int, j: int) -> tuple[Tensor, tuple[int, int]]:
+        """Image ``j`` of sample ``i``: pixels (or patch rows) and its ``(h, w)`` in pixels (patches)."""
         g = torch.Generator().manual_seed(100 * i + j)
-        if not self.grid:
-            return torch.randn(3, self.image_size, self.image_size, generator=g), None
-        vis = self.model.config.vision_config
-        p = int(getattr(vis, "patch_size", 14))
-        tp = int(getattr(vis, "temporal_patch_size", 1) or 1)
-        ch = int(getattr(vis, "in_channels", getattr(vis, "num_channels", 3)))
-        m = int(getattr(vis, "spatial_merge_size", 2) or 2)
+        k = 1 + (i + j) % 2
+        if self.mode == "fixed":
+            return torch.randn(3, self.image_size, self.image_size, generator=g), (self.image_size, self.image_size)
+        m = self._merge()
+        if self.mode == "image_sizes":
+            h, w = 2 * m * self.patch, 2 * m * self.patch * k
+            return torch.randn(3, h, w, generator=g), (h, w)
+        ch = int(getattr(self.vision, "in_channels", getattr(self.vision, "num_channels", 3)))
+        tp = int(getattr(self.vision, "temporal_patch_size", 1) or 1) if self.mode == "image_grid_thw" else 1
         h, w = 2 * m, 2 * m * k
-        return torch.randn(h * w, ch * tp * p * p, generator=g), torch.tensor([1, h, w])
+        return torch.randn(h * w, ch * tp * self.patch * self.patch, generator=g), (h, w)
 
-    def _features(self, pixels: list[Tensor], grids: list[Tensor]) -> list[int]:
-        kw: dict[str, Any] = {}
-        if self.grid:
-            kw = {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.stack(grids)}
-        else:
-            kw = {"pixel_values": torch.stack(pixels)}
-        with torch.no_grad():
-            out = self.vlm.get_image_features(**kw)
+    def _batch(self, images: list[Tensor], sizes: list[tuple[int, int]]) -> dict[str, Any]:
+        """The pixel arguments of ``images`` in this model's form."""
+        if self.mode == "fixed":
+            return {"pixel_values": torch.stack(images)}
+        if self.mode == "image_grid_thw":
+            return {"pixel_values": torch.cat(images), "image_grid_thw": torch.tensor([[1, h, w] for h, w in sizes])}
+        if self.mode == "image_sizes":
+            height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+            pixels = torch.zeros(len(images), 3, height, width)
+            for n, im in enumerate(images):
+                pixels[n, :, : im.shape[1], : im.shape[2]] = im
+            return {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
+        most = max(im.shape[0] for im in images)
+        pixels = torch.zeros(len(images), most, images[0].shape[1])
+        mask = torch.zeros(len(images), most, dtype=torch.bool)
+        for n, im in enumerate(images):
+            pixels[n, : im.shape[0]] = im
+            mask[n, : im.shape[0]] = True
+        return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor(sizes)}
+
+    def _counts(self, kw: dict[str, Any], n_images: int) -> list[int]:
         from tokenprune.adapters.base import ImageCall
 
+        with torch.no_grad():
+            out = self.vlm.get_image_features(**kw)
         feats = ImageCall((), kw, out).features()
-        total = sum(int(f.shape[0]) for f in feats)
-        if len(feats) != len(pixels):  # one tensor for every image: split evenly by the grids' sizes
-            sizes = [int(g.prod()) for g in grids] if grids else [1] * len(pixels)
-            return [total * s // sum(sizes) for s in sizes]
+        if len(feats) != n_images:
+            raise NotImplementedError(f"get_image_features gave {len(feats)} feature tensors for {n_images} images")
         return [int(f.shape[0]) for f in feats]
 
     def __call__(self, specs: Sequence[Any], start: int = 0) -> dict[str, Any]:
-        pixels, grids, owners = [], [], []
+        images, sizes = [], []
         for i, spec in enumerate(specs, start):
             for j in range(spec or 0):
-                px, grid = self._pixels(i, j, 1 + (i + j) % 2)
-                pixels.append(px)
-                owners.append(i)
-                if grid is not None:
-                    grids.append(grid)
-        counts = self._features(pixels, grids) if pixels else []
+                image, size = self._image(i, j)
+                images.append(image)
+                sizes.append(size)
+        pixels = self._batch(images, sizes) if images else {}
+        counts = self._counts(pixels, len(images)) if images else []
         rows, n = [], 0
         t = self.text_ids
         for i, spec in enumerate(specs, start):
@@ -267,11 +357,7 @@ class InputBuilder:
         for b, r in enumerate(rows):
             ids[b, width - len(r) :] = torch.tensor(r)
             mask[b, width - len(r) :] = 1
-        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        if pixels:
-            out["pixel_values"] = torch.cat(pixels) if self.grid else torch.stack(pixels)
-            if self.grid:
-                out["image_grid_thw"] = torch.stack(grids)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, **pixels}
         if self.mm_types:
             out["mm_token_type_ids"] = (ids == self.image_token).long()
         return out
@@ -319,18 +405,19 @@ def census_one(model_type: str, invariants: bool = True) -> CensusRow:
 
 
 def _census(model_type: str, adapter_for: Any, adapter_case: Any, manager_of: Any, invariants: bool) -> CensusRow:
+    manager = manager_of()
     try:
+        with torch.device("meta"):  # the refusal needs no weights; a model too large to build is refused too
+            adapter_for(build_tiny(model_type), manager)
         model = build_tiny(model_type)
+    except UnsupportedModelError as exc:
+        named = model_type in str(exc)
+        return CensusRow(model_type, "refused" if named else "fails", detail=_one_line(_reason(str(exc))))
     except Exception as exc:
         package = _missing_package(exc)
         why = f"needs {package}, not installed" if package else f"tiny model not built: {type(exc).__name__}: {exc}"
         return CensusRow(model_type, "not run", detail=_one_line(why))
-    manager = manager_of()
-    try:
-        adapter = adapter_for(model, manager)
-    except UnsupportedModelError as exc:
-        named = model_type in str(exc)
-        return CensusRow(model_type, "refused" if named else "fails", detail=_one_line(_reason(str(exc))))
+    adapter = adapter_for(model, manager)
     try:
         make_inputs = InputBuilder(model, adapter)
         make_inputs([1])
@@ -385,4 +472,34 @@ def census(
         if progress is not None:
             progress(row)
         rows.append(row)
+    return rows
+
+
+def resolve_types(types: Sequence[str] | None = None, manager: Any = None) -> list[CensusRow]:
+    """Which adapter serves each type, without running anything: tiny models built on the meta device.
+
+    Status ``registered`` or ``generic`` (served; the invariants are the census's business), ``refused`` with
+    the reason, ``not run`` where the tiny model does not build.
+    """
+    from tokenprune.adapters.generic import GenericAdapter, adapter_for
+    from tokenprune.plugins import get_plugin_manager
+
+    manager = manager if manager is not None else get_plugin_manager()
+    rows = []
+    for model_type in types or model_types():
+        try:
+            with torch.device("meta"):
+                model = build_tiny(model_type)
+        except Exception as exc:  # noqa: BLE001 - reported as the row's reason
+            package = _missing_package(exc)
+            why = f"needs {package}, not installed" if package else f"tiny model not built: {type(exc).__name__}"
+            rows.append(CensusRow(model_type, "not run", detail=why))
+            continue
+        try:
+            adapter = adapter_for(model, manager)
+        except UnsupportedModelError as exc:
+            rows.append(CensusRow(model_type, "refused", detail=_one_line(_reason(str(exc)))))
+            continue
+        status = "generic" if isinstance(adapter, GenericAdapter) else "registered"
+        rows.append(CensusRow(model_type, status, adapter.name))
     return rows
