@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.adapters.generic import GenericAdapter, adapter_for, grids_from_hints
+from tokenprune.adapters.generic import GenericAdapter, grids_from_hints
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.plugins import get_plugin_manager
-from tokenprune.testing.census import build_tiny, census_one, model_types
+from tokenprune.testing.census import build_tiny, census_one, model_types, resolve_types
 
 
 def test_grids_from_hints_divide_by_the_factor_that_fits_every_image():
@@ -32,39 +32,23 @@ def test_grids_from_hints_divide_by_the_factor_that_fits_every_image():
 
 
 def test_every_type_resolves_to_an_adapter_or_a_named_refusal():
-    manager = get_plugin_manager()
-    registered = set(manager.adapters)
-    outcome: dict[str, str] = {}
+    """Built on the meta device, every type is served (a registered adapter wins) or refused naming it."""
+    registered = set(get_plugin_manager().adapters)
     start = time.perf_counter()
-    for model_type in model_types():
-        try:
-            model = build_tiny(model_type)
-        except Exception as exc:
-            outcome[model_type] = f"not built ({type(exc).__name__})"
-            continue
-        try:
-            adapter = adapter_for(model, manager)
-        except UnsupportedModelError as exc:
-            assert repr(model_type) in str(exc), str(exc)
-            assert "cannot serve it: " in str(exc)
-            outcome[model_type] = "refused"
-            continue
-        if model_type in registered:
-            assert not isinstance(adapter, GenericAdapter), model_type  # a registered adapter wins
-            outcome[model_type] = "registered"
-        else:
-            assert isinstance(adapter, GenericAdapter), model_type
-            outcome[model_type] = "generic"
-        del model
+    rows = resolve_types()
     seconds = time.perf_counter() - start
-    counts = {k: sum(1 for v in outcome.values() if v.startswith(k)) for k in ("registered", "generic", "refused")}
-    print(f"census resolution of {len(outcome)} types in {seconds:.0f} s: {counts}")
-    assert counts["registered"] >= 10
-    assert counts["generic"] >= 30
-    assert counts["refused"] >= 10
+    assert [r.model_type for r in rows] == model_types()
+    for r in rows:
+        assert r.status in ("registered", "generic", "refused", "not run"), (r.model_type, r.status, r.detail)
+        assert (r.status == "registered") == (r.model_type in registered and r.status != "not run"), r.model_type
+        if r.status == "refused":
+            assert r.detail, r.model_type
+    counts = {s: sum(r.status == s for r in rows) for s in ("registered", "generic", "refused", "not run")}
+    print(f"resolved {len(rows)} types in {seconds:.0f} s: {counts}")
+    assert counts["generic"] >= 35 and counts["refused"] >= 35  # 35 and 39 on transformers 5.25.0
 
 
-@pytest.mark.parametrize("model_type", ["aya_vision", "cosmos3_edge"])
+@pytest.mark.parametrize("model_type", ["aya_vision", "glm4v"])
 def test_generically_served_types_keep_the_engine_invariants(model_type):
     row = census_one(model_type)
     assert row.adapter == f"generic ({model_type})"
@@ -79,7 +63,6 @@ def test_apply_refuses_a_hybrid_language_model_naming_type_and_reason():
 
 
 def test_the_generic_adapter_detects_mrope():
-    model = build_tiny("cosmos3_edge")
-    assert GenericAdapter(model).position_scheme == "mrope"
-    assert GenericAdapter(build_tiny("aya_vision")).position_scheme == "rope"
-    assert torch.is_tensor(next(model.parameters()))
+    with torch.device("meta"):
+        assert GenericAdapter(build_tiny("glm4v")).position_scheme == "mrope"
+        assert GenericAdapter(build_tiny("aya_vision")).position_scheme == "rope"

@@ -190,14 +190,28 @@ def _mentions_mrope(cls: type) -> bool:
         return False
 
 
+def _needs_mrope_section(cls: type, text: dict[str, Any]) -> bool:
+    """The text config has no ``mrope_section`` of its own, but its or the top config's module names one."""
+    rope = text.get("rope_parameters")
+    if isinstance(rope, dict) and ("mrope_section" in rope or any(isinstance(v, dict) for v in rope.values())):
+        return False
+    classes = [cls]
+    if isinstance(text.get("model_type"), str):
+        with contextlib.suppress(KeyError):
+            classes.append(compat.config_class(text["model_type"]))
+    return any(_mentions_mrope(c) for c in classes)
+
+
 def tiny_config(model_type: str) -> Any:
     """The type's default config with every text and vision sub-config shrunk."""
     cls = compat.config_class(model_type)
     d = cls().to_dict()
     text = d.get("text_config")
-    if isinstance(text, dict) and _mentions_mrope(cls):  # an explicit section, so that it is rescaled below
-        rope = text.get("rope_parameters") or {}
+    if isinstance(text, dict) and _needs_mrope_section(cls, text):  # explicit, so that it is rescaled below
+        rope = text.get("rope_parameters") or {"rope_type": "default", "rope_theta": 10000.0}
         text["rope_parameters"] = {"mrope_section": [8, 12, 12], **rope}
+    if isinstance(d.get("mm_tokens_per_image"), int):  # a pooled grid must fit the tiny tower's patches
+        d["mm_tokens_per_image"] = (PATCHES_PER_SIDE // 2) ** 2
     moved: dict[int, int] = {}
     _move_special_ids(d, moved)
     _shrink_tree(d, d, moved, False)
@@ -490,7 +504,7 @@ def resolve_types(types: Sequence[str] | None = None, manager: Any = None) -> li
         try:
             with torch.device("meta"):
                 model = build_tiny(model_type)
-        except Exception as exc:  # noqa: BLE001 - reported as the row's reason
+        except Exception as exc:  # reported as the row's reason
             package = _missing_package(exc)
             why = f"needs {package}, not installed" if package else f"tiny model not built: {type(exc).__name__}"
             rows.append(CensusRow(model_type, "not run", detail=why))
@@ -498,7 +512,8 @@ def resolve_types(types: Sequence[str] | None = None, manager: Any = None) -> li
         try:
             adapter = adapter_for(model, manager)
         except UnsupportedModelError as exc:
-            rows.append(CensusRow(model_type, "refused", detail=_one_line(_reason(str(exc)))))
+            named = repr(model_type) in str(exc)
+            rows.append(CensusRow(model_type, "refused" if named else "fails", detail=_one_line(_reason(str(exc)))))
             continue
         status = "generic" if isinstance(adapter, GenericAdapter) else "registered"
         rows.append(CensusRow(model_type, status, adapter.name))
