@@ -241,10 +241,12 @@ def build_tiny(model_type: str, seed: int = 0) -> nn.Module:
 def _from_config(cfg: Any) -> nn.Module:
     try:
         return compat.model_from_config(cfg)
-    except ValueError as exc:  # a model without sdpa: built on eager, for its refusal (the engine needs sdpa)
-        if "attention implementation" not in str(exc):
+    except ValueError as exc:  # a top-level class that declares no sdpa: built on eager, its language model
+        if "attention implementation" not in str(exc):  # then switched to sdpa (transformers 5's decoders have it)
             raise
-        return compat.model_from_config(cfg, "eager")
+        model = compat.model_from_config(cfg, "eager")
+        compat.swap_attention_implementation(model.config.get_text_config(), "sdpa")
+        return model
 
 
 # --- inputs ----------------------------------------------------------------------------------------
