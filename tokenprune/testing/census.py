@@ -434,9 +434,10 @@ def _census(model_type: str, adapter_for: Any, adapter_case: Any, manager_of: An
         why = f"needs {package}, not installed" if package else f"tiny model not built: {type(exc).__name__}: {exc}"
         return CensusRow(model_type, "not run", detail=_one_line(why))
     adapter = adapter_for(model, manager)
-    try:
+    try:  # the unmodified model must run on the census's inputs, else they (not tokenprune) are at fault
         make_inputs = InputBuilder(model, adapter)
-        make_inputs([1])
+        with torch.no_grad():
+            model(**make_inputs([1, None]))
     except Exception as exc:
         package = _missing_package(exc)
         why = f"needs {package}, not installed" if package else f"no census inputs: {type(exc).__name__}: {exc}"
