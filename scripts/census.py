@@ -91,6 +91,8 @@ def render(rows: list[dict], version: str) -> str:
         "",
     ]
     lines += [f"- **{k}**: {v}" for k, v in STATUS.items()]
+    seconds = round(sum(r.get("seconds", 0.0) for r in rows))
+    lines += ["", f"The census of these rows took {seconds} s in all (the sum of the types' times)."]
     lines += [
         "",
         "Dedicated adapters do more than the generic one: vision attention (a described vision tower),",

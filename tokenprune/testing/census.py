@@ -119,6 +119,8 @@ def _shrink(d: dict[str, Any], sizes: dict[str, Any]) -> None:
                 d[key] = value[:n]
             elif key == "per_layer_config" and isinstance(value, dict):
                 d[key] = {k: v for k, v in value.items() if str(k).isdigit() and int(k) < n}
+    if d.get("sliding_window", 0) is None and "sliding_attention" in (d.get("layer_types") or []):
+        d["sliding_window"] = TEXT["sliding_window"]
     if "text_hidden_size" in d:
         d["text_hidden_size"] = TEXT["hidden_size"]
     _rescale_mrope(d)
