@@ -42,8 +42,9 @@ def apply(
     Raises:
         UnsupportedTransformersError: the installed transformers release is outside the tested range
             (set ``TOKENPRUNE_ALLOW_UNSUPPORTED_TRANSFORMERS=1`` to get a warning instead).
-        UnsupportedModelError: no adapter for ``model.config.model_type`` (the message lists the
-            supported types and the docs on adding one).
+        UnsupportedModelError: no adapter is registered for ``model.config.model_type`` and the generic
+            adapter cannot serve the model (the message names the type, the reason, the registered types
+            and the docs on adding an adapter; see :func:`tokenprune.adapters.generic.adapter_for`).
         PipelineError: the pipeline is invalid, or a stage's layer does not exist in this model.
         TokenpruneError: the model already has a pipeline applied, or its attention implementation
             cannot be probed.
