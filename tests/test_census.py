@@ -84,7 +84,7 @@ def test_the_generic_adapter_detects_mrope():
         ("blip-2", "holds no multimodal base model as `.model`"),
         ("idefics2", "no `language_model` submodule (it has `text_model`)"),
         ("qwen3_5", "layers the engine does not serve (linear_attention"),
-        ("qwen3_omni_moe_thinker", "deepstack_visual_embeds"),
+        ("cosmos3_omni", "deepstack_visual_embeds"),
         ("gemma4", "per_layer_input"),
     ],
 )
@@ -96,22 +96,3 @@ def test_refusals_name_the_type_and_the_reason(model_type, reason):
     with pytest.raises(UnsupportedModelError) as err:
         tp.apply(model, {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]})
     assert repr(model_type) in str(err.value) and reason in str(err.value)
-
-
-def test_cosmos3_omni_is_qwen3_vl_with_deepstack_and_its_vision_tower():
-    """Cosmos3-Omni is Qwen3-VL's implementation: the Qwen3-VL adapter serves it (DeepStack residuals cut with
-    the tokens), and its vision-patch map, layouts and rotary hold on the census's tiny model."""
-    from tokenprune.adapters.generic import adapter_for
-    from tokenprune.testing import adapters as kit
-    from tokenprune.testing.census import InputBuilder
-
-    if "cosmos3_omni" not in model_types():
-        pytest.skip(f"transformers {compat.transformers_version()} has no cosmos3_omni")
-    row = census_one("cosmos3_omni")
-    assert (row.status, row.adapter) == ("passes", "qwen3_vl"), row.detail
-    model = build_tiny("cosmos3_omni")
-    manager = kit.adapter_check_manager()
-    make_inputs = InputBuilder(model, adapter_for(model, manager))
-    case = kit.adapter_case(model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=make_inputs.pad)
-    for check in kit.ADAPTER_CHECKS:
-        check.run(case)

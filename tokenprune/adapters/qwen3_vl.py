@@ -1,4 +1,4 @@
-"""Qwen3-VL, Qwen3-VL-MoE and Cosmos3-Omni (one implementation): merged-patch grids, M-RoPE, DeepStack.
+"""Qwen3-VL and Qwen3-VL-MoE: Qwen2-VL's merged-patch grids and M-RoPE, plus DeepStack.
 
 Each image is a ``(h / m) x (w / m)`` grid of merged patches between ``<|vision_start|>`` and
 ``<|vision_end|>``, as in Qwen2-VL. Positions are 3-D (temporal, height, width; ``generate`` adds a
@@ -40,7 +40,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     """Qwen3-VL / Qwen3-VL-MoE: merged-patch grids, interleaved M-RoPE, DeepStack features kept aligned."""
 
     name = "qwen3_vl"
-    model_types = ("qwen3_vl", "qwen3_vl_moe", "cosmos3_omni")
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
     notes = "M-RoPE (interleaved) sliced like qwen2_vl; DeepStack features follow the kept and merged tokens"
 
     def vision_tower(self) -> VisionTower | None:
