@@ -138,7 +138,7 @@ class FirstK(TokenReducer):
         h = 1 + (tokens[:, 0, 0].float().abs() * 1e4).long() % 2
         want = torch.minimum((ctx.budget - h).clamp(min=1), ctx.num_valid)
         want = torch.maximum(want, (ctx.protected & ctx.valid).sum(1))
-        scores = -torch.arange(n, dtype=torch.float32).expand(ctx.batch_size, n)
+        scores = -torch.arange(n, dtype=torch.float32, device=tokens.device).expand(ctx.batch_size, n)
         return top_k_selection(scores, dataclasses.replace(ctx, budget=want))
 
 
@@ -352,13 +352,13 @@ def cached_decode_equals_recompute(c: AdapterCase, *, positions: str = "original
         new = seq.shape[1] - inputs["input_ids"].shape[1]
         full["input_ids"] = seq
         full["attention_mask"] = torch.cat(
-            [inputs["attention_mask"], torch.ones(seq.shape[0], new, dtype=inputs["attention_mask"].dtype)], 1
+            [inputs["attention_mask"], torch.ones_like(seq[:, :new], dtype=inputs["attention_mask"].dtype)], 1
         )
         if "token_type_ids" in full:
-            fill = torch.full((seq.shape[0], new), c.generated_token_type_id, dtype=inputs["token_type_ids"].dtype)
+            fill = torch.full_like(seq[:, :new], c.generated_token_type_id, dtype=inputs["token_type_ids"].dtype)
             full["token_type_ids"] = torch.cat([inputs["token_type_ids"], fill], 1)
         if "mm_token_type_ids" in full:
-            fill = torch.zeros(seq.shape[0], new, dtype=inputs["mm_token_type_ids"].dtype)
+            fill = torch.zeros_like(seq[:, :new], dtype=inputs["mm_token_type_ids"].dtype)
             full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], fill], 1)
         out = c.forward(full, use_cache=False).logits
         kept_recomputed = [s.kept for s in run.stats.last_prefill.stages]
