@@ -4,12 +4,12 @@ For each ``model_type`` of transformers' ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_
 :func:`census_one` builds a tiny random model from the type's config class (the defaults shrunk by
 :func:`tiny_config`: text hidden 64, 4 layers; vision hidden 32, 2 layers) and
 
-* resolves its adapter as :func:`tokenprune.apply` does (:func:`~tokenprune.adapters.generic.adapter_for`):
-  a model no adapter can serve must be refused with an
+* resolves its adapter as :func:`tokenprune.apply` does (:func:`~tokenprune.adapters.generic.adapter_for`;
+  first on the meta device, so a refusal needs no weights): a model no adapter can serve must be refused with an
   :class:`~tokenprune.errors.UnsupportedModelError` that names the type and the reason (``refused``);
 * for a served model, builds inputs of three samples (one image, two images, one image; or for models
   that take ``image_grid_thw``, grids of different sizes) and runs the engine's invariants
-  (:data:`CENSUS_INVARIANTS`: keep-all identity, cached generation equals recomputation, batch equals one
+  (:func:`census_invariants`: keep-all identity, cached generation equals recomputation, batch equals one
   by one after a post-projector cut and a layer cut, ``remove()`` restores the model) (``passes``, or
   ``fails`` naming the invariant);
 * where the census cannot build the tiny model or its inputs (a missing optional package such as timm or
