@@ -20,7 +20,9 @@ base_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['
 # The tests whose outcome depends on transformers' internals: the compatibility module, the adapter
 # invariants, engine behaviour and guards, FLOP counting, the reducers end to end (the attention probe
 # among them), the signals read inside the model (own-layer attention, keys, text rows, the vision
-# probe), the decode stage (attention calls at decoding), video heatmaps, and the adapter tutorial's own test.
+# probe), the decode stage (attention calls at decoding), video heatmaps, the model census (every
+# image-text-to-text type served or refused by name; the generic adapter's invariants on two types) and the
+# adapter tutorial's own test.
 tests=(
   tests/test_compat.py
   tests/test_engine_invariants.py
@@ -45,6 +47,7 @@ tests=(
   tests/test_decode_stage.py
   tests/test_heatmap_video.py
   tests/test_engine_stopwatch.py
+  tests/test_census.py
   examples/tokenprune-example-adapter/tests
 )
 failed=()

@@ -33,7 +33,20 @@ def _matrix() -> list[str]:
 
 @pytest.mark.parametrize(
     "version",
-    ["5.0.0", "5.17.0", "5.18.0", "5.19.0", "5.20.0", "5.20.2", "5.21.1", "5.24.0", "5.24.9", "5.25.0", "6.0.0"],
+    [
+        "5.0.0",
+        "5.17.0",
+        "5.18.0",
+        "5.19.0",
+        "5.20.0",
+        "5.20.2",
+        "5.21.1",
+        "5.24.0",
+        "5.25.0",
+        "5.25.9",
+        "5.26.0",
+        "6.0.0",
+    ],
 )
 def test_pyproject_declares_exactly_the_supported_range(version):
     assert (version in _pyproject_requirement().specifier) == compat.is_supported(version)
@@ -52,7 +65,7 @@ def test_the_installed_release_is_supported():
     assert compat.is_supported(), f"tests run on transformers {compat.transformers_version()}"
 
 
-@pytest.mark.parametrize("installed", ["5.17.0", "5.20.2", "5.25.0"])
+@pytest.mark.parametrize("installed", ["5.17.0", "5.20.2", "5.26.0"])
 def test_apply_refuses_a_release_outside_the_range(monkeypatch, installed):
     monkeypatch.setattr(compat, "transformers_version", lambda: installed)
     monkeypatch.delenv(compat.OVERRIDE_VARIABLE, raising=False)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 import tokenprune
 from tokenprune.adapters.base import ModelAdapter
+from tokenprune.adapters.generic import adapter_for
 from tokenprune.adapters.loading import load_model
 from tokenprune.bench.accounting import example_costs
 from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key, resolve_pipelines, stable_digest
@@ -78,7 +79,7 @@ def compare(
     torch.manual_seed(config.seed)
     model, processor = model_and_processor or load_model(config.model, config.dtype, config.device)
     store = ResultsStore(config.output)
-    adapter = manager.adapters.get(model.config.model_type)(model)
+    adapter = adapter_for(model, manager)
     run = _Run(
         config=config,
         model=model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from tokenprune import __version__
+from tokenprune.cli.check import check as check_command
 from tokenprune.cli.report import WIDTH as REPORT_WIDTH
 from tokenprune.cli.report import report as report_command
 from tokenprune.cli.report import summary_table
@@ -72,6 +74,7 @@ app = typer.Typer(
 EXIT_INVALID = 2
 app.command("run")(run_command)
 app.command("report")(report_command)
+app.command("check")(check_command)
 app.add_typer(synth_app, name="synth", help="SynthVQA and the bundled mini VLM: generate, train, evaluate.")
 
 
@@ -202,6 +205,14 @@ def _collision_report(collision: Collision) -> dict[str, Any]:
 @app.command()
 def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    models: Annotated[
+        bool,
+        typer.Option(
+            "--models",
+            help="Also list every image-text-to-text model type of the installed transformers: served by a "
+            "registered adapter, by the generic one, or refused (and why). Builds each on the meta device.",
+        ),
+    ] = False,
 ) -> None:
     """List the installed plugins with their reducers (and capabilities), adapters, tasks and pipeline presets.
 
@@ -213,10 +224,16 @@ def plugins(
         report = plugins_report(_manager())
     except TokenpruneError as exc:
         _fail(str(exc))
+    if models:
+        from tokenprune.testing.census import resolve_types
+
+        report["models"] = [dataclasses.asdict(r) for r in resolve_types(manager=_manager())]
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     console = Console()
+    if models:
+        console.print(_models_table(report["models"]))
     console.print(_plugins_table(report))
     console.print(_reducers_table(report))
     if report["presets"]:
@@ -227,6 +244,17 @@ def plugins(
         errors.print(f"[red]plugin {f['name']!r} ({dist}) failed to load:[/red] {f['error']}")
     for c in report["collisions"]:
         errors.print("collision: " + c["message"], style="yellow", markup=False)
+
+
+def _models_table(rows: list[dict[str, Any]]) -> Table:
+    """Every image-text-to-text model type of the installed transformers and who serves it."""
+    table = Table(title="model types (installed transformers)")
+    for column in ("model_type", "served by", "why not"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        served = r["adapter"] if r["status"] in ("registered", "generic") else r["status"]
+        table.add_row(r["model_type"], served, r["detail"])
+    return table
 
 
 def _collided(report: dict[str, Any], kind: str) -> set[str]:

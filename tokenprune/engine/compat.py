@@ -8,7 +8,7 @@ signature, an attribute) rather than by version number, with the releases it was
 When a transformers release breaks one, this module is the one file to change (the steps are in
 ``docs/engine.md``, "Compatibility").
 
-Verified on transformers 5.18.0 to 5.24.0 (the declared range, :data:`SUPPORTED`, less :data:`EXCLUDED`).
+Verified on transformers 5.18.0 to 5.25.0 (the declared range, :data:`SUPPORTED`, less :data:`EXCLUDED`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tokenprune.errors import TokenpruneError, UnsupportedTransformersError
 
 #: The transformers releases tokenprune is tested on: ``(floor, first untested)``. Keep it equal to
 #: the range in ``pyproject.toml`` and to ``scripts/transformers-matrix.txt``'s ends.
-SUPPORTED: tuple[str, str] = ("5.18.0", "5.25.0")
+SUPPORTED: tuple[str, str] = ("5.18.0", "5.26.0")
 #: Minors inside :data:`SUPPORTED` that are refused all the same, with the reason.
 EXCLUDED: dict[str, str] = {
     "5.20": "its stock SmolVLM merge reshapes image features by the vision patch size instead of the "
@@ -46,7 +46,7 @@ def transformers_version() -> str:
 
 
 def supported_range() -> str:
-    """The declared range as a requirement specifier, e.g. ``">=5.18.0,!=5.20.*,<5.25.0"``."""
+    """The declared range as a requirement specifier, e.g. ``">=5.18.0,!=5.20.*,<5.26.0"``."""
     floor, ceiling = SUPPORTED
     excluded = "".join(f",!={minor}.*" for minor in EXCLUDED)
     return f">={floor}{excluded},<{ceiling}"
@@ -86,7 +86,7 @@ def check_transformers_version() -> None:
 # --- forward arguments ---------------------------------------------------------------------------
 
 #: Names a model's ``forward`` takes its KV cache under: ``past_key_values`` (5.18 to 5.23), ``cache``
-#: (5.24, which still accepts the old name with a FutureWarning).
+#: (5.24 and 5.25, which still accept the old name with a FutureWarning).
 CACHE_ARGUMENTS: tuple[str, ...] = ("cache", "past_key_values")
 
 
@@ -179,7 +179,7 @@ def vision_attention_module(layer: nn.Module) -> nn.Module | None:
 
 def vision_window_index(visual: nn.Module, grid_thw: Tensor) -> Tensor:
     """Qwen2.5-VL: the window order of each image's merge units (``get_vision_window_index`` of
-    ``transformers.vision_utils`` on 5.18-5.24): unit ``i`` of the window order is unit ``index[i]`` of the
+    ``transformers.vision_utils`` on 5.18-5.25): unit ``i`` of the window order is unit ``index[i]`` of the
     image order."""
     from transformers.vision_utils import get_vision_window_index
 
@@ -415,3 +415,23 @@ def stock_attention(impl: str, module: nn.Module) -> Callable[..., Any]:
             f"{type(module).__module__} defines no eager_attention_forward on transformers {transformers_version()}"
         )
     return eager
+
+
+# --- the model census ------------------------------------------------------------------------------
+
+
+def image_text_to_text_types() -> list[str]:
+    """The ``model_type`` values of transformers' image-text-to-text auto mapping, sorted (5.18-5.25)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def config_class(model_type: str) -> type:
+    """The config class of ``model_type`` (``CONFIG_MAPPING``)."""
+    return transformers.CONFIG_MAPPING[model_type]
+
+
+def model_from_config(config: Any, attention: str = "sdpa") -> nn.Module:
+    """The image-text-to-text model of ``config`` with random weights, on ``attention``."""
+    return transformers.AutoModelForImageTextToText.from_config(config, attn_implementation=attention)

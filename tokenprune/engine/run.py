@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from tokenprune.adapters.base import ModelAdapter
+from tokenprune.adapters.generic import adapter_for
 from tokenprune.engine import compat
 from tokenprune.engine.forward import ForwardHooks
 from tokenprune.engine.prepare import PreparedPipeline, prepare
@@ -46,8 +47,9 @@ def apply(
     Raises:
         UnsupportedTransformersError: the installed transformers release is outside the tested range
             (set ``TOKENPRUNE_ALLOW_UNSUPPORTED_TRANSFORMERS=1`` to get a warning instead).
-        UnsupportedModelError: no adapter for ``model.config.model_type`` (the message lists the
-            supported types and the docs on adding one).
+        UnsupportedModelError: no adapter is registered for ``model.config.model_type`` and the generic
+            adapter cannot serve the model (the message names the type, the reason, the registered types
+            and the docs on adding an adapter; see :func:`tokenprune.adapters.generic.adapter_for`).
         PipelineError: the pipeline is invalid, or a stage's layer does not exist in this model.
         TokenpruneError: the model already has a pipeline applied, or its attention implementation
             cannot be probed.
@@ -65,7 +67,7 @@ def apply(
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise TypeError(f"tokenprune.apply needs a transformers model with a config, got {type(model).__name__}")
-    adapter = manager.adapters.get(model_type)(model)
+    adapter = adapter_for(model, manager)
     if model in _ACTIVE:
         raise TokenpruneError(
             "this model already has a tokenprune pipeline applied; call .remove() on that handle (or leave its "

@@ -71,6 +71,7 @@ from torch import Tensor, nn
 
 import tokenprune
 from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.generic import adapter_for
 from tokenprune.engine import apply, compat
 from tokenprune.plugins import PluginManager, get_plugin_manager
 from tokenprune.reducer import Capabilities, ReduceContext, ScoringReducer, Selection, TokenReducer, top_k_selection
@@ -137,7 +138,7 @@ class FirstK(TokenReducer):
         h = 1 + (tokens[:, 0, 0].float().abs() * 1e4).long() % 2
         want = torch.minimum((ctx.budget - h).clamp(min=1), ctx.num_valid)
         want = torch.maximum(want, (ctx.protected & ctx.valid).sum(1))
-        scores = -torch.arange(n, dtype=torch.float32).expand(ctx.batch_size, n)
+        scores = -torch.arange(n, dtype=torch.float32, device=tokens.device).expand(ctx.batch_size, n)
         return top_k_selection(scores, dataclasses.replace(ctx, budget=want))
 
 
@@ -271,8 +272,7 @@ def adapter_case(
         raise ValueError(f"specs: expected three image samples, got {len(specs)}")
     if any(spec is None for spec in specs):
         raise ValueError("specs: every sample of the batch needs an image (None is text-only)")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    adapter = manager.adapters.get(str(model_type))(model)
+    adapter = adapter_for(model, manager)
     layers = len(adapter.decoder_layers())
     if layers < 3:
         raise ValueError(f"the checks prune at layer 2 and probe at layer 1; the model has {layers} decoder layers")
@@ -352,13 +352,13 @@ def cached_decode_equals_recompute(c: AdapterCase, *, positions: str = "original
         new = seq.shape[1] - inputs["input_ids"].shape[1]
         full["input_ids"] = seq
         full["attention_mask"] = torch.cat(
-            [inputs["attention_mask"], torch.ones(seq.shape[0], new, dtype=inputs["attention_mask"].dtype)], 1
+            [inputs["attention_mask"], torch.ones_like(seq[:, :new], dtype=inputs["attention_mask"].dtype)], 1
         )
         if "token_type_ids" in full:
-            fill = torch.full((seq.shape[0], new), c.generated_token_type_id, dtype=inputs["token_type_ids"].dtype)
+            fill = torch.full_like(seq[:, :new], c.generated_token_type_id, dtype=inputs["token_type_ids"].dtype)
             full["token_type_ids"] = torch.cat([inputs["token_type_ids"], fill], 1)
         if "mm_token_type_ids" in full:
-            fill = torch.zeros(seq.shape[0], new, dtype=inputs["mm_token_type_ids"].dtype)
+            fill = torch.zeros_like(seq[:, :new], dtype=inputs["mm_token_type_ids"].dtype)
             full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], fill], 1)
         out = c.forward(full, use_cache=False).logits
         kept_recomputed = [s.kept for s in run.stats.last_prefill.stages]

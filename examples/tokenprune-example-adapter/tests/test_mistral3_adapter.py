@@ -65,10 +65,18 @@ def test_it_is_discovered_through_its_entry_point():
     assert "mistral3" in tp.list_adapters()
 
 
-def test_without_it_mistral3_is_refused_with_a_pointer_to_the_docs(tiny):
+def test_without_it_the_generic_adapter_serves_mistral3_without_the_row_breaks(tiny):
+    """Without this plugin, tokenprune's generic adapter serves Mistral3: the grid comes from ``image_sizes``,
+    but the [IMG_BREAK] row ends stay text tokens (this adapter makes them visual newlines, protected)."""
     manager = tp.get_plugin_manager(disabled=["mistral3"])
-    with pytest.raises(tp.UnsupportedModelError, match=r"'mistral3'.*docs/extending/adapters\.md"):
-        tp.apply(tiny.model, {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]}, plugins=manager)
+    pipeline = {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]}
+    with tp.apply(tiny.model, pipeline, plugins=manager) as run:
+        tiny.model(**tiny.make_inputs([(112, 84)]))
+    assert run.adapter.name == "generic (mistral3)"
+    (stage,) = run.stats.last_prefill.stages
+    assert stage.entering == [12]  # the 4x3 [IMG] tokens; the 3 breaks are not reduced
+    assert stage.layout.row[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert not bool(stage.layout.newline.any())
 
 
 def test_the_core_never_names_it():

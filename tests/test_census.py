@@ -1,0 +1,98 @@
+"""The model census and the generic adapter: every image-text-to-text type is served or refused by name.
+
+The whole census with the invariants on every served type takes minutes (``scripts/census.py --invariants``
+writes docs/models.md); here every type is built and resolved as ``apply()`` resolves it, and the invariants
+run on a few generically served types: one with 1-D RoPE and crop tensors, one with M-RoPE and grids.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune.adapters.generic import GenericAdapter, grids_from_hints
+from tokenprune.engine import compat
+from tokenprune.errors import UnsupportedModelError
+from tokenprune.plugins import get_plugin_manager
+from tokenprune.testing.census import build_tiny, census_one, model_types, resolve_types
+
+
+def test_grids_from_hints_divide_by_the_factor_that_fits_every_image():
+    # Qwen2-VL-like grids (patches, merge 2), one tensor per image
+    assert grids_from_hints([(1, 4, 8), (2, 4, 4)], [8, 8]) == [(1, 2, 4), (2, 2, 2)]
+    # one tensor for all images: split by the hints
+    assert grids_from_hints([(1, 4, 8), (1, 4, 4)], [12]) == [(1, 2, 4), (1, 2, 2)]
+    # image sizes in pixels over a 28-pixel patch
+    assert grids_from_hints([(1, 56, 84)], [6]) == [(1, 2, 3)]
+    # counts nothing explains, or per-crop tensors of another number than hints: no grid
+    assert grids_from_hints([(1, 4, 4)], [5]) is None
+    assert grids_from_hints([(1, 4, 4)], [4, 4]) is None
+
+
+def test_every_type_resolves_to_an_adapter_or_a_named_refusal():
+    """Built on the meta device, every type is served (a registered adapter wins) or refused naming it."""
+    registered = set(get_plugin_manager().adapters)
+    start = time.perf_counter()
+    rows = resolve_types()
+    seconds = time.perf_counter() - start
+    assert [r.model_type for r in rows] == model_types()
+    for r in rows:
+        assert r.status in ("registered", "generic", "refused", "not run"), (r.model_type, r.status, r.detail)
+        assert (r.status == "registered") == (r.model_type in registered and r.status != "not run"), r.model_type
+        if r.status == "refused":
+            assert r.detail, r.model_type
+    counts = {s: sum(r.status == s for r in rows) for s in ("registered", "generic", "refused", "not run")}
+    print(f"resolved {len(rows)} types in {seconds:.0f} s: {counts}")
+    if compat.transformers_version() == _pinned():  # the matrix's other releases register other types
+        assert counts["generic"] >= 35 and counts["refused"] >= 35  # 35 and 39 on transformers 5.25.0
+
+
+def _pinned() -> str:
+    lines = (Path(__file__).resolve().parents[1] / "constraints.txt").read_text().splitlines()
+    return next(line.split("==")[1] for line in lines if line.startswith("transformers=="))
+
+
+@pytest.mark.parametrize("model_type", ["aya_vision", "glm4v"])
+def test_generically_served_types_keep_the_engine_invariants(model_type):
+    row = census_one(model_type)
+    assert row.adapter == f"generic ({model_type})"
+    assert row.status == "passes", row.detail
+
+
+def test_apply_refuses_a_hybrid_language_model_naming_type_and_reason():
+    model = build_tiny("qwen3_5")
+    with pytest.raises(UnsupportedModelError, match=r"'qwen3_5'.*the engine does not serve"):
+        tp.apply(model, {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]})
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_the_generic_adapter_detects_mrope():
+    with torch.device("meta"):
+        assert GenericAdapter(build_tiny("glm4v")).position_scheme == "mrope"
+        assert GenericAdapter(build_tiny("aya_vision")).position_scheme == "rope"
+
+
+@pytest.mark.parametrize(
+    ("model_type", "reason"),
+    [
+        ("mllama", "cross-attends to the image features"),
+        ("florence2", "encoder-decoder"),
+        ("blip-2", "holds no multimodal base model as `.model`"),
+        ("idefics2", "no `language_model` submodule (it has `text_model`)"),
+        ("qwen3_5", "layers the engine does not serve (linear_attention"),
+        ("cosmos3_omni", "deepstack_visual_embeds"),
+        ("gemma4", "per_layer_input"),
+    ],
+)
+def test_refusals_name_the_type_and_the_reason(model_type, reason):
+    if model_type not in model_types():
+        pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
+    with torch.device("meta"):
+        model = build_tiny(model_type)
+    with pytest.raises(UnsupportedModelError) as err:
+        tp.apply(model, {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]})
+    assert repr(model_type) in str(err.value) and reason in str(err.value)

@@ -1,0 +1,161 @@
+"""The generic adapter: serves any model of the standard transformers-5 VLM shape that no adapter claims.
+
+:func:`adapter_for` resolves a model's adapter: a registered adapter for its ``model_type`` wins; else
+:class:`GenericAdapter` serves it when :func:`tokenprune.adapters.shape.refusal` finds the standard shape
+(checked by feature, see that module); else :class:`~tokenprune.errors.UnsupportedModelError` names the
+model type and the reason.
+
+What the generic adapter reads, all from the model itself:
+
+* **Positions.** 1-D RoPE, or Qwen2-VL's M-RoPE scheme when the base model has ``get_rope_index`` and
+  ``rope_deltas`` and the text config an ``mrope_section`` (positions from the model's own
+  ``get_rope_index`` on the unpruned ids, sliced by the engine; decoding adds ``rope_deltas``).
+  A rotary module that takes the layer type (per-layer-type RoPE) is given it.
+* **Layouts** (:meth:`GenericAdapter.image_layouts`), from the arguments of the model's
+  ``get_image_features`` call: ``image_grid_thw`` (``t`` frames of a grid merged by the factor that makes
+  the counts fit, the spatial merge size), ``image_sizes`` (pixel sizes over the patch size and merge
+  factor, Pixtral-like rows) and ``spatial_shapes`` (patch grids over a downsampling factor); per-crop
+  feature tensors are one grid each. Otherwise a square grid where the count is a square, else one row:
+  a layout the model does not describe is never guessed beyond that.
+* **No vision attention**: the generic adapter describes no vision tower, so a stage that reads the
+  vision encoder's attention is refused at ``apply``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import Tensor, nn
+
+from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
+from tokenprune.adapters.shape import refusal
+from tokenprune.errors import UnsupportedModelError
+from tokenprune.layout import TokenLayout
+
+#: Largest factor tried between a layout hint (pixels or patches) and the feature grid.
+MAX_FACTOR = 64
+
+
+class GenericAdapter(ModelAdapter):
+    """Any model of the standard transformers-5 VLM shape (see :mod:`tokenprune.adapters.shape`)."""
+
+    name = "generic"
+    model_types = ()
+    notes = "served by the generic adapter: layouts from the call's grid/size arguments, no vision attention"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.position_scheme = "mrope" if uses_mrope(model) else "rope"  # type: ignore[misc]
+        self.name = f"generic ({getattr(model.config, 'model_type', '?')})"  # type: ignore[misc]
+
+    # --- layouts ---------------------------------------------------------------------------------
+
+    def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
+        """One grid per image (or crop) from the call's layout arguments, else square or one row."""
+        feats = call.features()
+        counts = [int(f.shape[0]) for f in feats]
+        for name in ("image_grid_thw", "image_sizes", "spatial_shapes"):
+            hints = _hints(call.kwargs.get(name))
+            if hints is None:
+                continue
+            grids = grids_from_hints(hints, counts)
+            if grids is not None:
+                return [_layout(grid, i) for i, grid in enumerate(grids)]
+        return super().image_layouts(call)
+
+    def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
+        """Per video, ``t`` frames of a merged grid from ``video_grid_thw`` where the call gives it."""
+        if self.position_scheme == "mrope" and call.arg("video_grid_thw", 1) is not None:
+            try:
+                return Qwen2VLAdapter.video_layouts(self, call)  # type: ignore[arg-type]
+            except AttributeError:
+                pass
+        return super().video_layouts(call)
+
+    # --- positions -------------------------------------------------------------------------------
+
+    def rotary(self, hidden: Tensor, positions: Tensor, layer_index: int) -> tuple[Tensor, Tensor]:
+        lm = self.language_model()
+        rows = positions
+        if self.position_scheme == "mrope":
+            rows = positions[-3:] if positions.shape[0] >= 3 else positions.expand(3, -1, -1)
+        else:
+            rows = positions[0]
+        if "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters:
+            types = getattr(lm.config, "layer_types", None)
+            return lm.rotary_emb(hidden, rows, types[layer_index] if types else None)
+        return lm.rotary_emb(hidden, rows)
+
+    def decode_positions(self, kwargs: dict[str, Any], virtual_past: int, query_length: int) -> Tensor:
+        if self.position_scheme == "mrope":
+            return Qwen2VLAdapter.decode_positions(self, kwargs, virtual_past, query_length)  # type: ignore[arg-type]
+        return super().decode_positions(kwargs, virtual_past, query_length)
+
+
+def uses_mrope(model: nn.Module) -> bool:
+    """Qwen2-VL's 3-D positions: ``get_rope_index`` and ``rope_deltas`` on the base model, ``mrope_section``
+    in the language model's rope parameters."""
+    vlm = getattr(model, "model", None)
+    if not (callable(getattr(vlm, "get_rope_index", None)) and hasattr(vlm, "rope_deltas")):
+        return False
+    cfg = getattr(getattr(vlm, "language_model", None), "config", None)
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return isinstance(rope, dict) and "mrope_section" in rope
+
+
+def _hints(value: Any) -> list[tuple[int, int, int]] | None:
+    """``(t, h, w)`` per row of a ``(n, 3)`` grid or ``(n, 2)`` size tensor (``t = 1``)."""
+    if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[-1] not in (2, 3) or not value.numel():
+        return None
+    rows = value.long().tolist()
+    return [tuple(r) if len(r) == 3 else (1, r[0], r[1]) for r in rows]  # type: ignore[misc]
+
+
+def grids_from_hints(hints: list[tuple[int, int, int]], counts: list[int]) -> list[tuple[int, int, int]] | None:
+    """``(frames, rows, cols)`` per image: the hint divided by the one factor that makes every count fit.
+
+    ``counts`` are the feature rows per returned tensor; one tensor for all images is split by the hints.
+    ``None`` when no factor up to :data:`MAX_FACTOR` fits every image.
+    """
+    total = sum(counts)
+    if len(counts) not in (1, len(hints)):
+        return None
+    for s in range(1, MAX_FACTOR + 1):
+        if any(h % s or w % s for _, h, w in hints):
+            continue
+        grids = [(t, h // s, w // s) for t, h, w in hints]
+        sizes = [t * r * c for t, r, c in grids]
+        if (len(counts) == len(hints) and sizes == counts) or (len(counts) == 1 and sum(sizes) == total):
+            return grids
+    return None
+
+
+def _layout(grid: tuple[int, int, int], image: int) -> TokenLayout:
+    t, rows, cols = grid
+    one = TokenLayout.grid(rows, cols, image=image)
+    return TokenLayout.cat([one] * t) if t > 1 else one
+
+
+def adapter_for(model: nn.Module, manager: Any) -> ModelAdapter:
+    """The adapter that serves ``model``: the registered one for its ``model_type``, else the generic one.
+
+    Raises:
+        UnsupportedModelError: no adapter is registered and the model lacks the standard shape (the
+            message names the model type and the reason).
+        PluginError: several plugins registered the model type.
+    """
+    model_type = str(getattr(getattr(model, "config", None), "model_type", None))
+    registry = manager.adapters
+    if model_type in list(registry):
+        return registry.get(model_type)(model)
+    reason = refusal(model)
+    if reason is not None:
+        served = ", ".join(registry) or "none"
+        raise UnsupportedModelError(
+            f"no adapter supports model_type {model_type!r} and the generic adapter cannot serve it: {reason}. "
+            f"Registered adapters: {served}. To add an architecture, write an adapter plugin "
+            "(docs/extending/adapters.md)"
+        )
+    return GenericAdapter(model)

@@ -1,0 +1,222 @@
+"""Which models the generic adapter serves: the standard transformers-5 VLM shape, checked by feature.
+
+A model has the standard shape when (every check reads a method, an attribute or a signature, never a
+list of names):
+
+* the top-level model holds the multimodal base model as ``.model``, which has ``get_image_features``
+  and a ``language_model`` with a ``layers`` ``ModuleList``;
+* the image features replace placeholder tokens of one sequence (no cross-attention to them, no
+  encoder-decoder, no discrete image codes embedded with the text table);
+* every decoder layer is a softmax self-attention layer (``self_attn``) called with ``hidden_states``,
+  ``attention_mask`` and ``position_embeddings`` and no other per-token input, and no layer shares
+  another layer's keys and values;
+* the language model takes no visual features of its own (DeepStack-like residuals) and has a rotary
+  embedding module ``rotary_emb``.
+
+:func:`refusal` returns the first check a model fails, as a reason for
+:class:`~tokenprune.errors.UnsupportedModelError`; ``None`` means the generic adapter serves it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+#: Decoder-layer arguments the engine knows: it slices the per-token ones at a cut and passes the others.
+LAYER_ARGUMENTS = frozenset(
+    {
+        "hidden_states",
+        "attention_mask",
+        "position_embeddings",
+        "position_ids",
+        "past_key_values",
+        "past_key_value",
+        "cache",
+        "cache_position",
+        "use_cache",
+        "kwargs",
+    }
+)
+#: Attention types whose layers attend with softmax over a KV cache (the engine's masks and probes fit them).
+SOFTMAX_ATTENTION = frozenset({"full_attention", "sliding_attention", "chunked_attention", None})
+
+
+def _call_parameters(module: nn.Module) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _extra_arguments(params: dict[str, inspect.Parameter]) -> list[str]:
+    """Arguments beyond :data:`LAYER_ARGUMENTS`, less flags (``output_*``, ``use_*``, ``return_*``)."""
+    flags = ("output_", "use_", "return_")
+    return [
+        name
+        for name, p in params.items()
+        if name not in LAYER_ARGUMENTS
+        and not name.startswith(flags)
+        and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    ]
+
+
+def text_config(language_model: nn.Module) -> Any:
+    """The language model's config (``None`` where it has none)."""
+    return getattr(language_model, "config", None)
+
+
+def _no_base_model(model: nn.Module) -> str | None:
+    vlm = getattr(model, "model", None)
+    if isinstance(vlm, nn.Module):
+        return None
+    return (
+        f"the top-level model {type(model).__name__} holds no multimodal base model as `.model` (the image "
+        "features and the language model live elsewhere); it needs a dedicated adapter"
+    )
+
+
+def _encoder_decoder(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    lm = getattr(getattr(model, "model", None), "language_model", None)
+    subs = [getattr(cfg, "text_config", None), getattr(cfg, "decoder", None)]
+    flagged = getattr(cfg, "is_encoder_decoder", False) or any(getattr(c, "is_encoder_decoder", False) for c in subs)
+    if flagged or (hasattr(lm, "encoder") and hasattr(lm, "decoder")):
+        return "it is an encoder-decoder model: the image features go into an encoder, not the decoder's sequence"
+    return None
+
+
+def _cross_attention(model: nn.Module) -> str | None:
+    lm = getattr(getattr(model, "model", None), "language_model", None)
+    scope = lm if isinstance(lm, nn.Module) else model
+    skip = ("vision", "visual", "projector", "resampler", "perceiver", "connector", "audio", "qformer")
+    for name, _ in scope.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if ("cross_attn" in leaf or "cross_attention" in leaf) and not any(w in name.lower() for w in skip):
+            return (
+                f"its language model cross-attends to the image features ({name}); there are no visual tokens to prune"
+            )
+    return None
+
+
+def _no_image_features(model: nn.Module) -> str | None:
+    vlm = model.model
+    if not callable(getattr(vlm, "get_image_features", None)):
+        return f"{type(vlm).__name__} has no get_image_features method"
+    if callable(getattr(vlm, "get_image_tokens", None)):
+        return (
+            "it embeds discrete image codes (a VQ tokenizer's ids) with the text embedding table; tokenprune prunes "
+            "continuous image features"
+        )
+    return None
+
+
+def _no_decoder_stack(model: nn.Module) -> str | None:
+    vlm = model.model
+    lm = getattr(vlm, "language_model", None)
+    if not isinstance(lm, nn.Module):
+        named = [n for n in ("text_model", "decoder") if isinstance(getattr(vlm, n, None), nn.Module)]
+        where = f" (it has `{named[0]}`)" if named else ""
+        return f"{type(vlm).__name__} has no `language_model` submodule{where}; it needs a dedicated adapter"
+    if not isinstance(getattr(lm, "layers", None), nn.ModuleList):
+        return f"its language model {type(lm).__name__} keeps no decoder layers as `.layers`"
+    return None
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    return model.model.language_model
+
+
+def _hybrid_layers(model: nn.Module) -> str | None:
+    lm = _language_model(model)
+    layers = list(lm.layers)
+    types = getattr(text_config(lm), "layer_types", None) or []
+    odd = sorted({t for t in types if t not in SOFTMAX_ATTENTION})
+    no_attn = [i for i, layer in enumerate(layers) if not isinstance(getattr(layer, "self_attn", None), nn.Module)]
+    if odd or no_attn:
+        kinds = ", ".join(odd) or "no self_attn module"
+        where = no_attn or [i for i, t in enumerate(types) if t in odd]
+        return (
+            f"its language model has layers the engine does not serve ({kinds}, at layers {_short(where)}): "
+            "linear-attention, convolution, state-space and indexed or windowed-cache attention layers keep caches "
+            "or inputs of their own that the engine does not cut yet"
+        )
+    return None
+
+
+def _layer_contract(model: nn.Module) -> str | None:
+    layer = _language_model(model).layers[0]
+    params = _call_parameters(layer)
+    missing = [n for n in ("hidden_states", "attention_mask", "position_embeddings") if n not in params]
+    if missing:
+        return (
+            f"its decoder layers ({type(layer).__name__}) take no {', '.join(missing)} argument: the engine cuts "
+            "tokens through those arguments"
+        )
+    extra = _extra_arguments(params)
+    if extra:
+        return (
+            f"its decoder layers ({type(layer).__name__}) take {', '.join(extra)}: inputs the engine does not cut "
+            "with the tokens (per-layer embeddings, index threading, block states)"
+        )
+    return None
+
+
+def _shared_layers(model: nn.Module) -> str | None:
+    cfg = text_config(_language_model(model))
+    for key in ("num_kv_shared_layers", "hc_mult", "hc_count", "num_hyper_connections"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > (1 if key.startswith(("hc", "num_hyper")) else 0):
+            what = "shares keys and values across layers" if "kv" in key else "uses hyper-connections"
+            return f"its language model {what} ({key}={value}); the engine cannot cut tokens through that"
+    return None
+
+
+def _visual_residuals(model: nn.Module) -> str | None:
+    lm = _language_model(model)
+    params = _call_parameters(lm)
+    visual = [n for n in params if any(w in n for w in ("deepstack", "visual", "vision", "per_layer"))]
+    if visual:
+        return (
+            f"its language model takes {', '.join(visual)}: features added inside the decoder stack "
+            "(DeepStack-like residuals or per-layer embeddings) need a dedicated adapter"
+        )
+    return None
+
+
+def _no_rotary(model: nn.Module) -> str | None:
+    lm = _language_model(model)
+    if not isinstance(getattr(lm, "rotary_emb", None), nn.Module):
+        return f"its language model {type(lm).__name__} has no rotary embedding module `rotary_emb`"
+    return None
+
+
+CHECKS: tuple[Callable[[nn.Module], str | None], ...] = (
+    _encoder_decoder,
+    _no_base_model,
+    _cross_attention,
+    _no_image_features,
+    _no_decoder_stack,
+    _hybrid_layers,
+    _shared_layers,
+    _layer_contract,
+    _visual_residuals,
+    _no_rotary,
+)
+"""The checks of :func:`refusal`, in order: each returns a reason or ``None``."""
+
+
+def refusal(model: nn.Module) -> str | None:
+    """Why the generic adapter cannot serve ``model`` (the first failed check of :data:`CHECKS`), or ``None``."""
+    for check in CHECKS:
+        reason = check(model)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _short(indices: list[int]) -> str:
+    shown = ", ".join(map(str, indices[:8]))
+    return shown + (", ..." if len(indices) > 8 else "")
