@@ -142,7 +142,7 @@ def test_cli_lists_every_builtin_reducer_with_capabilities():
     expected = {
         "gprune": (["layer", "post_projector"], [], False),
         "fastv": (["layer"], ["last"], False),
-        "tome": (["layer", "post_projector"], [], True),
+        "tome": (["layer", "post_projector", "vision_layer"], [], True),
         "l2norm": (["layer", "post_projector"], [], False),
         "random": (["layer", "post_projector"], [], False),
         "downsample": (["layer", "post_projector"], [], False),
