@@ -31,7 +31,7 @@ from tokenprune import (
     TokenReducer,
     VisionAttentionRequest,
 )
-from tokenprune.budget import spatial_quotas, split_budget
+from tokenprune.budget import all_spatial_quotas, split_budget
 from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import VisionAttentionKind, VisionAttentionParams
 
@@ -94,8 +94,7 @@ class HiPrune(TokenReducer):
                 f"[{self.params.object_layer - 1}]; run it at post_projector through tokenprune.apply"
             )
         keep = torch.zeros_like(ctx.valid)
-        for b in range(ctx.batch_size):
-            always, groups = spatial_quotas(ctx, b)
+        for b, (always, groups) in enumerate(all_spatial_quotas(ctx)):
             keep[b, always] = True
             for members, quota in groups:
                 for crop, share in _crops(ctx, b, members, quota):
