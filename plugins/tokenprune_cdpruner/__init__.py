@@ -153,11 +153,17 @@ def crop_tiles(members: Tensor, ctx: ReduceContext, b: int) -> list[Tensor]:
     be partly cut away), else at multiples of the base-view grid counted from the unpadded grid's corner.
     """
     layout = ctx.layout
-    if layout is None or int(layout.view[b, members[0]]) == 0:
+    if layout is None:
         return [members]
-    crop = layout.crop[b, members]
-    if bool((crop >= 0).all()):
-        return [members[crop == c] for c in crop.unique().tolist()]
+    crop, order = layout.crop[b, members].sort(stable=True)  # by crop, in position order within one
+    first = torch.cat([crop.new_ones(1), crop[1:] != crop[:-1]]).cumsum(0) - 1
+    sizes = torch.zeros_like(crop).scatter_add_(0, first, torch.ones_like(crop))
+    flags = torch.cat([layout.view[b, members[:1]] == 0, crop[:1] >= 0]).to(sizes.dtype)  # [:1]: no read
+    read = torch.cat([flags, sizes]).tolist()  # the one host read of a crop layout
+    if read[0]:
+        return [members]
+    if read[1]:
+        return list(members[order].split([size for size in read[2:] if size]))
     n = int(ctx.valid[b].sum())
     image = layout.image[b, :n]
     base = (image == layout.image[b, members[0]]) & (layout.view[b, :n] == 0) & ~layout.newline[b, :n]

@@ -100,7 +100,7 @@ class HiPrune(TokenReducer):
                 for crop, share in _crops(ctx, b, members, quota):
                     rows, cols = _grid(ctx, b, crop)
                     deep = ctx.vision_attention[b, crop]
-                    keep[b, crop[hiprune_pick(shallow[b, crop], deep, rows, cols, share, self.params.alpha)]] = True
+                    keep[b, crop] |= hiprune_pick(shallow[b, crop], deep, rows, cols, share, self.params.alpha)
         return Selection.from_mask(keep)
 
 
@@ -110,22 +110,26 @@ def hiprune_pick(shallow: Tensor, deep: Tensor, rows: Tensor, cols: Tensor, quot
     ``shallow``/``deep`` are ``(n,)`` scores (``-inf`` ranks last). See :class:`HiPrune` for the rule.
     """
     n = int(shallow.numel())
-    width = int(cols.max()) + 1
-    cells = (int(rows.max()) + 1) * width
+    last_row, last_col = torch.stack([rows.max(), cols.max()]).tolist()  # one read for the grid's size
+    width = last_col + 1
+    cells = (last_row + 1) * width
     where = torch.full((cells,), -1, dtype=torch.long, device=shallow.device)
     raster = rows * width + cols
     where[raster] = torch.arange(n, device=shallow.device)
     anchors = _top(shallow.float(), round(quota * alpha / 5))
     near = torch.cat([raster[anchors] + d for d in (0, -1, 1, -width, width)]).clamp(0, cells - 1)
     found = where[near]
-    chosen = torch.zeros(n, dtype=torch.bool, device=shallow.device)
-    chosen[found[found >= 0]] = True
-    if int(chosen.sum()) > quota:  # only with a large alpha: the official code would fail (a negative top-k)
+    chosen = torch.zeros(n + 1, dtype=torch.bool, device=shallow.device)
+    chosen[torch.where(found >= 0, found, n)] = True  # n: a slot for the neighbours off the grid (no mask index)
+    chosen = chosen[:n]
+    count = int(chosen.sum())
+    if count > quota:  # only with a large alpha: the official code would fail (a negative top-k)
         order = shallow.float().masked_fill(~chosen, float("-inf"))
         order[anchors] = float("inf")
         chosen = torch.zeros_like(chosen)
         chosen[_top(order, quota)] = True
-    rest = quota - int(chosen.sum())
+        count = min(quota, n)  # _top's distinct indices
+    rest = quota - count
     chosen[_top(deep.float().masked_fill(chosen, float("-inf")), rest)] = True
     return chosen
 
