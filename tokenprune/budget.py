@@ -80,7 +80,7 @@ def plan_all_spatial_groups(ctx: ReduceContext) -> list[tuple[Tensor, list[Tenso
     their group, and by kind (protected, grouped, newline filler); one ``.tolist()`` brings the counts
     that cut the sorted indices into per-sample pieces.
     """
-    batch, length = ctx.valid.shape
+    _, length = ctx.valid.shape
     device = ctx.valid.device
     inside = torch.arange(length, device=device) < ctx.valid.sum(1, keepdim=True)  # the first n of each sample
     protected = ctx.protected & inside
