@@ -22,13 +22,9 @@ PER_PREFILL = 48
 """Most host reads of a prefill outside its stages, for the two-image batch below (the image layouts of
 LLaVA-NeXT's anyres tiles are most of them: about 22 per image)."""
 OVER_BUDGET = {
-    ("atp", "layer"): 32,
-    ("visionzip", "post_projector"): 28,
     ("dart", "layer"): 80,
     ("hiprune", "post_projector"): 45,  # a few reads per anyres crop (its grid size, its pick count)
     ("prumerge", "post_projector"): 40,
-    ("tome", "post_projector"): 30,
-    ("tome", "layer"): 30,
 }
 """Per-stage counts of the reducers that loop over samples or picks on the host today (batch of 2)."""
 LAYER = 2
