@@ -22,7 +22,6 @@ PER_PREFILL = 48
 """Most host reads of a prefill outside its stages, for the two-image batch below (the image layouts of
 LLaVA-NeXT's anyres tiles are most of them: about 22 per image)."""
 OVER_BUDGET = {
-    ("dart", "layer"): 80,
     ("hiprune", "post_projector"): 45,  # a few reads per anyres crop (its grid size, its pick count)
     ("prumerge", "post_projector"): 40,
 }
