@@ -23,7 +23,6 @@ PER_PREFILL = 48
 LLaVA-NeXT's anyres tiles are most of them: about 22 per image)."""
 OVER_BUDGET = {
     ("hiprune", "post_projector"): 45,  # a few reads per anyres crop (its grid size, its pick count)
-    ("prumerge", "post_projector"): 40,
 }
 """Per-stage counts of the reducers that loop over samples or picks on the host today (batch of 2)."""
 LAYER = 2
