@@ -141,10 +141,18 @@ def _top(scores: Tensor, k: int) -> Tensor:
 
 def _crops(ctx: ReduceContext, b: int, members: Tensor, quota: int) -> list[tuple[Tensor, int]]:
     """A spatial group cut into its anyres crops (the layout's ``crop``) with their shares of ``quota``."""
-    crop = ctx.layout.crop[b, members] if ctx.layout is not None else None
-    if crop is None or not bool((crop >= 0).all()):
+    if ctx.layout is None:
         return [(members, quota)]
-    parts = [members[crop == c] for c in crop.unique().tolist()]
+    if not members.numel():
+        return []
+    crop, order = ctx.layout.crop[b, members].sort(stable=True)  # by crop, in position order within one
+    first = torch.cat([crop.new_zeros(1), (crop[1:] != crop[:-1]).long()]).cumsum(0)
+    sizes = torch.zeros_like(crop).scatter_add_(0, first, torch.ones_like(crop))
+    known = (crop >= 0).all().reshape(1).to(sizes.dtype)
+    read = torch.cat([known, sizes]).tolist()  # the one host read of a group's crops
+    if not read[0]:
+        return [(members, quota)]
+    parts = list(members[order].split([size for size in read[1:] if size]))
     shares = split_budget(quota, [int(p.numel()) for p in parts])
     return [(p, s) for p, s in zip(parts, shares, strict=True) if s]
 
