@@ -68,32 +68,60 @@ def plan_spatial_groups(ctx: ReduceContext, b: int) -> tuple[Tensor, list[Tensor
     frame of a video), in layout order, or all unprotected tokens when there is no layout. Kept
     without condition: the protected tokens, and, when the budget exceeds the grouped tokens, the
     first unprotected newline tokens that make up the difference (then no group needs to choose,
-    and the group list is empty).
+    and the group list is empty). :func:`plan_all_spatial_groups` plans every sample at once.
     """
-    n = int(ctx.valid[b].sum())
+    return plan_all_spatial_groups(ctx)[b]
+
+
+def plan_all_spatial_groups(ctx: ReduceContext) -> list[tuple[Tensor, list[Tensor], int]]:
+    """:func:`plan_spatial_groups` for every sample of the batch, reading the device once in all.
+
+    Tokens are sorted on the device (stably, so each group keeps its members in position order) by
+    their group, and by kind (protected, grouped, newline filler); one ``.tolist()`` brings the counts
+    that cut the sorted indices into per-sample pieces.
+    """
+    _, length = ctx.valid.shape
     device = ctx.valid.device
-    protected = ctx.protected[b, :n]
+    inside = torch.arange(length, device=device) < ctx.valid.sum(1, keepdim=True)  # the first n of each sample
+    protected = ctx.protected & inside
+    newline = ctx.layout.newline & inside if ctx.layout is not None else torch.zeros_like(inside)
+    candidate = inside & ~protected & ~newline
+    filler = inside & ~protected & newline
+    key, by_group = _group_key(ctx, candidate).sort(dim=1, stable=True)
+    starts = candidate.gather(1, by_group)
+    starts[:, 1:] &= key[:, 1:] != key[:, :-1]
+    group = (starts.cumsum(1) - 1).clamp(min=0)
+    sizes = torch.zeros_like(group).scatter_add_(1, group, candidate.gather(1, by_group).long())
+    kind = torch.where(protected, 0, torch.where(candidate, 1, torch.where(filler, 2, 3)))
+    by_kind = kind.sort(dim=1, stable=True).indices
+    free = ctx.budget.to(device) - protected.sum(1)
+    head = torch.stack([free, protected.sum(1), candidate.sum(1), filler.sum(1)], 1)
+    table = torch.cat([head, sizes], 1).tolist()
+    return [_sample_plan(row, by_kind[b], by_group[b]) for b, row in enumerate(table)]
+
+
+def _group_key(ctx: ReduceContext, candidate: Tensor) -> Tensor:
+    """``(B, N)`` long: each candidate's ``(video, image, view, frame)`` as one number, in that
+    lexicographic order; the largest long for every other token (they sort last)."""
+    key = torch.zeros(candidate.shape, dtype=torch.long, device=candidate.device)
     if ctx.layout is not None:
-        newline = ctx.layout.newline[b, :n]
-        image, view = ctx.layout.image[b, :n], ctx.layout.view[b, :n]
-    else:
-        newline = torch.zeros(n, dtype=torch.bool, device=device)
-        image = view = torch.zeros(n, dtype=torch.long, device=device)
-    candidate = ~protected & ~newline
-    free = int(ctx.budget[b]) - int(protected.sum())
-    always = protected.nonzero().squeeze(1)
-    members = candidate.nonzero().squeeze(1)
-    if free >= members.numel():
-        fillers = (~protected & newline).nonzero().squeeze(1)[: free - members.numel()]
-        return torch.cat([always, members, fillers]), [], 0
-    if ctx.layout is not None:  # one group per (image or video, view, frame), in that order
         lay = ctx.layout
-        key = torch.stack([lay.video[b, :n].long(), image, view, lay.frame[b, :n]])[:, members]
-        _, inverse = torch.unique(key, dim=1, return_inverse=True)
-    else:
-        _, inverse = torch.unique(image[members] * 0, return_inverse=True)
-    groups = [members[inverse == g] for g in range(int(inverse.max()) + 1)] if members.numel() else []
-    return always, groups, free
+        for part in (lay.video.long(), lay.image.long(), lay.view.long(), lay.frame.long()):
+            low = part.min()
+            key = key * (part.max() - low + 1) + (part - low)
+    return key.masked_fill(~candidate, torch.iinfo(torch.long).max)
+
+
+def _sample_plan(row: list[int], by_kind: Tensor, by_group: Tensor) -> tuple[Tensor, list[Tensor], int]:
+    """One sample's plan from its row of counts (free, protected, candidates, fillers, group sizes)."""
+    free, protected, members, fillers = row[:4]
+    always = by_kind[:protected]
+    if free >= members:
+        grouped = by_kind[protected : protected + members]
+        filled = by_kind[protected + members : protected + members + fillers][: free - members]
+        return torch.cat([always, grouped, filled]), [], 0
+    sizes = [size for size in row[4:] if size]
+    return always, list(by_group[:members].split(sizes)) if members else [], free
 
 
 def spatial_quotas(ctx: ReduceContext, b: int) -> tuple[Tensor, list[tuple[Tensor, int]]]:
@@ -101,7 +129,15 @@ def spatial_quotas(ctx: ReduceContext, b: int) -> tuple[Tensor, list[tuple[Tenso
 
     :func:`plan_spatial_groups` followed by :func:`split_budget`, leaving out groups whose quota is 0:
     a spatial reducer keeps ``always`` plus, from each ``(members, quota)``, its ``quota`` best members.
+    :func:`all_spatial_quotas` gives every sample's at once.
     """
-    always, groups, free = plan_spatial_groups(ctx, b)
-    quotas = split_budget(free, [int(m.numel()) for m in groups])
-    return always, [(members, quota) for members, quota in zip(groups, quotas, strict=True) if quota]
+    return all_spatial_quotas(ctx)[b]
+
+
+def all_spatial_quotas(ctx: ReduceContext) -> list[tuple[Tensor, list[tuple[Tensor, int]]]]:
+    """:func:`spatial_quotas` for every sample of the batch, reading the device once in all."""
+    out = []
+    for always, groups, free in plan_all_spatial_groups(ctx):
+        quotas = split_budget(free, [int(m.numel()) for m in groups])
+        out.append((always, [(members, quota) for members, quota in zip(groups, quotas, strict=True) if quota]))
+    return out

@@ -75,19 +75,28 @@ def spatial_scores(row: Tensor, col: Tensor, view: Tensor, image: Tensor, newlin
     c = col.clamp(min=0)
     # The largest stride a view can use: its own extent (max row/col + 1) per (sample, image, view).
     extent = torch.maximum(r, c).masked_fill(~known, 0)
-    key = image.clamp(min=0) * 4096 + view.clamp(min=0)
-    size = torch.zeros_like(extent)
-    for b in range(extent.shape[0]):
-        for k in torch.unique(key[b][known[b]]).tolist():
-            members = known[b] & (key[b] == k)
-            size[b][members] = int(extent[b][members].max()) + 1
+    size = _view_extent(extent, image.long().clamp(min=0) * 4096 + view.long().clamp(min=0), known)
+    largest = int(size.max()) if size.numel() else 0  # the one host read: how many strides to try
     score = torch.zeros(row.shape, dtype=torch.float32, device=row.device)
     s = 2
-    while bool((s <= size).any()):
+    while s <= largest:
         on = known & (r % s == 0) & (c % s == 0) & (s <= size)
         score = torch.where(on, torch.full_like(score, max(0.0, 1.0 - lam / (s * s))), score)
         s *= 2
     return score
+
+
+def _view_extent(extent: Tensor, key: Tensor, known: Tensor) -> Tensor:
+    """``(B, N)``: for each known token, ``1 +`` the largest ``extent`` among the known tokens of its
+    sample with the same ``key`` (its view); ``0`` for the others. Sorted segments on the device, no read."""
+    if key.shape[1] == 0:
+        return torch.zeros_like(extent)
+    sorted_key, order = key.masked_fill(~known, torch.iinfo(torch.long).max).sort(dim=1)
+    change = (sorted_key[:, 1:] != sorted_key[:, :-1]).long()
+    segment = torch.cat([change.new_zeros(change.shape[0], 1), change], 1).cumsum(1)
+    top = torch.zeros_like(extent).scatter_reduce(1, segment, extent.gather(1, order), "amax")
+    size = torch.empty_like(extent).scatter_(1, order, top.gather(1, segment) + 1)
+    return size.masked_fill(~known, 0)
 
 
 def score_statistics(att_visual: Tensor, att_text: Tensor, candidates: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, Selection, TokenReducer
-from tokenprune.budget import plan_spatial_groups, split_budget
+from tokenprune.budget import plan_all_spatial_groups, split_budget
 from tokenprune.similarity import cosine_similarity, cosine_similarity_macs, unit_rows
 from tokenprune.validation import check_finite_tokens
 
@@ -78,8 +78,7 @@ class CDPruner(TokenReducer):
         keep = torch.zeros(ctx.valid.shape, dtype=torch.bool, device=x.device)
         relevance = torch.zeros(ctx.valid.shape, dtype=torch.float32, device=x.device)
         groups: list[Group] = []
-        for b in range(ctx.batch_size):
-            always, sample_groups = self._plan(ctx, b)
+        for b, (always, sample_groups) in enumerate(self._plans(ctx)):
             keep[b, always] = True
             if any(g.quota for g in sample_groups):  # relevance is scaled over all of the sample's candidates
                 members = torch.cat([g.members for g in sample_groups])
@@ -97,8 +96,7 @@ class CDPruner(TokenReducer):
         """Relevance ``n D`` per sample, ``S`` about ``n² D / 2`` per DPP, greedy ``G n_max (K-1)(K-2) / 2``."""
         dim = int(tokens.shape[-1])
         macs, groups = 0, []
-        for b in range(ctx.batch_size):
-            sample_groups = self._plan(ctx, b)[1]
+        for _, sample_groups in self._plans(ctx):
             if any(g.quota for g in sample_groups):
                 macs += sum(int(g.members.numel()) for g in sample_groups) * dim  # relevance
                 groups += [g for g in sample_groups if g.quota]
@@ -109,9 +107,14 @@ class CDPruner(TokenReducer):
         macs += sum(cosine_similarity_macs(n, dim) for n in sizes)
         return macs + len(groups) * max(sizes) * (k - 1) * (k - 2) // 2
 
-    def _plan(self, ctx: ReduceContext, b: int) -> tuple[Tensor, list[Group]]:
-        """Sample ``b``'s always-kept tokens and its DPPs (with their quotas, possibly 0)."""
-        always, groups, free = plan_spatial_groups(ctx, b)
+    def _plans(self, ctx: ReduceContext) -> list[tuple[Tensor, list[Group]]]:
+        """Each sample's always-kept tokens and its DPPs (with their quotas, possibly 0)."""
+        return [self._plan(ctx, b, *plan) for b, plan in enumerate(plan_all_spatial_groups(ctx))]
+
+    def _plan(
+        self, ctx: ReduceContext, b: int, always: Tensor, groups: list[Tensor], free: int
+    ) -> tuple[Tensor, list[Group]]:
+        """Sample ``b``'s always-kept tokens and its DPPs (with their quotas, possibly 0), from its spatial plan."""
         if self.params.split == "sample" and len(groups) > 1:
             groups = [torch.cat(groups).sort().values]
         elif self.params.split == "tile" and ctx.layout is not None:
@@ -150,11 +153,17 @@ def crop_tiles(members: Tensor, ctx: ReduceContext, b: int) -> list[Tensor]:
     be partly cut away), else at multiples of the base-view grid counted from the unpadded grid's corner.
     """
     layout = ctx.layout
-    if layout is None or int(layout.view[b, members[0]]) == 0:
+    if layout is None:
         return [members]
-    crop = layout.crop[b, members]
-    if bool((crop >= 0).all()):
-        return [members[crop == c] for c in crop.unique().tolist()]
+    crop, order = layout.crop[b, members].sort(stable=True)  # by crop, in position order within one
+    first = torch.cat([crop.new_ones(1), crop[1:] != crop[:-1]]).cumsum(0) - 1
+    sizes = torch.zeros_like(crop).scatter_add_(0, first, torch.ones_like(crop))
+    flags = torch.cat([layout.view[b, members[:1]] == 0, crop[:1] >= 0]).to(sizes.dtype)  # [:1]: no read
+    read = torch.cat([flags, sizes]).tolist()  # the one host read of a crop layout
+    if read[0]:
+        return [members]
+    if read[1]:
+        return list(members[order].split([size for size in read[2:] if size]))
     n = int(ctx.valid[b].sum())
     image = layout.image[b, :n]
     base = (image == layout.image[b, members[0]]) & (layout.view[b, :n] == 0) & ~layout.newline[b, :n]

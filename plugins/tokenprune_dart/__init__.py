@@ -51,10 +51,11 @@ class DART(TokenReducer):
         keys, text_keys, norm = self._inputs(tokens, ctx)
         normed = _unit(norm(tokens).float())
         text_normed = _unit(norm(ctx.text).float()) if ctx.text is not None else None
-        rows = []
-        for b in range(ctx.batch_size):
-            rows.append(self._sample(b, normed, text_normed, keys, text_keys, ctx))
-        return Selection.from_lists(rows, device=tokens.device)
+        keep = torch.zeros_like(ctx.valid)
+        for b, (free, visual, last_visual) in enumerate(_sample_counts(ctx)):
+            text = self._text_pivots(b, text_keys, ctx, last_visual) if visual else []
+            keep[b] = self._sample(b, max(free, 0), text, normed, text_normed, keys, ctx)
+        return Selection.from_mask(keep)
 
     def _inputs(self, tokens: Tensor, ctx: ReduceContext) -> tuple[Tensor, Tensor | None, object]:
         hint = "DART runs at a layer stage through tokenprune.apply, which serves layer K - 1's keys and the final norm"
@@ -72,42 +73,53 @@ class DART(TokenReducer):
     def _sample(
         self,
         b: int,
+        free: int,
+        text: list[int],
         normed: Tensor,
         text_normed: Tensor | None,
         key_l1: Tensor,
-        text_key_l1: Tensor | None,
         ctx: ReduceContext,
-    ) -> list[int]:
-        """Sample ``b``'s kept visual indices (see the class docstring)."""
+    ) -> Tensor:
+        """``(N,)`` bool: sample ``b``'s kept tokens (see the class docstring), given its ``free`` budget
+        (beyond its protected tokens) and its text pivots."""
         valid, protected = ctx.valid[b], ctx.protected[b] & ctx.valid[b]
-        free = max(int(ctx.budget[b]) - int(protected.sum()), 0)
         candidates = valid & ~protected
         image = _top(key_l1[b], candidates, min(self.params.pivot_image_tokens, free))
-        text = self._text_pivots(b, text_key_l1, ctx)
+        image_columns = ctx.columns[b, image].tolist() if ctx.columns is not None and image else image
+        text_columns = ctx.text_columns[b, text].tolist() if text else []  # type: ignore[index]
         pivots = sorted(
-            [(int(ctx.columns[b, i]) if ctx.columns is not None else i, normed[b, i]) for i in image]
-            + [(int(ctx.text_columns[b, t]), text_normed[b, t]) for t in text]  # type: ignore[index, union-attr]
+            [(column, normed[b, i]) for column, i in zip(image_columns, image, strict=True)]
+            + [(column, text_normed[b, t]) for column, t in zip(text_columns, text, strict=True)]  # type: ignore[index]
         )
         chosen = torch.zeros_like(valid)
         chosen[image] = True
         rest = free - len(image)
         for j, (_, vector) in enumerate(pivots):
             share = rest // len(pivots) + (1 if j < rest % len(pivots) else 0)
-            remaining = candidates & ~chosen
-            if share == 0 or not bool(remaining.any()):
+            if share == 0:
                 continue
             cos = (normed[b] * vector).sum(-1)
-            chosen[_top(-cos, remaining, share)] = True
-        return (chosen | protected).nonzero().squeeze(1).tolist()
+            chosen |= _top_mask(-cos, candidates & ~chosen, share)  # sequential picks, kept on the device
+        return chosen | protected
 
-    def _text_pivots(self, b: int, text_key_l1: Tensor | None, ctx: ReduceContext) -> list[int]:
-        """The text pivots of sample ``b``: among its text tokens after its last visual token."""
-        if text_key_l1 is None or ctx.text_columns is None or ctx.text_valid is None or not bool(ctx.valid[b].any()):
+    def _text_pivots(self, b: int, text_key_l1: Tensor | None, ctx: ReduceContext, last_visual: int) -> list[int]:
+        """The text pivots of sample ``b`` (which has visual tokens): its text tokens after its last visual
+        token (at column ``last_visual``) with the largest key L1 norm."""
+        if text_key_l1 is None or ctx.text_columns is None or ctx.text_valid is None:
             return []
-        columns = ctx.columns[b] if ctx.columns is not None else torch.arange(ctx.valid.shape[1])
-        last_visual = int(columns.masked_fill(~ctx.valid[b], -1).max())
         after = ctx.text_valid[b] & (ctx.text_columns[b] > last_visual)
         return _top(text_key_l1[b], after, self.params.pivot_text_tokens)
+
+
+def _sample_counts(ctx: ReduceContext) -> list[list[int]]:
+    """Per sample, in one host read: its budget beyond its protected tokens, whether it has visual
+    tokens (1 or 0) and the column of its last visual token (``-1``: none)."""
+    valid = ctx.valid
+    batch, length = valid.shape
+    columns = ctx.columns if ctx.columns is not None else torch.arange(length, device=valid.device).expand(batch, -1)
+    columns = torch.cat([columns.masked_fill(~valid, -1), columns.new_full((batch, 1), -1)], 1)
+    free = ctx.budget.to(valid.device) - (ctx.protected & valid).sum(1)
+    return torch.stack([free, valid.any(1).long(), columns.max(1).values.long()], 1).tolist()
 
 
 def _text_l1(ctx: ReduceContext) -> Tensor | None:
@@ -129,6 +141,14 @@ def _top(score: Tensor, allowed: Tensor, k: int) -> list[int]:
         return []
     order = score.masked_fill(~allowed, float("-inf")).argsort(descending=True, stable=True)
     return order[:k].tolist()
+
+
+def _top_mask(score: Tensor, allowed: Tensor, k: int) -> Tensor:
+    """:func:`_top` as a ``(N,)`` bool mask, with no host read (``k > 0``)."""
+    order = score.masked_fill(~allowed, float("-inf")).argsort(descending=True, stable=True)[:k]
+    mask = torch.zeros_like(allowed)
+    mask[order] = torch.arange(order.numel(), device=order.device) < allowed.sum()  # the first min(k, allowed)
+    return mask
 
 
 @tokenprune.hookimpl

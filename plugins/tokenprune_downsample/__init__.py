@@ -15,7 +15,7 @@ from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer
-from tokenprune.budget import spatial_quotas
+from tokenprune.budget import all_spatial_quotas
 
 
 class Downsample(TokenReducer):
@@ -49,8 +49,7 @@ class Downsample(TokenReducer):
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Select per sample; ``tokens`` (``(B, N, D)``) are only used for their shape."""
         keep = torch.zeros(ctx.valid.shape, dtype=torch.bool, device=tokens.device)
-        for b in range(ctx.batch_size):
-            always, chosen = spatial_quotas(ctx, b)
+        for b, (always, chosen) in enumerate(all_spatial_quotas(ctx)):
             keep[b, always] = True
             for members, quota in chosen:
                 grid = None

@@ -17,7 +17,7 @@ from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerInputError, ReducerParams, Selection, TokenReducer
-from tokenprune.budget import spatial_quotas, split_budget
+from tokenprune.budget import all_spatial_quotas, split_budget
 from tokenprune.layout import TokenLayout
 from tokenprune.similarity import symmetric_products
 from tokenprune.validation import check_finite_tokens
@@ -102,8 +102,7 @@ class GPrune(TokenReducer):
         check_finite_tokens(x, ctx, self.name)
         dtype = self._graph_dtype(x)
         keep = torch.zeros(ctx.valid.shape, dtype=torch.bool, device=x.device)
-        for b in range(ctx.batch_size):
-            always, chosen = self._plan(ctx, b)
+        for b, (always, chosen) in enumerate(self._plans(ctx)):
             keep[b, always] = True
             for members, quota in chosen:
                 p = self.params
@@ -116,16 +115,20 @@ class GPrune(TokenReducer):
         """``n² D`` (similarities) plus ``iterations · n²`` (propagation) per graph that selects."""
         total = 0
         dim = int(tokens.shape[-1])
-        for b in range(ctx.batch_size):
-            for members, _ in self._plan(ctx, b)[1]:
+        for _, chosen in self._plans(ctx):
+            for members, _ in chosen:
                 n = int(members.numel())
                 total += n * n * dim + self.params.iterations * n * n
         return total
 
-    def _plan(self, ctx: ReduceContext, b: int) -> tuple[Tensor, list[tuple[Tensor, int]]]:
-        """Sample ``b``'s tokens kept without condition, and each graph that selects with its quota."""
+    def _plans(self, ctx: ReduceContext) -> list[tuple[Tensor, list[tuple[Tensor, int]]]]:
+        """Each sample's tokens kept without condition, and each graph that selects with its quota."""
         if self.params.budget == "stage":
-            return spatial_quotas(ctx, b)
+            return all_spatial_quotas(ctx)
+        return [self._plan(ctx, b) for b in range(ctx.batch_size)]
+
+    def _plan(self, ctx: ReduceContext, b: int) -> tuple[Tensor, list[tuple[Tensor, int]]]:
+        """``budget: official``: sample ``b``'s tokens kept without condition, and each graph that selects."""
         if ctx.keep is None:
             raise ReducerInputError(
                 f"reducer {self.name!r}: budget 'official' needs the stage's keep in ctx.keep, which tokenprune.apply "

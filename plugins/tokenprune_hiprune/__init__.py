@@ -31,7 +31,7 @@ from tokenprune import (
     TokenReducer,
     VisionAttentionRequest,
 )
-from tokenprune.budget import spatial_quotas, split_budget
+from tokenprune.budget import all_spatial_quotas, split_budget
 from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import VisionAttentionKind, VisionAttentionParams
 
@@ -94,14 +94,13 @@ class HiPrune(TokenReducer):
                 f"[{self.params.object_layer - 1}]; run it at post_projector through tokenprune.apply"
             )
         keep = torch.zeros_like(ctx.valid)
-        for b in range(ctx.batch_size):
-            always, groups = spatial_quotas(ctx, b)
+        for b, (always, groups) in enumerate(all_spatial_quotas(ctx)):
             keep[b, always] = True
             for members, quota in groups:
                 for crop, share in _crops(ctx, b, members, quota):
                     rows, cols = _grid(ctx, b, crop)
                     deep = ctx.vision_attention[b, crop]
-                    keep[b, crop[hiprune_pick(shallow[b, crop], deep, rows, cols, share, self.params.alpha)]] = True
+                    keep[b, crop] |= hiprune_pick(shallow[b, crop], deep, rows, cols, share, self.params.alpha)
         return Selection.from_mask(keep)
 
 
@@ -111,22 +110,26 @@ def hiprune_pick(shallow: Tensor, deep: Tensor, rows: Tensor, cols: Tensor, quot
     ``shallow``/``deep`` are ``(n,)`` scores (``-inf`` ranks last). See :class:`HiPrune` for the rule.
     """
     n = int(shallow.numel())
-    width = int(cols.max()) + 1
-    cells = (int(rows.max()) + 1) * width
+    last_row, last_col = torch.stack([rows.max(), cols.max()]).tolist()  # one read for the grid's size
+    width = last_col + 1
+    cells = (last_row + 1) * width
     where = torch.full((cells,), -1, dtype=torch.long, device=shallow.device)
     raster = rows * width + cols
     where[raster] = torch.arange(n, device=shallow.device)
     anchors = _top(shallow.float(), round(quota * alpha / 5))
     near = torch.cat([raster[anchors] + d for d in (0, -1, 1, -width, width)]).clamp(0, cells - 1)
     found = where[near]
-    chosen = torch.zeros(n, dtype=torch.bool, device=shallow.device)
-    chosen[found[found >= 0]] = True
-    if int(chosen.sum()) > quota:  # only with a large alpha: the official code would fail (a negative top-k)
+    chosen = torch.zeros(n + 1, dtype=torch.bool, device=shallow.device)
+    chosen[torch.where(found >= 0, found, n)] = True  # n: a slot for the neighbours off the grid (no mask index)
+    chosen = chosen[:n]
+    count = int(chosen.sum())
+    if count > quota:  # only with a large alpha: the official code would fail (a negative top-k)
         order = shallow.float().masked_fill(~chosen, float("-inf"))
         order[anchors] = float("inf")
         chosen = torch.zeros_like(chosen)
         chosen[_top(order, quota)] = True
-    rest = quota - int(chosen.sum())
+        count = min(quota, n)  # _top's distinct indices
+    rest = quota - count
     chosen[_top(deep.float().masked_fill(chosen, float("-inf")), rest)] = True
     return chosen
 
@@ -138,10 +141,18 @@ def _top(scores: Tensor, k: int) -> Tensor:
 
 def _crops(ctx: ReduceContext, b: int, members: Tensor, quota: int) -> list[tuple[Tensor, int]]:
     """A spatial group cut into its anyres crops (the layout's ``crop``) with their shares of ``quota``."""
-    crop = ctx.layout.crop[b, members] if ctx.layout is not None else None
-    if crop is None or not bool((crop >= 0).all()):
+    if ctx.layout is None:
         return [(members, quota)]
-    parts = [members[crop == c] for c in crop.unique().tolist()]
+    if not members.numel():
+        return []
+    crop, order = ctx.layout.crop[b, members].sort(stable=True)  # by crop, in position order within one
+    first = torch.cat([crop.new_zeros(1), (crop[1:] != crop[:-1]).long()]).cumsum(0)
+    sizes = torch.zeros_like(crop).scatter_add_(0, first, torch.ones_like(crop))
+    known = (crop >= 0).all().reshape(1).to(sizes.dtype)
+    read = torch.cat([known, sizes]).tolist()  # the one host read of a group's crops
+    if not read[0]:
+        return [(members, quota)]
+    parts = list(members[order].split([size for size in read[1:] if size]))
     shares = split_budget(quota, [int(p.numel()) for p in parts])
     return [(p, s) for p, s in zip(parts, shares, strict=True) if s]
 

@@ -82,9 +82,7 @@ class PruMerge(TokenReducer):
                 f"reducer {self.name!r} needs ctx.vision_attention; run it at post_projector through tokenprune.apply"
             )
         keep = ctx.protected & ctx.valid
-        for b in range(ctx.batch_size):
-            groups = _groups(ctx, b)
-            free = int(ctx.budget[b]) - int(keep[b].sum())
+        for b, (free, groups) in enumerate(_groups(ctx, keep)):
             quotas = split_budget(max(free, 0), [int(g.numel()) for g in groups])
             for members, quota in zip(groups, quotas, strict=True):
                 scores = ctx.vision_attention[b, members].float()
@@ -98,8 +96,8 @@ class PruMerge(TokenReducer):
 def prumerge_pick(scores: Tensor, plus: bool) -> Tensor:
     """The positions (into ``scores``, ``(n,)``) PruMerge keeps of one image: its outliers, then PruMerge+'s sample."""
     n = int(scores.numel())
-    q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], dtype=scores.dtype, device=scores.device)).tolist()
-    outliers = int((scores > q3 + 1.5 * (q3 - q1)).sum())
+    q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], dtype=scores.dtype, device=scores.device)).double()
+    outliers = int((scores > q3 + 1.5 * (q3 - q1)).sum())  # float64 as on the host: the one read
     ratio = outliers / n
     top = scores.argsort(descending=True, stable=True)[: max(1, int(n * ratio))]
     if not plus or ratio == 0 or int(int(1 / ratio) / 3) == 0:
@@ -108,14 +106,24 @@ def prumerge_pick(scores: Tensor, plus: bool) -> Tensor:
     return torch.cat([top, sample[~torch.isin(sample, top)]]).sort().values
 
 
-def _groups(ctx: ReduceContext, b: int) -> list[Tensor]:
-    """Sample ``b``'s candidate tokens (patch tokens, not protected) per ``(image, view)``, in sequence order."""
-    candidate = ctx.valid[b] & ~ctx.protected[b] & ctx.vision_valid[b]
-    members = candidate.nonzero().squeeze(1)
-    if ctx.layout is None or not members.numel():
-        return [members] if members.numel() else []
-    key = ctx.layout.image[b, members] * 1_000_003 + ctx.layout.view[b, members]
-    return [members[key == k] for k in key.unique().tolist()]
+def _groups(ctx: ReduceContext, kept: Tensor) -> list[tuple[int, list[Tensor]]]:
+    """Per sample, its budget beyond the ``(B, N)`` ``kept`` tokens, and its candidate tokens (patch
+    tokens, not protected) per ``(image, view)`` in sequence order; one host read for the batch."""
+    candidate = ctx.valid & ~ctx.protected & ctx.vision_valid
+    key = torch.zeros(candidate.shape, dtype=torch.long, device=candidate.device)
+    if ctx.layout is not None:
+        key = ctx.layout.image.long() * 1_000_003 + ctx.layout.view.long()
+    key, order = key.masked_fill(~candidate, torch.iinfo(torch.long).max).sort(dim=1, stable=True)
+    starts = candidate.gather(1, order)
+    starts[:, 1:] &= key[:, 1:] != key[:, :-1]
+    group = (starts.cumsum(1) - 1).clamp(min=0)
+    sizes = torch.zeros_like(group).scatter_add_(1, group, candidate.gather(1, order).long())
+    free = ctx.budget.to(kept.device) - kept.sum(1)
+    rows = torch.cat([free[:, None], candidate.sum(1, keepdim=True), sizes], 1).tolist()
+    return [
+        (row[0], list(order[b, : row[1]].split([size for size in row[2:] if size])) if row[1] else [])
+        for b, row in enumerate(rows)
+    ]
 
 
 @tokenprune.hookimpl
