@@ -111,6 +111,15 @@ def atp_params(model: Any, tmp: Path) -> dict[str, Any]:
     return {"weights": str(weights.save(tmp / "atp"))}
 
 
+def reducer_params(name: str, model: Any, tmp: Path) -> dict[str, Any]:
+    """The params a built-in needs on this model: ATP's heads, and HiPrune's object layer inside the tower."""
+    if name == "atp":
+        return atp_params(model, tmp)
+    if name == "hiprune":  # its default object layer (9, LLaVA's CLIP ViT-L) is deeper than the benchmark tower
+        return {"object_layer": max(1, model.config.vision_config.num_hidden_layers // 2)}
+    return {}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the toy size, 2 rounds: seconds")
@@ -136,7 +145,7 @@ def main() -> None:
     before = load()
     rows = builtins([n for n in args.reducers.split(",") if n])
     with tempfile.TemporaryDirectory() as tmp:
-        params = {name: atp_params(model, Path(tmp)) if name == "atp" else {} for name, _ in rows}
+        params = {name: reducer_params(name, model, Path(tmp)) for name, _ in rows}
         pipes = {f"{n}@{a}": pipeline(n, a, params[n]) for n, a in rows}
         fixed = count(model, inputs, pipeline("random", "layer", {}), args.tokens).per_layer(
             owner="tokenprune", phase="prefill"
