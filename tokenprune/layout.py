@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from tokenprune.errors import ReducerInputError
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -203,4 +205,28 @@ def video_frames(layout: TokenLayout, members: Tensor, b: int) -> list[tuple[int
         index = (members & (layout.image[b] == video)).nonzero().squeeze(1)
         frame = layout.frame[b, index]
         out.append((int(video), [index[frame == f] for f in frame.unique().tolist()]))
+    return out
+
+
+def reducible_video_frames(
+    layout: TokenLayout | None, valid: Tensor, protected: Tensor, b: int, reducer: str, why: str
+) -> list[tuple[int, Tensor]]:
+    """The videos of sample ``b`` as ``(video, index)``, ``index`` the ``(F, T)`` token indices of its frames.
+
+    The tokens are the valid video tokens that are neither newlines nor protected (what a video reducer
+    may drop). A reducer that compares frames token by token needs every frame of a video to hold as
+    many tokens: frames of different sizes raise :class:`~tokenprune.errors.ReducerInputError` naming
+    ``reducer``, the sample, the video and ``why`` (the reason the reducer needs equal frames).
+    """
+    if layout is None:
+        return []
+    out = []
+    for video, frames in video_frames(layout, valid[b] & ~layout.newline[b] & ~protected[b], b):
+        sizes = {int(f.numel()) for f in frames}
+        if len(sizes) > 1:
+            raise ReducerInputError(
+                f"reducer {reducer!r}: sample {b}, video {video}: frames hold {sorted(sizes)} tokens; {why}, so "
+                "every frame must hold as many (run it before any other stage reduces the video's tokens)"
+            )
+        out.append((video, torch.stack(frames)))
     return out

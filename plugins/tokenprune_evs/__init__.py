@@ -18,7 +18,7 @@ from torch import Tensor
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, Selection, TokenReducer
 from tokenprune.errors import ReducerInputError
-from tokenprune.layout import TokenLayout, video_frames
+from tokenprune.layout import TokenLayout, reducible_video_frames
 
 FIRST_FRAME = 255.0
 """The dissimilarity given to the first frame's tokens (vLLM's sentinel; cosine dissimilarities are at most 2)."""
@@ -46,9 +46,9 @@ class EVS(TokenReducer):
         counts = []
         for b in range(int(valid.shape[0])):
             total = int(valid[b].sum())
-            for video, frames in _videos(valid, protected, layout, b):
-                size = _frame_size(frames, b, video)
-                total += retained_count(size, len(frames), keep) - size * len(frames)
+            for _, index in _videos(valid, protected, layout, b):
+                frames, size = index.shape
+                total += retained_count(size, frames, keep) - size * frames
             counts.append(total)
         return torch.tensor(counts, dtype=torch.long, device=valid.device)
 
@@ -56,18 +56,16 @@ class EVS(TokenReducer):
         """Select per sample and video (batch-independent); ``tokens`` is ``(B, N, D)``."""
         keep = ctx.valid.clone()
         for b in range(ctx.batch_size):
-            for video, frames in _videos(ctx.valid, ctx.protected, ctx.layout, b):
-                size = _frame_size(frames, b, video)
+            for video, index in _videos(ctx.valid, ctx.protected, ctx.layout, b):  # index: (F, T)
                 if ctx.keep is None:
                     raise ReducerInputError("reducer 'evs' needs the stage's keep (ctx.keep) to size each video")
-                index = torch.stack(frames)  # (F, T)
                 x = tokens[b, index].float()
                 if not bool(torch.isfinite(x).all()):
                     raise ReducerInputError(
                         f"reducer 'evs': sample {b}, video {video} has NaN or infinite features; check the projected "
                         "video features"
                     )
-                keep[b, index] = retention_mask(x, retained_count(size, len(frames), ctx.keep))
+                keep[b, index] = retention_mask(x, retained_count(index.shape[1], index.shape[0], ctx.keep))
         return Selection.from_mask(keep)
 
 
@@ -91,25 +89,6 @@ def retention_mask(x: Tensor, target: int) -> Tensor:
     return mask.reshape(dis.shape)
 
 
-def _videos(valid: Tensor, protected: Tensor, layout: TokenLayout | None, b: int) -> list[tuple[int, list[Tensor]]]:
-    """The frames of sample ``b``'s videos (valid video tokens that are neither newlines nor protected)."""
-    if layout is None:
-        return []
-    return video_frames(layout, valid[b] & ~layout.newline[b] & ~protected[b], b)
-
-
-def _frame_size(frames: list[Tensor], b: int, video: int) -> int:
-    """The common token count of a video's frames; frames of different sizes are refused."""
-    sizes = {int(f.numel()) for f in frames}
-    if len(sizes) > 1:
-        raise ReducerInputError(
-            f"reducer 'evs': sample {b}, video {video}: frames hold {sorted(sizes)} tokens; EVS compares each token "
-            "with the one at the same position of the frame before, so every frame must hold as many (run it before "
-            "any other stage reduces the video's tokens)"
-        )
-    return sizes.pop()
-
-
 @tokenprune.hookimpl
 def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
     registry.add(EVS)
@@ -125,3 +104,11 @@ def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry)
         "--video-pruning-rate 0.75",
         description="EVS: 25% of each video's tokens, the first frame whole, then the most changed",
     )
+
+
+WHY_EQUAL_FRAMES = "EVS compares each token with the one at the same position of the frame before"
+
+
+def _videos(valid: Tensor, protected: Tensor, layout: TokenLayout | None, b: int) -> list[tuple[int, Tensor]]:
+    """Sample ``b``'s videos as ``(video, (F, T) token indices)`` (``layout.reducible_video_frames``)."""
+    return reducible_video_frames(layout, valid, protected, b, "evs", WHY_EQUAL_FRAMES)

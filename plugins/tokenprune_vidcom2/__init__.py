@@ -20,7 +20,7 @@ from torch import Tensor
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, Selection, TokenReducer
 from tokenprune.errors import ReducerInputError
-from tokenprune.layout import TokenLayout, video_frames
+from tokenprune.layout import TokenLayout, reducible_video_frames
 
 ALPHAS: tuple[float, ...] = tuple(2.0**k for k in range(-3, 2))
 """Bandwidths of the multi-scale Gaussian kernel (the official ``[2**k for k in range(-3, 2)]``)."""
@@ -58,9 +58,9 @@ class VidCom2(TokenReducer):
         counts = []
         for b in range(int(valid.shape[0])):
             total = int(valid[b].sum())
-            for video, frames in _videos(valid, protected, layout, b):
-                size = _frame_size(frames, b, video)
-                total += retained_count(size, len(frames), keep) - size * len(frames)
+            for _, index in _videos(valid, protected, layout, b):
+                frames, size = index.shape
+                total += retained_count(size, frames, keep) - size * frames
             counts.append(total)
         return torch.tensor(counts, dtype=torch.long, device=valid.device)
 
@@ -68,9 +68,7 @@ class VidCom2(TokenReducer):
         """Select per sample and video (batch-independent); ``tokens`` is ``(B, N, D)``."""
         keep = ctx.valid.clone()
         for b in range(ctx.batch_size):
-            for video, frames in _videos(ctx.valid, ctx.protected, ctx.layout, b):
-                size = _frame_size(frames, b, video)
-                index = torch.stack(frames)  # (F, T)
+            for video, index in _videos(ctx.valid, ctx.protected, ctx.layout, b):  # index: (F, T)
                 x = tokens[b, index].float()
                 if not bool(torch.isfinite(x).all()):
                     raise ReducerInputError(
@@ -79,7 +77,7 @@ class VidCom2(TokenReducer):
                     )
                 if ctx.keep is None:
                     raise ReducerInputError("reducer 'vidcom2' needs the stage's keep (ctx.keep) to size each video")
-                target = retained_count(size, len(frames), ctx.keep)
+                target = retained_count(index.shape[1], index.shape[0], ctx.keep)
                 ratio = target / x.shape[:2].numel() if isinstance(ctx.keep, int) else float(ctx.keep)
                 keep[b, index] = retention_mask(x, target, ratio)
         return Selection.from_mask(keep)
@@ -128,25 +126,6 @@ def _gaussian(x: Tensor, center: Tensor) -> Tensor:
     return sum(torch.exp(-distance / (2 * a)) for a in ALPHAS)  # type: ignore[return-value]
 
 
-def _videos(valid: Tensor, protected: Tensor, layout: TokenLayout | None, b: int) -> list[tuple[int, list[Tensor]]]:
-    """The frames of sample ``b``'s videos (valid video tokens that are neither newlines nor protected)."""
-    if layout is None:
-        return []
-    return video_frames(layout, valid[b] & ~layout.newline[b] & ~protected[b], b)
-
-
-def _frame_size(frames: list[Tensor], b: int, video: int) -> int:
-    """The common token count of a video's frames; frames of different sizes are refused."""
-    sizes = {int(f.numel()) for f in frames}
-    if len(sizes) > 1:
-        raise ReducerInputError(
-            f"reducer 'vidcom2': sample {b}, video {video}: frames hold {sorted(sizes)} tokens; VidCom2 scores "
-            "each frame against its own mean and shares the budget out per frame, so every frame must hold as "
-            "many (run it before any other stage reduces the video's tokens)"
-        )
-    return sizes.pop()
-
-
 @tokenprune.hookimpl
 def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
     registry.add(VidCom2)
@@ -164,3 +143,11 @@ def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry)
         ),
         description="VidCom2: 25% of each video's tokens, shared out over frames by their uniqueness",
     )
+
+
+WHY_EQUAL_FRAMES = "VidCom2 scores each frame against its own mean and shares the budget out per frame"
+
+
+def _videos(valid: Tensor, protected: Tensor, layout: TokenLayout | None, b: int) -> list[tuple[int, Tensor]]:
+    """Sample ``b``'s videos as ``(video, (F, T) token indices)`` (``layout.reducible_video_frames``)."""
+    return reducible_video_frames(layout, valid, protected, b, "vidcom2", WHY_EQUAL_FRAMES)
