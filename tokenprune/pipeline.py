@@ -497,32 +497,45 @@ def _check_stages(
         try:
             params = cls.Params.model_validate(stage.params)
         except ValidationError as exc:
-            for err in exc.errors():
-                loc = tuple(err["loc"])
-                message = err["msg"].removeprefix("Value error, ")
-                if err["type"] == "extra_forbidden":
-                    allowed = ", ".join(cls.Params.model_fields) or "none"
-                    message = f"unknown parameter of {stage.reducer!r}; its parameters are: {allowed}"
-                elif "input" in err and err["type"] != "missing":
-                    message += f" (got {err['input']!r})"
+            for loc, message in _params_problems(cls, stage.reducer, exc):
                 add("params." + ".".join(str(p) for p in loc), message, (*here, "params", *loc))
             continue
-        needs = stage_requirements(cls, params)
-        sources = needs.attention
-        if point.kind == "decode" and point_supported:
-            for message in _decode_problems(cls, needs):
-                add("at", message, (*here, "at"))
-        if point.kind in ("vision_layer", "pre_projector") and point_supported:
-            for field, message in _pre_projector_problems(stage, needs):
+        if point_supported:
+            for field, message in _needs_problems(cls, stage, params):
                 add(field, message, (*here, field))
-        if sources and point.kind == "post_projector" and point_supported:
-            add(
-                "at",
-                f"{stage.reducer!r} reads attention scores ({', '.join(sorted(sources))}), which exist only inside "
-                "the LLM; put it at {layer: k}",
-                (*here, "at"),
-            )
     return problems
+
+
+def _params_problems(cls: type[TokenReducer], name: str, exc: ValidationError) -> list[tuple[tuple[Any, ...], str]]:
+    """``(location, message)`` for each error of a stage's ``params``, an unknown one listing the known."""
+    out = []
+    for err in exc.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(cls.Params.model_fields) or "none"
+            message = f"unknown parameter of {name!r}; its parameters are: {allowed}"
+        elif "input" in err and err["type"] != "missing":
+            message += f" (got {err['input']!r})"
+        out.append((tuple(err["loc"]), message))
+    return out
+
+
+def _needs_problems(cls: type[TokenReducer], stage: Stage, params: ReducerParams) -> list[tuple[str, str]]:
+    """``(field, message)`` for what a stage's reducer reads that its insertion point cannot serve."""
+    needs, kind = stage_requirements(cls, params), stage.point.kind
+    if kind == "decode":
+        return [("at", message) for message in _decode_problems(cls, needs)]
+    if kind in ("vision_layer", "pre_projector"):
+        return _pre_projector_problems(stage, needs)
+    if needs.attention and kind == "post_projector":
+        return [
+            (
+                "at",
+                f"{stage.reducer!r} reads attention scores ({', '.join(sorted(needs.attention))}), which exist only "
+                "inside the LLM; put it at {layer: k}",
+            )
+        ]
+    return []
 
 
 def _pre_projector_problems(stage: Stage, needs: Requirements) -> list[tuple[str, str]]:

@@ -45,15 +45,7 @@ def run(
     import tokenprune as tp
     from tokenprune.plugins import get_plugin_manager
 
-    if dtype not in ("float32", "bfloat16"):
-        raise typer.BadParameter(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-    if image is None and video is None:
-        typer.echo("error: give --image, --video or both", err=True)
-        raise typer.Exit(2)
-    for path, what in ((pipeline, "pipeline"), (image, "image")):
-        if path is not None and not path.is_file():
-            typer.echo(f"error: {what} file {str(path)!r} does not exist", err=True)
-            raise typer.Exit(2)
+    _check_arguments(dtype, pipeline, image, video)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PluginLoadWarning)
         manager = get_plugin_manager()
@@ -86,6 +78,19 @@ def run(
         layout, mask = kept
         draw_heatmap(picture, layout, mask, heatmap, frames=[frames] if frames else ())
         typer.echo(f"heatmap: {heatmap}")
+
+
+def _check_arguments(dtype: str, pipeline: Path, image: Path | None, video: Path | None) -> None:
+    """Refuse a bad ``--dtype``, no visual input, or a pipeline or image file that does not exist (exit 2)."""
+    if dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    if image is None and video is None:
+        typer.echo("error: give --image, --video or both", err=True)
+        raise typer.Exit(2)
+    for path, what in ((pipeline, "pipeline"), (image, "image")):
+        if path is not None and not path.is_file():
+            typer.echo(f"error: {what} file {str(path)!r} does not exist", err=True)
+            raise typer.Exit(2)
 
 
 def _open(image: Path | None) -> Image.Image | None:
