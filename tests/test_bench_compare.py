@@ -88,7 +88,7 @@ def test_compare_writes_results_and_reports(tiny_model_dir, tmp_path):
     assert "interquartile range" in report and "CPU allocator" in report
     # every row has its intervals and its paired test; compare returns what it wrote
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert written == json.loads(json.dumps(outcome.summary, default=str))
+    assert written == json.loads(json.dumps(outcome.summary.to_json(), default=str))
     for r in summary:
         assert r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"] and r["kl_lo"] <= r["kl"] <= r["kl_hi"]
         assert r["pipeline"] == "unpruned" or 0 <= r["vs_reference_p"] <= 1

@@ -431,7 +431,7 @@ def _run_comparison(cfg: Any, manager: PluginManager, quiet: bool) -> Any:
         return run_compare(cfg, plugins=manager, progress=progress)
 
 
-def _summary_table(summary: dict[str, Any], outcome: Any) -> Table:
+def _summary_table(summary: Any, outcome: Any) -> Table:
     """The ranked pipelines of a comparison's ``summary.json``, as the command prints them."""
     return summary_table(summary, f"tokenprune compare ({outcome.computed} computed, {outcome.reused} reused)")
 
