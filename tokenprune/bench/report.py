@@ -206,7 +206,9 @@ def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], 
     }
     dropped = {m: None for m in METRICS if m not in config.metrics}  # stored, not reported
     records = [replace(r, task=keys[r.key][1], **dropped) for r in store.results() if r.key in keys]
-    timings = [replace(t, task=keys[t.key][1]) for t in ResultsStore(store.folder, "timings.jsonl").costs() if t.key in keys]
+    timings = [
+        replace(t, task=keys[t.key][1]) for t in ResultsStore(store.folder, "timings.jsonl").costs() if t.key in keys
+    ]
     rows, groups = summarize(records, [n for n, _ in pipelines], tasks, timings)
     stats = significance(
         records, rows, tasks, REFERENCE, baseline=config.baseline, seed=config.seed, resamples=config.resamples

@@ -335,7 +335,9 @@ def _fidelity(
 ) -> tuple[float | None, float | None]:
     """``(agreement, kl)`` of a pruned pass's answer and ``(V,)`` first-token logits with the reference's."""
     ref_prediction, ref_logits = reference.lookup(example_id)
-    agreement = None if ref_prediction is None else float(normalize_answer(prediction) == normalize_answer(ref_prediction))
+    agreement = (
+        None if ref_prediction is None else float(normalize_answer(prediction) == normalize_answer(ref_prediction))
+    )
     kl = None if ref_logits is None else float(kl_divergence(ref_logits, logits))
     return agreement, kl
 
