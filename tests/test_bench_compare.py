@@ -15,8 +15,8 @@ from PIL import Image
 
 import tokenprune.bench.runner as runner
 from tokenprune.bench.config import load_config
-from tokenprune.bench.runner import compare
 from tokenprune.bench.records import Summary
+from tokenprune.bench.runner import compare
 from tokenprune.bench.store import ReferenceLogits, ResultsStore
 
 PIPELINES = [

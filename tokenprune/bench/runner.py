@@ -174,10 +174,12 @@ def _accuracy_pass(run: _Run, task: Task, task_spec: dict[str, Any], examples: l
                     records, logits = _run_batch(run, handle, task, batch, name, key, reference, new_tokens)
                     computed += len(records)
                 handle.stats.clear()
-                gathered, gathered_logits = dist.gather(records), dist.gather(logits)
+                gathered = dist.gather(records)
+                if name == REFERENCE:  # every rank runs the same pipeline: the collectives match
+                    gathered_logits = dist.gather(logits)
+                    if dist.rank == 0:  # logits first: a result line promises its logits exist
+                        _persist_reference(run.refs, ref_key, task.name, gathered_logits)
                 if dist.rank == 0:
-                    # logits first: a result line promises its logits exist
-                    _persist_reference(run.refs, ref_key, task.name, gathered_logits)
                     run.store.append(gathered)
                     if run.progress is not None:
                         run.progress(f"{task.name} / {name}", step + 1, steps)
