@@ -98,6 +98,8 @@ def test_metrics_lists_what_the_report_shows_from_the_same_stored_results(tmp_pa
     assert "accuracy_hi" in header and "agreement" in header
     assert not {"kl", "kl_lo", "vqa_score", "vqa_score_hi"} & set(header)
     assert summary.row("half")["kl"] is None and summary.row("half")["accuracy"] == 0.5
+    assert summary.row(REFERENCE)["kl"] is None and summary.row(REFERENCE)["kl_lo"] is None
+    assert summary.row(REFERENCE)["tasks"]["synthvqa"]["vqa_score"] is None
     table = (tmp_path / "report.md").read_text()
     assert "| agreement |" in table and "| kl |" not in table and "vqa_score" not in table
     assert ResultsStore(tmp_path).path.read_bytes() == stored  # the results are kept whole

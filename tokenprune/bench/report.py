@@ -81,6 +81,7 @@ def summarize(
     tasks: list[str] | None = None,
     timings: Iterable[CostRecord | Mapping[str, Any]] = (),
     reference: str = REFERENCE,
+    metrics: Sequence[str] = METRICS,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, dict[str, float]]]]:
     """Per-pipeline rows (ranked) and per-task, per-group accuracy, from the result records of one run.
 
@@ -97,6 +98,7 @@ def summarize(
         timings: Cost-pass lines (``pipeline``, ``task``, ``prefill_seconds``, ``examples``,
             ``peak_memory_bytes``); the last one per pipeline and task counts.
         reference: The unpruned pipeline's name.
+        metrics: The metrics reported (``CompareConfig.metrics``); the others are ``None`` in every row.
     """
     by_pipe: dict[str, list[ResultRecord]] = defaultdict(list)
     for r in as_results(records):
@@ -109,7 +111,7 @@ def summarize(
         rs = by_pipe.get(name, [])
         if rs:
             cost = [latest[(name, t)] for t in labels if (name, t) in latest]
-            rows.append(_row(name, rs, labels, cost, ref_macs, name == reference))
+            rows.append(_row(name, rs, labels, cost, ref_macs, name == reference, metrics))
     _rank(rows)
     groups: dict[str, dict[str, dict[str, float]]] = {}
     for task in labels:
@@ -133,13 +135,17 @@ def _row(
     cost: list[CostRecord],
     ref_macs: float | None,
     is_reference: bool,
+    metrics: Sequence[str],
 ) -> dict[str, Any]:
     """One pipeline's row: metrics per task and over tasks, analytic costs, the cost pass's columns."""
     per_task: dict[str, dict[str, Any]] = {}
     for task in tasks:
         mine = [r for r in rs if r.task == task]
         if mine:
-            per_task[task] = {"n": len(mine), **{m: _metric(mine, m, is_reference) for m in METRICS}}
+            per_task[task] = {
+                "n": len(mine),
+                **{m: _metric(mine, m, is_reference) if m in metrics else None for m in METRICS},
+            }
     macs, kv = _mean(rs, "macs"), _mean(rs, "kv_bytes")  # None: costs not recorded (an lmms-eval run without them)
     row: dict[str, Any] = {
         "pipeline": name,
@@ -209,7 +215,7 @@ def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], 
     timings = [
         replace(t, task=keys[t.key][1]) for t in ResultsStore(store.folder, "timings.jsonl").costs() if t.key in keys
     ]
-    rows, groups = summarize(records, [n for n, _ in pipelines], tasks, timings)
+    rows, groups = summarize(records, [n for n, _ in pipelines], tasks, timings, metrics=config.metrics)
     stats = significance(
         records, rows, tasks, REFERENCE, baseline=config.baseline, seed=config.seed, resamples=config.resamples
     )
