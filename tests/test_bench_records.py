@@ -46,6 +46,10 @@ def test_a_sparse_line_gets_defaults_and_mappings_are_accepted():
     assert record.to_json() == {"pipeline": "p", "task": "t", "id": "3", "group": "all", "prediction": None,
                                 "accuracy": 0.5}  # fmt: skip
     assert as_results([record, {"pipeline": "q", "task": "t", "id": "1"}])[0] is record
+    with pytest.raises(TokenpruneError, match="a ResultRecord line lacks task, id"):
+        ResultRecord.from_json({"pipeline": "p"})
+    with pytest.raises(TokenpruneError, match="a CostRecord line lacks timing"):
+        CostRecord.from_json({"key": "k", "pipeline": "p", "task": "t", "examples": 1, "prefill_seconds": []})
 
 
 def test_cost_lines_round_trip_with_nulls_where_not_measured(tmp_path):

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from tokenprune.errors import TokenpruneError
+
 METRIC_NAMES = ("accuracy", "vqa_score", "agreement", "kl")
 """Every per-example metric a result can carry (see :mod:`tokenprune.bench.metrics`)."""
 
@@ -92,9 +94,7 @@ class ResultRecord:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ResultRecord:
         """Read a stored line (any earlier version's); unknown keys go to ``extra``."""
-        names = {f.name for f in fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+        return cls(**_split(cls, data, ("pipeline", "task", "id")))
 
 
 def as_results(records: Iterable[ResultRecord | Mapping[str, Any]]) -> list[ResultRecord]:
@@ -138,14 +138,26 @@ class CostRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CostRecord:
-        names = {f.name for f in fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+        """Read a stored line; unknown keys go to ``extra``."""
+        return cls(**_split(cls, data, ("key", "pipeline", "task", "timing", "examples", "prefill_seconds")))
 
 
 def as_costs(records: Iterable[CostRecord | Mapping[str, Any]]) -> list[CostRecord]:
     """Typed cost records from typed records or stored lines."""
     return [r if isinstance(r, CostRecord) else CostRecord.from_json(r) for r in records]
+
+
+def _split(cls: type, data: Mapping[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
+    """The constructor's arguments: the known keys, the rest as ``extra``; a missing required key is named."""
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise TokenpruneError(
+            f"a {cls.__name__} line lacks {', '.join(missing)} (it has {', '.join(sorted(data)) or 'nothing'}); "
+            "it was not written by tokenprune compare: remove it or rerun the comparison into a fresh folder"
+        )
+    names = {f.name for f in fields(cls)} - {"extra"}
+    known = {k: v for k, v in data.items() if k in names}
+    return {**known, "extra": {k: v for k, v in data.items() if k not in names}}
 
 
 SummaryRow = dict[str, Any]
