@@ -15,8 +15,9 @@ from PIL import Image
 
 import tokenprune.bench.runner as runner
 from tokenprune.bench.config import load_config
+from tokenprune.bench.records import Summary
 from tokenprune.bench.runner import compare
-from tokenprune.bench.store import ResultsStore
+from tokenprune.bench.store import ReferenceLogits, ResultsStore
 
 PIPELINES = [
     {"sweep": {"reducers": ["random", "l2norm"], "keep": [0.5, 0.1], "seeds": 1}},  # seeds: test_bench_significance
@@ -68,6 +69,12 @@ def test_compare_writes_results_and_reports(tiny_model_dir, tmp_path):
     two = [r for r in records if r["pipeline"] == "two-stage"]
     assert all(r["layer_tokens"][1] < r["layer_tokens"][0] for r in two)  # the layer-1 stage shortened layer 1
     assert all("kl" in r and r["kl"] >= 0 for r in two)
+    # the reference's logits travel beside its records, straight to reference/: never in a results line
+    ref_lines = [r for r in records if r["pipeline"] == "unpruned"]
+    assert len(ref_lines) == 12 and all(not {"agreement", "kl", "_logits"} & set(r) for r in ref_lines)
+    logits = ReferenceLogits(tmp_path / "run")
+    assert all(getattr(logits.get(r["key"], r["task"], r["id"]), "ndim", 0) == 1 for r in ref_lines)
+    assert isinstance(outcome.summary, Summary) and outcome.summary.config_hash == first["config"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert (
         "| rank | pipeline |" in report
@@ -88,7 +95,7 @@ def test_compare_writes_results_and_reports(tiny_model_dir, tmp_path):
     assert "interquartile range" in report and "CPU allocator" in report
     # every row has its intervals and its paired test; compare returns what it wrote
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert written == json.loads(json.dumps(outcome.summary, default=str))
+    assert written == json.loads(json.dumps(outcome.summary.to_json(), default=str))
     for r in summary:
         assert r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"] and r["kl_lo"] <= r["kl"] <= r["kl_hi"]
         assert r["pipeline"] == "unpruned" or 0 <= r["vs_reference_p"] <= 1

@@ -8,7 +8,8 @@ import torch
 import tokenprune
 import tokenprune.bench.timing as timing
 from tokenprune.bench.config import CompareConfig, resolve_pipelines
-from tokenprune.bench.report import _cost_columns
+from tokenprune.bench.records import CostRecord
+from tokenprune.bench.report import _cost_columns as _typed_cost_columns
 from tokenprune.bench.timing import allocated_peak_bytes, measure_costs, running_peak, schedule, timing_batch_indices
 from tokenprune.cost.measure import Timing
 from tokenprune.pipeline import Pipeline
@@ -63,6 +64,10 @@ def test_measure_costs_interleaves_pipelines_and_drops_the_warm_up(monkeypatch):
     assert costs["a"].samples == (1 / 4, 3 / 4, 5 / 4) and costs["b"].samples == (2 / 4, 4 / 4, 6 / 4)
     assert costs["a"].peak_memory_bytes is None and costs["a"].examples == 4
     assert ticks[-1] == (8, 8)
+
+
+def _cost_columns(lines):
+    return _typed_cost_columns([CostRecord(key="k", pipeline="p", task="t", timing="d", **c) for c in lines])
 
 
 def test_cost_columns_report_the_median_and_spread_of_the_rounds():

@@ -61,7 +61,7 @@ def test_a_run_folder_becomes_records_named_by_its_pipeline(tmp_path):
     assert run.name == "fastv-25%" and run.model == "bundled" and run.metrics == {"vqa": "exact_match"}
     assert run.costs and len(run.records) == N
     first = run.records[0]
-    assert first["id"] == "q0" and first["group"] == "b" and first["accuracy"] == 1.0 and first["macs"] == 1e9
+    assert first.id == "q0" and first.group == "b" and first.accuracy == 1.0 and first.macs == 1e9
     assert read_run(_run(tmp_path, "b", 30)).name == "unpruned"
 
 
@@ -72,17 +72,17 @@ def test_the_report_of_three_runs(tmp_path):
         f"fam-10%={_run(tmp_path, 'f10', 20, costs=(0.4e9, 10.0), answer='Red.')}",
     ]
     summary = build_report(runs, tmp_path / "out", group_field="kind", resamples=300)
-    rows = {r["pipeline"]: r for r in summary["pipelines"]}
+    rows = {r["pipeline"]: r for r in summary.pipelines}
     assert rows["fam-10%"]["accuracy"] == 0.5 and rows["fam-10%"]["flops_reduction"] == pytest.approx(0.9)
     assert (rows["fam-10%"]["accuracy_lo"], rows["fam-10%"]["accuracy_hi"]) == pytest.approx(wilson_interval(20, N))
     ref = [float(i < 36) for i in range(N)]
     assert rows["fam-10%"]["vs_reference_p"] == pytest.approx(mcnemar_exact([float(i < 20) for i in range(N)], ref))
     # "Red." normalises as "red" (docs 0-19 agree), docs 20-35 differ, "blue" on both after 36
     assert rows["fam-10%"]["agreement"] == pytest.approx((N - 16) / N)
-    assert summary["statistics"]["matched_budgets"]["flops"]["fam"]["75%"]["value"] == pytest.approx(
+    assert summary.statistics["matched_budgets"]["flops"]["fam"]["75%"]["value"] == pytest.approx(
         0.875 * 0.375 + 0.5 * 0.625
     )
-    assert "Warning: a task has only 40 examples" in " ".join(summary["statistics"]["findings"])
+    assert "Warning: a task has only 40 examples" in " ".join(summary.statistics["findings"])
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 1000
     text = (tmp_path / "out" / "report.md").read_text()
     assert "- `fam-10%`: model `bundled`" in text and "## Accuracy per group" in text
@@ -91,7 +91,7 @@ def test_the_report_of_three_runs(tmp_path):
 def test_runs_without_costs_get_no_flops_and_no_plot(tmp_path):
     runs = [str(_run(tmp_path, "ref", 36)), f"other={_run(tmp_path, 'o', 30)}"]
     summary = build_report(runs, tmp_path / "out", resamples=200)
-    assert all(r["gflops"] is None for r in summary["pipelines"])
+    assert all(r["gflops"] is None for r in summary.pipelines)
     assert not (tmp_path / "out" / "pareto.png").exists()
     assert "pareto.png" not in (tmp_path / "out" / "report.md").read_text()
 

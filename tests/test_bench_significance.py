@@ -142,7 +142,7 @@ def test_the_report_says_what_is_significant_and_warns_on_small_samples(tmp_path
     assert header[:6] == ["rank", "pipeline", "n", "accuracy", "accuracy_lo", "accuracy_hi"]
     assert "accuracy_lo" in header and "vs_baseline_p_holm" in header and "vs_random" in header
     assert json.loads((tmp_path / "summary.json").read_text())["statistics"]["resamples"] == 500
-    assert summary["statistics"] is stats
+    assert summary.statistics is stats
     small = [r for r in _records() if int(r["id"][1:]) < 40]
     rows2, _ = summarize(small, list(RIGHT), ["t"])
     warned = significance(small, rows2, ["t"], "unpruned", resamples=200)

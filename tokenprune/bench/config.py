@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tokenprune.errors import PipelineError, TokenpruneError
 from tokenprune.pipeline import Pipeline, Registries, load_pipeline
@@ -117,7 +117,11 @@ class CompareConfig(BaseModel):
     output: Path = Path("runs/compare")
     tasks: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "synthvqa"}])
     pipelines: list[PipelineEntry] = Field(default_factory=lambda: [PipelineEntry(sweep=Sweep())])
-    metrics: list[Metric] = Field(default_factory=lambda: ["accuracy", "vqa_score", "agreement", "kl"])
+    metrics: list[Metric] = Field(
+        default_factory=lambda: ["accuracy", "vqa_score", "agreement", "kl"],
+        description="The metrics reported (columns of summary.csv, summary.json and report.md), in any order; "
+        "every result still stores all four, so changing the list recomputes nothing.",
+    )
     prompt: str | None = Field(
         default=None,
         description="Prompt template with {image} (the placeholders) and {question}; default: the task's prompt.",
@@ -132,6 +136,19 @@ class CompareConfig(BaseModel):
         default=None, description="A pipeline every other one is also compared with (paired), besides `unpruned`."
     )
     resamples: int = Field(default=2000, ge=100, description="Bootstrap resamples of the intervals and paired tests.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _ranked_by_one(cls, metrics: list[str]) -> list[str]:
+        repeated = sorted({m for m in metrics if metrics.count(m) > 1})
+        if repeated:
+            raise ValueError(f"metrics: {', '.join(repeated)} listed twice; list each metric once")
+        if not {"accuracy", "agreement"} & set(metrics):
+            raise ValueError(
+                f"metrics: {metrics} has neither `accuracy` nor `agreement`, which rank the pipelines; "
+                "add one of them (for example `metrics: [accuracy, kl]`)"
+            )
+        return metrics
 
     def digest(self) -> str:
         """A short hash of the whole config (recorded with every result)."""

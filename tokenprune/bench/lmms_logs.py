@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from tokenprune.bench.metrics import normalize_answer
+from tokenprune.bench.records import ResultRecord
 from tokenprune.errors import TokenpruneError
 
 COSTS_FILE = "tokenprune_costs.jsonl"
@@ -35,7 +36,7 @@ class LmmsRun:
     model: str
     folder: Path
     metrics: dict[str, str] = field(default_factory=dict)
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[ResultRecord] = field(default_factory=list)
     costs: bool = False
 
 
@@ -90,33 +91,32 @@ def _record(
     id_field: str | None,
     group_field: str | None,
     costs: dict[tuple[str, int], dict[str, Any]],
-) -> dict[str, Any]:
+) -> ResultRecord:
     doc = sample.get("doc", {})
     if id_field is not None and id_field not in doc:
         raise TokenpruneError(f"task {task!r}: the logged documents have no field {id_field!r} (--id-field)")
     response = sample.get("filtered_resps", [None])
     response = response[0] if isinstance(response, list) and response else response
-    record: dict[str, Any] = {
-        "pipeline": name,
-        "task": task,
-        "id": str(doc[id_field]) if id_field is not None else str(sample["doc_id"]),
-        "group": str(doc.get(group_field, "all")) if group_field else "all",
-        "prediction": response if isinstance(response, str) else None,
-        "accuracy": float(sample[metric]),
-    }
-    record.update(costs.get((task, int(sample["doc_id"])), {}))
-    return record
+    return ResultRecord(
+        pipeline=name,
+        task=task,
+        id=str(doc[id_field]) if id_field is not None else str(sample["doc_id"]),
+        group=str(doc.get(group_field, "all")) if group_field else "all",
+        prediction=response if isinstance(response, str) else None,
+        accuracy=float(sample[metric]),
+        **costs.get((task, int(sample["doc_id"])), {}),
+    )
 
 
 def add_agreement(runs: list[LmmsRun], reference: str) -> None:
     """``agreement`` of each record: its normalised answer equals the reference run's (generation tasks only)."""
     ref = next(r for r in runs if r.name == reference)
-    answers = {(r["task"], r["id"]): r["prediction"] for r in ref.records}
+    answers = {(r.task, r.id): r.prediction for r in ref.records}
     for run in runs:
         for record in run.records:
-            theirs = answers.get((record["task"], record["id"]))
-            if isinstance(theirs, str) and isinstance(record["prediction"], str):
-                record["agreement"] = float(normalize_answer(record["prediction"]) == normalize_answer(theirs))
+            theirs = answers.get((record.task, record.id))
+            if isinstance(theirs, str) and isinstance(record.prediction, str):
+                record.agreement = float(normalize_answer(record.prediction) == normalize_answer(theirs))
 
 
 def _metric(task: str, results: dict[str, Any], lines: list[dict[str, Any]], metric: str | None, folder: Path) -> str:

@@ -11,13 +11,15 @@ import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from statistics import fmean
 from typing import Any
 
 from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key
 from tokenprune.bench.pareto import pareto_plot
+from tokenprune.bench.records import CostRecord, ResultRecord, Summary, as_costs, as_results
 from tokenprune.bench.significance import markdown_sections, significance
 from tokenprune.bench.store import ResultsStore
 from tokenprune.cost.measure import Timing
@@ -44,22 +46,26 @@ TASK_METRICS = ("accuracy", "agreement")
 """The metrics that get a column per task when a comparison has several tasks."""
 
 
-def columns(tasks: list[str]) -> list[str]:
-    """The table's columns: :data:`COLUMNS`, then ``accuracy:<task>``, ``agreement:<task>`` per task if several."""
+def columns(tasks: list[str], metrics: Sequence[str] = METRICS) -> list[str]:
+    """The table's columns: :data:`COLUMNS`, then ``accuracy:<task>``, ``agreement:<task>`` per task if several.
+
+    ``metrics``: the metrics reported (``CompareConfig.metrics``); the columns of the others are left out.
+    """
+    kept = [c for c in COLUMNS if c not in METRICS or c in metrics]
     if len(tasks) < 2:
-        return list(COLUMNS)
-    return COLUMNS + [f"{metric}:{task}" for task in tasks for metric in TASK_METRICS]
+        return kept
+    return kept + [f"{metric}:{task}" for task in tasks for metric in TASK_METRICS if metric in metrics]
 
 
 def _is_metric(column: str) -> bool:
     return column.split(":")[0] in METRICS
 
 
-def csv_columns(tasks: list[str], baseline: str | None = None) -> list[str]:
+def csv_columns(tasks: list[str], baseline: str | None = None, metrics: Sequence[str] = METRICS) -> list[str]:
     """``summary.csv``'s columns: :func:`columns` with ``<metric>_lo``, ``<metric>_hi`` after every metric column,
     then the rank range, the tier and the paired differences (to the reference ``unpruned``, the baseline, random)."""
     out = []
-    for column in columns(tasks):
+    for column in columns(tasks, metrics):
         out.append(column)
         if _is_metric(column):
             out += [f"{column}_lo", f"{column}_hi"]
@@ -70,11 +76,12 @@ def csv_columns(tasks: list[str], baseline: str | None = None) -> list[str]:
 
 
 def summarize(
-    records: Iterable[dict[str, Any]],
+    records: Iterable[ResultRecord | Mapping[str, Any]],
     names: list[str],
     tasks: list[str] | None = None,
-    timings: Iterable[dict[str, Any]] = (),
+    timings: Iterable[CostRecord | Mapping[str, Any]] = (),
     reference: str = REFERENCE,
+    metrics: Sequence[str] = METRICS,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, dict[str, float]]]]:
     """Per-pipeline rows (ranked) and per-task, per-group accuracy, from the result records of one run.
 
@@ -84,25 +91,27 @@ def summarize(
     where no task has labels), ties by agreement, then KL, then GFLOPs.
 
     Args:
-        records: Result lines (``task``: the task's label in this report).
+        records: Results (``task``: the task's label in this report); stored lines (mappings) are read as
+            :class:`~tokenprune.bench.records.ResultRecord`.
         names: Pipelines, in config order.
         tasks: Task labels in config order (default: as they first appear in ``records``).
         timings: Cost-pass lines (``pipeline``, ``task``, ``prefill_seconds``, ``examples``,
             ``peak_memory_bytes``); the last one per pipeline and task counts.
         reference: The unpruned pipeline's name.
+        metrics: The metrics reported (``CompareConfig.metrics``); the others are ``None`` in every row.
     """
-    by_pipe: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        by_pipe[r["pipeline"]].append(r)
-    labels = tasks if tasks is not None else list(dict.fromkeys(r["task"] for rs in by_pipe.values() for r in rs))
-    latest = {(t["pipeline"], t["task"]): t for t in timings}
+    by_pipe: dict[str, list[ResultRecord]] = defaultdict(list)
+    for r in as_results(records):
+        by_pipe[r.pipeline].append(r)
+    labels = tasks if tasks is not None else list(dict.fromkeys(r.task for rs in by_pipe.values() for r in rs))
+    latest = {(t.pipeline, t.task): t for t in as_costs(timings)}
     ref_macs = _mean(by_pipe[reference], "macs") if by_pipe.get(reference) else None
     rows = []
     for name in names:
         rs = by_pipe.get(name, [])
         if rs:
             cost = [latest[(name, t)] for t in labels if (name, t) in latest]
-            rows.append(_row(name, rs, labels, cost, ref_macs, name == reference))
+            rows.append(_row(name, rs, labels, cost, ref_macs, name == reference, metrics))
     _rank(rows)
     groups: dict[str, dict[str, dict[str, float]]] = {}
     for task in labels:
@@ -110,8 +119,8 @@ def summarize(
         for name in names:
             per: dict[str, list[float]] = defaultdict(list)
             for r in by_pipe.get(name, []):
-                if r["task"] == task and "accuracy" in r:
-                    per[r["group"]].append(r["accuracy"])
+                if r.task == task and r.accuracy is not None:
+                    per[r.group].append(r.accuracy)
             if per:
                 per_pipe[name] = {g: fmean(v) for g, v in sorted(per.items())}
         if per_pipe:
@@ -121,18 +130,22 @@ def summarize(
 
 def _row(
     name: str,
-    rs: list[dict[str, Any]],
+    rs: list[ResultRecord],
     tasks: list[str],
-    cost: list[dict[str, Any]],
+    cost: list[CostRecord],
     ref_macs: float | None,
     is_reference: bool,
+    metrics: Sequence[str],
 ) -> dict[str, Any]:
     """One pipeline's row: metrics per task and over tasks, analytic costs, the cost pass's columns."""
     per_task: dict[str, dict[str, Any]] = {}
     for task in tasks:
-        mine = [r for r in rs if r["task"] == task]
+        mine = [r for r in rs if r.task == task]
         if mine:
-            per_task[task] = {"n": len(mine), **{m: _metric(mine, m, is_reference) for m in METRICS}}
+            per_task[task] = {
+                "n": len(mine),
+                **{m: _metric(mine, m, is_reference) if m in metrics else None for m in METRICS},
+            }
     macs, kv = _mean(rs, "macs"), _mean(rs, "kv_bytes")  # None: costs not recorded (an lmms-eval run without them)
     row: dict[str, Any] = {
         "pipeline": name,
@@ -151,26 +164,26 @@ def _row(
     return row
 
 
-def _cost_columns(cost: list[dict[str, Any]]) -> dict[str, Any]:
+def _cost_columns(cost: list[CostRecord]) -> dict[str, Any]:
     """``prefill_ms`` (median over the timed rounds, per example) and its spread; peak memory (MiB).
 
     With several tasks, a round's sample is the seconds per example over all their timing batches.
     """
     out: dict[str, Any] = {"prefill_ms": None, "prefill_ms_spread": None, "peak_memory_mib": None, "memory": None}
-    rounds = min((len(c["prefill_seconds"]) for c in cost), default=0)
+    rounds = min((len(c.prefill_seconds) for c in cost), default=0)
     if rounds:
-        examples = sum(c["examples"] for c in cost)
-        samples = [sum(c["prefill_seconds"][i] * c["examples"] for c in cost) / examples for i in range(rounds)]
+        examples = sum(c.examples for c in cost)
+        samples = [sum(c.prefill_seconds[i] * c.examples for c in cost) / examples for i in range(rounds)]
         timing = Timing(tuple(samples))
         out["prefill_ms"], out["prefill_ms_spread"] = 1000 * timing.median, 1000 * timing.spread
-    peaks = [c.get("peak_memory_bytes") for c in cost]
+    peaks = [c.peak_memory_bytes for c in cost]
     if peaks and all(p is not None for p in peaks):
         out["peak_memory_mib"] = max(p for p in peaks if p is not None) / 2**20
-        out["memory"] = cost[0].get("memory")
+        out["memory"] = cost[0].memory
     return out
 
 
-def _metric(records: list[dict[str, Any]], key: str, is_reference: bool) -> float | None:
+def _metric(records: list[ResultRecord], key: str, is_reference: bool) -> float | None:
     if is_reference and key in ("agreement", "kl"):
         return 1.0 if key == "agreement" else 0.0
     return _mean(records, key)
@@ -189,7 +202,7 @@ def _rank(rows: list[dict[str, Any]]) -> None:
         row["rank"] = i
 
 
-def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], store: ResultsStore) -> dict[str, Any]:
+def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], store: ResultsStore) -> Summary:
     """Write the summary files of the current config's results into ``config.output``; return the summary."""
     tasks = task_labels(config.tasks)
     keys = {
@@ -197,19 +210,18 @@ def write_reports(config: CompareConfig, pipelines: list[tuple[str, Pipeline]], 
         for spec, label in zip(config.tasks, tasks, strict=True)
         for name, pipe in pipelines
     }
-    records = [{**r, "task": keys[r["key"]][1]} for r in store.records() if r["key"] in keys]
+    dropped = {m: None for m in METRICS if m not in config.metrics}  # stored, not reported
+    records = [replace(r, task=keys[r.key][1], **dropped) for r in store.results() if r.key in keys]
     timings = [
-        {**t, "task": keys[t["key"]][1]}
-        for t in ResultsStore(store.folder, "timings.jsonl").records()
-        if t["key"] in keys
+        replace(t, task=keys[t.key][1]) for t in ResultsStore(store.folder, "timings.jsonl").costs() if t.key in keys
     ]
-    rows, groups = summarize(records, [n for n, _ in pipelines], tasks, timings)
+    rows, groups = summarize(records, [n for n, _ in pipelines], tasks, timings, metrics=config.metrics)
     stats = significance(
         records, rows, tasks, REFERENCE, baseline=config.baseline, seed=config.seed, resamples=config.resamples
     )
     head = {"config": config.model_dump(mode="json"), "config_hash": config.digest()}
     markdown = report_markdown(config, rows, groups, tasks, stats)
-    return write_summary(config.output, head, rows, groups, tasks, stats, markdown)
+    return write_summary(config.output, head, rows, groups, tasks, stats, markdown, config.metrics)
 
 
 def write_summary(
@@ -220,21 +232,24 @@ def write_summary(
     tasks: list[str],
     stats: dict[str, Any],
     markdown: str,
-) -> dict[str, Any]:
+    metrics: Sequence[str] = METRICS,
+) -> Summary:
     """Write ``summary.csv``, ``summary.json`` (``head`` first), ``report.md`` and ``pareto.png``.
+
+    ``metrics``: the metrics reported; ``summary.csv`` leaves out the others' columns.
 
     Returns:
         The summary written to ``summary.json``.
     """
     out.mkdir(parents=True, exist_ok=True)
-    fields = csv_columns(tasks, stats.get("baseline"))
+    fields = csv_columns(tasks, stats.get("baseline"), metrics)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows({k: row.get(k) for k in fields} for row in rows)
     _atomic_write(out / "summary.csv", buffer.getvalue())
-    summary = {**head, "tasks": tasks, "pipelines": rows, "groups": groups, "statistics": stats}
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    summary = Summary(head, tasks, rows, groups, stats)
+    _atomic_write(out / "summary.json", json.dumps(summary.to_json(), indent=2, default=str) + "\n")
     _atomic_write(out / "report.md", markdown)
     if any(r["gflops"] is not None for r in rows):
         pareto_plot(rows, out / "pareto.png", stats)
@@ -266,7 +281,7 @@ def report_markdown(
     ``header``: lines that replace the config's description and cost-pass legend (``tokenprune report``).
     """
     tasks = tasks if tasks is not None else task_labels(config.tasks)
-    fields = columns(tasks)
+    fields = columns(tasks, config.metrics)
     extra = _stat_columns(stats)
     intro = (
         header
@@ -375,8 +390,8 @@ def _legend(config: CompareConfig, rows: list[dict[str, Any]], tasks: list[str])
     return lines
 
 
-def _mean(records: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in records if r.get(key) is not None]
+def _mean(records: list[ResultRecord], key: str) -> float | None:
+    values = [v for r in records if (v := getattr(r, key)) is not None]
     return fmean(values) if values else None
 
 

@@ -31,6 +31,7 @@ from tokenprune.adapters.loading import load_model
 from tokenprune.bench.accounting import example_costs
 from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key, resolve_pipelines, stable_digest
 from tokenprune.bench.metrics import exact_match, kl_divergence, normalize_answer, vqa_score
+from tokenprune.bench.records import CostRecord, ResultRecord, Summary
 from tokenprune.bench.store import ReferenceLogits, ResultsStore
 from tokenprune.bench.tasks import Example, Task
 from tokenprune.bench.timing import measure_costs, memory_method, timing_batch_indices
@@ -52,7 +53,7 @@ class RunOutcome:
     folder: Path
     computed: int
     reused: int
-    summary: dict[str, Any] | None = None
+    summary: Summary | None = None
     """What ``summary.json`` holds (rank 0; ``None`` on the other ranks)."""
 
 
@@ -167,15 +168,18 @@ def _accuracy_pass(run: _Run, task: Task, task_spec: dict[str, Any], examples: l
         with apply(run.model, run.prepared[name], plugins=run.manager) as handle:
             for step in range(steps):
                 batch = todo[step * config.batch_size : (step + 1) * config.batch_size]
-                records: list[dict[str, Any]] = []
+                records: list[ResultRecord] = []
+                logits: list[tuple[str, Tensor]] = []
                 if batch:
-                    records = _run_batch(run, handle, task, batch, name, key, reference, new_tokens)
+                    records, logits = _run_batch(run, handle, task, batch, name, key, reference, new_tokens)
                     computed += len(records)
                 handle.stats.clear()
                 gathered = dist.gather(records)
+                if name == REFERENCE:  # every rank runs the same pipeline: the collectives match
+                    gathered_logits = dist.gather(logits)
+                    if dist.rank == 0:  # logits first: a result line promises its logits exist
+                        _persist_reference(run.refs, ref_key, task.name, gathered_logits)
                 if dist.rank == 0:
-                    if name == REFERENCE:  # logits first: a result line promises its logits exist
-                        _persist_reference(run.refs, ref_key, task.name, gathered)
                     run.store.append(gathered)
                     if run.progress is not None:
                         run.progress(f"{task.name} / {name}", step + 1, steps)
@@ -195,7 +199,7 @@ def _cost_pass(run: _Run, task: Task, task_spec: dict[str, Any], examples: list[
         {"timing": settings.model_dump(), "ids": [[ex.id for ex in c] for c in chosen], "versions": _versions()}
     )
     timings = ResultsStore(config.output, TIMINGS)
-    have = {(r["key"], r["timing"]) for r in timings.records()}
+    have = {(r.key, r.timing) for r in timings.costs()}
     if all((key, digest) in have for key in keys.values()):
         return
     progress = run.progress
@@ -218,18 +222,18 @@ def _cost_pass(run: _Run, task: Task, task_spec: dict[str, Any], examples: list[
     )
     method = memory_method(config.device)
     timings.append(
-        {
-            "key": keys[name],
-            "pipeline": name,
-            "task": task.name,
-            "timing": digest,
-            "examples": cost.examples,
-            "prefill_seconds": list(cost.samples),
-            "peak_memory_bytes": cost.peak_memory_bytes,
-            "memory": method if cost.peak_memory_bytes is not None else None,
-            "device": config.device,
-            "versions": _versions(),
-        }
+        CostRecord(
+            key=keys[name],
+            pipeline=name,
+            task=task.name,
+            timing=digest,
+            examples=cost.examples,
+            prefill_seconds=list(cost.samples),
+            peak_memory_bytes=cost.peak_memory_bytes,
+            memory=method if cost.peak_memory_bytes is not None else None,
+            device=config.device,
+            versions=_versions(),
+        )
         for name, cost in costs.items()
     )
 
@@ -246,7 +250,12 @@ def _run_batch(
     key: str,
     reference: _Reference,
     new_tokens: int,
-) -> list[dict[str, Any]]:
+) -> tuple[list[ResultRecord], list[tuple[str, Tensor]]]:
+    """The batch's result records, and (reference pass only) each example's first-token ``(V,)`` logits by id.
+
+    The logits travel beside the records, never in them: they go to the reference logits store, the
+    records to ``results.jsonl``.
+    """
     config, shape, model = run.config, run.shape, run.model
     gen = _generate_batch(model, run.processor, task, batch, config, new_tokens)
     prefill = handle.stats.last_prefill
@@ -255,32 +264,37 @@ def _run_batch(
     bytes_per = torch.finfo(model.dtype).bits // 8
     if prefill is not None and config.heatmaps:
         _draw_heatmaps(prefill, batch, config, name, task.name)
-    records = []
+    records, ref_logits = [], []
     for b, ex in enumerate(batch):
         tokens = [row[b] for row in prefill.layer_tokens] if prefill is not None else None
         costs = example_costs(shape, run.kv_dims, bytes_per, tokens, real[b], visual_in[b])
         prediction = gen.texts[b].strip()
-        record: dict[str, Any] = {
-            "key": key,
-            "config": config.digest(),
-            "pipeline": name,
-            "task": task.name,
-            "id": ex.id,
-            "group": ex.group,
-            "question": ex.question,
-            "prediction": prediction,
-            "answers": list(ex.answers),
-            "first_token": int(gen.first_logits[b].argmax()),
+        record = ResultRecord(
+            key=key,
+            config=config.digest(),
+            pipeline=name,
+            task=task.name,
+            id=ex.id,
+            group=ex.group,
+            question=ex.question,
+            prediction=prediction,
+            answers=list(ex.answers),
+            first_token=int(gen.first_logits[b].argmax()),
             **costs,
-            "seed": config.seed,
-            "versions": _versions(),
-        }
+            seed=config.seed,
+            versions=_versions(),
+        )
         if ex.answers:
-            record["accuracy"] = exact_match(prediction, ex.answers)
-            record["vqa_score"] = vqa_score(prediction, ex.answers)
-        record.update(_fidelity(name, ex.id, prediction, gen.first_logits[b].float().cpu(), reference))
+            record.accuracy = exact_match(prediction, ex.answers)
+            record.vqa_score = vqa_score(prediction, ex.answers)
+        logits = gen.first_logits[b].float().cpu()
+        if name == REFERENCE:  # the reference pass remembers its answer and logits; the others compare
+            reference.remember(ex.id, prediction, logits)
+            ref_logits.append((ex.id, logits))
+        else:
+            record.agreement, record.kl = _fidelity(ex.id, prediction, logits, reference)
         records.append(record)
-    return records
+    return records, ref_logits
 
 
 @dataclass
@@ -318,18 +332,16 @@ def _inputs(processor: Any, task: Task, batch: list[Example], config: CompareCon
     return inputs
 
 
-def _fidelity(name: str, example_id: str, prediction: str, logits: Tensor, reference: _Reference) -> dict[str, Any]:
-    """The reference pass remembers its answer and logits; every other pass is compared with them."""
-    if name == REFERENCE:
-        reference.remember(example_id, prediction, logits)
-        return {"_logits": logits}
-    out: dict[str, Any] = {}
+def _fidelity(
+    example_id: str, prediction: str, logits: Tensor, reference: _Reference
+) -> tuple[float | None, float | None]:
+    """``(agreement, kl)`` of a pruned pass's answer and ``(V,)`` first-token logits with the reference's."""
     ref_prediction, ref_logits = reference.lookup(example_id)
-    if ref_prediction is not None:
-        out["agreement"] = float(normalize_answer(prediction) == normalize_answer(ref_prediction))
-    if ref_logits is not None:
-        out["kl"] = float(kl_divergence(ref_logits, logits))
-    return out
+    agreement = (
+        None if ref_prediction is None else float(normalize_answer(prediction) == normalize_answer(ref_prediction))
+    )
+    kl = None if ref_logits is None else float(kl_divergence(ref_logits, logits))
+    return agreement, kl
 
 
 class _Reference:
@@ -360,7 +372,7 @@ class _Reference:
                 r["id"]: r["prediction"]
                 for r in self._store.records()
                 if r["key"] == self._key and r["task"] == self._task
-            }
+            }  # raw lines: only two keys wanted, no typing of every stored line
         return self._predictions
 
 
@@ -376,10 +388,10 @@ def _draw_heatmaps(prefill: Any, batch: list[Example], config: CompareConfig, na
             draw_heatmap(ex.images[0], *kept, config.output / "heatmaps" / name / f"{task}-{ex.id}.png")
 
 
-def _persist_reference(refs: ReferenceLogits, key: str, task: str, records: list[dict[str, Any]]) -> None:
-    with_logits = [r for r in records if "_logits" in r]
-    if with_logits:
-        refs.put(key, task, [r["id"] for r in with_logits], torch.stack([r.pop("_logits") for r in with_logits]))
+def _persist_reference(refs: ReferenceLogits, key: str, task: str, logits: list[tuple[str, Tensor]]) -> None:
+    """Store the reference pass's ``(example id, (V,) logits)`` pairs (nothing for another pass)."""
+    if logits:
+        refs.put(key, task, [i for i, _ in logits], torch.stack([t for _, t in logits]))
 
 
 def _encode(processor: Any, task: Task, batch: list[Example], template: str | None) -> Any:
@@ -449,14 +461,12 @@ class _Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def gather(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def gather(self, records: list[Any]) -> list[Any]:
+        """Every rank's ``records`` on rank 0, in rank order (tensors in them: already on the CPU)."""
         if self.world == 1:
             return records
         import torch.distributed as dist
 
-        for r in records:  # tensors travel as lists
-            if isinstance(r.get("_logits"), Tensor):
-                r["_logits"] = r["_logits"].float().cpu()
         parts: list[Any] = [None] * self.world if self.rank == 0 else []
         dist.gather_object(records, parts if self.rank == 0 else None, dst=0)
         return [r for part in parts for r in part] if self.rank == 0 else []

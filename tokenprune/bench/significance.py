@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tokenprune.bench.budgets import (
@@ -23,6 +23,7 @@ from tokenprune.bench.budgets import (
     significant,
     versus_random,
 )
+from tokenprune.bench.records import ResultRecord
 from tokenprune.bench.stats import LEVEL
 from tokenprune.bench.uncertainty import annotate, collect, group_intervals
 
@@ -36,7 +37,7 @@ def ranking_metric(rows: list[dict[str, Any]]) -> str:
 
 
 def significance(
-    records: Iterable[dict[str, Any]],
+    records: Iterable[ResultRecord | Mapping[str, Any]],
     rows: list[dict[str, Any]],
     tasks: list[str],
     reference: str,

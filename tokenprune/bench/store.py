@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tokenprune.bench.records import CostRecord, ResultRecord
+
 
 class ResultsStore:
     """``results.jsonl`` (or another JSON-lines file: ``timings.jsonl``) in a run folder."""
@@ -40,13 +42,21 @@ class ResultsStore:
                 except json.JSONDecodeError:
                     continue
 
+    def results(self) -> Iterator[ResultRecord]:
+        """Every complete line of a results file, typed (lines of any earlier version read as well)."""
+        return (ResultRecord.from_json(r) for r in self.records())
+
+    def costs(self) -> Iterator[CostRecord]:
+        """Every complete line of a timings file, typed."""
+        return (CostRecord.from_json(r) for r in self.records())
+
     def done(self) -> set[tuple[str, str, str]]:
         """``(result key, task, example id)`` of every stored result."""
         return {(r["key"], r["task"], r["id"]) for r in self.records()}
 
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        """Append records durably (one write, flushed and fsynced)."""
-        lines = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records)
+    def append(self, records: Iterable[ResultRecord | CostRecord | dict[str, Any]]) -> None:
+        """Append records durably (one write, flushed and fsynced); a typed record is written as its ``to_json()``."""
+        lines = b"".join(json.dumps(_line(r), sort_keys=True).encode() + b"\n" for r in records)
         if not lines:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -96,6 +106,10 @@ class ReferenceLogits:
                 self._cache.update(load_file(str(shard)))
             self._loaded = True
         return self._cache.get(_name(key, task, example_id))
+
+
+def _line(record: ResultRecord | CostRecord | dict[str, Any]) -> dict[str, Any]:
+    return record if isinstance(record, dict) else record.to_json()
 
 
 def _name(key: str, task: str, example_id: str) -> str:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from tokenprune.bench.records import ResultRecord, as_results
 from tokenprune.bench.stats import (
     LEVEL,
     RESAMPLES,
@@ -131,7 +132,7 @@ class Analysis:
 
 
 def collect(
-    records: Iterable[dict[str, Any]],
+    records: Iterable[ResultRecord | Mapping[str, Any]],
     names: list[str],
     tasks: list[str],
     reference: str,
@@ -142,9 +143,9 @@ def collect(
 
     The reference's ``agreement`` and ``kl`` are 1 and 0 by definition (it is what they compare with).
     """
-    by_task: dict[str, dict[str, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
-    for r in records:
-        by_task[r["task"]][r["pipeline"]][str(r["id"])] = r
+    by_task: dict[str, dict[str, dict[str, ResultRecord]]] = defaultdict(lambda: defaultdict(dict))
+    for r in as_results(records):
+        by_task[r.task][r.pipeline][str(r.id)] = r
     data = []
     for position, label in enumerate(tasks):
         per_pipe = by_task.get(label, {})
@@ -171,16 +172,16 @@ def _natural(example: str) -> tuple[int, int, str]:
     return (0, int(example), "") if example.isdigit() else (1, 0, example)
 
 
-def _group(per_pipe: dict[str, dict[str, dict[str, Any]]], names: list[str], example: str) -> str:
+def _group(per_pipe: dict[str, dict[str, ResultRecord]], names: list[str], example: str) -> str:
     for name in names:
         record = per_pipe.get(name, {}).get(example)
         if record is not None:
-            return str(record.get("group", "all"))
+            return str(record.group)
     return "all"
 
 
 def _matrix(
-    per_pipe: dict[str, dict[str, dict[str, Any]]], names: list[str], ids: list[str], metric: str, reference: str
+    per_pipe: dict[str, dict[str, ResultRecord]], names: list[str], ids: list[str], metric: str, reference: str
 ) -> np.ndarray:
     out = np.full((len(names), len(ids)), np.nan)
     for p, name in enumerate(names):
@@ -191,8 +192,8 @@ def _matrix(
                 continue
             if name == reference and metric in ("agreement", "kl"):
                 out[p, k] = 1.0 if metric == "agreement" else 0.0
-            elif record.get(metric) is not None:
-                out[p, k] = float(record[metric])
+            elif (value := record.metric(metric)) is not None:
+                out[p, k] = float(value)
     return out
 
 

@@ -18,6 +18,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from tokenprune import __version__
+from tokenprune.bench.records import Summary
 from tokenprune.cli.check import check as check_command
 from tokenprune.cli.report import WIDTH as REPORT_WIDTH
 from tokenprune.cli.report import report as report_command
@@ -431,7 +432,7 @@ def _run_comparison(cfg: Any, manager: PluginManager, quiet: bool) -> Any:
         return run_compare(cfg, plugins=manager, progress=progress)
 
 
-def _summary_table(summary: dict[str, Any], outcome: Any) -> Table:
+def _summary_table(summary: Summary | dict[str, Any], outcome: Any) -> Table:
     """The ranked pipelines of a comparison's ``summary.json``, as the command prints them."""
     return summary_table(summary, f"tokenprune compare ({outcome.computed} computed, {outcome.reused} reused)")
 

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tokenprune.bench.records import Summary
 from tokenprune.errors import TokenpruneError
 
 WIDTH = 150
@@ -62,7 +63,7 @@ def build_report(
     group_field: str | None = None,
     seed: int = 0,
     resamples: int = 2000,
-) -> dict[str, Any]:
+) -> Summary:
     """Read the runs, write the report files into ``output``; returns the summary (``summary.json``'s content)."""
     from tokenprune.bench.config import CompareConfig
     from tokenprune.bench.lmms_logs import UNPRUNED, add_agreement, check_names, read_run
@@ -81,7 +82,7 @@ def build_report(
             raise TokenpruneError(f"{label} {wanted!r} is not one of the runs ({', '.join(names)})")
     add_agreement(loaded, reference)
     records = [r for run in loaded for r in run.records]
-    tasks = list(dict.fromkeys(r["task"] for r in records))
+    tasks = list(dict.fromkeys(r.task for r in records))
     order = [reference] + [n for n in names if n != reference]
     rows, groups = summarize(records, order, tasks, reference=reference)
     stats = significance(records, rows, tasks, reference, baseline=baseline, seed=seed, resamples=resamples)
@@ -109,8 +110,10 @@ def _header(runs: list[Any], reference: str) -> list[str]:
     return lines
 
 
-def summary_table(summary: dict[str, Any], title: str) -> Table:
-    """The ranked pipelines of a ``summary.json``, with intervals and the paired difference to the reference."""
+def summary_table(summary: Summary | dict[str, Any], title: str) -> Table:
+    """The ranked pipelines of a summary (or a ``summary.json``'s content), with intervals and the paired
+    difference to the reference."""
+    summary = summary if isinstance(summary, Summary) else Summary.from_json(summary)
     table = Table(title=title)
     heads = (
         "rank",
@@ -126,7 +129,7 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
     )
     for column in heads:
         table.add_column(column, no_wrap=column in ("pipeline", "accuracy [95%]", "vs ref (p)"))
-    for row in summary["pipelines"]:
+    for row in summary.pipelines:
         table.add_row(
             str(row["rank"]),
             row["pipeline"],
