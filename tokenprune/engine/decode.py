@@ -79,28 +79,6 @@ def model_decoding_kwargs(kw: dict[str, Any], st: PrefillState, adapter: ModelAd
     return kw
 
 
-def pruned_layer_kwargs(
-    kwargs: dict[str, Any],
-    hidden: Tensor,
-    seg: TokenSequence,
-    st: PrefillState,
-    adapter: ModelAdapter,
-    layer: int,
-    *,
-    compact: bool,
-    boolean: bool,
-    dtype: torch.dtype,
-    table: Mapping[str, LayerArg] | None = None,
-) -> dict[str, Any]:
-    """The keyword arguments of a decoder layer that a layer stage pruned (it holds the tokens of ``seg``).
-
-    :func:`pruned_layer_call` for a call without positional arguments after the hidden states.
-    """
-    return pruned_layer_call(
-        (hidden,), kwargs, hidden, seg, st, adapter, layer, compact=compact, boolean=boolean, dtype=dtype, table=table
-    )[1]
-
-
 def pruned_layer_call(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.engine import compat
-from tokenprune.engine.decode import pruned_layer_kwargs
+from tokenprune.engine.decode import pruned_layer_call
 from tokenprune.engine.guards import check_own_attention_layers
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.sequence import TokenSequence
@@ -84,7 +84,7 @@ def own_attention(k: int, hidden: Tensor, seq: TokenSequence, probe: AttentionPr
 
     Calls layer ``k``'s input norm and attention module (the model's own code: q/k projections, q/k
     norms, RoPE, grouped heads) with what layer ``k`` would receive for ``seq``: layer ``k - 1``'s
-    language-model arguments, sliced to ``seq`` as :func:`pruned_layer_kwargs` slices them, without
+    language-model arguments, sliced to ``seq`` as :func:`pruned_layer_call` slices them, without
     the cache. The probe takes ``q`` and ``k`` at the attention function and stops the call. The
     value projection is skipped, and the query projection computed for the last row only when that
     is the only row read (:func:`compat.lean_projections`).
@@ -96,7 +96,8 @@ def own_attention(k: int, hidden: Tensor, seq: TokenSequence, probe: AttentionPr
         raise TokenpruneError(f"layer {k - 1} ran without keyword arguments; layer {k}'s own attention needs them")
     kw = dict(dry.layer_kwargs)
     if seq is not dry.state.lm_sequence:
-        kw = pruned_layer_kwargs(kw, hidden, seq, dry.state, dry.adapter, k, compact=dry.compact, **dry.mask_kind)
+        st, adapter = dry.state, dry.adapter
+        kw = pruned_layer_call((hidden,), kw, hidden, seq, st, adapter, k, compact=dry.compact, **dry.mask_kind)[1]
     attn = compat.attention_module(dry.layer)
     if attn is None:
         raise TokenpruneError(f"decoder layer {k} has no attention module; its own attention cannot be computed")
