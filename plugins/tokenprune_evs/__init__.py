@@ -16,15 +16,14 @@ import torch
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, Selection, TokenReducer
-from tokenprune.errors import ReducerInputError
-from tokenprune.layout import TokenLayout, reducible_video_frames
+from tokenprune import Capabilities
+from tokenprune.video_reducer import FrameGridVideoReducer
 
 FIRST_FRAME = 255.0
 """The dissimilarity given to the first frame's tokens (vLLM's sentinel; cosine dissimilarities are at most 2)."""
 
 
-class EVS(TokenReducer):
+class EVS(FrameGridVideoReducer):
     """Keep each video's first frame and its tokens that changed most since the frame before.
 
     Per sample and video, with ``F`` frames of ``T`` tokens (the layout's ``frame``; a Qwen temporal patch
@@ -41,32 +40,15 @@ class EVS(TokenReducer):
     name = "evs"
     capabilities = Capabilities(insertion_points=frozenset({"post_projector"}), media=frozenset({"video"}))
 
-    def stage_budget(self, keep: float | int, valid: Tensor, protected: Tensor, layout: TokenLayout | None) -> Tensor:
-        """Per sample: every non-video token, plus ``K`` of each video (see the class docstring)."""
-        counts = []
-        for b in range(int(valid.shape[0])):
-            total = int(valid[b].sum())
-            for _, index in _videos(valid, protected, layout, b):
-                frames, size = index.shape
-                total += retained_count(size, frames, keep) - size * frames
-            counts.append(total)
-        return torch.tensor(counts, dtype=torch.long, device=valid.device)
+    why_equal_frames = "EVS compares each token with the one at the same position of the frame before"
 
-    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
-        """Select per sample and video (batch-independent); ``tokens`` is ``(B, N, D)``."""
-        keep = ctx.valid.clone()
-        for b in range(ctx.batch_size):
-            for video, index in _videos(ctx.valid, ctx.protected, ctx.layout, b):  # index: (F, T)
-                if ctx.keep is None:
-                    raise ReducerInputError("reducer 'evs' needs the stage's keep (ctx.keep) to size each video")
-                x = tokens[b, index].float()
-                if not bool(torch.isfinite(x).all()):
-                    raise ReducerInputError(
-                        f"reducer 'evs': sample {b}, video {video} has NaN or infinite features; check the projected "
-                        "video features"
-                    )
-                keep[b, index] = retention_mask(x, retained_count(index.shape[1], index.shape[0], ctx.keep))
-        return Selection.from_mask(keep)
+    def video_count(self, tokens_per_frame: int, num_frames: int, keep: float | int) -> int:
+        """:func:`retained_count`."""
+        return retained_count(tokens_per_frame, num_frames, keep)
+
+    def select_video(self, x: Tensor, target: int, keep: float | int) -> Tensor:
+        """:func:`retention_mask`."""
+        return retention_mask(x, target)
 
 
 def retained_count(tokens_per_frame: int, num_frames: int, keep: float | int) -> int:
@@ -104,11 +86,3 @@ def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry)
         "--video-pruning-rate 0.75",
         description="EVS: 25% of each video's tokens, the first frame whole, then the most changed",
     )
-
-
-WHY_EQUAL_FRAMES = "EVS compares each token with the one at the same position of the frame before"
-
-
-def _videos(valid: Tensor, protected: Tensor, layout: TokenLayout | None, b: int) -> list[tuple[int, Tensor]]:
-    """Sample ``b``'s videos as ``(video, (F, T) token indices)`` (``layout.reducible_video_frames``)."""
-    return reducible_video_frames(layout, valid, protected, b, "evs", WHY_EQUAL_FRAMES)

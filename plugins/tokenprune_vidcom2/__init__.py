@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, Selection, TokenReducer
-from tokenprune.errors import ReducerInputError
-from tokenprune.layout import TokenLayout, reducible_video_frames
+from tokenprune import Capabilities
+from tokenprune.video_reducer import FrameGridVideoReducer
 
 ALPHAS: tuple[float, ...] = tuple(2.0**k for k in range(-3, 2))
 """Bandwidths of the multi-scale Gaussian kernel (the official ``[2**k for k in range(-3, 2)]``)."""
@@ -29,7 +28,7 @@ TEMPERATURE = 0.01
 """Softmax temperature of the per-frame budget (the official ``temp=0.01``)."""
 
 
-class VidCom2(TokenReducer):
+class VidCom2(FrameGridVideoReducer):
     """Keep, per video, the tokens least similar to the video's and their frame's mean, frames by uniqueness.
 
     Per sample and video, with ``F`` frames of ``T`` tokens (the layout's ``frame``; a Qwen temporal patch
@@ -53,34 +52,16 @@ class VidCom2(TokenReducer):
     name = "vidcom2"
     capabilities = Capabilities(insertion_points=frozenset({"post_projector"}), media=frozenset({"video"}))
 
-    def stage_budget(self, keep: float | int, valid: Tensor, protected: Tensor, layout: TokenLayout | None) -> Tensor:
-        """Per sample: every non-video token, plus ``K`` of each video (see the class docstring)."""
-        counts = []
-        for b in range(int(valid.shape[0])):
-            total = int(valid[b].sum())
-            for _, index in _videos(valid, protected, layout, b):
-                frames, size = index.shape
-                total += retained_count(size, frames, keep) - size * frames
-            counts.append(total)
-        return torch.tensor(counts, dtype=torch.long, device=valid.device)
+    why_equal_frames = "VidCom2 scores each frame against its own mean and shares the budget out per frame"
 
-    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
-        """Select per sample and video (batch-independent); ``tokens`` is ``(B, N, D)``."""
-        keep = ctx.valid.clone()
-        for b in range(ctx.batch_size):
-            for video, index in _videos(ctx.valid, ctx.protected, ctx.layout, b):  # index: (F, T)
-                x = tokens[b, index].float()
-                if not bool(torch.isfinite(x).all()):
-                    raise ReducerInputError(
-                        f"reducer 'vidcom2': sample {b}, video {video} has NaN or infinite features; check the "
-                        "projected video features"
-                    )
-                if ctx.keep is None:
-                    raise ReducerInputError("reducer 'vidcom2' needs the stage's keep (ctx.keep) to size each video")
-                target = retained_count(index.shape[1], index.shape[0], ctx.keep)
-                ratio = target / x.shape[:2].numel() if isinstance(ctx.keep, int) else float(ctx.keep)
-                keep[b, index] = retention_mask(x, target, ratio)
-        return Selection.from_mask(keep)
+    def video_count(self, tokens_per_frame: int, num_frames: int, keep: float | int) -> int:
+        """:func:`retained_count`."""
+        return retained_count(tokens_per_frame, num_frames, keep)
+
+    def select_video(self, x: Tensor, target: int, keep: float | int) -> Tensor:
+        """:func:`retention_mask`, the per-frame quotas scaled by ``keep`` (``target / (F T)`` for a count)."""
+        ratio = target / x.shape[:2].numel() if isinstance(keep, int) else float(keep)
+        return retention_mask(x, target, ratio)
 
 
 def retained_count(tokens_per_frame: int, num_frames: int, keep: float | int) -> int:
@@ -143,11 +124,3 @@ def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry)
         ),
         description="VidCom2: 25% of each video's tokens, shared out over frames by their uniqueness",
     )
-
-
-WHY_EQUAL_FRAMES = "VidCom2 scores each frame against its own mean and shares the budget out per frame"
-
-
-def _videos(valid: Tensor, protected: Tensor, layout: TokenLayout | None, b: int) -> list[tuple[int, Tensor]]:
-    """Sample ``b``'s videos as ``(video, (F, T) token indices)`` (``layout.reducible_video_frames``)."""
-    return reducible_video_frames(layout, valid, protected, b, "vidcom2", WHY_EQUAL_FRAMES)
