@@ -241,6 +241,26 @@ def check_finite_tokens(tokens: Tensor, ctx: ReduceContext, reducer_name: str) -
         )
 
 
+def attention_and_projected(
+    tokens: Tensor, ctx: ReduceContext, reducer_name: str, similarity: str
+) -> tuple[Tensor, Tensor | None]:
+    """A vision-attention reducer's ``(B, N)`` ``ctx.vision_attention`` and, under ``similarity: projected``,
+    its ``(B, N, D)`` post-projector ``tokens`` (detached, checked finite; else ``None``: the reducer reads
+    its other metric).
+
+    Raises:
+        ReducerInputError: no vision attention in ``ctx``, or a valid token with a NaN or infinite feature.
+    """
+    if ctx.vision_attention is None:
+        raise ReducerInputError(
+            f"reducer {reducer_name!r} needs ctx.vision_attention; run it at post_projector through tokenprune.apply"
+        )
+    if similarity != "projected":
+        return ctx.vision_attention, None
+    check_finite_tokens(tokens.detach(), ctx, reducer_name)
+    return ctx.vision_attention, tokens.detach()
+
+
 def _check_tensor(
     t: object, shape: tuple[int, ...], device: torch.device, name: str, fail: Callable[[str], ReducerOutputError]
 ) -> None:

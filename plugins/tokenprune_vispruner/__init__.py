@@ -22,7 +22,7 @@ from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, To
 from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import Requirements, VisionAttentionParams
 from tokenprune.similarity import unit_rows
-from tokenprune.validation import check_finite_tokens
+from tokenprune.validation import attention_and_projected
 
 DROP_PER_ROUND = 8
 """Most near-duplicates one matching round removes (the official code's ``min(8, R - T_div)``)."""
@@ -117,19 +117,16 @@ class VisPruner(TokenReducer):
 
     def _inputs(self, tokens: Tensor, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
         """``(B, N)`` attention and ``(B, N, D)`` features the duplicates are found on."""
-        if ctx.vision_attention is None:
-            raise ReducerInputError(
-                f"reducer {self.name!r} needs ctx.vision_attention; run it at post_projector through tokenprune.apply"
-            )
-        if self.params.similarity == "projected":  # type: ignore[attr-defined]
-            check_finite_tokens(tokens.detach(), ctx, self.name)
-            return ctx.vision_attention, tokens.detach()
+        similarity = self.params.similarity  # type: ignore[attr-defined]
+        attention, projected = attention_and_projected(tokens, ctx, self.name, similarity)
+        if projected is not None:
+            return attention, projected
         if ctx.vision_features is None:
             raise ReducerInputError(
                 f"reducer {self.name!r} with similarity 'vision' needs ctx.vision_features (the engine serves them "
                 "when the stage's vision request sets features); or set similarity: projected"
             )
-        return ctx.vision_attention, ctx.vision_features
+        return attention, ctx.vision_features
 
 
 def vispruner_picks(
