@@ -22,7 +22,7 @@ from torch import Tensor
 
 from tokenprune.engine.masks import causal_mask, slice_mask
 from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
-from tokenprune.engine.stage import StagePlan, StageSignals, stage_context
+from tokenprune.engine.stage import StagePlan, StageSignals, selection_stats, stage_context
 from tokenprune.engine.stats import StageStats
 from tokenprune.errors import ReducerOutputError, TokenpruneError
 from tokenprune.reducer import Merge
@@ -101,18 +101,7 @@ def run_decode_stage(
     selection = check_reduction(result, tokens, ctx, who=plan.who, capabilities=type(plan.reducer).capabilities)
     seconds = time.perf_counter() - start
     left_out = valid & ~selection.to_mask(int(vis_idx.shape[1]))
-    entering, leaving = torch.stack([valid.sum(1), selection.counts.long()]).tolist()  # one host read
-    stats = StageStats(
-        stage=plan.index,
-        at=str(plan.stage.point),
-        reducer=plan.stage.reducer,
-        entering=entering,
-        leaving=leaving,
-        kept=[row[:c] for row, c in zip(selection.indices.tolist(), leaving, strict=True)],
-        layout=layout,
-        seconds=seconds,
-        overhead_macs=0,
-    )
+    stats = selection_stats(plan, selection, valid, layout, seconds, 0)
     return _lm_columns(seq, vis_idx, left_out, lm_length), stats
 
 

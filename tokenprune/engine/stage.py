@@ -14,6 +14,7 @@ from tokenprune.engine.sequence import TokenSequence, gather_tokens, right_align
 from tokenprune.engine.stats import StageStats
 from tokenprune.engine.vision import VisionSignal
 from tokenprune.errors import TokenpruneError
+from tokenprune.layout import TokenLayout
 from tokenprune.pipeline import Stage
 from tokenprune.reducer import InputEmbeddings, Merge, ReduceContext, Requirements, Selection, TokenReducer
 from tokenprune.validation import check_reduction, check_stage_budget
@@ -165,18 +166,9 @@ def run_stage(
     merged = merged_sizes = None
     if isinstance(result, Merge):
         merged, merged_sizes, selection = result.apply(tokens, ctx.sizes, ctx.valid)
-    entering, leaving = torch.stack([ctx.valid.sum(1), selection.counts.long()]).tolist()  # one host read
-    stats = StageStats(
-        stage=plan.index,
-        at=str(plan.stage.point),
-        reducer=plan.stage.reducer,
-        entering=entering,
-        leaving=leaving,
-        kept=[row[:c] for row, c in zip(selection.indices.tolist(), leaving, strict=True)],
-        layout=ctx.layout,
-        seconds=time.perf_counter() - start + signals.seconds,
-        overhead_macs=plan.reducer.overhead_macs(tokens, ctx) + (signals.vision.macs if signals.vision else 0),
-    )
+    seconds = time.perf_counter() - start + signals.seconds
+    macs = plan.reducer.overhead_macs(tokens, ctx) + (signals.vision.macs if signals.vision else 0)
+    stats = selection_stats(plan, selection, ctx.valid, ctx.layout, seconds, macs)
     batch, length, dim = hidden.shape
     kept_visual = selection.to_mask(int(vis_idx.shape[1])) & ctx.valid
     sizes, residuals = seq.sizes, seq.residuals
@@ -195,6 +187,27 @@ def run_stage(
     pad = (idx < 0).unsqueeze(-1)
     new_hidden = hidden.gather(1, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim)).masked_fill(pad, 0.0)
     return StageOutcome(new_hidden, new, True, idx, stats)
+
+
+def selection_stats(
+    plan: StagePlan, selection: Selection, valid: Tensor, layout: TokenLayout | None, seconds: float, macs: int
+) -> StageStats:
+    """A stage's :class:`StageStats` from its checked ``selection`` of the ``(B, N)`` ``valid`` tokens.
+
+    One host read for the counts, one for the kept indices.
+    """
+    entering, leaving = torch.stack([valid.sum(1), selection.counts.long()]).tolist()
+    return StageStats(
+        stage=plan.index,
+        at=str(plan.stage.point),
+        reducer=plan.stage.reducer,
+        entering=entering,
+        leaving=leaving,
+        kept=[row[:c] for row, c in zip(selection.indices.tolist(), leaving, strict=True)],
+        layout=layout,
+        seconds=seconds,
+        overhead_macs=macs,
+    )
 
 
 def _nothing_to_reduce(plan: StagePlan, hidden: Tensor, seq: TokenSequence) -> StageOutcome:
