@@ -37,7 +37,7 @@ from tokenprune.engine.vision_layer import TowerCut, VisionLayerStages
 from tokenprune.errors import TokenpruneError
 from tokenprune.layout import TokenLayout
 from tokenprune.reducer import Merge, ReduceContext, Selection
-from tokenprune.validation import check_reduction, check_stage_budget
+from tokenprune.validation import check_reduction
 
 
 @dataclass
@@ -165,10 +165,9 @@ class PreProjector:
         protected = torch.zeros_like(valid)
         side = math.isqrt(patches)
         layout = TokenLayout.grid(side, side, batch=rows).to(x.device) if side * side == patches else None
-        budget = plan.reducer.stage_budget(plan.stage.keep, valid, protected, layout)
         ctx = ReduceContext(
             at=plan.stage.point,
-            budget=check_stage_budget(budget, valid, protected, who=plan.who),
+            budget=plan.budget(valid, protected, layout),
             valid=valid,
             protected=protected,
             sizes=run.sizes,

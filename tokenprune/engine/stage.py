@@ -43,6 +43,12 @@ class StagePlan:
         if self.needs is None:
             object.__setattr__(self, "needs", self.reducer.needs())
 
+    def budget(self, valid: Tensor, protected: Tensor, layout: TokenLayout | None) -> Tensor:
+        """``(B,)`` long: the reducer's :meth:`~tokenprune.TokenReducer.stage_budget` for this stage's ``keep``
+        over the ``(B, N)`` ``valid`` and ``protected`` tokens, checked (:func:`check_stage_budget`)."""
+        budget = self.reducer.stage_budget(self.stage.keep, valid, protected, layout)
+        return check_stage_budget(budget, valid, protected, who=self.who)
+
 
 def plans_by_layer(plans: list[StagePlan]) -> dict[int, list[StagePlan]]:
     """The ``layer: k`` stages grouped by ``k``, each group in pipeline order."""
@@ -250,10 +256,9 @@ def stage_context(
         text = _rows(hidden, text_idx)
         text_keys = _rows(signals.keys, text_idx) if signals.keys is not None else None
     own = signals.own_attention or {}
-    budget = plan.reducer.stage_budget(plan.stage.keep, valid, protected, layout)
     ctx = ReduceContext(
         at=plan.stage.point,
-        budget=check_stage_budget(budget, valid, protected, who=plan.who),
+        budget=plan.budget(valid, protected, layout),
         valid=valid,
         protected=protected,
         sizes=seq.sizes.gather(1, safe).masked_fill(~valid, 1.0),

@@ -30,7 +30,7 @@ from tokenprune.engine.stage import StagePlan
 from tokenprune.errors import TokenpruneError
 from tokenprune.layout import TokenLayout
 from tokenprune.reducer import Merge, ReduceContext
-from tokenprune.validation import check_reduction, check_stage_budget
+from tokenprune.validation import check_reduction
 
 
 @dataclass
@@ -194,10 +194,9 @@ class VisionLayerStages:
         if side * side == cut.patches:
             grid = TokenLayout.grid(side, side, batch=rows).to(tokens.device)
             layout = grid.gather(cut.index)
-        budget = plan.reducer.stage_budget(plan.stage.keep, valid, protected, layout)
         return ReduceContext(
             at=plan.stage.point,
-            budget=check_stage_budget(budget, valid, protected, who=plan.who),
+            budget=plan.budget(valid, protected, layout),
             valid=valid,
             protected=protected,
             sizes=cut.sizes.to(tokens.device),
