@@ -10,6 +10,7 @@ These functions translate that to what the pruned cache holds, at the multimodal
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -115,33 +116,43 @@ def pruned_layer_call(
     """
     if table is None:
         table = layer_args_of(adapter)
+    call = _PrunedCall(hidden, seg, st, adapter, layer, compact, boolean, dtype)
     if st.in_prefill:
-        return _cut_prefill(args, kwargs, hidden, seg, st, adapter, layer, compact, table, names, boolean, dtype)
-    return args, _decoding_layer_kwargs(kwargs, hidden, seg, st, adapter, layer, compact, boolean, dtype)
+        return _cut_prefill(args, kwargs, call, table, names)
+    return args, _decoding_layer_kwargs(kwargs, call)
+
+
+@dataclass(frozen=True)
+class _PrunedCall:
+    """What :func:`pruned_layer_call` cuts a layer's arguments for (see its parameters)."""
+
+    hidden: Tensor
+    seg: TokenSequence
+    st: PrefillState
+    adapter: ModelAdapter
+    layer: int
+    compact: bool
+    boolean: bool
+    dtype: torch.dtype
 
 
 def _cut_prefill(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    hidden: Tensor,
-    seg: TokenSequence,
-    st: PrefillState,
-    adapter: ModelAdapter,
-    layer: int,
-    compact: bool,
+    call: _PrunedCall,
     table: Mapping[str, LayerArg],
     names: tuple[str, ...],
-    boolean: bool,
-    dtype: torch.dtype,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A prefill layer's arguments after the cut, cut once per segment where the model hands every layer the
     same objects (the mask, rotary tables and position ids are computed once per forward): later layers of the
     segment reuse the first one's (not under ``compact``, whose rotary tables depend on the layer)."""
+    hidden, seg, st, layer, compact = call.hidden, call.seg, call.st, call.layer, call.compact
     given = (seg, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
     if not compact and st.sliced is not None and _same_objects(st.sliced[0], given):
         rest, sliced = st.sliced[1]
         return (args[0], *rest), {**kwargs, **sliced}
-    cut = LayerCut(hidden, seg, st.lm_length, layer, compact, adapter, all_valid=st.all_valid(seg))
+    cut = LayerCut(hidden, seg, st.lm_length, layer, compact, call.adapter, all_valid=st.all_valid(seg))
+    boolean, dtype = call.boolean, call.dtype
     out_args, out_kwargs = cut_prefill_args(args, dict(kwargs), cut, table, names, boolean=boolean, dtype=dtype)
     st.sliced = (given, (out_args[1:], {k: v for k, v in out_kwargs.items() if k != "hidden_states"}))
     return out_args, out_kwargs
@@ -159,18 +170,9 @@ def _same_objects(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     )
 
 
-def _decoding_layer_kwargs(
-    kwargs: dict[str, Any],
-    hidden: Tensor,
-    seg: TokenSequence,
-    st: PrefillState,
-    adapter: ModelAdapter,
-    layer: int,
-    compact: bool,
-    boolean: bool,
-    dtype: torch.dtype,
-) -> dict[str, Any]:
+def _decoding_layer_kwargs(kwargs: dict[str, Any], call: _PrunedCall) -> dict[str, Any]:
     """A pruned layer's keyword arguments in a decoding step (see :func:`pruned_layer_call`)."""
+    seg, st, layer = call.seg, call.st, call.layer
     mask = kwargs.get("attention_mask")
     extra = st.decoded + st.step_length
     valid = torch.cat([seg.valid, seg.valid.new_ones(seg.valid.shape[0], extra)], 1)
@@ -180,10 +182,10 @@ def _decoding_layer_kwargs(
             f"{st.lm_length + extra} (unpruned cache plus new tokens) or {valid.shape[1]} (this layer's cache)"
         )
     if mask is not None or seg.has_padding_slots or not st.all_valid(seg):
-        kwargs["attention_mask"] = causal_mask(valid, q=st.step_length, boolean=boolean, dtype=dtype)
-    if compact and st.step_positions is not None:
+        kwargs["attention_mask"] = causal_mask(valid, q=st.step_length, boolean=call.boolean, dtype=call.dtype)
+    if call.compact and st.step_positions is not None:
         rows = st.step_positions - (seg.freed_positions - st.lm_freed_positions).unsqueeze(-1)
-        kwargs["position_embeddings"] = adapter.rotary(hidden, rows, layer)
+        kwargs["position_embeddings"] = call.adapter.rotary(call.hidden, rows, layer)
         position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, Tensor):
             kwargs["position_ids"] = position_ids_like(rows, position_ids)
