@@ -25,13 +25,11 @@ the CLS position and pixel-shuffles the ``p x p`` patch grid: a token *concatena
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
-from tokenprune.adapters.vision import drop_cls, layer_of_hidden_state
+from tokenprune.adapters.vision import layer_of_hidden_state, square_patches
 from tokenprune.layout import TokenLayout
 
 
@@ -105,12 +103,11 @@ class InternVLAdapter(ModelAdapter):
         group = round(1 / ratio**2)
         out = []
         for v in values:
-            patches = drop_cls(v, strategy)
-            side, channels = math.isqrt(patches.shape[0]), patches.shape[-1]
-            if side * side != patches.shape[0]:
+            grid = square_patches(v, strategy)
+            if grid is None:
                 return None
-            shuffled = vlm.pixel_shuffle(patches.reshape(1, side, side, channels).contiguous(), scale_factor=ratio)
-            out.append(shuffled.reshape(-1, group, channels).mean(1))
+            shuffled = vlm.pixel_shuffle(grid.unsqueeze(0).contiguous(), scale_factor=ratio)
+            out.append(shuffled.reshape(-1, group, grid.shape[-1]).mean(1))
         return out
 
     def image_layouts(self, call: ImageCall) -> list[TokenLayout]:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from tokenprune.adapters.base import ImageCall, VisionTower
 from tokenprune.adapters.llava_next import LlavaNextAdapter
-from tokenprune.adapters.vision import drop_cls
+from tokenprune.adapters.vision import square_patches
 from tokenprune.layout import TokenLayout
 
 
@@ -86,12 +86,10 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         stride = int(cfg.spatial_pool_stride)
         frames = []
         for v in values:
-            patches = drop_cls(v, strategy)
-            side, channels = math.isqrt(patches.shape[0]), patches.shape[-1]
-            if side * side != patches.shape[0]:
+            grid = square_patches(v, strategy)
+            if grid is None:
                 return None
-            grid = patches.T.reshape(1, channels, side, side)
-            pooled = torch.nn.functional.avg_pool2d(grid, kernel_size=stride, stride=stride)
+            pooled = torch.nn.functional.avg_pool2d(grid.permute(2, 0, 1)[None], kernel_size=stride, stride=stride)
             frames.append(pooled.flatten(2)[0].T)
         per_video = int(pixels.shape[1])
         return [torch.cat(frames[i : i + per_video]) for i in range(0, len(frames), per_video)]

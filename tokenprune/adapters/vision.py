@@ -6,6 +6,7 @@ See :meth:`tokenprune.adapters.base.ModelAdapter.vision_tower` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -42,6 +43,18 @@ def encoder_tower(module: nn.Module, feature_index: int | Sequence[int], notes: 
 def drop_cls(values: Tensor, strategy: str | None) -> Tensor:
     """``(..., S, C)`` values without position 0 when the model's ``vision_feature_select_strategy`` is ``default``."""
     return values[..., 1:, :] if strategy == "default" else values
+
+
+def square_patches(values: Tensor, strategy: str | None) -> Tensor | None:
+    """``(S, C)`` values (without position 0 under :func:`drop_cls`) as a ``(side, side, C)`` grid of patches.
+
+    ``None`` when the patches do not form a square.
+    """
+    patches = drop_cls(values, strategy)
+    side = math.isqrt(patches.shape[0])
+    if side * side != patches.shape[0]:
+        return None
+    return patches.reshape(side, side, patches.shape[-1])
 
 
 def group_mean(values: Tensor, group: int) -> Tensor:
