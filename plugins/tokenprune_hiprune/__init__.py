@@ -94,13 +94,14 @@ class HiPrune(TokenReducer):
                 f"[{self.params.object_layer - 1}]; run it at post_projector through tokenprune.apply"
             )
         keep = torch.zeros_like(ctx.valid)
-        for b, (always, groups) in enumerate(all_spatial_quotas(ctx)):
+        groups = []
+        for b, (always, quotas) in enumerate(all_spatial_quotas(ctx)):
             keep[b, always] = True
-            for members, quota in groups:
-                for crop, share in _crops(ctx, b, members, quota):
-                    rows, cols = _grid(ctx, b, crop)
-                    deep = ctx.vision_attention[b, crop]
-                    keep[b, crop] |= hiprune_pick(shallow[b, crop], deep, rows, cols, share, self.params.alpha)
+            groups += [(b, members, quota) for members, quota in quotas]
+        for b, crop, share in _crops(ctx, groups):
+            rows, cols = _grid(ctx, b, crop)
+            deep = ctx.vision_attention[b, crop]
+            keep[b, crop] |= hiprune_pick(shallow[b, crop], deep, rows, cols, share, self.params.alpha)
         return Selection.from_mask(keep)
 
 
@@ -110,28 +111,25 @@ def hiprune_pick(shallow: Tensor, deep: Tensor, rows: Tensor, cols: Tensor, quot
     ``shallow``/``deep`` are ``(n,)`` scores (``-inf`` ranks last). See :class:`HiPrune` for the rule.
     """
     n = int(shallow.numel())
-    last_row, last_col = torch.stack([rows.max(), cols.max()]).tolist()  # one read for the grid's size
-    width = last_col + 1
-    cells = (last_row + 1) * width
-    where = torch.full((cells,), -1, dtype=torch.long, device=shallow.device)
+    width = cols.max() + 1  # the grid's size stays on the device: no host read per crop
+    cells = (rows.max() + 1) * width
     raster = rows * width + cols
-    where[raster] = torch.arange(n, device=shallow.device)
+    ordered, index = raster.sort()
     anchors = _top(shallow.float(), round(quota * alpha / 5))
-    near = torch.cat([raster[anchors] + d for d in (0, -1, 1, -width, width)]).clamp(0, cells - 1)
-    found = where[near]
+    near = torch.cat([raster[anchors] + d for d in (0, -1, 1, -width, width)])
+    near = torch.minimum(near.clamp(min=0), cells - 1)
+    slot = torch.searchsorted(ordered, near).clamp(max=n - 1)
+    found = torch.where(ordered[slot] == near, index[slot], n)  # n: a neighbour off the grid (no member)
     chosen = torch.zeros(n + 1, dtype=torch.bool, device=shallow.device)
-    chosen[torch.where(found >= 0, found, n)] = True  # n: a slot for the neighbours off the grid (no mask index)
+    chosen[found] = True
     chosen = chosen[:n]
-    count = int(chosen.sum())
-    if count > quota:  # only with a large alpha: the official code would fail (a negative top-k)
-        order = shallow.float().masked_fill(~chosen, float("-inf"))
-        order[anchors] = float("inf")
-        chosen = torch.zeros_like(chosen)
-        chosen[_top(order, quota)] = True
-        count = min(quota, n)  # _top's distinct indices
-    rest = quota - count
-    chosen[_top(deep.float().masked_fill(chosen, float("-inf")), rest)] = True
-    return chosen
+    # only with a large alpha can the buffers overflow the quota (the official code would fail, a negative
+    # top-k): then the anchors and the most attended buffers; chosen on the device, without reading the count
+    order = shallow.float().masked_fill(~chosen, float("-inf"))
+    order[anchors] = float("inf")
+    chosen = torch.where(chosen.sum() > quota, _rank(order) < quota, chosen)
+    rest = quota - chosen.sum()
+    return chosen | (_rank(deep.float().masked_fill(chosen, float("-inf"))) < rest)
 
 
 def _top(scores: Tensor, k: int) -> Tensor:
@@ -139,22 +137,36 @@ def _top(scores: Tensor, k: int) -> Tensor:
     return scores.argsort(descending=True, stable=True)[: max(k, 0)]
 
 
-def _crops(ctx: ReduceContext, b: int, members: Tensor, quota: int) -> list[tuple[Tensor, int]]:
-    """A spatial group cut into its anyres crops (the layout's ``crop``) with their shares of ``quota``."""
+def _rank(scores: Tensor) -> Tensor:
+    """Each of ``scores``' place in :func:`_top`'s order (0 for the highest; ties to the lower index)."""
+    order = scores.argsort(descending=True, stable=True)
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def _crops(ctx: ReduceContext, groups: list[tuple[int, Tensor, int]]) -> list[tuple[int, Tensor, int]]:
+    """Each ``(sample, members, quota)`` spatial group cut into its anyres crops (the layout's ``crop``),
+    as ``(sample, crop members, share of quota)``; one host read for all the groups' crop sizes."""
     if ctx.layout is None:
-        return [(members, quota)]
-    if not members.numel():
-        return []
-    crop, order = ctx.layout.crop[b, members].sort(stable=True)  # by crop, in position order within one
-    first = torch.cat([crop.new_zeros(1), (crop[1:] != crop[:-1]).long()]).cumsum(0)
-    sizes = torch.zeros_like(crop).scatter_add_(0, first, torch.ones_like(crop))
-    known = (crop >= 0).all().reshape(1).to(sizes.dtype)
-    read = torch.cat([known, sizes]).tolist()  # the one host read of a group's crops
-    if not read[0]:
-        return [(members, quota)]
-    parts = list(members[order].split([size for size in read[1:] if size]))
-    shares = split_budget(quota, [int(p.numel()) for p in parts])
-    return [(p, s) for p, s in zip(parts, shares, strict=True) if s]
+        return groups
+    groups = [(b, members, quota) for b, members, quota in groups if members.numel()]
+    sorted_, read = [], []
+    for b, members, _ in groups:
+        crop, order = ctx.layout.crop[b, members].sort(stable=True)  # by crop, in position order within one
+        first = torch.cat([crop.new_zeros(1), (crop[1:] != crop[:-1]).long()]).cumsum(0)
+        sizes = torch.zeros_like(crop).scatter_add_(0, first, torch.ones_like(crop))
+        read.append(torch.cat([(crop >= 0).all().reshape(1).to(sizes.dtype), sizes]))
+        sorted_.append(members[order])
+    table = torch.cat(read).tolist() if read else []  # the one host read of the crops
+    out, start = [], 0
+    for (b, members, quota), ordered in zip(groups, sorted_, strict=True):
+        row, start = table[start : start + 1 + members.numel()], start + 1 + members.numel()
+        if not row[0]:
+            out.append((b, members, quota))
+            continue
+        parts = list(ordered.split([size for size in row[1:] if size]))
+        shares = split_budget(quota, [int(p.numel()) for p in parts])
+        out += [(b, p, s) for p, s in zip(parts, shares, strict=True) if s]
+    return out
 
 
 def _grid(ctx: ReduceContext, b: int, members: Tensor) -> tuple[Tensor, Tensor]:
