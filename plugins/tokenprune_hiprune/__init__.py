@@ -171,14 +171,16 @@ def _crops(ctx: ReduceContext, groups: list[tuple[int, Tensor, int]]) -> list[tu
 
 def _grid(ctx: ReduceContext, b: int, members: Tensor) -> tuple[Tensor, Tensor]:
     """Rows and columns of ``members`` counted from their group's top-left (a square raster without a layout)."""
-    if ctx.layout is None or bool((ctx.layout.row[b, members] < 0).any()):
-        n = int(members.numel())
-        side = math.isqrt(n)
-        width = side if side * side == n else n
-        index = torch.arange(n, device=members.device)
+    n = int(members.numel())
+    side = math.isqrt(n)
+    width = side if side * side == n else n
+    index = torch.arange(n, device=members.device)
+    if ctx.layout is None:
         return index // width, index % width
     rows, cols = ctx.layout.row[b, members], ctx.layout.col[b, members]
-    return rows - rows.min(), cols - cols.min()
+    unknown = (rows < 0).any()  # chosen on the device: no host read per crop
+    rows = torch.where(unknown, index // width, rows - rows.min())
+    return rows, torch.where(unknown, index % width, cols - cols.min())
 
 
 @tokenprune.hookimpl
