@@ -22,7 +22,9 @@ PER_PREFILL = 48
 """Most host reads of a prefill outside its stages, for the two-image batch below (the image layouts of
 LLaVA-NeXT's anyres tiles are most of them: about 22 per image)."""
 OVER_BUDGET = {
-    ("hiprune", "post_projector"): 41,  # 2 reads per anyres crop (its grid size, its pick count): 12 of them
+    # its own 3 (the spatial plan, every group's crops in one read, the selection) over the 23 of the engine
+    # and its two vision signals (the features layer and the object layer)
+    ("hiprune", "post_projector"): 26,
 }
 """Per-stage counts of the reducers that loop over samples or picks on the host today (batch of 2)."""
 LAYER = 2
