@@ -7,7 +7,7 @@
 """
 
 from tokenprune.budget import tokens_to_keep
-from tokenprune.engine import PreparedPipeline, apply, prepare
+from tokenprune.engine import PreparedPipeline, SoftKeep, SoftMaskReducer, SoftMaskRun, apply, prepare
 from tokenprune.errors import (
     PipelineError,
     PluginError,
@@ -54,6 +54,9 @@ __all__ = [
     "Requirements",
     "ScoringReducer",
     "Selection",
+    "SoftKeep",
+    "SoftMaskReducer",
+    "SoftMaskRun",
     "Stage",
     "TokenLayout",
     "TokenReducer",

@@ -36,6 +36,7 @@ from tokenprune import (
     Selection,
     TokenReducer,
 )
+from tokenprune.engine.soft import SoftKeep
 from tokenprune.reducer import top_k_selection
 from tokenprune.validation import check_finite_tokens, required_attention
 from tokenprune_atp.scores import pooled_states, redundancy_scores, score_statistics, spatial_scores
@@ -101,6 +102,13 @@ class ATP(TokenReducer):
         super().__init__(params)
         self._weights: ATPWeights | None = None
 
+    @classmethod
+    def from_weights(cls, weights: ATPWeights) -> ATP:
+        """A reducer on modules held in memory (training), not read from a file."""
+        reducer = cls(cls.Params.model_construct(weights="<in memory>"))
+        reducer._weights = weights
+        return reducer
+
     @property
     def weights(self) -> ATPWeights:
         """The trained modules, read from ``params.weights`` on first use (in :meth:`bind`), once."""
@@ -150,8 +158,8 @@ class ATP(TokenReducer):
             out.append(required_attention(ctx, source, self.name, hint))
         return out[0], out[1]
 
-    def thresholds(self, tokens: Tensor, ctx: ReduceContext) -> tuple[Tensor, Tensor, Tensor]:
-        """``(S_red, S_sp, θ)``: ``(B, N)``, ``(B, N)`` and ``(B, 2)`` float32 (``θ = (θ_r, θ_s)``)."""
+    def _scores(self, tokens: Tensor, ctx: ReduceContext) -> tuple[ATPHead, Tensor, Tensor, Tensor, Tensor]:
+        """The module's head, ``S_red`` and ``S_sp`` ``(B, N)``, and the head's inputs (statistics, pooled states)."""
         head = self._head(tokens, ctx)
         check_finite_tokens(tokens, ctx, self.name)
         att_v, att_t = self._attention(ctx)
@@ -166,6 +174,11 @@ class ATP(TokenReducer):
             s_sp = torch.zeros_like(s_red)
         stats = score_statistics(att_v, att_t, candidates)
         pooled = pooled_states(tokens.detach(), candidates)
+        return head, s_red, s_sp, stats, pooled
+
+    def thresholds(self, tokens: Tensor, ctx: ReduceContext) -> tuple[Tensor, Tensor, Tensor]:
+        """``(S_red, S_sp, θ)``: ``(B, N)``, ``(B, N)`` and ``(B, 2)`` float32 (``θ = (θ_r, θ_s)``)."""
+        head, s_red, s_sp, stats, pooled = self._scores(tokens, ctx)
         with torch.no_grad():
             # One sample at a time: a sample's thresholds must not depend on the rest of the batch.
             theta = torch.cat([head(stats[b : b + 1], pooled[b : b + 1]) for b in range(ctx.batch_size)])
@@ -174,13 +187,27 @@ class ATP(TokenReducer):
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Hard ATP masks; see the class docstring. ``tokens`` is ``(B, N, D)``."""
         s_red, s_sp, theta = self.thresholds(tokens, ctx)
-        margin = torch.maximum(s_red - theta[:, :1], s_sp - theta[:, 1:])
+        margin = _margin(s_red, s_sp, theta)
         passed = ctx.valid & ~ctx.protected & (margin > 0)
         return top_k_selection(margin, ctx, eligible=passed, reducer_name=self.name)
+
+    def soft_keep(self, tokens: Tensor, ctx: ReduceContext) -> SoftKeep:
+        """Training (:class:`tokenprune.SoftMaskRun`): the keep logits ``max(S_red - θ_r, S_sp - θ_s)`` ``(B, N)``,
+        differentiable in the head (run on the whole batch), with ``θ`` ``(B, 2)`` as ``aux["thresholds"]``.
+
+        ``sigmoid(T · max(a, b)) = max(sigmoid(T a), sigmoid(T b))``: the paper's soft mask."""
+        head, s_red, s_sp, stats, pooled = self._scores(tokens, ctx)
+        theta = head(stats, pooled)
+        return SoftKeep(_margin(s_red, s_sp, theta), {"thresholds": theta})
 
     def overhead_macs(self, tokens: Tensor, ctx: ReduceContext) -> int:
         """The head's matrix products, one row per sample (scores and statistics are element-wise)."""
         return self._head(tokens, ctx).macs(ctx.batch_size)
+
+
+def _margin(s_red: Tensor, s_sp: Tensor, theta: Tensor) -> Tensor:
+    """``(B, N)`` ``max(S_red - θ_r, S_sp - θ_s)``: a token passes where it is ``> 0``."""
+    return torch.maximum(s_red - theta[:, :1], s_sp - theta[:, 1:])
 
 
 def atp_pipeline(weights: str | Path, keep: float | int = 1.0, name: str | None = "atp") -> dict[str, Any]:

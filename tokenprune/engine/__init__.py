@@ -39,9 +39,21 @@ How it works (details in ``docs/engine.md``), one module each:
   :class:`tokenprune.engine.probe.AttentionProbe`, computed under sdpa at layer ``k - 1`` only.
 * **Training.** ``labels`` are taken out of the call and the loss is computed on the logits of the
   kept tokens with the labels of those tokens.
+* :mod:`~tokenprune.engine.soft`: training a reducer that decides what to keep (:class:`SoftMaskRun`):
+  its ``soft_keep`` logits become a differentiable key mask instead of a cut.
 """
 
 from tokenprune.engine.prepare import PreparedPipeline, prepare
 from tokenprune.engine.run import PruningRun, apply
+from tokenprune.engine.soft import SoftForward, SoftKeep, SoftMaskReducer, SoftMaskRun
 
-__all__ = ["PreparedPipeline", "PruningRun", "apply", "prepare"]
+__all__ = [
+    "PreparedPipeline",
+    "PruningRun",
+    "SoftForward",
+    "SoftKeep",
+    "SoftMaskReducer",
+    "SoftMaskRun",
+    "apply",
+    "prepare",
+]
