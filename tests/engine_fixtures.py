@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 import tokenprune as tp
-from tokenprune import Capabilities, Merge, ReduceContext, Selection, TokenReducer, testing_adapters
+from tokenprune import Capabilities, Merge, ReduceContext, Selection, TokenReducer
+from tokenprune.testing import adapters as testing_adapters
 
 ADAPTERS = [
     "llava_next",

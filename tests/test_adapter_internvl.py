@@ -8,6 +8,7 @@ import torch
 from engine_fixtures import TestReducers, pipe
 
 import tokenprune as tp
+from tokenprune.testing.adapters import adapter_check_manager
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def tiny() -> tm.Tiny:
 
 
 def _layout(tiny: tm.Tiny, specs: list) -> tp.layout.TokenLayout:
-    plugins = tp.testing_adapters.adapter_check_manager(TestReducers())
+    plugins = adapter_check_manager(TestReducers())
     with tp.apply(tiny.model, pipe(("post_projector", "check_drop", 1.0)), plugins=plugins) as run, torch.no_grad():
         tiny.model(**tiny.make_inputs(specs))
     return run.stats.forwards[0].stages[0].layout

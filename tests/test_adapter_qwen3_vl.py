@@ -15,6 +15,7 @@ import torch
 from engine_fixtures import TestReducers, pipe
 
 import tokenprune as tp
+from tokenprune.testing.adapters import adapter_check_manager
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -26,7 +27,7 @@ def tiny(request: pytest.FixtureRequest) -> tm.Tiny:
 
 @pytest.fixture(scope="module")
 def plugins() -> tp.plugins.PluginManager:
-    return tp.testing_adapters.adapter_check_manager(TestReducers())
+    return adapter_check_manager(TestReducers())
 
 
 def _lm_call(model: torch.nn.Module, inputs: dict) -> dict:

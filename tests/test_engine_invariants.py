@@ -16,7 +16,7 @@ import tiny_models as tm
 from engine_fixtures import ADAPTERS, BATCH_SPECS, forward, pipe
 
 import tokenprune as tp
-from tokenprune import testing_adapters as ta
+from tokenprune.testing import adapters as ta
 
 # Ids generate must not produce: the image placeholder and Qwen's video / vision start / end ids.
 SUPPRESS = [4, 5, 6, 7]

@@ -13,7 +13,7 @@ import torch
 from engine_fixtures import VIDEO_SPECS, pipe
 
 import tokenprune as tp
-from tokenprune import testing_adapters as ta
+from tokenprune.testing import adapters as ta
 
 SUPPRESS = [4, 5, 6, 7]
 

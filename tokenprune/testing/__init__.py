@@ -4,7 +4,7 @@
   synthetic inputs they run on (:func:`make_reduce_inputs`);
 * :mod:`tokenprune.testing.adapters`: the engine invariants as checks for adapter authors
   (:func:`~tokenprune.testing.adapters.check_adapter`; also importable as
-  ``tokenprune.testing_adapters``);
+  ``tokenprune.testing_adapters``, deprecated);
 * :mod:`tokenprune.testing.syncs`: :class:`SyncCounter`, which counts host reads of tensor data
   (``.item()``, ``.tolist()``, ``bool(t)``, ``nonzero``, ...: syncs on a GPU) during a forward on any
   device, with the forward, phase, decoder layer and owner of each;

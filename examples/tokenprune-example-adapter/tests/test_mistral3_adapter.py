@@ -13,7 +13,7 @@ from tokenprune_example_adapter import Mistral3Adapter
 
 import tokenprune as tp
 from tokenprune.adapters import ImageCall
-from tokenprune.testing_adapters import check_adapter
+from tokenprune.testing.adapters import check_adapter
 
 DIST = "tokenprune-example-adapter"
 
