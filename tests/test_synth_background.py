@@ -65,11 +65,13 @@ def test_cli_prints_a_row_per_pipeline_and_layout():
 
 
 def test_graph_degrees_summarise_both_graphs_of_every_scene(bundled):
+    from tokenprune_gprune import GPrune
+
     from tokenprune.synth.background import graph_degrees
 
     model, processor = bundled
     samples = heldout_split(6, ("background",))
-    rows = graph_degrees(model, processor, samples)
+    rows = graph_degrees(model, processor, samples, GPrune().token_graph)
     assert sum(r.graphs for r in rows) <= 2 * len(samples) and {r.layout for r in rows} <= {
         "uniform",
         "gradient",
@@ -78,7 +80,7 @@ def test_graph_degrees_summarise_both_graphs_of_every_scene(bundled):
     for r in rows:
         assert 0 < r.object_degree <= 1 and 0 < r.background_degree <= 1 and r.background_score > 0
     # an edge threshold above every cosine leaves each token linked to itself only
-    alone = graph_degrees(model, processor, samples[:2], threshold=1.5)
+    alone = graph_degrees(model, processor, samples[:2], GPrune().token_graph, threshold=1.5)
     for r in alone:
         assert r.background_degree == pytest.approx(r.object_degree, rel=0.5)
         assert r.background_degree < 0.05

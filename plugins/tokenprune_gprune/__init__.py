@@ -147,6 +147,14 @@ class GPrune(TokenReducer):
             return x.dtype
         return torch.float32
 
+    def token_graph(self, features: Tensor, threshold: float | None = None) -> tuple[Tensor, Tensor]:
+        """This reducer's graph on ``(n, D)`` ``features`` as one graph (float32): ``(degree, score)``, both ``(n,)``;
+        ``threshold`` overrides the params' (an analysis may probe beyond the ``[-1, 1]`` a pipeline allows).
+        For :func:`tokenprune.synth.background.graph_degrees`."""
+        p = self.params
+        weights, degree, norms = gprune_graph(features, p.threshold if threshold is None else threshold, p.temperature)
+        return degree, propagate(weights, degree, norms, p.iterations)
+
 
 def official_graphs(
     valid: Tensor, protected: Tensor, layout: TokenLayout | None, b: int

@@ -14,6 +14,7 @@ and matched with what the renderer drew under every token (:func:`~tokenprune.sy
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -176,19 +177,24 @@ class GraphDegrees:
     background_score: float
 
 
+TokenGraph = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+"""``graph(features, threshold) -> (degree, score)``: a similarity graph's node degrees (edges, self included) and
+node scores for ``(n, D)`` token features, both ``(n,)`` (G-Prune's: :meth:`tokenprune_gprune.GPrune.token_graph`)."""
+
+
 @torch.no_grad()
 def graph_degrees(
-    model: torch.nn.Module, processor: object, samples: list[Sample], threshold: float = 0.5
+    model: torch.nn.Module, processor: object, samples: list[Sample], graph: TokenGraph, threshold: float = 0.5
 ) -> list[GraphDegrees]:
-    """G-Prune's graph on each sample's post-projector tokens (one graph per view kind: the base view,
-    and the high-res grid), with the official defaults, summarised per layout."""
+    """A token graph (a reducer's, e.g. G-Prune's) on each sample's post-projector tokens (one graph per view
+    kind: the base view, and the high-res grid), summarised per layout.
+
+    The graph comes from the caller (the reducer's plugin), so this module depends on no plugin."""
     from PIL import Image
-    from tokenprune_gprune import GPrune, gprune_graph, propagate
 
     from tokenprune.synth.patch_labels import view_owners
     from tokenprune.synth.processor import prompt
 
-    defaults = GPrune.Params()
     captured: list[torch.Tensor] = []
     projector = model.model.multi_modal_projector
     handle = projector.register_forward_hook(lambda m, a, out: captured.append(out.detach()))
@@ -203,8 +209,7 @@ def graph_degrees(
             owners = view_owners(sample.scene, omap)
             graphs = [(views[0], owners[0]), (views[1:].flatten(0, 1), owners[1:].reshape(-1))]
             for feats, own in graphs:
-                weights, degree, norms = gprune_graph(feats, threshold, defaults.temperature)
-                score = propagate(weights, degree, norms, defaults.iterations)
+                degree, score = graph(feats, threshold)
                 bg = torch.from_numpy(own == 0)
                 if bg.all() or not bg.any():
                     continue

@@ -159,7 +159,8 @@ def background(
             "background score / object score |"
         )
         typer.echo("|---|---|---|---|---|")
-        for g in graph_degrees(model, processor, samples):
+        gprune = tp.get_plugin_manager().reducers.get("gprune")()  # the reducer's own graph, found by name
+        for g in graph_degrees(model, processor, samples, gprune.token_graph):
             typer.echo(
                 f"| {g.layout} | {g.graphs} | {g.background_degree:.3f} | {g.object_degree:.3f} | "
                 f"{g.background_score:.3f} |"
