@@ -1,14 +1,15 @@
 """SynthVQA accuracy of trained ATP weights against FastV and G-Prune at the same average token count.
 
-``python -m tokenprune_atp.evaluate --weights runs/atp/atp.safetensors`` evaluates, on the held-out
-SynthVQA split and the bundled mini VLM (or ``--model``):
+``python -m tokenprune_atp.evaluate --weights runs/atp/atp.safetensors`` runs, through the comparison
+harness (:func:`tokenprune.bench.runner.compare`, results in ``--out``), on the held-out SynthVQA split
+and the bundled mini VLM (or ``--model``):
 
-1. the unpruned model;
-2. ATP (one stage per module, hard masks, ``keep: 1.0``), measuring its average visual-token count
-   over all decoder layers, ``A``;
-3. FastV (at layers 1 and 2) and G-Prune (after the projector and at layer 1) with their keep
-   fraction solved so that their average over all layers is ``A`` (the measured averages are
-   printed next to each accuracy; a row more than 5% away from ``A`` is marked "not matched").
+1. the unpruned model and ATP (one stage per module, hard masks, ``keep: 1.0``); the harness records
+   ATP's average visual-token count over all decoder layers, ``A`` (its ``visual_tokens``);
+2. FastV (at layers 1 and 2) and G-Prune (after the projector and at layer 1) with their keep
+   fraction solved so that their average over all layers is ``A``, in a second comparison that reuses
+   the first one's results (the measured averages are printed next to each accuracy; a row more than
+   5% away from ``A`` is marked "not matched").
 
 The average counts, per sample, the visual tokens (newline tokens included) each decoder layer
 processes, averaged over the layers, then over the samples: ATP-LLaVA's "Token" column.
@@ -17,7 +18,6 @@ processes, averaged over the layers, then over the samples: ATP-LLaVA's "Token" 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,19 +26,26 @@ import torch
 import typer
 from torch import nn
 
-import tokenprune as tp
-from tokenprune.engine.stats import RunStats
+from tokenprune.bench.config import REFERENCE, CompareConfig, TimingConfig
+from tokenprune.bench.records import ResultRecord, Summary
+from tokenprune.bench.runner import compare as run_comparison
+from tokenprune.bench.store import ResultsStore
+from tokenprune.plugins import PluginManager
+
+MATCHED = (("fastv", 1), ("fastv", 2), ("gprune", None), ("gprune", 1))
+"""The training-free reducers matched to ATP's token count, with their layer (``None``: post_projector)."""
 
 
 @dataclass
 class PipelineResult:
-    """Accuracy and token counts of one pipeline on a sample set."""
+    """Accuracy and token counts of one pipeline on the task, read from the comparison's summary."""
 
     label: str
     accuracy: float
     per_type: dict[str, float]
     avg_tokens: float
     avg_visual_in: float
+    pipeline: str | None = None
     std_tokens: float = float("nan")
     per_layer: list[float] = field(default_factory=list)
     tokens_per_type: dict[str, float] = field(default_factory=dict)
@@ -48,123 +55,121 @@ class PipelineResult:
         """One line of the comparison table."""
         types = " ".join(f"{k} {v:.3f}" for k, v in self.per_type.items())
         tokens = f"tokens {self.avg_tokens:7.1f} (sd {self.std_tokens:5.1f}) / {self.avg_visual_in:6.1f}"
-        return f"{self.label:<34} {tokens}  acc {self.accuracy:.3f}  {types}"
+        return f"{self.label:<40} {tokens}  acc {self.accuracy:.3f}  {types}"
 
 
-def average_tokens(
-    stats: RunStats, num_layers: int, per_layer: list[list[int]] | None = None
-) -> tuple[list[float], list[int]]:
-    """Per sample of every prefill: the visual tokens averaged over all decoder layers, and the input count.
+def matched_keep(num_layers: int, target: float, visual_in: float, layer: int | None) -> float:
+    """The keep fraction of a one-stage pipeline at ``layer`` whose average over all layers is ``target``.
 
-    ``per_layer``, if given, receives each sample's visual-token count at every layer.
+    ``average = (k N + (L - k) f N) / L``, so ``f = (L A / N - k) / (L - k)`` (``k = 0`` after the projector).
     """
-    averages: list[float] = []
-    inputs: list[int] = []
-    for fwd in stats.prefills:
-        if not fwd.stages:
-            continue
-        for b in range(fwd.batch_size):
-            first = fwd.stages[0].entering[b]
-            counts = [first] * num_layers
-            for s in fwd.stages:
-                k = 0 if s.at == "post_projector" else int(s.at.split()[-1])
-                for i in range(k, num_layers):
-                    counts[i] = s.leaving[b]
-            averages.append(sum(counts) / num_layers)
-            inputs.append(first)
-            if per_layer is not None:
-                per_layer.append(counts)
-    return averages, inputs
+    k = 0 if layer is None else layer
+    return (num_layers * target / visual_in - k) / (num_layers - k)
 
 
-def predict(model: nn.Module, processor: Any, samples: list[Any], batch_size: int = 50) -> list[str]:
-    """The answers, greedy until ``</s>``, as :func:`tokenprune.synth.evaluate.predict` gives them.
+def _entry(name: str, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"name": name, "stages": stages}
 
-    Inside a ``tokenprune.apply`` block the pipeline prunes each prefill; decoding runs on the kept
-    tokens' cache.
+
+def _config(base: dict[str, Any], pipelines: list[dict[str, Any]]) -> CompareConfig:
+    return CompareConfig.model_validate({**base, "pipelines": pipelines})
+
+
+def _result(summary: Summary, name: str, label: str, visual_in: float) -> PipelineResult:
+    row = summary.row(name)
+    task = summary.tasks[0]
+    per_type = summary.groups.get(task, {}).get(name, {})
+    return PipelineResult(label, float(row["accuracy"]), dict(per_type), float(row["visual_tokens"]), visual_in, name)
+
+
+def token_details(records: list[ResultRecord], reference: list[ResultRecord], result: PipelineResult) -> None:
+    """Fill ``result``'s spread, per-layer and per-type token counts from its per-example ``records``.
+
+    A record's ``layer_tokens`` count every token entering each layer; the text tokens of an example are
+    those of its unpruned ``reference`` record less that record's visual tokens (unpruned: the same at every
+    layer).
     """
-    from tokenprune.synth.evaluate import predict as synth_predict
-
-    return [answer for answer, _ in synth_predict(model, processor, samples, batch_size=batch_size)]
-
-
-def run_pipeline(
-    model: nn.Module,
-    processor: Any,
-    samples: list[Any],
-    pipeline: Mapping[str, Any] | None,
-    label: str,
-    batch_size: int = 50,
-) -> PipelineResult:
-    """Evaluate ``pipeline`` (``None``: unpruned) on SynthVQA ``samples``."""
-    num_layers = int(model.config.get_text_config().num_hidden_layers)
-    averages: list[float] = []
-    inputs: list[int] = []
-    layers: list[list[int]] = []
-    if pipeline is None:
-        preds = predict(model, processor, samples, batch_size)
-    else:
-        with tp.apply(model, dict(pipeline)) as run:
-            preds = predict(model, processor, samples, batch_size)
-            averages, inputs = average_tokens(run.stats, num_layers, layers)
-    hits: dict[str, list[int]] = {}
-    for s, p in zip(samples, preds, strict=True):
-        hits.setdefault(s.qa.qtype, []).append(int(p == s.qa.answer))
-    per_type = {t: sum(h) / len(h) for t, h in hits.items()}
-    accuracy = sum(sum(h) for h in hits.values()) / max(1, len(samples))
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    std = (sum((a - mean(averages)) ** 2 for a in averages) / len(averages)) ** 0.5 if averages else float("nan")
-    per_layer = [sum(c[i] for c in layers) / len(layers) for i in range(num_layers)] if layers else []
-    by_type = tokens_by_type(samples, averages, batch_size)
-    return PipelineResult(label, accuracy, per_type, mean(averages), mean(inputs), std, per_layer, by_type)
-
-
-def tokens_by_type(samples: list[Any], averages: list[float], batch_size: int) -> dict[str, float]:
-    """Mean of the per-sample averages per question type; ``averages`` are in prefill order, i.e. the
-    order of :func:`tokenprune.synth.evaluate.size_groups` (empty without a pipeline)."""
-    from tokenprune.synth.evaluate import size_groups
-
-    if not averages:
-        return {}
-    order = [i for idx in size_groups(samples, batch_size) for i in idx]
-    if len(order) != len(averages):
-        raise RuntimeError(f"{len(averages)} prefills recorded for {len(order)} samples")
+    text = {r.id: r.layer_tokens[0] - r.visual_tokens for r in reference if r.layer_tokens and r.visual_tokens}
+    mine = [r for r in records if r.visual_tokens is not None and r.id in text and r.layer_tokens]
+    if not mine:
+        return
+    averages = [float(r.visual_tokens or 0.0) for r in mine]
+    mean = sum(averages) / len(averages)
+    result.std_tokens = (sum((a - mean) ** 2 for a in averages) / len(averages)) ** 0.5
+    layers = [[t - text[r.id] for t in r.layer_tokens or []] for r in mine]
+    result.per_layer = [sum(c[i] for c in layers) / len(layers) for i in range(len(layers[0]))]
     groups: dict[str, list[float]] = {}
-    for i, tokens in zip(order, averages, strict=True):
-        groups.setdefault(samples[i].qa.qtype, []).append(tokens)
-    return {t: sum(v) / len(v) for t, v in groups.items()}
+    for r, a in zip(mine, averages, strict=True):
+        groups.setdefault(r.group, []).append(a)
+    result.tokens_per_type = {g: sum(v) / len(v) for g, v in groups.items()}
 
 
-def _stage(layer: int | None, reducer: str, keep: float) -> dict[str, Any]:
-    at: Any = "post_projector" if layer is None else {"layer": layer}
-    return {"at": at, "reducer": reducer, "keep": keep}
+def _records(output: str | Path, hashes: set[str | None]) -> dict[str, list[ResultRecord]]:
+    """The results of the comparisons whose config hashes are ``hashes``, per pipeline (one per example)."""
+    latest: dict[tuple[str, str], ResultRecord] = {}
+    for r in ResultsStore(Path(output)).results():
+        if r.config in hashes:
+            latest[(r.pipeline, r.id)] = r
+    out: dict[str, list[ResultRecord]] = {}
+    for (pipeline, _), r in latest.items():
+        out.setdefault(pipeline, []).append(r)
+    return out
 
 
 def compare(
-    weights: str | Path, model: nn.Module, processor: Any, samples: list[Any], batch_size: int = 50
+    weights: str | Path,
+    model: nn.Module,
+    processor: Any,
+    *,
+    per_type: int = 100,
+    batch_size: int = 50,
+    output: str | Path = "runs/atp-eval",
+    plugins: PluginManager | None = None,
 ) -> list[PipelineResult]:
     """Unpruned, ATP, then FastV and G-Prune at ATP's measured average (see the module docstring)."""
     from tokenprune_atp import atp_pipeline, load_atp
 
     load_atp(weights, model)
     num_layers = int(model.config.get_text_config().num_hidden_layers)
-    results = [run_pipeline(model, processor, samples, None, "unpruned", batch_size)]
-    atp = run_pipeline(model, processor, samples, atp_pipeline(weights), "atp (learned)", batch_size)
-    results.append(atp)
-    target, n = atp.avg_tokens, atp.avg_visual_in
-    for reducer, layer in (("fastv", 1), ("fastv", 2), ("gprune", None), ("gprune", 1)):
-        k = 0 if layer is None else layer
-        # average = (k N + (L - k) f N) / L  =>  f = (L A / N - k) / (L - k)
-        frac = (num_layers * target / n - k) / (num_layers - k)
+    base = {
+        "tasks": [{"name": "synthvqa", "per_type": per_type}],
+        "batch_size": batch_size,
+        "output": str(output),
+        "heatmaps": 0,
+        "timing": TimingConfig(warmup=0, repeats=1, memory=False).model_dump(),
+    }
+    atp = _entry("atp", atp_pipeline(weights)["stages"])
+    first = run_comparison(_config(base, [atp]), plugins=plugins, model_and_processor=(model, processor)).summary
+    if first is None:  # a non-zero rank of a distributed run
+        return []
+    visual_in = float(first.row(REFERENCE)["visual_tokens"])
+    results = [_result(first, REFERENCE, "unpruned", visual_in), _result(first, "atp", "atp (learned)", visual_in)]
+    target = results[1].avg_tokens
+    labels: dict[str, str] = {}
+    entries = [atp]
+    second = None
+    for reducer, layer in MATCHED:
+        frac = matched_keep(num_layers, target, visual_in, layer)
         label = f"{reducer}@{'post_projector' if layer is None else f'layer {layer}'} keep {frac:.3f}"
         if not 0 < frac <= 1:
-            results.append(PipelineResult(label + " (unreachable)", float("nan"), {}, float("nan"), n))
+            results.append(PipelineResult(label + " (unreachable)", float("nan"), {}, float("nan"), visual_in))
             continue
-        pipe = {"name": reducer, "stages": [_stage(layer, reducer, round(frac, 4))]}
-        result = run_pipeline(model, processor, samples, pipe, label, batch_size)
-        if abs(result.avg_tokens - target) > 0.05 * target:  # e.g. the protected newlines exceed the budget
-            result.label += " (not matched)"
-        results.append(result)
+        at: Any = "post_projector" if layer is None else {"layer": layer}
+        name = f"{reducer}-matched-{'pp' if layer is None else layer}"
+        labels[name] = label
+        entries.append(_entry(name, [{"at": at, "reducer": reducer, "keep": round(frac, 4)}]))
+    if labels:
+        second = run_comparison(_config(base, entries), plugins=plugins, model_and_processor=(model, processor))
+        for name, label in labels.items():
+            result = _result(second.summary, name, label, visual_in)  # type: ignore[union-attr,arg-type]
+            if abs(result.avg_tokens - target) > 0.05 * target:  # e.g. the protected newlines exceed the budget
+                result.label += " (not matched)"
+            results.append(result)
+    hashes = {first.config_hash, second.summary.config_hash if labels and second.summary else None}
+    records = _records(output, hashes)
+    for r in results:
+        if r.pipeline is not None:
+            token_details(records.get(r.pipeline, []), records.get(REFERENCE, []), r)
     return results
 
 
@@ -174,20 +179,20 @@ def main(
     n_per_type: Annotated[int, typer.Option(help="Held-out SynthVQA questions per type.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 50,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+    out: Annotated[Path, typer.Option(help="The comparison's folder (results.jsonl, summary files).")] = Path(
+        "runs/atp-eval"
+    ),
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """Print the comparison table."""
     from tokenprune.adapters.loading import load_model
-    from tokenprune.synth.questions import heldout_split
 
     torch.set_num_threads(threads)
     vlm, processor = load_model(model)
-    samples = heldout_split(n_per_type)
-    with torch.no_grad():
-        results = compare(weights, vlm, processor, samples, batch_size)
+    results = compare(weights, vlm, processor, per_type=n_per_type, batch_size=batch_size, output=out)
     typer.echo(
-        f"SynthVQA held-out, {len(samples)} questions ({n_per_type} per type); tokens = average visual tokens "
-        "over all decoder layers / visual tokens in"
+        f"SynthVQA held-out, {n_per_type} questions per type; tokens = average visual tokens over all decoder "
+        f"layers / visual tokens in (the comparison's files: {out})"
     )
     for r in results:
         typer.echo(r.row())
