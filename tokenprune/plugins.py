@@ -163,6 +163,13 @@ class _Registry(Generic[T]):
         finally:
             self._current = previous
 
+    def _who(self, value: object, ok: bool, expected: str) -> str:
+        """The registering plugin's name for messages; raises unless ``ok`` (``value`` is an ``expected``)."""
+        who = _origin(self._current)
+        if not ok:
+            raise PluginError(f"{who} registered {value!r}, which is not {expected}")
+        return who
+
     def _put(self, key: str, value: T, exist_ok: bool) -> None:
         claims = self._claims.setdefault(key, [])
         if exist_ok:
@@ -265,9 +272,8 @@ class ReducerRegistry(_Registry[type[TokenReducer]]):
         Raises:
             PluginError: the class breaks the contract.
         """
-        who = _origin(self._current)
-        if not (isinstance(reducer, type) and issubclass(reducer, TokenReducer)):
-            raise PluginError(f"{who} registered {reducer!r}, which is not a subclass of tokenprune.TokenReducer")
+        is_reducer = isinstance(reducer, type) and issubclass(reducer, TokenReducer)
+        who = self._who(reducer, is_reducer, "a subclass of tokenprune.TokenReducer")
         name = getattr(reducer, "name", None)
         if not isinstance(name, str) or not _NAME.match(name):
             raise PluginError(
@@ -332,9 +338,8 @@ class AdapterRegistry(_Registry[type[ModelAdapter]]):
         Raises:
             PluginError: the class is not a ModelAdapter, or declares no model type.
         """
-        who = _origin(self._current)
-        if not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
-            raise PluginError(f"{who} registered {adapter!r}, which is not a tokenprune.adapters.ModelAdapter")
+        is_adapter = isinstance(adapter, type) and issubclass(adapter, ModelAdapter)
+        who = self._who(adapter, is_adapter, "a tokenprune.adapters.ModelAdapter")
         types = getattr(adapter, "model_types", ())
         if isinstance(types, str) or not types or not all(isinstance(t, str) and t for t in types):
             raise PluginError(
@@ -368,9 +373,7 @@ class TaskRegistry(_Registry[type]):
         """
         from tokenprune.bench.tasks import Task
 
-        who = _origin(self._current)
-        if not (isinstance(task, type) and issubclass(task, Task)):
-            raise PluginError(f"{who} registered {task!r}, which is not a tokenprune.bench.tasks.Task")
+        who = self._who(task, isinstance(task, type) and issubclass(task, Task), "a tokenprune.bench.tasks.Task")
         name = getattr(task, "name", None)
         if not isinstance(name, str) or not _NAME.match(name):
             raise PluginError(f"{who} registered {_qualname(task)} with invalid task name {name!r}")
@@ -399,9 +402,7 @@ class SignalRegistry(_Registry[Any]):
         from tokenprune.channels import SignalChannel
         from tokenprune.reducer import BUILTIN_SIGNALS
 
-        who = _origin(self._current)
-        if not isinstance(channel, SignalChannel):
-            raise PluginError(f"{who} registered {channel!r}, which is not a tokenprune.channels.SignalChannel")
+        who = self._who(channel, isinstance(channel, SignalChannel), "a tokenprune.channels.SignalChannel")
         if channel.name in BUILTIN_SIGNALS:
             raise PluginError(f"{who} registered the signal {channel.name!r}, which the engine itself provides")
         self._put(channel.name, channel, exist_ok)

@@ -12,32 +12,23 @@ returns the thresholds the loss logs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
+from tokenprune.engine.soft import SoftForward as EngineSoftForward
 from tokenprune.engine.soft import SoftMaskRun
 from tokenprune_atp.weights import ATPWeights
 
 
-@dataclass
-class SoftForward:
-    """What one soft-masked forward produced.
+class SoftForward(EngineSoftForward):
+    """What one soft-masked ATP forward produced: the engine's :class:`~tokenprune.engine.soft.SoftForward`
+    (``logits``, ``counts``, ``kept``, ``aux``, ``hard_counts``) and each module's thresholds."""
 
-    Attributes:
-        logits: ``(B, L, V)``.
-        counts: ``(B, num_layers)`` soft visual-token count each decoder layer sees (differentiable).
-        kept: Per module layer ``k``: ``(B,)`` soft fraction of the visual tokens kept after it.
-        thresholds: Per module layer: ``(B, 2)`` ``(θ_r, θ_s)``.
-        hard_counts: ``(B, num_layers)`` counts of the tokens whose cumulative mask exceeds 0.5.
-    """
-
-    logits: Tensor
-    counts: Tensor
-    kept: dict[int, Tensor]
-    thresholds: dict[int, Tensor]
-    hard_counts: Tensor
+    @property
+    def thresholds(self) -> dict[int, Tensor]:
+        """Per module layer: ``(B, 2)`` ``(θ_r, θ_s)``."""
+        return {k: aux["thresholds"] for k, aux in self.aux.items()}
 
 
 class SoftATP(SoftMaskRun):
@@ -68,5 +59,4 @@ class SoftATP(SoftMaskRun):
             **inputs: The model's image inputs (``pixel_values``, ``image_sizes``, ...).
         """
         out = super().forward(input_ids, attention_mask, **inputs)
-        thresholds = {k: aux["thresholds"] for k, aux in out.aux.items()}
-        return SoftForward(out.logits, out.counts, out.kept, thresholds, out.hard_counts)
+        return SoftForward(out.logits, out.counts, out.kept, out.aux, out.hard_counts)

@@ -16,6 +16,7 @@ is the entry point ``hiprune`` of the ``tokenprune`` group.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -194,29 +195,45 @@ _PAPER = "HiPrune (Liu et al., 2025), https://arxiv.org/abs/2508.00553"
 @tokenprune.hookimpl
 def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
     for tokens in (192, 128, 64):
-        registry.add(
+        _preset(
+            registry,
             f"hiprune-{tokens}",
-            {"stages": [{"at": "post_projector", "reducer": "hiprune", "keep": tokens}]},
-            paper=_PAPER,
-            table=f"the main table's LLaVA-1.5-7B results at {tokens} tokens (the README's "
+            tokens,
+            f"the main table's LLaVA-1.5-7B results at {tokens} tokens (the README's "
             f"HIPRUNE_RETENTION={tokens}, ALPHA=0.1, OBJECT_LAYER=9)",
-            description=f"HiPrune at {tokens} visual tokens (LLaVA-1.5)",
+            f"HiPrune at {tokens} visual tokens (LLaVA-1.5)",
         )
     for tokens in (640, 320, 160):
-        registry.add(
+        _preset(
+            registry,
             f"hiprune-next-{tokens}",
-            {"stages": [{"at": "post_projector", "reducer": "hiprune", "keep": tokens}]},
-            paper=_PAPER,
-            table=f"LLaVA-NeXT-7B at {tokens} tokens (the README's HIPRUNE_RETENTION={tokens}, ALPHA=0.1, "
+            tokens,
+            f"LLaVA-NeXT-7B at {tokens} tokens (the README's HIPRUNE_RETENTION={tokens}, ALPHA=0.1, "
             "OBJECT_LAYER=9; split over the crops by size)",
-            description=f"HiPrune at {tokens} visual tokens (LLaVA-NeXT)",
+            f"HiPrune at {tokens} visual tokens (LLaVA-NeXT)",
         )
     for ratio in (0.334, 0.223, 0.112):
-        registry.add(
+        _preset(
+            registry,
             f"hiprune-qwen-{round(ratio * 100)}",
-            {"stages": [{"at": "post_projector", "reducer": "hiprune", "keep": ratio, "params": {"object_layer": 16}}]},
-            paper=_PAPER,
-            table=f"Qwen2.5-VL-7B keeping {ratio:.1%} of the tokens (the README's HIPRUNE_QWEN_RETENTION={ratio}, "
+            ratio,
+            f"Qwen2.5-VL-7B keeping {ratio:.1%} of the tokens (the README's HIPRUNE_QWEN_RETENTION={ratio}, "
             "ALPHA=0.1, OBJECT_LAYER=16)",
-            description=f"HiPrune keeping {ratio:.1%} of the visual tokens (Qwen2.5-VL)",
+            f"HiPrune keeping {ratio:.1%} of the visual tokens (Qwen2.5-VL)",
+            {"object_layer": 16},
         )
+
+
+def _preset(
+    registry: tokenprune.plugins.PipelineRegistry,
+    name: str,
+    keep: float | int,
+    table: str,
+    description: str,
+    params: dict[str, Any] | None = None,
+) -> None:
+    """Register a one-stage HiPrune preset after the projector."""
+    stage: dict[str, Any] = {"at": "post_projector", "reducer": "hiprune", "keep": keep}
+    if params:
+        stage["params"] = params
+    registry.add(name, {"stages": [stage]}, paper=_PAPER, table=table, description=description)
