@@ -15,7 +15,7 @@ layer whose cache a layer stage shortened leaves out the same tokens.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from torch import Tensor
 from tokenprune.engine.masks import causal_mask, slice_mask
 from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
 from tokenprune.engine.stage import StagePlan, StageSignals, selection_stats, stage_context
+from tokenprune.engine.state import PrefillState
 from tokenprune.engine.stats import StageStats
 from tokenprune.errors import ReducerOutputError, TokenpruneError
 from tokenprune.reducer import Merge
@@ -134,3 +135,46 @@ def key_subset(seq: TokenSequence, left_out_lm: Tensor, key_length: int, decoded
     out = left_out_lm.gather(1, lm.clamp(min=0, max=max(width_lm - 1, 0))) & (lm >= 0) & (lm < width_lm)
     keep = torch.cat([~out, out.new_ones(out.shape[0], decoded)], 1)[:, total - key_length :]
     return KeySubset(right_aligned_columns(keep))
+
+
+def cache_columns(st: PrefillState, layer: int) -> TokenSequence:
+    """The prefill columns of ``layer``'s cache.
+
+    Raises:
+        TokenpruneError: no prefill sequence was recorded.
+    """
+    seq = st.segment(layer) or st.lm_sequence
+    if seq is None:
+        raise TokenpruneError("decode stage: no prefill sequence was recorded for this decoding step")
+    return seq
+
+
+@dataclass
+class StepKeys:
+    """What the attention probe needs to leave the decode stage's tokens out of one decoding step's attention.
+
+    The engine hands it to the probe (:attr:`~tokenprune.engine.probe.AttentionProbe.step_keys`) once the
+    stage ran; the probe asks :meth:`subset` per layer and key length, inside the attention call.
+
+    Attributes:
+        left_out: ``(B, lm_length)`` bool, the language-model columns the stage left out this step.
+        from_layer: The stage's layer ``k``: layers before it attend to the whole cache.
+        prefill: The prefill the cache holds (its columns per layer: :func:`cache_columns`).
+        decoded: Tokens decoded so far, this step's included.
+    """
+
+    left_out: Tensor
+    from_layer: int
+    prefill: PrefillState
+    decoded: int
+    _subsets: dict[tuple[int, int], KeySubset] = field(default_factory=dict, repr=False)
+
+    def subset(self, layer: int, key_length: int) -> KeySubset | None:
+        """The cache columns ``layer`` attends to in this step (``None``: all of them)."""
+        if layer < self.from_layer:
+            return None
+        seq = cache_columns(self.prefill, layer)
+        key = (id(seq), key_length)  # the layers that hold the same columns share one subset: one host read a step
+        if key not in self._subsets:
+            self._subsets[key] = key_subset(seq, self.left_out, key_length, self.decoded, layer)
+        return self._subsets[key]

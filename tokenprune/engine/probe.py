@@ -31,7 +31,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,9 @@ from torch import Tensor, nn
 from tokenprune.engine import compat
 from tokenprune.engine.stopwatch import Stopwatch
 from tokenprune.errors import TokenpruneError
+
+if TYPE_CHECKING:
+    from tokenprune.engine.decode_stage import StepKeys
 
 SUPPORTED = ("sdpa", "eager")
 _NAMES = {"sdpa": "tokenprune_probe_sdpa", "eager": "tokenprune_probe_eager"}
@@ -69,7 +72,8 @@ class AttentionProbe:
             that the source's query rows pay to every key of that layer, averaged over heads and
             rows.
         active: Set by the engine during prefill; the probe computes nothing otherwise.
-        rows: Set by the engine before each probed layer runs.
+        rows: The query rows of the sequence the next probed layer sees; the engine hands them over whenever
+            that sequence changes (``None``: compute nothing).
         own: Layers whose own attention :meth:`dry_run` serves, with the sources it computes.
         keys: Layers whose keys are recorded in :attr:`key_states` during prefill.
         key_states: After a prefill: ``key_states[layer]`` is ``(B, Lk, Hkv * hd)``, the layer's keys
@@ -82,16 +86,18 @@ class AttentionProbe:
             row's head-averaged attention and its cached keys are recorded in :attr:`decode_scores`
             (``(B, Lk)`` float32) and :attr:`decode_keys` (``(B, Lk, Hkv * hd)``).
         decode_from: The decode stage's layer ``k``: from there on, the attention of a decoding step
-            reads only the cache columns that :attr:`subset` returns for the layer.
+            reads only the cache columns that :attr:`step_keys` gives for the layer.
         decoding: Set by the engine during a decoding step of a pruned prefill.
-        subset: ``(layer, key length) -> KeySubset | None``, set by the engine.
+        step_keys: What the decode stage left out of this decoding step's attention
+            (:class:`~tokenprune.engine.decode_stage.StepKeys`), handed over by the engine once the stage ran;
+            ``None``: every layer reads the whole cache.
         stopwatch: Times the probe's own work in each attention call (set by the engine to its own).
     """
 
     layers: dict[int, frozenset[str]]
     scores: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     active: bool = False
-    rows: Callable[[int], ProbeRows | None] | None = None
+    rows: ProbeRows | None = None
     own: dict[int, frozenset[str]] = field(default_factory=dict)
     keys: frozenset[int] = frozenset()
     key_states: dict[int, Tensor] = field(default_factory=dict)
@@ -100,7 +106,7 @@ class AttentionProbe:
     decode_layer: int | None = None
     decode_from: int | None = None
     decoding: bool = False
-    subset: Callable[[int, int], Any] | None = None
+    step_keys: StepKeys | None = None
     stopwatch: Stopwatch = field(default_factory=Stopwatch)
     decode_scores: Tensor | None = None
     decode_keys: Tensor | None = None
@@ -155,11 +161,12 @@ class AttentionProbe:
     def end_decode_step(self) -> None:
         """Forget the step's signals; attention reads the whole cache again."""
         self.decoding = False
-        self.decode_scores = self.decode_keys = None
+        self.decode_scores = self.decode_keys = self.step_keys = None
 
     def reset(self, *, active: bool) -> None:
         """Forget what the last prefill recorded; compute during the next one if ``active``."""
         self.active = active
+        self.rows = None
         self.scores.clear()
         self.key_states.clear()
         self.text_scores.clear()
@@ -171,7 +178,7 @@ class AttentionProbe:
             b, hkv, lk, hd = key.shape
             self.key_states[layer] = key.detach().transpose(1, 2).reshape(b, lk, hkv * hd)
         sources = self.layers.get(layer, frozenset())
-        rows = self.rows(layer) if self.rows is not None else None
+        rows = self.rows
         if rows is not None and layer in self.text_rows:
             with torch.no_grad():
                 self.text_scores[layer] = text_row_attention(module, query, key, mask, kw, rows)
@@ -342,7 +349,8 @@ def _make_attention(impl: str) -> Callable[..., Any]:
                 elif probe.decoding:
                     if layer == probe.decode_layer:
                         probe.record_decode(module, query, key, attention_mask, kwargs)
-                    subset = probe.subset(layer, int(key.shape[2])) if probe.subset is not None else None
+                    keys = probe.step_keys
+                    subset = keys.subset(layer, int(key.shape[2])) if keys is not None else None
                     if subset is not None:
                         q, boolean = int(query.shape[2]), impl != "eager"
                         key, value, attention_mask = subset.apply(key, value, attention_mask, q, boolean=boolean)

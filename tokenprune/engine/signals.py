@@ -4,7 +4,7 @@ input (served by a dry call of its attention module), the previous layer's keys,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -181,8 +181,7 @@ def with_text_signals(
 
 
 def attention_probe_for(
-    layer_plans: dict[int, list[StagePlan]],
-    rows: Callable[[int], ProbeRows | None],
+    layer_plans: Mapping[int, list[StagePlan]],
     language_model: nn.Module,
     layers: list[nn.Module],
     decode: StagePlan | None = None,
@@ -198,7 +197,7 @@ def attention_probe_for(
     check_own_attention_layers(own, layers)
     if not (probed or own or keys or text_rows or decode):
         return None
-    probe = AttentionProbe(layers=probed, rows=rows, own=own, keys=keys, text_rows=text_rows)
+    probe = AttentionProbe(layers=probed, own=own, keys=keys, text_rows=text_rows)
     if decode is not None:
         probe.decode_from = int(decode.stage.point.layer)  # type: ignore[arg-type]
         probe.decode_layer = probe.decode_from - 1

@@ -209,7 +209,7 @@ class SoftMaskRun:
         self._call: ImageCall | None = None
         self._hooks = HookSet()
         probed = {k - 1: sources for k, sources in self._sources.items() if sources}
-        self.probe = AttentionProbe(layers=probed, rows=self._rows)
+        self.probe = AttentionProbe(layers=probed)
         try:
             self.probe.install(self.adapter.language_model(), self.layers)
             for i, layer in enumerate(self.layers):
@@ -274,8 +274,8 @@ class SoftMaskRun:
             self.adapter.visual_mask(input_ids) & valid, valid, dtype if dtype.is_floating_point else torch.float32
         )
         self._state, self._call = st, None
-        self.probe.active = True
-        self.probe.scores.clear()
+        self.probe.reset(active=True)
+        self.probe.rows = st.rows()
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
             full = st.vvalid.sum(1)
@@ -287,11 +287,8 @@ class SoftMaskRun:
                 hard_counts=st.per_layer(st.hard, full, self.num_layers),
             )
         finally:
-            self.probe.active = False
+            self.probe.reset(active=False)
             self._state = self._call = None
-
-    def _rows(self, layer: int) -> ProbeRows | None:
-        return self._state.rows() if self._state is not None else None
 
     def _ensure_layout(self, st: _Forward) -> Tensor:
         """The protected tokens (the layout is read once per forward, at the first stage)."""
@@ -327,6 +324,7 @@ class SoftMaskRun:
         keep = reducer.soft_keep(tokens, ctx)  # type: ignore[attr-defined]
         logm = nn.functional.logsigmoid(keep.logits.float() * self.temperature)
         st.record(k, logm.masked_fill(~st.vvalid | protected, 0.0), keep)
+        self.probe.rows = st.rows()  # the tokens now below 0.5 leave the later probes' query rows
 
     def _pre(self, i: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

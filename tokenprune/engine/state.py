@@ -1,4 +1,8 @@
-"""Per-forward state: one prefill and the decoding steps that follow it."""
+"""Per-forward state: one call of the model (:class:`ForwardState`), and what one prefill leaves for the decoding
+steps that follow it (:class:`PrefillState`).
+
+What does not change from forward to forward is the install-time plan (:mod:`tokenprune.engine.install`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,34 @@ from torch import Tensor
 
 from tokenprune.engine.sequence import TokenSequence
 from tokenprune.engine.stats import ForwardStats
+
+
+@dataclass
+class ForwardState:
+    """One call of the model, from its first hook to its last; the engine replaces it as a whole at both ends
+    (a forward that raised leaves nothing behind).
+
+    Attributes:
+        started: The engine's stopwatch when the forward's first hook began.
+        labels: The caller's ``labels``, taken out of the call (the loss is computed on the kept tokens).
+        stats: This forward's statistics; ``None`` until the multimodal model's pre-hook knows the phase.
+        real_tokens: Real tokens per sample of the caller's input (prefill).
+        input_width: The multimodal model's input length in this forward.
+        layer_kwargs: The last decoder layer's keyword arguments, unsliced (a prefill whose stage reads a
+            layer's own attention: the dry call reuses them).
+    """
+
+    started: float = 0.0
+    labels: Tensor | None = None
+    stats: ForwardStats | None = None
+    real_tokens: list[int] = field(default_factory=list)
+    input_width: int = 0
+    layer_kwargs: dict[str, Any] | None = None
+
+    @property
+    def phase(self) -> str | None:
+        """``"prefill"``, ``"decode"`` (a decoding step), or ``None`` before the phase is known."""
+        return self.stats.phase if self.stats is not None else None
 
 
 @dataclass
