@@ -32,11 +32,7 @@ from tokenprune.channels import SignalChannel, produce_channels
 from tokenprune.engine import compat
 from tokenprune.engine import positions as P
 from tokenprune.engine.calls import FeatureCalls
-from tokenprune.engine.decode import (
-    check_decoding_mask,
-    decoding_positions,
-    model_decoding_kwargs,
-)
+from tokenprune.engine.decode import check_decoding_mask, decoding_positions, model_decoding_kwargs
 from tokenprune.engine.guards import check_every_stage_ran, refuse_embeds_without_ids
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.install import plan_install
@@ -45,9 +41,7 @@ from tokenprune.engine.masks import pruned_input_mask
 from tokenprune.engine.pre_projector import PreProjector
 from tokenprune.engine.probe import AttentionProbe
 from tokenprune.engine.sequence import TokenSequence, input_sequence, kept_labels, residual_sequence, visual_layout
-from tokenprune.engine.signals import (
-    attention_probe_for,
-)
+from tokenprune.engine.signals import attention_probe_for
 from tokenprune.engine.stage import StagePlan, StageSignals
 from tokenprune.engine.state import ForwardState, PrefillState, record_layer_tokens
 from tokenprune.engine.stats import ForwardStats, RunStats
@@ -56,6 +50,10 @@ from tokenprune.engine.vision import VisionProbe, post_projector_vision_signals,
 from tokenprune.engine.vision_layer import VisionLayerStages
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
+
+_BETWEEN_FORWARDS = ForwardState()
+"""The state between two calls of the model: no phase, nothing recorded. Never written: every forward's
+first hook replaces it by a fresh one (:meth:`ForwardHooks._begin_forward`), so ending a forward allocates nothing."""
 
 
 class ForwardHooks:
@@ -94,14 +92,7 @@ class ForwardHooks:
         tower = [p for p in plans if p.stage.point.kind == "vision_layer"]
         self._tower = VisionLayerStages(tower, adapter, self._calls) if tower else None
         self._pre = PreProjector(pre, adapter, self._calls, self._tower) if pre or tower else None
-        self._live: Live | None = None  # the plan, the probe, the prefill and this forward: set by install()
-
-    @property
-    def live(self) -> Live:
-        """What the hooks share (after :meth:`install`)."""
-        if self._live is None:
-            raise TokenpruneError("the engine's hooks are not installed")
-        return self._live
+        self.live: Live  # the plan, the probe, the prefill and this forward; set by install(), before any hook
 
     def remove(self) -> None:
         """Take every hook and the probe away; safe to call twice."""
@@ -112,8 +103,9 @@ class ForwardHooks:
         if self.vision_probe is not None:
             self.vision_probe.remove()
             self.vision_probe = None
-        if self._live is not None:
-            self._live.state = None
+        live: Live | None = getattr(self, "live", None)
+        if live is not None:
+            live.state = None
 
     # --- installation -------------------------------------------------------------------------
 
@@ -124,8 +116,8 @@ class ForwardHooks:
         self.probe = attention_probe_for(plan.layer, lm, layers, plan.decode)
         if self.probe is not None:
             self.probe.stopwatch = self.stopwatch
-        self._live = Live(plan, self.adapter, self.probe)
-        on_layers = LayerHooks(self._live)
+        self.live = Live(plan, self.adapter, self.probe)
+        on_layers = LayerHooks(self.live)
         pre = self._pre.plans if self._pre is not None else []
         self.vision_probe = vision_probe_for(pre + list(plan.post), self.adapter)
         if self.vision_probe is not None:
@@ -161,7 +153,7 @@ class ForwardHooks:
 
     def _end_forward(self, *, failed: bool = False) -> None:
         """Drop this forward's state (the only place it is reset); after a failure, the prefill's too."""
-        self.live.now = ForwardState()
+        self.live.now = _BETWEEN_FORWARDS
         if self.probe is not None:
             self.probe.end_decode_step()
         if not failed:
@@ -215,7 +207,9 @@ class ForwardHooks:
     # --- hooks: multimodal base model (phase, decoding masks and positions) ---------------------
 
     def _vlm_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        now = self.live.now if self.live.now.stats is None else self._begin_forward()  # called without the top model
+        now = self.live.now
+        if now is _BETWEEN_FORWARDS or now.stats is not None:  # the base model called without the top model
+            now = self._begin_forward()
         kw = bind_arguments(module.forward, args, kwargs)
         ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         batch, q = int(ref.shape[0]), int(ref.shape[1])
