@@ -36,6 +36,7 @@ from tokenprune.engine.guards import (
     refuse_embeds_without_ids,
 )
 from tokenprune.engine.hooks import HookSet, bind_arguments
+from tokenprune.engine.hybrid import check_attention_layers, is_recurrent, layer_kinds
 from tokenprune.engine.layer_args import LayerArg, layer_args_of, positional_names
 from tokenprune.engine.masks import mask_kind, pruned_input_mask
 from tokenprune.engine.pre_projector import PreProjector
@@ -123,6 +124,7 @@ class ForwardHooks:
         self._layers: list[nn.Module] = []
         self._layer_args: dict[str, LayerArg] = {}
         self._arg_names: list[tuple[str, ...]] = []
+        self._recurrent: list[bool] = []  # per decoder layer: linear attention or convolution (engine/hybrid.py)
         self._layer_kwargs: dict[str, Any] | None = None  # the last decoder layer's keyword arguments, unsliced
 
     def remove(self) -> None:
@@ -155,6 +157,9 @@ class ForwardHooks:
         self._layers = layers
         self._layer_args = layer_args_of(self.adapter)  # how each per-token layer argument follows a cut
         self._arg_names = [positional_names(layer) for layer in layers]
+        kinds = layer_kinds(self.adapter.text_config(), layers)
+        check_attention_layers(self._layer, self._decode, kinds)
+        self._recurrent = [is_recurrent(kind) for kind in kinds]
         self.probe = attention_probe_for(self._layer, self._probe_rows, lm, layers, self._decode)
         if self.probe is not None:
             self.probe.stopwatch = self.stopwatch
@@ -450,7 +455,7 @@ class ForwardHooks:
                 return None
             return pruned_layer_call(
                 args, kwargs, hidden, seg, st, self.adapter, i, compact=self._compact, **self._masks,
-                table=self._layer_args, names=self._arg_names[i],
+                table=self._layer_args, names=self._arg_names[i], recurrent=self._recurrent[i],
             )  # fmt: skip
 
         return hook

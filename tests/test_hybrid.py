@@ -1,0 +1,137 @@
+"""Hybrid language models: cuts through linear-attention (Gated DeltaNet) and short-convolution layers.
+
+Tiny random Qwen3.5 and LFM2-VL models (tokenprune.testing.tiny_configs) with the layer kinds interleaved; the
+engine invariants of the check kit run with a cut between a recurrent layer and an attention layer, in both
+directions, with cached decoding after it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune.adapters.generic import adapter_for
+from tokenprune.engine import compat
+from tokenprune.engine.hybrid import check_attention_layers, layer_kinds
+from tokenprune.engine.layer_args import LayerCut, cut_prefill_args, layer_args_of
+from tokenprune.errors import PipelineError
+from tokenprune.testing import adapters as checks
+from tokenprune.testing.census import census_one, model_types
+from tokenprune.testing.census_inputs import InputBuilder
+from tokenprune.testing.tiny_configs import tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _skip_unless(model_type: str) -> None:
+    if model_type not in model_types():
+        pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
+
+
+def _tiny(model_type: str, layer_types: list[str]) -> torch.nn.Module:
+    cfg = tiny_config(model_type)
+    text = cfg.get_text_config()
+    text.layer_types = layer_types
+    if hasattr(text, "full_attn_idxs"):
+        text.full_attn_idxs = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+    torch.manual_seed(0)
+    return compat.model_from_config(cfg).eval()
+
+
+def _case(model: torch.nn.Module) -> checks.AdapterCase:
+    manager = checks.adapter_check_manager()
+    make_inputs = InputBuilder(model, adapter_for(model, manager))
+    return checks.adapter_case(model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=make_inputs.pad)
+
+
+# The check kit's layer stage runs at layer 2: its input is layer 1's output.
+CUTS = [
+    # Qwen3.5: linear layer 0 (the cache length is read from an attention layer), a cut from a linear layer into
+    # an attention layer, and the other way round (a pruned linear layer decoding after an attention layer)
+    ("qwen3_5", ["linear_attention", "linear_attention", "full_attention", "linear_attention"]),
+    ("qwen3_5", ["full_attention", "full_attention", "linear_attention", "full_attention"]),
+    ("lfm2_vl", ["conv", "conv", "full_attention", "conv"]),
+    ("lfm2_vl", ["full_attention", "full_attention", "conv", "full_attention"]),
+]
+
+
+@pytest.mark.parametrize(("model_type", "layer_types"), CUTS, ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_a_cut_between_recurrent_and_attention_layers_decodes_as_recomputed(model_type, layer_types):
+    _skip_unless(model_type)
+    case = _case(_tiny(model_type, layer_types))
+    checks.cached_decode_equals_recompute(case)
+    checks.cached_decode_equals_recompute(case, positions="compact")
+    checks.batch_equals_one_by_one(case)
+    if layer_types[0] == "full_attention":  # the kit's removal check probes layer 0's attention
+        checks.remove_restores_model(case)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "lfm3_vl"])
+def test_hybrid_types_pass_the_census(model_type):
+    _skip_unless(model_type)
+    row = census_one(model_type)
+    assert row.status == "passes", row.detail
+
+
+def test_the_tiny_hybrid_configs_hold_each_layer_kind():
+    for model_type, kinds in [("qwen3_5", {"linear_attention"}), ("lfm2_vl", {"conv"}), ("lfm3_vl", {"conv"})]:
+        if model_type in model_types():
+            types = set(tiny_config(model_type).get_text_config().layer_types)
+            assert kinds <= types and "full_attention" in types, (model_type, types)
+
+
+def test_a_stage_reading_a_linear_layers_attention_is_refused_naming_the_usable_layers():
+    _skip_unless("qwen3_5")
+    model = _tiny("qwen3_5", ["full_attention", "linear_attention", "full_attention", "linear_attention"])
+    fastv = {"stages": [{"at": {"layer": 2}, "reducer": "fastv", "keep": 0.5}]}
+    with pytest.raises(PipelineError, match=r"layer 1 is a linear_attention layer.*layers are 0, 2.*k in 1, 3"):
+        tp.apply(model, fastv)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    with tp.apply(model, {"stages": [{"at": {"layer": 3}, "reducer": "fastv", "keep": 0.5}]}):
+        pass  # layer 2 is full attention: served
+
+
+def test_a_decode_stage_reading_a_conv_layer_is_refused():
+    _skip_unless("lfm2_vl")
+    model = _tiny("lfm2_vl", ["full_attention", "conv", "full_attention", "conv"])
+    layers = list(model.model.language_model.layers)
+    kinds = layer_kinds(model.config.get_text_config(), layers)
+    assert kinds == ("full_attention", "conv", "full_attention", "conv")
+    prepared = tp.prepare({"stages": [{"at": {"decode": 2}, "reducer": "dycoke_dp", "keep": 0.5}]})
+    with pytest.raises(PipelineError, match=r"reads layer 1's attention and keys, but layer 1 is a conv layer"):
+        check_attention_layers({}, prepared.plans[0], kinds)
+
+
+def test_a_recurrent_layer_gets_the_kept_tokens_padding_mask_even_where_the_model_passed_none():
+    """Ragged keep counts add padding slots on the left: a linear layer must zero them (its 2-D mask)."""
+    _skip_unless("qwen3_5")
+    model = _tiny("qwen3_5", ["full_attention", "linear_attention", "full_attention", "linear_attention"])
+    adapter = adapter_for(model, checks.adapter_check_manager())
+    cols = torch.tensor([[-1, 1, 3], [0, 2, 3]])
+    seq = _sequence(cols)
+    hidden = torch.zeros(2, 3, 64)
+    cut = LayerCut(hidden, seq, 4, 1, False, adapter, all_valid=False, recurrent=True)
+    table = layer_args_of(adapter)
+    _, kw = cut_prefill_args((hidden,), {"attention_mask": None}, cut, table, boolean=True, dtype=torch.float32)
+    assert torch.equal(kw["attention_mask"], torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    given = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])  # the model's 2-D masks: both left-padded
+    _, kw = cut_prefill_args((hidden,), {"attention_mask": given}, cut, table, boolean=True, dtype=torch.float32)
+    assert torch.equal(kw["attention_mask"], torch.tensor([[0, 1, 1], [0, 1, 1]]))
+
+
+def _sequence(cols: torch.Tensor):
+    from tokenprune.engine.sequence import TokenSequence
+
+    valid = cols >= 0
+    return TokenSequence(
+        input_column=cols,
+        lm_column=cols,
+        valid=valid,
+        visual=torch.zeros_like(valid),
+        sizes=torch.ones(cols.shape),
+        layout=None,
+        positions=cols.clamp(min=0)[None],
+        freed_positions=torch.zeros(1, cols.shape[0], dtype=torch.long),
+        has_padding_slots=True,
+    )
