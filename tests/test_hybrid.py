@@ -92,6 +92,18 @@ def test_a_stage_reading_a_linear_layers_attention_is_refused_naming_the_usable_
         pass  # layer 2 is full attention: served
 
 
+def test_an_own_attention_stage_needs_attention_at_its_layer_and_the_one_before():
+    """PDrop reads layer k's own attention, computed with the arguments layer k - 1 received."""
+    _skip_unless("qwen3_5")
+    model = _tiny("qwen3_5", ["full_attention", "linear_attention", "full_attention", "full_attention"])
+    for k, bad in [(1, 1), (2, 1)]:
+        pdrop = {"stages": [{"at": {"layer": k}, "reducer": "pdrop", "keep": 0.5}]}
+        with pytest.raises(PipelineError, match=rf"own attention.*layer {bad} is a linear_attention layer.*k in 3\b"):
+            tp.apply(model, pdrop)
+    with tp.apply(model, {"stages": [{"at": {"layer": 3}, "reducer": "pdrop", "keep": 0.5}]}):
+        pass
+
+
 def test_a_decode_stage_reading_a_conv_layer_is_refused():
     _skip_unless("lfm2_vl")
     model = _tiny("lfm2_vl", ["full_attention", "conv", "full_attention", "conv"])

@@ -79,29 +79,36 @@ def check_attention_layers(
     """
     if all(kind in SOFTMAX_KINDS for kind in kinds):
         return
+    reads_previous = [i + 1 for i in attention_layers(kinds) if i + 1 < len(kinds)]
+    own_usable = [k for k in reads_previous if kinds[k] in SOFTMAX_KINDS]
     for k, plans in layer_plans.items():
         for p in plans:
             needs = p.needs
             if needs.attention or {"keys", "text_attention"} & set(needs.signals):
-                _require_attention(p, k - 1, kinds, f"layer {k - 1}'s attention")
-            if needs.own_attention:
-                _require_attention(p, k, kinds, f"layer {k}'s own attention")
+                _require_attention(p, k - 1, kinds, f"layer {k - 1}'s attention", reads_previous)
+            if needs.own_attention:  # computed with layer k - 1's arguments: both must be attention layers
+                what = f"layer {k}'s own attention (computed with the arguments layer {k - 1} received)"
+                for layer in (k, k - 1):
+                    _require_attention(p, layer, kinds, what, own_usable)
     if decode is not None and decode.stage.point.layer:
         k = int(decode.stage.point.layer)
-        _require_attention(decode, k - 1, kinds, f"layer {k - 1}'s attention and keys")
+        _require_attention(decode, k - 1, kinds, f"layer {k - 1}'s attention and keys", reads_previous)
 
 
-def _require_attention(plan: StagePlan, layer: int, kinds: Sequence[str], what: str) -> None:
+def _require_attention(plan: StagePlan, layer: int, kinds: Sequence[str], what: str, usable: Sequence[int]) -> None:
     if layer >= len(kinds) or kinds[layer] in SOFTMAX_KINDS:
         return
-    own = what.endswith("own attention")
-    usable = [i if own else i + 1 for i in attention_layers(kinds) if (i if own else i + 1) < len(kinds)]
     point = plan.stage.point
+    where = f"{'layer' if point.kind == 'layer' else 'decode'}: k for k in {_listed(usable)}" if usable else None
     raise PipelineError(
         f"stage {plan.index} ({plan.stage.reducer!r} at {point}) reads {what}, but layer {layer} is a "
         f"{kinds[layer]} layer (no softmax attention to read); this model's softmax-attention layers are "
-        f"{_listed(attention_layers(kinds))}, so put the stage at {'layer' if point.kind == 'layer' else 'decode'}: "
-        f"k for k in {_listed(usable)} (the first such k at or after the layer you meant)"
+        f"{_listed(attention_layers(kinds))}, so "
+        + (
+            f"put the stage at {where} (the first such k at or after the layer you meant)"
+            if where
+            else "no layer of this model serves the stage"
+        )
     )
 
 
