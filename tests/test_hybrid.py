@@ -147,3 +147,14 @@ def _sequence(cols: torch.Tensor):
         freed_positions=torch.zeros(1, cols.shape[0], dtype=torch.long),
         has_padding_slots=True,
     )
+
+
+@pytest.mark.parametrize(("model_type", "kind"), [("qwen3_5", "linear_attention"), ("lfm2_vl", "conv")])
+def test_flops_of_recurrent_layers_are_refused_naming_the_layer_kind(model_type, kind):
+    from tokenprune.cost.analytic import DecoderShape
+
+    _skip_unless(model_type)
+    with torch.device("meta"):
+        model = _tiny(model_type, ["full_attention", kind, "full_attention", kind])
+    with pytest.raises(TypeError, match=rf"decoder layers 1, 3 are {kind} layers: .*softmax-attention decoder layers"):
+        DecoderShape.from_model(model)

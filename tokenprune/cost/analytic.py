@@ -66,6 +66,7 @@ class DecoderShape:
                 f"{type(model).__name__} has no get_decoder().layers and lm_head; DecoderShape needs a transformers "
                 "causal LM or a VLM built on one"
             )
+        _refuse_recurrent_layers(decoder, layers)
         per_token, q_dims, q_macs, k_macs = [], [], [], []
         for i, layer in enumerate(layers):
             linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
@@ -80,6 +81,29 @@ class DecoderShape:
             q_macs.append(q_proj.in_features * q_proj.out_features)
             k_macs.append(k_proj.in_features * k_proj.out_features)
         return cls(tuple(per_token), tuple(q_dims), head.in_features, head.out_features, tuple(q_macs), tuple(k_macs))
+
+
+def _refuse_recurrent_layers(decoder: nn.Module, layers: Sequence[nn.Module]) -> None:
+    """Refuse a hybrid language model: its recurrent layers' MACs are not counted (yet) three ways.
+
+    Gated DeltaNet's chunked delta rule and a short convolution's padded window compute more products than
+    the tokens they keep (chunks of 64, ``kernel - 1`` extra outputs), so their analytic count would not
+    match what torch and fvcore measure without following each kernel's implementation.
+
+    Raises:
+        TypeError: naming the layer kinds and the layers.
+    """
+    from tokenprune.engine.hybrid import is_recurrent, layer_kinds
+
+    kinds = layer_kinds(getattr(decoder, "config", None), layers)
+    odd = [i for i, kind in enumerate(kinds) if is_recurrent(kind)]
+    if odd:
+        names = sorted({kinds[i] for i in odd})
+        raise TypeError(
+            f"decoder layers {', '.join(map(str, odd[:8]))}{', ...' if len(odd) > 8 else ''} are "
+            f"{' and '.join(names)} layers: tokenprune counts the FLOPs (analytic, torch, fvcore) of softmax-attention "
+            "decoder layers only; the pruning itself works on this model, its FLOP count does not"
+        )
 
 
 def _macs_per_token(layer: nn.Module, index: int) -> int:
