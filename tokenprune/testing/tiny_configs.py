@@ -44,6 +44,8 @@ TEXT = {
     "v_head_dim": 16,
     "sliding_window": 1024,
     "out_hidden_size": 64,
+    "hidden_size_per_layer_input": 16,  # Gemma 4's per-layer embeddings
+    "vocab_size_per_layer_input": 512,
 }
 #: Sizes every tiny vision config gets.
 VISION = {
