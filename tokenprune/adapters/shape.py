@@ -39,8 +39,12 @@ LAYER_ARGUMENTS = frozenset(
         "cache_position",
         "use_cache",
         "kwargs",
+        "per_layer_input",  # Gemma 4's per-layer embeddings: per token, gathered at a cut
+        "shared_kv_states",  # Gemma 4's KV-sharing storage: unused where no layer shares (see _shared_layers)
     }
 )
+#: Language-model inputs the engine gathers to the kept tokens after post_projector stages (per token, axis 1).
+LM_PER_TOKEN_INPUTS = frozenset({"per_layer_inputs"})
 #: Attention types whose layers attend with softmax over a KV cache (the engine's masks and probes fit them).
 SOFTMAX_ATTENTION = frozenset({"full_attention", "sliding_attention", "chunked_attention", None})
 #: Layer types with a 2-D padding mask and a fixed-size state of their own, which the engine cuts through
@@ -199,15 +203,22 @@ def _shared_layers(model: nn.Module) -> str | None:
     for key in ("num_kv_shared_layers", "hc_mult", "hc_count", "num_hyper_connections"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > (1 if key.startswith(("hc", "num_hyper")) else 0):
-            what = "shares keys and values across layers" if "kv" in key else "uses hyper-connections"
-            return f"its language model {what} ({key}={value}); the engine cannot cut tokens through that"
+            if "kv" in key:
+                return (
+                    f"its language model shares keys and values across layers ({key}={value}: the last {value} "
+                    "layers reuse the keys and values of an earlier layer, and generate() runs them on the last "
+                    "position only); the engine does not gather the shared keys and values to the kept tokens, so a "
+                    "cut would misalign them (checkpoints with num_kv_shared_layers=0 are served)"
+                )
+            return f"its language model uses hyper-connections ({key}={value}); the engine cannot cut tokens there"
     return None
 
 
 def _visual_residuals(model: nn.Module) -> str | None:
     lm = _language_model(model)
     params = _call_parameters(lm)
-    visual = [n for n in params if any(w in n for w in ("deepstack", "visual", "vision", "per_layer"))]
+    words = ("deepstack", "visual", "vision", "per_layer")
+    visual = [n for n in params if any(w in n for w in words) and n not in LM_PER_TOKEN_INPUTS]
     if visual:
         return (
             f"its language model takes {', '.join(visual)}: features added inside the decoder stack "

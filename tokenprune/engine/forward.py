@@ -37,7 +37,7 @@ from tokenprune.engine.guards import (
 )
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.hybrid import check_attention_layers, is_recurrent, layer_kinds
-from tokenprune.engine.layer_args import LayerArg, layer_args_of, positional_names
+from tokenprune.engine.layer_args import LayerArg, cut_lm_inputs, layer_args_of, positional_names
 from tokenprune.engine.masks import mask_kind, pruned_input_mask
 from tokenprune.engine.pre_projector import PreProjector
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
@@ -364,6 +364,7 @@ class ForwardHooks:
             kw["inputs_embeds"] = hidden
             kw["attention_mask"] = pruned_input_mask(kw.get("attention_mask"), seq, **self._masks)
             kw["position_ids"] = P.from_rows(seq.positions, fmt)
+            cut_lm_inputs(kw, seq.input_column, length)  # per-layer embeddings (Gemma 4)
         lm_columns = torch.arange(st.lm_length, device=hidden.device).expand(batch, -1)
         st.current = st.final = st.lm_sequence = replace(seq, lm_column=lm_columns, has_padding_slots=False)
         st.real_tokens(st.lm_sequence)  # read once here, for every layer's statistics (no host read per layer)

@@ -109,6 +109,31 @@ DEFAULT_LAYER_ARGS: Mapping[str, LayerArg] = {
     "position_ids": LayerArg("positions"),
 }
 
+#: Per-token inputs of the language model itself (beside ``inputs_embeds``, the mask and positions) that follow
+#: a post_projector cut: ``(B, L, ...)`` gathered along the token axis (Gemma 4's ``per_layer_inputs``).
+LM_PER_TOKEN_INPUTS = ("per_layer_inputs",)
+
+
+def cut_lm_inputs(kwargs: dict[str, Any], columns: Tensor, width: int) -> None:
+    """Gather the language model's per-token inputs of :data:`LM_PER_TOKEN_INPUTS` in ``kwargs`` to ``columns``
+    (``(B, L')`` columns of the ``width``-token input, ``-1``: a padding slot, which reads column 0), in place.
+
+    Raises:
+        TokenpruneError: such an input is not a ``(B or 1, width, ...)`` tensor.
+    """
+    for name in LM_PER_TOKEN_INPUTS:
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or value.dim() < 2 or int(value.shape[1]) != width:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise TokenpruneError(
+                f"the language model's {name} ({shape}) is not a per-token (batch, {width}, ...) tensor; the engine "
+                "cannot follow a post_projector cut with it"
+            )
+        kwargs[name] = gather_tokens(value, columns)
+
+
 _ABSENT = object()
 
 
