@@ -219,3 +219,15 @@ def test_gemma4_with_kv_shared_layers_is_refused_with_the_reason():
         model = _gemma4(shared=2)
     with pytest.raises(tp.UnsupportedModelError, match=r"'gemma4'.*num_kv_shared_layers=2: the last 2 layers reuse"):
         tp.apply(model, {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]})
+
+
+def test_a_decode_stage_runs_after_an_attention_layer_of_a_hybrid_model():
+    """``decode: k`` reads layer ``k - 1``'s attention (full here); linear layers keep their state as it is."""
+    _skip_unless("qwen3_5")
+    model = _tiny("qwen3_5", ["full_attention", "linear_attention", "full_attention", "linear_attention"])
+    case = _case(model)
+    pipe = {"stages": [{"at": {"decode": 3}, "reducer": "dycoke_dp", "keep": 0.5}]}
+    with tp.apply(model, pipe, plugins=case.manager) as run:
+        case.generate(case.padded_batch(), 3)
+    decoded = [s for f in run.stats.forwards if f.phase == "decode" for s in f.stages]
+    assert len(decoded) == 2 and all(s.reducer == "dycoke_dp" and s.leaving < s.entering for s in decoded)
