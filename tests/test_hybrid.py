@@ -231,3 +231,23 @@ def test_a_decode_stage_runs_after_an_attention_layer_of_a_hybrid_model():
         case.generate(case.padded_batch(), 3)
     decoded = [s for f in run.stats.forwards if f.phase == "decode" for s in f.stages]
     assert len(decoded) == 2 and all(s.reducer == "dycoke_dp" and s.leaving < s.entering for s in decoded)
+
+
+def test_cuts_through_recurrent_layers_read_nothing_from_the_device_per_layer_or_step():
+    """The hot path stays host-sync free: tokenprune's reads fall in the stages, none in a later layer or a step."""
+    from tokenprune.testing import SyncCounter
+
+    _skip_unless("qwen3_5")
+    model = _tiny("qwen3_5", ["full_attention", "linear_attention", "full_attention", "linear_attention"])
+    case = _case(model)
+    pipe = {
+        "stages": [
+            {"at": "post_projector", "reducer": "random", "keep": 0.5},
+            {"at": {"layer": 2}, "reducer": "random", "keep": 0.5},
+        ]
+    }
+    with tp.apply(model, pipe, plugins=case.manager), SyncCounter(model) as syncs, torch.inference_mode():
+        case.generate(case.padded_batch(), 3)
+    mine = syncs.select(owner="tokenprune")
+    assert syncs.count(owner="tokenprune", phase="decode") == 0, syncs.report(mine)
+    assert set(syncs.per_layer(owner="tokenprune", phase="prefill")) <= {None, 1}, syncs.report(mine)
