@@ -61,7 +61,8 @@ def test_a_cut_between_recurrent_and_attention_layers_decodes_as_recomputed(mode
     _skip_unless(model_type)
     case = _case(_tiny(model_type, layer_types))
     checks.cached_decode_equals_recompute(case)
-    checks.cached_decode_equals_recompute(case, positions="compact")
+    if layer_types[0] == "full_attention":  # compact positions once per family (Gated DeltaNet is slow on CPU)
+        checks.cached_decode_equals_recompute(case, positions="compact")
     checks.batch_equals_one_by_one(case)
     if layer_types[0] == "full_attention":  # the kit's removal check probes layer 0's attention
         checks.remove_restores_model(case)
