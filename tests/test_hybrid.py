@@ -150,15 +150,41 @@ def _sequence(cols: torch.Tensor):
     )
 
 
-@pytest.mark.parametrize(("model_type", "kind"), [("qwen3_5", "linear_attention"), ("lfm2_vl", "conv")])
-def test_flops_of_recurrent_layers_are_refused_naming_the_layer_kind(model_type, kind):
+def test_flops_of_linear_attention_layers_are_refused_naming_the_layer_kind():
     from tokenprune.cost.analytic import DecoderShape
 
-    _skip_unless(model_type)
+    _skip_unless("qwen3_5")
     with torch.device("meta"):
-        model = _tiny(model_type, ["full_attention", kind, "full_attention", kind])
-    with pytest.raises(TypeError, match=rf"decoder layers 1, 3 are {kind} layers: .*softmax-attention decoder layers"):
+        model = _tiny("qwen3_5", ["full_attention", "linear_attention", "full_attention", "linear_attention"])
+    with pytest.raises(TypeError, match=r"decoder layers 1, 3 are linear_attention layers: .*short-convolution"):
         DecoderShape.from_model(model)
+
+
+def test_flops_of_short_convolution_layers_agree_three_ways():
+    """LFM2's conv layers: ``n P + (n + kernel - 1) channels kernel``, as torch and fvcore count them."""
+    from tokenprune.cost.analytic import DecoderShape
+    from tokenprune.cost.flops import count_flops
+
+    _skip_unless("lfm2_vl")
+    model = _tiny("lfm2_vl", ["full_attention", "conv", "full_attention", "conv"])
+    shape = DecoderShape.from_model(model)
+    text = model.config.text_config
+    assert shape.conv[1] == (text.hidden_size * text.conv_L_cache, text.conv_L_cache) and shape.conv[0] == (0, 1)
+    inputs = _case(model).make_inputs([1])
+    two_stages = {
+        "stages": [
+            {"at": "post_projector", "reducer": "random", "keep": 0.5},
+            {"at": {"layer": 2}, "reducer": "random", "keep": 1},
+        ]
+    }
+    base = count_flops(model, inputs)
+    pruned = count_flops(model, inputs, two_stages)
+    for report in (base, pruned):
+        for row in report.layers:
+            assert row.analytic == row.torch == row.fvcore, row
+        assert report.language_model["analytic"] == report.language_model["torch"] == report.language_model["fvcore"]
+    assert pruned.layers[3].tokens[0] < pruned.layers[1].tokens[0] < base.layers[1].tokens[0]
+    assert pruned.layers[3].analytic < pruned.layers[1].analytic  # the conv layer after the cut costs less
 
 
 # --- Gemma 4: per-layer embeddings follow the cut; KV sharing refused ---------------------------------------
