@@ -7,9 +7,10 @@ list of names):
   and a ``language_model`` with a ``layers`` ``ModuleList``;
 * the image features replace placeholder tokens of one sequence (no cross-attention to them, no
   encoder-decoder, no discrete image codes embedded with the text table);
-* every decoder layer is a softmax self-attention layer (``self_attn``) called with ``hidden_states``,
-  ``attention_mask`` and ``position_embeddings`` and no other per-token input, and no layer shares
-  another layer's keys and values;
+* every decoder layer is a softmax self-attention layer (``self_attn``) or a recurrent layer the engine
+  cuts through (Gated DeltaNet ``linear_attn``, short convolution ``conv``: :data:`RECURRENT_LAYERS`),
+  called with ``hidden_states``, ``attention_mask`` and ``position_embeddings`` and no other per-token
+  input, and no layer shares another layer's keys and values;
 * the language model takes no visual features of its own (DeepStack-like residuals) and has a rotary
   embedding module ``rotary_emb``.
 
@@ -38,10 +39,31 @@ LAYER_ARGUMENTS = frozenset(
         "cache_position",
         "use_cache",
         "kwargs",
+        "per_layer_input",  # Gemma 4's per-layer embeddings: per token, gathered at a cut
+        "shared_kv_states",  # Gemma 4's KV-sharing storage: unused where no layer shares (see _shared_layers)
     }
 )
+#: Language-model inputs the engine gathers to the kept tokens after post_projector stages (per token, axis 1).
+LM_PER_TOKEN_INPUTS = frozenset({"per_layer_inputs"})
 #: Attention types whose layers attend with softmax over a KV cache (the engine's masks and probes fit them).
 SOFTMAX_ATTENTION = frozenset({"full_attention", "sliding_attention", "chunked_attention", None})
+#: Layer types with a 2-D padding mask and a fixed-size state of their own, which the engine cuts through
+#: (:mod:`tokenprune.engine.hybrid`): Gated DeltaNet linear attention, gated short convolution.
+RECURRENT_LAYERS = frozenset({"linear_attention", "conv"})
+#: Their mixer modules, by layer type.
+RECURRENT_MODULES = {"linear_attention": "linear_attn", "conv": "conv"}
+#: Layer types the engine refuses, with the reason.
+REFUSED_LAYERS = {
+    "indexed_attention": "indexed (sparse) attention: an indexer keeps a key cache of its own and picks the "
+    "top-k keys per query, the indices threaded from layer to layer (prev_topk_indices); the engine does not cut "
+    "that cache nor those indices",
+    "hybrid_sliding": "layers that run sliding-window attention and linear attention side by side, with block "
+    "states and relative-distance inputs the engine does not cut",
+    "reference_sliding_attention": "reference sliding-window attention: its cache keeps the whole prefill plus a "
+    "window of the latest decoded tokens, evicting decoded tokens as it goes; the engine does not rebuild that "
+    "mask over a pruned prefill",
+    "hybrid": "layers that run full attention and linear attention side by side in one cache layer",
+}
 
 
 def _call_parameters(module: nn.Module) -> dict[str, inspect.Parameter]:
@@ -132,18 +154,30 @@ def _language_model(model: nn.Module) -> nn.Module:
 def _hybrid_layers(model: nn.Module) -> str | None:
     lm = _language_model(model)
     layers = list(lm.layers)
-    types = getattr(text_config(lm), "layer_types", None) or []
-    odd = sorted({t for t in types if t not in SOFTMAX_ATTENTION})
-    no_attn = [i for i, layer in enumerate(layers) if not isinstance(getattr(layer, "self_attn", None), nn.Module)]
-    if odd or no_attn:
-        kinds = ", ".join(odd) or "no self_attn module"
-        where = no_attn or [i for i, t in enumerate(types) if t in odd]
+    types = list(getattr(text_config(lm), "layer_types", None) or [])
+    served = SOFTMAX_ATTENTION | RECURRENT_LAYERS
+    odd = sorted({t for t in types if t not in served})
+    if odd:
+        where = [i for i, t in enumerate(types) if t in odd]
+        why = "; ".join(f"{t}: {REFUSED_LAYERS[t]}" for t in odd if t in REFUSED_LAYERS)
         return (
-            f"its language model has layers the engine does not serve ({kinds}, at layers {_short(where)}): "
-            "linear-attention, convolution, state-space and indexed or windowed-cache attention layers keep caches "
-            "or inputs of their own that the engine does not cut yet"
+            f"its language model has layers the engine does not serve ({', '.join(odd)}, at layers {_short(where)})"
+            + (f": {why}" if why else ": a layer kind whose cache and inputs the engine does not know how to cut")
+        )
+    no_mixer = [i for i, layer in enumerate(layers) if not _has_mixer(layer, types[i] if i < len(types) else None)]
+    if no_mixer:
+        return (
+            f"its language model has layers the engine does not serve (no self_attn module, nor the linear_attn or "
+            f"conv module its layer type names, at layers {_short(no_mixer)}): state-space and other layers keep "
+            "caches or inputs of their own that the engine does not cut"
         )
     return None
+
+
+def _has_mixer(layer: nn.Module, kind: str | None) -> bool:
+    """The layer has the token mixer its kind needs (``self_attn``; ``linear_attn`` or ``conv`` for recurrent kinds)."""
+    name = RECURRENT_MODULES.get(kind or "", "self_attn")
+    return isinstance(getattr(layer, name, None), nn.Module)
 
 
 def _layer_contract(model: nn.Module) -> str | None:
@@ -169,15 +203,22 @@ def _shared_layers(model: nn.Module) -> str | None:
     for key in ("num_kv_shared_layers", "hc_mult", "hc_count", "num_hyper_connections"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > (1 if key.startswith(("hc", "num_hyper")) else 0):
-            what = "shares keys and values across layers" if "kv" in key else "uses hyper-connections"
-            return f"its language model {what} ({key}={value}); the engine cannot cut tokens through that"
+            if "kv" in key:
+                return (
+                    f"its language model shares keys and values across layers ({key}={value}: the last {value} "
+                    "layers reuse the keys and values of an earlier layer, and generate() runs them on the last "
+                    "position only); the engine does not gather the shared keys and values to the kept tokens, so a "
+                    "cut would misalign them (checkpoints with num_kv_shared_layers=0 are served)"
+                )
+            return f"its language model uses hyper-connections ({key}={value}); the engine cannot cut tokens there"
     return None
 
 
 def _visual_residuals(model: nn.Module) -> str | None:
     lm = _language_model(model)
     params = _call_parameters(lm)
-    visual = [n for n in params if any(w in n for w in ("deepstack", "visual", "vision", "per_layer"))]
+    words = ("deepstack", "visual", "vision", "per_layer")
+    visual = [n for n in params if any(w in n for w in words) and n not in LM_PER_TOKEN_INPUTS]
     if visual:
         return (
             f"its language model takes {', '.join(visual)}: features added inside the decoder stack "

@@ -2,7 +2,8 @@
 
 Per decoder layer with ``n`` query tokens attending to ``n_kv`` keys:
 
-    MACs = n * P + 2 * q_dim * n * n_kv
+    MACs = n * P + 2 * q_dim * n * n_kv                    (an attention layer)
+    MACs = n * P + (n + kernel - 1) * channels * kernel    (a short-convolution layer, LFM2)
 
 where ``P`` is the layer's matrix-product MACs per token: the sum of ``in_features * out_features``
 over its linear modules (the q, k, v and o projections and the MLP: three matrices for
@@ -13,7 +14,9 @@ matrices (every token runs through exactly ``top_k`` experts, whichever they are
 no token for capacity), and any shared expert's linears as above. ``q_dim = heads * head_dim``
 (QK^T and AV). The LM head adds ``positions * hidden * vocab`` for the positions whose logits are
 computed (one in ``generate``, every position in a plain forward unless ``logits_to_keep`` says
-otherwise).
+otherwise). A short convolution is depthwise and causal, padded by ``kernel - 1`` on both sides and cut
+back to ``n`` outputs afterwards, so it computes ``n + kernel - 1`` outputs, as torch and fvcore count them.
+Linear-attention (Gated DeltaNet) layers are refused.
 
 This is FastV's ``4nd^2 + 2n^2d + 2ndm`` made exact for GQA, gated MLPs and routed experts. It
 matches fvcore and ``torch.utils.flop_counter`` to the MAC (see the tests).
@@ -42,6 +45,9 @@ class DecoderShape:
         vocab: Output size of the LM head.
         q_proj_macs: Per decoder layer, ``in * out`` of its query projection (per token).
         k_proj_macs: Per decoder layer, ``in * out`` of its key projection (per token).
+        conv: Per decoder layer, ``(macs per output, kernel)`` of its causal depthwise convolution (a short
+            convolution layer: ``channels * kernel`` MACs per output, ``n + kernel - 1`` outputs for ``n``
+            tokens, as the padded convolution computes them); ``(0, 1)`` where it has none. Empty: none.
     """
 
     linear_macs_per_token: tuple[int, ...]
@@ -50,6 +56,7 @@ class DecoderShape:
     vocab: int
     q_proj_macs: tuple[int, ...]
     k_proj_macs: tuple[int, ...]
+    conv: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -66,20 +73,71 @@ class DecoderShape:
                 f"{type(model).__name__} has no get_decoder().layers and lm_head; DecoderShape needs a transformers "
                 "causal LM or a VLM built on one"
             )
-        per_token, q_dims, q_macs, k_macs = [], [], [], []
+        kinds = _refuse_recurrent_layers(decoder, layers)
+        per_token, q_dims, q_macs, k_macs, conv = [], [], [], [], []
         for i, layer in enumerate(layers):
             linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+            per_token.append(_macs_per_token(layer, i))
+            if kinds[i] == "conv":
+                conv.append(_short_conv(layer, i))
+                q_dims.append(0), q_macs.append(0), k_macs.append(0)
+                continue
             attention = compat.attention_module(layer)
             q_proj, k_proj = getattr(attention, "q_proj", None), getattr(attention, "k_proj", None)
             if not linears or not isinstance(q_proj, nn.Linear) or not isinstance(k_proj, nn.Linear):
                 raise TypeError(
                     f"decoder layer {i} ({type(layer).__name__}) has no self_attn.q_proj and k_proj linear modules"
                 )
-            per_token.append(_macs_per_token(layer, i))
+            conv.append((0, 1))
             q_dims.append(q_proj.out_features)
             q_macs.append(q_proj.in_features * q_proj.out_features)
             k_macs.append(k_proj.in_features * k_proj.out_features)
-        return cls(tuple(per_token), tuple(q_dims), head.in_features, head.out_features, tuple(q_macs), tuple(k_macs))
+        convs = tuple(conv) if any(c for c, _ in conv) else ()
+        return cls(
+            tuple(per_token), tuple(q_dims), head.in_features, head.out_features, tuple(q_macs), tuple(k_macs), convs
+        )
+
+
+def _short_conv(layer: nn.Module, index: int) -> tuple[int, int]:
+    """``(out_channels * in_channels / groups * kernel, kernel)`` of a short-convolution layer's one causal
+    ``nn.Conv1d`` (LFM2's depthwise ``conv.conv``): its MACs per output position, and its kernel size.
+
+    Raises:
+        TypeError: the layer holds no such convolution, or several.
+    """
+    convs = [m for m in layer.modules() if isinstance(m, nn.Conv1d)]
+    if len(convs) != 1 or convs[0].padding != (convs[0].kernel_size[0] - 1,):
+        raise TypeError(
+            f"decoder layer {index} ({type(layer).__name__}) is a conv layer without one causal nn.Conv1d "
+            f"(padding kernel - 1); found {len(convs)}"
+        )
+    (c,) = convs
+    return c.out_channels * (c.in_channels // c.groups) * c.kernel_size[0], c.kernel_size[0]
+
+
+def _refuse_recurrent_layers(decoder: nn.Module, layers: Sequence[nn.Module]) -> tuple[str, ...]:
+    """Each layer's kind; refuse a language model with linear-attention layers, whose MACs are not counted (yet).
+
+    Gated DeltaNet's chunked delta rule computes its products on chunks of 64 tokens (padded), so an analytic
+    count would not match what torch and fvcore measure without following the kernel's implementation. Short
+    convolution layers (``conv``) are counted (:func:`_short_conv`).
+
+    Raises:
+        TypeError: naming the layer kind and the layers.
+    """
+    from tokenprune.engine.hybrid import layer_kinds
+
+    kinds = layer_kinds(getattr(decoder, "config", None), layers)
+    odd = [i for i, kind in enumerate(kinds) if kind == "linear_attention"]
+    if odd:
+        names = sorted({kinds[i] for i in odd})
+        raise TypeError(
+            f"decoder layers {', '.join(map(str, odd[:8]))}{', ...' if len(odd) > 8 else ''} are "
+            f"{' and '.join(names)} layers: tokenprune counts the FLOPs (analytic, torch, fvcore) of softmax-attention "
+            "and short-convolution decoder layers only; the pruning itself works on this model, its FLOP count "
+            "does not"
+        )
+    return kinds
 
 
 def _macs_per_token(layer: nn.Module, index: int) -> int:
@@ -94,6 +152,9 @@ def _macs_per_token(layer: nn.Module, index: int) -> int:
     accounted = {id(m.weight) for m in layer.modules() if isinstance(m, nn.Linear)}
     routed = 0
     for module in layer.modules():
+        if isinstance(module, nn.Conv1d):  # a short convolution: counted per output (DecoderShape.conv)
+            accounted.add(id(module.weight))
+            continue
         if any(p.dim() == 3 for p in module.parameters(recurse=False)):
             block = parents.get(id(module), layer)
             macs, params = experts_macs_per_token(block, module, layer_index=index)
@@ -230,9 +291,12 @@ def language_model_macs(
     if len(layer_tokens) != shape.num_layers:
         raise ValueError(f"layer_tokens has {len(layer_tokens)} entries; the model has {shape.num_layers} layers")
     kv = layer_tokens if kv_tokens is None else kv_tokens
+    conv = shape.conv or ((0, 1),) * shape.num_layers
     layers = tuple(
-        batch * (n * p + 2 * q * n * k)
-        for n, k, p, q in zip(layer_tokens, kv, shape.linear_macs_per_token, shape.q_dims, strict=True)
+        batch * (n * p + 2 * q * n * k + (c * (n + width - 1) if c else 0))
+        for n, k, p, q, (c, width) in zip(
+            layer_tokens, kv, shape.linear_macs_per_token, shape.q_dims, conv, strict=True
+        )
     )
     return LanguageModelMacs(layers, tuple(layer_tokens), batch * logits_positions * shape.hidden * shape.vocab)
 

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,10 +126,29 @@ def torch_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Torc
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops
     }
     custom.update(dict.fromkeys(_grouped_mm_ops(), _grouped_mm_flops))
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+    frozen = _frozen_parameters(fn) if isinstance(fn, nn.Module) else contextlib.nullcontext()
+    with frozen, torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
         out = fn(*args, **kwargs)
     by_module = {path: int(sum(ops.values())) for path, ops in counter.get_flop_counts().items() if path != "Global"}
     return TorchCount(int(counter.get_total_flops()), by_module), out
+
+
+@contextlib.contextmanager
+def _frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """``module``'s parameters without ``requires_grad`` for the duration (restored after).
+
+    ``FlopCounterMode``'s module tracker hooks the gradient of every module input that requires one; a view
+    of a parameter made in inference mode and handed to a module (LFM2's short convolution hands its squeezed
+    weight to a kernel module) has none to hook, and the tracker fails. A count needs no gradients.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,12 @@ def cache_from_kwargs(kwargs: Mapping[str, Any]) -> Any:
 
 
 def cache_length(cache: Any) -> int:
-    """Tokens already in ``cache`` (layer 0's length; ``0`` for ``None``).
+    """Tokens already in ``cache``: the first attention layer's length (a layer with ``keys``; layer 0 where
+    none is known), ``0`` for ``None``.
+
+    A hybrid model's linear-attention and convolution cache layers (transformers'
+    ``LinearAttentionCacheLayerMixin``, 5.22+) count the tokens they consumed as a device tensor; an attention
+    layer's length is the length of its keys, as the engine's decoding masks need.
 
     Raises:
         TokenpruneError: ``cache`` is not a transformers ``Cache`` (no ``get_seq_length``).
@@ -130,7 +135,9 @@ def cache_length(cache: Any) -> int:
             f"unrecognised KV cache of type {type(cache).__name__} on transformers {transformers_version()}: "
             "tokenprune reads transformers Cache objects (DynamicCache, ...) with get_seq_length()"
         )
-    return int(length())
+    layers = getattr(cache, "layers", None)
+    first = next((i for i, layer in enumerate(layers or ()) if hasattr(layer, "keys")), 0)
+    return int(length(first) if first else length())
 
 
 def output_cache(output: Any) -> Any:

@@ -94,6 +94,7 @@ def pruned_layer_call(
     dtype: torch.dtype,
     table: Mapping[str, LayerArg] | None = None,
     names: tuple[str, ...] = (),
+    recurrent: bool = False,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The arguments of a decoder layer that a layer stage pruned (it holds the tokens of ``seg``).
 
@@ -111,12 +112,16 @@ def pruned_layer_call(
     (layer 0, or the first layer of that attention type, which may be pruned), so the mask is rebuilt
     over this layer's own cache rather than sliced.
 
+    A ``recurrent`` layer (linear attention, short convolution: :mod:`tokenprune.engine.hybrid`) takes a 2-D
+    padding mask instead: the kept tokens' in the prefill, the model's own (for the new tokens, or none) in
+    decoding steps; its state in the cache was built from the kept tokens by the layer itself.
+
     Raises:
         TokenpruneError: in decoding, the model's mask fits neither the unpruned nor this layer's cache.
     """
     if table is None:
         table = layer_args_of(adapter)
-    call = _PrunedCall(hidden, seg, st, adapter, layer, compact, boolean, dtype)
+    call = _PrunedCall(hidden, seg, st, adapter, layer, compact, boolean, dtype, recurrent)
     if st.in_prefill:
         return _cut_prefill(args, kwargs, call, table, names)
     return args, _decoding_layer_kwargs(kwargs, call)
@@ -134,6 +139,7 @@ class _PrunedCall:
     compact: bool
     boolean: bool
     dtype: torch.dtype
+    recurrent: bool = False
 
 
 def _cut_prefill(
@@ -145,16 +151,24 @@ def _cut_prefill(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A prefill layer's arguments after the cut, cut once per segment where the model hands every layer the
     same objects (the mask, rotary tables and position ids are computed once per forward): later layers of the
-    segment reuse the first one's (not under ``compact``, whose rotary tables depend on the layer)."""
+    segment reuse the first one's (not under ``compact``, whose rotary tables depend on the layer). A hybrid
+    model's recurrent and attention layers keep one such cut each (their masks differ in form)."""
     hidden, seg, st, layer, compact = call.hidden, call.seg, call.st, call.layer, call.compact
     given = (seg, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
-    if not compact and st.sliced is not None and _same_objects(st.sliced[0], given):
-        rest, sliced = st.sliced[1]
+    if st.sliced is None or st.sliced[0] is not seg:
+        st.sliced = (seg, {})
+    kept = st.sliced[1].get(call.recurrent)
+    if not compact and kept is not None and _same_objects(kept[0], given):
+        rest, sliced = kept[1]
         return (args[0], *rest), {**kwargs, **sliced}
-    cut = LayerCut(hidden, seg, st.lm_length, layer, compact, call.adapter, all_valid=st.all_valid(seg))
+    all_valid = st.all_valid(seg)
+    cut = LayerCut(hidden, seg, st.lm_length, layer, compact, call.adapter, all_valid, call.recurrent)
     boolean, dtype = call.boolean, call.dtype
     out_args, out_kwargs = cut_prefill_args(args, dict(kwargs), cut, table, names, boolean=boolean, dtype=dtype)
-    st.sliced = (given, (out_args[1:], {k: v for k, v in out_kwargs.items() if k != "hidden_states"}))
+    st.sliced[1][call.recurrent] = (
+        given,
+        (out_args[1:], {k: v for k, v in out_kwargs.items() if k != "hidden_states"}),
+    )
     return out_args, out_kwargs
 
 
@@ -173,6 +187,8 @@ def _same_objects(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 def _decoding_layer_kwargs(kwargs: dict[str, Any], call: _PrunedCall) -> dict[str, Any]:
     """A pruned layer's keyword arguments in a decoding step (see :func:`pruned_layer_call`)."""
     seg, st, layer = call.seg, call.st, call.layer
+    if call.recurrent:  # its 2-D mask covers the new tokens only; its state holds the kept tokens already
+        return kwargs
     mask = kwargs.get("attention_mask")
     extra = st.decoded + st.step_length
     valid = torch.cat([seg.valid, seg.valid.new_ones(seg.valid.shape[0], extra)], 1)

@@ -36,6 +36,7 @@ from tokenprune.engine.decode import check_decoding_mask, decoding_positions, mo
 from tokenprune.engine.guards import check_every_stage_ran, refuse_embeds_without_ids
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.install import plan_install
+from tokenprune.engine.layer_args import cut_lm_inputs
 from tokenprune.engine.layer_hooks import LayerHooks, Live
 from tokenprune.engine.masks import pruned_input_mask
 from tokenprune.engine.pre_projector import PreProjector
@@ -332,6 +333,7 @@ class ForwardHooks:
             kw["inputs_embeds"] = hidden
             kw["attention_mask"] = pruned_input_mask(kw.get("attention_mask"), seq, **plan.masks)
             kw["position_ids"] = P.from_rows(seq.positions, fmt)
+            cut_lm_inputs(kw, seq.input_column, length)  # per-layer embeddings (Gemma 4)
         lm_columns = torch.arange(st.lm_length, device=hidden.device).expand(batch, -1)
         self.live.set_current(st, replace(seq, lm_column=lm_columns, has_padding_slots=False), lm_input=True)
         if plan.keeps_embeds:

@@ -21,6 +21,7 @@ from tokenprune.adapters.base import ModelAdapter
 from tokenprune.channels import SignalChannel
 from tokenprune.engine import compat
 from tokenprune.engine.guards import bind_stages, check_attention_implementation, check_decode_layer, check_layers_exist
+from tokenprune.engine.hybrid import check_attention_layers, is_recurrent, layer_kinds
 from tokenprune.engine.layer_args import LayerArg, layer_args_of, positional_names
 from tokenprune.engine.masks import mask_kind
 from tokenprune.engine.residuals import adds_visual_residuals
@@ -48,6 +49,8 @@ class InstallPlan:
         layers: The decoder layers.
         layer_args: How each per-token decoder-layer argument follows a cut.
         arg_names: Per decoder layer, its positional parameter names.
+        recurrent: Per decoder layer, whether it is a linear-attention or convolution layer
+            (:mod:`tokenprune.engine.hybrid`): its mask is 2-D and its state is built on the pruned sequence.
         produce_at: The layers ``k >= 1`` after whose layer ``k - 1`` a stage runs or a channel is produced.
     """
 
@@ -67,6 +70,7 @@ class InstallPlan:
     layers: tuple[nn.Module, ...]
     layer_args: Mapping[str, LayerArg]
     arg_names: tuple[tuple[str, ...], ...]
+    recurrent: tuple[bool, ...]
     produce_at: tuple[int, ...]
 
     @property
@@ -97,6 +101,8 @@ def plan_install(
     check_layers_exist({**by_layer, **at_decode}, len(layers))
     if decode_layer:
         check_decode_layer(decode_layer, layers)
+    kinds = layer_kinds(adapter.text_config(), layers)
+    check_attention_layers(by_layer, decode, kinds)
     bind_stages(list(plans), model)
     impl = compat.attention_implementation(adapter.text_config())
     if plans:
@@ -124,5 +130,6 @@ def plan_install(
         layers=tuple(layers),
         layer_args=MappingProxyType(layer_args_of(adapter)),
         arg_names=tuple(positional_names(layer) for layer in layers),
+        recurrent=tuple(is_recurrent(kind) for kind in kinds),
         produce_at=tuple(sorted(set(by_layer) | {c.layer for c in channels if c.layer > 0})),
     )

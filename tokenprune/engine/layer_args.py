@@ -11,7 +11,9 @@ mask), only the kept tokens' entries. :class:`LayerArg` says how one argument fo
 ``"mask"``
     The 4-D attention mask (additive or boolean, as the attention implementation needs), sliced to the
     kept queries and keys; created where the kept tokens have padding; rebuilt over the layer's own
-    cache in decoding steps.
+    cache in decoding steps. At a recurrent layer (linear attention, short convolution:
+    :mod:`tokenprune.engine.hybrid`) the model passes its 2-D padding mask under the same name: it follows
+    as ``"padding_mask"``, and is created (the kept tokens' ``valid``) where they have padding.
 ``"padding_mask"``
     A 2-D ``(B, L)`` mask (1 = real token), as linear-attention layers take: gathered, zero on padding
     slots; passed on as given in decoding steps (it covers the new tokens only).
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 
 from tokenprune.engine.masks import slice_mask
 from tokenprune.engine.sequence import TokenSequence, gather_position_ids, gather_tokens, position_ids_like
+from tokenprune.errors import TokenpruneError
 
 Follow = Literal["columns", "mask", "padding_mask", "positions", "rotary", "recompute", "keep"]
 
@@ -63,6 +66,8 @@ class LayerCut:
         adapter: The model family's adapter.
         all_valid: ``sequence`` has no padding slot (``sequence.valid.all()``), read from the device once per
             sequence by the engine, so that no decoder layer reads it again.
+        recurrent: The layer is recurrent (linear attention, short convolution): its ``"mask"`` argument is a
+            2-D padding mask (:mod:`tokenprune.engine.hybrid`).
     """
 
     hidden: Tensor
@@ -72,6 +77,7 @@ class LayerCut:
     compact: bool
     adapter: Any
     all_valid: bool = False
+    recurrent: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,31 @@ DEFAULT_LAYER_ARGS: Mapping[str, LayerArg] = {
     "position_embeddings": LayerArg("rotary"),
     "position_ids": LayerArg("positions"),
 }
+
+#: Per-token inputs of the language model itself (beside ``inputs_embeds``, the mask and positions) that follow
+#: a post_projector cut: ``(B, L, ...)`` gathered along the token axis (Gemma 4's ``per_layer_inputs``).
+LM_PER_TOKEN_INPUTS = ("per_layer_inputs",)
+
+
+def cut_lm_inputs(kwargs: dict[str, Any], columns: Tensor, width: int) -> None:
+    """Gather the language model's per-token inputs of :data:`LM_PER_TOKEN_INPUTS` in ``kwargs`` to ``columns``
+    (``(B, L')`` columns of the ``width``-token input, ``-1``: a padding slot, which reads column 0), in place.
+
+    Raises:
+        TokenpruneError: such an input is not a ``(B or 1, width, ...)`` tensor.
+    """
+    for name in LM_PER_TOKEN_INPUTS:
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or value.dim() < 2 or int(value.shape[1]) != width:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise TokenpruneError(
+                f"the language model's {name} ({shape}) is not a per-token (batch, {width}, ...) tensor; the engine "
+                "cannot follow a post_projector cut with it"
+            )
+        kwargs[name] = gather_tokens(value, columns)
+
 
 _ABSENT = object()
 
@@ -166,6 +197,8 @@ def _follow(arg: LayerArg | None, value: Any, cut: LayerCut, boolean: bool, dtyp
     if arg.follow == "mask":
         if value is None and not seq.has_padding_slots and cut.all_valid:
             return _ABSENT
+        if cut.recurrent:
+            return _padding_mask(value, cut)
         return slice_mask(value, cols, cols, seq.valid, boolean=boolean, dtype=dtype)
     if arg.follow == "rotary":
         if cut.compact:
@@ -176,8 +209,22 @@ def _follow(arg: LayerArg | None, value: Any, cut: LayerCut, boolean: bool, dtyp
     if arg.follow == "positions":
         return position_ids_like(seq.positions, value) if cut.compact else gather_position_ids(value, cols)
     if arg.follow == "padding_mask":
-        return gather_tokens(value, cols) * seq.valid.to(value.dtype)
+        return _padding_mask(value, cut)
     return _gather(value, cols, arg.axis) if isinstance(value, (Tensor, tuple, list)) else _ABSENT
+
+
+def _padding_mask(value: Any, cut: LayerCut) -> Tensor:
+    """``(B, L')`` the kept tokens' 2-D padding mask (1 = real token): ``value`` gathered (``(B, L)``, the
+    model's), or ``cut.sequence.valid`` where the model passed none."""
+    valid = cut.sequence.valid
+    if not isinstance(value, Tensor):
+        return valid.to(torch.long)
+    if value.dim() != 2:
+        raise TokenpruneError(
+            f"decoder layer {cut.layer} is a recurrent layer (linear attention or convolution) but received a "
+            f"{value.dim()}-D attention mask; tokenprune passes such layers a 2-D (batch, length) padding mask"
+        )
+    return gather_tokens(value, cut.sequence.lm_column) * valid.to(value.dtype)
 
 
 def _per_token(value: Any, cut: LayerCut) -> bool:

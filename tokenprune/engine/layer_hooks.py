@@ -151,7 +151,7 @@ class LayerHooks:
                 return None
             return pruned_layer_call(
                 args, kwargs, hidden, seg, st, live.adapter, i, compact=plan.compact, **plan.masks,
-                table=plan.layer_args, names=plan.arg_names[i],
+                table=plan.layer_args, names=plan.arg_names[i], recurrent=plan.recurrent[i],
             )  # fmt: skip
 
         return hook

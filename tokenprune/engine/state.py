@@ -90,8 +90,9 @@ class PrefillState:
     lm_embeds: Tensor | None = None
     video: Tensor | None = None
     _reads: dict[int, tuple[TokenSequence, list[int], bool]] = field(default_factory=dict, repr=False)
-    sliced: tuple[Any, Any] | None = field(default=None, repr=False)
-    """The last pruned layer's inputs as the model gave them and as the engine sliced them (prefill only)."""
+    sliced: tuple[Any, dict[bool, Any]] | None = field(default=None, repr=False)
+    """The segment last cut, and per layer form (recurrent or not) its last pruned layer's inputs as the model
+    gave them and as the engine sliced them (prefill only)."""
 
     def real_tokens(self, seq: TokenSequence) -> list[int]:
         """Real tokens per sample of ``seq``; read from the device once per sequence, not once per layer."""

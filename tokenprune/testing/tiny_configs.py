@@ -44,6 +44,8 @@ TEXT = {
     "v_head_dim": 16,
     "sliding_window": 1024,
     "out_hidden_size": 64,
+    "hidden_size_per_layer_input": 16,  # Gemma 4's per-layer embeddings
+    "vocab_size_per_layer_input": 512,
 }
 #: Sizes every tiny vision config gets.
 VISION = {
@@ -63,6 +65,31 @@ PATCHES_PER_SIDE = 8
 MAX_PARAMETERS = 20_000_000
 #: The tiny vocabulary; special token ids outside it are moved to 10..99.
 VOCAB = 512
+#: Layer kinds of a hybrid language model that the tiny models keep, at least one layer each.
+RECURRENT_KINDS = ("linear_attention", "conv")
+#: Text model types whose default config is all attention although the family's checkpoints are hybrid, with
+#: the layer kind those checkpoints add (LFM2's default ``full_attn_idxs`` names every layer).
+HYBRID_FAMILIES = {"lfm2": "conv"}
+
+
+def _hybrid_layer_types(d: dict[str, Any], n: int) -> list[str] | None:
+    """``n`` layer types for a hybrid text config: its softmax and recurrent kinds alternating, a softmax layer
+    first (so that a stage at ``layer: 1`` can read layer 0's attention), every kind at least once where ``n``
+    allows; ``None`` for a model without recurrent layers."""
+    types = [t for t in d.get("layer_types") or [] if isinstance(t, str)]
+    recurrent = list(dict.fromkeys(t for t in types if t in RECURRENT_KINDS))
+    family = HYBRID_FAMILIES.get(str(d.get("model_type")))
+    if family is not None and family not in recurrent:
+        recurrent.append(family)
+    if not recurrent:
+        return None
+    attention = [
+        "full_attention",
+        *dict.fromkeys(t for t in types if t not in RECURRENT_KINDS and t != "full_attention"),
+    ]
+    return [
+        attention[(i // 2) % len(attention)] if i % 2 == 0 else recurrent[(i // 2) % len(recurrent)] for i in range(n)
+    ]
 
 
 def _shrink(d: dict[str, Any], sizes: dict[str, Any]) -> None:
@@ -73,6 +100,11 @@ def _shrink(d: dict[str, Any], sizes: dict[str, Any]) -> None:
         if key in d and isinstance(d[key], int) and not isinstance(d[key], bool):
             d[key] = value
     n = d.get("num_hidden_layers")
+    hybrid = _hybrid_layer_types(d, n) if isinstance(n, int) and sizes is TEXT else None
+    if hybrid is not None:
+        d["layer_types"] = hybrid
+        if "full_attn_idxs" in d:
+            d["full_attn_idxs"] = [i for i, t in enumerate(hybrid) if t == "full_attention"]
     if isinstance(old_depth, int) and isinstance(n, int) and old_depth > n:
         for key, value in list(d.items()):
             if isinstance(value, list) and len(value) == old_depth:
