@@ -128,7 +128,8 @@ class InputBuilder:
         if self.mode == "image_sizes":
             h, w = 2 * m * self.patch, 2 * m * self.patch * k
             return torch.randn(3, h, w, generator=g), (h, w)
-        tp = int(getattr(self.vision, "temporal_patch_size", 1) or 1) if self.mode == "image_grid_thw" else 1
+        temporal = getattr(self.vision, "temporal_patch_size", None) or getattr(self.vision, "patch_temporal", 1)
+        tp = int(temporal or 1) if self.mode == "image_grid_thw" else 1
         h, w = 2 * m, 2 * m * k
         return torch.randn(h * w, ch * tp * self.patch * self.patch, generator=g), (h, w)
 

@@ -64,6 +64,8 @@ VISION = {
     "num_key_value_heads": 4,
     "head_dim": 8,
     "out_hidden_size": 64,
+    "vocab_size": 256,
+    "projection_dim": 64,
 }
 #: Sizes every tiny audio config gets (omni models' audio towers; ``output_dim`` is the text width).
 AUDIO = {
@@ -77,7 +79,22 @@ AUDIO = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "output_dim": 64,
+    "out_hidden_size": 64,
 }
+#: Sizes every tiny VQ image tokenizer config gets (Janus's and Chameleon's image generators).
+VQ = {
+    "base_channels": 32,
+    "latent_channels": 32,
+    "embed_dim": 8,
+    "num_embeddings": 64,
+    "num_res_blocks": 1,
+    "projection_dim": 64,
+    "image_token_embed_dim": 64,
+    "num_hidden_layers": 1,
+}
+#: Top-level sizes of a config with a text sub-config: the widths around the projector (Ovis2's visual
+#: embedding table, MUSE's adapter) that must be the tiny text width.
+TOP = {"hidden_size": 64, "projector_hidden_size": 64}
 #: Patches per side of a tiny fixed-size tower's image (divisible by the usual 2x2 and 4x4 merges).
 PATCHES_PER_SIDE = 8
 #: Tiny models above this many parameters are not built (see :func:`build_tiny`).
@@ -98,6 +115,8 @@ def _shrink(d: dict[str, Any], sizes: dict[str, Any]) -> None:
             d[key] = value
         elif key in d and isinstance(d[key], list) and d[key] and all(type(v) is int for v in d[key]):
             d[key] = [value] * len(d[key])  # per-modality sizes (ERNIE-4.5-VL's moe_intermediate_size)
+    if "head_dim" in d and d["head_dim"] is None and "head_dim" in sizes:  # HunYuan-VL's layers read it as given
+        d["head_dim"] = sizes["head_dim"]
     if rope_head:  # DeepSeek-V3's head_dim is the rotary width (its rotary module reads it)
         d["head_dim"] = d["qk_rope_head_dim"]
     n = d.get("num_hidden_layers")
@@ -177,7 +196,7 @@ def _move_special_ids(d: dict[str, Any], moved: dict[int, int]) -> None:
     for key, value in d.items():
         if key.endswith(SPECIAL_ID_KEYS) and isinstance(value, int) and value >= VOCAB:
             d[key] = moved.setdefault(value, 10 + len(moved))
-        elif key.endswith("token_id") and isinstance(value, list):
+        elif key.endswith(("token_id", "token_ids")) and isinstance(value, list):
             d[key] = [moved.setdefault(v, 10 + len(moved)) if isinstance(v, int) and v >= VOCAB else v for v in value]
     if "vocab_size" in d:
         d["vocab_size"] = VOCAB
@@ -189,8 +208,8 @@ def _shrink_tree(top: dict[str, Any], d: dict[str, Any], moved: dict[int, int], 
     for key, value in list(d.items()):
         if isinstance(value, dict) and "model_type" in value:
             sub_vision = vision or any(w in key for w in ("vision", "visual", "adapter"))
-            if "audio" in key:
-                _shrink(value, AUDIO)
+            if "audio" in key or "vq" in key:
+                _shrink(value, AUDIO if "audio" in key else VQ)
                 continue
             _shrink(value, _vision_sizes(top, value) if sub_vision else TEXT)
             if not sub_vision:
@@ -255,6 +274,9 @@ def tiny_config(model_type: str) -> Any:
         text["rope_parameters"] = {"mrope_section": section, **rope}
     if isinstance(d.get("mm_tokens_per_image"), int):  # a pooled grid must fit the tiny tower's patches
         d["mm_tokens_per_image"] = (PATCHES_PER_SIDE // 2) ** 2
+    merge = (d.get("vision_config") or {}).get("merge_size")
+    if isinstance(d.get("out_hidden_size"), int) and isinstance(merge, int):  # MUSE: the merged patches' width
+        d["out_hidden_size"] = VISION["hidden_size"] * merge**2
     if isinstance(d.get("projection_hidden_size"), int):  # Kimi-K2.5: the projector's input, the tower's width
         d["projection_hidden_size"] = VISION["hidden_size"]
     if isinstance(d.get("projector_patch_to_query_dict"), dict):  # Aria: queries per tiny image's patch count
@@ -264,7 +286,7 @@ def tiny_config(model_type: str) -> Any:
     moved: dict[int, int] = {}
     _move_special_ids(d, moved)
     _shrink_tree(d, d, moved, False)
-    _shrink(d, TEXT if "text_config" not in d else {})
+    _shrink(d, TEXT if "text_config" not in d else TOP)
     return cls.from_dict(d)
 
 
