@@ -274,6 +274,8 @@ def tiny_config(model_type: str) -> Any:
         text["rope_parameters"] = {"mrope_section": section, **rope}
     if isinstance(d.get("mm_tokens_per_image"), int):  # a pooled grid must fit the tiny tower's patches
         d["mm_tokens_per_image"] = (PATCHES_PER_SIDE // 2) ** 2
+    if "vocabulary_map" in d and d["vocabulary_map"] is None:  # Chameleon, Emu3: a real checkpoint's BPE map
+        d["vocabulary_map"] = {"<image>": 10}
     merge = (d.get("vision_config") or {}).get("merge_size")
     if isinstance(d.get("out_hidden_size"), int) and isinstance(merge, int):  # MUSE: the merged patches' width
         d["out_hidden_size"] = VISION["hidden_size"] * merge**2
