@@ -34,6 +34,17 @@ def _first(value: Any, default: int = 0) -> int:
     return int(value) if isinstance(value, int) and value else default
 
 
+def _nested(cfg: Any, key: str) -> Any:
+    """``cfg.<key>``, else the first sub-config's that has it (DeepSeek-OCR2's SAM tower under ``sam_config``)."""
+    value = getattr(cfg, key, None)
+    if value is not None:
+        return value
+    for sub in vars(cfg).values():
+        if hasattr(sub, "to_dict") and (found := _nested(sub, key)) is not None:
+            return found
+    return None
+
+
 def _boundaries(cfg: Any) -> tuple[int | None, int | None]:
     """The ids that open and close an image's placeholders where the config names them, as real prompts have
     them (Ovis2.5 checks them; Qwen-style ``get_rope_index`` finds images by ``vision_start_token_id``)."""
@@ -75,8 +86,8 @@ class InputBuilder:
             raise NotImplementedError(f"no census input builder for get_image_features({', '.join(sorted(unknown))})")
         cfg = model.config
         self.vision = getattr(cfg, "vision_config", None) or cfg  # Fuyu: the sizes on the top config
-        self.patch = _first(getattr(self.vision, "patch_size", 14), 14)
-        self.image_size = _first(getattr(self.vision, "image_size", 0))
+        self.patch = _first(_nested(self.vision, "patch_size"), 14)
+        self.image_size = _first(_nested(self.vision, "image_size"))
         if self.mode in ("fixed", "image_grids") and not self.image_size:
             raise NotImplementedError("the vision config gives no image_size")
         taken = _special_ids(cfg)

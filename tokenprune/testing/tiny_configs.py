@@ -66,6 +66,9 @@ VISION = {
     "out_hidden_size": 64,
     "vocab_size": 256,
     "projection_dim": 64,
+    "output_channels": 32,
+    "downsample_channels": 32,
+    "mlp_dim": 64,
 }
 #: Sizes every tiny audio config gets (omni models' audio towers; ``output_dim`` is the text width).
 AUDIO = {
@@ -120,6 +123,11 @@ def _shrink(d: dict[str, Any], sizes: dict[str, Any]) -> None:
     if rope_head:  # DeepSeek-V3's head_dim is the rotary width (its rotary module reads it)
         d["head_dim"] = d["qk_rope_head_dim"]
     n = d.get("num_hidden_layers")
+    if (
+        "mlp_layer_types" in d and d["mlp_layer_types"] is None and isinstance(n, int)
+    ):  # DeepSeek-OCR2: the checkpoint's
+        dense = d.get("first_k_dense_replace") if isinstance(d.get("first_k_dense_replace"), int) else n
+        d["mlp_layer_types"] = ["dense"] * min(dense, n) + ["sparse"] * max(0, n - dense)
     if isinstance(old_depth, int) and isinstance(n, int) and old_depth > n:
         for key, value in list(d.items()):
             if isinstance(value, list) and len(value) == old_depth:
