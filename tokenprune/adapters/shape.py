@@ -121,6 +121,12 @@ def _cross_attention(model: nn.Module) -> str | None:
 def _no_image_features(model: nn.Module) -> str | None:
     vlm = model.model
     if not callable(getattr(vlm, "get_image_features", None)):
+        towers = [n for n, _ in model.named_modules() if any(w in n.rsplit(".", 1)[-1] for w in ("vision", "visual"))]
+        if not towers:
+            return (
+                f"{type(vlm).__name__} has no get_image_features method and {type(model).__name__} no vision tower: "
+                "a text-only language model (transformers maps it as image-text-to-text), with no visual tokens"
+            )
         return f"{type(vlm).__name__} has no get_image_features method"
     if callable(getattr(vlm, "get_image_tokens", None)):
         return (
