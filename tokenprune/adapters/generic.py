@@ -140,13 +140,16 @@ class GenericDeepStackAdapter(GenericAdapter):
 
 def uses_mrope(model: nn.Module) -> bool:
     """Qwen2-VL's 3-D positions: ``get_rope_index`` and ``rope_deltas`` on the base model, ``mrope_section``
-    in the language model's rope parameters."""
+    in the language model's rope parameters (or in those of each layer type)."""
     vlm = getattr(model, "model", None)
     if not (callable(getattr(vlm, "get_rope_index", None)) and hasattr(vlm, "rope_deltas")):
         return False
     cfg = getattr(getattr(vlm, "language_model", None), "config", None)
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    return isinstance(rope, dict) and "mrope_section" in rope
+    if not isinstance(rope, dict):
+        return False
+    per_type = [v for v in rope.values() if isinstance(v, dict)]  # rope parameters per layer type (Cohere Compass)
+    return "mrope_section" in rope or any("mrope_section" in v for v in per_type)
 
 
 def _hints(value: Any) -> list[tuple[int, int, int]] | None:

@@ -161,8 +161,16 @@ def _builds_sliding_masks(d: dict[str, Any]) -> bool:
 
 def _rescale_mrope(d: dict[str, Any]) -> None:
     rope = d.get("rope_parameters")
-    if not (isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list)):
-        return
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type
+        d["rope_parameters"] = {k: _rescaled(d, v) for k, v in rope.items()}
+    elif isinstance(rope, dict):
+        d["rope_parameters"] = _rescaled(d, rope)
+
+
+def _rescaled(d: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
+    """``rope`` with its ``mrope_section`` rescaled to the text config ``d``'s rotary half-width."""
+    if not isinstance(rope.get("mrope_section"), list):
+        return rope
     if isinstance(d.get("qk_rope_head_dim"), int):
         half = d["qk_rope_head_dim"] // 2
     elif isinstance(d.get("head_dim"), int) or isinstance(d.get("num_attention_heads"), int):
@@ -170,11 +178,11 @@ def _rescale_mrope(d: dict[str, Any]) -> None:
         factor = float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0)
         half = int(head_dim * factor) // 2
     else:
-        return
+        return rope
     section = rope["mrope_section"]
     scaled = [max(1, round(half * x / sum(section))) for x in section]
     scaled[0] += half - sum(scaled)
-    d["rope_parameters"] = {**rope, "mrope_section": scaled}
+    return {**rope, "mrope_section": scaled}
 
 
 def _vision_sizes(d: dict[str, Any], vision: dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +279,17 @@ def _read_token_ids(cls: type) -> list[str]:
     return sorted(set(re.findall(r"self\.config\.(\w+_token_id)\b", source)))
 
 
+def _add_mrope_section(text: dict[str, Any], section: list[int]) -> None:
+    """``section`` into the text config's rope parameters: one set per layer type where the config keeps them
+    so (an empty ``rope_parameters`` beside ``layer_types``: Cohere Compass), else one set."""
+    default = {"rope_type": "default", "rope_theta": 10000.0}
+    rope, types = text.get("rope_parameters"), text.get("layer_types")
+    if rope == {} and isinstance(types, list) and types:
+        text["rope_parameters"] = {t: {"mrope_section": section, **default} for t in dict.fromkeys(types)}
+    else:
+        text["rope_parameters"] = {"mrope_section": section, **(rope or default)}
+
+
 def tiny_config(model_type: str) -> Any:
     """The type's default config with every text and vision sub-config shrunk."""
     cls = compat.config_class(model_type)
@@ -278,8 +297,7 @@ def tiny_config(model_type: str) -> Any:
     text = d.get("text_config")
     section = _missing_mrope_section(cls, text) if isinstance(text, dict) else None
     if section is not None:  # explicit, so that it is rescaled below
-        rope = text.get("rope_parameters") or {"rope_type": "default", "rope_theta": 10000.0}
-        text["rope_parameters"] = {"mrope_section": section, **rope}
+        _add_mrope_section(text, section)
     if isinstance(d.get("mm_tokens_per_image"), int):  # a pooled grid must fit the tiny tower's patches
         d["mm_tokens_per_image"] = (PATCHES_PER_SIDE // 2) ** 2
     if "vocabulary_map" in d and d["vocabulary_map"] is None:  # Chameleon, Emu3: a real checkpoint's BPE map
