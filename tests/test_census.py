@@ -74,6 +74,8 @@ def test_the_generic_adapter_detects_mrope():
     with torch.device("meta"):
         assert GenericAdapter(build_tiny("glm4v")).position_scheme == "mrope"
         assert GenericAdapter(build_tiny("aya_vision")).position_scheme == "rope"
+        if "cohere_compass" in model_types():  # rope parameters per layer type, each with its mrope_section
+            assert GenericAdapter(build_tiny("cohere_compass")).position_scheme == "mrope"
 
 
 @pytest.mark.parametrize(
@@ -106,7 +108,7 @@ def test_refusals_name_the_type_and_the_reason(model_type, reason):
 #: ``(N, C, P, P)`` patches and DeepSeek-V3's rotary head (Kimi-K2.5), a learned-query resampler (Aria),
 #: Qwen3-VL-style DeepStack outside Qwen3-VL (Cosmos3-Omni), token-type layer arguments (ERNIE-4.5-VL).
 NEWLY_SERVED = ["qianfan_ocr", "step3p7", "video_llama_3", "ovis2_5", "exaone4_5"]
-NEWLY_SERVED_SLOW = ["kimi_k25", "aria", "cosmos3_omni", "ernie4_5_vl_moe", "idefics2", "fuyu"]
+NEWLY_SERVED_SLOW = ["kimi_k25", "aria", "cosmos3_omni", "ernie4_5_vl_moe", "idefics2", "fuyu", "cohere_compass"]
 
 
 @pytest.mark.parametrize("model_type", NEWLY_SERVED)
