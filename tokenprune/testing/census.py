@@ -76,6 +76,18 @@ def census_invariants() -> list[tuple[str, Callable[..., None]]]:
     ]
 
 
+#: Why a package is no test dependency, where it is not (the census's row says it).
+NOT_A_TEST_DEPENDENCY = {
+    "timm": "timm imports torchvision, whose wheels on the index are built for a CUDA torch and do not import on "
+    "the CPU torch the tests use",
+}
+
+
+def _needs(package: str) -> str:
+    why = NOT_A_TEST_DEPENDENCY.get(package)
+    return f"needs {package}, not installed" + (f" ({why})" if why else "")
+
+
 def _missing_package(exc: BaseException) -> str | None:
     text = str(exc)
     for package in ("timm", "torchvision", "einops", "scipy", "librosa"):
@@ -113,7 +125,7 @@ def _census(model_type: str, adapter_for: Any, adapter_case: Any, manager_of: An
         return CensusRow(model_type, "refused" if named else "fails", detail=_one_line(_reason(str(exc))))
     except Exception as exc:
         package = _missing_package(exc)
-        why = f"needs {package}, not installed" if package else f"tiny model not built: {type(exc).__name__}: {exc}"
+        why = _needs(package) if package else f"tiny model not built: {type(exc).__name__}: {exc}"
         return CensusRow(model_type, "not run", detail=_one_line(why))
     adapter = adapter_for(model, manager)
     try:  # the unmodified model must run on the census's inputs, else they (not tokenprune) are at fault
@@ -122,7 +134,7 @@ def _census(model_type: str, adapter_for: Any, adapter_case: Any, manager_of: An
             model(**make_inputs([1, None]))
     except Exception as exc:
         package = _missing_package(exc)
-        why = f"needs {package}, not installed" if package else f"no census inputs: {type(exc).__name__}: {exc}"
+        why = _needs(package) if package else f"no census inputs: {type(exc).__name__}: {exc}"
         return CensusRow(model_type, "not run", adapter.name, _one_line(why))
     checks = census_invariants() if invariants else census_invariants()[:1]
     try:
@@ -211,7 +223,7 @@ def resolve_types(types: Sequence[str] | None = None, manager: Any = None) -> li
                 model = build_tiny(model_type)
         except Exception as exc:  # reported as the row's reason
             package = _missing_package(exc)
-            why = f"needs {package}, not installed" if package else f"tiny model not built: {type(exc).__name__}"
+            why = _needs(package) if package else f"tiny model not built: {type(exc).__name__}"
             rows.append(CensusRow(model_type, "not run", detail=why))
             continue
         try:
