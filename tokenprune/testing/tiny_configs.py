@@ -279,6 +279,21 @@ def _read_token_ids(cls: type) -> list[str]:
     return sorted(set(re.findall(r"self\.config\.(\w+_token_id)\b", source)))
 
 
+def _fit_code_ranges(d: dict[str, Any]) -> None:
+    """Apertus 1.5: the image codes (``image_token_offset`` + the vision codebook) and the audio codes after them
+    inside :data:`VOCAB`, with 64-code codebooks."""
+    start = VOCAB // 2
+    d["image_token_offset"] = start
+    for n, key in enumerate(("vision_config", "audio_config")):
+        sub = d.get(key)
+        if isinstance(sub, dict) and isinstance(sub.get("codebook_size"), int):
+            sub["codebook_size"] = 64
+            if isinstance(sub.get("codebook_dim"), int) and isinstance(sub.get("hidden_size"), int):
+                sub["codebook_dim"] = VISION["hidden_size"] if "vision" in key else AUDIO["hidden_size"]
+        if n == 0 and isinstance(d.get("audio_token_offset"), int):
+            d["audio_token_offset"] = start + 64
+
+
 def _add_mrope_section(text: dict[str, Any], section: list[int]) -> None:
     """``section`` into the text config's rope parameters: one set per layer type where the config keeps them
     so (an empty ``rope_parameters`` beside ``layer_types``: Cohere Compass), else one set."""
@@ -302,6 +317,8 @@ def tiny_config(model_type: str) -> Any:
         d["mm_tokens_per_image"] = (PATCHES_PER_SIDE // 2) ** 2
     if "vocabulary_map" in d and d["vocabulary_map"] is None:  # Chameleon, Emu3: a real checkpoint's BPE map
         d["vocabulary_map"] = {"<image>": 10}
+    if isinstance(d.get("image_token_offset"), int):  # discrete image (and audio) codes inside the tiny vocabulary
+        _fit_code_ranges(d)
     merge = (d.get("vision_config") or {}).get("merge_size")
     if isinstance(d.get("out_hidden_size"), int) and isinstance(merge, int):  # MUSE: the merged patches' width
         d["out_hidden_size"] = VISION["hidden_size"] * merge**2
