@@ -69,6 +69,9 @@ VISION = {
     "output_channels": 32,
     "downsample_channels": 32,
     "mlp_dim": 64,
+    "adapter_in_dim": 32,
+    "adapter_out_dim": 64,
+    "adapter_input_size": 32,
 }
 #: Sizes every tiny audio config gets (omni models' audio towers; ``output_dim`` is the text width).
 AUDIO = {
@@ -82,6 +85,8 @@ AUDIO = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "output_dim": 64,
+    "adapter_out_dim": 64,
+    "adapter_input_size": 32,
     "out_hidden_size": 64,
 }
 #: Sizes every tiny VQ image tokenizer config gets (Janus's and Chameleon's image generators).
@@ -132,8 +137,11 @@ def _shrink(d: dict[str, Any], sizes: dict[str, Any]) -> None:
         for key, value in list(d.items()):
             if isinstance(value, list) and len(value) == old_depth:
                 d[key] = value[:n]
-            elif key == "per_layer_config" and isinstance(value, dict):
-                d[key] = {k: v for k, v in value.items() if str(k).isdigit() and int(k) < n}
+            elif key == "per_layer_config" and isinstance(value, dict):  # by layer index, or by layer type
+                d[key] = {k: v for k, v in value.items() if not str(k).isdigit() or int(k) < n}
+    for value in (d.get("per_layer_config") or {}).values():
+        if isinstance(value, dict):  # a layer's (or layer type's) own sizes: dots.3's 64-head layers
+            _shrink(value, sizes)
     if isinstance(n, int) or isinstance(d.get("depth"), int):
         _fit_layer_indexes(d, n if isinstance(n, int) else d["depth"])
     if d.get("sliding_window", 0) is None and _builds_sliding_masks(d):
