@@ -52,6 +52,14 @@ TEXT = {
     "sliding_window": 1024,
     "out_hidden_size": 64,
 }
+#: A tiny sparse-attention indexer, where a text config leaves every one of these keys ``None`` (Qwen4-Exp).
+INDEXER = {
+    "indexer_n_heads": 4,
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": 16,
+    "indexer_budget": 64,
+    "indexer_compress_ratio": 4,
+}
 #: Sizes every tiny vision config gets.
 VISION = {
     "hidden_size": 32,
@@ -120,11 +128,13 @@ def _shrink(d: dict[str, Any], sizes: dict[str, Any]) -> None:
     rope_head = d.get("head_dim") is not None and d.get("head_dim") == d.get("qk_rope_head_dim")
     for key, value in sizes.items():
         if key in d and isinstance(d[key], int) and not isinstance(d[key], bool):
-            d[key] = value
+            d[key] = value if d[key] != 0 else 0  # a zero turns a feature off (GLM-5-Next's NoPE: qk_rope_head_dim)
         elif key in d and isinstance(d[key], list) and d[key] and all(type(v) is int for v in d[key]):
             d[key] = [value] * len(d[key])  # per-modality sizes (ERNIE-4.5-VL's moe_intermediate_size)
     if "head_dim" in d and d["head_dim"] is None and "head_dim" in sizes:  # HunYuan-VL's layers read it as given
         d["head_dim"] = sizes["head_dim"]
+    if all(d.get(k, 0) is None for k in INDEXER):  # an indexer the checkpoint configures (Qwen4-Exp's QSA)
+        d.update(INDEXER)
     if rope_head:  # DeepSeek-V3's head_dim is the rotary width (its rotary module reads it)
         d["head_dim"] = d["qk_rope_head_dim"]
     n = d.get("num_hidden_layers")
