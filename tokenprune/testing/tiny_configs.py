@@ -60,6 +60,8 @@ INDEXER = {
     "indexer_budget": 64,
     "indexer_compress_ratio": 4,
 }
+#: Tiny experts, where a text config leaves every one of these keys ``None`` (DiffusionGemma).
+MOE = {"num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}
 #: Sizes every tiny vision config gets.
 VISION = {
     "hidden_size": 32,
@@ -133,8 +135,9 @@ def _shrink(d: dict[str, Any], sizes: dict[str, Any]) -> None:
             d[key] = [value] * len(d[key])  # per-modality sizes (ERNIE-4.5-VL's moe_intermediate_size)
     if "head_dim" in d and d["head_dim"] is None and "head_dim" in sizes:  # HunYuan-VL's layers read it as given
         d["head_dim"] = sizes["head_dim"]
-    if all(d.get(k, 0) is None for k in INDEXER):  # an indexer the checkpoint configures (Qwen4-Exp's QSA)
-        d.update(INDEXER)
+    for group in (INDEXER, MOE):  # left to the checkpoint (Qwen4-Exp's QSA indexer, DiffusionGemma's experts)
+        if all(d.get(k, 0) is None for k in group):
+            d.update(group)
     if rope_head:  # DeepSeek-V3's head_dim is the rotary width (its rotary module reads it)
         d["head_dim"] = d["qk_rope_head_dim"]
     n = d.get("num_hidden_layers")
