@@ -125,7 +125,7 @@ def _no_image_features(model: nn.Module) -> str | None:
         if not towers:
             return (
                 f"{type(vlm).__name__} has no get_image_features method and {type(model).__name__} no vision tower: "
-                "a text-only language model (transformers maps it as image-text-to-text), with no visual tokens"
+                "it takes no images (transformers maps it as image-text-to-text), so there are no visual tokens"
             )
         return f"{type(vlm).__name__} has no get_image_features method"
     if callable(getattr(vlm, "get_image_tokens", None)):

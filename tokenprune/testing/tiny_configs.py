@@ -375,10 +375,20 @@ def build_tiny(model_type: str, seed: int = 0) -> nn.Module:
     return _from_config(cfg).eval()
 
 
+def _mapped_class(cfg: Any) -> type:
+    """The class transformers' image-text-to-text mapping names for ``cfg``'s model type."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[cfg.model_type])
+
+
 def _from_config(cfg: Any) -> nn.Module:
     try:
         return compat.model_from_config(cfg)
     except ValueError as exc:  # a top-level class that declares no sdpa: built on eager, its language model
+        if "Unrecognized configuration class" in str(exc):  # mapped by name, not by config (Evolla)
+            return _mapped_class(cfg)._from_config(cfg, attn_implementation="sdpa")
         if "attention implementation" not in str(exc):  # then switched to sdpa (transformers 5's decoders have it)
             raise
         model = compat.model_from_config(cfg, "eager")
