@@ -96,8 +96,9 @@ def render(rows: list[dict], version: str) -> str:
     lines += [
         "",
         "Dedicated adapters do more than the generic one: vision attention (a described vision tower),",
-        "video layouts and layouts the call's arguments do not give (LLaVA-NeXT's newlines, InternVL's tiles),",
-        "DeepStack residuals (Qwen3-VL). Check your own checkpoint with `tokenprune check --model ID_OR_PATH`.",
+        "video layouts and layouts the call's arguments do not give (LLaVA-NeXT's newlines, InternVL's tiles);",
+        "the generic adapter also serves Qwen3-VL-style DeepStack residuals. Check your own checkpoint with",
+        "`tokenprune check --model ID_OR_PATH`.",
         "",
         "| model type | status | adapter | why not / note |",
         "|---|---|---|---|",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.adapters.generic import GenericAdapter, grids_from_hints
+from tokenprune.adapters.generic import GenericAdapter, GenericDeepStackAdapter, adapter_for, grids_from_hints
 from tokenprune.engine import compat
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.plugins import get_plugin_manager
@@ -76,6 +76,8 @@ def test_the_generic_adapter_detects_mrope():
     with torch.device("meta"):
         assert GenericAdapter(build_tiny("glm4v")).position_scheme == "mrope"
         assert GenericAdapter(build_tiny("aya_vision")).position_scheme == "rope"
+        if "cohere_compass" in model_types():  # rope parameters per layer type, each with its mrope_section
+            assert GenericAdapter(build_tiny("cohere_compass")).position_scheme == "mrope"
 
 
 @pytest.mark.parametrize(
@@ -84,11 +86,17 @@ def test_the_generic_adapter_detects_mrope():
         ("mllama", "cross-attends to the image features"),
         ("florence2", "encoder-decoder"),
         ("blip-2", "holds no multimodal base model as `.model`"),
-        ("idefics2", "no `language_model` submodule (it has `text_model`)"),
         ("mistral_large4", "layers the engine does not serve (indexed_attention"),
         ("inkling2", "layers the engine does not serve (hybrid_sliding"),
-        ("cosmos3_omni", "deepstack_visual_embeds"),
-        ("ernie4_5_vl_moe", "take moe_mm_token_type_ids"),
+        ("chameleon", "discrete image codes"),
+        ("emu3", "discrete image codes"),
+        ("apertus1p5", "discrete image codes"),
+        ("mistral4", "no vision tower: it takes no images"),
+        ("evolla", "no vision tower: it takes no images"),
+        ("diffusion_gemma", "has no get_image_features method"),
+        ("glm5_next", "indexed_attention"),
+        ("qwen4_exp", "indexed_attention"),
+        ("dots3_note", "indexed_attention"),
     ],
 )
 def test_refusals_name_the_type_and_the_reason(model_type, reason):
@@ -99,3 +107,57 @@ def test_refusals_name_the_type_and_the_reason(model_type, reason):
     with pytest.raises(UnsupportedModelError) as err:
         tp.apply(model, {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]})
     assert repr(model_type) in str(err.value) and reason in str(err.value)
+
+
+# --- types the generic adapter learned to serve by feature (issue 31) ---------------------------------------
+
+#: One fast type per new reader: list sizes (Qianfan-OCR), a sliding mask built for full layers (Step3.7),
+#: per-image merge sizes (VideoLLaMA3), image boundary ids (Ovis2.5), GQA in the tower (EXAONE-4.5),
+#: ``(N, C, P, P)`` patches and DeepSeek-V3's rotary head (Kimi-K2.5), a learned-query resampler (Aria),
+#: Qwen3-VL-style DeepStack outside Qwen3-VL (Cosmos3-Omni), token-type layer arguments (ERNIE-4.5-VL).
+NEWLY_SERVED = ["qianfan_ocr", "step3p7", "video_llama_3", "ovis2_5", "exaone4_5"]
+NEWLY_SERVED_SLOW = ["kimi_k25", "aria", "cosmos3_omni", "ernie4_5_vl_moe", "idefics2", "fuyu", "cohere_compass"]
+
+
+@pytest.mark.parametrize("model_type", NEWLY_SERVED)
+def test_newly_served_types_keep_the_engine_invariants(model_type):
+    if model_type not in model_types():
+        pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
+    row = census_one(model_type)
+    assert row.adapter == f"generic ({model_type})"
+    assert row.status == "passes", row.detail
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", NEWLY_SERVED_SLOW)
+def test_newly_served_slower_types_keep_the_engine_invariants(model_type):
+    if model_type not in model_types():
+        pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
+    row = census_one(model_type)
+    assert row.adapter == f"generic ({model_type})"
+    assert row.status == "passes", row.detail
+
+
+def _meta_adapter(model_type):
+    if model_type not in model_types():
+        pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
+    with torch.device("meta"):
+        return adapter_for(build_tiny(model_type), get_plugin_manager())
+
+
+@pytest.mark.parametrize("model_type", ["cosmos3_omni", "qwen3_omni_moe_thinker", "granite_docling"])
+def test_qwen3_vl_style_deepstack_is_served_with_its_residuals_taken_by_the_engine(model_type):
+    adapter = _meta_adapter(model_type)
+    assert isinstance(adapter, GenericDeepStackAdapter)
+    mask, feats = torch.zeros(1, 3, dtype=torch.bool), [torch.zeros(0, 4)]
+    kwargs = {"visual_pos_masks": mask, "deepstack_visual_embeds": feats, "inputs_embeds": None}
+    taken = adapter.take_visual_residuals(kwargs)
+    assert taken is not None and taken.mask is mask and "deepstack_visual_embeds" not in kwargs
+
+
+def test_a_text_model_is_the_language_model_and_resamplers_lay_out_one_row_per_image():
+    idefics2 = _meta_adapter("idefics2")
+    assert isinstance(idefics2, GenericAdapter) and not isinstance(idefics2, GenericDeepStackAdapter)
+    assert idefics2.language_model() is idefics2.vlm().text_model
+    assert idefics2.resampled and _meta_adapter("aria").resampled
+    assert not _meta_adapter("aya_vision").resampled  # a patch projector: square grids stay grids

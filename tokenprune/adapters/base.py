@@ -72,6 +72,8 @@ class ImageCall:
         pooled = getattr(out, "pooler_output", None)
         if pooled is None and isinstance(out, (Tensor, list, tuple)):
             pooled = out
+        if pooled is None:  # Fuyu: the projected patches are the last hidden state (there is no tower)
+            pooled = getattr(out, "last_hidden_state", None)
         if pooled is None:
             return []
         if isinstance(pooled, Tensor):

@@ -17,6 +17,10 @@ What the generic adapter reads, all from the model itself:
   factor, Pixtral-like rows) and ``spatial_shapes`` (patch grids over a downsampling factor); per-crop
   feature tensors are one grid each. Otherwise a square grid where the count is a square, else one row:
   a layout the model does not describe is never guessed beyond that.
+* **Resampled queries.** Where the projector pools the patches into learned queries (a parameter named
+  ``query``/``queries``/``latents`` outside the language model: Aria's cross-attention projector, Idefics2's
+  perceiver resampler), each image's tokens are one row: the queries have no place in the image, and a square
+  count is not a grid.
 * **No vision attention**: the generic adapter describes no vision tower, so a stage that reads the
   vision encoder's attention is refused at ``apply``.
 """
@@ -28,9 +32,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.base import ImageCall, ModelAdapter, VisualResiduals
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
-from tokenprune.adapters.shape import refusal
+from tokenprune.adapters.shape import language_model_of, refusal, takes_deepstack
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.layout import TokenLayout
 
@@ -48,7 +52,12 @@ class GenericAdapter(ModelAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.position_scheme = "mrope" if uses_mrope(model) else "rope"  # type: ignore[misc]
+        self.resampled = learned_queries(self.vlm()) is not None
         self.name = f"generic ({getattr(model.config, 'model_type', '?')})"  # type: ignore[misc]
+
+    def language_model(self) -> nn.Module:
+        """``language_model``, else ``text_model`` (Idefics2, Granite-Docling)."""
+        return language_model_of(self.vlm())  # type: ignore[return-value]
 
     # --- layouts ---------------------------------------------------------------------------------
 
@@ -56,6 +65,8 @@ class GenericAdapter(ModelAdapter):
         """One grid per image (or crop) from the call's layout arguments, else square or one row."""
         feats = call.features()
         counts = [int(f.shape[0]) for f in feats]
+        if self.resampled:
+            return [TokenLayout.grid(1, n, image=i) for i, n in enumerate(counts)]
         for name in ("image_grid_thw", "image_sizes", "spatial_shapes"):
             hints = _hints(call.kwargs.get(name))
             if hints is None:
@@ -94,15 +105,51 @@ class GenericAdapter(ModelAdapter):
         return super().decode_positions(kwargs, virtual_past, query_length)
 
 
+#: Names of learned-query parameters: a projector holding one resamples the patches into queries.
+QUERY_PARAMETERS = frozenset({"query", "queries", "latents", "latent_queries"})
+
+
+def learned_queries(vlm: nn.Module) -> str | None:
+    """The name of a learned-query parameter outside the language model (a resampling projector), or ``None``."""
+    lm = language_model_of(vlm)
+    inside = {id(p) for p in lm.parameters()} if lm is not None else set()
+    for name, param in vlm.named_parameters():
+        if name.rsplit(".", 1)[-1] in QUERY_PARAMETERS and id(param) not in inside:
+            return name
+    return None
+
+
+class GenericDeepStackAdapter(GenericAdapter):
+    """The generic adapter for a language model with Qwen3-VL's DeepStack residuals (Qwen3-Omni's thinker,
+    Cosmos3-Omni, Granite-Docling): the engine takes ``visual_pos_masks`` and ``deepstack_visual_embeds`` out of
+    the language model's call and adds each layer's features itself after that layer, with the model's own
+    ``_deepstack_process``, on the tokens still there (:mod:`tokenprune.engine.residuals`), as for Qwen3-VL."""
+
+    notes = GenericAdapter.notes + "; DeepStack features follow the kept and merged tokens"
+
+    def take_visual_residuals(self, kwargs: dict[str, Any]) -> VisualResiduals | None:
+        mask = kwargs.pop("visual_pos_masks", None)
+        features = kwargs.pop("deepstack_visual_embeds", None)
+        if mask is None or not features:
+            return None
+        return VisualResiduals(mask=mask, features=list(features))
+
+    def add_visual_residual(self, hidden: Tensor, mask: Tensor, features: Tensor, layer_index: int) -> Tensor:
+        return self.language_model()._deepstack_process(hidden, mask, features)
+
+
 def uses_mrope(model: nn.Module) -> bool:
     """Qwen2-VL's 3-D positions: ``get_rope_index`` and ``rope_deltas`` on the base model, ``mrope_section``
-    in the language model's rope parameters."""
+    in the language model's rope parameters (or in those of each layer type)."""
     vlm = getattr(model, "model", None)
     if not (callable(getattr(vlm, "get_rope_index", None)) and hasattr(vlm, "rope_deltas")):
         return False
     cfg = getattr(getattr(vlm, "language_model", None), "config", None)
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    return isinstance(rope, dict) and "mrope_section" in rope
+    if not isinstance(rope, dict):
+        return False
+    per_type = [v for v in rope.values() if isinstance(v, dict)]  # rope parameters per layer type (Cohere Compass)
+    return "mrope_section" in rope or any("mrope_section" in v for v in per_type)
 
 
 def _hints(value: Any) -> list[tuple[int, int, int]] | None:
@@ -158,4 +205,6 @@ def adapter_for(model: nn.Module, manager: Any) -> ModelAdapter:
             f"Registered adapters: {served}. To add an architecture, write an adapter plugin "
             "(docs/extending/adapters.md)"
         )
+    if takes_deepstack(language_model_of(model.model)):  # type: ignore[arg-type]
+        return GenericDeepStackAdapter(model)
     return GenericAdapter(model)

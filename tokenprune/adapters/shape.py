@@ -4,15 +4,20 @@ A model has the standard shape when (every check reads a method, an attribute or
 list of names):
 
 * the top-level model holds the multimodal base model as ``.model``, which has ``get_image_features``
-  and a ``language_model`` with a ``layers`` ``ModuleList``;
+  and a language model (``language_model``, else ``text_model`` as Idefics2 names it) with a ``layers``
+  ``ModuleList``;
 * the image features replace placeholder tokens of one sequence (no cross-attention to them, no
   encoder-decoder, no discrete image codes embedded with the text table);
 * every decoder layer is a softmax self-attention layer (``self_attn``) or a recurrent layer the engine
   cuts through (Gated DeltaNet ``linear_attn``, short convolution ``conv``: :data:`RECURRENT_LAYERS`),
   called with ``hidden_states``, ``attention_mask`` and ``position_embeddings`` and no other per-token
-  input, and no layer shares another layer's keys and values;
-* the language model takes no visual features of its own (DeepStack-like residuals) and has a rotary
-  embedding module ``rotary_emb``.
+  input than token types (``*token_type_ids``, ``(B, L)``) and per-layer embeddings (``per_layer_input``),
+  which the engine's layer-argument seam (:mod:`tokenprune.engine.layer_args`) gathers with the kept
+  tokens, and no layer shares another layer's keys and values;
+* the language model takes no visual features of its own, or exactly Qwen3-VL's DeepStack residuals
+  (``visual_pos_masks``, ``deepstack_visual_embeds`` and a ``_deepstack_process`` method: served by
+  :class:`~tokenprune.adapters.generic.GenericDeepStackAdapter`), and has a rotary embedding module
+  ``rotary_emb``.
 
 :func:`refusal` returns the first check a model fails, as a reason for
 :class:`~tokenprune.errors.UnsupportedModelError`; ``None`` means the generic adapter serves it.
@@ -45,6 +50,9 @@ LAYER_ARGUMENTS = frozenset(
 )
 #: Language-model inputs the engine gathers to the kept tokens after post_projector stages (per token, axis 1).
 LM_PER_TOKEN_INPUTS = frozenset({"per_layer_inputs"})
+#: How the names of per-token ``(B, L)`` decoder-layer arguments end that the engine's generic layer-argument
+#: default gathers correctly at a cut (ERNIE-4.5-VL's ``moe_mm_token_type_ids`` route its MoE experts).
+PER_TOKEN_SUFFIXES = ("token_type_ids",)
 #: Attention types whose layers attend with softmax over a KV cache (the engine's masks and probes fit them).
 SOFTMAX_ATTENTION = frozenset({"full_attention", "sliding_attention", "chunked_attention", None})
 #: Layer types with a 2-D padding mask and a fixed-size state of their own, which the engine cuts through
@@ -81,6 +89,7 @@ def _extra_arguments(params: dict[str, inspect.Parameter]) -> list[str]:
         for name, p in params.items()
         if name not in LAYER_ARGUMENTS
         and not name.startswith(flags)
+        and not name.endswith(PER_TOKEN_SUFFIXES)
         and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
     ]
 
@@ -100,9 +109,18 @@ def _no_base_model(model: nn.Module) -> str | None:
     )
 
 
+def language_model_of(vlm: nn.Module | None) -> nn.Module | None:
+    """The base model's decoder stack: ``language_model``, else ``text_model`` holding ``layers`` (Idefics2)."""
+    lm = getattr(vlm, "language_model", None)
+    if isinstance(lm, nn.Module):
+        return lm
+    text = getattr(vlm, "text_model", None)
+    return text if isinstance(getattr(text, "layers", None), nn.ModuleList) else None
+
+
 def _encoder_decoder(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
-    lm = getattr(getattr(model, "model", None), "language_model", None)
+    lm = language_model_of(getattr(model, "model", None))
     subs = [getattr(cfg, "text_config", None), getattr(cfg, "decoder", None)]
     flagged = getattr(cfg, "is_encoder_decoder", False) or any(getattr(c, "is_encoder_decoder", False) for c in subs)
     if flagged or (hasattr(lm, "encoder") and hasattr(lm, "decoder")):
@@ -111,7 +129,7 @@ def _encoder_decoder(model: nn.Module) -> str | None:
 
 
 def _cross_attention(model: nn.Module) -> str | None:
-    lm = getattr(getattr(model, "model", None), "language_model", None)
+    lm = language_model_of(getattr(model, "model", None))
     scope = lm if isinstance(lm, nn.Module) else model
     skip = ("vision", "visual", "projector", "resampler", "perceiver", "connector", "audio", "qformer")
     for name, _ in scope.named_modules():
@@ -126,6 +144,12 @@ def _cross_attention(model: nn.Module) -> str | None:
 def _no_image_features(model: nn.Module) -> str | None:
     vlm = model.model
     if not callable(getattr(vlm, "get_image_features", None)):
+        towers = [n for n, _ in model.named_modules() if any(w in n.rsplit(".", 1)[-1] for w in ("vision", "visual"))]
+        if not towers:
+            return (
+                f"{type(vlm).__name__} has no get_image_features method and {type(model).__name__} no vision tower: "
+                "it takes no images (transformers maps it as image-text-to-text), so there are no visual tokens"
+            )
         return f"{type(vlm).__name__} has no get_image_features method"
     if callable(getattr(vlm, "get_image_tokens", None)):
         return (
@@ -137,7 +161,7 @@ def _no_image_features(model: nn.Module) -> str | None:
 
 def _no_decoder_stack(model: nn.Module) -> str | None:
     vlm = model.model
-    lm = getattr(vlm, "language_model", None)
+    lm = language_model_of(vlm)
     if not isinstance(lm, nn.Module):
         named = [n for n in ("text_model", "decoder") if isinstance(getattr(vlm, n, None), nn.Module)]
         where = f" (it has `{named[0]}`)" if named else ""
@@ -148,7 +172,7 @@ def _no_decoder_stack(model: nn.Module) -> str | None:
 
 
 def _language_model(model: nn.Module) -> nn.Module:
-    return model.model.language_model
+    return language_model_of(model.model)  # type: ignore[return-value]
 
 
 def _hybrid_layers(model: nn.Module) -> str | None:
@@ -214,12 +238,24 @@ def _shared_layers(model: nn.Module) -> str | None:
     return None
 
 
+#: The language-model arguments of Qwen3-VL's DeepStack: ``deepstack_visual_embeds[j]`` is added at the
+#: ``visual_pos_masks`` positions after decoder layer ``j`` by the language model's ``_deepstack_process``.
+DEEPSTACK_ARGUMENTS = frozenset({"visual_pos_masks", "deepstack_visual_embeds"})
+
+
+def takes_deepstack(language_model: nn.Module) -> bool:
+    """The language model takes exactly Qwen3-VL's DeepStack arguments and has its ``_deepstack_process``."""
+    params = _call_parameters(language_model)
+    visual = {n for n in params if any(w in n for w in ("deepstack", "visual", "vision", "per_layer"))}
+    return visual == DEEPSTACK_ARGUMENTS and callable(getattr(language_model, "_deepstack_process", None))
+
+
 def _visual_residuals(model: nn.Module) -> str | None:
     lm = _language_model(model)
     params = _call_parameters(lm)
     words = ("deepstack", "visual", "vision", "per_layer")
     visual = [n for n in params if any(w in n for w in words) and n not in LM_PER_TOKEN_INPUTS]
-    if visual:
+    if visual and not takes_deepstack(lm):
         return (
             f"its language model takes {', '.join(visual)}: features added inside the decoder stack "
             "(DeepStack-like residuals or per-layer embeddings) need a dedicated adapter"

@@ -12,6 +12,8 @@ For each ``model_type`` of transformers' ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_
   (:func:`census_invariants`: keep-all identity, cached generation equals recomputation, batch equals one
   by one after a post-projector cut and a layer cut, ``remove()`` restores the model) (``passes``, or
   ``fails`` naming the invariant);
+* where the batch check fails because the unmodified model itself is not batch-invariant (HunYuan-VL numbers
+  its images across the batch), the type is ``not run`` with that reason, not ``fails`` and not ``passes``;
 * where the census cannot build the tiny model or its inputs (a missing optional package such as timm or
   torchvision, a config whose defaults do not build, an input form it has no builder for) the type is
   ``not run`` with the reason: that never counts as a pass.
@@ -74,6 +76,18 @@ def census_invariants() -> list[tuple[str, Callable[..., None]]]:
     ]
 
 
+#: Why a package is no test dependency, where it is not (the census's row says it).
+NOT_A_TEST_DEPENDENCY = {
+    "timm": "timm imports torchvision, whose wheels on the index are built for a CUDA torch and do not import on "
+    "the CPU torch the tests use",
+}
+
+
+def _needs(package: str) -> str:
+    why = NOT_A_TEST_DEPENDENCY.get(package)
+    return f"needs {package}, not installed" + (f" ({why})" if why else "")
+
+
 def _missing_package(exc: BaseException) -> str | None:
     text = str(exc)
     for package in ("timm", "torchvision", "einops", "scipy", "librosa"):
@@ -111,7 +125,7 @@ def _census(model_type: str, adapter_for: Any, adapter_case: Any, manager_of: An
         return CensusRow(model_type, "refused" if named else "fails", detail=_one_line(_reason(str(exc))))
     except Exception as exc:
         package = _missing_package(exc)
-        why = f"needs {package}, not installed" if package else f"tiny model not built: {type(exc).__name__}: {exc}"
+        why = _needs(package) if package else f"tiny model not built: {type(exc).__name__}: {exc}"
         return CensusRow(model_type, "not run", detail=_one_line(why))
     adapter = adapter_for(model, manager)
     try:  # the unmodified model must run on the census's inputs, else they (not tokenprune) are at fault
@@ -120,7 +134,7 @@ def _census(model_type: str, adapter_for: Any, adapter_case: Any, manager_of: An
             model(**make_inputs([1, None]))
     except Exception as exc:
         package = _missing_package(exc)
-        why = f"needs {package}, not installed" if package else f"no census inputs: {type(exc).__name__}: {exc}"
+        why = _needs(package) if package else f"no census inputs: {type(exc).__name__}: {exc}"
         return CensusRow(model_type, "not run", adapter.name, _one_line(why))
     checks = census_invariants() if invariants else census_invariants()[:1]
     try:
@@ -132,8 +146,25 @@ def _census(model_type: str, adapter_for: Any, adapter_case: Any, manager_of: An
             with _named(name):
                 check(case)
     except _Failed as exc:
+        if str(exc).startswith("batch equals one by one") and not _batch_invariant(model, make_inputs, [1, 2, 1]):
+            why = "the unmodified model is not batch-invariant (a sample's outputs depend on the other samples)"
+            return CensusRow(
+                model_type, "not run", adapter.name, _one_line(f"{why}, so the census's batch check cannot hold")
+            )
         return CensusRow(model_type, "fails", adapter.name, _one_line(str(exc)))
     return CensusRow(model_type, "passes" if invariants else "served", adapter.name, "")
+
+
+def _batch_invariant(model: Any, make_inputs: Any, specs: list[int], atol: float = 1e-4) -> bool:
+    """Whether the unmodified model's last-position logits for each sample are the same in the batch and alone
+    (HunYuan-VL's own positions number the images across the batch, so they are not)."""
+    with torch.no_grad():
+        batch = model(**make_inputs(specs)).logits[:, -1]
+        for i, spec in enumerate(specs):
+            alone = model(**make_inputs([spec], start=i)).logits[0, -1]
+            if not torch.allclose(batch[i], alone, atol=atol, rtol=0):
+                return False
+    return True
 
 
 class _Failed(Exception):
@@ -192,7 +223,7 @@ def resolve_types(types: Sequence[str] | None = None, manager: Any = None) -> li
                 model = build_tiny(model_type)
         except Exception as exc:  # reported as the row's reason
             package = _missing_package(exc)
-            why = f"needs {package}, not installed" if package else f"tiny model not built: {type(exc).__name__}"
+            why = _needs(package) if package else f"tiny model not built: {type(exc).__name__}"
             rows.append(CensusRow(model_type, "not run", detail=why))
             continue
         try:

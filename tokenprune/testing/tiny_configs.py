@@ -10,7 +10,9 @@ config the shrinking does not reach is never allocated.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
+import re
 import sys
 from typing import Any
 
@@ -35,6 +37,9 @@ TEXT = {
     "num_local_experts": 4,
     "n_routed_experts": 4,
     "num_experts_per_tok": 2,
+    "moe_num_experts": 4,
+    "moe_k": 2,
+    "moe_num_shared_experts": 1,
     "n_shared_experts": 1,
     "first_k_dense_replace": 1,
     "kv_lora_rank": 16,
@@ -42,11 +47,23 @@ TEXT = {
     "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8,
     "v_head_dim": 16,
+    "n_group": 1,
+    "topk_group": 1,
     "sliding_window": 1024,
     "out_hidden_size": 64,
     "hidden_size_per_layer_input": 16,  # Gemma 4's per-layer embeddings
     "vocab_size_per_layer_input": 512,
 }
+#: A tiny sparse-attention indexer, where a text config leaves every one of these keys ``None`` (Qwen4-Exp).
+INDEXER = {
+    "indexer_n_heads": 4,
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": 16,
+    "indexer_budget": 64,
+    "indexer_compress_ratio": 4,
+}
+#: Tiny experts, where a text config leaves every one of these keys ``None`` (DiffusionGemma).
+MOE = {"num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}
 #: Sizes every tiny vision config gets.
 VISION = {
     "hidden_size": 32,
@@ -56,9 +73,48 @@ VISION = {
     "depth": 2,
     "embed_dim": 32,
     "num_heads": 4,
+    "num_key_value_heads": 4,
     "head_dim": 8,
     "out_hidden_size": 64,
+    "vocab_size": 256,
+    "projection_dim": 64,
+    "output_channels": 32,
+    "downsample_channels": 32,
+    "mlp_dim": 64,
+    "adapter_in_dim": 32,
+    "adapter_out_dim": 64,
+    "adapter_input_size": 32,
 }
+#: Sizes every tiny audio config gets (omni models' audio towers; ``output_dim`` is the text width).
+AUDIO = {
+    "encoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "d_model": 32,
+    "downsample_hidden_size": 32,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "output_dim": 64,
+    "adapter_out_dim": 64,
+    "adapter_input_size": 32,
+    "out_hidden_size": 64,
+}
+#: Sizes every tiny VQ image tokenizer config gets (Janus's and Chameleon's image generators).
+VQ = {
+    "base_channels": 32,
+    "latent_channels": 32,
+    "embed_dim": 8,
+    "num_embeddings": 64,
+    "num_res_blocks": 1,
+    "projection_dim": 64,
+    "image_token_embed_dim": 64,
+    "num_hidden_layers": 1,
+}
+#: Top-level sizes of a config with a text sub-config: the widths around the projector (Ovis2's visual
+#: embedding table, MUSE's adapter) that must be the tiny text width.
+TOP = {"hidden_size": 64, "projector_hidden_size": 64}
 #: Patches per side of a tiny fixed-size tower's image (divisible by the usual 2x2 and 4x4 merges).
 PATCHES_PER_SIDE = 8
 #: Tiny models above this many parameters are not built (see :func:`build_tiny`).
@@ -70,6 +126,8 @@ RECURRENT_KINDS = ("linear_attention", "conv")
 #: Text model types whose default config is all attention although the family's checkpoints are hybrid, with
 #: the layer kind those checkpoints add (LFM2's default ``full_attn_idxs`` names every layer).
 HYBRID_FAMILIES = {"lfm2": "conv"}
+#: How the names of special token ids end (Molmo2's placeholder is ``image_patch_id``).
+SPECIAL_ID_KEYS = ("token_id", "token_index", "patch_id")
 
 
 def _hybrid_layer_types(d: dict[str, Any], n: int) -> list[str] | None:
@@ -96,32 +154,76 @@ def _shrink(d: dict[str, Any], sizes: dict[str, Any]) -> None:
     """``sizes`` into ``d`` where it has the key; per-layer lists and ``per_layer_config`` cut to the new depth,
     an ``mrope_section`` rescaled to the new rotary width."""
     old_depth = d.get("num_hidden_layers")
+    rope_head = d.get("head_dim") is not None and d.get("head_dim") == d.get("qk_rope_head_dim")
     for key, value in sizes.items():
         if key in d and isinstance(d[key], int) and not isinstance(d[key], bool):
-            d[key] = value
+            d[key] = value if d[key] != 0 else 0  # a zero turns a feature off (GLM-5-Next's NoPE: qk_rope_head_dim)
+        elif key in d and isinstance(d[key], list) and d[key] and all(type(v) is int for v in d[key]):
+            d[key] = [value] * len(d[key])  # per-modality sizes (ERNIE-4.5-VL's moe_intermediate_size)
+    if "head_dim" in d and d["head_dim"] is None and "head_dim" in sizes:  # HunYuan-VL's layers read it as given
+        d["head_dim"] = sizes["head_dim"]
+    for group in (INDEXER, MOE):  # left to the checkpoint (Qwen4-Exp's QSA indexer, DiffusionGemma's experts)
+        if all(d.get(k, 0) is None for k in group):
+            d.update(group)
+    if rope_head:  # DeepSeek-V3's head_dim is the rotary width (its rotary module reads it)
+        d["head_dim"] = d["qk_rope_head_dim"]
     n = d.get("num_hidden_layers")
     hybrid = _hybrid_layer_types(d, n) if isinstance(n, int) and sizes is TEXT else None
     if hybrid is not None:
         d["layer_types"] = hybrid
         if "full_attn_idxs" in d:
             d["full_attn_idxs"] = [i for i, t in enumerate(hybrid) if t == "full_attention"]
+    if (
+        "mlp_layer_types" in d and d["mlp_layer_types"] is None and isinstance(n, int)
+    ):  # DeepSeek-OCR2: the checkpoint's
+        dense = d.get("first_k_dense_replace") if isinstance(d.get("first_k_dense_replace"), int) else n
+        d["mlp_layer_types"] = ["dense"] * min(dense, n) + ["sparse"] * max(0, n - dense)
     if isinstance(old_depth, int) and isinstance(n, int) and old_depth > n:
         for key, value in list(d.items()):
             if isinstance(value, list) and len(value) == old_depth:
                 d[key] = value[:n]
-            elif key == "per_layer_config" and isinstance(value, dict):
-                d[key] = {k: v for k, v in value.items() if str(k).isdigit() and int(k) < n}
-    if d.get("sliding_window", 0) is None and "sliding_attention" in (d.get("layer_types") or []):
+            elif key == "per_layer_config" and isinstance(value, dict):  # by layer index, or by layer type
+                d[key] = {k: v for k, v in value.items() if not str(k).isdigit() or int(k) < n}
+    for value in (d.get("per_layer_config") or {}).values():
+        if isinstance(value, dict):  # a layer's (or layer type's) own sizes: dots.3's 64-head layers
+            _shrink(value, sizes)
+    if isinstance(n, int) or isinstance(d.get("depth"), int):
+        _fit_layer_indexes(d, n if isinstance(n, int) else d["depth"])
+    if d.get("sliding_window", 0) is None and _builds_sliding_masks(d):
         d["sliding_window"] = TEXT["sliding_window"]
     if "text_hidden_size" in d:
         d["text_hidden_size"] = TEXT["hidden_size"]
     _rescale_mrope(d)
 
 
+def _fit_layer_indexes(d: dict[str, Any], depth: int) -> None:
+    """Layer-index lists (``global_attn_indexes``, ``deepstack_visual_indexes``, ...) kept inside the new depth:
+    indexes past it become the last layer (once), so that a tap or a global-attention layer still exists."""
+    for key, value in list(d.items()):
+        if key.endswith(("_indexes", "_indices")) and isinstance(value, list) and value:
+            if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+                d[key] = sorted({min(v, depth - 1) for v in value})
+
+
+def _builds_sliding_masks(d: dict[str, Any]) -> bool:
+    """The config has sliding layers, or other sliding-window keys (Step3.7 builds a sliding mask whatever its
+    layer types): a ``sliding_window`` of ``None`` would not build; one longer than any census prompt slides not."""
+    others = [k for k in d if "sliding" in k and k != "sliding_window" and not k.startswith("use_")]
+    return "sliding_attention" in (d.get("layer_types") or []) or bool(others)
+
+
 def _rescale_mrope(d: dict[str, Any]) -> None:
     rope = d.get("rope_parameters")
-    if not (isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list)):
-        return
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type
+        d["rope_parameters"] = {k: _rescaled(d, v) for k, v in rope.items()}
+    elif isinstance(rope, dict):
+        d["rope_parameters"] = _rescaled(d, rope)
+
+
+def _rescaled(d: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
+    """``rope`` with its ``mrope_section`` rescaled to the text config ``d``'s rotary half-width."""
+    if not isinstance(rope.get("mrope_section"), list):
+        return rope
     if isinstance(d.get("qk_rope_head_dim"), int):
         half = d["qk_rope_head_dim"] // 2
     elif isinstance(d.get("head_dim"), int) or isinstance(d.get("num_attention_heads"), int):
@@ -129,11 +231,11 @@ def _rescale_mrope(d: dict[str, Any]) -> None:
         factor = float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0)
         half = int(head_dim * factor) // 2
     else:
-        return
+        return rope
     section = rope["mrope_section"]
     scaled = [max(1, round(half * x / sum(section))) for x in section]
     scaled[0] += half - sum(scaled)
-    d["rope_parameters"] = {**rope, "mrope_section": scaled}
+    return {**rope, "mrope_section": scaled}
 
 
 def _vision_sizes(d: dict[str, Any], vision: dict[str, Any]) -> dict[str, Any]:
@@ -147,17 +249,23 @@ def _vision_sizes(d: dict[str, Any], vision: dict[str, Any]) -> dict[str, Any]:
     deepest = max([abs(x) + (x >= 0) for x in layers if isinstance(x, int)], default=0)
     sizes["num_hidden_layers"] = sizes["depth"] = max(2, deepest)
     patch = vision.get("patch_size")
-    if isinstance(patch, int) and isinstance(vision.get("image_size"), int):
+    patch = patch[0] if isinstance(patch, list) and patch else patch
+    size = vision.get("image_size")
+    if isinstance(patch, int) and isinstance(size, int):
         sizes["image_size"] = patch * PATCHES_PER_SIDE
+    elif isinstance(patch, int) and isinstance(size, list) and len(size) == 2:  # a [height, width] pair
+        vision["image_size"] = [patch * PATCHES_PER_SIDE] * 2
+    if isinstance(vision.get("num_position_embeddings"), int) and isinstance(patch, int):  # derived from the size
+        sizes["num_position_embeddings"] = PATCHES_PER_SIDE**2
     return sizes
 
 
 def _move_special_ids(d: dict[str, Any], moved: dict[int, int]) -> None:
     """Special token ids of ``d`` at or above :data:`VOCAB` moved to ``10 + k`` (the same old id, the same new one)."""
     for key, value in d.items():
-        if key.endswith(("token_id", "token_index")) and isinstance(value, int) and value >= VOCAB:
+        if key.endswith(SPECIAL_ID_KEYS) and isinstance(value, int) and value >= VOCAB:
             d[key] = moved.setdefault(value, 10 + len(moved))
-        elif key.endswith("token_id") and isinstance(value, list):
+        elif key.endswith(("token_id", "token_ids")) and isinstance(value, list):
             d[key] = [moved.setdefault(v, 10 + len(moved)) if isinstance(v, int) and v >= VOCAB else v for v in value]
     if "vocab_size" in d:
         d["vocab_size"] = VOCAB
@@ -165,35 +273,89 @@ def _move_special_ids(d: dict[str, Any], moved: dict[int, int]) -> None:
 
 def _shrink_tree(top: dict[str, Any], d: dict[str, Any], moved: dict[int, int], vision: bool) -> None:
     """Shrink every sub-config below ``d`` (a dict with a ``model_type``): vision sizes under a key that names
-    vision, text sizes elsewhere."""
+    vision (or an adapter between tower and text), audio sizes under one that names audio, text sizes elsewhere."""
     for key, value in list(d.items()):
         if isinstance(value, dict) and "model_type" in value:
-            sub_vision = vision or "vision" in key or "visual" in key
+            sub_vision = vision or any(w in key for w in ("vision", "visual", "adapter"))
+            if "audio" in key or "vq" in key:
+                _shrink(value, AUDIO if "audio" in key else VQ)
+                continue
             _shrink(value, _vision_sizes(top, value) if sub_vision else TEXT)
             if not sub_vision:
                 _move_special_ids(value, moved)
             _shrink_tree(top, value, moved, sub_vision)
 
 
-def _mentions_mrope(cls: type) -> bool:
-    """The config's module names ``mrope_section`` (a default the modeling code fills in when a config has none)."""
-    module = sys.modules.get(cls.__module__)
-    try:
-        return module is not None and "mrope_section" in inspect.getsource(module)
-    except (OSError, TypeError):
-        return False
+def _mrope_default(cls: type) -> list[int] | None:
+    """The ``mrope_section`` the config's module or its modeling module names: the default it writes
+    (``get("mrope_section", [22, 22, 20])``, ERNIE-4.5-VL's height/width/time split) or Qwen2-VL's
+    ``[16, 24, 24]`` where it only names the key (PaddleOCR-VL's rotary module fills it in); ``None``: neither
+    module names one."""
+    named = False
+    for name in (cls.__module__, cls.__module__.replace(".configuration_", ".modeling_")):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+        try:
+            source = inspect.getsource(sys.modules[name])
+        except (KeyError, OSError, TypeError):
+            continue
+        found = re.search(r"mrope_section[\"']?\s*,\s*\[(\d+),\s*(\d+),\s*(\d+)\]", source)
+        if found:
+            return [int(x) for x in found.groups()]
+        named = named or "mrope_section" in source
+    return [16, 24, 24] if named else None
 
 
-def _needs_mrope_section(cls: type, text: dict[str, Any]) -> bool:
-    """The text config has no ``mrope_section`` of its own, but its or the top config's module names one."""
+def _missing_mrope_section(cls: type, text: dict[str, Any]) -> list[int] | None:
+    """The default ``mrope_section`` of a text config that has none of its own but whose (or whose top config's)
+    module names one; ``None`` where it has one or needs none."""
     rope = text.get("rope_parameters")
     if isinstance(rope, dict) and ("mrope_section" in rope or any(isinstance(v, dict) for v in rope.values())):
-        return False
+        return None
     classes = [cls]
     if isinstance(text.get("model_type"), str):
         with contextlib.suppress(KeyError):
             classes.append(compat.config_class(text["model_type"]))
-    return any(_mentions_mrope(c) for c in classes)
+    return next((found for c in classes if (found := _mrope_default(c)) is not None), None)
+
+
+def _read_token_ids(cls: type) -> list[str]:
+    """The ``config.<name>_token_id`` attributes the modeling module reads (a real checkpoint's config has them
+    even where the config class declares none: Qwen3-Omni's thinker reads ``vision_start_token_id``)."""
+    name = cls.__module__.replace(".configuration_", ".modeling_")
+    with contextlib.suppress(ImportError):
+        importlib.import_module(name)
+    try:
+        source = inspect.getsource(sys.modules[name])
+    except (KeyError, OSError, TypeError):
+        return []
+    return sorted(set(re.findall(r"self\.config\.(\w+_token_id)\b", source)))
+
+
+def _fit_code_ranges(d: dict[str, Any]) -> None:
+    """Apertus 1.5: the image codes (``image_token_offset`` + the vision codebook) and the audio codes after them
+    inside :data:`VOCAB`, with 64-code codebooks."""
+    start = VOCAB // 2
+    d["image_token_offset"] = start
+    for n, key in enumerate(("vision_config", "audio_config")):
+        sub = d.get(key)
+        if isinstance(sub, dict) and isinstance(sub.get("codebook_size"), int):
+            sub["codebook_size"] = 64
+            if isinstance(sub.get("codebook_dim"), int) and isinstance(sub.get("hidden_size"), int):
+                sub["codebook_dim"] = VISION["hidden_size"] if "vision" in key else AUDIO["hidden_size"]
+        if n == 0 and isinstance(d.get("audio_token_offset"), int):
+            d["audio_token_offset"] = start + 64
+
+
+def _add_mrope_section(text: dict[str, Any], section: list[int]) -> None:
+    """``section`` into the text config's rope parameters: one set per layer type where the config keeps them
+    so (an empty ``rope_parameters`` beside ``layer_types``: Cohere Compass), else one set."""
+    default = {"rope_type": "default", "rope_theta": 10000.0}
+    rope, types = text.get("rope_parameters"), text.get("layer_types")
+    if rope == {} and isinstance(types, list) and types:
+        text["rope_parameters"] = {t: {"mrope_section": section, **default} for t in dict.fromkeys(types)}
+    else:
+        text["rope_parameters"] = {"mrope_section": section, **(rope or default)}
 
 
 def tiny_config(model_type: str) -> Any:
@@ -201,15 +363,28 @@ def tiny_config(model_type: str) -> Any:
     cls = compat.config_class(model_type)
     d = cls().to_dict()
     text = d.get("text_config")
-    if isinstance(text, dict) and _needs_mrope_section(cls, text):  # explicit, so that it is rescaled below
-        rope = text.get("rope_parameters") or {"rope_type": "default", "rope_theta": 10000.0}
-        text["rope_parameters"] = {"mrope_section": [8, 12, 12], **rope}
+    section = _missing_mrope_section(cls, text) if isinstance(text, dict) else None
+    if section is not None:  # explicit, so that it is rescaled below
+        _add_mrope_section(text, section)
     if isinstance(d.get("mm_tokens_per_image"), int):  # a pooled grid must fit the tiny tower's patches
         d["mm_tokens_per_image"] = (PATCHES_PER_SIDE // 2) ** 2
+    if "vocabulary_map" in d and d["vocabulary_map"] is None:  # Chameleon, Emu3: a real checkpoint's BPE map
+        d["vocabulary_map"] = {"<image>": 10}
+    if isinstance(d.get("image_token_offset"), int):  # discrete image (and audio) codes inside the tiny vocabulary
+        _fit_code_ranges(d)
+    merge = (d.get("vision_config") or {}).get("merge_size")
+    if isinstance(d.get("out_hidden_size"), int) and isinstance(merge, int):  # MUSE: the merged patches' width
+        d["out_hidden_size"] = VISION["hidden_size"] * merge**2
+    if isinstance(d.get("projection_hidden_size"), int):  # Kimi-K2.5: the projector's input, the tower's width
+        d["projection_hidden_size"] = VISION["hidden_size"]
+    if isinstance(d.get("projector_patch_to_query_dict"), dict):  # Aria: queries per tiny image's patch count
+        d["projector_patch_to_query_dict"] = {PATCHES_PER_SIDE**2: (PATCHES_PER_SIDE // 2) ** 2}
+    for k, key in enumerate(key for key in _read_token_ids(cls) if key not in d):
+        d[key] = VOCAB + 1000 + k  # moved into the tiny vocabulary below
     moved: dict[int, int] = {}
     _move_special_ids(d, moved)
     _shrink_tree(d, d, moved, False)
-    _shrink(d, TEXT if "text_config" not in d else {})
+    _shrink(d, TEXT if "text_config" not in d else TOP)
     return cls.from_dict(d)
 
 
@@ -232,10 +407,20 @@ def build_tiny(model_type: str, seed: int = 0) -> nn.Module:
     return _from_config(cfg).eval()
 
 
+def _mapped_class(cfg: Any) -> type:
+    """The class transformers' image-text-to-text mapping names for ``cfg``'s model type."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[cfg.model_type])
+
+
 def _from_config(cfg: Any) -> nn.Module:
     try:
         return compat.model_from_config(cfg)
     except ValueError as exc:  # a top-level class that declares no sdpa: built on eager, its language model
+        if "Unrecognized configuration class" in str(exc):  # mapped by name, not by config (Evolla)
+            return _mapped_class(cfg)._from_config(cfg, attn_implementation="sdpa")
         if "attention implementation" not in str(exc):  # then switched to sdpa (transformers 5's decoders have it)
             raise
         model = compat.model_from_config(cfg, "eager")
