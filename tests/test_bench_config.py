@@ -19,9 +19,7 @@ def test_default_config_is_the_offline_comparison(registry):
     # three budgets each; random (the one stochastic reducer: a `seed` param) with three seeds each; the reducers
     # that also run inside the vision encoder, there too (before the projector, before vision layer 1)
     sweep = default_sweep_reducers(registry)
-    inside = sum(
-        len({"pre_projector", "vision_layer"} & registry.get(n).capabilities.insertion_points) for n in sweep
-    )
+    inside = sum(len({"pre_projector", "vision_layer"} & registry.get(n).capabilities.insertion_points) for n in sweep)
     assert inside >= 2
     assert len(names) == 1 + 3 * len(sweep) + 3 * 2 + 3 * inside
     assert {"random-50%@seed1", "random-50%@seed2", "random-10%@seed2"} <= set(names)

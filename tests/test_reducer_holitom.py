@@ -251,11 +251,13 @@ def test_the_preset_composes_both_stages():
     ]
 
 
-def test_both_stages_run_in_a_llava_next_video_model():
-    """The tiny LLaVA-NeXT-Video (its tower serves video attention), a video of 8 frames of 2 x 2 tokens whose first
-    four frames are one still picture: the pre-LLM stage merges the still frames' tokens over time (a static token
-    stands for 4 frames) and keeps the rest by attention; the in-LLM stage halves what is left at layer 2."""
-    t = tm.BUILDERS["llava_next_video"]()
+@pytest.mark.parametrize(("family", "newlines"), [("llava_next_video", 0), ("llava_onevision", 1)])
+def test_both_stages_run_in_a_llava_video_model(family, newlines):
+    """The tiny LLaVA-NeXT-Video and LLaVA-OneVision (their towers serve video attention), a video of 8 frames of
+    2 x 2 tokens whose first four frames are one still picture: the pre-LLM stage merges the still frames' tokens
+    over time (a static token stands for 4 frames) and keeps the rest by attention (OneVision's video newline
+    kept); the in-LLM stage halves what is left at layer 2."""
+    t = tm.BUILDERS[family]()
     inputs = t.make_inputs([[tm.Video(8, 56, 56)]])
     frames = inputs["pixel_values_videos"]
     frames[:, 1:4] = frames[:, :1]
@@ -268,7 +270,8 @@ def test_both_stages_run_in_a_llava_next_video_model():
     assert torch.isfinite(out).all()
     # frames 0-3 static (4 places x 3 repeats saved: 12), r' = 0.5 * 32 / 20 = 0.8: round(4 * 0.8) = 3 static
     # clusters filed under frame 0, and each moving frame keeps ceil(4 * 0.8) = 4 tokens
-    assert first.entering == [32] and first.leaving == [3 + 16]
+    assert first.entering == [32 + newlines] and first.leaving == [3 + 16 + newlines]
     kept = first.kept[0]
-    assert all(k < 4 for k in kept[:3]) and kept[3:] == list(range(16, 32))
-    assert second.leaving[0] == round(second.entering[0] * 0.5) and second.entering == first.leaving
+    assert all(k < 4 for k in kept[:3]) and kept[3:] == list(range(16, 32 + newlines))
+    assert second.entering == first.leaving
+    assert second.leaving[0] == round(second.entering[0] * 0.5)  # the official round(n (1 - r)), newline counted
