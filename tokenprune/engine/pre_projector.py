@@ -64,8 +64,8 @@ class ProjectorRun:
 
     @property
     def changed(self) -> bool:
-        """Some row was dropped or merged."""
-        return not bool(self.masks[-1].all()) or bool((self.sizes != 1).any())
+        """Some row was dropped or merged (padding places of a packed tower's rows are not rows)."""
+        return not torch.equal(self.masks[-1], self.masks[0]) or bool((self.sizes != 1).any())
 
 
 class PreProjector:
