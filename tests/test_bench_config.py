@@ -16,9 +16,17 @@ def test_default_config_is_the_offline_comparison(registry):
     names = [n for n, _ in resolve_pipelines(config, registry)]
     assert names[0] == REFERENCE
     assert "random-50%" in names and "random-10%" in names
-    # three budgets each; random (the one stochastic reducer: a `seed` param) with three seeds each
-    assert len(names) == 1 + 3 * len(default_sweep_reducers(registry)) + 3 * 2
+    # three budgets each; random (the one stochastic reducer: a `seed` param) with three seeds each; the reducers
+    # that also run inside the vision encoder, there too (before the projector, before vision layer 1)
+    sweep = default_sweep_reducers(registry)
+    inside = sum(len({"pre_projector", "vision_layer"} & registry.get(n).capabilities.insertion_points) for n in sweep)
+    assert inside >= 2
+    assert len(names) == 1 + 3 * len(sweep) + 3 * 2 + 3 * inside
     assert {"random-50%@seed1", "random-50%@seed2", "random-10%@seed2"} <= set(names)
+    assert {"visionzip-pre-50%", "visionzip-50%", "tome-vl1-25%", "tome-25%"} <= set(names)
+    resolved = dict(resolve_pipelines(config, registry))
+    assert str(resolved["visionzip-pre-10%"].stages[0].point) == "pre_projector"
+    assert str(resolved["tome-vl1-10%"].stages[0].point) == "vision layer 1"
 
 
 def test_a_stochastic_reducer_runs_several_seeds_unless_its_params_fix_one(registry):

@@ -18,7 +18,7 @@ class GramScore(ScoringReducer):
     """Scores each patch by its row sum of the Gram matrix ``X X^T``: ``M P^2 D`` MACs, declared."""
 
     name = "gram_score"
-    capabilities = Capabilities(insertion_points=frozenset({"pre_projector", "post_projector"}))
+    capabilities = Capabilities(insertion_points=frozenset({"vision_layer", "pre_projector", "post_projector"}))
 
     def score(self, tokens, ctx):
         return torch.bmm(tokens.float(), tokens.float().transpose(1, 2)).sum(-1)
@@ -46,7 +46,7 @@ def _agree(report):
     assert lm["analytic"] == lm["torch"] == lm["fvcore"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2_vl", "qwen2_5_vl"])
 def test_counters_agree_and_the_stage_work_is_counted_exactly(family, manager):
     t = tiny_models.BUILDERS[family]()
     inputs = t.make_inputs([(56, 84)])
@@ -94,3 +94,19 @@ def test_a_vision_layer_stage_saves_tower_and_language_model_work_counted_once(f
     assert report.vision < base.vision
     assert report.layers[0].tokens[0] < base.layers[0].tokens[0]
     assert report.total == report.vision + report.language_model["analytic"] + report.overhead
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_vision_layer_stage_on_a_packed_tower_saves_tower_work(family, manager):
+    """Qwen's packed tower: a unit removal before block 1 shrinks the tower's later block (torch's vision line), the
+    language model's input, and the stage's own products are reported once, with the reducers."""
+    t = tiny_models.BUILDERS[family]()
+    inputs = t.make_inputs([(112, 112)])
+    base = count_flops(t.model, inputs, use_fvcore=False)
+    pipe = {"stages": [{"at": {"vision_layer": 1}, "reducer": "gram_score", "keep": 0.5}]}
+    report = count_flops(t.model, inputs, pipe, plugins=manager)
+    _agree(report)
+    (stage,) = report.reducers
+    assert stage[2] > 0 and report.reducers_torch == stage[2]
+    assert report.vision < base.vision
+    assert report.layers[0].tokens[0] == base.layers[0].tokens[0] - 8

@@ -1,5 +1,6 @@
 """``at: pre_projector``: the engine invariants on LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision, exactness against the
-model's own projector, and clear refusals where the projector mixes tokens (Qwen2.5-VL and the others).
+model's own projector, and clear refusals where the projector mixes tokens (Qwen2-VL and Qwen2.5-VL's merge units
+are served by tests/test_engine_packed_tower.py).
 
 The invariants are those of :mod:`tokenprune.testing.adapters` (keep-all identity, cached decoding == no-cache
 recompute, remove() restores, batch == one by one) with the stages before the projector; the reducers are this
@@ -176,7 +177,7 @@ def test_the_language_model_receives_the_projector_of_the_merged_features(manage
     torch.testing.assert_close(image_rows, expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "idefics3", "gemma3", "internvl"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "idefics3", "gemma3", "internvl"])
 def test_families_whose_projector_mixes_tokens_are_refused(family, manager):
     t = tm.BUILDERS[family]()
     with pytest.raises(

@@ -134,10 +134,10 @@ def test_the_remaining_layers_run_on_the_merged_tokens_with_proportional_attenti
     assert not torch.allclose(plain, expected, rtol=0, atol=1e-4)  # the sizes' bias matters
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "idefics3"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "idefics3"])
 def test_families_without_a_per_token_projector_are_refused(family):
     t = tm.BUILDERS[family]()
-    with pytest.raises(TokenpruneError, match=rf"vision layer 1, which the '{family}|qwen2_vl'.*cannot serve"):
+    with pytest.raises(TokenpruneError, match=rf"vision layer 1, which the '{family}|qwen3_vl'.*cannot serve"):
         tp.apply(t.model, TOME)
 
 

@@ -29,6 +29,7 @@ BUILT_IN = {
     "visionzip-64",
     "dycoke-llava-ov",
     "vidcom2-25",
+    "holitom-15",
     "evs-q75",
     "prumerge",
     "prumerge-plus",

@@ -228,16 +228,19 @@ def test_llava_next_video_probe_scores_equal_eager_attention_on_frames():
             torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
 
 
-def test_llava_next_video_maps_frame_patches_to_video_tokens():
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+def test_llava_video_families_map_frame_patches_to_video_tokens(family):
     """A value at one patch of a frame marks exactly the video tokens whose features move when that patch's
-    attention output is pushed (the kit's image check, on get_video_features)."""
-    t = tiny_models.llava_next_video()
-    adapter = _manager().adapters.get("llava_next_video")(t.model)
+    attention output is pushed (the kit's image check, on get_video_features): LLaVA-NeXT-Video's average
+    pooling, LLaVA-OneVision's bilinear pooling (and its video newline, built from no patch)."""
+    t = tiny_models.BUILDERS[family]()
+    adapter = _manager().adapters.get(family)(t.model)
     tower = adapter.vision_tower()
-    args, kwargs = _video_call(t.model, t.make_inputs(LLAVA_VIDEOS[1:]))
+    assert tower.videos
+    args, kwargs = _video_call(t.model, t.make_inputs(VIDEO_SPECS[family][1:]))
     layer = compat.vision_attention_module(tower.layers[tower.feature_layer])
     pixels = args[0] if args else kwargs["pixel_values_videos"]
-    sequences, length = pixels.shape[0] * pixels.shape[1], 1 + (56 // 14) ** 2
+    sequences, length = pixels.shape[0] * pixels.shape[1], int(tower.has_cls) + (56 // 14) ** 2
     call = tp.adapters.base.ImageCall(args, kwargs, None)
 
     def features(flat):
@@ -264,8 +267,12 @@ def test_llava_next_video_maps_frame_patches_to_video_tokens():
             marked = torch.cat(adapter.map_vision_video_patches(call, values)).reshape(-1).abs() > 1e-9
             moved = (features(r * length + p) - base).abs().amax(-1) > 1e-4
             assert torch.equal(marked, moved), (r, p, marked.nonzero().flatten(), moved.nonzero().flatten())
-    ones = torch.cat(adapter.map_vision_video_patches(call, [torch.ones(length, 1)] * sequences)).reshape(-1)
-    torch.testing.assert_close(ones, torch.ones_like(ones))  # CLS dropped, 2 x 2 windows: every token a mean
+    mapped = adapter.map_vision_video_patches(call, [torch.ones(length, 1)] * sequences)
+    ones = torch.cat(mapped).reshape(-1)
+    expected = torch.ones_like(ones)  # CLS dropped, pooling windows: every token a mean of its patches
+    if family == "llava_onevision":  # but each video's newline, built from no patch
+        expected[torch.tensor([len(m) for m in mapped]).cumsum(0) - 1] = 0.0
+    torch.testing.assert_close(ones, expected)
 
 
 @pytest.mark.parametrize("reducer", ["fastervlm", "vispruner"])

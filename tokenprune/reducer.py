@@ -467,6 +467,11 @@ class Merge:
     """How a group becomes one token: ``mean``, the size-weighted mean of the group (the default, ToMe's);
     ``root_plus_mean``, the root plus the size-weighted mean of the other members (the root alone where it has
     none): VisionZip's official contextual tokens, ``target + mean(assigned)``."""
+    weights: Tensor | None = None
+    """``(B, N)`` float, non-negative: each token's weight in its group's ``mean`` in place of its size (a
+    method's own combination, e.g. HoliTom's ``beta * center + (1 - beta) * mean(assigned)``); a group's weights
+    need not sum to one (the mean divides by their sum), the merged sizes are still the sums of the sizes.
+    ``None`` (the default): the sizes. Only with ``combine: mean``."""
 
     @property
     def roots(self) -> Tensor:
@@ -490,11 +495,15 @@ class Merge:
         w = (sizes * (valid & ~dropped)).float()
         own = torch.arange(n, device=x.device).expand(b, n)
         dest = torch.where(valid & ~dropped, self.destination, own)  # dropped tokens: weight 0 on themselves
-        num = torch.zeros(b, n, d, dtype=torch.float32, device=x.device)
-        num.scatter_add_(1, dest.unsqueeze(-1).expand(b, n, d), x.float() * w.unsqueeze(-1))
         den = torch.zeros(b, n, dtype=torch.float32, device=x.device).scatter_add_(1, dest, w)
         sel = self.selection(valid)
         safe = sel.indices.clamp(min=0)
+        merged_sizes = den.gather(1, safe)
+        if self.weights is not None:
+            w = (self.weights.float() * (valid & ~dropped)).to(w.device)
+            den = torch.zeros_like(den).scatter_add_(1, dest, w)
+        num = torch.zeros(b, n, d, dtype=torch.float32, device=x.device)
+        num.scatter_add_(1, dest.unsqueeze(-1).expand(b, n, d), x.float() * w.unsqueeze(-1))
         merged_den = den.gather(1, safe)
         merged_num = num.gather(1, safe.unsqueeze(-1).expand(-1, -1, d))
         if self.combine == "root_plus_mean":
@@ -506,8 +515,7 @@ class Merge:
             merged = merged_num / merged_den.clamp(min=1e-12).unsqueeze(-1)
         pad = sel.indices < 0
         merged = merged.masked_fill(pad.unsqueeze(-1), 0.0).to(x.dtype)
-        merged_sizes = merged_den.masked_fill(pad, 0.0).to(sizes.dtype)
-        return merged, merged_sizes, sel
+        return merged, merged_sizes.masked_fill(pad, 0.0).to(sizes.dtype), sel
 
 
 Reduction = Selection | Merge

@@ -127,6 +127,28 @@ def _check_merge(result: Merge, ctx: ReduceContext, device: torch.device, fail: 
     arrivals = torch.zeros(b, n, dtype=torch.long, device=device).scatter_add_(1, valid_dest, ctx.valid.long())
     if (at := _first(ctx.protected & ctx.valid & (arrivals > 1))) is not None:
         raise fail(f"sample {at[0]}: other tokens were merged into protected token {at[1]}")
+    if result.weights is not None:
+        _check_merge_weights(result, ctx, valid_dest, device, fail)
+
+
+def _check_merge_weights(result: Merge, ctx: ReduceContext, dest: Tensor, device: torch.device, fail: Fail) -> None:
+    """A merge's own weights: ``(B, N)``, finite, non-negative, with ``combine: mean``, each group's sum positive."""
+    weights = result.weights
+    if weights is None:
+        return
+    if result.combine != "mean":
+        raise fail(f"Merge.weights replace the sizes of a 'mean' combination, not of {result.combine!r}")
+    if not isinstance(weights, Tensor) or not weights.is_floating_point() or weights.shape != ctx.valid.shape:
+        what = f"{weights.dtype} {tuple(weights.shape)}" if isinstance(weights, Tensor) else type(weights).__name__
+        raise fail(f"Merge.weights is {what}; expected a float tensor of shape {tuple(ctx.valid.shape)}")
+    if weights.device != device:
+        raise fail(f"Merge.weights is on {weights.device}, but the tokens are on {device}")
+    if (at := _first(ctx.valid & ~(torch.isfinite(weights) & (weights >= 0)))) is not None:
+        raise fail(f"sample {at[0]}: token {at[1]} has weight {float(weights[at])}; weights must be finite and >= 0")
+    kept = ctx.valid & (result.destination != -1)
+    total = torch.zeros_like(weights, dtype=torch.float32).scatter_add_(1, dest, (weights * kept).float())
+    if (at := _first(kept & result.roots & (total <= 0))) is not None:
+        raise fail(f"sample {at[0]}: the group of token {at[1]} has weights summing to 0")
 
 
 def _check_selection(selection: Selection, ctx: ReduceContext, device: torch.device, fail: Fail) -> None:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from tokenprune.layout import TokenLayout
 
 if TYPE_CHECKING:
+    from tokenprune.adapters.packed import PackedTower
     from tokenprune.engine.layer_args import LayerArg
 
 
@@ -251,6 +252,12 @@ class ModelAdapter:
         for the reason :attr:`pre_projector_refusal` gives (a projector that mixes tokens: Qwen2-VL's 2x2
         PatchMerger, a pixel shuffle, pooling).
         """
+        return None
+
+    def packed_tower(self) -> PackedTower | None:
+        """The tower's description where it runs every image's patches as one packed sequence and its projector
+        merges groups of patches (Qwen2-VL); ``pre_projector`` and ``vision_layer`` stages then reduce whole merge
+        units (:mod:`tokenprune.adapters.packed`). ``None`` (the default): the projector is per token."""
         return None
 
     def video_token_id(self) -> int | None:

@@ -3,18 +3,23 @@
 Single-image samples are tiled (base view + unpadded grid + newline per row; a very large grid is
 bilinearly downscaled to at most ``anyres_max_9`` tiles, in which case the reported row/column of a
 high-resolution token is the nearest original one). Multi-image samples give one untiled view per
-image.
+image. Videos: one bilinearly pooled grid per frame and one newline per video; the tower is also watched during
+``get_video_features``, and its per-patch values reach the video tokens through the model's own pooling (a
+bilinear interpolation: linear, weights summing to one), the newline built from no patch.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from tokenprune.adapters.base import ImageCall
+from tokenprune.adapters.base import ImageCall, VisionTower
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.adapters.llava_next_video import frame_grids
+from tokenprune.adapters.vision import drop_cls
 from tokenprune.layout import TokenLayout
 
 
@@ -51,3 +56,24 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             coords, image_sizes, image_newline=newline, vision_aspect_ratio=ratio
         )
         return list(packed)
+
+    def vision_tower(self) -> VisionTower | None:
+        """LLaVA-NeXT's tower description, also watched during ``get_video_features`` (``videos``)."""
+        tower = super().vision_tower()
+        return None if tower is None else dataclasses.replace(tower, videos=True)
+
+    def map_vision_video_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per frame ([CLS] dropped under ``default``), pooled by the model's ``apply_pooling``;
+        per video its frames in order, then ``0`` for the video's newline."""
+        pixels = call.arg("pixel_values_videos", 0)
+        if pixels is None or not values:
+            return None
+        strategy = call.arg("vision_feature_select_strategy", 2) or self.vlm().config.vision_feature_select_strategy
+        frames = torch.stack([drop_cls(v, strategy) for v in values])
+        pooled = self.vlm().apply_pooling(frames.float())  # (videos * frames, n, C)
+        per_video = int(pixels.shape[1])
+        out = []
+        for i in range(0, pooled.shape[0], per_video):
+            tokens = pooled[i : i + per_video].reshape(-1, pooled.shape[-1])
+            out.append(torch.cat([tokens, tokens.new_zeros(1, tokens.shape[-1])]))
+        return out

@@ -40,11 +40,26 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
                 "save_pretrained; 'bundled' is the shipped mini VLM; anything else is read as a hub id)"
             )
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = _processor(AutoProcessor, path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as exc:
         raise TokenpruneError(f"could not load model {spec!r}: {exc}") from exc
     return model.to(device).eval(), processor
+
+
+def _processor(auto: Any, path: str | Path) -> Any:
+    """``AutoProcessor.from_pretrained(path)``; where it needs torchvision (a family whose processor builds a video
+    processor), the tokenizer and image processor as a :class:`~tokenprune.bench.video_inputs.FramesProcessor`."""
+    try:
+        return auto.from_pretrained(path)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from tokenprune.bench.video_inputs import FramesProcessor
+
+    return FramesProcessor(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
 
 
 def build_inputs(

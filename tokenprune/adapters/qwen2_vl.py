@@ -7,6 +7,10 @@ height, width) and ``generate`` passes a fourth, text-only row first. The model 
 input and slices them, so kept visual tokens keep their 3-D positions (``original``) or a
 compressed grid (``compact``, see :mod:`tokenprune.engine.positions`). ``get_rope_index`` cannot be run on
 pruned ids (it expects ``t*h*w/m^2`` tokens per image).
+
+``pre_projector`` and ``vision_layer`` stages reduce whole ``m x m`` merge units of the packed tower
+(:mod:`tokenprune.adapters.packed`): the merger still reads each remaining unit's ``m * m`` patches, the removed
+units' tokens leave at the language model's input and the M-RoPE positions of the kept ones are sliced as above.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
+from tokenprune.adapters.packed import PackedTower
 from tokenprune.adapters.vision import group_mean
 from tokenprune.layout import TokenLayout
 
@@ -28,10 +33,6 @@ class Qwen2VLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     position_scheme = "mrope"
     notes = "M-RoPE positions from get_rope_index on the unpruned ids, then sliced"
-    pre_projector_refusal = (
-        "its vision tower ends in a PatchMerger that merges every 2x2 group of patches into one token (and its "
-        "windows, rotary positions and cu_seqlens are per patch); reducing whole merge groups is not implemented"
-    )
 
     def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
         grid = call.arg("image_grid_thw", 1)
@@ -43,6 +44,20 @@ class Qwen2VLAdapter(ModelAdapter):
             one = TokenLayout.grid(h // merge, w // merge, image=i)
             layouts.append(TokenLayout.cat([one] * t) if t > 1 else one)
         return layouts
+
+    def projector(self) -> nn.Module | None:
+        """The tower's PatchMerger: ``pre_projector`` stages reduce whole 2x2 merge units before it
+        (:meth:`packed_tower`), each unit one language-model token."""
+        return self.vlm().visual.merger
+
+    def packed_tower(self) -> PackedTower | None:
+        """The packed tower: merge units of ``spatial_merge_size``, Qwen2.5-VL's windows (in units) and its
+        full-attention blocks."""
+        visual = self.vlm().visual
+        cfg = visual.config
+        full = getattr(cfg, "fullatt_block_indexes", None)
+        window = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size if full else None
+        return PackedTower(visual, int(cfg.spatial_merge_size), window, frozenset(full or ()))
 
     def vision_tower(self) -> VisionTower | None:
         """The vision transformer's blocks; features from the last block (through the 2x2 merger).

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from tokenprune.adapters.base import VisionTower, VisualResiduals
+from tokenprune.adapters.packed import PackedTower
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 
 
@@ -42,6 +43,18 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     name = "qwen3_vl"
     model_types = ("qwen3_vl", "qwen3_vl_moe")
     notes = "M-RoPE (interleaved) sliced like qwen2_vl; DeepStack features follow the kept and merged tokens"
+
+    pre_projector_refusal = (
+        "its DeepStack mergers read intermediate tower blocks of every merge unit, which a reduction before the "
+        "main merger would not follow"
+    )
+
+    def projector(self) -> nn.Module | None:
+        """None: a ``pre_projector`` stage is refused (:attr:`pre_projector_refusal`)."""
+        return None
+
+    def packed_tower(self) -> PackedTower | None:
+        return None
 
     def vision_tower(self) -> VisionTower | None:
         """The vision transformer's blocks; the default probed block is the last one.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image
 from pydantic import Field
@@ -69,8 +69,9 @@ class JsonlTask(_OpenEndedTask):
 
     Each line: ``{"id": ..., "image": "a.png" or ["a.png", ...], "question": "...",
     "answers": ["..."] or "answer": "...", "group": "..."}``; ``id`` defaults to the line number,
-    ``group`` to ``"all"``, answers may be absent (then only fidelity metrics apply). Image paths are
-    relative to ``image_root`` (default: the file's folder).
+    ``group`` to ``"all"``, answers may be absent (then only fidelity metrics apply). A video task gives
+    ``"video": ["f0.png", "f1.png", ...]`` (one video's frames in order) or ``"videos": [[...], ...]``.
+    Image paths are relative to ``image_root`` (default: the file's folder).
     """
 
     name = "jsonl"
@@ -102,21 +103,39 @@ class JsonlTask(_OpenEndedTask):
             images = [images] if isinstance(images, str) else images
             if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
                 raise TokenpruneError(f"{where}: 'image' must be a file name or a list of file names")
-            loaded = []
-            for name in images:
-                file = root / name
-                if not file.is_file():
-                    raise TokenpruneError(f"{where}: image {file} does not exist")
-                with Image.open(file) as im:
-                    loaded.append(im.convert("RGB"))
+            loaded = _load_images(root, images, where)
+            videos = _videos_of(record, where)
             answers = record.get("answers", record.get("answer", []))
             answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
             example_id = str(record.get("id", number))
             if example_id in seen:
                 raise TokenpruneError(f"{where}: duplicate id {example_id!r}; ids must be unique for resuming to work")
             seen.add(example_id)
-            out.append(Example(example_id, loaded, record["question"], answers, str(record.get("group", "all"))))
+            group = str(record.get("group", "all"))
+            clips = [_load_images(root, v, where) for v in videos]
+            out.append(Example(example_id, loaded, record["question"], answers, group, videos=clips))
         return out
+
+
+def _load_images(root: Path, names: list[str], where: str) -> list[Image.Image]:
+    loaded = []
+    for name in names:
+        file = root / name
+        if not file.is_file():
+            raise TokenpruneError(f"{where}: image {file} does not exist")
+        with Image.open(file) as im:
+            loaded.append(im.convert("RGB"))
+    return loaded
+
+
+def _videos_of(record: dict[str, Any], where: str) -> list[list[str]]:
+    """A record's videos as lists of frame files (``video``: one video, ``videos``: several)."""
+    videos = [record["video"]] if "video" in record else record.get("videos", [])
+    if not isinstance(videos, list) or not all(
+        isinstance(v, list) and v and all(isinstance(f, str) for f in v) for v in videos
+    ):
+        raise TokenpruneError(f"{where}: 'video' must be a list of frame files ('videos': a list of such lists)")
+    return videos
 
 
 class DiskDataset(_OpenEndedTask):

@@ -56,7 +56,8 @@ class Sweep(BaseModel):
     """One single-stage pipeline per reducer and budget.
 
     ``at: auto`` puts each reducer after the projector when it supports that, else at layer 2 (FastV's
-    default); a decode-only reducer at ``decode: 2``.
+    default); a decode-only reducer at ``decode: 2``; a reducer that also runs inside the vision encoder runs
+    there too: before the projector (``<name>-pre-50%``) and before vision layer 1 (``<name>-vl1-50%``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -288,20 +289,30 @@ def _sweep(sweep: Sweep, plugins: PluginManager | Registries) -> list[tuple[str,
     for name in names:
         if name not in registry:
             raise PipelineError(f"sweep: {registry.unknown_message(name)}")
-        points = registry.get(name).capabilities.insertion_points
-        if sweep.at == "auto":
-            at: Any = "post_projector" if "post_projector" in points else {"layer": 2}
-            at = {"decode": 2} if points == {"decode"} else at
-        else:
-            at = sweep.at
-        for keep in sweep.keep:
-            base = f"{name}-{round(keep * 100)}%" if isinstance(keep, float) else f"{name}-{keep}tok"
-            for label, params in _seeded(base, name, sweep, registry):
-                stage = {"at": at, "reducer": name, "keep": keep, "params": params}
-                try:
-                    out.append((label, load_pipeline({"name": label, "stages": [stage]}, plugins=plugins)))
-                except PipelineError as exc:
-                    raise PipelineError(f"sweep pipeline {label!r}: {exc}", exc.problems) from None
+        for at, tag in _sweep_points(sweep, registry.get(name).capabilities.insertion_points):
+            for keep in sweep.keep:
+                base = f"{name}{tag}-{round(keep * 100)}%" if isinstance(keep, float) else f"{name}{tag}-{keep}tok"
+                for label, params in _seeded(base, name, sweep, registry):
+                    stage = {"at": at, "reducer": name, "keep": keep, "params": params}
+                    try:
+                        out.append((label, load_pipeline({"name": label, "stages": [stage]}, plugins=plugins)))
+                    except PipelineError as exc:
+                        raise PipelineError(f"sweep pipeline {label!r}: {exc}", exc.problems) from None
+    return out
+
+
+def _sweep_points(sweep: Sweep, points: frozenset[str]) -> list[tuple[Any, str]]:
+    """Where a sweep runs a reducer, with each point's label tag: ``at: auto`` puts it after the projector (else at
+    layer 2, a decode-only one at ``decode: 2``), and also inside the vision encoder where it runs there: before
+    the projector (``-pre``) and before vision layer 1 (``-vl1``)."""
+    if sweep.at != "auto":
+        return [(sweep.at, "")]
+    at: Any = "post_projector" if "post_projector" in points else {"layer": 2}
+    out: list[tuple[Any, str]] = [({"decode": 2} if points == {"decode"} else at, "")]
+    if "pre_projector" in points:
+        out.append(("pre_projector", "-pre"))
+    if "vision_layer" in points:
+        out.append(({"vision_layer": 1}, "-vl1"))
     return out
 
 

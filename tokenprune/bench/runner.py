@@ -146,8 +146,9 @@ def _ordered_examples(run: _Run, task: Task) -> list[Example]:
         return examples
     lengths = []
     for ex in examples:
-        ids = _encode(run.processor, task, [ex], run.config.prompt)["input_ids"]
-        lengths.append((int(run.adapter.visual_mask(ids).sum()), int(ids.shape[1])))
+        ids = _encode(run.processor, task, [ex], run.config.prompt, run.model)["input_ids"]
+        visual = run.adapter.visual_mask(ids) | run.adapter.video_mask(ids)
+        lengths.append((int(visual.sum()), int(ids.shape[1])))
     order = sorted(range(len(examples)), key=lambda i: lengths[i])
     return [examples[i] for i in order]
 
@@ -259,7 +260,8 @@ def _run_batch(
     config, shape, model = run.config, run.shape, run.model
     gen = _generate_batch(model, run.processor, task, batch, config, new_tokens)
     prefill = handle.stats.last_prefill
-    visual_in = handle.adapter.visual_mask(gen.inputs["input_ids"]).sum(1).tolist()
+    ids = gen.inputs["input_ids"]
+    visual_in = (handle.adapter.visual_mask(ids) | handle.adapter.video_mask(ids)).sum(1).tolist()  # images, videos
     real = gen.inputs["attention_mask"].sum(1).tolist()
     bytes_per = torch.finfo(model.dtype).bits // 8
     if prefill is not None and config.heatmaps:
@@ -326,9 +328,10 @@ def _generate_batch(
 
 def _inputs(processor: Any, task: Task, batch: list[Example], config: CompareConfig, model: nn.Module) -> Any:
     """The processor's output for ``batch``, on the device, pixels in the model's dtype."""
-    inputs = _encode(processor, task, batch, config.prompt).to(config.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = _encode(processor, task, batch, config.prompt, model).to(config.device)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(model.dtype)
     return inputs
 
 
@@ -394,21 +397,32 @@ def _persist_reference(refs: ReferenceLogits, key: str, task: str, logits: list[
         refs.put(key, task, [i for i, _ in logits], torch.stack([t for _, t in logits]))
 
 
-def _encode(processor: Any, task: Task, batch: list[Example], template: str | None) -> Any:
+def _encode(processor: Any, task: Task, batch: list[Example], template: str | None, model: nn.Module) -> Any:
     image_token = getattr(processor, "image_token", "<image>")
+    video_token = getattr(processor, "video_token", "<video>")
     texts = []
     for ex in batch:
         if template is None:
-            texts.append(task.prompt(ex, image_token))
+            texts.append(task.prompt(ex, image_token, video_token) if ex.videos else task.prompt(ex, image_token))
         else:
-            texts.append(template.format(image=" ".join([image_token] * len(ex.images)), question=ex.question))
+            media = [image_token] * len(ex.images) + [video_token] * len(ex.videos)
+            texts.append(template.format(image=" ".join(media), question=ex.question))
     images = [im for ex in batch for im in ex.images]
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
     if images:
         kwargs["images"] = images
-    return processor(**kwargs)
+    inputs = processor(**kwargs)
+    videos = [v for ex in batch for v in ex.videos]
+    if videos:  # frames through tokenprune's own preprocessing (transformers' video processors need torchvision)
+        from tokenprune.bench import video_inputs as vi
+
+        pixels = vi.video_pixels(processor, model, videos)
+        token = int(tokenizer.convert_tokens_to_ids(video_token))
+        vi.expand_video_tokens(inputs, token, vi.video_token_counts(model, pixels), int(tokenizer.pad_token_id or 0))
+        inputs["pixel_values_videos"] = pixels
+    return inputs
 
 
 def _kv_dims(adapter: ModelAdapter) -> list[int]:

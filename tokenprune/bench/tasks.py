@@ -33,6 +33,8 @@ class Example:
         question: The question text.
         answers: Reference answers (several for VQA-style soft scoring; empty when unlabelled).
         group: A label to break results down by (question type, category).
+        videos: The videos, each its frames in order, after the images in the prompt
+            (:mod:`tokenprune.bench.video_inputs` builds the model's video inputs from them).
     """
 
     id: str
@@ -41,6 +43,7 @@ class Example:
     answers: Sequence[str] = ()
     group: str = "all"
     meta: Mapping[str, Any] = field(default_factory=dict)
+    videos: Sequence[Sequence[Image.Image]] = ()
 
 
 class TaskParams(BaseModel):
@@ -73,10 +76,12 @@ class Task(ABC):
         """Tokens to generate per answer; ``max_new_tokens`` unless the params say otherwise."""
         return self.max_new_tokens
 
-    def prompt(self, example: Example, image_token: str) -> str:
-        """The user text for ``example``: one ``image_token`` per image, then the question.
+    def prompt(self, example: Example, image_token: str, video_token: str = "<video>") -> str:
+        """The user text for ``example``: one ``image_token`` per image, one ``video_token`` per video, then the
+        question.
 
         Override for tasks whose model expects another layout; the harness applies the processor's
-        chat template around it when the processor has one.
+        chat template around it when the processor has one (and passes ``video_token`` only for examples
+        with videos).
         """
-        return " ".join([image_token] * len(example.images) + [example.question])
+        return " ".join([image_token] * len(example.images) + [video_token] * len(example.videos) + [example.question])

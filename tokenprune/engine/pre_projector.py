@@ -29,6 +29,7 @@ from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
 from tokenprune.engine import positions as P
 from tokenprune.engine.calls import FeatureCalls
 from tokenprune.engine.hooks import HookSet
+from tokenprune.engine.packed_stages import PackedCut, PackedUnitCapture
 from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
 from tokenprune.engine.stage import StagePlan
 from tokenprune.engine.stats import StageStats
@@ -49,17 +50,22 @@ class ProjectorRun:
         sizes: ``(M, P)`` float, how many patches each row stands for after the stages.
         seconds: Per stage, the wall time of its reducer.
         macs: Per stage, its declared overhead plus the vision probe's cost it read first.
+        tokens: A packed tower's ``(M, W)`` bool, the rows' places that hold a unit (one image token each, in order);
+            ``None``: the rows map to the tokens through ``map_vision_patches``.
+        layout: A packed tower's rows' layout (``None``: a square grid where the rows' length is a square).
     """
 
     masks: list[Tensor]
     sizes: Tensor
     seconds: list[float] = field(default_factory=list)
     macs: list[int] = field(default_factory=list)
+    tokens: Tensor | None = None
+    layout: TokenLayout | None = None
 
     @property
     def changed(self) -> bool:
-        """Some row was dropped or merged."""
-        return not bool(self.masks[-1].all()) or bool((self.sizes != 1).any())
+        """Some row was dropped or merged (padding places of a packed tower's rows are not rows)."""
+        return not torch.equal(self.masks[-1], self.masks[0]) or bool((self.sizes != 1).any())
 
 
 class PreProjector:
@@ -86,6 +92,7 @@ class PreProjector:
         self.vision_probe: VisionProbe | None = None
         self.last: ProjectorRun | None = None
         self._tower: VisionTower | None = None
+        self._capture: PackedUnitCapture | None = None  # a packed tower's units (Qwen2-VL)
 
     @property
     def all_plans(self) -> list[StagePlan]:
@@ -111,6 +118,12 @@ class PreProjector:
         if self._tower is None:
             raise TokenpruneError(f"{where}, but the {self.adapter.name!r} adapter does not describe its vision tower")
         self.vision_probe = vision_probe
+        packed = self.adapter.packed_tower()
+        if packed is not None:
+            own = self.vision.packed if self.vision is not None else None
+            self._capture = own.capture if own is not None else PackedUnitCapture(packed, self.calls)
+            if own is None:
+                self._capture.install(hooks)
         hooks.pre(projector, self._before_projector)
 
     def clear(self) -> None:
@@ -125,6 +138,8 @@ class PreProjector:
         if self.calls.in_video:
             return None
         x = args[0] if args else next(iter(kwargs.values()))
+        if self._capture is not None:
+            return self._before_packed(x, args, kwargs)
         if not isinstance(x, Tensor) or x.dim() != 3:
             raise TokenpruneError(
                 f"pre_projector: the {self.adapter.name!r} projector received "
@@ -142,6 +157,32 @@ class PreProjector:
         if not run.changed and cut is None:
             return None
         return ((x, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): x})
+
+    def _before_packed(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A packed tower's ``(N, Dv)`` merger input: the stages run on the frames' rows of whole units."""
+        units = self._capture.units if self._capture is not None else None
+        if units is None:
+            raise TokenpruneError(f"pre_projector: the {self.adapter.name!r} merger ran before its tower call was seen")
+        cut = self.vision.take() if self.vision is not None else None
+        if cut is not None and not isinstance(cut, PackedCut):
+            raise TokenpruneError("pre_projector: a packed tower's stages left a per-token cut")
+        alive = cut.alive if cut is not None else torch.ones_like(units.frame, dtype=torch.bool)
+        rows, valid = units.to_rows(x, alive)
+        index = units.rows
+        masks = [valid] if cut is None else list(cut.masks)
+        run = ProjectorRun(masks, rows.new_ones(valid.shape, dtype=torch.float32), tokens=index >= 0)
+        if cut is not None:
+            run.seconds, run.macs = list(cut.seconds), list(cut.macs)
+        run.layout = units.layout(index)
+        counted: set[tuple[Any, ...]] = set()
+        with torch.no_grad():
+            for plan in self.plans:
+                rows = self._run(plan, rows, run, counted)
+        self.last = run
+        if not run.changed and cut is None:
+            return None
+        out = units.from_rows(rows).to(x.dtype)
+        return ((out, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): out})
 
     def _run(self, plan: StagePlan, x: Tensor, run: ProjectorRun, counted: set[tuple[Any, ...]]) -> Tensor:
         """One stage on the rows still valid; returns ``x`` with merged rows written at their roots."""
@@ -165,6 +206,7 @@ class PreProjector:
         protected = torch.zeros_like(valid)
         side = math.isqrt(patches)
         layout = TokenLayout.grid(side, side, batch=rows).to(x.device) if side * side == patches else None
+        layout = run.layout if run.layout is not None else layout
         ctx = ReduceContext(
             at=plan.stage.point,
             budget=plan.budget(valid, protected, layout),
@@ -201,6 +243,8 @@ class PreProjector:
         request, probe, tower = plan.needs.vision_attention, self.vision_probe, self._tower
         if request is None or probe is None or tower is None:
             raise TokenpruneError(f"stage {plan.index} ({plan.stage.reducer}): no vision probe serves this stage")
+        if self._capture is not None:
+            return self._packed_vision(plan, probe, tower)
         offset = 1 if tower.has_cls else 0
 
         def rows_of(layer: int | None, kind: str) -> tuple[Tensor, Any]:
@@ -228,6 +272,41 @@ class PreProjector:
         also = {at: rows_of(at, request.kind)[0] for at in request.also_at}
         macs = rec.macs.get(request.kind, 0)
         return scores, keys, features, also, macs
+
+    def _packed_vision(
+        self, plan: StagePlan, probe: VisionProbe, tower: VisionTower
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, dict[int, Tensor], int]:
+        """A packed tower's probe records as ``(M, W)`` rows of units: each unit the mean of its patches' values, as
+        ``map_vision_patches`` maps them to the merged tokens (Qwen2.5-VL's window order undone there)."""
+        request, capture = plan.needs.vision_attention, self._capture
+        units = capture.units if capture is not None else None
+        if request is None or units is None or capture is None:
+            raise TokenpruneError(f"stage {plan.index} ({plan.stage.reducer}): the packed tower's call was not seen")
+        call = ImageCall((), {"image_grid_thw": capture.grid}, None)
+        index = units.rows
+
+        def rows_of(values: list[Tensor]) -> Tensor:
+            mapped = self.adapter.map_vision_patches(call, [v if v.dim() == 2 else v[:, None] for v in values])
+            if mapped is None:
+                raise TokenpruneError(f"pre_projector: the {self.adapter.name!r} adapter maps no tower patches")
+            flat = torch.cat(mapped)
+            out = flat[index.clamp(min=0)] * (index >= 0).unsqueeze(-1)
+            return out if values[0].dim() == 2 else out[..., 0]
+
+        def record(layer: int | None) -> Any:
+            rec = probe.records.get(resolve_layer(tower, layer))
+            if rec is None or request.kind not in rec.scores:
+                raise TokenpruneError(
+                    f"stage {plan.index} ({plan.stage.reducer}): the vision probe recorded nothing for the merger's "
+                    "input; is the attention implementation overridden elsewhere?"
+                )
+            return rec
+
+        rec = record(request.layer)
+        keys = rows_of(rec.keys) if request.keys else None
+        features = rows_of(rec.features) if request.features else None
+        also = {at: rows_of(record(at).scores[request.kind]) for at in request.also_at}
+        return rows_of(rec.scores[request.kind]), keys, features, also, rec.macs.get(request.kind, 0)
 
     # --- the language model's input -------------------------------------------------------------
 
@@ -276,7 +355,7 @@ class PreProjector:
         masks = torch.stack([m.float() for m in run.masks], -1)  # (M, P, S + 1)
         cover = torch.ones_like(masks[..., :1])
         values = torch.cat([masks, run.sizes.float()[..., None], cover], -1)
-        flat = self._mapped(values, call, int(image.sum()))
+        flat = self._mapped(values, call, int(image.sum()), run.tokens)
         cov = flat[:, -1:]
         ratio = flat[:, :-1] / cov.clamp(min=1e-6)
         partial = (cov[:, 0] > 1e-6) & ((ratio[:, :-1] - ratio[:, :-1].round()).abs() > 1e-4).any(-1)
@@ -290,9 +369,17 @@ class PreProjector:
         out[image] = torch.where(cov > 1e-6, ratio, torch.ones_like(ratio)).to(image.device)
         return out
 
-    def _mapped(self, values: Tensor, call: ImageCall, count: int) -> Tensor:
+    def _mapped(self, values: Tensor, call: ImageCall, count: int, run_tokens: Tensor | None = None) -> Tensor:
         """``(count, C)``: the projector rows' ``(M, P, C)`` values mapped to the image tokens, the rows placed in the
         tower's sequences after a [CLS] position where the model dropped one (the mapping that fits ``count``)."""
+        if run_tokens is not None:
+            flat = values[run_tokens].float()
+            if flat.shape[0] != count:
+                raise TokenpruneError(
+                    f"pre_projector: the {self.adapter.name!r} tower's merge units are {flat.shape[0]} tokens, but the "
+                    f"language model's input holds {count} image tokens"
+                )
+            return flat
         got: list[int | None] = []
         for offset in (1, 0) if self._tower is not None and self._tower.has_cls else (0,):
             padded = torch.cat([values.new_zeros(values.shape[0], offset, values.shape[-1]), values], 1)

@@ -9,8 +9,9 @@ adds ``log(size)`` to the keys' scores (ToMe's proportional attention, as an add
 Before the projector (:mod:`tokenprune.engine.pre_projector`) the surviving tokens are put back at their patches'
 places, the others left as zero rows marked dropped, so the model's own layout code runs on its usual shapes and
 the dropped tokens leave at the language model's input as a ``pre_projector`` stage's do. The tower's position
-embeddings are added before its first layer, so they follow the tokens; towers with per-layer positions, windows or
-packed sequences (Qwen) are refused, as every family whose projector is not per token.
+embeddings are added before its first layer, so they follow the tokens. A packed tower (Qwen2-VL, Qwen2.5-VL: per-patch
+rotary positions, ``cu_seqlens``, windows) is served by :mod:`tokenprune.engine.packed_stages`, on whole merge units;
+every other family whose projector is not per token is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from tokenprune.adapters.base import ModelAdapter, VisionTower
 from tokenprune.engine.calls import FeatureCalls
 from tokenprune.engine.hooks import HookSet
+from tokenprune.engine.packed_stages import PackedCut, PackedTowerStages
 from tokenprune.engine.stage import StagePlan
 from tokenprune.errors import TokenpruneError
 from tokenprune.layout import TokenLayout
@@ -88,6 +90,7 @@ class VisionLayerStages:
         self.adapter = adapter
         self.calls = calls
         self.cut: TowerCut | None = None
+        self.packed: PackedTowerStages | None = None  # a packed tower's stages (Qwen2-VL), which do the work
         self._tower: VisionTower | None = None
         self._first = min(int(p.stage.point.layer) for p in plans)  # type: ignore[arg-type]
 
@@ -107,13 +110,14 @@ class VisionLayerStages:
         tower = self.adapter.vision_tower()
         if tower is None:
             raise TokenpruneError(f"{where}, but the {self.adapter.name!r} adapter does not describe its vision tower")
+        packed = self.adapter.packed_tower()
+        last = len(tower.layers) - 1 if packed is not None else tower.feature_layer  # a packed tower: its last block
         for plan in self.plans:
             k = int(plan.stage.point.layer)  # type: ignore[arg-type]
-            if k > tower.feature_layer:
+            if k > last:
                 raise TokenpruneError(
                     f"stage {plan.index} ({plan.stage.reducer}) runs at vision layer {k}, but the model takes its "
-                    f"features from the output of layer {tower.feature_layer} of its {tower.name}; use k <= "
-                    f"{tower.feature_layer}"
+                    f"features from the output of layer {last} of its {tower.name}; use k <= {last}"
                 )
         if reading_vision:
             p = reading_vision[0]
@@ -122,12 +126,18 @@ class VisionLayerStages:
                 "a vision_layer stage removes; combine them in separate runs"
             )
         self._tower = tower
+        if packed is not None:
+            self.packed = PackedTowerStages(self.plans, self.calls, packed, tower.layers)
+            self.packed.install(hooks, self._first)
+            return
         layers = sorted({int(p.stage.point.layer) for p in self.plans})  # type: ignore[arg-type]
         for i in range(self._first, len(tower.layers)):
             hooks.pre(tower.layers[i], self._layer_hook(i, i in layers))
 
-    def take(self) -> TowerCut | None:
+    def take(self) -> TowerCut | PackedCut | None:
         """The last image call's cut (forgotten here)."""
+        if self.packed is not None:
+            return self.packed.take()
         cut, self.cut = self.cut, None
         return cut
 
