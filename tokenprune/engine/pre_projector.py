@@ -244,7 +244,7 @@ class PreProjector:
         if request is None or probe is None or tower is None:
             raise TokenpruneError(f"stage {plan.index} ({plan.stage.reducer}): no vision probe serves this stage")
         if self._capture is not None:
-            return self._packed_vision(plan, probe, tower)
+            return _packed_vision(plan, probe, tower, self._capture, self.adapter)
         offset = 1 if tower.has_cls else 0
 
         def rows_of(layer: int | None, kind: str) -> tuple[Tensor, Any]:
@@ -272,41 +272,6 @@ class PreProjector:
         also = {at: rows_of(at, request.kind)[0] for at in request.also_at}
         macs = rec.macs.get(request.kind, 0)
         return scores, keys, features, also, macs
-
-    def _packed_vision(
-        self, plan: StagePlan, probe: VisionProbe, tower: VisionTower
-    ) -> tuple[Tensor, Tensor | None, Tensor | None, dict[int, Tensor], int]:
-        """A packed tower's probe records as ``(M, W)`` rows of units: each unit the mean of its patches' values, as
-        ``map_vision_patches`` maps them to the merged tokens (Qwen2.5-VL's window order undone there)."""
-        request, capture = plan.needs.vision_attention, self._capture
-        units = capture.units if capture is not None else None
-        if request is None or units is None or capture is None:
-            raise TokenpruneError(f"stage {plan.index} ({plan.stage.reducer}): the packed tower's call was not seen")
-        call = ImageCall((), {"image_grid_thw": capture.grid}, None)
-        index = units.rows
-
-        def rows_of(values: list[Tensor]) -> Tensor:
-            mapped = self.adapter.map_vision_patches(call, [v if v.dim() == 2 else v[:, None] for v in values])
-            if mapped is None:
-                raise TokenpruneError(f"pre_projector: the {self.adapter.name!r} adapter maps no tower patches")
-            flat = torch.cat(mapped)
-            out = flat[index.clamp(min=0)] * (index >= 0).unsqueeze(-1)
-            return out if values[0].dim() == 2 else out[..., 0]
-
-        def record(layer: int | None) -> Any:
-            rec = probe.records.get(resolve_layer(tower, layer))
-            if rec is None or request.kind not in rec.scores:
-                raise TokenpruneError(
-                    f"stage {plan.index} ({plan.stage.reducer}): the vision probe recorded nothing for the merger's "
-                    "input; is the attention implementation overridden elsewhere?"
-                )
-            return rec
-
-        rec = record(request.layer)
-        keys = rows_of(rec.keys) if request.keys else None
-        features = rows_of(rec.features) if request.features else None
-        also = {at: rows_of(record(at).scores[request.kind]) for at in request.also_at}
-        return rows_of(rec.scores[request.kind]), keys, features, also, rec.macs.get(request.kind, 0)
 
     # --- the language model's input -------------------------------------------------------------
 
@@ -415,6 +380,42 @@ class PreProjector:
                 )
             )
         return out
+
+
+def _packed_vision(
+    plan: StagePlan, probe: VisionProbe, tower: VisionTower, capture: PackedUnitCapture, adapter: ModelAdapter
+) -> tuple[Tensor, Tensor | None, Tensor | None, dict[int, Tensor], int]:
+    """A packed tower's probe records as ``(M, W)`` rows of units: each unit the mean of its patches' values, as
+    ``map_vision_patches`` maps them to the merged tokens (Qwen2.5-VL's window order undone there)."""
+    request = plan.needs.vision_attention
+    units = capture.units if capture is not None else None
+    if request is None or units is None or capture is None:
+        raise TokenpruneError(f"stage {plan.index} ({plan.stage.reducer}): the packed tower's call was not seen")
+    call = ImageCall((), {"image_grid_thw": capture.grid}, None)
+    index = units.rows
+
+    def rows_of(values: list[Tensor]) -> Tensor:
+        mapped = adapter.map_vision_patches(call, [v if v.dim() == 2 else v[:, None] for v in values])
+        if mapped is None:
+            raise TokenpruneError(f"pre_projector: the {adapter.name!r} adapter maps no tower patches")
+        flat = torch.cat(mapped)
+        out = flat[index.clamp(min=0)] * (index >= 0).unsqueeze(-1)
+        return out if values[0].dim() == 2 else out[..., 0]
+
+    def record(layer: int | None) -> Any:
+        rec = probe.records.get(resolve_layer(tower, layer))
+        if rec is None or request.kind not in rec.scores:
+            raise TokenpruneError(
+                f"stage {plan.index} ({plan.stage.reducer}): the vision probe recorded nothing for the merger's "
+                "input; is the attention implementation overridden elsewhere?"
+            )
+        return rec
+
+    rec = record(request.layer)
+    keys = rows_of(rec.keys) if request.keys else None
+    features = rows_of(rec.features) if request.features else None
+    also = {at: rows_of(record(at).scores[request.kind]) for at in request.also_at}
+    return rows_of(rec.scores[request.kind]), keys, features, also, rec.macs.get(request.kind, 0)
 
 
 def _projector_run(x: Tensor, cut: TowerCut | None) -> ProjectorRun:
