@@ -84,20 +84,16 @@ class HoliTom(TokenReducer):
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
         """``tokens`` ``(B, N, D)``; each video of each sample reduced on its own (batch-independent)."""
-        keep = ctx.keep
-        if not isinstance(keep, float):
-            raise ReducerInputError(
-                f"reducer {self.name!r} takes keep as a fraction (the official RETAIN_RATIO), got {keep!r}"
-            )
         if ctx.vision_attention is None:
             raise ReducerInputError(f"reducer {self.name!r} needs the vision tower's attention (ctx.vision_attention)")
         p = self.params
-        cfg = HoliTomConfig(keep, p.tau, p.beta, p.contextual, p.k, p.max_window)  # type: ignore[attr-defined]
         n = tokens.shape[1]
         dest = torch.arange(n, device=tokens.device).expand(ctx.batch_size, n).clone()
         weights = ctx.sizes.float().clone()
         why = "HoliTom compares every token with its place in the next frame"
         for b in range(ctx.batch_size):
+            ratio = _retain_ratio(ctx.keep, ctx.valid[b])
+            cfg = HoliTomConfig(ratio, p.tau, p.beta, p.contextual, p.k, p.max_window)  # type: ignore[attr-defined]
             for _, index in reducible_video_frames(ctx.layout, ctx.valid, ctx.protected, b, self.name, why):
                 attention = ctx.vision_attention[b, index].float()
                 local, w = video_merge(tokens[b, index].float(), attention, cfg)
@@ -105,6 +101,14 @@ class HoliTom(TokenReducer):
                 dest[b, index] = torch.where(local >= 0, flat[local.clamp(min=0)], torch.full_like(local, -1))
                 weights[b, index] = w
         return Merge(dest, "mean", weights=weights)
+
+
+def _retain_ratio(keep: float | int, valid: Tensor) -> float:
+    """The official ``RETAIN_RATIO``: a fraction ``keep`` as given; a count ``keep`` as its share of the sample's
+    ``valid`` (``(N,)`` bool) tokens, at most 1."""
+    if isinstance(keep, float):
+        return keep
+    return min(1.0, keep / max(1, int(valid.sum())))
 
 
 class HoliTomMerge(TokenReducer):

@@ -434,6 +434,14 @@ def image_text_to_text_types() -> list[str]:
     return sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
+def image_text_to_text_class(model_type: str) -> type:
+    """The model class the image-text-to-text auto mapping names for ``model_type`` (a class some releases map
+    by name only, without a config entry: Evolla)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])
+
+
 def config_class(model_type: str) -> type:
     """The config class of ``model_type`` (``CONFIG_MAPPING``)."""
     return transformers.CONFIG_MAPPING[model_type]

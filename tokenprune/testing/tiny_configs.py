@@ -409,10 +409,7 @@ def build_tiny(model_type: str, seed: int = 0) -> nn.Module:
 
 def _mapped_class(cfg: Any) -> type:
     """The class transformers' image-text-to-text mapping names for ``cfg``'s model type."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    return getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[cfg.model_type])
+    return compat.image_text_to_text_class(cfg.model_type)
 
 
 def _from_config(cfg: Any) -> nn.Module:
