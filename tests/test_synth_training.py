@@ -256,3 +256,18 @@ def test_quadrant_classifier_reads_the_projector_output(tmp_path):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
     assert trainer.aux.quadrant.weight.grad.abs().sum() > 0
     assert trainer.aux.proj.weight.grad is None
+
+
+def test_train_command_passes_every_recipe_option_to_the_config(tmp_path, monkeypatch):
+    """`tokenprune synth train --ground-weight/--ground-layer` reach TrainConfig (they were once dropped)."""
+    from typer.testing import CliRunner
+
+    import tokenprune.synth.train as train_module
+    from tokenprune.synth.cli import app
+
+    seen: list[TrainConfig] = []
+    monkeypatch.setattr(train_module, "train", lambda cfg, *args, **kwargs: seen.append(cfg))
+    args = ["train", str(tmp_path), "--ground-weight", "0.25", "--ground-layer", "2", "--aux-weight", "0.5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (seen[0].ground_weight, seen[0].ground_layer, seen[0].aux_weight) == (0.25, 2, 0.5)

@@ -32,8 +32,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tokenprune.adapters.base import ImageCall, ModelAdapter, VisualResiduals
+from tokenprune.adapters.base import ImageCall, ModelAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
+from tokenprune.adapters.qwen3_vl import DeepStackResiduals
 from tokenprune.adapters.shape import language_model_of, refusal, takes_deepstack
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.layout import TokenLayout
@@ -119,23 +120,13 @@ def learned_queries(vlm: nn.Module) -> str | None:
     return None
 
 
-class GenericDeepStackAdapter(GenericAdapter):
+class GenericDeepStackAdapter(DeepStackResiduals, GenericAdapter):
     """The generic adapter for a language model with Qwen3-VL's DeepStack residuals (Qwen3-Omni's thinker,
     Cosmos3-Omni, Granite-Docling): the engine takes ``visual_pos_masks`` and ``deepstack_visual_embeds`` out of
     the language model's call and adds each layer's features itself after that layer, with the model's own
     ``_deepstack_process``, on the tokens still there (:mod:`tokenprune.engine.residuals`), as for Qwen3-VL."""
 
     notes = GenericAdapter.notes + "; DeepStack features follow the kept and merged tokens"
-
-    def take_visual_residuals(self, kwargs: dict[str, Any]) -> VisualResiduals | None:
-        mask = kwargs.pop("visual_pos_masks", None)
-        features = kwargs.pop("deepstack_visual_embeds", None)
-        if mask is None or not features:
-            return None
-        return VisualResiduals(mask=mask, features=list(features))
-
-    def add_visual_residual(self, hidden: Tensor, mask: Tensor, features: Tensor, layer_index: int) -> Tensor:
-        return self.language_model()._deepstack_process(hidden, mask, features)
 
 
 def uses_mrope(model: nn.Module) -> bool:

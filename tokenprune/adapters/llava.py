@@ -20,7 +20,8 @@ class LlavaAdapter(ModelAdapter):
         return self.vlm().multi_modal_projector
 
     def vision_tower(self) -> VisionTower | None:
-        """The CLIP (or SigLIP) tower; features from ``vision_feature_layer`` (``-2``: the second-to-last layer)."""
+        """The CLIP (SigLIP for OneVision) tower; features from ``vision_feature_layer`` (``-2``: the second-to-last
+        layer)."""
         cfg = self.vlm().config
         return encoder_tower(self.vlm().vision_tower, cfg.vision_feature_layer)
 

@@ -11,24 +11,25 @@ model does for any image size and grid pinpoints.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
-from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
-from tokenprune.adapters.vision import drop_cls, encoder_tower
+from tokenprune.adapters.base import ImageCall
+from tokenprune.adapters.llava import LlavaAdapter
+from tokenprune.adapters.vision import drop_cls
 from tokenprune.layout import TokenLayout
 
 
-class LlavaNextAdapter(ModelAdapter):
-    """LLaVA-NeXT: base view + unpadded high-resolution grid with newline tokens, per image."""
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT: base view + unpadded high-resolution grid with newline tokens, per image.
+
+    LLaVA-1.5's projector and tower (:class:`~tokenprune.adapters.llava.LlavaAdapter`); the tiles, their
+    packing and the layouts are its own.
+    """
 
     name = "llava_next"
     model_types = ("llava_next",)
     notes = "anyres tiles, unpadding, image_newline (protected by default), several images per prompt"
-
-    def projector(self) -> nn.Module | None:
-        """The per-token MLP ``multi_modal_projector`` (``pre_projector`` stages run before it)."""
-        return self.vlm().multi_modal_projector
 
     def _tiles(self, call: ImageCall, image_sizes: Tensor) -> list[int]:
         """Tiles (base view included) of each image, as ``get_image_features`` counts them."""
@@ -49,10 +50,6 @@ class LlavaNextAdapter(ModelAdapter):
         newline = torch.full((3,), -1.0) if newline is None else newline
         packed, _ = self.vlm().pack_image_features(coords, image_sizes, strategy, image_newline=newline)
         return list(packed)
-
-    def vision_tower(self) -> VisionTower | None:
-        """The CLIP (SigLIP for OneVision) tower; features from ``vision_feature_layer``."""
-        return encoder_tower(self.vlm().vision_tower, self.vlm().config.vision_feature_layer)
 
     def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
         """One tower sequence per tile; the model's own ``pack_image_features`` on the values (CLS dropped

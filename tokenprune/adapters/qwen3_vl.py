@@ -37,7 +37,24 @@ from tokenprune.adapters.packed import PackedTower
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 
 
-class Qwen3VLAdapter(Qwen2VLAdapter):
+class DeepStackResiduals:
+    """Qwen3-VL's DeepStack residuals for an adapter: taken out of the language model's prefill call and
+    added back by the engine after each layer with the model's own ``_deepstack_process`` (mixed into
+    :class:`Qwen3VLAdapter` and the generic adapter's :class:`~tokenprune.adapters.generic.GenericDeepStackAdapter`;
+    the adapter provides ``language_model()``)."""
+
+    def take_visual_residuals(self, kwargs: dict[str, Any]) -> VisualResiduals | None:
+        mask = kwargs.pop("visual_pos_masks", None)
+        features = kwargs.pop("deepstack_visual_embeds", None)
+        if mask is None or not features:
+            return None
+        return VisualResiduals(mask=mask, features=list(features))
+
+    def add_visual_residual(self, hidden: Tensor, mask: Tensor, features: Tensor, layer_index: int) -> Tensor:
+        return self.language_model()._deepstack_process(hidden, mask, features)  # type: ignore[attr-defined]
+
+
+class Qwen3VLAdapter(DeepStackResiduals, Qwen2VLAdapter):
     """Qwen3-VL / Qwen3-VL-MoE: merged-patch grids, interleaved M-RoPE, DeepStack features kept aligned."""
 
     name = "qwen3_vl"
@@ -84,13 +101,3 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         """The decoder layers after which DeepStack features are added (``0 .. n - 1``)."""
         taps = getattr(self.vlm().config.vision_config, "deepstack_visual_indexes", None) or ()
         return tuple(range(len(taps)))
-
-    def take_visual_residuals(self, kwargs: dict[str, Any]) -> VisualResiduals | None:
-        mask = kwargs.pop("visual_pos_masks", None)
-        features = kwargs.pop("deepstack_visual_embeds", None)
-        if mask is None or not features:
-            return None
-        return VisualResiduals(mask=mask, features=list(features))
-
-    def add_visual_residual(self, hidden: Tensor, mask: Tensor, features: Tensor, layer_index: int) -> Tensor:
-        return self.language_model()._deepstack_process(hidden, mask, features)

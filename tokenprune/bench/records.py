@@ -160,6 +160,9 @@ def _split(cls: type, data: Mapping[str, Any], required: tuple[str, ...]) -> dic
     return {**known, "extra": {k: v for k, v in data.items() if k not in names}}
 
 
+SUMMARY_BODY: tuple[str, ...] = ("tasks", "pipelines", "groups", "statistics")
+"""The sections of ``summary.json`` after the head's keys, in the order they are written."""
+
 SummaryRow = dict[str, Any]
 """A ranked pipeline's row: the columns of ``summary.csv`` (metrics, intervals, costs, paired tests) and ``tasks``."""
 
@@ -197,20 +200,13 @@ class Summary:
         raise KeyError(f"no pipeline {pipeline!r} in the summary; pipelines: {[r['pipeline'] for r in self.pipelines]}")
 
     def to_json(self) -> dict[str, Any]:
-        """``summary.json``'s content: the head's keys, then tasks, pipelines, groups, statistics."""
-        return {
-            **self.head,
-            "tasks": self.tasks,
-            "pipelines": self.pipelines,
-            "groups": self.groups,
-            "statistics": self.statistics,
-        }
+        """``summary.json``'s content: the head's keys, then the :data:`SUMMARY_BODY` sections in order."""
+        return {**self.head, **{key: getattr(self, key) for key in SUMMARY_BODY}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Summary:
-        """Read a ``summary.json`` (any version that wrote these four keys)."""
-        body = ("tasks", "pipelines", "groups", "statistics")
-        head = {k: v for k, v in data.items() if k not in body}
+        """Read a ``summary.json`` (any version that wrote the four :data:`SUMMARY_BODY` keys)."""
+        head = {k: v for k, v in data.items() if k not in SUMMARY_BODY}
         return cls(head, list(data["tasks"]), list(data["pipelines"]), dict(data["groups"]), dict(data["statistics"]))
 
 

@@ -59,6 +59,8 @@ def train(
         batch_size=batch_size,
         lr=lr,
         aux_weight=aux_weight,
+        ground_weight=ground_weight,
+        ground_layer=ground_layer,
         describe_prob=describe_prob,
         ground_absent=ground_absent,
         exists_head=exists_head,
