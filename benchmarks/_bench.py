@@ -185,7 +185,7 @@ def markers(section: str) -> tuple[str, str]:
 def own_share(call: Timing, engine_seconds: Sequence[float]) -> Timing:
     """tokenprune's own time as a share of each timed call, round by round.
 
-    ``engine_seconds`` holds one :attr:`~tokenprune.engine.stats.ForwardStats.engine_seconds` per call
+    ``engine_seconds`` holds one :attr:`~tokenprune.engine.run_stats.ForwardStats.engine_seconds` per call
     of the case (warm-up and earlier calls first); its last ``len(call.samples)`` entries belong to the
     timed rounds. Measured inside the call it divides, the share moves with the machine's speed the way
     the call does, so it holds where a difference of two separately timed calls drowns in noise.

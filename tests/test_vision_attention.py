@@ -10,8 +10,8 @@ import torch
 
 import tokenprune as tp
 from tokenprune.engine import compat
-from tokenprune.engine.stats import RunStats
-from tokenprune.engine.vision import VisionProbe
+from tokenprune.engine.run_stats import RunStats
+from tokenprune.engine.vision_probe import VisionProbe
 from tokenprune.errors import TokenpruneError
 from tokenprune.testing.adapters import adapter_case, vision_patches_map_to_tokens
 

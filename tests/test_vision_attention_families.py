@@ -17,7 +17,7 @@ from test_vision_attention import _eager_weights, _tower_modules, probe_under_sd
 
 import tokenprune as tp
 from tokenprune.engine import compat
-from tokenprune.engine.vision import VisionProbe
+from tokenprune.engine.vision_probe import VisionProbe
 from tokenprune.errors import TokenpruneError
 from tokenprune.testing.adapters import adapter_case, vision_patches_map_to_tokens
 

@@ -124,7 +124,7 @@ class GenericDeepStackAdapter(DeepStackResiduals, GenericAdapter):
     """The generic adapter for a language model with Qwen3-VL's DeepStack residuals (Qwen3-Omni's thinker,
     Cosmos3-Omni, Granite-Docling): the engine takes ``visual_pos_masks`` and ``deepstack_visual_embeds`` out of
     the language model's call and adds each layer's features itself after that layer, with the model's own
-    ``_deepstack_process``, on the tokens still there (:mod:`tokenprune.engine.residuals`), as for Qwen3-VL."""
+    ``_deepstack_process``, on the tokens still there (:mod:`tokenprune.engine.deepstack`), as for Qwen3-VL."""
 
     notes = GenericAdapter.notes + "; DeepStack features follow the kept and merged tokens"
 

@@ -11,7 +11,7 @@ module is the model's own, so the interleaving needs nothing here.
 (``vision_config.deepstack_visual_indexes``); the language model adds tensor ``j`` to the hidden
 states of the visual positions after decoder layer ``j``. In a pruned prefill the adapter takes
 ``visual_pos_masks`` and ``deepstack_visual_embeds`` out of the language model's call and the
-engine adds them itself (:mod:`tokenprune.engine.residuals`) with the model's own
+engine adds them itself (:mod:`tokenprune.engine.deepstack`) with the model's own
 ``_deepstack_process``, on the tokens that are still there: a ``post_projector`` stage cuts each
 DeepStack tensor and the mask like the tokens, a merge averages them like the tokens (size-weighted),
 and a ``layer: k`` stage with ``k < len(deepstack_visual_indexes)`` keeps the remaining layers'
@@ -85,7 +85,7 @@ class Qwen3VLAdapter(DeepStackResiduals, Qwen2VLAdapter):
         token: only the ``mean`` vision attention is served. Videos: ``get_video_features`` calls
         ``get_image_features``; the engine records only the outer image call and the probe watches only it,
         and vision attention is refused on video tokens
-        (:func:`tokenprune.engine.vision.post_projector_vision_signals`).
+        (:func:`tokenprune.engine.vision_probe.post_projector_vision_signals`).
         """
         visual = self.vlm().visual
         blocks = tuple(visual.blocks)

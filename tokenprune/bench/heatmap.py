@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tokenprune.engine.stats import ForwardStats
+from tokenprune.engine.run_stats import ForwardStats
 from tokenprune.layout import TokenLayout
 
 

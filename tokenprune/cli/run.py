@@ -20,7 +20,7 @@ from PIL import Image
 
 from tokenprune.adapters.loading import build_inputs, load_frames, load_model
 from tokenprune.bench.heatmap import draw_heatmap, surviving_tokens
-from tokenprune.engine.stats import ForwardStats
+from tokenprune.engine.run_stats import ForwardStats
 from tokenprune.errors import PluginLoadWarning, TokenpruneError
 
 

@@ -12,7 +12,7 @@ How it works (details in ``docs/engine.md``), one module each:
   :mod:`~tokenprune.engine.install`: the checks at install time and the immutable plan they freeze;
   :mod:`~tokenprune.engine.forward`: the hooks that run the pipeline inside the model's forward
   (:mod:`~tokenprune.engine.layer_hooks`: those on the decoder layers);
-  :mod:`~tokenprune.engine.state`: one forward's state (prefill or decoding step) and one prefill's.
+  :mod:`~tokenprune.engine.forward_state`: one forward's state (prefill or decoding step) and one prefill's.
   A forward pass whose cache is empty (or absent) is a prefill: the pipeline runs. Later cached
   steps only have their masks and positions adjusted to the pruned cache. A stage that should have
   run on a prefill with visual tokens but did not is an error, never an unpruned result.
@@ -29,7 +29,7 @@ How it works (details in ``docs/engine.md``), one module each:
   the kept ones out. :mod:`~tokenprune.engine.sequence` tracks where each kept token came from.
 * **Ragged batches.** Samples may keep different numbers of tokens. After every stage each
   sample's surviving tokens are right-aligned (left padding) and padding slots are masked out.
-* :mod:`~tokenprune.engine.decode`: during decoding, the caller's (or ``generate``'s) 2-D mask over
+* :mod:`~tokenprune.engine.pruned_inputs`: during decoding, the caller's (or ``generate``'s) 2-D mask over
   the unpruned sequence is mapped onto the pruned cache, and positions continue from the unpruned
   length (``original``) or shift down by the freed positions (``compact``).
 * :mod:`~tokenprune.engine.hooks`: installing and removing hooks, all or nothing.

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from tokenprune.engine.forward_state import PrefillState
 from tokenprune.engine.masks import causal_mask, slice_mask
+from tokenprune.engine.run_stats import StageStats
 from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
 from tokenprune.engine.stage import StagePlan, StageSignals, selection_stats, stage_context
-from tokenprune.engine.state import PrefillState
-from tokenprune.engine.stats import StageStats
 from tokenprune.errors import ReducerOutputError, TokenpruneError
 from tokenprune.reducer import Merge
 from tokenprune.validation import check_reduction

@@ -6,10 +6,10 @@ what it knows, each with one lifetime:
 * :class:`~tokenprune.engine.install.InstallPlan`, immutable, built once by :meth:`ForwardHooks.install`:
   the stages by insertion point, the position policy, the mask kind, the decoder layers and their
   per-token arguments;
-* :class:`~tokenprune.engine.state.ForwardState`, one per call of the model: created by the first hook
+* :class:`~tokenprune.engine.forward_state.ForwardState`, one per call of the model: created by the first hook
   of a forward and dropped by its last (:meth:`ForwardHooks._end_forward`, the one place it is reset);
   its ``phase`` says whether the call is a prefill or a decoding step;
-* :class:`~tokenprune.engine.state.PrefillState`, what the last prefill left for the decoding steps
+* :class:`~tokenprune.engine.forward_state.PrefillState`, what the last prefill left for the decoding steps
   after it.
 
 The probes receive what they read: the attention probe gets the query rows of the sequence whenever
@@ -31,8 +31,9 @@ from tokenprune.adapters.base import ModelAdapter
 from tokenprune.channels import SignalChannel, produce_channels
 from tokenprune.engine import compat
 from tokenprune.engine import positions as P
-from tokenprune.engine.calls import FeatureCalls
-from tokenprune.engine.decode import check_decoding_mask, decoding_positions, model_decoding_kwargs
+from tokenprune.engine.attention_signals import attention_probe_for
+from tokenprune.engine.feature_calls import FeatureCalls
+from tokenprune.engine.forward_state import ForwardState, PrefillState, record_layer_tokens
 from tokenprune.engine.guards import check_every_stage_ran, refuse_embeds_without_ids
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.install import plan_install
@@ -41,14 +42,13 @@ from tokenprune.engine.layer_hooks import LayerHooks, Live
 from tokenprune.engine.masks import pruned_input_mask
 from tokenprune.engine.pre_projector import PreProjector
 from tokenprune.engine.probe import AttentionProbe
+from tokenprune.engine.pruned_inputs import check_decoding_mask, decoding_positions, model_decoding_kwargs
+from tokenprune.engine.run_stats import ForwardStats, RunStats
 from tokenprune.engine.sequence import TokenSequence, input_sequence, kept_labels, residual_sequence, visual_layout
-from tokenprune.engine.signals import attention_probe_for
 from tokenprune.engine.stage import StagePlan, StageSignals
-from tokenprune.engine.state import ForwardState, PrefillState, record_layer_tokens
-from tokenprune.engine.stats import ForwardStats, RunStats
 from tokenprune.engine.stopwatch import Stopwatch
-from tokenprune.engine.vision import VisionProbe, post_projector_vision_signals, vision_probe_for
 from tokenprune.engine.vision_layer import VisionLayerStages
+from tokenprune.engine.vision_probe import VisionProbe, post_projector_vision_signals, vision_probe_for
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
 

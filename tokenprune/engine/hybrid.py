@@ -4,7 +4,7 @@ transformers 5.x names each decoder layer's kind in the text config's ``layer_ty
 
 ``full_attention``, ``sliding_attention``, ``chunked_attention``
     Softmax attention over a KV cache: a 4-D mask (or none), sliced at a cut and rebuilt over the
-    layer's own cache in decoding steps (see :mod:`tokenprune.engine.decode`).
+    layer's own cache in decoding steps (see :mod:`tokenprune.engine.pruned_inputs`).
 ``linear_attention`` (Gated DeltaNet: Qwen3.5, MiniCPM-V 4.6/4.7), ``conv`` (LFM2's gated short convolution)
     A recurrent layer: it takes a 2-D ``(B, L)`` padding mask (``None`` where no token is padding, and in
     single-token decoding steps) and keeps a fixed-size state in the cache (a convolution window and, for

@@ -5,7 +5,7 @@ implementation the probe can read, a cache argument this transformers release na
 what the hooks of :mod:`tokenprune.engine.forward` read on every forward: the stages by insertion
 point, the position policy, the mask kind, the decoder layers and how each per-token layer argument
 follows a cut. Nothing in an :class:`InstallPlan` changes while the hooks are installed; what changes
-from forward to forward is in :mod:`tokenprune.engine.state`.
+from forward to forward is in :mod:`tokenprune.engine.forward_state`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from torch import nn
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.channels import SignalChannel
 from tokenprune.engine import compat
+from tokenprune.engine.deepstack import adds_visual_residuals
 from tokenprune.engine.guards import bind_stages, check_attention_implementation, check_decode_layer, check_layers_exist
 from tokenprune.engine.hybrid import check_attention_layers, is_recurrent, layer_kinds
 from tokenprune.engine.layer_args import LayerArg, layer_args_of, positional_names
 from tokenprune.engine.masks import mask_kind
-from tokenprune.engine.residuals import adds_visual_residuals
 from tokenprune.engine.stage import StagePlan, plans_by_layer
 from tokenprune.pipeline import Pipeline
 

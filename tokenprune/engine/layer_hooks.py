@@ -15,13 +15,7 @@ from torch import Tensor, nn
 
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.channels import produce_channels
-from tokenprune.engine.decode import pruned_layer_call
-from tokenprune.engine.decode_stage import StepKeys, cache_columns, run_decode_stage
-from tokenprune.engine.install import InstallPlan
-from tokenprune.engine.probe import AttentionProbe, ProbeRows
-from tokenprune.engine.residuals import add_layer_residual
-from tokenprune.engine.sequence import TokenSequence
-from tokenprune.engine.signals import (
+from tokenprune.engine.attention_signals import (
     DryCall,
     follow_columns,
     follow_text_attention,
@@ -29,8 +23,14 @@ from tokenprune.engine.signals import (
     stage_signals,
     with_text_signals,
 )
+from tokenprune.engine.decode_stage import StepKeys, cache_columns, run_decode_stage
+from tokenprune.engine.deepstack import add_layer_residual
+from tokenprune.engine.forward_state import ForwardState, PrefillState, record_layer_tokens
+from tokenprune.engine.install import InstallPlan
+from tokenprune.engine.probe import AttentionProbe, ProbeRows
+from tokenprune.engine.pruned_inputs import pruned_layer_call
+from tokenprune.engine.sequence import TokenSequence
 from tokenprune.engine.stage import StageOutcome, StagePlan, StageSignals, run_stage
-from tokenprune.engine.state import ForwardState, PrefillState, record_layer_tokens
 
 
 @dataclass

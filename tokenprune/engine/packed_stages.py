@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters.packed import PackedTower, PackedUnits
-from tokenprune.engine.calls import FeatureCalls
+from tokenprune.engine.feature_calls import FeatureCalls
 from tokenprune.engine.hooks import HookSet
 from tokenprune.engine.stage import StagePlan
 from tokenprune.errors import TokenpruneError

@@ -27,14 +27,14 @@ from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
 from tokenprune.engine import positions as P
-from tokenprune.engine.calls import FeatureCalls
+from tokenprune.engine.feature_calls import FeatureCalls
 from tokenprune.engine.hooks import HookSet
 from tokenprune.engine.packed_stages import PackedCut, PackedUnitCapture
+from tokenprune.engine.run_stats import StageStats
 from tokenprune.engine.sequence import TokenSequence, right_aligned_columns
 from tokenprune.engine.stage import StagePlan
-from tokenprune.engine.stats import StageStats
-from tokenprune.engine.vision import VisionProbe, resolve_layer
 from tokenprune.engine.vision_layer import TowerCut, VisionLayerStages
+from tokenprune.engine.vision_probe import VisionProbe, resolve_layer
 from tokenprune.errors import TokenpruneError
 from tokenprune.layout import TokenLayout
 from tokenprune.reducer import Merge, ReduceContext, Selection

@@ -17,7 +17,7 @@ from tokenprune.adapters.generic import adapter_for
 from tokenprune.engine import compat
 from tokenprune.engine.forward import ForwardHooks
 from tokenprune.engine.prepare import PreparedPipeline, prepare
-from tokenprune.engine.stats import RunStats
+from tokenprune.engine.run_stats import RunStats
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
 from tokenprune.plugins import PluginManager, get_plugin_manager
@@ -91,7 +91,7 @@ class PruningRun:
         pipeline: The validated pipeline.
         prepared: The prepared pipeline it was installed from.
         adapter: The model family's adapter.
-        stats: Per-forward statistics (:class:`tokenprune.engine.stats.RunStats`).
+        stats: Per-forward statistics (:class:`tokenprune.engine.run_stats.RunStats`).
     """
 
     def __init__(self, model: nn.Module, prepared: PreparedPipeline, adapter: ModelAdapter) -> None:

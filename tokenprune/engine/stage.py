@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from tokenprune.engine import positions as P
+from tokenprune.engine.run_stats import StageStats
 from tokenprune.engine.sequence import TokenSequence, gather_tokens, right_aligned_columns
-from tokenprune.engine.stats import StageStats
-from tokenprune.engine.vision import VisionSignal
+from tokenprune.engine.vision_probe import VisionSignal
 from tokenprune.errors import TokenpruneError
 from tokenprune.layout import TokenLayout
 from tokenprune.pipeline import Stage

@@ -2,7 +2,7 @@
 
 The engine times its hooks, wrappers and the attention probes' extra work (not the stock attention
 they call) with one :class:`Stopwatch`; each forward's share lands in
-:attr:`tokenprune.engine.stats.ForwardStats.engine_seconds`. Measured inside the call it belongs to,
+:attr:`tokenprune.engine.run_stats.ForwardStats.engine_seconds`. Measured inside the call it belongs to,
 the share moves with the machine's speed the way the call does, so it survives noise that a
 difference of two separately timed calls does not. On a GPU it is the host's time (launching
 kernels, and waiting where tokenprune's code synchronises), not the kernels' time.

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ModelAdapter, VisionTower
-from tokenprune.engine.calls import FeatureCalls
+from tokenprune.engine.feature_calls import FeatureCalls
 from tokenprune.engine.hooks import HookSet
 from tokenprune.engine.packed_stages import PackedCut, PackedTowerStages
 from tokenprune.engine.stage import StagePlan

@@ -732,7 +732,7 @@ def vision_patches_map_to_tokens(c: AdapterCase) -> None:
     tower = c.adapter.vision_tower()
     if tower is None:
         return
-    from tokenprune.engine.vision import VisionProbe
+    from tokenprune.engine.vision_probe import VisionProbe
 
     name = "vision patches map to tokens"
     inputs = c.padded_batch()

@@ -62,7 +62,7 @@ PASS_THROUGH = frozenset(
         ("tokenprune.engine.hooks", "wrapper"),
         ("tokenprune.engine.stopwatch", "wrapper"),
         ("tokenprune.engine.probe", "probe_attention"),
-        ("tokenprune.engine.vision", "vision_probe_attention"),
+        ("tokenprune.engine.vision_probe", "vision_probe_attention"),
     }
 )
 """tokenprune's frames that call a stock function the model calls anyway (a wrapped feature method, the

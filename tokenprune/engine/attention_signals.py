@@ -12,9 +12,10 @@ from torch import Tensor, nn
 
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.engine import compat
-from tokenprune.engine.decode import pruned_layer_call
+from tokenprune.engine.forward_state import PrefillState
 from tokenprune.engine.guards import check_own_attention_layers
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
+from tokenprune.engine.pruned_inputs import pruned_layer_call
 from tokenprune.engine.sequence import TokenSequence
 from tokenprune.engine.stage import (
     StagePlan,
@@ -24,7 +25,6 @@ from tokenprune.engine.stage import (
     probed_layers,
     text_attention_layers,
 )
-from tokenprune.engine.state import PrefillState
 from tokenprune.errors import TokenpruneError
 
 

@@ -18,10 +18,10 @@ from torch import Tensor
 
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.engine import positions as P
+from tokenprune.engine.forward_state import PrefillState
 from tokenprune.engine.layer_args import LayerArg, LayerCut, cut_prefill_args, layer_args_of
 from tokenprune.engine.masks import causal_mask
 from tokenprune.engine.sequence import TokenSequence, position_ids_like
-from tokenprune.engine.state import PrefillState
 from tokenprune.errors import TokenpruneError
 
 

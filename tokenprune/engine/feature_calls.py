@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenprune.adapters.base import ImageCall
 from tokenprune.engine.hooks import HookSet
-from tokenprune.engine.vision import VisionProbe
+from tokenprune.engine.vision_probe import VisionProbe
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
+from tokenprune.engine.run_stats import ForwardStats
 from tokenprune.engine.sequence import TokenSequence
-from tokenprune.engine.stats import ForwardStats
 
 
 @dataclass
