@@ -217,3 +217,20 @@ def test_sync_benchmark_counts_each_reducer_per_stage_and_writes_its_table(tmp_p
         assert 0 < int(cells[2]) <= 24 and int(cells[4]) == 0 and int(cells[5]) == 0  # the budget of test_host_syncs
         assert 0 < float(cells[6].rstrip("%")) < 100
     assert "| random | layer 2 |" in doc.read_text(encoding="utf-8")
+
+
+def test_engine_work_counts_no_tokenprune_call_in_the_stock_model_and_writes_its_table(tmp_path):
+    doc = _doc(tmp_path, "engine-work")
+    out = _run("engine_work.py", "--write", str(doc)).stdout
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line.strip("| ").split(" | ")[1:]
+        for line in out.splitlines()
+        if line.startswith("| ")
+    }
+    stock, keep_all, layer = rows["stock model"], rows["keep-all after the projector"], rows["25% at layer 2"]
+    assert stock[2:] == ["0", "0"]  # no tokenprune call without tokenprune
+    assert int(keep_all[2]) > 0 and float(keep_all[3]) > 0
+    assert float(keep_all[1]) >= float(stock[1])  # the same model: tokenprune only adds operations
+    assert float(layer[3]) > float(keep_all[3])  # a layer cut has hooks on every later decoder layer
+    text = doc.read_text(encoding="utf-8")
+    assert "old engine-work" not in text and "| keep-all after the projector |" in text and text.endswith("after\n")
