@@ -7,6 +7,7 @@ run on a few generically served types: one with 1-D RoPE and crop tensors, one w
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -14,11 +15,12 @@ import pytest
 import torch
 
 import tokenprune as tp
+from tokenprune.adapters.base import ImageCall
 from tokenprune.adapters.generic import GenericAdapter, GenericDeepStackAdapter, adapter_for, grids_from_hints
 from tokenprune.engine import compat
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.plugins import get_plugin_manager
-from tokenprune.testing.census import build_tiny, census_one, model_types, resolve_types
+from tokenprune.testing.census import InputBuilder, build_tiny, census_one, model_types, resolve_types
 
 
 def test_grids_from_hints_divide_by_the_factor_that_fits_every_image():
@@ -117,6 +119,12 @@ def test_refusals_name_the_type_and_the_reason(model_type, reason):
 #: Qwen3-VL-style DeepStack outside Qwen3-VL (Cosmos3-Omni), token-type layer arguments (ERNIE-4.5-VL).
 NEWLY_SERVED = ["qianfan_ocr", "step3p7", "video_llama_3", "ovis2_5", "exaone4_5"]
 NEWLY_SERVED_SLOW = ["kimi_k25", "aria", "cosmos3_omni", "ernie4_5_vl_moe", "idefics2", "fuyu", "cohere_compass"]
+#: Variable-aspect inputs read by place: Gemma 4's ``image_position_ids`` (per-layer embeddings; Unified: no tower,
+#: a bidirectional image mask), MiniCPM-V's NaViT-packed slices with ``target_sizes`` over a Qwen3.5 hybrid language
+#: model (4.7: its canvas M-RoPE; MiniCPM-V-OCR: 4.6's code in the ``4x`` mode), slow for Gated DeltaNet's reference
+#: kernel on CPU (their layouts are checked fast below).
+NEWLY_SERVED += ["gemma4", "gemma4_unified"]
+NEWLY_SERVED_SLOW += ["minicpmv4_6", "minicpmv4_7", "minicpm_ocr"]
 
 
 @pytest.mark.parametrize("model_type", NEWLY_SERVED)
@@ -161,3 +169,37 @@ def test_a_text_model_is_the_language_model_and_resamplers_lay_out_one_row_per_i
     assert idefics2.language_model() is idefics2.vlm().text_model
     assert idefics2.resampled and _meta_adapter("aria").resampled
     assert not _meta_adapter("aya_vision").resampled  # a patch projector: square grids stay grids
+
+
+@pytest.mark.parametrize(
+    ("model_type", "grids"),
+    [
+        ("gemma4", [(2, 2), (2, 4), (2, 2)]),
+        ("minicpmv4_6", [(2, 2), (2, 4), (2, 2)]),
+        ("minicpm_ocr", [(4, 4), (4, 8)]),
+    ],
+)
+def test_variable_aspect_layouts_are_read_from_arguments_passed_by_place(model_type, grids):
+    """Gemma 4 passes ``image_position_ids`` and MiniCPM-V ``target_sizes`` positionally: one grid per image (slice),
+    the patches' extent over the pooling (merge) factor, rows and columns in the model's token order."""
+    if model_type not in model_types():
+        pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
+    model = build_tiny(model_type)
+    adapter = adapter_for(model, get_plugin_manager())
+    vlm, calls = adapter.vlm(), []
+    original = vlm.get_image_features
+
+    @functools.wraps(original)
+    def recorded(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(ImageCall(args, kwargs, out))
+        return out
+
+    vlm.get_image_features = recorded
+    specs = [1, 2] if len(grids) == 3 else [1, 1]
+    with torch.no_grad():
+        model(**InputBuilder(model, adapter)(specs))
+    layouts = adapter.image_layouts(calls[-1])
+    assert [(int(lay.row.max()) + 1, int(lay.col.max()) + 1) for lay in layouts] == grids
+    for lay, (_, cols) in zip(layouts, grids, strict=True):  # row-major, as the model orders its tokens
+        assert torch.equal(lay.col[0], torch.arange(lay.col.shape[1]) % cols)
