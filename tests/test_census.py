@@ -203,3 +203,61 @@ def test_variable_aspect_layouts_are_read_from_arguments_passed_by_place(model_t
     assert [(int(lay.row.max()) + 1, int(lay.col.max()) + 1) for lay in layouts] == grids
     for lay, (_, cols) in zip(layouts, grids, strict=True):  # row-major, as the model orders its tokens
         assert torch.equal(lay.col[0], torch.arange(lay.col.shape[1]) % cols)
+
+
+def _sliced_inputs(builder, slices=2):
+    """MiniCPM-V 4.7 prompts whose images are a thumbnail and ``slices`` detail slices in one row, each crop between
+    its markers as the processor writes them (``<image>..</image><slice>..</slice>..\\n``), all crops packed in one
+    ``pixel_values`` row with their ``target_sizes``."""
+    cfg, b = builder.model.config, builder
+    ids_of = (cfg.image_start_id, cfg.image_end_id, cfg.slice_start_id, cfg.slice_end_id, cfg.newline_id)
+
+    def make_inputs(specs, start=0):
+        crops = [
+            b._image(i, c + i % 2) for i, spec in enumerate(specs, start) for c in range((spec or 0) * (1 + slices))
+        ]
+        pixels = b._batch([c for c, _ in crops], [s for _, s in crops]) if crops else {}
+        counts = iter(b._counts(pixels, len(crops)) if crops else [])
+        rows = []
+        for i, spec in enumerate(specs, start):
+            ids = b.text_ids[i : i + 3]
+            for _ in range(spec or 0):
+                for c in range(1 + slices):
+                    opens, closes = ids_of[:2] if c == 0 else ids_of[2:4]
+                    ids = [*ids, opens, *[b.image_token] * next(counts), closes]
+                ids = [*ids, ids_of[4], b.text_ids[50 + i]]
+            rows.append(ids + b.text_ids[100 + i : 104 + 2 * i])
+        width = max(map(len, rows))
+        ids = torch.tensor([[b.pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask, **pixels, "mm_token_type_ids": (ids == b.image_token).long()}
+
+    return make_inputs
+
+
+@pytest.mark.slow
+def test_minicpmv4_7_sliced_images_keep_the_engine_invariants_with_a_grid_per_slice():
+    """A thumbnail and two slices per image: the canvas M-RoPE of 4.7 lays the slices out around the thumbnail; the
+    engine slices those positions, and each slice is a grid of its own (its ``target_sizes`` over the merge)."""
+    from tokenprune.testing import adapters as checks
+
+    if "minicpmv4_7" not in model_types():
+        pytest.skip(f"transformers {compat.transformers_version()} has no minicpmv4_7")
+    model = build_tiny("minicpmv4_7")
+    manager = checks.adapter_check_manager()
+    adapter = adapter_for(model, manager)
+    builder = InputBuilder(model, adapter)
+    make_inputs = _sliced_inputs(builder)
+    batch = make_inputs([1])
+    assert adapter.position_scheme == "mrope" and batch["target_sizes"].shape[0] == 3
+    case = checks.adapter_case(model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=builder.pad)
+    for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
+        check(case)
+    checks.layout_covers_visual_tokens(case)
+    with tp.apply(
+        model, {"stages": [{"at": "post_projector", "reducer": "check_drop", "keep": 1.0}]}, plugins=manager
+    ) as run:
+        case.forward(batch)
+    layout, n = run.stats.last_prefill.stages[0].layout, int((batch["input_ids"] == adapter.image_token_id()).sum())
+    crops = [(int(i), int(layout.row[0, :n][layout.image[0, :n] == i].max()) + 1) for i in layout.image[0, :n].unique()]
+    assert crops == [(0, 2), (1, 2), (2, 2)]  # the thumbnail and each slice: a grid of two token rows
