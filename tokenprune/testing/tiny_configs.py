@@ -384,8 +384,9 @@ def _add_missing_ids(d: dict[str, Any], moved: dict[int, int]) -> None:
 
 
 def _fit_vision_layer_ids(d: dict[str, Any]) -> None:
-    """Vision-layer indexes (``*_layer_id``: MiniCPM-V's ``insert_layer_id``, where its window merger runs) past the
-    tiny tower's depth moved to its first layer, so that the layer exists and another follows it."""
+    """Vision-layer indexes (``*_layer_id``: MiniCPM-V's ``insert_layer_id``, after which its window merger runs)
+    past the tiny tower's depth moved to its last layer but one, so that the layer exists and another follows it
+    (as in the checkpoints: layer 6 of 27)."""
     vision = d.get("vision_config")
     depth = vision.get("num_hidden_layers") if isinstance(vision, dict) else None
     if not isinstance(depth, int):
