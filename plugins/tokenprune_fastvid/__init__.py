@@ -59,7 +59,7 @@ class FastVID(TokenReducer):
 
     class Params(ReducerParams):
         c: int = Field(default=8, ge=1, description="DySeg: the c - 1 lowest frame similarities cut (fastvid_DySeg_c).")
-        tau: float = Field(default=0.9, gt=-1, le=1, description="DySeg: frame similarities below it cut (DySeg_tau).")
+        tau: float = Field(default=0.9, ge=-1, le=1, description="DySeg: frame similarities below it cut (DySeg_tau).")
         d: float = Field(default=0.4, ge=0, lt=1, description="A frame's budget share for density tokens (STPrune_d).")
         p: int = Field(default=4, ge=1, description="Anchor-frame step within a segment (fastvid_DTM_p).")
         beta: float = Field(default=0.6, ge=0, le=1, description="Least weight of a peak in its merged token (beta).")
