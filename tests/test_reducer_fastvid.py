@@ -321,3 +321,12 @@ def test_it_runs_in_a_llava_video_model(family, newlines):
     assert stats.leaving == [8 * 2 + 3 * 2 + newlines]
     frames = [k // 4 for k in stats.kept[0] if k < 8 * 4]
     assert [frames.count(f) for f in range(8)] == [2, 4, 2, 2, 4, 2, 2, 4]
+
+
+def test_a_family_without_video_attention_is_refused_by_name():
+    t = tm.BUILDERS["qwen2_vl"]()
+    inputs = t.make_inputs([[tm.Video(8, 56, 56)]])
+    stage = {"at": "post_projector", "tokens": "video", "reducer": "fastvid", "keep": 0.25}
+    with pytest.raises(tp.TokenpruneError, match=r"fastvid.*vision-encoder attention.*image tokens only"):
+        with tp.apply(t.model, {"stages": [stage]}):
+            forward(t.model, inputs, t.name)
