@@ -97,6 +97,7 @@ def test_the_generic_adapter_detects_mrope():
         ("glm5_next", "indexed_attention"),
         ("qwen4_exp", "indexed_attention"),
         ("dots3_note", "indexed_attention"),
+        ("granite4_vision", "its language model takes vision_mask, deepstack_features"),
     ],
 )
 def test_refusals_name_the_type_and_the_reason(model_type, reason):
