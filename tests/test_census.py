@@ -139,6 +139,13 @@ def test_newly_served_slower_types_keep_the_engine_invariants(model_type):
     assert row.status == "passes", row.detail
 
 
+def test_video_llava_passes_the_census_with_its_adapter():
+    """Its census case generates the video token id (the census suppresses the image id only): fed back without a
+    video in the no-cache recompute, it is text, as the model embeds it, so both passes keep the same tokens."""
+    row = census_one("video_llava")
+    assert (row.status, row.adapter) == ("passes", "video_llava"), row.detail
+
+
 def _meta_adapter(model_type):
     if model_type not in model_types():
         pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
