@@ -97,6 +97,7 @@ def test_the_generic_adapter_detects_mrope():
         ("glm5_next", "indexed_attention"),
         ("qwen4_exp", "indexed_attention"),
         ("dots3_note", "indexed_attention"),
+        ("granite4_vision", "its language model takes vision_mask, deepstack_features"),
     ],
 )
 def test_refusals_name_the_type_and_the_reason(model_type, reason):
@@ -160,6 +161,13 @@ def test_newly_served_slower_types_keep_the_engine_invariants(model_type):
     row = census_one(model_type)
     assert row.adapter == f"generic ({model_type})"
     assert row.status == "passes", row.detail
+
+
+def test_video_llava_passes_the_census_with_its_adapter():
+    """Its census case generates the video token id (the census suppresses the image id only): fed back without a
+    video in the no-cache recompute, it is text, as the model embeds it, so both passes keep the same tokens."""
+    row = census_one("video_llava")
+    assert (row.status, row.adapter) == ("passes", "video_llava"), row.detail
 
 
 def _meta_adapter(model_type):
