@@ -77,6 +77,29 @@ def summary(rows: list[dict], version: str) -> str:
     )
 
 
+def hybrid_note(model_type: str) -> str:
+    """Where the default config of ``model_type`` names layer kinds that are not softmax attention: the layer an
+    attention-reading ``layer: k`` stage goes to (:func:`tokenprune.engine.hybrid.default_layer`)."""
+    from tokenprune.engine import compat
+    from tokenprune.engine.hybrid import SOFTMAX_KINDS, attention_layers, default_layer
+
+    try:
+        text = compat.config_class(model_type)().get_text_config()
+    except Exception:  # a config that does not build with its defaults: nothing to say
+        return ""
+    kinds = [str(k) for k in getattr(text, "layer_types", None) or []]
+    if not kinds or all(k in SOFTMAX_KINDS for k in kinds):
+        return ""
+    others = sorted({k for k in kinds if k not in SOFTMAX_KINDS})
+    layer = default_layer(kinds)
+    where = f"`layer: {layer}`" if layer is not None else "no layer"
+    shown = ", ".join(map(str, attention_layers(kinds)[:4]))
+    return (
+        f"hybrid ({', '.join(others)} layers; softmax attention at {shown}, ... in the default config): "
+        f"attention-reading layer stages: {where} (the first k >= 2 after a softmax-attention layer)"
+    )
+
+
 def render(rows: list[dict], version: str) -> str:
     lines = [
         "# Models",
@@ -100,11 +123,20 @@ def render(rows: list[dict], version: str) -> str:
         "the generic adapter also serves Qwen3-VL-style DeepStack residuals. Check your own checkpoint with",
         "`tokenprune check --model ID_OR_PATH`.",
         "",
+        "Hybrid language models (linear-attention or convolution layers beside softmax attention): a stage that",
+        "reads attention at `layer: k` needs layer `k - 1` to be softmax attention (and layer `k` too for a",
+        "layer's own attention, PyramidDrop); `apply()` refuses another layer naming the usable ones. The note",
+        "column gives the layer for such stages where the type's default config names its layer kinds",
+        "(the first `k >= 2` after a softmax-attention layer); for a checkpoint whose config differs, `tokenprune",
+        "check` and the refusal name its layers. Stages that read no attention (`random`, a `post_projector` cut)",
+        "run at any layer. See [hybrid language models](engine.md#hybrid-language-models).",
+        "",
         "| model type | status | adapter | why not / note |",
         "|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["model_type"]):
-        detail = r["detail"].replace("|", "\\|")
+        note = hybrid_note(r["model_type"]) if r["status"] in ("passes", "served", "dedicated") else ""
+        detail = "; ".join(x for x in (r["detail"], note) if x).replace("|", "\\|")
         lines.append(f"| `{r['model_type']}` | {r['status']} | {r['adapter']} | {detail} |")
     return "\n".join(lines) + "\n"
 

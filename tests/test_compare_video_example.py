@@ -42,14 +42,19 @@ def test_the_video_config_matches_the_budgets():
         "vidcom2-matched",
         "evs-matched",
         "holitom-matched",
+        "fastvid-matched",
         "random-matched",
     }
     (holitom,) = pipelines["holitom-matched"].stages
     assert holitom.tokens == "video" and holitom.keep == round(3098 / 6272, 3)  # DyCoke's share: its count varies
+    (fastvid,) = pipelines["fastvid-matched"].stages
+    assert fastvid.tokens == "video" and fastvid.keep == holitom.keep
     valid, protected, layout = _llava_onevision_video()
+    fastvid_cap = registry.get("fastvid")().stage_budget(fastvid.keep, valid, protected, layout)
+    assert int(fastvid_cap[0]) == 32 * int(196 * fastvid.keep) + 1  # at most 96 a frame, and the newline
     budgets = {}
     for name, pipeline in pipelines.items():
-        if name in ("unpruned", "holitom-matched"):
+        if name in ("unpruned", "holitom-matched", "fastvid-matched"):
             continue
         (stage,) = pipeline.stages
         assert stage.tokens == "video"

@@ -25,6 +25,9 @@ OVER_BUDGET = {
     # its own 3 (the spatial plan, every group's crops in one read, the selection) over the 23 of the engine
     # and its two vision signals (the features layer and the object layer)
     ("hiprune", "post_projector"): 26,
+    # its budget and its reduction find each sample's video frames on the host (3 reads per sample each, and the
+    # budget's frame count per sample): 29 for the batch of 2, over the engine's 15
+    ("fastvid", "post_projector"): 29,
 }
 """Per-stage counts of the reducers that loop over samples or picks on the host today (batch of 2)."""
 LAYER = 2

@@ -252,3 +252,15 @@ def test_cuts_through_recurrent_layers_read_nothing_from_the_device_per_layer_or
     mine = syncs.select(owner="tokenprune")
     assert syncs.count(owner="tokenprune", phase="decode") == 0, syncs.report(mine)
     assert set(syncs.per_layer(owner="tokenprune", phase="prefill")) <= {None, 1}, syncs.report(mine)
+
+
+def test_the_default_layer_is_2_where_layer_1_is_attention_else_the_first_after_an_attention_layer():
+    from tokenprune.engine.hybrid import default_layer
+
+    assert default_layer(["full_attention"] * 4) == 2
+    qwen3_5 = ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 2
+    assert default_layer(qwen3_5) == 4
+    lfm2 = ["conv", "conv", "full_attention", "conv", "conv", "full_attention"]
+    assert default_layer(lfm2) == 3
+    assert default_layer(["full_attention", "conv", "conv"]) is None  # layer 0's attention only serves layer: 1
+    assert default_layer(["sliding_attention", "sliding_attention", "full_attention"]) == 2

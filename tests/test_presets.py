@@ -30,6 +30,7 @@ BUILT_IN = {
     "dycoke-llava-ov",
     "vidcom2-25",
     "holitom-15",
+    "fastvid-10",
     "evs-q75",
     "prumerge",
     "prumerge-plus",

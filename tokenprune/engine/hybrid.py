@@ -65,6 +65,16 @@ def attention_layers(kinds: Sequence[str]) -> list[int]:
     return [i for i, kind in enumerate(kinds) if kind in SOFTMAX_KINDS]
 
 
+def default_layer(kinds: Sequence[str], preferred: int = 2) -> int | None:
+    """The layer ``k`` for a ``layer: k`` stage that reads attention: ``preferred`` (tokenprune's usual
+    ``layer: 2``) where layer ``preferred - 1`` is softmax attention, else the first ``k > preferred`` whose
+    layer ``k - 1`` is (Qwen3.5's 3 linear-attention layers to 1 full: ``layer: 4``); ``None`` where no layer
+    after ``preferred - 1`` is. A stage that needs layer ``k``'s own attention too (PyramidDrop) also needs
+    layer ``k`` to be softmax attention (:func:`check_attention_layers` names those layers)."""
+    usable = [i + 1 for i in attention_layers(kinds) if preferred <= i + 1 < len(kinds)]
+    return usable[0] if usable else None
+
+
 def check_attention_layers(
     layer_plans: Mapping[int, Sequence[StagePlan]], decode: StagePlan | None, kinds: Sequence[str]
 ) -> None:

@@ -101,7 +101,10 @@ class InputBuilder:
         self.image_token = adapter.image_token_id()
         self.open, self.close = _boundaries(cfg)
         self.pad = int(getattr(cfg.get_text_config(), "pad_token_id", None) or 0)
-        self.mm_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+        forward = inspect.signature(model.forward).parameters
+        self.mm_types = "mm_token_type_ids" in forward
+        #: The forward's name for the pixels where it has no ``pixel_values`` (Fuyu's ``image_patches`` before 5.21).
+        self.pixels_as = "image_patches" if "pixel_values" not in forward and "image_patches" in forward else None
         self.pixel_mask = "pixel_attention_mask" in required
         self.form = "default"
         others = ("patches", "crops") if self.mode == "fixed" else ("patches",) if self.mode == "image_grid_thw" else ()
@@ -292,6 +295,8 @@ class InputBuilder:
             ids[b, width - len(r) :] = torch.tensor(r)
             mask[b, width - len(r) :] = 1
         out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, **pixels}
+        if "pixel_values" in out and self.pixels_as:  # the forward names them otherwise (Fuyu before 5.21)
+            out[self.pixels_as] = out.pop("pixel_values")
         if self.mm_types:
             out["mm_token_type_ids"] = (ids == self.image_token).long()
         return out

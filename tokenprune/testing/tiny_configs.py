@@ -349,6 +349,27 @@ def _fit_code_ranges(d: dict[str, Any]) -> None:
             d["audio_token_offset"] = start + 64
 
 
+#: Granite 4 Vision's layer-injection settings, which its default config leaves to the checkpoint: ``(vision
+#: layer, decoder layer)`` pairs in the checkpoints' form (the last vision layers into the first decoder layers;
+#: granite-vision-4.0 has ``[[-19, 9], [-13, 6], [-7, 3], [-1, 0]]``) at the tiny depths, its ``"4/8"`` window
+#: Q-Former rate, and one decoder layer per spatial offset group.
+LAYER_MAP = {"deepstack_layer_map": [[-2, 2], [-1, 0]], "downsample_rate": "4/8", "spatial_target_layers": [0, 1, 2, 3]}
+
+
+def _fit_layer_map(d: dict[str, Any]) -> None:
+    """A config that injects vision layers into decoder layers by a ``deepstack_layer_map`` (Granite 4 Vision):
+    the map, the Q-Former rate and the spatial target layers of :data:`LAYER_MAP`, and a vision width of two
+    64-wide heads (the config gives its Q-Former ``vision hidden // 64`` heads)."""
+    if "deepstack_layer_map" not in d:
+        return
+    for key, value in LAYER_MAP.items():
+        if key in d:
+            d[key] = value
+    vision = d.get("vision_config")
+    if isinstance(vision, dict) and "hidden_size" in vision:
+        vision["hidden_size"] = 128
+
+
 def _add_mrope_section(text: dict[str, Any], section: list[int]) -> None:
     """``section`` into the text config's rope parameters: one set per layer type where the config keeps them
     so (an empty ``rope_parameters`` beside ``layer_types``: Cohere Compass), else one set."""
@@ -427,6 +448,7 @@ def tiny_config(model_type: str) -> Any:
     _shrink_tree(d, d, moved, False)
     _fit_vision_layer_ids(d)
     _shrink(d, TEXT if "text_config" not in d else TOP)
+    _fit_layer_map(d)
     return cls.from_dict(d)
 
 
