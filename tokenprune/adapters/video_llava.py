@@ -19,6 +19,7 @@ one tower sequence per frame, mapped 1:1 to the frame's tokens since the video f
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import replace
 
@@ -28,6 +29,8 @@ from torch import Tensor, nn
 from tokenprune.adapters.base import ImageCall, VisionTower
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.vision import drop_cls, encoder_tower
+from tokenprune.engine import compat
+from tokenprune.errors import UnsupportedModelError
 from tokenprune.layout import TokenLayout
 
 
@@ -50,6 +53,17 @@ class VideoLlavaAdapter(LlavaAdapter):
         "images as llava; video: per frame its [CLS] token (view 1) then its g x g grid, frame index in the layout; "
         "vision attention from the image tower and the video tower"
     )
+
+    def __init__(self, model: nn.Module) -> None:
+        """Raises: UnsupportedModelError: a transformers release before 5.21, whose Video-LLaVA names its image
+        input ``pixel_values_images`` (the layouts and the census read ``pixel_values``, as 5.21 onwards name it)."""
+        super().__init__(model)
+        if "pixel_values_images" in inspect.signature(self.vlm().get_image_features).parameters:
+            raise UnsupportedModelError(
+                f"model_type 'video_llava' on transformers {compat.transformers_version()}: its image input is named "
+                "pixel_values_images (releases before 5.21); tokenprune serves Video-LLaVA from transformers 5.21, "
+                "whose forward takes pixel_values"
+            )
 
     def vision_tower(self) -> VisionTower | None:
         """The image tower (``image_tower``), and for videos the video tower (``video_tower``, the same
