@@ -27,6 +27,7 @@ ADAPTERS = [
     "qwen3_vl_moe",
     "internvl",
     "llava_next_video",
+    "llama4",
 ]
 
 # Per adapter: a batch of 3 specs with different visual-token counts and one text-only-free layout,
@@ -45,6 +46,7 @@ BATCH_SPECS: dict[str, list[Any]] = {
     "qwen3_vl_moe": [(56, 56), (112, 112), (56, 112)],
     "internvl": [(56, 56), (112, 112), [(56, 112), (56, 56)]],
     "llava_next_video": [(56, 56), (56, 112), (112, 112)],
+    "llama4": [(56, 56), (112, 112), [(56, 112), (56, 56)]],
 }
 
 

@@ -1,0 +1,106 @@
+"""Llama 4: no ``.model`` submodule, complex ``freqs_cis`` RoPE, chunked local attention, tiled images.
+
+Modules: ``Llama4ForConditionalGeneration`` is its own multimodal base model (it receives ``input_ids``, calls
+``get_image_features`` and merges the features); its ``language_model`` is a ``Llama4ForCausalLM`` whose
+``model`` (a ``Llama4TextModel``) receives the merged ``inputs_embeds`` and holds the decoder layers.
+
+Rotary embeddings: the text model hands every decoder layer one complex ``freqs_cis`` tensor ``(B or 1, L, d/2)``
+as ``position_embeddings`` (not a ``(cos, sin)`` tuple); after a layer cut its kept columns are gathered (under
+``compact`` positions it is recomputed for the renumbered positions), declared in :meth:`Llama4Adapter.layer_args`.
+
+Attention (iRoPE): RoPE layers attend within chunks of ``attention_chunk_size`` tokens (8192 in the released
+checkpoints); every fourth layer has no RoPE (NoPE) and full causal attention. As for Gemma3's sliding windows, a
+pruned prefill slices the chunked mask the model built for the *unpruned* sequence (chunks count original
+positions), while in decoding steps a pruned layer's mask is rebuilt causal over its own cache: the engine is exact
+(cached decoding equals a recompute) while the prompt plus the generated tokens fit in one chunk. The NoPE layers'
+attention temperature tuning scales queries by ``log1p(floor((i + 1) / floor_scale))`` of the token's index ``i`` in
+the layer's (pruned) sequence, not its original position; it is ``1`` while that index is below ``floor_scale``
+(8192).
+
+Layout: the processor splits an image into ``h x w`` tiles plus a global (downscaled) view; each tile gives a
+square grid of tokens (24 x 24 patches pixel-shuffled to 12 x 12 in the released checkpoints), written as one
+run of ``<|patch|>`` placeholders; the tile separators, ``<|image|>`` and the image start and end markers are text
+tokens and are never pruned. ``get_image_features`` receives every tile of the batch as one ``pixel_values``
+tensor with no aspect ratios, so which tiles form one image and where a tile sits are not recoverable from the
+call: each tile (and each global view) is laid out as its own square grid, numbered as one image of its sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.errors import UnsupportedModelError
+from tokenprune.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from tokenprune.engine.layer_args import LayerArg, LayerCut
+
+
+class Llama4Adapter(ModelAdapter):
+    """Llama 4: the top model is the multimodal base model; a square grid per tile; complex ``freqs_cis`` RoPE."""
+
+    name = "llama4"
+    model_types = ("llama4",)
+    notes = (
+        "each tile and the global view one square grid, numbered as an image (tile positions are not in the call); "
+        "chunked attention exact while prompt + output fit in one chunk (8192)"
+    )
+    pre_projector_refusal = (
+        "its adapter does not describe the projector's input (the vision adapter's pixel-shuffled tokens); "
+        "pre_projector stages are not served for llama4"
+    )
+
+    def vlm(self) -> nn.Module:
+        """The top-level model: it receives ``input_ids`` and calls ``get_image_features`` itself."""
+        return self.model
+
+    def language_model(self) -> nn.Module:
+        """``language_model.model``: the ``Llama4TextModel`` inside the ``Llama4ForCausalLM``."""
+        lm = getattr(self.model, "language_model", None)
+        text = getattr(lm, "model", None)
+        if not isinstance(text, nn.Module) or not hasattr(text, "layers"):
+            raise UnsupportedModelError(
+                f"model_type 'llama4': {type(self.model).__name__} has no `language_model.model` with decoder "
+                "layers; the llama4 adapter serves transformers' Llama4ForConditionalGeneration"
+            )
+        return text
+
+    def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
+        """One square grid per tile (the global view included): ``pooler_output`` is ``(tiles, n, D)``."""
+        layouts = []
+        for i, feats in enumerate(call.features()):
+            n = int(feats.shape[0])
+            side = math.isqrt(n)
+            if side * side != n:
+                raise UnsupportedModelError(
+                    f"model_type 'llama4': a tile gave {n} visual tokens, not a square grid; the llama4 adapter lays "
+                    "each tile out as a square grid"
+                )
+            layouts.append(TokenLayout.grid(side, side, image=i))
+        return layouts
+
+    def rotary(self, hidden: Tensor, positions: Tensor, layer_index: int) -> Tensor:  # type: ignore[override]
+        """The complex ``freqs_cis`` ``(B, L, d/2)`` of ``positions[0]``, as the text model computes it."""
+        return self.language_model().rotary_emb(hidden, positions[0])
+
+    def layer_args(self) -> Mapping[str, LayerArg]:
+        """``position_embeddings`` is one complex tensor: gathered, or recomputed under ``compact`` positions."""
+        from tokenprune.engine.layer_args import LayerArg
+
+        return {"position_embeddings": LayerArg("recompute", recompute=_follow_freqs_cis)}
+
+
+def _follow_freqs_cis(value: Any, cut: LayerCut) -> Any:
+    """The kept tokens' ``freqs_cis``: ``(B or 1, L, d/2)`` gathered to ``(B, L', d/2)``, or recomputed."""
+    if cut.compact:
+        return cut.adapter.rotary(cut.hidden, cut.sequence.positions, cut.layer)
+    if not isinstance(value, Tensor):
+        return value
+    from tokenprune.engine.sequence import gather_tokens
+
+    return gather_tokens(value, cut.sequence.lm_column)
