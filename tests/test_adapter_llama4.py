@@ -13,6 +13,7 @@ from torch import Tensor
 
 import tokenprune as tp
 from tokenprune import Capabilities, ReduceContext, ScoringReducer
+from tokenprune.adapters.base import ImageCall
 from tokenprune.adapters.llama4 import Llama4Adapter
 from tokenprune.errors import TokenpruneError
 from tokenprune.testing import adapters as ta
@@ -45,16 +46,42 @@ def test_the_top_model_is_the_multimodal_model_and_the_text_model_holds_the_laye
     assert adapter.text_config().layer_types == ["chunked_attention"] * 3 + ["full_attention"]
 
 
-def test_each_tile_and_the_global_view_is_a_square_grid(tiny, plugins):
-    """A 2 x 2-tile image: 4 tiles then the global view, each 2 x 2 tokens (pixel shuffle of 4 x 4 patches), row-major;
-    the separators between the tile runs are text. A 1 x 2-tile image and a one-tile image follow in the sample."""
-    stats = _run(tiny, pipe(("post_projector", "check_drop", 1.0)), [[(112, 112), (56, 112), (56, 56)]], plugins)
+def test_local_tiles_are_stitched_into_one_grid_then_the_global_view(tiny, plugins):
+    """Per image, read from the separators: its local tiles placed on one grid (view 1, ``crop`` the tile, row by
+    row), then the global view (view 0); each tile 2 x 2 tokens (the pixel shuffle of 4 x 4 patches), row-major.
+    Images of 2 x 2, 1 x 2 and 2 x 1 tiles, then a one-tile image (the global view only)."""
+    specs = [[(112, 112), (56, 112), (112, 56), (56, 56)]]
+    stats = _run(tiny, pipe(("post_projector", "check_drop", 1.0)), specs, plugins)
     lay = stats.forwards[0].stages[0].layout
-    tiles = 5 + 3 + 1
-    assert lay.image[0].tolist() == [t for t in range(tiles) for _ in range(4)]
-    assert lay.row[0].tolist() == [0, 0, 1, 1] * tiles
-    assert lay.col[0].tolist() == [0, 1, 0, 1] * tiles
+    r, c = [0, 0, 1, 1], [0, 1, 0, 1]
+    r2, c2 = [x + 2 for x in r], [x + 2 for x in c]  # the second row or column of tiles
+    rows = [*r, *r, *r2, *r2, *r, *(r * 3), *r, *r2, *r, *r]
+    cols = [*c, *c2, *c, *c2, *c, *c, *c2, *c, *(c * 3), *c]
+    assert lay.row[0].tolist() == rows and lay.col[0].tolist() == cols
+    tiles = [(0, 4), (1, 2), (2, 2), (3, 0)]  # (image, local tiles)
+    assert lay.image[0].tolist() == [i for i, n in tiles for _ in range(4 * (n + 1))]
+    assert lay.view[0].tolist() == [v for _, n in tiles for v in [1] * 4 * n + [0] * 4]
+    assert lay.crop[0].tolist() == [t for _, n in tiles for t in [k for k in range(n) for _ in range(4)] + [-1] * 4]
     assert not lay.newline.any()
+
+
+def test_tile_grids_read_the_separators_and_refuse_other_patterns():
+    from tokenprune.adapters.llama4 import tile_grids
+
+    ids = torch.tensor([[1, *tm._llama4_image_ids(3, 2), 30, *tm._llama4_image_ids(1, 1)]])
+    assert tile_grids(ids, ids == tm.IMAGE_TOKEN, tm.LLAMA4_IDS["end"]) == [(6, 2), (0, 1)]
+    cut = ids[:, :-1]  # the last image not closed
+    assert tile_grids(cut, cut == tm.IMAGE_TOKEN, tm.LLAMA4_IDS["end"]) == []
+
+
+def test_tiles_unmatched_by_the_prompt_get_one_grid_each(tiny):
+    """Features the remembered runs do not explain: one square grid per tile, each numbered as an image."""
+    adapter = Llama4Adapter(tiny.model)
+    adapter._images = [(4, 2)]
+    call = ImageCall((), {}, torch.zeros(3, 4, 8))
+    layouts = adapter.image_layouts(call)
+    assert [lay.image.tolist() for lay in layouts] == [[[i] * 4] for i in range(3)]
+    assert all(lay.view.eq(0).all() and lay.row.tolist() == [[0, 0, 1, 1]] for lay in layouts)
 
 
 def test_the_pixel_shuffle_orders_each_tiles_tokens_row_major(tiny):

@@ -31,6 +31,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter
@@ -70,18 +71,34 @@ class Llama4Adapter(ModelAdapter):
             )
         return text
 
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._images: list[tuple[int, int]] = []  # per image of the last prefill: (local tiles, tiles per row)
+
+    def visual_mask(self, input_ids: Tensor) -> Tensor:
+        """The ``<|patch|>`` placeholders; also remembers each image's tile grid, read from the separators."""
+        mask = super().visual_mask(input_ids)
+        self._images = tile_grids(input_ids, mask, int(self.model.config.eoi_token_index))
+        return mask
+
     def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
-        """One square grid per tile (the global view included): ``pooler_output`` is ``(tiles, n, D)``."""
+        """Per image: its local tiles stitched into one grid (view 1, ``crop`` the tile), then the global view
+        (view 0); each tile a square grid. Where the prompt's tile runs do not match the features, one square
+        grid per tile, each numbered as an image."""
+        feats = call.features()
+        sizes = {int(f.shape[0]) for f in feats}
+        side = math.isqrt(next(iter(sizes))) if len(sizes) == 1 else 0
+        if side * side not in sizes:
+            raise UnsupportedModelError(
+                f"model_type 'llama4': tiles gave {sorted(sizes)} visual tokens each, not one square grid size; the "
+                "llama4 adapter lays each tile out as a square grid"
+            )
+        if sum(n + 1 for n, _ in self._images) != len(feats):
+            return [_tile(side, image=i, view=0, tile=(0, 0, -1)) for i in range(len(feats))]
         layouts = []
-        for i, feats in enumerate(call.features()):
-            n = int(feats.shape[0])
-            side = math.isqrt(n)
-            if side * side != n:
-                raise UnsupportedModelError(
-                    f"model_type 'llama4': a tile gave {n} visual tokens, not a square grid; the llama4 adapter lays "
-                    "each tile out as a square grid"
-                )
-            layouts.append(TokenLayout.grid(side, side, image=i))
+        for i, (n, per_row) in enumerate(self._images):
+            parts = [_tile(side, image=i, view=1, tile=(t // per_row, t % per_row, t)) for t in range(n)]
+            layouts.append(TokenLayout.cat([*parts, _tile(side, image=i, view=0, tile=(0, 0, -1))]))
         return layouts
 
     def rotary(self, hidden: Tensor, positions: Tensor, layer_index: int) -> Tensor:  # type: ignore[override]
@@ -104,3 +121,50 @@ def _follow_freqs_cis(value: Any, cut: LayerCut) -> Any:
     from tokenprune.engine.sequence import gather_tokens
 
     return gather_tokens(value, cut.sequence.lm_column)
+
+
+def _tile(side: int, *, image: int, view: int, tile: tuple[int, int, int]) -> TokenLayout:
+    """A ``(1, side^2)`` layout of one tile at grid place ``tile = (tile row, tile column, crop)``, row-major (the
+    model's pixel shuffle keeps the patches' raster order)."""
+    ty, tx, crop = tile
+    r = torch.arange(side).repeat_interleave(side)
+    c = torch.arange(side).repeat(side)
+    return TokenLayout(
+        image=torch.full((1, side * side), image),
+        view=torch.full((1, side * side), view),
+        row=(ty * side + r)[None],
+        col=(tx * side + c)[None],
+        newline=torch.zeros(1, side * side, dtype=torch.bool),
+        crop=torch.full((1, side * side), crop),
+    )
+
+
+def tile_grids(input_ids: Tensor, mask: Tensor, end_id: int) -> list[tuple[int, int]]:
+    """``(local tiles, tiles per row)`` of every image of ``(B, L)`` ``input_ids``, in batch order.
+
+    The processor writes an image as ``<|image_start|>``, the local tiles' placeholder runs row by row (a
+    ``<|tile_x_separator|>`` after each tile but a row's last, a ``<|tile_y_separator|>`` after each row), then
+    ``<|image|>``, the global view's run and ``<|image_end|>`` (``end_id``); an image of one tile has only the
+    global view. The token after the last local run is the row separator, so a row ends at the first local run
+    it follows. Returns ``[]`` where the runs do not follow that pattern (a run not closed by the image's end).
+    """
+    nxt = torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)
+    ends = mask & ~nxt  # each run's last token
+    samples = ends.nonzero()[:, 0].tolist()
+    following = input_ids.roll(-1, 1)[ends].tolist()  # the token after each run, row-major
+    images: list[tuple[int, int]] = []
+    local: list[int] = []
+    sample = -1
+    for b, token in zip(samples, following, strict=True):
+        if b != sample and local:
+            return []
+        sample = b
+        if token != end_id:
+            local.append(token)
+            continue
+        per_row = local.index(local[-1]) + 1 if local else 1
+        if local and len(local) % per_row:
+            return []
+        images.append((len(local), per_row))
+        local = []
+    return [] if local else images
