@@ -11,18 +11,27 @@ as ``position_embeddings`` (not a ``(cos, sin)`` tuple); after a layer cut its k
 Attention (iRoPE): RoPE layers attend within chunks of ``attention_chunk_size`` tokens (8192 in the released
 checkpoints); every fourth layer has no RoPE (NoPE) and full causal attention. As for Gemma3's sliding windows, a
 pruned prefill slices the chunked mask the model built for the *unpruned* sequence (chunks count original
-positions), while in decoding steps a pruned layer's mask is rebuilt causal over its own cache: the engine is exact
-(cached decoding equals a recompute) while the prompt plus the generated tokens fit in one chunk. The NoPE layers'
+positions), while in decoding steps a pruned layer's mask is rebuilt causal over its own cache: after a layer cut
+the engine is exact (cached decoding equals a recompute) while the prompt plus the generated tokens fit in one chunk,
+and a decoding step whose chunked mask no longer covers the layer's cache is refused, naming the model and the
+layer. A ``post_projector`` cut alone shortens the sequence before the model builds its masks (the model chunks the
+kept tokens): cached decoding equals a recompute for any length. The NoPE layers'
 attention temperature tuning scales queries by ``log1p(floor((i + 1) / floor_scale))`` of the token's index ``i`` in
 the layer's (pruned) sequence, not its original position; it is ``1`` while that index is below ``floor_scale``
 (8192).
 
-Layout: the processor splits an image into ``h x w`` tiles plus a global (downscaled) view; each tile gives a
-square grid of tokens (24 x 24 patches pixel-shuffled to 12 x 12 in the released checkpoints), written as one
-run of ``<|patch|>`` placeholders; the tile separators, ``<|image|>`` and the image start and end markers are text
-tokens and are never pruned. ``get_image_features`` receives every tile of the batch as one ``pixel_values``
-tensor with no aspect ratios, so which tiles form one image and where a tile sits are not recoverable from the
-call: each tile (and each global view) is laid out as its own square grid, numbered as one image of its sample.
+Layout: the processor splits an image into ``h x w`` tiles plus a global (downscaled) view when ``h * w > 1``
+(else the global view alone); each tile gives a square grid of tokens (24 x 24 patches pixel-shuffled to 12 x 12
+in the released checkpoints, row-major), written as one run of ``<|patch|>`` placeholders. The tile separators,
+``<|image|>`` and the image start and end markers are text tokens and are never pruned. ``get_image_features``
+receives every tile of the batch as one ``pixel_values`` tensor without the aspect ratios, so the adapter reads
+each image's tile grid from the separators that :meth:`Llama4Adapter.visual_mask` sees in ``input_ids``
+(:func:`tile_grids`): the local tiles are stitched into one ``12h x 12w`` grid (view 1, ``crop`` the tile in
+raster order), the global view follows (view 0). Where the prompt's runs do not follow the processor's pattern
+(hand-written prompts), each tile is laid out as its own square grid numbered as an image.
+
+Not served: ``pre_projector`` and ``vision_layer`` stages and vision-encoder attention (the adapter does not describe
+the vision adapter's pixel-shuffled projector input, nor the tower, whose CLS sits at the end).
 """
 
 from __future__ import annotations
@@ -48,8 +57,8 @@ class Llama4Adapter(ModelAdapter):
     name = "llama4"
     model_types = ("llama4",)
     notes = (
-        "each tile and the global view one square grid, numbered as an image (tile positions are not in the call); "
-        "chunked attention exact while prompt + output fit in one chunk (8192)"
+        "tiles stitched per image from the separators, then the global view; after a layer cut, decoding is exact "
+        "while prompt + output fit in one attention chunk (8192) and refused past it"
     )
     pre_projector_refusal = (
         "its adapter does not describe the projector's input (the vision adapter's pixel-shuffled tokens); "
