@@ -169,3 +169,11 @@ def test_prompts_longer_than_a_chunk(plugins, monkeypatch):
         with pytest.raises(TokenpruneError, match=r"'llama4': layer 2 is a chunked_attention layer"):
             case.generate(case.padded_batch(), 4)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in tiny.model.modules())
+
+
+def test_the_census_serves_llama4_and_it_passes():
+    """The census's own tiny Llama 4 (built from the default config, shrunk) and inputs keep the invariants."""
+    from tokenprune.testing.census import census_one
+
+    row = census_one("llama4")
+    assert (row.status, row.adapter) == ("passes", "llama4"), row.detail
