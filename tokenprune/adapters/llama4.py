@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 
 
 class Llama4Adapter(ModelAdapter):
-    """Llama 4: the top model is the multimodal base model; a square grid per tile; complex ``freqs_cis`` RoPE."""
+    """Llama 4: the top model is the multimodal base model; per image its tiles stitched into one grid, then the
+    global view; complex ``freqs_cis`` RoPE."""
 
     name = "llama4"
     model_types = ("llama4",)
@@ -64,6 +65,10 @@ class Llama4Adapter(ModelAdapter):
         "its adapter does not describe the projector's input (the vision adapter's pixel-shuffled tokens); "
         "pre_projector stages are not served for llama4"
     )
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._images: list[tuple[int, int]] = []  # per image of the last prefill: (local tiles, tiles per row)
 
     def vlm(self) -> nn.Module:
         """The top-level model: it receives ``input_ids`` and calls ``get_image_features`` itself."""
@@ -80,10 +85,6 @@ class Llama4Adapter(ModelAdapter):
             )
         return text
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self._images: list[tuple[int, int]] = []  # per image of the last prefill: (local tiles, tiles per row)
-
     def visual_mask(self, input_ids: Tensor) -> Tensor:
         """The ``<|patch|>`` placeholders; also remembers each image's tile grid, read from the separators."""
         mask = super().visual_mask(input_ids)
@@ -95,6 +96,8 @@ class Llama4Adapter(ModelAdapter):
         (view 0); each tile a square grid. Where the prompt's tile runs do not match the features, one square
         grid per tile, each numbered as an image."""
         feats = call.features()
+        if not feats:
+            return []
         sizes = {int(f.shape[0]) for f in feats}
         side = math.isqrt(next(iter(sizes))) if len(sizes) == 1 else 0
         if side * side not in sizes:
