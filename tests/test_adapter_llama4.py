@@ -1,5 +1,6 @@
 """Llama 4's adapter: the top model as the multimodal base model, complex ``freqs_cis`` through a cut, tile grids,
-chunked attention. The engine invariants run on the same tiny model in tests/test_engine_invariants.py."""
+chunked attention, vision attention with the CLS token last. The engine invariants run on the same tiny model in
+tests/test_engine_invariants.py."""
 
 from __future__ import annotations
 
@@ -177,3 +178,45 @@ def test_the_census_serves_llama4_and_it_passes():
 
     row = census_one("llama4")
     assert (row.status, row.adapter) == ("passes", "llama4"), row.detail
+
+
+def test_vision_probe_scores_equal_eager_attention(tiny, monkeypatch):
+    """At the feature (last) layer, per tile: the probe's ``mean`` scores (under sdpa) are the eager attention each
+    position receives, averaged over heads and queries (the CLS token, last, included as the tower has it)."""
+    from transformers.models.llama4 import modeling_llama4
+
+    from tokenprune.engine import compat
+    from tokenprune.engine.vision_probe import VisionProbe
+
+    tower = Llama4Adapter(tiny.model).vision_tower()
+    assert tower is not None and not tower.has_cls and tower.feature_layer == 1
+    inputs = tiny.make_inputs([SPECS[0], SPECS[1], None])
+    probe = VisionProbe(tower, {tower.feature_layer: (frozenset({"mean"}), False, False)})
+    probe.install()
+    try:
+        probe.reset(active=True)
+        with torch.no_grad():
+            tiny.model(**inputs)
+        got = probe.records[tower.feature_layer].scores["mean"]
+    finally:
+        probe.remove()
+    target = compat.vision_attention_module(tower.layers[-1])
+    seen, stock = [], modeling_llama4.vision_eager_attention_forward
+
+    def capture(module, *args, **kwargs):
+        out, weights = stock(module, *args, **kwargs)
+        if module is target:
+            seen.append(weights.float())
+        return out, weights
+
+    monkeypatch.setattr(modeling_llama4, "vision_eager_attention_forward", capture)
+    previous = compat.swap_attention_implementation(target.config, "eager")
+    try:
+        with torch.no_grad():
+            tiny.model(**inputs)
+    finally:
+        compat.restore_attention_implementation(target.config, previous)
+    expected = torch.cat(seen).mean(1).mean(1)  # (tiles, S): over heads, then over queries
+    assert len(got) == expected.shape[0] == inputs["pixel_values"].shape[0]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-5)

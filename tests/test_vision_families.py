@@ -28,10 +28,9 @@ def tiny(request):
     return getattr(tiny_models, request.param)()
 
 
-NO_VISION_ATTENTION: set[str] = {"llama4"}
+NO_VISION_ATTENTION: set[str] = set()
 """Families whose adapters serve no vision attention yet (docs/status.md): vision stages are refused there.
-Llama 4's tower puts its CLS at the end and calls its attention with ``scaling=None``; its adapter does not describe
-it yet."""
+Every built-in family serves it now."""
 
 
 @pytest.mark.parametrize("reducer", ["fastervlm", "vispruner", "visionzip"])

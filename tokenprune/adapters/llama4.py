@@ -30,8 +30,10 @@ each image's tile grid from the separators that :meth:`Llama4Adapter.visual_mask
 raster order), the global view follows (view 0). Where the prompt's runs do not follow the processor's pattern
 (hand-written prompts), each tile is laid out as its own square grid numbered as an image.
 
-Not served: ``pre_projector`` and ``vision_layer`` stages and vision-encoder attention (the adapter does not describe
-the vision adapter's pixel-shuffled projector input, nor the tower, whose CLS sits at the end).
+Vision attention: the tower (``vision_model.model.layers``) runs each tile as one sequence whose *last* position is
+its CLS token, so it is described without one (``attention: mean``); the features come from its last layer, and
+each token gets the mean of the ``2 x 2`` patches its pixel shuffle concatenates. Not served: ``pre_projector`` and
+``vision_layer`` stages (the adapter does not describe the vision adapter's pixel-shuffled projector input).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.layout import TokenLayout
 
@@ -112,6 +114,33 @@ class Llama4Adapter(ModelAdapter):
             parts = [_tile(side, image=i, view=1, tile=(t // per_row, t % per_row, t)) for t in range(n)]
             layouts.append(TokenLayout.cat([*parts, _tile(side, image=i, view=0, tile=(0, 0, -1))]))
         return layouts
+
+    def vision_tower(self) -> VisionTower | None:
+        """The encoder layers (``vision_model.model.layers``); the features are the last layer's output. Each tile's
+        sequence ends with its CLS token (not position 0), so the tower is described without one (``mean``)."""
+        layers = tuple(self.model.vision_model.model.layers)
+        return VisionTower(
+            name=type(self.model.vision_model).__name__,
+            layers=layers,
+            feature_layer=len(layers) - 1,
+            has_cls=False,
+            notes="the CLS token is the last position of each tile's sequence; rank by attention: mean",
+        )
+
+    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per tile: the last position (CLS) dropped, then each token the mean of the
+        ``s x s`` patches the pixel shuffle concatenates (``s = 1 / pixel_shuffle_ratio``, row-major); one tensor
+        per tile, in ``pixel_values`` order."""
+        s = round(1 / self.model.config.vision_config.pixel_shuffle_ratio)
+        out = []
+        for v in values:
+            patches = v[:-1]
+            side = math.isqrt(patches.shape[0])
+            if side * side != patches.shape[0] or side % s:
+                return None
+            grid = patches.reshape(side // s, s, side // s, s, patches.shape[-1])
+            out.append(grid.mean(dim=(1, 3)).reshape(-1, patches.shape[-1]))
+        return out
 
     def rotary(self, hidden: Tensor, positions: Tensor, layer_index: int) -> Tensor:  # type: ignore[override]
         """The complex ``freqs_cis`` ``(B, L, d/2)`` of ``positions[0]``, as the text model computes it."""
