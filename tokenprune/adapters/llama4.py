@@ -33,7 +33,8 @@ raster order), the global view follows (view 0). Where the prompt's runs do not 
 Vision attention: the tower (``vision_model.model.layers``) runs each tile as one sequence whose *last* position is
 its CLS token, so it is described without one (``attention: mean``); the features come from its last layer, and
 each token gets the mean of the ``2 x 2`` patches its pixel shuffle concatenates. Not served: ``pre_projector`` and
-``vision_layer`` stages (the adapter does not describe the vision adapter's pixel-shuffled projector input).
+``vision_layer`` stages (the projector's input is the vision adapter's pixel-shuffled output, not one tower patch
+per row).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class Llama4Adapter(ModelAdapter):
         "while prompt + output fit in one attention chunk (8192) and refused past it"
     )
     pre_projector_refusal = (
-        "its adapter does not describe the projector's input (the vision adapter's pixel-shuffled tokens); "
-        "pre_projector stages are not served for llama4"
+        "its projector's input is the vision adapter's output, pixel-shuffled (each row built from 2x2 tower "
+        "patches), not one tower patch per row; pre_projector stages are not served for llama4"
     )
 
     def __init__(self, model: nn.Module) -> None:
