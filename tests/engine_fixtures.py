@@ -27,6 +27,7 @@ ADAPTERS = [
     "qwen3_vl_moe",
     "internvl",
     "llava_next_video",
+    "video_llava",
     "llama4",
 ]
 
@@ -46,6 +47,7 @@ BATCH_SPECS: dict[str, list[Any]] = {
     "qwen3_vl_moe": [(56, 56), (112, 112), (56, 112)],
     "internvl": [(56, 56), (112, 112), [(56, 112), (56, 56)]],
     "llava_next_video": [(56, 56), (56, 112), (112, 112)],
+    "video_llava": [(56, 56), [(56, 56), (56, 56)], (56, 56)],
     "llama4": [(56, 56), (112, 112), [(56, 112), (56, 56)]],
 }
 
@@ -60,7 +62,7 @@ VIDEO_SPECS: dict[str, list[Any]] = {
 VIDEO_SPECS.update(
     {
         name: [tm.Video(4, 56, 56), [(56, 56), tm.Video(4, 56, 56)], [tm.Video(4, 56, 56), tm.Video(4, 56, 56)]]
-        for name in ("llava_next_video", "llava_onevision")
+        for name in ("llava_next_video", "llava_onevision", "video_llava")
     }
 )
 

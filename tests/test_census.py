@@ -7,6 +7,7 @@ run on a few generically served types: one with 1-D RoPE and crop tensors, one w
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -14,11 +15,12 @@ import pytest
 import torch
 
 import tokenprune as tp
+from tokenprune.adapters.base import ImageCall
 from tokenprune.adapters.generic import GenericAdapter, GenericDeepStackAdapter, adapter_for, grids_from_hints
 from tokenprune.engine import compat
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.plugins import get_plugin_manager
-from tokenprune.testing.census import build_tiny, census_one, model_types, resolve_types
+from tokenprune.testing.census import InputBuilder, build_tiny, census_one, model_types, resolve_types
 
 
 def test_grids_from_hints_divide_by_the_factor_that_fits_every_image():
@@ -97,6 +99,7 @@ def test_the_generic_adapter_detects_mrope():
         ("glm5_next", "indexed_attention"),
         ("qwen4_exp", "indexed_attention"),
         ("dots3_note", "indexed_attention"),
+        ("granite4_vision", "its language model takes vision_mask, deepstack_features"),
     ],
 )
 def test_refusals_name_the_type_and_the_reason(model_type, reason):
@@ -141,6 +144,12 @@ def _skip_before(model_type: str) -> None:
 #: Qwen3-VL-style DeepStack outside Qwen3-VL (Cosmos3-Omni), token-type layer arguments (ERNIE-4.5-VL).
 NEWLY_SERVED = ["qianfan_ocr", "step3p7", "video_llama_3", "ovis2_5", "exaone4_5"]
 NEWLY_SERVED_SLOW = ["kimi_k25", "aria", "cosmos3_omni", "ernie4_5_vl_moe", "idefics2", "fuyu", "cohere_compass"]
+#: Variable-aspect inputs read by place: Gemma 4's ``image_position_ids`` (per-layer embeddings; Unified: no tower,
+#: a bidirectional image mask), MiniCPM-V's NaViT-packed slices with ``target_sizes`` over a Qwen3.5 hybrid language
+#: model (4.7: its canvas M-RoPE; MiniCPM-V-OCR: 4.6's code in the ``4x`` mode), slow for Gated DeltaNet's reference
+#: kernel on CPU (their layouts are checked fast below).
+NEWLY_SERVED += ["gemma4", "gemma4_unified"]
+NEWLY_SERVED_SLOW += ["minicpmv4_6", "minicpmv4_7", "minicpm_ocr"]
 
 
 @pytest.mark.parametrize("model_type", NEWLY_SERVED)
@@ -160,6 +169,13 @@ def test_newly_served_slower_types_keep_the_engine_invariants(model_type):
     row = census_one(model_type)
     assert row.adapter == f"generic ({model_type})"
     assert row.status == "passes", row.detail
+
+
+def test_video_llava_passes_the_census_with_its_adapter():
+    """Its census case generates the video token id (the census suppresses the image id only): fed back without a
+    video in the no-cache recompute, it is text, as the model embeds it, so both passes keep the same tokens."""
+    row = census_one("video_llava")
+    assert (row.status, row.adapter) == ("passes", "video_llava"), row.detail
 
 
 def _meta_adapter(model_type):
@@ -186,3 +202,95 @@ def test_a_text_model_is_the_language_model_and_resamplers_lay_out_one_row_per_i
     assert idefics2.language_model() is idefics2.vlm().text_model
     assert idefics2.resampled and _meta_adapter("aria").resampled
     assert not _meta_adapter("aya_vision").resampled  # a patch projector: square grids stay grids
+
+
+@pytest.mark.parametrize(
+    ("model_type", "grids"),
+    [
+        ("gemma4", [(2, 2), (2, 4), (2, 2)]),
+        ("minicpmv4_6", [(2, 2), (2, 4), (2, 2)]),
+        ("minicpm_ocr", [(4, 4), (4, 8)]),
+    ],
+)
+def test_variable_aspect_layouts_are_read_from_arguments_passed_by_place(model_type, grids):
+    """Gemma 4 passes ``image_position_ids`` and MiniCPM-V ``target_sizes`` positionally: one grid per image (slice),
+    the patches' extent over the pooling (merge) factor, rows and columns in the model's token order."""
+    if model_type not in model_types():
+        pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
+    model = build_tiny(model_type)
+    adapter = adapter_for(model, get_plugin_manager())
+    vlm, calls = adapter.vlm(), []
+    original = vlm.get_image_features
+
+    @functools.wraps(original)
+    def recorded(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(ImageCall(args, kwargs, out))
+        return out
+
+    vlm.get_image_features = recorded
+    specs = [1, 2] if len(grids) == 3 else [1, 1]
+    with torch.no_grad():
+        model(**InputBuilder(model, adapter)(specs))
+    layouts = adapter.image_layouts(calls[-1])
+    assert [(int(lay.row.max()) + 1, int(lay.col.max()) + 1) for lay in layouts] == grids
+    for lay, (_, cols) in zip(layouts, grids, strict=True):  # row-major, as the model orders its tokens
+        assert torch.equal(lay.col[0], torch.arange(lay.col.shape[1]) % cols)
+
+
+def _sliced_inputs(builder, slices=2):
+    """MiniCPM-V 4.7 prompts whose images are a thumbnail and ``slices`` detail slices in one row, each crop between
+    its markers as the processor writes them (``<image>..</image><slice>..</slice>..\\n``), all crops packed in one
+    ``pixel_values`` row with their ``target_sizes``."""
+    cfg, b = builder.model.config, builder
+    ids_of = (cfg.image_start_id, cfg.image_end_id, cfg.slice_start_id, cfg.slice_end_id, cfg.newline_id)
+
+    def make_inputs(specs, start=0):
+        crops = [
+            b._image(i, c + i % 2) for i, spec in enumerate(specs, start) for c in range((spec or 0) * (1 + slices))
+        ]
+        pixels = b._batch([c for c, _ in crops], [s for _, s in crops]) if crops else {}
+        counts = iter(b._counts(pixels, len(crops)) if crops else [])
+        rows = []
+        for i, spec in enumerate(specs, start):
+            ids = b.text_ids[i : i + 3]
+            for _ in range(spec or 0):
+                for c in range(1 + slices):
+                    opens, closes = ids_of[:2] if c == 0 else ids_of[2:4]
+                    ids = [*ids, opens, *[b.image_token] * next(counts), closes]
+                ids = [*ids, ids_of[4], b.text_ids[50 + i]]
+            rows.append(ids + b.text_ids[100 + i : 104 + 2 * i])
+        width = max(map(len, rows))
+        ids = torch.tensor([[b.pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask, **pixels, "mm_token_type_ids": (ids == b.image_token).long()}
+
+    return make_inputs
+
+
+@pytest.mark.slow
+def test_minicpmv4_7_sliced_images_keep_the_engine_invariants_with_a_grid_per_slice():
+    """A thumbnail and two slices per image: the canvas M-RoPE of 4.7 lays the slices out around the thumbnail; the
+    engine slices those positions, and each slice is a grid of its own (its ``target_sizes`` over the merge)."""
+    from tokenprune.testing import adapters as checks
+
+    if "minicpmv4_7" not in model_types():
+        pytest.skip(f"transformers {compat.transformers_version()} has no minicpmv4_7")
+    model = build_tiny("minicpmv4_7")
+    manager = checks.adapter_check_manager()
+    adapter = adapter_for(model, manager)
+    builder = InputBuilder(model, adapter)
+    make_inputs = _sliced_inputs(builder)
+    batch = make_inputs([1])
+    assert adapter.position_scheme == "mrope" and batch["target_sizes"].shape[0] == 3
+    case = checks.adapter_case(model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=builder.pad)
+    for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
+        check(case)
+    checks.layout_covers_visual_tokens(case)
+    with tp.apply(
+        model, {"stages": [{"at": "post_projector", "reducer": "check_drop", "keep": 1.0}]}, plugins=manager
+    ) as run:
+        case.forward(batch)
+    layout, n = run.stats.last_prefill.stages[0].layout, int((batch["input_ids"] == adapter.image_token_id()).sum())
+    crops = [(int(i), int(layout.row[0, :n][layout.image[0, :n] == i].max()) + 1) for i in layout.image[0, :n].unique()]
+    assert crops == [(0, 2), (1, 2), (2, 2)]  # the thumbnail and each slice: a grid of two token rows

@@ -138,7 +138,9 @@ def test_every_adapter_counts_agree_under_a_two_stage_pipeline(family):
     assert report.layers[-1].tokens[0] <= report.layers[0].tokens[0]
 
 
-@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize(
+    "family", ["llava_next_video", "llava_onevision", "video_llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+)
 def test_video_inputs_count_agree_and_the_video_stage_shrinks_the_language_model(family):
     """A prompt with an image and a 4-frame video: the counters agree per layer, unpruned and with a
     `tokens: video` stage, which costs the language model less and leaves the vision towers' cost alone."""

@@ -1,7 +1,7 @@
 """The video invariants and ``tokens:`` tests of ``test_engine_invariants_video.py`` on the LLaVA video models.
 
-LLaVA-NeXT-Video (pooled per-frame grids) and LLaVA-OneVision (pooled per-frame grids and one newline
-per video); a file of their own to keep each file short.
+LLaVA-NeXT-Video (pooled per-frame grids), LLaVA-OneVision (pooled per-frame grids and one newline
+per video) and Video-LLaVA (per frame its [CLS] token, then its grid); a file of their own to keep each file short.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from test_engine_invariants_video import (  # noqa: F401  (the tests run here on
     test_downsample_plans_per_frame,
 )
 
-LLAVA = ["llava_next_video", "llava_onevision"]
+LLAVA = ["llava_next_video", "llava_onevision", "video_llava"]
 
 
 @pytest.fixture(scope="module", params=LLAVA)

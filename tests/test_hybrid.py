@@ -190,36 +190,10 @@ def test_flops_of_short_convolution_layers_agree_three_ways():
 # --- Gemma 4: per-layer embeddings follow the cut; KV sharing refused ---------------------------------------
 
 
-class _Gemma4Inputs(InputBuilder):
-    """Gemma 4's variable-resolution images: patch rows with (x, y) positions, pooled 3 x 3 (6 x 6k patches)."""
-
-    def _image(self, i, j):
-        g = torch.Generator().manual_seed(100 * i + j)
-        h, w = 6, 6 * (1 + (i + j) % 2)
-        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        return (torch.rand(h * w, 3 * self.patch**2, generator=g), torch.stack([xs.flatten(), ys.flatten()], -1)), (
-            h,
-            w,
-        )
-
-    def _batch(self, images, sizes):
-        most = max(px.shape[0] for px, _ in images)
-        pixels = torch.zeros(len(images), most, images[0][0].shape[1])
-        positions = torch.full((len(images), most, 2), -1, dtype=torch.long)
-        for n, (px, pos) in enumerate(images):
-            pixels[n, : px.shape[0]], positions[n, : pos.shape[0]] = px, pos
-        return {"pixel_values": pixels, "image_position_ids": positions}
-
-
 def _gemma4(shared: int = 0) -> torch.nn.Module:
-    from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
-
+    """The census's tiny Gemma 4 (its vision tower from the vision config's defaults; the census builder makes its
+    variable-resolution patch rows with their ``image_position_ids``), ``shared`` KV-sharing layers."""
     cfg = tiny_config("gemma4")
-    cfg.vision_config = Gemma4VisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        head_dim=8, patch_size=4, position_embedding_size=64,
-    )  # fmt: skip
-    cfg.vision_config.image_size = 24  # the census builder's fixed-size mode; _Gemma4Inputs makes the pixels
     if shared:  # every layer kind the sharing layers read has a producing layer before them
         cfg.text_config.layer_types = ["sliding_attention", "full_attention"] * 2
     cfg.text_config.num_kv_shared_layers = shared
@@ -232,7 +206,7 @@ def test_gemma4_per_layer_embeddings_follow_the_cut():
     model = _gemma4()
     assert model.config.text_config.hidden_size_per_layer_input  # per-layer embeddings on
     manager = checks.adapter_check_manager()
-    make_inputs = _Gemma4Inputs(model, adapter_for(model, manager))
+    make_inputs = InputBuilder(model, adapter_for(model, manager))
     case = checks.adapter_case(model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=make_inputs.pad)
     checks.keep_all_is_identity(case)
     checks.cached_decode_equals_recompute(case)

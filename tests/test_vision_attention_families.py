@@ -228,17 +228,18 @@ def test_llava_next_video_probe_scores_equal_eager_attention_on_frames():
             torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision", "video_llava"])
 def test_llava_video_families_map_frame_patches_to_video_tokens(family):
     """A value at one patch of a frame marks exactly the video tokens whose features move when that patch's
     attention output is pushed (the kit's image check, on get_video_features): LLaVA-NeXT-Video's average
-    pooling, LLaVA-OneVision's bilinear pooling (and its video newline, built from no patch)."""
+    pooling, LLaVA-OneVision's bilinear pooling (and its video newline, built from no patch), Video-LLaVA's
+    own video tower (every position a token, [CLS] included)."""
     t = tiny_models.BUILDERS[family]()
     adapter = _manager().adapters.get(family)(t.model)
     tower = adapter.vision_tower()
     assert tower.videos
     args, kwargs = _video_call(t.model, t.make_inputs(VIDEO_SPECS[family][1:]))
-    layer = compat.vision_attention_module(tower.layers[tower.feature_layer])
+    layer = compat.vision_attention_module((tower.video_layers or tower.layers)[tower.feature_layer])
     pixels = args[0] if args else kwargs["pixel_values_videos"]
     sequences, length = pixels.shape[0] * pixels.shape[1], int(tower.has_cls) + (56 // 14) ** 2
     call = tp.adapters.base.ImageCall(args, kwargs, None)
@@ -269,7 +270,7 @@ def test_llava_video_families_map_frame_patches_to_video_tokens(family):
             assert torch.equal(marked, moved), (r, p, marked.nonzero().flatten(), moved.nonzero().flatten())
     mapped = adapter.map_vision_video_patches(call, [torch.ones(length, 1)] * sequences)
     ones = torch.cat(mapped).reshape(-1)
-    expected = torch.ones_like(ones)  # CLS dropped, pooling windows: every token a mean of its patches
+    expected = torch.ones_like(ones)  # CLS dropped (kept: Video-LLaVA), pooling windows: every token a mean
     if family == "llava_onevision":  # but each video's newline, built from no patch
         expected[torch.tensor([len(m) for m in mapped]).cumsum(0) - 1] = 0.0
     torch.testing.assert_close(ones, expected)

@@ -328,7 +328,10 @@ def _features_counted(name: str, model: torch.nn.Module, ip: Any, with_sizes: bo
             out["pixel_values_videos"] = torch.stack(frames)
             with torch.no_grad():
                 feats = model.model.get_video_features(pixel_values_videos=out["pixel_values_videos"]).pooler_output
-            # a (videos, N, D) tensor, or (5.18, 5.19's LLaVA-NeXT-Video) a tuple of (frames, n, D) per video
+            # a (videos, N, D) tensor, or (5.18, 5.19's LLaVA-NeXT-Video) a tuple of (frames, n, D) per video, or
+            # (Video-LLaVA) a (videos * frames, n, D) tensor
+            if isinstance(feats, torch.Tensor) and feats.shape[0] != len(videos):
+                feats = feats.reshape(len(videos), -1, feats.shape[-1])
             video_counts = [int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats]
         rows, k, kv = [], 0, 0
         for i, spec in enumerate(specs, start):
@@ -728,6 +731,29 @@ def internvl(seed: int = 0) -> Tiny:
 BUILDERS.update(internvl=internvl, llava_next_video=llava_next_video)
 
 
+# --- Video-LLaVA (an image tower and a video tower; each frame keeps its [CLS] token) ----------
+
+
+def video_llava(seed: int = 0) -> Tiny:
+    """Tiny Video-LLaVA: 56 px images as 4 x 4 grids (CLS dropped); videos of 56 px frames, 1 + 16 tokens each."""
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = VideoLlavaConfig(
+        text_config=dict(model_type="llama", **TEXT),
+        vision_config=CLIP,
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(VideoLlavaForConditionalGeneration(cfg))
+    ip = compat.image_processor_class("CLIP")(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    return _features_counted("video_llava", model, ip, with_sizes=False)
+
+
+BUILDERS.update(video_llava=video_llava)
 # --- Llama 4 (no `.model`, complex freqs_cis RoPE, chunked attention + a NoPE full-attention layer, tiles) -------
 
 LLAMA4_TILE = 56  # tile side in pixels: 4 x 4 patches of 14 px, pixel-shuffled (0.5) to 2 x 2 tokens per tile

@@ -98,6 +98,9 @@ class VisionTower:
         videos: The probe also watches the tower during ``get_video_features`` and the adapter maps those
             sequences to the video tokens (:meth:`ModelAdapter.map_vision_video_patches`); ``False``: video
             tokens get no vision attention, and a stage that reads it may not reduce them.
+        video_layers: With ``videos``, the layers of a second tower that encodes the videos (Video-LLaVA's
+            ``video_tower``), index for index as ``layers`` (the same architecture and feature layer); the probe
+            watches them during ``get_video_features``. Empty (the default): the videos run through ``layers``.
     """
 
     name: str
@@ -106,6 +109,7 @@ class VisionTower:
     has_cls: bool
     notes: str = ""
     videos: bool = False
+    video_layers: tuple[nn.Module, ...] = ()
 
 
 @dataclass

@@ -17,6 +17,9 @@ What the generic adapter reads, all from the model itself:
   factor, Pixtral-like rows) and ``spatial_shapes`` (patch grids over a downsampling factor); per-crop
   feature tensors are one grid each. Otherwise a square grid where the count is a square, else one row:
   a layout the model does not describe is never guessed beyond that.
+* **Layouts from arguments passed by place** (:func:`positional_hints`): ``image_position_ids`` (Gemma 4's
+  variable-aspect patches, each with its ``(x, y)``: the grid is their extent over the pooling factor) and
+  ``target_sizes`` (MiniCPM-V's slices, ``(h, w)`` patches each: one grid per slice over the merge factor).
 * **Resampled queries.** Where the projector pools the patches into learned queries (a parameter named
   ``query``/``queries``/``latents`` outside the language model: Aria's cross-attention projector, Idefics2's
   perceiver resampler), each image's tokens are one row: the queries have no place in the image, and a square
@@ -75,6 +78,10 @@ class GenericAdapter(ModelAdapter):
             grids = grids_from_hints(hints, counts)
             if grids is not None:
                 return [_layout(grid, i) for i, grid in enumerate(grids)]
+        hints = positional_hints(call, self.vlm().get_image_features)
+        grids = grids_from_hints(hints, counts) if hints is not None else None
+        if grids is not None:
+            return [_layout(grid, i) for i, grid in enumerate(grids)]
         return super().image_layouts(call)
 
     def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
@@ -149,6 +156,28 @@ def _hints(value: Any) -> list[tuple[int, int, int]] | None:
         return None
     rows = value.long().tolist()
     return [tuple(r) if len(r) == 3 else (1, r[0], r[1]) for r in rows]  # type: ignore[misc]
+
+
+def _argument(call: ImageCall, method: Any, name: str) -> Any:
+    """The call's argument ``name``, by keyword or at its place in ``method``'s signature (transformers' own
+    forwards pass Gemma 4's ``image_position_ids`` and MiniCPM-V's ``target_sizes`` positionally)."""
+    try:
+        names = list(inspect.signature(method).parameters)
+    except (TypeError, ValueError):
+        names = []
+    return call.arg(name, names.index(name)) if name in names else call.kwargs.get(name)
+
+
+def positional_hints(call: ImageCall, method: Any) -> list[tuple[int, int, int]] | None:
+    """``(1, rows, cols)`` per image from layout arguments :meth:`GenericAdapter.image_layouts` reads by their place
+    in ``get_image_features`` (``method``): ``image_position_ids`` ``(N, max_patches, 2)`` (Gemma 4: each patch's
+    ``(x, y)``, ``-1`` on padding; an image's extent is ``1 +`` its largest ``y`` and ``x``) or ``target_sizes``
+    ``(N, 2)`` (MiniCPM-V: each slice's ``(h, w)`` in patches, one image per slice); ``None`` where neither is given."""
+    positions = _argument(call, method, "image_position_ids")
+    if isinstance(positions, Tensor) and positions.dim() == 3 and positions.shape[-1] == 2 and positions.numel():
+        extent = positions.long().clamp(min=0).amax(dim=1) + 1  # (N, 2): (x, y) extents; padding clamps to 0
+        return [(1, int(y), int(x)) for x, y in extent.tolist()]
+    return _hints(_argument(call, method, "target_sizes"))
 
 
 def grids_from_hints(hints: list[tuple[int, int, int]], counts: list[int]) -> list[tuple[int, int, int]] | None:

@@ -16,6 +16,7 @@ from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenprune.adapters.paligemma import PaliGemmaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter
+from tokenprune.adapters.video_llava import VideoLlavaAdapter
 
 if TYPE_CHECKING:
     from tokenprune.plugins import AdapterRegistry
@@ -31,6 +32,7 @@ BUILTIN_ADAPTERS = (
     Idefics3Adapter,
     PaliGemmaAdapter,
     Gemma3Adapter,
+    VideoLlavaAdapter,
     Llama4Adapter,
 )
 

@@ -8,6 +8,7 @@ are recorded where they happen rather than from inside the forward.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,26 @@ class FeatureCalls:
     def in_video(self) -> bool:
         """A ``get_video_features`` call is running (its projector calls are the video's)."""
         return self._in_video
+
+    def fed_videos(self, vlm: Any, forward_kwargs: Mapping[str, Any]) -> bool:
+        """Whether the base model's forward (its bound ``forward_kwargs``) puts video features in its sequence.
+
+        ``True`` where a ``get_video_features`` call was recorded (``generate`` pre-encodes the videos before the
+        prefill), where the forward was given video inputs (an argument named for videos that is not ``None``:
+        ``pixel_values_videos``, ``video_grid_thw``; or a mapping of pre-encoded outputs with a ``"video"``
+        entry), or where the model has no ``get_video_features`` (the engine cannot tell). ``False`` means the
+        model embeds its video placeholder ids as text in this forward: Video-LLaVA scatters video features only
+        where it computed them, so a video token id with no video (a generated id fed back in a no-cache
+        recompute of prompt and generated tokens) is an ordinary text token.
+        """
+        if self.video is not None or not callable(getattr(vlm, "get_video_features", None)):
+            return True
+        for name, value in forward_kwargs.items():
+            if value is None:
+                continue
+            if "video" in name or (isinstance(value, Mapping) and value.get("video") is not None):
+                return True
+        return False
 
     def install(self, hooks: HookSet, vlm: Any) -> None:
         """Wrap ``vlm``'s feature methods (those it has)."""

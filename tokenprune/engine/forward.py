@@ -249,6 +249,8 @@ class ForwardHooks:
             self._calls.clear()
             return
         video = self.adapter.video_mask(input_ids)
+        if not self._calls.fed_videos(self.adapter.vlm(), kw):  # video ids embedded as text
+            video = torch.zeros_like(video)
         visual = self.adapter.visual_mask(input_ids) | video
         if not bool(visual.any()):
             self._calls.clear()

@@ -101,18 +101,20 @@ class VisionProbe:
         Raises:
             TokenpruneError: the tower uses an attention implementation other than sdpa or eager.
         """
+        towers = [self.tower.layers, *([self.tower.video_layers] if self.tower.video_layers else [])]
         configs, impl = compat.common_implementation(
-            [getattr(compat.vision_attention_module(layer), "config", None) for layer in self.tower.layers],
+            [getattr(compat.vision_attention_module(layer), "config", None) for layers in towers for layer in layers],
             SUPPORTED,
             f"the vision probe of the {self.tower.name}",
         )
         self._name = _NAMES[impl]
         compat.acquire_attention(self._name, impl, _make_attention(impl))
         for i, (_, _, features) in self.requests.items():
-            layer = self.tower.layers[i]
-            _TARGETS[compat.vision_attention_module(layer)] = (self, i)
-            if features:
-                self._handles.append(layer.register_forward_hook(self.stopwatch.timed(self._feature_hook(i))))
+            for layers in towers:  # a video tower of its own (Video-LLaVA) records into the video records
+                layer = layers[i]
+                _TARGETS[compat.vision_attention_module(layer)] = (self, i)
+                if features:
+                    self._handles.append(layer.register_forward_hook(self.stopwatch.timed(self._feature_hook(i))))
         for cfg in configs:
             self._configs.append((cfg, compat.swap_attention_implementation(cfg, self._name)))
 

@@ -53,7 +53,8 @@ def _boundaries(cfg: Any) -> tuple[int | None, int | None]:
         end = getattr(cfg, f"{kind}_end_token_id", None)
         if isinstance(start, int) and isinstance(end, int):
             return start, end
-    return None, None
+    start, end = getattr(cfg, "image_start_id", None), getattr(cfg, "image_end_id", None)  # MiniCPM-V 4.7
+    return (start, end) if isinstance(start, int) and isinstance(end, int) else (None, None)
 
 
 class InputBuilder:
@@ -81,6 +82,10 @@ class InputBuilder:
         self.mode = next((m for m in MODES if m in required), "fixed")
         if "image_grid_thw" in params:
             self.mode = "image_grid_thw"
+        elif "image_position_ids" in params:  # Gemma 4: patch rows with their (x, y) positions
+            self.mode = "image_position_ids"
+        elif "target_sizes" in required:  # MiniCPM-V: NaViT-packed slices with their patch grids
+            self.mode = "target_sizes"
         unknown = required - {"self", "pixel_values", "kwargs", "pixel_attention_mask", self.mode} - EXTRAS
         if unknown:
             raise NotImplementedError(f"no census input builder for get_image_features({', '.join(sorted(unknown))})")
@@ -135,6 +140,10 @@ class InputBuilder:
         if self.mode == "fixed":
             return torch.randn(3, self.image_size, self.image_size, generator=g), (self.image_size, self.image_size)
         ch = int(getattr(self.vision, "in_channels", getattr(self.vision, "num_channels", 3)))
+        if self.mode == "image_position_ids":
+            return self._positioned_image(g, k)
+        if self.mode == "target_sizes":
+            return self._packed_slice(g, k)
         if self.mode == "image_grids":
             side = self.image_size // self.patch
             return torch.randn(side * side, ch * self.patch * self.patch, generator=g), (side, side)
@@ -165,6 +174,10 @@ class InputBuilder:
             return self._grid_batch(images, sizes)
         if self.mode == "image_grids":
             return self._pooled_batch(images, sizes)
+        if self.mode == "image_position_ids":
+            return self._positioned_batch(images, sizes)
+        if self.mode == "target_sizes":  # every slice of the batch packed along the width, as one row
+            return {"pixel_values": torch.cat(images, dim=-1)[None], "target_sizes": torch.tensor(sizes)}
         if self.mode == "image_sizes":
             height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
             pixels = torch.zeros(len(images), 3, height, width)
@@ -211,6 +224,38 @@ class InputBuilder:
             "image_grids": torch.tensor([[half, half, 0, 0]] * len(images)),
             "image_num_crops": torch.ones(len(images), dtype=torch.long),
         }
+
+    def _positioned_image(self, g: torch.Generator, k: int) -> tuple[Tensor, tuple[int, int]]:
+        """Gemma 4's form: an ``(h, w)`` grid of patches as ``(h*w, 3*P*P)`` rows, row-major (the image processor's
+        order), ``h`` and ``w`` multiples of the tower's pooling kernel; the patches are the merged model patches
+        where the config names a ``model_patch_size`` (Gemma 4 Unified: no tower, one token per model patch)."""
+        merged = _first(getattr(self.vision, "model_patch_size", None))
+        patch = merged or self.patch
+        unit = 1 if merged else _first(getattr(self.vision, "pooling_kernel_size", None), 1)
+        h, w = 2 * unit, 2 * unit * k
+        return torch.rand(h * w, 3 * patch * patch, generator=g), (h, w)
+
+    def _positioned_batch(self, images: list[Tensor], sizes: list[tuple[int, int]]) -> dict[str, Any]:
+        """``pixel_values`` ``(N, max_patches, 3*P*P)`` zero-padded and ``image_position_ids`` ``(N, max_patches, 2)``
+        holding each patch's ``(x, y)``, ``(-1, -1)`` on padding, as Gemma 4's image processor pads them."""
+        most = max(im.shape[0] for im in images)
+        pixels = torch.zeros(len(images), most, images[0].shape[1])
+        positions = torch.full((len(images), most, 2), -1, dtype=torch.long)
+        for n, (im, (h, w)) in enumerate(zip(images, sizes, strict=True)):
+            y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            pixels[n, : im.shape[0]] = im
+            positions[n, : im.shape[0]] = torch.stack([x.reshape(-1), y.reshape(-1)], dim=1)
+        return {"pixel_values": pixels, "image_position_ids": positions}
+
+    def _packed_slice(self, g: torch.Generator, k: int) -> tuple[Tensor, tuple[int, int]]:
+        """MiniCPM-V's form: one slice of ``(8, 8k)`` patches (divisible by its 2x2 window merger and 2x2 merger
+        in the ``16x`` mode) NaViT-packed as ``(3, P, h*w*P)``, its patches row-major along the width, as the
+        image processor's ``reshape_by_patch`` packs them."""
+        p = self.patch
+        h, w = 8, 8 * k
+        image = torch.rand(3, h * p, w * p, generator=g)
+        packed = image.reshape(3, h, p, w, p).permute(0, 2, 1, 3, 4).reshape(3, p, h * w * p)
+        return packed, (h, w)
 
     def _counts(self, kw: dict[str, Any], n_images: int) -> list[int]:
         from tokenprune.adapters.base import ImageCall

@@ -84,6 +84,8 @@ VISION = {
     "adapter_in_dim": 32,
     "adapter_out_dim": 64,
     "adapter_input_size": 32,
+    "mm_embed_dim": 32,  # Gemma 4 Unified's encoder-free patch embedder and its projection's input
+    "output_proj_dims": 32,
 }
 #: Sizes every tiny audio config gets (omni models' audio towers; ``output_dim`` is the text width).
 AUDIO = {
@@ -347,6 +349,27 @@ def _fit_code_ranges(d: dict[str, Any]) -> None:
             d["audio_token_offset"] = start + 64
 
 
+#: Granite 4 Vision's layer-injection settings, which its default config leaves to the checkpoint: ``(vision
+#: layer, decoder layer)`` pairs in the checkpoints' form (the last vision layers into the first decoder layers;
+#: granite-vision-4.0 has ``[[-19, 9], [-13, 6], [-7, 3], [-1, 0]]``) at the tiny depths, its ``"4/8"`` window
+#: Q-Former rate, and one decoder layer per spatial offset group.
+LAYER_MAP = {"deepstack_layer_map": [[-2, 2], [-1, 0]], "downsample_rate": "4/8", "spatial_target_layers": [0, 1, 2, 3]}
+
+
+def _fit_layer_map(d: dict[str, Any]) -> None:
+    """A config that injects vision layers into decoder layers by a ``deepstack_layer_map`` (Granite 4 Vision):
+    the map, the Q-Former rate and the spatial target layers of :data:`LAYER_MAP`, and a vision width of two
+    64-wide heads (the config gives its Q-Former ``vision hidden // 64`` heads)."""
+    if "deepstack_layer_map" not in d:
+        return
+    for key, value in LAYER_MAP.items():
+        if key in d:
+            d[key] = value
+    vision = d.get("vision_config")
+    if isinstance(vision, dict) and "hidden_size" in vision:
+        vision["hidden_size"] = 128
+
+
 def _add_mrope_section(text: dict[str, Any], section: list[int]) -> None:
     """``section`` into the text config's rope parameters: one set per layer type where the config keeps them
     so (an empty ``rope_parameters`` beside ``layer_types``: Cohere Compass), else one set."""
@@ -358,10 +381,48 @@ def _add_mrope_section(text: dict[str, Any], section: list[int]) -> None:
         text["rope_parameters"] = {"mrope_section": section, **(rope or default)}
 
 
+def _add_optional_vision(cls: type, d: dict[str, Any]) -> None:
+    """An optional ``vision_config`` the defaults leave ``None`` (Gemma 4: a text-only default) filled with its
+    config class's defaults, so that the tiny model has the vision tower its checkpoints have."""
+    spec = (getattr(cls, "sub_configs_defaults", None) or {}).get("vision_config")
+    vision_class = getattr(spec, "config_class", None)
+    if d.get("vision_config", 0) is None and isinstance(vision_class, type) and hasattr(vision_class, "to_dict"):
+        d["vision_config"] = vision_class(**getattr(spec, "init_kwargs", {})).to_dict()
+
+
+#: How the names of the ids end that mark where an image (or a slice of it) starts and ends in the prompt
+#: (MiniCPM-V 4.7's ``image_start_id``, ``slice_end_id``, ``newline_id``), besides :data:`SPECIAL_ID_KEYS`.
+MARKER_ID_KEYS = ("_start_id", "_end_id", "newline_id")
+
+
+def _add_missing_ids(d: dict[str, Any], moved: dict[int, int]) -> None:
+    """Placeholder and marker ids the default top config leaves ``None`` (MiniCPM-V: a checkpoint's config names
+    them; without an ``image_token_id`` its forward ignores the pixels) given ids inside :data:`VOCAB`."""
+    for k, key in enumerate(sorted(d)):
+        named = key.endswith(("token_id", *MARKER_ID_KEYS)) and not key.startswith(("pad", "bos", "eos"))
+        if named and d[key] is None:
+            d[key] = moved.setdefault(VOCAB + 2000 + k, 10 + len(moved))
+
+
+def _fit_vision_layer_ids(d: dict[str, Any]) -> None:
+    """Vision-layer indexes (``*_layer_id``: MiniCPM-V's ``insert_layer_id``, after which its window merger runs)
+    past the tiny tower's depth moved to its last layer but one, so that the layer exists and another follows it
+    (as in the checkpoints: layer 6 of 27)."""
+    vision = d.get("vision_config")
+    depth = vision.get("num_hidden_layers") if isinstance(vision, dict) else None
+    if not isinstance(depth, int):
+        return
+    for sub in (d, vision):
+        for key, value in sub.items():
+            if key.endswith("_layer_id") and isinstance(value, int) and value >= depth:
+                sub[key] = max(0, depth - 2)
+
+
 def tiny_config(model_type: str) -> Any:
     """The type's default config with every text and vision sub-config shrunk."""
     cls = compat.config_class(model_type)
     d = cls().to_dict()
+    _add_optional_vision(cls, d)
     text = d.get("text_config")
     section = _missing_mrope_section(cls, text) if isinstance(text, dict) else None
     if section is not None:  # explicit, so that it is rescaled below
@@ -383,8 +444,11 @@ def tiny_config(model_type: str) -> Any:
         d[key] = VOCAB + 1000 + k  # moved into the tiny vocabulary below
     moved: dict[int, int] = {}
     _move_special_ids(d, moved)
+    _add_missing_ids(d, moved)
     _shrink_tree(d, d, moved, False)
+    _fit_vision_layer_ids(d)
     _shrink(d, TEXT if "text_config" not in d else TOP)
+    _fit_layer_map(d)
     vision = d.get("vision_config")
     shuffled = isinstance(vision, dict) and isinstance(vision.get("pixel_shuffle_ratio"), float)
     if shuffled and "projector_input_dim" in vision:
