@@ -28,6 +28,7 @@ ADAPTERS = [
     "internvl",
     "llava_next_video",
     "video_llava",
+    "llama4",
 ]
 
 # Per adapter: a batch of 3 specs with different visual-token counts and one text-only-free layout,
@@ -47,6 +48,7 @@ BATCH_SPECS: dict[str, list[Any]] = {
     "internvl": [(56, 56), (112, 112), [(56, 112), (56, 56)]],
     "llava_next_video": [(56, 56), (56, 112), (112, 112)],
     "video_llava": [(56, 56), [(56, 56), (56, 56)], (56, 56)],
+    "llama4": [(56, 56), (112, 112), [(56, 112), (56, 56)]],
 }
 
 

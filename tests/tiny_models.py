@@ -758,3 +758,81 @@ def video_llava(seed: int = 0) -> Tiny:
 
 
 BUILDERS.update(video_llava=video_llava)
+# --- Llama 4 (no `.model`, complex freqs_cis RoPE, chunked attention + a NoPE full-attention layer, tiles) -------
+
+LLAMA4_TILE = 56  # tile side in pixels: 4 x 4 patches of 14 px, pixel-shuffled (0.5) to 2 x 2 tokens per tile
+LLAMA4_TILE_TOKENS = 4
+LLAMA4_CHUNK = 64  # attention_chunk_size: longer than every test prompt plus its generated tokens
+# <|image_start|>, <|image|> (before the global view), <|image_end|>, <|tile_x_separator|>, <|tile_y_separator|>
+LLAMA4_IDS = dict(start=6, image=7, end=8, x_sep=9, y_sep=5)
+
+
+def llama4(seed: int = 0, chunk: int = LLAMA4_CHUNK) -> Tiny:
+    """Tiny Llama 4: 56 px tiles of 2 x 2 tokens plus a global view, 4 decoder layers (3 chunked RoPE, 1 NoPE),
+    MoE with 2 experts. A spec ``(h, w)`` in pixels is an image of ``h/56 x w/56`` tiles (one tile: the global
+    view only), laid out in the prompt as the Llama 4 processor writes it (tile runs between text separators)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(
+        TEXT,
+        head_dim=16,
+        intermediate_size_mlp=128,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        attention_chunk_size=chunk,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=128,  # the pixel shuffle's 4 x 32 channels feed the vision adapter's fc1
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=LLAMA4_TILE,
+        patch_size=14,
+        pixel_shuffle_ratio=0.5,
+        projector_input_dim=64,
+        projector_output_dim=64,
+        vision_output_dim=64,
+    )
+    cfg = Llama4Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=IMAGE_TOKEN,
+        boi_token_index=LLAMA4_IDS["start"],
+        eoi_token_index=LLAMA4_IDS["end"],
+    )
+    cfg._attn_implementation = "sdpa"
+    model = _finish(Llama4ForConditionalGeneration(cfg))
+
+    def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
+        tiles, rows = [], []
+        for i, spec in enumerate(specs, start):
+            ids = [1, *_text_ids(i, 3)]
+            for j, (h, w) in enumerate(_images_of(spec)):
+                ids += _llama4_image_ids(h // LLAMA4_TILE, w // LLAMA4_TILE)
+                count = (h // LLAMA4_TILE) * (w // LLAMA4_TILE)
+                count += 1 if count > 1 else 0  # the local tiles, then the global view
+                gen = torch.Generator().manual_seed(1000 * i + 10 * j + h + w)
+                tiles.append(torch.randn(count, 3, LLAMA4_TILE, LLAMA4_TILE, generator=gen))
+            rows.append(ids + _text_ids(i + 100, 4 + i % 2))
+        ids, mask = left_pad(rows)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if tiles:
+            out["pixel_values"] = torch.cat(tiles)
+        return out
+
+    return Tiny("llama4", model, make_inputs)
+
+
+def _llama4_image_ids(ratio_h: int, ratio_w: int) -> list[int]:
+    """An image's ids as the Llama 4 processor writes them (``Llama4Processor._prompt_split_image``)."""
+    ids, patch = [LLAMA4_IDS["start"]], [IMAGE_TOKEN] * LLAMA4_TILE_TOKENS
+    if ratio_h * ratio_w > 1:
+        for _ in range(ratio_h):
+            for x in range(ratio_w):
+                ids += patch + ([LLAMA4_IDS["x_sep"]] if x < ratio_w - 1 else [])
+            ids.append(LLAMA4_IDS["y_sep"])
+    return [*ids, LLAMA4_IDS["image"], *patch, LLAMA4_IDS["end"]]
+
+
+BUILDERS.update(llama4=llama4)

@@ -8,6 +8,7 @@ import tokenprune
 from tokenprune.adapters.gemma3 import Gemma3Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
 from tokenprune.adapters.internvl import InternVLAdapter
+from tokenprune.adapters.llama4 import Llama4Adapter
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.adapters.llava_next_video import LlavaNextVideoAdapter
@@ -32,6 +33,7 @@ BUILTIN_ADAPTERS = (
     PaliGemmaAdapter,
     Gemma3Adapter,
     VideoLlavaAdapter,
+    Llama4Adapter,
 )
 
 

@@ -24,6 +24,7 @@ matches fvcore and ``torch.utils.flop_counter`` to the MAC (see the tests).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,9 +66,8 @@ class DecoderShape:
     @classmethod
     def from_model(cls, model: nn.Module) -> DecoderShape:
         """Read the shapes off a transformers causal LM or VLM (``get_decoder().layers``, ``lm_head``)."""
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        decoder, head = decoder_and_head(model)
         layers = getattr(decoder, "layers", None)
-        head = getattr(model, "lm_head", None)
         if layers is None or not isinstance(head, nn.Linear):
             raise TypeError(
                 f"{type(model).__name__} has no get_decoder().layers and lm_head; DecoderShape needs a transformers "
@@ -96,6 +96,21 @@ class DecoderShape:
         return cls(
             tuple(per_token), tuple(q_dims), head.in_features, head.out_features, tuple(q_macs), tuple(k_macs), convs
         )
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The decoder stack (``get_decoder()``, holding ``layers``) and the LM head of a causal LM or VLM.
+
+    Llama 4's ``get_decoder()`` is its ``Llama4ForCausalLM``, which holds both: the stack is its ``model`` and the
+    head its output embeddings.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None and not hasattr(decoder, "layers"):
+        decoder = getattr(decoder, "model", decoder)
+    head = getattr(model, "lm_head", None)
+    if head is None and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+    return decoder, head
 
 
 def _short_conv(layer: nn.Module, index: int) -> tuple[int, int]:
@@ -186,8 +201,9 @@ def experts_macs_per_token(
     * ``top_k`` is read from the router, the block, or the experts' config (``num_experts_per_tok``).
 
     Every token runs through exactly ``top_k`` experts (transformers drops none for capacity), so
-    the cost does not depend on the routing. A shared expert is made of linear modules and is counted
-    with them.
+    the cost does not depend on the routing; where the experts module takes no routing (its forward takes the
+    hidden states only: Llama 4), every token runs through every expert. A shared expert is made of linear
+    modules and is counted with them.
 
     Returns the MACs and the parameters they account for (expert matrices and biases, router weight).
 
@@ -233,7 +249,19 @@ def experts_macs_per_token(
     if not 0 < top_k <= n_experts:
         raise TypeError(f"{where}: top_k {top_k} is not between 1 and the {n_experts} experts")
     router_macs = 0 if isinstance(router, nn.Linear) else router.weight.numel()
-    return router_macs + top_k * per_expert, [*matrices, *biases, router.weight]
+    runs = n_experts if _dense_experts(experts) else top_k
+    return router_macs + runs * per_expert, [*matrices, *biases, router.weight]
+
+
+def _dense_experts(experts: nn.Module) -> bool:
+    """Whether the experts module runs every expert on every token: its forward takes the hidden states only, no
+    routing (Llama 4's ``Llama4TextExperts``: the block zeroes the unselected experts' inputs by their scores)."""
+    try:
+        params = inspect.signature(experts.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return len([p for p in params if p.kind in kinds]) == 1
 
 
 def _top_k(router: nn.Module, block: nn.Module, experts: nn.Module) -> int | None:

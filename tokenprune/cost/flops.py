@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokenprune.cost.analytic import DecoderShape, attention_probe_macs, language_model_macs, own_attention_macs
+from tokenprune.cost.analytic import (
+    DecoderShape,
+    attention_probe_macs,
+    decoder_and_head,
+    language_model_macs,
+    own_attention_macs,
+)
 from tokenprune.cost.counters import flops_to_macs, fvcore_handles, language_model_flops, torch_flops
 from tokenprune.engine import compat
 
@@ -136,15 +142,13 @@ def count_flops(
     from tokenprune.engine import apply
 
     shape = DecoderShape.from_model(model)
-    decoder = model.get_decoder()
+    decoder, head = decoder_and_head(model)
     with contextlib.ExitStack() as stack:
         run = stack.enter_context(apply(model, pipeline, plugins=plugins)) if pipeline is not None else None
-        recorder = stack.enter_context(_record_layer_inputs(decoder, model.lm_head))
+        recorder = stack.enter_context(_record_layer_inputs(decoder, head))
         tower_inputs = stack.enter_context(_record_tower_inputs(run))
         count, _ = torch_flops(model, **inputs, use_cache=False)
-        fvcore_layers, fvcore_head, notes = (
-            _fvcore_replay(decoder, model.lm_head, recorder) if use_fvcore else (None, None, [])
-        )
+        fvcore_layers, fvcore_head, notes = _fvcore_replay(decoder, head, recorder) if use_fvcore else (None, None, [])
         prefill = run.stats.last_prefill if run is not None else None
         reducers = [] if run is None else _reducer_overheads(run, shape)
         probe = 0 if run is None else _probe_macs(run, shape)
@@ -154,7 +158,7 @@ def count_flops(
     head_positions = recorder.head_input.shape[1]
     analytic = language_model_macs(shape, widths, logits_positions=head_positions, batch=batch)
     names = {id(m): n for n, m in model.named_modules()}
-    decoder_path, head_path = "." + names[id(decoder)], "." + names[id(model.lm_head)]
+    decoder_path, head_path = "." + names[id(decoder)], "." + names[id(head)]
     torch_layers = [flops_to_macs(count.module_flops(f"{decoder_path}.layers.{i}")) for i in range(shape.num_layers)]
     rows = [
         LayerRow(
@@ -266,12 +270,14 @@ class _Replay(nn.Module):
         self.layer = layer
         self.constants = {k: v for k, v in kwargs.items() if k not in tensor_keys}
         self.tensor_keys = tensor_keys
+        # (cos, sin) pairs, flattened into two inputs; Llama 4's complex freqs_cis is one tensor
+        self.pairs = {k for k in tensor_keys if isinstance(kwargs.get(k), tuple)}
 
     def forward(self, hidden: Tensor, *tensors: Tensor) -> Tensor:
         kwargs = dict(self.constants)
         flat = list(tensors)
         for key in self.tensor_keys:
-            if key == "position_embeddings":
+            if key in self.pairs:
                 kwargs[key] = (flat.pop(0), flat.pop(0))
             else:
                 kwargs[key] = flat.pop(0)

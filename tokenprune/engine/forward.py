@@ -125,10 +125,12 @@ class ForwardHooks:
             self.vision_probe.stopwatch = self.stopwatch
             self.vision_probe.install()
         hooks = self._hooks
+        # The top model's pre-hook first and its post-hook last: Llama 4's multimodal base model is the top model
+        # itself (``vlm is self.model``), where hooks of one module run in the order they were registered.
         hooks.pre(self.model, self._top_pre)
-        hooks.post(self.model, self._top_post, always=True)
         hooks.pre(vlm, self._vlm_pre)
         hooks.post(vlm, self._vlm_post)
+        hooks.post(self.model, self._top_post, always=True)
         hooks.pre(lm, self._lm_pre)
         if plan.inside_lm:
             for i, layer in enumerate(layers):

@@ -196,6 +196,7 @@ def _decoding_layer_kwargs(kwargs: dict[str, Any], call: _PrunedCall) -> dict[st
         raise TokenpruneError(
             f"decoding step at layer {layer}: the attention mask covers {mask.shape[-1]} keys, expected "
             f"{st.lm_length + extra} (unpruned cache plus new tokens) or {valid.shape[1]} (this layer's cache)"
+            + _windowed_layer_reason(call.adapter, layer, int(mask.shape[-1]))
         )
     if mask is not None or seg.has_padding_slots or not st.all_valid(seg):
         kwargs["attention_mask"] = causal_mask(valid, q=st.step_length, boolean=call.boolean, dtype=call.dtype)
@@ -206,6 +207,20 @@ def _decoding_layer_kwargs(kwargs: dict[str, Any], call: _PrunedCall) -> dict[st
         if isinstance(position_ids, Tensor):
             kwargs["position_ids"] = position_ids_like(rows, position_ids)
     return kwargs
+
+
+def _windowed_layer_reason(adapter: ModelAdapter, layer: int, keys: int) -> str:
+    """Why a decoding step's mask does not fit, where the layer attends within a window (else ``""``)."""
+    types = getattr(adapter.text_config(), "layer_types", None) or ()
+    kind = types[layer] if layer < len(types) else None
+    if kind not in ("chunked_attention", "sliding_attention"):
+        return ""
+    return (
+        f"; model {adapter.name!r}: layer {layer} is a {kind} layer whose cache and mask keep only its window "
+        f"({keys} keys), and tokenprune serves decoding after a layer cut only while the prompt plus the generated "
+        "tokens fit in that window (attention_chunk_size / sliding_window); prune after the projector instead, or "
+        "keep prompts shorter"
+    )
 
 
 def decoding_positions(

@@ -540,7 +540,8 @@ def rotary_matches_model(c: AdapterCase) -> None:
     in every decoding step, so a wrong ``rotary`` is self-consistent (cached decoding still equals a
     recompute) while the model attends with wrong positions. Here, in a plain forward of the padded
     batch (no pipeline), ``adapter.rotary`` applied to the position ids the language model received
-    must give every decoder layer's ``position_embeddings`` bit for bit.
+    must give every decoder layer's ``position_embeddings`` bit for bit (the ``(cos, sin)`` pair, or the one
+    table a model passes instead, such as Llama 4's complex ``freqs_cis``).
     """
     from tokenprune.engine.positions import to_rows
 
@@ -571,12 +572,12 @@ def rotary_matches_model(c: AdapterCase) -> None:
         else:
             rows = to_rows(position_ids, batch)[0]
         with torch.no_grad():
-            cos, sin = c.adapter.rotary(hidden, rows, i)
-        _expect(
-            torch.equal(cos, embeddings[0]) and torch.equal(sin, embeddings[1]),
-            name,
-            f"layer {i}: adapter.rotary differs from the model's position_embeddings",
-        )
+            got = c.adapter.rotary(hidden, rows, i)
+        if isinstance(embeddings, Tensor):  # one table, not (cos, sin): Llama 4's complex freqs_cis
+            same = isinstance(got, Tensor) and torch.equal(got, embeddings)
+        else:
+            same = torch.equal(got[0], embeddings[0]) and torch.equal(got[1], embeddings[1])
+        _expect(same, name, f"layer {i}: adapter.rotary differs from the model's position_embeddings")
 
 
 def layout_covers_visual_tokens(c: AdapterCase) -> None:

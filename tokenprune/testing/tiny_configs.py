@@ -449,6 +449,13 @@ def tiny_config(model_type: str) -> Any:
     _fit_vision_layer_ids(d)
     _shrink(d, TEXT if "text_config" not in d else TOP)
     _fit_layer_map(d)
+    vision = d.get("vision_config")
+    shuffled = isinstance(vision, dict) and isinstance(vision.get("pixel_shuffle_ratio"), float)
+    if shuffled and "projector_input_dim" in vision:
+        # Llama 4: the vision adapter's fc1 takes the pixel-shuffled channels, the projector the adapter's output
+        vision["intermediate_size"] = int(vision["hidden_size"] / vision["pixel_shuffle_ratio"] ** 2)
+        for key in ("projector_input_dim", "projector_output_dim", "vision_output_dim"):
+            vision[key] = TOP["hidden_size"]
     return cls.from_dict(d)
 
 
