@@ -127,7 +127,10 @@ SINCE = {
     "video_llava": ("5.21.1", "5.18 names Video-LLaVA's image input pixel_values_images; its adapter refuses it there"),
     **dict.fromkeys(
         ("gemma4", "gemma4_unified", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"),
-        ("5.21.1", "the census builds Gemma 4 and MiniCPM-V inputs for their 5.21+ image arguments ('not run' on 5.18)"),
+        (
+            "5.21.1",
+            "the census builds Gemma 4 and MiniCPM-V inputs for their 5.21+ image arguments ('not run' on 5.18)",
+        ),
     ),
     "qwen3_omni_moe_thinker": (
         "5.21.1",
