@@ -55,10 +55,10 @@ class VideoLlavaAdapter(LlavaAdapter):
     )
 
     def __init__(self, model: nn.Module) -> None:
-        """Raises: UnsupportedModelError: a transformers release before 5.21, whose Video-LLaVA names its image
-        input ``pixel_values_images`` (the layouts and the census read ``pixel_values``, as 5.21 onwards name it)."""
+        """Raises: UnsupportedModelError: a transformers release before 5.21, whose Video-LLaVA takes its images
+        only as ``pixel_values_images`` (the layouts and the census read ``pixel_values``, as 5.21 onwards name it)."""
         super().__init__(model)
-        if "pixel_values_images" in inspect.signature(self.vlm().get_image_features).parameters:
+        if "pixel_values" not in inspect.signature(self.vlm().get_image_features).parameters:
             raise UnsupportedModelError(
                 f"model_type 'video_llava' on transformers {compat.transformers_version()}: its image input is named "
                 "pixel_values_images (releases before 5.21); tokenprune serves Video-LLaVA from transformers 5.21, "
