@@ -821,7 +821,21 @@ def llama4(seed: int = 0, chunk: int = LLAMA4_CHUNK) -> Tiny:
             out["pixel_values"] = torch.cat(tiles)
         return out
 
-    return Tiny("llama4", model, make_inputs)
+    tiny = Tiny("llama4", model, make_inputs)
+    _skip_if_the_stock_llama4_fails(tiny)
+    return tiny
+
+
+def _skip_if_the_stock_llama4_fails(tiny: Tiny) -> None:
+    """transformers 5.24.0's ``Llama4ForConditionalGeneration.forward`` fails on its own (it reads ``image_outputs``
+    from its language model's output, which has none): nothing of tokenprune's can be checked there."""
+    try:
+        with torch.no_grad():
+            tiny.model(**tiny.make_inputs([(56, 56)]))
+    except AttributeError as exc:
+        if "image_outputs" not in str(exc):
+            raise
+        pytest.skip(f"transformers {compat.transformers_version()}'s stock Llama 4 forward fails: {exc}")
 
 
 def _llama4_image_ids(ratio_h: int, ratio_w: int) -> list[int]:
