@@ -163,19 +163,10 @@ NEWLY_SERVED += ["gemma4", "gemma4_unified"]
 NEWLY_SERVED_SLOW += ["minicpmv4_6", "minicpmv4_7", "minicpm_ocr"]
 
 
-@pytest.mark.parametrize("model_type", NEWLY_SERVED)
+@pytest.mark.parametrize(
+    "model_type", [*NEWLY_SERVED, *(pytest.param(t, marks=pytest.mark.slow) for t in NEWLY_SERVED_SLOW)]
+)
 def test_newly_served_types_keep_the_engine_invariants(model_type):
-    _skip_before(model_type)
-    if model_type not in model_types():
-        pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
-    row = census_one(model_type)
-    assert row.adapter == f"generic ({model_type})"
-    assert row.status == "passes", row.detail
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model_type", NEWLY_SERVED_SLOW)
-def test_newly_served_slower_types_keep_the_engine_invariants(model_type):
     _skip_before(model_type)
     if model_type not in model_types():
         pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
