@@ -62,3 +62,20 @@ def symmetric_products(unit: Tensor, panel: int = PANEL, *, distance: bool = Fal
 def cosine_similarity_macs(n: int, dim: int, *, panel: int = PANEL) -> int:
     """Multiply-accumulates of :func:`cosine_similarity` on ``n`` rows of ``dim`` features."""
     return dim * sum(min(panel, n - start) * (n - start) for start in range(0, n, panel))
+
+
+def density_peak_scores(dist: Tensor, k: int) -> Tensor:
+    """DPC-KNN scores of ``(B, n)`` tokens from their ``(B, n, n)`` distances: ``density * parent``.
+
+    Density ``exp(-mean of the k nearest squared distances)`` (a token among its own neighbours), ``parent`` the
+    distance to the nearest denser token (the row's largest distance for the densest). The official codes add
+    ``1e-6`` uniform noise to the densities so that none tie; here of two equal densities the lower index counts
+    as the denser. HoliTom's ``cluster_dpc_knn`` and FastVID's density tokens score this way.
+    """
+    nearest = dist.topk(k, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(-1)).exp()
+    index = torch.arange(dist.shape[-1], device=dist.device)
+    tied = (density[:, None, :] == density[:, :, None]) & (index[None, :] < index[:, None])[None]
+    denser = (density[:, None, :] > density[:, :, None]) | tied  # [b, i, j]: j is denser than i
+    dist_max = dist.flatten(1).max(-1).values[:, None, None]
+    return torch.where(denser, dist, dist_max).min(-1).values * density

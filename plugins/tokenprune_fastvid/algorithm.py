@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenprune.similarity import density_peak_scores
+
 NEIGHBOURS = 4
 """Neighbours of the density-peak local density (the official ``topk(dist_matrix, k=4)``, the token itself one)."""
 
@@ -95,19 +97,12 @@ def density_scores(x: Tensor) -> Tensor:
 
     Local density ``exp(-mean of the squared distances to the k nearest tokens)`` (the token itself among them;
     distances ``|x_i - x_j| / sqrt(D)``), distance to the nearest denser token (the frame's largest distance for
-    the densest), score ``density * distance``. The official code adds ``1e-6`` uniform noise to the densities so
-    that none tie; here of two equal densities the lower index counts as the denser.
+    the densest), score ``density * distance`` (:func:`tokenprune.similarity.density_peak_scores`: of two equal
+    densities the lower index counts as the denser, where the official code adds noise).
     """
     n, dim = x.shape[1], x.shape[2]
     dist = torch.cdist(x, x) / dim**0.5
-    nearest = dist.topk(min(NEIGHBOURS, n), dim=-1, largest=False).values
-    density = (-(nearest**2).mean(-1)).exp()
-    index = torch.arange(n, device=x.device)
-    tied = (density[:, None, :] == density[:, :, None]) & (index[None, :] < index[:, None])[None]
-    denser = (density[:, None, :] > density[:, :, None]) | tied  # [f, i, j]: j is denser than i
-    dist_max = dist.flatten(1).max(-1).values[:, None, None]
-    parent = torch.where(denser, dist, dist_max).min(-1).values
-    return parent * density
+    return density_peak_scores(dist, min(NEIGHBOURS, n))
 
 
 def top_mask(score: Tensor, counts: Tensor) -> Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenprune.similarity import density_peak_scores
+
 
 @dataclass(frozen=True)
 class HoliTomConfig:
@@ -82,20 +84,13 @@ def dpc_knn(x: Tensor, clusters: int, k: int) -> tuple[Tensor, Tensor]:
     """DPC-KNN cluster centers of ``(B, n, D)`` tokens: ``(B, clusters)`` indices (sorted) and the distances.
 
     Density ``exp(-mean of the k nearest squared distances)``, distance to the nearest denser token (the largest
-    distance for the densest), score ``density * distance``; the ``clusters`` best scores are the centers. The
-    official code adds ``1e-6`` uniform noise to the densities so that no two tie (two mutual nearest neighbours
-    tie whenever ``k = 2``); here of two equal densities the lower index counts as the denser.
+    distance for the densest), score ``density * distance`` (:func:`tokenprune.similarity.density_peak_scores`;
+    of two equal densities the lower index counts as the denser: two mutual nearest neighbours tie whenever
+    ``k = 2``); the ``clusters`` best scores are the centers.
     """
     dim = x.shape[-1]
     dist = torch.cdist(x.float(), x.float()) / dim**0.5
-    nearest, _ = torch.topk(dist, k, dim=-1, largest=False)
-    density = (-(nearest**2).mean(-1)).exp()
-    index = torch.arange(x.shape[1], device=x.device)
-    tied = (density[:, None, :] == density[:, :, None]) & (index[None, :] < index[:, None])[None]
-    denser = ((density[:, None, :] > density[:, :, None]) | tied).float()  # [b, i, j]: j is denser than i
-    dist_max = dist.flatten(1).max(-1).values[:, None, None]
-    parent, _ = (dist * denser + dist_max * (1 - denser)).min(-1)
-    score = parent * density
+    score = density_peak_scores(dist, k)
     centers = score.topk(clusters, dim=-1).indices
     return centers.sort(-1).values, dist
 
