@@ -6,7 +6,7 @@ must stay installed over a whole generation, so two copies of the model (the sam
 by side: each generation prefills both, then alternates single greedy decoding steps between them
 (AB, BA, ...), each step timed alone (the GPU synchronised around it). Each pair of steps gives a ratio;
 the table gives the median ratio with its bootstrap 95% interval over every pair of every generation.
-Pairs (copy A against copy B):
+Pairs (the tokenprune side against the reference side):
 
 * ``keep-all``: tokenprune with a post-projector stage that keeps every visual token (the engine maps
   every decoding step's mask and positions, nothing is dropped) against the stock model: target 1.01;
@@ -14,7 +14,12 @@ Pairs (copy A against copy B):
   visual tokens (the same kept features) as ``inputs_embeds`` (the equal-length reference): target 1.03;
 * ``hooks only``: the stock model with no-op forward hooks on the modules tokenprune hooks for a
   post-projector stage, against the stock model: what PyTorch's hook dispatch costs, which
-  tokenprune's own time does not include.
+  tokenprune's own time does not include;
+* ``copies``: the stock model against itself: the null check of the pairing (it should read 1).
+
+The two sides swap model copies every generation (an even ``--generations`` gives each copy each side
+equally often): a first run with copy A always hooked read 0.974 for the no-op hooks, a difference
+between the copies, not a cost.
 
 ``--write`` refuses (exit 3) when the keep-all or the cut ratio's interval reaches further than
 ``--max-interval`` from its median (``_bench.write_or_refuse``).
@@ -99,29 +104,38 @@ class Decoder:
 
 @dataclass
 class Pair:
-    """Copy A (``context`` installed over each generation) against copy B, step by step."""
+    """tokenprune (``context`` installed on one copy over each generation) against a reference, step by step.
+
+    ``inputs`` is the prompt of the tokenprune side, ``reference`` the other side's. The two sides swap
+    model copies every generation, so whatever differs between the copies (where their weights sit in
+    memory) falls on both sides alike.
+    """
 
     name: str
-    a: Decoder
-    b: Decoder
-    context: Callable[[], contextlib.AbstractContextManager[Any]]
+    inputs: dict[str, Any]
+    reference: dict[str, Any]
+    context: Callable[[Any], contextlib.AbstractContextManager[Any]]
     runs: list[Any] = field(default_factory=list)  # the tokenprune handles of the timed generations
 
 
-def paired_steps(pair: Pair, steps: int, generations: int) -> tuple[PairedRatio, Timing, Timing]:
+def paired_steps(
+    pair: Pair, copies: tuple[Any, Any], steps: int, generations: int, cuda: bool
+) -> tuple[PairedRatio, Timing, Timing]:
     """``generations`` timed generations (after a warm-up one) of ``steps`` alternating single steps."""
     a_times: list[float] = []
     b_times: list[float] = []
     for g in range(1 + generations):
-        with pair.context() as run:
-            pair.a.start()
-            pair.b.start()
+        hooked, other = copies[g % 2], copies[1 - g % 2]
+        a, b = Decoder(hooked, pair.inputs, cuda), Decoder(other, pair.reference, cuda)
+        with pair.context(hooked) as run:
+            a.start()
+            b.start()
             for i in range(steps):
-                first, second = (pair.a, pair.b) if i % 2 == 0 else (pair.b, pair.a)
+                first, second = (a, b) if i % 2 == 0 else (b, a)
                 t = {first: first.step(), second: second.step()}
                 if g:
-                    a_times.append(t[pair.a])
-                    b_times.append(t[pair.b])
+                    a_times.append(t[a])
+                    b_times.append(t[b])
         if g and run is not None:
             pair.runs.append(run)
     ratio = PairedRatio.of([x / y for x, y in zip(a_times, b_times, strict=True)])
@@ -179,22 +193,20 @@ def applied(model: Any, keep: float, manager: Any) -> Iterator[Any]:
 def measure(args: argparse.Namespace, model: Any, inputs: dict[str, Any]) -> tuple[list[tuple[str, Any]], int]:
     """The three pairs, timed one after the other; returns ``(pair, (ratio, a, b, own))`` and the kept tokens."""
     manager, cuda = tp.get_plugin_manager(), args.device.startswith("cuda")
-    twin = copy.deepcopy(model)  # copy B: the stock model, never hooked
+    copies = (model, copy.deepcopy(model))  # the same weights; the sides swap copies every generation
     with applied(model, 0.25, manager) as run, torch.inference_mode():
         model(**inputs, use_cache=False, logits_to_keep=1)
     kept = run.stats.last_prefill.stages[0].kept[0]
     short = reference_inputs(model, inputs, kept)
-    stock = Decoder(twin, inputs, cuda)
     pairs = [
-        Pair("keep-all", Decoder(model, inputs, cuda), stock, lambda: applied(model, 1.0, manager)),
-        Pair(
-            "cut 25%", Decoder(model, inputs, cuda), Decoder(twin, short, cuda), lambda: applied(model, 0.25, manager)
-        ),
-        Pair("hooks only", Decoder(model, inputs, cuda), stock, lambda: no_op_hooks(model)),
+        Pair("keep-all", inputs, inputs, lambda m: applied(m, 1.0, manager)),
+        Pair("cut 25%", inputs, short, lambda m: applied(m, 0.25, manager)),
+        Pair("hooks only", inputs, inputs, no_op_hooks),
+        Pair("copies", inputs, inputs, lambda m: contextlib.nullcontext()),
     ]
     out = []
     for pair in pairs:
-        ratio, a, b = paired_steps(pair, args.tokens, args.repeats)
+        ratio, a, b = paired_steps(pair, copies, args.tokens, args.repeats, cuda)
         out.append((pair.name, (ratio, a, b, own_per_step(pair, a))))
     return out, len(kept)
 
@@ -210,8 +222,8 @@ def parse_args() -> argparse.Namespace:
         "--repeats",
         dest="repeats",
         type=int,
-        default=5,
-        help="timed generations per pair (after a warm-up one)",
+        default=6,
+        help="timed generations per pair (after a warm-up one); the sides swap model copies each generation",
     )
     parser.add_argument("--tokens", type=int, default=32, help="decoding steps per generation")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -238,6 +250,7 @@ LABELS = {
     "keep-all": ("tokenprune, random keep 100% after the projector", "stock model, full prompt"),
     "cut 25%": ("tokenprune, random keep 25% after the projector", "reference: stock model, {kept} visual tokens"),
     "hooks only": ("stock model with no-op hooks where tokenprune hooks (PyTorch's dispatch)", "stock model"),
+    "copies": ("stock model (the pairing's null check: both sides the same)", "stock model"),
 }
 
 
@@ -257,12 +270,13 @@ def main() -> None:
         f"Model: size `{args.size}`, LLM hidden {size.hidden}, {size.layers} layers; prompt {visual} visual + "
         f"{inputs['input_ids'].shape[1] - visual} text tokens.",
         f"Command: `{command('decode.py')}`; per row {args.repeats} generations (after a warm-up one) of "
-        f"{args.tokens} single decoding steps alternating between two copies of the model: the median of the "
+        f"{args.tokens} single decoding steps alternating between two copies of the model (the sides swap copies "
+        "every generation): the median of the "
         "per-pair ratios and its bootstrap 95% interval; a verdict only where the whole interval lies on one side "
         f"of the target. Widest guarded interval (the noise guard's statistic): +-{width:.1%} of the median, limit "
         f"+-{args.max_interval:.1%}.",
         "",
-        "| configuration (copy A) | ms per step | against (copy B) | ms per step | A / B: median [95% interval] "
+        "| configuration (side A) | ms per step | against (side B) | ms per step | A / B: median [95% interval] "
         "| target | tokenprune's own time per step, % of the step (range) |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -405,15 +405,20 @@ class Selection:
     counts: Tensor
 
     @classmethod
-    def from_mask(cls, keep: Tensor) -> Selection:
-        """Build from a ``(B, N)`` bool mask of kept tokens."""
+    def from_mask(cls, keep: Tensor, *, most: int | None = None) -> Selection:
+        """Build from a ``(B, N)`` bool mask of kept tokens.
+
+        Args:
+            keep: The kept tokens.
+            most: ``counts.max()`` where the caller has read it already (saves a host read).
+        """
         if keep.dtype != torch.bool or keep.dim() != 2:
             raise TypeError(f"Selection.from_mask needs a (B, N) bool mask, got {keep.dtype} {tuple(keep.shape)}")
         b, n = keep.shape
         counts = keep.sum(1)
         position = torch.arange(n, device=keep.device).expand(b, n)
         order = torch.where(keep, position, position + n).sort(dim=1).values
-        k = int(counts.max()) if b else 0
+        k = most if most is not None else int(counts.max()) if b else 0
         indices = order[:, :k]
         indices = torch.where(indices < n, indices, torch.full_like(indices, -1))
         return cls(indices=indices, counts=counts)

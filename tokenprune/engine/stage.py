@@ -175,7 +175,7 @@ def run_stage(
     seconds = time.perf_counter() - start + signals.seconds
     macs = plan.reducer.overhead_macs(tokens, ctx) + (signals.vision.macs if signals.vision else 0)
     stats = selection_stats(plan, selection, ctx.valid, ctx.layout, seconds, macs)
-    batch, length, dim = hidden.shape
+    batch, length = hidden.shape[:2]
     kept_visual = selection.to_mask(int(vis_idx.shape[1])) & ctx.valid
     sizes, residuals = seq.sizes, seq.residuals
     if merged is not None:
@@ -191,7 +191,7 @@ def run_stage(
         new.positions, freed = P.compact(seq.positions, idx, seq.input_column >= 0)
         new.freed_positions = seq.freed_positions + freed
     pad = (idx < 0).unsqueeze(-1)
-    new_hidden = hidden.gather(1, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim)).masked_fill(pad, 0.0)
+    new_hidden = gather_tokens(hidden, idx).masked_fill_(pad, 0.0)
     return StageOutcome(new_hidden, new, True, idx, stats)
 
 
@@ -242,11 +242,15 @@ def stage_context(
     protect_newlines: bool,
     signals: StageSignals,
 ) -> tuple[Tensor, ReduceContext, Tensor]:
-    """The visual tokens ``(B, N, D)``, the reducer's context, and their ``(B, N)`` columns (``-1``: none)."""
-    vis_idx = Selection.from_mask(stage_tokens(plan, seq)).indices
+    """The visual tokens ``(B, N, D)``, the reducer's context, and their ``(B, N)`` columns (``-1``: none).
+
+    Where every sample's visual tokens fill the same block of columns (one image per prompt at the
+    same place: the usual case), the tokens are a view of ``hidden``, not a copy; reducers read them.
+    """
+    vis_idx, block = visual_columns(stage_tokens(plan, seq))
     valid = vis_idx >= 0
     safe = vis_idx.clamp(min=0)
-    tokens = _rows(hidden, vis_idx)
+    tokens = hidden[:, block] if block is not None else _rows(hidden, vis_idx)
     layout = seq.layout.gather(vis_idx) if seq.layout is not None else None
     protected = layout.newline & valid if layout is not None and protect_newlines else torch.zeros_like(valid)
     text = text_valid = text_idx = text_keys = None
@@ -283,6 +287,25 @@ def stage_context(
     if signals.vision is not None:
         ctx = _with_vision(ctx, signals.vision, vis_idx)
     return tokens, ctx, vis_idx
+
+
+def visual_columns(mask: Tensor) -> tuple[Tensor, slice | None]:
+    """The ``(B, N)`` columns of ``mask``'s ``True`` entries (``-1`` after a sample's last), and the block
+    ``slice`` they fill where every sample's are the same run of adjacent columns; one host read.
+    """
+    batch, length = mask.shape
+    if batch == 0:
+        return Selection.from_mask(mask).indices, None
+    counts = mask.sum(1)
+    first = mask.int().argmax(1)
+    last = length - 1 - mask.flip(1).int().argmax(1)
+    most, fewest, start, other_start, end = torch.stack(
+        [counts.max(), counts.min(), first.max(), first.min(), last.max()]
+    ).tolist()
+    if most == fewest and start == other_start and end - start + 1 == most:
+        columns = torch.arange(start, start + most, device=mask.device).expand(batch, most)
+        return columns, slice(start, start + most)
+    return Selection.from_mask(mask, most=most).indices, None
 
 
 def channel_signals(plan: StagePlan, seq: TokenSequence, names: frozenset[str], vis_idx: Tensor) -> dict[str, Tensor]:
@@ -345,7 +368,7 @@ def _with_text_signals(
 
 def _rows(x: Tensor, index: Tensor) -> Tensor:
     """``x[b, index[b]]`` for a ``(B, L, D)`` tensor and ``(B, M)`` columns (``-1``: arbitrary values)."""
-    return x.gather(1, index.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return gather_tokens(x, index)
 
 
 def stage_tokens(plan: StagePlan, seq: TokenSequence) -> Tensor:
