@@ -570,7 +570,7 @@ class TokenReducer(ABC):
         Args:
             tokens: ``(B, N, D)`` visual tokens at the insertion point: post-projector features, or
                 hidden states at a layer. Padded positions (``~ctx.valid``) hold arbitrary values.
-                Must not be modified in place.
+                Must not be modified in place (they may be a view of the model's hidden states).
             ctx: Budget, masks, layout and probe outputs; see :class:`ReduceContext`.
 
         Returns:
