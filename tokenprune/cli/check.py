@@ -38,10 +38,12 @@ def processor_inputs(processor: Any, device: str, dtype: torch.dtype) -> Callabl
 
     Sample ``i`` gets the prompt and image seeded by ``i``, alone or in a batch (left padding).
     """
+    from tokenprune.adapters.loading import image_placeholder
+
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
-    token = getattr(processor, "image_token", None) or "<image>"
+    token = image_placeholder(processor)
 
     def make_inputs(specs: Sequence[Any], start: int = 0) -> dict[str, Any]:
         texts, images = [], []
@@ -119,7 +121,9 @@ def check(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
 ) -> None:
     """Run the engine invariants on MODEL and print what works and what is refused (exit 0: every check holds)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from tokenprune.adapters.loading import load_processor
 
     torch_dtype = getattr(torch, dtype)
     try:
@@ -130,7 +134,7 @@ def check(
     loaded = loaded.to(device).eval()
     processor = None
     try:
-        processor = AutoProcessor.from_pretrained(model)
+        processor = load_processor(model)
     except (OSError, ValueError, TypeError) as exc:
         processor_error = str(exc)
     else:
