@@ -51,10 +51,12 @@ def processor_inputs(processor: Any, device: str, dtype: torch.dtype) -> Callabl
             words = " ".join(["describe", "the", "picture", "in", "detail"][: 3 + i % 3])
             if spec is None:
                 texts.append(words)
+                images.append([])
             else:
                 texts.append("".join(f"{token}\n" for _ in spec) + words)
-                images += [_image(h, w, seed=10 * i + j) for j, (h, w) in enumerate(spec)]
-        kwargs = {"images": images} if images else {}
+                images.append([_image(h, w, seed=10 * i + j) for j, (h, w) in enumerate(spec)])
+        # one list of images per sample (Gemma 4's processor counts them per sample)
+        kwargs = {"images": images} if any(images) else {}
         out = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
         return {
             k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v

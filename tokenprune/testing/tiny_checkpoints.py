@@ -37,12 +37,14 @@ class Recipe:
         named: Tokenizer attribute (``image_token``, ``vision_start_token``, ...) -> token, for the processor.
         image_processor: The image processor for the tiny model's config.
         processor_kwargs: Keyword arguments of the processor class for the tiny model's config.
+        more: Further special tokens the processor writes (no config id names them), given free ids.
     """
 
     tokens: dict[str, str]
     named: dict[str, str]
     image_processor: Callable[[Any], Any]
     processor_kwargs: Callable[[Any], dict[str, Any]] = lambda cfg: {}
+    more: tuple[str, ...] = ()
 
 
 def _grid_processor(name: str) -> Callable[[Any], Any]:
@@ -70,11 +72,117 @@ QWEN_TOKENS = {
     "vision_end_token_id": "<|vision_end|>",
 }
 
+GLM_TOKENS = {
+    "image_token_id": "<|image|>",
+    "video_token_id": "<|video|>",
+    "image_start_token_id": "<|begin_of_image|>",
+    "image_end_token_id": "<|end_of_image|>",
+    "video_start_token_id": "<|begin_of_video|>",
+    "video_end_token_id": "<|end_of_video|>",
+}
+ERNIE_TOKENS = {
+    "image_token_id": "<|IMAGE_PLACEHOLDER|>",
+    "video_token_id": "<|VIDEO_PLACEHOLDER|>",
+    "image_start_token_id": "<|IMAGE_START|>",
+    "image_end_token_id": "<|IMAGE_END|>",
+    "video_start_token_id": "<|VIDEO_START|>",
+    "video_end_token_id": "<|VIDEO_END|>",
+}
+PADDLE_TOKENS = {
+    "image_token_id": "<|IMAGE_PLACEHOLDER|>",
+    "video_token_id": "<|VIDEO_PLACEHOLDER|>",
+    "vision_start_token_id": "<|IMAGE_START|>",
+    "vision_end_token_id": "<|IMAGE_END|>",
+}
+GEMMA4_TOKENS = {
+    "boi_token_id": "<|image>",
+    "eoi_token_id": "<image|>",
+    "image_token_id": "<|image|>",
+    "video_token_id": "<|video|>",
+    "audio_token_id": "<|audio|>",
+    "boa_token_id": "<|audio>",
+    "eoa_token_index": "<audio|>",
+}
+
+
+def _named(tokens: dict[str, str]) -> dict[str, str]:
+    """``image_token_id`` -> ``image_token``: the tokenizer attributes the processors read."""
+    return {k.removesuffix("_id"): v for k, v in tokens.items()}
+
+
+def _gemma4_processor(cfg: Any) -> Any:
+    """Gemma 4's aspect-preserving patcher at the tower's patch and pooling sizes, 70 soft tokens at most."""
+    vision = cfg.vision_config
+    return transformers.Gemma4ImageProcessorPil(
+        patch_size=int(vision.patch_size), pooling_kernel_size=int(vision.pooling_kernel_size), max_soft_tokens=70
+    )
+
+
+def _square_processor(name: str) -> Callable[[Any], Any]:
+    """A fixed-size (CLIP-style) image processor at the tower's ``image_size``."""
+
+    def build(cfg: Any) -> Any:
+        side = int(cfg.vision_config.image_size)
+        square = {"height": side, "width": side}
+        return getattr(transformers, name)(size={"shortest_edge": side}, crop_size=square)
+
+    return build
+
+
+def _aya_processor(cfg: Any) -> Any:
+    """GOT-OCR2's tiler at the tower's ``image_size``: the global view plus up to 2 crops."""
+    side = int(cfg.vision_config.image_size)
+    return transformers.GotOcr2ImageProcessorPil(
+        size={"height": side, "width": side}, crop_to_patches=True, min_patches=1, max_patches=2
+    )
+
+
+def _aya_kwargs(cfg: Any) -> dict[str, Any]:
+    vision = cfg.vision_config
+    return {
+        "patch_size": int(vision.patch_size),
+        "img_size": int(vision.image_size),
+        "downsample_factor": int(cfg.downsample_factor),
+    }
+
+
+def _video_llava_kwargs(cfg: Any) -> dict[str, Any]:
+    return {
+        "patch_size": int(cfg.vision_config.patch_size),
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "num_additional_image_tokens": 1,
+    }
+
+
 RECIPES: dict[str, Recipe] = {
-    "qwen3_5": Recipe(
-        tokens=QWEN_TOKENS,
-        named={k.removesuffix("_id"): v for k, v in QWEN_TOKENS.items()},
-        image_processor=_grid_processor("Qwen2VLImageProcessorPil"),
+    "qwen3_5": Recipe(QWEN_TOKENS, _named(QWEN_TOKENS), _grid_processor("Qwen2VLImageProcessorPil")),
+    "glm4v": Recipe(GLM_TOKENS, _named(GLM_TOKENS), _grid_processor("Glm4vImageProcessorPil")),
+    "ernie4_5_vl_moe": Recipe(ERNIE_TOKENS, _named(ERNIE_TOKENS), _grid_processor("Ernie4_5_VLMoeImageProcessorPil")),
+    "paddleocr_vl": Recipe(PADDLE_TOKENS, _named(PADDLE_TOKENS), _grid_processor("PaddleOCRVLImageProcessorPil")),
+    "gemma4": Recipe(
+        GEMMA4_TOKENS,
+        {  # Gemma4Processor.validate_inputs wants the audio markers even for images
+            "image_token": "<|image|>",
+            "boi_token": "<|image>",
+            "eoi_token": "<image|>",
+            "audio_token": "<|audio|>",
+            "boa_token": "<|audio>",
+            "eoa_token": "<audio|>",
+        },
+        _gemma4_processor,
+    ),
+    "aya_vision": Recipe(
+        {"image_token_index": "<|IMG_PATCH|>"},
+        {"image_token": "<image>"},
+        _aya_processor,
+        _aya_kwargs,
+        more=("<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "TILE_1", "TILE_2", "TILE_GLOBAL"),
+    ),
+    "video_llava": Recipe(
+        {"image_token_index": "<image>", "video_token_index": "<video>"},
+        {"image_token": "<image>", "video_token": "<video>"},
+        _square_processor("VideoLlavaImageProcessor"),
+        _video_llava_kwargs,
     ),
 }
 
@@ -127,7 +235,7 @@ def _vocabulary(cfg: Any, recipe: Recipe, words: list[str]) -> dict[str, int]:
             vocab[token] = found
     taken = set(vocab.values())
     free = iter([i for i in range(VOCAB) if i not in taken])
-    for token in [t for t in basics.values() if t not in vocab] + [w for w in words if w not in vocab]:
+    for token in [t for t in [*basics.values(), *recipe.more, *words] if t not in vocab]:
         vocab[token] = next(free)
     vocab.update({f"w{i}": i for i in free})
     return vocab
@@ -142,7 +250,7 @@ def build_tokenizer(cfg: Any, recipe: Recipe) -> Any:
 
     names = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
     extra = {"extra_special_tokens": dict(recipe.named)}
-    others = sorted(set(recipe.tokens.values()) - set(recipe.named.values()))
+    others = sorted({*recipe.tokens.values(), *recipe.more} - set(recipe.named.values()))
     dedicated = _dedicated_tokenizer(cfg.model_type)
     if dedicated is not None:
         probe = dedicated(vocab={"<unk>": 0}, merges=[], unk_token="<unk>")
