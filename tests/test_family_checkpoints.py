@@ -48,13 +48,17 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 _SAVED: dict[str, Path] = {}
 
 
+def _saved(model_type: str, factory: pytest.TempPathFactory) -> Path:
+    """The family's tiny checkpoint, saved once per session."""
+    if model_type not in _SAVED:
+        _SAVED[model_type] = save_tiny_checkpoint(model_type, factory.mktemp(model_type))
+    return _SAVED[model_type]
+
+
 @pytest.fixture(scope="module", params=COVERED)
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """``(model type, folder)``: the family's tiny checkpoint, saved once per module."""
-    model_type = request.param
-    if model_type not in _SAVED:
-        _SAVED[model_type] = save_tiny_checkpoint(model_type, tmp_path_factory.mktemp(model_type))
-    return model_type, _SAVED[model_type]
+    return request.param, _saved(request.param, tmp_path_factory)
 
 
 def _visual_count(folder: Path, image: Path) -> tuple[int, int]:
@@ -124,9 +128,7 @@ def test_run_cuts_at_the_default_layer_of_a_hybrid_model(model_type, tmp_path_fa
     from tokenprune.engine.hybrid import default_layer
     from tokenprune.testing.tiny_configs import tiny_config
 
-    if model_type not in _SAVED:
-        _SAVED[model_type] = save_tiny_checkpoint(model_type, tmp_path_factory.mktemp(model_type))
-    folder = _SAVED[model_type]
+    folder = _saved(model_type, tmp_path_factory)
     kinds = tiny_config(model_type).get_text_config().layer_types
     layer = default_layer(kinds)
     assert layer is not None and kinds[layer - 1] == "full_attention"
@@ -155,3 +157,26 @@ def test_check_holds_on_the_checkpoint(checkpoint):
         return
     assert result.exit_code == 0, result.output
     assert not failing, result.output
+
+
+def test_without_torchvision_images_go_to_the_family_processor_and_videos_with_images_are_refused(
+    files, tmp_path_factory
+):
+    from tokenprune.adapters.loading import image_placeholder, load_processor
+    from tokenprune.bench.video_inputs import FramesProcessor
+    from tokenprune.errors import TokenpruneError
+
+    processor = load_processor(_saved("qwen3_5", tmp_path_factory))
+    assert isinstance(processor, FramesProcessor)  # the full processor builds a video processor: torchvision
+    assert type(processor.images).__name__ == "Qwen3VLProcessor"
+    assert image_placeholder(processor) == "<|vision_start|><|image_pad|><|vision_end|>"  # as its chat template
+    with Image.open(files["image"]) as im, pytest.raises(TokenpruneError, match="images and videos together"):
+        processor(text="<|image_pad|> <|video_pad|>", images=im.convert("RGB"), videos=[[im]])
+
+
+def test_the_placeholder_is_not_wrapped_where_the_processor_writes_the_markers(tmp_path_factory):
+    from tokenprune.adapters.loading import image_placeholder, load_processor
+
+    assert (
+        image_placeholder(load_processor(_saved("gemma4", tmp_path_factory))) == "<|image|>"
+    )  # Gemma 4 writes <|image> ... <image|>
