@@ -27,7 +27,8 @@ SKIPPED = {
     "ernie4_5_vl_moe": "the processor returns moe_mm_token_type_ids (one per prompt token) and the engine does not "
     "cut it at a post_projector stage: the decoder layer's MoE indexes its 8 kept tokens with the prompt's 11-token "
     "mask (IndexError in Ernie4_5_VLMoeMoeBlock); the census passes because its inputs give mm_token_type_ids only",
-    "minicpmv4_6": "no recipe yet: its processor's slices (target_sizes, image ids, slice markers) are not built here",
+    "minicpmv4_6": "MiniCPMV4_6Processor.__init__ reads its video processor's slice_mode and downsample_mode, so the "
+    "processor cannot be built without its video processor (MiniCPMV4_6VideoProcessor), whose class needs torchvision",
 }
 #: Hybrid families (recurrent layers beside attention): a layer stage goes at the first usable layer.
 HYBRID = ["qwen3_5"]
@@ -140,6 +141,7 @@ def test_run_cuts_at_the_default_layer_of_a_hybrid_model(model_type, tmp_path_fa
     assert _layers(output) == [prompt] * layer + [prompt - visual // 2] * (len(kinds) - layer)
 
 
+@pytest.mark.slow  # the check kit's generations: 2 to 25 s a family (Qwen3.5's reference linear attention)
 def test_check_holds_on_the_checkpoint(checkpoint):
     """Every check holds; on a hybrid model the probe sits at its default layer and recurrent layers keep no keys."""
     _, folder = checkpoint
@@ -160,8 +162,22 @@ def test_without_torchvision_images_go_to_the_family_processor_and_videos_with_i
     assert isinstance(processor, FramesProcessor)  # the full processor builds a video processor: torchvision
     assert type(processor.images).__name__ == "Qwen3VLProcessor"
     assert image_placeholder(processor) == "<|vision_start|><|image_pad|><|vision_end|>"  # as its chat template
-    with Image.open(files["image"]) as im, pytest.raises(TokenpruneError, match="images and videos together"):
+    with Image.open(files["image"]) as im, pytest.raises(TokenpruneError, match="video input needs torchvision"):
         processor(text="<|image_pad|> <|video_pad|>", images=im.convert("RGB"), videos=[[im]])
+
+
+def test_run_with_a_video_but_no_torchvision_says_so_instead_of_dropping_it(files, tmp_path_factory):
+    """Video-LLaVA's processor builds a video processor (torchvision): without it the video is refused, exit 2."""
+    frames = files["root"] / "frames"
+    frames.mkdir(exist_ok=True)
+    for i in range(8):
+        Image.new("RGB", (64, 64), (30 * i, 0, 0)).save(frames / f"{i:02d}.png")
+    folder = _saved("video_llava", tmp_path_factory)
+    args = ["run", "--model", str(folder), "--pipeline", str(files["half"]), "--prompt", PROMPT]
+    result = runner.invoke(app, [*args, "--video", str(frames), "--max-new-tokens", "2"])
+    assert result.exit_code == 2, result.output
+    assert "video input needs torchvision" in result.output
+    assert "answer:" not in result.output
 
 
 def test_the_placeholder_is_not_wrapped_where_the_processor_writes_the_markers(tmp_path_factory):

@@ -49,12 +49,24 @@ class FramesProcessor:
         self.video_token = getattr(tokenizer, "video_token", None) or "<video>"
 
     def __call__(self, text: Any = None, images: Any = None, **kwargs: Any) -> Any:
-        if images and (self.images is None or kwargs.get("videos")):
-            why = "prompts with images and videos together" if self.images is not None else "prompts with images"
+        """Tokenise ``text``; with ``images``, the family's processor (:attr:`images`) expands them.
+
+        Raises:
+            TokenpruneError: ``videos`` are given (this stand-in cannot expand them: the harness prepares frames
+                itself, see :func:`video_pixels`), or images where the family's processor could not be built.
+        """
+        if kwargs.get("videos"):
+            raise TokenpruneError(
+                "video input needs torchvision: this checkpoint's processor builds its video processor with it, so "
+                "tokenprune loaded only its tokenizer and image processor (the comparison harness prepares the frames "
+                "of LLaVA-OneVision and LLaVA-NeXT-Video itself); install the torchvision release that matches your "
+                "torch"
+            )
+        if images and self.images is None:
             raise TokenpruneError(
                 "this checkpoint's processor needs torchvision (transformers builds its video processor with it), so "
-                f"tokenprune loaded only its tokenizer and image processor: prompts with videos work, {why} need the "
-                "family's processor (install torchvision matching your torch)"
+                "tokenprune loaded only its tokenizer and image processor: prompts with images need the family's "
+                "processor (install torchvision matching your torch)"
             )
         if images:
             return self.images(text=text, images=images, **kwargs)
