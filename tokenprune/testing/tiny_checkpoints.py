@@ -272,8 +272,13 @@ def save_tiny_checkpoint(model_type: str, folder: str | Path, seed: int = 0) -> 
     Raises:
         KeyError: no recipe for the type (:data:`NOT_BUILT` names why, where the processor cannot be built).
     """
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
     from tokenprune.adapters.loading import images_only
 
+    if model_type not in RECIPES:
+        why = NOT_BUILT.get(model_type, "no recipe for it in tokenprune.testing.tiny_checkpoints.RECIPES")
+        raise KeyError(f"no tiny checkpoint of {model_type!r}: {why}")
     recipe = RECIPES[model_type]
     folder = Path(folder)
     model = build_tiny(model_type, seed=seed)
@@ -282,7 +287,7 @@ def save_tiny_checkpoint(model_type: str, folder: str | Path, seed: int = 0) -> 
     image_processor = recipe.image_processor(model.config)
     tokenizer.save_pretrained(folder)
     image_processor.save_pretrained(folder)
-    cls = getattr(transformers, transformers.models.auto.processing_auto.PROCESSOR_MAPPING_NAMES[model_type])
+    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
     saved = {"processor_class": cls.__name__, **recipe.processor_kwargs(model.config)}
     (folder / "processor_config.json").write_text(json.dumps(saved, indent=2))
     if images_only(folder, tokenizer, image_processor) is None:
