@@ -146,20 +146,22 @@ def test_run_cuts_the_visual_tokens_after_the_projector(checkpoint, files):
     assert set(_layers(output)) == {prompt - visual // 2}
 
 
-@pytest.mark.parametrize("model_type", HYBRID)
-def test_run_cuts_at_the_default_layer_of_a_hybrid_model(model_type, tmp_path_factory, files):
-    from tokenprune.engine.hybrid import default_layer
+def test_run_cuts_at_the_default_layer(checkpoint, files):
+    """FastV at the family's default layer: 2, or on a hybrid model the first whose previous layer is attention."""
+    from tokenprune.engine.hybrid import SOFTMAX_KINDS, default_layer
     from tokenprune.testing.tiny_configs import tiny_config
 
-    folder = _saved(model_type, tmp_path_factory)
-    kinds = tiny_config(model_type).get_text_config().layer_types
+    model_type, folder = checkpoint
+    text = tiny_config(model_type).get_text_config()
+    kinds = list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
     layer = default_layer(kinds)
-    assert layer is not None and kinds[layer - 1] == "full_attention"
+    assert layer is not None and kinds[layer - 1] in SOFTMAX_KINDS
+    assert (layer == 2) == (model_type not in HYBRID)
     pipeline = files["root"] / f"fastv-{layer}.yaml"
     pipeline.write_text(f"stages:\n  - {{at: {{layer: {layer}}}, reducer: fastv, keep: 0.5}}\n")
     visual, prompt = _visual_count(folder, files["image"])
     output = _run(folder, pipeline, files["image"])
-    assert re.search(rf"visual tokens {visual} -> {visual // 2} ", output), output
+    assert re.search(rf"stage 0 fastv at .*: visual tokens {visual} -> {visual // 2} ", output), output
     assert _layers(output) == [prompt] * layer + [prompt - visual // 2] * (len(kinds) - layer)
 
 
