@@ -75,7 +75,8 @@ def load_processor(spec: str | Path) -> Any:
 def images_only(path: str | Path, tokenizer: Any, image_processor: Any) -> Any:
     """The checkpoint's own processor class built from ``tokenizer`` and ``image_processor`` alone, its other parts
     (the video processor, whose classes need torchvision; an audio feature extractor) left ``None``: prompts with
-    images expand their placeholders as the full processor does. ``None`` where the class cannot be built so.
+    images expand their placeholders as the full processor does. ``None`` where the class cannot be built so, or
+    ``path`` is no local folder (a hub id: its processor class is not looked up).
 
     transformers checks every part's class against a base class that does not exist without torchvision
     (``VideoProcessorMixin``), so the check is skipped for the parts left ``None``, on this instance only.
