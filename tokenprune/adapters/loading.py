@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,8 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
 
 def _processor(auto: Any, path: str | Path) -> Any:
     """``AutoProcessor.from_pretrained(path)``; where it needs torchvision (a family whose processor builds a video
-    processor), the tokenizer and image processor as a :class:`~tokenprune.bench.video_inputs.FramesProcessor`."""
+    processor), a :class:`~tokenprune.bench.video_inputs.FramesProcessor`: the tokenizer and image processor, and
+    the family's own processor built without its video processor for prompts with images (:func:`images_only`)."""
     try:
         return auto.from_pretrained(path)
     except ImportError as exc:
@@ -59,7 +61,66 @@ def _processor(auto: Any, path: str | Path) -> Any:
 
     from tokenprune.bench.video_inputs import FramesProcessor
 
-    return FramesProcessor(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    return FramesProcessor(tokenizer, image_processor, images=images_only(path, tokenizer, image_processor))
+
+
+def load_processor(spec: str | Path) -> Any:
+    """The processor of a local folder or hub id as :func:`load_model` loads it (see :func:`_processor`)."""
+    from transformers import AutoProcessor
+
+    return _processor(AutoProcessor, spec)
+
+
+def images_only(path: str | Path, tokenizer: Any, image_processor: Any) -> Any:
+    """The checkpoint's own processor class built from ``tokenizer`` and ``image_processor`` alone, its other parts
+    (the video processor, whose classes need torchvision; an audio feature extractor) left ``None``: prompts with
+    images expand their placeholders as the full processor does. ``None`` where the class cannot be built so, or
+    ``path`` is no local folder (a hub id: its processor class is not looked up).
+
+    transformers checks every part's class against a base class that does not exist without torchvision
+    (``VideoProcessorMixin``), so the check is skipped for the parts left ``None``, on this instance only.
+    """
+    cls = _processor_class(path)
+    if cls is None:
+        return None
+    try:
+        saved, _ = cls.get_processor_dict(path)
+        params = inspect.signature(cls.__init__).parameters
+        attributes = cls.get_attributes()
+        parts = {
+            a: tokenizer if a == "tokenizer" else image_processor if a == "image_processor" else None
+            for a in attributes
+        }
+        kwargs = {k: v for k, v in saved.items() if k in params and k not in attributes}
+        processor = cls.__new__(cls)
+        check = cls.check_argument_for_proper_class
+        processor.check_argument_for_proper_class = lambda name, arg: (
+            None if arg is None else check(processor, name, arg)
+        )
+        cls.__init__(processor, **parts, **kwargs)
+        del processor.check_argument_for_proper_class
+    except (TypeError, ValueError, AttributeError, KeyError, OSError, ImportError):
+        return None
+    return processor
+
+
+def _processor_class(path: str | Path) -> type | None:
+    """The processor class a checkpoint names (``processor_config.json``), else its model type's in transformers'
+    processor mapping; ``None`` where neither names one."""
+    import json
+
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    folder = Path(path)
+    name = None
+    if (folder / "processor_config.json").is_file():
+        name = json.loads((folder / "processor_config.json").read_text()).get("processor_class")
+    if name is None and (folder / "config.json").is_file():
+        name = PROCESSOR_MAPPING_NAMES.get(json.loads((folder / "config.json").read_text()).get("model_type"))
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    return cls if isinstance(cls, type) else None
 
 
 def build_inputs(
@@ -106,9 +167,34 @@ def build_inputs(
 
 
 def _with_placeholder(processor: Any, kind: str, text: str) -> str:
-    """``text`` with the processor's ``<image>`` / ``<video>`` token prepended, unless it holds one already."""
+    """``text`` with the processor's ``<image>`` / ``<video>`` token prepended, unless it holds one already (an image
+    token between the image markers where the processor wants them: :func:`image_placeholder`)."""
     token = getattr(processor, f"{kind}_token", None) or f"<{kind}>"
-    return text if token in text else f"{token}\n{text}"
+    if token in text:
+        return text
+    return f"{image_placeholder(processor) if kind == 'image' else token}\n{text}"
+
+
+def image_placeholder(processor: Any) -> str:
+    """The text of one image in a prompt: the processor's image token, between the image start and end markers
+    where the processor (or its tokenizer) names them and does not write them itself. Qwen-VL's chat template
+    writes ``<|vision_start|><|image_pad|><|vision_end|>`` and the processor expands only the pad; the model
+    finds each image by its start marker (two images without markers read as one)."""
+    from PIL import Image
+
+    token = getattr(processor, "image_token", None) or "<image>"
+    tokenizer = getattr(processor, "tokenizer", None)
+    sources = [s for s in (processor, getattr(processor, "images", None), tokenizer) if s is not None]
+    for prefix in ("vision", "image"):
+        start, end = (
+            next((v for s in sources if isinstance(v := getattr(s, f"{prefix}_{edge}_token", None), str)), None)
+            for edge in ("start", "end")
+        )
+        if start and end and tokenizer is not None:
+            probe = processor(text=token, images=Image.new("RGB", (64, 64)), return_tensors="pt")
+            written = tokenizer.convert_tokens_to_ids(start) in probe["input_ids"][0].tolist()
+            return token if written else f"{start}{token}{end}"
+    return token
 
 
 def load_frames(path: Path) -> list[Any]:

@@ -14,7 +14,8 @@ S, S)`` tensor of normalised square frames (``pixel_values_videos``: LLaVA-OneVi
 Families that take videos otherwise (Qwen2-VL's patch sequences and ``video_grid_thw``) are refused by name.
 Where the family's transformers processor cannot even be built without torchvision (LLaVA-OneVision's and
 LLaVA-NeXT-Video's construct their video processor), :func:`tokenprune.adapters.loading.load_model` falls back to
-:class:`FramesProcessor`: the tokenizer and the image processor, for prompts with videos and no images.
+:class:`FramesProcessor`: the tokenizer and the image processor, for prompts with videos and no images, and the
+family's processor built without its video processor, for prompts with images.
 """
 
 from __future__ import annotations
@@ -35,23 +36,40 @@ class FramesProcessor:
 
     It tokenises prompts (the ``<image>`` / ``<video>`` placeholders stay single tokens; the harness expands the
     videos' through :func:`expand_video_tokens`) and carries the image processor whose normalisation
-    :func:`video_pixels` applies to the frames. Prompts with images are refused: expanding their placeholders is
-    the family's processor's work.
+    :func:`video_pixels` applies to the frames. Prompts with images go to ``images``, the family's own processor
+    built without its video processor (:func:`tokenprune.adapters.loading.images_only`); without one they are
+    refused: expanding their placeholders is the family's processor's work.
     """
 
-    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
+    def __init__(self, tokenizer: Any, image_processor: Any, images: Any = None) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.image_token = getattr(tokenizer, "image_token", None) or "<image>"
+        self.images = images
+        self.image_token = getattr(images, "image_token", None) or getattr(tokenizer, "image_token", None) or "<image>"
         self.video_token = getattr(tokenizer, "video_token", None) or "<video>"
 
     def __call__(self, text: Any = None, images: Any = None, **kwargs: Any) -> Any:
-        if images:
+        """Tokenise ``text``; with ``images``, the family's processor (:attr:`images`) expands them.
+
+        Raises:
+            TokenpruneError: ``videos`` are given (this stand-in cannot expand them: the harness prepares frames
+                itself, see :func:`video_pixels`), or images where the family's processor could not be built.
+        """
+        if kwargs.get("videos"):
+            raise TokenpruneError(
+                "video input needs torchvision: this checkpoint's processor builds its video processor with it, so "
+                "tokenprune loaded only its tokenizer and image processor (the comparison harness prepares the frames "
+                "of LLaVA-OneVision and LLaVA-NeXT-Video itself); install the torchvision release that matches your "
+                "torch"
+            )
+        if images and self.images is None:
             raise TokenpruneError(
                 "this checkpoint's processor needs torchvision (transformers builds its video processor with it), so "
-                "tokenprune loaded only its tokenizer and image processor: prompts with videos work, prompts with "
-                "images need the family's processor (install torchvision matching your torch)"
+                "tokenprune loaded only its tokenizer and image processor: prompts with images need the family's "
+                "processor (install torchvision matching your torch)"
             )
+        if images:
+            return self.images(text=text, images=images, **kwargs)
         return self.tokenizer(text, **kwargs)
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> Any:

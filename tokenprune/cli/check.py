@@ -38,10 +38,12 @@ def processor_inputs(processor: Any, device: str, dtype: torch.dtype) -> Callabl
 
     Sample ``i`` gets the prompt and image seeded by ``i``, alone or in a batch (left padding).
     """
+    from tokenprune.adapters.loading import image_placeholder
+
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
-    token = getattr(processor, "image_token", None) or "<image>"
+    token = image_placeholder(processor)
 
     def make_inputs(specs: Sequence[Any], start: int = 0) -> dict[str, Any]:
         texts, images = [], []
@@ -49,10 +51,12 @@ def processor_inputs(processor: Any, device: str, dtype: torch.dtype) -> Callabl
             words = " ".join(["describe", "the", "picture", "in", "detail"][: 3 + i % 3])
             if spec is None:
                 texts.append(words)
+                images.append([])
             else:
                 texts.append("".join(f"{token}\n" for _ in spec) + words)
-                images += [_image(h, w, seed=10 * i + j) for j, (h, w) in enumerate(spec)]
-        kwargs = {"images": images} if images else {}
+                images.append([_image(h, w, seed=10 * i + j) for j, (h, w) in enumerate(spec)])
+        # one list of images per sample (Gemma 4's processor counts them per sample)
+        kwargs = {"images": images} if any(images) else {}
         out = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
         return {
             k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
@@ -119,7 +123,9 @@ def check(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
 ) -> None:
     """Run the engine invariants on MODEL and print what works and what is refused (exit 0: every check holds)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from tokenprune.adapters.loading import load_processor
 
     torch_dtype = getattr(torch, dtype)
     try:
@@ -130,7 +136,7 @@ def check(
     loaded = loaded.to(device).eval()
     processor = None
     try:
-        processor = AutoProcessor.from_pretrained(model)
+        processor = load_processor(model)
     except (OSError, ValueError, TypeError) as exc:
         processor_error = str(exc)
     else:

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 import tokenprune
 from tokenprune.adapters.base import ImageCall, ModelAdapter
 from tokenprune.adapters.generic import adapter_for
-from tokenprune.engine import apply, compat
+from tokenprune.engine import apply, compat, hybrid
 from tokenprune.plugins import PluginManager, get_plugin_manager
 from tokenprune.reducer import Capabilities, ReduceContext, ScoringReducer, Selection, TokenReducer, top_k_selection
 
@@ -373,13 +373,19 @@ def cached_decode_equals_recompute(c: AdapterCase, *, positions: str = "original
         )
 
 
+def _layer_kinds(c: AdapterCase) -> tuple[str, ...]:
+    """Each decoder layer's kind (``full_attention``, ``linear_attention``, ...) as the engine reads it."""
+    return hybrid.layer_kinds(c.model.config.get_text_config(), c.adapter.decoder_layers())
+
+
 def kv_cache_holds_kept_tokens(c: AdapterCase) -> None:
     """Invariant 3: every layer's KV cache holds exactly the tokens the pipeline keeps there.
 
     With :data:`PRUNE` and 3 generated tokens: layer 2 keeps half of what the projector stage kept
     (at least 1 per image sample); ``layer_tokens`` counts each sample's text tokens plus its kept
     visual tokens; the cache of layers 0-1 (2 on) is as wide as the longest sample after the
-    projector stage (after layer 2) plus the 2 decoded tokens.
+    projector stage (after layer 2) plus the 2 decoded tokens; recurrent layers (linear attention, convolution)
+    keep a fixed-size state instead and are not counted.
     """
     model = c.model
     name = "KV cache holds the kept tokens"
@@ -403,7 +409,10 @@ def kv_cache_holds_kept_tokens(c: AdapterCase) -> None:
         f"tokens per layer {prefill.layer_tokens}, expected {expected_tokens}",
     )
     cached = [keys for keys, _ in compat.cache_layers(compat.output_cache(gen))]
+    kinds = _layer_kinds(c)
     for i, width in enumerate([max(per_sample_0)] * 2 + [max(per_sample_2)] * (layers - 2)):
+        if hybrid.is_recurrent(kinds[i]):  # a fixed-size state, no keys to count
+            continue
         got = cached[i].shape[2]
         _expect(got == width + n - 1, name, f"layer {i} caches {got} tokens, expected {width + n - 1}")
 
@@ -487,10 +496,11 @@ def batch_equals_one_by_one(c: AdapterCase) -> None:
 def probe_matches_eager_attention(c: AdapterCase) -> None:
     """Invariant 6: probe scores equal eager attention weights (1e-6) while the model ran sdpa.
 
-    A ``layer: 2`` stage probes layer 1. Every decoder layer must have called transformers' stock
-    sdpa function; the ``last`` and ``text`` scores the reducer received must equal the head-mean of
-    a deep-copied eager model's ``output_attentions`` at layer 1 within :data:`PROBE_TOLERANCE`; and
-    the model must still be on sdpa.
+    A ``layer: 2`` stage probes layer 1 (on a hybrid model, a stage at its default layer ``k`` probes layer
+    ``k - 1``: :func:`tokenprune.engine.hybrid.default_layer`). Every softmax-attention decoder layer must
+    have called transformers' stock sdpa function; the ``last`` and ``text`` scores the reducer received
+    must equal the head-mean of a deep-copied eager model's ``output_attentions`` at the probed layer within
+    :data:`PROBE_TOLERANCE`; and the model must still be on sdpa.
     """
     model = c.model
     name = "probe matches eager attention"
@@ -504,20 +514,26 @@ def probe_matches_eager_attention(c: AdapterCase) -> None:
 
     inputs = c.padded_batch()
     ProbeRecorder.contexts.clear()
+    kinds = _layer_kinds(c)
+    layer = 2 if all(k in hybrid.SOFTMAX_KINDS for k in kinds) else hybrid.default_layer(kinds)  # hybrid: k - 1 attends
+    _expect(layer is not None, name, f"no layer after layer 1 is softmax attention ({', '.join(kinds)})")
     sdpa.sdpa_attention_forward = counting
     try:
-        with apply(model, _pipe(({"layer": 2}, "probe_recorder", 0.5)), plugins=c.manager):
+        with apply(model, _pipe(({"layer": layer}, "probe_recorder", 0.5)), plugins=c.manager):
             c.forward(inputs)
     finally:
         sdpa.sdpa_attention_forward = real
-    n_layers = len(c.adapter.decoder_layers())
-    _expect(len(calls) == n_layers, name, f"{len(calls)} of {n_layers} layers attended through stock sdpa")
+    softmax = all(k in hybrid.SOFTMAX_KINDS for k in kinds)
+    n_layers = len(kinds) if softmax else len(hybrid.attention_layers(kinds))
+    _expect(len(calls) == n_layers, name, f"{len(calls)} of {n_layers} attention layers attended through stock sdpa")
     _expect(bool(ProbeRecorder.contexts), name, "the probed stage did not run")
     ctx = ProbeRecorder.contexts[-1]
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     out = c.forward(inputs, model=eager, output_attentions=True)
-    att = out.attentions[1].float()  # layer k - 1 = 1: (B, H, L, L)
+    # layer k - 1: (B, H, L, L); a hybrid model records its attention layers' weights only
+    probed = layer - 1 if len(out.attentions) == len(kinds) else hybrid.attention_layers(kinds).index(layer - 1)
+    att = out.attentions[probed].float()
     visual = c.visual(inputs)
     valid = inputs["attention_mask"].bool()
     for b in range(visual.shape[0]):
