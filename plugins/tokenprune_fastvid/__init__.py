@@ -16,17 +16,15 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, Merge, ReduceContext, TokenReducer
-from tokenprune.errors import ReducerInputError
 from tokenprune.layout import TokenLayout, reducible_video_frames
 from tokenprune.reducer import ReducerParams, Requirements, VisionAttentionRequest
+from tokenprune.video_reducer import VideoMergeReducer, retain_ratio
 from tokenprune_fastvid.algorithm import FastVIDConfig, frame_budget, video_merge
 
 PAPER = "FastVID (Shen et al., NeurIPS 2025), https://arxiv.org/abs/2503.11187"
-WHY_EQUAL_FRAMES = "FastVID keeps the same share of every frame and compares frames by their mean token"
 
 
-class FastVID(TokenReducer):
+class FastVID(VideoMergeReducer):
     """FastVID: segments of similar frames; per frame the most attended tokens; density peaks merged per segment.
 
     Per sample and video, with ``F`` frames of ``T`` tokens (the layout's ``frame``), features ``x`` (float32),
@@ -49,13 +47,7 @@ class FastVID(TokenReducer):
     """
 
     name = "fastvid"
-    capabilities = Capabilities(
-        insertion_points=frozenset({"post_projector"}),
-        media=frozenset({"video"}),
-        merges=True,
-        deterministic_count=False,
-        vision_attention=frozenset({"mean"}),
-    )
+    why_equal_frames = "FastVID keeps the same share of every frame and compares frames by their mean token"
 
     class Params(ReducerParams):
         c: int = Field(default=8, ge=1, description="DySeg: the c - 1 lowest frame similarities cut (fastvid_DySeg_c).")
@@ -73,52 +65,19 @@ class FastVID(TokenReducer):
         """Per sample: every non-video token, plus ``F R`` per video (``R`` the per-frame count), an upper bound."""
         counts = []
         for b in range(int(valid.shape[0])):
-            ratio = _retain_ratio(keep, valid[b])
+            ratio = retain_ratio(keep, valid[b])
             total = int(valid[b].sum())
-            for _, index in reducible_video_frames(layout, valid, protected, b, self.name, WHY_EQUAL_FRAMES):
+            for _, index in reducible_video_frames(layout, valid, protected, b, self.name, self.why_equal_frames):
                 frames, size = index.shape
                 total -= frames * (size - sum(frame_budget(size, ratio, self.params.d)))  # type: ignore[attr-defined]
             counts.append(total)
         return torch.tensor(counts, dtype=torch.long, device=valid.device)
 
-    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
-        """``tokens`` ``(B, N, D)``; each video of each sample reduced on its own (batch-independent)."""
+    def merge_video(self, x: Tensor, attention: Tensor, retain: float) -> tuple[Tensor, Tensor]:
+        """DySeg, ATS, density peaks and DTM on one video (:func:`~tokenprune_fastvid.algorithm.video_merge`);
+        ``retain`` is the official ``fastvid_retention_ratio``."""
         p = self.params
-        n = tokens.shape[1]
-        dest = torch.arange(n, device=tokens.device).expand(ctx.batch_size, n).clone()
-        weights = ctx.sizes.float().clone()
-        for b in range(ctx.batch_size):
-            cfg = FastVIDConfig(_retain_ratio(ctx.keep, ctx.valid[b]), p.c, p.tau, p.d, p.p, p.beta)  # type: ignore[attr-defined]
-            videos = reducible_video_frames(ctx.layout, ctx.valid, ctx.protected, b, self.name, WHY_EQUAL_FRAMES)
-            for video, index in videos:
-                x, attention = self._inputs(tokens, ctx, b, video, index)
-                local, w = video_merge(x, attention, cfg)
-                flat = index.reshape(-1)
-                dest[b, index] = torch.where(local >= 0, flat[local.clamp(min=0)], torch.full_like(local, -1))
-                weights[b, index] = w
-        return Merge(dest, "mean", weights=weights)
-
-    def _inputs(self, tokens: Tensor, ctx: ReduceContext, b: int, video: int, index: Tensor) -> tuple[Tensor, Tensor]:
-        """One video's float32 ``(F, T, D)`` features and ``(F, T)`` attention, checked."""
-        if ctx.vision_attention is None:
-            raise ReducerInputError(f"reducer {self.name!r} needs the vision tower's attention (ctx.vision_attention)")
-        if ctx.keep is None:
-            raise ReducerInputError(f"reducer {self.name!r} needs the stage's keep (ctx.keep) to size each frame")
-        x = tokens[b, index].float()
-        if not bool(torch.isfinite(x).all()):
-            raise ReducerInputError(
-                f"reducer {self.name!r}: sample {b}, video {video} has NaN or infinite features; check the projected "
-                "video features"
-            )
-        return x, ctx.vision_attention[b, index].float()
-
-
-def _retain_ratio(keep: float | int | None, valid: Tensor) -> float:
-    """The official ``fastvid_retention_ratio``: a fraction ``keep`` as given; a count ``keep`` as its share of the
-    sample's ``valid`` (``(N,)`` bool) tokens, at most 1."""
-    if keep is None or isinstance(keep, float):
-        return 1.0 if keep is None else keep
-    return min(1.0, keep / max(1, int(valid.sum())))
+        return video_merge(x, attention, FastVIDConfig(retain, p.c, p.tau, p.d, p.p, p.beta))  # type: ignore[attr-defined]
 
 
 @tokenprune.hookimpl
