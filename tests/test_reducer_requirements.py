@@ -103,3 +103,16 @@ def test_the_flop_count_reads_the_declaration(manager):
 
     last, every = probe("last"), probe("all")
     assert 0 < last < every
+
+
+def test_vision_attention_params_build_their_request_from_attention_and_layer():
+    from tokenprune.reducer import VisionAttentionParams
+
+    params = VisionAttentionParams(attention="mean", layer=-3)
+    assert params.vision_request() == tp.VisionAttentionRequest("mean", -3)
+    assert params.vision_request(keys=True, also_at=(4,)) == tp.VisionAttentionRequest(
+        "mean", -3, keys=True, also_at=(4,)
+    )
+    hiprune = tp.get_plugin_manager().reducers.get("hiprune")
+    needs = hiprune.requirements(hiprune.Params(object_layer=9, layer=-2))
+    assert needs.vision_attention == tp.VisionAttentionRequest("mean", -2, also_at=(8,))

@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, Merge, ReduceContext, ReducerParams, TokenReducer, VisionAttentionRequest
+from tokenprune import Capabilities, Merge, ReduceContext, ReducerParams, TokenReducer
 from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import Requirements, VisionAttentionParams
 from tokenprune.similarity import unit_rows
@@ -92,7 +92,7 @@ class VisionZip(TokenReducer):
     @classmethod
     def requirements(cls, params: ReducerParams) -> Requirements:
         p: VisionZip.Params = params  # type: ignore[assignment]
-        return Requirements(vision_attention=VisionAttentionRequest(p.attention, p.layer, keys=p.similarity == "keys"))
+        return Requirements(vision_attention=p.vision_request(keys=p.similarity == "keys"))
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
         """Dominant and contextual tokens of every sample at once; see the class docstring.

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer, VisionAttentionRequest
+from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer
 from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import Requirements, VisionAttentionParams
 from tokenprune.similarity import unit_rows
@@ -72,9 +72,7 @@ class VisPruner(TokenReducer):
     @classmethod
     def requirements(cls, params: ReducerParams) -> Requirements:
         p: VisPruner.Params = params  # type: ignore[assignment]
-        return Requirements(
-            vision_attention=VisionAttentionRequest(p.attention, p.layer, features=p.similarity == "vision")
-        )
+        return Requirements(vision_attention=p.vision_request(features=p.similarity == "vision"))
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Select per sample; see the class docstring. ``tokens`` is ``(B, N, D)``.
