@@ -27,10 +27,9 @@ from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, Merge, ReduceContext, ReducerParams, TokenReducer
-from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import Requirements, VisionAttentionParams
 from tokenprune.similarity import unit_rows
-from tokenprune.validation import attention_and_projected, check_finite_tokens
+from tokenprune.validation import attention_and_metric
 
 PAPER = "VisionZip (Yang et al., CVPR 2025), https://arxiv.org/abs/2412.04467"
 
@@ -125,17 +124,7 @@ class VisionZip(TokenReducer):
 
     def _inputs(self, tokens: Tensor, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
         """``(B, N)`` attention and the ``(B, N, d)`` metric the remaining tokens are assigned by."""
-        similarity = self.params.similarity  # type: ignore[attr-defined]
-        attention, projected = attention_and_projected(tokens, ctx, self.name, similarity)
-        if projected is not None:
-            return attention, projected
-        if ctx.vision_keys is None:
-            raise ReducerInputError(
-                f"reducer {self.name!r} with similarity 'keys' needs ctx.vision_keys (the engine serves them when "
-                "the stage's vision request sets keys); or set similarity: projected"
-            )
-        check_finite_tokens(ctx.vision_keys, ctx, self.name)
-        return attention, ctx.vision_keys
+        return attention_and_metric(tokens, ctx, self.name, self.params.similarity, "keys")  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,9 @@ from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer
-from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import Requirements, VisionAttentionParams
 from tokenprune.similarity import unit_rows
-from tokenprune.validation import attention_and_projected
+from tokenprune.validation import attention_and_metric
 
 DROP_PER_ROUND = 8
 """Most near-duplicates one matching round removes (the official code's ``min(8, R - T_div)``)."""
@@ -115,16 +114,7 @@ class VisPruner(TokenReducer):
 
     def _inputs(self, tokens: Tensor, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
         """``(B, N)`` attention and ``(B, N, D)`` features the duplicates are found on."""
-        similarity = self.params.similarity  # type: ignore[attr-defined]
-        attention, projected = attention_and_projected(tokens, ctx, self.name, similarity)
-        if projected is not None:
-            return attention, projected
-        if ctx.vision_features is None:
-            raise ReducerInputError(
-                f"reducer {self.name!r} with similarity 'vision' needs ctx.vision_features (the engine serves them "
-                "when the stage's vision request sets features); or set similarity: projected"
-            )
-        return attention, ctx.vision_features
+        return attention_and_metric(tokens, ctx, self.name, self.params.similarity, "features")  # type: ignore[attr-defined]
 
 
 def vispruner_picks(
