@@ -68,6 +68,7 @@ class ProjectorRun:
         return not torch.equal(self.masks[-1], self.masks[0]) or bool((self.sizes != 1).any())
 
 
+@dataclass(eq=False)
 class PreProjector:
     """The ``pre_projector`` stages of one applied pipeline.
 
@@ -78,21 +79,14 @@ class PreProjector:
         vision: The ``vision_layer`` stages, whose surviving tokens are put back on the patch grid here.
     """
 
-    def __init__(
-        self,
-        plans: list[StagePlan],
-        adapter: ModelAdapter,
-        calls: FeatureCalls,
-        vision: VisionLayerStages | None = None,
-    ) -> None:
-        self.plans = plans
-        self.vision = vision
-        self.adapter = adapter
-        self.calls = calls
-        self.vision_probe: VisionProbe | None = None
-        self.last: ProjectorRun | None = None
-        self._tower: VisionTower | None = None
-        self._capture: PackedUnitCapture | None = None  # a packed tower's units (Qwen2-VL)
+    plans: list[StagePlan]
+    adapter: ModelAdapter
+    calls: FeatureCalls
+    vision: VisionLayerStages | None = None
+    vision_probe: VisionProbe | None = field(default=None, init=False)
+    last: ProjectorRun | None = field(default=None, init=False)
+    _tower: VisionTower | None = field(default=None, init=False, repr=False)
+    _capture: PackedUnitCapture | None = field(default=None, init=False, repr=False)  # a packed tower's (Qwen2-VL)
 
     @property
     def all_plans(self) -> list[StagePlan]:
