@@ -19,7 +19,7 @@ import fnmatch
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -491,6 +491,23 @@ class PipelineRegistry(_Registry[Preset]):
         if not names:
             raise PipelineError(f"no pipeline preset matches {pattern!r}; installed: {', '.join(self) or 'none'}")
         return names
+
+
+def reducers_hook(*reducers: type[TokenReducer]) -> Callable[[ReducerRegistry], None]:
+    """A ``tokenprune_register_reducers`` implementation that registers ``reducers``: the whole hook of a plugin
+    that only adds its classes, bound to the hook's name in the plugin module::
+
+        tokenprune_register_reducers = tokenprune.plugins.reducers_hook(OutlierTokens)
+
+    It is the decorated function that calls ``registry.add`` for each class, in order.
+    """
+
+    @hookspecs.hookimpl
+    def tokenprune_register_reducers(registry: ReducerRegistry) -> None:
+        for reducer in reducers:
+            registry.add(reducer)
+
+    return tokenprune_register_reducers
 
 
 class _RegistryOf(Generic[R]):

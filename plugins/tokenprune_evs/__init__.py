@@ -71,9 +71,7 @@ def retention_mask(x: Tensor, target: int) -> Tensor:
     return mask.reshape(dis.shape)
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(EVS)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(EVS)
 
 
 @tokenprune.hookimpl

@@ -49,6 +49,4 @@ class FasterVLM(ScoringReducer):
         return ctx.vision_attention
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(FasterVLM)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(FasterVLM)

@@ -98,9 +98,7 @@ def nearest_count(keep: float, present: int) -> int:
     return min(present, max(1, round(present * (1 - pruned))))
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(FastV)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(FastV)
 
 
 FASTV_PAPER = "FastV (Chen et al., ECCV 2024), https://arxiv.org/abs/2403.06764"

@@ -80,9 +80,7 @@ class FastVID(VideoMergeReducer):
         return video_merge(x, attention, FastVIDConfig(retain, p.c, p.tau, p.d, p.p, p.beta))  # type: ignore[attr-defined]
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(FastVID)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(FastVID)
 
 
 @tokenprune.hookimpl

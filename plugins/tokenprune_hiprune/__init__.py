@@ -174,9 +174,7 @@ def _grid(ctx: ReduceContext, b: int, members: Tensor) -> tuple[Tensor, Tensor]:
     return rows, torch.where(unknown, index % width, cols - cols.min())
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(HiPrune)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(HiPrune)
 
 
 _PAPER = "HiPrune (Liu et al., 2025), https://arxiv.org/abs/2508.00553"

@@ -146,10 +146,7 @@ def halving_merge(tokens: Tensor, roots: Tensor, valid: Tensor, protected: Tenso
     return dest.masked_fill(valid & ~roots & ~member, -1), "mean", weights
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(HoliTom)
-    registry.add(HoliTomMerge)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(HoliTom, HoliTomMerge)
 
 
 @tokenprune.hookimpl

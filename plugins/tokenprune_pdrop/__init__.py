@@ -58,9 +58,7 @@ class PyramidDrop(ScoringReducer):
         return required_attention(replace(ctx, attention=ctx.own_attention), self.params.source, self.name, hint)
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(PyramidDrop)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(PyramidDrop)
 
 
 @tokenprune.hookimpl

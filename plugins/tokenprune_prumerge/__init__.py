@@ -117,9 +117,7 @@ def _groups(ctx: ReduceContext, kept: Tensor) -> list[tuple[int, list[Tensor]]]:
     ]
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(PruMerge)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(PruMerge)
 
 
 @tokenprune.hookimpl

@@ -107,9 +107,7 @@ def _gaussian(x: Tensor, center: Tensor) -> Tensor:
     return sum(torch.exp(-distance / (2 * a)) for a in ALPHAS)  # type: ignore[return-value]
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(VidCom2)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(VidCom2)
 
 
 @tokenprune.hookimpl

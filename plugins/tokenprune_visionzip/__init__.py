@@ -241,9 +241,7 @@ def visionzip_destination(plan: VisionZipPlan, metric: Tensor) -> Tensor:
     return wide[:, :n]
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(VisionZip)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(VisionZip)
 
 
 @tokenprune.hookimpl

@@ -219,6 +219,4 @@ def _fallback(sim: Tensor, best: Tensor, lowest: Tensor, even: Tensor, odd: Tens
     return best, unlisted.any()
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(VisPruner)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(VisPruner)
