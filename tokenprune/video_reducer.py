@@ -6,28 +6,38 @@ Every frame holds as many tokens (:func:`tokenprune.layout.reducible_video_frame
   tokens of each video, ``K`` a function of ``F``, ``T`` and the stage's ``keep`` only.
 * :class:`VideoMergeReducer` merges each video's tokens into a count its content decides, with its own
   weights, from the features and the vision tower's attention (FastVID, HoliTom).
+
+:func:`video_preset_hook` is the ``tokenprune_register_pipelines`` hook of a video plugin whose one preset runs
+its reducer alone after the projector on the video tokens (EVS, FastVID, VidCom2).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
+from tokenprune import hookspecs
 from tokenprune.errors import ReducerInputError
 from tokenprune.layout import TokenLayout, reducible_video_frames
 from tokenprune.reducer import Capabilities, Merge, ReduceContext, Selection, TokenReducer
+
+if TYPE_CHECKING:
+    from tokenprune.plugins import PipelineRegistry
 
 
 class FrameGridVideoReducer(TokenReducer):
     """A reducer that keeps :meth:`video_count` tokens of each video, chosen by :meth:`select_video`.
 
     Subclasses set ``why_equal_frames`` (why the method needs frames of equal size, for the error) and
-    implement the two methods; the budget and the loop over samples and videos are shared.
+    implement the two methods; the budget, the loop over samples and videos and the capabilities (after the
+    projector, on video tokens) are shared.
     """
 
+    capabilities = Capabilities(insertion_points=frozenset({"post_projector"}), media=frozenset({"video"}))
     why_equal_frames: ClassVar[str]
 
     @abstractmethod
@@ -106,6 +116,24 @@ class VideoMergeReducer(TokenReducer):
                 dest[b, index] = torch.where(local >= 0, flat[local.clamp(min=0)], torch.full_like(local, -1))
                 weights[b, index] = w
         return Merge(dest, "mean", weights=weights)
+
+
+def video_preset_hook(
+    reducer: type[TokenReducer], name: str, keep: float, *, paper: str, table: str, description: str
+) -> Callable[[PipelineRegistry], None]:
+    """A ``tokenprune_register_pipelines`` implementation that registers the preset ``name``: ``reducer`` alone,
+    ``at: post_projector`` on the video tokens, keeping ``keep``; ``paper``, ``table`` and ``description`` as
+    :meth:`~tokenprune.plugins.PipelineRegistry.add` takes them. Bound to the hook's name in the plugin module::
+
+        tokenprune_register_pipelines = video_preset_hook(EVS, "evs-q75", 0.25, paper=..., table=..., description=...)
+    """
+    stage = {"at": "post_projector", "tokens": "video", "reducer": reducer.name, "keep": keep}
+
+    @hookspecs.hookimpl
+    def tokenprune_register_pipelines(registry: PipelineRegistry) -> None:
+        registry.add(name, {"stages": [stage]}, paper=paper, table=table, description=description)
+
+    return tokenprune_register_pipelines
 
 
 def retain_ratio(keep: float | int, valid: Tensor) -> float:

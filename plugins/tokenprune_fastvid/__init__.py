@@ -18,7 +18,7 @@ from torch import Tensor
 import tokenprune
 from tokenprune.layout import TokenLayout, reducible_video_frames
 from tokenprune.reducer import ReducerParams, Requirements, VisionAttentionRequest
-from tokenprune.video_reducer import VideoMergeReducer, retain_ratio
+from tokenprune.video_reducer import VideoMergeReducer, retain_ratio, video_preset_hook
 from tokenprune_fastvid.algorithm import FastVIDConfig, frame_budget, video_merge
 
 PAPER = "FastVID (Shen et al., NeurIPS 2025), https://arxiv.org/abs/2503.11187"
@@ -81,17 +81,14 @@ class FastVID(VideoMergeReducer):
 
 
 tokenprune_register_reducers = tokenprune.plugins.reducers_hook(FastVID)
-
-
-@tokenprune.hookimpl
-def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
-    registry.add(
-        "fastvid-10",
-        {"stages": [{"at": "post_projector", "tokens": "video", "reducer": "fastvid", "keep": 0.1}]},
-        paper=PAPER,
-        table=(
-            "the official scripts/eval.sh on LLaVA-OneVision-7B (fastvid_retention_ratio=0.10 DySeg_c=8 DySeg_tau=0.9 "
-            "STPrune_d=0.4 DTM_p=4 DTM_beta=0.6), the paper's main setting: 10% of the video tokens kept"
-        ),
-        description="FastVID: segments of similar frames, 10% of each frame kept by attention and density peaks",
-    )
+tokenprune_register_pipelines = video_preset_hook(
+    FastVID,
+    "fastvid-10",
+    0.1,
+    paper=PAPER,
+    table=(
+        "the official scripts/eval.sh on LLaVA-OneVision-7B (fastvid_retention_ratio=0.10 DySeg_c=8 DySeg_tau=0.9 "
+        "STPrune_d=0.4 DTM_p=4 DTM_beta=0.6), the paper's main setting: 10% of the video tokens kept"
+    ),
+    description="FastVID: segments of similar frames, 10% of each frame kept by attention and density peaks",
+)
