@@ -243,6 +243,20 @@ class ReducerParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AttentionSourceParams(ReducerParams):
+    """The param of a reducer that ranks the tokens by the language model's attention they receive: whose rows.
+
+    FastV reads it at layer ``k - 1`` (``Requirements(attention=...)``), PyramidDrop at the stage's own layer
+    (``Requirements(own_attention=...)``).
+    """
+
+    source: AttentionSource = Field(
+        default="last",
+        description="Whose attention ranks the tokens, averaged over heads: 'last' = the last token's row (the "
+        "official code's), 'all' = every real token's rows, 'text' or 'visual' = those tokens' rows.",
+    )
+
+
 class VisionAttentionParams(ReducerParams):
     """The params every vision-attention reducer takes: which attention, at which vision-encoder layer.
 
