@@ -12,14 +12,13 @@ of the ``tokenprune`` group.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
 import tokenprune
 from tokenprune.layout import TokenLayout, reducible_video_frames
 from tokenprune.reducer import ReducerParams, Requirements, VisionAttentionRequest
 from tokenprune.video_reducer import VideoMergeReducer, retain_ratio, video_preset_hook
-from tokenprune_fastvid.algorithm import FastVIDConfig, frame_budget, video_merge
+from tokenprune_fastvid.algorithm import FastVIDParams, frame_budget, video_merge
 
 PAPER = "FastVID (Shen et al., NeurIPS 2025), https://arxiv.org/abs/2503.11187"
 
@@ -49,12 +48,7 @@ class FastVID(VideoMergeReducer):
     name = "fastvid"
     why_equal_frames = "FastVID keeps the same share of every frame and compares frames by their mean token"
 
-    class Params(ReducerParams):
-        c: int = Field(default=8, ge=1, description="DySeg: the c - 1 lowest frame similarities cut (fastvid_DySeg_c).")
-        tau: float = Field(default=0.9, ge=-1, le=1, description="DySeg: frame similarities below it cut (DySeg_tau).")
-        d: float = Field(default=0.4, ge=0, lt=1, description="A frame's budget share for density tokens (STPrune_d).")
-        p: int = Field(default=4, ge=1, description="Anchor-frame step within a segment (fastvid_DTM_p).")
-        beta: float = Field(default=0.6, ge=0, le=1, description="Least weight of a peak in its merged token (beta).")
+    Params = FastVIDParams
 
     @classmethod
     def requirements(cls, params: ReducerParams) -> Requirements:
@@ -76,8 +70,7 @@ class FastVID(VideoMergeReducer):
     def merge_video(self, x: Tensor, attention: Tensor, retain: float) -> tuple[Tensor, Tensor]:
         """DySeg, ATS, density peaks and DTM on one video (:func:`~tokenprune_fastvid.algorithm.video_merge`);
         ``retain`` is the official ``fastvid_retention_ratio``."""
-        p = self.params
-        return video_merge(x, attention, FastVIDConfig(retain, p.c, p.tau, p.d, p.p, p.beta))  # type: ignore[attr-defined]
+        return video_merge(x, attention, retain, self.params)  # type: ignore[arg-type]
 
 
 tokenprune_register_reducers = tokenprune.plugins.reducers_hook(FastVID)

@@ -26,7 +26,7 @@ from tokenprune.layout import TokenLayout
 from tokenprune.reducer import ReducerParams, Requirements, VisionAttentionRequest, top_k_selection
 from tokenprune.validation import required_attention
 from tokenprune.video_reducer import VideoMergeReducer
-from tokenprune_holitom.algorithm import HoliTomConfig, video_merge
+from tokenprune_holitom.algorithm import HoliTomParams, video_merge
 
 PAPER = "HoliTom (Shao et al., NeurIPS 2025), https://arxiv.org/abs/2505.21334"
 
@@ -55,14 +55,7 @@ class HoliTom(VideoMergeReducer):
     name = "holitom"
     why_equal_frames = "HoliTom compares every token with its place in the next frame"
 
-    class Params(ReducerParams):
-        tau: float = Field(default=0.8, gt=-1, lt=1, description="Static-token similarity threshold (official T).")
-        beta: float = Field(default=0.6, ge=0, le=1, description="A cluster center's share in its token (BETA).")
-        contextual: float = Field(
-            default=0.0, ge=0, le=1, description="Share of a frame's dynamic budget given to clustered tokens (D)."
-        )
-        k: int = Field(default=7, ge=1, description="Neighbours of DPC-KNN's density (official K).")
-        max_window: int = Field(default=1024, ge=1, description="Longest segment, in frames (MAX_WINDOW_SIZE).")
+    class Params(HoliTomParams):
         layer: int | None = Field(
             default=None, description="Vision-tower layer of the attention; null: the features layer (official)."
         )
@@ -79,8 +72,7 @@ class HoliTom(VideoMergeReducer):
     def merge_video(self, x: Tensor, attention: Tensor, retain: float) -> tuple[Tensor, Tensor]:
         """Segments, static and dynamic tokens of one video (:func:`~tokenprune_holitom.algorithm.video_merge`);
         ``retain`` is the official ``RETAIN_RATIO``."""
-        p = self.params
-        return video_merge(x, attention, HoliTomConfig(retain, p.tau, p.beta, p.contextual, p.k, p.max_window))  # type: ignore[attr-defined]
+        return video_merge(x, attention, retain, self.params)  # type: ignore[arg-type]
 
 
 class HoliTomMerge(TokenReducer):
