@@ -95,6 +95,22 @@ def test_plugins_registered_directly_are_listed_without_distribution():
     assert "registered directly" in manager.plugins[0].describe()
 
 
+def test_a_hook_built_by_reducers_hook_registers_each_class_with_its_origin():
+    import types
+
+    from tokenprune.plugins import reducers_hook
+
+    class Second(Good):
+        name = "second"
+
+    module = types.ModuleType("built_hook_plugin")
+    module.tokenprune_register_reducers = reducers_hook(Good, Second)
+    manager = get_plugin_manager(entry_points=False, plugins=[module])
+    assert list(manager.reducers) == ["good", "second"]
+    assert manager.reducers.provided_by("built_hook_plugin") == ["good", "second"]
+    assert manager.failures == []
+
+
 class Good(ScoringReducer):
     name = "good"
 

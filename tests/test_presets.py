@@ -95,13 +95,35 @@ def test_the_presets_reproduce_the_official_settings():
     assert (str(dp.point), dp.reducer, dp.keep, dp.tokens) == ("decode layer 3", "dycoke_dp", 0.3, "video")
     (hiprune,) = tp.load_pipeline({"preset": "hiprune-qwen-33"}, presets=presets).stages
     assert (hiprune.keep, hiprune.params) == (0.334, {"object_layer": 16})
-    (vidcom2,) = tp.load_pipeline({"preset": "vidcom2-25"}, presets=presets).stages
-    assert (vidcom2.point.kind, vidcom2.reducer, vidcom2.keep, vidcom2.tokens) == (
-        "post_projector",
-        "vidcom2",
-        0.25,
-        "video",
-    )
+    for name, reducer, keep in (
+        ("vidcom2-25", "vidcom2", 0.25),
+        ("evs-q75", "evs", 0.25),
+        ("fastvid-10", "fastvid", 0.1),
+    ):
+        (video,) = tp.load_pipeline({"preset": name}, presets=presets).stages
+        assert (video.point.kind, video.reducer, video.keep, video.tokens, video.params) == (
+            "post_projector",
+            reducer,
+            keep,
+            "video",
+            {},
+        )
+
+
+def test_video_preset_hook_registers_its_reducer_alone_on_the_video_tokens():
+    from tokenprune_evs import EVS
+
+    from tokenprune.video_reducer import video_preset_hook
+
+    hook = video_preset_hook(EVS, "evs-tenth", 0.1, paper="P (2026)", table="Table 1", description="a tenth")
+
+    class Plugin:
+        tokenprune_register_pipelines = staticmethod(hook)
+
+    manager = get_plugin_manager(plugins=[Plugin()])
+    preset = manager.pipelines.get("evs-tenth")
+    assert preset.definition == {"stages": [{"at": "post_projector", "tokens": "video", "reducer": "evs", "keep": 0.1}]}
+    assert (preset.paper, preset.table, preset.description) == ("P (2026)", "Table 1", "a tenth")
 
 
 def test_every_built_in_preset_is_documented_with_its_paper_and_table():

@@ -103,3 +103,32 @@ def test_the_flop_count_reads_the_declaration(manager):
 
     last, every = probe("last"), probe("all")
     assert 0 < last < every
+
+
+def test_vision_attention_params_build_their_request_from_attention_and_layer():
+    from tokenprune.reducer import VisionAttentionParams
+
+    params = VisionAttentionParams(attention="mean", layer=-3)
+    assert params.vision_request() == tp.VisionAttentionRequest("mean", -3)
+    assert params.vision_request(keys=True, also_at=(4,)) == tp.VisionAttentionRequest(
+        "mean", -3, keys=True, also_at=(4,)
+    )
+    hiprune = tp.get_plugin_manager().reducers.get("hiprune")
+    needs = hiprune.requirements(hiprune.Params(object_layer=9, layer=-2))
+    assert needs.vision_attention == tp.VisionAttentionRequest("mean", -2, also_at=(8,))
+
+
+def test_fastv_and_pdrop_take_the_one_source_param_and_read_it_at_their_own_layers():
+    from pydantic import ValidationError
+
+    from tokenprune.reducer import AttentionSourceParams
+
+    reducers = tp.get_plugin_manager().reducers
+    fastv, pdrop = reducers.get("fastv"), reducers.get("pdrop")
+    for reducer in (fastv, pdrop):
+        assert issubclass(reducer.Params, AttentionSourceParams) and reducer.Params().source == "last"
+        with pytest.raises(ValidationError):
+            reducer.Params(source="first")
+    assert fastv.requirements(fastv.Params(source="text")).attention == frozenset({"text"})
+    assert pdrop.requirements(pdrop.Params(source="all")).own_attention == frozenset({"all"})
+    assert not pdrop.requirements(pdrop.Params(source="all")).attention

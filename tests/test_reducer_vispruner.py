@@ -93,6 +93,13 @@ def test_without_the_signals_the_errors_say_what_is_missing():
         VisPruner().reduce(tokens, ctx)
 
 
+def test_nan_tower_features_are_refused_like_nan_tokens():
+    tokens, ctx = make_reduce_inputs(grids=((3, 4),), keep=4, vision=VisPruner().vision_attention_request())
+    ctx.vision_features[0, 0, 0] = float("nan")
+    with pytest.raises(ReducerInputError, match="NaN or infinite"):
+        VisPruner().reduce(tokens, ctx)
+
+
 @pytest.mark.parametrize(
     "params", [{}, {"attention": "mean"}, {"similarity": "projected"}, {"important_ratio": 1.0}, {"layer": -1}]
 )

@@ -19,7 +19,7 @@ import fnmatch
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -356,56 +356,61 @@ class AdapterRegistry(_Registry[type[ModelAdapter]]):
         )
 
 
-class TaskRegistry(_Registry[type]):
-    """Evaluation task classes by name. Filled by the ``tokenprune_register_tasks`` hook."""
+class _NamedRegistry(_Registry[T]):
+    """A registry of objects registered under their own ``name`` (tasks, signal channels)."""
+
+    def add(self, value: T, *, exist_ok: bool = False) -> None:
+        """Register ``value`` under its ``name``.
+
+        A name that another plugin registered with a different value is recorded as a
+        :class:`Collision`; :meth:`get` raises for it.
+
+        Raises:
+            PluginError: ``value`` is not what this registry holds, or its name is not allowed.
+        """
+        self._put(self._checked_name(value), value, exist_ok)
+
+    def _checked_name(self, value: T) -> str:
+        """``value``'s name, once the registry's checks pass (else :class:`PluginError`)."""
+        raise NotImplementedError
+
+
+class TaskRegistry(_NamedRegistry[type]):
+    """Evaluation task classes (:class:`~tokenprune.bench.tasks.Task`) by name. Filled by the
+    ``tokenprune_register_tasks`` hook."""
 
     kind: ClassVar[str] = "task"
     hook: ClassVar[str] = "tokenprune_register_tasks"
 
-    def add(self, task: type, *, exist_ok: bool = False) -> None:
-        """Register a :class:`~tokenprune.bench.tasks.Task` class under ``task.name``.
-
-        A name that another plugin registered with a different class is recorded as a
-        :class:`Collision`; :meth:`get` raises for it.
-
-        Raises:
-            PluginError: the class is not a Task, or has an invalid name.
-        """
+    def _checked_name(self, task: type) -> str:
         from tokenprune.bench.tasks import Task
 
         who = self._who(task, isinstance(task, type) and issubclass(task, Task), "a tokenprune.bench.tasks.Task")
         name = getattr(task, "name", None)
         if not isinstance(name, str) or not _NAME.match(name):
             raise PluginError(f"{who} registered {_qualname(task)} with invalid task name {name!r}")
-        self._put(name, task, exist_ok)
+        return name
 
     def _unknown(self, key: str) -> Exception:
         installed = ", ".join(self) or "none"
         return UnknownTaskError(f"unknown task {key!r}{self._did_you_mean(key)} Installed tasks: {installed}.")
 
 
-class SignalRegistry(_Registry[Any]):
-    """Signal channels by name. Filled by the ``tokenprune_register_signals`` hook."""
+class SignalRegistry(_NamedRegistry[Any]):
+    """Signal channels (:class:`~tokenprune.channels.SignalChannel`) by name; a built-in signal's name is refused.
+    Filled by the ``tokenprune_register_signals`` hook."""
 
     kind: ClassVar[str] = "signal"
     hook: ClassVar[str] = "tokenprune_register_signals"
 
-    def add(self, channel: Any, *, exist_ok: bool = False) -> None:
-        """Register a :class:`~tokenprune.channels.SignalChannel` under its name.
-
-        A name that another plugin registered with a different channel is recorded as a
-        :class:`Collision`; :meth:`get` raises for it.
-
-        Raises:
-            PluginError: not a SignalChannel, or a built-in signal's name.
-        """
+    def _checked_name(self, channel: Any) -> str:
         from tokenprune.channels import SignalChannel
         from tokenprune.reducer import BUILTIN_SIGNALS
 
         who = self._who(channel, isinstance(channel, SignalChannel), "a tokenprune.channels.SignalChannel")
         if channel.name in BUILTIN_SIGNALS:
             raise PluginError(f"{who} registered the signal {channel.name!r}, which the engine itself provides")
-        self._put(channel.name, channel, exist_ok)
+        return channel.name
 
     def _unknown(self, key: str) -> Exception:
         installed = ", ".join(self) or "none"
@@ -491,6 +496,23 @@ class PipelineRegistry(_Registry[Preset]):
         if not names:
             raise PipelineError(f"no pipeline preset matches {pattern!r}; installed: {', '.join(self) or 'none'}")
         return names
+
+
+def reducers_hook(*reducers: type[TokenReducer]) -> Callable[[ReducerRegistry], None]:
+    """A ``tokenprune_register_reducers`` implementation that registers ``reducers``: the whole hook of a plugin
+    that only adds its classes, bound to the hook's name in the plugin module::
+
+        tokenprune_register_reducers = tokenprune.plugins.reducers_hook(OutlierTokens)
+
+    It is the decorated function that calls ``registry.add`` for each class, in order.
+    """
+
+    @hookspecs.hookimpl
+    def tokenprune_register_reducers(registry: ReducerRegistry) -> None:
+        for reducer in reducers:
+            registry.add(reducer)
+
+    return tokenprune_register_reducers
 
 
 class _RegistryOf(Generic[R]):

@@ -243,11 +243,25 @@ class ReducerParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AttentionSourceParams(ReducerParams):
+    """The param of a reducer that ranks the tokens by the language model's attention they receive: whose rows.
+
+    FastV reads it at layer ``k - 1`` (``Requirements(attention=...)``), PyramidDrop at the stage's own layer
+    (``Requirements(own_attention=...)``).
+    """
+
+    source: AttentionSource = Field(
+        default="last",
+        description="Whose attention ranks the tokens, averaged over heads: 'last' = the last token's row (the "
+        "official code's), 'all' = every real token's rows, 'text' or 'visual' = those tokens' rows.",
+    )
+
+
 class VisionAttentionParams(ReducerParams):
     """The params every vision-attention reducer takes: which attention, at which vision-encoder layer.
 
-    Subclass it for a reducer that reads ``ctx.vision_attention`` and build the
-    :class:`VisionAttentionRequest` from these fields in :meth:`TokenReducer.vision_attention_for`.
+    Subclass it for a reducer that reads ``ctx.vision_attention``, and return
+    ``Requirements(vision_attention=params.vision_request(...))`` from :meth:`TokenReducer.requirements`.
     """
 
     attention: VisionAttentionKind = Field(
@@ -260,6 +274,11 @@ class VisionAttentionParams(ReducerParams):
         description="Vision-encoder layer the attention (and any features) are read at: an index into the tower's "
         "layers, negative from the end; null: the layer the model takes its image features from.",
     )
+
+    def vision_request(self, **more: Any) -> VisionAttentionRequest:
+        """The :class:`VisionAttentionRequest` of :attr:`attention` at :attr:`layer`; ``more`` sets its other
+        fields (``features``, ``keys``, ``also_at``)."""
+        return VisionAttentionRequest(self.attention, self.layer, **more)
 
 
 @dataclass(frozen=True)

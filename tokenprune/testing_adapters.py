@@ -6,20 +6,8 @@ first use of each access (nothing happens at import).
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
+from tokenprune._moved import moved_names
 from tokenprune.testing import adapters as _adapters
 
 __all__ = list(_adapters.__all__)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _adapters.__all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        f"tokenprune.testing_adapters is deprecated; import {name} from tokenprune.testing.adapters",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(_adapters, name)
+__getattr__ = moved_names(__name__, _adapters, __all__)

@@ -7,6 +7,7 @@ naming it and the defect instead of corrupting a model's sequence.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -281,6 +282,30 @@ def attention_and_projected(
         return ctx.vision_attention, None
     check_finite_tokens(tokens.detach(), ctx, reducer_name)
     return ctx.vision_attention, tokens.detach()
+
+
+def attention_and_metric(
+    tokens: Tensor, ctx: ReduceContext, reducer_name: str, similarity: str, tower: Literal["keys", "features"]
+) -> tuple[Tensor, Tensor]:
+    """A vision-attention reducer's ``(B, N)`` ``ctx.vision_attention`` and the ``(B, N, d)`` metric it compares
+    tokens by: under ``similarity: projected`` its post-projector ``tokens``, else the tower's ``ctx.vision_keys``
+    or ``ctx.vision_features`` (``tower``), detached and checked finite either way.
+
+    Raises:
+        ReducerInputError: no vision attention in ``ctx``, no tower metric (naming the request field that serves
+            it, and ``similarity: projected``), or a valid token with a NaN or infinite value.
+    """
+    attention, projected = attention_and_projected(tokens, ctx, reducer_name, similarity)
+    if projected is not None:
+        return attention, projected
+    metric = ctx.vision_keys if tower == "keys" else ctx.vision_features
+    if metric is None:
+        raise ReducerInputError(
+            f"reducer {reducer_name!r} with similarity {similarity!r} needs ctx.vision_{tower} (the engine serves "
+            f"them when the stage's vision request sets {tower}); or set similarity: projected"
+        )
+    check_finite_tokens(metric, ctx, reducer_name)
+    return attention, metric
 
 
 def _check_tensor(

@@ -222,9 +222,7 @@ def atp_pipeline(weights: str | Path, keep: float | int = 1.0, name: str | None 
     }
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(ATP)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(ATP)
 
 
 @tokenprune.hookimpl

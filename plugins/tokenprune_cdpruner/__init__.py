@@ -256,6 +256,4 @@ def dpp_greedy_picks(kernel: Tensor, valid: Tensor, quota: Tensor, *, relevance:
     return picks.masked_fill(torch.arange(k, device=picks.device) >= quota.unsqueeze(1), -1)
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(CDPruner)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(CDPruner)

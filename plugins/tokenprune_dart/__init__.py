@@ -151,6 +151,4 @@ def _top_mask(score: Tensor, allowed: Tensor, k: int) -> Tensor:
     return mask
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(DART)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(DART)

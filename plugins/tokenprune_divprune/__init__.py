@@ -160,6 +160,4 @@ def _greedy_numpy(rows: Tensor, gap: Tensor, picks: int) -> Tensor:
     return torch.from_numpy(chosen)
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(DivPrune)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(DivPrune)

@@ -112,6 +112,4 @@ def _grid_positions(row: Tensor, col: Tensor) -> tuple[int, int, Tensor] | None:
     return rows, cols, position
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(Downsample)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(Downsample)

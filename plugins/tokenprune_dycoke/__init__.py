@@ -20,6 +20,7 @@ import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer
 from tokenprune.errors import ReducerInputError
 from tokenprune.layout import TokenLayout
+from tokenprune_dycoke.decode import DyCokeDecode
 
 
 class DyCoke(TokenReducer):
@@ -127,12 +128,7 @@ def _pruned_against(num_frames: int, drop_unpaired: bool) -> list[tuple[int, int
     return sorted(pruned.items())
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    from tokenprune_dycoke.decode import DyCokeDecode
-
-    registry.add(DyCoke)
-    registry.add(DyCokeDecode)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(DyCoke, DyCokeDecode)
 
 
 @tokenprune.hookimpl

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities
-from tokenprune.video_reducer import FrameGridVideoReducer
+from tokenprune.video_reducer import FrameGridVideoReducer, video_preset_hook
 
 FIRST_FRAME = 255.0
 """The dissimilarity given to the first frame's tokens (vLLM's sentinel; cosine dissimilarities are at most 2)."""
@@ -38,7 +37,6 @@ class EVS(FrameGridVideoReducer):
     """
 
     name = "evs"
-    capabilities = Capabilities(insertion_points=frozenset({"post_projector"}), media=frozenset({"video"}))
 
     why_equal_frames = "EVS compares each token with the one at the same position of the frame before"
 
@@ -71,18 +69,13 @@ def retention_mask(x: Tensor, target: int) -> Tensor:
     return mask.reshape(dis.shape)
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(EVS)
-
-
-@tokenprune.hookimpl
-def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
-    registry.add(
-        "evs-q75",
-        {"stages": [{"at": "post_projector", "tokens": "video", "reducer": "evs", "keep": 0.25}]},
-        paper="EVS (Bagrov et al., NVIDIA 2025), https://arxiv.org/abs/2510.14624",
-        table="the paper's worked setting q = 0.75 ('retains the 25% most dynamic patches'), as vLLM's "
-        "--video-pruning-rate 0.75",
-        description="EVS: 25% of each video's tokens, the first frame whole, then the most changed",
-    )
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(EVS)
+tokenprune_register_pipelines = video_preset_hook(
+    EVS,
+    "evs-q75",
+    0.25,
+    paper="EVS (Bagrov et al., NVIDIA 2025), https://arxiv.org/abs/2510.14624",
+    table="the paper's worked setting q = 0.75 ('retains the 25% most dynamic patches'), as vLLM's "
+    "--video-pruning-rate 0.75",
+    description="EVS: 25% of each video's tokens, the first frame whole, then the most changed",
+)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer, VisionAttentionRequest
+from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer
 from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import Requirements, VisionAttentionParams
 
@@ -38,7 +38,7 @@ class FasterVLM(ScoringReducer):
     @classmethod
     def requirements(cls, params: ReducerParams) -> Requirements:
         """The vision-encoder attention of ``params.attention`` at ``params.layer``."""
-        return Requirements(vision_attention=VisionAttentionRequest(params.attention, params.layer))  # type: ignore[attr-defined]
+        return Requirements(vision_attention=params.vision_request())  # type: ignore[attr-defined]
 
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         """``(B, N)``: ``ctx.vision_attention`` (``-inf`` at tokens with no patch)."""
@@ -49,6 +49,4 @@ class FasterVLM(ScoringReducer):
         return ctx.vision_attention
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(FasterVLM)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(FasterVLM)

@@ -16,7 +16,7 @@ from torch import Tensor
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer
 from tokenprune.layout import TokenLayout
-from tokenprune.reducer import AttentionSource, Requirements
+from tokenprune.reducer import AttentionSourceParams, Requirements
 from tokenprune.validation import required_attention
 
 
@@ -43,15 +43,7 @@ class FastV(ScoringReducer):
     name = "fastv"
     capabilities = Capabilities(insertion_points=frozenset({"layer"}), attention=frozenset({"last"}))
 
-    class Params(ReducerParams):
-        source: AttentionSource = Field(
-            default="last",
-            description=(
-                "Whose attention ranks the tokens: 'last' = the last token (official code), 'all' = every token "
-                "(the paper), 'text' or 'visual' = those tokens' rows; averaged over heads."
-            ),
-        )
-
+    class Params(AttentionSourceParams):
         rounding: Literal["floor", "nearest"] = Field(
             default="floor",
             description=(
@@ -98,9 +90,7 @@ def nearest_count(keep: float, present: int) -> int:
     return min(present, max(1, round(present * (1 - pruned))))
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(FastV)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(FastV)
 
 
 FASTV_PAPER = "FastV (Chen et al., ECCV 2024), https://arxiv.org/abs/2403.06764"

@@ -12,21 +12,18 @@ of the ``tokenprune`` group.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, Merge, ReduceContext, TokenReducer
-from tokenprune.errors import ReducerInputError
 from tokenprune.layout import TokenLayout, reducible_video_frames
 from tokenprune.reducer import ReducerParams, Requirements, VisionAttentionRequest
-from tokenprune_fastvid.algorithm import FastVIDConfig, frame_budget, video_merge
+from tokenprune.video_reducer import VideoMergeReducer, retain_ratio, video_preset_hook
+from tokenprune_fastvid.algorithm import FastVIDParams, frame_budget, video_merge
 
 PAPER = "FastVID (Shen et al., NeurIPS 2025), https://arxiv.org/abs/2503.11187"
-WHY_EQUAL_FRAMES = "FastVID keeps the same share of every frame and compares frames by their mean token"
 
 
-class FastVID(TokenReducer):
+class FastVID(VideoMergeReducer):
     """FastVID: segments of similar frames; per frame the most attended tokens; density peaks merged per segment.
 
     Per sample and video, with ``F`` frames of ``T`` tokens (the layout's ``frame``), features ``x`` (float32),
@@ -49,20 +46,9 @@ class FastVID(TokenReducer):
     """
 
     name = "fastvid"
-    capabilities = Capabilities(
-        insertion_points=frozenset({"post_projector"}),
-        media=frozenset({"video"}),
-        merges=True,
-        deterministic_count=False,
-        vision_attention=frozenset({"mean"}),
-    )
+    why_equal_frames = "FastVID keeps the same share of every frame and compares frames by their mean token"
 
-    class Params(ReducerParams):
-        c: int = Field(default=8, ge=1, description="DySeg: the c - 1 lowest frame similarities cut (fastvid_DySeg_c).")
-        tau: float = Field(default=0.9, ge=-1, le=1, description="DySeg: frame similarities below it cut (DySeg_tau).")
-        d: float = Field(default=0.4, ge=0, lt=1, description="A frame's budget share for density tokens (STPrune_d).")
-        p: int = Field(default=4, ge=1, description="Anchor-frame step within a segment (fastvid_DTM_p).")
-        beta: float = Field(default=0.6, ge=0, le=1, description="Least weight of a peak in its merged token (beta).")
+    Params = FastVIDParams
 
     @classmethod
     def requirements(cls, params: ReducerParams) -> Requirements:
@@ -73,68 +59,29 @@ class FastVID(TokenReducer):
         """Per sample: every non-video token, plus ``F R`` per video (``R`` the per-frame count), an upper bound."""
         counts = []
         for b in range(int(valid.shape[0])):
-            ratio = _retain_ratio(keep, valid[b])
+            ratio = retain_ratio(keep, valid[b])
             total = int(valid[b].sum())
-            for _, index in reducible_video_frames(layout, valid, protected, b, self.name, WHY_EQUAL_FRAMES):
+            for _, index in reducible_video_frames(layout, valid, protected, b, self.name, self.why_equal_frames):
                 frames, size = index.shape
                 total -= frames * (size - sum(frame_budget(size, ratio, self.params.d)))  # type: ignore[attr-defined]
             counts.append(total)
         return torch.tensor(counts, dtype=torch.long, device=valid.device)
 
-    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
-        """``tokens`` ``(B, N, D)``; each video of each sample reduced on its own (batch-independent)."""
-        p = self.params
-        n = tokens.shape[1]
-        dest = torch.arange(n, device=tokens.device).expand(ctx.batch_size, n).clone()
-        weights = ctx.sizes.float().clone()
-        for b in range(ctx.batch_size):
-            cfg = FastVIDConfig(_retain_ratio(ctx.keep, ctx.valid[b]), p.c, p.tau, p.d, p.p, p.beta)  # type: ignore[attr-defined]
-            videos = reducible_video_frames(ctx.layout, ctx.valid, ctx.protected, b, self.name, WHY_EQUAL_FRAMES)
-            for video, index in videos:
-                x, attention = self._inputs(tokens, ctx, b, video, index)
-                local, w = video_merge(x, attention, cfg)
-                flat = index.reshape(-1)
-                dest[b, index] = torch.where(local >= 0, flat[local.clamp(min=0)], torch.full_like(local, -1))
-                weights[b, index] = w
-        return Merge(dest, "mean", weights=weights)
-
-    def _inputs(self, tokens: Tensor, ctx: ReduceContext, b: int, video: int, index: Tensor) -> tuple[Tensor, Tensor]:
-        """One video's float32 ``(F, T, D)`` features and ``(F, T)`` attention, checked."""
-        if ctx.vision_attention is None:
-            raise ReducerInputError(f"reducer {self.name!r} needs the vision tower's attention (ctx.vision_attention)")
-        if ctx.keep is None:
-            raise ReducerInputError(f"reducer {self.name!r} needs the stage's keep (ctx.keep) to size each frame")
-        x = tokens[b, index].float()
-        if not bool(torch.isfinite(x).all()):
-            raise ReducerInputError(
-                f"reducer {self.name!r}: sample {b}, video {video} has NaN or infinite features; check the projected "
-                "video features"
-            )
-        return x, ctx.vision_attention[b, index].float()
+    def merge_video(self, x: Tensor, attention: Tensor, retain: float) -> tuple[Tensor, Tensor]:
+        """DySeg, ATS, density peaks and DTM on one video (:func:`~tokenprune_fastvid.algorithm.video_merge`);
+        ``retain`` is the official ``fastvid_retention_ratio``."""
+        return video_merge(x, attention, retain, self.params)  # type: ignore[arg-type]
 
 
-def _retain_ratio(keep: float | int | None, valid: Tensor) -> float:
-    """The official ``fastvid_retention_ratio``: a fraction ``keep`` as given; a count ``keep`` as its share of the
-    sample's ``valid`` (``(N,)`` bool) tokens, at most 1."""
-    if keep is None or isinstance(keep, float):
-        return 1.0 if keep is None else keep
-    return min(1.0, keep / max(1, int(valid.sum())))
-
-
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(FastVID)
-
-
-@tokenprune.hookimpl
-def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
-    registry.add(
-        "fastvid-10",
-        {"stages": [{"at": "post_projector", "tokens": "video", "reducer": "fastvid", "keep": 0.1}]},
-        paper=PAPER,
-        table=(
-            "the official scripts/eval.sh on LLaVA-OneVision-7B (fastvid_retention_ratio=0.10 DySeg_c=8 DySeg_tau=0.9 "
-            "STPrune_d=0.4 DTM_p=4 DTM_beta=0.6), the paper's main setting: 10% of the video tokens kept"
-        ),
-        description="FastVID: segments of similar frames, 10% of each frame kept by attention and density peaks",
-    )
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(FastVID)
+tokenprune_register_pipelines = video_preset_hook(
+    FastVID,
+    "fastvid-10",
+    0.1,
+    paper=PAPER,
+    table=(
+        "the official scripts/eval.sh on LLaVA-OneVision-7B (fastvid_retention_ratio=0.10 DySeg_c=8 DySeg_tau=0.9 "
+        "STPrune_d=0.4 DTM_p=4 DTM_beta=0.6), the paper's main setting: 10% of the video tokens kept"
+    ),
+    description="FastVID: segments of similar frames, 10% of each frame kept by attention and density peaks",
+)

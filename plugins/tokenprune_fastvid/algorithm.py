@@ -12,38 +12,27 @@ its group's weighted mean), so that :class:`tokenprune.Merge` computes the offic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from tokenprune.reducer import ReducerParams
 from tokenprune.similarity import density_peak_scores
 
 NEIGHBOURS = 4
 """Neighbours of the density-peak local density (the official ``topk(dist_matrix, k=4)``, the token itself one)."""
 
 
-@dataclass(frozen=True)
-class FastVIDConfig:
-    """The official hyper-parameters (``fastvid_*`` model arguments there).
+class FastVIDParams(ReducerParams):
+    """The official hyper-parameters (``fastvid_*`` model arguments there), their defaults the official
+    scripts/eval.sh's: the ``fastvid`` reducer's params."""
 
-    Attributes:
-        retain: ``fastvid_retention_ratio``, the share of each frame's tokens kept.
-        c: ``fastvid_DySeg_c``: the ``c - 1`` lowest adjacent-frame similarities always cut (at least ``c``
-            segments).
-        tau: ``fastvid_DySeg_tau``: every adjacent-frame similarity below it cuts too.
-        d: ``fastvid_STPrune_d``: the share of a frame's budget given to density (contextual) tokens.
-        p: ``fastvid_DTM_p``: the anchor-frame step within a segment.
-        beta: ``fastvid_DTM_beta``: the least weight of a density peak in its merged token.
-    """
-
-    retain: float
-    c: int = 8
-    tau: float = 0.9
-    d: float = 0.4
-    p: int = 4
-    beta: float = 0.6
+    c: int = Field(default=8, ge=1, description="DySeg: the c - 1 lowest frame similarities cut (fastvid_DySeg_c).")
+    tau: float = Field(default=0.9, ge=-1, le=1, description="DySeg: frame similarities below it cut (DySeg_tau).")
+    d: float = Field(default=0.4, ge=0, lt=1, description="A frame's budget share for density tokens (STPrune_d).")
+    p: int = Field(default=4, ge=1, description="Anchor-frame step within a segment (fastvid_DTM_p).")
+    beta: float = Field(default=0.6, ge=0, le=1, description="Least weight of a peak in its merged token (beta).")
 
 
 def frame_budget(tokens_per_frame: int, retain: float, d: float) -> tuple[int, int]:
@@ -113,23 +102,25 @@ def top_mask(score: Tensor, counts: Tensor) -> Tensor:
     return rank < counts.to(score.device)[:, None]
 
 
-def video_merge(x: Tensor, attention: Tensor, cfg: FastVIDConfig) -> tuple[Tensor, Tensor]:
+def video_merge(x: Tensor, attention: Tensor, retain: float, params: FastVIDParams) -> tuple[Tensor, Tensor]:
     """FastVID's reduction of one video: ``(F, T)`` destinations (flat indices into the ``F * T`` grid, ``-1``
     dropped) and weights.
 
     Args:
         x: ``(F, T, D)`` float32 projected (and pooled) frame tokens.
         attention: ``(F, T)`` the attention each token receives (ATS ranks by it).
+        retain: ``fastvid_retention_ratio``, the share of each frame's tokens kept.
+        params: The other hyper-parameters.
     """
     frames, per_frame, dim = x.shape
-    salient_count, contextual = frame_budget(per_frame, cfg.retain, cfg.d)
+    salient_count, contextual = frame_budget(per_frame, retain, params.d)
     rest = per_frame - salient_count
     grid = torch.arange(frames * per_frame, device=x.device).view(frames, per_frame)
     salient = top_mask(attention.float(), torch.full((frames,), salient_count))
     dest = torch.where(salient, grid, torch.full_like(grid, -1)).reshape(-1)
     weight = torch.ones(frames * per_frame, device=x.device)
-    lengths = segment_lengths(x, cfg.c, cfg.tau)
-    counts, whole = anchor_counts(lengths, contextual, cfg.p, rest)
+    lengths = segment_lengths(x, params.c, params.tau)
+    counts, whole = anchor_counts(lengths, contextual, params.p, rest)
     if rest == 0 or int(counts.sum()) == 0:
         return dest.view(frames, per_frame), weight.view(frames, per_frame)
     places = grid[~salient].view(frames, rest)  # the non-salient tokens, in index order
@@ -140,7 +131,7 @@ def video_merge(x: Tensor, attention: Tensor, cfg: FastVIDConfig) -> tuple[Tenso
     start = 0
     for length in lengths:
         part = slice(start, start + length)
-        _merge_group(feats[part], places[part], targets[part], group[part], cfg.beta, dest, weight)
+        _merge_group(feats[part], places[part], targets[part], group[part], params.beta, dest, weight)
         start += length
     return dest.view(frames, per_frame), weight.view(frames, per_frame)
 

@@ -279,9 +279,7 @@ def gprune_graph(
     return weights.float(), (weights > 0).sum(-1, dtype=torch.float32), norms
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(GPrune)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(GPrune)
 
 
 @tokenprune.hookimpl

@@ -23,15 +23,7 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import (
-    Capabilities,
-    ReduceContext,
-    ReducerParams,
-    Requirements,
-    Selection,
-    TokenReducer,
-    VisionAttentionRequest,
-)
+from tokenprune import Capabilities, ReduceContext, ReducerParams, Requirements, Selection, TokenReducer
 from tokenprune.budget import all_spatial_quotas, split_budget
 from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import VisionAttentionKind, VisionAttentionParams
@@ -82,9 +74,7 @@ class HiPrune(TokenReducer):
     @classmethod
     def requirements(cls, params: ReducerParams) -> Requirements:
         p: HiPrune.Params = params  # type: ignore[assignment]
-        return Requirements(
-            vision_attention=VisionAttentionRequest(p.attention, p.layer, also_at=(p.object_layer - 1,))
-        )
+        return Requirements(vision_attention=p.vision_request(also_at=(p.object_layer - 1,)))
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Select per sample and group (batch-independent); ``tokens`` is ``(B, N, D)`` and not read."""
@@ -184,9 +174,7 @@ def _grid(ctx: ReduceContext, b: int, members: Tensor) -> tuple[Tensor, Tensor]:
     return rows, torch.where(unknown, index % width, cols - cols.min())
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(HiPrune)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(HiPrune)
 
 
 _PAPER = "HiPrune (Liu et al., 2025), https://arxiv.org/abs/2508.00553"

@@ -22,16 +22,16 @@ from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, Merge, ReduceContext, TokenReducer
-from tokenprune.errors import ReducerInputError
-from tokenprune.layout import TokenLayout, reducible_video_frames
+from tokenprune.layout import TokenLayout
 from tokenprune.reducer import ReducerParams, Requirements, VisionAttentionRequest, top_k_selection
 from tokenprune.validation import required_attention
-from tokenprune_holitom.algorithm import HoliTomConfig, video_merge
+from tokenprune.video_reducer import VideoMergeReducer
+from tokenprune_holitom.algorithm import HoliTomParams, video_merge
 
 PAPER = "HoliTom (Shao et al., NeurIPS 2025), https://arxiv.org/abs/2505.21334"
 
 
-class HoliTom(TokenReducer):
+class HoliTom(VideoMergeReducer):
     """HoliTom's pre-LLM stage: temporal segments, static tokens merged over time and space, dynamic ones by attention.
 
     Per sample and video, with ``F`` frames of ``T`` tokens (the layout's ``frame``), features ``x`` (float32) and
@@ -53,22 +53,9 @@ class HoliTom(TokenReducer):
     """
 
     name = "holitom"
-    capabilities = Capabilities(
-        insertion_points=frozenset({"post_projector"}),
-        media=frozenset({"video"}),
-        merges=True,
-        deterministic_count=False,
-        vision_attention=frozenset({"mean"}),
-    )
+    why_equal_frames = "HoliTom compares every token with its place in the next frame"
 
-    class Params(ReducerParams):
-        tau: float = Field(default=0.8, gt=-1, lt=1, description="Static-token similarity threshold (official T).")
-        beta: float = Field(default=0.6, ge=0, le=1, description="A cluster center's share in its token (BETA).")
-        contextual: float = Field(
-            default=0.0, ge=0, le=1, description="Share of a frame's dynamic budget given to clustered tokens (D)."
-        )
-        k: int = Field(default=7, ge=1, description="Neighbours of DPC-KNN's density (official K).")
-        max_window: int = Field(default=1024, ge=1, description="Longest segment, in frames (MAX_WINDOW_SIZE).")
+    class Params(HoliTomParams):
         layer: int | None = Field(
             default=None, description="Vision-tower layer of the attention; null: the features layer (official)."
         )
@@ -82,33 +69,10 @@ class HoliTom(TokenReducer):
         """Every valid token: an upper bound (the count depends on the video's content)."""
         return valid.sum(1)
 
-    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
-        """``tokens`` ``(B, N, D)``; each video of each sample reduced on its own (batch-independent)."""
-        if ctx.vision_attention is None:
-            raise ReducerInputError(f"reducer {self.name!r} needs the vision tower's attention (ctx.vision_attention)")
-        p = self.params
-        n = tokens.shape[1]
-        dest = torch.arange(n, device=tokens.device).expand(ctx.batch_size, n).clone()
-        weights = ctx.sizes.float().clone()
-        why = "HoliTom compares every token with its place in the next frame"
-        for b in range(ctx.batch_size):
-            ratio = _retain_ratio(ctx.keep, ctx.valid[b])
-            cfg = HoliTomConfig(ratio, p.tau, p.beta, p.contextual, p.k, p.max_window)  # type: ignore[attr-defined]
-            for _, index in reducible_video_frames(ctx.layout, ctx.valid, ctx.protected, b, self.name, why):
-                attention = ctx.vision_attention[b, index].float()
-                local, w = video_merge(tokens[b, index].float(), attention, cfg)
-                flat = index.reshape(-1)
-                dest[b, index] = torch.where(local >= 0, flat[local.clamp(min=0)], torch.full_like(local, -1))
-                weights[b, index] = w
-        return Merge(dest, "mean", weights=weights)
-
-
-def _retain_ratio(keep: float | int, valid: Tensor) -> float:
-    """The official ``RETAIN_RATIO``: a fraction ``keep`` as given; a count ``keep`` as its share of the sample's
-    ``valid`` (``(N,)`` bool) tokens, at most 1."""
-    if isinstance(keep, float):
-        return keep
-    return min(1.0, keep / max(1, int(valid.sum())))
+    def merge_video(self, x: Tensor, attention: Tensor, retain: float) -> tuple[Tensor, Tensor]:
+        """Segments, static and dynamic tokens of one video (:func:`~tokenprune_holitom.algorithm.video_merge`);
+        ``retain`` is the official ``RETAIN_RATIO``."""
+        return video_merge(x, attention, retain, self.params)  # type: ignore[arg-type]
 
 
 class HoliTomMerge(TokenReducer):
@@ -174,10 +138,7 @@ def halving_merge(tokens: Tensor, roots: Tensor, valid: Tensor, protected: Tenso
     return dest.masked_fill(valid & ~roots & ~member, -1), "mean", weights
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(HoliTom)
-    registry.add(HoliTomMerge)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(HoliTom, HoliTomMerge)
 
 
 @tokenprune.hookimpl

@@ -11,34 +11,26 @@ share in its group's weighted mean), so that :class:`tokenprune.Merge` computes 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from tokenprune.reducer import ReducerParams
 from tokenprune.similarity import density_peak_scores
 
 
-@dataclass(frozen=True)
-class HoliTomConfig:
-    """The official hyper-parameters (environment variables there).
+class HoliTomParams(ReducerParams):
+    """The official hyper-parameters (environment variables there), their defaults the official code's."""
 
-    Attributes:
-        retain: ``RETAIN_RATIO``, the share of the video's tokens kept.
-        tau: ``T``, the cosine similarity above which a token is static between two frames.
-        beta: ``BETA``, the cluster center's share in its merged token (the rest: the mean of its members).
-        contextual: ``D``, the share of a frame's dynamic budget given to clustered (contextual) tokens.
-        k: ``K``, the neighbours of DPC-KNN's local density.
-        max_window: ``MAX_WINDOW_SIZE``, the longest segment of frames.
-    """
-
-    retain: float
-    tau: float = 0.8
-    beta: float = 0.6
-    contextual: float = 0.0
-    k: int = 7
-    max_window: int = 1024
+    tau: float = Field(default=0.8, gt=-1, lt=1, description="Static-token similarity threshold (official T).")
+    beta: float = Field(default=0.6, ge=0, le=1, description="A cluster center's share in its token (BETA).")
+    contextual: float = Field(
+        default=0.0, ge=0, le=1, description="Share of a frame's dynamic budget given to clustered tokens (D)."
+    )
+    k: int = Field(default=7, ge=1, description="Neighbours of DPC-KNN's density (official K).")
+    max_window: int = Field(default=1024, ge=1, description="Longest segment, in frames (MAX_WINDOW_SIZE).")
 
 
 def frame_similarity(x: Tensor) -> Tensor:
@@ -116,29 +108,31 @@ def cluster_weights(dist: Tensor, centers: Tensor, beta: float) -> tuple[Tensor,
     return center, weight
 
 
-def video_merge(x: Tensor, attention: Tensor, cfg: HoliTomConfig) -> tuple[Tensor, Tensor]:
+def video_merge(x: Tensor, attention: Tensor, retain: float, params: HoliTomParams) -> tuple[Tensor, Tensor]:
     """HoliTom's pre-LLM reduction of one video: ``(F, T)`` destinations (flat indices into the ``F * T`` grid,
     ``-1`` dropped) and weights.
 
     Args:
         x: ``(F, T, D)`` float32 projected (and pooled) frame tokens.
         attention: ``(F, T)`` the vision tower's attention each token receives (mean over heads and queries).
+        retain: ``RETAIN_RATIO``, the share of the video's tokens kept.
+        params: The other hyper-parameters.
     """
     frames, per_frame, _ = x.shape
     similarity = frame_similarity(x)
-    segments, saved = static_windows(similarity, cfg.tau, cfg.max_window)
+    segments, saved = static_windows(similarity, params.tau, params.max_window)
     total = frames * per_frame
-    retain = min(cfg.retain / ((total - saved) / total), 1.0)
+    retain = min(retain / ((total - saved) / total), 1.0)
     grid = torch.arange(total, device=x.device).view(frames, per_frame)
     dest = torch.full((frames, per_frame), -1, dtype=torch.long, device=x.device)
     weight = torch.ones(frames, per_frame, device=x.device)
     for start, end in segments:
         static = torch.zeros(per_frame, dtype=torch.bool, device=x.device)
         if end > start:
-            static = (similarity[start:end] > cfg.tau).all(0)
-        _static_tokens(x, grid, dest, weight, start, end, static, retain, cfg)
+            static = (similarity[start:end] > params.tau).all(0)
+        _static_tokens(x, grid, dest, weight, start, end, static, retain, params)
         for f in range(start, end + 1):
-            _dynamic_tokens(x[f], attention[f], grid[f], dest[f], weight[f], ~static, retain, cfg)
+            _dynamic_tokens(x[f], attention[f], grid[f], dest[f], weight[f], ~static, retain, params)
     return dest, weight
 
 
@@ -151,7 +145,7 @@ def _static_tokens(
     end: int,
     static: Tensor,
     retain: float,
-    cfg: HoliTomConfig,
+    params: HoliTomParams,
 ) -> None:
     """A segment's static places: their frames' mean (roots in the first frame), clustered by density."""
     places = static.nonzero()[:, 0]
@@ -160,8 +154,8 @@ def _static_tokens(
     if clusters <= 0:
         return
     mean = x[start : end + 1, places].float().mean(0)
-    centers, dist = dpc_knn(mean[None], clusters, min(cfg.k, clusters))
-    center, w = cluster_weights(dist[0], centers[0], cfg.beta)
+    centers, dist = dpc_knn(mean[None], clusters, min(params.k, clusters))
+    center, w = cluster_weights(dist[0], centers[0], params.beta)
     roots = grid[start, places[center]]
     dest[start : end + 1, places] = roots.expand(width, -1)
     weight[start : end + 1, places] = (w / width).expand(width, -1)
@@ -175,13 +169,13 @@ def _dynamic_tokens(
     weight: Tensor,
     dynamic: Tensor,
     retain: float,
-    cfg: HoliTomConfig,
+    params: HoliTomParams,
 ) -> None:
     """One frame's dynamic tokens: the top by attention kept (dominant), the rest clustered (contextual)."""
     places = dynamic.nonzero()[:, 0]
     n = int(places.numel())
     wanted = math.ceil(n * retain)
-    dominant = round(wanted * (1 - cfg.contextual))
+    dominant = round(wanted * (1 - params.contextual))
     contextual = wanted - dominant
     kept = torch.zeros(n, dtype=torch.bool, device=x.device)
     if dominant > 0:
@@ -189,7 +183,7 @@ def _dynamic_tokens(
         dest[places[kept]] = grid[places[kept]]
     rest = places[~kept]
     if contextual > 0:
-        centers, dist = dpc_knn(x[rest].float()[None], contextual, min(cfg.k, contextual))
-        center, w = cluster_weights(dist[0], centers[0], cfg.beta)
+        centers, dist = dpc_knn(x[rest].float()[None], contextual, min(params.k, contextual))
+        center, w = cluster_weights(dist[0], centers[0], params.beta)
         dest[rest] = grid[rest[center]]
         weight[rest] = w

@@ -48,6 +48,4 @@ class L2Norm(ScoringReducer):
         return norms if self.params.largest else -norms
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(L2Norm)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(L2Norm)

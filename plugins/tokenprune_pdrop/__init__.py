@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pydantic import Field
 from torch import Tensor
 
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer
-from tokenprune.reducer import AttentionSource, Requirements
+from tokenprune.reducer import AttentionSourceParams, Requirements
 from tokenprune.validation import required_attention
 
 
@@ -35,14 +34,9 @@ class PyramidDrop(ScoringReducer):
     name = "pdrop"
     capabilities = Capabilities(insertion_points=frozenset({"layer"}), own_attention=frozenset({"last"}))
 
-    class Params(ReducerParams):
-        source: AttentionSource = Field(
-            default="last",
-            description=(
-                "Whose attention at the stage's own layer ranks the tokens: 'last' = the last instruction token "
-                "(official inference code), 'all', 'text' or 'visual' = those tokens' rows; averaged over heads."
-            ),
-        )
+    class Params(AttentionSourceParams):
+        """``source``: whose attention at the stage's own layer ranks the tokens (``last``, the last instruction
+        token, as the official inference code)."""
 
     @classmethod
     def requirements(cls, params: ReducerParams) -> Requirements:
@@ -58,9 +52,7 @@ class PyramidDrop(ScoringReducer):
         return required_attention(replace(ctx, attention=ctx.own_attention), self.params.source, self.name, hint)
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(PyramidDrop)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(PyramidDrop)
 
 
 @tokenprune.hookimpl

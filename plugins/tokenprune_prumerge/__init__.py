@@ -20,15 +20,7 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import (
-    Capabilities,
-    ReduceContext,
-    ReducerParams,
-    Requirements,
-    Selection,
-    TokenReducer,
-    VisionAttentionRequest,
-)
+from tokenprune import Capabilities, ReduceContext, ReducerParams, Requirements, Selection, TokenReducer
 from tokenprune.budget import split_budget
 from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import VisionAttentionParams
@@ -72,8 +64,7 @@ class PruMerge(TokenReducer):
 
     @classmethod
     def requirements(cls, params: ReducerParams) -> Requirements:
-        p: VisionAttentionParams = params  # type: ignore[assignment]
-        return Requirements(vision_attention=VisionAttentionRequest(p.attention, p.layer))
+        return Requirements(vision_attention=params.vision_request())  # type: ignore[attr-defined]
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Select per sample and group (batch-independent); ``tokens`` is ``(B, N, D)`` and not read."""
@@ -126,9 +117,7 @@ def _groups(ctx: ReduceContext, kept: Tensor) -> list[tuple[int, list[Tensor]]]:
     ]
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(PruMerge)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(PruMerge)
 
 
 @tokenprune.hookimpl

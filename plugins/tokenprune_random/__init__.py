@@ -39,6 +39,4 @@ class RandomReducer(ScoringReducer):
         return scores.to(tokens.device)
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(RandomReducer)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(RandomReducer)

@@ -281,9 +281,7 @@ class SparseVLM(TokenReducer):
         return self._count_macs(tokens, ctx, self._plan(rank, ctx))
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(SparseVLM)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(SparseVLM)
 
 
 FIXED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}

@@ -142,6 +142,4 @@ def bipartite_merge(
     return destination
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(ToMe)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(ToMe)

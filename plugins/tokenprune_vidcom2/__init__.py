@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities
-from tokenprune.video_reducer import FrameGridVideoReducer
+from tokenprune.video_reducer import FrameGridVideoReducer, video_preset_hook
 
 ALPHAS: tuple[float, ...] = tuple(2.0**k for k in range(-3, 2))
 """Bandwidths of the multi-scale Gaussian kernel (the official ``[2**k for k in range(-3, 2)]``)."""
@@ -50,7 +49,6 @@ class VidCom2(FrameGridVideoReducer):
     """
 
     name = "vidcom2"
-    capabilities = Capabilities(insertion_points=frozenset({"post_projector"}), media=frozenset({"video"}))
 
     why_equal_frames = "VidCom2 scores each frame against its own mean and shares the budget out per frame"
 
@@ -107,20 +105,15 @@ def _gaussian(x: Tensor, center: Tensor) -> Tensor:
     return sum(torch.exp(-distance / (2 * a)) for a in ALPHAS)  # type: ignore[return-value]
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(VidCom2)
-
-
-@tokenprune.hookimpl
-def tokenprune_register_pipelines(registry: tokenprune.plugins.PipelineRegistry) -> None:
-    registry.add(
-        "vidcom2-25",
-        {"stages": [{"at": "post_projector", "tokens": "video", "reducer": "vidcom2", "keep": 0.25}]},
-        paper="VidCom2 (Liu et al., EMNLP 2025), https://arxiv.org/abs/2505.14454",
-        table=(
-            "the official README's lmms-eval commands (R_RATIO=0.25, the default) on LLaVA-OneVision-7B and "
-            "LLaVA-Video-7B: 25% of the video tokens kept"
-        ),
-        description="VidCom2: 25% of each video's tokens, shared out over frames by their uniqueness",
-    )
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(VidCom2)
+tokenprune_register_pipelines = video_preset_hook(
+    VidCom2,
+    "vidcom2-25",
+    0.25,
+    paper="VidCom2 (Liu et al., EMNLP 2025), https://arxiv.org/abs/2505.14454",
+    table=(
+        "the official README's lmms-eval commands (R_RATIO=0.25, the default) on LLaVA-OneVision-7B and "
+        "LLaVA-Video-7B: 25% of the video tokens kept"
+    ),
+    description="VidCom2: 25% of each video's tokens, shared out over frames by their uniqueness",
+)

@@ -26,11 +26,10 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, Merge, ReduceContext, ReducerParams, TokenReducer, VisionAttentionRequest
-from tokenprune.errors import ReducerInputError
+from tokenprune import Capabilities, Merge, ReduceContext, ReducerParams, TokenReducer
 from tokenprune.reducer import Requirements, VisionAttentionParams
 from tokenprune.similarity import unit_rows
-from tokenprune.validation import attention_and_projected, check_finite_tokens
+from tokenprune.validation import attention_and_metric
 
 PAPER = "VisionZip (Yang et al., CVPR 2025), https://arxiv.org/abs/2412.04467"
 
@@ -92,7 +91,7 @@ class VisionZip(TokenReducer):
     @classmethod
     def requirements(cls, params: ReducerParams) -> Requirements:
         p: VisionZip.Params = params  # type: ignore[assignment]
-        return Requirements(vision_attention=VisionAttentionRequest(p.attention, p.layer, keys=p.similarity == "keys"))
+        return Requirements(vision_attention=p.vision_request(keys=p.similarity == "keys"))
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
         """Dominant and contextual tokens of every sample at once; see the class docstring.
@@ -125,17 +124,7 @@ class VisionZip(TokenReducer):
 
     def _inputs(self, tokens: Tensor, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
         """``(B, N)`` attention and the ``(B, N, d)`` metric the remaining tokens are assigned by."""
-        similarity = self.params.similarity  # type: ignore[attr-defined]
-        attention, projected = attention_and_projected(tokens, ctx, self.name, similarity)
-        if projected is not None:
-            return attention, projected
-        if ctx.vision_keys is None:
-            raise ReducerInputError(
-                f"reducer {self.name!r} with similarity 'keys' needs ctx.vision_keys (the engine serves them when "
-                "the stage's vision request sets keys); or set similarity: projected"
-            )
-        check_finite_tokens(ctx.vision_keys, ctx, self.name)
-        return attention, ctx.vision_keys
+        return attention_and_metric(tokens, ctx, self.name, self.params.similarity, "keys")  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -252,9 +241,7 @@ def visionzip_destination(plan: VisionZipPlan, metric: Tensor) -> Tensor:
     return wide[:, :n]
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(VisionZip)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(VisionZip)
 
 
 @tokenprune.hookimpl

@@ -18,11 +18,10 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer, VisionAttentionRequest
-from tokenprune.errors import ReducerInputError
+from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer
 from tokenprune.reducer import Requirements, VisionAttentionParams
 from tokenprune.similarity import unit_rows
-from tokenprune.validation import attention_and_projected
+from tokenprune.validation import attention_and_metric
 
 DROP_PER_ROUND = 8
 """Most near-duplicates one matching round removes (the official code's ``min(8, R - T_div)``)."""
@@ -72,9 +71,7 @@ class VisPruner(TokenReducer):
     @classmethod
     def requirements(cls, params: ReducerParams) -> Requirements:
         p: VisPruner.Params = params  # type: ignore[assignment]
-        return Requirements(
-            vision_attention=VisionAttentionRequest(p.attention, p.layer, features=p.similarity == "vision")
-        )
+        return Requirements(vision_attention=p.vision_request(features=p.similarity == "vision"))
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Select per sample; see the class docstring. ``tokens`` is ``(B, N, D)``.
@@ -117,16 +114,7 @@ class VisPruner(TokenReducer):
 
     def _inputs(self, tokens: Tensor, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
         """``(B, N)`` attention and ``(B, N, D)`` features the duplicates are found on."""
-        similarity = self.params.similarity  # type: ignore[attr-defined]
-        attention, projected = attention_and_projected(tokens, ctx, self.name, similarity)
-        if projected is not None:
-            return attention, projected
-        if ctx.vision_features is None:
-            raise ReducerInputError(
-                f"reducer {self.name!r} with similarity 'vision' needs ctx.vision_features (the engine serves them "
-                "when the stage's vision request sets features); or set similarity: projected"
-            )
-        return attention, ctx.vision_features
+        return attention_and_metric(tokens, ctx, self.name, self.params.similarity, "features")  # type: ignore[attr-defined]
 
 
 def vispruner_picks(
@@ -231,6 +219,4 @@ def _fallback(sim: Tensor, best: Tensor, lowest: Tensor, even: Tensor, odd: Tens
     return best, unlisted.any()
 
 
-@tokenprune.hookimpl
-def tokenprune_register_reducers(registry: tokenprune.plugins.ReducerRegistry) -> None:
-    registry.add(VisPruner)
+tokenprune_register_reducers = tokenprune.plugins.reducers_hook(VisPruner)

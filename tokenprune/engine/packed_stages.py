@@ -179,17 +179,4 @@ class PackedTowerStages:
 
 
 def _context(plan: StagePlan, rows: Tensor, valid: Tensor, units: PackedUnits) -> ReduceContext:
-    m, w = valid.shape
-    protected = torch.zeros_like(valid)
-    layout = units.layout(units.rows)
-    return ReduceContext(
-        at=plan.stage.point,
-        budget=plan.budget(valid, protected, layout),
-        valid=valid,
-        protected=protected,
-        sizes=torch.ones(m, w, device=rows.device),
-        layout=layout,
-        stage_index=plan.index,
-        keep=plan.stage.keep,
-        columns=torch.arange(w, device=rows.device).expand(m, -1),
-    )
+    return plan.tower_context(valid, torch.ones(valid.shape, device=rows.device), units.layout(units.rows))

@@ -68,6 +68,7 @@ class ProjectorRun:
         return not torch.equal(self.masks[-1], self.masks[0]) or bool((self.sizes != 1).any())
 
 
+@dataclass(eq=False)
 class PreProjector:
     """The ``pre_projector`` stages of one applied pipeline.
 
@@ -78,21 +79,14 @@ class PreProjector:
         vision: The ``vision_layer`` stages, whose surviving tokens are put back on the patch grid here.
     """
 
-    def __init__(
-        self,
-        plans: list[StagePlan],
-        adapter: ModelAdapter,
-        calls: FeatureCalls,
-        vision: VisionLayerStages | None = None,
-    ) -> None:
-        self.plans = plans
-        self.vision = vision
-        self.adapter = adapter
-        self.calls = calls
-        self.vision_probe: VisionProbe | None = None
-        self.last: ProjectorRun | None = None
-        self._tower: VisionTower | None = None
-        self._capture: PackedUnitCapture | None = None  # a packed tower's units (Qwen2-VL)
+    plans: list[StagePlan]
+    adapter: ModelAdapter
+    calls: FeatureCalls
+    vision: VisionLayerStages | None = None
+    vision_probe: VisionProbe | None = field(default=None, init=False)
+    last: ProjectorRun | None = field(default=None, init=False)
+    _tower: VisionTower | None = field(default=None, init=False, repr=False)
+    _capture: PackedUnitCapture | None = field(default=None, init=False, repr=False)  # a packed tower's (Qwen2-VL)
 
     @property
     def all_plans(self) -> list[StagePlan]:
@@ -149,14 +143,10 @@ class PreProjector:
         run = _projector_run(x, cut)
         if cut is not None:
             x = cut.expand(x)[0]
-        counted: set[tuple[Any, ...]] = set()
-        with torch.no_grad():
-            for plan in self.plans:
-                x = self._run(plan, x, run, counted)
-        self.last = run
+        x = self._run_all(x, run)
         if not run.changed and cut is None:
             return None
-        return ((x, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): x})
+        return _with_input(args, kwargs, x)
 
     def _before_packed(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A packed tower's ``(N, Dv)`` merger input: the stages run on the frames' rows of whole units."""
@@ -174,15 +164,19 @@ class PreProjector:
         if cut is not None:
             run.seconds, run.macs = list(cut.seconds), list(cut.macs)
         run.layout = units.layout(index)
+        rows = self._run_all(rows, run)
+        if not run.changed and cut is None:
+            return None
+        return _with_input(args, kwargs, units.from_rows(rows).to(x.dtype))
+
+    def _run_all(self, x: Tensor, run: ProjectorRun) -> Tensor:
+        """Every stage in pipeline order on the ``(rows, patches, D)`` rows ``x``; ``run`` becomes :attr:`last`."""
         counted: set[tuple[Any, ...]] = set()
         with torch.no_grad():
             for plan in self.plans:
-                rows = self._run(plan, rows, run, counted)
+                x = self._run(plan, x, run, counted)
         self.last = run
-        if not run.changed and cut is None:
-            return None
-        out = units.from_rows(rows).to(x.dtype)
-        return ((out, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): out})
+        return x
 
     def _run(self, plan: StagePlan, x: Tensor, run: ProjectorRun, counted: set[tuple[Any, ...]]) -> Tensor:
         """One stage on the rows still valid; returns ``x`` with merged rows written at their roots."""
@@ -203,21 +197,10 @@ class PreProjector:
     ) -> tuple[ReduceContext, int]:
         rows, patches, _ = x.shape
         valid = run.masks[-1]
-        protected = torch.zeros_like(valid)
         side = math.isqrt(patches)
         layout = TokenLayout.grid(side, side, batch=rows).to(x.device) if side * side == patches else None
         layout = run.layout if run.layout is not None else layout
-        ctx = ReduceContext(
-            at=plan.stage.point,
-            budget=plan.budget(valid, protected, layout),
-            valid=valid,
-            protected=protected,
-            sizes=run.sizes,
-            layout=layout,
-            stage_index=plan.index,
-            keep=plan.stage.keep,
-            columns=torch.arange(patches, device=x.device).expand(rows, -1),
-        )
+        ctx = plan.tower_context(valid, run.sizes, layout)
         request = plan.needs.vision_attention
         if request is None:
             return ctx, 0
@@ -442,3 +425,8 @@ def _write_rows(
     padded = padded.scatter(1, cols.unsqueeze(-1).expand(-1, -1, dim), merged.to(x.dtype))
     padded_sizes = torch.cat([sizes, sizes.new_zeros(rows, 1)], 1).scatter(1, cols, merged_sizes.to(sizes.dtype))
     return padded[:, :patches], padded_sizes[:, :patches]
+
+
+def _with_input(args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The projector call's ``(args, kwargs)`` with its first input (positional or keyword) replaced by ``x``."""
+    return ((x, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): x})

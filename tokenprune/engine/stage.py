@@ -49,6 +49,30 @@ class StagePlan:
         budget = self.reducer.stage_budget(self.stage.keep, valid, protected, layout)
         return check_stage_budget(budget, valid, protected, who=self.who)
 
+    def tower_context(self, valid: Tensor, sizes: Tensor, layout: TokenLayout | None) -> ReduceContext:
+        """This stage's context on a vision tower's rows (``vision_layer`` and ``pre_projector`` stages).
+
+        Args:
+            valid: ``(R, P)`` bool, the rows' tokens still there.
+            sizes: ``(R, P)`` patches each token stands for.
+            layout: The tokens' grid, if known.
+
+        Nothing is protected, and column ``j`` of every row is the row's token ``j``.
+        """
+        rows, patches = valid.shape
+        protected = torch.zeros_like(valid)
+        return ReduceContext(
+            at=self.stage.point,
+            budget=self.budget(valid, protected, layout),
+            valid=valid,
+            protected=protected,
+            sizes=sizes,
+            layout=layout,
+            stage_index=self.index,
+            keep=self.stage.keep,
+            columns=torch.arange(patches, device=valid.device).expand(rows, -1),
+        )
+
 
 def plans_by_layer(plans: list[StagePlan]) -> dict[int, list[StagePlan]]:
     """The ``layer: k`` stages grouped by ``k``, each group in pipeline order."""

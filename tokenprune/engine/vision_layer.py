@@ -198,23 +198,12 @@ class VisionLayerStages:
     def _context(self, plan: StagePlan, tokens: Tensor, cut: TowerCut) -> ReduceContext:
         rows, n = int(tokens.shape[0]), int(tokens.shape[1])
         valid = torch.ones(rows, n, dtype=torch.bool, device=tokens.device)
-        protected = torch.zeros_like(valid)
         side = math.isqrt(cut.patches)
         layout = None
         if side * side == cut.patches:
             grid = TokenLayout.grid(side, side, batch=rows).to(tokens.device)
             layout = grid.gather(cut.index)
-        return ReduceContext(
-            at=plan.stage.point,
-            budget=plan.budget(valid, protected, layout),
-            valid=valid,
-            protected=protected,
-            sizes=cut.sizes.to(tokens.device),
-            layout=layout,
-            stage_index=plan.index,
-            keep=plan.stage.keep,
-            columns=torch.arange(n, device=tokens.device).expand(rows, -1),
-        )
+        return plan.tower_context(valid, cut.sizes.to(tokens.device), layout)
 
 
 def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: Tensor) -> tuple[tuple[Any, ...], dict]:
