@@ -20,13 +20,10 @@ from typer.testing import CliRunner
 from tokenprune.cli import app
 from tokenprune.testing.tiny_checkpoints import NOT_BUILT, RECIPES, save_tiny_checkpoint
 
-COVERED = ["qwen3_5", "gemma4", "glm4v", "aya_vision", "paddleocr_vl", "video_llava"]
+COVERED = ["qwen3_5", "gemma4", "glm4v", "aya_vision", "paddleocr_vl", "video_llava", "ernie4_5_vl_moe"]
 #: Families of issue 32 whose `tokenprune run` is not tested here, with the reason.
 SKIPPED = {
     **NOT_BUILT,
-    "ernie4_5_vl_moe": "the processor returns moe_mm_token_type_ids (one per prompt token) and the engine does not "
-    "cut it at a post_projector stage: the decoder layer's MoE indexes its 8 kept tokens with the prompt's 11-token "
-    "mask (IndexError in Ernie4_5_VLMoeMoeBlock); the census passes because its inputs give mm_token_type_ids only",
     "minicpmv4_6": "MiniCPMV4_6Processor.__init__ reads its video processor's slice_mode and downsample_mode, so the "
     "processor cannot be built without its video processor (MiniCPMV4_6VideoProcessor), whose class needs torchvision",
 }
@@ -103,11 +100,6 @@ def test_a_family_without_a_recipe_is_refused_then_skipped_with_its_reason(model
     with pytest.raises(KeyError, match=model_type):
         save_tiny_checkpoint(model_type, tmp_path)
     pytest.skip(f"tokenprune run not tested on {model_type}: {SKIPPED[model_type]}")
-
-
-@pytest.mark.xfail(strict=True, reason=f"ernie4_5_vl_moe: {SKIPPED['ernie4_5_vl_moe']}")
-def test_run_on_ernie_fails_until_the_engine_cuts_its_moe_token_types(files, tmp_path_factory):
-    _run(_saved("ernie4_5_vl_moe", tmp_path_factory), files["half"], files["image"])
 
 
 def test_every_family_of_the_issue_is_covered_or_skipped_with_a_reason():

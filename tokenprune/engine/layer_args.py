@@ -111,7 +111,7 @@ DEFAULT_LAYER_ARGS: Mapping[str, LayerArg] = {
 
 #: Per-token inputs of the language model itself (beside ``inputs_embeds``, the mask and positions) that follow
 #: a post_projector cut: ``(B, L, ...)`` gathered along the token axis (Gemma 4's ``per_layer_inputs``).
-LM_PER_TOKEN_INPUTS = ("per_layer_inputs",)
+LM_PER_TOKEN_INPUTS = ("per_layer_inputs", "moe_mm_token_type_ids")
 
 
 def cut_lm_inputs(kwargs: dict[str, Any], columns: Tensor, width: int) -> None:

@@ -338,7 +338,7 @@ def cached_decode_equals_recompute(c: AdapterCase, *, positions: str = "original
 
     Args:
         c: The case (:func:`adapter_case`); its ``generated_token_type_id`` extends ``token_type_ids``
-            for the recompute (``mm_token_type_ids`` are always extended with 0, text).
+            for the recompute (``mm_token_type_ids`` and ``moe_mm_token_type_ids`` are always extended with 0, text).
         positions: The pipeline's ``positions`` option, ``"original"`` or ``"compact"``.
     """
     model = c.model
@@ -357,9 +357,10 @@ def cached_decode_equals_recompute(c: AdapterCase, *, positions: str = "original
         if "token_type_ids" in full:
             fill = torch.full_like(seq[:, :new], c.generated_token_type_id, dtype=inputs["token_type_ids"].dtype)
             full["token_type_ids"] = torch.cat([inputs["token_type_ids"], fill], 1)
-        if "mm_token_type_ids" in full:
-            fill = torch.zeros_like(seq[:, :new], dtype=inputs["mm_token_type_ids"].dtype)
-            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], fill], 1)
+        for name in ("mm_token_type_ids", "moe_mm_token_type_ids"):  # generated tokens are text: 0
+            if name in full:
+                fill = torch.zeros_like(seq[:, :new], dtype=inputs[name].dtype)
+                full[name] = torch.cat([inputs[name], fill], 1)
         out = c.forward(full, use_cache=False).logits
         kept_recomputed = [s.kept for s in run.stats.last_prefill.stages]
     _expect(kept_recomputed == kept_cached, name, "the recompute kept other tokens than the cached prefill")
