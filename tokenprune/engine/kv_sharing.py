@@ -92,9 +92,18 @@ def check_layer_cuts(layer_plans: Mapping[int, Sequence[StagePlan]], sharing: KV
             f"stage {plan.index} ({plan.stage.reducer!r} at {plan.stage.point}) cuts tokens before layer {k}, but "
             f"this model shares keys and values: layers {sharing.first_shared} to {sharing.layers - 1} attend with "
             f"the keys and values of {sources}, computed before the cut over every token, and tokenprune does not "
-            f"gather them to the kept tokens; put the stage at layer: k for k in 1..{limit} (at or before the "
-            "earliest layer whose keys and values are shared), or prune before the language model (post_projector)"
+            f"gather them to the kept tokens; {_usable(limit)}"
         )
+
+
+def _usable(limit: int) -> str:
+    before = "prune before the language model (post_projector or pre_projector)"
+    if limit < 1:
+        return f"layer 0's keys and values are shared, so no layer: k stage can run on this model; {before}"
+    return (
+        f"put the stage at layer: k for k in {'1' if limit == 1 else f'1..{limit}'} (at or before the earliest "
+        f"layer whose keys and values are shared), or {before}"
+    )
 
 
 def full_prefill(kwargs: dict[str, Any], lm_visual: Tensor, *, always: bool) -> bool:
