@@ -140,25 +140,91 @@ def test_a_layer_cut_before_the_sources_and_a_decode_stage_reading_a_shared_laye
     assert len(decoded) == 2 and all(s.reducer == "dycoke_dp" and s.leaving < s.entering for s in decoded)
 
 
-@pytest.mark.parametrize(("k", "reducer"), [(3, "random"), (4, "fastv"), (7, "random")])
-def test_a_layer_cut_after_the_earliest_source_is_refused_naming_the_usable_layers(case, k, reducer):
+@pytest.mark.parametrize("k", [3, 4, 6])
+def test_a_layer_cut_after_a_source_gathers_the_shared_keys_and_values_to_the_kept_tokens(case, k, monkeypatch):
+    """``layer: 3`` cuts between the sources (sliding source 2 holds every token, full source 3 the kept ones),
+    ``layer: 4`` before every shared layer, ``layer: 6`` among them (the prefill then runs the shared layers on
+    every token): cached decoding equals recomputation and a padded batch decodes as one by one, so the shared
+    layers after the cut attended to exactly the kept tokens' keys and values, in the prefill and every step."""
+    gathers: list[int] = []
+    real = layer_hooks.shared_keys_call
+    monkeypatch.setattr(layer_hooks, "shared_keys_call", lambda kw, i, *a: (gathers.append(i), real(kw, i, *a))[1])
+    cut = {"stages": [{"at": {"layer": k}, "reducer": "first_k", "keep": 0.5}]}
+    _prefill_equals_masked_reference(case, cut, k)
+    assert set(gathers) == {i for i in range(4, 8) if i >= k}
+    _decode_equals_recompute(case, cut)
+    _batch_equals_one_by_one(case, cut)
+
+
+def _prefill_equals_masked_reference(case: checks.AdapterCase, pipeline: dict, k: int) -> None:
+    """The reference, with no gather: the stock model with every token kept and the dropped ones masked out of
+    the attention of layers ``k`` on (the shared layers' included, over their source's keys of every token)
+    gives the pruned run's last logits (1e-5)."""
+    inputs = case.padded_batch()
+    with tp.apply(case.model, pipeline, plugins=case.manager) as run:
+        pruned = case.forward(inputs).logits[:, -1]
+    (stage,) = run.stats.last_prefill.stages
+    visual = case.visual(inputs)
+    keep = torch.ones_like(visual)
+    for b, kept in enumerate(stage.kept):
+        columns = visual[b].nonzero().flatten()
+        keep[b, columns] = False
+        keep[b, columns[kept]] = True
+    assert not keep.all()
+
+    def leave_out(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        kwargs["attention_mask"] = mask & keep[:, None, None, :]
+        return args, kwargs
+
+    layers = case.adapter.decoder_layers()
+    handles = [layers[i].register_forward_pre_hook(leave_out, with_kwargs=True) for i in range(k, len(layers))]
+    try:
+        reference = case.forward(inputs).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(pruned, reference, atol=checks.PRUNE_TOLERANCE, rtol=0)
+
+
+def test_an_attention_stage_reading_a_shared_layer(case):
+    """FastV at ``layer: 6`` reads shared layer 5's attention (with full source 3's keys) in the prefill: each
+    sample of a padded batch keeps and decodes what it does alone. (Its last-row scores differ between a
+    prefill and a recomputation with the output appended, so that check does not apply.)"""
+    fastv = {"stages": [{"at": {"layer": 6}, "reducer": "fastv", "keep": 0.5}]}
+    _batch_equals_one_by_one(case, fastv)
+    with tp.apply(case.model, fastv, plugins=case.manager) as run:
+        case.generate(case.padded_batch(), 2)
+    (stage,) = run.stats.last_prefill.stages
+    assert stage.reducer == "fastv" and all(
+        out < into for out, into in zip(stage.leaving, stage.entering, strict=True) if into
+    )
+
+
+@pytest.mark.parametrize(
+    ("k", "reducer", "why"),
+    [
+        (3, "sparsevlm", "it may merge tokens, and a merged token has no keys and values in the source layer"),
+        (5, "pdrop", "it reads layer 5's own attention, and layer 5 computes no keys of its own"),
+    ],
+)
+def test_what_kv_sharing_cannot_follow_is_refused_naming_the_usable_layers(case, k, reducer, why):
     pipe = {"stages": [{"at": {"layer": k}, "reducer": reducer, "keep": 0.5}]}
     expected = (
-        rf"cuts tokens before layer {k}, but this model shares keys and values: layers 4 to 7 attend with the keys "
-        r"and values of layer 2 \(sliding_attention\), layer 3 \(full_attention\).*layer: k for k in 1\.\.2"
+        rf"shares keys and values \(layers 4 to 7 attend with the keys and values of layer 2 \(sliding_attention\), "
+        rf"layer 3 \(full_attention\)\) and {why}; put the stage at layer: k for k in 1\.\.2"
     )
     with pytest.raises(PipelineError, match=expected):
         tp.apply(case.model, pipe)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in case.model.modules())
 
 
-def test_no_layer_cut_runs_where_the_first_layers_are_the_sources():
-    with torch.device("meta"):
-        model = _gemma4(layers=4, shared=2)
-    with pytest.raises(PipelineError, match=r"no layer: k stage can run on this model; prune before"):
-        tp.apply(model, {"stages": [{"at": {"layer": 1}, "reducer": "random", "keep": 0.5}]})
-    with tp.apply(model, {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]}):
-        pass
+def test_a_layer_cut_where_the_first_layers_are_the_sources():
+    """Layers 0 and 1 are the sources: ``layer: 1`` gathers sliding source 0's keys for shared layer 2."""
+    case = _case(_gemma4(layers=4, shared=2))
+    cut = {"stages": [{"at": {"layer": 1}, "reducer": "first_k", "keep": 0.5}]}
+    _decode_equals_recompute(case, cut)
+    _batch_equals_one_by_one(case, cut)
 
 
 def test_the_shared_layers_run_on_every_token_where_the_last_columns_may_be_cut():

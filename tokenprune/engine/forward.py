@@ -339,7 +339,7 @@ class ForwardHooks:
             kw["attention_mask"] = pruned_input_mask(kw.get("attention_mask"), seq, **plan.masks)
             kw["position_ids"] = P.from_rows(seq.positions, fmt)
             cut_lm_inputs(kw, seq.input_column, length)  # per-layer embeddings (Gemma 4)
-        full = plan.kv_sharing is not None and full_prefill(kw, seq.visual, always=plan.channels_after_sharing)
+        full = plan.kv_sharing is not None and full_prefill(kw, seq.visual, always=plan.after_shared)
         lm_columns = torch.arange(st.lm_length, device=hidden.device).expand(batch, -1)
         self.live.set_current(st, replace(seq, lm_column=lm_columns, has_padding_slots=False), lm_input=True)
         if plan.keeps_embeds:

@@ -23,7 +23,7 @@ from tokenprune.engine import compat
 from tokenprune.engine.deepstack import adds_visual_residuals
 from tokenprune.engine.guards import bind_stages, check_attention_implementation, check_decode_layer, check_layers_exist
 from tokenprune.engine.hybrid import check_attention_layers, is_recurrent, layer_kinds
-from tokenprune.engine.kv_sharing import KVSharing, check_layer_cuts, kv_sharing
+from tokenprune.engine.kv_sharing import KVSharing, check_shared_stages, kv_sharing
 from tokenprune.engine.layer_args import LayerArg, layer_args_of, positional_names
 from tokenprune.engine.masks import mask_kind
 from tokenprune.engine.stage import StagePlan, plans_by_layer
@@ -55,7 +55,7 @@ class InstallPlan:
         produce_at: The layers ``k >= 1`` after whose layer ``k - 1`` a stage runs or a channel is produced.
         kv_sharing: The language model's KV sharing (:mod:`tokenprune.engine.kv_sharing`), where a layer stage
             or channel runs in the prefill (``None``: no sharing, or nothing for the layer hooks to follow).
-        channels_after_sharing: A channel reads a shared layer's output: the prefill runs them on every token.
+        after_shared: A stage or channel reads a shared layer's output: the prefill runs them on every token.
     """
 
     plans: tuple[StagePlan, ...]
@@ -77,7 +77,7 @@ class InstallPlan:
     recurrent: tuple[bool, ...]
     produce_at: tuple[int, ...]
     kv_sharing: KVSharing | None = None
-    channels_after_sharing: bool = False
+    after_shared: bool = False
 
     @property
     def stage_kw(self) -> dict[str, bool]:
@@ -110,7 +110,7 @@ def plan_install(
     kinds = layer_kinds(adapter.text_config(), layers)
     check_attention_layers(by_layer, decode, kinds)
     sharing = kv_sharing(adapter.text_config(), len(layers))
-    check_layer_cuts(by_layer, sharing)
+    check_shared_stages(by_layer, sharing)
     bind_stages(list(plans), model)
     impl = compat.attention_implementation(adapter.text_config())
     if plans:
@@ -142,5 +142,5 @@ def plan_install(
         recurrent=tuple(is_recurrent(kind) for kind in kinds),
         produce_at=produce_at,
         kv_sharing=sharing if produce_at else None,
-        channels_after_sharing=sharing is not None and any(c.layer > sharing.first_shared for c in channels),
+        after_shared=sharing is not None and any(k > sharing.first_shared for k in produce_at),
     )

@@ -27,6 +27,7 @@ keys and values of every token (its source ran before the cut); it is refused at
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokenprune.engine.forward_state import PrefillState
 from tokenprune.engine.masks import causal_mask, slice_mask
 from tokenprune.engine.sequence import TokenSequence, gather_position_ids, position_ids_like
 from tokenprune.engine.stage import StagePlan
-from tokenprune.errors import PipelineError
+from tokenprune.errors import PipelineError, TokenpruneError
 
 
 @dataclass(frozen=True)
@@ -47,17 +49,22 @@ class KVSharing:
     Attributes:
         first_shared: The first layer that reuses keys and values (every later one does too).
         sources: Attention type -> the layer whose keys and values the shared layers of that type reuse.
-        layers: The number of decoder layers.
+        kinds: Each decoder layer's attention type.
     """
 
     first_shared: int
     sources: Mapping[str, int]
-    layers: int
+    kinds: tuple[str, ...]
 
     @property
     def earliest_source(self) -> int:
-        """The earliest source layer: a ``layer: k`` cut may run at ``k`` up to this one."""
+        """The earliest source layer: a ``layer: k`` cut up to this one leaves every source and shared layer the
+        same tokens."""
         return min(self.sources.values())
+
+    def source_of(self, layer: int) -> int | None:
+        """The layer whose keys and values ``layer`` reuses (``None``: it computes its own)."""
+        return self.sources[self.kinds[layer]] if layer >= self.first_shared else None
 
 
 def kv_sharing(text_config: Any, layers: int) -> KVSharing | None:
@@ -69,41 +76,46 @@ def kv_sharing(text_config: Any, layers: int) -> KVSharing | None:
     if not isinstance(shared, int) or shared <= 0 or shared >= layers:
         return None
     first = layers - shared
-    types = list(getattr(text_config, "layer_types", None) or ["full_attention"] * layers)[:layers]
-    sources = {kind: max(i for i in range(first) if types[i] == kind) for kind in set(types[:first])}
-    return KVSharing(first_shared=first, sources=sources, layers=layers)
+    kinds = tuple(getattr(text_config, "layer_types", None) or ["full_attention"] * layers)[:layers]
+    sources = {kind: max(i for i in range(first) if kinds[i] == kind) for kind in set(kinds[:first])}
+    return KVSharing(first_shared=first, sources=sources, kinds=kinds)
 
 
-def check_layer_cuts(layer_plans: Mapping[int, Sequence[StagePlan]], sharing: KVSharing | None) -> None:
-    """Refuse a ``layer: k`` stage after the earliest source layer of a model that shares keys and values.
+def check_shared_stages(layer_plans: Mapping[int, Sequence[StagePlan]], sharing: KVSharing | None) -> None:
+    """Refuse the ``layer: k`` stages after the earliest source layer that KV sharing cannot follow: a reducer
+    that may merge (a merged token has no keys of its own in the source layer) and a stage reading the own
+    attention of a shared layer (its dry call would attend to the source's keys of every token).
 
     Raises:
         PipelineError: naming the stage, the source and shared layers, and the ``k`` the stage may use.
     """
     if sharing is None:
         return
-    limit = sharing.earliest_source
     for k, plans in sorted(layer_plans.items()):
-        if k <= limit:
+        if k <= sharing.earliest_source:
             continue
-        plan = plans[0]
-        sources = ", ".join(f"layer {i} ({kind})" for kind, i in sorted(sharing.sources.items(), key=lambda e: e[1]))
-        raise PipelineError(
-            f"stage {plan.index} ({plan.stage.reducer!r} at {plan.stage.point}) cuts tokens before layer {k}, but "
-            f"this model shares keys and values: layers {sharing.first_shared} to {sharing.layers - 1} attend with "
-            f"the keys and values of {sources}, computed before the cut over every token, and tokenprune does not "
-            f"gather them to the kept tokens; {_usable(limit)}"
-        )
+        for plan in plans:
+            if type(plan.reducer).capabilities.merges:
+                why = "it may merge tokens, and a merged token has no keys and values in the source layer"
+            elif plan.needs.own_attention and k >= sharing.first_shared:
+                why = f"it reads layer {k}'s own attention, and layer {k} computes no keys of its own"
+            else:
+                continue
+            raise PipelineError(
+                f"stage {plan.index} ({plan.stage.reducer!r} at {plan.stage.point}) cannot run there: this model "
+                f"shares keys and values ({_shared(sharing)}) and {why}; put the stage at layer: k for k in "
+                f"{_up_to(sharing)} (at or before the earliest source layer) or before the language model"
+            )
 
 
-def _usable(limit: int) -> str:
-    before = "prune before the language model (post_projector or pre_projector)"
-    if limit < 1:
-        return f"layer 0's keys and values are shared, so no layer: k stage can run on this model; {before}"
-    return (
-        f"put the stage at layer: k for k in {'1' if limit == 1 else f'1..{limit}'} (at or before the earliest "
-        f"layer whose keys and values are shared), or {before}"
-    )
+def _shared(sharing: KVSharing) -> str:
+    sources = ", ".join(f"layer {i} ({kind})" for kind, i in sorted(sharing.sources.items(), key=lambda e: e[1]))
+    return f"layers {sharing.first_shared} to {len(sharing.kinds) - 1} attend with the keys and values of {sources}"
+
+
+def _up_to(sharing: KVSharing) -> str:
+    limit = sharing.earliest_source
+    return "none (layer 0 is a source)" if limit < 1 else ("1" if limit == 1 else f"1..{limit}")
 
 
 def full_prefill(kwargs: dict[str, Any], lm_visual: Tensor, *, always: bool) -> bool:
@@ -161,3 +173,68 @@ def tail_call(
             position_ids_like(positions, position_ids) if compact else gather_position_ids(position_ids, tail)
         )
     return kwargs
+
+
+def shared_keys_call(
+    kwargs: dict[str, Any], layer: int, sharing: KVSharing, st: PrefillState, seg: TokenSequence
+) -> dict[str, Any]:
+    """A shared layer's ``shared_kv_states`` with its source's keys and values gathered to the tokens the
+    layer holds (``seg``), where a layer cut between the source and the layer left it fewer tokens.
+
+    In the prefill the source's keys are its prefill columns; in a decoding step those, then the tokens
+    decoded so far (this step's included). The gathered copy goes to this layer only; the model's
+    ``shared_kv_states`` keeps the source's own.
+
+    Raises:
+        TokenpruneError: no keys and values of the source in ``shared_kv_states``, or a source that keeps only
+            its window (a sliding layer past its window in decoding).
+    """
+    source = sharing.sources[sharing.kinds[layer]]
+    src = st.segment(source)
+    shared = kwargs.get("shared_kv_states")
+    kind = sharing.kinds[layer]
+    if src is seg:
+        return kwargs
+    if shared is None or kind not in shared:
+        raise TokenpruneError(
+            f"decoder layer {layer} reuses the keys and values of layer {source}, but received no shared_kv_states "
+            f"entry for {kind!r}; tokenprune follows transformers' Gemma 4 KV sharing (the source stores them)"
+        )
+    key, value = shared[kind]
+    idx = _source_columns(st, source, src, seg)
+    width = int(src.valid.shape[1]) if src is not None else st.lm_length
+    extra = 0 if st.in_prefill else st.decoded + st.step_length
+    if int(key.shape[2]) != width + extra:
+        raise TokenpruneError(
+            f"decoder layer {layer} reuses the keys and values of layer {source} ({kind}), which hold "
+            f"{int(key.shape[2])} keys, not its {width} prefill tokens plus the {extra} decoded: a sliding layer "
+            "past its window (sliding_window); tokenprune gathers the shared keys to a layer cut's kept tokens only "
+            "while prompt and output fit in the window; cut at or before the earliest source layer instead"
+        )
+    if extra:
+        new = torch.arange(width, width + extra, device=idx.device).expand(idx.shape[0], extra)
+        idx = torch.cat([idx, new], 1)
+    index = idx[:, None, :, None].expand(key.shape[0], key.shape[1], -1, key.shape[3])
+    out = copy.copy(shared)
+    out[kind] = (key.gather(2, index), value.gather(2, index.expand(*index.shape[:3], value.shape[3])))
+    kwargs["shared_kv_states"] = out
+    return kwargs
+
+
+def _source_columns(st: PrefillState, source: int, src: TokenSequence | None, seg: TokenSequence) -> Tensor:
+    """``(B, L')`` the column in the source's prefill keys of each token of ``seg`` (0 for a padding slot, which
+    the layer's mask leaves out), computed once per (source, segment) and prefill."""
+    hit = st.shared_columns.get((source, id(seg)))
+    if hit is not None and hit[0] is seg:
+        return hit[1]
+    cols = seg.lm_column
+    if src is None:  # the source holds the language model's input: its columns are the lm columns
+        idx = cols.clamp(min=0)
+    else:
+        batch, width = int(src.lm_column.shape[0]), int(src.lm_column.shape[1])
+        inverse = torch.zeros(batch, st.lm_length + 1, dtype=torch.long, device=cols.device)
+        slots = torch.where(src.lm_column >= 0, src.lm_column, st.lm_length)
+        inverse.scatter_(1, slots, torch.arange(width, device=cols.device).expand(batch, width))
+        idx = inverse.gather(1, cols.clamp(min=0))
+    st.shared_columns[(source, id(seg))] = (seg, idx)
+    return idx

@@ -27,7 +27,7 @@ from tokenprune.engine.decode_stage import StepKeys, cache_columns, run_decode_s
 from tokenprune.engine.deepstack import add_layer_residual
 from tokenprune.engine.forward_state import ForwardState, PrefillState, record_layer_tokens
 from tokenprune.engine.install import InstallPlan
-from tokenprune.engine.kv_sharing import tail_call
+from tokenprune.engine.kv_sharing import shared_keys_call, tail_call
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.pruned_inputs import pruned_layer_call
 from tokenprune.engine.sequence import TokenSequence
@@ -162,13 +162,17 @@ class LayerHooks:
             if seg is None or st is None:
                 return None
             if st.in_prefill and _shared_tail(plan, i, hidden, seg):  # KV sharing: the model kept the last tokens
-                kw = tail_call(dict(kwargs), hidden, seg, live.adapter, i, all_valid=st.all_valid(seg),
-                               compact=plan.compact, **plan.masks)  # fmt: skip
-                return args, kw
-            return pruned_layer_call(
-                args, kwargs, hidden, seg, st, live.adapter, i, compact=plan.compact, **plan.masks,
-                table=plan.layer_args, names=plan.arg_names[i], recurrent=plan.recurrent[i],
-            )  # fmt: skip
+                out = args, tail_call(dict(kwargs), hidden, seg, live.adapter, i, all_valid=st.all_valid(seg),
+                                      compact=plan.compact, **plan.masks)  # fmt: skip
+            else:
+                out = pruned_layer_call(
+                    args, kwargs, hidden, seg, st, live.adapter, i, compact=plan.compact, **plan.masks,
+                    table=plan.layer_args, names=plan.arg_names[i], recurrent=plan.recurrent[i],
+                )  # fmt: skip
+            sharing = plan.kv_sharing
+            if sharing is not None and i >= sharing.first_shared:  # its source's keys, to the tokens it holds
+                return out[0], shared_keys_call(dict(out[1]), i, sharing, st, seg)
+            return out
 
         return hook
 
