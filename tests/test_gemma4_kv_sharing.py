@@ -156,35 +156,55 @@ def test_a_layer_cut_after_a_source_gathers_the_shared_keys_and_values_to_the_ke
     _batch_equals_one_by_one(case, cut)
 
 
-def _prefill_equals_masked_reference(case: checks.AdapterCase, pipeline: dict, k: int) -> None:
-    """The reference, with no gather: the stock model with every token kept and the dropped ones masked out of
-    the attention of layers ``k`` on (the shared layers' included, over their source's keys of every token)
-    gives the pruned run's last logits (1e-5)."""
+def _prefill_equals_masked_reference(case: checks.AdapterCase, pipeline: dict, *cuts: int) -> None:
+    """The reference, with no gather: the stock model with every token kept and the tokens the ``layer: k``
+    stages (at ``cuts``, in order) dropped masked out of the attention of layers ``k`` on (the shared layers'
+    included, over their source's keys of every token) gives the pruned run's last logits (1e-5)."""
     inputs = case.padded_batch()
     with tp.apply(case.model, pipeline, plugins=case.manager) as run:
         pruned = case.forward(inputs).logits[:, -1]
-    (stage,) = run.stats.last_prefill.stages
     visual = case.visual(inputs)
-    keep = torch.ones_like(visual)
-    for b, kept in enumerate(stage.kept):
-        columns = visual[b].nonzero().flatten()
-        keep[b, columns] = False
-        keep[b, columns[kept]] = True
+    entering = [visual[b].nonzero().flatten() for b in range(visual.shape[0])]
+    keep, keeps = torch.ones_like(visual), {}
+    for k, stage in zip(cuts, run.stats.last_prefill.stages, strict=True):
+        keep = keep.clone()
+        for b, kept in enumerate(stage.kept):
+            keep[b, entering[b]] = False
+            entering[b] = entering[b][kept]
+            keep[b, entering[b]] = True
+        keeps[k] = keep
     assert not keep.all()
-
-    def leave_out(module, args, kwargs):
-        mask = kwargs["attention_mask"]
-        kwargs["attention_mask"] = mask & keep[:, None, None, :]
-        return args, kwargs
-
     layers = case.adapter.decoder_layers()
-    handles = [layers[i].register_forward_pre_hook(leave_out, with_kwargs=True) for i in range(k, len(layers))]
+
+    def leave_out(i):
+        def hook(module, args, kwargs):
+            mask = keeps[max(k for k in keeps if k <= i)]
+            kwargs["attention_mask"] = kwargs["attention_mask"] & mask[:, None, None, :]
+            return args, kwargs
+
+        return hook
+
+    first = min(cuts)
+    handles = [layers[i].register_forward_pre_hook(leave_out(i), with_kwargs=True) for i in range(first, len(layers))]
     try:
         reference = case.forward(inputs).logits[:, -1]
     finally:
         for h in handles:
             h.remove()
     torch.testing.assert_close(pruned, reference, atol=checks.PRUNE_TOLERANCE, rtol=0)
+
+
+def test_two_layer_cuts_around_a_source(case):
+    """``layer: 2`` then ``layer: 3``: sliding source 2 holds the first cut's tokens, the shared layers the
+    second's, gathered from the source's own (pruned) columns."""
+    stages = [
+        {"at": {"layer": 2}, "reducer": "first_k", "keep": 0.75},
+        {"at": {"layer": 3}, "reducer": "check_drop", "keep": 0.5},
+    ]
+    pipe = {"stages": stages}
+    _prefill_equals_masked_reference(case, pipe, 2, 3)
+    _decode_equals_recompute(case, pipe)
+    _batch_equals_one_by_one(case, {"stages": [stages[0], {**stages[1], "reducer": "first_k"}]})
 
 
 def test_an_attention_stage_reading_a_shared_layer(case):

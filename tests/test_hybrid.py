@@ -187,7 +187,7 @@ def test_flops_of_short_convolution_layers_agree_three_ways():
     assert pruned.layers[3].analytic < pruned.layers[1].analytic  # the conv layer after the cut costs less
 
 
-# --- Gemma 4: per-layer embeddings follow the cut; KV sharing: no layer cut after the sources ---------------------------------------
+# --- Gemma 4: per-layer embeddings follow the cut; KV sharing: what it cannot follow refused -------------------------------------------------
 
 
 def _gemma4(shared: int = 0) -> torch.nn.Module:
@@ -214,16 +214,21 @@ def test_gemma4_per_layer_embeddings_follow_the_cut():
     checks.remove_restores_model(case)
 
 
-def test_gemma4_with_kv_shared_layers_refuses_a_layer_cut_after_its_source_layers_with_the_reason():
-    """Layers 0 (sliding) and 1 (full) are the sources of the shared layers 2 and 3: a layer cut would leave them
-    with keys and values of every token (tests/test_gemma4_kv_sharing.py serves the cuts that can be served)."""
+def test_gemma4_with_kv_shared_layers_refuses_what_the_sharing_cannot_follow_with_the_reason():
+    """Layers 0 (sliding) and 1 (full) are the sources of the shared layers 2 and 3: a cut at layer 2 is served
+    (their keys and values gathered to the kept tokens: tests/test_gemma4_kv_sharing.py), reading layer 2's own
+    attention is not (it computes no keys of its own)."""
     _skip_unless("gemma4")
     with torch.device("meta"):
         model = _gemma4(shared=2)
-    with pytest.raises(PipelineError, match=r"before layer 2, but this model shares keys and values: layers 2 to 3"):
-        tp.apply(model, {"stages": [{"at": {"layer": 2}, "reducer": "random", "keep": 0.5}]})
-    with tp.apply(model, {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]}):
-        pass  # a cut before the language model is served
+    pdrop = {"stages": [{"at": {"layer": 2}, "reducer": "pdrop", "keep": 0.5}]}
+    with pytest.raises(
+        PipelineError, match=r"shares keys and values \(layers 2 to 3 attend .*layer 2 computes no keys"
+    ):
+        tp.apply(model, pdrop)
+    for point in ("post_projector", {"layer": 2}):
+        with tp.apply(model, {"stages": [{"at": point, "reducer": "random", "keep": 0.5}]}):
+            pass
 
 
 def test_a_decode_stage_runs_after_an_attention_layer_of_a_hybrid_model():
