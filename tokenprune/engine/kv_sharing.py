@@ -5,7 +5,7 @@ language model: the last layer of each attention type before the first shared la
 ``kv_sharing_modes == "store"``) puts the keys and values it attended with there (after its cache update: the
 prompt's, or the cached ones plus the step's in decoding), and each shared layer (``"reuse"``) attends with its
 own queries to its type's entry, computing no keys or values and keeping no cache of its own (a dummy cache
-layer from 5.24; none at all in 5.18). From 5.24, the language model also slices the hidden states, per-layer
+layer in 5.24 and 5.25; none at all in 5.18 and 5.21). In 5.24 and 5.25, the language model also slices the hidden states, per-layer
 inputs, rotary tables and masks to the last ``logits_to_keep`` positions before the first shared layer
 (``_maybe_slice_kv_shared_inputs``; ``generate()`` passes ``logits_to_keep=1`` in the prefill).
 
@@ -13,16 +13,18 @@ So a shared layer's keys cover exactly the tokens its source layer held. The eng
 
 * cuts before the language model (``pre_projector``, ``post_projector``): every layer runs on the kept tokens,
   the sources hold them, the model's own slicing slices the pruned sequence;
-* ``layer: k`` cuts with ``k`` at or before the earliest source layer: the sources and the shared layers hold
-  the same kept tokens, in the prefill and in every decoding step. The engine has the language model run the
-  shared layers of such a prefill on every kept token (``logits_to_keep=0`` to the language model), since the
-  model's slicing would take the last positions of the unpruned arguments, not the kept tokens';
-* ``decode: k`` stages at any ``k``: a shared layer from ``k`` on attends to the kept columns of its source's
-  keys and values, gathered inside its attention call like every other layer's.
+* ``layer: k`` cuts up to the earliest source layer: the sources and the shared layers hold the same kept
+  tokens, in the prefill and in every decoding step;
+* ``layer: k`` cuts after it: a shared layer that holds fewer tokens than its source gets the source's keys and
+  values gathered to its own tokens (:func:`shared_keys_call`: the prefill columns, then the decoded tokens);
+  refused where that cannot stand for the layer's own keys (:func:`check_shared_stages`: merges, a shared
+  layer's own attention);
+* ``decode: k`` stages: a shared layer from ``k`` on attends to the kept columns of its keys, selected inside
+  its attention call like every other layer's.
 
-A ``layer: k`` stage after the earliest source would leave a shared layer with queries for the kept tokens but
-keys and values of every token (its source ran before the cut); it is refused at ``apply()``
-(:func:`check_layer_cuts`), naming the layers a cut may use.
+In a prefill the model sliced to its last positions, a pruned shared layer's mask keys and position ids follow
+the cut (:func:`tail_call`); where that cannot hold, the language model gets ``logits_to_keep=0``
+(:func:`full_prefill`).
 """
 
 from __future__ import annotations
