@@ -3,11 +3,12 @@
 transformers (``modeling_gemma4.py``, 5.18 to 5.25) builds ``shared_kv_states`` afresh in every forward of the
 language model: the last layer of each attention type before the first shared layer (the *source*,
 ``kv_sharing_modes == "store"``) puts the keys and values it attended with there (after its cache update: the
-prompt's, or the cached ones plus the step's in decoding), and each shared layer (``"reuse"``) attends with its
-own queries to its type's entry, computing no keys or values and keeping no cache of its own (a dummy cache
-layer in 5.24 and 5.25; none at all in 5.18 and 5.21). In 5.24 and 5.25, the language model also slices the hidden states, per-layer
-inputs, rotary tables and masks to the last ``logits_to_keep`` positions before the first shared layer
-(``_maybe_slice_kv_shared_inputs``; ``generate()`` passes ``logits_to_keep=1`` in the prefill).
+prompt's, or the cached ones plus the step's in decoding), and each shared layer (``"reuse"``) attends with
+its own queries to its type's entry, computing no keys or values and keeping no cache of its own (a dummy
+cache layer in 5.24 and 5.25; none at all in 5.18 and 5.21). In 5.24 and 5.25, the language model also slices
+the hidden states, per-layer inputs, rotary tables and masks to the last ``logits_to_keep`` positions before
+the first shared layer (``_maybe_slice_kv_shared_inputs``; ``generate()`` passes ``logits_to_keep=1`` in the
+prefill).
 
 So a shared layer's keys cover exactly the tokens its source layer held. The engine serves:
 
