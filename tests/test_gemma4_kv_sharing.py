@@ -286,3 +286,22 @@ def test_decoding_past_a_sliding_window_after_a_cut_is_refused_as_without_sharin
             tp.TokenpruneError, match="sliding_attention layer whose cache and mask keep only its window"
         ):
             case.generate(case.padded_batch(), 3)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_kv_sharing_reads_nothing_from_the_device_per_layer_or_step(case, k):
+    """The gather and the sliced prefill's arguments stay host-sync free: tokenprune's reads fall in the stages
+    (and the one read of the language model's last columns per prefill), none in a later layer or a step."""
+    from tokenprune.testing import SyncCounter
+
+    pipe = {
+        "stages": [
+            {"at": "post_projector", "reducer": "random", "keep": 0.5},
+            {"at": {"layer": k}, "reducer": "random", "keep": 0.5},
+        ]
+    }
+    with tp.apply(case.model, pipe, plugins=case.manager), SyncCounter(case.model) as syncs, torch.inference_mode():
+        case.generate(case.padded_batch(), 3)
+    mine = syncs.select(owner="tokenprune")
+    assert syncs.count(owner="tokenprune", phase="decode") == 0, syncs.report(mine)
+    assert set(syncs.per_layer(owner="tokenprune", phase="prefill")) <= {None, k - 1}, syncs.report(mine)
