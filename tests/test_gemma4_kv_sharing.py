@@ -305,3 +305,25 @@ def test_kv_sharing_reads_nothing_from_the_device_per_layer_or_step(case, k):
     mine = syncs.select(owner="tokenprune")
     assert syncs.count(owner="tokenprune", phase="decode") == 0, syncs.report(mine)
     assert set(syncs.per_layer(owner="tokenprune", phase="prefill")) <= {None, k - 1}, syncs.report(mine)
+
+
+def test_flops_of_shared_layers_agree_analytic_and_torch(case):
+    """A shared layer has no key or value projection and attends to as many keys as it holds tokens (gathered
+    after a cut at layer 3). fvcore cannot trace a Gemma 4 decoder layer, shared or not (its per-layer input)."""
+    from tokenprune.cost.analytic import DecoderShape
+    from tokenprune.cost.flops import count_flops
+
+    shape = DecoderShape.from_model(case.model)
+    assert shape.k_proj_macs[4:] == (0,) * 4 and all(shape.k_proj_macs[:4])
+    inputs = case.make_inputs([case.specs[0]])
+    cut = {
+        "stages": [
+            {"at": "post_projector", "reducer": "random", "keep": 0.5},
+            {"at": {"layer": 3}, "reducer": "random", "keep": 0.5},
+        ]
+    }
+    base, pruned = count_flops(case.model, inputs), count_flops(case.model, inputs, cut)
+    for report in (base, pruned):
+        assert all(row.analytic == row.torch for row in report.layers)
+        assert report.language_model["analytic"] == report.language_model["torch"]
+    assert pruned.layers[4].tokens[0] < pruned.layers[2].tokens[0] < base.layers[2].tokens[0]
