@@ -5,8 +5,9 @@ Tiny random Gemma 4 models (tokenprune.testing.tiny_configs) with sharing switch
 stores the keys and values it attended with (after its cache update) in ``shared_kv_states``; every shared
 layer attends with them and keeps no cache; from 5.24 the language model slices its inputs to the last
 ``logits_to_keep`` positions before the first shared layer (``generate()`` passes 1 in the prefill). The
-engine serves cuts before the language model and ``layer: k`` cuts up to the earliest source layer, and
-refuses later layer cuts (:mod:`tokenprune.engine.kv_sharing`).
+engine serves every cut: after one past a source layer, each shared layer's keys and values are gathered to
+its kept tokens (checked against the stock model with the dropped tokens masked out instead); merges and a
+shared layer's own attention are refused there (:mod:`tokenprune.engine.kv_sharing`).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ POST_PROJECTOR = {"stages": [{"at": "post_projector", "reducer": "first_k", "kee
 
 
 def test_a_post_projector_cut_serves_a_model_whose_sources_are_its_first_layers():
-    """Layers 0 and 1 are the sources: no layer cut can run, a cut before the language model can."""
+    """Layers 0 and 1 are the sources: a cut before the language model (every layer holds the kept tokens)."""
     case = _case(_gemma4(layers=4, shared=2))
     _decode_equals_recompute(case, POST_PROJECTOR)
     _batch_equals_one_by_one(case, POST_PROJECTOR)
@@ -327,3 +328,11 @@ def test_flops_of_shared_layers_agree_analytic_and_torch(case):
         assert all(row.analytic == row.torch for row in report.layers)
         assert report.language_model["analytic"] == report.language_model["torch"]
     assert pruned.layers[4].tokens[0] < pruned.layers[2].tokens[0] < base.layers[2].tokens[0]
+
+
+def test_a_merge_after_a_source_at_layer_0_names_the_language_model_input():
+    with torch.device("meta"):
+        model = _gemma4(layers=4, shared=2)
+    pipe = {"stages": [{"at": {"layer": 1}, "reducer": "sparsevlm", "keep": 0.5}]}
+    with pytest.raises(PipelineError, match=r"may merge tokens.*before the language model \(layer 0 is a source"):
+        tp.apply(model, pipe)

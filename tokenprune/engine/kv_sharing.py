@@ -106,8 +106,7 @@ def check_shared_stages(layer_plans: Mapping[int, Sequence[StagePlan]], sharing:
                 continue
             raise PipelineError(
                 f"stage {plan.index} ({plan.stage.reducer!r} at {plan.stage.point}) cannot run there: this model "
-                f"shares keys and values ({_shared(sharing)}) and {why}; put the stage at layer: k for k in "
-                f"{_up_to(sharing)} (at or before the earliest source layer) or before the language model"
+                f"shares keys and values ({_shared(sharing)}) and {why}; {_where(sharing)}"
             )
 
 
@@ -116,9 +115,14 @@ def _shared(sharing: KVSharing) -> str:
     return f"layers {sharing.first_shared} to {len(sharing.kinds) - 1} attend with the keys and values of {sources}"
 
 
-def _up_to(sharing: KVSharing) -> str:
+def _where(sharing: KVSharing) -> str:
     limit = sharing.earliest_source
-    return "none (layer 0 is a source)" if limit < 1 else ("1" if limit == 1 else f"1..{limit}")
+    if limit < 1:
+        return "put the stage before the language model (layer 0 is a source, so every layer: k follows one)"
+    ks = "1" if limit == 1 else f"1..{limit}"
+    return (
+        f"put the stage at layer: k for k in {ks} (at or before the earliest source layer) or before the language model"
+    )
 
 
 def full_prefill(kwargs: dict[str, Any], lm_visual: Tensor, *, always: bool) -> bool:
