@@ -65,10 +65,6 @@ class KVSharing:
         same tokens."""
         return min(self.sources.values())
 
-    def source_of(self, layer: int) -> int | None:
-        """The layer whose keys and values ``layer`` reuses (``None``: it computes its own)."""
-        return self.sources[self.kinds[layer]] if layer >= self.first_shared else None
-
 
 def kv_sharing(text_config: Any, layers: int) -> KVSharing | None:
     """The model's KV sharing, from its text config's ``num_kv_shared_layers`` and ``layer_types`` (``None``:
@@ -128,8 +124,8 @@ def _where(sharing: KVSharing) -> str:
 def full_prefill(kwargs: dict[str, Any], lm_visual: Tensor, *, always: bool) -> bool:
     """Have the language model run its shared layers on every token of this prefill (``logits_to_keep=0``), in
     place, where its own slicing to the last ``logits_to_keep`` positions cannot follow a layer cut: ``always``
-    (a signal channel reads a shared layer's output), or a visual token among those last columns of the language
-    model's input ``lm_visual`` ``(B, L)`` (a layer stage may drop it; one host read per prefill). Otherwise
+    (a stage or signal channel reads a shared layer's output), or a visual token among those last columns of the
+    language model's input ``lm_visual`` ``(B, L)`` (a layer stage may drop it; one host read per prefill). Otherwise
     those last columns are text, which every cut keeps, and :func:`tail_call` follows the cut. Whether
     ``kwargs`` changed.
     """
