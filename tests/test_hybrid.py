@@ -187,7 +187,7 @@ def test_flops_of_short_convolution_layers_agree_three_ways():
     assert pruned.layers[3].analytic < pruned.layers[1].analytic  # the conv layer after the cut costs less
 
 
-# --- Gemma 4: per-layer embeddings follow the cut; KV sharing refused ---------------------------------------
+# --- Gemma 4: per-layer embeddings follow the cut; KV sharing: what it cannot follow refused -------------------------------------------------
 
 
 def _gemma4(shared: int = 0) -> torch.nn.Module:
@@ -214,12 +214,21 @@ def test_gemma4_per_layer_embeddings_follow_the_cut():
     checks.remove_restores_model(case)
 
 
-def test_gemma4_with_kv_shared_layers_is_refused_with_the_reason():
+def test_gemma4_with_kv_shared_layers_refuses_what_the_sharing_cannot_follow_with_the_reason():
+    """Layers 0 (sliding) and 1 (full) are the sources of the shared layers 2 and 3: a cut at layer 2 is served
+    (their keys and values gathered to the kept tokens: tests/test_gemma4_kv_sharing.py), reading layer 2's own
+    attention is not (it computes no keys of its own)."""
     _skip_unless("gemma4")
     with torch.device("meta"):
         model = _gemma4(shared=2)
-    with pytest.raises(tp.UnsupportedModelError, match=r"'gemma4'.*num_kv_shared_layers=2: the last 2 layers reuse"):
-        tp.apply(model, {"stages": [{"at": "post_projector", "reducer": "random", "keep": 0.5}]})
+    pdrop = {"stages": [{"at": {"layer": 2}, "reducer": "pdrop", "keep": 0.5}]}
+    with pytest.raises(
+        PipelineError, match=r"shares keys and values \(layers 2 to 3 attend .*layer 2 computes no keys"
+    ):
+        tp.apply(model, pdrop)
+    for point in ("post_projector", {"layer": 2}):
+        with tp.apply(model, {"stages": [{"at": point, "reducer": "random", "keep": 0.5}]}):
+            pass
 
 
 def test_a_decode_stage_runs_after_an_attention_layer_of_a_hybrid_model():

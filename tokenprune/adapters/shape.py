@@ -224,16 +224,16 @@ def _layer_contract(model: nn.Module) -> str | None:
 
 def _shared_layers(model: nn.Module) -> str | None:
     cfg = text_config(_language_model(model))
-    for key in ("num_kv_shared_layers", "hc_mult", "hc_count", "num_hyper_connections"):
+    shared, layers = getattr(cfg, "num_kv_shared_layers", None), getattr(cfg, "num_hidden_layers", None)
+    if isinstance(shared, int) and isinstance(layers, int) and 0 < layers <= shared:
+        return (
+            f"every layer of its language model reuses keys and values (num_kv_shared_layers={shared} of "
+            f"{layers} layers): they come from another model (a Gemma 4 assistant drafting for its target), which "
+            "the engine does not cut"
+        )
+    for key in ("hc_mult", "hc_count", "num_hyper_connections"):
         value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > (1 if key.startswith(("hc", "num_hyper")) else 0):
-            if "kv" in key:
-                return (
-                    f"its language model shares keys and values across layers ({key}={value}: the last {value} "
-                    "layers reuse the keys and values of an earlier layer, and generate() runs them on the last "
-                    "position only); the engine does not gather the shared keys and values to the kept tokens, so a "
-                    "cut would misalign them (checkpoints with num_kv_shared_layers=0 are served)"
-                )
+        if isinstance(value, int) and value > 1:
             return f"its language model uses hyper-connections ({key}={value}); the engine cannot cut tokens there"
     return None
 

@@ -16,7 +16,9 @@ no token for capacity), and any shared expert's linears as above. ``q_dim = head
 computed (one in ``generate``, every position in a plain forward unless ``logits_to_keep`` says
 otherwise). A short convolution is depthwise and causal, padded by ``kernel - 1`` on both sides and cut
 back to ``n`` outputs afterwards, so it computes ``n + kernel - 1`` outputs, as torch and fvcore count them.
-Linear-attention (Gated DeltaNet) layers are refused.
+Linear-attention (Gated DeltaNet) layers are refused. A layer that reuses an earlier layer's keys and values
+(Gemma 4's KV sharing: ``is_kv_shared_layer``) has no key or value projection to count, and attends to as many
+keys as it holds tokens (the engine gathers the shared keys to them).
 
 This is FastV's ``4nd^2 + 2n^2d + 2ndm`` made exact for GQA, gated MLPs and routed experts. It
 matches fvcore and ``torch.utils.flop_counter`` to the MAC (see the tests).
@@ -84,14 +86,15 @@ class DecoderShape:
                 continue
             attention = compat.attention_module(layer)
             q_proj, k_proj = getattr(attention, "q_proj", None), getattr(attention, "k_proj", None)
-            if not linears or not isinstance(q_proj, nn.Linear) or not isinstance(k_proj, nn.Linear):
+            shared = getattr(attention, "is_kv_shared_layer", False) is True  # KV sharing: no key projection
+            if not linears or not isinstance(q_proj, nn.Linear) or not (shared or isinstance(k_proj, nn.Linear)):
                 raise TypeError(
                     f"decoder layer {i} ({type(layer).__name__}) has no self_attn.q_proj and k_proj linear modules"
                 )
             conv.append((0, 1))
             q_dims.append(q_proj.out_features)
             q_macs.append(q_proj.in_features * q_proj.out_features)
-            k_macs.append(k_proj.in_features * k_proj.out_features)
+            k_macs.append(0 if shared else k_proj.in_features * k_proj.out_features)
         convs = tuple(conv) if any(c for c, _ in conv) else ()
         return cls(
             tuple(per_token), tuple(q_dims), head.in_features, head.out_features, tuple(q_macs), tuple(k_macs), convs

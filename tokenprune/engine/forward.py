@@ -37,6 +37,7 @@ from tokenprune.engine.forward_state import ForwardState, PrefillState, record_l
 from tokenprune.engine.guards import check_every_stage_ran, refuse_embeds_without_ids
 from tokenprune.engine.hooks import HookSet, bind_arguments
 from tokenprune.engine.install import plan_install
+from tokenprune.engine.kv_sharing import full_prefill
 from tokenprune.engine.layer_args import cut_lm_inputs
 from tokenprune.engine.layer_hooks import LayerHooks, Live
 from tokenprune.engine.masks import pruned_input_mask
@@ -338,11 +339,12 @@ class ForwardHooks:
             kw["attention_mask"] = pruned_input_mask(kw.get("attention_mask"), seq, **plan.masks)
             kw["position_ids"] = P.from_rows(seq.positions, fmt)
             cut_lm_inputs(kw, seq.input_column, length)  # per-layer embeddings (Gemma 4)
+        full = plan.kv_sharing is not None and full_prefill(kw, seq.visual, always=plan.after_shared)
         lm_columns = torch.arange(st.lm_length, device=hidden.device).expand(batch, -1)
         self.live.set_current(st, replace(seq, lm_column=lm_columns, has_padding_slots=False), lm_input=True)
         if plan.keeps_embeds:
             st.lm_embeds = hidden
-        return ((), kw) if changed or residuals is not None else None
+        return ((), kw) if changed or full or residuals is not None else None
 
     def _pre_projector(
         self, hidden: Tensor, seq: TokenSequence, st: PrefillState, vision: dict[int, Any]

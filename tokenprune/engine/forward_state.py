@@ -93,6 +93,9 @@ class PrefillState:
     sliced: tuple[Any, dict[bool, Any]] | None = field(default=None, repr=False)
     """The segment last cut, and per layer form (recurrent or not) its last pruned layer's inputs as the model
     gave them and as the engine sliced them (prefill only)."""
+    shared_columns: dict[tuple[int, int], tuple[TokenSequence, Tensor]] = field(default_factory=dict, repr=False)
+    """KV sharing: per (source layer, shared layer's segment) the shared layer's tokens' columns in the source's
+    prefill keys (:func:`tokenprune.engine.kv_sharing.shared_keys_call`)."""
 
     def real_tokens(self, seq: TokenSequence) -> list[int]:
         """Real tokens per sample of ``seq``; read from the device once per sequence, not once per layer."""

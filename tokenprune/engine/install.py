@@ -23,6 +23,7 @@ from tokenprune.engine import compat
 from tokenprune.engine.deepstack import adds_visual_residuals
 from tokenprune.engine.guards import bind_stages, check_attention_implementation, check_decode_layer, check_layers_exist
 from tokenprune.engine.hybrid import check_attention_layers, is_recurrent, layer_kinds
+from tokenprune.engine.kv_sharing import KVSharing, check_shared_stages, kv_sharing
 from tokenprune.engine.layer_args import LayerArg, layer_args_of, positional_names
 from tokenprune.engine.masks import mask_kind
 from tokenprune.engine.stage import StagePlan, plans_by_layer
@@ -52,6 +53,9 @@ class InstallPlan:
         recurrent: Per decoder layer, whether it is a linear-attention or convolution layer
             (:mod:`tokenprune.engine.hybrid`): its mask is 2-D and its state is built on the pruned sequence.
         produce_at: The layers ``k >= 1`` after whose layer ``k - 1`` a stage runs or a channel is produced.
+        kv_sharing: The language model's KV sharing (:mod:`tokenprune.engine.kv_sharing`), where a layer stage
+            or channel runs in the prefill (``None``: no sharing, or nothing for the layer hooks to follow).
+        after_shared: A stage or channel reads a shared layer's output: the prefill runs them on every token.
     """
 
     plans: tuple[StagePlan, ...]
@@ -72,6 +76,8 @@ class InstallPlan:
     arg_names: tuple[tuple[str, ...], ...]
     recurrent: tuple[bool, ...]
     produce_at: tuple[int, ...]
+    kv_sharing: KVSharing | None = None
+    after_shared: bool = False
 
     @property
     def stage_kw(self) -> dict[str, bool]:
@@ -103,6 +109,8 @@ def plan_install(
         check_decode_layer(decode_layer, layers)
     kinds = layer_kinds(adapter.text_config(), layers)
     check_attention_layers(by_layer, decode, kinds)
+    sharing = kv_sharing(adapter.text_config(), len(layers))
+    check_shared_stages(by_layer, sharing)
     bind_stages(list(plans), model)
     impl = compat.attention_implementation(adapter.text_config())
     if plans:
@@ -111,6 +119,7 @@ def plan_install(
     compat.cache_argument_name(
         adapter.vlm().forward
     )  # refuse, at apply time, a release whose cache argument is unknown
+    produce_at = tuple(sorted(set(by_layer) | {c.layer for c in channels if c.layer > 0}))
     return InstallPlan(
         plans=tuple(plans),
         post=tuple(p for p in plans if p.stage.point.kind == "post_projector"),
@@ -131,5 +140,7 @@ def plan_install(
         layer_args=MappingProxyType(layer_args_of(adapter)),
         arg_names=tuple(positional_names(layer) for layer in layers),
         recurrent=tuple(is_recurrent(kind) for kind in kinds),
-        produce_at=tuple(sorted(set(by_layer) | {c.layer for c in channels if c.layer > 0})),
+        produce_at=produce_at,
+        kv_sharing=sharing if produce_at else None,
+        after_shared=sharing is not None and any(k > sharing.first_shared for k in produce_at),
     )

@@ -27,6 +27,7 @@ from tokenprune.engine.decode_stage import StepKeys, cache_columns, run_decode_s
 from tokenprune.engine.deepstack import add_layer_residual
 from tokenprune.engine.forward_state import ForwardState, PrefillState, record_layer_tokens
 from tokenprune.engine.install import InstallPlan
+from tokenprune.engine.kv_sharing import shared_keys_call, tail_call
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.pruned_inputs import pruned_layer_call
 from tokenprune.engine.sequence import TokenSequence
@@ -76,6 +77,17 @@ class Live:
         st.real_tokens(seq)  # read once per sequence here, for every later layer's statistics (no host read per layer)
         if self.probe is not None:
             self.probe.rows = ProbeRows(visual=seq.visual, valid=seq.valid)
+
+
+def _shared_tail(plan: InstallPlan, layer: int, hidden: Any, seg: TokenSequence) -> bool:
+    """Whether ``layer`` is a shared layer that the model sliced to the last tokens of a pruned prefill."""
+    sharing = plan.kv_sharing
+    return (
+        sharing is not None
+        and layer >= sharing.first_shared
+        and isinstance(hidden, Tensor)
+        and int(hidden.shape[1]) < int(seg.valid.shape[1])
+    )
 
 
 class LayerHooks:
@@ -149,10 +161,18 @@ class LayerHooks:
                 self._run_decode_stage(st)
             if seg is None or st is None:
                 return None
-            return pruned_layer_call(
-                args, kwargs, hidden, seg, st, live.adapter, i, compact=plan.compact, **plan.masks,
-                table=plan.layer_args, names=plan.arg_names[i], recurrent=plan.recurrent[i],
-            )  # fmt: skip
+            if st.in_prefill and _shared_tail(plan, i, hidden, seg):  # KV sharing: the model kept the last tokens
+                out = args, tail_call(dict(kwargs), hidden, seg, live.adapter, i, all_valid=st.all_valid(seg),
+                                      compact=plan.compact, **plan.masks)  # fmt: skip
+            else:
+                out = pruned_layer_call(
+                    args, kwargs, hidden, seg, st, live.adapter, i, compact=plan.compact, **plan.masks,
+                    table=plan.layer_args, names=plan.arg_names[i], recurrent=plan.recurrent[i],
+                )  # fmt: skip
+            sharing = plan.kv_sharing
+            if sharing is not None and i >= sharing.first_shared:  # its source's keys, to the tokens it holds
+                return out[0], shared_keys_call(dict(out[1]), i, sharing, st, seg)
+            return out
 
         return hook
 
