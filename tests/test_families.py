@@ -1,0 +1,191 @@
+"""The families token-reduction papers evaluate on now (issue 32), each checked on its tiny census model.
+
+Per family of the table in docs/models.md: the engine invariants (keep-all identity, cached generation equals
+recomputation, batch equals one by one, ``remove()`` restores) with a post-projector cut and a layer cut at the
+family's default layer (:func:`tokenprune.testing.census.default_cut_layer`: ``layer: 2`` where layer 1 is softmax
+attention, else the first layer after one), with the dedicated adapter where the family has one; images of
+different sizes in one padded batch; video where the census can build it; FLOPs counted three ways (analytic,
+torch, fvcore) agreeing, or refused naming the layer kind. The census's tiny models and inputs
+(tokenprune/testing/census.py, census_inputs.py) are used as they are; tests/test_hybrid.py adds the cuts between
+recurrent and attention layers in both directions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from test_census import _skip_before
+
+from tokenprune.adapters.generic import adapter_for
+from tokenprune.cost.flops import count_flops
+from tokenprune.engine import compat
+from tokenprune.testing import adapters as checks
+from tokenprune.testing.census import build_tiny, census_one, default_cut_layer, model_types
+from tokenprune.testing.census_inputs import InputBuilder
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+#: The table's model types by family (docs/models.md has a section per family).
+FAMILIES = {
+    "Qwen3.5": ["qwen3_5", "qwen3_5_moe"],
+    "Gemma 4": ["gemma4", "gemma4_unified"],
+    "GLM-4.xV": ["glm4v", "glm4v_moe", "glm46v", "glmga", "glm_ocr"],
+    "Llama 4": ["llama4"],
+    "MiniCPM-V 4.6 / 4.7": ["minicpmv4_6", "minicpmv4_7", "minicpm_ocr"],
+    "LFM2-VL / LFM3-VL": ["lfm2_vl", "lfm3_vl"],
+    "Molmo2": ["molmo2"],
+    "Aya Vision, Command A Vision": ["aya_vision", "cohere2_vision"],
+    "Video-LLaVA": ["video_llava"],
+    "ERNIE-4.5-VL, PaddleOCR-VL": ["ernie4_5_vl_moe", "paddleocr_vl"],
+    "Qwen2.5-Omni / Qwen3-Omni thinkers": ["qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"],
+}
+TYPES = [t for types in FAMILIES.values() for t in types]
+#: Registered adapters of the table's types (the others: the generic adapter).
+DEDICATED = {"llama4": "llama4", "video_llava": "video_llava"}
+#: The default layer on the tiny models: their hybrid language models alternate softmax attention (layer 0) and a
+#: recurrent kind (layer 1), so the first layer after an attention layer, from 2 on, is 3.
+HYBRID = {"qwen3_5", "qwen3_5_moe", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr", "lfm2_vl", "lfm3_vl"}
+#: Gated DeltaNet's reference kernel on CPU makes these the slow ones.
+SLOW = {"qwen3_5", "qwen3_5_moe", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"}
+#: Types whose census images come in different sizes (grids, NaViT slices, patch rows with positions); the others
+#: take fixed-size crops or tiles, a variant below puts different numbers of them in one batch.
+VARIABLE = {
+    "qwen3_5": "image_grid_thw",
+    "qwen3_5_moe": "image_grid_thw",
+    "gemma4": "image_position_ids",
+    "gemma4_unified": "image_position_ids",
+    "glm4v": "image_grid_thw",
+    "glm4v_moe": "image_grid_thw",
+    "glm46v": "image_grid_thw",
+    "glmga": "image_grid_thw",
+    "glm_ocr": "image_grid_thw",
+    "minicpmv4_6": "target_sizes",
+    "minicpmv4_7": "target_sizes",
+    "minicpm_ocr": "target_sizes",
+    "lfm2_vl": "spatial_shapes",
+    "lfm3_vl": "image_grid_thw",
+    "ernie4_5_vl_moe": "image_grid_thw",
+    "paddleocr_vl": "image_grid_thw",
+    "qwen2_5_omni_thinker": "image_grid_thw",
+    "qwen3_omni_moe_thinker": "image_grid_thw",
+}
+
+
+def _params(types: list[str]) -> list[Any]:
+    return [pytest.param(t, marks=pytest.mark.slow) if t in SLOW else t for t in types]
+
+
+def _skip_unless(model_type: str) -> None:
+    _skip_before(model_type)
+    if model_type not in model_types():
+        pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
+
+
+def _skip_if_the_stock_model_fails(model_type: str, detail: str) -> None:
+    """transformers 5.24.0's stock Llama 4 forward fails on its own (it reads ``image_outputs`` from its language
+    model's output): the census reports it as not run, and nothing of tokenprune's can be checked there."""
+    if model_type == "llama4" and "image_outputs" in detail:
+        pytest.skip(f"transformers {compat.transformers_version()}'s stock Llama 4 forward fails: {detail}")
+
+
+def test_the_table_names_every_family_once():
+    assert len(TYPES) == len(set(TYPES)) == 23
+    assert set(VARIABLE) | set(DEDICATED) | {"molmo2", "aya_vision", "cohere2_vision"} == set(TYPES)
+
+
+@pytest.mark.parametrize("model_type", _params(TYPES))
+def test_the_family_keeps_the_engine_invariants_at_its_default_layer(model_type):
+    """Keep-all identity, cached generation == recomputation, batch == one by one and ``remove()``, with a
+    post-projector cut and a cut at the family's default layer (the probed stage there too, where the layer before
+    ``k - 1`` is not attention), served by the family's adapter."""
+    _skip_unless(model_type)
+    row = census_one(model_type, layer="default")
+    _skip_if_the_stock_model_fails(model_type, row.detail)
+    assert row.status == "passes", row.detail
+    assert row.adapter == DEDICATED.get(model_type, f"generic ({model_type})")
+    assert row.layer == (3 if model_type in HYBRID else 2)
+
+
+def _inputs(model_type: str) -> tuple[torch.nn.Module, Any, InputBuilder]:
+    model = build_tiny(model_type)
+    manager = checks.adapter_check_manager()
+    adapter = adapter_for(model, manager)
+    return model, adapter, InputBuilder(model, adapter)
+
+
+@pytest.mark.parametrize("model_type", sorted(VARIABLE))
+def test_images_of_different_sizes_share_the_census_batch(model_type):
+    """The census's batch ``[1, 2, 1]`` (the invariants above run on it) holds images one and two units wide, given
+    to the model in its own layout argument: samples 0 and 1 alone have different visual-token counts, and the
+    padded batch mixes both sizes."""
+    _skip_unless(model_type)
+    _, adapter, make_inputs = _inputs(model_type)
+    assert make_inputs.mode == VARIABLE[model_type]
+    image = adapter.image_token_id()
+    alone = [int((make_inputs([1], start=i)["input_ids"] == image).sum()) for i in (0, 1)]
+    assert alone[0] != alone[1], alone
+    batch = make_inputs([1, 2, 1])  # sample 1: an image two units wide, then one a unit wide
+    assert (batch["input_ids"] == image).sum(1).tolist() == [alone[0], alone[1] + alone[0], alone[0]]
+
+
+#: Two stages: half the visual tokens after the projector, all the rest kept through a cut at the default layer.
+def _two_stages(layer: int) -> dict[str, Any]:
+    return {
+        "stages": [
+            {"at": "post_projector", "reducer": "random", "keep": 0.5},
+            {"at": {"layer": layer}, "reducer": "random", "keep": 0.5},
+        ]
+    }
+
+
+#: FLOPs refused, with the layer kind the refusal names.
+FLOPS_REFUSED = {
+    **dict.fromkeys(("qwen3_5", "qwen3_5_moe", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"), "linear_attention"),
+    "ernie4_5_vl_moe": "modality-isolated mixture-of-experts",
+}
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_flops_agree_three_ways_or_are_refused_naming_the_layer_kind(model_type):
+    """Unpruned and under two stages (a post-projector cut and one at the default layer): analytic == torch ==
+    fvcore on every decoder layer and the language model; the pruned model costs less. Where the count is refused,
+    before anything runs, the refusal names the layer kind."""
+    from tokenprune.cost.analytic import DecoderShape
+
+    _skip_unless(model_type)
+    if model_type in FLOPS_REFUSED:
+        with torch.device("meta"):
+            model = build_tiny(model_type)
+        with pytest.raises(TypeError, match=FLOPS_REFUSED[model_type]):
+            DecoderShape.from_model(model)
+        return
+    model, adapter, make_inputs = _inputs(model_type)
+    inputs = make_inputs([1])
+    try:
+        base = count_flops(model, inputs)
+    except AttributeError as exc:
+        _skip_if_the_stock_model_fails(model_type, str(exc))
+        raise
+    pruned = count_flops(model, inputs, _two_stages(default_cut_layer(adapter)[0]))
+    for report in (base, pruned):
+        for row in report.layers:
+            assert row.analytic == row.torch == row.fvcore, (row, report.fvcore_notes)
+        lm = report.language_model
+        assert lm["analytic"] == lm["torch"] == lm["fvcore"], report.fvcore_notes
+    assert pruned.language_model["analytic"] < base.language_model["analytic"]
+    assert pruned.layers[-1].tokens[0] < pruned.layers[0].tokens[0] < base.layers[0].tokens[0]
+
+
+def test_gemma3n_is_not_run_naming_timm():
+    """Gemma 3n's MobileNetV5 tower is a timm model: without timm the census cannot build it and says so (never a
+    pass); with timm it must pass."""
+    _skip_unless("gemma3n")
+    row = census_one("gemma3n")
+    try:
+        import timm  # noqa: F401
+    except Exception:  # timm is no test dependency (see NOT_A_TEST_DEPENDENCY)
+        assert row.status == "not run" and row.detail.startswith("needs timm, not installed"), row
+        return
+    assert row.status == "passes", row.detail
