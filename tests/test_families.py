@@ -189,3 +189,91 @@ def test_gemma3n_is_not_run_naming_timm():
         assert row.status == "not run" and row.detail.startswith("needs timm, not installed"), row
         return
     assert row.status == "passes", row.detail
+
+
+# --- video ------------------------------------------------------------------------------------------------------
+
+
+def _frames_apart(vlm: torch.nn.Module) -> bool:
+    """Whether the model's ``get_rope_index`` splits a video's grid into one grid per temporal patch (Qwen3-VL's and
+    GLM-4V's timestamps between frames), so that each frame is a run of placeholders of its own."""
+    import inspect
+
+    source = inspect.getsource(type(vlm).get_rope_index) if hasattr(vlm, "get_rope_index") else ""
+    return "repeat_interleave(video_grid_thw" in source
+
+
+def _video_inputs(b: InputBuilder, frames: int = 2) -> Any:
+    """The census inputs with a video in every image sample: ``frames`` temporal patches of a ``(2m, 2mk)`` grid
+    (``k = 1 + i % 2``), as flat patch rows with ``video_grid_thw``, its placeholders after the image's (one run per
+    frame after a timestamp token where the model's positions take frames apart), video ids typed 2."""
+    cfg, vlm = b.model.config, b.vlm
+    video_id, apart, m = int(cfg.video_token_id), _frames_apart(vlm), b._merge()
+
+    def make_inputs(specs: list[Any], start: int = 0) -> dict[str, Any]:
+        out = b(specs, start)
+        samples = [i for i, spec in enumerate(specs, start) if spec]
+        if not samples:
+            return out
+        grids = [(frames, 2 * m, 2 * m * (1 + i % 2)) for i in samples]
+        width = b._image(0, 0)[0].shape[1]
+        gens = [torch.Generator().manual_seed(500 + i) for i in samples]
+        pixels = torch.cat(
+            [torch.randn(t * h * w, width, generator=g) for (t, h, w), g in zip(grids, gens, strict=True)]
+        )
+        with torch.no_grad():
+            feats = vlm.get_video_features(pixel_values_videos=pixels, video_grid_thw=torch.tensor(grids))
+        counts = [int(f.shape[0]) for f in _features(feats)]
+        rows = [row[mask.bool()].tolist() for row, mask in zip(out["input_ids"], out["attention_mask"], strict=True)]
+        for n, i in enumerate(samples):
+            per = counts[n] // frames if apart else counts[n]
+            runs = frames if apart else 1
+            for f in range(runs):
+                stamp = [b.text_ids[(150 + f) % len(b.text_ids)]] if apart else []
+                opened = [b.open, *[video_id] * per, b.close] if b.open is not None else [video_id] * per
+                rows[i - start] = rows[i - start][:-2] + stamp + opened + rows[i - start][-2:]
+        longest = max(map(len, rows))
+        ids = torch.tensor([[b.pad] * (longest - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+        out.update(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels, video_grid_thw=torch.tensor(grids))
+        if b.mm_types:
+            out["mm_token_type_ids"] = (ids == b.image_token).long() + 2 * (ids == video_id).long()
+        return out
+
+    return make_inputs
+
+
+def _features(out: Any) -> list[torch.Tensor]:
+    from tokenprune.adapters.base import ImageCall
+
+    return ImageCall((), {}, out).features()
+
+
+#: Families with video whose census inputs take a video of ``video_grid_thw`` patch rows, read by the generic
+#: adapter's video layouts (ERNIE: two temporal patches merged into one frame). Video-LLaVA's frames (CLS + grid)
+#: are checked in tests/test_engine_invariants_video_llava.py. Not yet: GLM-4.xV's videos, whose placeholders are
+#: the image token told apart by ``mm_token_type_ids`` only (docs/models.md says so).
+VIDEO = ["qwen3_5", "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"]
+
+
+@pytest.mark.parametrize("model_type", _params(VIDEO))
+def test_a_video_beside_images_keeps_the_engine_invariants(model_type):
+    """Every image sample also holds a video (two sizes across the batch): keep-all identity, cached generation ==
+    recomputation and batch == one by one at the default layer, the layouts covering image and video tokens."""
+    _skip_unless(model_type)
+    model, adapter, builder = _inputs(model_type)
+    make_inputs = _video_inputs(builder)
+    k, probe = default_cut_layer(adapter)
+    case = checks.adapter_case(
+        model,
+        make_inputs,
+        [1, 2, 1],
+        plugins=checks.adapter_check_manager(),
+        pad_token_id=builder.pad,
+        layer=k,
+        probe_layer=probe,
+    )
+    assert int((case.padded_batch()["input_ids"] == model.config.video_token_id).sum()) > 0
+    for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
+        check(case)
+    checks.layout_covers_visual_tokens(case)
