@@ -277,3 +277,31 @@ def test_a_video_beside_images_keeps_the_engine_invariants(model_type):
     for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
         check(case)
     checks.layout_covers_visual_tokens(case)
+
+
+# --- docs/models.md -----------------------------------------------------------------------------------------------
+
+
+def _census_script() -> Any:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "census.py"
+    spec = importlib.util.spec_from_file_location("census_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docs_have_a_section_per_family_that_regenerating_the_table_keeps():
+    script = _census_script()
+    page = script.DOCS.read_text()
+    sections = page.split("\n### ")[1:]
+    for types in FAMILIES.values():
+        heading = next((s.splitlines()[0] for s in sections if f"`{types[0]}`" in s.splitlines()[0]), None)
+        assert heading is not None and all(f"`{t}`" in heading for t in types), types
+    table = "<!-- census-table -->\nnew table\n<!-- /census-table -->\n"
+    regenerated = script.models_page(table, page)
+    assert regenerated.startswith("# Models\n\n" + table)
+    assert regenerated.split("<!-- /census-table -->\n")[1] == page.split("<!-- /census-table -->\n")[1]
+    assert script.models_page(table, "") == "# Models\n\n" + table
