@@ -130,6 +130,62 @@ def test_images_of_different_sizes_share_the_census_batch(model_type):
     assert (batch["input_ids"] == image).sum(1).tolist() == [alone[0], alone[1] + alone[0], alone[0]]
 
 
+def _cropped_inputs(b: InputBuilder, crops: tuple[int, ...] = (1, 3)) -> Any:
+    """Aya Vision's and Command A Vision's prompts: image ``j`` of sample ``i`` is ``crops[(i + j) % 2]`` fixed-size
+    crops (tiles and the global view), each crop's placeholders after a text separator, as their processors write
+    them (``TILE_1``, ..., ``TILE_GLOBAL``; Cohere2's line break after each tile)."""
+
+    def make_inputs(specs: list[Any], start: int = 0) -> dict[str, Any]:
+        per_image = [
+            [b._image(i, 10 * j + c)[0] for c in range(crops[(i + j) % 2])]
+            for i, spec in enumerate(specs, start)
+            for j in range(spec or 0)
+        ]
+        flat = [crop for image in per_image for crop in image]
+        pixels = b._batch(flat, [(b.image_size, b.image_size)] * len(flat)) if flat else {}
+        counts = iter(b._counts(pixels, len(flat)) if flat else [])
+        images, rows, t = iter(per_image), [], b.text_ids
+        for i, spec in enumerate(specs, start):
+            ids = t[i : i + 3]
+            for _ in range(spec or 0):
+                for c, _crop in enumerate(next(images)):
+                    ids = [*ids, t[60 + c], *b._placeholders(next(counts))]
+                ids = [*ids, t[50 + i]]
+            rows.append(ids + t[100 + i : 104 + i % 2])
+        width = max(map(len, rows))
+        ids = torch.tensor([[b.pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask, **pixels}
+
+    return make_inputs
+
+
+@pytest.mark.parametrize("model_type", ["aya_vision", "cohere2_vision"])
+def test_images_of_different_numbers_of_crops_share_a_padded_batch(model_type):
+    """One crop and three crops per image in one padded batch: each crop is a grid of its own, and batch == one by one
+    and cached generation == recomputation hold at the default layer."""
+    _skip_unless(model_type)
+    model, adapter, builder = _inputs(model_type)
+    assert builder.mode == "fixed"
+    make_inputs = _cropped_inputs(builder)
+    image = adapter.image_token_id()
+    alone = [int((make_inputs([1], start=i)["input_ids"] == image).sum()) for i in (0, 1)]
+    assert alone[1] == 3 * alone[0], alone
+    k, probe = default_cut_layer(adapter)
+    case = checks.adapter_case(
+        model,
+        make_inputs,
+        [1, 2, 1],
+        plugins=checks.adapter_check_manager(),
+        pad_token_id=builder.pad,
+        layer=k,
+        probe_layer=probe,
+    )
+    for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
+        check(case)
+    checks.layout_covers_visual_tokens(case)
+
+
 #: Two stages: half the visual tokens after the projector, all the rest kept through a cut at the default layer.
 def _two_stages(layer: int) -> dict[str, Any]:
     return {
