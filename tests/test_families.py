@@ -122,6 +122,56 @@ def test_the_family_keeps_the_engine_invariants_at_its_default_layer(model_type)
     assert row.layer == (3 if model_type in HYBRID else 2)
 
 
+#: The checkpoints' layer patterns, cut short: Qwen3.5's one full-attention layer in four (3, 7, ...) and LFM2's
+#: first attention layer at 2 (LFM2-VL's language model; LFM3-VL's default config too), with the default layer.
+CHECKPOINT_PATTERNS = [
+    pytest.param(
+        "qwen3_5",
+        ["linear_attention"] * 3 + ["full_attention", "linear_attention"],
+        4,
+        marks=pytest.mark.slow,
+        id="qwen3_5",
+    ),
+    pytest.param("lfm2_vl", ["conv", "conv", "full_attention", "conv"], 3, id="lfm2_vl"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "layer_types", "expected"), CHECKPOINT_PATTERNS)
+def test_the_default_layer_of_the_checkpoints_layer_pattern_keeps_the_invariants(model_type, layer_types, expected):
+    """On the checkpoints' pattern the first layer is recurrent: the default layer (Qwen3.5: ``layer: 4``, FastV's
+    ``layer: 2`` by the default layer rule) gets the cut and the probed stage, and the invariants hold there."""
+    from tokenprune.testing.tiny_configs import tiny_config
+
+    _skip_unless(model_type)
+    cfg = tiny_config(model_type)
+    text = cfg.get_text_config()
+    text.num_hidden_layers, text.layer_types = len(layer_types), layer_types
+    if hasattr(text, "full_attn_idxs"):
+        text.full_attn_idxs = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+    torch.manual_seed(0)
+    model = compat.model_from_config(cfg).eval()
+    manager = checks.adapter_check_manager()
+    adapter = adapter_for(model, manager)
+    assert default_cut_layer(adapter) == (expected, expected)
+    make_inputs = InputBuilder(model, adapter)
+    case = checks.adapter_case(
+        model,
+        make_inputs,
+        [1, 2, 1],
+        plugins=manager,
+        pad_token_id=make_inputs.pad,
+        layer=expected,
+        probe_layer=expected,
+    )
+    for check in (
+        checks.keep_all_is_identity,
+        checks.cached_decode_equals_recompute,
+        checks.batch_equals_one_by_one,
+        checks.remove_restores_model,
+    ):
+        check(case)
+
+
 def _inputs(model_type: str) -> tuple[torch.nn.Module, Any, InputBuilder]:
     model = build_tiny(model_type)
     manager = checks.adapter_check_manager()
