@@ -2,6 +2,7 @@
 # Run the engine's version-sensitive tests on every transformers release of the matrix.
 #
 # Usage: bash scripts/test-matrix.sh [VERSION ...]      (default: the versions in scripts/transformers-matrix.txt)
+#        MATRIX_TESTS="tests/test_a.py tests/test_b.py" bash scripts/test-matrix.sh ...   (only those test files)
 #
 # Each version gets a small environment of its own, .matrix/transformers-VERSION, that holds only that
 # transformers release and layers the main .venv (torch, tokenprune, everything else) underneath it, so
@@ -21,8 +22,8 @@ base_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['
 # invariants, engine behaviour and guards, FLOP counting, the reducers end to end (the attention probe
 # among them), the signals read inside the model (own-layer attention, keys, text rows, the vision
 # probe), the decode stage (attention calls at decoding), video heatmaps, the model census (every
-# image-text-to-text type served or refused by name; the generic adapter's invariants on two types) and the
-# adapter tutorial's own test.
+# image-text-to-text type served or refused by name; the generic adapter's invariants on two types), the families of
+# issue 32 (tests/test_families.py) and the adapter tutorial's own test.
 tests=(
   tests/test_compat.py
   tests/test_engine_invariants.py
@@ -49,8 +50,12 @@ tests=(
   tests/test_heatmap_video.py
   tests/test_engine_stopwatch.py
   tests/test_census.py
+  tests/test_families.py
   examples/tokenprune-example-adapter/tests
 )
+if [ -n "${MATRIX_TESTS:-}" ]; then
+  read -r -a tests <<< "$MATRIX_TESTS"
+fi
 failed=()
 for version in "${versions[@]}"; do
   env=".matrix/transformers-$version"

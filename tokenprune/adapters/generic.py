@@ -85,8 +85,20 @@ class GenericAdapter(ModelAdapter):
         return super().image_layouts(call)
 
     def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
-        """Per video, ``t`` frames of a merged grid from ``video_grid_thw`` where the call gives it."""
-        if self.position_scheme == "mrope" and call.arg("video_grid_thw", 1) is not None:
+        """Per video, ``t`` frames of a merged grid from ``video_grid_thw`` where the call gives it; ``t / r`` where
+        the tower also merges ``r`` temporal patches into one (ERNIE-4.5-VL's ``temporal_merge_size``)."""
+        grid = call.arg("video_grid_thw", 1) if self.position_scheme == "mrope" else None
+        vision = getattr(self.vlm().config, "vision_config", None)
+        r = getattr(vision, "temporal_merge_size", None)
+        if grid is not None and isinstance(r, int) and r > 1:
+            merge = vision.spatial_merge_size
+            return [
+                TokenLayout.cat(
+                    [TokenLayout.grid(h // merge, w // merge, image=i, frame=f, video=True) for f in range(t // r)]
+                )
+                for i, (t, h, w) in enumerate(grid.tolist())
+            ]
+        if grid is not None:
             try:
                 return Qwen2VLAdapter.video_layouts(self, call)  # type: ignore[arg-type]
             except AttributeError:

@@ -169,6 +169,7 @@ def _macs_per_token(layer: nn.Module, index: int) -> int:
     parents = {id(child): module for module in layer.modules() for child in module.children()}
     accounted = {id(m.weight) for m in layer.modules() if isinstance(m, nn.Linear)}
     routed = 0
+    _refuse_modality_experts(layer, index)
     for module in layer.modules():
         if isinstance(module, nn.Conv1d):  # a short convolution: counted per output (DecoderShape.conv)
             accounted.add(id(module.weight))
@@ -187,6 +188,24 @@ def _macs_per_token(layer: nn.Module, index: int) -> int:
                 "(num_experts, hidden) weight); its MACs would be left out"
             )
     return linears + routed
+
+
+def _refuse_modality_experts(layer: nn.Module, index: int) -> None:
+    """Refuse a layer with several experts modules (ERNIE-4.5-VL's ``text_moe`` and ``vision_moe``): each token runs
+    through the experts of its modality, so a layer's MACs depend on how many of its tokens are visual, which the
+    per-token count ``n * P`` does not know.
+
+    Raises:
+        TypeError: naming the layer and its experts modules.
+    """
+    names = [n for n, m in layer.named_modules() if any(p.dim() == 3 for p in m.parameters(recurse=False))]
+    if len(names) > 1:
+        raise TypeError(
+            f"decoder layer {index} ({type(layer).__name__}) has {len(names)} experts modules ({', '.join(names)}): "
+            "modality-isolated mixture-of-experts layers (each token runs through its modality's experts, so a "
+            "layer's MACs depend on its visual-token count); tokenprune counts the FLOPs (analytic, torch, fvcore) "
+            "of layers with one experts module only; the pruning itself works on this model, its FLOP count does not"
+        )
 
 
 def experts_macs_per_token(

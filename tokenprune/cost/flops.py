@@ -22,6 +22,7 @@ All numbers are MACs (multiply-accumulates); FLOPs are twice as many.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -303,7 +304,8 @@ def _fvcore_replay(
 
             uncounted: set[str] = set()
             for rec in recorder.layers:
-                kwargs = {k: v for k, v in rec["kwargs"].items() if k not in (*compat.CACHE_ARGUMENTS, "use_cache")}
+                given = {**_positional_as_keywords(rec["module"], rec["args"]), **rec["kwargs"]}
+                kwargs = {k: v for k, v in given.items() if k not in (*compat.CACHE_ARGUMENTS, "use_cache")}
                 kwargs["use_cache"] = False
                 keys, flat = [], []
                 for k, v in kwargs.items():
@@ -339,6 +341,17 @@ def _fvcore_replay(
         )
     notes.extend(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
     return results, head_macs, notes
+
+
+def _positional_as_keywords(layer: nn.Module, args: tuple[Any, ...]) -> dict[str, Any]:
+    """The arguments a decoder layer received by place after the hidden states (Gemma 4's ``per_layer_input``),
+    by the names of its ``forward``'s parameters, so that the fvcore replay passes them on."""
+    if not args:
+        return {}
+    names = list(inspect.signature(layer.forward).parameters)[1:]
+    if len(names) < len(args):
+        raise TypeError(f"{type(layer).__name__}.forward takes fewer parameters than the {len(args) + 1} it was given")
+    return dict(zip(names, args, strict=False))
 
 
 def _looks_like_a_product(op: str) -> bool:

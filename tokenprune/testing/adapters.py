@@ -38,7 +38,8 @@ What the checks need from you:
 
 * ``model``: the top-level ``...ForConditionalGeneration`` model in eval mode, built with
   ``attn_implementation="sdpa"``, with at least 3 decoder layers (the pipelines prune after the
-  projector and at layer 2, and probe at layer 1); tiny random weights are enough.
+  projector and at layer 2, and probe at layer 1; :func:`adapter_case`'s ``layer`` and ``probe_layer``
+  move them, e.g. to a hybrid model's default layer); tiny random weights are enough.
 * ``make_inputs(specs, start=0)``: builds the model's keyword inputs for a batch, left-padded, with
   an ``attention_mask``, as the model's processor would. ``specs[j]`` describes sample
   ``start + j``: ``None`` is a text-only sample, anything else is yours (e.g. ``(height, width)`` of
@@ -190,6 +191,10 @@ class AdapterCase:
         generate_kwargs: Given to every ``generate`` (``pad_token_id``, ``suppress_tokens``).
         generated_token_type_id: The ``token_type_ids`` value ``generate`` gives new tokens (1 for
             PaliGemma's causal suffix, 0 for Gemma3's text tokens).
+        layer: The layer of the checks' layer cut (``layer: 2`` by default; a hybrid model's default layer, see
+            :func:`tokenprune.engine.hybrid.default_layer`).
+        probe_layer: The layer of the probed stage (it reads layer ``probe_layer - 1``'s attention; by default
+            ``layer - 1``), at most :attr:`layer`.
     """
 
     model: nn.Module
@@ -199,6 +204,20 @@ class AdapterCase:
     adapter: ModelAdapter
     generate_kwargs: dict[str, Any]
     generated_token_type_id: int = 0
+    layer: int = 2
+    probe_layer: int = 1
+
+    def prune(self) -> dict[str, Any]:
+        """:data:`PRUNE` with its layer stage at :attr:`layer`."""
+        return _pipe(("post_projector", "check_drop", 0.5), ({"layer": self.layer}, "check_drop", 0.5))
+
+    def probed(self, keep: float) -> dict[str, Any]:
+        """The projector, probed and layer stages (:data:`KEEP_ALL` at ``keep=1``), each keeping ``keep``."""
+        return _pipe(
+            ("post_projector", "check_drop", keep),
+            ({"layer": self.probe_layer}, "probe_recorder", keep),
+            ({"layer": self.layer}, "check_drop", keep),
+        )
 
     def padded_batch(self) -> dict[str, Any]:
         """A batch of 3 with left padding: two image samples of different sizes and a text-only one."""
@@ -243,6 +262,8 @@ def adapter_case(
     pad_token_id: int = 0,
     suppress_tokens: Sequence[int] | None = None,
     generated_token_type_id: int = 0,
+    layer: int = 2,
+    probe_layer: int | None = None,
 ) -> AdapterCase:
     """Check the arguments once and build the :class:`AdapterCase` every invariant runs on.
 
@@ -256,6 +277,8 @@ def adapter_case(
         suppress_tokens: Ids ``generate`` must not produce (default: every id the adapter marks
             visual in the batch, so that no generated token is read as an image placeholder).
         generated_token_type_id: See :attr:`AdapterCase.generated_token_type_id`.
+        layer: The layer cut's layer (:attr:`AdapterCase.layer`), at least 2.
+        probe_layer: The probed stage's layer (:attr:`AdapterCase.probe_layer`; default ``layer - 1``).
 
     Raises:
         ValueError: arguments the checks cannot use (see the module docstring).
@@ -274,14 +297,27 @@ def adapter_case(
         raise ValueError("specs: every sample of the batch needs an image (None is text-only)")
     adapter = adapter_for(model, manager)
     layers = len(adapter.decoder_layers())
-    if layers < 3:
-        raise ValueError(f"the checks prune at layer 2 and probe at layer 1; the model has {layers} decoder layers")
+    probe_layer = layer - 1 if probe_layer is None else probe_layer
+    if not 1 <= probe_layer <= layer or layer < 2:
+        raise ValueError(f"the checks need 1 <= probe_layer <= layer and layer >= 2, got {probe_layer} and {layer}")
+    if layers <= layer:
+        raise ValueError(
+            f"the checks prune at layer {layer} and probe at layer {probe_layer}; the model has {layers} decoder layers"
+        )
     impl = compat.attention_implementation(adapter.text_config())
     if impl != "sdpa":
         raise ValueError(f"build the model with attn_implementation='sdpa' (it uses {impl!r})")
     ProbeRecorder.contexts.clear()
     case = AdapterCase(
-        model, make_inputs, specs, manager, adapter, {"pad_token_id": pad_token_id}, generated_token_type_id
+        model,
+        make_inputs,
+        specs,
+        manager,
+        adapter,
+        {"pad_token_id": pad_token_id},
+        generated_token_type_id,
+        layer,
+        probe_layer,
     )
     if suppress_tokens is None:  # never generate a token the adapter would read as visual
         ids = case.padded_batch()["input_ids"]
@@ -315,7 +351,7 @@ def keep_all_is_identity(c: AdapterCase) -> None:
     _expect(int((inputs["attention_mask"] == 0).sum()) > 0, name, "make_inputs gave a batch without left padding")
     ref = c.forward(inputs).logits
     ref_gen = c.generate(inputs)
-    with apply(model, KEEP_ALL, plugins=c.manager) as run:
+    with apply(model, c.probed(1.0), plugins=c.manager) as run:
         out = c.forward(inputs).logits
         gen = c.generate(inputs)
     _expect(torch.equal(out, ref), name, f"logits differ (max {float((out - ref).abs().max()):.3g})")
@@ -344,7 +380,7 @@ def cached_decode_equals_recompute(c: AdapterCase, *, positions: str = "original
     model = c.model
     name = f"cached decode equals recompute (positions: {positions})"
     inputs = c.padded_batch()
-    with apply(model, {**PRUNE, "positions": positions}, plugins=c.manager) as run:
+    with apply(model, {**c.prune(), "positions": positions}, plugins=c.manager) as run:
         gen = c.generate(inputs, 4)
         kept_cached = [s.kept for s in run.stats.last_prefill.stages]
         full = dict(inputs)
@@ -382,18 +418,19 @@ def _layer_kinds(c: AdapterCase) -> tuple[str, ...]:
 def kv_cache_holds_kept_tokens(c: AdapterCase) -> None:
     """Invariant 3: every layer's KV cache holds exactly the tokens the pipeline keeps there.
 
-    With :data:`PRUNE` and 3 generated tokens: layer 2 keeps half of what the projector stage kept
-    (at least 1 per image sample); ``layer_tokens`` counts each sample's text tokens plus its kept
-    visual tokens; the cache of layers 0-1 (2 on) is as wide as the longest sample after the
-    projector stage (after layer 2) plus the 2 decoded tokens; recurrent layers (linear attention, convolution)
-    keep a fixed-size state instead and are not counted.
+    With :data:`PRUNE` (its layer stage at the case's :attr:`~AdapterCase.layer` ``k``, 2 by default) and 3
+    generated tokens: layer ``k`` keeps half of what the projector stage kept (at least 1 per image sample);
+    ``layer_tokens`` counts each sample's text tokens plus its kept visual tokens; the cache of layers before
+    ``k`` (``k`` on) is as wide as the longest sample after the projector stage (after layer ``k``) plus the 2
+    decoded tokens.
+    Recurrent layers (linear attention, convolution) keep a fixed-size state instead and are not counted.
     """
     model = c.model
     name = "KV cache holds the kept tokens"
     inputs = c.padded_batch()
     n = 3
     visual = c.visual(inputs)
-    with apply(model, PRUNE, plugins=c.manager) as run:
+    with apply(model, c.prune(), plugins=c.manager) as run:
         gen = c.generate(inputs, n)
     prefill = run.stats.last_prefill
     post, layer = prefill.stages
@@ -401,9 +438,11 @@ def kv_cache_holds_kept_tokens(c: AdapterCase) -> None:
     per_sample_0 = [int(t) + k for t, k in zip(text, post.leaving, strict=False)]
     per_sample_2 = [int(t) + k for t, k in zip(text, layer.leaving, strict=False)]
     expected_leaving = [max(1, k // 2) if k else 0 for k in post.leaving]
-    _expect(layer.leaving == expected_leaving, name, f"layer 2 kept {layer.leaving}, expected {expected_leaving}")
-    layers = len(c.adapter.decoder_layers())
-    expected_tokens = [per_sample_0] * 2 + [per_sample_2] * (layers - 2)
+    _expect(
+        layer.leaving == expected_leaving, name, f"layer {c.layer} kept {layer.leaving}, expected {expected_leaving}"
+    )
+    layers, k = len(c.adapter.decoder_layers()), c.layer
+    expected_tokens = [per_sample_0] * k + [per_sample_2] * (layers - k)
     _expect(
         prefill.layer_tokens == expected_tokens,
         name,
@@ -411,7 +450,7 @@ def kv_cache_holds_kept_tokens(c: AdapterCase) -> None:
     )
     cached = [keys for keys, _ in compat.cache_layers(compat.output_cache(gen))]
     kinds = _layer_kinds(c)
-    for i, width in enumerate([max(per_sample_0)] * 2 + [max(per_sample_2)] * (layers - 2)):
+    for i, width in enumerate([max(per_sample_0)] * k + [max(per_sample_2)] * (layers - k)):
         if hybrid.is_recurrent(kinds[i]):  # a fixed-size state, no keys to count
             continue
         got = cached[i].shape[2]
@@ -421,7 +460,8 @@ def kv_cache_holds_kept_tokens(c: AdapterCase) -> None:
 def remove_restores_model(c: AdapterCase) -> None:
     """Invariant 4: after ``remove()``, outputs and ``state_dict`` are bit-identical and no hook is left.
 
-    A pruning pipeline (projector, probed layer 1, layer 2) must change the output; after
+    A pruning pipeline (projector, probed layer 1, layer 2: the case's :attr:`~AdapterCase.probe_layer` and
+    :attr:`~AdapterCase.layer`) must change the output; after
     ``remove()`` (called twice: it is idempotent) logits and every ``state_dict`` tensor are
     ``torch.equal`` to before, the language model's attention implementation is restored, the
     number of module hooks is back to what it was, and the ``get_image_features`` wrapper is gone.
@@ -433,10 +473,7 @@ def remove_restores_model(c: AdapterCase) -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     impl = compat.attention_implementation(model.config.get_text_config())
     hooks_before = _hooks(model)
-    pipeline = _pipe(
-        ("post_projector", "check_drop", 0.5), ({"layer": 1}, "probe_recorder", 0.5), ({"layer": 2}, "check_drop", 0.5)
-    )
-    run = apply(model, pipeline, plugins=c.manager)
+    run = apply(model, c.probed(0.5), plugins=c.manager)
     pruned = c.forward(inputs).logits
     _expect(
         pruned.shape[1] < before.shape[1] or not torch.equal(pruned[:, -1], before[:, -1]),
@@ -461,7 +498,8 @@ def batch_equals_one_by_one(c: AdapterCase) -> None:
     """Invariant 5: with ragged keep counts, each sample gets what it gets alone (1e-5).
 
     The batch is ``specs`` (three images of different sizes); the pipeline is an adaptive reducer
-    (:class:`FirstK`, 75 %) after the projector, then 50 % at layer 2, so samples keep different
+    (:class:`FirstK`, 75 %) after the projector, then 50 % at layer 2 (the case's :attr:`~AdapterCase.layer`),
+    so samples keep different
     numbers of tokens at both stages. For each sample, generated ids must be equal, the logits of
     each generated token and of the prompt's last position within :data:`PRUNE_TOLERANCE`, and the
     kept indices of both stages equal to a run of the sample alone.
@@ -469,7 +507,7 @@ def batch_equals_one_by_one(c: AdapterCase) -> None:
     model, make_inputs, specs = c.model, c.make_inputs, c.specs
     name = "batch equals one by one"
     batch = make_inputs(specs)
-    pipeline = _pipe(("post_projector", "first_k", 0.75), ({"layer": 2}, "check_drop", 0.5))
+    pipeline = _pipe(("post_projector", "first_k", 0.75), ({"layer": c.layer}, "check_drop", 0.5))
     with apply(model, pipeline, plugins=c.manager) as run:
         gen = c.generate(batch, 3)
         out = c.forward(batch).logits
@@ -491,17 +529,20 @@ def batch_equals_one_by_one(c: AdapterCase) -> None:
             torch.testing.assert_close(o1[0, -1], out[i, -1], atol=PRUNE_TOLERANCE, rtol=0)
             alone_stats = run.stats.last_prefill.stages
             _expect(alone_stats[0].kept[0] == stages[0].kept[i], name, f"sample {i}: other tokens kept after projector")
-            _expect(alone_stats[1].kept[0] == stages[1].kept[i], name, f"sample {i}: other tokens kept at layer 2")
+            _expect(
+                alone_stats[1].kept[0] == stages[1].kept[i], name, f"sample {i}: other tokens kept at layer {c.layer}"
+            )
 
 
 def probe_matches_eager_attention(c: AdapterCase) -> None:
     """Invariant 6: probe scores equal eager attention weights (1e-6) while the model ran sdpa.
 
-    A ``layer: 2`` stage probes layer 1 (on a hybrid model, a stage at its default layer ``k`` probes layer
-    ``k - 1``: :func:`tokenprune.engine.hybrid.default_layer`). Every softmax-attention decoder layer must
-    have called transformers' stock sdpa function; the ``last`` and ``text`` scores the reducer received
-    must equal the head-mean of a deep-copied eager model's ``output_attentions`` at the probed layer within
-    :data:`PROBE_TOLERANCE`; and the model must still be on sdpa.
+    A ``layer: 2`` stage probes layer 1 (a ``layer: probe_layer + 1`` stage probes the case's
+    :attr:`~AdapterCase.probe_layer`; on a hybrid model whose probed layer is not softmax attention, a stage
+    at its default layer ``k`` probes layer ``k - 1``: :func:`tokenprune.engine.hybrid.default_layer`). Every
+    softmax-attention decoder layer must have called transformers' stock sdpa function; the ``last`` and
+    ``text`` scores the reducer received must equal the head-mean of a deep-copied eager model's
+    ``output_attentions`` at the probed layer within :data:`PROBE_TOLERANCE`; and the model must still be on sdpa.
     """
     model = c.model
     name = "probe matches eager attention"
@@ -516,7 +557,9 @@ def probe_matches_eager_attention(c: AdapterCase) -> None:
     inputs = c.padded_batch()
     ProbeRecorder.contexts.clear()
     kinds = _layer_kinds(c)
-    layer = 2 if all(k in hybrid.SOFTMAX_KINDS for k in kinds) else hybrid.default_layer(kinds)  # hybrid: k - 1 attends
+    layer = c.probe_layer + 1
+    if kinds[layer - 1] not in hybrid.SOFTMAX_KINDS:  # hybrid: the probed layer k - 1 must attend
+        layer = hybrid.default_layer(kinds)
     _expect(layer is not None, name, f"no layer after layer 1 is softmax attention ({', '.join(kinds)})")
     sdpa.sdpa_attention_forward = counting
     try:

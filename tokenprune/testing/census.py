@@ -47,6 +47,7 @@ class CensusRow:
         adapter: The adapter that served it (``generic (...)`` or a registered name), ``-`` if none.
         detail: The refusal's reason, the failed invariant, or why it did not run.
         seconds: Wall time of this type's census.
+        layer: The layer of the invariants' layer cut (see :func:`census_one`).
     """
 
     model_type: str
@@ -54,6 +55,7 @@ class CensusRow:
     adapter: str = "-"
     detail: str = ""
     seconds: float = 0.0
+    layer: int = 2
 
 
 def model_types() -> list[str]:
@@ -96,11 +98,13 @@ def _missing_package(exc: BaseException) -> str | None:
     return None
 
 
-def census_one(model_type: str, invariants: bool = True) -> CensusRow:
+def census_one(model_type: str, invariants: bool = True, layer: int | str = 2) -> CensusRow:
     """Build ``model_type``'s tiny model and serve it (running the invariants) or expect a named refusal.
 
     With ``invariants=False`` a served type only builds its inputs and runs one forward under a keep-all
-    pipeline (status ``served``, not ``passes``).
+    pipeline (status ``served``, not ``passes``). ``layer``: the layer of the invariants' layer cut, ``2`` (the
+    census's) or ``"default"``: the model's default layer for attention-reading stages
+    (:func:`default_cut_layer`), where the probed stage runs too.
     """
     from tokenprune.adapters.generic import adapter_for
     from tokenprune.testing.adapters import adapter_case, adapter_check_manager
@@ -108,13 +112,15 @@ def census_one(model_type: str, invariants: bool = True) -> CensusRow:
     start = time.perf_counter()
     row = CensusRow(model_type, "not run")
     try:
-        row = _census(model_type, adapter_for, adapter_case, adapter_check_manager, invariants)
+        row = _census(model_type, adapter_for, adapter_case, adapter_check_manager, invariants, layer)
     finally:
         row.seconds = round(time.perf_counter() - start, 2)
     return row
 
 
-def _census(model_type: str, adapter_for: Any, adapter_case: Any, manager_of: Any, invariants: bool) -> CensusRow:
+def _census(
+    model_type: str, adapter_for: Any, adapter_case: Any, manager_of: Any, invariants: bool, layer: int | str
+) -> CensusRow:
     manager = manager_of()
     try:
         with torch.device("meta"):  # the refusal needs no weights; a model too large to build is refused too
@@ -137,8 +143,11 @@ def _census(model_type: str, adapter_for: Any, adapter_case: Any, manager_of: An
         why = _needs(package) if package else f"no census inputs: {type(exc).__name__}: {exc}"
         return CensusRow(model_type, "not run", adapter.name, _one_line(why))
     checks = census_invariants() if invariants else census_invariants()[:1]
+    k, probe = default_cut_layer(adapter) if layer == "default" else (int(layer), int(layer) - 1)
     try:
-        case = adapter_case(model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=make_inputs.pad)
+        case = adapter_case(
+            model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=make_inputs.pad, layer=k, probe_layer=probe
+        )
     except ValueError as exc:  # what the kit cannot check (another attention implementation than sdpa)
         return CensusRow(model_type, "not run", adapter.name, _one_line(f"the check kit cannot run it: {exc}"))
     try:
@@ -151,8 +160,26 @@ def _census(model_type: str, adapter_for: Any, adapter_case: Any, manager_of: An
             return CensusRow(
                 model_type, "not run", adapter.name, _one_line(f"{why}, so the census's batch check cannot hold")
             )
-        return CensusRow(model_type, "fails", adapter.name, _one_line(str(exc)))
-    return CensusRow(model_type, "passes" if invariants else "served", adapter.name, "")
+        return CensusRow(model_type, "fails", adapter.name, _one_line(str(exc)), layer=k)
+    return CensusRow(model_type, "passes" if invariants else "served", adapter.name, "", layer=k)
+
+
+def default_cut_layer(adapter: Any) -> tuple[int, int]:
+    """``(k, probe)``: the model's default layer ``k`` for a stage that reads attention
+    (:func:`tokenprune.engine.hybrid.default_layer`: 2 where layer 1 is softmax attention, else the first later layer
+    after a softmax-attention layer) and the layer of a probed stage beside it (``k - 1`` where layer ``k - 2`` is
+    softmax attention, else ``k``).
+
+    Raises:
+        ValueError: no layer of the model serves an attention-reading stage.
+    """
+    from tokenprune.engine.hybrid import SOFTMAX_KINDS, default_layer, layer_kinds
+
+    kinds = layer_kinds(adapter.text_config(), adapter.decoder_layers())
+    k = default_layer(kinds)
+    if k is None:
+        raise ValueError(f"no layer of {kinds} follows a softmax-attention layer")
+    return k, k - 1 if kinds[k - 2] in SOFTMAX_KINDS else k
 
 
 def _batch_invariant(model: Any, make_inputs: Any, specs: list[int], atol: float = 1e-4) -> bool:
@@ -244,6 +271,7 @@ __all__ = [
     "census",
     "census_invariants",
     "census_one",
+    "default_cut_layer",
     "model_types",
     "resolve_types",
     "tiny_config",
