@@ -300,7 +300,7 @@ def test_flops_agree_three_ways_or_are_refused_naming_the_layer_kind(model_type)
 
 def test_gemma3n_is_not_run_naming_timm():
     """Gemma 3n's MobileNetV5 tower is a timm model: without timm the census cannot build it and says so (never a
-    pass); with timm it must pass."""
+    pass); with timm it is refused naming AltUp (next test)."""
     _skip_unless("gemma3n")
     row = census_one("gemma3n")
     try:
@@ -308,7 +308,49 @@ def test_gemma3n_is_not_run_naming_timm():
     except Exception:  # timm is no test dependency (see NOT_A_TEST_DEPENDENCY)
         assert row.status == "not run" and row.detail.startswith("needs timm, not installed"), row
         return
-    assert row.status == "passes", row.detail
+    assert row.status == "refused" and "AltUp" in row.detail, row.detail
+
+
+def test_gemma3n_language_model_is_refused_naming_altup():
+    """Gemma 3n's text model builds without timm: a VLM around it is refused by the generic adapter, which would
+    otherwise gather its (4, B, L, D) AltUp hidden states as if they were (B, L, D)."""
+    _skip_unless("gemma3n")
+    from transformers import Gemma3nTextConfig
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextModel
+
+    from tokenprune.adapters.shape import refusal
+
+    cfg = Gemma3nTextConfig(
+        vocab_size=64,
+        vocab_size_per_layer_input=64,
+        hidden_size=32,
+        hidden_size_per_layer_input=8,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_kv_shared_layers=0,
+        laurel_rank=4,
+        activation_sparsity_pattern=[0.0, 0.0],
+        layer_types=["sliding_attention", "full_attention"],
+    )
+
+    class Vlm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.language_model = Gemma3nTextModel(cfg)
+
+        def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return pixel_values
+
+    class Top(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Vlm()
+
+    reason = refusal(Top())
+    assert reason is not None and "AltUp" in reason and "(4, B, L, D)" in reason, reason
 
 
 # --- video ------------------------------------------------------------------------------------------------------

@@ -222,6 +222,17 @@ def _layer_contract(model: nn.Module) -> str | None:
     return None
 
 
+def _altup(model: nn.Module) -> str | None:
+    n = getattr(text_config(_language_model(model)), "altup_num_inputs", None)
+    if isinstance(n, int) and n > 1:
+        return (
+            f"its decoder layers carry AltUp's {n} predictions of every token (hidden states of shape ({n}, B, L, D): "
+            "Gemma 3n), which the engine does not cut: it gathers (B, L, D) hidden states, and AltUp's predict and "
+            "correct steps would need following"
+        )
+    return None
+
+
 def _shared_layers(model: nn.Module) -> str | None:
     cfg = text_config(_language_model(model))
     shared, layers = getattr(cfg, "num_kv_shared_layers", None), getattr(cfg, "num_hidden_layers", None)
@@ -277,6 +288,7 @@ CHECKS: tuple[Callable[[nn.Module], str | None], ...] = (
     _no_image_features,
     _no_decoder_stack,
     _hybrid_layers,
+    _altup,
     _shared_layers,
     _layer_contract,
     _visual_residuals,
