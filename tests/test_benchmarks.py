@@ -86,27 +86,30 @@ def _interval(cell: str) -> tuple[float, float, float]:
 def test_decode_benchmark_pairs_single_steps_of_two_copies_and_writes_its_table(tmp_path):
     doc = _doc(tmp_path, "prefill", "decode")
     out = _run("decode.py", "--write", str(doc), "--max-interval", "1e9").stdout
-    columns = _header(out, "configuration (copy A)")
+    assert "the sides swap copies every generation" in out
+    columns = _header(out, "configuration (side A)")
     assert columns[:5] == [
-        "configuration (copy A)",
+        "configuration (side A)",
         "ms per step",
-        "against (copy B)",
+        "against (side B)",
         "ms per step",
         "A / B: median [95% interval]",
     ]
-    rows = [x.strip("|").split("|") for x in out.splitlines() if x.startswith("| ") and "copy A" not in x]
+    rows = [x.strip("|").split("|") for x in out.splitlines() if x.startswith("| ") and "side A" not in x]
     rows = [r for r in rows if not r[0].startswith("---")]
     assert [r[0].strip() for r in rows] == [
         "tokenprune, random keep 100% after the projector",
         "tokenprune, random keep 25% after the projector",
         "stock model with no-op hooks where tokenprune hooks (PyTorch's dispatch)",
+        "stock model (the pairing's null check: both sides the same)",
     ]
     assert rows[1][2].strip().startswith("reference: stock model, 22 visual tokens")
     for r in rows:
         median, low, high = _interval(r[4])
         assert 0 < low <= median <= high
     own = columns.index("tokenprune's own time per step, % of the step (range)")
-    assert all(0 < float(r[own].split("%")[0]) < 100 for r in rows[:2]) and rows[2][own].strip() == ""
+    assert all(0 < float(r[own].split("%")[0]) < 100 for r in rows[:2])
+    assert rows[2][own].strip() == rows[3][own].strip() == ""
     text = doc.read_text(encoding="utf-8")
     assert "old decode" not in text and "old prefill" in text and "| tokenprune, random keep 100% after" in text
     assert text.endswith("<!-- benchmarks:decode:end -->\nafter\n")

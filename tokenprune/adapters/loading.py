@@ -111,14 +111,15 @@ def _processor_class(path: str | Path) -> type | None:
     import json
 
     import transformers
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    from tokenprune.engine.compat import processor_class_name
 
     folder = Path(path)
     name = None
     if (folder / "processor_config.json").is_file():
         name = json.loads((folder / "processor_config.json").read_text()).get("processor_class")
     if name is None and (folder / "config.json").is_file():
-        name = PROCESSOR_MAPPING_NAMES.get(json.loads((folder / "config.json").read_text()).get("model_type"))
+        name = processor_class_name(json.loads((folder / "config.json").read_text()).get("model_type"))
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     return cls if isinstance(cls, type) else None
 

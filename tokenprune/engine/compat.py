@@ -442,6 +442,23 @@ def image_text_to_text_class(model_type: str) -> type:
     return getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])
 
 
+def processor_class_name(model_type: str) -> str | None:
+    """The processor class name transformers' processor auto mapping gives ``model_type`` (``None``: none)."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    return PROCESSOR_MAPPING_NAMES.get(model_type)
+
+
+def tokenizer_class_name(model_type: str) -> str | None:
+    """The tokenizer class name transformers' tokenizer auto mapping gives ``model_type`` (``None``: none)."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    name = TOKENIZER_MAPPING_NAMES.get(model_type)
+    if isinstance(name, tuple):  # (slow, fast) in some releases
+        name = name[-1] or name[0]
+    return name
+
+
 def config_class(model_type: str) -> type:
     """The config class of ``model_type`` (``CONFIG_MAPPING``)."""
     return transformers.CONFIG_MAPPING[model_type]

