@@ -224,6 +224,20 @@ def _cropped_inputs(b: InputBuilder, crops: tuple[int, ...] = (1, 3)) -> Any:
     return make_inputs
 
 
+def _default_layer_case(model: Any, adapter: Any, builder: Any, make_inputs: Any) -> checks.AdapterCase:
+    """The check kit's case of samples 1, 2, 1 (a text-only third) with its layer stage at the family's default."""
+    k, probe = default_cut_layer(adapter)
+    return checks.adapter_case(
+        model,
+        make_inputs,
+        [1, 2, 1],
+        plugins=checks.adapter_check_manager(),
+        pad_token_id=builder.pad,
+        layer=k,
+        probe_layer=probe,
+    )
+
+
 @pytest.mark.parametrize("model_type", ["aya_vision", "cohere2_vision"])
 def test_images_of_different_numbers_of_crops_share_a_padded_batch(model_type):
     """One crop and three crops per image in one padded batch: each crop is a grid of its own, and batch == one by one
@@ -235,16 +249,7 @@ def test_images_of_different_numbers_of_crops_share_a_padded_batch(model_type):
     image = adapter.image_token_id()
     alone = [int((make_inputs([1], start=i)["input_ids"] == image).sum()) for i in (0, 1)]
     assert alone[1] == 3 * alone[0], alone
-    k, probe = default_cut_layer(adapter)
-    case = checks.adapter_case(
-        model,
-        make_inputs,
-        [1, 2, 1],
-        plugins=checks.adapter_check_manager(),
-        pad_token_id=builder.pad,
-        layer=k,
-        probe_layer=probe,
-    )
+    case = _default_layer_case(model, adapter, builder, make_inputs)
     for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
         check(case)
     checks.layout_covers_visual_tokens(case)
@@ -441,16 +446,7 @@ def test_a_video_beside_images_keeps_the_engine_invariants(model_type):
     _skip_unless(model_type)
     model, adapter, builder = _inputs(model_type)
     make_inputs = _video_inputs(builder)
-    k, probe = default_cut_layer(adapter)
-    case = checks.adapter_case(
-        model,
-        make_inputs,
-        [1, 2, 1],
-        plugins=checks.adapter_check_manager(),
-        pad_token_id=builder.pad,
-        layer=k,
-        probe_layer=probe,
-    )
+    case = _default_layer_case(model, adapter, builder, make_inputs)
     batch = case.padded_batch()
     if "mm_token_type_ids" in batch:  # GLM-4.xV's video placeholders are its image token, typed 2
         assert int((batch["mm_token_type_ids"] == 2).sum()) > 0
