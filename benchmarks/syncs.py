@@ -31,6 +31,7 @@ import torch
 from _bench import SIZES, build_model, command, load, machine, make_inputs, markers, write_between_markers
 
 import tokenprune as tp
+from tokenprune.adapters.llava_next import forget_layouts
 from tokenprune.cost.measure import Case, interleaved
 from tokenprune.testing import SyncCounter
 
@@ -44,7 +45,8 @@ def pipeline(name: str, at: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def count(model: Any, inputs: dict[str, Any], pipe: dict[str, Any], tokens: int) -> SyncCounter:
-    """tokenprune's host reads in one greedy generation under ``pipe``."""
+    """tokenprune's host reads in one greedy generation under ``pipe`` (images laid out afresh: the worst case)."""
+    forget_layouts()
     with tp.apply(model, pipe), SyncCounter(model) as syncs, torch.inference_mode():
         model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
     return syncs

@@ -237,3 +237,20 @@ def test_engine_work_counts_no_tokenprune_call_in_the_stock_model_and_writes_its
     assert float(layer[3]) > float(keep_all[3])  # a layer cut has hooks on every later decoder layer
     text = doc.read_text(encoding="utf-8")
     assert "old engine-work" not in text and "| keep-all after the projector |" in text and text.endswith("after\n")
+
+
+def test_fixed_cost_benchmark_separates_tokenprune_from_the_stage_and_writes_its_table(tmp_path):
+    doc = _doc(tmp_path, "fixed-cost")
+    out = _run("fixed_cost.py", "--write", str(doc)).stdout
+    rows = [x.strip("|").split("|") for x in out.splitlines() if x.startswith("| keep ")]
+    assert [r[0].strip() for r in rows] == [
+        "keep 100% after the projector",
+        "keep 25% after the projector",
+        "keep 100% at layer 2",
+        "keep 25% at layer 2",
+    ]
+    for r in rows:
+        fixed, first, stage = (float(r[i].split()[0]) for i in (1, 2, 3))
+        assert 0 < fixed and 0 < first and 0 < stage
+    text = doc.read_text(encoding="utf-8")
+    assert "old fixed-cost" not in text and "| keep 25% at layer 2 |" in text and text.endswith("after\n")

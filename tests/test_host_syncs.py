@@ -14,6 +14,7 @@ import tiny_models
 import torch
 
 import tokenprune as tp
+from tokenprune.adapters import llava_next
 from tokenprune.testing import SyncCounter
 
 PER_STAGE = 24
@@ -57,6 +58,8 @@ def _params(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _count(tiny: tiny_models.Tiny, inputs: dict, pipeline: dict) -> SyncCounter:
+    """The host reads of a generation, the image layouts computed afresh (the worst case: no size seen before)."""
+    llava_next.forget_layouts()
     with tp.apply(tiny.model, pipeline), SyncCounter(tiny.model) as syncs, torch.inference_mode():
         tiny.model.generate(
             **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
