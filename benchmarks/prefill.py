@@ -472,6 +472,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--reducers", default=",".join(REDUCERS), help="comma-separated reducer names")
+    parser.add_argument(
+        "--main-only",
+        action="store_true",
+        help="only the keep-all and reducer tables (no FastV, vision-probe, batch and KV-cache tables)",
+    )
     parser.add_argument("--write", type=Path, help="update this markdown file between the section's markers")
     parser.add_argument(
         "--section", default="prefill", help="markers <!-- benchmarks:SECTION:begin/end --> (default: prefill)"
@@ -510,10 +515,11 @@ def main() -> None:
     ids = b.inputs["input_ids"]
     visual = int((ids == IMAGE_TOKEN).sum())
     guarded = main_table(b, [n.strip() for n in args.reducers.split(",") if n.strip()])
-    fastv_table(b)
-    vision_probe_table(b)
-    batch_table(b, size)
-    cache_table(b)
+    if not args.main_only:
+        fastv_table(b)
+        vision_probe_table(b)
+        batch_table(b, size)
+        cache_table(b)
     width = widest(guarded)
     head = [
         f"Machine: {machine(args.device, args.dtype)}; load average (1/5/15 min) {before} before, {load()} after.",
@@ -523,7 +529,8 @@ def main() -> None:
         "(alternating which runs first, after a warm-up pair): the median of the pair ratios and its bootstrap 95% "
         "interval; a verdict only where the whole interval lies on one side of the target. Widest guarded interval "
         f"(keep-all and random rows; the noise guard's statistic): +-{width:.1%} of the median, limit "
-        f"+-{args.max_interval:.1%}. The FastV, vision-probe and batch tables: {args.repeats} rounds, round-robin.",
+        f"+-{args.max_interval:.1%}."
+        + ("" if args.main_only else f" The FastV, vision-probe and batch tables: {args.repeats} rounds, round-robin."),
         "",
     ]
     text = "\n".join(head + b.lines)

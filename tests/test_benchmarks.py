@@ -254,3 +254,9 @@ def test_fixed_cost_benchmark_separates_tokenprune_from_the_stage_and_writes_its
         assert 0 < fixed and 0 < first and 0 < stage
     text = doc.read_text(encoding="utf-8")
     assert "old fixed-cost" not in text and "| keep 25% at layer 2 |" in text and text.endswith("after\n")
+
+
+def test_prefill_benchmark_main_only_leaves_the_side_tables_out(tmp_path):
+    out = _run("prefill.py", "--reducers", "random", "--main-only").stdout
+    assert "| random | post_projector | 25% |" in out
+    assert "FastV at layer 2" not in out and "8 images of" not in out and "KV bytes" not in out
