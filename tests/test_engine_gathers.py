@@ -8,7 +8,7 @@ one block of columns where every sample has them in the same place, and as sorte
 import pytest
 import torch
 
-from tokenprune.engine.sequence import gather_tokens
+from tokenprune.engine.sequence import gather_kept_rows, gather_tokens, right_aligned_columns
 from tokenprune.engine.stage import visual_columns
 from tokenprune.reducer import Selection
 
@@ -68,3 +68,14 @@ def test_visual_columns_are_the_selection_of_the_mask_and_a_block_only_where_one
     if block is not None:
         hidden = torch.randn(mask.shape[0], mask.shape[1], 4)
         assert torch.equal(hidden[:, block], _reference_gather(hidden, columns))
+
+
+def test_kept_rows_are_zero_in_the_padding_slots_of_a_batch_and_a_single_sample_has_none():
+    hidden = torch.randn(2, 6, 3) + 5.0
+    keep = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 1, 0, 1, 0]], dtype=torch.bool)
+    idx = right_aligned_columns(keep)
+    rows = gather_kept_rows(hidden, idx)
+    assert torch.equal(rows[idx < 0], torch.zeros(int((idx < 0).sum()), 3))
+    assert torch.equal(rows[idx >= 0], _reference_gather(hidden, idx)[idx >= 0])
+    one = right_aligned_columns(keep[1:])
+    assert bool((one >= 0).all()) and torch.equal(gather_kept_rows(hidden[1:], one), _reference_gather(hidden[1:], one))

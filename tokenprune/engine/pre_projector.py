@@ -31,7 +31,7 @@ from tokenprune.engine.feature_calls import FeatureCalls
 from tokenprune.engine.hooks import HookSet
 from tokenprune.engine.packed_stages import PackedCut, PackedUnitCapture
 from tokenprune.engine.run_stats import StageStats
-from tokenprune.engine.sequence import TokenSequence, gather_tokens, right_aligned_columns
+from tokenprune.engine.sequence import TokenSequence, gather_kept_rows, right_aligned_columns
 from tokenprune.engine.stage import StagePlan
 from tokenprune.engine.vision_layer import TowerCut, VisionLayerStages
 from tokenprune.engine.vision_probe import VisionProbe, resolve_layer
@@ -294,8 +294,7 @@ class PreProjector:
         if compact:
             new.positions, freed = P.compact(seq.positions, idx, seq.input_column >= 0)
             new.freed_positions = seq.freed_positions + freed
-        gathered = gather_tokens(hidden, idx)
-        return gathered.masked_fill((idx < 0).unsqueeze(-1), 0.0), new, idx, stats
+        return gather_kept_rows(hidden, idx), new, idx, stats
 
     def _map(self, run: ProjectorRun, call: ImageCall, image: Tensor) -> Tensor:
         """The run's masks and sizes on the ``(B, L)`` image columns, through ``map_vision_patches``."""

@@ -230,6 +230,15 @@ def gather_tokens(t: Tensor, idx: Tensor) -> Tensor:
     return t.gather(1, index)
 
 
+def gather_kept_rows(hidden: Tensor, idx: Tensor) -> Tensor:
+    """``(B, L', D)`` rows of ``hidden`` at the right-aligned columns ``idx`` of :func:`right_aligned_columns`,
+    zeros in its ``-1`` padding slots (a single sample has none: its width is its own count)."""
+    rows = gather_tokens(hidden, idx)
+    if idx.shape[0] > 1:
+        rows.masked_fill_((idx < 0).unsqueeze(-1), 0.0)
+    return rows
+
+
 def gather_position_ids(t: Tensor, idx: Tensor) -> Tensor:
     """Gather the last (sequence) axis of ``(B, L)`` or ``(R, B, L)`` position ids at ``(B, L')`` ``idx``."""
     if t.dim() == 2:

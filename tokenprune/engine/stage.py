@@ -11,7 +11,7 @@ from torch import Tensor
 
 from tokenprune.engine import positions as P
 from tokenprune.engine.run_stats import StageStats
-from tokenprune.engine.sequence import TokenSequence, gather_tokens, right_aligned_columns
+from tokenprune.engine.sequence import TokenSequence, gather_kept_rows, gather_tokens, right_aligned_columns
 from tokenprune.engine.vision_probe import VisionSignal
 from tokenprune.errors import TokenpruneError
 from tokenprune.layout import TokenLayout
@@ -214,9 +214,7 @@ def run_stage(
     if compact_positions:
         new.positions, freed = P.compact(seq.positions, idx, seq.input_column >= 0)
         new.freed_positions = seq.freed_positions + freed
-    pad = (idx < 0).unsqueeze(-1)
-    new_hidden = gather_tokens(hidden, idx).masked_fill_(pad, 0.0)
-    return StageOutcome(new_hidden, new, True, idx, stats)
+    return StageOutcome(gather_kept_rows(hidden, idx), new, True, idx, stats)
 
 
 def selection_stats(
