@@ -11,7 +11,7 @@ gives the median and the range over the calls, and the share of the call.
 
 The pipeline is prepared once and installed around every call (as ``prefill.py`` does); the image's
 layout is laid out afresh in the warm-up call only: LLaVA-NeXT keeps the layout of each image size it has
-seen (``tokenprune.adapters.llava_next``), so the first call of a size costs about 2 ms more (the column
+seen (``tokenprune.adapters.llava_next``), so the first call of a size costs 1-2 ms more (the column
 ``first call``).
 
 Run:  python benchmarks/fixed_cost.py --threads 1 --write docs/benchmarks.md   (the `full` size: a minute)
