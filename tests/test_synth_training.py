@@ -268,6 +268,10 @@ def test_train_command_passes_every_recipe_option_to_the_config(tmp_path, monkey
     seen: list[TrainConfig] = []
     monkeypatch.setattr(train_module, "train", lambda cfg, *args, **kwargs: seen.append(cfg))
     args = ["train", str(tmp_path), "--ground-weight", "0.25", "--ground-layer", "2", "--aux-weight", "0.5"]
+    args += ["--curriculum", "0.3", "--exists-head", "1", "--bf16", "--eval-every", "7", "--seed", "5"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert (seen[0].ground_weight, seen[0].ground_layer, seen[0].aux_weight) == (0.25, 2, 0.5)
+    cfg = seen[0]
+    assert (cfg.ground_weight, cfg.ground_layer, cfg.aux_weight) == (0.25, 2, 0.5)
+    assert (cfg.curriculum_fraction, cfg.exists_head, cfg.bf16, cfg.eval_every, cfg.seed) == (0.3, 1, True, 7, 5)
+    assert cfg.steps == TrainConfig().steps  # an option left out keeps the config's default

@@ -5,6 +5,7 @@ Mounted as ``tokenprune synth ...`` by the main CLI; also runs as ``python -m to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +17,7 @@ app = typer.Typer(help="SynthVQA and the bundled mini VLM.", no_args_is_help=Tru
 
 @app.command()
 def train(
+    ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(help="Run directory: state.pt, log.jsonl, model/.")],
     steps: Annotated[int, typer.Option(help="Optimiser steps (fixes the LR schedule).")] = 1600,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
@@ -35,7 +37,9 @@ def train(
         float, typer.Option(help="Weight of the question-content loss ('is there <colour> <kind> ?'); 0: off.")
     ] = 0.0,
     extra_exists: Annotated[int, typer.Option(help="More 'is there ...' questions per training image.")] = 0,
-    curriculum: Annotated[float, typer.Option(help="Share of steps spent ramping 1 -> 4 shapes.")] = 0.15,
+    curriculum_fraction: Annotated[
+        float, typer.Option("--curriculum", help="Share of steps spent ramping 1 -> 4 shapes.")
+    ] = 0.15,
     threads: Annotated[int, typer.Option(help="torch CPU threads (1 is fastest on a shared CPU).")] = 1,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (fp32 was faster on the development CPU).")] = False,
     eval_every: Annotated[int, typer.Option(help="Validation every N steps (0: never).")] = 250,
@@ -53,25 +57,8 @@ def train(
     from tokenprune.synth.train import MODEL_DIR, TrainConfig
     from tokenprune.synth.train import train as run_training
 
-    cfg = TrainConfig(
-        seed=seed,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        aux_weight=aux_weight,
-        ground_weight=ground_weight,
-        ground_layer=ground_layer,
-        describe_prob=describe_prob,
-        ground_absent=ground_absent,
-        exists_head=exists_head,
-        question_weight=question_weight,
-        extra_exists=extra_exists,
-        curriculum_fraction=curriculum,
-        threads=threads,
-        bf16=bf16,
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-    )
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}  # each option named after its config field
+    cfg = TrainConfig(**{name: value for name, value in ctx.params.items() if name in fields})
     trainer = run_training(cfg, run_dir, resume=resume, progress=progress, new_stage=new_stage)
     if install is not None:
         trainer.export(install)
