@@ -256,6 +256,26 @@ def test_fixed_cost_benchmark_separates_tokenprune_from_the_stage_and_writes_its
     assert "old fixed-cost" not in text and "| keep 25% at layer 2 |" in text and text.endswith("after\n")
 
 
+def test_fixed_cost_breakdown_times_the_engine_parts_inside_the_call(tmp_path):
+    doc = _doc(tmp_path, "fixed-cost-breakdown")
+    out = _run("fixed_cost.py", "--breakdown", "--write", str(doc)).stdout
+    heads = [x for x in out.splitlines() if x.startswith("| **random keep 25%")]
+    assert heads == ["| **random keep 25% after the projector** | | |", "| **random keep 25% at layer 2** | | |"]
+    layer = out.split(heads[1])[1]
+    cells = {
+        r.strip("|").split("|")[0].strip(): r.strip("|").split("|") for r in layer.splitlines() if r.startswith("|")
+    }
+    stage = float(cells["the stage: run_stage (reducer included)"][1].split()[0])
+    hook = float(cells["layer-stage hook (the stage at layer 2)"][1].split()[0])
+    context = float(cells["- stage_context (visual columns, layout, ReduceContext)"][1].split()[0])
+    cuts = float(cells["per-layer argument cuts, all layers"][1].split()[0])
+    assert 0 < context <= stage <= hook and cuts > 0  # nested timers: an inner part within its outer one
+    warm = [v for k, v in cells.items() if k.startswith("the stage again")]
+    assert float(warm[0][2]) > 0
+    text = doc.read_text(encoding="utf-8")
+    assert "old fixed-cost-breakdown" not in text and text.endswith("after\n")
+
+
 def test_prefill_benchmark_main_only_leaves_the_side_tables_out(tmp_path):
     out = _run("prefill.py", "--reducers", "random", "--main-only").stdout
     assert "| random | post_projector | 25% |" in out
