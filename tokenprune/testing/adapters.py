@@ -956,6 +956,7 @@ __all__ = [
     "adapter_check_manager",
     "batch_equals_one_by_one",
     "cached_decode_equals_recompute",
+    "cached_key_lengths",
     "check_adapter",
     "check_batch_equals_one_by_one",
     "check_cached_decode_equals_recompute",
