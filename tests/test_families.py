@@ -430,13 +430,10 @@ def _features(out: Any) -> list[torch.Tensor]:
 
 
 #: Families with video whose census inputs take a video of ``video_grid_thw`` patch rows, read by the generic
-#: adapter's video layouts (ERNIE: two temporal patches merged into one frame). Video-LLaVA's frames (CLS + grid)
+#: adapter's video layouts (ERNIE: two temporal patches merged into one frame; GLM-4.xV: its video placeholders are
+#: its image token, typed 2 by ``mm_token_type_ids``, tests/test_glm_video.py). Video-LLaVA's frames (CLS + grid)
 #: are checked in tests/test_engine_invariants_video_llava.py.
 VIDEO = ["qwen3_5", "ernie4_5_vl_moe", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "glm4v", "glm4v_moe", "glm46v"]
-#: GLM-4.xV's video placeholders are its image token, told apart by ``mm_token_type_ids`` only: the invariants hold,
-#: but the engine gets no layout for them (the image token is marked visual, and no image call lays it out), so
-#: reducers that read a layout (spatial, per-frame) are not served on GLM videos yet.
-VIDEO_WITHOUT_LAYOUT = {"glm4v", "glm4v_moe", "glm46v"}
 
 
 @pytest.mark.parametrize("model_type", _params(VIDEO))
@@ -454,10 +451,6 @@ def test_a_video_beside_images_keeps_the_engine_invariants(model_type):
         assert int((batch["input_ids"] == model.config.video_token_id).sum()) > 0
     for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
         check(case)
-    if model_type in VIDEO_WITHOUT_LAYOUT:  # pruned by layout-free reducers; layout readers get none (docs say so)
-        with pytest.raises(checks.AdapterCheckError, match="the engine got no layout"):
-            checks.layout_covers_visual_tokens(case)
-        return
     checks.layout_covers_visual_tokens(case)
 
 

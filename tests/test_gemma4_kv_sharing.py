@@ -52,10 +52,10 @@ def _gemma4(layers: int = 8, shared: int = 4, device: str = "cpu", window: int |
         return compat.model_from_config(cfg).eval()
 
 
-def _case(model: torch.nn.Module) -> checks.AdapterCase:
+def _case(model: torch.nn.Module, **layers: int) -> checks.AdapterCase:
     manager = checks.adapter_check_manager()
     make_inputs = InputBuilder(model, adapter_for(model, manager))
-    return checks.adapter_case(model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=make_inputs.pad)
+    return checks.adapter_case(model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=make_inputs.pad, **layers)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,16 @@ def test_the_sharing_is_read_as_transformers_builds_it(case):
     assert [a.is_kv_shared_layer for a in attention] == [False] * 4 + [True] * 4
     assert [a.store_full_length_kv for a in attention] == [False, False, True, True] + [False] * 4
     assert not hasattr(attention[4], "k_proj")  # a shared layer computes no keys of its own
+
+
+def test_the_kits_kv_cache_check_leaves_the_shared_layers_out(case):
+    """The check kit's ``kv_cache_holds_kept_tokens`` (cut at layer 2): layers 0 to 3 hold their own keys (the
+    kept tokens from layer 2 on), shared layers 4 to 7 none (a dummy cache entry); counted are the first four."""
+    checks.kv_cache_holds_kept_tokens(case)
+    gen = case.generate(case.padded_batch(), 2)
+    cache = compat.output_cache(gen)
+    assert [keys is None for keys, _ in compat.cache_layers(cache)][4:] == [True] * 4
+    assert set(checks.cached_key_lengths(case, cache)) == {0, 1, 2, 3}
 
 
 def test_engine_invariants_with_a_layer_cut_at_the_earliest_source_layer(case, monkeypatch):
@@ -214,6 +224,24 @@ def test_two_layer_cuts_around_a_source(case):
     _prefill_equals_masked_reference(case, pipe, 2, 3)
     _decode_equals_recompute(case, pipe)
     _batch_equals_one_by_one(case, {"stages": [stages[0], {**stages[1], "reducer": "first_k"}]})
+
+
+@pytest.mark.parametrize("shared", [0, 4])
+@pytest.mark.parametrize("second", [3, 6])
+def test_two_layer_cuts_the_first_before_the_first_full_attention_layer(shared, second):
+    """``layer: 1`` then ``layer: 3`` or ``6``, with and without KV sharing. The first full-attention layer (1) holds
+    the first cut's tokens, and transformers 5.25 sizes the decoding steps' full-attention mask from its cache (earlier
+    releases: from layer 0's), so the full-attention layers after the second cut get a mask over neither the unpruned
+    cache nor their own: the engine rebuilds it over their own cache (it refused the step before). Cached decoding
+    equals recomputation under both position policies (the check kit's), the prefill equals the stock model with the
+    dropped tokens masked out, and a padded batch decodes as one by one."""
+    case = _case(_gemma4(shared=shared), layer=second, probe_layer=1)
+    cuts = (1, second)
+    two_cuts = {"stages": [{"at": {"layer": k}, "reducer": "check_drop", "keep": 0.5} for k in cuts]}
+    checks.cached_decode_equals_recompute(case, pipeline=two_cuts)
+    checks.cached_decode_equals_recompute(case, pipeline=two_cuts, positions="compact")
+    _prefill_equals_masked_reference(case, two_cuts, *cuts)
+    _batch_equals_one_by_one(case, {"stages": [{**s, "reducer": "first_k"} for s in two_cuts["stages"]]})
 
 
 def test_an_attention_stage_reading_a_shared_layer(case):

@@ -68,6 +68,34 @@ def test_a_cut_between_recurrent_and_attention_layers_decodes_as_recomputed(mode
         checks.remove_restores_model(case)
 
 
+@pytest.mark.parametrize(
+    ("layer_types", "attention"),
+    [
+        (["conv", "conv", "full_attention", "conv"], {2}),
+        (["full_attention", "full_attention", "conv", "full_attention"], {0, 1, 3}),
+    ],
+    ids=["conv-into-attention", "attention-into-conv"],
+)
+def test_the_kits_kv_cache_check_counts_the_attention_layers_keys_only(layer_types, attention):
+    """The check kit's ``kv_cache_holds_kept_tokens`` with the cut at layer 2 of LFM2: the short-convolution layers
+    keep a state, not keys, and are left out; every attention layer's keys are counted, and one without keys in the
+    cache is an error naming it."""
+    from types import SimpleNamespace
+
+    _skip_unless("lfm2_vl")
+    case = _case(_tiny("lfm2_vl", layer_types))
+    checks.kv_cache_holds_kept_tokens(case)
+    gen = case.generate(case.padded_batch(), 2)
+    lengths = checks.cached_key_lengths(case, compat.output_cache(gen))
+    assert set(lengths) == attention
+    width = case.padded_batch()["input_ids"].shape[1] + 1
+    assert all(n == width for n in lengths.values())  # no pipeline: every layer holds the prompt and a step
+    empty = SimpleNamespace(layers=[SimpleNamespace(keys=None, values=None)] * len(layer_types))
+    first = min(attention)
+    with pytest.raises(checks.AdapterCheckError, match=rf"layer {first} \(full_attention\) holds no keys"):
+        checks.cached_key_lengths(case, empty)
+
+
 @pytest.mark.parametrize("model_type", ["qwen3_5", "lfm3_vl"])
 def test_hybrid_types_pass_the_census(model_type):
     _skip_unless(model_type)

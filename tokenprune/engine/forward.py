@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ModelAdapter
+from tokenprune.adapters.token_types import typed_video_mask
 from tokenprune.channels import SignalChannel, produce_channels
 from tokenprune.engine import compat
 from tokenprune.engine import positions as P
@@ -249,7 +250,7 @@ class ForwardHooks:
             refuse_embeds_without_ids(kw, self.adapter.name)
             self._calls.clear()
             return
-        video = self.adapter.video_mask(input_ids)
+        video = typed_video_mask(self.adapter, input_ids, kw.get("mm_token_type_ids"))
         if not self._calls.fed_videos(self.adapter.vlm(), kw):  # video ids embedded as text
             video = torch.zeros_like(video)
         visual = self.adapter.visual_mask(input_ids) | video

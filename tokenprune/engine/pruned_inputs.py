@@ -192,10 +192,12 @@ def _decoding_layer_kwargs(kwargs: dict[str, Any], call: _PrunedCall) -> dict[st
     mask = kwargs.get("attention_mask")
     extra = st.decoded + st.step_length
     valid = torch.cat([seg.valid, seg.valid.new_ones(seg.valid.shape[0], extra)], 1)
-    if isinstance(mask, Tensor) and mask.shape[-1] not in (st.lm_length + extra, valid.shape[1]):
+    widths = _mask_widths(st, call.adapter, layer, extra) | {int(valid.shape[1])}
+    if isinstance(mask, Tensor) and mask.shape[-1] not in widths:
         raise TokenpruneError(
-            f"decoding step at layer {layer}: the attention mask covers {mask.shape[-1]} keys, expected "
-            f"{st.lm_length + extra} (unpruned cache plus new tokens) or {valid.shape[1]} (this layer's cache)"
+            f"decoding step at layer {layer}: the attention mask covers {mask.shape[-1]} keys, expected one of "
+            f"{sorted(widths)}: the unpruned cache ({st.lm_length + extra}), this layer's ({valid.shape[1]}) or "
+            "that of the layer the model sized its mask from, new tokens included"
             + _windowed_layer_reason(call.adapter, layer, int(mask.shape[-1]))
         )
     if mask is not None or seg.has_padding_slots or not st.all_valid(seg):
@@ -207,6 +209,24 @@ def _decoding_layer_kwargs(kwargs: dict[str, Any], call: _PrunedCall) -> dict[st
         if isinstance(position_ids, Tensor):
             kwargs["position_ids"] = position_ids_like(rows, position_ids)
     return kwargs
+
+
+def _mask_widths(st: PrefillState, adapter: ModelAdapter, layer: int, extra: int) -> set[int]:
+    """The key lengths a decoding step's mask at ``layer`` may have: the model sizes each kind's mask from one
+    layer's cache (transformers 5.25: the first layer of that attention kind, such as Gemma 4's first full-attention
+    layer 1; earlier releases: layer 0), which a layer cut before it pruned to its segment's tokens; or the mask
+    covers the unpruned cache. ``extra``: the tokens decoded so far, this step's included."""
+    types = tuple(getattr(adapter.text_config(), "layer_types", None) or ())
+    kind = types[layer] if layer < len(types) else None
+    sized_from = {0, types.index(kind)} if kind is not None else {0}
+    widths = {st.lm_length, *(_held(st, j) for j in sized_from)}
+    return {w + extra for w in widths}
+
+
+def _held(st: PrefillState, layer: int) -> int:
+    """How many prefill tokens (padding slots included) decoder layer ``layer`` caches."""
+    seg = st.segment(layer)
+    return st.lm_length if seg is None else int(seg.valid.shape[1])
 
 
 def _windowed_layer_reason(adapter: ModelAdapter, layer: int, keys: int) -> str:

@@ -74,6 +74,7 @@ import tokenprune
 from tokenprune.adapters.base import ImageCall, ModelAdapter
 from tokenprune.adapters.generic import adapter_for
 from tokenprune.engine import apply, compat, hybrid
+from tokenprune.engine.kv_sharing import kv_sharing
 from tokenprune.plugins import PluginManager, get_plugin_manager
 from tokenprune.reducer import Capabilities, ReduceContext, ScoringReducer, Selection, TokenReducer, top_k_selection
 
@@ -369,7 +370,9 @@ def keep_all_is_identity(c: AdapterCase) -> None:
     _expect(all(s.entering == s.leaving for s in stages), name, "a keep-all stage dropped tokens")
 
 
-def cached_decode_equals_recompute(c: AdapterCase, *, positions: str = "original") -> None:
+def cached_decode_equals_recompute(
+    c: AdapterCase, *, positions: str = "original", pipeline: Mapping[str, Any] | None = None
+) -> None:
     """Invariant 2: cached decoding after a pruned prefill equals a no-cache recompute (1e-5).
 
     Generates 4 tokens with :data:`PRUNE` (batch 3, padding), then runs one forward without cache
@@ -380,11 +383,14 @@ def cached_decode_equals_recompute(c: AdapterCase, *, positions: str = "original
         c: The case (:func:`adapter_case`); its ``generated_token_type_id`` extends ``token_type_ids``
             for the recompute (``mm_token_type_ids`` and ``moe_mm_token_type_ids`` are always extended with 0, text).
         positions: The pipeline's ``positions`` option, ``"original"`` or ``"compact"``.
+        pipeline: Another pipeline to check instead of :data:`PRUNE` (such as two layer cuts); its ``positions``
+            option is set to ``positions``. Its reducers must keep the same tokens in the recompute (no attention
+            scores: the last row differs once the output is appended).
     """
     model = c.model
     name = f"cached decode equals recompute (positions: {positions})"
     inputs = c.padded_batch()
-    with apply(model, {**c.prune(), "positions": positions}, plugins=c.manager) as run:
+    with apply(model, {**(pipeline or c.prune()), "positions": positions}, plugins=c.manager) as run:
         gen = c.generate(inputs, 4)
         kept_cached = [s.kept for s in run.stats.last_prefill.stages]
         full = dict(inputs)
@@ -397,10 +403,10 @@ def cached_decode_equals_recompute(c: AdapterCase, *, positions: str = "original
         if "token_type_ids" in full:
             fill = torch.full_like(seq[:, :new], c.generated_token_type_id, dtype=inputs["token_type_ids"].dtype)
             full["token_type_ids"] = torch.cat([inputs["token_type_ids"], fill], 1)
-        for name in ("mm_token_type_ids", "moe_mm_token_type_ids"):  # generated tokens are text: 0
-            if name in full:
-                fill = torch.zeros_like(seq[:, :new], dtype=inputs[name].dtype)
-                full[name] = torch.cat([inputs[name], fill], 1)
+        for key in ("mm_token_type_ids", "moe_mm_token_type_ids"):  # generated tokens are text: 0
+            if key in full:
+                fill = torch.zeros_like(seq[:, :new], dtype=inputs[key].dtype)
+                full[key] = torch.cat([inputs[key], fill], 1)
         out = c.forward(full, use_cache=False).logits
         kept_recomputed = [s.kept for s in run.stats.last_prefill.stages]
     _expect(kept_recomputed == kept_cached, name, "the recompute kept other tokens than the cached prefill")
@@ -427,7 +433,8 @@ def kv_cache_holds_kept_tokens(c: AdapterCase) -> None:
     ``layer_tokens`` counts each sample's text tokens plus its kept visual tokens; the cache of layers before
     ``k`` (``k`` on) is as wide as the longest sample after the projector stage (after layer ``k``) plus the 2
     decoded tokens.
-    Recurrent layers (linear attention, convolution) keep a fixed-size state instead and are not counted.
+    Recurrent layers (linear attention, convolution) keep a fixed-size state instead, and KV-shared layers hold no
+    cache of their own (:func:`cached_key_lengths`): neither is counted.
     """
     model = c.model
     name = "KV cache holds the kept tokens"
@@ -452,13 +459,36 @@ def kv_cache_holds_kept_tokens(c: AdapterCase) -> None:
         name,
         f"tokens per layer {prefill.layer_tokens}, expected {expected_tokens}",
     )
-    cached = [keys for keys, _ in compat.cache_layers(compat.output_cache(gen))]
-    kinds = _layer_kinds(c)
+    cached = cached_key_lengths(c, compat.output_cache(gen))
     for i, width in enumerate([max(per_sample_0)] * k + [max(per_sample_2)] * (layers - k)):
-        if hybrid.is_recurrent(kinds[i]):  # a fixed-size state, no keys to count
+        if i in cached:
+            got = cached[i]
+            _expect(got == width + n - 1, name, f"layer {i} caches {got} tokens, expected {width + n - 1}")
+
+
+def cached_key_lengths(c: AdapterCase, cache: Any) -> dict[int, int]:
+    """Decoder layer -> how many keys its own cache entry holds, for the layers that keep keys and values.
+
+    A recurrent layer (linear attention, convolution: a fixed-size state) and a KV-shared layer (Gemma 4's and
+    Gemma 3n's last ``num_kv_shared_layers``: no cache of their own, a dummy entry or none at all) are left out;
+    every other layer must hold keys.
+
+    Raises:
+        AdapterCheckError: a softmax-attention layer that owns its keys has no keys in ``cache``.
+    """
+    layers = c.adapter.decoder_layers()
+    sharing = kv_sharing(c.adapter.text_config(), len(layers))
+    first_shared = sharing.first_shared if sharing is not None else len(layers)
+    entries = compat.cache_layers(cache)
+    kinds = _layer_kinds(c)
+    out: dict[int, int] = {}
+    for i, kind in enumerate(kinds):
+        if hybrid.is_recurrent(kind) or i >= first_shared:
             continue
-        got = cached[i].shape[2]
-        _expect(got == width + n - 1, name, f"layer {i} caches {got} tokens, expected {width + n - 1}")
+        keys = entries[i][0] if i < len(entries) else None
+        _expect(keys is not None, "KV cache holds the kept tokens", f"layer {i} ({kind}) holds no keys in the cache")
+        out[i] = int(keys.shape[2])
+    return out
 
 
 def remove_restores_model(c: AdapterCase) -> None:
@@ -926,6 +956,7 @@ __all__ = [
     "adapter_check_manager",
     "batch_equals_one_by_one",
     "cached_decode_equals_recompute",
+    "cached_key_lengths",
     "check_adapter",
     "check_batch_equals_one_by_one",
     "check_cached_decode_equals_recompute",
