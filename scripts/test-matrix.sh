@@ -47,6 +47,7 @@ tests=(
   tests/test_stage_budget.py
   tests/test_decode_stage.py
   tests/test_gemma4_kv_sharing.py
+  tests/test_glm_video.py
   tests/test_heatmap_video.py
   tests/test_engine_stopwatch.py
   tests/test_census.py

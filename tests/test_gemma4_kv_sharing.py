@@ -75,11 +75,12 @@ def test_the_sharing_is_read_as_transformers_builds_it(case):
 
 def test_the_kits_kv_cache_check_leaves_the_shared_layers_out(case):
     """The check kit's ``kv_cache_holds_kept_tokens`` (cut at layer 2): layers 0 to 3 hold their own keys (the
-    kept tokens from layer 2 on), shared layers 4 to 7 none (a dummy cache entry); counted are the first four."""
+    kept tokens from layer 2 on), shared layers 4 to 7 none (a dummy cache entry, or none before 5.24); counted are the first four."""
     checks.kv_cache_holds_kept_tokens(case)
     gen = case.generate(case.padded_batch(), 2)
     cache = compat.output_cache(gen)
-    assert [keys is None for keys, _ in compat.cache_layers(cache)][4:] == [True] * 4
+    layers = compat.cache_layers(cache)  # 5.24 on: a dummy entry per shared layer; 5.21: none for them
+    assert len(layers) in (4, 8) and all(keys is None for keys, _ in layers[4:])
     assert set(checks.cached_key_lengths(case, cache)) == {0, 1, 2, 3}
 
 
