@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import tokenprune
 from tokenprune.adapters.gemma3 import Gemma3Adapter
+from tokenprune.adapters.generic_packed import Qwen35Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
 from tokenprune.adapters.internvl import InternVLAdapter
 from tokenprune.adapters.llama4 import Llama4Adapter
@@ -34,6 +35,7 @@ BUILTIN_ADAPTERS = (
     Gemma3Adapter,
     VideoLlavaAdapter,
     Llama4Adapter,
+    Qwen35Adapter,
 )
 
 

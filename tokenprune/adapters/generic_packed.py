@@ -1,0 +1,93 @@
+"""The generic adapter with a Qwen2-VL-like packed vision tower: vision attention, ``pre_projector`` and
+``vision_layer`` stages on whole merge units.
+
+Qwen3.5's and GLM-4.xV's towers run every image's patches as one packed sequence (``cu_seqlens`` separating the
+frames, per-patch 2-D rotary positions from ``grid_thw``, learned position embeddings interpolated per patch and
+added before the first block) and build one language-model token from each ``m x m`` merge unit of consecutive
+patches. Everything else about these families (hybrid layers, M-RoPE from ``get_rope_index``, video layouts) is the
+generic adapter's; :class:`PackedTowerAdapter` adds the tower:
+
+* **Vision attention** (:meth:`PackedTowerAdapter.vision_tower`): the tower's blocks, probed at the last one (the
+  features' block); one attention call per frame, so each merged token gets the mean of its unit's patches' scores
+  (:func:`~tokenprune.adapters.vision.merged_unit_means`, as Qwen2-VL's). No CLS token: ``attention: mean`` only.
+* **``pre_projector`` and ``vision_layer: k``** (:mod:`tokenprune.adapters.packed`): whole merge units, as for
+  Qwen2-VL. A cut between blocks is exact: the position embeddings were added per patch before block 0, the rotary
+  embeddings are gathered per kept patch and ``cu_seqlens`` / ``max_seqlen`` recomputed from the kept units per frame
+  (:mod:`tokenprune.engine.packed_stages`); before the merger's per-patch norm (:meth:`PackedTowerAdapter.projector`)
+  the removed units come back as zero patches, the merger runs on every unit, and the removed units' tokens leave at
+  the language model's input.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from tokenprune.adapters.base import ImageCall, VisionTower
+from tokenprune.adapters.generic import GenericAdapter
+from tokenprune.adapters.packed import PackedTower
+from tokenprune.adapters.vision import merged_unit_means
+
+
+class PackedTowerAdapter(GenericAdapter):
+    """The generic adapter plus a packed tower at ``visual`` (``blocks``, ``spatial_merge_size``, no windows).
+
+    Subclasses name their model types and :meth:`projector`, the per-patch module the merger starts with.
+    """
+
+    name = "packed_tower"
+    model_types = ()
+    tower_notes = "last block (the merger's input)"
+
+    def vision_tower(self) -> VisionTower | None:
+        """The tower's blocks; the default probed block is the last one, whose output the merger reads."""
+        visual = self.vlm().visual
+        blocks = tuple(visual.blocks)
+        return VisionTower(type(visual).__name__, blocks, len(blocks) - 1, False, self.tower_notes)
+
+    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per frame; each merged token the mean of its unit's ``m * m`` consecutive patches."""
+        grid = call.arg("image_grid_thw", 1)
+        if grid is None:
+            return None
+        return merged_unit_means(grid, values, self.vlm().visual.config.spatial_merge_size ** 2)
+
+    def packed_tower(self) -> PackedTower | None:
+        """The packed tower: merge units of ``spatial_merge_size`` patches a side, every block over whole frames."""
+        visual = self.vlm().visual
+        return PackedTower(visual, int(visual.config.spatial_merge_size))
+
+    def projector(self) -> nn.Module | None:
+        """The module the merger starts with, called on the tower's ``(N, Dv)`` patches (one row per patch)."""
+        raise NotImplementedError
+
+
+class Qwen35Adapter(PackedTowerAdapter):
+    """Qwen3.5 / Qwen3.5-MoE: the generic adapter (hybrid Gated DeltaNet layers, M-RoPE) plus Qwen3-VL's packed
+    tower without DeepStack."""
+
+    name = "qwen3_5"
+    model_types = ("qwen3_5", "qwen3_5_moe")
+    notes = (
+        "the generic adapter's layouts, M-RoPE and hybrid layers, plus the packed tower: vision attention, "
+        "pre_projector and vision_layer stages on whole 2x2 merge units"
+    )
+
+    def projector(self) -> nn.Module | None:
+        """The tower's PatchMerger (its per-patch LayerNorm, then the MLP over each unit's 4 patches)."""
+        return self.vlm().visual.merger
+
+
+class Glm4vAdapter(PackedTowerAdapter):
+    """GLM-4.1V / 4.5V / 4.6V, GLM-OCR: the generic adapter plus the packed tower, whose merger is a per-patch
+    RMSNorm (``post_layernorm``), a strided ``m x m`` convolution over each unit (``downsample``) and an MLP."""
+
+    name = "glm4v"
+    model_types = ("glm4v", "glm4v_moe", "glm46v", "glmga", "glm_ocr")
+    notes = (
+        "the generic adapter's layouts and M-RoPE, plus the packed tower: vision attention, pre_projector and "
+        "vision_layer stages on whole 2x2 units of the downsampling convolution"
+    )
+
+    def projector(self) -> nn.Module | None:
+        """``post_layernorm``, the per-patch norm before the downsampling convolution turns each unit into a token."""
+        return self.vlm().visual.post_layernorm
