@@ -60,7 +60,7 @@ def _pinned() -> str:
     return next(line.split("==")[1] for line in lines if line.startswith("transformers=="))
 
 
-@pytest.mark.parametrize("model_type", ["aya_vision", "glm4v"])
+@pytest.mark.parametrize("model_type", ["aya_vision", "paddleocr_vl"])
 def test_generically_served_types_keep_the_engine_invariants(model_type):
     row = census_one(model_type)
     assert row.adapter == f"generic ({model_type})"

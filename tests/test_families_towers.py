@@ -34,8 +34,10 @@ from tokenprune.testing.census_inputs import InputBuilder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
+GLM = ("glm4v", "glm4v_moe", "glm46v", "glmga", "glm_ocr")
+
 #: Model type -> the adapter that serves it.
-TOWERS = {"qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5"}
+TOWERS = {"qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5", **dict.fromkeys(GLM, "glm4v")}
 BEFORE = ["pre_projector", {"vision_layer": 1}]
 
 
@@ -220,3 +222,56 @@ def test_a_vision_attention_stage_on_video_tokens_is_refused_and_tokens_image_pr
         model(**inputs)
         (s,) = run.stats.last_prefill.stages
     assert s.entering == [4] and s.leaving == [2]
+
+
+def _agree(report: Any) -> None:
+    for row in report.layers:
+        assert row.analytic == row.torch == row.fvcore, (row, report.fvcore_notes)
+    lm = report.language_model
+    assert lm["analytic"] == lm["torch"] == lm["fvcore"], report.fvcore_notes
+
+
+@pytest.mark.parametrize("model_type", GLM)
+def test_flops_of_stages_before_the_merger_agree_three_ways(model_type):
+    """GLM-4.xV (Qwen3.5's FLOPs are refused by layer kind, tests/test_families.py): with a ``pre_projector`` and a
+    ``vision_layer: 1`` stage, analytic == torch == fvcore on every decoder layer and the language model, which runs on
+    the kept units' tokens; the tower does the same work before the merger and less after a cut between blocks."""
+    from tokenprune.cost.flops import count_flops
+
+    model, _, make_inputs, manager = _built(model_type)
+    inputs = make_inputs([1], start=1)  # one image of 8 units
+    base = count_flops(model, inputs, use_fvcore=False)
+    for at in BEFORE:
+        pipeline = {"stages": [{"at": at, "reducer": "unit_drop", "keep": 3}]}
+        report = count_flops(model, inputs, pipeline, plugins=manager)
+        _agree(report)
+        assert report.layers[0].tokens[0] == base.layers[0].tokens[0] - 5
+        assert report.language_model["analytic"] < base.language_model["analytic"]
+        if at == "pre_projector":
+            assert report.vision == base.vision
+        else:
+            assert report.vision < base.vision
+
+
+@pytest.mark.parametrize("model_type", ["glm4v"])
+def test_glm_video_prompts_refuse_the_stages_that_need_the_image_call(model_type):
+    """GLM-4.xV's video placeholders are its image token (told apart by ``mm_token_type_ids`` only) and its videos
+    run through ``get_video_features``: on a video prompt the engine sees visual tokens but no image call, so a
+    vision-attention stage and the stages before the merger are refused (never run on the wrong patches), whatever
+    ``tokens`` says."""
+    model, _, builder, manager = _built(model_type)
+    inputs = _video_inputs(builder)([1, 1])
+    vision = {"contextual_ratio": 0.0, "attention": "mean"}
+    stages = [
+        ({"at": "post_projector", "reducer": "visionzip", "keep": 2, "params": vision}, "computed no image features"),
+        (
+            {"at": "pre_projector", "reducer": "unit_drop", "keep": 2},
+            "projector was not called for this batch's images",
+        ),
+        ({"at": {"vision_layer": 1}, "reducer": "unit_drop", "keep": 2}, "projector was not called"),
+    ]
+    for stage, message in stages:
+        for tokens in ("all", "image"):
+            with tp.apply(model, {"stages": [{**stage, "tokens": tokens}]}, plugins=manager), torch.no_grad():
+                with pytest.raises(TokenpruneError, match=message):
+                    model(**inputs)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import tokenprune
 from tokenprune.adapters.gemma3 import Gemma3Adapter
-from tokenprune.adapters.generic_packed import Qwen35Adapter
+from tokenprune.adapters.generic_packed import Glm4vAdapter, Qwen35Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
 from tokenprune.adapters.internvl import InternVLAdapter
 from tokenprune.adapters.llama4 import Llama4Adapter
@@ -36,6 +36,7 @@ BUILTIN_ADAPTERS = (
     VideoLlavaAdapter,
     Llama4Adapter,
     Qwen35Adapter,
+    Glm4vAdapter,
 )
 
 
