@@ -154,7 +154,7 @@ def _skip_before(model_type: str) -> None:
 #: ``(N, C, P, P)`` patches and DeepSeek-V3's rotary head (Kimi-K2.5), a learned-query resampler (Aria),
 #: Qwen3-VL-style DeepStack outside Qwen3-VL (Cosmos3-Omni), token-type layer arguments (ERNIE-4.5-VL).
 NEWLY_SERVED = ["qianfan_ocr", "step3p7", "video_llama_3", "ovis2_5", "exaone4_5"]
-NEWLY_SERVED_SLOW = ["kimi_k25", "aria", "cosmos3_omni", "ernie4_5_vl_moe", "idefics2", "fuyu", "cohere_compass"]
+NEWLY_SERVED_SLOW = ["kimi_k25", "aria", "cosmos3_omni", "idefics2", "fuyu", "cohere_compass"]  # ERNIE: test_families
 #: Variable-aspect inputs read by place: Gemma 4's ``image_position_ids`` (per-layer embeddings; Unified: no tower,
 #: a bidirectional image mask), MiniCPM-V's NaViT-packed slices with ``target_sizes`` over a Qwen3.5 hybrid language
 #: model (4.7: its canvas M-RoPE; MiniCPM-V-OCR: 4.6's code in the ``4x`` mode), slow for Gated DeltaNet's reference

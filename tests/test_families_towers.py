@@ -37,7 +37,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 GLM = ("glm4v", "glm4v_moe", "glm46v", "glmga", "glm_ocr")
 
 #: Model type -> the adapter that serves it.
-TOWERS = {"qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5", **dict.fromkeys(GLM, "glm4v")}
+TOWERS = {
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5",
+    **dict.fromkeys(GLM, "glm4v"),
+    "ernie4_5_vl_moe": "ernie4_5_vl_moe",
+}
 BEFORE = ["pre_projector", {"vision_layer": 1}]
 
 
@@ -76,7 +81,8 @@ def test_the_family_is_served_by_its_tower_adapter(model_type):
         model = build_tiny(model_type)
     adapter = adapter_for(model, _manager())
     tower, packed = adapter.vision_tower(), adapter.packed_tower()
-    visual = model.model.visual
+    visual = adapter.tower()
+    assert visual is getattr(model.model, "vision_tower" if model_type == "ernie4_5_vl_moe" else "visual")
     assert adapter.name == TOWERS[model_type]
     assert tower.layers == tuple(visual.blocks) and tower.feature_layer == len(visual.blocks) - 1
     assert not tower.has_cls and not tower.videos
@@ -148,18 +154,22 @@ def test_stages_before_the_merger_keep_the_invariants(model_type, at):
     checks.remove_restores_model(case)
 
 
-def _reference_tokens(visual: torch.nn.Module, pixels: Tensor, grid: Tensor, keep: Tensor) -> Tensor:
+def _reference_tokens(adapter: Any, pixels: Tensor, grid: Tensor, keep: Tensor) -> Tensor:
     """The tower by hand: its last block run frame by frame on the kept units' patches with their own rotary
-    embeddings (the rest of the tower as the model runs it), then the model's merger tail; the kept units' tokens."""
+    embeddings (the rest of the tower as the model runs it), then the model's own merger or resampler (its output for
+    the unit's patches only); the kept units' tokens."""
     captured: dict[str, Any] = {}
-    last = visual.blocks[-1]
+    last = adapter.tower().blocks[-1]
+
+    def features() -> Tensor:
+        with torch.no_grad():
+            return torch.cat(list(adapter.vlm().get_image_features(pixels, grid).pooler_output))
 
     def grab(m: torch.nn.Module, a: tuple[Any, ...], k: dict[str, Any]) -> None:
         captured.update(hidden=a[0], **k)
 
     handle = last.register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        visual(pixels, grid_thw=grid)
+    features()
     handle.remove()
     hidden, (cos, sin) = captured["hidden"], captured["position_embeddings"]
     out = torch.zeros_like(hidden)
@@ -167,13 +177,11 @@ def _reference_tokens(visual: torch.nn.Module, pixels: Tensor, grid: Tensor, kee
         rows = torch.tensor([4 * u + j for u in range(a // 4, b // 4) if keep[u] for j in range(4)])
         if rows.numel():
             cu = torch.tensor([0, len(rows)], dtype=torch.int32)
+            embeddings = (cos[rows], sin[rows])
             with torch.no_grad():
-                out[rows] = last(
-                    hidden[rows], cu_seqlens=cu, max_seqlen=len(rows), position_embeddings=(cos[rows], sin[rows])
-                )
+                out[rows] = last(hidden[rows], cu_seqlens=cu, max_seqlen=len(rows), position_embeddings=embeddings)
     handle = last.register_forward_hook(lambda m, a, o: out)  # the model's own tail (norm, downsample, merger)
-    with torch.no_grad():
-        merged = visual(pixels, grid_thw=grid).pooler_output
+    merged = features()
     handle.remove()
     return merged[keep]
 
@@ -199,24 +207,26 @@ def test_a_vision_layer_cut_equals_the_last_block_run_on_the_kept_patches(model_
     keep = torch.zeros(int(inputs["image_grid_thw"].prod()) // 4, dtype=torch.bool)
     keep[kept] = True
     assert len(kept) == 3 and keep.numel() == 8
-    ref = _reference_tokens(model.model.visual, inputs["pixel_values"], inputs["image_grid_thw"], keep)
+    ref = _reference_tokens(adapter, inputs["pixel_values"], inputs["image_grid_thw"], keep)
     image = (inputs["input_ids"][0] == adapter.image_token_id()).nonzero()[:, 0]
     assert seen[0].shape[1] == inputs["input_ids"].shape[1] - 8 + 3
     start = int(image[0])
     torch.testing.assert_close(seen[0][0, start : start + 3], ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", _params(["qwen3_5"]))
+@pytest.mark.parametrize("model_type", _params(["qwen3_5", "ernie4_5_vl_moe"]))
 def test_a_vision_attention_stage_on_video_tokens_is_refused_and_tokens_image_prunes_the_images(model_type):
-    """Qwen3.5's videos run through ``get_image_features`` (as Qwen3-VL's): the probe watches the image call only, so a
-    vision-attention stage reducing video tokens is refused naming the adapter, and ``tokens: image`` reduces the
-    images (4 units each) of an image + video prompt, keeping the video."""
-    model, _, builder, manager = _built(model_type)
+    """The probe watches the image call only (Qwen3.5's videos run through ``get_image_features``, as Qwen3-VL's;
+    ERNIE's through the tower directly), so a vision-attention stage reducing video tokens is refused naming the
+    adapter, and ``tokens: image`` reduces the images (4 units each) of an image + video prompt, keeping the video."""
+    model, adapter, builder, manager = _built(model_type)
     inputs = _video_inputs(builder)([1])
     stage = {"at": "post_projector", "reducer": "visionzip", "keep": 2, "params": {"contextual_ratio": 0.0}}
     stage["params"]["attention"] = "mean"
     with tp.apply(model, {"stages": [stage]}, plugins=manager), torch.no_grad():
-        with pytest.raises(TokenpruneError, match=r"'qwen3_5' adapter serves .*image tokens only.*`tokens: image`"):
+        with pytest.raises(
+            TokenpruneError, match=rf"'{adapter.name}' adapter serves .*image tokens only.*`tokens: image`"
+        ):
             model(**inputs)
     with tp.apply(model, {"stages": [{**stage, "tokens": "image"}]}, plugins=manager) as run, torch.no_grad():
         model(**inputs)

@@ -38,9 +38,13 @@ class PackedTowerAdapter(GenericAdapter):
     model_types = ()
     tower_notes = "last block (the merger's input)"
 
+    def tower(self) -> nn.Module:
+        """The packed tower, called as ``tower(pixel_values, grid_thw)``: ``visual`` (ERNIE: ``vision_tower``)."""
+        return self.vlm().visual
+
     def vision_tower(self) -> VisionTower | None:
         """The tower's blocks; the default probed block is the last one, whose output the merger reads."""
-        visual = self.vlm().visual
+        visual = self.tower()
         blocks = tuple(visual.blocks)
         return VisionTower(type(visual).__name__, blocks, len(blocks) - 1, False, self.tower_notes)
 
@@ -49,11 +53,11 @@ class PackedTowerAdapter(GenericAdapter):
         grid = call.arg("image_grid_thw", 1)
         if grid is None:
             return None
-        return merged_unit_means(grid, values, self.vlm().visual.config.spatial_merge_size ** 2)
+        return merged_unit_means(grid, values, self.tower().config.spatial_merge_size ** 2)
 
     def packed_tower(self) -> PackedTower | None:
         """The packed tower: merge units of ``spatial_merge_size`` patches a side, every block over whole frames."""
-        visual = self.vlm().visual
+        visual = self.tower()
         return PackedTower(visual, int(visual.config.spatial_merge_size))
 
     def projector(self) -> nn.Module | None:
@@ -91,3 +95,23 @@ class Glm4vAdapter(PackedTowerAdapter):
     def projector(self) -> nn.Module | None:
         """``post_layernorm``, the per-patch norm before the downsampling convolution turns each unit into a token."""
         return self.vlm().visual.post_layernorm
+
+
+class Ernie45VLAdapter(PackedTowerAdapter):
+    """ERNIE-4.5-VL: the generic adapter (per-token ``moe_mm_token_type_ids``, video frames merged in pairs) plus the
+    packed tower at ``vision_tower``, whose per-patch LayerNorm ``ln`` precedes the resampler (an MLP over each unit's
+    4 patches, then over pairs of frames: an image's frame is duplicated)."""
+
+    name = "ernie4_5_vl_moe"
+    model_types = ("ernie4_5_vl_moe",)
+    notes = (
+        "the generic adapter's layouts, M-RoPE and moe_mm_token_type_ids, plus the packed tower: vision attention, "
+        "pre_projector and vision_layer stages on whole 2x2 merge units of images"
+    )
+
+    def tower(self) -> nn.Module:
+        return self.vlm().vision_tower
+
+    def projector(self) -> nn.Module | None:
+        """The tower's final per-patch LayerNorm ``ln``, before the resampler turns each unit into a token."""
+        return self.tower().ln
