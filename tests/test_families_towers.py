@@ -43,6 +43,8 @@ TOWERS = {
     **dict.fromkeys(GLM, "glm4v"),
     "ernie4_5_vl_moe": "ernie4_5_vl_moe",
 }
+#: Vision attention only (PaddleOCR-VL: patches in raster order, stages before the projector refused).
+VISION = [*TOWERS, "paddleocr_vl"]
 BEFORE = ["pre_projector", {"vision_layer": 1}]
 
 
@@ -91,7 +93,7 @@ def test_the_family_is_served_by_its_tower_adapter(model_type):
     assert default_cut_layer(adapter)[0] == (3 if model_type in HYBRID else 2)
 
 
-@pytest.mark.parametrize("model_type", _params(TOWERS))
+@pytest.mark.parametrize("model_type", _params(VISION))
 def test_vision_patches_map_to_the_tokens_the_model_builds_from_them(model_type):
     checks.vision_patches_map_to_tokens(_case(model_type))
 
@@ -116,16 +118,16 @@ def test_each_token_gets_the_mean_of_its_units_patches(model_type):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_type", _params(TOWERS))
+@pytest.mark.parametrize("model_type", _params(VISION))
 def test_visionzip_ranks_by_the_towers_attention_before_and_after_the_merger(model_type):
     """VisionZip (dominant tokens only, ``attention: mean``) at ``post_projector``: a padded batch of different image
-    sizes keeps, per sample, the tokens it keeps alone; before the merger (its budget per frame) a one-image sample
-    keeps the same units (both rank by the probe's per-patch scores averaged over each unit)."""
+    sizes keeps, per sample, the tokens it keeps alone; before the merger (its budget per frame; not PaddleOCR-VL) a
+    one-image sample keeps the same units (both rank by the probe's per-patch scores averaged over each unit)."""
     case = _case(model_type)
     params = {"contextual_ratio": 0.0, "attention": "mean"}
     batch = case.make_inputs([1, 2, 1])
     kept: dict[str, Any] = {}
-    for at in ("post_projector", "pre_projector"):
+    for at in ("post_projector", "pre_projector") if model_type in TOWERS else ("post_projector",):
         pipeline = {"stages": [{"at": at, "reducer": "visionzip", "keep": 3, "params": params}]}
         with tp.apply(case.model, pipeline, plugins=case.manager) as run:
             out = case.forward(batch).logits
@@ -137,7 +139,8 @@ def test_visionzip_ranks_by_the_towers_attention_before_and_after_the_merger(mod
                 alone = case.forward(case.make_inputs([[1, 2, 1][i]], start=i)).logits
                 torch.testing.assert_close(alone[0, -1], out[i, -1], atol=1e-5, rtol=0)
                 assert run.stats.last_prefill.stages[0].kept[0] == kept[at][i]
-    assert kept["pre_projector"][0::2] == kept["post_projector"][0::2]  # the one-image samples
+    if model_type in TOWERS:
+        assert kept["pre_projector"][0::2] == kept["post_projector"][0::2]  # the one-image samples
 
 
 @pytest.mark.parametrize("at", BEFORE, ids=str)
@@ -285,3 +288,41 @@ def test_glm_video_prompts_refuse_the_stages_that_need_the_image_call(model_type
             with tp.apply(model, {"stages": [{**stage, "tokens": tokens}]}, plugins=manager), torch.no_grad():
                 with pytest.raises(TokenpruneError, match=message):
                     model(**inputs)
+
+
+def test_paddleocr_vl_serves_vision_attention_and_refuses_stages_before_the_projector():
+    """PaddleOCR-VL: the encoder's layers (probed at the last), no CLS, no packed tower; ``pre_projector`` and
+    ``vision_layer`` stages are refused at ``apply`` naming the raster order of the patches."""
+    model, adapter, _, manager = _built("paddleocr_vl")
+    tower = adapter.vision_tower()
+    layers = model.model.visual.vision_model.encoder.layers
+    assert adapter.name == "paddleocr_vl" and tower.layers == tuple(layers) and tower.feature_layer == len(layers) - 1
+    assert not tower.has_cls and adapter.packed_tower() is None and adapter.projector() is None
+    for at in BEFORE:
+        with pytest.raises(TokenpruneError, match=r"raster order.*put the stage at post_projector"):
+            tp.apply(model, {"stages": [{"at": at, "reducer": "unit_drop", "keep": 2}]}, plugins=manager)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_paddleocr_vl_token_is_the_mean_of_its_two_by_two_block_of_raster_patches():
+    """Computed directly: a frame of 4 x 8 patches in raster order (patch ``(r, c)`` at row ``8 r + c``) gives 2 x 4
+    tokens, token ``(i, j)`` the mean of patches ``(2i + a, 2j + b)``; a two-frame image its frames one after the
+    other."""
+    _skip_unless("paddleocr_vl")
+    with torch.device("meta"):
+        model = build_tiny("paddleocr_vl")
+    adapter = adapter_for(model, _manager())
+    grid = torch.tensor([[1, 4, 8], [2, 4, 4]])
+    values = [torch.randn(n, 3, generator=torch.Generator().manual_seed(n + i)) for i, n in enumerate((32, 16, 16))]
+    mapped = adapter.map_vision_patches(ImageCall((None, grid), {}, None), values)
+
+    def block(v: Tensor, w: int, i: int, j: int) -> Tensor:
+        return torch.stack([v[(2 * i + a) * w + 2 * j + b] for a in (0, 1) for b in (0, 1)]).mean(0)
+
+    expected = [
+        torch.stack([block(values[0], 8, i, j) for i in range(2) for j in range(4)]),
+        torch.stack([block(values[f], 4, i, j) for f in (1, 2) for i in range(2) for j in range(2)]),
+    ]
+    assert len(mapped) == 2
+    for got, want in zip(mapped, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -76,3 +76,18 @@ def merged_unit_means(grid_thw: Tensor, values: list[Tensor], group: int) -> lis
         out.append(torch.cat([group_mean(v, group) for v in values[start : start + t]]))
         start += t
     return out
+
+
+def raster_unit_means(grid_thw: Tensor, values: list[Tensor], merge: int) -> list[Tensor]:
+    """:func:`merged_unit_means` for a tower whose frames hold their patches in raster order (PaddleOCR-VL: the
+    projector regroups each ``m x m`` unit from the rows): a frame's token ``(r, c)`` is the mean of patches
+    ``(m r + i, m c + j)``, tokens in raster order, frames one after the other."""
+    out, start = [], 0
+    for t, h, w in grid_thw.tolist():
+        frames = [
+            v.reshape(h // merge, merge, w // merge, merge, v.shape[-1]).mean((1, 3)).reshape(-1, v.shape[-1])
+            for v in values[start : start + t]
+        ]
+        out.append(torch.cat(frames))
+        start += t
+    return out
