@@ -326,3 +326,20 @@ def test_paddleocr_vl_token_is_the_mean_of_its_two_by_two_block_of_raster_patche
     assert len(mapped) == 2
     for got, want in zip(mapped, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", [*GLM, "paddleocr_vl"])
+def test_flops_of_a_vision_attention_stage_agree_three_ways(model_type):
+    """VisionZip at ``post_projector`` on the probe's scores (the families whose FLOPs are counted): analytic == torch
+    == fvcore on every decoder layer and the language model, which runs on the kept tokens."""
+    from tokenprune.cost.flops import count_flops
+
+    model, _, make_inputs, manager = _built(model_type)
+    inputs = make_inputs([1], start=1)  # one image of 8 units
+    base = count_flops(model, inputs, use_fvcore=False)
+    stage = {"at": "post_projector", "reducer": "visionzip", "keep": 3}
+    stage["params"] = {"contextual_ratio": 0.0, "attention": "mean"}
+    report = count_flops(model, inputs, {"stages": [stage]}, plugins=manager)
+    _agree(report)
+    assert report.layers[0].tokens[0] == base.layers[0].tokens[0] - 5
+    assert report.language_model["analytic"] < base.language_model["analytic"]

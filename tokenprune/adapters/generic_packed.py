@@ -1,11 +1,12 @@
 """The generic adapter with a Qwen2-VL-like packed vision tower: vision attention, ``pre_projector`` and
 ``vision_layer`` stages on whole merge units.
 
-Qwen3.5's and GLM-4.xV's towers run every image's patches as one packed sequence (``cu_seqlens`` separating the
-frames, per-patch 2-D rotary positions from ``grid_thw``, learned position embeddings interpolated per patch and
-added before the first block) and build one language-model token from each ``m x m`` merge unit of consecutive
-patches. Everything else about these families (hybrid layers, M-RoPE from ``get_rope_index``, video layouts) is the
-generic adapter's; :class:`PackedTowerAdapter` adds the tower:
+Qwen3.5's, GLM-4.xV's and ERNIE-4.5-VL's towers run every image's patches as one packed sequence (``cu_seqlens``
+separating the frames, per-patch 2-D rotary positions from ``grid_thw``; Qwen3.5's and GLM's learned position
+embeddings interpolated per patch and added before the first block) and build one language-model token from each
+``m x m`` merge unit of consecutive patches. Everything else about these families (hybrid layers, M-RoPE from
+``get_rope_index``, ``moe_mm_token_type_ids``, video layouts) is the generic adapter's; :class:`PackedTowerAdapter`
+adds the tower:
 
 * **Vision attention** (:meth:`PackedTowerAdapter.vision_tower`): the tower's blocks, probed at the last one (the
   features' block); one attention call per frame, so each merged token gets the mean of its unit's patches' scores
@@ -16,6 +17,9 @@ generic adapter's; :class:`PackedTowerAdapter` adds the tower:
   (:mod:`tokenprune.engine.packed_stages`); before the merger's per-patch norm (:meth:`PackedTowerAdapter.projector`)
   the removed units come back as zero patches, the merger runs on every unit, and the removed units' tokens leave at
   the language model's input.
+
+PaddleOCR-VL's tower is packed too, but holds each frame's patches in raster order (its projector regroups the
+units): :class:`PaddleOCRVLAdapter` serves vision attention and refuses the stages before the projector.
 """
 
 from __future__ import annotations
