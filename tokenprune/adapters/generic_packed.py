@@ -24,6 +24,8 @@ units): :class:`PaddleOCRVLAdapter` serves vision attention and refuses the stag
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, VisionTower
@@ -33,18 +35,23 @@ from tokenprune.adapters.vision import merged_unit_means, raster_unit_means
 
 
 class PackedTowerAdapter(GenericAdapter):
-    """The generic adapter plus a packed tower at ``visual`` (``blocks``, ``spatial_merge_size``, no windows).
+    """The generic adapter plus a packed tower (``blocks``, ``config.spatial_merge_size``, no windows).
 
-    Subclasses name their model types and :meth:`projector`, the per-patch module the merger starts with.
+    Subclasses name their model types, the tower's attribute on the base model (:attr:`tower_attribute`) and the
+    tower's module the merger starts with (:attr:`merger_start`, :meth:`projector`).
     """
 
     name = "packed_tower"
     model_types = ()
     tower_notes = "last block (the merger's input)"
+    tower_attribute: ClassVar[str] = "visual"
+    """The packed tower's name on the base model (called as ``tower(pixel_values, grid_thw)``)."""
+    merger_start: ClassVar[str] = "merger"
+    """The tower's per-patch module that the merger starts with, called on the ``(N, Dv)`` patches."""
 
     def tower(self) -> nn.Module:
-        """The packed tower, called as ``tower(pixel_values, grid_thw)``: ``visual`` (ERNIE: ``vision_tower``)."""
-        return self.vlm().visual
+        """The packed tower: ``visual`` (ERNIE: ``vision_tower``)."""
+        return getattr(self.vlm(), self.tower_attribute)
 
     def vision_tower(self) -> VisionTower | None:
         """The tower's blocks; the default probed block is the last one, whose output the merger reads."""
@@ -65,24 +72,18 @@ class PackedTowerAdapter(GenericAdapter):
         return PackedTower(visual, int(visual.config.spatial_merge_size))
 
     def projector(self) -> nn.Module | None:
-        """The module the merger starts with, called on the tower's ``(N, Dv)`` patches (one row per patch)."""
-        raise NotImplementedError
+        """The tower's :attr:`merger_start` module: a ``pre_projector`` stage runs in its pre-hook."""
+        return getattr(self.tower(), self.merger_start)
 
 
 class Qwen35Adapter(PackedTowerAdapter):
     """Qwen3.5 / Qwen3.5-MoE: the generic adapter (hybrid Gated DeltaNet layers, M-RoPE) plus Qwen3-VL's packed
-    tower without DeepStack."""
+    tower without DeepStack; the merger is its PatchMerger (a per-patch LayerNorm, then an MLP over each unit's 4
+    patches)."""
 
     name = "qwen3_5"
     model_types = ("qwen3_5", "qwen3_5_moe")
-    notes = (
-        "the generic adapter's layouts, M-RoPE and hybrid layers, plus the packed tower: vision attention, "
-        "pre_projector and vision_layer stages on whole 2x2 merge units"
-    )
-
-    def projector(self) -> nn.Module | None:
-        """The tower's PatchMerger (its per-patch LayerNorm, then the MLP over each unit's 4 patches)."""
-        return self.vlm().visual.merger
+    notes = "generic adapter + packed tower (vision attention, pre_projector and vision_layer on whole 2x2 units)"
 
 
 class Glm4vAdapter(PackedTowerAdapter):
@@ -91,14 +92,8 @@ class Glm4vAdapter(PackedTowerAdapter):
 
     name = "glm4v"
     model_types = ("glm4v", "glm4v_moe", "glm46v", "glmga", "glm_ocr")
-    notes = (
-        "the generic adapter's layouts and M-RoPE, plus the packed tower: vision attention, pre_projector and "
-        "vision_layer stages on whole 2x2 units of the downsampling convolution"
-    )
-
-    def projector(self) -> nn.Module | None:
-        """``post_layernorm``, the per-patch norm before the downsampling convolution turns each unit into a token."""
-        return self.vlm().visual.post_layernorm
+    notes = Qwen35Adapter.notes
+    merger_start = "post_layernorm"
 
 
 class Ernie45VLAdapter(PackedTowerAdapter):
@@ -108,17 +103,9 @@ class Ernie45VLAdapter(PackedTowerAdapter):
 
     name = "ernie4_5_vl_moe"
     model_types = ("ernie4_5_vl_moe",)
-    notes = (
-        "the generic adapter's layouts, M-RoPE and moe_mm_token_type_ids, plus the packed tower: vision attention, "
-        "pre_projector and vision_layer stages on whole 2x2 merge units of images"
-    )
-
-    def tower(self) -> nn.Module:
-        return self.vlm().vision_tower
-
-    def projector(self) -> nn.Module | None:
-        """The tower's final per-patch LayerNorm ``ln``, before the resampler turns each unit into a token."""
-        return self.tower().ln
+    notes = Qwen35Adapter.notes + " of images"
+    tower_attribute = "vision_tower"
+    merger_start = "ln"
 
 
 class PaddleOCRVLAdapter(GenericAdapter):
