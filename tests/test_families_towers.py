@@ -343,3 +343,26 @@ def test_flops_of_a_vision_attention_stage_agree_three_ways(model_type):
     _agree(report)
     assert report.layers[0].tokens[0] == base.layers[0].tokens[0] - 5
     assert report.language_model["analytic"] < base.language_model["analytic"]
+
+
+@pytest.mark.parametrize("at", BEFORE, ids=str)
+@pytest.mark.parametrize("model_type", _params(["qwen3_5", "ernie4_5_vl_moe"]))
+def test_stages_before_the_merger_reduce_the_images_of_a_prompt_with_a_video(model_type, at):
+    """A video beside each image (Qwen3.5's runs through ``get_image_features``, ERNIE's through the tower): the stage
+    reduces the image units only (the video's tower call is left alone), and keep-all identity, cached generation ==
+    recomputation and batch == one by one hold."""
+    model, adapter, builder, manager = _built(model_type)
+    make_inputs = _video_inputs(builder)
+    inputs = make_inputs([1, 1])
+    with tp.apply(model, {"stages": [{"at": at, "reducer": "unit_drop", "keep": 2}]}, plugins=manager) as run:
+        with torch.no_grad():
+            model(**inputs)
+        (stage,) = run.stats.last_prefill.stages
+    images = (inputs["input_ids"] == adapter.image_token_id()).sum(1).tolist()
+    assert stage.entering == images == [4, 8] and stage.leaving == [2, 2]
+    k, probe = default_cut_layer(adapter)
+    case = checks.adapter_case(
+        model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=builder.pad, layer=k, probe_layer=probe, at=at
+    )
+    for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
+        check(case)
