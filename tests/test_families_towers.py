@@ -7,8 +7,9 @@ the probe's scores (batch == one by one, and the same units kept before the merg
 (keep-all identity, cached generation == recomputation, batch == one by one with images of different sizes,
 ``remove()`` restores) with the first stage at ``pre_projector`` and at ``vision_layer: 1``; a ``vision_layer`` cut
 equal to the tower's last block run frame by frame on the kept patches (their rotary positions, their position
-embeddings added before block 0); FLOPs three ways where the family's are counted (Qwen3.5's are refused by layer
-kind: tests/test_families.py).
+embeddings added before block 0); FLOPs three ways where the family's are counted (Qwen3.5's and ERNIE's are refused
+by layer kind: tests/test_families.py). The costlier checks run once per tower class (:data:`DISTINCT`).
+PaddleOCR-VL: vision attention only (its raster-ordered patches), the stages before the projector refused.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ TOWERS = {
     **dict.fromkeys(GLM, "glm4v"),
     "ernie4_5_vl_moe": "ernie4_5_vl_moe",
 }
+#: One type per tower class for the costlier checks (GLM-4.6V's and GLM-Image's towers are GLM-4.1V's class).
+DISTINCT = [t for t in TOWERS if t not in ("glm46v", "glmga")]
 #: Vision attention only (PaddleOCR-VL: patches in raster order, stages before the projector refused).
 VISION = [*TOWERS, "paddleocr_vl"]
 BEFORE = ["pre_projector", {"vision_layer": 1}]
@@ -144,7 +147,7 @@ def test_visionzip_ranks_by_the_towers_attention_before_and_after_the_merger(mod
 
 
 @pytest.mark.parametrize("at", BEFORE, ids=str)
-@pytest.mark.parametrize("model_type", _params(TOWERS))
+@pytest.mark.parametrize("model_type", _params(DISTINCT))
 def test_stages_before_the_merger_keep_the_invariants(model_type, at):
     """The check kit's invariants with its first stage before the merger (whole units), its layer stage at the
     family's default layer: keep-all identity, cached generation == recomputation (original and compact positions),
@@ -189,7 +192,7 @@ def _reference_tokens(adapter: Any, pixels: Tensor, grid: Tensor, keep: Tensor) 
     return merged[keep]
 
 
-@pytest.mark.parametrize("model_type", _params(TOWERS))
+@pytest.mark.parametrize("model_type", _params(DISTINCT))
 def test_a_vision_layer_cut_equals_the_last_block_run_on_the_kept_patches(model_type):
     """``vision_layer: 1`` on an image two units wide (8 units): the language model receives, at the kept units,
     the tokens of the tower's last block run on the kept patches alone (per frame, with their rotary positions; the
@@ -244,7 +247,7 @@ def _agree(report: Any) -> None:
     assert lm["analytic"] == lm["torch"] == lm["fvcore"], report.fvcore_notes
 
 
-@pytest.mark.parametrize("model_type", GLM)
+@pytest.mark.parametrize("model_type", [t for t in DISTINCT if t in GLM])
 def test_flops_of_stages_before_the_merger_agree_three_ways(model_type):
     """GLM-4.xV (Qwen3.5's FLOPs are refused by layer kind, tests/test_families.py): with a ``pre_projector`` and a
     ``vision_layer: 1`` stage, analytic == torch == fvcore on every decoder layer and the language model, which runs on
@@ -328,7 +331,7 @@ def test_paddleocr_vl_token_is_the_mean_of_its_two_by_two_block_of_raster_patche
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_type", [*GLM, "paddleocr_vl"])
+@pytest.mark.parametrize("model_type", [*(t for t in DISTINCT if t in GLM), "paddleocr_vl"])
 def test_flops_of_a_vision_attention_stage_agree_three_ways(model_type):
     """VisionZip at ``post_projector`` on the probe's scores (the families whose FLOPs are counted): analytic == torch
     == fvcore on every decoder layer and the language model, which runs on the kept tokens."""
