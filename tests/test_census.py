@@ -52,7 +52,9 @@ def test_every_type_resolves_to_an_adapter_or_a_named_refusal():
     counts = {s: sum(r.status == s for r in rows) for s in ("registered", "generic", "refused", "not run")}
     print(f"resolved {len(rows)} types in {seconds:.0f} s: {counts}")
     if compat.transformers_version() == _pinned():  # the matrix's other releases register other types
-        assert counts["generic"] >= 43 and counts["refused"] >= 31  # 43 and 31 on transformers 5.25.0
+        # 41 generic, 25 registered and 34 refused on transformers 5.25.0 (Qwen3.5's, GLM-4.xV's, ERNIE-4.5-VL's and
+        # PaddleOCR-VL's 9 types have the adapters of their vision towers)
+        assert counts["generic"] >= 41 and counts["registered"] >= 25 and counts["refused"] >= 31
 
 
 def _pinned() -> str:
@@ -60,8 +62,10 @@ def _pinned() -> str:
     return next(line.split("==")[1] for line in lines if line.startswith("transformers=="))
 
 
-@pytest.mark.parametrize("model_type", ["aya_vision", "glm4v"])
+@pytest.mark.parametrize("model_type", ["aya_vision", "lfm3_vl"])  # lfm3_vl: image_grid_thw grids
 def test_generically_served_types_keep_the_engine_invariants(model_type):
+    if model_type not in model_types():
+        pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
     row = census_one(model_type)
     assert row.adapter == f"generic ({model_type})"
     assert row.status == "passes", row.detail
@@ -154,7 +158,7 @@ def _skip_before(model_type: str) -> None:
 #: ``(N, C, P, P)`` patches and DeepSeek-V3's rotary head (Kimi-K2.5), a learned-query resampler (Aria),
 #: Qwen3-VL-style DeepStack outside Qwen3-VL (Cosmos3-Omni), token-type layer arguments (ERNIE-4.5-VL).
 NEWLY_SERVED = ["qianfan_ocr", "step3p7", "video_llama_3", "ovis2_5", "exaone4_5"]
-NEWLY_SERVED_SLOW = ["kimi_k25", "aria", "cosmos3_omni", "ernie4_5_vl_moe", "idefics2", "fuyu", "cohere_compass"]
+NEWLY_SERVED_SLOW = ["kimi_k25", "aria", "cosmos3_omni", "idefics2", "fuyu", "cohere_compass"]  # ERNIE: test_families
 #: Variable-aspect inputs read by place: Gemma 4's ``image_position_ids`` (per-layer embeddings; Unified: no tower,
 #: a bidirectional image mask), MiniCPM-V's NaViT-packed slices with ``target_sizes`` over a Qwen3.5 hybrid language
 #: model (4.7: its canvas M-RoPE; MiniCPM-V-OCR: 4.6's code in the ``4x`` mode), slow for Gated DeltaNet's reference

@@ -43,7 +43,15 @@ FAMILIES = {
 }
 TYPES = [t for types in FAMILIES.values() for t in types]
 #: Registered adapters of the table's types (the others: the generic adapter).
-DEDICATED = {"llama4": "llama4", "video_llava": "video_llava"}
+DEDICATED = {
+    "llama4": "llama4",
+    "video_llava": "video_llava",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5",
+    **dict.fromkeys(("glm4v", "glm4v_moe", "glm46v", "glmga", "glm_ocr"), "glm4v"),
+    "ernie4_5_vl_moe": "ernie4_5_vl_moe",
+    "paddleocr_vl": "paddleocr_vl",
+}
 #: The default layer on the tiny models: their hybrid language models alternate softmax attention (layer 0) and a
 #: recurrent kind (layer 1), so the first layer after an attention layer, from 2 on, is 3.
 HYBRID = {"qwen3_5", "qwen3_5_moe", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr", "lfm2_vl", "lfm3_vl"}

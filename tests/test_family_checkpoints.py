@@ -157,6 +157,26 @@ def test_run_cuts_at_the_default_layer(checkpoint, files):
     assert _layers(output) == [prompt] * layer + [prompt - visual // 2] * (len(kinds) - layer)
 
 
+#: Families whose adapters describe their vision towers (issue 32): where VisionZip runs on the probe's scores.
+TOWERS = {"qwen3_5": "pre_projector", "glm4v": "pre_projector", "ernie4_5_vl_moe": "pre_projector"}
+TOWERS["paddleocr_vl"] = "post_projector"  # its raster-ordered tower: vision attention after the projector only
+
+
+@pytest.mark.parametrize("model_type", sorted(TOWERS))
+def test_run_with_visionzip_on_the_towers_attention(model_type, files, tmp_path_factory):
+    """VisionZip (dominant tokens, ``attention: mean``) on the tower's attention, before the merger where the family
+    serves it: half the image's tokens leave, every decoder layer runs on the rest."""
+    folder = _saved(model_type, tmp_path_factory)
+    at = TOWERS[model_type]
+    visual, prompt = _visual_count(folder, files["image"])
+    pipeline = files["root"] / f"visionzip-{model_type}.yaml"
+    params = "{contextual_ratio: 0.0, attention: mean}"
+    pipeline.write_text(f"stages:\n  - {{at: {at}, reducer: visionzip, keep: {visual // 2}, params: {params}}}\n")
+    output = _run(folder, pipeline, files["image"])
+    assert re.search(rf"stage 0 visionzip at {at}: visual tokens {visual} -> {visual // 2} ", output), output
+    assert set(_layers(output)) == {prompt - visual // 2}
+
+
 @pytest.mark.slow  # the check kit's generations: 2 to 25 s a family (Qwen3.5's reference linear attention)
 def test_check_holds_on_the_checkpoint(checkpoint):
     """Every check holds; on a hybrid model the probe sits at its default layer and recurrent layers keep no keys."""

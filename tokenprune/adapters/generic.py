@@ -57,7 +57,8 @@ class GenericAdapter(ModelAdapter):
         super().__init__(model)
         self.position_scheme = "mrope" if uses_mrope(model) else "rope"  # type: ignore[misc]
         self.resampled = learned_queries(self.vlm()) is not None
-        self.name = f"generic ({getattr(model.config, 'model_type', '?')})"  # type: ignore[misc]
+        if type(self).name == GenericAdapter.name:  # a registered subclass keeps its own name
+            self.name = f"generic ({getattr(model.config, 'model_type', '?')})"  # type: ignore[misc]
 
     def language_model(self) -> nn.Module:
         """``language_model``, else ``text_model`` (Idefics2, Granite-Docling)."""

@@ -1,4 +1,5 @@
-"""Packed towers (Qwen2-VL, Qwen2.5-VL): the tower's patches as per-frame rows of whole merge units.
+"""Packed towers (Qwen2-VL, Qwen2.5-VL; Qwen3.5, GLM-4.xV, ERNIE-4.5-VL): the tower's patches as per-frame rows of whole
+merge units.
 
 Qwen2-VL's tower runs every image's patches as one packed sequence ``(N, Dv)``, ``cu_seqlens`` separating the
 frames, and its PatchMerger turns each run of ``G = m * m`` consecutive patches (one ``m x m`` merge unit, which the

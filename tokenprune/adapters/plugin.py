@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import tokenprune
 from tokenprune.adapters.gemma3 import Gemma3Adapter
+from tokenprune.adapters.generic_packed import Ernie45VLAdapter, Glm4vAdapter, PaddleOCRVLAdapter, Qwen35Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
 from tokenprune.adapters.internvl import InternVLAdapter
 from tokenprune.adapters.llama4 import Llama4Adapter
@@ -34,6 +35,10 @@ BUILTIN_ADAPTERS = (
     Gemma3Adapter,
     VideoLlavaAdapter,
     Llama4Adapter,
+    Qwen35Adapter,
+    Glm4vAdapter,
+    Ernie45VLAdapter,
+    PaddleOCRVLAdapter,
 )
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
 from tokenprune.adapters.packed import PackedTower
-from tokenprune.adapters.vision import group_mean
+from tokenprune.adapters.vision import group_mean, merged_unit_means
 from tokenprune.layout import TokenLayout
 
 
@@ -87,11 +87,7 @@ class Qwen2VLAdapter(ModelAdapter):
         full = getattr(visual.config, "fullatt_block_indexes", None)
         if full:
             return self._map_windowed(grid, values, group)
-        out, start = [], 0
-        for t, _, _ in grid.tolist():
-            out.append(torch.cat([group_mean(v, group) for v in values[start : start + t]]))
-            start += t
-        return out
+        return merged_unit_means(grid, values, group)
 
     def _map_windowed(self, grid: Tensor, values: list[Tensor], group: int) -> list[Tensor]:
         """Qwen2.5-VL: the full-attention blocks see each image's merge units in window order."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import VisionTower
@@ -60,3 +61,33 @@ def square_patches(values: Tensor, strategy: str | None) -> Tensor | None:
 def group_mean(values: Tensor, group: int) -> Tensor:
     """``(S, C)`` values averaged over consecutive groups of ``group`` positions: ``(S / group, C)``."""
     return values.reshape(values.shape[0] // group, group, values.shape[-1]).mean(1)
+
+
+def merged_unit_means(grid_thw: Tensor, values: list[Tensor], group: int) -> list[Tensor]:
+    """A packed tower's per-frame values mapped to its merged tokens, one ``(t * h * w / group, C)`` per image.
+
+    ``grid_thw`` is ``(images, 3)`` in patches; ``values`` holds one ``(h * w, C)`` tensor per frame (the tower's
+    attention runs one sequence per frame, ``cu_seqlens`` chunks), frames in order. Each merged token is the mean of
+    its ``group`` consecutive patches: the processor stores each ``m x m`` merge unit's patches together, and the
+    merger (Qwen2-VL's MLP, GLM-4V's strided convolution) builds one token from each unit.
+    """
+    out, start = [], 0
+    for t, _, _ in grid_thw.tolist():
+        out.append(torch.cat([group_mean(v, group) for v in values[start : start + t]]))
+        start += t
+    return out
+
+
+def raster_unit_means(grid_thw: Tensor, values: list[Tensor], merge: int) -> list[Tensor]:
+    """:func:`merged_unit_means` for a tower whose frames hold their patches in raster order (PaddleOCR-VL: the
+    projector regroups each ``m x m`` unit from the rows): a frame's token ``(r, c)`` is the mean of patches
+    ``(m r + i, m c + j)``, tokens in raster order, frames one after the other."""
+    out, start = [], 0
+    for t, h, w in grid_thw.tolist():
+        frames = [
+            v.reshape(h // merge, merge, w // merge, merge, v.shape[-1]).mean((1, 3)).reshape(-1, v.shape[-1])
+            for v in values[start : start + t]
+        ]
+        out.append(torch.cat(frames))
+        start += t
+    return out

@@ -108,6 +108,10 @@ class ProbeRecorder(ScoringReducer):
         return ctx.attention["last"]
 
 
+#: Where the checks' token reducers run: the case's first stage (:attr:`AdapterCase.at`) may be before the projector.
+TOKEN_POINTS = frozenset({"vision_layer", "pre_projector", "post_projector", "layer"})
+
+
 class SeededDrop(ScoringReducer):
     """Keeps a seeded pseudo-random subset of each sample's tokens; the checks' own, so they need no plugin.
 
@@ -116,7 +120,7 @@ class SeededDrop(ScoringReducer):
     """
 
     name = "check_drop"
-    capabilities = Capabilities(insertion_points=frozenset({"post_projector", "layer"}))
+    capabilities = Capabilities(insertion_points=TOKEN_POINTS)
 
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         """``(B, N)`` uniform scores, drawn on the CPU per sample."""
@@ -132,7 +136,7 @@ class FirstK(TokenReducer):
     own features, so keep counts vary per sample but not with the batch."""
 
     name = "first_k"
-    capabilities = Capabilities(deterministic_count=False)
+    capabilities = Capabilities(insertion_points=TOKEN_POINTS, deterministic_count=False)
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Keep the first ``budget - h`` valid tokens of each sample (protected ones included)."""
@@ -196,6 +200,9 @@ class AdapterCase:
             :func:`tokenprune.engine.hybrid.default_layer`).
         probe_layer: The layer of the probed stage (it reads layer ``probe_layer - 1``'s attention; by default
             ``layer - 1``), at most :attr:`layer`.
+        at: Where the checks' first stage runs: ``"post_projector"`` (the default), or ``"pre_projector"`` /
+            ``{"vision_layer": k}`` for an adapter that serves stages before the projector (a sample keeps the same
+            patches alone or in a batch there too).
     """
 
     model: nn.Module
@@ -207,19 +214,21 @@ class AdapterCase:
     generated_token_type_id: int = 0
     layer: int = 2
     probe_layer: int = 1
+    at: Any = "post_projector"
 
     def prune(self) -> dict[str, Any]:
-        """:data:`PRUNE` (read when called: a test may replace it) with its layer stage at :attr:`layer`."""
-        if self.layer == 2:
+        """:data:`PRUNE` (read when called: a test may replace it) with its layer stage at :attr:`layer` and its first
+        stage at :attr:`at`."""
+        if self.layer == 2 and self.at == "post_projector":
             return PRUNE
-        return _pipe(("post_projector", "check_drop", 0.5), ({"layer": self.layer}, "check_drop", 0.5))
+        return _pipe((self.at, "check_drop", 0.5), ({"layer": self.layer}, "check_drop", 0.5))
 
     def probed(self, keep: float) -> dict[str, Any]:
-        """The projector, probed and layer stages (:data:`KEEP_ALL` at ``keep=1``), each keeping ``keep``."""
-        if keep == 1.0 and (self.probe_layer, self.layer) == (1, 2):
+        """The first (:attr:`at`), probed and layer stages (:data:`KEEP_ALL` at ``keep=1``), each keeping ``keep``."""
+        if keep == 1.0 and (self.probe_layer, self.layer, self.at) == (1, 2, "post_projector"):
             return KEEP_ALL
         return _pipe(
-            ("post_projector", "check_drop", keep),
+            (self.at, "check_drop", keep),
             ({"layer": self.probe_layer}, "probe_recorder", keep),
             ({"layer": self.layer}, "check_drop", keep),
         )
@@ -269,6 +278,7 @@ def adapter_case(
     generated_token_type_id: int = 0,
     layer: int = 2,
     probe_layer: int | None = None,
+    at: Any = "post_projector",
 ) -> AdapterCase:
     """Check the arguments once and build the :class:`AdapterCase` every invariant runs on.
 
@@ -284,6 +294,7 @@ def adapter_case(
         generated_token_type_id: See :attr:`AdapterCase.generated_token_type_id`.
         layer: The layer cut's layer (:attr:`AdapterCase.layer`), at least 2.
         probe_layer: The probed stage's layer (:attr:`AdapterCase.probe_layer`; default ``layer - 1``).
+        at: The first stage's insertion point (:attr:`AdapterCase.at`).
 
     Raises:
         ValueError: arguments the checks cannot use (see the module docstring).
@@ -323,6 +334,7 @@ def adapter_case(
         generated_token_type_id,
         layer,
         probe_layer,
+        at,
     )
     if suppress_tokens is None:  # never generate a token the adapter would read as visual
         ids = case.padded_batch()["input_ids"]
@@ -343,8 +355,8 @@ def _hooks(model: nn.Module) -> int:
 def keep_all_is_identity(c: AdapterCase) -> None:
     """Invariant 1: a keep-all pipeline gives bit-identical logits and generations (batch 3, padding).
 
-    The pipeline has three keep-all stages (``post_projector``, a probed ``layer: 1`` stage and
-    ``layer: 2``); logits, generated ids and every step's logits must be ``torch.equal`` to the
+    The pipeline has three keep-all stages (``post_projector``, or the case's :attr:`~AdapterCase.at`; a probed
+    ``layer: 1`` stage; ``layer: 2``); logits, generated ids and every step's logits must be ``torch.equal`` to the
     unmodified model's, and every stage must report as many tokens leaving as entering.
 
     Args:
@@ -532,16 +544,15 @@ def batch_equals_one_by_one(c: AdapterCase) -> None:
     """Invariant 5: with ragged keep counts, each sample gets what it gets alone (1e-5).
 
     The batch is ``specs`` (three images of different sizes); the pipeline is an adaptive reducer
-    (:class:`FirstK`, 75 %) after the projector, then 50 % at layer 2 (the case's :attr:`~AdapterCase.layer`),
-    so samples keep different
-    numbers of tokens at both stages. For each sample, generated ids must be equal, the logits of
-    each generated token and of the prompt's last position within :data:`PRUNE_TOLERANCE`, and the
-    kept indices of both stages equal to a run of the sample alone.
+    (:class:`FirstK`, 75 %) after the projector (or at the case's :attr:`~AdapterCase.at`), then 50 % at layer 2
+    (the case's :attr:`~AdapterCase.layer`), so samples keep different numbers of tokens at both stages. For each
+    sample, generated ids must be equal, the logits of each generated token and of the prompt's last position
+    within :data:`PRUNE_TOLERANCE`, and the kept indices of both stages equal to a run of the sample alone.
     """
     model, make_inputs, specs = c.model, c.make_inputs, c.specs
     name = "batch equals one by one"
     batch = make_inputs(specs)
-    pipeline = _pipe(("post_projector", "first_k", 0.75), ({"layer": c.layer}, "check_drop", 0.5))
+    pipeline = _pipe((c.at, "first_k", 0.75), ({"layer": c.layer}, "check_drop", 0.5))
     with apply(model, pipeline, plugins=c.manager) as run:
         gen = c.generate(batch, 3)
         out = c.forward(batch).logits

@@ -259,7 +259,8 @@ def resolve_types(types: Sequence[str] | None = None, manager: Any = None) -> li
             named = repr(model_type) in str(exc)
             rows.append(CensusRow(model_type, "refused" if named else "fails", detail=_one_line(_reason(str(exc)))))
             continue
-        status = "generic" if isinstance(adapter, GenericAdapter) else "registered"
+        generic = isinstance(adapter, GenericAdapter) and model_type not in list(manager.adapters)
+        status = "generic" if generic else "registered"
         rows.append(CensusRow(model_type, status, adapter.name))
     return rows
 

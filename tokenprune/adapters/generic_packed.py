@@ -1,0 +1,135 @@
+"""The generic adapter with a Qwen2-VL-like packed vision tower: vision attention, ``pre_projector`` and
+``vision_layer`` stages on whole merge units.
+
+Qwen3.5's, GLM-4.xV's and ERNIE-4.5-VL's towers run every image's patches as one packed sequence (``cu_seqlens``
+separating the frames, per-patch 2-D rotary positions from ``grid_thw``; Qwen3.5's and GLM's learned position
+embeddings interpolated per patch and added before the first block) and build one language-model token from each
+``m x m`` merge unit of consecutive patches. Everything else about these families (hybrid layers, M-RoPE from
+``get_rope_index``, ``moe_mm_token_type_ids``, video layouts) is the generic adapter's; :class:`PackedTowerAdapter`
+adds the tower:
+
+* **Vision attention** (:meth:`PackedTowerAdapter.vision_tower`): the tower's blocks, probed at the last one (the
+  features' block); one attention call per frame, so each merged token gets the mean of its unit's patches' scores
+  (:func:`~tokenprune.adapters.vision.merged_unit_means`, as Qwen2-VL's). No CLS token: ``attention: mean`` only.
+* **``pre_projector`` and ``vision_layer: k``** (:mod:`tokenprune.adapters.packed`): whole merge units, as for
+  Qwen2-VL. A cut between blocks is exact: the position embeddings were added per patch before block 0, the rotary
+  embeddings are gathered per kept patch and ``cu_seqlens`` / ``max_seqlen`` recomputed from the kept units per frame
+  (:mod:`tokenprune.engine.packed_stages`); before the merger's per-patch norm (:meth:`PackedTowerAdapter.projector`)
+  the removed units come back as zero patches, the merger runs on every unit, and the removed units' tokens leave at
+  the language model's input.
+
+PaddleOCR-VL's tower is packed too, but holds each frame's patches in raster order (its projector regroups the
+units): :class:`PaddleOCRVLAdapter` serves vision attention and refuses the stages before the projector.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from tokenprune.adapters.base import ImageCall, VisionTower
+from tokenprune.adapters.generic import GenericAdapter
+from tokenprune.adapters.packed import PackedTower
+from tokenprune.adapters.vision import merged_unit_means, raster_unit_means
+
+
+class PackedTowerAdapter(GenericAdapter):
+    """The generic adapter plus a packed tower (``blocks``, ``config.spatial_merge_size``, no windows).
+
+    Subclasses name their model types, the tower's attribute on the base model (:attr:`tower_attribute`) and the
+    tower's module the merger starts with (:attr:`merger_start`, :meth:`projector`).
+    """
+
+    name = "packed_tower"
+    model_types = ()
+    tower_notes = "last block (the merger's input)"
+    tower_attribute: ClassVar[str] = "visual"
+    """The packed tower's name on the base model (called as ``tower(pixel_values, grid_thw)``)."""
+    merger_start: ClassVar[str] = "merger"
+    """The tower's per-patch module that the merger starts with, called on the ``(N, Dv)`` patches."""
+
+    def tower(self) -> nn.Module:
+        """The packed tower: ``visual`` (ERNIE: ``vision_tower``)."""
+        return getattr(self.vlm(), self.tower_attribute)
+
+    def vision_tower(self) -> VisionTower | None:
+        """The tower's blocks; the default probed block is the last one, whose output the merger reads."""
+        visual = self.tower()
+        blocks = tuple(visual.blocks)
+        return VisionTower(type(visual).__name__, blocks, len(blocks) - 1, False, self.tower_notes)
+
+    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per frame; each merged token the mean of its unit's ``m * m`` consecutive patches."""
+        grid = call.arg("image_grid_thw", 1)
+        if grid is None:
+            return None
+        return merged_unit_means(grid, values, self.tower().config.spatial_merge_size ** 2)
+
+    def packed_tower(self) -> PackedTower | None:
+        """The packed tower: merge units of ``spatial_merge_size`` patches a side, every block over whole frames."""
+        visual = self.tower()
+        return PackedTower(visual, int(visual.config.spatial_merge_size))
+
+    def projector(self) -> nn.Module | None:
+        """The tower's :attr:`merger_start` module: a ``pre_projector`` stage runs in its pre-hook."""
+        return getattr(self.tower(), self.merger_start)
+
+
+class Qwen35Adapter(PackedTowerAdapter):
+    """Qwen3.5 / Qwen3.5-MoE: the generic adapter (hybrid Gated DeltaNet layers, M-RoPE) plus Qwen3-VL's packed
+    tower without DeepStack; the merger is its PatchMerger (a per-patch LayerNorm, then an MLP over each unit's 4
+    patches)."""
+
+    name = "qwen3_5"
+    model_types = ("qwen3_5", "qwen3_5_moe")
+    notes = "generic adapter + packed tower (vision attention, pre_projector and vision_layer on whole 2x2 units)"
+
+
+class Glm4vAdapter(PackedTowerAdapter):
+    """GLM-4.1V / 4.5V / 4.6V, GLM-OCR: the generic adapter plus the packed tower, whose merger is a per-patch
+    RMSNorm (``post_layernorm``), a strided ``m x m`` convolution over each unit (``downsample``) and an MLP."""
+
+    name = "glm4v"
+    model_types = ("glm4v", "glm4v_moe", "glm46v", "glmga", "glm_ocr")
+    notes = Qwen35Adapter.notes
+    merger_start = "post_layernorm"
+
+
+class Ernie45VLAdapter(PackedTowerAdapter):
+    """ERNIE-4.5-VL: the generic adapter (per-token ``moe_mm_token_type_ids``, video frames merged in pairs) plus the
+    packed tower at ``vision_tower``, whose per-patch LayerNorm ``ln`` precedes the resampler (an MLP over each unit's
+    4 patches, then over pairs of frames: an image's frame is duplicated)."""
+
+    name = "ernie4_5_vl_moe"
+    model_types = ("ernie4_5_vl_moe",)
+    notes = Qwen35Adapter.notes + " of images"
+    tower_attribute = "vision_tower"
+    merger_start = "ln"
+
+
+class PaddleOCRVLAdapter(GenericAdapter):
+    """PaddleOCR-VL: the generic adapter plus vision attention on its packed tower (``visual.vision_model``), whose
+    frames hold their patches in raster order; the projector regroups each 2x2 unit from the rows."""
+
+    name = "paddleocr_vl"
+    model_types = ("paddleocr_vl",)
+    notes = "the generic adapter's layouts and M-RoPE, plus vision attention (each token its 2x2 patches' mean)"
+    pre_projector_refusal = (
+        "its tower holds each frame's patches in raster order and its projector regroups every 2x2 unit from them, "
+        "so a unit's patches are not consecutive rows of the packed sequence, which pre_projector and vision_layer "
+        "stages on a packed tower reduce; put the stage at post_projector (vision attention is served there)"
+    )
+
+    def vision_tower(self) -> VisionTower | None:
+        """The encoder's layers, probed at the last (its output, after ``post_layernorm``, is the projector's input)."""
+        encoder = self.vlm().visual.vision_model.encoder
+        layers = tuple(encoder.layers)
+        return VisionTower(type(self.vlm().visual).__name__, layers, len(layers) - 1, False, "last layer")
+
+    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per frame, patches in raster order; each token the mean of its 2x2 block of patches."""
+        grid = call.arg("image_grid_thw", 1)
+        if grid is None:
+            return None
+        return raster_unit_means(grid, values, int(self.vlm().config.vision_config.spatial_merge_size))
