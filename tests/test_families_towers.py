@@ -270,27 +270,28 @@ def test_flops_of_stages_before_the_merger_agree_three_ways(model_type):
 
 
 @pytest.mark.parametrize("model_type", ["glm4v"])
-def test_glm_video_prompts_refuse_the_stages_that_need_the_image_call(model_type):
-    """GLM-4.xV's video placeholders are its image token (told apart by ``mm_token_type_ids`` only) and its videos
-    run through ``get_video_features``: on a video prompt the engine sees visual tokens but no image call, so a
-    vision-attention stage and the stages before the merger are refused (never run on the wrong patches), whatever
-    ``tokens`` says."""
+def test_glm_video_prompts_keep_the_videos_out_of_the_tower_stages(model_type):
+    """GLM-4.xV's video placeholders are its image token, typed video by ``mm_token_type_ids``
+    (``tokenprune/adapters/token_types.py``): a vision-attention stage that would reduce them is refused naming
+    ``tokens: image``, and with it reduces nothing on a prompt without images; the stages before the merger reduce
+    images only (the videos run through ``get_video_features``), so a video-only prompt runs as the stock model."""
     model, _, builder, manager = _built(model_type)
     inputs = _video_inputs(builder)([1, 1])
-    vision = {"contextual_ratio": 0.0, "attention": "mean"}
-    stages = [
-        ({"at": "post_projector", "reducer": "visionzip", "keep": 2, "params": vision}, "computed no image features"),
-        (
-            {"at": "pre_projector", "reducer": "unit_drop", "keep": 2},
-            "projector was not called for this batch's images",
-        ),
-        ({"at": {"vision_layer": 1}, "reducer": "unit_drop", "keep": 2}, "projector was not called"),
-    ]
-    for stage, message in stages:
-        for tokens in ("all", "image"):
-            with tp.apply(model, {"stages": [{**stage, "tokens": tokens}]}, plugins=manager), torch.no_grad():
-                with pytest.raises(TokenpruneError, match=message):
-                    model(**inputs)
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    vision = {"at": "post_projector", "reducer": "visionzip", "keep": 2}
+    vision["params"] = {"contextual_ratio": 0.0, "attention": "mean"}
+    for tokens in ("all", "video"):
+        with tp.apply(model, {"stages": [{**vision, "tokens": tokens}]}, plugins=manager), torch.no_grad():
+            with pytest.raises(TokenpruneError, match=r"serves for image tokens only.*tokens: image"):
+                model(**inputs)
+    before = [{"at": "pre_projector", "reducer": "unit_drop", "keep": 2}]
+    before.append({"at": {"vision_layer": 1}, "reducer": "unit_drop", "keep": 2})
+    for stage in [{**vision, "tokens": "image"}, *({**s, "tokens": t} for s in before for t in ("all", "image"))]:
+        with tp.apply(model, {"stages": [stage]}, plugins=manager) as handle, torch.no_grad():
+            logits = model(**inputs).logits
+        assert torch.equal(logits, stock), stage
+        assert all(sum(s.entering) == 0 for s in handle.stats.last_prefill.stages)
 
 
 def test_paddleocr_vl_serves_vision_attention_and_refuses_stages_before_the_projector():
