@@ -36,6 +36,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.frame_layouts import positioned_video_layouts
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenprune.adapters.qwen3_vl import DeepStackResiduals
 from tokenprune.adapters.shape import language_model_of, refusal, takes_deepstack
@@ -86,7 +87,12 @@ class GenericAdapter(ModelAdapter):
 
     def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
         """Per video, ``t`` frames of a merged grid from ``video_grid_thw`` where the call gives it; ``t / r`` where
-        the tower also merges ``r`` temporal patches into one (ERNIE-4.5-VL's ``temporal_merge_size``)."""
+        the tower also merges ``r`` temporal patches into one (ERNIE-4.5-VL's ``temporal_merge_size``); frames of
+        pooled grids from ``video_position_ids`` and ``num_frames_per_video`` (Gemma 4,
+        :mod:`tokenprune.adapters.frame_layouts`)."""
+        framed = self._positioned_video_layouts(call)
+        if framed is not None:
+            return framed
         grid = call.arg("video_grid_thw", 1) if self.position_scheme == "mrope" else None
         vision = getattr(self.vlm().config, "vision_config", None)
         r = getattr(vision, "temporal_merge_size", None)
@@ -104,6 +110,13 @@ class GenericAdapter(ModelAdapter):
             except AttributeError:
                 pass
         return super().video_layouts(call)
+
+    def _positioned_video_layouts(self, call: ImageCall) -> list[TokenLayout] | None:
+        vision = getattr(self.vlm().config, "vision_config", None)
+        pooling = getattr(vision, "pooling_kernel_size", None)
+        if not isinstance(pooling, int):
+            return None
+        return positioned_video_layouts(call, self.vlm().get_video_features, pooling)
 
     # --- positions -------------------------------------------------------------------------------
 

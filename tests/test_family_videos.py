@@ -1,0 +1,171 @@
+"""Videos of the families whose video inputs are not ``video_grid_thw`` grids (issue 32): Gemma 4.
+
+transformers' video processors need torchvision, which does not load here, so the inputs are built by hand as the
+processors write them. Gemma 4 (``modeling_gemma4.py``, ``video_processing_gemma4.py``, ``processing_gemma4.py``,
+5.25): ``pixel_values_videos`` ``(total_frames, max_patches, 3*P*P)`` patch rows of every frame of every video,
+``video_position_ids`` each patch's ``(x, y)`` (``-1`` on padding), ``num_frames_per_video``; each frame's
+placeholders are ``<timestamp> <boi> <|video|> x n <eoi>`` with ``n`` the frame's patches over ``k^2`` (``k`` the
+pooling kernel), typed ``2`` in ``mm_token_type_ids``. The engine lays every video out as its frames of pooled
+grids (:mod:`tokenprune.adapters.frame_layouts`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from test_families import _default_layer_case, _inputs, _skip_unless
+
+import tokenprune as tp
+from tokenprune.testing import adapters as checks
+from tokenprune.testing.census_inputs import InputBuilder
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+FRAMES = 3
+
+
+def _gemma4_video_inputs(b: InputBuilder, frames: int = FRAMES) -> Any:
+    """The census inputs (images of ``image_position_ids``) with a video after the images of every image sample:
+    ``frames`` frames of ``(2k, 2k * (1 + i % 2))`` patches (``k`` the pooling kernel), zero-padded to the batch's
+    largest frame as the video processor pads them, each frame's placeholders after a timestamp token."""
+    cfg, vlm = b.model.config, b.vlm
+    k = int(cfg.vision_config.pooling_kernel_size)
+    patch = int(cfg.vision_config.patch_size)
+    video_id, boi, eoi = int(cfg.video_token_id), int(cfg.boi_token_id), int(cfg.eoi_token_id)
+
+    def make_inputs(specs: list[Any], start: int = 0) -> dict[str, Any]:
+        out = b(specs, start)
+        samples = [i for i, spec in enumerate(specs, start) if spec]
+        if not samples:
+            return out
+        sizes = [(2 * k, 2 * k * (1 + i % 2)) for i in samples]
+        most = max(h * w for h, w in sizes)
+        pixels = torch.zeros(len(samples) * frames, most, 3 * patch * patch)
+        positions = torch.full((len(samples) * frames, most, 2), -1, dtype=torch.long)
+        for n, (i, (h, w)) in enumerate(zip(samples, sizes, strict=True)):
+            g = torch.Generator().manual_seed(500 + i)
+            y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            for f in range(frames):
+                pixels[n * frames + f, : h * w] = torch.rand(h * w, 3 * patch * patch, generator=g)
+                positions[n * frames + f, : h * w] = torch.stack([x.reshape(-1), y.reshape(-1)], dim=1)
+        per_video = torch.full((len(samples),), frames, dtype=torch.long)
+        with torch.no_grad():
+            feats = vlm.get_video_features(pixels, positions, num_frames_per_video=per_video).pooler_output
+        rows = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"], strict=True)]
+        for n, i in enumerate(samples):
+            per_frame = int(feats[n].shape[0]) // frames
+            video = []
+            for f in range(frames):
+                video += [b.text_ids[150 + f], boi, *[video_id] * per_frame, eoi]
+            rows[i - start] = rows[i - start][:-2] + video + rows[i - start][-2:]
+        longest = max(map(len, rows))
+        ids = torch.tensor([[b.pad] * (longest - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+        out.update(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values_videos=pixels,
+            video_position_ids=positions,
+            num_frames_per_video=per_video,
+        )
+        if b.mm_types:
+            out["mm_token_type_ids"] = (ids == b.image_token).long() + 2 * (ids == video_id).long()
+        return out
+
+    return make_inputs
+
+
+def _video_stage(reducer: str, keep: float) -> dict[str, Any]:
+    return {"stages": [{"at": "post_projector", "tokens": "video", "reducer": reducer, "keep": keep}]}
+
+
+@pytest.fixture(scope="module")
+def gemma4() -> checks.AdapterCase:
+    _skip_unless("gemma4")
+    model, adapter, builder = _inputs("gemma4")
+    return _default_layer_case(model, adapter, builder, _gemma4_video_inputs(builder))
+
+
+def test_gemma4_videos_keep_the_engine_invariants(gemma4):
+    """Images and a video (two frame sizes across the batch, a text-only sample): keep-all identity, cached
+    generation == recomputation and batch == one by one at the default layer, the layouts covering every image and
+    video token."""
+    batch = gemma4.padded_batch()
+    assert int((batch["input_ids"] == gemma4.model.config.video_token_id).sum()) > 0
+    assert int((batch["input_ids"] == gemma4.model.config.image_token_id).sum()) > 0
+    for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
+        check(gemma4)
+    checks.layout_covers_visual_tokens(gemma4)
+
+
+def test_gemma4_video_layout_is_the_models_frames_of_pooled_grids(gemma4):
+    """Each video's tokens are its ``num_frames_per_video`` frames, one run of placeholders each (the timestamp,
+    ``<boi>`` and ``<eoi>`` between them), every frame a ``(h / k) x (w / k)`` grid of the frame's patch extent, in
+    the order the model's pooler writes them (token ``x // k + (w // k) * (y // k)``)."""
+    batch = gemma4.padded_batch()
+    ids = batch["input_ids"]
+    video_id = gemma4.model.config.video_token_id
+    k = gemma4.model.config.vision_config.pooling_kernel_size
+    assert torch.equal(gemma4.adapter.video_mask(ids), ids == video_id)
+    with tp.apply(gemma4.model, _video_stage("check_drop", 1.0), plugins=gemma4.manager) as run:
+        gemma4.forward(batch)
+    (stage,) = run.stats.last_prefill.stages
+    layout = stage.layout
+    assert layout is not None
+    extents = batch["video_position_ids"].clamp(min=0).amax(1) + 1  # (frames, 2): (x, y)
+    frames = iter(extents.tolist())
+    for b, n in enumerate(stage.entering):
+        if not n:
+            continue
+        grids = [next(frames) for _ in range(FRAMES)]
+        (w, h) = grids[0]
+        per_frame = (w // k) * (h // k)
+        assert all(g == grids[0] for g in grids) and n == FRAMES * per_frame
+        frame, row, col = (getattr(layout, f)[b, :n] for f in ("frame", "row", "col"))
+        assert bool(layout.video[b, :n].all()) and bool((layout.image[b, :n] == 0).all())
+        assert frame.tolist() == [f for f in range(FRAMES) for _ in range(per_frame)]
+        pooled = torch.arange(per_frame).repeat(FRAMES)
+        assert torch.equal(col, pooled % (w // k)) and torch.equal(row, pooled // (w // k))
+        assert int(row.max()) + 1 == h // k
+        columns = (ids[b] == video_id).nonzero().flatten()
+        runs = torch.cumsum(torch.diff(columns, prepend=columns[:1] - 1) > 1, 0)
+        assert torch.equal(runs, frame)
+
+
+@pytest.mark.parametrize("reducer", ["evs", "vidcom2"])
+def test_a_video_reducer_prunes_each_gemma4_frame_as_on_the_models_frames(gemma4, reducer):
+    """EVS and VidCom2 keep exactly what their algorithms keep on ``get_video_features``' tokens of each video as
+    ``(frames, tokens per frame, D)``, per sample of the padded batch (two frame sizes, a text-only sample)."""
+    from tokenprune_evs import retained_count as evs_count
+    from tokenprune_evs import retention_mask as evs_mask
+    from tokenprune_vidcom2 import retained_count as vidcom2_count
+    from tokenprune_vidcom2 import retention_mask as vidcom2_mask
+
+    keep = 0.4
+    batch = gemma4.padded_batch()
+    with tp.apply(gemma4.model, _video_stage(reducer, keep)) as run:
+        gemma4.forward(batch)
+    (stage,) = run.stats.last_prefill.stages
+    with torch.no_grad():
+        videos = (
+            gemma4.adapter.vlm()
+            .get_video_features(
+                batch["pixel_values_videos"],
+                batch["video_position_ids"],
+                num_frames_per_video=batch["num_frames_per_video"],
+            )
+            .pooler_output
+        )
+    assert len(videos) == 2 and stage.entering[2] == 0
+    for b, feats in enumerate(videos):
+        x = feats.float().reshape(FRAMES, -1, feats.shape[-1])
+        per_frame = x.shape[1]
+        if reducer == "evs":
+            expected = evs_mask(x, evs_count(per_frame, FRAMES, keep))
+        else:
+            expected = vidcom2_mask(x, vidcom2_count(per_frame, FRAMES, keep), keep)
+        assert stage.entering[b] == FRAMES * per_frame  # the stage's tokens: the video's, not the images'
+        assert stage.kept[b] == expected.reshape(-1).nonzero().flatten().tolist()
+        assert 0 < stage.leaving[b] < stage.entering[b]

@@ -1,0 +1,68 @@
+"""Video layouts of the families whose ``get_video_features`` call gives its frames by argument, not by a grid.
+
+Gemma 4 (``gemma4``; transformers 5.25 ``modeling_gemma4.py``) encodes videos as images: ``pixel_values_videos``
+``(total_frames, max_patches, 3*P*P)`` holds every frame of every video of the batch, ``video_position_ids``
+``(total_frames, max_patches, 2)`` each patch's ``(x, y)`` (``-1`` on padding) and ``num_frames_per_video`` how many
+of those frames each video takes. The vision tower pools every frame's ``k x k`` patch blocks
+(``Gemma4VisionPooler._avg_pool_by_positions``: pooled token ``x // k + (extent_x // k) * (y // k)``, row-major)
+and ``get_video_features`` returns one tensor per video, its frames one after the other. The processor writes a
+frame's placeholders as ``<timestamp> <boi> <|video|> x n <eoi>`` (``Gemma4Processor.replace_video_token``).
+:func:`positioned_video_layouts` lays each video out as those frames: frame ``f`` a ``(extent_y / k, extent_x / k)``
+grid, so that video reducers (EVS, VidCom2) work per frame.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from tokenprune.adapters.base import ImageCall
+from tokenprune.layout import TokenLayout
+
+
+def _argument(call: ImageCall, method: Any, name: str) -> Any:
+    from tokenprune.adapters.generic import _argument as by_place
+
+    return by_place(call, method, name)
+
+
+def positioned_video_layouts(call: ImageCall, method: Any, pooling: int) -> list[TokenLayout] | None:
+    """One layout per video of a Gemma 4 ``get_video_features`` call (``method``): its frames of pooled grids.
+
+    Args:
+        call: The recorded call; ``video_position_ids`` ``(F_total, P, 2)`` and ``num_frames_per_video``
+            ``(V,)`` by keyword or by place.
+        method: The model's ``get_video_features`` (for the arguments' places).
+        pooling: The tower's ``pooling_kernel_size`` ``k``.
+
+    Returns:
+        Per video, ``F_v`` frames of ``(extent_y / k) x (extent_x / k)`` tokens (``frame`` set, ``video``
+        true), in the order the call returns the video's features; ``None`` where the call has no such
+        arguments or the grids do not count the features the call returned (the caller's fallback then
+        applies).
+    """
+    positions = _argument(call, method, "video_position_ids")
+    frames = _argument(call, method, "num_frames_per_video")
+    if not (isinstance(positions, Tensor) and positions.dim() == 3 and positions.shape[-1] == 2):
+        return None
+    if frames is None or pooling < 1:
+        return None
+    per_video = [int(n) for n in (frames.tolist() if isinstance(frames, Tensor) else frames)]
+    extent = positions.long().clamp(min=0).amax(dim=1) + 1  # (F_total, 2): (x, y) extents
+    grids = [(int(y) // pooling, int(x) // pooling) for x, y in extent.tolist()]
+    if len(grids) != sum(per_video):
+        return None
+    layouts, start = [], 0
+    for v, n in enumerate(per_video):
+        frame_grids = grids[start : start + n]
+        start += n
+        layouts.append(
+            TokenLayout.cat(
+                [TokenLayout.grid(h, w, image=v, frame=f, video=True) for f, (h, w) in enumerate(frame_grids)]
+            )
+        )
+    counts = [int(f.shape[0]) for f in call.features()]
+    if counts != [int(lay.shape[1]) for lay in layouts]:
+        return None
+    return layouts
