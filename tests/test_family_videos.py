@@ -1,4 +1,4 @@
-"""Videos of the families whose video inputs are not ``video_grid_thw`` grids (issue 32): Gemma 4.
+"""Videos of the families whose video inputs are not ``video_grid_thw`` grids (issue 32): Gemma 4, MiniCPM-V.
 
 transformers' video processors need torchvision, which does not load here, so the inputs are built by hand as the
 processors write them. Gemma 4 (``modeling_gemma4.py``, ``video_processing_gemma4.py``, ``processing_gemma4.py``,
@@ -6,7 +6,11 @@ processors write them. Gemma 4 (``modeling_gemma4.py``, ``video_processing_gemma
 ``video_position_ids`` each patch's ``(x, y)`` (``-1`` on padding), ``num_frames_per_video``; each frame's
 placeholders are ``<timestamp> <boi> <|video|> x n <eoi>`` with ``n`` the frame's patches over ``k^2`` (``k`` the
 pooling kernel), typed ``2`` in ``mm_token_type_ids``. The engine lays every video out as its frames of pooled
-grids (:mod:`tokenprune.adapters.frame_layouts`).
+grids (:mod:`tokenprune.adapters.frame_layouts`). MiniCPM-V 4.6 / 4.7 (``modeling_minicpmv4_6.py``,
+``video_processing_minicpmv4_6.py``, ``processing_minicpmv4_6.py``): every visual unit of the batch's videos NaViT-packed
+into ``pixel_values_videos`` ``(1, 3, P, sum of h*w*P)`` with its ``(h, w)`` in ``target_sizes_videos``, one frame's
+placeholders ``<image_start> <video> x n <image_end>``; the forward is given no frame count per video, so the
+engine lays each unit out as a grid of unknown frame and video reducers refuse.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from test_families import _default_layer_case, _inputs, _skip_unless
 
 import tokenprune as tp
+from tokenprune.errors import ReducerInputError
 from tokenprune.testing import adapters as checks
 from tokenprune.testing.census_inputs import InputBuilder
 
@@ -169,3 +174,95 @@ def test_a_video_reducer_prunes_each_gemma4_frame_as_on_the_models_frames(gemma4
         assert stage.entering[b] == FRAMES * per_frame  # the stage's tokens: the video's, not the images'
         assert stage.kept[b] == expected.reshape(-1).nonzero().flatten().tolist()
         assert 0 < stage.leaving[b] < stage.entering[b]
+
+
+# --- MiniCPM-V 4.6 / 4.7 ------------------------------------------------------------------------------------------
+
+MINICPM = [pytest.param(t, marks=pytest.mark.slow) for t in ("minicpmv4_6", "minicpmv4_7")]
+
+
+def _minicpm_video_inputs(b: InputBuilder, frames: int = FRAMES) -> Any:
+    """The census inputs (NaViT slices with ``target_sizes``) with a video after the images of every image sample:
+    ``frames`` frames of ``(8, 8 (1 + i % 2))`` patches (no slices), every frame of the batch packed along the width
+    as the video processor packs them, each frame's placeholders between the image start and end ids."""
+    video_id = int(b.model.config.video_token_id)
+
+    def make_inputs(specs: list[Any], start: int = 0) -> dict[str, Any]:
+        out = b(specs, start)
+        samples = [i for i, spec in enumerate(specs, start) if spec]
+        if not samples:
+            return out
+        units = [
+            b._packed_slice(torch.Generator().manual_seed(500 + 10 * i + f), 1 + i % 2)
+            for i in samples
+            for f in range(frames)
+        ]
+        pixels = torch.cat([u for u, _ in units], dim=-1)[None]
+        sizes = torch.tensor([size for _, size in units])
+        with torch.no_grad():
+            feats = b.vlm.get_video_features(pixels, sizes).pooler_output
+        rows = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"], strict=True)]
+        counts = iter(int(f.shape[0]) for f in feats)
+        for i in samples:
+            video = []
+            for _ in range(frames):
+                n = next(counts)
+                video += [b.open, *[video_id] * n, b.close] if b.open is not None else [video_id] * n
+            rows[i - start] = rows[i - start][:-2] + video + rows[i - start][-2:]
+        longest = max(map(len, rows))
+        ids = torch.tensor([[b.pad] * (longest - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+        out.update(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels, target_sizes_videos=sizes)
+        if b.mm_types:
+            out["mm_token_type_ids"] = (ids == b.image_token).long() + 2 * (ids == video_id).long()
+        return out
+
+    return make_inputs
+
+
+def _minicpm_case(model_type: str) -> checks.AdapterCase:
+    _skip_unless(model_type)
+    model, adapter, builder = _inputs(model_type)
+    return _default_layer_case(model, adapter, builder, _minicpm_video_inputs(builder))
+
+
+@pytest.mark.parametrize("model_type", MINICPM)
+def test_minicpm_videos_keep_the_engine_invariants_with_a_grid_per_unit(model_type):
+    """Images and a video of two frame sizes in one batch: keep-all identity, cached generation == recomputation and
+    batch == one by one at the default layer (and a random stage on the video tokens); each video unit (here a
+    frame without slices) is laid out as its ``target_sizes_videos`` grid over the 4x merge, of unknown frame."""
+    from tokenprune.layout import UNKNOWN_FRAME
+
+    case = _minicpm_case(model_type)
+    for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
+        check(case)
+    checks.layout_covers_visual_tokens(case)
+    batch = case.padded_batch()
+    with tp.apply(case.model, _video_stage("random", 0.5), plugins=case.manager) as run:
+        case.forward(batch)
+    (stage,) = run.stats.last_prefill.stages
+    sizes = iter(batch["target_sizes_videos"].tolist())
+    for b, n in enumerate(stage.entering):
+        if not n:
+            continue
+        assert 0 < stage.leaving[b] < n
+        image, frame, row, col = (getattr(stage.layout, f)[b, :n] for f in ("image", "frame", "row", "col"))
+        assert bool(stage.layout.video[b, :n].all()) and bool((frame == UNKNOWN_FRAME).all())
+        at = 0
+        for unit in range(FRAMES):
+            h, w = (s // 4 for s in next(sizes))
+            cells = torch.arange(h * w)
+            assert bool((image[at : at + h * w] == unit).all())
+            assert torch.equal(row[at : at + h * w], cells // w) and torch.equal(col[at : at + h * w], cells % w)
+            at += h * w
+        assert at == n
+
+
+@pytest.mark.parametrize("reducer", ["evs", "vidcom2", "dycoke"])
+def test_a_video_reducer_on_minicpm_videos_is_refused_naming_the_missing_frames(reducer):
+    """The model's forward does not take ``num_frames_per_video`` nor ``grids_videos``: a reducer that works frame by
+    frame refuses, naming why, rather than running on one-frame videos."""
+    case = _minicpm_case("minicpmv4_6")
+    with tp.apply(case.model, _video_stage(reducer, 0.5), plugins=case.manager):
+        with pytest.raises(ReducerInputError, match="which frame each video token belongs to"):
+            case.forward(case.padded_batch())

@@ -9,22 +9,61 @@ and ``get_video_features`` returns one tensor per video, its frames one after th
 frame's placeholders as ``<timestamp> <boi> <|video|> x n <eoi>`` (``Gemma4Processor.replace_video_token``).
 :func:`positioned_video_layouts` lays each video out as those frames: frame ``f`` a ``(extent_y / k, extent_x / k)``
 grid, so that video reducers (EVS, VidCom2) work per frame.
+
+MiniCPM-V 4.6 / 4.7 (``minicpmv4_6``, ``minicpmv4_7``) pack every visual unit of the batch's videos (a frame's
+thumbnail, each of its slices, stacked-frame composites) as NaViT patches with one ``(h, w)`` row of
+``target_sizes_videos`` each, and ``get_video_features`` returns one tensor per unit. How many units make a frame
+and how many frames a video (``grids_videos``, ``num_frames_per_video``) stay in the video processor's output: the
+forward does not take them (``MiniCPMV4_6VideoProcessor.model_input_names``). :func:`unit_video_layouts` lays each
+unit out as its grid (``h / 4 x w / 4`` merged patches in the ``16x`` mode, as the image slices) with its frame
+:data:`~tokenprune.layout.UNKNOWN_FRAME`: stages that read no frames run on the video tokens, video reducers
+refuse (:func:`tokenprune.layout.refuse_unknown_frames`).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from tokenprune.adapters.base import ImageCall
-from tokenprune.layout import TokenLayout
+from tokenprune.layout import UNKNOWN_FRAME, TokenLayout
 
 
 def _argument(call: ImageCall, method: Any, name: str) -> Any:
     from tokenprune.adapters.generic import _argument as by_place
 
     return by_place(call, method, name)
+
+
+def unit_video_layouts(call: ImageCall, method: Any) -> list[TokenLayout] | None:
+    """One grid per visual unit of a MiniCPM-V ``get_video_features`` call (``method``), frames unknown.
+
+    Args:
+        call: The recorded call; ``target_sizes_videos`` ``(U, 2)``, each unit's ``(h, w)`` in patches, by
+            keyword or by place.
+        method: The model's ``get_video_features``.
+
+    Returns:
+        Per unit, its ``(h / s) x (w / s)`` grid (``s`` the one merge factor that makes every unit's count fit the
+        features the call returned), ``video`` true and ``frame`` :data:`~tokenprune.layout.UNKNOWN_FRAME`;
+        ``None`` where the call has no ``target_sizes_videos`` or no factor fits.
+    """
+    from tokenprune.adapters.generic import _hints, grids_from_hints
+
+    hints = _hints(_argument(call, method, "target_sizes_videos"))
+    if hints is None:
+        return None
+    grids = grids_from_hints(hints, [int(f.shape[0]) for f in call.features()])
+    if grids is None:
+        return None
+    out = []
+    for i, (_, h, w) in enumerate(grids):
+        grid = TokenLayout.grid(h, w, image=i, video=True)
+        out.append(replace(grid, frame=torch.full_like(grid.frame, UNKNOWN_FRAME)))
+    return out
 
 
 def positioned_video_layouts(call: ImageCall, method: Any, pooling: int) -> list[TokenLayout] | None:

@@ -36,7 +36,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter
-from tokenprune.adapters.frame_layouts import positioned_video_layouts
+from tokenprune.adapters.frame_layouts import positioned_video_layouts, unit_video_layouts
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenprune.adapters.qwen3_vl import DeepStackResiduals
 from tokenprune.adapters.shape import language_model_of, refusal, takes_deepstack
@@ -88,9 +88,11 @@ class GenericAdapter(ModelAdapter):
     def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
         """Per video, ``t`` frames of a merged grid from ``video_grid_thw`` where the call gives it; ``t / r`` where
         the tower also merges ``r`` temporal patches into one (ERNIE-4.5-VL's ``temporal_merge_size``); frames of
-        pooled grids from ``video_position_ids`` and ``num_frames_per_video`` (Gemma 4,
-        :mod:`tokenprune.adapters.frame_layouts`)."""
+        pooled grids from ``video_position_ids`` and ``num_frames_per_video`` (Gemma 4); one grid per unit of
+        ``target_sizes_videos``, frames unknown (MiniCPM-V; both :mod:`tokenprune.adapters.frame_layouts`)."""
         framed = self._positioned_video_layouts(call)
+        if framed is None:
+            framed = unit_video_layouts(call, self.vlm().get_video_features)
         if framed is not None:
             return framed
         grid = call.arg("video_grid_thw", 1) if self.position_scheme == "mrope" else None
