@@ -1,4 +1,5 @@
-"""Videos of the families whose video inputs are not ``video_grid_thw`` grids (issue 32): Gemma 4, MiniCPM-V.
+"""Videos of the families whose video inputs are not ``video_grid_thw`` grids (issue 32): Gemma 4, MiniCPM-V, Molmo2;
+and Molmo2's images with high-resolution crops.
 
 transformers' video processors need torchvision, which does not load here, so the inputs are built by hand as the
 processors write them. Gemma 4 (``modeling_gemma4.py``, ``video_processing_gemma4.py``, ``processing_gemma4.py``,
@@ -10,7 +11,10 @@ grids (:mod:`tokenprune.adapters.frame_layouts`). MiniCPM-V 4.6 / 4.7 (``modelin
 ``video_processing_minicpmv4_6.py``, ``processing_minicpmv4_6.py``): every visual unit of the batch's videos NaViT-packed
 into ``pixel_values_videos`` ``(1, 3, P, sum of h*w*P)`` with its ``(h, w)`` in ``target_sizes_videos``, one frame's
 placeholders ``<image_start> <video> x n <image_end>``; the forward is given no frame count per video, so the
-engine lays each unit out as a grid of unknown frame and video reducers refuse.
+engine lays each unit out as a grid of unknown frame and video reducers refuse. Molmo2 (``modeling_molmo2.py``,
+``image_processing_molmo2.py``, ``video_processing_molmo2.py``, ``processing_molmo2.py``): per image a global crop and
+overlapping high-resolution crops pooled 2x2 into a global grid and a grid over the stitched canvas, per video frames
+pooled 3x3 (:mod:`tokenprune.adapters.pooled_grids`).
 """
 
 from __future__ import annotations
@@ -266,3 +270,214 @@ def test_a_video_reducer_on_minicpm_videos_is_refused_naming_the_missing_frames(
     with tp.apply(case.model, _video_stage(reducer, 0.5), plugins=case.manager):
         with pytest.raises(ReducerInputError, match="which frame each video token belongs to"):
             case.forward(case.padded_batch())
+
+
+# --- Molmo2 -------------------------------------------------------------------------------------------------------
+
+#: The tiny model's crops are 8 patches a side: overlap margins of 1 patch leave windows of 6 (the processor's
+#: default [4, 4] is for its 27-patch crops).
+MARGINS = (1, 1)
+
+
+def _pooling(index_grid: torch.Tensor, pool: int) -> tuple[torch.Tensor, int, int]:
+    """``arange_for_pooling`` of ``image_processing_molmo2.py`` (5.25): the patch-index grid padded with ``-1`` to a
+    multiple of ``pool`` (centred), one row of ``pool^2`` patch indices per pooled token, row-major."""
+    h, w = index_grid.shape
+    ph, pw = -h % pool, -w % pool
+    grid = torch.nn.functional.pad(index_grid, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2), value=-1)
+    rows, cols = grid.shape[0] // pool, grid.shape[1] // pool
+    return grid.reshape(rows, pool, cols, pool).permute(0, 2, 1, 3).reshape(rows * cols, pool * pool), rows, cols
+
+
+def _canvas(tiles: tuple[int, int], side: int) -> torch.Tensor:
+    """The high-resolution canvas's patch indices (``_build_overlapping_crops``): the crops' patches, the overlap
+    margins between neighbouring crops dropped, stitched into one grid."""
+    (th, tw), (left, right) = tiles, MARGINS
+    g = torch.arange(th * tw * side * side).reshape(th, tw, side, side)
+    g[1:, :, :left, :] = -1
+    g[:, 1:, :, :left] = -1
+    g[:-1, :, -right:, :] = -1
+    g[:, :-1, :, -right:] = -1
+    g = g.permute(0, 2, 1, 3).reshape(-1)
+    return g[g >= 0].reshape(th * (side - left - right) + left + right, tw * (side - left - right) + left + right)
+
+
+def _molmo2_image(side: int, tiles: tuple[int, int], width: int, seed: int) -> dict[str, Any]:
+    """One image as ``_image_batch_to_patches_and_grids`` writes it: the global crop then the ``th x tw`` crops as
+    patch rows, the global crop's pooling rows then the canvas's (offset past the global crop), its grid."""
+    crops = 1 + tiles[0] * tiles[1]
+    pixels = torch.randn(crops, side * side, width, generator=torch.Generator().manual_seed(seed))
+    low, lh, lw = _pooling(torch.arange(side * side).reshape(side, side), 2)
+    high, hh, hw = _pooling(_canvas(tiles, side), 2)
+    high = torch.where(high >= 0, high + side * side, high)
+    return {"pixels": pixels, "pooling": torch.cat([low, high]), "grid": [lh, lw, hh, hw], "crops": crops}
+
+
+def _molmo2_tokens(cfg: Any, col: int) -> dict[str, int]:
+    return {
+        "patch": int(cfg.image_token_id),
+        "col": col,
+        "low_start": int(cfg.low_res_image_start_token_id),
+        "start": int(cfg.image_start_token_id),
+        "end": int(cfg.image_end_token_id),
+        "frame_start": int(cfg.frame_start_token_id),
+        "frame_end": int(cfg.frame_end_token_id),
+    }
+
+
+def _image_string(grid: list[int], tok: dict[str, int]) -> list[int]:
+    """``Molmo2Processor.replace_image_token``: the global grid after ``<low_res_im_start>``, then the canvas grid
+    after ``<im_start>``, an ``<im_col>`` after every row."""
+    lh, lw, hh, hw = grid
+    low = [tok["low_start"], *([tok["patch"]] * lw + [tok["col"]]) * lh, tok["end"]]
+    high = ([tok["patch"]] * hw + [tok["col"]]) * hh
+    return [*low, tok["start"], *high, tok["end"]]
+
+
+def _padded(rows: list[list[int]], pad: int, typed: set[int]) -> dict[str, torch.Tensor]:
+    """Left-padded ids, their mask and ``mm_token_type_ids`` (``1`` on every token of the processor's
+    ``image_token_ids``: patches, columns, starts and ends)."""
+    longest = max(map(len, rows))
+    ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    types = torch.isin(ids, torch.tensor(sorted(typed))).long() * mask
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types}
+
+
+def _molmo2_crop_inputs(b: InputBuilder) -> Any:
+    """Images of one global crop plus ``1 x (1 + (i + j) % 2)`` overlapping high-resolution crops each."""
+    cfg = b.model.config
+    side = b.image_size // b.patch
+    tok = _molmo2_tokens(cfg, b.text_ids[170])
+
+    def make_inputs(specs: list[Any], start: int = 0) -> dict[str, Any]:
+        t, rows, images = b.text_ids, [], []
+        for i, spec in enumerate(specs, start):
+            ids = t[i : i + 3]
+            for j in range(spec or 0):
+                image = _molmo2_image(side, (1, 1 + (i + j) % 2), b._image(0, 0)[0].shape[1], 100 * i + j)
+                images.append(image)
+                ids = [*ids, *_image_string(image["grid"], tok), t[50 + i]]
+            rows.append(ids + t[100 + i : 104 + i % 2])
+        out = _padded(rows, b.pad, set(tok.values()))
+        if images:
+            out.update(
+                pixel_values=torch.cat([im["pixels"] for im in images]),
+                image_token_pooling=torch.cat([im["pooling"] for im in images]),
+                image_grids=torch.tensor([im["grid"] for im in images]),
+                image_num_crops=torch.tensor([im["crops"] for im in images]),
+            )
+        return out
+
+    return make_inputs
+
+
+def _molmo2_video_inputs(b: InputBuilder, frames: int = FRAMES) -> Any:
+    """A video per image sample (Molmo2 takes images or videos, never both; at most one video per sample) of
+    ``frames + i % 2`` frames resized to one crop, pooled 3x3 (the video processor's default) into ``3 x 3`` tokens
+    padded with ``-1``; each frame's placeholders after a timestamp between ``<frame_start>`` and ``<frame_end>``."""
+    cfg = b.model.config
+    side = b.image_size // b.patch
+    tok = _molmo2_tokens(cfg, b.text_ids[170])
+    pooling, rows_per_frame, cols = _pooling(torch.arange(side * side).reshape(side, side), 3)
+
+    def make_inputs(specs: list[Any], start: int = 0) -> dict[str, Any]:
+        t, rows, videos = b.text_ids, [], []
+        for i, spec in enumerate(specs, start):
+            ids = t[i : i + 3]
+            if spec:
+                g = torch.Generator().manual_seed(700 + i)
+                videos.append(torch.randn(frames + i % 2, side * side, b._image(0, 0)[0].shape[1], generator=g))
+                for f in range(frames + i % 2):
+                    patches = [tok["patch"]] * cols * rows_per_frame
+                    ids = [*ids, t[150 + f], tok["frame_start"], *patches, tok["frame_end"]]
+            rows.append(ids + t[100 + i : 104 + i % 2])
+        out = _padded(rows, b.pad, set(tok.values()) - {tok["col"]})
+        if videos:
+            pooled = []
+            for video in videos:
+                offsets = torch.arange(video.shape[0]).view(-1, 1, 1) * side * side
+                pooled.append(torch.where(pooling >= 0, pooling + offsets, pooling).reshape(-1, pooling.shape[-1]))
+            out.update(
+                pixel_values_videos=torch.cat(videos),
+                video_token_pooling=torch.cat(pooled),
+                video_grids=torch.tensor([[v.shape[0], rows_per_frame, cols] for v in videos]),
+            )
+        return out
+
+    return make_inputs
+
+
+def _molmo2_case(inputs: Any) -> checks.AdapterCase:
+    _skip_unless("molmo2")
+    model, adapter, builder = _inputs("molmo2")
+    return _default_layer_case(model, adapter, builder, inputs(builder))
+
+
+def test_molmo2_images_with_high_res_crops_keep_the_engine_invariants():
+    """One and two overlapping high-resolution crops per image beside the global crop, in one padded batch: keep-all
+    identity, cached generation == recomputation, batch == one by one at the default layer; the layouts cover every
+    image token."""
+    case = _molmo2_case(_molmo2_crop_inputs)
+    grids = case.padded_batch()["image_grids"].tolist()
+    assert {tuple(g) for g in grids} == {(4, 4, 4, 4), (4, 4, 4, 7)}, grids  # 8 x 8 and 8 x 14 patch canvases
+    for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
+        check(case)
+    checks.layout_covers_visual_tokens(case)
+
+
+def test_molmo2_image_layout_is_the_global_grid_then_the_canvas_grid():
+    """Each image's tokens: view 0 the ``resized_h x resized_w`` global grid, then view 1 the ``high_h x high_w``
+    canvas grid, row-major, as the processor's pooling rows order them (``arange_for_pooling``: pooled window
+    ``(r, c)`` is row ``r * cols + c``), whatever the image's number of crops."""
+    case = _molmo2_case(_molmo2_crop_inputs)
+    batch = case.padded_batch()
+    pipeline = {"stages": [{"at": "post_projector", "reducer": "check_drop", "keep": 1.0}]}
+    with tp.apply(case.model, pipeline, plugins=case.manager) as run:
+        case.forward(batch)
+    (stage,) = run.stats.last_prefill.stages
+    layout, grids = stage.layout, iter(batch["image_grids"].tolist())
+    for b, n in enumerate(stage.entering):
+        at = 0
+        while at < n:
+            lh, lw, hh, hw = next(grids)
+            for view, (h, w) in enumerate(((lh, lw), (hh, hw))):
+                cells = torch.arange(h * w)
+                part = slice(at, at + h * w)
+                assert bool((layout.view[b, part] == view).all())
+                assert torch.equal(layout.row[b, part], cells // w) and torch.equal(layout.col[b, part], cells % w)
+                at += h * w
+        assert at == n
+
+
+def test_molmo2_videos_keep_the_engine_invariants_in_frames():
+    """Videos of three and four frames (a text-only sample beside them): the placeholders of a forward given videos are video
+    tokens laid out as ``video_grids``' frames; keep-all identity, cached generation == recomputation, batch == one
+    by one at the default layer; EVS keeps what its algorithm keeps on the frames of the tokens the model builds
+    (``get_video_features``' features added to the placeholder's embedding)."""
+    from tokenprune_evs import retained_count, retention_mask
+
+    case = _molmo2_case(_molmo2_video_inputs)
+    for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
+        check(case)
+    checks.layout_covers_visual_tokens(case)
+    batch = case.padded_batch()
+    with tp.apply(case.model, _video_stage("evs", 0.4)) as run:
+        case.forward(batch)
+    (stage,) = run.stats.last_prefill.stages
+    with torch.no_grad():
+        videos = (
+            case.adapter.vlm()
+            .get_video_features(batch["pixel_values_videos"], batch["video_token_pooling"], batch["video_grids"])
+            .pooler_output
+        )
+        # Molmo2 adds the features to the placeholder's embedding: the tokens the stage reads
+        placeholder = case.model.get_input_embeddings()(torch.tensor(case.model.config.image_token_id))
+    assert len(videos) == 2 and stage.entering[2] == 0
+    for b, (feats, (frames, rows, cols)) in enumerate(zip(videos, batch["video_grids"].tolist(), strict=True)):
+        frame = stage.layout.frame[b, : stage.entering[b]]
+        assert frame.tolist() == [f for f in range(frames) for _ in range(rows * cols)]
+        x = (feats + placeholder).float().reshape(frames, rows * cols, -1)
+        expected = retention_mask(x, retained_count(rows * cols, frames, 0.4))
+        assert stage.kept[b] == expected.reshape(-1).nonzero().flatten().tolist()
+        assert 0 < stage.leaving[b] < stage.entering[b]
