@@ -40,8 +40,9 @@ def _gemma4_video_inputs(b: InputBuilder, frames: int = FRAMES) -> Any:
     ``frames`` frames of ``(2k, 2k * (1 + i % 2))`` patches (``k`` the pooling kernel), zero-padded to the batch's
     largest frame as the video processor pads them, each frame's placeholders after a timestamp token."""
     cfg, vlm = b.model.config, b.vlm
-    k = int(cfg.vision_config.pooling_kernel_size)
-    patch = int(cfg.vision_config.patch_size)
+    merged = getattr(cfg.vision_config, "model_patch_size", None)  # Gemma 4 Unified: a token per model patch
+    k = 1 if merged else int(cfg.vision_config.pooling_kernel_size)
+    patch = int(merged or cfg.vision_config.patch_size)
     video_id, boi, eoi = int(cfg.video_token_id), int(cfg.boi_token_id), int(cfg.eoi_token_id)
 
     def make_inputs(specs: list[Any], start: int = 0) -> dict[str, Any]:
@@ -90,11 +91,17 @@ def _video_stage(reducer: str, keep: float) -> dict[str, Any]:
     return {"stages": [{"at": "post_projector", "tokens": "video", "reducer": reducer, "keep": keep}]}
 
 
-@pytest.fixture(scope="module")
-def gemma4() -> checks.AdapterCase:
-    _skip_unless("gemma4")
-    model, adapter, builder = _inputs("gemma4")
+@pytest.fixture(scope="module", params=["gemma4", "gemma4_unified"])
+def gemma4(request) -> checks.AdapterCase:
+    _skip_unless(request.param)
+    model, adapter, builder = _inputs(request.param)
     return _default_layer_case(model, adapter, builder, _gemma4_video_inputs(builder))
+
+
+def _kernel(case: checks.AdapterCase) -> int:
+    """The tokens' kernel over the patches: the tower's pooling kernel (Gemma 4), 1 (Gemma 4 Unified: no tower)."""
+    vision = case.model.config.vision_config
+    return 1 if getattr(vision, "model_patch_size", None) else int(vision.pooling_kernel_size)
 
 
 def test_gemma4_videos_keep_the_engine_invariants(gemma4):
@@ -116,7 +123,7 @@ def test_gemma4_video_layout_is_the_models_frames_of_pooled_grids(gemma4):
     batch = gemma4.padded_batch()
     ids = batch["input_ids"]
     video_id = gemma4.model.config.video_token_id
-    k = gemma4.model.config.vision_config.pooling_kernel_size
+    k = _kernel(gemma4)
     assert torch.equal(gemma4.adapter.video_mask(ids), ids == video_id)
     with tp.apply(gemma4.model, _video_stage("check_drop", 1.0), plugins=gemma4.manager) as run:
         gemma4.forward(batch)

@@ -8,7 +8,8 @@ of those frames each video takes. The vision tower pools every frame's ``k x k``
 and ``get_video_features`` returns one tensor per video, its frames one after the other. The processor writes a
 frame's placeholders as ``<timestamp> <boi> <|video|> x n <eoi>`` (``Gemma4Processor.replace_video_token``).
 :func:`positioned_video_layouts` lays each video out as those frames: frame ``f`` a ``(extent_y / k, extent_x / k)``
-grid, so that video reducers (EVS, VidCom2) work per frame.
+grid, so that video reducers (EVS, VidCom2) work per frame. Gemma 4 Unified (``gemma4_unified``) has no tower: its
+``get_video_features`` embeds every model patch as one token (``k = 1``), the padding stripped, row-major.
 
 MiniCPM-V 4.6 / 4.7 (``minicpmv4_6``, ``minicpmv4_7``) pack every visual unit of the batch's videos (a frame's
 thumbnail, each of its slices, stacked-frame composites) as NaViT patches with one ``(h, w)`` row of

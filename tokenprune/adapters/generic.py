@@ -120,11 +120,14 @@ class GenericAdapter(ModelAdapter):
         return super().video_layouts(call)
 
     def _positioned_video_layouts(self, call: ImageCall) -> list[TokenLayout] | None:
+        """Gemma 4's frames, pooled by the tower's kernel; Gemma 4 Unified's (no tower: one token per patch)."""
         vision = getattr(self.vlm().config, "vision_config", None)
         pooling = getattr(vision, "pooling_kernel_size", None)
-        if not isinstance(pooling, int):
-            return None
-        return positioned_video_layouts(call, self.vlm().get_video_features, pooling)
+        for k in dict.fromkeys((pooling if isinstance(pooling, int) else 1, 1)):
+            layouts = positioned_video_layouts(call, self.vlm().get_video_features, k)
+            if layouts is not None:
+                return layouts
+        return None
 
     # --- positions -------------------------------------------------------------------------------
 
