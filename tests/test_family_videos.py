@@ -189,7 +189,7 @@ def test_a_video_reducer_prunes_each_gemma4_frame_as_on_the_models_frames(gemma4
 
 # --- MiniCPM-V 4.6 / 4.7 ------------------------------------------------------------------------------------------
 
-MINICPM = [pytest.param(t, marks=pytest.mark.slow) for t in ("minicpmv4_6", "minicpmv4_7")]
+MINICPM = [pytest.param(t, marks=pytest.mark.slow) for t in ("minicpmv4_6", "minicpmv4_7", "minicpm_ocr")]
 
 
 def _minicpm_video_inputs(b: InputBuilder, frames: int = FRAMES) -> Any:
@@ -241,7 +241,8 @@ def _minicpm_case(model_type: str) -> checks.AdapterCase:
 def test_minicpm_videos_keep_the_engine_invariants_with_a_grid_per_unit(model_type):
     """Images and a video of two frame sizes in one batch: keep-all identity, cached generation == recomputation and
     batch == one by one at the default layer (and a random stage on the video tokens); each video unit (here a
-    frame without slices) is laid out as its ``target_sizes_videos`` grid over the 4x merge, of unknown frame."""
+    frame without slices) is laid out as its ``target_sizes_videos`` grid over the merge (4 in the ``16x`` mode, 2 in
+    the ``4x`` mode of MiniCPM-V-OCR's config), of unknown frame."""
     from tokenprune.layout import UNKNOWN_FRAME
 
     case = _minicpm_case(model_type)
@@ -253,6 +254,7 @@ def test_minicpm_videos_keep_the_engine_invariants_with_a_grid_per_unit(model_ty
         case.forward(batch)
     (stage,) = run.stats.last_prefill.stages
     sizes = iter(batch["target_sizes_videos"].tolist())
+    merge = 2 if case.model.config.downsample_mode == "4x" else 4
     for b, n in enumerate(stage.entering):
         if not n:
             continue
@@ -261,7 +263,7 @@ def test_minicpm_videos_keep_the_engine_invariants_with_a_grid_per_unit(model_ty
         assert bool(stage.layout.video[b, :n].all()) and bool((frame == UNKNOWN_FRAME).all())
         at = 0
         for unit in range(FRAMES):
-            h, w = (s // 4 for s in next(sizes))
+            h, w = (s // merge for s in next(sizes))
             cells = torch.arange(h * w)
             assert bool((image[at : at + h * w] == unit).all())
             assert torch.equal(row[at : at + h * w], cells // w) and torch.equal(col[at : at + h * w], cells % w)
