@@ -108,3 +108,22 @@ def test_a_video_without_torchvision_is_refused_with_the_fix():
     missing = ImportError("Qwen2VLVideoProcessor requires the Torchvision library but it was not found")
     with pytest.raises(TokenpruneError, match=r"video input needs torchvision.*install the torchvision release"):
         build_inputs(_Processor(missing), None, "hi", video=[Image.new("RGB", (8, 8))])
+
+
+def test_a_video_of_unknown_frames_is_drawn_on_grey():
+    """MiniCPM-V's video tokens have no frame (``UNKNOWN_FRAME``, tests/test_family_videos.py): a panel of such a video
+    cannot pick its frame's picture and is drawn on grey rather than failing or picking a frame at random."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from tokenprune.bench.heatmap import _picture
+    from tokenprune.layout import UNKNOWN_FRAME, TokenLayout
+
+    grid = TokenLayout.grid(2, 3, video=True)
+    layout = replace(grid, frame=torch.full_like(grid.frame, UNKNOWN_FRAME))
+    frames = [[Image.new("RGB", (8, 8), (255, 0, 0))]]
+    picture = _picture(None, frames, layout, (True, 0, UNKNOWN_FRAME))
+    assert picture.shape == (64, 64, 3) and bool((picture == 128).all())
+    known = _picture(None, frames, grid, (True, 0, 0))
+    assert bool((np.asarray(known)[..., 0] == 255).all())

@@ -208,6 +208,27 @@ def video_frames(layout: TokenLayout, members: Tensor, b: int) -> list[tuple[int
     return out
 
 
+#: The ``frame`` of a video token whose frame the model's inputs do not give (MiniCPM-V: its forward receives the
+#: patch grid of every frame and slice, not which units make a frame nor a video); video reducers refuse it.
+UNKNOWN_FRAME = -1
+
+
+def refuse_unknown_frames(layout: TokenLayout, members: Tensor, b: int, reducer: str) -> None:
+    """Raise where a token of ``members`` (``(N,)`` bool, sample ``b``) is a video token of :data:`UNKNOWN_FRAME`.
+
+    Raises:
+        ReducerInputError: naming ``reducer``, the sample, why the frames are unknown and what runs instead.
+    """
+    unknown = members & layout.video[b] & (layout.frame[b] == UNKNOWN_FRAME)
+    if bool(unknown.any()):
+        raise ReducerInputError(
+            f"reducer {reducer!r}: sample {b}: the model's inputs do not say which frame each video token belongs to "
+            "(MiniCPM-V's forward receives every frame's and slice's patch grid, target_sizes_videos, but not how "
+            "many frames each video has nor which units are a frame's slices; see docs/models.md), and this reducer "
+            "works frame by frame. A reducer that reads no frames (random, divprune, ...) runs on `tokens: video`"
+        )
+
+
 def reducible_video_frames(
     layout: TokenLayout | None, valid: Tensor, protected: Tensor, b: int, reducer: str, why: str
 ) -> list[tuple[int, Tensor]]:
@@ -216,12 +237,15 @@ def reducible_video_frames(
     The tokens are the valid video tokens that are neither newlines nor protected (what a video reducer
     may drop). A reducer that compares frames token by token needs every frame of a video to hold as
     many tokens: frames of different sizes raise :class:`~tokenprune.errors.ReducerInputError` naming
-    ``reducer``, the sample, the video and ``why`` (the reason the reducer needs equal frames).
+    ``reducer``, the sample, the video and ``why`` (the reason the reducer needs equal frames); video tokens of
+    :data:`UNKNOWN_FRAME` raise it too (:func:`refuse_unknown_frames`).
     """
     if layout is None:
         return []
     out = []
-    for video, frames in video_frames(layout, valid[b] & ~layout.newline[b] & ~protected[b], b):
+    members = valid[b] & ~layout.newline[b] & ~protected[b]
+    refuse_unknown_frames(layout, members, b, reducer)
+    for video, frames in video_frames(layout, members, b):
         sizes = {int(f.numel()) for f in frames}
         if len(sizes) > 1:
             raise ReducerInputError(

@@ -19,7 +19,7 @@ from torch import Tensor
 import tokenprune
 from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer
 from tokenprune.errors import ReducerInputError
-from tokenprune.layout import TokenLayout
+from tokenprune.layout import TokenLayout, refuse_unknown_frames
 from tokenprune_dycoke.decode import DyCokeDecode
 
 
@@ -83,6 +83,7 @@ class DyCoke(TokenReducer):
         if layout is None:
             return out
         frames_of = layout.video[b] & valid[b] & ~layout.newline[b] & ~protected[b]
+        refuse_unknown_frames(layout, frames_of, b, self.name)
         for video in layout.image[b][frames_of].unique().tolist():
             members = (frames_of & (layout.image[b] == video)).nonzero().squeeze(1)
             frames = _frames(layout.frame[b, members], members, b, video)

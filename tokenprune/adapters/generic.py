@@ -19,7 +19,9 @@ What the generic adapter reads, all from the model itself:
   a layout the model does not describe is never guessed beyond that.
 * **Layouts from arguments passed by place** (:func:`positional_hints`): ``image_position_ids`` (Gemma 4's
   variable-aspect patches, each with its ``(x, y)``: the grid is their extent over the pooling factor) and
-  ``target_sizes`` (MiniCPM-V's slices, ``(h, w)`` patches each: one grid per slice over the merge factor).
+  ``target_sizes`` (MiniCPM-V's slices, ``(h, w)`` patches each: one grid per slice over the merge factor);
+  ``image_grids`` (Molmo2: a global grid and a high-resolution grid per image,
+  :mod:`~tokenprune.adapters.pooled_grids`).
 * **Resampled queries.** Where the projector pools the patches into learned queries (a parameter named
   ``query``/``queries``/``latents`` outside the language model: Aria's cross-attention projector, Idefics2's
   perceiver resampler), each image's tokens are one row: the queries have no place in the image, and a square
@@ -36,6 +38,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter
+from tokenprune.adapters.frame_layouts import positioned_video_layouts, unit_video_layouts
+from tokenprune.adapters.pooled_grids import molmo2_image_layouts, molmo2_video_layouts
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenprune.adapters.qwen3_vl import DeepStackResiduals
 from tokenprune.adapters.shape import language_model_of, refusal, takes_deepstack
@@ -83,11 +87,21 @@ class GenericAdapter(ModelAdapter):
         grids = grids_from_hints(hints, counts) if hints is not None else None
         if grids is not None:
             return [_layout(grid, i) for i, grid in enumerate(grids)]
-        return super().image_layouts(call)
+        pooled = molmo2_image_layouts(call, self.vlm().get_image_features)
+        return pooled if pooled is not None else super().image_layouts(call)
 
     def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
         """Per video, ``t`` frames of a merged grid from ``video_grid_thw`` where the call gives it; ``t / r`` where
-        the tower also merges ``r`` temporal patches into one (ERNIE-4.5-VL's ``temporal_merge_size``)."""
+        the tower also merges ``r`` temporal patches into one (ERNIE-4.5-VL's ``temporal_merge_size``); frames of
+        pooled grids from ``video_position_ids`` and ``num_frames_per_video`` (Gemma 4); one grid per unit of
+        ``target_sizes_videos``, frames unknown (MiniCPM-V; both :mod:`tokenprune.adapters.frame_layouts`); frames
+        of ``video_grids`` (Molmo2, :mod:`tokenprune.adapters.pooled_grids`)."""
+        method = self.vlm().get_video_features
+        framed = self._positioned_video_layouts(call)
+        for layouts in (unit_video_layouts, molmo2_video_layouts):
+            framed = framed if framed is not None else layouts(call, method)
+        if framed is not None:
+            return framed
         grid = call.arg("video_grid_thw", 1) if self.position_scheme == "mrope" else None
         vision = getattr(self.vlm().config, "vision_config", None)
         r = getattr(vision, "temporal_merge_size", None)
@@ -105,6 +119,16 @@ class GenericAdapter(ModelAdapter):
             except AttributeError:
                 pass
         return super().video_layouts(call)
+
+    def _positioned_video_layouts(self, call: ImageCall) -> list[TokenLayout] | None:
+        """Gemma 4's frames, pooled by the tower's kernel; Gemma 4 Unified's (no tower: one token per patch)."""
+        vision = getattr(self.vlm().config, "vision_config", None)
+        pooling = getattr(vision, "pooling_kernel_size", None)
+        for k in dict.fromkeys((pooling if isinstance(pooling, int) else 1, 1)):
+            layouts = positioned_video_layouts(call, self.vlm().get_video_features, k)
+            if layouts is not None:
+                return layouts
+        return None
 
     # --- positions -------------------------------------------------------------------------------
 

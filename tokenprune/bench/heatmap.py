@@ -99,11 +99,14 @@ def _picture(image: Any, frames: Sequence[Sequence[Any]], layout: TokenLayout, k
 
     is_video, index, part = key
     pictures = (frames[index] if index < len(frames) else ()) if is_video else ([image] if image is not None else [])
+    grey = np.full((64, 64, 3), 128, dtype=np.uint8)
     if not pictures:
-        return np.full((64, 64, 3), 128, dtype=np.uint8)  # nothing to draw on: grey
+        return grey  # nothing to draw on
     if not is_video:
         return np.asarray(image)
     count = int(layout.frame[0][layout.video[0] & (layout.image[0] == index)].max()) + 1
+    if count < 1:  # the model does not say which frame a token belongs to (MiniCPM-V: UNKNOWN_FRAME)
+        return grey
     return np.asarray(pictures[min(part * len(pictures) // count, len(pictures) - 1)])
 
 
