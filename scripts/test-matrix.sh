@@ -48,6 +48,8 @@ tests=(
   tests/test_decode_stage.py
   tests/test_gemma4_kv_sharing.py
   tests/test_glm_video.py
+  tests/test_families_towers.py
+  tests/test_family_videos.py
   tests/test_heatmap_video.py
   tests/test_engine_stopwatch.py
   tests/test_census.py

@@ -26,6 +26,7 @@ import torch
 from test_families import _default_layer_case, _inputs, _skip_unless
 
 import tokenprune as tp
+from tokenprune.engine import compat
 from tokenprune.errors import ReducerInputError
 from tokenprune.testing import adapters as checks
 from tokenprune.testing.census_inputs import InputBuilder
@@ -95,7 +96,21 @@ def _video_stage(reducer: str, keep: float) -> dict[str, Any]:
 def gemma4(request) -> checks.AdapterCase:
     _skip_unless(request.param)
     model, adapter, builder = _inputs(request.param)
-    return _default_layer_case(model, adapter, builder, _gemma4_video_inputs(builder))
+    case = _default_layer_case(model, adapter, builder, _gemma4_video_inputs(builder))
+    _skip_where_the_stock_video_forward_fails(case)
+    return case
+
+
+def _skip_where_the_stock_video_forward_fails(case: checks.AdapterCase) -> None:
+    """transformers 5.21's Gemma 4 forward calls ``get_video_features`` without ``num_frames_per_video``, which
+    that method requires: no video runs on the stock model there."""
+    try:
+        with torch.no_grad():
+            case.model(**case.padded_batch())
+    except ValueError as exc:
+        if "num_frames_per_video" not in str(exc):
+            raise
+        pytest.skip(f"transformers {compat.transformers_version()}'s stock Gemma 4 fails on videos: {exc}"[:200])
 
 
 def _kernel(case: checks.AdapterCase) -> int:
