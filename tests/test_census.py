@@ -129,13 +129,6 @@ SINCE = {
     ),
     "granite4_vision": ("5.21.1", "5.18's Granite 4 Vision reads attention_multiplier from a text config without it"),
     "video_llava": ("5.21.1", "5.18 names Video-LLaVA's image input pixel_values_images; its adapter refuses it there"),
-    **dict.fromkeys(
-        ("gemma4", "gemma4_unified", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"),
-        (
-            "5.21.1",
-            "the census builds Gemma 4 and MiniCPM-V inputs for their 5.21+ image arguments ('not run' on 5.18)",
-        ),
-    ),
     "qwen3_omni_moe_thinker": (
         "5.21.1",
         "5.18's thinker holds the text model as .model, with get_image_features on the thinker (refused by name)",
