@@ -109,6 +109,8 @@ class InputBuilder:
         self.pixel_mask = "pixel_attention_mask" in required
         self.form = "default"
         self.mixed_sizes = True
+        #: Why the tower takes no mixed sizes (the stock error), ``None`` where it takes them.
+        self.mixed_sizes_failure: str | None = None
         others = ("patches", "crops") if self.mode == "fixed" else ("patches",) if self.mode == "image_grid_thw" else ()
         for form in others:
             if self._runs():
@@ -145,7 +147,8 @@ class InputBuilder:
         try:
             with torch.no_grad():
                 self.vlm.get_image_features(**self._batch([a, b], [size_a, size_b]))
-        except RuntimeError:
+        except RuntimeError as exc:
+            self.mixed_sizes_failure = f"{type(exc).__name__}: {exc}"
             return False
         return True
 
