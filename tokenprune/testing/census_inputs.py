@@ -108,6 +108,8 @@ class InputBuilder:
         self.pixels_as = "image_patches" if "pixel_values" not in forward and "image_patches" in forward else None
         self.pixel_mask = "pixel_attention_mask" in required
         self.form = "default"
+        #: Whether the tower takes slices of different sizes in one call (MiniCPM-V 4.6's window merger before
+        #: 5.21 views the packed slices as one uniform grid per image, and fails on mixed sizes).
         self.mixed_sizes = True
         #: Why the tower takes no mixed sizes (the stock error), ``None`` where it takes them.
         self.mixed_sizes_failure: str | None = None
@@ -116,8 +118,6 @@ class InputBuilder:
             if self._runs():
                 break
             self.form = form
-        #: Whether the tower takes slices of different sizes in one call (MiniCPM-V 4.6's window merger before
-        #: 5.21 views the packed slices as one uniform grid per image, and fails on mixed sizes).
         if self.mode == "target_sizes":
             self.mixed_sizes = self._takes_mixed_sizes()
 
