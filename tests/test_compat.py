@@ -149,3 +149,16 @@ def test_transformers_internals_are_read_only_in_compat(path):
     names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     names |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     assert not names & set(INTERNALS), f"{path.name} reads {sorted(names & set(INTERNALS))}; go through compat"
+
+
+def test_stacked_gemma4_video_positions_are_read_as_frames_of_each_video():
+    """transformers 5.18's Gemma 4 ``get_video_features`` takes ``(V, F, P, 2)`` positions and no frame counts:
+    they flatten to ``(V * F, P, 2)`` with ``F`` frames per video; the flat 5.21+ form passes unchanged."""
+    import torch
+
+    stacked = torch.arange(2 * 3 * 4 * 2).reshape(2, 3, 4, 2)
+    flat, frames = compat.flat_video_frames(stacked, None)
+    assert torch.equal(flat, stacked.reshape(6, 4, 2)) and frames == [3, 3]
+    counts = torch.tensor([2, 4])
+    same, given = compat.flat_video_frames(flat, counts)
+    assert same is flat and given is counts

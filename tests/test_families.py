@@ -195,6 +195,11 @@ def test_images_of_different_sizes_share_the_census_batch(model_type):
     _skip_unless(model_type)
     _, adapter, make_inputs = _inputs(model_type)
     assert make_inputs.mode == VARIABLE[model_type]
+    if not make_inputs.mixed_sizes:  # MiniCPM-V 4.6 on 5.18: its window merger takes one slice size per call
+        pytest.skip(
+            f"transformers {compat.transformers_version()}'s stock {model_type} tower fails on slices of different "
+            f"sizes in one call: {make_inputs.mixed_sizes_failure}"
+        )
     image = adapter.image_token_id()
     alone = [int((make_inputs([1], start=i)["input_ids"] == image).sum()) for i in (0, 1)]
     assert alone[0] != alone[1], alone

@@ -19,6 +19,7 @@ pooled 3x3 (:mod:`tokenprune.adapters.pooled_grids`).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -39,12 +40,15 @@ FRAMES = 3
 def _gemma4_video_inputs(b: InputBuilder, frames: int = FRAMES) -> Any:
     """The census inputs (images of ``image_position_ids``) with a video after the images of every image sample:
     ``frames`` frames of ``(2k, 2k * (1 + i % 2))`` patches (``k`` the pooling kernel), zero-padded to the batch's
-    largest frame as the video processor pads them, each frame's placeholders after a timestamp token."""
+    largest frame as the video processor pads them, each frame's placeholders after a timestamp token. Frames
+    ``(F_total, P, ...)`` with ``num_frames_per_video`` (5.21+), or ``(V, F, P, ...)`` where
+    ``get_video_features`` takes no frame counts (5.18)."""
     cfg, vlm = b.model.config, b.vlm
     merged = getattr(cfg.vision_config, "model_patch_size", None)  # Gemma 4 Unified: a token per model patch
     k = 1 if merged else int(cfg.vision_config.pooling_kernel_size)
     patch = int(merged or cfg.vision_config.patch_size)
     video_id, boi, eoi = int(cfg.video_token_id), int(cfg.boi_token_id), int(cfg.eoi_token_id)
+    flat = "num_frames_per_video" in inspect.signature(vlm.get_video_features).parameters
 
     def make_inputs(specs: list[Any], start: int = 0) -> dict[str, Any]:
         out = b(specs, start)
@@ -62,8 +66,11 @@ def _gemma4_video_inputs(b: InputBuilder, frames: int = FRAMES) -> Any:
                 pixels[n * frames + f, : h * w] = torch.rand(h * w, 3 * patch * patch, generator=g)
                 positions[n * frames + f, : h * w] = torch.stack([x.reshape(-1), y.reshape(-1)], dim=1)
         per_video = torch.full((len(samples),), frames, dtype=torch.long)
+        counted = {"num_frames_per_video": per_video} if flat else {}
+        if not flat:  # transformers 5.18: (V, F, P, ...) videos stacked, no frame counts
+            pixels, positions = pixels.unflatten(0, (-1, frames)), positions.unflatten(0, (-1, frames))
         with torch.no_grad():
-            feats = vlm.get_video_features(pixels, positions, num_frames_per_video=per_video).pooler_output
+            feats = vlm.get_video_features(pixels, positions, **counted).pooler_output
         rows = [row[m.bool()].tolist() for row, m in zip(out["input_ids"], out["attention_mask"], strict=True)]
         for n, i in enumerate(samples):
             per_frame = int(feats[n].shape[0]) // frames
@@ -79,7 +86,7 @@ def _gemma4_video_inputs(b: InputBuilder, frames: int = FRAMES) -> Any:
             attention_mask=mask,
             pixel_values_videos=pixels,
             video_position_ids=positions,
-            num_frames_per_video=per_video,
+            **counted,
         )
         if b.mm_types:
             out["mm_token_type_ids"] = (ids == b.image_token).long() + 2 * (ids == video_id).long()
@@ -145,7 +152,8 @@ def test_gemma4_video_layout_is_the_models_frames_of_pooled_grids(gemma4):
     (stage,) = run.stats.last_prefill.stages
     layout = stage.layout
     assert layout is not None
-    extents = batch["video_position_ids"].clamp(min=0).amax(1) + 1  # (frames, 2): (x, y)
+    positions = batch["video_position_ids"]  # (F_total, P, 2), or (V, F, P, 2) on 5.18
+    extents = positions.reshape(-1, *positions.shape[-2:]).clamp(min=0).amax(1) + 1  # (frames, 2): (x, y)
     frames = iter(extents.tolist())
     for b, n in enumerate(stage.entering):
         if not n:
@@ -185,7 +193,7 @@ def test_a_video_reducer_prunes_each_gemma4_frame_as_on_the_models_frames(gemma4
             .get_video_features(
                 batch["pixel_values_videos"],
                 batch["video_position_ids"],
-                num_frames_per_video=batch["num_frames_per_video"],
+                **{k: batch[k] for k in ("num_frames_per_video",) if k in batch},  # none on 5.18
             )
             .pooler_output
         )
@@ -209,7 +217,8 @@ MINICPM = [pytest.param(t, marks=pytest.mark.slow) for t in ("minicpmv4_6", "min
 
 def _minicpm_video_inputs(b: InputBuilder, frames: int = FRAMES) -> Any:
     """The census inputs (NaViT slices with ``target_sizes``) with a video after the images of every image sample:
-    ``frames`` frames of ``(8, 8 (1 + i % 2))`` patches (no slices), every frame of the batch packed along the width
+    ``frames`` frames of ``(8, 8 (1 + i % 2))`` patches (``(8, 8)`` where the tower takes no mixed sizes, as
+    MiniCPM-V 4.6's before 5.21) (no slices), every frame of the batch packed along the width
     as the video processor packs them, each frame's placeholders between the image start and end ids."""
     video_id = int(b.model.config.video_token_id)
 
@@ -219,7 +228,7 @@ def _minicpm_video_inputs(b: InputBuilder, frames: int = FRAMES) -> Any:
         if not samples:
             return out
         units = [
-            b._packed_slice(torch.Generator().manual_seed(500 + 10 * i + f), 1 + i % 2)
+            b._packed_slice(torch.Generator().manual_seed(500 + 10 * i + f), 1 + i % 2 if b.mixed_sizes else 1)
             for i in samples
             for f in range(frames)
         ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from packaging.version import Version
 
 import tokenprune as tp
 import tokenprune.engine.layer_hooks as layer_hooks
@@ -30,10 +29,6 @@ from tokenprune.testing.tiny_configs import tiny_config
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.skipif("gemma4" not in model_types(), reason="this transformers release has no gemma4"),
-    pytest.mark.skipif(
-        Version(compat.transformers_version()) < Version("5.21.1"),
-        reason="the tiny Gemma 4 is built for the 5.21+ image arguments (5.18's has no vision tower to call)",
-    ),
 ]
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from tokenprune.adapters.base import ImageCall
+from tokenprune.engine import compat
 from tokenprune.layout import UNKNOWN_FRAME, TokenLayout
 
 
@@ -72,7 +73,8 @@ def positioned_video_layouts(call: ImageCall, method: Any, pooling: int) -> list
 
     Args:
         call: The recorded call; ``video_position_ids`` ``(F_total, P, 2)`` and ``num_frames_per_video``
-            ``(V,)`` by keyword or by place.
+            ``(V,)`` by keyword or by place (or, transformers 5.18, ``(V, F, P, 2)`` positions alone:
+            :func:`~tokenprune.engine.compat.flat_video_frames`).
         method: The model's ``get_video_features`` (for the arguments' places).
         pooling: The tower's ``pooling_kernel_size`` ``k``.
 
@@ -82,8 +84,9 @@ def positioned_video_layouts(call: ImageCall, method: Any, pooling: int) -> list
         arguments or the grids do not count the features the call returned (the caller's fallback then
         applies).
     """
-    positions = _argument(call, method, "video_position_ids")
-    frames = _argument(call, method, "num_frames_per_video")
+    positions, frames = compat.flat_video_frames(
+        _argument(call, method, "video_position_ids"), _argument(call, method, "num_frames_per_video")
+    )
     if not (isinstance(positions, Tensor) and positions.dim() == 3 and positions.shape[-1] == 2):
         return None
     if frames is None or pooling < 1:

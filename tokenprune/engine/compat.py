@@ -199,6 +199,24 @@ def vision_window_index(visual: nn.Module, grid_thw: Tensor) -> Tensor:
     return index
 
 
+def flat_video_frames(positions: Any, frames: Any) -> tuple[Any, Any]:
+    """Gemma 4's video arguments in the flat form of transformers 5.21+.
+
+    Args:
+        positions: ``video_position_ids``: ``(F_total, P, 2)`` (5.21+) or ``(V, F, P, 2)``, every video of the
+            batch stacked with the same frame count (5.18, whose ``get_video_features`` takes no
+            ``num_frames_per_video``).
+        frames: ``num_frames_per_video`` ``(V,)``, or ``None`` where the call had none.
+
+    Returns:
+        ``(positions, frames)``: ``(F_total, P, 2)`` and the per-video frame counts; the stacked form flattened
+        with ``F`` frames per video; anything else unchanged.
+    """
+    if frames is None and isinstance(positions, Tensor) and positions.dim() == 4 and positions.shape[-1] == 2:
+        return positions.flatten(0, 1), [int(positions.shape[1])] * int(positions.shape[0])
+    return positions, frames
+
+
 def input_norm(layer: nn.Module) -> nn.Module:
     """The norm a decoder layer applies to its input before attention (``input_layernorm``).
 

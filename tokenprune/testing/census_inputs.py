@@ -68,8 +68,9 @@ class InputBuilder:
     with their sizes; ``spatial_shapes`` models (SigLIP2 NaFlex) padded patch rows with a mask and their shapes;
     ``image_grids`` models (Molmo2) one crop of patch rows per image pooled 2x2 by an ``image_token_pooling``
     map. Image ``j`` of sample ``i`` is ``k = 1 + (i + j) % 2`` units wide (fixed-size and pooled forms: the
-    same size). One placeholder per feature row the model's own ``get_image_features`` returns, between the
-    image's start and end ids where the config names them; ``mm_token_type_ids`` where the forward takes them.
+    same size; packed slices: the same size where the tower takes no mixed sizes, MiniCPM-V 4.6 before 5.21).
+    One placeholder per feature row the model's own ``get_image_features`` returns, between the image's start
+    and end ids where the config names them; ``mm_token_type_ids`` where the forward takes them.
     """
 
     def __init__(self, model: nn.Module, adapter: Any) -> None:
@@ -107,11 +108,18 @@ class InputBuilder:
         self.pixels_as = "image_patches" if "pixel_values" not in forward and "image_patches" in forward else None
         self.pixel_mask = "pixel_attention_mask" in required
         self.form = "default"
+        #: Whether the tower takes slices of different sizes in one call (MiniCPM-V 4.6's window merger before
+        #: 5.21 views the packed slices as one uniform grid per image, and fails on mixed sizes).
+        self.mixed_sizes = True
+        #: Why the tower takes no mixed sizes (the stock error), ``None`` where it takes them.
+        self.mixed_sizes_failure: str | None = None
         others = ("patches", "crops") if self.mode == "fixed" else ("patches",) if self.mode == "image_grid_thw" else ()
         for form in others:
             if self._runs():
                 break
             self.form = form
+        if self.mode == "target_sizes":
+            self.mixed_sizes = self._takes_mixed_sizes()
 
     def _merge(self) -> int:
         for source in (self.model.config, self.vision):
@@ -133,10 +141,21 @@ class InputBuilder:
             return False
         return True
 
+    def _takes_mixed_sizes(self) -> bool:
+        """Whether ``get_image_features`` takes two slices of different sizes packed in one call."""
+        (a, size_a), (b, size_b) = self._image(0, 0), self._image(0, 1)
+        try:
+            with torch.no_grad():
+                self.vlm.get_image_features(**self._batch([a, b], [size_a, size_b]))
+        except RuntimeError as exc:
+            self.mixed_sizes_failure = f"{type(exc).__name__}: {exc}"
+            return False
+        return True
+
     def _image(self, i: int, j: int) -> tuple[Tensor, tuple[int, int]]:
         """Image ``j`` of sample ``i``: pixels (or patch rows) and its ``(h, w)`` in pixels (patches)."""
         g = torch.Generator().manual_seed(100 * i + j)
-        k = 1 + (i + j) % 2
+        k = 1 + (i + j) % 2 if self.mixed_sizes else 1
         if self.mode == "fixed":
             return torch.randn(3, self.image_size, self.image_size, generator=g), (self.image_size, self.image_size)
         ch = int(getattr(self.vision, "in_channels", getattr(self.vision, "num_channels", 3)))

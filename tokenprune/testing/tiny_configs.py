@@ -383,9 +383,12 @@ def _add_mrope_section(text: dict[str, Any], section: list[int]) -> None:
 
 def _add_optional_vision(cls: type, d: dict[str, Any]) -> None:
     """An optional ``vision_config`` the defaults leave ``None`` (Gemma 4: a text-only default) filled with its
-    config class's defaults, so that the tiny model has the vision tower its checkpoints have."""
+    config class's defaults, so that the tiny model has the vision tower its checkpoints have. The class comes
+    from ``sub_configs_defaults`` (a spec, 5.21+) or else from ``sub_configs`` (the class itself, 5.18)."""
     spec = (getattr(cls, "sub_configs_defaults", None) or {}).get("vision_config")
-    vision_class = getattr(spec, "config_class", None)
+    if spec is None:
+        spec = (getattr(cls, "sub_configs", None) or {}).get("vision_config")
+    vision_class = spec if isinstance(spec, type) else getattr(spec, "config_class", None)
     if d.get("vision_config", 0) is None and isinstance(vision_class, type) and hasattr(vision_class, "to_dict"):
         d["vision_config"] = vision_class(**getattr(spec, "init_kwargs", {})).to_dict()
 
