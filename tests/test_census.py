@@ -128,11 +128,6 @@ SINCE = {
         "5.18's DiffusionGemma config leaves its text model's config None (it does not build)",
     ),
     "granite4_vision": ("5.21.1", "5.18's Granite 4 Vision reads attention_multiplier from a text config without it"),
-    "video_llava": ("5.21.1", "5.18 names Video-LLaVA's image input pixel_values_images; its adapter refuses it there"),
-    "qwen3_omni_moe_thinker": (
-        "5.21.1",
-        "5.18's thinker holds the text model as .model, with get_image_features on the thinker (refused by name)",
-    ),
 }
 
 

@@ -310,6 +310,10 @@ def _features_counted(name: str, model: torch.nn.Module, ip: Any, with_sizes: bo
     videos of a batch must have the same number of frames and size.
     """
 
+    # Video-LLaVA before 5.21 takes its images as pixel_values_images (forward and get_image_features)
+    params = inspect.signature(model.model.get_image_features).parameters
+    pixels = "pixel_values" if "pixel_values" in params else "pixel_values_images"
+
     def make_inputs(specs: Sequence[Spec], start: int = 0) -> dict[str, Any]:
         images = [image(h, w, seed=i * 10 + j) for i, spec in enumerate(specs, start) for j, (h, w) in _stills(spec)]
         videos = [(i, j, v) for i, spec in enumerate(specs, start) for j, v in _videos(spec)]
@@ -317,8 +321,8 @@ def _features_counted(name: str, model: torch.nn.Module, ip: Any, with_sizes: bo
         counts: list[int] = []
         if images:
             pv = ip(images=images, return_tensors="pt")
-            out["pixel_values"] = pv["pixel_values"]
-            kw = {"pixel_values": pv["pixel_values"]}
+            out[pixels] = pv["pixel_values"]
+            kw = {pixels: pv["pixel_values"]}
             if with_sizes:
                 out["image_sizes"] = kw["image_sizes"] = pv["image_sizes"]
             with torch.no_grad():
@@ -737,11 +741,10 @@ BUILDERS.update(internvl=internvl, llava_next_video=llava_next_video)
 
 
 def video_llava(seed: int = 0) -> Tiny:
-    """Tiny Video-LLaVA: 56 px images as 4 x 4 grids (CLS dropped); videos of 56 px frames, 1 + 16 tokens each."""
-    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaModel
+    """Tiny Video-LLaVA: 56 px images as 4 x 4 grids (CLS dropped); videos of 56 px frames, 1 + 16 tokens each.
+    Its images come as ``pixel_values_images`` before transformers 5.21, as ``pixel_values`` from 5.21."""
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
-    if "pixel_values" not in inspect.signature(VideoLlavaModel.get_image_features).parameters:
-        pytest.skip("transformers before 5.21 names Video-LLaVA's image input pixel_values_images (refused there)")
     torch.manual_seed(seed)
     cfg = VideoLlavaConfig(
         text_config=dict(model_type="llama", **TEXT),

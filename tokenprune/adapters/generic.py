@@ -42,7 +42,7 @@ from tokenprune.adapters.frame_layouts import positioned_video_layouts, unit_vid
 from tokenprune.adapters.pooled_grids import molmo2_image_layouts, molmo2_video_layouts
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenprune.adapters.qwen3_vl import DeepStackResiduals
-from tokenprune.adapters.shape import language_model_of, refusal, takes_deepstack
+from tokenprune.adapters.shape import base_model_of, language_model_of, refusal, takes_deepstack
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.layout import TokenLayout
 
@@ -64,8 +64,15 @@ class GenericAdapter(ModelAdapter):
         if type(self).name == GenericAdapter.name:  # a registered subclass keeps its own name
             self.name = f"generic ({getattr(model.config, 'model_type', '?')})"  # type: ignore[misc]
 
+    def vlm(self) -> nn.Module:
+        """``.model``, or the top-level model where ``.model`` is only its decoder stack
+        (:func:`~tokenprune.adapters.shape.base_model_of`: the omni thinkers before transformers 5.21)."""
+        vlm = base_model_of(self.model)
+        return vlm if vlm is not None else super().vlm()
+
     def language_model(self) -> nn.Module:
-        """``language_model``, else ``text_model`` (Idefics2, Granite-Docling)."""
+        """``language_model``, else ``text_model`` (Idefics2, Granite-Docling), else the top-level model's ``.model``
+        where the top-level model is the base model."""
         return language_model_of(self.vlm())  # type: ignore[return-value]
 
     # --- layouts ---------------------------------------------------------------------------------
@@ -176,10 +183,10 @@ class GenericDeepStackAdapter(DeepStackResiduals, GenericAdapter):
 def uses_mrope(model: nn.Module) -> bool:
     """Qwen2-VL's 3-D positions: ``get_rope_index`` and ``rope_deltas`` on the base model, ``mrope_section``
     in the language model's rope parameters (or in those of each layer type)."""
-    vlm = getattr(model, "model", None)
+    vlm = base_model_of(model)
     if not (callable(getattr(vlm, "get_rope_index", None)) and hasattr(vlm, "rope_deltas")):
         return False
-    cfg = getattr(getattr(vlm, "language_model", None), "config", None)
+    cfg = getattr(language_model_of(vlm), "config", None)
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if not isinstance(rope, dict):
         return False
@@ -262,6 +269,6 @@ def adapter_for(model: nn.Module, manager: Any) -> ModelAdapter:
             f"Registered adapters: {served}. To add an architecture, write an adapter plugin "
             "(docs/extending/adapters.md)"
         )
-    if takes_deepstack(language_model_of(model.model)):  # type: ignore[arg-type]
+    if takes_deepstack(language_model_of(base_model_of(model))):  # type: ignore[arg-type]
         return GenericDeepStackAdapter(model)
     return GenericAdapter(model)

@@ -5,7 +5,8 @@ list of names):
 
 * the top-level model holds the multimodal base model as ``.model``, which has ``get_image_features``
   and a language model (``language_model``, else ``text_model`` as Idefics2 names it) with a ``layers``
-  ``ModuleList``;
+  ``ModuleList``; or the top-level model is itself the base model, with ``get_image_features``, and its
+  ``.model`` the decoder stack (:func:`base_model_of`: the omni thinkers before transformers 5.21);
 * the image features replace placeholder tokens of one sequence (no cross-attention to them, no
   encoder-decoder, no discrete image codes embedded with the text table);
 * every decoder layer is a softmax self-attention layer (``self_attn``) or a recurrent layer the engine
@@ -99,9 +100,26 @@ def text_config(language_model: nn.Module) -> Any:
     return getattr(language_model, "config", None)
 
 
-def _no_base_model(model: nn.Module) -> str | None:
+def _decoder_stack(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "layers", None), nn.ModuleList)
+
+
+def base_model_of(model: nn.Module) -> nn.Module | None:
+    """The multimodal base model, which receives ``input_ids`` and calls ``get_image_features``: ``.model``, or
+    the top-level model itself where ``.model`` is its decoder stack (``layers``, no ``get_image_features``) and
+    the top-level model has ``get_image_features`` (Qwen2.5-Omni's and Qwen3-Omni's thinkers before transformers
+    5.21); ``None`` where there is no ``.model``."""
     vlm = getattr(model, "model", None)
-    if isinstance(vlm, nn.Module):
+    if not isinstance(vlm, nn.Module):
+        return None
+    features = "get_image_features"
+    if _decoder_stack(vlm) and not callable(getattr(vlm, features, None)) and callable(getattr(model, features, None)):
+        return model
+    return vlm
+
+
+def _no_base_model(model: nn.Module) -> str | None:
+    if base_model_of(model) is not None:
         return None
     return (
         f"the top-level model {type(model).__name__} holds no multimodal base model as `.model` (the image "
@@ -110,17 +128,23 @@ def _no_base_model(model: nn.Module) -> str | None:
 
 
 def language_model_of(vlm: nn.Module | None) -> nn.Module | None:
-    """The base model's decoder stack: ``language_model``, else ``text_model`` holding ``layers`` (Idefics2)."""
+    """The base model's decoder stack: ``language_model``, else ``text_model`` holding ``layers`` (Idefics2), else
+    ``model`` holding ``layers`` where the base model is a top-level model (see :func:`base_model_of`)."""
     lm = getattr(vlm, "language_model", None)
     if isinstance(lm, nn.Module):
         return lm
     text = getattr(vlm, "text_model", None)
-    return text if isinstance(getattr(text, "layers", None), nn.ModuleList) else None
+    if isinstance(text, nn.Module) and _decoder_stack(text):
+        return text
+    inner = getattr(vlm, "model", None)
+    if isinstance(inner, nn.Module) and vlm is not None and base_model_of(vlm) is vlm:
+        return inner
+    return None
 
 
 def _encoder_decoder(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
-    lm = language_model_of(getattr(model, "model", None))
+    lm = language_model_of(base_model_of(model))
     subs = [getattr(cfg, "text_config", None), getattr(cfg, "decoder", None)]
     flagged = getattr(cfg, "is_encoder_decoder", False) or any(getattr(c, "is_encoder_decoder", False) for c in subs)
     if flagged or (hasattr(lm, "encoder") and hasattr(lm, "decoder")):
@@ -129,7 +153,7 @@ def _encoder_decoder(model: nn.Module) -> str | None:
 
 
 def _cross_attention(model: nn.Module) -> str | None:
-    lm = language_model_of(getattr(model, "model", None))
+    lm = language_model_of(base_model_of(model))
     scope = lm if isinstance(lm, nn.Module) else model
     skip = ("vision", "visual", "projector", "resampler", "perceiver", "connector", "audio", "qformer")
     for name, _ in scope.named_modules():
@@ -142,7 +166,7 @@ def _cross_attention(model: nn.Module) -> str | None:
 
 
 def _no_image_features(model: nn.Module) -> str | None:
-    vlm = model.model
+    vlm = base_model_of(model)
     if not callable(getattr(vlm, "get_image_features", None)):
         towers = [n for n, _ in model.named_modules() if any(w in n.rsplit(".", 1)[-1] for w in ("vision", "visual"))]
         if not towers:
@@ -160,7 +184,7 @@ def _no_image_features(model: nn.Module) -> str | None:
 
 
 def _no_decoder_stack(model: nn.Module) -> str | None:
-    vlm = model.model
+    vlm = base_model_of(model)
     lm = language_model_of(vlm)
     if not isinstance(lm, nn.Module):
         named = [n for n in ("text_model", "decoder") if isinstance(getattr(vlm, n, None), nn.Module)]
@@ -172,7 +196,7 @@ def _no_decoder_stack(model: nn.Module) -> str | None:
 
 
 def _language_model(model: nn.Module) -> nn.Module:
-    return language_model_of(model.model)  # type: ignore[return-value]
+    return language_model_of(base_model_of(model))  # type: ignore[return-value]
 
 
 def _hybrid_layers(model: nn.Module) -> str | None:

@@ -19,7 +19,6 @@ one tower sequence per frame, mapped 1:1 to the frame's tokens since the video f
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import replace
 
@@ -27,10 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, VisionTower
+from tokenprune.adapters.generic import _argument
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.vision import drop_cls, encoder_tower
-from tokenprune.engine import compat
-from tokenprune.errors import UnsupportedModelError
 from tokenprune.layout import TokenLayout
 
 
@@ -54,17 +52,6 @@ class VideoLlavaAdapter(LlavaAdapter):
         "vision attention from the image tower and the video tower"
     )
 
-    def __init__(self, model: nn.Module) -> None:
-        """Raises: UnsupportedModelError: a transformers release before 5.21, whose Video-LLaVA takes its images
-        only as ``pixel_values_images`` (the layouts and the census read ``pixel_values``, as 5.21 onwards name it)."""
-        super().__init__(model)
-        if "pixel_values" not in inspect.signature(self.vlm().get_image_features).parameters:
-            raise UnsupportedModelError(
-                f"model_type 'video_llava' on transformers {compat.transformers_version()}: its image input is named "
-                "pixel_values_images (releases before 5.21); tokenprune serves Video-LLaVA from transformers 5.21, "
-                "whose forward takes pixel_values"
-            )
-
     def vision_tower(self) -> VisionTower | None:
         """The image tower (``image_tower``), and for videos the video tower (``video_tower``, the same
         architecture), both read at ``vision_feature_layer``."""
@@ -85,8 +72,12 @@ class VideoLlavaAdapter(LlavaAdapter):
         return [torch.cat(values[i : i + frames]) for i in range(0, len(values), frames)]
 
     def _strategy(self, call: ImageCall) -> str:
-        """The image call's ``vision_feature_select_strategy`` (its fourth argument), else the config's."""
-        return call.arg("vision_feature_select_strategy", 3) or self.vlm().config.vision_feature_select_strategy
+        """The image call's ``vision_feature_select_strategy`` (by keyword or at its place in the signature: third
+        before 5.21, whose images come as ``pixel_values_images`` alone; fourth from 5.21), else the config's."""
+        vlm = self.vlm()
+        return _argument(call, vlm.get_image_features, "vision_feature_select_strategy") or (
+            vlm.config.vision_feature_select_strategy
+        )
 
     def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
         """One image-tower sequence per image, CLS dropped under the ``default`` strategy: 1:1."""

@@ -16,6 +16,9 @@ MODES = ("image_grid_thw", "image_sizes", "spatial_shapes", "image_grids")
 #: Further arguments it fills: high-resolution twins (DeepSeek-VL-Hybrid), per-image merge sizes
 #: (VideoLLaMA3), per-image crop counts (Molmo2), and the pooling map of pooled-patch tokens (Molmo2).
 EXTRAS = frozenset({"high_res_pixel_values", "image_merge_sizes", "image_num_crops", "image_token_pooling"})
+#: Other names for ``pixel_values`` (before 5.21: Fuyu's forward takes ``image_patches``, Video-LLaVA's forward and
+#: ``get_image_features`` take ``pixel_values_images``).
+ALIASES = ("image_patches", "pixel_values_images")
 
 
 def _special_ids(cfg: Any) -> set[int]:
@@ -87,7 +90,9 @@ class InputBuilder:
             self.mode = "image_position_ids"
         elif "target_sizes" in required:  # MiniCPM-V: NaViT-packed slices with their patch grids
             self.mode = "target_sizes"
-        unknown = required - {"self", "pixel_values", "kwargs", "pixel_attention_mask", self.mode} - EXTRAS
+        #: ``get_image_features``'s name for the pixels (``pixel_values``, or one of :data:`ALIASES`).
+        self.pixels_in = next((a for a in ("pixel_values", *ALIASES) if a in params), "pixel_values")
+        unknown = required - {"self", self.pixels_in, "kwargs", "pixel_attention_mask", self.mode} - EXTRAS
         if unknown:
             raise NotImplementedError(f"no census input builder for get_image_features({', '.join(sorted(unknown))})")
         cfg = model.config
@@ -104,8 +109,9 @@ class InputBuilder:
         self.pad = int(getattr(cfg.get_text_config(), "pad_token_id", None) or 0)
         forward = inspect.signature(model.forward).parameters
         self.mm_types = "mm_token_type_ids" in forward
-        #: The forward's name for the pixels where it has no ``pixel_values`` (Fuyu's ``image_patches`` before 5.21).
-        self.pixels_as = "image_patches" if "pixel_values" not in forward and "image_patches" in forward else None
+        #: The forward's name for the pixels where it has no ``pixel_values`` (before 5.21: Fuyu's ``image_patches``,
+        #: Video-LLaVA's ``pixel_values_images``).
+        self.pixels_as = next((a for a in ALIASES if "pixel_values" not in forward and a in forward), None)
         self.pixel_mask = "pixel_attention_mask" in required
         self.form = "default"
         #: Whether the tower takes slices of different sizes in one call (MiniCPM-V 4.6's window merger before
@@ -136,7 +142,7 @@ class InputBuilder:
         image, size = self._image(0, 0)
         try:
             with torch.no_grad():
-                self.vlm.get_image_features(**self._batch([image], [size]))
+                self._features(self._batch([image], [size]))
         except (RuntimeError, ValueError, TypeError, IndexError):
             return False
         return True
@@ -146,7 +152,7 @@ class InputBuilder:
         (a, size_a), (b, size_b) = self._image(0, 0), self._image(0, 1)
         try:
             with torch.no_grad():
-                self.vlm.get_image_features(**self._batch([a, b], [size_a, size_b]))
+                self._features(self._batch([a, b], [size_a, size_b]))
         except RuntimeError as exc:
             self.mixed_sizes_failure = f"{type(exc).__name__}: {exc}"
             return False
@@ -276,11 +282,17 @@ class InputBuilder:
         packed = image.reshape(3, h, p, w, p).permute(0, 2, 1, 3, 4).reshape(3, p, h * w * p)
         return packed, (h, w)
 
+    def _features(self, kw: dict[str, Any]) -> Any:
+        """``get_image_features`` on a batch of :meth:`_batch`, its ``pixel_values`` under the method's own name."""
+        if "pixel_values" in kw and self.pixels_in != "pixel_values":
+            kw = {self.pixels_in if k == "pixel_values" else k: v for k, v in kw.items()}
+        return self.vlm.get_image_features(**kw)
+
     def _counts(self, kw: dict[str, Any], n_images: int) -> list[int]:
         from tokenprune.adapters.base import ImageCall
 
         with torch.no_grad():
-            out = self.vlm.get_image_features(**kw)
+            out = self._features(kw)
         feats = ImageCall((), kw, out).features()
         if len(feats) != n_images:
             raise NotImplementedError(f"get_image_features gave {len(feats)} feature tensors for {n_images} images")
@@ -314,7 +326,7 @@ class InputBuilder:
             ids[b, width - len(r) :] = torch.tensor(r)
             mask[b, width - len(r) :] = 1
         out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, **pixels}
-        if "pixel_values" in out and self.pixels_as:  # the forward names them otherwise (Fuyu before 5.21)
+        if "pixel_values" in out and self.pixels_as:  # the forward names them otherwise (Fuyu, Video-LLaVA: 5.18)
             out[self.pixels_as] = out.pop("pixel_values")
         if self.mm_types:
             out["mm_token_type_ids"] = (ids == self.image_token).long()
