@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 from test_families import _default_layer_case, _inputs, _skip_unless
+from video_reference import expected_video_keep, run_video_stage, video_stage
 
 import tokenprune as tp
 from tokenprune.engine import compat
@@ -95,10 +96,6 @@ def _gemma4_video_inputs(b: InputBuilder, frames: int = FRAMES) -> Any:
     return make_inputs
 
 
-def _video_stage(reducer: str, keep: float) -> dict[str, Any]:
-    return {"stages": [{"at": "post_projector", "tokens": "video", "reducer": reducer, "keep": keep}]}
-
-
 @pytest.fixture(scope="module", params=["gemma4", "gemma4_unified"])
 def gemma4(request) -> checks.AdapterCase:
     _skip_unless(request.param)
@@ -147,7 +144,7 @@ def test_gemma4_video_layout_is_the_models_frames_of_pooled_grids(gemma4):
     video_id = gemma4.model.config.video_token_id
     k = _kernel(gemma4)
     assert torch.equal(gemma4.adapter.video_mask(ids), ids == video_id)
-    with tp.apply(gemma4.model, _video_stage("check_drop", 1.0), plugins=gemma4.manager) as run:
+    with tp.apply(gemma4.model, video_stage("check_drop", 1.0), plugins=gemma4.manager) as run:
         gemma4.forward(batch)
     (stage,) = run.stats.last_prefill.stages
     layout = stage.layout
@@ -177,16 +174,8 @@ def test_gemma4_video_layout_is_the_models_frames_of_pooled_grids(gemma4):
 def test_a_video_reducer_prunes_each_gemma4_frame_as_on_the_models_frames(gemma4, reducer):
     """EVS and VidCom2 keep exactly what their algorithms keep on ``get_video_features``' tokens of each video as
     ``(frames, tokens per frame, D)``, per sample of the padded batch (two frame sizes, a text-only sample)."""
-    from tokenprune_evs import retained_count as evs_count
-    from tokenprune_evs import retention_mask as evs_mask
-    from tokenprune_vidcom2 import retained_count as vidcom2_count
-    from tokenprune_vidcom2 import retention_mask as vidcom2_mask
-
     keep = 0.4
-    batch = gemma4.padded_batch()
-    with tp.apply(gemma4.model, _video_stage(reducer, keep)) as run:
-        gemma4.forward(batch)
-    (stage,) = run.stats.last_prefill.stages
+    batch, stage = run_video_stage(gemma4, reducer, keep)
     with torch.no_grad():
         videos = (
             gemma4.adapter.vlm()
@@ -200,12 +189,8 @@ def test_a_video_reducer_prunes_each_gemma4_frame_as_on_the_models_frames(gemma4
     assert len(videos) == 2 and stage.entering[2] == 0
     for b, feats in enumerate(videos):
         x = feats.float().reshape(FRAMES, -1, feats.shape[-1])
-        per_frame = x.shape[1]
-        if reducer == "evs":
-            expected = evs_mask(x, evs_count(per_frame, FRAMES, keep))
-        else:
-            expected = vidcom2_mask(x, vidcom2_count(per_frame, FRAMES, keep), keep)
-        assert stage.entering[b] == FRAMES * per_frame  # the stage's tokens: the video's, not the images'
+        expected = expected_video_keep(reducer, x, keep)
+        assert stage.entering[b] == x.shape[0] * x.shape[1]  # the stage's tokens: the video's, not the images'
         assert stage.kept[b] == expected.reshape(-1).nonzero().flatten().tolist()
         assert 0 < stage.leaving[b] < stage.entering[b]
 
@@ -274,7 +259,7 @@ def test_minicpm_videos_keep_the_engine_invariants_with_a_grid_per_unit(model_ty
         check(case)
     checks.layout_covers_visual_tokens(case)
     batch = case.padded_batch()
-    with tp.apply(case.model, _video_stage("random", 0.5), plugins=case.manager) as run:
+    with tp.apply(case.model, video_stage("random", 0.5), plugins=case.manager) as run:
         case.forward(batch)
     (stage,) = run.stats.last_prefill.stages
     sizes = iter(batch["target_sizes_videos"].tolist())
@@ -300,7 +285,7 @@ def test_a_video_reducer_on_minicpm_videos_is_refused_naming_the_missing_frames(
     """The model's forward does not take ``num_frames_per_video`` nor ``grids_videos``: a reducer that works frame by
     frame refuses, naming why, rather than running on one-frame videos."""
     case = _minicpm_case("minicpmv4_6")
-    with tp.apply(case.model, _video_stage(reducer, 0.5), plugins=case.manager):
+    with tp.apply(case.model, video_stage(reducer, 0.5), plugins=case.manager):
         with pytest.raises(ReducerInputError, match="which frame each video token belongs to"):
             case.forward(case.padded_batch())
 
@@ -495,7 +480,7 @@ def test_molmo2_videos_keep_the_engine_invariants_in_frames():
         check(case)
     checks.layout_covers_visual_tokens(case)
     batch = case.padded_batch()
-    with tp.apply(case.model, _video_stage("evs", 0.4)) as run:
+    with tp.apply(case.model, video_stage("evs", 0.4)) as run:
         case.forward(batch)
     (stage,) = run.stats.last_prefill.stages
     with torch.no_grad():

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from test_families import _default_layer_case, _inputs, _params, _skip_unless, _video_inputs
+from video_reference import expected_video_keep, run_video_stage, video_stage
 
 import tokenprune as tp
 from tokenprune.adapters.token_types import typed_video_mask
@@ -33,10 +34,6 @@ def _case(model_type: str, frames: int = FRAMES) -> checks.AdapterCase:
     _skip_unless(model_type)
     model, adapter, builder = _inputs(model_type)
     return _default_layer_case(model, adapter, builder, _video_inputs(builder, frames=frames))
-
-
-def _video_stage(reducer: str, keep: float) -> dict[str, Any]:
-    return {"stages": [{"at": "post_projector", "tokens": "video", "reducer": reducer, "keep": keep}]}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +53,7 @@ def test_the_video_layout_is_the_models_frames_of_merged_grids(model_type):
     image = case.adapter.image_token_id()
     assert case.adapter.video_mask(ids).sum() == 0 and bool((ids[types == 2] == image).all())
     assert torch.equal(typed_video_mask(case.adapter, ids, types), types == 2)
-    with tp.apply(case.model, _video_stage("check_drop", 1.0), plugins=case.manager) as run:
+    with tp.apply(case.model, video_stage("check_drop", 1.0), plugins=case.manager) as run:
         case.forward(batch)
     (stage,) = run.stats.last_prefill.stages
     layout = stage.layout
@@ -88,27 +85,14 @@ def test_a_video_reducer_prunes_each_frame_as_on_the_models_own_frames(glm4v, re
     ``get_video_features``'s tokens of each video as ``(t, h / 2 * w / 2, D)``, for each sample of a padded
     batch (two video sizes, a text-only sample). EVS compares each token with the one at its place in the frame
     before, VidCom2 shares the budget out by frame: both need the frames."""
-    from tokenprune_evs import retained_count as evs_count
-    from tokenprune_evs import retention_mask as evs_mask
-    from tokenprune_vidcom2 import retained_count as vidcom2_count
-    from tokenprune_vidcom2 import retention_mask as vidcom2_mask
-
     keep = 0.4
-    batch = glm4v.padded_batch()
-    with tp.apply(glm4v.model, _video_stage(reducer, keep)) as run:
-        glm4v.forward(batch)
-    (stage,) = run.stats.last_prefill.stages
+    batch, stage = run_video_stage(glm4v, reducer, keep)
     with torch.no_grad():
         out = glm4v.adapter.vlm().get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
     videos = out.pooler_output
     assert len(videos) == 2 and stage.entering[2] == 0
     for b, ((t, h, w), feats) in enumerate(zip(batch["video_grid_thw"].tolist(), videos, strict=True)):
-        x = feats.float().reshape(t, (h // 2) * (w // 2), -1)
-        per_frame = x.shape[1]
-        if reducer == "evs":
-            expected = evs_mask(x, evs_count(per_frame, t, keep))
-        else:
-            expected = vidcom2_mask(x, vidcom2_count(per_frame, t, keep), keep)
+        expected = expected_video_keep(reducer, feats.float().reshape(t, (h // 2) * (w // 2), -1), keep)
         assert stage.kept[b] == expected.reshape(-1).nonzero().flatten().tolist()
         assert bool(expected[0].all()) or reducer != "evs"  # EVS keeps the first frame whole
         assert 0 < stage.leaving[b] < stage.entering[b]
@@ -133,7 +117,7 @@ def _batch_equals_one_by_one(case: checks.AdapterCase, pipeline: dict[str, Any])
 def test_the_invariants_hold_with_a_video_reducer(glm4v):
     """EVS on the video tokens, then the check kit's layer cut at the default layer: cached generation equals
     recomputation under both position policies, and batch equals one by one."""
-    evs = _video_stage("evs", 0.5)
+    evs = video_stage("evs", 0.5)
     cut = {"stages": [*evs["stages"], {"at": {"layer": glm4v.layer}, "reducer": "check_drop", "keep": 0.5}]}
     checks.cached_decode_equals_recompute(glm4v, pipeline=cut)
     checks.cached_decode_equals_recompute(glm4v, pipeline=cut, positions="compact")
