@@ -192,14 +192,8 @@ def _decoding_layer_kwargs(kwargs: dict[str, Any], call: _PrunedCall) -> dict[st
     mask = kwargs.get("attention_mask")
     extra = st.decoded + st.step_length
     valid = torch.cat([seg.valid, seg.valid.new_ones(seg.valid.shape[0], extra)], 1)
-    widths = _mask_widths(st, call.adapter, layer, extra) | {int(valid.shape[1])}
-    if isinstance(mask, Tensor) and mask.shape[-1] not in widths:
-        raise TokenpruneError(
-            f"decoding step at layer {layer}: the attention mask covers {mask.shape[-1]} keys, expected one of "
-            f"{sorted(widths)}: the unpruned cache ({st.lm_length + extra}), this layer's ({valid.shape[1]}) or "
-            "that of the layer the model sized its mask from, new tokens included"
-            + _windowed_layer_reason(call.adapter, layer, int(mask.shape[-1]))
-        )
+    if isinstance(mask, Tensor):
+        _check_mask_width(int(mask.shape[-1]), call, extra, int(valid.shape[1]))
     if mask is not None or seg.has_padding_slots or not st.all_valid(seg):
         kwargs["attention_mask"] = causal_mask(valid, q=st.step_length, boolean=call.boolean, dtype=call.dtype)
     if call.compact and st.step_positions is not None:
@@ -209,6 +203,22 @@ def _decoding_layer_kwargs(kwargs: dict[str, Any], call: _PrunedCall) -> dict[st
         if isinstance(position_ids, Tensor):
             kwargs["position_ids"] = position_ids_like(rows, position_ids)
     return kwargs
+
+
+def _check_mask_width(keys: int, call: _PrunedCall, extra: int, held: int) -> None:
+    """Refuse a decoding step's mask over ``keys`` keys that fits no cache the model may have sized it from
+    (``held``: this layer's cache, new tokens included); the layer's config is read only where the usual two miss."""
+    st, layer = call.st, call.layer
+    if keys in (st.lm_length + extra, held):
+        return
+    widths = _mask_widths(st, call.adapter, layer, extra) | {held}
+    if keys not in widths:
+        raise TokenpruneError(
+            f"decoding step at layer {layer}: the attention mask covers {keys} keys, expected one of "
+            f"{sorted(widths)}: the unpruned cache ({st.lm_length + extra}), this layer's ({held}) or "
+            "that of the layer the model sized its mask from, new tokens included"
+            + _windowed_layer_reason(call.adapter, layer, keys)
+        )
 
 
 def _mask_widths(st: PrefillState, adapter: ModelAdapter, layer: int, extra: int) -> set[int]:
