@@ -118,6 +118,43 @@ def test_vision_attention_params_build_their_request_from_attention_and_layer():
     assert needs.vision_attention == tp.VisionAttentionRequest("mean", -2, also_at=(8,))
 
 
+def test_a_reducer_with_vision_attention_params_reads_what_they_ask_by_default():
+    """No ``requirements`` override: the default asks for the params' kind and layer (and what a ``vision_request``
+    override adds), as VisionZip's ``similarity: keys`` asks for the layer's keys; without such params, ``cls``."""
+    from tokenprune.reducer import VisionAttentionParams, VisionAttentionRequest
+
+    class Extra(VisionAttentionParams):
+        keys: bool = Field(default=False, description="Also the layer's keys.")
+
+        def vision_request(self, **more: Any) -> VisionAttentionRequest:
+            return super().vision_request(keys=self.keys, **more)
+
+    class ThirdParty(ScoringReducer):
+        name = "third_party_vision"
+        capabilities = Capabilities(
+            insertion_points=frozenset({"post_projector"}), vision_attention=frozenset({"cls", "mean"})
+        )
+        Params = Extra
+
+        def score(self, tokens: torch.Tensor, ctx: ReduceContext) -> torch.Tensor:
+            return ctx.vision_attention
+
+    needs = ThirdParty.requirements(Extra(attention="mean", layer=-4, keys=True))
+    assert needs.vision_attention == VisionAttentionRequest("mean", -4, keys=True)
+    assert ThirdParty.requirements(Extra()).vision_attention == VisionAttentionRequest("cls", None)
+    manager = tp.get_plugin_manager()
+    zip_ = manager.reducers.get("visionzip")
+    assert zip_.requirements(zip_.Params(similarity="keys", layer=-2)).vision_attention.keys
+    assert not zip_.requirements(zip_.Params(similarity="projected")).vision_attention.keys
+    vis = manager.reducers.get("vispruner")
+    assert vis.requirements(vis.Params()).vision_attention.features
+    assert not vis.requirements(vis.Params(similarity="projected")).vision_attention.features
+    fast = manager.reducers.get("fastervlm")
+    assert fast.requirements(fast.Params(attention="mean", layer=3)).vision_attention == VisionAttentionRequest(
+        "mean", 3
+    )
+
+
 def test_fastv_and_pdrop_take_the_one_source_param_and_read_it_at_their_own_layers():
     from pydantic import ValidationError
 

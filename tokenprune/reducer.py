@@ -28,7 +28,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -233,6 +233,11 @@ class Requirements:
         return bool(self.attention or self.own_attention)
 
 
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+"""The type of a reducer param that is a share of something, in ``[0, 1]`` (VisionZip's ``contextual_ratio``):
+``ratio: Share = Field(default=0.5, description=...)``; a value outside is refused naming the stage and the field."""
+
+
 class ReducerParams(BaseModel):
     """Base of every reducer's ``Params``: unknown fields are rejected, values are immutable.
 
@@ -260,8 +265,9 @@ class AttentionSourceParams(ReducerParams):
 class VisionAttentionParams(ReducerParams):
     """The params every vision-attention reducer takes: which attention, at which vision-encoder layer.
 
-    Subclass it for a reducer that reads ``ctx.vision_attention``, and return
-    ``Requirements(vision_attention=params.vision_request(...))`` from :meth:`TokenReducer.requirements`.
+    Subclass it for a reducer that reads ``ctx.vision_attention``: :meth:`TokenReducer.requirements` then asks for
+    :meth:`vision_request` by default. Override :meth:`vision_request` where the params also ask for the layer's
+    keys or features, or for other layers (VisionZip's ``similarity: keys``).
     """
 
     attention: VisionAttentionKind = Field(
@@ -279,6 +285,16 @@ class VisionAttentionParams(ReducerParams):
         """The :class:`VisionAttentionRequest` of :attr:`attention` at :attr:`layer`; ``more`` sets its other
         fields (``features``, ``keys``, ``also_at``)."""
         return VisionAttentionRequest(self.attention, self.layer, **more)
+
+
+def _default_vision_request(kinds: frozenset[str], params: ReducerParams) -> VisionAttentionRequest | None:
+    """The vision attention a reducer reads by default: none where ``kinds`` is empty, else what its
+    :class:`VisionAttentionParams` ask for, else ``cls`` (``mean`` where ``kinds`` lacks it) at the features layer."""
+    if not kinds:
+        return None
+    if isinstance(params, VisionAttentionParams):
+        return params.vision_request()
+    return VisionAttentionRequest("cls" if "cls" in kinds else "mean")
 
 
 @dataclass(frozen=True)
@@ -640,22 +656,23 @@ class TokenReducer(ABC):
 
         A classmethod, so pipeline validation answers it without building the reducer (whose
         constructor may be costly). The default is the static declaration in :attr:`capabilities`
-        (``attention``, ``own_attention``, ``signals``, ``needs_text``, and ``cls`` else ``mean``
-        vision attention when ``vision_attention`` lists a kind). Override it when the needs depend
-        on the params, e.g. FastV's ``source``::
+        (``attention``, ``own_attention``, ``signals``, ``needs_text``) and, when ``vision_attention``
+        lists a kind, the vision attention that :meth:`VisionAttentionParams.vision_request` of ``params``
+        asks for (``cls`` else ``mean`` at the features layer where the params are not
+        :class:`VisionAttentionParams`). Override it when other needs depend on the params, e.g. FastV's
+        ``source``::
 
             @classmethod
             def requirements(cls, params):
                 return replace(super().requirements(params), attention=frozenset({params.source}))
         """
         caps = cls.capabilities
-        kinds = caps.vision_attention
         return Requirements(
             attention=caps.attention,
             own_attention=caps.own_attention,
             signals=frozenset(caps.signals),
             text=caps.needs_text,
-            vision_attention=VisionAttentionRequest("cls" if "cls" in kinds else "mean") if kinds else None,
+            vision_attention=_default_vision_request(caps.vision_attention, params),
         )
 
     def needs(self) -> Requirements:

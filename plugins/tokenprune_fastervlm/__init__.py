@@ -12,9 +12,9 @@ from __future__ import annotations
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer
+from tokenprune import Capabilities, ReduceContext, ScoringReducer
 from tokenprune.errors import ReducerInputError
-from tokenprune.reducer import Requirements, VisionAttentionParams
+from tokenprune.reducer import VisionAttentionParams
 
 
 class FasterVLM(ScoringReducer):
@@ -34,11 +34,6 @@ class FasterVLM(ScoringReducer):
 
     class Params(VisionAttentionParams):
         """The vision attention and its layer (paper defaults: ``cls`` at the features layer)."""
-
-    @classmethod
-    def requirements(cls, params: ReducerParams) -> Requirements:
-        """The vision-encoder attention of ``params.attention`` at ``params.layer``."""
-        return Requirements(vision_attention=params.vision_request())  # type: ignore[attr-defined]
 
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         """``(B, N)``: ``ctx.vision_attention`` (``-inf`` at tokens with no patch)."""

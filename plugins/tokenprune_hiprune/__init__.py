@@ -23,10 +23,10 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, ReducerParams, Requirements, Selection, TokenReducer
+from tokenprune import Capabilities, ReduceContext, Selection, TokenReducer
 from tokenprune.budget import all_spatial_quotas, split_budget
 from tokenprune.errors import ReducerInputError
-from tokenprune.reducer import VisionAttentionKind, VisionAttentionParams
+from tokenprune.reducer import VisionAttentionKind, VisionAttentionParams, VisionAttentionRequest
 
 
 class HiPrune(TokenReducer):
@@ -71,10 +71,9 @@ class HiPrune(TokenReducer):
             "round(budget * alpha / 5) anchors, each with up to four neighbours.",
         )
 
-    @classmethod
-    def requirements(cls, params: ReducerParams) -> Requirements:
-        p: HiPrune.Params = params  # type: ignore[assignment]
-        return Requirements(vision_attention=p.vision_request(also_at=(p.object_layer - 1,)))
+        def vision_request(self, **more: Any) -> VisionAttentionRequest:
+            """The attention at :attr:`layer` and at the object layer's (``object_layer - 1``, counted from 0)."""
+            return super().vision_request(also_at=(self.object_layer - 1,), **more)
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Select per sample and group (batch-independent); ``tokens`` is ``(B, N, D)`` and not read."""

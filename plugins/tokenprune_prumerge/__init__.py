@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, ReducerParams, Requirements, Selection, TokenReducer
+from tokenprune import Capabilities, ReduceContext, Selection, TokenReducer
 from tokenprune.budget import split_budget
 from tokenprune.errors import ReducerInputError
 from tokenprune.reducer import VisionAttentionParams
@@ -61,10 +61,6 @@ class PruMerge(TokenReducer):
             description="PruMerge+: also keep a spatially uniform sample of the other patches (the official "
             "token_prune_merge_advanced_plus).",
         )
-
-    @classmethod
-    def requirements(cls, params: ReducerParams) -> Requirements:
-        return Requirements(vision_attention=params.vision_request())  # type: ignore[attr-defined]
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Select per sample and group (batch-independent); ``tokens`` is ``(B, N, D)`` and not read."""

@@ -19,15 +19,15 @@ are listed on the docs page, ``docs/reducers/visionzip.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, Merge, ReduceContext, ReducerParams, TokenReducer
-from tokenprune.reducer import Requirements, VisionAttentionParams
+from tokenprune import Capabilities, Merge, ReduceContext, TokenReducer
+from tokenprune.reducer import Share, VisionAttentionParams, VisionAttentionRequest
 from tokenprune.similarity import unit_rows
 from tokenprune.validation import attention_and_metric
 
@@ -69,10 +69,8 @@ class VisionZip(TokenReducer):
     )
 
     class Params(VisionAttentionParams):
-        contextual_ratio: float = Field(
+        contextual_ratio: Share = Field(
             default=CONTEXTUAL_RATIO,
-            ge=0.0,
-            le=1.0,
             description="Share of the budget given to contextual (merged) tokens, floor(T * ratio + 0.5); the "
             "default 10/64 = 0.15625 gives the paper's 54+10, 108+20 and 162+30 on LLaVA-1.5.",
         )
@@ -88,10 +86,9 @@ class VisionZip(TokenReducer):
             "'auto': 'official' at pre_projector, 'mean' at post_projector.",
         )
 
-    @classmethod
-    def requirements(cls, params: ReducerParams) -> Requirements:
-        p: VisionZip.Params = params  # type: ignore[assignment]
-        return Requirements(vision_attention=p.vision_request(keys=p.similarity == "keys"))
+        def vision_request(self, **more: Any) -> VisionAttentionRequest:
+            """The attention at :attr:`layer`, and the layer's keys where :attr:`similarity` is ``keys``."""
+            return super().vision_request(keys=self.similarity == "keys", **more)
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
         """Dominant and contextual tokens of every sample at once; see the class docstring.

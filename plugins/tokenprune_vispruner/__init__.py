@@ -11,15 +11,15 @@ tokens are left.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 import tokenprune
-from tokenprune import Capabilities, ReduceContext, ReducerParams, Selection, TokenReducer
-from tokenprune.reducer import Requirements, VisionAttentionParams
+from tokenprune import Capabilities, ReduceContext, Selection, TokenReducer
+from tokenprune.reducer import Share, VisionAttentionParams, VisionAttentionRequest
 from tokenprune.similarity import unit_rows
 from tokenprune.validation import attention_and_metric
 
@@ -55,10 +55,8 @@ class VisPruner(TokenReducer):
     )
 
     class Params(VisionAttentionParams):
-        important_ratio: float = Field(
+        important_ratio: Share = Field(
             default=0.5,
-            ge=0.0,
-            le=1.0,
             description="Share of the budget taken by the important tokens, int(T * ratio) (the official default "
             "0.5; its README's 64-token example uses 0.75).",
         )
@@ -68,10 +66,9 @@ class VisPruner(TokenReducer):
             "pre-projector, the official code's) or the post-projector tokens ('projected').",
         )
 
-    @classmethod
-    def requirements(cls, params: ReducerParams) -> Requirements:
-        p: VisPruner.Params = params  # type: ignore[assignment]
-        return Requirements(vision_attention=p.vision_request(features=p.similarity == "vision"))
+        def vision_request(self, **more: Any) -> VisionAttentionRequest:
+            """The attention at :attr:`layer`, and the layer's output where :attr:`similarity` is ``vision``."""
+            return super().vision_request(features=self.similarity == "vision", **more)
 
     def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
         """Select per sample; see the class docstring. ``tokens`` is ``(B, N, D)``.
