@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +157,21 @@ def build_inputs(
                 "release that matches your torch"
             ) from None
         raise
-    out: dict[str, Any] = {}
+    out = {key: value.to(device) if isinstance(value, Tensor) else value for key, value in inputs.items()}
+    return out if dtype is None else floats_to(out, dtype)
+
+
+def floats_to(inputs: MutableMapping[str, Any], dtype: torch.dtype) -> MutableMapping[str, Any]:
+    """``inputs`` with every floating-point tensor in ``dtype`` (in place; integer ids and masks kept).
+
+    Every pixel input of a processor's output, whatever the family names it (``pixel_values``,
+    ``pixel_values_videos``, transformers 5.18's ``pixel_values_images`` of Video-LLaVA), as
+    ``BatchFeature.to(dtype)`` does.
+    """
     for key, value in inputs.items():
-        if isinstance(value, Tensor):
-            value = value.to(device)
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out
+        if isinstance(value, Tensor) and value.is_floating_point():
+            inputs[key] = value.to(dtype)
+    return inputs
 
 
 def _with_placeholder(processor: Any, kind: str, text: str) -> str:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 import tokenprune
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.adapters.generic import adapter_for
-from tokenprune.adapters.loading import load_model
+from tokenprune.adapters.loading import floats_to, load_model
 from tokenprune.bench.accounting import example_costs
 from tokenprune.bench.config import REFERENCE, CompareConfig, pipeline_key, resolve_pipelines, stable_digest
 from tokenprune.bench.metrics import exact_match, kl_divergence, normalize_answer, vqa_score
@@ -328,11 +328,7 @@ def _generate_batch(
 
 def _inputs(processor: Any, task: Task, batch: list[Example], config: CompareConfig, model: nn.Module) -> Any:
     """The processor's output for ``batch``, on the device, pixels in the model's dtype."""
-    inputs = _encode(processor, task, batch, config.prompt, model).to(config.device)
-    for key in ("pixel_values", "pixel_values_videos"):
-        if key in inputs:
-            inputs[key] = inputs[key].to(model.dtype)
-    return inputs
+    return floats_to(_encode(processor, task, batch, config.prompt, model).to(config.device), model.dtype)
 
 
 def _fidelity(

@@ -460,7 +460,7 @@ def flops(
     """
     from PIL import Image
 
-    from tokenprune.adapters.loading import load_model
+    from tokenprune.adapters.loading import floats_to, load_model
     from tokenprune.cost.flops import count_flops
     from tokenprune.engine import prepare as tp_prepare
 
@@ -476,8 +476,7 @@ def flops(
         token = getattr(processor, "image_token", "<image>")
         text = prompt if token in prompt else f"{token} {prompt}"
         inputs = processor(images=[picture], text=[text], return_tensors="pt")
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(vlm.dtype)
+        floats_to(inputs, vlm.dtype)
         manager = _manager()
         prepared = tp_prepare(pipeline, plugins=manager) if pipeline else None
         base = count_flops(vlm, dict(inputs), None, use_fvcore=not no_fvcore, plugins=manager)

@@ -37,7 +37,7 @@ from lmms_eval.utils import simple_parse_args_string
 from torch import Tensor
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from tokenprune.adapters.loading import load_model
+from tokenprune.adapters.loading import floats_to, load_model
 from tokenprune.engine import PruningRun, apply, prepare
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
@@ -249,10 +249,7 @@ class TokenpruneLMM(lmms):
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
         if images:
             kwargs["images"] = images
-        inputs = self.processor(**kwargs).to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return inputs
+        return floats_to(self.processor(**kwargs).to(self.device), self.model.dtype)
 
 
 class _CostLog:
