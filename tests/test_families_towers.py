@@ -9,7 +9,8 @@ the probe's scores (batch == one by one, and the same units kept before the merg
 equal to the tower's last block run frame by frame on the kept patches (their rotary positions, their position
 embeddings added before block 0); FLOPs three ways where the family's are counted (Qwen3.5's and ERNIE's are refused
 by layer kind: tests/test_families.py). The costlier checks run once per tower class (:data:`DISTINCT`).
-PaddleOCR-VL: vision attention only (its raster-ordered patches), the stages before the projector refused.
+PaddleOCR-VL: vision attention here; its raster-ordered tower's stages before the projector in
+tests/test_tower_paddleocr_vl.py.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ TOWERS = {
 }
 #: One type per tower class for the costlier checks (GLM-4.6V's and GLM-Image's towers are GLM-4.1V's class).
 DISTINCT = [t for t in TOWERS if t not in ("glm46v", "glmga")]
-#: Vision attention only (PaddleOCR-VL: patches in raster order, stages before the projector refused).
+#: Vision attention (PaddleOCR-VL's stages before the projector: tests/test_tower_paddleocr_vl.py).
 VISION = [*TOWERS, "paddleocr_vl"]
 BEFORE = ["pre_projector", {"vision_layer": 1}]
 
@@ -124,8 +125,9 @@ def test_each_token_gets_the_mean_of_its_units_patches(model_type):
 @pytest.mark.parametrize("model_type", _params(VISION))
 def test_visionzip_ranks_by_the_towers_attention_before_and_after_the_merger(model_type):
     """VisionZip (dominant tokens only, ``attention: mean``) at ``post_projector``: a padded batch of different image
-    sizes keeps, per sample, the tokens it keeps alone; before the merger (its budget per frame; not PaddleOCR-VL) a
-    one-image sample keeps the same units (both rank by the probe's per-patch scores averaged over each unit)."""
+    sizes keeps, per sample, the tokens it keeps alone; before the merger (its budget per frame; PaddleOCR-VL's in
+    tests/test_tower_paddleocr_vl.py) a one-image sample keeps the same units (both rank by the probe's per-patch
+    scores averaged over each unit)."""
     case = _case(model_type)
     params = {"contextual_ratio": 0.0, "attention": "mean"}
     batch = case.make_inputs([1, 2, 1])
@@ -292,44 +294,6 @@ def test_glm_video_prompts_keep_the_videos_out_of_the_tower_stages(model_type):
             logits = model(**inputs).logits
         assert torch.equal(logits, stock), stage
         assert all(sum(s.entering) == 0 for s in handle.stats.last_prefill.stages)
-
-
-def test_paddleocr_vl_serves_vision_attention_and_refuses_stages_before_the_projector():
-    """PaddleOCR-VL: the encoder's layers (probed at the last), no CLS, no packed tower; ``pre_projector`` and
-    ``vision_layer`` stages are refused at ``apply`` naming the raster order of the patches."""
-    model, adapter, _, manager = _built("paddleocr_vl")
-    tower = adapter.vision_tower()
-    layers = model.model.visual.vision_model.encoder.layers
-    assert adapter.name == "paddleocr_vl" and tower.layers == tuple(layers) and tower.feature_layer == len(layers) - 1
-    assert not tower.has_cls and adapter.packed_tower() is None and adapter.projector() is None
-    for at in BEFORE:
-        with pytest.raises(TokenpruneError, match=r"raster order.*put the stage at post_projector"):
-            tp.apply(model, {"stages": [{"at": at, "reducer": "unit_drop", "keep": 2}]}, plugins=manager)
-    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
-
-
-def test_paddleocr_vl_token_is_the_mean_of_its_two_by_two_block_of_raster_patches():
-    """Computed directly: a frame of 4 x 8 patches in raster order (patch ``(r, c)`` at row ``8 r + c``) gives 2 x 4
-    tokens, token ``(i, j)`` the mean of patches ``(2i + a, 2j + b)``; a two-frame image its frames one after the
-    other."""
-    _skip_unless("paddleocr_vl")
-    with torch.device("meta"):
-        model = build_tiny("paddleocr_vl")
-    adapter = adapter_for(model, _manager())
-    grid = torch.tensor([[1, 4, 8], [2, 4, 4]])
-    values = [torch.randn(n, 3, generator=torch.Generator().manual_seed(n + i)) for i, n in enumerate((32, 16, 16))]
-    mapped = adapter.map_vision_patches(ImageCall((None, grid), {}, None), values)
-
-    def block(v: Tensor, w: int, i: int, j: int) -> Tensor:
-        return torch.stack([v[(2 * i + a) * w + 2 * j + b] for a in (0, 1) for b in (0, 1)]).mean(0)
-
-    expected = [
-        torch.stack([block(values[0], 8, i, j) for i in range(2) for j in range(4)]),
-        torch.stack([block(values[f], 4, i, j) for f in (1, 2) for i in range(2) for j in range(2)]),
-    ]
-    assert len(mapped) == 2
-    for got, want in zip(mapped, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_type", [*(t for t in DISTINCT if t in GLM), "paddleocr_vl"])

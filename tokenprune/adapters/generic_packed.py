@@ -19,7 +19,7 @@ adds the tower:
   the language model's input.
 
 PaddleOCR-VL's tower is packed too, but holds each frame's patches in raster order (its projector regroups the
-units): :class:`PaddleOCRVLAdapter` serves vision attention and refuses the stages before the projector.
+units): :mod:`tokenprune.adapters.paddleocr_vl`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tokenprune.adapters.base import ImageCall, VisionTower
 from tokenprune.adapters.generic import GenericAdapter
 from tokenprune.adapters.packed import PackedTower
-from tokenprune.adapters.vision import merged_unit_means, raster_unit_means
+from tokenprune.adapters.vision import merged_unit_means
 
 
 class PackedTowerAdapter(GenericAdapter):
@@ -106,30 +106,3 @@ class Ernie45VLAdapter(PackedTowerAdapter):
     notes = Qwen35Adapter.notes + " of images"
     tower_attribute = "vision_tower"
     merger_start = "ln"
-
-
-class PaddleOCRVLAdapter(GenericAdapter):
-    """PaddleOCR-VL: the generic adapter plus vision attention on its packed tower (``visual.vision_model``), whose
-    frames hold their patches in raster order; the projector regroups each 2x2 unit from the rows."""
-
-    name = "paddleocr_vl"
-    model_types = ("paddleocr_vl",)
-    notes = "the generic adapter's layouts and M-RoPE, plus vision attention (each token its 2x2 patches' mean)"
-    pre_projector_refusal = (
-        "its tower holds each frame's patches in raster order and its projector regroups every 2x2 unit from them, "
-        "so a unit's patches are not consecutive rows of the packed sequence, which pre_projector and vision_layer "
-        "stages on a packed tower reduce; put the stage at post_projector (vision attention is served there)"
-    )
-
-    def vision_tower(self) -> VisionTower | None:
-        """The encoder's layers, probed at the last (its output, after ``post_layernorm``, is the projector's input)."""
-        encoder = self.vlm().visual.vision_model.encoder
-        layers = tuple(encoder.layers)
-        return VisionTower(type(self.vlm().visual).__name__, layers, len(layers) - 1, False, "last layer")
-
-    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
-        """One tower sequence per frame, patches in raster order; each token the mean of its 2x2 block of patches."""
-        grid = call.arg("image_grid_thw", 1)
-        if grid is None:
-            return None
-        return raster_unit_means(grid, values, int(self.vlm().config.vision_config.spatial_merge_size))

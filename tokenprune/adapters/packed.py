@@ -8,6 +8,10 @@ tower reduces whole units, so every remaining unit still feeds the merger its ``
 the frames, a frame's tokens are its units in raster order (``(M, W, G * Dv)``, each unit its ``G`` patch features
 side by side, as the merger's MLP reads them; rows padded to the longest frame). Qwen2.5-VL's tower holds the units
 in window order (``get_window_index``); :class:`PackedUnits` puts them in raster order for the reducer and back.
+PaddleOCR-VL's tower holds each frame's *patches* in raster order and its projector regroups every unit from them
+(``PackedTower.raster``): :class:`PackedUnits` then gathers each unit's ``G`` patches from their raster places for the
+reducer (in the projector's order within the unit) and puts them back, so the tower and the projector see their own
+order, less the removed units' patches.
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ class PackedTower:
         merge: ``m``, the merge unit's side in patches (``G = m * m``).
         window: Qwen2.5-VL's window side in merge units (``None``: no window attention).
         full_blocks: The blocks that attend over a whole frame; the others attend within windows.
+        raster: The tower holds each frame's patches in raster order and its projector regroups every ``m x m`` unit
+            from them (PaddleOCR-VL); ``False``: a unit's patches are consecutive (the processor's order).
     """
 
     module: nn.Module
     merge: int
     window: int | None = None
     full_blocks: frozenset[int] = frozenset()
+    raster: bool = False
 
     def units(self, grid_thw: Tensor) -> PackedUnits:
         """The unit bookkeeping of one tower call on ``grid_thw`` (``(images, 3)``, in patches)."""
@@ -63,7 +70,22 @@ class PackedTower:
             frame=torch.cat(frames)[window_index],
             window=torch.cat(windows)[window_index],
             grids=grids,
+            patch_index=_raster_patches(grid, self.merge, device) if self.raster else None,
         )
+
+
+def _raster_patches(grid: list[tuple[int, int, int]], merge: int, device: torch.device) -> Tensor:
+    """``(N,)`` long: for each patch in unit order (frames in order, units in raster order, a unit's ``m * m``
+    patches row by row), its place in a tower that holds every frame's patches in raster order."""
+    out, start = [], 0
+    for t, h, w in grid:
+        rows = torch.arange(h, device=device).reshape(h // merge, 1, merge, 1)
+        cols = torch.arange(w, device=device).reshape(1, w // merge, 1, merge)
+        frame = (rows * w + cols).reshape(-1)  # (units, m, m) flattened: unit-major, the unit's rows, its columns
+        for _ in range(t):
+            out.append(frame + start)
+            start += h * w
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=device)
 
 
 @dataclass
@@ -76,6 +98,9 @@ class PackedUnits:
         frame: ``(U,)`` long, each window-order unit's frame (the reducer's row).
         window: ``(U,)`` long, each window-order unit's attention window (its frame without windows).
         grids: Per frame, its ``(rows, cols)`` of units.
+        patch_index: ``(N,)`` long, the tower's place of each patch in unit order (unit ``u``'s ``G`` patches at
+            ``u * G .. u * G + G - 1``, in the projector's order); ``None``: the tower holds each unit's patches
+            consecutively, in that order.
     """
 
     group: int
@@ -83,6 +108,7 @@ class PackedUnits:
     frame: Tensor
     window: Tensor
     grids: list[tuple[int, int]]
+    patch_index: Tensor | None = None
 
     @property
     def rows(self) -> Tensor:
@@ -116,8 +142,13 @@ class PackedUnits:
             ``(rows, valid)``: ``(M, W, G * Dv)`` features (zeros where no unit remains) and ``(M, W)`` bool.
         """
         dim = x.shape[-1] * self.group
-        units = x.new_zeros(alive.shape[0], dim)
-        units[alive] = x.reshape(-1, dim)
+        if self.patch_index is None:
+            units = x.new_zeros(alive.shape[0], dim)
+            units[alive] = x.reshape(-1, dim)
+        else:
+            patches = x.new_zeros(self.patch_index.shape[0], x.shape[-1])
+            patches[self.patch_mask(alive)] = x
+            units = patches[self.patch_index].reshape(-1, dim)
         raster = units.new_zeros(units.shape).index_copy(0, self.window_index, units)
         raster_alive = torch.zeros_like(alive).index_copy(0, self.window_index, alive)
         index = self.rows
@@ -130,7 +161,18 @@ class PackedUnits:
         index = self.rows
         raster = rows.new_zeros(self.window_index.shape[0], rows.shape[-1])
         raster[index[index >= 0]] = rows[index >= 0]
-        return raster[self.window_index].reshape(-1, rows.shape[-1] // self.group)
+        patches = raster[self.window_index].reshape(-1, rows.shape[-1] // self.group)
+        if self.patch_index is None:
+            return patches
+        return torch.empty_like(patches).index_copy(0, self.patch_index, patches)
+
+    def patch_mask(self, alive: Tensor) -> Tensor:
+        """``(N,)`` bool over the tower's patches, in its order: the patches of the ``alive`` units (``(U,)`` bool,
+        window order)."""
+        mask = alive.repeat_interleave(self.group)
+        if self.patch_index is None:
+            return mask
+        return torch.zeros_like(mask).index_copy(0, self.patch_index, mask)
 
     def alive_of(self, keep: Tensor) -> Tensor:
         """``(U,)`` bool in window order from a ``(M, W)`` bool mask over the rows."""

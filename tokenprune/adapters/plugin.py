@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import tokenprune
 from tokenprune.adapters.gemma3 import Gemma3Adapter
-from tokenprune.adapters.generic_packed import Ernie45VLAdapter, Glm4vAdapter, PaddleOCRVLAdapter, Qwen35Adapter
+from tokenprune.adapters.generic_packed import Ernie45VLAdapter, Glm4vAdapter, Qwen35Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
 from tokenprune.adapters.internvl import InternVLAdapter
 from tokenprune.adapters.llama4 import Llama4Adapter
@@ -14,6 +14,7 @@ from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.adapters.llava_next_video import LlavaNextVideoAdapter
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
+from tokenprune.adapters.paddleocr_vl import PaddleOCRVLAdapter
 from tokenprune.adapters.paligemma import PaliGemmaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter

@@ -1,15 +1,15 @@
-"""``vision_layer`` stages on a packed tower (Qwen2-VL, Qwen2.5-VL), reducing whole merge units.
+"""``vision_layer`` stages on a packed tower (Qwen2-VL, Qwen2.5-VL, PaddleOCR-VL, ...), reducing whole merge units.
 
 The tower runs every frame's patches as one packed sequence (see :mod:`tokenprune.adapters.packed`). A pre-hook on
 the tower records the call's :class:`~tokenprune.adapters.packed.PackedUnits`; a pre-hook on block ``k`` hands the
 frames' units (``(M, W, G * D)``, raster order) to the stages at ``{vision_layer: k}`` and keeps the patches of the
-units they keep, so the remaining blocks run on fewer patches. What each block reads per patch follows the kept
-units: the rotary ``position_embeddings`` are gathered (each patch keeps its own 2-D rotary position), and
-``cu_seqlens`` / ``max_seqlen`` are recomputed from the kept units, per frame for the full-attention blocks and per
-attention window for Qwen2.5-VL's windowed blocks (a window left empty is dropped). Before the merger
-(:mod:`tokenprune.engine.pre_projector`) the removed units come back as zero patches marked dropped, so the model's
-merger and its window-order reversal run on their usual shapes, and the dropped units' tokens leave at the language
-model's input.
+units they keep, in the tower's own order (PaddleOCR-VL's raster order of patches too), so the remaining blocks run on
+fewer patches. What each block reads per patch follows the kept units: the rotary ``position_embeddings`` are
+gathered (each patch keeps its own 2-D rotary position), and ``cu_seqlens`` / ``max_seqlen`` are recomputed from the
+kept units, per frame for the full-attention blocks and per attention window for Qwen2.5-VL's windowed blocks (a
+window left empty is dropped). Before the merger (:mod:`tokenprune.engine.pre_projector`) the removed units come back
+as zero patches marked dropped, so the model's merger and its window-order reversal run on their usual shapes, and
+the dropped units' tokens leave at the language model's input.
 
 Merges are refused here: ToMe's proportional attention adds ``log(size)`` through an attention mask, and the packed
 tower's attention takes none (its chunks are called with ``attention_mask=None``).
@@ -51,7 +51,7 @@ class PackedCut:
     seconds: list[float] = field(default_factory=list)
     macs: list[int] = field(default_factory=list)
     blocks: dict[bool, tuple[Tensor, int]] = field(default_factory=dict)  # per windowed-or-not: cu_seqlens, max
-    keep: Tensor | None = None  # (N,) bool over the tower's original patches (window order); None: all kept
+    keep: Tensor | None = None  # (N,) bool over the tower's original patches (in its order); None: all kept
     rotary: tuple[Tensor, Tensor] | None = None  # the kept patches' rotary embeddings, gathered once per cut
 
 
@@ -143,14 +143,16 @@ class PackedTowerStages:
             selection = check_reduction(result, rows, ctx, who=plan.who, capabilities=type(plan.reducer).capabilities)
             if isinstance(result, Merge):
                 raise TokenpruneError(
-                    f"stage {plan.index} ({plan.who}) merges tokens at vision layer {k}, but the {self.packed.module}"
+                    f"stage {plan.index} ({plan.who}) merges tokens at vision layer {k}, but the "
+                    f"{type(self.packed.module).__name__}"
                     " tower's attention takes no attention mask for ToMe's proportional attention (log(size) on the "
                     "keys); use a reducer that removes tokens there, or merge at pre_projector"
                 )
             keep = selection.to_mask(rows.shape[1]) & valid
             alive = cut.units.alive_of(keep)
-            hidden = hidden[alive[cut.alive].repeat_interleave(cut.units.group)]
-            cut.alive, cut.keep = alive, alive.repeat_interleave(cut.units.group)
+            patches = cut.units.patch_mask(alive)
+            hidden = hidden[patches if cut.keep is None else patches[cut.keep]]
+            cut.alive, cut.keep = alive, patches
             cut.masks.append(keep)
             cut.seconds.append(time.perf_counter() - start)
             cut.macs.append(plan.reducer.overhead_macs(rows, ctx))
