@@ -158,8 +158,7 @@ def test_run_cuts_at_the_default_layer(checkpoint, files):
 
 
 #: Families whose adapters describe their vision towers (issue 32): where VisionZip runs on the probe's scores.
-TOWERS = {"qwen3_5": "pre_projector", "glm4v": "pre_projector", "ernie4_5_vl_moe": "pre_projector"}
-TOWERS["paddleocr_vl"] = "post_projector"  # its raster-ordered tower: vision attention after the projector only
+TOWERS = dict.fromkeys(["qwen3_5", "glm4v", "ernie4_5_vl_moe", "paddleocr_vl"], "pre_projector")
 
 
 @pytest.mark.parametrize("model_type", sorted(TOWERS))
