@@ -23,7 +23,8 @@ base_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['
 # among them), the signals read inside the model (own-layer attention, keys, text rows, the vision
 # probe), the decode stage (attention calls at decoding), video heatmaps, the model census (every
 # image-text-to-text type served or refused by name; the generic adapter's invariants on two types), the families of
-# issue 32 (tests/test_families.py) and the adapter tutorial's own test.
+# issue 32 (tests/test_families.py; their packed towers: tests/test_families_towers.py, PaddleOCR-VL's
+# tests/test_tower_paddleocr_vl.py) and the adapter tutorial's own test.
 tests=(
   tests/test_compat.py
   tests/test_engine_invariants.py
@@ -49,6 +50,7 @@ tests=(
   tests/test_gemma4_kv_sharing.py
   tests/test_glm_video.py
   tests/test_families_towers.py
+  tests/test_tower_paddleocr_vl.py
   tests/test_family_videos.py
   tests/test_heatmap_video.py
   tests/test_engine_stopwatch.py
