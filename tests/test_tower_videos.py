@@ -33,7 +33,7 @@ from tokenprune.testing.census import build_tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-#: The types whose census inputs hold videos (GLM-Image has no ``get_video_features``), one per tower class.
+#: The types whose census inputs hold videos (GLM-4.6V's tower is GLM-4.1V's class; GLM-Image takes no videos).
 VIDEO = ["qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe", "glm_ocr", "ernie4_5_vl_moe"]
 #: Types whose stock model takes an image beside a video in one prompt (GLM-4.xV's counts them as one more video).
 MIXED = ["qwen3_5", "ernie4_5_vl_moe"]
@@ -42,6 +42,7 @@ FRAMES = 2
 
 
 def _frame_merge(model_type: str) -> int:
+    """How many temporal patches make one frame of video tokens (ERNIE's resampler merges two)."""
     return 2 if model_type == "ernie4_5_vl_moe" else 1
 
 
