@@ -91,7 +91,7 @@ def test_the_family_is_served_by_its_tower_adapter(model_type):
     assert visual is getattr(model.model, "vision_tower" if model_type == "ernie4_5_vl_moe" else "visual")
     assert adapter.name == TOWERS[model_type]
     assert tower.layers == tuple(visual.blocks) and tower.feature_layer == len(visual.blocks) - 1
-    assert not tower.has_cls and not tower.videos
+    assert not tower.has_cls and tower.videos  # the videos' tower calls too (tests/test_tower_videos.py)
     assert packed.module is visual and packed.merge == 2 and packed.window is None
     assert adapter.position_scheme == "mrope"  # the generic adapter's positions are kept
     assert default_cut_layer(adapter)[0] == (3 if model_type in HYBRID else 2)
@@ -223,19 +223,20 @@ def test_a_vision_layer_cut_equals_the_last_block_run_on_the_kept_patches(model_
 
 
 @pytest.mark.parametrize("model_type", _params(["qwen3_5", "ernie4_5_vl_moe"]))
-def test_a_vision_attention_stage_on_video_tokens_is_refused_and_tokens_image_prunes_the_images(model_type):
-    """The probe watches the image call only (Qwen3.5's videos run through ``get_image_features``, as Qwen3-VL's;
-    ERNIE's through the tower directly), so a vision-attention stage reducing video tokens is refused naming the
-    adapter, and ``tokens: image`` reduces the images (4 units each) of an image + video prompt, keeping the video."""
-    model, adapter, builder, manager = _built(model_type)
+def test_a_vision_attention_stage_on_video_tokens_is_served_and_tokens_image_prunes_the_images(model_type):
+    """The probe watches the video call too (Qwen3.5's videos run through ``get_image_features``, as Qwen3-VL's;
+    ERNIE's through the tower directly), so a vision-attention stage reduces the image (4 units) and the video tokens
+    of an image + video prompt together, and ``tokens: image`` reduces the images only, keeping the video (the
+    scores: tests/test_tower_videos.py)."""
+    model, _, builder, manager = _built(model_type)
     inputs = _video_inputs(builder)([1])
+    videos = int(inputs["video_grid_thw"].prod(-1).sum()) // 4 // (2 if model_type == "ernie4_5_vl_moe" else 1)
     stage = {"at": "post_projector", "reducer": "visionzip", "keep": 2, "params": {"contextual_ratio": 0.0}}
     stage["params"]["attention"] = "mean"
-    with tp.apply(model, {"stages": [stage]}, plugins=manager), torch.no_grad():
-        with pytest.raises(
-            TokenpruneError, match=rf"'{adapter.name}' adapter serves .*image tokens only.*`tokens: image`"
-        ):
-            model(**inputs)
+    with tp.apply(model, {"stages": [stage]}, plugins=manager) as run, torch.no_grad():
+        model(**inputs)
+        (s,) = run.stats.last_prefill.stages
+    assert s.entering == [4 + videos] and s.leaving == [2]
     with tp.apply(model, {"stages": [{**stage, "tokens": "image"}]}, plugins=manager) as run, torch.no_grad():
         model(**inputs)
         (s,) = run.stats.last_prefill.stages
@@ -274,9 +275,10 @@ def test_flops_of_stages_before_the_merger_agree_three_ways(model_type):
 @pytest.mark.parametrize("model_type", ["glm4v"])
 def test_glm_video_prompts_keep_the_videos_out_of_the_tower_stages(model_type):
     """GLM-4.xV's video placeholders are its image token, typed video by ``mm_token_type_ids``
-    (``tokenprune/adapters/token_types.py``): a vision-attention stage that would reduce them is refused naming
-    ``tokens: image``, and with it reduces nothing on a prompt without images; the stages before the merger reduce
-    images only (the videos run through ``get_video_features``), so a video-only prompt runs as the stock model."""
+    (``tokenprune/adapters/token_types.py``): a vision-attention stage reduces them (``tokens: all`` or ``video``, the
+    tower's attention recorded during ``get_video_features``, tests/test_tower_videos.py), and with ``tokens: image``
+    reduces nothing on a prompt without images; the stages before the merger reduce images only (the videos run
+    through ``get_video_features``, which they do not cut), so a video-only prompt runs as the stock model."""
     model, _, builder, manager = _built(model_type)
     inputs = _video_inputs(builder)([1, 1])
     with torch.no_grad():
@@ -284,9 +286,10 @@ def test_glm_video_prompts_keep_the_videos_out_of_the_tower_stages(model_type):
     vision = {"at": "post_projector", "reducer": "visionzip", "keep": 2}
     vision["params"] = {"contextual_ratio": 0.0, "attention": "mean"}
     for tokens in ("all", "video"):
-        with tp.apply(model, {"stages": [{**vision, "tokens": tokens}]}, plugins=manager), torch.no_grad():
-            with pytest.raises(TokenpruneError, match=r"serves for image tokens only.*tokens: image"):
-                model(**inputs)
+        with tp.apply(model, {"stages": [{**vision, "tokens": tokens}]}, plugins=manager) as run, torch.no_grad():
+            model(**inputs)
+            (s,) = run.stats.last_prefill.stages
+        assert s.entering == [8, 16] and s.leaving == [2, 2], tokens
     before = [{"at": "pre_projector", "reducer": "unit_drop", "keep": 2}]
     before.append({"at": {"vision_layer": 1}, "reducer": "unit_drop", "keep": 2})
     for stage in [{**vision, "tokens": "image"}, *({**s, "tokens": t} for s in before for t in ("all", "image"))]:

@@ -11,6 +11,11 @@ adds the tower:
 * **Vision attention** (:meth:`PackedTowerAdapter.vision_tower`): the tower's blocks, probed at the last one (the
   features' block); one attention call per frame, so each merged token gets the mean of its unit's patches' scores
   (:func:`~tokenprune.adapters.vision.merged_unit_means`, as Qwen2-VL's). No CLS token: ``attention: mean`` only.
+  **Videos** too (``VisionTower.videos``): ``get_video_features`` runs the same tower on every temporal patch of
+  ``video_grid_thw`` as a frame of its own (Qwen3.5 through ``get_image_features``, GLM-4.xV with one ``(1, h, w)``
+  grid per frame, ERNIE directly), so a video token gets its unit's patches' mean in its frame
+  (:meth:`PackedTowerAdapter.map_vision_video_patches`); ERNIE's resampler merges pairs of frames, and its video
+  token gets the mean over the unit's patches of both frames (:func:`~tokenprune.adapters.vision.paired_frame_means`).
 * **``pre_projector`` and ``vision_layer: k``** (:mod:`tokenprune.adapters.packed`): whole merge units, as for
   Qwen2-VL. A cut between blocks is exact: the position embeddings were added per patch before block 0, the rotary
   embeddings are gathered per kept patch and ``cu_seqlens`` / ``max_seqlen`` recomputed from the kept units per frame
@@ -31,7 +36,7 @@ from torch import Tensor, nn
 from tokenprune.adapters.base import ImageCall, VisionTower
 from tokenprune.adapters.generic import GenericAdapter
 from tokenprune.adapters.packed import PackedTower
-from tokenprune.adapters.vision import merged_unit_means
+from tokenprune.adapters.vision import merged_unit_means, paired_frame_means
 
 
 class PackedTowerAdapter(GenericAdapter):
@@ -48,21 +53,36 @@ class PackedTowerAdapter(GenericAdapter):
     """The packed tower's name on the base model (called as ``tower(pixel_values, grid_thw)``)."""
     merger_start: ClassVar[str] = "merger"
     """The tower's per-patch module that the merger starts with, called on the ``(N, Dv)`` patches."""
+    tower_videos: ClassVar[bool] = True
+    """The tower also encodes the videos, one sequence per temporal patch of ``video_grid_thw``, and
+    :meth:`map_vision_video_patches` maps them (``False``: vision attention on images only)."""
 
     def tower(self) -> nn.Module:
         """The packed tower: ``visual`` (ERNIE: ``vision_tower``)."""
         return getattr(self.vlm(), self.tower_attribute)
 
     def vision_tower(self) -> VisionTower | None:
-        """The tower's blocks; the default probed block is the last one, whose output the merger reads."""
+        """The tower's blocks; the default probed block is the last one, whose output the merger reads. The probe
+        also watches them during ``get_video_features`` (:attr:`tower_videos`)."""
         visual = self.tower()
         blocks = tuple(visual.blocks)
-        return VisionTower(type(visual).__name__, blocks, len(blocks) - 1, False, self.tower_notes)
+        return VisionTower(
+            type(visual).__name__, blocks, len(blocks) - 1, False, self.tower_notes, videos=self.tower_videos
+        )
 
     def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
         """One tower sequence per frame; each merged token the mean of its unit's ``m * m`` consecutive patches."""
         grid = call.arg("image_grid_thw", 1)
         if grid is None:
+            return None
+        return merged_unit_means(grid, values, self.tower().config.spatial_merge_size ** 2)
+
+    def map_vision_video_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per temporal patch of ``video_grid_thw`` (``(videos, 3)``, the call's second
+        argument), frames in order; each video token the mean of its unit's ``m * m`` consecutive patches in its
+        frame, ``(t * h * w / m^2, C)`` per video, frames one after the other as :meth:`video_layouts` orders them."""
+        grid = call.arg("video_grid_thw", 1)
+        if grid is None or not self.tower_videos:
             return None
         return merged_unit_means(grid, values, self.tower().config.spatial_merge_size ** 2)
 
@@ -106,3 +126,14 @@ class Ernie45VLAdapter(PackedTowerAdapter):
     notes = Qwen35Adapter.notes + " of images"
     tower_attribute = "vision_tower"
     merger_start = "ln"
+
+    def map_vision_video_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per temporal patch of ``video_grid_thw``; the resampler builds each video token from
+        one 2x2 unit of ``temporal_merge_size`` (2) consecutive frames (``_temporal_slicing``: frames ``2k`` and
+        ``2k + 1``), so the token is the mean of those ``2 * 4`` patches, ``t / 2`` frames of tokens per video."""
+        grid = call.arg("video_grid_thw", 1)
+        if grid is None:
+            return None
+        vision = self.vlm().config.vision_config
+        return paired_frame_means(grid, values, vision.spatial_merge_size**2, int(vision.temporal_merge_size))
+

@@ -78,6 +78,21 @@ def merged_unit_means(grid_thw: Tensor, values: list[Tensor], group: int) -> lis
     return out
 
 
+def paired_frame_means(grid_thw: Tensor, values: list[Tensor], group: int, merge: int) -> list[Tensor]:
+    """:func:`merged_unit_means` for a tower whose resampler also merges ``merge`` consecutive frames of a video into
+    one (ERNIE-4.5-VL's ``temporal_merge_size``): one ``(t // merge * h * w / group, C)`` per video, its token ``(k,
+    u)`` the mean of unit ``u``'s ``group`` patches in frames ``merge k .. merge k + merge - 1``, tokens frame group by
+    frame group. A video of one frame is its frame (the resampler duplicates it); frames that fill no group are
+    dropped, as the resampler's slicing drops them."""
+    out, start = [], 0
+    for t, _, _ in grid_thw.tolist():
+        frames = [group_mean(v, group) for v in values[start : start + t]]
+        span = merge if t > 1 else 1
+        out.append(torch.cat([torch.stack(frames[k : k + span]).mean(0) for k in range(0, t - span + 1, span)]))
+        start += t
+    return out
+
+
 def raster_unit_means(grid_thw: Tensor, values: list[Tensor], merge: int) -> list[Tensor]:
     """:func:`merged_unit_means` for a tower whose frames hold their patches in raster order (PaddleOCR-VL: the
     projector regroups each ``m x m`` unit from the rows): a frame's token ``(r, c)`` is the mean of patches
