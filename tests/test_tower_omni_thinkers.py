@@ -179,11 +179,11 @@ def test_each_token_gets_the_mean_of_its_units_patches(model_type):
 # --- VisionZip on the tower's attention -------------------------------------------------------------------------
 
 
-def _received_attention(adapter: Any, inputs: dict[str, Any]) -> list[Tensor]:
-    """Per frame, each patch's attention received at the probed block (mean over heads and the frame's queries),
-    computed here from the block's input with its own q / k (or qkv) projections and rotary embeddings."""
-    tower = adapter.vision_tower()
-    attn = tower.layers[tower.feature_layer].attn
+def _received_attention(adapter: Any, inputs: dict[str, Any], layer: int) -> Tensor:
+    """Each patch's attention received at tower block ``layer`` (mean over heads and the queries of its attention
+    segment: its frame, or its window at a windowed block), computed here from the block's input with its own q / k
+    (or qkv) projections and rotary embeddings; ``(N,)`` in the tower's order (window order for Qwen2.5-Omni)."""
+    attn = adapter.vision_tower().layers[layer].attn
     seen: dict[str, Any] = {}
     handle = attn.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0], **k), with_kwargs=True)
     with torch.no_grad():
@@ -202,32 +202,40 @@ def _received_attention(adapter: Any, inputs: dict[str, Any]) -> list[Tensor]:
     for a, b in itertools.pairwise(cu):
         logits = torch.einsum("qhd,khd->hqk", q[a:b].float(), k[a:b].float()) * q.shape[-1] ** -0.5
         out.append(logits.softmax(-1).mean((0, 1)))
-    return out
+    return torch.cat(out)
 
 
-@pytest.mark.parametrize(("model_type", "window"), [(Q25, "census"), (Q25, "window2"), (Q3, "census")])
-def test_visionzip_keeps_the_tokens_whose_patches_received_the_most_attention(model_type, window):
+ZIP_CASES = [(Q25, "census", None), (Q25, "window2", None), (Q25, "window2", 0), (Q3, "census", None)]
+
+
+@pytest.mark.parametrize(("model_type", "window", "layer"), ZIP_CASES)
+def test_visionzip_keeps_the_tokens_whose_patches_received_the_most_attention(model_type, window, layer):
     """VisionZip's dominant tokens (``attention: mean``, keep 3 per sample) on the padded batch are, per sample, the
-    3 tokens with the highest mean over their unit's 4 patches of the attention received at the probed block
-    (frames in raster order of units, as :func:`window_order` puts them back); a sample alone keeps the same."""
+    3 tokens with the highest mean over their unit's 4 patches of the attention received at the probed block (the
+    default, or Qwen2.5-Omni's windowed block 0: attention within each window), each image's units put back in raster
+    order by :func:`window_order`; a sample alone keeps the same."""
     model, adapter, make_inputs, manager = _built(model_type, WINDOWS[window])
     side = 2 if WINDOWS[window] else None
     inputs = make_inputs([1, 2, 1])
-    grid = inputs["image_grid_thw"].tolist()
+    tower = adapter.vision_tower()
+    received = _received_attention(adapter, inputs, tower.feature_layer if layer is None else layer)
     units = []
-    for scores, (_, h, w) in zip(_received_attention(adapter, inputs), grid, strict=True):
+    for scores, (_, h, w) in zip(
+        received.split(inputs["image_grid_thw"].prod(-1).tolist()), inputs["image_grid_thw"].tolist(), strict=True
+    ):
         placed = scores.reshape(-1, 4).mean(1)
         raster = torch.empty_like(placed)
         raster[torch.tensor(window_order(h // 2, w // 2, side))] = placed
         units.append(raster)
     per_sample = [torch.cat(units[0:1]), torch.cat(units[1:3]), torch.cat(units[3:4])]
-    with tp.apply(model, {"stages": [VISIONZIP]}, plugins=manager) as run, torch.no_grad():
+    stage = {**VISIONZIP, "params": {**VISIONZIP["params"], "layer": layer}}
+    with tp.apply(model, {"stages": [stage]}, plugins=manager) as run, torch.no_grad():
         batch = model(**inputs).logits
-        (stage,) = run.stats.last_prefill.stages
-        assert stage.entering == [4, 12, 4] and stage.leaving == [3, 3, 3]
+        (s,) = run.stats.last_prefill.stages
+        assert s.entering == [4, 12, 4] and s.leaving == [3, 3, 3]
         for i, scores in enumerate(per_sample):
-            assert stage.kept[i] == sorted(scores.topk(3).indices.tolist()), i
-        kept = stage.kept
+            assert s.kept[i] == sorted(scores.topk(3).indices.tolist()), i
+        kept = s.kept
         for i, n in enumerate([1, 2, 1]):
             alone = model(**make_inputs([n], start=i)).logits
             assert run.stats.last_prefill.stages[0].kept[0] == kept[i]
