@@ -52,6 +52,7 @@ tests=(
   tests/test_families_towers.py
   tests/test_tower_paddleocr_vl.py
   tests/test_tower_videos.py
+  tests/test_tower_omni_thinkers.py
   tests/test_family_videos.py
   tests/test_heatmap_video.py
   tests/test_engine_stopwatch.py

@@ -15,6 +15,7 @@ from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.adapters.llava_next_video import LlavaNextVideoAdapter
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenprune.adapters.paddleocr_vl import PaddleOCRVLAdapter
+from tokenprune.adapters.omni_thinkers import Qwen3OmniThinkerAdapter, Qwen25OmniThinkerAdapter
 from tokenprune.adapters.paligemma import PaliGemmaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter
@@ -40,6 +41,8 @@ BUILTIN_ADAPTERS = (
     Glm4vAdapter,
     Ernie45VLAdapter,
     PaddleOCRVLAdapter,
+    Qwen25OmniThinkerAdapter,
+    Qwen3OmniThinkerAdapter,
 )
 
 
