@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import tokenprune
+from tokenprune.adapters.crop_towers import AyaVisionAdapter, Cohere2VisionAdapter
 from tokenprune.adapters.gemma3 import Gemma3Adapter
 from tokenprune.adapters.generic_packed import Ernie45VLAdapter, Glm4vAdapter, PaddleOCRVLAdapter, Qwen35Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
@@ -39,6 +40,8 @@ BUILTIN_ADAPTERS = (
     Glm4vAdapter,
     Ernie45VLAdapter,
     PaddleOCRVLAdapter,
+    AyaVisionAdapter,
+    Cohere2VisionAdapter,
 )
 
 
