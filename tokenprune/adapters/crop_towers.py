@@ -41,8 +41,7 @@ class CropTowerAdapter(GenericAdapter):
     notes = "generic adapter + vision attention (each token the mean of its pixel-shuffled block of patches)"
     pre_projector_refusal = (
         "its projector pixel-shuffles each d x d block of tower patches (downsample_factor) into one token before "
-        "its MLP, so it is not a per-token projector; stages before the projector are not served for this family "
-        "(vision attention is served at post_projector)"
+        "its MLP, so it is not a per-token projector: stages before the projector are not served for this family"
     )
     feature_layer_key: ClassVar[str | None] = None
     """The config key (and ``get_image_features`` argument) naming the hidden state the features come from;
