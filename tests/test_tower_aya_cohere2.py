@@ -135,9 +135,10 @@ def test_each_token_gets_the_mean_of_its_two_by_two_block_of_patches(model_type)
     assert adapter.map_vision_patches(ImageCall((None,), {}, None), [torch.randn(12, 3)]) is None
     if model_type == "aya_vision":
         with_first = [torch.cat([torch.full((1, 3), 1e3), v]) for v in values]
-        call = ImageCall((None,), {"vision_feature_select_strategy": "default"}, None)
-        for got, v in zip(adapter.map_vision_patches(call, with_first), values, strict=True):
-            torch.testing.assert_close(got, _block_means(v, math.isqrt(v.shape[0])), rtol=0, atol=1e-6)
+        by_name = ImageCall((None,), {"vision_feature_select_strategy": "default"}, None)
+        for call in (by_name, ImageCall((None, -1, "default"), {}, None)):  # by keyword, by place
+            for got, v in zip(adapter.map_vision_patches(call, with_first), values, strict=True):
+                torch.testing.assert_close(got, _block_means(v, math.isqrt(v.shape[0])), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_type", TYPES)

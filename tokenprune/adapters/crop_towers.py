@@ -79,7 +79,7 @@ class CropTowerAdapter(GenericAdapter):
         """The call's ``vision_feature_select_strategy`` (Aya), else the config's; ``None`` for Command A Vision."""
         if self.strategy_key is None:
             return None
-        given = call.kwargs.get(self.strategy_key)
+        given = call.arg(self.strategy_key, 2)  # get_image_features(pixel_values, layer, strategy)
         return given if given is not None else getattr(self.vlm().config, self.strategy_key, None)
 
 
