@@ -53,6 +53,8 @@ DEDICATED = {
     "paddleocr_vl": "paddleocr_vl",
     "qwen2_5_omni_thinker": "qwen2_5_omni_thinker",
     "qwen3_omni_moe_thinker": "qwen3_omni_moe_thinker",
+    "aya_vision": "aya_vision",
+    "cohere2_vision": "cohere2_vision",
 }
 #: The default layer on the tiny models: their hybrid language models alternate softmax attention (layer 0) and a
 #: recurrent kind (layer 1), so the first layer after an attention layer, from 2 on, is 3.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import tokenprune
+from tokenprune.adapters.crop_towers import AyaVisionAdapter, Cohere2VisionAdapter
 from tokenprune.adapters.gemma3 import Gemma3Adapter
 from tokenprune.adapters.generic_packed import Ernie45VLAdapter, Glm4vAdapter, Qwen35Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
@@ -43,6 +44,8 @@ BUILTIN_ADAPTERS = (
     PaddleOCRVLAdapter,
     Qwen25OmniThinkerAdapter,
     Qwen3OmniThinkerAdapter,
+    AyaVisionAdapter,
+    Cohere2VisionAdapter,
 )
 
 
