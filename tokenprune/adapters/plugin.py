@@ -9,6 +9,7 @@ from tokenprune.adapters.gemma3 import Gemma3Adapter
 from tokenprune.adapters.generic_packed import Ernie45VLAdapter, Glm4vAdapter, PaddleOCRVLAdapter, Qwen35Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
 from tokenprune.adapters.internvl import InternVLAdapter
+from tokenprune.adapters.lfm2_vl import Lfm2VlAdapter, Lfm3VlAdapter
 from tokenprune.adapters.llama4 import Llama4Adapter
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
@@ -39,6 +40,8 @@ BUILTIN_ADAPTERS = (
     Glm4vAdapter,
     Ernie45VLAdapter,
     PaddleOCRVLAdapter,
+    Lfm2VlAdapter,
+    Lfm3VlAdapter,
 )
 
 
