@@ -10,7 +10,7 @@ map from its patches to the language model's tokens.
   which maps to no token. The features are the last layer's output (after ``post_layernorm``), the default probed
   layer; no CLS token (``attention: mean`` only). The projector pixel-unshuffles each ``2 x 2`` block of patches
   (``downsample_factor``) into one token, tokens in raster order over ``(h / 2, w / 2)``: each token gets the mean of
-  its block's four patches (:func:`naflex_block_means`; transformers 5.24 gathers the blocks of every tile at once,
+  its block's four patches (:func:`naflex_block_means`; transformers 5.24 on gathers the blocks of every tile at once,
   5.18-5.21 unshuffle tile by tile: the same blocks). ``pre_projector`` and ``vision_layer`` stages are refused: the
   projector's input row is a block of four patches, not one patch.
 * **LFM3-VL** (:class:`Lfm3VlAdapter`): a packed tower over ``image_grid_thw`` (Qwen2-VL's layout: each frame one
