@@ -55,6 +55,8 @@ DEDICATED = {
     "qwen3_omni_moe_thinker": "qwen3_omni_moe_thinker",
     "aya_vision": "aya_vision",
     "cohere2_vision": "cohere2_vision",
+    "lfm2_vl": "lfm2_vl",
+    "lfm3_vl": "lfm3_vl",
 }
 #: The default layer on the tiny models: their hybrid language models alternate softmax attention (layer 0) and a
 #: recurrent kind (layer 1), so the first layer after an attention layer, from 2 on, is 3.

@@ -10,6 +10,7 @@ from tokenprune.adapters.gemma3 import Gemma3Adapter
 from tokenprune.adapters.generic_packed import Ernie45VLAdapter, Glm4vAdapter, Qwen35Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
 from tokenprune.adapters.internvl import InternVLAdapter
+from tokenprune.adapters.lfm2_vl import Lfm2VlAdapter, Lfm3VlAdapter
 from tokenprune.adapters.llama4 import Llama4Adapter
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
@@ -46,6 +47,8 @@ BUILTIN_ADAPTERS = (
     Qwen3OmniThinkerAdapter,
     AyaVisionAdapter,
     Cohere2VisionAdapter,
+    Lfm2VlAdapter,
+    Lfm3VlAdapter,
 )
 
 
