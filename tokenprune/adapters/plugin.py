@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import tokenprune
 from tokenprune.adapters.gemma3 import Gemma3Adapter
+from tokenprune.adapters.gemma4 import Gemma4Adapter
 from tokenprune.adapters.generic_packed import Ernie45VLAdapter, Glm4vAdapter, PaddleOCRVLAdapter, Qwen35Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
 from tokenprune.adapters.internvl import InternVLAdapter
@@ -39,6 +40,7 @@ BUILTIN_ADAPTERS = (
     Glm4vAdapter,
     Ernie45VLAdapter,
     PaddleOCRVLAdapter,
+    Gemma4Adapter,
 )
 
 
