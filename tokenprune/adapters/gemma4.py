@@ -33,7 +33,9 @@ from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, VisionTower
 from tokenprune.adapters.generic import GenericAdapter, _argument
+from tokenprune.adapters.shape import refusal
 from tokenprune.engine import compat
+from tokenprune.errors import UnsupportedModelError
 
 
 class Gemma4Adapter(GenericAdapter):
@@ -49,6 +51,18 @@ class Gemma4Adapter(GenericAdapter):
         "flattened together, not one tower patch per row of each tower sequence; pre_projector and vision_layer "
         "stages are not served for gemma4 (vision attention is served at post_projector)"
     )
+
+    def __init__(self, model: nn.Module) -> None:
+        """The generic adapter's shape checks still apply (:func:`~tokenprune.adapters.shape.refusal`: a Gemma 4
+        assistant, whose every layer reuses another model's keys and values, is refused).
+
+        Raises:
+            UnsupportedModelError: the model lacks the shape the generic adapter serves, naming the reason.
+        """
+        reason = refusal(model)
+        if reason is not None:
+            raise UnsupportedModelError(f"model_type 'gemma4': the gemma4 adapter cannot serve it: {reason}")
+        super().__init__(model)
 
     def tower(self) -> nn.Module:
         """The ``Gemma4VisionModel`` (the base model's ``vision_tower``)."""
