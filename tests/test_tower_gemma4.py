@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import tokenprune_visionzip
 import torch
+import transformers
 from engine_fixtures import manager_with
+from PIL import Image
 from test_engine_packed_tower import _Plugin
 from test_families import _skip_unless
 from test_family_videos import _gemma4_video_inputs, _skip_where_the_stock_video_forward_fails
@@ -153,43 +156,71 @@ def test_each_token_is_the_mean_of_its_k_by_k_patches(case):
         torch.testing.assert_close(got, pooled[0][mask[0]], rtol=0, atol=1e-6)  # full blocks: sum / k^2
 
 
-def test_a_video_frames_patches_map_to_its_video_tokens(video_case):
-    """The kit's push check on the ``get_video_features`` call (one tower sequence per frame, a video's frames one
-    after the other): a value at one patch marks exactly the video tokens that move when that patch's attention
-    output at the last layer is pushed; a constant maps to 1 on every video token."""
-    model, adapter = video_case.model, video_case.adapter
-    vlm = adapter.vlm()
-    args, kwargs = _video_call(model, video_case.padded_batch())
-    call = ImageCall(args, kwargs, None)
+def _check_pushes(adapter: Any, method: Any, call: ImageCall, places: list[tuple[int, int]], mapper: Any) -> None:
+    """The kit's push check on one feature call (``method(*call.args, **call.kwargs)``): a value at tower position
+    ``p`` of sequence ``r`` (each of ``places``) marks (through ``mapper``) exactly the tokens that move when that
+    position's attention output at the last tower layer is pushed; a constant maps to 1 on every token."""
     attention = compat.vision_attention_module(adapter.vision_tower().layers[-1])
-    pixels = args[0] if args else kwargs["pixel_values_videos"]
-    pixels = pixels.reshape(-1, *pixels.shape[-2:])  # (frames, P, 3*P*P); 5.18: (V, F, ...) stacked
-    frames, length = int(pixels.shape[0]), int(pixels.shape[1])
+    lengths: list[int] = []
 
     def features(flat: int | None) -> Tensor:
         def push(module: torch.nn.Module, _: Any, output: Any) -> Any:
             out = output[0].clone()
-            out.reshape(-1, out.shape[-1])[flat] += torch.linspace(-50.0, 50.0, out.shape[-1])
+            if not lengths:
+                lengths.extend([out.shape[1]] * out.shape[0])
+            if flat is not None:
+                out.reshape(-1, out.shape[-1])[flat] += torch.linspace(-50.0, 50.0, out.shape[-1])
             return (out, *output[1:])
 
-        handle = attention.register_forward_hook(push) if flat is not None else None
+        handle = attention.register_forward_hook(push)
         try:
             with torch.no_grad():
-                return torch.cat(list(vlm.get_video_features(*args, **kwargs).pooler_output))
+                return torch.cat(list(method(*call.args, **call.kwargs).pooler_output))
         finally:
-            if handle is not None:
-                handle.remove()
+            handle.remove()
 
     base = features(None)
-    for r in (0, 4, frames - 1):
-        for p in (0, 1, length // 2, length - 1):
-            values = [torch.zeros(length, 1) for _ in range(frames)]
-            values[r][p] = 1.0
-            marked = torch.cat(adapter.map_vision_video_patches(call, values)).reshape(-1).abs() > 1e-9
-            moved = (features(r * length + p) - base).abs().amax(-1) > 1e-4
-            assert torch.equal(marked, moved), (r, p, marked.nonzero().flatten(), moved.nonzero().flatten())
-    ones = torch.cat(adapter.map_vision_video_patches(call, [torch.ones(length, 1)] * frames)).reshape(-1)
+    for r, p in places:
+        values = [torch.zeros(n, 1) for n in lengths]
+        values[r][p] = 1.0
+        marked = torch.cat(mapper(call, values)).reshape(-1).abs() > 1e-9
+        moved = (features(sum(lengths[:r]) + p) - base).abs().amax(-1) > 1e-4
+        assert torch.equal(marked, moved), (r, p, marked.nonzero().flatten(), moved.nonzero().flatten())
+    ones = torch.cat(mapper(call, [torch.ones(n, 1) for n in lengths])).reshape(-1)
     torch.testing.assert_close(ones, torch.ones_like(ones))
+
+
+def test_the_image_processors_patches_map_to_the_tokens_the_model_builds(case):
+    """On what Gemma 4's own image processor writes (``Gemma4ImageProcessorPil``, the tiny checkpoint's, 70 soft
+    tokens at most: two images of other aspect ratios resized to 18 x 30 and 42 x 12 patches, padded to 630 rows):
+    the first and last patches, patches inside the images, the first padding row."""
+    if not hasattr(transformers, "Gemma4ImageProcessorPil"):
+        pytest.skip(f"transformers {compat.transformers_version()} has no Gemma4ImageProcessorPil")
+    vision = case.model.config.vision_config
+    processor = transformers.Gemma4ImageProcessorPil(
+        patch_size=int(vision.patch_size), pooling_kernel_size=int(vision.pooling_kernel_size), max_soft_tokens=70
+    )
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(96, 64), (64, 200)]]
+    out = processor(images, return_tensors="pt")
+    positions = out["image_position_ids"]
+    real = (positions != -1).all(-1).sum(1).tolist()
+    assert real == [540, 504] and positions.shape[1] == 630
+    call = ImageCall((out["pixel_values"], positions), {}, None)
+    places = [(r, p) for r in (0, 1) for p in (0, 1, 29, 31, 100, real[r] - 1, real[r])]
+    _check_pushes(case.adapter, case.adapter.vlm().get_image_features, call, places, case.adapter.map_vision_patches)
+
+
+def test_a_video_frames_patches_map_to_its_video_tokens(video_case):
+    """The push check on the ``get_video_features`` call of images and videos of two frame sizes (one tower sequence
+    per frame, a video's frames one after the other; 5.18: the videos stacked)."""
+    adapter = video_case.adapter
+    args, kwargs = _video_call(video_case.model, video_case.padded_batch())
+    pixels = args[0] if args else kwargs["pixel_values_videos"]
+    frames, length = int(pixels.reshape(-1, *pixels.shape[-2:]).shape[0]), int(pixels.shape[-2])
+    places = [(r, p) for r in (0, 4, frames - 1) for p in (0, 1, length // 2, length - 1)]
+    call = ImageCall(args, kwargs, None)
+    _check_pushes(adapter, adapter.vlm().get_video_features, call, places, adapter.map_vision_video_patches)
 
 
 def _video_call(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
