@@ -15,6 +15,7 @@ tower). The invariants of the family: ``tests/test_families.py -k gemma4``, ``te
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from engine_fixtures import manager_with
 from PIL import Image
 from test_engine_packed_tower import _Plugin
 from test_families import _skip_unless
+from test_family_checkpoints import _layers, _run, _saved, _visual_count
 from test_family_videos import _gemma4_video_inputs, _skip_where_the_stock_video_forward_fails
 from test_vision_attention import _eager_weights
 from torch import Tensor
@@ -320,3 +322,24 @@ def test_stages_before_the_embedder_are_refused_naming_the_pooler(case, at, redu
     pipe = {"stages": [{"at": at, "reducer": reducer, "keep": 3, "params": params}]}
     with pytest.raises(TokenpruneError, match=r"'gemma4'.*pools each k x k block of patches.*Gemma4VisionPooler"):
         tp.apply(case.model, pipe, plugins=case.manager)
+
+
+def test_run_with_visionzip_on_the_towers_attention(tmp_path_factory):
+    """``tokenprune run`` on the tiny saved checkpoint with its own processor (a 96x64 image, resized to 30 x 18 patches: 10 x 6 tokens):
+    VisionZip (dominant tokens, ``attention: mean``) at ``post_projector`` keeps half the image's tokens, every
+    decoder layer runs on the rest."""
+    _skip_unless("gemma4")
+    root = tmp_path_factory.mktemp("gemma4-visionzip")
+    image = root / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 64, 3), dtype=np.uint8)).save(image)
+    folder = _saved("gemma4", tmp_path_factory)
+    visual, prompt = _visual_count(folder, image)
+    assert visual == 60
+    pipeline = root / "visionzip.yaml"
+    params = "{contextual_ratio: 0.0, attention: mean}"
+    pipeline.write_text(
+        f"stages:\n  - {{at: post_projector, reducer: visionzip, keep: {visual // 2}, params: {params}}}\n"
+    )
+    output = _run(folder, pipeline, image)
+    assert re.search(rf"stage 0 visionzip at post_projector: visual tokens {visual} -> {visual // 2} ", output), output
+    assert set(_layers(output)) == {prompt - visual // 2}
