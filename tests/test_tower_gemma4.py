@@ -332,7 +332,14 @@ def test_run_with_visionzip_on_the_towers_attention(tmp_path_factory):
     root = tmp_path_factory.mktemp("gemma4-visionzip")
     image = root / "image.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 64, 3), dtype=np.uint8)).save(image)
-    folder = _saved("gemma4", tmp_path_factory)
+    try:
+        folder = _saved("gemma4", tmp_path_factory)
+    except ModuleNotFoundError as exc:  # 5.18: its Gemma4Processor imports the torchvision image processor
+        if "torchvision" not in repr(exc.__cause__):
+            raise
+        pytest.skip(
+            f"transformers {compat.transformers_version()}'s Gemma4Processor imports torchvision, not loadable here"
+        )
     visual, prompt = _visual_count(folder, image)
     assert visual == 60
     pipeline = root / "visionzip.yaml"
