@@ -55,6 +55,7 @@ tests=(
   tests/test_tower_omni_thinkers.py
   tests/test_tower_aya_cohere2.py
   tests/test_tower_lfm2_vl.py
+  tests/test_tower_gemma4.py
   tests/test_family_videos.py
   tests/test_heatmap_video.py
   tests/test_engine_stopwatch.py

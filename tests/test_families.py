@@ -57,6 +57,7 @@ DEDICATED = {
     "cohere2_vision": "cohere2_vision",
     "lfm2_vl": "lfm2_vl",
     "lfm3_vl": "lfm3_vl",
+    "gemma4": "gemma4",
 }
 #: The default layer on the tiny models: their hybrid language models alternate softmax attention (layer 0) and a
 #: recurrent kind (layer 1), so the first layer after an attention layer, from 2 on, is 3.

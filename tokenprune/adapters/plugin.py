@@ -8,6 +8,8 @@ import tokenprune
 from tokenprune.adapters.crop_towers import AyaVisionAdapter, Cohere2VisionAdapter
 from tokenprune.adapters.gemma3 import Gemma3Adapter
 from tokenprune.adapters.generic_packed import Ernie45VLAdapter, Glm4vAdapter, Qwen35Adapter
+from tokenprune.adapters.gemma4 import Gemma4Adapter
+from tokenprune.adapters.generic_packed import Ernie45VLAdapter, Glm4vAdapter, PaddleOCRVLAdapter, Qwen35Adapter
 from tokenprune.adapters.idefics3 import Idefics3Adapter
 from tokenprune.adapters.internvl import InternVLAdapter
 from tokenprune.adapters.lfm2_vl import Lfm2VlAdapter, Lfm3VlAdapter
@@ -49,6 +51,7 @@ BUILTIN_ADAPTERS = (
     Cohere2VisionAdapter,
     Lfm2VlAdapter,
     Lfm3VlAdapter,
+    Gemma4Adapter,
 )
 
 
