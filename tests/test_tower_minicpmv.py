@@ -13,7 +13,6 @@ image`` reduces the images of an image + video batch. The engine invariants of t
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -90,12 +89,15 @@ def test_vision_patches_map_to_the_tokens_the_model_builds_from_them(model_type)
 
 @pytest.mark.parametrize("model_type", _params(WINDOWED))
 def test_positions_before_the_window_merger_map_to_the_tokens_built_from_them(model_type):
-    """Layer 0 (``insert_layer_id``: the window merger runs on its output): each slice's full patch grid, a token
-    built from a 4 x 4 block of patches."""
+    """A layer before the window merger, its sequences the slices' full patch grids: a token built from a 4 x 4 block
+    of patches. Checked on the tower cut to its layer 0 (``insert_layer_id``: the window merger runs on its output),
+    which the probe reads as the last layer (later layers attend across the slice, so the kit's push would move every
+    token of it)."""
     case = _case(model_type)
+    tower = case.model.model.vision_tower
     assert case.model.config.vision_config.insert_layer_id == 0
-    tower = case.adapter.vision_tower()
-    case.adapter.vision_tower = lambda: replace(tower, feature_layer=0)
+    tower.encoder.layers = torch.nn.ModuleList(list(tower.encoder.layers)[:1])
+    assert case.adapter.vision_tower().layers == (tower.encoder.layers[0],)
     checks.vision_patches_map_to_tokens(case)
 
 
