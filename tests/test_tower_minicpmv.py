@@ -13,6 +13,7 @@ image`` reduces the images of an image + video batch. The engine invariants of t
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -154,7 +155,7 @@ def _scores_at_last_layer(model: torch.nn.Module, inputs: dict[str, Any]) -> lis
     x, cu = seen["hidden"][0], seen["cu"].tolist()
     out = []
     with torch.no_grad():
-        for a, b in zip(cu[:-1], cu[1:], strict=True):
+        for a, b in itertools.pairwise(cu):
             q = attn.q_proj(x[a:b]).view(b - a, attn.num_heads, -1).transpose(0, 1)
             k = attn.k_proj(x[a:b]).view(b - a, attn.num_heads, -1).transpose(0, 1)
             out.append(torch.softmax(q @ k.transpose(1, 2) * attn.scaling, -1).mean(1).mean(0))
@@ -217,7 +218,9 @@ def test_a_vision_attention_stage_on_video_tokens_is_refused_and_tokens_image_pr
     stage = {"at": "post_projector", "reducer": "visionzip", "keep": 2}
     stage["params"] = {"contextual_ratio": 0.0, "attention": "mean"}
     with tp.apply(model, {"stages": [stage]}, plugins=manager), torch.no_grad():
-        with pytest.raises(TokenpruneError, match=rf"'{adapter.name}' adapter serves .*image tokens only.*tokens: image"):
+        with pytest.raises(
+            TokenpruneError, match=rf"'{adapter.name}' adapter serves .*image tokens only.*tokens: image"
+        ):
             model(**inputs)
     with tp.apply(model, {"stages": [{**stage, "tokens": "image"}]}, plugins=manager) as run, torch.no_grad():
         model(**inputs)
