@@ -18,6 +18,10 @@ merger's rounds; ``2^t`` in the ``4x`` mode). The probe reads layers before and 
 length of each recorded sequence says which grid it is. The default probed layer is the last one (its output, after
 ``post_layernorm``, is the merger's input). No CLS token: ``attention: mean`` only.
 
+Departure (docs/models.md, MiniCPM-V): the mean over a token's block is the convention every merging tower here follows
+(Qwen2-VL's 2x2 units); the model builds the token through MLPs over the block's concatenated positions (plus, in the
+window merger, their mean), not by averaging them.
+
 Refused: ``pre_projector`` and ``vision_layer`` stages (the merger concatenates each block of raster-ordered
 positions, not a per-token projector, and the slices' patches are not stored as merge units of consecutive rows, which
 the packed-tower stages reduce), and vision attention on video tokens: the videos run through the same tower, but the
