@@ -8,7 +8,8 @@ in the ``16x`` mode) and at the first (before it), and against a direct computat
 positions; VisionZip (``attention: mean``) at ``post_projector`` keeps, per sample, the tokens with the highest scores
 computed here from the layer's own q/k and the block means, and batch == one by one; ``cls``, ``pre_projector`` and
 ``vision_layer`` stages are refused naming why; a vision-attention stage on video tokens is refused and ``tokens:
-image`` reduces the images of an image + video batch. The engine invariants of the family: tests/test_families.py.
+image`` reduces the images of an image + video batch; a stage reading the layer before the window merger keeps the
+tokens its attention ranks highest there. The engine invariants of the family: tests/test_families.py.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from test_families import SLOW, _skip_unless
 from torch import Tensor
 
 import tokenprune as tp
+from tokenprune import Capabilities, ReduceContext, ReducerParams, ScoringReducer
 from tokenprune.adapters.base import ImageCall
 from tokenprune.adapters.generic import adapter_for
 from tokenprune.errors import TokenpruneError
+from tokenprune.reducer import Requirements, VisionAttentionRequest
 from tokenprune.testing import adapters as checks
 from tokenprune.testing.census import build_tiny, default_cut_layer
 from tokenprune.testing.census_inputs import InputBuilder
@@ -39,13 +42,33 @@ TYPES = ["minicpmv4_6", "minicpmv4_7", "minicpm_ocr"]
 WINDOWED = ["minicpmv4_6", "minicpmv4_7"]
 
 
+class FirstLayerAttention(ScoringReducer):
+    """Keeps the tokens whose patches receive the most attention at the tower's layer 0 (before the window merger)."""
+
+    name = "first_layer_attention"
+    capabilities = Capabilities(insertion_points=frozenset({"post_projector"}), vision_attention=frozenset({"mean"}))
+
+    @classmethod
+    def requirements(cls, params: ReducerParams) -> Requirements:
+        return Requirements(vision_attention=VisionAttentionRequest("mean", 0))
+
+    def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
+        return ctx.vision_attention
+
+
+class _Reducers:
+    @tp.hookimpl
+    def tokenprune_register_reducers(self, registry: Any) -> None:
+        registry.add(FirstLayerAttention)
+
+
 def _params(types: list[str]) -> list[Any]:
     return [pytest.param(t, marks=pytest.mark.slow) if t in SLOW else t for t in types]
 
 
 def _manager() -> tp.plugins.PluginManager:
     manager = manager_with(tokenprune_visionzip)
-    for plugin in (_Plugin(), checks._CheckReducers()):
+    for plugin in (_Plugin(), _Reducers(), checks._CheckReducers()):
         manager.register(plugin)
     return manager
 
@@ -137,10 +160,10 @@ def test_each_token_gets_the_mean_of_its_block_of_raster_positions(model_type):
         adapter.map_vision_patches(ImageCall((None, sizes), {}, None), [torch.zeros(10, 1), torch.zeros(128, 1)])
 
 
-def _scores_at_last_layer(model: torch.nn.Module, inputs: dict[str, Any]) -> list[Tensor]:
-    """Per slice, the attention each position receives at the tower's last layer (softmax of its q/k, mean over the
+def _scores_at(model: torch.nn.Module, inputs: dict[str, Any], layer: int = -1) -> list[Tensor]:
+    """Per slice, the attention each position receives at the tower's ``layer`` (softmax of its q/k, mean over the
     slice's query rows and the heads), computed here from the layer's input."""
-    attn = model.model.vision_tower.encoder.layers[-1].self_attn
+    attn = model.model.vision_tower.encoder.layers[layer].self_attn
     seen: dict[str, Any] = {}
 
     def grab(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -174,7 +197,7 @@ def test_visionzip_keeps_the_tokens_the_towers_attention_ranks_highest(model_typ
     grids = [(h // 2, w // 2) if case.model.config.downsample_mode != "4x" else (h, w) for h, w in sizes]
     tokens = [
         torch.stack([_block(s[:, None], w, k, i, j) for i in range(h // k) for j in range(w // k)])[:, 0]
-        for s, (h, w) in zip(_scores_at_last_layer(case.model, batch), grids, strict=True)
+        for s, (h, w) in zip(_scores_at(case.model, batch), grids, strict=True)
     ]
     per_sample = [tokens[0], torch.cat(tokens[1:3]), tokens[3]]
     stage = {"at": "post_projector", "reducer": "visionzip", "keep": 3}
@@ -227,3 +250,24 @@ def test_a_vision_attention_stage_on_video_tokens_is_refused_and_tokens_image_pr
         (s,) = run.stats.last_prefill.stages
     images = int((inputs["input_ids"] == adapter.image_token_id()).sum())
     assert s.entering == [images] and s.leaving == [2]
+
+
+@pytest.mark.parametrize("model_type", _params(WINDOWED))
+def test_a_stage_reading_the_layer_before_the_window_merger_keeps_the_tokens_its_attention_ranks_highest(model_type):
+    """A stage reading the tower's layer 0 (before the window merger, the slices' full patch grids) on the padded
+    batch: each sample keeps the 3 tokens whose 4 x 4 block of patches receives the most attention there."""
+    case = _case(model_type)
+    batch = case.make_inputs([1, 2, 1])
+    sizes = batch["target_sizes"].tolist()
+    tokens = [
+        torch.stack([_block(s[:, None], w, 4, i, j) for i in range(h // 4) for j in range(w // 4)])[:, 0]
+        for s, (h, w) in zip(_scores_at(case.model, batch, 0), sizes, strict=True)
+    ]
+    per_sample = [tokens[0], torch.cat(tokens[1:3]), tokens[3]]
+    pipeline = {"stages": [{"at": "post_projector", "reducer": "first_layer_attention", "keep": 3}]}
+    with tp.apply(case.model, pipeline, plugins=case.manager) as run:
+        case.forward(batch)
+        (s,) = run.stats.last_prefill.stages
+    assert s.entering == [int(t.shape[0]) for t in per_sample]
+    for b, scores in enumerate(per_sample):
+        assert sorted(s.kept[b]) == sorted(scores.topk(3).indices.tolist()), (b, scores)
