@@ -14,6 +14,7 @@ from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
 from tokenprune.adapters.llava_next_video import LlavaNextVideoAdapter
 from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
+from tokenprune.adapters.molmo2 import Molmo2Adapter
 from tokenprune.adapters.paligemma import PaliGemmaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter
@@ -39,6 +40,7 @@ BUILTIN_ADAPTERS = (
     Glm4vAdapter,
     Ernie45VLAdapter,
     PaddleOCRVLAdapter,
+    Molmo2Adapter,
 )
 
 
