@@ -51,6 +51,7 @@ DEDICATED = {
     **dict.fromkeys(("glm4v", "glm4v_moe", "glm46v", "glmga", "glm_ocr"), "glm4v"),
     "ernie4_5_vl_moe": "ernie4_5_vl_moe",
     "paddleocr_vl": "paddleocr_vl",
+    "molmo2": "molmo2",
 }
 #: The default layer on the tiny models: their hybrid language models alternate softmax attention (layer 0) and a
 #: recurrent kind (layer 1), so the first layer after an attention layer, from 2 on, is 3.
