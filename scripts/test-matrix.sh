@@ -49,6 +49,7 @@ tests=(
   tests/test_gemma4_kv_sharing.py
   tests/test_glm_video.py
   tests/test_families_towers.py
+  tests/test_tower_molmo2.py
   tests/test_family_videos.py
   tests/test_heatmap_video.py
   tests/test_engine_stopwatch.py

@@ -11,9 +11,10 @@ low-res global grid then its high-res canvas grid, each video as its frames
   (``pixel_values`` ``(crops, P, D)``, or ``(images, crops, P, D)`` flattened to crops), each layer's ``self_attn``
   dispatching through ``ALL_ATTENTION_FUNCTIONS``, so the vision probe reads it. The features are the outputs of the
   layers of ``adapter_config.vision_feature_layer`` concatenated (``hidden_states[l + 1]`` for ``l >= 0``,
-  ``hidden_states[l]`` for ``l < 0``): the default probed layer is the *deepest* of them (as
+  ``hidden_states[l]`` for ``l < 0``): the default probed layer is the *deepest* of them (the checkpoints' ``[24, 18]``:
+  layer 24, the last of the 25 layers transformers builds; as
   :func:`~tokenprune.adapters.vision.layer_of_hidden_state` picks for a list). No CLS: ``attention: mean`` only.
-* **The pooling** (``Molmo2Adapter.forward`` of the model): token ``t`` attends over the patches
+* **The pooling** (the model's projector, transformers' own ``Molmo2Adapter``): token ``t`` attends over the patches
   ``image_token_pooling[t]`` indexes in the call's crops flattened to ``(crops * P)`` rows (``-1`` slots are
   padding; a token with no valid slot is dropped), its query their mean; the tokens are split per image by
   ``image_grids`` (``low_h * low_w + high_h * high_w``). From transformers 5.25 each image's indices count from its
