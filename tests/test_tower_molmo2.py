@@ -284,3 +284,37 @@ def test_cls_attention_and_stages_before_the_projector_are_refused_by_name():
         with pytest.raises(TokenpruneError, match=r"'molmo2'.*attention-pools each token from an index set of patches"):
             tp.apply(model, {"stages": [{"at": at, "reducer": "check_drop", "keep": 2}]}, plugins=manager)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_flops_of_a_vision_attention_stage_agree_three_ways():
+    """VisionZip (``attention: mean``) at ``post_projector`` on an image of a global crop and two high-res crops:
+    analytic == torch == fvcore on every decoder layer and the language model, which runs on the kept tokens."""
+    from tokenprune.cost.flops import count_flops
+
+    model, _, builder = _model()
+    inputs = _as_release(model, _molmo2_crop_inputs(builder))([1], start=1)  # 16 + 28 tokens
+    base = count_flops(model, inputs, use_fvcore=False)
+    stage = {"at": "post_projector", "reducer": "visionzip", "keep": 5}
+    stage["params"] = {"contextual_ratio": 0.0, "attention": "mean"}
+    report = count_flops(model, inputs, {"stages": [stage]}, plugins=_manager())
+    for row in report.layers:
+        assert row.analytic == row.torch == row.fvcore, (row, report.fvcore_notes)
+    lm = report.language_model
+    assert lm["analytic"] == lm["torch"] == lm["fvcore"], report.fvcore_notes
+    assert report.layers[0].tokens[0] == base.layers[0].tokens[0] - 44 + 5
+    assert lm["analytic"] < base.language_model["analytic"]
+
+
+@pytest.mark.parametrize("reducer", ["visionzip", "vispruner", "fastervlm"])
+def test_the_vision_attention_reducers_run_with_their_defaults_on_images_and_videos(reducer):
+    """Each vision-attention reducer with its defaults but ``attention: mean`` (VisionZip's contextual tokens and
+    VisPruner's diverse ones from the mapped keys or features) keeps its budget per sample, images and videos."""
+    model, _, builder = _model()
+    stage = {"at": "post_projector", "reducer": reducer, "keep": 6, "params": {"attention": "mean"}}
+    for make_inputs in (_molmo2_crop_inputs, _molmo2_video_inputs):
+        batch = _as_release(model, make_inputs(builder))([1, 2, None])
+        with tp.apply(model, {"stages": [stage]}, plugins=_manager()) as run, torch.no_grad():
+            model(**batch)
+            (s,) = run.stats.last_prefill.stages
+        assert s.entering[0] > 6 and s.entering[1] > 6 and s.entering[2] == 0
+        assert s.leaving == [6, 6, 0]
