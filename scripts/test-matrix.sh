@@ -57,6 +57,7 @@ tests=(
   tests/test_tower_lfm2_vl.py
   tests/test_tower_gemma4.py
   tests/test_tower_minicpmv.py
+  tests/test_tower_molmo2.py
   tests/test_family_videos.py
   tests/test_heatmap_video.py
   tests/test_engine_stopwatch.py

@@ -59,6 +59,7 @@ DEDICATED = {
     "lfm3_vl": "lfm3_vl",
     "gemma4": "gemma4",
     **dict.fromkeys(("minicpmv4_6", "minicpmv4_7", "minicpm_ocr"), "minicpmv"),
+    "molmo2": "molmo2",
 }
 #: The default layer on the tiny models: their hybrid language models alternate softmax attention (layer 0) and a
 #: recurrent kind (layer 1), so the first layer after an attention layer, from 2 on, is 3.

@@ -21,6 +21,7 @@ from tokenprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenprune.adapters.paddleocr_vl import PaddleOCRVLAdapter
 from tokenprune.adapters.omni_thinkers import Qwen3OmniThinkerAdapter, Qwen25OmniThinkerAdapter
 from tokenprune.adapters.minicpmv import MiniCPMVAdapter
+from tokenprune.adapters.molmo2 import Molmo2Adapter
 from tokenprune.adapters.paligemma import PaliGemmaAdapter
 from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenprune.adapters.qwen3_vl import Qwen3VLAdapter
@@ -54,6 +55,7 @@ BUILTIN_ADAPTERS = (
     Lfm3VlAdapter,
     Gemma4Adapter,
     MiniCPMVAdapter,
+    Molmo2Adapter,
 )
 
 
