@@ -52,19 +52,10 @@ def test_every_type_resolves_to_an_adapter_or_a_named_refusal():
     counts = {s: sum(r.status == s for r in rows) for s in ("registered", "generic", "refused", "not run")}
     print(f"resolved {len(rows)} types in {seconds:.0f} s: {counts}")
     if compat.transformers_version() == _pinned():  # the matrix's other releases register other types
-        # 39 generic, 27 registered and 34 refused on transformers 5.25.0 (Qwen3.5's, GLM-4.xV's, ERNIE-4.5-VL's,
-        # PaddleOCR-VL's and the omni thinkers' 11 types have the adapters of their vision towers)
-        # PaddleOCR-VL's, Aya Vision's and Command A Vision's 11 types have the adapters of their vision towers)
-        assert counts["generic"] >= 39 and counts["registered"] >= 27 and counts["refused"] >= 31
-        # 40 generic, 26 registered and 34 refused on transformers 5.25.0 (Qwen3.5's, GLM-4.xV's, ERNIE-4.5-VL's,
-        # PaddleOCR-VL's and Gemma 4's 10 types have the adapters of their vision towers)
-        assert counts["generic"] >= 40 and counts["registered"] >= 26 and counts["refused"] >= 31
-        # 38 generic, 28 registered and 34 refused on transformers 5.25.0 (Qwen3.5's, GLM-4.xV's, ERNIE-4.5-VL's,
-        # PaddleOCR-VL's and MiniCPM-V's 12 types have the adapters of their vision towers)
-        assert counts["generic"] >= 38 and counts["registered"] >= 28 and counts["refused"] >= 31
-        # 40 generic, 26 registered and 34 refused on transformers 5.25.0 (Qwen3.5's, GLM-4.xV's, ERNIE-4.5-VL's,
-        # PaddleOCR-VL's and Molmo2's 10 types have the adapters of their vision towers)
-        assert counts["generic"] >= 40 and counts["registered"] >= 26 and counts["refused"] >= 31
+        # 30 generic, 36 registered and 34 refused on transformers 5.25.0 (Qwen3.5's, GLM-4.xV's, ERNIE-4.5-VL's,
+        # PaddleOCR-VL's, the omni thinkers', Aya Vision's, Command A Vision's, LFM2/3-VL's, Gemma 4's, MiniCPM-V's and
+        # Molmo2's 22 types have the adapters of their vision towers)
+        assert counts["generic"] >= 30 and counts["registered"] >= 36 and counts["refused"] >= 31
 
 
 def _pinned() -> str:
@@ -163,10 +154,8 @@ NEWLY_SERVED_SLOW = ["kimi_k25", "aria", "cosmos3_omni", "idefics2", "fuyu", "co
 #: kernel on CPU (their layouts are checked fast below).
 NEWLY_SERVED += ["gemma4", "gemma4_unified"]
 #: Of those, the types whose vision tower an adapter of their own describes (the generic adapter plus the tower).
-TOWER_ADAPTERS = {"gemma4": "gemma4"}
 NEWLY_SERVED_SLOW += ["minicpmv4_6", "minicpmv4_7", "minicpm_ocr"]
-#: Of those, the types served since by the generic adapter's code plus their vision tower (a registered subclass).
-TOWER_ADAPTERS = dict.fromkeys(("minicpmv4_6", "minicpmv4_7", "minicpm_ocr"), "minicpmv")
+TOWER_ADAPTERS = {"gemma4": "gemma4", **dict.fromkeys(("minicpmv4_6", "minicpmv4_7", "minicpm_ocr"), "minicpmv")}
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,6 @@ from torch import Tensor
 import tokenprune as tp
 from tokenprune.adapters.base import ImageCall
 from tokenprune.adapters.generic import adapter_for
-from tokenprune.errors import TokenpruneError
 from tokenprune.testing import adapters as checks
 from tokenprune.testing.census import build_tiny, default_cut_layer
 from tokenprune.testing.census_inputs import InputBuilder

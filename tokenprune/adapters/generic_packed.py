@@ -136,4 +136,3 @@ class Ernie45VLAdapter(PackedTowerAdapter):
             return None
         vision = self.vlm().config.vision_config
         return paired_frame_means(grid, values, vision.spatial_merge_size**2, int(vision.temporal_merge_size))
-
