@@ -26,24 +26,11 @@ from tokenprune.adapters.vision import group_mean, merged_unit_means
 from tokenprune.layout import TokenLayout
 
 
-class Qwen2VLAdapter(ModelAdapter):
-    """Qwen2-VL / Qwen2.5-VL: one merged-patch grid per image, M-RoPE positions."""
-
-    name = "qwen2_vl"
-    model_types = ("qwen2_vl", "qwen2_5_vl")
-    position_scheme = "mrope"
-    notes = "M-RoPE positions from get_rope_index on the unpruned ids, then sliced"
-
-    def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
-        grid = call.arg("image_grid_thw", 1)
-        if grid is None:
-            return super().image_layouts(call)
-        merge = self.vlm().config.vision_config.spatial_merge_size
-        layouts = []
-        for i, (t, h, w) in enumerate(grid.tolist()):
-            one = TokenLayout.grid(h // merge, w // merge, image=i)
-            layouts.append(TokenLayout.cat([one] * t) if t > 1 else one)
-        return layouts
+class Qwen2VLTower:
+    """Qwen2-VL's / Qwen2.5-VL's packed tower (``visual``), for the adapter of a model that has one: the blocks the
+    vision probe reads, the patch-to-token map (Qwen2.5-VL's window order included) and the merge units that
+    ``pre_projector`` and ``vision_layer`` stages reduce. Mixed into :class:`Qwen2VLAdapter` and the Qwen2.5-Omni
+    thinker's adapter, before :class:`~tokenprune.adapters.base.ModelAdapter` (whose ``vlm()`` it reads)."""
 
     def projector(self) -> nn.Module | None:
         """The tower's PatchMerger: ``pre_projector`` stages reduce whole 2x2 merge units before it
@@ -99,6 +86,26 @@ class Qwen2VLAdapter(ModelAdapter):
         restored = torch.zeros_like(units)
         restored[window_index.to(units.device)] = units
         return list(restored.split(counts))
+
+
+class Qwen2VLAdapter(Qwen2VLTower, ModelAdapter):
+    """Qwen2-VL / Qwen2.5-VL: one merged-patch grid per image, M-RoPE positions."""
+
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    position_scheme = "mrope"
+    notes = "M-RoPE positions from get_rope_index on the unpruned ids, then sliced"
+
+    def image_layouts(self, call: ImageCall) -> list[TokenLayout]:
+        grid = call.arg("image_grid_thw", 1)
+        if grid is None:
+            return super().image_layouts(call)
+        merge = self.vlm().config.vision_config.spatial_merge_size
+        layouts = []
+        for i, (t, h, w) in enumerate(grid.tolist()):
+            one = TokenLayout.grid(h // merge, w // merge, image=i)
+            layouts.append(TokenLayout.cat([one] * t) if t > 1 else one)
+        return layouts
 
     def video_layouts(self, call: ImageCall) -> list[TokenLayout]:
         """Per video, ``t`` merged-patch grids, frame ``0 .. t - 1`` (one temporal patch: two input frames)."""

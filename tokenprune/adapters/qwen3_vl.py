@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from tokenprune.adapters.base import VisionTower, VisualResiduals
 from tokenprune.adapters.packed import PackedTower
-from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter
+from tokenprune.adapters.qwen2_vl import Qwen2VLAdapter, Qwen2VLTower
 
 
 class DeepStackResiduals:
@@ -54,12 +54,10 @@ class DeepStackResiduals:
         return self.language_model()._deepstack_process(hidden, mask, features)  # type: ignore[attr-defined]
 
 
-class Qwen3VLAdapter(DeepStackResiduals, Qwen2VLAdapter):
-    """Qwen3-VL / Qwen3-VL-MoE: merged-patch grids, interleaved M-RoPE, DeepStack features kept aligned."""
-
-    name = "qwen3_vl"
-    model_types = ("qwen3_vl", "qwen3_vl_moe")
-    notes = "M-RoPE (interleaved) sliced like qwen2_vl; DeepStack features follow the kept and merged tokens"
+class Qwen3VLTower(Qwen2VLTower):
+    """Qwen3-VL's packed tower (``visual``: learned position embeddings, no windows, DeepStack mergers): vision
+    attention at its last block; the stages before the merger refused. Mixed into :class:`Qwen3VLAdapter` and the
+    Qwen3-Omni thinker's adapter."""
 
     pre_projector_refusal = (
         "its DeepStack mergers read intermediate tower blocks of every merge unit, which a reduction before the "
@@ -96,6 +94,14 @@ class Qwen3VLAdapter(DeepStackResiduals, Qwen2VLAdapter):
             False,
             "last block (the merger's input); the DeepStack taps read earlier blocks, the scores come from one",
         )
+
+
+class Qwen3VLAdapter(DeepStackResiduals, Qwen3VLTower, Qwen2VLAdapter):
+    """Qwen3-VL / Qwen3-VL-MoE: merged-patch grids, interleaved M-RoPE, DeepStack features kept aligned."""
+
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+    notes = "M-RoPE (interleaved) sliced like qwen2_vl; DeepStack features follow the kept and merged tokens"
 
     def deepstack_layers(self) -> tuple[int, ...]:
         """The decoder layers after which DeepStack features are added (``0 .. n - 1``)."""

@@ -28,6 +28,7 @@ from tokenprune.adapters.packed import PackedTower, PackedUnits
 from tokenprune.engine.feature_calls import FeatureCalls
 from tokenprune.engine.hooks import HookSet
 from tokenprune.engine.stage import StagePlan
+from tokenprune.engine.valid_first import ValidFirst
 from tokenprune.errors import TokenpruneError
 from tokenprune.reducer import Merge, ReduceContext
 from tokenprune.validation import check_reduction
@@ -137,7 +138,8 @@ class PackedTowerStages:
             raise TokenpruneError(f"vision layer {k}: the tower's earlier blocks were not seen in this call")
         for plan in (p for p in self.plans if p.stage.point.layer == k):
             rows, valid = cut.units.to_rows(hidden, cut.alive)
-            ctx = _context(plan, rows, valid, cut.units)
+            first = ValidFirst.of(valid)  # after an earlier cut, the removed units keep their places in the rows
+            rows, ctx = first.rows(rows), first.context(_context(plan, rows, valid, cut.units))
             start = time.perf_counter()
             result = plan.reducer.reduce(rows, ctx)
             selection = check_reduction(result, rows, ctx, who=plan.who, capabilities=type(plan.reducer).capabilities)
@@ -148,7 +150,7 @@ class PackedTowerStages:
                     " tower's attention takes no attention mask for ToMe's proportional attention (log(size) on the "
                     "keys); use a reducer that removes tokens there, or merge at pre_projector"
                 )
-            keep = selection.to_mask(rows.shape[1]) & valid
+            keep = first.selection(selection).to_mask(rows.shape[1]) & valid
             alive = cut.units.alive_of(keep)
             patches = cut.units.patch_mask(alive)
             hidden = hidden[patches if cut.keep is None else patches[cut.keep]]

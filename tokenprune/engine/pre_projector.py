@@ -33,6 +33,7 @@ from tokenprune.engine.packed_stages import PackedCut, PackedUnitCapture
 from tokenprune.engine.run_stats import StageStats
 from tokenprune.engine.sequence import TokenSequence, gather_kept_rows, right_aligned_columns
 from tokenprune.engine.stage import StagePlan
+from tokenprune.engine.valid_first import ValidFirst
 from tokenprune.engine.vision_layer import TowerCut, VisionLayerStages
 from tokenprune.engine.vision_probe import VisionProbe, resolve_layer
 from tokenprune.errors import TokenpruneError
@@ -181,15 +182,17 @@ class PreProjector:
     def _run(self, plan: StagePlan, x: Tensor, run: ProjectorRun, counted: set[tuple[Any, ...]]) -> Tensor:
         """One stage on the rows still valid; returns ``x`` with merged rows written at their roots."""
         ctx, macs = self._context(plan, x, run, counted)
-        start = time.perf_counter()
-        result = plan.reducer.reduce(x, ctx)
-        selection = check_reduction(result, x, ctx, who=plan.who, capabilities=type(plan.reducer).capabilities)
+        valid, start = ctx.valid, time.perf_counter()
+        first = ValidFirst.of(valid)  # a later stage's rows keep the removed tokens in place
+        tokens, ctx = first.rows(x), first.context(ctx)
+        result = plan.reducer.reduce(tokens, ctx)
+        selection = check_reduction(result, tokens, ctx, who=plan.who, capabilities=type(plan.reducer).capabilities)
         if isinstance(result, Merge):
-            merged, sizes, selection = result.apply(x, ctx.sizes, ctx.valid)
-            x, run.sizes = _write_rows(x, run.sizes, selection, merged, sizes)
-        run.masks.append(selection.to_mask(x.shape[1]) & ctx.valid)
+            merged, sizes, selection = result.apply(tokens, ctx.sizes, ctx.valid)
+            x, run.sizes = _write_rows(x, run.sizes, first.selection(selection), merged, sizes)
+        run.masks.append(first.selection(selection).to_mask(x.shape[1]) & valid)
         run.seconds.append(time.perf_counter() - start)
-        run.macs.append(plan.reducer.overhead_macs(x, ctx) + macs)
+        run.macs.append(plan.reducer.overhead_macs(tokens, ctx) + macs)
         return x
 
     def _context(
