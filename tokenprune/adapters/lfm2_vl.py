@@ -35,7 +35,18 @@ from tokenprune.adapters.generic import GenericAdapter
 from tokenprune.adapters.vision import encoder_tower, merged_unit_means
 
 
-class Lfm2VlAdapter(GenericAdapter):
+class LfmTowerAdapter(GenericAdapter):
+    """The generic adapter plus the LFM-VL model's ``vision_tower`` (the base of LFM2-VL's and LFM3-VL's adapters)."""
+
+    name = "lfm_tower"
+    model_types = ()
+
+    def tower(self) -> nn.Module:
+        """The vision model (``vision_tower``)."""
+        return self.vlm().vision_tower
+
+
+class Lfm2VlAdapter(LfmTowerAdapter):
     """LFM2-VL: the generic adapter plus its SigLIP2 NaFlex tower (padded patch rows, pixel-unshuffled 2x2)."""
 
     name = "lfm2_vl"
@@ -45,10 +56,6 @@ class Lfm2VlAdapter(GenericAdapter):
         "its projector pixel-unshuffles each 2x2 block of tower patches into one row (downsample_factor), so a row "
         "is not one tower patch"
     )
-
-    def tower(self) -> nn.Module:
-        """The SigLIP2 vision model (``vision_tower``)."""
-        return self.vlm().vision_tower
 
     def vision_tower(self) -> VisionTower | None:
         """The encoder's layers; the features are the last one's output (``last_hidden_state``), no CLS."""
@@ -77,7 +84,7 @@ def naflex_block_means(spatial_shapes: Tensor, values: list[Tensor], factor: int
     return out
 
 
-class Lfm3VlAdapter(GenericAdapter):
+class Lfm3VlAdapter(LfmTowerAdapter):
     """LFM3-VL: the generic adapter plus the attention layers of its packed conv/attention tower."""
 
     name = "lfm3_vl"
@@ -87,10 +94,6 @@ class Lfm3VlAdapter(GenericAdapter):
         "its tower's short-convolution layers run over every patch of a frame's grid and its projector merges each "
         "2x2 unit of patches into one token, so no stage can drop tower patches before the projector"
     )
-
-    def tower(self) -> nn.Module:
-        """The packed vision model (``vision_tower``: ``layers`` of convolution and attention, ``grid_thw``)."""
-        return self.vlm().vision_tower
 
     def vision_tower(self) -> VisionTower | None:
         """The tower's attention layers (those with ``self_attn``), probed at the last; ``None`` where it has none."""
