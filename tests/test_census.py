@@ -63,7 +63,7 @@ def _pinned() -> str:
     return next(line.split("==")[1] for line in lines if line.startswith("transformers=="))
 
 
-@pytest.mark.parametrize("model_type", ["got_ocr2", "lfm3_vl"])  # got_ocr2: crops; lfm3_vl: image_grid_thw grids
+@pytest.mark.parametrize("model_type", ["got_ocr2", "llava_onevision1_5"])  # crops; image_grid_thw grids
 def test_generically_served_types_keep_the_engine_invariants(model_type):
     if model_type not in model_types():
         pytest.skip(f"transformers {compat.transformers_version()} has no {model_type}")
