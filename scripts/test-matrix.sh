@@ -24,7 +24,7 @@ base_site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['
 # probe), the decode stage (attention calls at decoding), video heatmaps, the model census (every
 # image-text-to-text type served or refused by name; the generic adapter's invariants on two types), the families of
 # issue 32 (tests/test_families.py; their packed towers: tests/test_families_towers.py, PaddleOCR-VL's
-# tests/test_tower_paddleocr_vl.py) and the adapter tutorial's own test.
+# tests/test_tower_paddleocr_vl.py; the other towers: tests/test_tower_*.py) and the adapter tutorial's own test.
 tests=(
   tests/test_compat.py
   tests/test_engine_invariants.py
@@ -58,6 +58,7 @@ tests=(
   tests/test_tower_gemma4.py
   tests/test_tower_minicpmv.py
   tests/test_tower_molmo2.py
+  tests/test_engine_chained_tower_stages.py
   tests/test_family_videos.py
   tests/test_heatmap_video.py
   tests/test_engine_stopwatch.py
