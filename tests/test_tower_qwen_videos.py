@@ -9,7 +9,8 @@ temporal patch): one sequence per frame at a full-attention block, one per windo
 that must see that reordering run with windows of 2 units (``window_size`` 56: a frame 2 x 4 units wide runs as
 units 0 1 4 5 2 3 6 7), the census's windows of 4 units holding its frames whole.
 
-Checked on the census's tiny models and video inputs (tests/test_families.py): the map against the model itself (a
+Checked on the census's tiny thinkers and video inputs (tests/test_families.py) and on the tiny Qwen2-VL, Qwen2.5-VL
+and Qwen3-VL of tests/tiny_models.py (videos of the same sizes): the map against the model itself (a
 push at one patch of the video call's probed attention moves exactly the tokens the map marks; at a full-attention
 and at a windowed block; a map that forgets the window order fails it), against a direct computation of each token's
 patches, and VisionZip (``attention: mean``) at ``post_projector`` keeping the tokens of highest score, those scores
