@@ -53,6 +53,7 @@ tests=(
   tests/test_tower_paddleocr_vl.py
   tests/test_tower_videos.py
   tests/test_tower_omni_thinkers.py
+  tests/test_tower_qwen_videos.py
   tests/test_tower_aya_cohere2.py
   tests/test_tower_lfm2_vl.py
   tests/test_tower_gemma4.py

@@ -9,7 +9,8 @@ Per thinker: the adapter that serves it; the patch-to-token map against the mode
 patch moves exactly the tokens the map marks; and a map that forgets the window order fails it) and against a
 direct computation from the documented grouping; VisionZip (``attention: mean``; no CLS) at ``post_projector`` keeps
 the tokens whose patches received the most attention, computed here from the tower's own q and k; vision attention
-on video tokens refused, ``tokens: image`` served. Qwen2.5-Omni: ``pre_projector`` and ``vision_layer: k`` on whole
+on video tokens served (an image and a video reduced together; ``tokens: image`` the image only; the video scores:
+tests/test_tower_qwen_videos.py). Qwen2.5-Omni: ``pre_projector`` and ``vision_layer: k`` on whole
 units with the kit's invariants, a ``vision_layer`` cut equal to the next block run window by window on the kept
 patches, the images of a prompt with a video reduced and the video kept, FLOPs three ways. Qwen3-Omni: those stages
 refused naming DeepStack.
@@ -105,7 +106,7 @@ def test_the_thinkers_are_served_by_their_tower_adapters(model_type):
     visual = adapter.vlm().visual
     tower = adapter.vision_tower()
     assert adapter.name == model_type and adapter.position_scheme == "mrope"
-    assert tower.layers == tuple(visual.blocks) and not tower.has_cls and not tower.videos
+    assert tower.layers == tuple(visual.blocks) and not tower.has_cls and tower.videos
     assert default_cut_layer(adapter)[0] == 2
     if model_type == Q25:
         assert visual.config.fullatt_block_indexes == [1] and tower.feature_layer == 1
@@ -258,22 +259,18 @@ def test_visionzip_keeps_the_same_units_before_and_after_the_merger():
 
 
 @pytest.mark.parametrize("model_type", THINKERS)
-def test_a_vision_attention_stage_on_video_tokens_is_refused_and_tokens_image_prunes_the_images(model_type):
-    """The probe watches the image call only (the thinkers' videos run through the tower directly): a stage reducing
-    video tokens is refused naming the adapter and ``tokens: image``, which reduces the image (4 units) and keeps
-    the video."""
+def test_a_vision_attention_stage_on_video_tokens_is_served_and_tokens_image_prunes_the_images(model_type):
+    """The probe watches the video call too (the thinkers' videos run through the tower directly): a stage reducing
+    every visual token reduces the image (4 units) and the video (two frames of 4 units) together, and ``tokens:
+    image`` reduces the image only, keeping the video (the video scores: tests/test_tower_qwen_videos.py)."""
     model, _, builder, manager = _built(model_type)
     inputs = _video_inputs(builder)([1])
-    with tp.apply(model, {"stages": [VISIONZIP]}, plugins=manager), torch.no_grad():
-        with pytest.raises(
-            TokenpruneError, match=rf"'{model_type}' adapter serves .*image tokens only.*`tokens: image`"
-        ):
+    for tokens, entering in (("all", 4 + 8), ("image", 4)):
+        stage = {**VISIONZIP, "keep": 2, "tokens": tokens}
+        with tp.apply(model, {"stages": [stage]}, plugins=manager) as run, torch.no_grad():
             model(**inputs)
-    stage = {**VISIONZIP, "keep": 2, "tokens": "image"}
-    with tp.apply(model, {"stages": [stage]}, plugins=manager) as run, torch.no_grad():
-        model(**inputs)
-        (s,) = run.stats.last_prefill.stages
-    assert s.entering == [4] and s.leaving == [2]
+            (s,) = run.stats.last_prefill.stages
+        assert s.entering == [entering] and s.leaving == [2]
 
 
 # --- stages before the merger -----------------------------------------------------------------------------------

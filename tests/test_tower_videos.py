@@ -15,7 +15,6 @@ an image beside a video where the stock model takes one: Qwen3.5, ERNIE).
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import pytest
@@ -23,12 +22,12 @@ import torch
 from test_families import _skip_unless, _video_inputs
 from test_families_towers import GLM, TOWERS, _built, _manager, _params
 from torch import Tensor
+from video_tower_checks import expected_scores, top, unit, video_map_matches_the_model, videos_only, visionzip
 
 import tokenprune as tp
 from tokenprune.adapters.base import ImageCall
 from tokenprune.adapters.generic import adapter_for
 from tokenprune.engine import compat
-from tokenprune.engine.vision_probe import VisionProbe
 from tokenprune.testing.census import build_tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -44,67 +43,6 @@ FRAMES = 2
 def _frame_merge(model_type: str) -> int:
     """How many temporal patches make one frame of video tokens (ERNIE's resampler merges two)."""
     return 2 if model_type == "ernie4_5_vl_moe" else 1
-
-
-def _videos_only(make_inputs: Any, image_token: int, pad: int) -> Any:
-    """The census's video inputs without their images: the image placeholders left out of every ``(B, L)`` tensor
-    (rows padded on the left again), no ``pixel_values`` or ``image_grid_thw`` (GLM-4.xV's have none already)."""
-
-    def make(specs: list[Any], start: int = 0) -> dict[str, Any]:
-        out = make_inputs(specs, start)
-        if out.pop("image_grid_thw", None) is None:
-            return out
-        out.pop("pixel_values")
-        ids = out["input_ids"]
-        keep = [row != image_token for row in ids]
-        longest = max(int(k.sum()) for k in keep)
-        for name, value in list(out.items()):
-            if isinstance(value, Tensor) and tuple(value.shape) == tuple(ids.shape):
-                fill = pad if name == "input_ids" else 0
-                rows = [row[k] for row, k in zip(value, keep, strict=True)]
-                out[name] = torch.stack([torch.cat([row.new_full((longest - len(row),), fill), row]) for row in rows])
-        return out
-
-    return make
-
-
-def _video_call(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``(args, kwargs)`` of the model's one ``get_video_features`` call on ``inputs``."""
-    vlm, seen = model.model, []
-    original = vlm.get_video_features
-
-    def record(*args: Any, **kwargs: Any) -> Any:
-        seen.append((args, kwargs))
-        return original(*args, **kwargs)
-
-    vlm.get_video_features = record
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        del vlm.get_video_features
-    assert len(seen) == 1
-    return seen[0]
-
-
-def _video_features(model: torch.nn.Module, call: tuple[Any, ...], attention: Any, flat: int | None) -> Tensor:
-    """Every video's tokens, ``(n, D)``, with row ``flat`` of the probed attention's packed output pushed."""
-
-    def push(module: torch.nn.Module, args: Any, output: Any) -> Any:
-        out = output[0] if isinstance(output, tuple) else output
-        rows = out.reshape(-1, out.shape[-1]).clone()
-        rows[flat] += torch.linspace(-50.0, 50.0, rows.shape[-1], dtype=rows.dtype)
-        out = rows.reshape(out.shape)
-        return (out, *output[1:]) if isinstance(output, tuple) else out
-
-    handle = attention.register_forward_hook(push) if flat is not None else None
-    try:
-        with torch.no_grad():
-            out = model.model.get_video_features(*call[0], **call[1])
-    finally:
-        if handle is not None:
-            handle.remove()
-    return torch.cat([f.reshape(-1, f.shape[-1]).float() for f in ImageCall((), {}, out).features()])
 
 
 @pytest.mark.parametrize("model_type", sorted(TOWERS))
@@ -125,39 +63,16 @@ def test_video_patches_map_to_the_tokens_the_model_builds_from_them(model_type):
     frames 0 and 1 feed the same tokens), and mapping ones gives every token 1 (a mean)."""
     model, adapter, builder, _ = _built(model_type)
     inputs = _video_inputs(builder, FRAMES)([1, 1])
-    tower = adapter.vision_tower()
-    layer = tower.feature_layer
-    args, kwargs = _video_call(model, inputs)
-    probe = VisionProbe(tower, {layer: (frozenset({"mean"}), False, False)})
-    probe.install()
-    try:
-        probe.begin("video")
-        with torch.no_grad():
-            model.model.get_video_features(*args, **kwargs)
-        probe.active = False
-        lengths = [int(s.shape[0]) for s in probe.video_records[layer].scores["mean"]]
-    finally:
-        probe.remove()
+    lengths = video_map_matches_the_model(model, adapter, inputs)
     grid = inputs["video_grid_thw"]
     assert lengths == [h * w for t, h, w in grid.tolist() for _ in range(t)]
-    call, attention = ImageCall(args, kwargs, None), compat.vision_attention_module(tower.layers[layer])
-    base = _video_features(model, (args, kwargs), attention, None)
-    offsets = [sum(lengths[:r]) for r in range(len(lengths))]
-    for r in (0, 1, len(lengths) - 1):
-        for p in sorted({0, 1, lengths[r] // 2, lengths[r] - 1}):
-            values = [torch.zeros(n, 1) for n in lengths]
-            values[r][p] = 1.0
-            marked = torch.cat(adapter.map_vision_video_patches(call, values)).reshape(-1).abs() > 1e-9
-            moved = (_video_features(model, (args, kwargs), attention, offsets[r] + p) - base).abs().amax(-1) > 1e-4
-            assert marked.shape == moved.shape and torch.equal(marked, moved), (r, p, marked.nonzero(), moved.nonzero())
-            assert int(marked.sum()) == 1
-    ones = torch.cat(adapter.map_vision_video_patches(call, [torch.ones(n, 1) for n in lengths])).reshape(-1)
-    torch.testing.assert_close(ones, torch.ones_like(ones), rtol=0, atol=1e-6)
-    assert ones.numel() == int(grid.prod(-1).sum()) // 4 // _frame_merge(model_type)
-
-
-def _unit(v: Tensor, j: int) -> Tensor:
-    return v[4 * j : 4 * j + 4].mean(0)
+    tokens = sum(
+        len(m)
+        for m in adapter.map_vision_video_patches(
+            ImageCall((None, grid), {}, None), [torch.ones(n, 1) for n in lengths]
+        )
+    )
+    assert tokens == int(grid.prod(-1).sum()) // 4 // _frame_merge(model_type)
 
 
 @pytest.mark.parametrize("model_type", sorted(TOWERS))
@@ -180,7 +95,7 @@ def test_each_video_token_is_the_mean_of_its_units_patches(model_type):
     else:
         pairs = [[(f, f) for f in range(len(v))] for v in frames]
     expected = [
-        torch.stack([(_unit(v[a], j) + _unit(v[b], j)) / 2 for a, b in pair for j in range(v[0].shape[0] // 4)])
+        torch.stack([(unit(v[a], j) + unit(v[b], j)) / 2 for a, b in pair for j in range(v[0].shape[0] // 4)])
         for v, pair in zip(frames, pairs, strict=True)
     ]
     assert len(mapped) == 3
@@ -188,47 +103,11 @@ def test_each_video_token_is_the_mean_of_its_units_patches(model_type):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def _eager_scores(model: torch.nn.Module, attention: torch.nn.Module, run: Any) -> list[Tensor]:
-    """Per call of ``attention`` during ``run()`` (one per frame), the attention each key position receives under
-    eager attention, averaged over heads and query rows: ``(S,)``."""
-    seen: list[Tensor] = []
-    swapped = (attention.config, compat.swap_attention_implementation(attention.config, "eager"))
-    module = sys.modules[type(attention).__module__]
-    stock = module.eager_attention_forward
-
-    def capture(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        out, weights = stock(mod, *args, **kwargs)
-        if mod is attention:
-            seen.append(weights.detach().float()[0].mean(0).mean(0))
-        return out, weights
-
-    module.eager_attention_forward = capture
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        module.eager_attention_forward = stock
-        compat.restore_attention_implementation(*swapped)
-    return seen
-
-
 def _expected_scores(model_type: str, model: torch.nn.Module, adapter: Any, inputs: dict[str, Any]) -> list[Tensor]:
     """Per sample, the scores of its visual tokens in sequence order (its image's, then its video's): each token the
     mean of its unit's patches' eager scores (ERNIE's video token: over both frames of its pair)."""
-    vlm, attention = model.model, compat.vision_attention_module(adapter.tower().blocks[-1])
-    grid = inputs["video_grid_thw"]
-    frames = _eager_scores(model, attention, lambda: vlm.get_video_features(inputs["pixel_values_videos"], grid))
-    merge, videos, start = _frame_merge(model_type), [], 0
-    for t, _, _ in grid.tolist():
-        units = [torch.stack([_unit(s, j) for j in range(s.shape[0] // 4)]) for s in frames[start : start + t]]
-        videos.append(torch.cat([sum(units[k : k + merge]) / merge for k in range(0, t, merge)]))
-        start += t
-    images: list[Tensor] = []
-    if "image_grid_thw" in inputs:
-        pixels, image_grid = inputs["pixel_values"], inputs["image_grid_thw"]
-        scores = _eager_scores(model, attention, lambda: vlm.get_image_features(pixels, image_grid))
-        images = [torch.stack([_unit(s, j) for j in range(s.shape[0] // 4)]) for s in scores]  # one frame each
-    return [torch.cat([images[i], videos[i]]) if images else videos[i] for i in range(len(videos))]
+    attention = compat.vision_attention_module(adapter.tower().blocks[-1])
+    return expected_scores(model.model, attention, inputs, _frame_merge(model_type))
 
 
 def _sharp(model_type: str) -> tuple[torch.nn.Module, Any, Any, Any]:
@@ -241,18 +120,6 @@ def _sharp(model_type: str) -> tuple[torch.nn.Module, Any, Any, Any]:
     return model, adapter, builder, manager
 
 
-def _visionzip(keep: int, tokens: str = "all") -> dict[str, Any]:
-    stage = {"at": "post_projector", "reducer": "visionzip", "keep": keep, "tokens": tokens}
-    stage["params"] = {"contextual_ratio": 0.0, "attention": "mean"}
-    return {"stages": [stage]}
-
-
-def _top(scores: Tensor, keep: int) -> list[int]:
-    order = scores.argsort(descending=True, stable=True)
-    assert float(scores[order[keep - 1]] - scores[order[keep]]) > 1e-5  # no tie at the cut: the keep is decided
-    return sorted(order[:keep].tolist())
-
-
 @pytest.mark.parametrize("model_type", _params(VIDEO))
 def test_visionzip_keeps_the_video_tokens_of_highest_tower_attention(model_type):
     """VisionZip (dominant tokens only, ``attention: mean``) at ``post_projector`` on a padded batch of two video-only
@@ -260,11 +127,11 @@ def test_visionzip_keeps_the_video_tokens_of_highest_tower_attention(model_type)
     received per patch, averaged over each token's patches), and the batch keeps and predicts what each sample does
     alone."""
     model, adapter, builder, manager = _sharp(model_type)
-    make_inputs = _videos_only(_video_inputs(builder, FRAMES), adapter.image_token_id(), builder.pad)
+    make_inputs = videos_only(_video_inputs(builder, FRAMES), adapter.image_token_id(), builder.pad)
     inputs = make_inputs([1, 1])
     expected = _expected_scores(model_type, model, adapter, inputs)
     keep = 3
-    with tp.apply(model, _visionzip(keep), plugins=manager) as run, torch.no_grad():
+    with tp.apply(model, visionzip(keep), plugins=manager) as run, torch.no_grad():
         out = model(**inputs).logits
         (stage,) = run.stats.last_prefill.stages
         assert (
@@ -273,7 +140,7 @@ def test_visionzip_keeps_the_video_tokens_of_highest_tower_attention(model_type)
             == [8 // _frame_merge(model_type), 16 // _frame_merge(model_type)]
         )
         assert stage.leaving == [keep, keep]
-        assert [sorted(k) for k in stage.kept] == [_top(s, keep) for s in expected]
+        assert [sorted(k) for k in stage.kept] == [top(s, keep) for s in expected]
         for i in range(2):
             alone = model(**make_inputs([1], start=i)).logits
             assert sorted(run.stats.last_prefill.stages[0].kept[0]) == sorted(stage.kept[i])
@@ -291,12 +158,12 @@ def test_visionzip_ranks_an_image_and_a_video_together(model_type):
     images = (inputs["input_ids"] == adapter.image_token_id()).sum(1).tolist()
     assert images == [4, 8]
     for tokens, keep in (("all", 5), ("video", 2)):
-        with tp.apply(model, _visionzip(keep, tokens), plugins=manager) as run, torch.no_grad():
+        with tp.apply(model, visionzip(keep, tokens), plugins=manager) as run, torch.no_grad():
             model(**inputs)
             (stage,) = run.stats.last_prefill.stages
         scores = expected if tokens == "all" else [s[n:] for s, n in zip(expected, images, strict=True)]
         assert stage.entering == [len(s) for s in scores]
-        assert [sorted(k) for k in stage.kept] == [_top(s, keep) for s in scores]
+        assert [sorted(k) for k in stage.kept] == [top(s, keep) for s in scores]
 
 
 @pytest.mark.parametrize("model_type", [t for t in VIDEO if t in GLM])

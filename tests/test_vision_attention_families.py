@@ -115,24 +115,29 @@ def test_cls_on_qwen3_vl_is_refused_and_suggests_mean():
 
 
 def test_qwen3_vl_maps_patches_on_image_and_video_prompts():
-    """The kit's check on a batch with videos: only the outer image call is probed and mapped."""
+    """The kit's check on a batch with videos: the outer image call is probed and mapped apart from the video's
+    (whose own check is in tests/test_tower_qwen_videos.py)."""
     t = tiny_models.qwen3_vl()
     video = tiny_models.Video
     specs = [[(56, 56), video(2, 56, 112)], [video(4, 56, 56), (56, 112)], [(112, 56), video(4, 112, 56)]]
     vision_patches_map_to_tokens(adapter_case(t.model, t.make_inputs, specs))
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("tokens", [None, "all", "video"])
-def test_a_vision_attention_stage_on_video_tokens_is_refused(name, tokens):
-    """Towers that serve no video attention (Qwen2-VL, Qwen3-VL): a stage reducing video tokens is refused."""
+def test_a_vision_attention_stage_on_video_tokens_is_served(name, tokens):
+    """The Qwen towers serve video attention (``get_video_features`` runs the tower; Qwen3-VL's through
+    ``get_image_features``): a stage reducing video tokens runs on an image + video prompt, over the image's 4 and the
+    video's 8 tokens (``tokens: video``: the video's only). The scores: tests/test_tower_qwen_videos.py."""
     t = getattr(tiny_models, name)()
     stage = {"at": "post_projector", "reducer": "vispruner", "keep": 0.5, "params": {"attention": "mean"}}
     if tokens is not None:
         stage["tokens"] = tokens
-    with tp.apply(t.model, {"stages": [stage]}, plugins=_manager()), torch.no_grad():
-        with pytest.raises(TokenpruneError, match=rf"'{name}' adapter serves for image tokens only.*`tokens: image`"):
-            t.model(**t.make_inputs([[(56, 56), VIDEO_SPECS[name][0]]]))
+    with tp.apply(t.model, {"stages": [stage]}, plugins=_manager()) as run, torch.no_grad():
+        t.model(**t.make_inputs([[(56, 56), VIDEO_SPECS[name][1][1]]]))
+        (s,) = run.stats.last_prefill.stages
+    assert s.entering == [8 if tokens == "video" else 4 + 8]
+    assert 0 < s.leaving[0] < s.entering[0]
 
 
 SEEN: list[torch.Tensor] = []
@@ -158,8 +163,9 @@ def _recording_fastervlm():
 
 
 def test_qwen3_vl_image_tokens_next_to_a_video_get_the_image_scores():
-    """``tokens: image`` on an image + video prompt: the image's vision scores are those of the image alone
-    (the video's call through get_image_features is not probed), and a video-only prompt passes unchanged."""
+    """``tokens: image`` on an image + video prompt: the image's vision scores are those of the image alone (the
+    video's call through get_image_features is recorded as the video's, apart), and a video-only prompt passes
+    unchanged."""
     t = tiny_models.qwen3_vl()
     manager = _recording_fastervlm()
     stage = {"at": "post_projector", "reducer": "recording_fastervlm", "keep": 0.5, "tokens": "image"}

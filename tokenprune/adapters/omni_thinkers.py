@@ -20,10 +20,11 @@ about them:
 
 Both towers dispatch their attention through ``ALL_ATTENTION_FUNCTIONS`` with ``config._attn_implementation``, one call
 per frame (per window in Qwen2.5-Omni's windowed blocks), which the vision probe intercepts. No CLS token:
-``attention: mean`` only. Videos run through ``get_video_features``, which calls the tower directly; the probe watches
-the image call only, so a vision-attention stage on a prompt with video tokens must say ``tokens: image``
-(:func:`tokenprune.engine.vision_probe.post_projector_vision_signals`), and the stages before the merger reduce the
-images of such a prompt and leave its videos' tower call alone.
+``attention: mean`` only. Videos run through ``get_video_features``, which calls the same tower on
+``video_grid_thw``, one sequence per temporal patch (Qwen2.5-Omni's in window order per frame); the probe watches
+that call too and the towers' ``map_vision_video_patches`` map its sequences to the video tokens, so a
+vision-attention stage reduces images and videos alike (``tokens: all``, ranked together). The stages before the
+merger reduce the images of such a prompt and leave its videos' tower call alone.
 """
 
 from __future__ import annotations

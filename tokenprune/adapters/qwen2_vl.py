@@ -11,6 +11,10 @@ pruned ids (it expects ``t*h*w/m^2`` tokens per image).
 ``pre_projector`` and ``vision_layer`` stages reduce whole ``m x m`` merge units of the packed tower
 (:mod:`tokenprune.adapters.packed`): the merger still reads each remaining unit's ``m * m`` patches, the removed
 units' tokens leave at the language model's input and the M-RoPE positions of the kept ones are sliced as above.
+
+Vision attention (:class:`Qwen2VLTower`) is served on images and videos: ``get_video_features`` runs the same tower,
+one sequence per temporal patch of ``video_grid_thw`` (Qwen2.5-VL's in window order per frame), and
+``map_vision_video_patches`` maps them to the video tokens as ``map_vision_patches`` maps the images'.
 """
 
 from __future__ import annotations
@@ -51,22 +55,40 @@ class Qwen2VLTower:
 
         Qwen2.5-VL's blocks use window attention except ``fullatt_block_indexes``; the probe's default is the
         last full-attention block (the last block in the released checkpoints), where every patch of an
-        image attends to every other.
+        image attends to every other. Videos too (``VisionTower.videos``): ``get_video_features`` runs the same
+        tower on every temporal patch of ``video_grid_thw`` as a frame of its own (:meth:`map_vision_video_patches`).
         """
         visual = self.vlm().visual
         blocks = tuple(visual.blocks)
         full = getattr(visual.config, "fullatt_block_indexes", None)
         if full:
             return VisionTower(
-                type(visual).__name__, blocks, int(full[-1]) % len(blocks), False, "last full-attention block"
+                type(visual).__name__,
+                blocks,
+                int(full[-1]) % len(blocks),
+                False,
+                "last full-attention block",
+                videos=True,
             )
-        return VisionTower(type(visual).__name__, blocks, len(blocks) - 1, False)
+        return VisionTower(type(visual).__name__, blocks, len(blocks) - 1, False, videos=True)
 
     def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
         """One tower sequence per frame; each merged token is the mean of ``m x m`` consecutive patches (the
         processor orders the patches so), or, under Qwen2.5-VL's window order, of the patches of the unit that
         ``get_window_index`` moved to its place."""
-        grid = call.arg("image_grid_thw", 1)
+        return self._map_units(call.arg("image_grid_thw", 1), values)
+
+    def map_vision_video_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """:meth:`map_vision_patches` for the video call: one tower sequence per temporal patch of ``video_grid_thw``
+        (``(videos, 3)``, the call's second argument; Qwen3-VL's ``get_video_features`` passes it on to
+        ``get_image_features``), so each video token is the mean of its unit's ``m * m`` patches in its frame (under
+        Qwen2.5-VL's window order, read where ``get_window_index`` moved the unit in that frame), ``(t * h * w / m^2,
+        C)`` per video, frames one after the other as :meth:`~Qwen2VLAdapter.video_layouts` orders them."""
+        return self._map_units(call.arg("video_grid_thw", 1), values)
+
+    def _map_units(self, grid: Tensor | None, values: list[Tensor]) -> list[Tensor] | None:
+        """Per image (video) of ``grid`` (``(n, 3)``), its tokens' means of their units' patches (window order
+        undone); ``values``: the probed block's sequences, per frame or (a windowed block) per window."""
         if grid is None:
             return None
         visual = self.vlm().visual
@@ -77,7 +99,9 @@ class Qwen2VLTower:
         return merged_unit_means(grid, values, group)
 
     def _map_windowed(self, grid: Tensor, values: list[Tensor], group: int) -> list[Tensor]:
-        """Qwen2.5-VL: the full-attention blocks see each image's merge units in window order."""
+        """Qwen2.5-VL: every block sees each frame's merge units in window order (``get_window_index``: the windows
+        of each temporal patch, frame after frame), the full-attention blocks one sequence per frame, the windowed
+        ones one per window; both hold whole units, so the units' means in call order are in window order."""
         from tokenprune.engine import compat
 
         window_index = compat.vision_window_index(self.vlm().visual, grid)

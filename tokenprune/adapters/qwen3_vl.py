@@ -22,8 +22,9 @@ attention interface the probe intercepts), so the probe sees one sequence per im
 gets the mean of the scores of its ``m x m`` patches, as for Qwen2-VL. The default block is the last one,
 whose output the merger turns into the features; the DeepStack taps read earlier blocks (their mergers
 group the same patches), but the scores come from one block. No CLS token (``mean`` only). Video tokens
-are not served: ``get_video_features`` runs the image path, the engine records and probes only the image
-call, and a vision-attention stage on a prompt with video tokens must say ``tokens: image``.
+too: ``get_video_features`` calls ``get_image_features`` on ``video_grid_thw``, one tower sequence per temporal
+patch; the engine records the outer video call (the nested image call is part of it) and the probe records its
+sequences as the video's, mapped as the images' are (``map_vision_video_patches``).
 """
 
 from __future__ import annotations
@@ -80,10 +81,10 @@ class Qwen3VLTower(Qwen2VLTower):
         (``deepstack_visual_indexes``) read intermediate blocks through their own mergers, which group the
         same patches, so a token's DeepStack features come from the same patches as its main features; the
         vision attention is nevertheless read at one block (the last, or ``layer``), not per tap. No CLS
-        token: only the ``mean`` vision attention is served. Videos: ``get_video_features`` calls
-        ``get_image_features``; the engine records only the outer image call and the probe watches only it,
-        and vision attention is refused on video tokens
-        (:func:`tokenprune.engine.vision_probe.post_projector_vision_signals`).
+        token: only the ``mean`` vision attention is served. Videos (``VisionTower.videos``): ``get_video_features``
+        calls ``get_image_features`` on ``video_grid_thw``; the engine records the outer video call, the nested
+        image call's tower sequences (one per temporal patch) go to the probe's video records, and
+        :meth:`~Qwen2VLTower.map_vision_video_patches` maps them.
         """
         visual = self.vlm().visual
         blocks = tuple(visual.blocks)
@@ -93,6 +94,7 @@ class Qwen3VLTower(Qwen2VLTower):
             len(blocks) - 1,
             False,
             "last block (the merger's input); the DeepStack taps read earlier blocks, the scores come from one",
+            videos=True,
         )
 
 
