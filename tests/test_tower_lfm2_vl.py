@@ -21,6 +21,7 @@ from engine_fixtures import manager_with
 from test_engine_packed_tower import _Plugin
 from test_families import _skip_unless, _video_inputs
 from torch import Tensor
+from video_tower_checks import video_map_matches_the_model
 
 import tokenprune as tp
 from tokenprune.adapters.base import ImageCall
@@ -77,7 +78,7 @@ def _case(model_type: str) -> checks.AdapterCase:
 @pytest.mark.parametrize("model_type", TYPES)
 def test_the_family_is_served_by_its_tower_adapter(model_type):
     """LFM2-VL: the SigLIP2 encoder's layers, probed at the last; LFM3-VL: the tower's attention layers only, probed
-    at the last of them. No CLS, no video, no per-token projector; the generic adapter's layouts are kept."""
+    at the last of them. No CLS, no per-token projector (LFM3-VL's videos through its tower too); the generic adapter's layouts are kept."""
     model, adapter, _, _ = _built(model_type)
     tower = adapter.vision_tower()
     visual = model.model.vision_tower
@@ -87,7 +88,7 @@ def test_the_family_is_served_by_its_tower_adapter(model_type):
         assert tower.layers == tuple(visual.encoder.layers) and tower.feature_layer == len(visual.encoder.layers) - 1
     else:
         assert tower.layers == (visual.layers[1],) and tower.feature_layer == 0
-    assert not tower.has_cls and not tower.videos
+    assert not tower.has_cls and tower.videos == (model_type == "lfm3_vl")
     assert adapter.projector() is None and adapter.packed_tower() is None
     assert default_cut_layer(adapter)[0] == 3  # the hybrid language model's default layer is unchanged
 
@@ -297,20 +298,23 @@ def test_stages_before_the_projector_are_refused_naming_why(model_type, at):
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
-def test_lfm3_vl_vision_attention_on_video_tokens_is_refused_and_tokens_image_prunes_the_images():
-    """LFM3-VL's videos run through ``get_image_features`` (``get_video_features`` calls it), which the probe does
-    not map to video tokens: a vision-attention stage reducing video tokens is refused naming ``tokens: image``, and
-    with it the image (4 units) of an image + video prompt is reduced, the video kept."""
-    model, _, builder, manager = _built("lfm3_vl")
+def test_lfm3_vl_vision_attention_reaches_the_video_tokens():
+    """LFM3-VL's videos run through the tower (``get_video_features`` calls ``get_image_features`` on
+    ``video_grid_thw``), one sequence per temporal patch: the map marks exactly the video tokens a push at a patch's
+    attention output moves (``tests/video_tower_checks.py``); VisionZip ranks the image and the video of one prompt
+    together (``tokens: all``) and the image alone (``tokens: image``)."""
+    model, adapter, builder, manager = _built("lfm3_vl")
     inputs = _video_inputs(builder)([1])
+    lengths = video_map_matches_the_model(model, adapter, inputs)
+    grid = inputs["video_grid_thw"]
+    assert lengths == [h * w for t, h, w in grid.tolist() for _ in range(t)]
+    videos = sum(lengths) // 4
     stage = {**VISIONZIP, "keep": 2, "params": {**VISIONZIP["params"], "attention": "mean"}}
-    with tp.apply(model, {"stages": [stage]}, plugins=manager), torch.no_grad():
-        with pytest.raises(TokenpruneError, match=r"'lfm3_vl' adapter serves .*image tokens only.*`tokens: image`"):
+    for tokens, entering in (("all", 4 + videos), ("image", 4), ("video", videos)):
+        with tp.apply(model, {"stages": [{**stage, "tokens": tokens}]}, plugins=manager) as run, torch.no_grad():
             model(**inputs)
-    with tp.apply(model, {"stages": [{**stage, "tokens": "image"}]}, plugins=manager) as run, torch.no_grad():
-        model(**inputs)
-        (s,) = run.stats.last_prefill.stages
-    assert s.entering == [4] and s.leaving == [2]
+            (s,) = run.stats.last_prefill.stages
+        assert s.entering == [entering] and s.leaving == [2], tokens
 
 
 @pytest.mark.parametrize("model_type", TYPES)

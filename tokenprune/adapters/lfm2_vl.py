@@ -22,8 +22,9 @@ map from its patches to the language model's tokens.
   every odd layer, so the last layer is one) it mixes each patch with its ``3 x 3`` grid neighbours before the
   projector: the map counts the unit's own patches, the neighbours' share is not mapped. A tower without attention
   layers serves no vision attention. ``pre_projector`` and ``vision_layer`` stages are refused (the convolutions
-  need every patch of a frame's grid, and the projector merges units). Videos run through ``get_image_features``
-  (``get_video_features`` calls it), so a vision-attention stage reduces image tokens only (``tokens: image``).
+  need every patch of a frame's grid, and the projector merges units). Videos run through the same tower
+  (``get_video_features`` calls ``get_image_features`` on ``video_grid_thw``; the engine records the outer call), one
+  sequence per temporal patch: their tokens get vision attention as the images' do.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class Lfm3VlAdapter(LfmTowerAdapter):
             layers=attention,
             feature_layer=len(attention) - 1,
             has_cls=False,
+            videos=True,
             notes=(
                 "the tower's attention layers only (vision layer indices count them), probed at the last; a "
                 "convolution layer after it mixes 3x3 grid neighbours, which the map does not count"
@@ -116,6 +118,13 @@ class Lfm3VlAdapter(LfmTowerAdapter):
     def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
         """One tower sequence per frame; each token the mean of its unit's ``m * m`` consecutive patches."""
         grid = call.arg("image_grid_thw", 1)
+        if grid is None:
+            return None
+        return merged_unit_means(grid, values, int(self.tower().spatial_merge_size) ** 2)
+
+    def map_vision_video_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per temporal patch of ``video_grid_thw``; each token the mean of its unit's patches."""
+        grid = call.arg("video_grid_thw", 1)
         if grid is None:
             return None
         return merged_unit_means(grid, values, int(self.tower().spatial_merge_size) ** 2)
