@@ -254,9 +254,13 @@ def test_flops_of_stages_before_the_merger_agree_three_ways(model_type):
     """GLM-4.xV (Qwen3.5's FLOPs are refused by layer kind, tests/test_families.py): with a ``pre_projector`` and a
     ``vision_layer: 1`` stage, analytic == torch == fvcore on every decoder layer and the language model, which runs on
     the kept units' tokens; the tower does the same work before the merger and less after a cut between blocks."""
+    flops_before_the_merger_agree_three_ways(*_built(model_type))
+
+
+def flops_before_the_merger_agree_three_ways(model: Any, adapter: Any, make_inputs: Any, manager: Any) -> None:
+    """The FLOPs check above on a built family (also PaddleOCR-VL's, tests/test_tower_paddleocr_vl.py)."""
     from tokenprune.cost.flops import count_flops
 
-    model, _, make_inputs, manager = _built(model_type)
     inputs = make_inputs([1], start=1)  # one image of 8 units
     base = count_flops(model, inputs, use_fvcore=False)
     for at in BEFORE:
@@ -321,7 +325,11 @@ def test_stages_before_the_merger_reduce_the_images_of_a_prompt_with_a_video(mod
     """A video beside each image (Qwen3.5's runs through ``get_image_features``, ERNIE's through the tower): the stage
     reduces the image units only (the video's tower call is left alone), and keep-all identity, cached generation ==
     recomputation and batch == one by one hold."""
-    model, adapter, builder, manager = _built(model_type)
+    images_beside_videos_are_reduced_alone(*_built(model_type), at)
+
+
+def images_beside_videos_are_reduced_alone(model: Any, adapter: Any, builder: Any, manager: Any, at: Any) -> None:
+    """The check above on a built family (also Qwen2.5-Omni's thinker, tests/test_tower_omni_thinkers.py)."""
     make_inputs = _video_inputs(builder)
     inputs = make_inputs([1, 1])
     with tp.apply(model, {"stages": [{"at": at, "reducer": "unit_drop", "keep": 2}]}, plugins=manager) as run:

@@ -31,6 +31,7 @@ from test_family_checkpoints import _layers, _run, _saved, _visual_count
 from test_family_videos import _gemma4_video_inputs, _skip_where_the_stock_video_forward_fails
 from test_vision_attention import _eager_weights
 from torch import Tensor
+from video_tower_checks import video_call
 
 import tokenprune as tp
 from tokenprune.adapters.base import ImageCall
@@ -217,31 +218,12 @@ def test_a_video_frames_patches_map_to_its_video_tokens(video_case):
     """The push check on the ``get_video_features`` call of images and videos of two frame sizes (one tower sequence
     per frame, a video's frames one after the other; 5.18: the videos stacked)."""
     adapter = video_case.adapter
-    args, kwargs = _video_call(video_case.model, video_case.padded_batch())
+    args, kwargs = video_call(video_case.model, video_case.model.model, video_case.padded_batch())
     pixels = args[0] if args else kwargs["pixel_values_videos"]
     frames, length = int(pixels.reshape(-1, *pixels.shape[-2:]).shape[0]), int(pixels.shape[-2])
     places = [(r, p) for r in (0, 4, frames - 1) for p in (0, 1, length // 2, length - 1)]
     call = ImageCall(args, kwargs, None)
     _check_pushes(adapter, adapter.vlm().get_video_features, call, places, adapter.map_vision_video_patches)
-
-
-def _video_call(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``(args, kwargs)`` of the model's one ``get_video_features`` call for ``inputs``."""
-    vlm, seen = model.model, []
-    original = vlm.get_video_features
-
-    def record(*args: Any, **kwargs: Any) -> Any:
-        seen.append((args, kwargs))
-        return original(*args, **kwargs)
-
-    vlm.get_video_features = record
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        del vlm.get_video_features
-    assert len(seen) == 1
-    return seen[0]
 
 
 # --- VisionZip end to end ------------------------------------------------------------------------------

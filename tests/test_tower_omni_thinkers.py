@@ -28,6 +28,7 @@ import torch
 from engine_fixtures import manager_with
 from test_engine_packed_tower import _Plugin, _reference_tower
 from test_families import _skip_unless, _video_inputs
+from test_families_towers import images_beside_videos_are_reduced_alone
 from torch import Tensor
 
 import tokenprune as tp
@@ -331,21 +332,7 @@ def test_a_vision_layer_cut_equals_the_windowed_block_run_on_the_kept_patches():
 def test_qwen2_5_omni_stages_before_the_merger_reduce_the_images_of_a_prompt_with_a_video(at):
     """A video beside each image (its tower call through ``get_video_features``): the stage reduces the image units
     only, and keep-all identity, cached generation == recomputation and batch == one by one hold."""
-    model, adapter, builder, manager = _built(Q25, 56)
-    make_inputs = _video_inputs(builder)
-    inputs = make_inputs([1, 1])
-    with tp.apply(model, {"stages": [{"at": at, "reducer": "unit_drop", "keep": 2}]}, plugins=manager) as run:
-        with torch.no_grad():
-            model(**inputs)
-        (stage,) = run.stats.last_prefill.stages
-    images = (inputs["input_ids"] == adapter.image_token_id()).sum(1).tolist()
-    assert stage.entering == images == [4, 8] and stage.leaving == [2, 2]
-    k, probe = default_cut_layer(adapter)
-    case = checks.adapter_case(
-        model, make_inputs, [1, 2, 1], plugins=manager, pad_token_id=builder.pad, layer=k, probe_layer=probe, at=at
-    )
-    for check in (checks.keep_all_is_identity, checks.cached_decode_equals_recompute, checks.batch_equals_one_by_one):
-        check(case)
+    images_beside_videos_are_reduced_alone(*_built(Q25, 56), at)
 
 
 def test_qwen2_5_omni_flops_of_stages_before_the_merger_agree_three_ways():

@@ -20,7 +20,7 @@ import pytest
 import torch
 from test_engine_packed_tower import UnitDrop
 from test_families import _skip_unless
-from test_families_towers import BEFORE, _agree, _built, _case, _manager
+from test_families_towers import BEFORE, _built, _case, _manager, flops_before_the_merger_agree_three_ways
 from torch import Tensor
 
 import tokenprune as tp
@@ -276,21 +276,7 @@ def test_flops_of_stages_before_the_projector_agree_three_ways():
     """With a ``pre_projector`` and a ``vision_layer: 1`` stage, analytic == torch == fvcore on every decoder layer and
     the language model, which runs on the kept units' tokens; the tower does the same work before the projector and
     less after a cut between layers."""
-    from tokenprune.cost.flops import count_flops
-
-    model, _, make_inputs, manager = _built(TYPE)
-    inputs = make_inputs([1], start=1)  # one image of 8 units
-    base = count_flops(model, inputs, use_fvcore=False)
-    for at in BEFORE:
-        pipeline = {"stages": [{"at": at, "reducer": "unit_drop", "keep": 3}]}
-        report = count_flops(model, inputs, pipeline, plugins=manager)
-        _agree(report)
-        assert report.layers[0].tokens[0] == base.layers[0].tokens[0] - 5
-        assert report.language_model["analytic"] < base.language_model["analytic"]
-        if at == "pre_projector":
-            assert report.vision == base.vision
-        else:
-            assert report.vision < base.vision
+    flops_before_the_merger_agree_three_ways(*_built(TYPE))
 
 
 def test_a_merge_between_encoder_layers_is_refused_and_a_merge_before_the_projector_runs():

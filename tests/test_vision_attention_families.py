@@ -14,6 +14,7 @@ import tokenprune_vispruner
 import torch
 from engine_fixtures import BATCH_SPECS, VIDEO_SPECS, forward, manager_with
 from test_vision_attention import _eager_weights, _tower_modules, probe_under_sdpa
+from video_tower_checks import video_call
 
 import tokenprune as tp
 from tokenprune.engine import compat
@@ -189,26 +190,6 @@ def test_qwen3_vl_image_tokens_next_to_a_video_get_the_image_scores():
 LLAVA_VIDEOS = VIDEO_SPECS["llava_next_video"]  # [video], [image, video], [video, video]: 4 frames of 56 px
 
 
-def _video_call(model, inputs):
-    """``(args, kwargs)`` of the model's ``get_video_features`` call for ``inputs``."""
-    vlm = model.model
-    seen = []
-    original = vlm.get_video_features
-
-    def record(*args, **kwargs):
-        seen.append((args, kwargs))
-        return original(*args, **kwargs)
-
-    vlm.get_video_features = record
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        del vlm.get_video_features
-    assert len(seen) == 1
-    return seen[0]
-
-
 def test_llava_next_video_probe_scores_equal_eager_attention_on_frames():
     """A video-only batch: one tower sequence per frame, the probe's video records are the eager attention's."""
     t = tiny_models.llava_next_video()
@@ -244,7 +225,7 @@ def test_llava_video_families_map_frame_patches_to_video_tokens(family):
     adapter = _manager().adapters.get(family)(t.model)
     tower = adapter.vision_tower()
     assert tower.videos
-    args, kwargs = _video_call(t.model, t.make_inputs(VIDEO_SPECS[family][1:]))
+    args, kwargs = video_call(t.model, t.model.model, t.make_inputs(VIDEO_SPECS[family][1:]))
     layer = compat.vision_attention_module((tower.video_layers or tower.layers)[tower.feature_layer])
     pixels = args[0] if args else kwargs["pixel_values_videos"]
     sequences, length = pixels.shape[0] * pixels.shape[1], int(tower.has_cls) + (56 // 14) ** 2

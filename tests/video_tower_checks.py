@@ -1,6 +1,7 @@
 """Checks of vision attention on video tokens, shared by the packed-tower families' video tests
 (tests/test_tower_videos.py: Qwen3.5, GLM-4.xV, ERNIE-4.5-VL; tests/test_tower_qwen_videos.py: Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, the Qwen2.5-Omni and Qwen3-Omni thinkers).
+Qwen3-VL, the Qwen2.5-Omni and Qwen3-Omni thinkers; LFM3-VL's), and :func:`video_call` by Gemma 4's and
+LLaVA-NeXT-Video's.
 
 * :func:`video_map_matches_the_model`: the adapter's ``map_vision_video_patches`` against the model itself, as the
   check kit's image check does for ``get_image_features``: a push at one position of the probed attention's output
