@@ -30,6 +30,7 @@ A minimal adapter for a LLaVA-like model is a few lines::
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -66,6 +67,16 @@ class ImageCall:
         if index < len(self.args):
             return self.args[index]
         return default
+
+    def argument(self, name: str, method: Any) -> Any:
+        """The argument ``name``, by keyword or at its place in the signature of ``method`` (the bound method called:
+        transformers' own forwards pass Gemma 4's ``image_position_ids`` and MiniCPM-V's ``target_sizes`` by
+        place); ``None`` where the call did not pass it."""
+        try:
+            names = list(inspect.signature(method).parameters)
+        except (TypeError, ValueError):
+            names = []
+        return self.arg(name, names.index(name)) if name in names else self.kwargs.get(name)
 
     def features(self) -> list[Tensor]:
         """Per-image projected features: a list of ``(n_i, D)`` tensors."""

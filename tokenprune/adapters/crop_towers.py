@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from tokenprune.adapters.base import ImageCall, VisionTower
 from tokenprune.adapters.generic import GenericAdapter
-from tokenprune.adapters.vision import encoder_tower, square_patches
+from tokenprune.adapters.vision import block_means, encoder_tower, square_patches
 
 
 class CropTowerAdapter(GenericAdapter):
@@ -49,10 +49,6 @@ class CropTowerAdapter(GenericAdapter):
     strategy_key: ClassVar[str | None] = None
     """The config key (and argument) whose value ``default`` drops each sequence's position 0; ``None``: never."""
 
-    def tower(self) -> nn.Module:
-        """The SigLIP tower (``vision_tower`` of the base model)."""
-        return self.vlm().vision_tower
-
     def vision_tower(self) -> VisionTower | None:
         """The encoder layers, probed at the layer whose output the features come from; no CLS (SigLIP)."""
         index = getattr(self.vlm().config, self.feature_layer_key, -1) if self.feature_layer_key else -1
@@ -71,15 +67,14 @@ class CropTowerAdapter(GenericAdapter):
             grid = square_patches(v, strategy)
             if grid is None or grid.shape[0] % d:
                 return None
-            n, channels = grid.shape[0] // d, grid.shape[-1]
-            out.append(grid.reshape(n, d, n, d, channels).mean(dim=(1, 3)).reshape(n * n, channels))
+            out.append(block_means(grid, d))
         return out
 
     def _strategy(self, call: ImageCall) -> str | None:
         """The call's ``vision_feature_select_strategy`` (Aya), else the config's; ``None`` for Command A Vision."""
         if self.strategy_key is None:
             return None
-        given = call.arg(self.strategy_key, 2)  # get_image_features(pixel_values, layer, strategy)
+        given = call.argument(self.strategy_key, self.vlm().get_image_features)
         return given if given is not None else getattr(self.vlm().config, self.strategy_key, None)
 
 

@@ -34,12 +34,6 @@ from tokenprune.engine import compat
 from tokenprune.layout import UNKNOWN_FRAME, TokenLayout
 
 
-def _argument(call: ImageCall, method: Any, name: str) -> Any:
-    from tokenprune.adapters.generic import _argument as by_place
-
-    return by_place(call, method, name)
-
-
 def unit_video_layouts(call: ImageCall, method: Any) -> list[TokenLayout] | None:
     """One grid per visual unit of a MiniCPM-V ``get_video_features`` call (``method``), frames unknown.
 
@@ -55,7 +49,7 @@ def unit_video_layouts(call: ImageCall, method: Any) -> list[TokenLayout] | None
     """
     from tokenprune.adapters.generic import _hints, grids_from_hints
 
-    hints = _hints(_argument(call, method, "target_sizes_videos"))
+    hints = _hints(call.argument("target_sizes_videos", method))
     if hints is None:
         return None
     grids = grids_from_hints(hints, [int(f.shape[0]) for f in call.features()])
@@ -85,7 +79,7 @@ def positioned_video_layouts(call: ImageCall, method: Any, pooling: int) -> list
         applies).
     """
     positions, frames = compat.flat_video_frames(
-        _argument(call, method, "video_position_ids"), _argument(call, method, "num_frames_per_video")
+        call.argument("video_position_ids", method), call.argument("num_frames_per_video", method)
     )
     if not (isinstance(positions, Tensor) and positions.dim() == 3 and positions.shape[-1] == 2):
         return None

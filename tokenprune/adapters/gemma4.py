@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, VisionTower
-from tokenprune.adapters.generic import GenericAdapter, _argument
+from tokenprune.adapters.generic import GenericAdapter
 from tokenprune.adapters.shape import refusal
 from tokenprune.engine import compat
 from tokenprune.errors import UnsupportedModelError
@@ -64,10 +64,6 @@ class Gemma4Adapter(GenericAdapter):
             raise UnsupportedModelError(f"model_type 'gemma4': the gemma4 adapter cannot serve it: {reason}")
         super().__init__(model)
 
-    def tower(self) -> nn.Module:
-        """The ``Gemma4VisionModel`` (the base model's ``vision_tower``)."""
-        return self.vlm().vision_tower
-
     def pooling(self) -> int:
         """The tower's ``pooling_kernel_size`` ``k``: each token pools ``k x k`` patches."""
         return int(self.tower().config.pooling_kernel_size)
@@ -86,7 +82,7 @@ class Gemma4Adapter(GenericAdapter):
 
     def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
         """One tower sequence per image (``image_position_ids`` rows): each token the mean of its pooled patches."""
-        positions = _argument(call, self.vlm().get_image_features, "image_position_ids")
+        positions = call.argument("image_position_ids", self.vlm().get_image_features)
         if not _positions(positions) or positions.shape[0] != len(values):
             return None
         return [pooled_patch_means(p, v, self.pooling()) for p, v in zip(positions, values, strict=True)]
@@ -95,7 +91,7 @@ class Gemma4Adapter(GenericAdapter):
         """One tower sequence per frame: per video, its frames' pooled tokens one frame after the other."""
         method = self.vlm().get_video_features
         positions, frames = compat.flat_video_frames(
-            _argument(call, method, "video_position_ids"), _argument(call, method, "num_frames_per_video")
+            call.argument("video_position_ids", method), call.argument("num_frames_per_video", method)
         )
         if not _positions(positions) or positions.shape[0] != len(values) or frames is None:
             return None

@@ -33,7 +33,7 @@ What the generic adapter reads, all from the model itself:
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -64,11 +64,19 @@ class GenericAdapter(ModelAdapter):
         if type(self).name == GenericAdapter.name:  # a registered subclass keeps its own name
             self.name = f"generic ({getattr(model.config, 'model_type', '?')})"  # type: ignore[misc]
 
+    tower_attribute: ClassVar[str] = "vision_tower"
+    """The vision tower's name on the base model, for the subclasses that describe it (:meth:`tower`)."""
+
     def vlm(self) -> nn.Module:
         """``.model``, or the top-level model where ``.model`` is only its decoder stack
         (:func:`~tokenprune.adapters.shape.base_model_of`: the omni thinkers before transformers 5.21)."""
         vlm = base_model_of(self.model)
         return vlm if vlm is not None else super().vlm()
+
+    def tower(self) -> nn.Module:
+        """The base model's vision tower (:attr:`tower_attribute`), which the subclasses that serve vision attention
+        describe; the generic adapter itself describes none."""
+        return getattr(self.vlm(), self.tower_attribute)
 
     def language_model(self) -> nn.Module:
         """``language_model``, else ``text_model`` (Idefics2, Granite-Docling), else the top-level model's ``.model``
@@ -202,26 +210,16 @@ def _hints(value: Any) -> list[tuple[int, int, int]] | None:
     return [tuple(r) if len(r) == 3 else (1, r[0], r[1]) for r in rows]  # type: ignore[misc]
 
 
-def _argument(call: ImageCall, method: Any, name: str) -> Any:
-    """The call's argument ``name``, by keyword or at its place in ``method``'s signature (transformers' own
-    forwards pass Gemma 4's ``image_position_ids`` and MiniCPM-V's ``target_sizes`` positionally)."""
-    try:
-        names = list(inspect.signature(method).parameters)
-    except (TypeError, ValueError):
-        names = []
-    return call.arg(name, names.index(name)) if name in names else call.kwargs.get(name)
-
-
 def positional_hints(call: ImageCall, method: Any) -> list[tuple[int, int, int]] | None:
     """``(1, rows, cols)`` per image from layout arguments :meth:`GenericAdapter.image_layouts` reads by their place
     in ``get_image_features`` (``method``): ``image_position_ids`` ``(N, max_patches, 2)`` (Gemma 4: each patch's
     ``(x, y)``, ``-1`` on padding; an image's extent is ``1 +`` its largest ``y`` and ``x``) or ``target_sizes``
     ``(N, 2)`` (MiniCPM-V: each slice's ``(h, w)`` in patches, one image per slice); ``None`` where neither is given."""
-    positions = _argument(call, method, "image_position_ids")
+    positions = call.argument("image_position_ids", method)
     if isinstance(positions, Tensor) and positions.dim() == 3 and positions.shape[-1] == 2 and positions.numel():
         extent = positions.long().clamp(min=0).amax(dim=1) + 1  # (N, 2): (x, y) extents; padding clamps to 0
         return [(1, int(y), int(x)) for x, y in extent.tolist()]
-    return _hints(_argument(call, method, "target_sizes"))
+    return _hints(call.argument("target_sizes", method))
 
 
 def grids_from_hints(hints: list[tuple[int, int, int]], counts: list[int]) -> list[tuple[int, int, int]] | None:

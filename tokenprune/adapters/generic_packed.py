@@ -49,17 +49,12 @@ class PackedTowerAdapter(GenericAdapter):
     name = "packed_tower"
     model_types = ()
     tower_notes = "last block (the merger's input)"
-    tower_attribute: ClassVar[str] = "visual"
-    """The packed tower's name on the base model (called as ``tower(pixel_values, grid_thw)``)."""
+    tower_attribute = "visual"  # called as ``tower(pixel_values, grid_thw)``
     merger_start: ClassVar[str] = "merger"
     """The tower's per-patch module that the merger starts with, called on the ``(N, Dv)`` patches."""
     tower_videos: ClassVar[bool] = True
     """The tower also encodes the videos, one sequence per temporal patch of ``video_grid_thw``, and
     :meth:`map_vision_video_patches` maps them (``False``: vision attention on images only)."""
-
-    def tower(self) -> nn.Module:
-        """The packed tower: ``visual`` (ERNIE: ``vision_tower``)."""
-        return getattr(self.vlm(), self.tower_attribute)
 
     def vision_tower(self) -> VisionTower | None:
         """The tower's blocks; the default probed block is the last one, whose output the merger reads. The probe
@@ -82,7 +77,7 @@ class PackedTowerAdapter(GenericAdapter):
         argument), frames in order; each video token the mean of its unit's ``m * m`` consecutive patches in its
         frame, ``(t * h * w / m^2, C)`` per video, frames one after the other as :meth:`video_layouts` orders them."""
         grid = call.arg("video_grid_thw", 1)
-        if grid is None or not self.tower_videos:
+        if grid is None:
             return None
         return merged_unit_means(grid, values, self.tower().config.spatial_merge_size ** 2)
 

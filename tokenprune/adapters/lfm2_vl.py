@@ -33,21 +33,10 @@ from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, VisionTower
 from tokenprune.adapters.generic import GenericAdapter
-from tokenprune.adapters.vision import encoder_tower, merged_unit_means
+from tokenprune.adapters.vision import block_means, encoder_tower, merged_unit_means
 
 
-class LfmTowerAdapter(GenericAdapter):
-    """The generic adapter plus the LFM-VL model's ``vision_tower`` (the base of LFM2-VL's and LFM3-VL's adapters)."""
-
-    name = "lfm_tower"
-    model_types = ()
-
-    def tower(self) -> nn.Module:
-        """The vision model (``vision_tower``)."""
-        return self.vlm().vision_tower
-
-
-class Lfm2VlAdapter(LfmTowerAdapter):
+class Lfm2VlAdapter(GenericAdapter):
     """LFM2-VL: the generic adapter plus its SigLIP2 NaFlex tower (padded patch rows, pixel-unshuffled 2x2)."""
 
     name = "lfm2_vl"
@@ -78,14 +67,12 @@ def naflex_block_means(spatial_shapes: Tensor, values: list[Tensor], factor: int
     odd row or column is dropped, as the model drops it)."""
     out = []
     for (h, w), v in zip(spatial_shapes.tolist(), values, strict=True):
-        rows, cols = h // factor, w // factor
-        grid = v[: h * w].reshape(h, w, v.shape[-1])[: rows * factor, : cols * factor]
-        blocks = grid.reshape(rows, factor, cols, factor, v.shape[-1]).mean((1, 3))
-        out.append(blocks.reshape(rows * cols, v.shape[-1]))
+        rows, cols = h // factor * factor, w // factor * factor
+        out.append(block_means(v[: h * w].reshape(h, w, v.shape[-1])[:rows, :cols], factor))
     return out
 
 
-class Lfm3VlAdapter(LfmTowerAdapter):
+class Lfm3VlAdapter(GenericAdapter):
     """LFM3-VL: the generic adapter plus the attention layers of its packed conv/attention tower."""
 
     name = "lfm3_vl"

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
+from tokenprune.adapters.vision import block_means
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.layout import TokenLayout
 
@@ -139,8 +140,7 @@ class Llama4Adapter(ModelAdapter):
             side = math.isqrt(patches.shape[0])
             if side * side != patches.shape[0] or side % s:
                 return None
-            grid = patches.reshape(side // s, s, side // s, s, patches.shape[-1])
-            out.append(grid.mean(dim=(1, 3)).reshape(-1, patches.shape[-1]))
+            out.append(block_means(patches.reshape(side, side, patches.shape[-1]), s))
         return out
 
     def rotary(self, hidden: Tensor, positions: Tensor, layer_index: int) -> Tensor:  # type: ignore[override]

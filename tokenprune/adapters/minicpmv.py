@@ -31,10 +31,11 @@ attention takes ``tokens: image`` on a batch with videos).
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from tokenprune.adapters.base import ImageCall, VisionTower
-from tokenprune.adapters.generic import GenericAdapter, _argument
+from tokenprune.adapters.generic import GenericAdapter
+from tokenprune.adapters.vision import block_means
 from tokenprune.errors import TokenpruneError
 
 
@@ -52,10 +53,6 @@ class MiniCPMVAdapter(GenericAdapter):
         "reduce; vision attention is served at post_projector"
     )
 
-    def tower(self) -> nn.Module:
-        """The NaViT vision model (``vision_tower``: embeddings, encoder, ``post_layernorm``, ``vit_merger``)."""
-        return self.vlm().vision_tower
-
     def vision_tower(self) -> VisionTower | None:
         """The encoder's layers, probed at the last (its output, after ``post_layernorm``, is the merger's input)."""
         layers = tuple(self.tower().encoder.layers)
@@ -72,7 +69,7 @@ class MiniCPMVAdapter(GenericAdapter):
         Raises:
             TokenpruneError: a sequence's length fits neither grid of its slice, or the sequences are not one per slice.
         """
-        sizes = _argument(call, self.vlm().get_image_features, "target_sizes")
+        sizes = call.argument("target_sizes", self.vlm().get_image_features)
         if not isinstance(sizes, Tensor):
             return None
         slices = sizes.long().tolist()
@@ -106,6 +103,4 @@ def _block_means(values: Tensor, h: int, w: int, window: int, mh: int, mw: int) 
             f"nor its {h // window} x {w // window} windows"
         )
     gh, gw = grid
-    kh, kw = gh // rows, gw // cols
-    c = values.shape[-1]
-    return values.reshape(rows, kh, cols, kw, c).mean((1, 3)).reshape(rows * cols, c)
+    return block_means(values.reshape(gh, gw, values.shape[-1]), gh // rows, gw // cols)

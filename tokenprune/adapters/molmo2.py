@@ -36,10 +36,10 @@ from __future__ import annotations
 import inspect
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tokenprune.adapters.base import ImageCall, VisionTower
-from tokenprune.adapters.generic import GenericAdapter, _argument
+from tokenprune.adapters.generic import GenericAdapter
 from tokenprune.adapters.vision import layer_of_hidden_state
 
 
@@ -57,10 +57,6 @@ class Molmo2Adapter(GenericAdapter):
         "its projector attention-pools each token from an index set of patches of every crop (image_token_pooling, "
         "the concatenated outputs of several ViT layers), not one tower patch per row"
     )
-
-    def tower(self) -> nn.Module:
-        """The ViT, ``vision_tower`` of the base model."""
-        return self.vlm().vision_tower
 
     def feature_layers(self) -> list[int]:
         """The tower layers whose outputs the projector concatenates (non-negative, in the config's order)."""
@@ -81,18 +77,18 @@ class Molmo2Adapter(GenericAdapter):
         """One tower sequence per crop, in ``pixel_values`` order; each token the mean of the patches its row of
         ``image_token_pooling`` indexes; one tensor per image of ``image_grids``."""
         method = self.vlm().get_image_features
-        pooling, grids = _argument(call, method, "image_token_pooling"), _argument(call, method, "image_grids")
+        pooling, grids = call.argument("image_token_pooling", method), call.argument("image_grids", method)
         if not (isinstance(pooling, Tensor) and isinstance(grids, Tensor) and grids.dim() == 2):
             return None
         counts = grids[:, 0] * grids[:, 1] + grids[:, 2] * grids[:, 3]
-        crops = _argument(call, method, "image_num_crops") if self._offsets() else None
+        crops = call.argument("image_num_crops", method) if self._offsets() else None
         return pooled_patch_means(values, pooling, counts, crops)
 
     def map_vision_video_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
         """One tower sequence per frame; each video's ``frames * rows * cols`` tokens the means of the patches their
         rows of ``video_token_pooling`` index (``get_video_features`` pools the frames as one image's crops)."""
         method = self.vlm().get_video_features
-        pooling, grids = _argument(call, method, "video_token_pooling"), _argument(call, method, "video_grids")
+        pooling, grids = call.argument("video_token_pooling", method), call.argument("video_grids", method)
         if not (isinstance(pooling, Tensor) and isinstance(grids, Tensor) and grids.dim() == 2):
             return None
         frames = grids[:, 0]

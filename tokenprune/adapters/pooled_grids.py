@@ -29,12 +29,6 @@ from tokenprune.adapters.base import ImageCall
 from tokenprune.layout import TokenLayout
 
 
-def _argument(call: ImageCall, method: Any, name: str) -> Any:
-    from tokenprune.adapters.generic import _argument as by_place
-
-    return by_place(call, method, name)
-
-
 def _fits(call: ImageCall, layouts: list[TokenLayout]) -> list[TokenLayout] | None:
     counts = [int(f.shape[0]) for f in call.features()]
     return layouts if counts == [int(lay.shape[1]) for lay in layouts] else None
@@ -48,7 +42,7 @@ def molmo2_image_layouts(call: ImageCall, method: Any) -> list[TokenLayout] | No
         the image has crops) view 1 a ``high_h x high_w`` grid; ``None`` where the call has no ``image_grids`` of
         that form or the grids do not count the features the call returned.
     """
-    grids = _argument(call, method, "image_grids")
+    grids = call.argument("image_grids", method)
     if not (isinstance(grids, Tensor) and grids.dim() == 2 and grids.shape[-1] == 4):
         return None
     layouts = []
@@ -68,7 +62,7 @@ def molmo2_video_layouts(call: ImageCall, method: Any) -> list[TokenLayout] | No
         ``video`` true); ``None`` where the call has no ``video_grids`` of that form or the grids do not count
         the features the call returned.
     """
-    grids = _argument(call, method, "video_grids")
+    grids = call.argument("video_grids", method)
     if not (isinstance(grids, Tensor) and grids.dim() == 2 and grids.shape[-1] == 3):
         return None
     layouts = [

@@ -61,16 +61,8 @@ class Qwen2VLTower:
         visual = self.vlm().visual
         blocks = tuple(visual.blocks)
         full = getattr(visual.config, "fullatt_block_indexes", None)
-        if full:
-            return VisionTower(
-                type(visual).__name__,
-                blocks,
-                int(full[-1]) % len(blocks),
-                False,
-                "last full-attention block",
-                videos=True,
-            )
-        return VisionTower(type(visual).__name__, blocks, len(blocks) - 1, False, videos=True)
+        layer, notes = (int(full[-1]) % len(blocks), "last full-attention block") if full else (len(blocks) - 1, "")
+        return VisionTower(type(visual).__name__, blocks, layer, False, notes, videos=True)
 
     def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
         """One tower sequence per frame; each merged token is the mean of ``m x m`` consecutive patches (the

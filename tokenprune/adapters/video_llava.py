@@ -26,7 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, VisionTower
-from tokenprune.adapters.generic import _argument
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.vision import drop_cls, encoder_tower
 from tokenprune.layout import TokenLayout
@@ -75,7 +74,7 @@ class VideoLlavaAdapter(LlavaAdapter):
         """The image call's ``vision_feature_select_strategy`` (by keyword or at its place in the signature: third
         before 5.21, whose images come as ``pixel_values_images`` alone; fourth from 5.21), else the config's."""
         vlm = self.vlm()
-        return _argument(call, vlm.get_image_features, "vision_feature_select_strategy") or (
+        return call.argument("vision_feature_select_strategy", vlm.get_image_features) or (
             vlm.config.vision_feature_select_strategy
         )
 

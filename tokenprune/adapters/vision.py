@@ -58,6 +58,14 @@ def square_patches(values: Tensor, strategy: str | None) -> Tensor | None:
     return patches.reshape(side, side, patches.shape[-1])
 
 
+def block_means(grid: Tensor, rows: int, cols: int | None = None) -> Tensor:
+    """``(H, W, C)`` values as ``(H / rows * W / cols, C)``: the mean of each ``rows x cols`` block of positions
+    (``cols`` defaults to ``rows``), blocks in raster order: how a pixel shuffle or a 2x2 merger groups a patch grid."""
+    cols = rows if cols is None else cols
+    h, w, c = grid.shape
+    return grid.reshape(h // rows, rows, w // cols, cols, c).mean((1, 3)).reshape(-1, c)
+
+
 def group_mean(values: Tensor, group: int) -> Tensor:
     """``(S, C)`` values averaged over consecutive groups of ``group`` positions: ``(S / group, C)``."""
     return values.reshape(values.shape[0] // group, group, values.shape[-1]).mean(1)
@@ -99,10 +107,7 @@ def raster_unit_means(grid_thw: Tensor, values: list[Tensor], merge: int) -> lis
     ``(m r + i, m c + j)``, tokens in raster order, frames one after the other."""
     out, start = [], 0
     for t, h, w in grid_thw.tolist():
-        frames = [
-            v.reshape(h // merge, merge, w // merge, merge, v.shape[-1]).mean((1, 3)).reshape(-1, v.shape[-1])
-            for v in values[start : start + t]
-        ]
+        frames = [block_means(v.reshape(h, w, v.shape[-1]), merge) for v in values[start : start + t]]
         out.append(torch.cat(frames))
         start += t
     return out

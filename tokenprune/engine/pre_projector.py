@@ -189,8 +189,10 @@ class PreProjector:
         selection = check_reduction(result, tokens, ctx, who=plan.who, capabilities=type(plan.reducer).capabilities)
         if isinstance(result, Merge):
             merged, sizes, selection = result.apply(tokens, ctx.sizes, ctx.valid)
-            x, run.sizes = _write_rows(x, run.sizes, first.selection(selection), merged, sizes)
-        run.masks.append(first.selection(selection).to_mask(x.shape[1]) & valid)
+        kept = first.selection(selection)  # in the rows' own columns
+        if isinstance(result, Merge):
+            x, run.sizes = _write_rows(x, run.sizes, kept, merged, sizes)
+        run.masks.append(kept.to_mask(x.shape[1]) & valid)
         run.seconds.append(time.perf_counter() - start)
         run.macs.append(plan.reducer.overhead_macs(tokens, ctx) + macs)
         return x
