@@ -29,7 +29,15 @@ import torch
 from engine_fixtures import manager_with
 from test_families import _skip_unless, _video_inputs
 from test_tower_omni_thinkers import window_order
-from video_tower_checks import expected_scores, frame_tokens, top, video_map_matches_the_model, videos_only, visionzip
+from video_tower_checks import (
+    expected_scores,
+    frame_tokens,
+    images_and_videos_ranked_together,
+    top,
+    video_map_matches_the_model,
+    videos_only,
+    visionzip,
+)
 
 import tokenprune as tp
 from tokenprune.adapters.base import ImageCall
@@ -204,12 +212,4 @@ def test_visionzip_ranks_an_image_and_a_video_together(model_type):
     model, adapter, make, manager, attention = _sharp(model_type)
     inputs = make(True)([1, 1])
     expected = expected_scores(adapter.vlm(), attention, inputs, places=_places(model_type))
-    images = (inputs["input_ids"] == adapter.image_token_id()).sum(1).tolist()
-    assert images == [4, 8]
-    for tokens, keep in (("all", 5), ("video", 2)):
-        with tp.apply(model, visionzip(keep, tokens), plugins=manager) as run, torch.no_grad():
-            model(**inputs)
-            (stage,) = run.stats.last_prefill.stages
-        scores = expected if tokens == "all" else [s[n:] for s, n in zip(expected, images, strict=True)]
-        assert stage.entering == [len(s) for s in scores]
-        assert [sorted(k) for k in stage.kept] == [top(s, keep) for s in scores]
+    images_and_videos_ranked_together(model, adapter, manager, inputs, expected)

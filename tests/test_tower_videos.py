@@ -22,7 +22,15 @@ import torch
 from test_families import _skip_unless, _video_inputs
 from test_families_towers import GLM, TOWERS, _built, _manager, _params
 from torch import Tensor
-from video_tower_checks import expected_scores, top, unit, video_map_matches_the_model, videos_only, visionzip
+from video_tower_checks import (
+    expected_scores,
+    images_and_videos_ranked_together,
+    top,
+    unit,
+    video_map_matches_the_model,
+    videos_only,
+    visionzip,
+)
 
 import tokenprune as tp
 from tokenprune.adapters.base import ImageCall
@@ -155,15 +163,7 @@ def test_visionzip_ranks_an_image_and_a_video_together(model_type):
     model, adapter, builder, manager = _sharp(model_type)
     inputs = _video_inputs(builder, FRAMES)([1, 1])
     expected = _expected_scores(model_type, model, adapter, inputs)
-    images = (inputs["input_ids"] == adapter.image_token_id()).sum(1).tolist()
-    assert images == [4, 8]
-    for tokens, keep in (("all", 5), ("video", 2)):
-        with tp.apply(model, visionzip(keep, tokens), plugins=manager) as run, torch.no_grad():
-            model(**inputs)
-            (stage,) = run.stats.last_prefill.stages
-        scores = expected if tokens == "all" else [s[n:] for s, n in zip(expected, images, strict=True)]
-        assert stage.entering == [len(s) for s in scores]
-        assert [sorted(k) for k in stage.kept] == [top(s, keep) for s in scores]
+    images_and_videos_ranked_together(model, adapter, manager, inputs, expected)
 
 
 @pytest.mark.parametrize("model_type", [t for t in VIDEO if t in GLM])

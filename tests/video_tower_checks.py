@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import tokenprune as tp
 from tokenprune.adapters.base import ImageCall
 from tokenprune.engine import compat
 from tokenprune.engine.vision_probe import VisionProbe
@@ -206,3 +207,19 @@ def top(scores: Tensor, keep: int) -> list[int]:
     order = scores.argsort(descending=True, stable=True)
     assert float(scores[order[keep - 1]] - scores[order[keep]]) > 1e-5
     return sorted(order[:keep].tolist())
+
+
+def images_and_videos_ranked_together(
+    model: torch.nn.Module, adapter: Any, manager: Any, inputs: dict[str, Any], expected: list[Tensor]
+) -> None:
+    """An image (2x2 and 2x4 units) beside a video in each sample, ``expected`` each sample's scores (image tokens
+    first): ``tokens: all`` keeps the highest of both, ``tokens: video`` the video's highest only."""
+    images = (inputs["input_ids"] == adapter.image_token_id()).sum(1).tolist()
+    assert images == [4, 8]
+    for tokens, keep in (("all", 5), ("video", 2)):
+        with tp.apply(model, visionzip(keep, tokens), plugins=manager) as run, torch.no_grad():
+            model(**inputs)
+            (stage,) = run.stats.last_prefill.stages
+        scores = expected if tokens == "all" else [s[n:] for s, n in zip(expected, images, strict=True)]
+        assert stage.entering == [len(s) for s in scores]
+        assert [sorted(k) for k in stage.kept] == [top(s, keep) for s in scores]
