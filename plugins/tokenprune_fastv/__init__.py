@@ -46,10 +46,8 @@ class FastV(ScoringReducer):
     class Params(AttentionSourceParams):
         rounding: Literal["floor", "nearest"] = Field(
             default="floor",
-            description=(
-                "How a fractional keep becomes a count: 'floor' (tokenprune's rule) or 'nearest', the official "
-                "llava-hf code's round(n * (1 - R)), halves to even."
-            ),
+            description="How a fractional keep becomes a count: 'floor' (tokenprune's rule) or 'nearest', the "
+            "official llava-hf code's round(n * (1 - R)), halves to even.",
         )
 
     def stage_budget(self, keep: float | int, valid: Tensor, protected: Tensor, layout: TokenLayout | None) -> Tensor:

@@ -83,6 +83,20 @@ class Lfm3VlAdapter(GenericAdapter):
         "2x2 unit of patches into one token, so no stage can drop tower patches before the projector"
     )
 
+    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per frame; each token the mean of its unit's ``m * m`` consecutive patches."""
+        grid = call.arg("image_grid_thw", 1)
+        if grid is None:
+            return None
+        return merged_unit_means(grid, values, int(self.tower().spatial_merge_size) ** 2)
+
+    def map_vision_video_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
+        """One tower sequence per temporal patch of ``video_grid_thw``; each token the mean of its unit's patches."""
+        grid = call.arg("video_grid_thw", 1)
+        if grid is None:
+            return None
+        return merged_unit_means(grid, values, int(self.tower().spatial_merge_size) ** 2)
+
     def vision_tower(self) -> VisionTower | None:
         """The tower's attention layers (those with ``self_attn``), probed at the last; ``None`` where it has none."""
         attention = tuple(
@@ -101,17 +115,3 @@ class Lfm3VlAdapter(GenericAdapter):
                 "convolution layer after it mixes 3x3 grid neighbours, which the map does not count"
             ),
         )
-
-    def map_vision_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
-        """One tower sequence per frame; each token the mean of its unit's ``m * m`` consecutive patches."""
-        grid = call.arg("image_grid_thw", 1)
-        if grid is None:
-            return None
-        return merged_unit_means(grid, values, int(self.tower().spatial_merge_size) ** 2)
-
-    def map_vision_video_patches(self, call: ImageCall, values: list[Tensor]) -> list[Tensor] | None:
-        """One tower sequence per temporal patch of ``video_grid_thw``; each token the mean of its unit's patches."""
-        grid = call.arg("video_grid_thw", 1)
-        if grid is None:
-            return None
-        return merged_unit_means(grid, values, int(self.tower().spatial_merge_size) ** 2)

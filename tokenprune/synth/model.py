@@ -20,14 +20,23 @@ class MiniVLMSize:
     """The size knobs of the mini VLM (the defaults are the shipped model's)."""
 
     vision_hidden: int = 128
+    """Width of the CLIP tower's hidden states (also its ``projection_dim``)."""
     vision_layers: int = 3
+    """Encoder layers of the CLIP tower."""
     vision_heads: int = 4
+    """Attention heads of each tower layer."""
     vision_ffn: int = 384
+    """Intermediate width of each tower layer's MLP."""
     text_hidden: int = 128
+    """Width of the Llama language model's hidden states."""
     text_layers: int = 4
+    """Decoder layers of the language model."""
     text_heads: int = 4
+    """Attention heads (and key/value heads) of each decoder layer."""
     text_ffn: int = 384
+    """Intermediate width of each decoder layer's MLP."""
     vocab_size: int = 64
+    """Rows of the embedding table: at least the SynthVQA vocabulary."""
 
 
 #: A model small enough for unit tests (a training step takes milliseconds).

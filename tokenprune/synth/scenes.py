@@ -38,22 +38,18 @@ import numpy as np
 #: (height, width) of the rendered images; each one is an anyres pinpoint of the mini VLM.
 IMAGE_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (32, 64), (64, 32), (32, 96), (96, 32))
 
+# fmt: off
+#: The background colours by name, (R, G, B).
 BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
-    "black": (10, 10, 10),
-    "gray": (90, 90, 90),
-    "brown": (100, 60, 25),
-    "navy": (20, 30, 110),
-    "olive": (95, 95, 20),
-    "teal": (15, 100, 100),
+    "black": (10, 10, 10),  "gray": (90, 90, 90),   "brown": (100, 60, 25),
+    "navy": (20, 30, 110),  "olive": (95, 95, 20),  "teal": (15, 100, 100),
 }
+#: The shape colours by name, (R, G, B).
 SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40),
-    "green": (40, 210, 60),
-    "blue": (70, 120, 255),
-    "yellow": (245, 230, 40),
-    "purple": (180, 60, 230),
-    "orange": (255, 150, 20),
+    "red": (230, 40, 40),      "green": (40, 210, 60),     "blue": (70, 120, 255),
+    "yellow": (245, 230, 40),  "purple": (180, 60, 230),   "orange": (255, 150, 20),
 }
+# fmt: on
 SHAPE_KINDS: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 #: The fill pattern of each shape kind: pixels where the pattern is on are drawn in the tint.
 SHAPE_PATTERNS: dict[str, str] = {
