@@ -45,16 +45,40 @@ def probed_attention(probe: AttentionProbe | None, k: int) -> dict[str, Tensor] 
     return attention
 
 
-def follow_columns(
-    idx: Tensor, attention: Mapping[str, Tensor] | None, keys: Tensor | None
-) -> tuple[dict[str, Tensor] | None, Tensor | None]:
-    """Per-column signals after a stage kept the columns ``idx`` (``(B, L')``, ``-1``: padding slot)."""
-    safe = idx.clamp(min=0)
-    if attention is not None:
-        attention = {s: a.gather(1, safe).masked_fill(idx < 0, 0.0) for s, a in attention.items()}
-    if keys is not None:
-        keys = keys.gather(1, safe.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-    return attention, keys
+#: Channel-name prefix of the probe's signals of layer ``k - 1`` while the ``layer: k`` stages run (see
+#: :func:`with_probe_channels`); a registered channel's name has no ``:``.
+PROBE = "probe:"
+ATTENTION_CHANNEL, KEYS_CHANNEL, TEXT_ATTENTION_CHANNEL = PROBE + "attention:", PROBE + "keys", PROBE + "text_attention"
+
+
+def with_probe_channels(seq: TokenSequence, probe: AttentionProbe | None, k: int) -> TokenSequence:
+    """``seq`` with the probe's records of layer ``k - 1`` as channels of its columns, so that every cut of a
+    ``layer: k`` stage carries them through the sequence's own gather (a merged token keeps its root's value):
+    ``probe:attention:<source>`` ``(B, L)``, ``probe:keys`` ``(B, L, Dk)`` and ``probe:text_attention``
+    ``(B, L, T)`` (each column's attention from the ``T`` text rows). ``seq`` itself is left as it is.
+
+    Raises:
+        TokenpruneError: the layer was probed but recorded nothing.
+    """
+    attention = probed_attention(probe, k) or {}
+    channels = {ATTENTION_CHANNEL + source: scores for source, scores in attention.items()}
+    if probe is not None and (keys := probe.key_states.get(k - 1)) is not None:
+        channels[KEYS_CHANNEL] = keys
+    if probe is not None and (text := probe.text_scores.get(k - 1)) is not None:
+        channels[TEXT_ATTENTION_CHANNEL] = text.transpose(1, 2)
+    return replace(seq, channels={**seq.channels, **channels}) if channels else seq
+
+
+def probe_channels(seq: TokenSequence) -> tuple[dict[str, Tensor] | None, Tensor | None, Tensor | None]:
+    """The probe's channels of ``seq`` (:func:`with_probe_channels`) on its current columns: per source ``(B, L)``
+    attention (``None``: none probed), ``(B, L, Dk)`` keys and ``(B, T, L)`` per-text-row attention."""
+    attention = {
+        name.removeprefix(ATTENTION_CHANNEL): values
+        for name, values in seq.channels.items()
+        if name.startswith(ATTENTION_CHANNEL)
+    }
+    text = seq.channels.get(TEXT_ATTENTION_CHANNEL)
+    return attention or None, seq.channels.get(KEYS_CHANNEL), None if text is None else text.transpose(1, 2)
 
 
 @dataclass
@@ -145,14 +169,6 @@ def stage_signals(
         final_norm=compat.final_norm(language_model) if "final_norm" in wanted else None,
         seconds=time.perf_counter() - start if own is not None else 0.0,
     )
-
-
-def follow_text_attention(idx: Tensor, text_attention: Tensor | None) -> Tensor | None:
-    """``(B, T, L)`` per-text-row attention after a stage kept the columns ``idx`` (``(B, L')``, ``-1``: padding)."""
-    if text_attention is None:
-        return None
-    safe = idx.clamp(min=0)[:, None, :].expand(-1, text_attention.shape[1], -1)
-    return text_attention.gather(2, safe).masked_fill((idx < 0)[:, None, :], 0.0)
 
 
 def with_text_signals(

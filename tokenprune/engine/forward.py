@@ -46,11 +46,25 @@ from tokenprune.engine.pre_projector import PreProjector
 from tokenprune.engine.probe import AttentionProbe
 from tokenprune.engine.pruned_inputs import check_decoding_mask, decoding_positions, model_decoding_kwargs
 from tokenprune.engine.run_stats import ForwardStats, RunStats
-from tokenprune.engine.sequence import TokenSequence, input_sequence, kept_labels, residual_sequence, visual_layout
+from tokenprune.engine.sequence import (
+    TokenSequence,
+    input_sequence,
+    kept_labels,
+    residual_sequence,
+    visual_layout,
+    without_channels,
+)
 from tokenprune.engine.stage import StagePlan, StageSignals
 from tokenprune.engine.stopwatch import Stopwatch
 from tokenprune.engine.vision_layer import VisionLayerStages
-from tokenprune.engine.vision_probe import VisionProbe, post_projector_vision_signals, vision_probe_for
+from tokenprune.engine.vision_probe import (
+    VISION,
+    VisionProbe,
+    post_projector_vision_signals,
+    vision_probe_for,
+    vision_signal,
+    with_vision_channels,
+)
 from tokenprune.errors import TokenpruneError
 from tokenprune.pipeline import Pipeline
 
@@ -319,20 +333,19 @@ class ForwardHooks:
         vision = post_projector_vision_signals(
             self.vision_probe, self.adapter, calls.image, list(plan.post), st.visual, st.video, calls.video
         )
-        hidden, seq, changed = self._pre_projector(hidden, seq, st, vision)
+        hidden, seq, changed = self._pre_projector(hidden, with_vision_channels(seq, vision), st)
         calls.clear()
         residuals = self.adapter.take_visual_residuals(kw)
         if residuals is not None:
             seq.residuals, seq.receives = residual_sequence(residuals, batch, length)
         produce_channels(plan.channels, hidden, seq, 0)
-        for stage in plan.post:
-            signal = vision.get(stage.index)
+        for stage in plan.post:  # the vision signals ride on the sequence as channels, through every cut
+            signal = vision_signal(seq, vision, stage.index)
             outcome = self.live.run(
                 stage, hidden, seq, None, StageSignals(vision=signal) if signal is not None else None
             )
             hidden, seq, changed = outcome.hidden, outcome.sequence, changed or outcome.changed
-            if outcome.changed:
-                vision = {i: v.gather(outcome.kept_columns) for i, v in vision.items()}
+        seq = without_channels(seq, VISION)
         st.lm_length, st.lm_pruned = int(hidden.shape[1]), changed
         st.lm_freed_positions, st.lm_mask = seq.freed_positions, seq.valid.long()
         if changed:
@@ -348,7 +361,7 @@ class ForwardHooks:
         return ((), kw) if changed or full or residuals is not None else None
 
     def _pre_projector(
-        self, hidden: Tensor, seq: TokenSequence, st: PrefillState, vision: dict[int, Any]
+        self, hidden: Tensor, seq: TokenSequence, st: PrefillState
     ) -> tuple[Tensor, TokenSequence, bool]:
         """Remove what the ``pre_projector`` stages dropped from the language model's input (their stats recorded)."""
         if self._pre is None:
@@ -360,7 +373,4 @@ class ForwardHooks:
         st.stages_run.update(plan.index for plan in self._pre.all_plans)
         if self.live.now.stats is not None:
             self.live.now.stats.stages.extend(stats)
-        if kept is not None:
-            for i, v in vision.items():
-                vision[i] = v.gather(kept)
         return hidden, seq, kept is not None

@@ -16,11 +16,11 @@ from torch import Tensor, nn
 from tokenprune.adapters.base import ModelAdapter
 from tokenprune.channels import produce_channels
 from tokenprune.engine.attention_signals import (
+    PROBE,
     DryCall,
-    follow_columns,
-    follow_text_attention,
-    probed_attention,
+    probe_channels,
     stage_signals,
+    with_probe_channels,
     with_text_signals,
 )
 from tokenprune.engine.decode_stage import StepKeys, cache_columns, run_decode_stage
@@ -30,7 +30,7 @@ from tokenprune.engine.install import InstallPlan
 from tokenprune.engine.kv_sharing import shared_keys_call, tail_call
 from tokenprune.engine.probe import AttentionProbe, ProbeRows
 from tokenprune.engine.pruned_inputs import pruned_layer_call
-from tokenprune.engine.sequence import TokenSequence
+from tokenprune.engine.sequence import TokenSequence, without_channels
 from tokenprune.engine.stage import StageOutcome, StagePlan, StageSignals, run_stage
 
 
@@ -121,20 +121,16 @@ class LayerHooks:
         return hook
 
     def _layer_stages(self, k: int, hidden: Tensor, seq: TokenSequence) -> tuple[Tensor, TokenSequence, bool]:
-        """Run the ``layer: k`` stages on layer ``k - 1``'s output (the signals follow each cut); whether any cut."""
-        probe, changed = self.live.probe, False
-        attention = probed_attention(probe, k)
-        keys = probe.key_states.get(k - 1) if probe is not None else None
-        text_att = probe.text_scores.get(k - 1) if probe is not None else None
+        """Run the ``layer: k`` stages on layer ``k - 1``'s output; whether any cut. The probe's signals of layer
+        ``k - 1`` ride on the sequence as channels (:func:`with_probe_channels`), so each cut carries them."""
+        changed, seq = False, with_probe_channels(seq, self.live.probe, k)
         for plan in self.live.plan.layer.get(k, ()):
+            attention, keys, text_att = probe_channels(seq)
             signals = with_text_signals(plan, self._signals(k, plan, hidden, seq, keys), text_att, self.live.state)
             outcome = self.live.run(plan, hidden, seq, attention, signals)
             hidden, seq = outcome.hidden, outcome.sequence
-            if outcome.changed:
-                attention, keys = follow_columns(outcome.kept_columns, attention, keys)
-                text_att = follow_text_attention(outcome.kept_columns, text_att)
             changed = changed or outcome.changed
-        return hidden, seq, changed
+        return hidden, without_channels(seq, PROBE), changed
 
     def _signals(
         self, k: int, plan: StagePlan, hidden: Tensor, seq: TokenSequence, keys: Tensor | None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -77,6 +77,13 @@ class TokenSequence:
             video=pick(self.video, False) if self.video is not None else None,
             channels={name: _gather_channel(c, idx, pad) for name, c in self.channels.items()},
         )
+
+
+def without_channels(seq: TokenSequence, prefix: str) -> TokenSequence:
+    """``seq`` without the channels whose name starts with ``prefix`` (the engine's transient ones: ``probe:``,
+    ``vision:``; a registered channel's name has no ``:``)."""
+    kept = {name: values for name, values in seq.channels.items() if not name.startswith(prefix)}
+    return replace(seq, channels=kept) if len(kept) != len(seq.channels) else seq
 
 
 def _gather_channel(values: Tensor, idx: Tensor, pad: Tensor) -> Tensor:

@@ -352,15 +352,21 @@ def channel_signals(plan: StagePlan, seq: TokenSequence, names: frozenset[str], 
 
 def _with_vision(ctx: ReduceContext, vision: VisionSignal, vis_idx: Tensor) -> ReduceContext:
     """``ctx`` with the vision signal at its visual tokens (``-inf`` scores where no patch or padding)."""
-    v = vision.gather(vis_idx)
-    valid = v.valid & ctx.valid
+    valid = _rows(vision.valid, vis_idx) & ctx.valid
+
+    def scores(per_column: Tensor) -> Tensor:
+        return _rows(per_column, vis_idx).masked_fill(~valid, float("-inf"))
+
+    def rows(per_column: Tensor | None) -> Tensor | None:
+        return None if per_column is None else _rows(per_column, vis_idx).masked_fill(~valid[..., None], 0.0)
+
     return replace(
         ctx,
-        vision_attention=v.scores.masked_fill(~valid, float("-inf")),
+        vision_attention=scores(vision.scores),
         vision_valid=valid,
-        vision_features=None if v.features is None else v.features.masked_fill(~valid[..., None], 0.0),
-        vision_keys=None if v.keys is None else v.keys.masked_fill(~valid[..., None], 0.0),
-        vision_attention_at={layer: s.masked_fill(~valid, float("-inf")) for layer, s in v.also.items()},
+        vision_features=rows(vision.features),
+        vision_keys=rows(vision.keys),
+        vision_attention_at={layer: scores(s) for layer, s in vision.also.items()},
     )
 
 

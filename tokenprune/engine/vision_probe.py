@@ -22,7 +22,7 @@ the post-projector tokens (:func:`sequence_vision_signal`).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from tokenprune.adapters.base import ImageCall, ModelAdapter, VisionTower
 from tokenprune.engine import compat
+from tokenprune.engine.sequence import TokenSequence
 from tokenprune.engine.stopwatch import Stopwatch
 from tokenprune.errors import TokenpruneError
 from tokenprune.reducer import VisionAttentionRequest
@@ -250,21 +251,38 @@ class VisionSignal:
     macs: int = 0
     also: dict[int, Tensor] = field(default_factory=dict)
 
-    def gather(self, idx: Tensor) -> VisionSignal:
-        """The signal at the ``(B, L')`` columns ``idx`` (``-1``: a padding slot) a stage kept."""
-        safe, pad = idx.clamp(min=0), idx < 0
 
-        def rows(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.gather(1, safe[..., None].expand(-1, -1, t.shape[-1]))
+#: Channel-name prefix of the post_projector stages' vision signals while the language model's input is reduced
+#: (see :func:`with_vision_channels`); a registered channel's name has no ``:``.
+VISION = "vision:"
 
-        return VisionSignal(
-            self.scores.gather(1, safe).masked_fill(pad, 0.0),
-            self.valid.gather(1, safe) & ~pad,
-            rows(self.features),
-            rows(self.keys),
-            self.macs,
-            {layer: s.gather(1, safe).masked_fill(pad, 0.0) for layer, s in self.also.items()},
-        )
+
+def with_vision_channels(seq: TokenSequence, signals: Mapping[int, VisionSignal]) -> TokenSequence:
+    """``seq`` with each stage's vision signal (``signals``: by stage index) as channels of its columns,
+    ``vision:<stage>:<part>``, so that every ``pre_projector`` and ``post_projector`` cut carries them through the
+    sequence's own gather (a merged token keeps its root's value). ``seq`` itself is left as it is."""
+    channels: dict[str, Tensor] = {}
+    for index, signal in signals.items():
+        parts = {"scores": signal.scores, "valid": signal.valid, "features": signal.features, "keys": signal.keys}
+        parts |= {f"also{layer}": scores for layer, scores in signal.also.items()}
+        channels |= {f"{VISION}{index}:{part}": v for part, v in parts.items() if v is not None}
+    return replace(seq, channels={**seq.channels, **channels}) if channels else seq
+
+
+def vision_signal(seq: TokenSequence, signals: Mapping[int, VisionSignal], index: int) -> VisionSignal | None:
+    """Stage ``index``'s signal on the current columns of ``seq`` (:func:`with_vision_channels`); ``None``: none."""
+    signal = signals.get(index)
+    if signal is None:
+        return None
+
+    def part(name: str) -> Tensor | None:
+        return seq.channels.get(f"{VISION}{index}:{name}")
+
+    scores, valid = part("scores"), part("valid")
+    if scores is None or valid is None:
+        raise TokenpruneError(f"the vision signal of stage {index} is missing from the sequence (an engine bug)")
+    also = {layer: part(f"also{layer}") for layer in signal.also}
+    return VisionSignal(scores, valid, part("features"), part("keys"), signal.macs, also)  # type: ignore[arg-type]
 
 
 def sequence_vision_signal(
