@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any, ClassVar
 
 import engine_fixtures as ef
@@ -131,8 +132,19 @@ class _Builtin:
         registry.add(SignalChannel("keys", hidden_norms))
 
 
-class ReadsProbe(ScoringReducer):
-    """Keeps the tokens the last row attends to most; records the probe signals it was served."""
+class _Records(ScoringReducer):
+    """Keeps the tokens of highest score; records the context it was served and its selection."""
+
+    seen: ClassVar[list[tuple[ReduceContext, Selection]]]
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
+        selection = super().reduce(tokens, ctx)
+        self.seen.append((ctx, selection))
+        return selection
+
+
+class ReadsProbe(_Records):
+    """Scores by the last row's attention; reads the probe's keys and per-text-row attention too."""
 
     name = "reads_probe"
     capabilities = Capabilities(
@@ -146,44 +158,9 @@ class ReadsProbe(ScoringReducer):
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         return ctx.attention["last"]
 
-    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
-        selection = super().reduce(tokens, ctx)
-        self.seen.append((ctx, selection))
-        return selection
 
-
-class _ProbeReader:
-    @tp.hookimpl
-    def tokenprune_register_reducers(self, registry: Any) -> None:
-        registry.add(ReadsProbe)
-
-
-def test_the_probe_signals_follow_a_cut_between_two_stages_at_one_layer():
-    """The engine's own signals of layer k - 1 (attention, keys, per-text-row attention) ride on the sequence as
-    channels while the ``layer: k`` stages run: the second stage at layer 2 reads them at the tokens the first kept,
-    and the sequence the later layers hold carries none of them."""
-    ReadsProbe.seen.clear()
-    tiny = tm.llava_next()
-    inputs = tiny.make_inputs([(56, 56), (56, 112)])
-    stage = {"at": {"layer": 2}, "reducer": "reads_probe", "keep": 0.5}
-    prepared = tp.prepare({"stages": [stage, stage]}, plugins=tp.get_plugin_manager(plugins=[_ProbeReader()]))
-    with tp.apply(tiny.model, prepared) as handle:
-        ef.forward(tiny.model, inputs, "llava_next")
-        state = handle._forwards.live.state
-        assert state is not None and set(state.current.channels) == set()  # nothing of layer 1 left behind
-    (ctx1, sel1), (ctx2, _) = ReadsProbe.seen
-    for b in range(2):
-        kept = sel1.to_mask(int(ctx1.valid.shape[1]))[b] & ctx1.valid[b]
-        m = int(ctx2.valid[b].sum())
-        assert m == int(kept.sum()) < int(ctx1.valid[b].sum())
-        assert torch.equal(ctx2.attention["last"][b, :m], ctx1.attention["last"][b][kept])
-        assert torch.equal(ctx2.keys[b, :m], ctx1.keys[b][kept])
-        assert torch.equal(ctx2.text_attention[b][:, :m], ctx1.text_attention[b][:, kept])
-        assert torch.equal(ctx2.text_valid[b], ctx1.text_valid[b])  # the text rows are not cut
-
-
-class ReadsVision(ScoringReducer):
-    """Keeps the tokens of highest vision-encoder attention; records the vision signal it was served."""
+class ReadsVision(_Records):
+    """Scores by the vision encoder's CLS attention."""
 
     name = "reads_vision"
     capabilities = Capabilities(insertion_points=frozenset({"post_projector"}), vision_attention=frozenset({"cls"}))
@@ -192,35 +169,50 @@ class ReadsVision(ScoringReducer):
     def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
         return ctx.vision_attention
 
-    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Selection:
-        selection = super().reduce(tokens, ctx)
-        self.seen.append((ctx, selection))
-        return selection
+
+#: The test's plugin: a module holding one hook that registers the two readers.
+_READERS = ModuleType("engine_signal_readers")
+_READERS.tokenprune_register_reducers = tp.plugins.reducers_hook(ReadsProbe, ReadsVision)  # type: ignore[attr-defined]
 
 
-class _VisionReader:
-    @tp.hookimpl
-    def tokenprune_register_reducers(self, registry: Any) -> None:
-        registry.add(ReadsVision)
+def _two_stages_then_kept(reducer: type[_Records], at: Any) -> list[tuple[ReduceContext, ReduceContext, Tensor]]:
+    """Two ``keep: 0.5`` stages of ``reducer`` at ``at`` on a ragged batch of two; per sample, the contexts of the
+    two stages and the first one's kept tokens. Checks that the sequence left for the later layers and the
+    decoding steps carries none of the engine's transient channels."""
+    reducer.seen.clear()
+    tiny = tm.llava_next()
+    stage = {"at": at, "reducer": reducer.name, "keep": 0.5}
+    prepared = tp.prepare({"stages": [stage, stage]}, plugins=tp.get_plugin_manager(plugins=[_READERS]))
+    with tp.apply(tiny.model, prepared) as handle:
+        ef.forward(tiny.model, tiny.make_inputs([(56, 56), (56, 112)]), "llava_next")
+        state = handle._forwards.live.state
+        assert state is not None and set(state.current.channels) == set()
+    (ctx1, sel1), (ctx2, _) = reducer.seen
+    out = []
+    for b in range(2):
+        kept = sel1.to_mask(int(ctx1.valid.shape[1]))[b] & ctx1.valid[b]
+        assert int(ctx2.valid[b].sum()) == int(kept.sum()) < int(ctx1.valid[b].sum())
+        out.append((ctx1, ctx2, kept))
+    return out
+
+
+def test_the_probe_signals_follow_a_cut_between_two_stages_at_one_layer():
+    """The engine's own signals of layer k - 1 (attention, keys, per-text-row attention) ride on the sequence as
+    channels while the ``layer: k`` stages run: the second stage at layer 2 reads them at the tokens the first
+    kept."""
+    for b, (ctx1, ctx2, kept) in enumerate(_two_stages_then_kept(ReadsProbe, {"layer": 2})):
+        m = int(kept.sum())
+        assert torch.equal(ctx2.attention["last"][b, :m], ctx1.attention["last"][b][kept])
+        assert torch.equal(ctx2.keys[b, :m], ctx1.keys[b][kept])
+        assert torch.equal(ctx2.text_attention[b][:, :m], ctx1.text_attention[b][:, kept])
+        assert torch.equal(ctx2.text_valid[b], ctx1.text_valid[b])  # the text rows are not cut
 
 
 def test_the_vision_signals_follow_a_cut_between_two_post_projector_stages():
     """Each post_projector stage's vision signal rides on the sequence as channels: the second stage reads its
-    own at the tokens the first kept, and the sequence the language model then holds carries none of them."""
-    ReadsVision.seen.clear()
-    tiny = tm.llava_next()
-    inputs = tiny.make_inputs([(56, 56), (56, 112)])
-    stage = {"at": "post_projector", "reducer": "reads_vision", "keep": 0.5}
-    prepared = tp.prepare({"stages": [stage, stage]}, plugins=tp.get_plugin_manager(plugins=[_VisionReader()]))
-    with tp.apply(tiny.model, prepared) as handle:
-        ef.forward(tiny.model, inputs, "llava_next")
-        state = handle._forwards.live.state
-        assert state is not None and set(state.current.channels) == set()
-    (ctx1, sel1), (ctx2, _) = ReadsVision.seen
-    for b in range(2):
-        kept = sel1.to_mask(int(ctx1.valid.shape[1]))[b] & ctx1.valid[b]
-        m = int(ctx2.valid[b].sum())
-        assert m == int(kept.sum()) < int(ctx1.valid[b].sum())
+    own at the tokens the first kept."""
+    for b, (ctx1, ctx2, kept) in enumerate(_two_stages_then_kept(ReadsVision, "post_projector")):
+        m = int(kept.sum())
         assert torch.equal(ctx2.vision_attention[b, :m], ctx1.vision_attention[b][kept])
         assert torch.equal(ctx2.vision_valid[b, :m], ctx1.vision_valid[b][kept])
         assert not ctx2.vision_valid[b, m:].any()
