@@ -334,3 +334,19 @@ def test_flops_of_a_vision_attention_stage_agree_three_ways(model_type):
     assert lm["analytic"] == lm["torch"] == lm["fvcore"], report.fvcore_notes
     assert report.layers[0].tokens[0] == base.layers[0].tokens[0] - 5
     assert report.language_model["analytic"] < base.language_model["analytic"]
+
+
+def test_a_map_that_groups_consecutive_positions_fails_the_check():
+    """The check can fail: LFM2-VL's tower stores a tile's patches in raster order; a map that takes each token as
+    the mean of four consecutive positions (a packed tower's units) is caught at the third patch of the first row."""
+    case = _case("lfm2_vl")
+
+    def consecutive(call: Any, values: list[Tensor]) -> list[Tensor]:
+        tokens = [h // 2 * (w // 2) for h, w in call.arg("spatial_shapes", 1).tolist()]
+        return [v[: 4 * n].reshape(n, 4, -1).mean(1) for v, n in zip(values, tokens, strict=True)]
+
+    case.adapter.map_vision_patches = consecutive
+    with pytest.raises(
+        checks.AdapterCheckError, match=r"position 2 of tower sequence 0 maps to tokens \[0\], but the model builds"
+    ):
+        checks.vision_patches_map_to_tokens(case)

@@ -142,7 +142,7 @@ def test_a_map_that_forgets_the_window_order_fails_the_check():
     case.adapter.map_vision_patches = plain
     with pytest.raises(
         checks.AdapterCheckError,
-        match=r"position 16 of tower sequence 2 maps to tokens \[16\], but the model builds tokens \[14\]",
+        match=r"position 8 of tower sequence 2 maps to tokens \[14\], but the model builds tokens \[16\]",
     ):
         checks.vision_patches_map_to_tokens(case)
 

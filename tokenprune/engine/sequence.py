@@ -37,7 +37,8 @@ class TokenSequence:
         receives: ``(B, L)`` the tokens that receive ``residuals``.
         video: ``(B, L)`` the video tokens among ``visual`` (``None``: no video in the prompt).
         channels: Signal-channel name to ``(B, L, *shape)`` per-column values (:mod:`tokenprune.channels`),
-            gathered with the columns (``0`` at padding slots; a merged token keeps its root's value).
+            gathered with the columns (``0`` at padding slots; a merged token keeps its root's value); while
+            their stages run, also the engine's own signals (``probe:...``, ``vision:...``).
     """
 
     input_column: Tensor

@@ -832,7 +832,9 @@ def vision_patches_map_to_tokens(c: AdapterCase) -> None:
     position of the tower's sequences (0 elsewhere) must map to a non-zero value at exactly the tokens whose
     features change when that position's output of the feature layer's attention is pushed (the rest of a
     layer works token by token, so nothing else moves), for the first, second, middle and last position of
-    the first and last sequence. The map must also keep a constant: where a token has any patch, mapping ones
+    the first and last sequence, and the positions 2 and 3 and a quarter and three quarters in (so a map that
+    groups consecutive positions where the tower stores patches in raster order, or the reverse, is caught at the
+    third patch of the first row). The map must also keep a constant: where a token has any patch, mapping ones
     gives it 1 (a mean), at least for a tower without CLS.
     """
     tower = c.adapter.vision_tower()
@@ -855,7 +857,8 @@ def vision_patches_map_to_tokens(c: AdapterCase) -> None:
     base = _features_with(c, call, layer, None)
     offsets = [sum(lengths[:r]) for r in range(len(lengths))]
     for r in sorted({0, len(lengths) - 1}):
-        for p in sorted({0, 1, lengths[r] // 2, lengths[r] - 1}):
+        n = lengths[r]
+        for p in sorted({0, 1, 2, 3, n // 4, n // 2, 3 * n // 4, n - 1} & set(range(n))):
             values = [torch.zeros(n, 1) for n in lengths]
             values[r][p] = 1.0
             mapped = c.adapter.map_vision_patches(image_call, values)
