@@ -60,6 +60,7 @@ tests=(
   tests/test_tower_minicpmv.py
   tests/test_tower_molmo2.py
   tests/test_engine_chained_tower_stages.py
+  tests/test_engine_channels.py
   tests/test_family_videos.py
   tests/test_heatmap_video.py
   tests/test_engine_stopwatch.py

@@ -21,6 +21,7 @@ from tokenprune.engine import compat
 from tokenprune.errors import UnsupportedModelError
 from tokenprune.plugins import get_plugin_manager
 from tokenprune.testing.census import InputBuilder, build_tiny, census_one, model_types, resolve_types
+from tokenprune.testing.tiny_configs import tiny_config
 
 
 def test_grids_from_hints_divide_by_the_factor_that_fits_every_image():
@@ -299,3 +300,15 @@ def test_minicpmv4_7_sliced_images_keep_the_engine_invariants_with_a_grid_per_sl
     layout, n = run.stats.last_prefill.stages[0].layout, int((batch["input_ids"] == adapter.image_token_id()).sum())
     crops = [(int(i), int(layout.row[0, :n][layout.image[0, :n] == i].max()) + 1) for i in layout.image[0, :n].unique()]
     assert crops == [(0, 2), (1, 2), (2, 2)]  # the thumbnail and each slice: a grid of two token rows
+
+
+def test_qwen2_vl_tiny_merger_writes_the_language_models_width():
+    """Qwen2-VL's vision config names the tower's width ``embed_dim`` and its merger's output ``hidden_size``: the
+    tiny config makes the latter the language model's width, so the stock model runs on the census's images and its
+    adapter passes the census's invariants (before, a 32-wide merger fed a 64-wide language model)."""
+    cfg = compat.config_class("qwen2_vl")
+    tiny = tiny_config("qwen2_vl")
+    assert cfg().vision_config.embed_dim is not None
+    assert tiny.vision_config.hidden_size == tiny.text_config.hidden_size != tiny.vision_config.embed_dim
+    row = census_one("qwen2_vl")
+    assert (row.status, row.adapter) == ("passes", "qwen2_vl"), row.detail

@@ -450,6 +450,7 @@ def tiny_config(model_type: str) -> Any:
     _add_missing_ids(d, moved)
     _shrink_tree(d, d, moved, False)
     _fit_vision_layer_ids(d)
+    _fit_merger_output(d)
     _shrink(d, TEXT if "text_config" not in d else TOP)
     _fit_layer_map(d)
     vision = d.get("vision_config")
@@ -460,6 +461,16 @@ def tiny_config(model_type: str) -> Any:
         for key in ("projector_input_dim", "projector_output_dim", "vision_output_dim"):
             vision[key] = TOP["hidden_size"]
     return cls.from_dict(d)
+
+
+def _fit_merger_output(d: dict[str, Any]) -> None:
+    """Qwen2-VL: a vision config with both ``embed_dim`` (the tower's width) and ``hidden_size`` names by the latter
+    the width of its merger's output, the language model's (the only such config of the census)."""
+    vision, text = d.get("vision_config"), d.get("text_config")
+    if not (isinstance(vision, dict) and isinstance(text, dict)):
+        return
+    if vision.get("embed_dim") is not None and vision.get("hidden_size") is not None:
+        vision["hidden_size"] = text["hidden_size"]
 
 
 def build_tiny(model_type: str, seed: int = 0) -> nn.Module:
