@@ -305,9 +305,9 @@ def stage_context(
     if wanted:
         ctx = replace(ctx, signals=channel_signals(plan, seq, wanted, vis_idx))
     if text_idx is not None:
-        ctx = _with_text_signals(ctx, signals, seq, text_idx, vis_idx)
+        ctx = _context_with_text_signals(ctx, signals, seq, text_idx, vis_idx)
     if signals.vision is not None:
-        ctx = _with_vision(ctx, signals.vision, vis_idx)
+        ctx = _context_with_vision(ctx, signals.vision, vis_idx)
     return tokens, ctx, vis_idx
 
 
@@ -350,7 +350,7 @@ def channel_signals(plan: StagePlan, seq: TokenSequence, names: frozenset[str], 
     return out
 
 
-def _with_vision(ctx: ReduceContext, vision: VisionSignal, vis_idx: Tensor) -> ReduceContext:
+def _context_with_vision(ctx: ReduceContext, vision: VisionSignal, vis_idx: Tensor) -> ReduceContext:
     """``ctx`` with the vision signal at its visual tokens (``-inf`` scores where no patch or padding)."""
     valid = _rows(vision.valid, vis_idx) & ctx.valid
 
@@ -370,7 +370,7 @@ def _with_vision(ctx: ReduceContext, vision: VisionSignal, vis_idx: Tensor) -> R
     )
 
 
-def _with_text_signals(
+def _context_with_text_signals(
     ctx: ReduceContext, signals: StageSignals, seq: TokenSequence, text_idx: Tensor, vis_idx: Tensor
 ) -> ReduceContext:
     """``ctx`` with ``text_attention`` and ``input_embeddings`` from ``signals`` (where given)."""
