@@ -42,6 +42,7 @@ from tokenprune.errors import TokenpruneError
 from tokenprune.testing import adapters as checks
 from tokenprune.testing.census import build_tiny, default_cut_layer
 from tokenprune.testing.census_inputs import InputBuilder
+from tokenprune.testing.video_towers import video_patches_map_to_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -224,6 +225,8 @@ def test_a_video_frames_patches_map_to_its_video_tokens(video_case):
     places = [(r, p) for r in (0, 4, frames - 1) for p in (0, 1, length // 2, length - 1)]
     call = ImageCall(args, kwargs, None)
     _check_pushes(adapter, adapter.vlm().get_video_features, call, places, adapter.map_vision_video_patches)
+    lengths = video_patches_map_to_tokens(video_case.model, video_case.padded_batch(), adapter=adapter)
+    assert len(lengths) == frames  # the kit's check (positions 0-3 and the quarters of sequences 0, 1, last) too
 
 
 # --- VisionZip end to end ------------------------------------------------------------------------------

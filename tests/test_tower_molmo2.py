@@ -39,6 +39,7 @@ from tokenprune.testing import adapters as checks
 from tokenprune.testing.census import build_tiny
 from tokenprune.testing.census_inputs import InputBuilder
 from tokenprune.testing.tiny_configs import tiny_config
+from tokenprune.testing.video_towers import video_patches_map_to_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -128,6 +129,15 @@ def test_vision_patches_map_to_the_tokens_the_model_pools_them_into(inputs):
     """The check kit's push, on the padded batch: the census's one crop per image, and images of a global crop plus
     one or two overlapping high-res crops (canvas grids of different sizes; the margins' patches pooled nowhere)."""
     checks.vision_patches_map_to_tokens(_case(inputs))
+
+
+def test_video_frames_patches_map_to_the_tokens_the_model_pools_them_into():
+    """The check kit's video check: two videos (one tower sequence per frame, each frame pooled as a crop, the 3x3
+    windows padded with ``-1``)."""
+    model, adapter, builder = _model()
+    batch = _as_release(model, _molmo2_video_inputs(builder))([1, 1])
+    lengths = video_patches_map_to_tokens(model, batch, adapter=adapter)
+    assert len(lengths) == int(batch["video_grids"][:, 0].sum())
 
 
 def _pooling_query(model: torch.nn.Module, run: Any) -> tuple[list[Tensor], Tensor]:

@@ -44,8 +44,10 @@ from tokenprune.adapters.base import ImageCall
 from tokenprune.adapters.generic import adapter_for
 from tokenprune.adapters.vision import merged_unit_means
 from tokenprune.engine import compat
+from tokenprune.testing.adapters import AdapterCheckError
 from tokenprune.testing.census import build_tiny
 from tokenprune.testing.census_inputs import InputBuilder
+from tokenprune.testing.video_towers import video_patches_map_to_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -68,8 +70,7 @@ def _built(model_type: str, full: list[int] | None = None) -> tuple[Any, ...]:
     of two frames 2 x 2 units (``i`` even) or 2 x 4 units (odd), after an image of that size with ``images``) and a
     plugin manager with VisionZip; windowed towers with windows of 2 units (and full attention at ``full``).
 
-    The thinkers are the census's; Qwen2-VL, Qwen2.5-VL and Qwen3-VL the tiny models of tests/tiny_models.py (the
-    census's tiny Qwen2-VL gives its tower's ``hidden_size`` as its output width, which its language model refuses).
+    The thinkers are the census's; Qwen2-VL, Qwen2.5-VL and Qwen3-VL the tiny models of tests/tiny_models.py.
     """
     manager = manager_with(tokenprune_visionzip)
     if model_type in tm.BUILDERS:
@@ -142,7 +143,9 @@ def test_a_map_that_forgets_the_window_order_fails_the_check():
     model, adapter, make, _ = _built("qwen2_5_vl")
     inputs = make(True)([1, 1])
     adapter.map_vision_video_patches = lambda call, values: merged_unit_means(call.arg("video_grid_thw", 1), values, 4)
-    with pytest.raises(AssertionError):
+    with pytest.raises(
+        AdapterCheckError, match=r"position \d+ of video tower sequence \d+ maps to tokens \[\d+\], but"
+    ):
         video_map_matches_the_model(model, adapter, inputs)
 
 
@@ -213,3 +216,19 @@ def test_visionzip_ranks_an_image_and_a_video_together(model_type):
     inputs = make(True)([1, 1])
     expected = expected_scores(adapter.vlm(), attention, inputs, places=_places(model_type))
     images_and_videos_ranked_together(model, adapter, manager, inputs, expected)
+
+
+def test_the_kits_video_check_finds_the_adapter_as_apply_does():
+    """``tokenprune.testing.video_towers.video_patches_map_to_tokens`` called as an adapter author would, with the
+    model and a batch of videos only: the adapter resolved from the installed plugins, one sequence per frame."""
+    model, _, make, _ = _built("qwen2_vl")
+    inputs = make(False)([1, 1])
+    per_frame = [h * w for t, h, w in inputs["video_grid_thw"].tolist() for _ in range(t)]
+    assert video_patches_map_to_tokens(model, inputs) == per_frame
+
+
+def test_the_kits_video_check_names_an_adapter_without_video_attention():
+    model, adapter, make, _ = _built("qwen2_vl")
+    adapter.vision_tower = lambda: None
+    with pytest.raises(AdapterCheckError, match=r"'qwen2_vl' adapter gives no vision attention on video tokens"):
+        video_patches_map_to_tokens(model, make(False)([1, 1]), adapter=adapter)

@@ -21,6 +21,7 @@ from tokenprune.engine import compat
 from tokenprune.engine.vision_probe import VisionProbe
 from tokenprune.errors import TokenpruneError
 from tokenprune.testing.adapters import adapter_case, vision_patches_map_to_tokens
+from tokenprune.testing.video_towers import video_patches_map_to_tokens
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl"]
 
@@ -295,3 +296,17 @@ def test_llava_next_video_image_scores_are_apart_from_the_video_call():
             t.model(**t.make_inputs([spec]))
     alone_image, alone_video, mixed = SEEN
     torch.testing.assert_close(mixed, torch.cat([alone_image, alone_video]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(VIDEO_SPECS))
+def test_the_kits_video_check_holds_on_every_video_family(name):
+    """``tokenprune.testing.video_towers.video_patches_map_to_tokens`` on each tiny video family's batch of images and
+    videos (VIDEO_SPECS): pushes at the probed layer of the tower that encodes the videos (Video-LLaVA's second tower)
+    move exactly the video tokens the adapter's map marks; one tower sequence per frame (CLIP's with its CLS), per
+    temporal patch of two frames for Qwen."""
+    t = tiny_models.BUILDERS[name]()
+    inputs = t.make_inputs(VIDEO_SPECS[name])
+    lengths = video_patches_map_to_tokens(t.model, inputs)
+    frames = [v.frames for spec in VIDEO_SPECS[name] for v in (spec if isinstance(spec, list) else [spec])
+              if isinstance(v, tiny_models.Video)]  # fmt: skip
+    assert len(lengths) == sum(frames) // (2 if name.startswith("qwen") else 1)

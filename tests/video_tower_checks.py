@@ -3,9 +3,10 @@
 Qwen3-VL, the Qwen2.5-Omni and Qwen3-Omni thinkers; LFM3-VL's), and :func:`video_call` by Gemma 4's and
 LLaVA-NeXT-Video's.
 
-* :func:`video_map_matches_the_model`: the adapter's ``map_vision_video_patches`` against the model itself, as the
-  check kit's image check does for ``get_image_features``: a push at one position of the probed attention's output
-  during ``get_video_features`` moves exactly the video tokens the map marks.
+* :func:`video_map_matches_the_model`: the check kit's video check
+  (:func:`tokenprune.testing.video_towers.video_patches_map_to_tokens`: a push at one position of the probed
+  attention's output during ``get_video_features`` moves exactly the video tokens the map marks), and one token per
+  pushed position, as these families build a token from one unit's patches.
 * :func:`expected_scores`: each visual token's score computed directly from the tower's eager attention (per call,
   averaged over heads and query rows) and the documented grouping (a token the mean of its unit's ``m * m``
   patches; a unit's place in a frame given by ``places``, e.g. Qwen2.5-VL's window order; ERNIE's frame pairs).
@@ -23,7 +24,8 @@ from torch import Tensor
 import tokenprune as tp
 from tokenprune.adapters.base import ImageCall
 from tokenprune.engine import compat
-from tokenprune.engine.vision_probe import VisionProbe
+from tokenprune.testing.adapters import pushed_positions
+from tokenprune.testing.video_towers import recorded_call, video_patches_map_to_tokens
 
 #: ``(h, w)`` units of a frame -> the raster unit at each place of the tower's sequence (``None``: raster order).
 Places = Callable[[int, int], list[int]] | None
@@ -53,83 +55,23 @@ def videos_only(make_inputs: Any, image_token: int, pad: int) -> Any:
 
 def video_call(model: torch.nn.Module, vlm: Any, inputs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``(args, kwargs)`` of the one ``get_video_features`` call of base model ``vlm`` while ``model`` runs
-    ``inputs``."""
-    seen = []
-    original = vlm.get_video_features
-
-    def record(*args: Any, **kwargs: Any) -> Any:
-        seen.append((args, kwargs))
-        return original(*args, **kwargs)
-
-    vlm.get_video_features = record
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        del vlm.get_video_features
-    assert len(seen) == 1
-    return seen[0]
-
-
-def video_features(vlm: Any, call: tuple[Any, ...], attention: torch.nn.Module, flat: int | None) -> Tensor:
-    """Every video's tokens, ``(n, D)``, with row ``flat`` of ``attention``'s packed output pushed."""
-
-    def push(module: torch.nn.Module, args: Any, output: Any) -> Any:
-        out = output[0] if isinstance(output, tuple) else output
-        rows = out.reshape(-1, out.shape[-1]).clone()
-        rows[flat] += torch.linspace(-50.0, 50.0, rows.shape[-1], dtype=rows.dtype)
-        out = rows.reshape(out.shape)
-        return (out, *output[1:]) if isinstance(output, tuple) else out
-
-    handle = attention.register_forward_hook(push) if flat is not None else None
-    try:
-        with torch.no_grad():
-            out = vlm.get_video_features(*call[0], **call[1])
-    finally:
-        if handle is not None:
-            handle.remove()
-    return torch.cat([f.reshape(-1, f.shape[-1]).float() for f in ImageCall((), {}, out).features()])
-
-
-def recorded_video_sequences(adapter: Any, call: tuple[Any, ...], layer: int) -> list[int]:
-    """The lengths of the tower sequences the vision probe records at ``layer`` during the video call ``call``."""
-    probe = VisionProbe(adapter.vision_tower(), {layer: (frozenset({"mean"}), False, False)})
-    probe.install()
-    try:
-        probe.begin("video")
-        with torch.no_grad():
-            adapter.vlm().get_video_features(*call[0], **call[1])
-        probe.active = False
-        return [int(s.shape[0]) for s in probe.video_records[layer].scores["mean"]]
-    finally:
-        probe.remove()
+    ``inputs`` (the check kit's recorder)."""
+    return recorded_call(model, vlm, "get_video_features", inputs)
 
 
 def video_map_matches_the_model(
     model: torch.nn.Module, adapter: Any, inputs: dict[str, Any], layer: int | None = None
 ) -> list[int]:
-    """A value at the first, second, middle or last position of the recorded sequences 0, 1 and the last maps (through
-    ``map_vision_video_patches``) to exactly the video tokens that move when that position's attention output at the
-    probed block (``layer``, default the tower's) is pushed, one token each; mapping ones gives every token 1.
-    Returns the recorded sequences' lengths."""
-    vlm, tower = adapter.vlm(), adapter.vision_tower()
-    layer = tower.feature_layer if layer is None else layer
-    args, kwargs = video_call(model, vlm, inputs)
-    lengths = recorded_video_sequences(adapter, (args, kwargs), layer)
-    call, attention = ImageCall(args, kwargs, None), compat.vision_attention_module(tower.layers[layer])
-    base = video_features(vlm, (args, kwargs), attention, None)
-    offsets = [sum(lengths[:r]) for r in range(len(lengths))]
-    for r in (0, 1, len(lengths) - 1):
-        for p in sorted({0, 1, lengths[r] // 2, lengths[r] - 1}):
+    """The check kit's :func:`~tokenprune.testing.video_towers.video_patches_map_to_tokens` (the map against the
+    model at the pushed positions of sequences 0, 1 and the last), and each of those positions maps to one token
+    (the families here build a token from one unit's patches). Returns the recorded sequences' lengths."""
+    lengths = video_patches_map_to_tokens(model, inputs, adapter=adapter, layer=layer)
+    call = ImageCall(*video_call(model, adapter.vlm(), inputs), None)
+    for r in sorted({0, 1, len(lengths) - 1}):
+        for p in pushed_positions(lengths[r]):
             values = [torch.zeros(n, 1) for n in lengths]
             values[r][p] = 1.0
-            marked = torch.cat(adapter.map_vision_video_patches(call, values)).reshape(-1).abs() > 1e-9
-            moved = (video_features(vlm, (args, kwargs), attention, offsets[r] + p) - base).abs().amax(-1) > 1e-4
-            assert marked.shape == moved.shape and torch.equal(marked, moved), (r, p, marked.nonzero(), moved.nonzero())
-            assert int(marked.sum()) == 1
-    ones = torch.cat(adapter.map_vision_video_patches(call, [torch.ones(n, 1) for n in lengths])).reshape(-1)
-    torch.testing.assert_close(ones, torch.ones_like(ones), rtol=0, atol=1e-6)
-    assert ones.numel() == base.shape[0]
+            assert int((torch.cat(adapter.map_vision_video_patches(call, values)).abs() > 1e-9).sum()) == 1, (r, p)
     return lengths
 
 

@@ -5,6 +5,8 @@
 * :mod:`tokenprune.testing.adapters`: the engine invariants as checks for adapter authors
   (:func:`~tokenprune.testing.adapters.check_adapter`; also importable as
   ``tokenprune.testing_adapters``, deprecated);
+* :mod:`tokenprune.testing.video_towers`: the check of an adapter's video map
+  (:func:`~tokenprune.testing.video_towers.video_patches_map_to_tokens`) on a batch with videos;
 * :mod:`tokenprune.testing.syncs`: :class:`SyncCounter`, which counts host reads of tensor data
   (``.item()``, ``.tolist()``, ``bool(t)``, ``nonzero``, ...: syncs on a GPU) during a forward on any
   device, with the forward, phase, decoder layer and owner of each;

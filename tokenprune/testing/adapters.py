@@ -805,23 +805,36 @@ def _image_call(
 def _features_with(c: AdapterCase, call: tuple[Any, ...], layer: nn.Module, flat: int | None) -> Tensor:
     """All images' post-projector features, ``(n, D)``, with position ``flat`` of the tower's sequences (flattened)
     pushed at the output of ``layer``'s attention (``None``: unperturbed)."""
+    return pushed_features(c.adapter.vlm().get_image_features, call, layer, flat)
+
+
+def pushed_features(features: Callable[..., Any], call: tuple[Any, ...], layer: nn.Module, flat: int | None) -> Tensor:
+    """``features(*call)``'s tokens (``get_image_features`` or ``get_video_features`` of the base model), ``(n, D)``
+    float32, with row ``flat`` of ``layer``'s attention output (its rows flattened over the tower's sequences) pushed
+    by a ramp (not a constant: norms remove one); ``flat=None``: unperturbed."""
 
     def push(module: nn.Module, args: Any, output: Any) -> Any:
         out = output[0] if isinstance(output, tuple) else output
         rows = out.reshape(-1, out.shape[-1]).clone()
-        rows[flat] += torch.linspace(-50.0, 50.0, rows.shape[-1], dtype=rows.dtype)  # not a constant: norms remove one
+        rows[flat] += torch.linspace(-50.0, 50.0, rows.shape[-1], dtype=rows.dtype)
         out = rows.reshape(out.shape)
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     handle = compat.vision_attention_module(layer).register_forward_hook(push) if flat is not None else None
     try:
         with torch.no_grad():
-            out = c.adapter.vlm().get_image_features(*call[0], **call[1])
+            out = features(*call[0], **call[1])
     finally:
         if handle is not None:
             handle.remove()
-    feats = ImageCall(call[0], call[1], out).features()
-    return torch.cat([f.reshape(-1, f.shape[-1]).float() for f in feats])
+    return torch.cat([f.reshape(-1, f.shape[-1]).float() for f in ImageCall(call[0], call[1], out).features()])
+
+
+def pushed_positions(n: int) -> list[int]:
+    """The positions of an ``n``-position tower sequence the map checks push: 0 to 3 (the third patch of a raster
+    row tells a raster map from one that groups consecutive positions), a quarter, half and three quarters in, the
+    last."""
+    return sorted({0, 1, 2, 3, n // 4, n // 2, 3 * n // 4, n - 1} & set(range(n)))
 
 
 def vision_patches_map_to_tokens(c: AdapterCase) -> None:
@@ -857,8 +870,7 @@ def vision_patches_map_to_tokens(c: AdapterCase) -> None:
     base = _features_with(c, call, layer, None)
     offsets = [sum(lengths[:r]) for r in range(len(lengths))]
     for r in sorted({0, len(lengths) - 1}):
-        n = lengths[r]
-        for p in sorted({0, 1, 2, 3, n // 4, n // 2, 3 * n // 4, n - 1} & set(range(n))):
+        for p in pushed_positions(lengths[r]):
             values = [torch.zeros(n, 1) for n in lengths]
             values[r][p] = 1.0
             mapped = c.adapter.map_vision_patches(image_call, values)
