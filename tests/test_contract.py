@@ -124,3 +124,59 @@ def test_adaptive_reducer_may_keep_fewer():
             return Selection.from_mask(keep)
 
     check_reducer(Halving)
+
+
+# --- the context's per-sample view, used by the batch check ------------------------------------------------------
+
+
+def test_every_context_field_says_how_it_belongs_to_the_samples():
+    """``ReduceContext.sample`` and ``to`` cut and move each field by its kind in ``CONTEXT_FIELDS``; a field added
+    to the context without a kind there would be dropped or passed whole to one sample."""
+    from dataclasses import fields
+
+    from tokenprune.reducer import CONTEXT_FIELDS, ReduceContext
+
+    assert [f.name for f in fields(ReduceContext)] == list(CONTEXT_FIELDS)
+
+
+def test_a_sample_of_the_context_keeps_every_field_of_that_sample():
+    """The batch check's per-sample context: video layout fields, registered channels and the decoding step included
+    (the kit's own copy of the fields once dropped them), each cut to the sample's real tokens."""
+    from dataclasses import replace
+
+    from tokenprune.layout import TokenLayout
+    from tokenprune.testing import make_reduce_inputs
+
+    _, ctx = make_reduce_inputs(grids=[(2, 3), (3, 3)], signals=("keys", "toy"), channel_shapes={"toy": (2,)})
+    b, n = ctx.valid.shape
+    frames = torch.arange(b * n).reshape(b, n)
+    layout = TokenLayout(**{**vars(ctx.layout), "frame": frames, "video": frames % 2 == 0, "crop": frames % 3})
+    ctx = replace(ctx, layout=layout, step=4)
+    assert ctx.signals["toy"].shape == (b, n, 2) and not ctx.signals["toy"][0, int(ctx.valid[0].sum()) :].any()
+    for i in range(b):
+        m = int(ctx.valid[i].sum())
+        one = ctx.sample(i)
+        assert one.valid.shape == (1, m) and one.step == 4 and one.at == ctx.at
+        assert torch.equal(one.layout.frame, frames[i : i + 1, :m]) and torch.equal(
+            one.layout.crop, frames[i : i + 1, :m] % 3
+        )
+        assert torch.equal(one.layout.video, frames[i : i + 1, :m] % 2 == 0)
+        assert torch.equal(one.signals["toy"], ctx.signals["toy"][i : i + 1, :m])
+        assert torch.equal(one.keys, ctx.keys[i : i + 1, :m]) and torch.equal(one.budget, ctx.budget[i : i + 1])
+    moved = ctx.to("meta")
+    assert moved.layout.frame.is_meta and moved.signals["toy"].is_meta and moved.valid.is_meta and moved.step == 4
+
+
+class ReadsAChannel(ScoringReducer):
+    """A third-party reducer that scores by a registered signal channel of two values per token."""
+
+    name = "reads_a_channel"
+    capabilities = Capabilities(signals=frozenset({"pair"}))
+
+    def score(self, tokens, ctx):
+        return ctx.signals["pair"].sum(-1)
+
+
+def test_a_reducer_reading_a_registered_channel_passes_the_contract():
+    """The kit serves the channel as the engine does: seeded values at the visual tokens, zero at padding."""
+    check_reducer(ReadsAChannel, channel_shapes={"pair": (2,)})

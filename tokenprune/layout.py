@@ -78,6 +78,10 @@ class TokenLayout:
         """A copy on ``device``."""
         return TokenLayout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def sample(self, i: int, n: int) -> TokenLayout:
+        """The ``(1, n)`` layout of sample ``i``'s first ``n`` tokens (its padding cut off)."""
+        return TokenLayout(**{f.name: getattr(self, f.name)[i : i + 1, :n] for f in fields(self)})
+
     @classmethod
     def grid(
         cls,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import torch
@@ -321,6 +321,21 @@ class InputEmbeddings:
     text: Tensor
     text_columns: Tensor
 
+    def sample(self, i: int) -> InputEmbeddings:
+        """Sample ``i`` alone, its visual padding cut off (one host read)."""
+        n0 = int(self.visual_valid[i].sum())
+        return InputEmbeddings(
+            visual=self.visual[i : i + 1, :n0],
+            visual_valid=self.visual_valid[i : i + 1, :n0],
+            visual_columns=self.visual_columns[i : i + 1, :n0],
+            text=self.text[i : i + 1],
+            text_columns=self.text_columns[i : i + 1],
+        )
+
+    def to(self, device: torch.device | str) -> InputEmbeddings:
+        """A copy on ``device``."""
+        return InputEmbeddings(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
 
 @dataclass
 class ReduceContext:
@@ -423,6 +438,77 @@ class ReduceContext:
     def num_valid(self) -> Tensor:
         """``(B,)`` long: real tokens per sample."""
         return self.valid.sum(1)
+
+    def sample(self, i: int) -> ReduceContext:
+        """Sample ``i`` alone, its padding tokens cut off: what a batch of one would give the reducer (padding holds
+        zero attention and zero signals, so each value is unchanged). Every field is cut by its kind
+        (:data:`CONTEXT_FIELDS`); one host read."""
+        n = int(self.valid[i].sum())
+        return replace(
+            self, **{f.name: _sample_of(getattr(self, f.name), CONTEXT_FIELDS[f.name], i, n) for f in fields(self)}
+        )
+
+    def to(self, device: torch.device | str) -> ReduceContext:
+        """A copy with every tensor (in mappings, the layout and the input embeddings too) on ``device``."""
+        return replace(self, **{f.name: _moved(getattr(self, f.name), device) for f in fields(self)})
+
+
+#: How each field of :class:`ReduceContext` belongs to the samples, for :meth:`ReduceContext.sample`: ``"tokens"``,
+#: ``(B, N, ...)`` (or a mapping of such tensors); ``"rows"``, ``(B, ...)`` per sample; ``"text_by_tokens"``,
+#: ``(B, T, N)``; ``"own"``, an object with its own ``sample`` (the layout, the input embeddings); ``None``, the same
+#: for every sample. A field added to the context must be listed here (a test checks).
+CONTEXT_FIELDS: dict[str, str | None] = {
+    "at": None,
+    "budget": "rows",
+    "valid": "tokens",
+    "protected": "tokens",
+    "sizes": "tokens",
+    "layout": "own",
+    "attention": "tokens",
+    "text": "rows",
+    "text_valid": "rows",
+    "stage_index": None,
+    "keep": None,
+    "own_attention": "tokens",
+    "keys": "tokens",
+    "text_keys": "rows",
+    "final_norm": None,
+    "columns": "tokens",
+    "text_columns": "rows",
+    "text_attention": "text_by_tokens",
+    "input_embeddings": "own",
+    "vision_attention": "tokens",
+    "vision_valid": "tokens",
+    "vision_features": "tokens",
+    "vision_keys": "tokens",
+    "step": None,
+    "signals": "tokens",
+    "vision_attention_at": "tokens",
+}
+
+
+def _sample_of(value: Any, kind: str | None, i: int, n: int) -> Any:
+    """``value``, a field of the given kind (:data:`CONTEXT_FIELDS`), for sample ``i`` of ``n`` real tokens."""
+    if value is None or kind is None:
+        return value
+    if isinstance(value, Mapping):
+        return {key: _sample_of(v, kind, i, n) for key, v in value.items()}
+    if kind == "tokens":
+        return value[i : i + 1, :n]
+    if kind == "text_by_tokens":
+        return value[i : i + 1, :, :n]
+    if kind == "own":
+        return value.sample(i, n) if isinstance(value, TokenLayout) else value.sample(i)
+    return value[i : i + 1]
+
+
+def _moved(value: Any, device: torch.device | str) -> Any:
+    """``value`` with its tensors on ``device`` (a tensor, a mapping of them, or an object with ``to``)."""
+    if isinstance(value, Mapping):
+        return {key: v.to(device) for key, v in value.items()}
+    if isinstance(value, (Tensor, TokenLayout, InputEmbeddings)):
+        return value.to(device)
+    return value
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from torch import Tensor
 from tokenprune.budget import budget_per_sample
 from tokenprune.layout import TokenLayout
 from tokenprune.reducer import (
+    BUILTIN_SIGNALS,
     InputEmbeddings,
     InsertionPoint,
     Merge,
@@ -64,6 +65,7 @@ def make_reduce_inputs(
     attention_sources: Sequence[str] = ("last", "text", "visual", "all"),
     own_attention_sources: Sequence[str] = (),
     signals: Sequence[str] = (),
+    channel_shapes: Mapping[str, tuple[int, ...]] | None = None,
     text_tokens: int = 5,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
@@ -83,7 +85,10 @@ def make_reduce_inputs(
     is ``reducer.stage_budget`` of ``keep`` when a ``reducer`` is given (as the engine computes it),
     else the default rule. ``vision`` fills ``vision_attention`` (a softmax of seeded logits over the
     tokens that are not newlines, ``-inf`` at newlines and padding, as the engine marks tokens built
-    from no patch), ``vision_valid``, and seeded ``vision_features`` / ``vision_keys`` if it asks.
+    from no patch), ``vision_valid``, and seeded ``vision_features`` / ``vision_keys`` if it asks. A registered
+    signal channel's name in ``signals`` (one that is not the engine's own) fills ``ctx.signals[name]`` with
+    seeded values of shape ``(B, N, *channel_shapes[name])`` (default ``(B, N)``), zero at padding, as the engine
+    serves a channel.
 
     Returns:
         ``(tokens, ctx)``: ``(B, N, D)`` tokens (zero at padding) and the context.
@@ -122,12 +127,25 @@ def make_reduce_inputs(
         final_norm=_rms_norm if "final_norm" in signals else None,
         columns=columns,
         text_columns=text_columns,
+        signals=_seeded_channels(signals, channel_shapes or {}, valid, gen),
     )
     if text_tokens and text_columns is not None:
         ctx = _text_signals(ctx, signals, gen, dim, text_columns)
     if vision is not None:
         ctx = _vision_signals(ctx, vision, gen, dim)
-    return tokens.to(device=device, dtype=dtype), _context_to(ctx, device)
+    return tokens.to(device=device, dtype=dtype), ctx.to(device)
+
+
+def _seeded_channels(
+    signals: Sequence[str], shapes: Mapping[str, tuple[int, ...]], valid: Tensor, gen: torch.Generator
+) -> dict[str, Tensor]:
+    """Seeded ``(B, N, *shape)`` values of each registered channel among ``signals``, zero at padding."""
+    out = {}
+    for name in sorted(set(signals) - BUILTIN_SIGNALS):
+        shape = tuple(shapes.get(name, ()))
+        values = torch.randn(*valid.shape, *shape, generator=gen)
+        out[name] = values.masked_fill(~valid.view(*valid.shape, *([1] * len(shape))), 0.0)
+    return out
 
 
 def _synthetic_grids(
@@ -242,8 +260,12 @@ def check_reducer(
     *,
     device: torch.device | str = "cpu",
     dim: int = 16,
+    channel_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> None:
     """Run every contract check on ``reducer_cls`` (see the module docstring).
+
+    ``channel_shapes``: the per-column shape of each registered signal channel the reducer reads (as its
+    :class:`~tokenprune.channels.SignalChannel` declares it; default ``()``, one number per token).
 
     Raises:
         ReducerContractError: naming the reducer and the first check that failed.
@@ -252,19 +274,20 @@ def check_reducer(
     for kind in sorted(reducer_cls.capabilities.insertion_points):
         at = InsertionPoint(kind) if kind in ("pre_projector", "post_projector") else InsertionPoint(kind, 2)
         reducer = reducer_cls(params or {})
+        common: dict[str, Any] = {"at": at, "device": device, "dim": dim, "channel_shapes": channel_shapes}
         for keep in (0.5, 0.25, 1, 3, 1.0):
-            check_valid_result(reducer, at=at, keep=keep, device=device, dim=dim)
+            check_valid_result(reducer, keep=keep, **common)
         if reducer_cls.capabilities.deterministic_count:  # adaptive reducers treat the budget as a cap only
-            check_keep_all_is_identity(reducer, at=at, device=device, dim=dim)
-        check_deterministic(reducer, at=at, device=device, dim=dim)
-        check_batch_matches_single(reducer, at=at, device=device, dim=dim)
-        check_inputs_unchanged(reducer, at=at, device=device, dim=dim)
-        check_valid_result(reducer, at=at, keep=0.5, device=device, dim=dim, dtype=torch.bfloat16)
-        check_valid_result(reducer, at=at, keep=0.5, device=device, dim=dim, protect_newlines=False)
-        check_nan_input(reducer, at=at, device=device, dim=dim)
+            check_keep_all_is_identity(reducer, **common)
+        check_deterministic(reducer, **common)
+        check_batch_matches_single(reducer, **common)
+        check_inputs_unchanged(reducer, **common)
+        check_valid_result(reducer, keep=0.5, dtype=torch.bfloat16, **common)
+        check_valid_result(reducer, keep=0.5, protect_newlines=False, **common)
+        check_nan_input(reducer, **common)
         for keep in (0.5, 0.1):
-            check_overhead_is_counted(reducer, at=at, keep=keep, device=device, dim=dim)
-        check_random_budgets(reducer, at=at, device=device, dim=dim)
+            check_overhead_is_counted(reducer, keep=keep, **common)
+        check_random_budgets(reducer, **common)
 
 
 def check_params_reject_unknown(reducer_cls: type[TokenReducer]) -> None:
@@ -309,7 +332,8 @@ def check_batch_matches_single(reducer: TokenReducer, **kwargs: Any) -> None:
     tokens, ctx = _inputs_for(reducer, grids=grids, **kwargs)
     batched = _signature(reducer.reduce(tokens, ctx), ctx)
     for i in range(len(grids)):
-        alone_tokens, alone_ctx = _slice(tokens, ctx, i)
+        alone_ctx = ctx.sample(i)
+        alone_tokens = tokens[i : i + 1, : int(alone_ctx.valid.shape[1])]
         alone = _signature(reducer.reduce(alone_tokens, alone_ctx), alone_ctx)
         if alone[0] != batched[i]:
             raise ReducerContractError(
@@ -418,85 +442,3 @@ def _signature(result: Selection | Merge, ctx: ReduceContext) -> list[Any]:
         dest = result.destination
         return [dest[i, : int(c)].tolist() for i, c in enumerate(ctx.num_valid)]
     return result.tolist()
-
-
-def _slice(tokens: Tensor, ctx: ReduceContext, i: int) -> tuple[Tensor, ReduceContext]:
-    n = int(ctx.num_valid[i])
-    cut = lambda t: t[i : i + 1, :n]  # noqa: E731
-    layout = None
-    if ctx.layout is not None:
-        layout = TokenLayout(**{k: cut(getattr(ctx.layout, k)) for k in ("image", "view", "row", "col", "newline")})
-    alone = ReduceContext(
-        at=ctx.at,
-        budget=ctx.budget[i : i + 1],
-        valid=cut(ctx.valid),
-        protected=cut(ctx.protected),
-        sizes=cut(ctx.sizes),
-        layout=layout,
-        # Padding holds zero attention, so cutting it off leaves each distribution unchanged.
-        attention={k: cut(v) for k, v in ctx.attention.items()},
-        text=None if ctx.text is None else ctx.text[i : i + 1],
-        text_valid=None if ctx.text_valid is None else ctx.text_valid[i : i + 1],
-        stage_index=ctx.stage_index,
-        keep=ctx.keep,
-        own_attention={k: cut(v) for k, v in ctx.own_attention.items()},
-        keys=None if ctx.keys is None else cut(ctx.keys),
-        text_keys=None if ctx.text_keys is None else ctx.text_keys[i : i + 1],
-        final_norm=ctx.final_norm,
-        columns=None if ctx.columns is None else cut(ctx.columns),
-        text_columns=None if ctx.text_columns is None else ctx.text_columns[i : i + 1],
-        text_attention=None if ctx.text_attention is None else ctx.text_attention[i : i + 1, :, :n],
-        input_embeddings=_slice_embeddings(ctx.input_embeddings, i),
-        vision_attention=None if ctx.vision_attention is None else cut(ctx.vision_attention),
-        vision_valid=None if ctx.vision_valid is None else cut(ctx.vision_valid),
-        vision_features=None if ctx.vision_features is None else cut(ctx.vision_features),
-        vision_keys=None if ctx.vision_keys is None else cut(ctx.vision_keys),
-        vision_attention_at={k: cut(v) for k, v in ctx.vision_attention_at.items()},
-    )
-    return cut(tokens), alone
-
-
-def _slice_embeddings(embeds: InputEmbeddings | None, i: int) -> InputEmbeddings | None:
-    """Sample ``i`` of ``embeds``, its visual padding cut off."""
-    if embeds is None:
-        return None
-    n0 = int(embeds.visual_valid[i].sum())
-    return InputEmbeddings(
-        visual=embeds.visual[i : i + 1, :n0],
-        visual_valid=embeds.visual_valid[i : i + 1, :n0],
-        visual_columns=embeds.visual_columns[i : i + 1, :n0],
-        text=embeds.text[i : i + 1],
-        text_columns=embeds.text_columns[i : i + 1],
-    )
-
-
-def _context_to(ctx: ReduceContext, device: torch.device | str) -> ReduceContext:
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return ReduceContext(
-        at=ctx.at,
-        budget=move(ctx.budget),
-        valid=move(ctx.valid),
-        protected=move(ctx.protected),
-        sizes=move(ctx.sizes),
-        layout=None if ctx.layout is None else ctx.layout.to(device),
-        attention={k: v.to(device) for k, v in ctx.attention.items()},
-        text=move(ctx.text),
-        text_valid=move(ctx.text_valid),
-        stage_index=ctx.stage_index,
-        keep=ctx.keep,
-        own_attention={k: v.to(device) for k, v in ctx.own_attention.items()},
-        keys=move(ctx.keys),
-        text_keys=move(ctx.text_keys),
-        final_norm=ctx.final_norm,
-        columns=move(ctx.columns),
-        text_columns=move(ctx.text_columns),
-        text_attention=move(ctx.text_attention),
-        input_embeddings=None
-        if ctx.input_embeddings is None
-        else InputEmbeddings(**{k: v.to(device) for k, v in vars(ctx.input_embeddings).items()}),
-        vision_attention=move(ctx.vision_attention),
-        vision_valid=move(ctx.vision_valid),
-        vision_features=move(ctx.vision_features),
-        vision_keys=move(ctx.vision_keys),
-        vision_attention_at={k: v.to(device) for k, v in ctx.vision_attention_at.items()},
-    )
