@@ -40,7 +40,7 @@ def recorded_call(
         AdapterCheckError: the method ran other than once.
     """
     seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-    original = getattr(vlm, features)
+    original, own = getattr(vlm, features), features in vars(vlm)  # an instance attribute is put back as it was
 
     def record(*args: Any, **kwargs: Any) -> Any:
         seen.append((args, kwargs))
@@ -51,7 +51,10 @@ def recorded_call(
         with torch.no_grad():
             model(**inputs)
     finally:
-        delattr(vlm, features)
+        if own:
+            setattr(vlm, features, original)
+        else:
+            delattr(vlm, features)
     if len(seen) != 1:
         raise AdapterCheckError(f"{CHECK}: {features} ran {len(seen)} times for these inputs, not once")
     return seen[0]
