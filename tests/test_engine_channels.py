@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 import tokenprune as tp
-from tokenprune import Capabilities, ReduceContext, ScoringReducer, Selection
+from tokenprune import Capabilities, Merge, ReduceContext, ScoringReducer, Selection, TokenReducer
 from tokenprune.channels import ChannelInput, SignalChannel
 
 
@@ -216,3 +216,74 @@ def test_the_vision_signals_follow_a_cut_between_two_post_projector_stages():
         assert torch.equal(ctx2.vision_attention[b, :m], ctx1.vision_attention[b][kept])
         assert torch.equal(ctx2.vision_valid[b, :m], ctx1.vision_valid[b][kept])
         assert not ctx2.vision_valid[b, m:].any()
+
+
+# --- a channel's merge rule ---------------------------------------------------------------------------------------
+
+
+def input_embeddings(inp: ChannelInput) -> Tensor:
+    """``(B, L, D)``: each token's input embedding (float32)."""
+    return inp.hidden.float()
+
+
+class MergesPairs(TokenReducer):
+    """Merges token ``2j + 1`` into token ``2j``; records the input embeddings of the tokens it merges."""
+
+    name = "merges_pairs"
+    capabilities = Capabilities(
+        insertion_points=frozenset({"post_projector"}), merges=True, signals=frozenset({"embeds_root"})
+    )
+    seen: ClassVar[list[ReduceContext]] = []
+
+    def reduce(self, tokens: Tensor, ctx: ReduceContext) -> Merge:
+        self.seen.append(ctx)
+        n = int(ctx.valid.shape[1])
+        return Merge(destination=(torch.arange(n) // 2 * 2).expand(ctx.batch_size, n).clone())
+
+
+class ReadsEmbeddings(_Records):
+    name = "reads_embeddings"
+    capabilities = Capabilities(
+        insertion_points=frozenset({"layer"}), signals=frozenset({"embeds_root", "embeds_mean"})
+    )
+    seen: ClassVar[list[tuple[ReduceContext, Selection]]] = []
+
+    def score(self, tokens: Tensor, ctx: ReduceContext) -> Tensor:
+        return ctx.signals["embeds_mean"].norm(dim=-1)
+
+
+class _MergeRules:
+    @tp.hookimpl
+    def tokenprune_register_reducers(self, registry: Any) -> None:
+        registry.add(MergesPairs)
+        registry.add(ReadsEmbeddings)
+
+    @tp.hookimpl
+    def tokenprune_register_signals(self, registry: Any) -> None:
+        width = (tm.TEXT["hidden_size"],)
+        registry.add(SignalChannel("embeds_root", input_embeddings, layer=0, shape=width))
+        registry.add(SignalChannel("embeds_mean", input_embeddings, layer=0, shape=width, merge="mean"))
+
+
+def test_a_channels_merge_rule_decides_what_a_merged_token_holds():
+    """After a merge at post_projector, a ``merge="root"`` channel holds the root's value and a ``merge="mean"`` one
+    the group's size-weighted mean (here the two tokens of each pair), read at a later layer stage."""
+    MergesPairs.seen.clear()
+    ReadsEmbeddings.seen.clear()
+    tiny = tm.llava()
+    stages = [
+        {"at": "post_projector", "reducer": "merges_pairs", "keep": 0.5},
+        {"at": {"layer": 2}, "reducer": "reads_embeddings", "keep": 1.0},
+    ]
+    with tp.apply(tiny.model, {"stages": stages}, plugins=tp.get_plugin_manager(plugins=[_MergeRules()])):
+        ef.forward(tiny.model, tiny.make_inputs([(56, 56), [(56, 56), (56, 56)]]), "llava")
+    (before,), ((after, _),) = MergesPairs.seen, ReadsEmbeddings.seen
+    for b in range(2):
+        n = int(before.valid[b].sum())
+        embeds = before.signals["embeds_root"][b, :n]
+        assert int(after.valid[b].sum()) == n // 2
+        torch.testing.assert_close(after.signals["embeds_root"][b, : n // 2], embeds[0::2], rtol=0, atol=0)
+        torch.testing.assert_close(after.signals["embeds_mean"][b, : n // 2], (embeds[0::2] + embeds[1::2]) / 2)
+    assert SignalChannel("x", input_embeddings).merge == "root"
+    with pytest.raises(ValueError, match="`merge` must be 'root' or 'mean'"):
+        SignalChannel("x", input_embeddings, merge="sum")

@@ -15,7 +15,8 @@ A reducer that lists the name in ``capabilities.signals`` reads it as ``ctx.sign
 ``(B, N, *shape)`` at its visual tokens (``0`` at padding). The engine produces the channel once per
 prefill, where it is declared, only when a stage of the applied pipeline reads it, and keeps it
 aligned with the tokens through the same gather as the sequence itself: a later cut (any stage,
-any insertion point) carries it along, and a merged token keeps its root's value. Adding a signal
+any insertion point) carries it along, and a merged token keeps its root's value (``merge="root"``)
+or gets its group's size-weighted mean, as its hidden state does (``merge="mean"``). Adding a signal
 touches its producer and one registration, no engine file.
 """
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
@@ -66,6 +67,8 @@ class SignalChannel:
             the ``layer: k`` stages). Stages at earlier insertion points cannot read it.
         shape: Its shape per column (``()``: one number per token).
         description: One line saying what it holds.
+        merge: What a token merged from a group holds: its root's value (``"root"``, the default: a score, an
+            id) or the group's size-weighted mean, as its hidden state (``"mean"``: a feature vector).
     """
 
     name: str
@@ -73,6 +76,7 @@ class SignalChannel:
     layer: int = 0
     shape: tuple[int, ...] = ()
     description: str = ""
+    merge: Literal["root", "mean"] = "root"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not SIGNAL_NAME.match(self.name):
@@ -81,6 +85,8 @@ class SignalChannel:
             raise ValueError(f"signal channel {self.name!r}: `produce` must be callable")
         if not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"signal channel {self.name!r}: `layer` must be an integer >= 0, got {self.layer!r}")
+        if self.merge not in ("root", "mean"):
+            raise ValueError(f"signal channel {self.name!r}: `merge` must be 'root' or 'mean', got {self.merge!r}")
 
 
 def produce_channels(channels: Iterable[SignalChannel], hidden: Tensor, seq: TokenSequence, layer: int) -> None:
@@ -101,3 +107,5 @@ def produce_channels(channels: Iterable[SignalChannel], hidden: Tensor, seq: Tok
                 f"{expected} (batch, columns, *shape)"
             )
         seq.channels = {**seq.channels, channel.name: value}
+        if channel.merge == "mean":
+            seq.mean_channels = seq.mean_channels | {channel.name}

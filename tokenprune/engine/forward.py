@@ -33,6 +33,7 @@ from tokenprune.channels import SignalChannel, produce_channels
 from tokenprune.engine import compat
 from tokenprune.engine import positions as P
 from tokenprune.engine.attention_signals import attention_probe_for
+from tokenprune.engine.deepstack import with_residual_channels
 from tokenprune.engine.feature_calls import FeatureCalls
 from tokenprune.engine.forward_state import ForwardState, PrefillState, record_layer_tokens
 from tokenprune.engine.guards import check_every_stage_ran, refuse_embeds_without_ids
@@ -50,7 +51,6 @@ from tokenprune.engine.sequence import (
     TokenSequence,
     input_sequence,
     kept_labels,
-    residual_sequence,
     visual_layout,
     without_channels,
 )
@@ -337,7 +337,7 @@ class ForwardHooks:
         calls.clear()
         residuals = self.adapter.take_visual_residuals(kw)
         if residuals is not None:
-            seq.residuals, seq.receives = residual_sequence(residuals, batch, length)
+            seq = with_residual_channels(seq, residuals)
         produce_channels(plan.channels, hidden, seq, 0)
         for stage in plan.post:  # the vision signals ride on the sequence as channels, through every cut
             signal = vision_signal(seq, vision, stage.index)

@@ -31,14 +31,13 @@ class TokenSequence:
         positions: ``(R, B, L)`` position rows (:mod:`tokenprune.engine.positions`).
         freed_positions: ``(R, B)`` positions given up so far under the ``compact`` policy.
         has_padding_slots: Some sample has a padding slot the engine added.
-        residuals: ``(layers, B, L, D)`` per-layer features the engine adds to the tokens that
-            ``receives`` marks after decoder layers ``0, 1, ...`` (Qwen3-VL's DeepStack, see
-            :class:`tokenprune.adapters.base.VisualResiduals`); they follow the kept and merged tokens.
-        receives: ``(B, L)`` the tokens that receive ``residuals``.
         video: ``(B, L)`` the video tokens among ``visual`` (``None``: no video in the prompt).
         channels: Signal-channel name to ``(B, L, *shape)`` per-column values (:mod:`tokenprune.channels`),
-            gathered with the columns (``0`` at padding slots; a merged token keeps its root's value); while
-            their stages run, also the engine's own signals (``probe:...``, ``vision:...``).
+            gathered with the columns (``0`` at padding slots); while their stages run, also the engine's own
+            signals (``probe:...``, ``vision:...``), and Qwen3-VL's DeepStack features (``deepstack:...``,
+            :mod:`tokenprune.engine.deepstack`).
+        mean_channels: The channels a merge averages like the hidden states (each merged token the size-weighted
+            mean of its group's values); a merged token keeps its root's value of the others.
     """
 
     input_column: Tensor
@@ -50,10 +49,9 @@ class TokenSequence:
     positions: Tensor
     freed_positions: Tensor
     has_padding_slots: bool = False
-    residuals: Tensor | None = None
-    receives: Tensor | None = None
     video: Tensor | None = None
     channels: dict[str, Tensor] = field(default_factory=dict)
+    mean_channels: frozenset[str] = frozenset()
 
     def gather(self, idx: Tensor) -> TokenSequence:
         """The tokens at ``(B, L')`` columns ``idx`` (``-1``: a padding slot)."""
@@ -73,10 +71,9 @@ class TokenSequence:
             positions=P.gather(self.positions, idx),
             freed_positions=self.freed_positions,
             has_padding_slots=bool(pad.any()),
-            residuals=gather_residuals(self.residuals, idx),
-            receives=pick(self.receives, False) if self.receives is not None else None,
             video=pick(self.video, False) if self.video is not None else None,
             channels={name: _gather_channel(c, idx, pad) for name, c in self.channels.items()},
+            mean_channels=self.mean_channels,
         )
 
 
@@ -93,17 +90,8 @@ def _gather_channel(values: Tensor, idx: Tensor, pad: Tensor) -> Tensor:
     return out.masked_fill(pad.view(*pad.shape, *([1] * (out.dim() - 2))), 0)
 
 
-def gather_residuals(residuals: Tensor | None, idx: Tensor) -> Tensor | None:
-    """``(layers, B, L', D)`` residual features at ``(B, L')`` columns ``idx`` (``-1``: zeros)."""
-    if residuals is None:
-        return None
-    layers, _, _, dim = residuals.shape
-    index = idx.clamp(min=0)[None, :, :, None].expand(layers, -1, -1, dim)
-    return residuals.gather(2, index).masked_fill((idx < 0)[None, :, :, None], 0.0)
-
-
 def residual_sequence(residuals: VisualResiduals, batch: int, length: int) -> tuple[Tensor, Tensor]:
-    """Per-column ``(layers, B, L, D)`` features and ``(B, L)`` receivers from a :class:`VisualResiduals`.
+    """Per-column ``(B, L, layers, D)`` features and ``(B, L)`` receivers from a :class:`VisualResiduals`.
 
     Raises:
         TokenpruneError: the mask is not ``(B, L)`` or a layer's features do not have one row per marked token.
@@ -116,9 +104,8 @@ def residual_sequence(residuals: VisualResiduals, batch: int, length: int) -> tu
             f"per-layer visual features: a mask of shape {tuple(mask.shape)} with {count} marked tokens and features "
             f"of {[tuple(f.shape) for f in residuals.features]} rows do not fit a ({batch}, {length}) sequence"
         )
-    out = first.new_zeros(len(residuals.features), batch, length, first.shape[-1])
-    for i, feats in enumerate(residuals.features):
-        out[i][mask.to(out.device)] = feats.to(out.device)
+    out = first.new_zeros(batch, length, len(residuals.features), first.shape[-1])
+    out[mask.to(out.device)] = torch.stack([f.to(out.device) for f in residuals.features], 1)
     return out, mask
 
 

@@ -201,16 +201,16 @@ def run_stage(
     stats = selection_stats(plan, selection, ctx.valid, ctx.layout, seconds, macs)
     batch, length = hidden.shape[:2]
     kept_visual = selection.to_mask(int(vis_idx.shape[1])) & ctx.valid
-    sizes, residuals = seq.sizes, seq.residuals
+    sizes, channels = seq.sizes, seq.channels
     if merged is not None:
-        residuals = _merged_residuals(seq, result, ctx, vis_idx, selection.indices)  # type: ignore[arg-type]
+        channels = _merged_channels(seq, result, ctx, vis_idx, selection.indices)  # type: ignore[arg-type]
         hidden, sizes = _write_merged(hidden, sizes, vis_idx, selection.indices, merged, merged_sizes)
     if merged is None and bool((kept_visual == ctx.valid).all()):
         unchanged = torch.arange(length, device=hidden.device).expand(batch, -1)
         return StageOutcome(hidden, seq, False, unchanged, stats)
     keep = _keep_mask(seq, stage_tokens(plan, seq), vis_idx, kept_visual, ctx.valid)
     idx = right_aligned_columns(keep)
-    new = replace(seq, sizes=sizes, residuals=residuals).gather(idx)
+    new = replace(seq, sizes=sizes, channels=channels).gather(idx)
     if compact_positions:
         new.positions, freed = P.compact(seq.positions, idx, seq.input_column >= 0)
         new.freed_positions = seq.freed_positions + freed
@@ -434,18 +434,16 @@ def _write_merged(
     return padded[:, :length], padded_sizes[:, :length]
 
 
-def _merged_residuals(
+def _merged_channels(
     seq: TokenSequence, merge: Merge, ctx: ReduceContext, vis_idx: Tensor, roots: Tensor
-) -> Tensor | None:
-    """The sequence's per-layer residual features (DeepStack) merged like the tokens.
-
-    Each merged token gets the size-weighted mean of its group's features (the same weights as its hidden state).
-    """
-    if seq.residuals is None:
-        return None
-    out = []
-    for layer in seq.residuals:
-        merged, merged_sizes, _ = merge.apply(_rows(layer, vis_idx), ctx.sizes, ctx.valid)
-        written, _ = _write_merged(layer, seq.sizes, vis_idx, roots, merged, merged_sizes)
-        out.append(written)
-    return torch.stack(out)
+) -> dict[str, Tensor]:
+    """The sequence's channels with those of :attr:`~TokenSequence.mean_channels` merged like the tokens: each merged
+    token gets the size-weighted mean of its group's values (the same weights as its hidden state)."""
+    out = dict(seq.channels)
+    for name in seq.mean_channels & set(out):
+        values = out[name]
+        rows = values.reshape(*values.shape[:2], -1)  # (B, L, prod(shape))
+        merged, merged_sizes, _ = merge.apply(_rows(rows, vis_idx), ctx.sizes, ctx.valid)
+        written, _ = _write_merged(rows, seq.sizes, vis_idx, roots, merged, merged_sizes)
+        out[name] = written.reshape(values.shape)
+    return out
