@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import tokenprune as tp
 from tokenprune import Capabilities, ScoringReducer, Selection, TokenReducer
 from tokenprune.plugins import get_plugin_manager
 from tokenprune.testing import ReducerContractError, check_reducer
@@ -180,3 +181,55 @@ class ReadsAChannel(ScoringReducer):
 def test_a_reducer_reading_a_registered_channel_passes_the_contract():
     """The kit serves the channel as the engine does: seeded values at the visual tokens, zero at padding."""
     check_reducer(ReadsAChannel, channel_shapes={"pair": (2,)})
+
+
+# --- decode reducers over the steps of a generation --------------------------------------------------------------
+
+
+class _DecodeState(ScoringReducer):
+    """Scores by the last row's attention plus a remembered bonus; subclasses differ in how they keep it."""
+
+    capabilities = Capabilities(insertion_points=frozenset({"decode"}), attention=frozenset({"last"}))
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.memory = None
+
+
+class NeverForgets(_DecodeState):
+    """Adds the attention of every earlier step, across generations (no reset at step 0)."""
+
+    name = "never_forgets"
+
+    def score(self, tokens, ctx):
+        a = ctx.attention["last"]
+        fits = self.memory is not None and self.memory.shape == a.shape
+        self.memory = a if not fits else self.memory + a
+        return self.memory
+
+
+class SharesStateAcrossSamples(_DecodeState):
+    """Resets at step 0, but remembers one number for the whole batch (how many samples it held): from step 1 on
+    it favours the last tokens in a batch and not alone."""
+
+    name = "shares_state"
+
+    def score(self, tokens, ctx):
+        a = ctx.attention["last"]
+        bonus = 0.0 if ctx.step == 0 or self.memory is None else self.memory
+        self.memory = float(a.shape[0] - 1)
+        return a + bonus * torch.linspace(0, 1, a.shape[1])
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (NeverForgets, "a second generation .* forget a generation's state at step 0"),
+        (SharesStateAcrossSamples, "at decoding step 1, sample 0 keeps .* alone; keep a reducer's state per sample"),
+    ],
+)
+def test_the_decode_check_catches_state_kept_across_generations_or_samples(cls, message):
+    from tokenprune.testing import check_decode_steps
+
+    with pytest.raises(ReducerContractError, match=message):
+        check_decode_steps(cls(), at=tp.InsertionPoint("decode", 2))

@@ -25,6 +25,7 @@ from tokenprune.testing.fixtures import make_reduce_inputs_fixture, tokenprune_m
 from tokenprune.testing.reducers import (
     ReducerContractError,
     check_batch_matches_single,
+    check_decode_steps,
     check_deterministic,
     check_inputs_unchanged,
     check_keep_all_is_identity,
@@ -44,6 +45,7 @@ __all__ = [
     "Sync",
     "SyncCounter",
     "check_batch_matches_single",
+    "check_decode_steps",
     "check_deterministic",
     "check_inputs_unchanged",
     "check_keep_all_is_identity",

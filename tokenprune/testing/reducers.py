@@ -19,7 +19,11 @@ protected, attention and text inputs filled in when the reducer reads them):
   counts while ``reduce`` runs, so the analytic FLOPs include the reducer's own work exactly;
 * bad input is rejected clearly: unknown params raise a pydantic ``ValidationError``, and NaN
   features either raise a ``ValueError`` (e.g. :class:`~tokenprune.errors.ReducerInputError`) or
-  are ignored by a reducer that does not read feature values; never an obscure crash.
+  are ignored by a reducer that does not read feature values; never an obscure crash;
+* at a ``decode`` insertion point, over the steps of a generation (:func:`check_decode_steps`): each step's
+  result is valid, a new generation (step 0 again) gives what the first gave, and each sample gets, step by
+  step, what it gets alone: a reducer that keeps state between steps (DyCoke's) keeps it per generation and
+  per sample.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def make_reduce_inputs(
     seed: int = 0,
     reducer: TokenReducer | None = None,
     vision: VisionAttentionRequest | None = None,
+    step: int | None = None,
 ) -> tuple[Tensor, ReduceContext]:
     """A synthetic padded batch of visual tokens and its :class:`ReduceContext`.
 
@@ -88,7 +93,7 @@ def make_reduce_inputs(
     from no patch), ``vision_valid``, and seeded ``vision_features`` / ``vision_keys`` if it asks. A registered
     signal channel's name in ``signals`` (one that is not the engine's own) fills ``ctx.signals[name]`` with
     seeded values of shape ``(B, N, *channel_shapes[name])`` (default ``(B, N)``), zero at padding, as the engine
-    serves a channel.
+    serves a channel. ``step`` is ``ctx.step``, the decoding step of a ``decode`` stage (``None`` elsewhere).
 
     Returns:
         ``(tokens, ctx)``: ``(B, N, D)`` tokens (zero at padding) and the context.
@@ -128,6 +133,7 @@ def make_reduce_inputs(
         columns=columns,
         text_columns=text_columns,
         signals=_seeded_channels(signals, channel_shapes or {}, valid, gen),
+        step=step,
     )
     if text_tokens and text_columns is not None:
         ctx = _text_signals(ctx, signals, gen, dim, text_columns)
@@ -288,6 +294,35 @@ def check_reducer(
         for keep in (0.5, 0.1):
             check_overhead_is_counted(reducer, keep=keep, **common)
         check_random_budgets(reducer, **common)
+        if kind == "decode":
+            check_decode_steps(reducer, **common)
+
+
+def check_decode_steps(reducer: TokenReducer, *, steps: int = 4, **kwargs: Any) -> None:
+    """A ``decode`` reducer over the steps of two generations (step ``0, 1, ...`` on inputs seeded per step).
+
+    Each step's result must be valid; the second generation must give what the first gave (state from an earlier
+    generation is forgotten at step 0); each sample, run alone through the same steps by a fresh instance, must get
+    what it gets in the batch at every step (state is kept per sample).
+    """
+    grids = kwargs.pop("grids", DEFAULT_GRIDS)
+    inputs = [_inputs_for(reducer, grids=grids, seed=s, step=s, **kwargs) for s in range(steps)]
+    generations = [[_signature(_run(reducer, tokens, ctx), ctx) for tokens, ctx in inputs] for _ in range(2)]
+    if generations[0] != generations[1]:
+        raise ReducerContractError(
+            f"{reducer.name}: a second generation (steps 0 to {steps - 1} on the same inputs) kept {generations[1]} "
+            f"but the first kept {generations[0]}; forget a generation's state at step 0"
+        )
+    for i in range(len(grids)):
+        alone = type(reducer)(reducer.params)
+        for s, (tokens, ctx) in enumerate(inputs):
+            one = ctx.sample(i)
+            kept = _signature(alone.reduce(tokens[i : i + 1, : int(one.valid.shape[1])], one), one)[0]
+            if kept != generations[0][s][i]:
+                raise ReducerContractError(
+                    f"{reducer.name}: at decoding step {s}, sample {i} keeps {generations[0][s][i]} in a batch but "
+                    f"{kept} alone; keep a reducer's state per sample"
+                )
 
 
 def check_params_reject_unknown(reducer_cls: type[TokenReducer]) -> None:
