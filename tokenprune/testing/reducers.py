@@ -106,11 +106,7 @@ def make_reduce_inputs(
     attention = _seeded_attention(attention_sources, valid, gen)
     own = _seeded_attention(own_attention_sources, valid, gen)
     text = torch.randn(b, text_tokens, dim, generator=gen) if text_tokens else None
-    budget = budget_per_sample(keep, valid, protected)
-    if reducer is not None:
-        budget = check_stage_budget(
-            reducer.stage_budget(keep, valid, protected, layout), valid, protected, who=f"reducer {reducer.name!r}"
-        )
+    budget = _budget(reducer, keep, valid, protected, layout)
     keys = torch.randn(b, n, dim, generator=gen) if "keys" in signals else None
     text_keys = torch.randn(b, text_tokens, dim, generator=gen) if "keys" in signals and text_tokens else None
     columns = torch.arange(n).expand(b, n).masked_fill(~valid, -1)
@@ -140,6 +136,17 @@ def make_reduce_inputs(
     if vision is not None:
         ctx = _vision_signals(ctx, vision, gen, dim)
     return tokens.to(device=device, dtype=dtype), ctx.to(device)
+
+
+def _budget(
+    reducer: TokenReducer | None, keep: float | int, valid: Tensor, protected: Tensor, layout: TokenLayout
+) -> Tensor:
+    """``(B,)`` the stage's budget: ``reducer.stage_budget`` where given (checked, as the engine does), else the
+    default rule."""
+    if reducer is None:
+        return budget_per_sample(keep, valid, protected)
+    wanted = reducer.stage_budget(keep, valid, protected, layout)
+    return check_stage_budget(wanted, valid, protected, who=f"reducer {reducer.name!r}")
 
 
 def _seeded_channels(
