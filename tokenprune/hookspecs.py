@@ -95,10 +95,11 @@ def tokenprune_register_signals(registry: SignalRegistry) -> None:
 
     Called once per plugin manager, when its signal registry is first built. A channel
     (:class:`tokenprune.channels.SignalChannel`) names its producer, the decoder layer whose input it
-    is computed from and its shape per column; the engine computes it once per prefill when a stage
-    reads it and carries it through every cut with the tokens (see docs/engine.md, "Adding a signal").
+    is computed from, its shape per column and what a merged token holds (its root's value or its
+    group's mean); the engine computes it once per prefill when a stage reads it and carries it
+    through every cut with the tokens (see docs/engine.md, "Adding a signal").
 
-    :param registry: Call ``registry.add(SignalChannel(name, produce, layer=0, shape=()))``.
+    :param registry: Call ``registry.add(SignalChannel(name, produce, layer=0, shape=(), merge="root"))``.
     """
 
 
