@@ -63,15 +63,18 @@ def video_map_matches_the_model(
     model: torch.nn.Module, adapter: Any, inputs: dict[str, Any], layer: int | None = None
 ) -> list[int]:
     """The check kit's :func:`~tokenprune.testing.video_towers.video_patches_map_to_tokens` (the map against the
-    model at the pushed positions of sequences 0, 1 and the last), and each of those positions maps to one token
-    (the families here build a token from one unit's patches). Returns the recorded sequences' lengths."""
+    model at the pushed positions of sequences 0, 1 and the last), and, as the families here build every video token
+    from one unit's patches: each of those positions maps to one token, and mapping ones gives every token 1 (the
+    kit's looser check leaves out tokens built from no patch). Returns the recorded sequences' lengths."""
     lengths = video_patches_map_to_tokens(model, inputs, adapter=adapter, layer=layer)
     call = ImageCall(*video_call(model, adapter.vlm(), inputs), None)
-    for r in sorted({0, 1, len(lengths) - 1}):
+    for r in sorted({0, min(1, len(lengths) - 1), len(lengths) - 1}):
         for p in pushed_positions(lengths[r]):
             values = [torch.zeros(n, 1) for n in lengths]
             values[r][p] = 1.0
             assert int((torch.cat(adapter.map_vision_video_patches(call, values)).abs() > 1e-9).sum()) == 1, (r, p)
+    ones = torch.cat(adapter.map_vision_video_patches(call, [torch.ones(n, 1) for n in lengths])).reshape(-1)
+    torch.testing.assert_close(ones, torch.ones_like(ones), rtol=0, atol=1e-6)
     return lengths
 
 
